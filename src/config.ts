@@ -1,0 +1,257 @@
+import { readFileSync } from 'node:fs'
+import { isIP } from 'node:net'
+import { Type, type StaticDecode, type TSchema } from 'typebox'
+import { Value } from 'typebox/value'
+
+/**
+ * The service's configuration: every variable of the contract's table, read here and only here.
+ * One TypeBox schema validates the raw environment (strings) and decodes each value; the Config
+ * type is inferred from it. Below the entry point, configuration travels as data.
+ */
+
+export const CARE360_ORIGINS = {
+  production: 'https://api.care360-next.carevalidate.com',
+  staging: 'https://api-staging.care360-next.carevalidate.com'
+} as const
+
+const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const
+const DURATION = '^([1-9][0-9]{0,8})(ms|s|m|h|d)$'
+const RATE = '^([1-9][0-9]{0,8})/([1-9][0-9]{0,8})(ms|s|m|h|d)$'
+
+export function parseDuration (text: string): number {
+  const match = new RegExp(DURATION).exec(text)
+  if (match === null) throw new Error(`not a duration: ${text}`)
+  return Number(match[1]) * UNIT_MS[match[2] as keyof typeof UNIT_MS]
+}
+
+export interface Rate { count: number, windowMs: number }
+
+export function parseRate (text: string): Rate {
+  const match = new RegExp(RATE).exec(text)
+  if (match === null) throw new Error(`not a rate: ${text}`)
+  return { count: Number(match[1]), windowMs: Number(match[2]) * UNIT_MS[match[3] as keyof typeof UNIT_MS] }
+}
+
+export function isLoopbackHost (hostname: string): boolean {
+  const host = hostname.replace(/^\[|\]$/g, '').toLowerCase()
+  if (host === 'localhost' || host === '::1') return true
+  return isIP(host) === 4 && host.startsWith('127.')
+}
+
+function isAllowedOrigin (value: string): boolean {
+  let url: URL
+  try { url = new URL(value) } catch { return false }
+  if (url.username !== '' || url.password !== '' || url.search !== '' || url.hash !== '') return false
+  return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
+}
+
+const list = (text: string): string[] => text.split(',').map((item) => item.trim()).filter((item) => item !== '')
+
+const Duration = (description: string) =>
+  Type.Decode(Type.String({ pattern: DURATION, description }), parseDuration)
+const RateSpec = (description: string) =>
+  Type.Decode(Type.String({ pattern: RATE, description }), parseRate)
+const Port = (description: string) =>
+  Type.Decode(Type.String({ pattern: '^(0|[1-9][0-9]{0,4})$', description }), (value) => {
+    const port = Number(value)
+    if (port > 65535) throw new Error('port out of range')
+    return port
+  })
+const PositiveInt = (description: string, max: number) =>
+  Type.Decode(Type.String({ pattern: '^[1-9][0-9]{0,8}$', description }), (value) => {
+    const n = Number(value)
+    if (n > max) throw new Error(`at most ${max}`)
+    return n
+  })
+/** An origin-style URL: https anywhere, plain http only on loopback. */
+const SecureUrl = (description: string) =>
+  Type.Decode(Type.String({ minLength: 1, description }), (value) => {
+    if (!isAllowedOrigin(value)) throw new Error('must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)')
+    return value.replace(/\/+$/, '')
+  })
+const OriginList = (description: string) =>
+  Type.Decode(Type.String({ description }), (value) => {
+    const origins = list(value)
+    for (const origin of origins) {
+      let url: URL
+      try { url = new URL(origin) } catch { throw new Error(`not an origin: ${origin}`) }
+      if (url.origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${origin}`)
+    }
+    return origins.map((origin) => new URL(origin).origin)
+  })
+const AddressList = (description: string) =>
+  Type.Decode(Type.String({ description }), (value) => {
+    const entries = list(value)
+    for (const entry of entries) {
+      const [address, bits, extra] = entry.split('/')
+      const family = isIP(address ?? '')
+      const maxBits = family === 6 ? 128 : 32
+      const okBits = bits === undefined || (/^[0-9]{1,3}$/.test(bits) && Number(bits) <= maxBits)
+      if (family === 0 || !okBits || extra !== undefined) throw new Error(`not an address or CIDR: ${entry}`)
+    }
+    return entries
+  })
+
+/** The raw environment, one property per variable of the contract. */
+export const EnvSchema = Type.Object({
+  CV_ENV: Type.Optional(Type.Union([Type.Literal('production'), Type.Literal('staging')], { description: 'production or staging' })),
+  CV_BASE_URL: Type.Optional(SecureUrl('overrides the origin chosen by CV_ENV')),
+  CV_API_KEY: Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]+$', description: 'the organization key (visible ASCII)' })),
+  CV_API_KEY_FILE: Type.Optional(Type.String({ minLength: 1, description: 'a file holding the organization key' })),
+  CV_RATE_LIMIT: Type.Optional(RateSpec('org-wide upstream budget, <count>/<window>')),
+  CV_TIMEOUT_MS: Type.Optional(PositiveInt('deadline of one upstream call in ms', 600_000)),
+  HOST: Type.Optional(Type.String({ minLength: 1, description: 'listen address' })),
+  PORT: Type.Optional(Port('listen port')),
+  METRICS_PORT: Type.Optional(Port('Prometheus port, 0 disables')),
+  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://', description: 'redis:// or rediss:// URL' })),
+  OIDC_ISSUER: SecureUrl('the patient identity provider'),
+  OIDC_CLIENT_ID: Type.Optional(Type.String({ minLength: 1 })),
+  OIDC_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 1 })),
+  OIDC_AUDIENCES: Type.Optional(Type.Decode(Type.String({ minLength: 1 }), list)),
+  PUBLIC_URL: Type.Optional(SecureUrl('the public origin of this service')),
+  SESSION_IDLE_TTL: Type.Optional(Duration('session idle lifetime, e.g. 30m')),
+  SESSION_ABSOLUTE_TTL: Type.Optional(Duration('session absolute lifetime, e.g. 12h')),
+  RATE_LIMIT_IP: Type.Optional(RateSpec('per client IP, <count>/<window>')),
+  RATE_LIMIT_SESSION: Type.Optional(RateSpec('per session, <count>/<window>')),
+  RATE_LIMIT_CANCEL: Type.Optional(RateSpec('cancels per session, <count>/<window>')),
+  CORS_ORIGINS: Type.Optional(OriginList('comma list of web origins')),
+  TRUST_PROXY: Type.Optional(AddressList('comma list of proxy addresses or CIDRs')),
+  OWNERSHIP_CHECK: Type.Optional(Type.Union([Type.Literal('on'), Type.Literal('off')])),
+  REPLICAS: Type.Optional(PositiveInt('the most replicas that run at once', 10_000)),
+  LOG_LEVEL: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level))))
+})
+
+export type Env = StaticDecode<typeof EnvSchema>
+
+/** Thrown by loadConfig; its message names every bad variable and never contains a value. */
+export class ConfigError extends Error {
+  readonly variables: string[]
+  constructor (problems: Array<[string, string]>) {
+    super(`Invalid configuration:\n${problems.map(([name, why]) => `  ${name}: ${why}`).join('\n')}`)
+    this.name = 'ConfigError'
+    this.variables = problems.map(([name]) => name)
+  }
+}
+
+function assemble (env: Env, apiKey: string) {
+  const clientId = env.OIDC_CLIENT_ID
+  const web = clientId !== undefined && env.OIDC_CLIENT_SECRET !== undefined && env.PUBLIC_URL !== undefined
+    ? { clientId, clientSecret: env.OIDC_CLIENT_SECRET, publicUrl: env.PUBLIC_URL }
+    : null
+  const corsOrigins = new Set(env.CORS_ORIGINS ?? [])
+  if (env.PUBLIC_URL !== undefined) corsOrigins.add(new URL(env.PUBLIC_URL).origin)
+  return {
+    care360: {
+      env: env.CV_ENV ?? 'staging',
+      baseUrl: env.CV_BASE_URL ?? CARE360_ORIGINS[env.CV_ENV ?? 'staging'],
+      apiKey,
+      timeoutMs: env.CV_TIMEOUT_MS ?? 5000
+    },
+    orgBudget: env.CV_RATE_LIMIT ?? parseRate('450/60s'),
+    host: env.HOST ?? '0.0.0.0',
+    port: env.PORT ?? 3000,
+    metricsPort: env.METRICS_PORT ?? 9464,
+    redisUrl: env.REDIS_URL ?? null,
+    oidc: {
+      issuer: env.OIDC_ISSUER,
+      audiences: env.OIDC_AUDIENCES ?? (clientId === undefined ? [] : [clientId]),
+      /** Web sign-in (confidential client); null when not configured. */
+      web
+    },
+    sessions: {
+      idleTtlMs: env.SESSION_IDLE_TTL ?? parseDuration('30m'),
+      absoluteTtlMs: env.SESSION_ABSOLUTE_TTL ?? parseDuration('12h')
+    },
+    limits: {
+      ip: env.RATE_LIMIT_IP ?? parseRate('300/1m'),
+      session: env.RATE_LIMIT_SESSION ?? parseRate('60/1m'),
+      cancel: env.RATE_LIMIT_CANCEL ?? parseRate('5/1m')
+    },
+    corsOrigins: [...corsOrigins],
+    trustProxy: env.TRUST_PROXY ?? [],
+    ownershipCheck: (env.OWNERSHIP_CHECK ?? 'on') === 'on',
+    replicas: env.REPLICAS ?? 1,
+    logLevel: env.LOG_LEVEL ?? 'info'
+  }
+}
+
+export type Config = ReturnType<typeof assemble>
+
+const KNOWN = new Set(Object.keys(EnvSchema.properties))
+
+/**
+ * Reads the configuration from an environment map (process.env at the entry point, a plain object
+ * in tests). Throws a ConfigError naming every bad variable.
+ */
+export function loadConfig (source: Record<string, string | undefined>): Config {
+  // Only the contract's variables, and an empty value counts as unset (as in most deployments).
+  const raw: Record<string, string> = {}
+  for (const [name, value] of Object.entries(source)) {
+    if (KNOWN.has(name) && value !== undefined && value !== '') raw[name] = value
+  }
+  const problems: Array<[string, string]> = []
+  for (const name of Object.keys(EnvSchema.properties) as Array<keyof typeof EnvSchema.properties>) {
+    const schema: TSchema = EnvSchema.properties[name]
+    const value = raw[name]
+    if (value === undefined) {
+      if (!EnvSchema.required?.includes(name)) continue
+      problems.push([name, 'is required'])
+      continue
+    }
+    if (!Value.Check(schema, value)) {
+      problems.push([name, describe(schema)])
+      continue
+    }
+    try {
+      Value.Decode(schema, value)
+    } catch (error) {
+      // Decoders' messages never quote the value; the key is validated by pattern only.
+      problems.push([name, error instanceof Error && name !== 'CV_API_KEY' ? decodeMessage(error) : 'is invalid'])
+    }
+  }
+  if (raw.CV_API_KEY !== undefined && raw.CV_API_KEY_FILE !== undefined) {
+    problems.push(['CV_API_KEY', 'set exactly one of CV_API_KEY and CV_API_KEY_FILE'])
+  } else if (raw.CV_API_KEY === undefined && raw.CV_API_KEY_FILE === undefined) {
+    problems.push(['CV_API_KEY', 'is required (or CV_API_KEY_FILE)'])
+  }
+  let apiKey = raw.CV_API_KEY ?? ''
+  if (raw.CV_API_KEY_FILE !== undefined && raw.CV_API_KEY === undefined) {
+    try {
+      apiKey = readFileSync(raw.CV_API_KEY_FILE, 'utf8').trim()
+      if (!/^[\x21-\x7e]+$/.test(apiKey)) problems.push(['CV_API_KEY_FILE', 'the file must hold one key of visible ASCII characters'])
+    } catch (error) {
+      problems.push(['CV_API_KEY_FILE', `cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'})`])
+    }
+  }
+  const webParts = ['OIDC_CLIENT_ID', 'OIDC_CLIENT_SECRET', 'PUBLIC_URL'] as const
+  const present = webParts.filter((name) => raw[name] !== undefined)
+  if (raw.OIDC_CLIENT_SECRET !== undefined || raw.PUBLIC_URL !== undefined) {
+    for (const name of webParts) {
+      if (raw[name] === undefined) problems.push([name, `is required for web sign-in (set with ${present.join(', ')})`])
+    }
+  }
+  if (raw.OIDC_AUDIENCES === undefined && raw.OIDC_CLIENT_ID === undefined) {
+    problems.push(['OIDC_AUDIENCES', 'is required when OIDC_CLIENT_ID is not set'])
+  }
+  if (problems.length > 0) throw new ConfigError(problems)
+  const env = Value.Decode(EnvSchema, raw)
+  const config = assemble(env, apiKey)
+  if (config.sessions.idleTtlMs > config.sessions.absoluteTtlMs) {
+    throw new ConfigError([['SESSION_IDLE_TTL', 'must not exceed SESSION_ABSOLUTE_TTL']])
+  }
+  return config
+}
+
+function describe (schema: TSchema): string {
+  const s = schema as { description?: string, pattern?: string, anyOf?: Array<{ const?: unknown }> }
+  if (s.anyOf !== undefined) return `must be one of ${s.anyOf.map((item) => String(item.const)).join(', ')}`
+  if (s.description !== undefined) return `is invalid (expected ${s.description})`
+  return 'is invalid'
+}
+
+function decodeMessage (error: Error): string {
+  // TypeBox wraps a decoder's own error; surface the innermost message, which is ours.
+  let inner: unknown = error
+  while (inner instanceof Error && inner.cause instanceof Error) inner = inner.cause
+  return `is invalid (${inner instanceof Error ? inner.message : 'error'})`
+}
