@@ -194,7 +194,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
     const schema: TSchema = EnvSchema.properties[name]
     const value = raw[name]
     if (value === undefined) {
-      if (!EnvSchema.required?.includes(name)) continue
+      if (!(EnvSchema.required as string[] | undefined ?? []).includes(name)) continue
       problems.push([name, 'is required'])
       continue
     }

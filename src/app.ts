@@ -1,0 +1,82 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { DestinationStream } from 'pino'
+import type { Config } from './config.js'
+import { answersPlugin, clientErrorAnswer, requestIdFor } from './plugins/answers.js'
+import { loggerOptions } from './logging.js'
+import { createSharedState, type SharedState } from './state/redis.js'
+import { healthRoutes } from './routes/health.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    config: Config
+    sharedState: SharedState
+    /** True once shutdown has begun: `/readyz` answers 503 so the load balancer drains us. */
+    draining: boolean
+  }
+}
+
+export interface AppOverrides {
+  /** Where log lines go (tests capture them); stdout otherwise. */
+  logStream?: DestinationStream
+  /** The clock of the in-memory stores, injected by tests. */
+  now?: () => number
+}
+
+export type App = FastifyInstance
+
+/**
+ * Builds the service from configuration passed in as data. Nothing is listened, nothing reads
+ * the process: `server.ts` does that.
+ */
+export async function buildApp (config: Config, overrides: AppOverrides = {}): Promise<App> {
+  const options: FastifyServerOptions = {
+    logger: loggerOptions(config, overrides.logStream),
+    genReqId: requestIdFor,
+    requestIdLogLabel: 'requestId',
+    // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
+    // addresses/CIDRs here; a hop count would trust whatever the client put first).
+    trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
+    bodyLimit: 4096,
+    // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s.
+    requestTimeout: 10_000,
+    // Above the 60 s idle timeout of common load balancers, so that they close first.
+    keepAliveTimeout: 65_000,
+    return503OnClosing: false,
+    forceCloseConnections: 'idle',
+    routerOptions: { maxParamLength: 256 },
+    ajv: {
+      // Unknown fields are refused, never silently dropped, and types are never coerced.
+      customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false }
+    },
+    clientErrorHandler: clientErrorAnswer
+  }
+  const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
+  app.server.headersTimeout = 5_000
+
+  app.decorate('config', config)
+  app.decorate('draining', false)
+  const sharedState = createSharedState({ url: config.redisUrl, log: app.log })
+  app.decorate('sharedState', sharedState)
+  app.addHook('onClose', async function closeSharedState () { await sharedState.close() })
+
+  // Tier 1: cross-cutting plugins. Global onRequest hooks run in registration order, which is
+  // the contract's order: answer stamping, per-IP limit, session, CSRF, per-session limit.
+  await app.register(answersPlugin)
+  // [web-security] helmet, cookie, CORS (issue 4)
+  // [ip-limit] per-IP limit (issue 3)
+
+  // Tier 2: the application's own services.
+  // [sessions] session store, bearer/cookie transport, request.session (issue 2)
+  // [csrf] (issue 4)
+  // [session-limit] per-session limit, org budget gate (issue 3)
+  // [care360] upstream client
+  // [idempotency] (issue 5)
+
+  // Tier 3: routes.
+  await app.register(healthRoutes)
+  // [auth-routes]
+  // [appointments-routes]
+
+  return app
+}

@@ -1,0 +1,132 @@
+import { randomUUID } from 'node:crypto'
+import type { IncomingMessage } from 'node:http'
+import type { Socket } from 'node:net'
+import fp from 'fastify-plugin'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import { ApiError, ErrorCode, errorEnvelope, type ErrorEnvelope } from '../errors.js'
+
+/**
+ * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:
+ * route answers, Fastify's own errors (validation, body parsing, 404) and the HTTP parser's errors
+ * that never reach a route.
+ */
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
+
+/** Fastify's `genReqId`: the caller's id when it is well-formed, else a new one. */
+export function requestIdFor (req: IncomingMessage): string {
+  const given = req.headers['x-request-id']
+  return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID()
+}
+
+/** Fastify's own error codes that are the client's fault, mapped to the contract's codes. */
+const FASTIFY_CODES: Record<string, [number, ErrorCode, string]> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: [413, ErrorCode.PAYLOAD_TOO_LARGE, 'Request body is too large'],
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be application/json'],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, ErrorCode.BAD_REQUEST, 'Content-Length does not match the body'],
+  FST_ERR_CTP_INVALID_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON'],
+  FST_ERR_CTP_EMPTY_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON']
+}
+
+export function toApiError (error: FastifyError | ApiError | Error): ApiError | null {
+  if (error instanceof ApiError) return error
+  const fastifyError = error as FastifyError
+  if (fastifyError.validation !== undefined) {
+    return new ApiError(400, ErrorCode.VALIDATION_FAILED, validationMessage(fastifyError), { cause: error })
+  }
+  const known = fastifyError.code === undefined ? undefined : FASTIFY_CODES[fastifyError.code]
+  if (known !== undefined) return new ApiError(known[0], known[1], known[2], { cause: error })
+  // JSON.parse's SyntaxError surfaces with a 400 from the body parser.
+  if (error instanceof SyntaxError && fastifyError.statusCode === 400) {
+    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON', { cause: error })
+  }
+  const status = fastifyError.statusCode
+  if (status !== undefined && status >= 400 && status < 500) {
+    return new ApiError(status, status === 404 ? ErrorCode.NOT_FOUND : ErrorCode.BAD_REQUEST, 'Bad request', { cause: error })
+  }
+  return null
+}
+
+function validationMessage (error: FastifyError): string {
+  // Ajv's messages name the field and the rule, never the value: safe to show and to log.
+  const first = error.validation?.[0]
+  if (first === undefined) return 'Request is invalid'
+  const where = `${error.validationContext ?? 'request'}${first.instancePath.replace(/\//g, '.')}`
+  if (first.keyword === 'additionalProperties') {
+    const extra = (first.params as { additionalProperty?: string }).additionalProperty
+    return `${where} must not have the property ${JSON.stringify(extra).slice(0, 64)}`
+  }
+  return `${where} ${first.message ?? 'is invalid'}`
+}
+
+export function sendError (reply: FastifyReply, error: ApiError): FastifyReply {
+  for (const [name, value] of Object.entries(error.headers)) reply.header(name, value)
+  return reply.code(error.statusCode).send(error.toEnvelope())
+}
+
+const INTERNAL: ErrorEnvelope = errorEnvelope(500, ErrorCode.INTERNAL_ERROR, 'Internal Server Error')
+
+async function answers (app: FastifyInstance): Promise<void> {
+  app.addHook('onRequest', async function stampAnswer (request: FastifyRequest, reply: FastifyReply) {
+    reply.header('x-request-id', request.id)
+    reply.header('cache-control', 'no-store')
+  })
+
+  // "No body at all is fine": an empty application/json body is treated as no body, so clients
+  // that always send the header are not refused for it.
+  app.removeContentTypeParser('application/json')
+  // Fastify's own parser keeps its prototype-poisoning protection.
+  const parseJsonStrict = app.getDefaultJsonParser('error', 'error')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, function parseJson (request, body, done) {
+    if ((body as string).trim() === '') { done(null, undefined); return }
+    parseJsonStrict(request, body as string, done)
+  })
+
+  app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
+    const apiError = toApiError(error)
+    if (apiError === null) {
+      request.log.error({ err: error }, 'unhandled error')
+      return reply.code(500).send(INTERNAL)
+    }
+    if (apiError.statusCode >= 500) {
+      request.log.warn({ err: { code: apiError.code, cause: causeSummary(apiError.cause) } }, apiError.message)
+    }
+    return sendError(reply, apiError)
+  })
+
+  app.setNotFoundHandler(function notFound (request, reply) {
+    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${request.url.split('?')[0]?.slice(0, 200) ?? ''}`))
+  })
+}
+
+/** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */
+function causeSummary (cause: unknown): { name?: string, code?: string } | undefined {
+  if (!(cause instanceof Error)) return undefined
+  const code = (cause as NodeJS.ErrnoException).code
+  return code === undefined ? { name: cause.name } : { name: cause.name, code }
+}
+
+export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })
+
+/**
+ * Node's HTTP parser errors (bad request line, oversized headers, ...) never reach Fastify's
+ * router; they are answered here, still in the envelope and with the two headers.
+ */
+export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
+  if (!socket.writable || (socket as Socket & { _httpMessage?: unknown })._httpMessage != null) {
+    socket.destroy()
+    return
+  }
+  const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
+  const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
+  const body = JSON.stringify(errorEnvelope(status, ErrorCode.BAD_REQUEST, message))
+  const reason = status === 431 ? 'Request Header Fields Too Large' : status === 408 ? 'Request Timeout' : 'Bad Request'
+  socket.end(
+    `HTTP/1.1 ${status} ${reason}\r\n` +
+    'content-type: application/json; charset=utf-8\r\n' +
+    `content-length: ${Buffer.byteLength(body)}\r\n` +
+    'cache-control: no-store\r\n' +
+    `x-request-id: ${randomUUID()}\r\n` +
+    'connection: close\r\n\r\n' + body
+  )
+}

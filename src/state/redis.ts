@@ -1,0 +1,71 @@
+import { Redis } from 'ioredis'
+import type { FastifyBaseLogger } from 'fastify'
+
+/** How shared state is held right now, as `/readyz` reports it. */
+export type SharedStateMode = 'redis' | 'degraded' | 'memory'
+
+/**
+ * The one Redis connection of a process, shared by every store, and the view of its health that
+ * the stores use to decide between Redis and their in-memory fallback.
+ */
+export interface SharedState {
+  readonly redis: Redis | null
+  mode: () => SharedStateMode
+  /** Bound on any wait for Redis, in ms: a store that needs longer gives up (fallback or 503). */
+  readonly commandTimeoutMs: number
+  close: () => Promise<void>
+}
+
+export interface SharedStateOptions {
+  url: string | null
+  log: FastifyBaseLogger
+  commandTimeoutMs?: number
+  /** How often a still-degraded state is logged again (ms). */
+  logEveryMs?: number
+  /** Injected for tests; Date.now otherwise. */
+  now?: () => number
+}
+
+export function createSharedState (options: SharedStateOptions): SharedState {
+  const commandTimeoutMs = options.commandTimeoutMs ?? 250
+  if (options.url === null) {
+    return { redis: null, mode: () => 'memory', commandTimeoutMs, close: async () => {} }
+  }
+  const now = options.now ?? Date.now
+  const logEveryMs = options.logEveryMs ?? 60_000
+  const redis = new Redis(options.url, {
+    // A disconnected client must fail a command at once rather than queue it: requests never
+    // wait on a Redis outage, the stores fall back instead.
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    commandTimeout: commandTimeoutMs,
+    connectTimeout: 1000,
+    // Keep reconnecting for ever, backing off to 2 s, so that recovery is automatic.
+    retryStrategy: (attempt: number) => Math.min(50 * 2 ** Math.min(attempt, 6), 2000),
+    lazyConnect: false
+  })
+  let lastDegradedLog = Number.NEGATIVE_INFINITY
+  let degraded = false
+  const log = options.log
+  // ioredis emits 'error' on every failed reconnect; one line per interval is enough for operators.
+  redis.on('error', function onRedisError (error: NodeJS.ErrnoException) {
+    const at = now()
+    if (at - lastDegradedLog >= logEveryMs) {
+      lastDegradedLog = at
+      log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')
+    }
+  })
+  redis.on('ready', function onRedisReady () {
+    if (degraded) log.info('shared state: Redis reachable again')
+    degraded = false
+  })
+  redis.on('close', function onRedisClose () { degraded = true })
+  return {
+    redis,
+    commandTimeoutMs,
+    mode: () => (redis.status === 'ready' ? 'redis' : 'degraded'),
+    close: async () => {
+      redis.disconnect(false)
+    }
+  }
+}

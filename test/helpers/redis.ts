@@ -1,0 +1,73 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { createServer } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+
+/** A throwaway redis-server on a free loopback port, owned by one test suite. */
+export interface RedisServer {
+  url: string
+  port: number
+  /** Kills the server (SIGKILL: a crash, not a shutdown). */
+  stop: () => Promise<void>
+  /** Starts it again on the same port, empty. */
+  start: () => Promise<void>
+  /** Flushes every key. */
+  flush: () => Promise<void>
+}
+
+interface TeardownHost { teardown: (fn: () => unknown) => void }
+
+async function freePort (): Promise<number> {
+  const server = createServer()
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const address = server.address()
+  server.close()
+  await once(server, 'close')
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  return address.port
+}
+
+async function waitReady (port: number, deadlineMs: number): Promise<void> {
+  const end = Date.now() + deadlineMs
+  for (;;) {
+    const probe = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false })
+    probe.on('error', () => {})
+    try {
+      await probe.connect()
+      await probe.ping()
+      probe.disconnect()
+      return
+    } catch {
+      probe.disconnect()
+      if (Date.now() > end) throw new Error(`redis-server on ${port} did not start`)
+      await sleep(20)
+    }
+  }
+}
+
+export async function startRedis (t: TeardownHost): Promise<RedisServer> {
+  const port = await freePort()
+  let child: ChildProcess | null = null
+  const start = async (): Promise<void> => {
+    child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' })
+    await waitReady(port, 5000)
+  }
+  const stop = async (): Promise<void> => {
+    const running = child
+    child = null
+    if (running === null || running.exitCode !== null) return
+    const exited = once(running, 'exit')
+    running.kill('SIGKILL')
+    await exited
+  }
+  const flush = async (): Promise<void> => {
+    const client = new Redis({ port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+    await client.flushall()
+    client.disconnect()
+  }
+  await start()
+  t.teardown(stop)
+  return { url: `redis://127.0.0.1:${port}`, port, stop, start, flush }
+}
