@@ -83,8 +83,8 @@ const AddressList = (description: string) =>
   Type.Decode(Type.String({ description }), (value) => {
     const entries = list(value)
     for (const entry of entries) {
-      const [address, bits, extra] = entry.split('/')
-      const family = isIP(address ?? '')
+      const [address, bits, extra] = entry.split('/') as [string, string?, string?]
+      const family = isIP(address)
       const maxBits = family === 6 ? 128 : 32
       const okBits = bits === undefined || (/^[0-9]{1,3}$/.test(bits) && Number(bits) <= maxBits)
       if (family === 0 || !okBits || extra !== undefined) throw new Error(`not an address or CIDR: ${entry}`)
@@ -154,7 +154,8 @@ function assemble (env: Env, apiKey: string) {
     redisUrl: env.REDIS_URL ?? null,
     oidc: {
       issuer: env.OIDC_ISSUER,
-      audiences: env.OIDC_AUDIENCES ?? (clientId === undefined ? [] : [clientId]),
+      // loadConfig refuses a configuration with neither.
+      audiences: env.OIDC_AUDIENCES ?? [clientId as string],
       /** Web sign-in (confidential client); null when not configured. */
       web
     },
@@ -194,7 +195,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
     const schema: TSchema = EnvSchema.properties[name]
     const value = raw[name]
     if (value === undefined) {
-      if (!(EnvSchema.required as string[] | undefined ?? []).includes(name)) continue
+      if (!(EnvSchema.required as string[]).includes(name)) continue
       problems.push([name, 'is required'])
       continue
     }
@@ -205,8 +206,8 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
     try {
       Value.Decode(schema, value)
     } catch (error) {
-      // Decoders' messages never quote the value; the key is validated by pattern only.
-      problems.push([name, error instanceof Error && name !== 'CV_API_KEY' ? decodeMessage(error) : 'is invalid'])
+      // Only our own decoders throw here (the key has none), and their messages never quote the value.
+      problems.push([name, `is invalid (${(error as Error).message})`])
     }
   }
   if (raw.CV_API_KEY !== undefined && raw.CV_API_KEY_FILE !== undefined) {
@@ -220,7 +221,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
       apiKey = readFileSync(raw.CV_API_KEY_FILE, 'utf8').trim()
       if (!/^[\x21-\x7e]+$/.test(apiKey)) problems.push(['CV_API_KEY_FILE', 'the file must hold one key of visible ASCII characters'])
     } catch (error) {
-      problems.push(['CV_API_KEY_FILE', `cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'})`])
+      problems.push(['CV_API_KEY_FILE', `cannot be read (${String((error as NodeJS.ErrnoException).code)})`])
     }
   }
   const webParts = ['OIDC_CLIENT_ID', 'OIDC_CLIENT_SECRET', 'PUBLIC_URL'] as const
@@ -243,15 +244,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
 }
 
 function describe (schema: TSchema): string {
-  const s = schema as { description?: string, pattern?: string, anyOf?: Array<{ const?: unknown }> }
+  const s = schema as { description?: string, anyOf?: Array<{ const?: unknown }> }
   if (s.anyOf !== undefined) return `must be one of ${s.anyOf.map((item) => String(item.const)).join(', ')}`
-  if (s.description !== undefined) return `is invalid (expected ${s.description})`
-  return 'is invalid'
-}
-
-function decodeMessage (error: Error): string {
-  // TypeBox wraps a decoder's own error; surface the innermost message, which is ours.
-  let inner: unknown = error
-  while (inner instanceof Error && inner.cause instanceof Error) inner = inner.cause
-  return `is invalid (${inner instanceof Error ? inner.message : 'error'})`
+  return `is invalid (expected ${String(s.description)})`
 }

@@ -56,21 +56,36 @@ function validationMessage (error: FastifyError): string {
     const extra = (first.params as { additionalProperty?: string }).additionalProperty
     return `${where} must not have the property ${JSON.stringify(extra).slice(0, 64)}`
   }
+  // Ajv quotes the regular expression for a pattern; a sentence serves clients better.
+  if (first.keyword === 'pattern') return `${where} is not in the expected format`
   return `${where} ${first.message ?? 'is invalid'}`
 }
 
 export function sendError (reply: FastifyReply, error: ApiError): FastifyReply {
+  reply.errorCode = error.code
   for (const [name, value] of Object.entries(error.headers)) reply.header(name, value)
   return reply.code(error.statusCode).send(error.toEnvelope())
 }
 
 const INTERNAL: ErrorEnvelope = errorEnvelope(500, ErrorCode.INTERNAL_ERROR, 'Internal Server Error')
 
+declare module 'fastify' {
+  interface FastifyReply {
+    /** The contract code of an error answer, for the audit record and metrics. */
+    errorCode: ErrorCode | null
+  }
+}
+
 async function answers (app: FastifyInstance): Promise<void> {
+  app.decorateReply('errorCode', null)
   app.addHook('onRequest', async function stampAnswer (request: FastifyRequest, reply: FastifyReply) {
     reply.header('x-request-id', request.id)
     reply.header('cache-control', 'no-store')
   })
+
+  // JSON only: Fastify's default text/plain parser would let a CSRF-friendly "simple" content
+  // type through to the routes.
+  app.removeContentTypeParser('text/plain')
 
   // "No body at all is fine": an empty application/json body is treated as no body, so clients
   // that always send the header are not refused for it.
@@ -86,6 +101,7 @@ async function answers (app: FastifyInstance): Promise<void> {
     const apiError = toApiError(error)
     if (apiError === null) {
       request.log.error({ err: error }, 'unhandled error')
+      reply.errorCode = ErrorCode.INTERNAL_ERROR
       return reply.code(500).send(INTERNAL)
     }
     if (apiError.statusCode >= 500) {
@@ -95,6 +111,7 @@ async function answers (app: FastifyInstance): Promise<void> {
   })
 
   app.setNotFoundHandler(function notFound (request, reply) {
+    reply.errorCode = ErrorCode.NOT_FOUND
     return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${request.url.split('?')[0]?.slice(0, 200) ?? ''}`))
   })
 }

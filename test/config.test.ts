@@ -1,0 +1,161 @@
+import t from 'tap'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { CARE360_ORIGINS, ConfigError, isLoopbackHost, loadConfig, parseDuration, parseRate } from '../src/config.js'
+
+const base = { CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' }
+
+function refusal (env: Record<string, string | undefined>): ConfigError {
+  try {
+    loadConfig(env)
+  } catch (error) {
+    if (error instanceof ConfigError) return error
+    throw error
+  }
+  throw new Error('configuration was accepted')
+}
+
+t.test('defaults of the contract', async (t) => {
+  const config = loadConfig(base)
+  t.equal(config.care360.baseUrl, CARE360_ORIGINS.staging)
+  t.equal(config.care360.timeoutMs, 5000)
+  t.same(config.orgBudget, { count: 450, windowMs: 60_000 })
+  t.equal(config.host, '0.0.0.0')
+  t.equal(config.port, 3000)
+  t.equal(config.metricsPort, 9464)
+  t.equal(config.redisUrl, null)
+  t.same(config.oidc.audiences, ['patient-web'])
+  t.equal(config.oidc.web, null)
+  t.same(config.sessions, { idleTtlMs: 30 * 60_000, absoluteTtlMs: 12 * 3_600_000 })
+  t.same(config.limits, { ip: { count: 300, windowMs: 60_000 }, session: { count: 60, windowMs: 60_000 }, cancel: { count: 5, windowMs: 60_000 } })
+  t.same(config.corsOrigins, [])
+  t.same(config.trustProxy, [])
+  t.equal(config.ownershipCheck, true)
+  t.equal(config.replicas, 1)
+  t.equal(config.logLevel, 'info')
+})
+
+t.test('every variable read and decoded', async (t) => {
+  const config = loadConfig({
+    ...base,
+    CV_ENV: 'production',
+    CV_RATE_LIMIT: '100/10s',
+    CV_TIMEOUT_MS: '1500',
+    HOST: '127.0.0.1',
+    PORT: '8080',
+    METRICS_PORT: '0',
+    REDIS_URL: 'redis://127.0.0.1:6379',
+    OIDC_CLIENT_SECRET: 'client-secret',
+    OIDC_AUDIENCES: 'patient-web, patient-mobile',
+    PUBLIC_URL: 'https://patients.example.com/',
+    SESSION_IDLE_TTL: '15m',
+    SESSION_ABSOLUTE_TTL: '8h',
+    RATE_LIMIT_IP: '1000/1m',
+    RATE_LIMIT_SESSION: '30/30s',
+    RATE_LIMIT_CANCEL: '2/1h',
+    CORS_ORIGINS: 'https://app.example.com,https://beta.example.com',
+    TRUST_PROXY: '10.0.0.0/8, 192.168.1.10, ::1',
+    OWNERSHIP_CHECK: 'off',
+    REPLICAS: '3',
+    LOG_LEVEL: 'warn',
+    UNRELATED: 'ignored'
+  })
+  t.equal(config.care360.baseUrl, CARE360_ORIGINS.production)
+  t.equal(config.care360.env, 'production')
+  t.same(config.orgBudget, { count: 100, windowMs: 10_000 })
+  t.equal(config.care360.timeoutMs, 1500)
+  t.equal(config.port, 8080)
+  t.equal(config.metricsPort, 0)
+  t.equal(config.redisUrl, 'redis://127.0.0.1:6379')
+  t.same(config.oidc.audiences, ['patient-web', 'patient-mobile'])
+  t.same(config.oidc.web, { clientId: 'patient-web', clientSecret: 'client-secret', publicUrl: 'https://patients.example.com' })
+  t.same(config.sessions, { idleTtlMs: 15 * 60_000, absoluteTtlMs: 8 * 3_600_000 })
+  t.same(config.limits.cancel, { count: 2, windowMs: 3_600_000 })
+  t.same(config.corsOrigins, ['https://app.example.com', 'https://beta.example.com', 'https://patients.example.com'])
+  t.same(config.trustProxy, ['10.0.0.0/8', '192.168.1.10', '::1'])
+  t.equal(config.ownershipCheck, false)
+  t.equal(config.replicas, 3)
+  t.equal(config.logLevel, 'warn')
+})
+
+t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) => {
+  t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://127.0.0.1:4010/' }).care360.baseUrl, 'http://127.0.0.1:4010')
+  t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://localhost:4010' }).care360.baseUrl, 'http://localhost:4010')
+  t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://[::1]:4010' }).care360.baseUrl, 'http://[::1]:4010')
+  t.equal(loadConfig({ ...base, CV_ENV: 'production', CV_BASE_URL: 'https://care360.internal' }).care360.baseUrl, 'https://care360.internal')
+  for (const bad of ['http://10.0.0.1:4010', 'http://example.com', 'ftp://127.0.0.1', 'not a url', 'https://user:pw@example.com', 'http://127.0.0.1.evil.com']) {
+    t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
+  }
+})
+
+t.test('the key: exactly one of CV_API_KEY and CV_API_KEY_FILE, never echoed', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'bff-config-'))
+  const file = join(dir, 'key')
+  writeFileSync(file, 'file-held-key-456\n')
+  const { CV_API_KEY: _key, ...noKey } = base
+  t.equal(loadConfig({ ...noKey, CV_API_KEY_FILE: file }).care360.apiKey, 'file-held-key-456')
+  t.same(refusal(noKey).variables, ['CV_API_KEY'])
+  const both = refusal({ ...base, CV_API_KEY_FILE: file })
+  t.same(both.variables, ['CV_API_KEY'])
+  t.notMatch(both.message, 'org-secret-key-123')
+  t.same(refusal({ ...noKey, CV_API_KEY_FILE: join(dir, 'missing') }).variables, ['CV_API_KEY_FILE'])
+  writeFileSync(file, 'two words\n')
+  const badFile = refusal({ ...noKey, CV_API_KEY_FILE: file })
+  t.same(badFile.variables, ['CV_API_KEY_FILE'])
+  t.notMatch(badFile.message, 'two words')
+  const badKey = refusal({ ...base, CV_API_KEY: 'has a space-secret' })
+  t.same(badKey.variables, ['CV_API_KEY'])
+  t.notMatch(badKey.message, 'space-secret')
+})
+
+t.test('one message naming every bad variable', async (t) => {
+  const error = refusal({
+    CV_API_KEY: 'k',
+    CV_ENV: 'prod',
+    OIDC_ISSUER: 'http://idp.example.com',
+    CV_RATE_LIMIT: '450',
+    CV_TIMEOUT_MS: '0',
+    PORT: '99999',
+    METRICS_PORT: 'x',
+    REDIS_URL: 'localhost:6379',
+    SESSION_IDLE_TTL: '30',
+    RATE_LIMIT_IP: '0/1m',
+    CORS_ORIGINS: 'https://app.example.com/path',
+    TRUST_PROXY: '10.0.0.0/40',
+    OWNERSHIP_CHECK: 'yes',
+    REPLICAS: '-1',
+    LOG_LEVEL: 'verbose',
+    PUBLIC_URL: 'https://patients.example.com'
+  })
+  t.same(new Set(error.variables), new Set([
+    'CV_ENV', 'OIDC_ISSUER', 'CV_RATE_LIMIT', 'CV_TIMEOUT_MS', 'PORT', 'METRICS_PORT', 'REDIS_URL', 'SESSION_IDLE_TTL',
+    'RATE_LIMIT_IP', 'CORS_ORIGINS', 'TRUST_PROXY', 'OWNERSHIP_CHECK', 'REPLICAS', 'LOG_LEVEL',
+    'OIDC_CLIENT_ID', 'OIDC_CLIENT_SECRET', 'OIDC_AUDIENCES'
+  ]))
+  for (const name of error.variables) t.match(error.message, name)
+})
+
+t.test('required variables and cross-variable rules', async (t) => {
+  t.same(new Set(refusal({}).variables), new Set(['OIDC_ISSUER', 'CV_API_KEY', 'OIDC_AUDIENCES']))
+  t.same(refusal({ ...base, OIDC_CLIENT_ID: '', OIDC_AUDIENCES: '' }).variables, ['OIDC_AUDIENCES'], 'empty counts as unset')
+  t.same(loadConfig({ ...base, OIDC_CLIENT_ID: undefined, OIDC_AUDIENCES: 'mobile' }).oidc.audiences, ['mobile'])
+  t.same(refusal({ ...base, SESSION_IDLE_TTL: '13h' }).variables, ['SESSION_IDLE_TTL'])
+  t.same(refusal({ ...base, CV_TIMEOUT_MS: '600001' }).variables, ['CV_TIMEOUT_MS'])
+  t.same(refusal({ ...base, CORS_ORIGINS: 'not-an-origin' }).variables, ['CORS_ORIGINS'])
+  t.same(refusal({ ...base, TRUST_PROXY: 'proxy.local' }).variables, ['TRUST_PROXY'])
+  t.same(refusal({ ...base, TRUST_PROXY: '10.0.0.1/8/1' }).variables, ['TRUST_PROXY'])
+})
+
+t.test('parsers', async (t) => {
+  t.equal(parseDuration('250ms'), 250)
+  t.equal(parseDuration('2d'), 172_800_000)
+  t.same(parseRate('5/1m'), { count: 5, windowMs: 60_000 })
+  t.throws(() => parseDuration('1w'))
+  t.throws(() => parseRate('5/0s'))
+  t.ok(isLoopbackHost('127.8.9.10'))
+  t.ok(isLoopbackHost('[::1]'))
+  t.ok(isLoopbackHost('LOCALHOST'))
+  t.notOk(isLoopbackHost('128.0.0.1'))
+  t.notOk(isLoopbackHost('localhost.example.com'))
+})

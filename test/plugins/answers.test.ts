@@ -1,0 +1,110 @@
+import t, { type Test } from 'tap'
+import { connect } from 'node:net'
+import { once } from 'node:events'
+import { buildApp } from '../../src/app.js'
+import { loadConfig } from '../../src/config.js'
+import { ApiError, ErrorCode } from '../../src/errors.js'
+import { toApiError } from '../../src/plugins/answers.js'
+
+const config = loadConfig({ CV_API_KEY: 'answers-test-key', OIDC_ISSUER: 'http://127.0.0.1:9', OIDC_CLIENT_ID: 'app', LOG_LEVEL: 'silent', METRICS_PORT: '0' })
+
+async function app (t: Test) {
+  const instance = await buildApp(config)
+  instance.post('/echo', { schema: { body: { type: 'object', properties: { n: { type: 'integer' } }, required: ['n'], additionalProperties: false } } }, async (request) => ({ ok: request.body }))
+  instance.get('/boom', async () => { throw new Error('secret internal detail') })
+  instance.get('/teapot', async () => { throw Object.assign(new Error('odd'), { statusCode: 418 }) })
+  instance.get('/gone', async () => { throw Object.assign(new Error('odd'), { statusCode: 404 }) })
+  instance.get('/coded', async () => { throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Try later', { headers: { 'retry-after': '1' } }) })
+  t.teardown(() => instance.close())
+  await instance.ready()
+  return instance
+}
+
+t.test('unknown paths answer 404 in the envelope with both headers', async (t) => {
+  const server = await app(t)
+  const res = await server.inject({ url: '/nope?x=1', headers: { 'x-request-id': 'abc-123' } })
+  t.equal(res.statusCode, 404)
+  t.same(res.json(), { status: 404, success: false, message: 'No route GET /nope', code: 'NOT_FOUND' })
+  t.equal(res.headers['x-request-id'], 'abc-123')
+  t.equal(res.headers['cache-control'], 'no-store')
+})
+
+t.test('a malformed x-request-id is replaced by a generated one', async (t) => {
+  const server = await app(t)
+  for (const bad of ['has space', 'x'.repeat(129), 'semi;colon']) {
+    const res = await server.inject({ url: '/healthz', headers: { 'x-request-id': bad } })
+    t.match(res.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+  }
+})
+
+t.test("Fastify's own errors in the envelope", async (t) => {
+  const server = await app(t)
+  const cases: Array<[Record<string, unknown>, number, string]> = [
+    [{ payload: '{"n":', headers: { 'content-type': 'application/json' } }, 400, 'VALIDATION_FAILED'],
+    [{ payload: '{"__proto__":{"x":1},"n":1}', headers: { 'content-type': 'application/json' } }, 400, 'VALIDATION_FAILED'],
+    [{ payload: { n: 'one' } }, 400, 'VALIDATION_FAILED'],
+    [{ payload: { n: 1, extra: true } }, 400, 'VALIDATION_FAILED'],
+    [{ payload: 'n=1', headers: { 'content-type': 'application/x-www-form-urlencoded' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [{ payload: 'plain', headers: { 'content-type': 'text/plain' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [{ payload: JSON.stringify({ n: 1, pad: 'x'.repeat(5000) }), headers: { 'content-type': 'application/json' } }, 413, 'PAYLOAD_TOO_LARGE']
+  ]
+  for (const [options, status, code] of cases) {
+    const res = await server.inject({ method: 'POST', url: '/echo', ...options })
+    t.equal(res.statusCode, status, code)
+    t.match(res.json(), { status, success: false, code })
+    t.equal(res.headers['cache-control'], 'no-store')
+    t.ok(res.headers['x-request-id'])
+  }
+  const extra = await server.inject({ method: 'POST', url: '/echo', payload: { n: 1, extra: true } })
+  t.equal(extra.json().message, 'body must not have the property "extra"')
+  const ok = await server.inject({ method: 'POST', url: '/echo', payload: { n: 1 } })
+  t.same(ok.json(), { ok: { n: 1 } })
+})
+
+t.test('our bugs are a bare 500; coded errors keep status, code and headers', async (t) => {
+  const server = await app(t)
+  const boom = await server.inject({ url: '/boom' })
+  t.equal(boom.statusCode, 500)
+  t.same(boom.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' })
+  t.notMatch(boom.body, 'secret internal detail')
+  const teapot = await server.inject({ url: '/teapot' })
+  t.match(teapot.json(), { status: 418, code: 'BAD_REQUEST' })
+  const gone = await server.inject({ url: '/gone' })
+  t.match(gone.json(), { status: 404, code: 'NOT_FOUND' })
+  const coded = await server.inject({ url: '/coded' })
+  t.equal(coded.statusCode, 503)
+  t.equal(coded.headers['retry-after'], '1')
+  t.match(coded.json(), { code: 'SERVICE_UNAVAILABLE', message: 'Try later' })
+})
+
+t.test('toApiError leaves unknown errors to the 500 path', async (t) => {
+  t.equal(toApiError(new Error('x')), null)
+  t.equal(toApiError(Object.assign(new Error('x'), { statusCode: 502 })), null)
+  t.match(toApiError(Object.assign(new Error('x'), { validation: [] })), { statusCode: 400, message: 'Request is invalid' })
+  t.match(toApiError(Object.assign(new Error('x'), { validation: [{ keyword: 'pattern', instancePath: '/id', params: {} }], validationContext: 'params' })), { message: 'params.id is not in the expected format' })
+  t.match(toApiError(Object.assign(new Error('x'), { validation: [{ keyword: 'x', instancePath: '', params: {} }] })), { message: 'request is invalid' })
+})
+
+async function rawRequest (port: number, text: string): Promise<string> {
+  const socket = connect(port, '127.0.0.1')
+  await once(socket, 'connect')
+  socket.write(text)
+  let data = ''
+  socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+  await once(socket, 'close')
+  return data
+}
+
+t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
+  const server = await app(t)
+  await server.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = server.server.address() as { port: number }
+  const garbage = await rawRequest(port, 'NOT HTTP AT ALL\r\n\r\n')
+  t.match(garbage, /^HTTP\/1\.1 400 Bad Request/)
+  t.match(garbage, /cache-control: no-store/)
+  t.match(garbage, /x-request-id: [0-9a-f-]{36}/)
+  t.match(garbage, /"code":"BAD_REQUEST"/)
+  const huge = await rawRequest(port, `GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`)
+  t.match(huge, /^HTTP\/1\.1 431 /)
+  t.match(huge, /"status":431/)
+})
