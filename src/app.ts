@@ -6,6 +6,10 @@ import { answersPlugin, clientErrorAnswer, requestIdFor } from './plugins/answer
 import { loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { healthRoutes } from './routes/health.js'
+import { appointmentRoutes } from './routes/appointments.js'
+import { care360Plugin } from './plugins/care360.js'
+import { authPlugin } from './auth/plugin.js'
+import { authRoutes } from './routes/auth.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -63,20 +67,21 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   // Tier 1: cross-cutting plugins. Global onRequest hooks run in registration order, which is
   // the contract's order: answer stamping, per-IP limit, session, CSRF, per-session limit.
   await app.register(answersPlugin)
-  // [web-security] helmet, cookie, CORS (issue 4)
-  // [ip-limit] per-IP limit (issue 3)
+  await app.register((await import('./web/security.js')).webSecurityPlugin) // [web-security] helmet, cookie, CORS (issue 4)
+  await app.register((await import('./limits/plugins.js')).ipLimitPlugin, { now: overrides.now }) // [ip-limit] per-IP limit (issue 3)
 
   // Tier 2: the application's own services.
-  // [sessions] session store, bearer/cookie transport, request.session (issue 2)
-  // [csrf] (issue 4)
-  // [session-limit] per-session limit, org budget gate (issue 3)
-  // [care360] upstream client
+  await app.register(authPlugin, { now: overrides.now, jwksCooldownMs: overrides.jwksCooldownMs })
+  await app.register((await import('./web/csrf.js')).csrfPlugin) // [csrf] after the session hook: it needs the session's transport (issue 4)
+  await app.register((await import('./web/plugin.js')).webSignInPlugin, { now: overrides.now }) // [csrf] web sign-in routes and sign-out (issue 4)
+  await app.register((await import('./limits/plugins.js')).sessionLimitPlugin, { now: overrides.now }) // [session-limit] per-session, cancel limits, org budget gate (issue 3)
+  await app.register(care360Plugin)
   // [idempotency] (issue 5)
 
   // Tier 3: routes.
   await app.register(healthRoutes)
-  // [auth-routes]
-  // [appointments-routes]
+  await app.register(authRoutes)
+  await app.register(appointmentRoutes)
 
   return app
 }

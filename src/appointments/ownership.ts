@@ -1,0 +1,80 @@
+import type { Appointment } from '../care360/client.js'
+
+/**
+ * Which upcoming appointments belong to which patient, as the upstream's Fetch Appointments
+ * says, cached briefly per process. The cache only saves list calls (and org budget): an
+ * appointment missing from a cached list is looked up again fresh before we say "not yours",
+ * and a cancel evicts the patient's entry, so staleness can delay a 404 but never turn one into
+ * a cancel of someone else's appointment (the list is always the patient's own).
+ */
+export interface OwnershipCacheOptions {
+  fetch: (email: string, requestId: string) => Promise<Appointment[]>
+  ttlMs?: number
+  maxEntries?: number
+  now?: () => number
+}
+
+interface Entry { at: number, appointments: Appointment[] }
+
+export interface OwnershipCache {
+  /** The patient's upcoming appointments, from the cache when fresh. */
+  list: (email: string, requestId: string) => Promise<Appointment[]>
+  /** Records a list fetched elsewhere (GET /appointments) so a following cancel can use it. */
+  remember: (email: string, appointments: Appointment[]) => void
+  /** The appointment among the patient's own, matching `id` or `agentEventId` (any case). */
+  find: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
+  /** Like `find`, but always from a fresh list: for deciding whether a cancel took effect. */
+  findFresh: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
+  forget: (email: string) => void
+}
+
+/** The appointment a cancel names, by its `id` or its `agentEventId`, in any case. */
+export function findAppointment (list: Appointment[], appointmentId: string): Appointment | null {
+  const wanted = appointmentId.toLowerCase()
+  return list.find((item) => item.id.toLowerCase() === wanted || item.agentEventId?.toLowerCase() === wanted) ?? null
+}
+
+export function createOwnershipCache (options: OwnershipCacheOptions): OwnershipCache {
+  const ttlMs = options.ttlMs ?? 30_000
+  const maxEntries = options.maxEntries ?? 10_000
+  const now = options.now ?? Date.now
+  // Keyed by the lower-cased email: the upstream matches emails case-insensitively.
+  const entries = new Map<string, Entry>()
+
+  function remember (email: string, appointments: Appointment[]): void {
+    const key = email.toLowerCase()
+    entries.delete(key)
+    // A Map iterates in insertion order: the first key is the least recently stored.
+    if (entries.size >= maxEntries) entries.delete(entries.keys().next().value as string)
+    entries.set(key, { at: now(), appointments })
+  }
+
+  async function fresh (email: string, requestId: string): Promise<Appointment[]> {
+    const appointments = await options.fetch(email, requestId)
+    remember(email, appointments)
+    return appointments
+  }
+
+  function cached (email: string): Appointment[] | null {
+    const entry = entries.get(email.toLowerCase())
+    return entry !== undefined && now() - entry.at < ttlMs ? entry.appointments : null
+  }
+
+  return {
+    remember,
+    async list (email, requestId) {
+      return cached(email) ?? await fresh(email, requestId)
+    },
+    async find (email, appointmentId, requestId) {
+      const fromCache = cached(email)
+      const hit = fromCache === null ? null : findAppointment(fromCache, appointmentId)
+      return hit ?? findAppointment(await fresh(email, requestId), appointmentId)
+    },
+    async findFresh (email, appointmentId, requestId) {
+      return findAppointment(await fresh(email, requestId), appointmentId)
+    },
+    forget (email) {
+      entries.delete(email.toLowerCase())
+    }
+  }
+}

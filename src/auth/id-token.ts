@@ -1,0 +1,199 @@
+import { createRemoteJWKSet, errors, jwtVerify, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import type { FastifyBaseLogger } from 'fastify'
+import { ApiError, ErrorCode } from '../errors.js'
+import { isLoopbackHost } from '../config.js'
+
+/**
+ * Verifies the OIDC ID tokens that mobile apps exchange for a session (contract: "ID tokens
+ * accepted by POST /auth/session").
+ */
+
+export interface VerifiedIdToken {
+  email: string
+  subject: string
+  issuer: string
+  /** The IdP session (`sid`), for back-channel logout; null when the IdP does not send one. */
+  sid: string | null
+}
+
+export interface IdTokenVerifier {
+  verify: (idToken: string) => Promise<VerifiedIdToken>
+}
+
+export interface IdTokenVerifierOptions {
+  issuer: string
+  audiences: string[]
+  clockToleranceSec?: number
+  /** Oldest accepted `auth_time` (or `iat` without it), in seconds. */
+  maxAgeSec?: number
+  /** jose's JWKS refetch cooldown after an unknown `kid`; tests shorten it. */
+  jwksCooldownMs?: number
+  /** Deadline of one discovery or JWKS fetch. */
+  fetchTimeoutMs?: number
+  now?: () => number
+  log?: FastifyBaseLogger
+}
+
+/**
+ * Asymmetric algorithms only: `none` proves nothing, and an HMAC would be keyed with a secret we
+ * do not share with the IdP (the classic alg-confusion attack uses a public key as that secret).
+ */
+export const ID_TOKEN_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA']
+
+/** Longer than any real ID token: refused before it is parsed. */
+export const MAX_ID_TOKEN_LENGTH = 8192
+
+/** Token types that are JWTs but not ID tokens: an access or logout token is no sign-in. */
+const FOREIGN_TYPES = new Set(['at+jwt', 'application/at+jwt', 'logout+jwt', 'application/logout+jwt'])
+
+export const invalidIdToken = (cause?: unknown): ApiError =>
+  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'Invalid ID token', cause === undefined ? {} : { cause })
+
+/** The IdP itself failed us (discovery or JWKS unreachable): not the token's fault, so a 503. */
+export const identityProviderUnavailable = (cause: unknown): ApiError =>
+  new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Identity provider unavailable', { cause, headers: { 'retry-after': '5' } })
+
+class ProviderUnavailable extends Error {
+  constructor (message: string, options?: { cause: unknown }) {
+    super(message, options)
+    this.name = 'ProviderUnavailable'
+  }
+}
+
+interface Discovery {
+  issuer: string
+  jwksUri: URL
+}
+
+function isFetchableUrl (value: unknown): value is string {
+  if (typeof value !== 'string') return false
+  let url: URL
+  try { url = new URL(value) } catch { return false }
+  return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
+}
+
+async function discover (issuer: string, timeoutMs: number): Promise<Discovery> {
+  let document: { issuer?: unknown, jwks_uri?: unknown }
+  try {
+    const response = await fetch(`${issuer}/.well-known/openid-configuration`, {
+      signal: AbortSignal.timeout(timeoutMs),
+      redirect: 'error',
+      headers: { accept: 'application/json' }
+    })
+    if (response.status !== 200) throw new Error(`discovery answered ${response.status}`)
+    document = await response.json() as typeof document
+  } catch (error) {
+    throw new ProviderUnavailable('OIDC discovery failed', { cause: error })
+  }
+  // Config strips a trailing slash from OIDC_ISSUER; some IdPs (Auth0) publish it with one.
+  if (typeof document.issuer !== 'string' || (document.issuer !== issuer && document.issuer !== `${issuer}/`)) {
+    throw new ProviderUnavailable('OIDC discovery names another issuer')
+  }
+  if (!isFetchableUrl(document.jwks_uri)) throw new ProviderUnavailable('OIDC discovery has no usable jwks_uri')
+  return { issuer: document.issuer, jwksUri: new URL(document.jwks_uri) }
+}
+
+/** Errors of the key set that are the IdP's doing (down, slow, garbage), as opposed to the token's. */
+function isProviderFailure (error: unknown): boolean {
+  if (!(error instanceof errors.JOSEError)) return true
+  return error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || error.code === 'ERR_JOSE_GENERIC'
+}
+
+export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdTokenVerifier {
+  const clockToleranceSec = options.clockToleranceSec ?? 30
+  const maxAgeSec = options.maxAgeSec ?? 600
+  const fetchTimeoutMs = options.fetchTimeoutMs ?? 5000
+  const now = options.now ?? Date.now
+  const log = options.log
+  let pending: Promise<{ discovery: Discovery, keys: JWTVerifyGetKey }> | null = null
+
+  /** Discovery once, cached; a failure is forgotten so the next sign-in tries again. */
+  function provider (): Promise<{ discovery: Discovery, keys: JWTVerifyGetKey }> {
+    if (pending === null) {
+      pending = discover(options.issuer, fetchTimeoutMs).then(function keySet (discovery) {
+        const remote = createRemoteJWKSet(discovery.jwksUri, {
+          timeoutDuration: fetchTimeoutMs,
+          ...(options.jwksCooldownMs === undefined ? {} : { cooldownDuration: options.jwksCooldownMs })
+        })
+        const keys: JWTVerifyGetKey = async function resolveKey (header, token) {
+          try {
+            return await remote(header, token)
+          } catch (error) {
+            throw isProviderFailure(error) ? new ProviderUnavailable('JWKS fetch failed', { cause: error }) : error
+          }
+        }
+        return { discovery, keys }
+      })
+      pending.catch(function forgetFailedDiscovery () { pending = null })
+    }
+    return pending
+  }
+
+  async function verify (idToken: string): Promise<VerifiedIdToken> {
+    if (typeof idToken !== 'string' || idToken.length === 0 || idToken.length > MAX_ID_TOKEN_LENGTH) {
+      throw invalidIdToken()
+    }
+    try {
+      const { discovery, keys } = await provider()
+      const { payload, protectedHeader } = await jwtVerify(idToken, keys, {
+        issuer: discovery.issuer,
+        // Any one of ours among the token's audiences.
+        audience: options.audiences,
+        algorithms: ID_TOKEN_ALGORITHMS,
+        clockTolerance: clockToleranceSec,
+        currentDate: new Date(now()),
+        requiredClaims: ['exp', 'iat', 'sub']
+      })
+      if (typeof protectedHeader.typ === 'string' && FOREIGN_TYPES.has(protectedHeader.typ.toLowerCase())) {
+        throw new Rejected('typ')
+      }
+      return claimsOf(payload)
+    } catch (error) {
+      if (error instanceof ProviderUnavailable) {
+        log?.warn({ err: { name: error.name, message: error.message, cause: causeName(error.cause) } }, 'ID token: identity provider unavailable')
+        throw identityProviderUnavailable(error)
+      }
+      // The reason class only: never the token, never which claim to the client.
+      log?.debug({ reason: reasonOf(error) }, 'ID token refused')
+      throw invalidIdToken(error)
+    }
+  }
+
+  function claimsOf (payload: JWTPayload): VerifiedIdToken {
+    const nowSec = Math.floor(now() / 1000)
+    // auth_time when present: the sign-in itself must be recent, not only the token's minting.
+    const authTime = typeof payload.auth_time === 'number' ? payload.auth_time : payload.iat as number
+    const age = nowSec - authTime
+    if (age > maxAgeSec + clockToleranceSec || age < -clockToleranceSec) throw new Rejected('age')
+    if ((payload.iat as number) > nowSec + clockToleranceSec) throw new Rejected('iat')
+    const { email, email_verified: emailVerified, sub, sid } = payload as JWTPayload & Record<string, unknown>
+    if (typeof email !== 'string' || email.length > 254 || !email.includes('@')) throw new Rejected('email')
+    if (emailVerified !== true) throw new Rejected('email_verified')
+    if (typeof sub !== 'string' || sub === '') throw new Rejected('sub')
+    return { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null }
+  }
+
+  return { verify }
+}
+
+class Rejected extends Error {
+  readonly reason: string
+  constructor (reason: string) {
+    super(`ID token refused: ${reason}`)
+    this.name = 'Rejected'
+    this.reason = reason
+  }
+}
+
+function reasonOf (error: unknown): string {
+  if (error instanceof Rejected) return error.reason
+  if (error instanceof errors.JOSEError) return error.code
+  /* c8 ignore next -- jose throws only JOSEErrors for a bad token; kept for the unexpected */
+  return error instanceof Error ? error.name : 'unknown'
+}
+
+function causeName (cause: unknown): string | undefined {
+  if (!(cause instanceof Error)) return undefined
+  const code = (cause as NodeJS.ErrnoException).code
+  return code ?? cause.name
+}

@@ -1,0 +1,101 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { sessionRequired } from '../errors.js'
+import { SESSION_COOKIE } from './cookie.js'
+import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
+import { createPatientRef } from './patient-ref.js'
+import { createSessionStore, isWellFormedToken, type Session, type SessionStore } from './session-store.js'
+
+export { createPatientRef } from './patient-ref.js'
+
+export type AuthMode = 'required' | 'optional'
+export type SessionTransport = 'bearer' | 'cookie'
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Resolve the session before the handler: `required` answers 401 without one. */
+    auth?: AuthMode
+  }
+  interface FastifyInstance {
+    sessions: SessionStore
+    idTokenVerifier: IdTokenVerifier
+    /** Keyed hash of a patient's email for log lines (never the email itself). */
+    patientRef: (email: string) => string
+  }
+  interface FastifyRequest {
+    session: Session | null
+    /** How the session arrived: cookie sessions need the CSRF check, bearer ones cannot be forged cross-site. */
+    sessionTransport: SessionTransport | null
+  }
+}
+
+declare module '../app.js' {
+  interface AppOverrides {
+    /** jose's JWKS refetch cooldown after an unknown `kid` (30 s); tests shorten it. */
+    jwksCooldownMs?: number
+  }
+}
+
+export interface AuthPluginOptions {
+  now?: () => number
+  jwksCooldownMs?: number
+}
+
+const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i
+
+/**
+ * The session token of a request: the Authorization header when it carries a bearer, else the
+ * cookie. A bearer header that is present wins even when it is bad, so a request never silently
+ * falls back to the ambient cookie (and to the cookie's weaker, CSRF-exposed transport).
+ */
+function presentedToken (request: FastifyRequest): { token: string, transport: SessionTransport } | null {
+  const authorization = request.headers.authorization
+  if (typeof authorization === 'string' && /^bearer(?:[ \t]|$)/i.test(authorization)) {
+    return { token: BEARER.exec(authorization)?.[1] ?? '', transport: 'bearer' }
+  }
+  // request.cookies exists once the cookie plugin (web sign-in) is registered.
+  const cookies = (request as { cookies?: Record<string, string | undefined> }).cookies
+  const cookie = cookies?.[SESSION_COOKIE]
+  if (typeof cookie === 'string') return { token: cookie, transport: 'cookie' }
+  return null
+}
+
+async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<void> {
+  const { config } = app
+  const sessions = createSessionStore(app.sharedState, {
+    idleTtlMs: config.sessions.idleTtlMs,
+    absoluteTtlMs: config.sessions.absoluteTtlMs,
+    ...(options.now === undefined ? {} : { now: options.now })
+  })
+  app.decorate('sessions', sessions)
+  app.decorate('idTokenVerifier', createIdTokenVerifier({
+    issuer: config.oidc.issuer,
+    audiences: config.oidc.audiences,
+    log: app.log,
+    ...(options.now === undefined ? {} : { now: options.now }),
+    ...(options.jwksCooldownMs === undefined ? {} : { jwksCooldownMs: options.jwksCooldownMs })
+  }))
+  app.decorate('patientRef', createPatientRef(config.care360.apiKey))
+  app.decorateRequest('session', null)
+  app.decorateRequest('sessionTransport', null)
+
+  app.addHook('onRequest', async function resolveSession (request) {
+    const mode = request.routeOptions.config.auth
+    if (mode === undefined) return
+    const presented = presentedToken(request)
+    // Malformed tokens never reach the store: no lookup an attacker can drive with junk.
+    const session = presented !== null && isWellFormedToken(presented.token)
+      ? await sessions.get(presented.token)
+      : null
+    if (session === null) {
+      // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
+      if (mode !== 'optional') throw sessionRequired()
+      return
+    }
+    request.session = session
+    request.sessionTransport = (presented as { transport: SessionTransport }).transport
+    request.log = request.log.child({ patient: app.patientRef(session.email) })
+  })
+}
+
+export const authPlugin = fp(auth, { name: 'auth', fastify: '5.x', dependencies: ['answers'] })

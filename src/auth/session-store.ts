@@ -1,0 +1,404 @@
+import { createHash, randomBytes } from 'node:crypto'
+import type { Redis } from 'ioredis'
+import { ApiError, ErrorCode } from '../errors.js'
+import type { SharedState } from '../state/redis.js'
+
+/**
+ * Server-side sessions. The client holds an opaque random token; the store holds only its SHA-256
+ * (a stolen store dump or a log of keys never yields a usable token) and enforces both lifetimes
+ * itself, so a session never outlives its policy even if a Redis TTL is changed by hand.
+ */
+
+export type SessionMethod = 'mobile' | 'web'
+
+export interface NewSession {
+  email: string
+  subject: string
+  issuer: string
+  method: SessionMethod
+  idpSessionId: string | null
+  /** Kept only for the web end-session `id_token_hint`; never sent to the client. */
+  idToken?: string | null
+}
+
+export interface Session {
+  /** sha256(token), base64url: the store key, never the token. */
+  id: string
+  email: string
+  subject: string
+  issuer: string
+  method: SessionMethod
+  idpSessionId: string | null
+  idToken: string | null
+  createdAt: number
+  lastSeenAt: number
+  absoluteExpiresAt: number
+  /** min(idle, absolute) expiry, ms epoch. */
+  expiresAt: number
+}
+
+export interface SessionStore {
+  create: (input: NewSession) => Promise<{ token: string, session: Session }>
+  /** Null for a malformed, unknown, revoked or expired token. Slides the idle expiry. */
+  get: (token: string) => Promise<Session | null>
+  revoke: (token: string) => Promise<void>
+  /** Ends the session whose id (never its token) the caller holds, e.g. `request.session.id`. */
+  revokeById: (id: string) => Promise<void>
+  /** For OIDC back-channel logout: every session of that subject at that issuer. */
+  revokeBySubject: (issuer: string, subject: string) => Promise<number>
+  revokeByIdpSession: (issuer: string, sid: string) => Promise<number>
+}
+
+export interface SessionStoreOptions {
+  idleTtlMs: number
+  absoluteTtlMs: number
+  now?: () => number
+  /** Redis key prefix. */
+  prefix?: string
+  /** Memory store: how often expired entries are swept (on the next create). */
+  sweepEveryMs?: number
+}
+
+/** 32 random bytes in base64url, unpadded: exactly 43 characters of this alphabet. */
+const TOKEN_SHAPE = /^[A-Za-z0-9_-]{43}$/
+
+export function isWellFormedToken (token: string): boolean {
+  // Canonical encoding only (the last character carries 2 spare bits): one token, one spelling.
+  return TOKEN_SHAPE.test(token) && Buffer.from(token, 'base64url').toString('base64url') === token
+}
+
+export function sessionIdOf (token: string): string {
+  return createHash('sha256').update(token).digest('base64url')
+}
+
+function newToken (): string {
+  return randomBytes(32).toString('base64url')
+}
+
+/** Index keys name the subject and IdP session by hash: no identifiers of patients in key names. */
+function indexKey (issuer: string, value: string): string {
+  return createHash('sha256').update(issuer).update('\0').update(value).digest('base64url')
+}
+
+/** Writes of lastSeenAt are skipped while recent: no store write on every request. */
+function touchEveryMs (idleTtlMs: number): number {
+  return Math.min(60_000, Math.floor(idleTtlMs / 10))
+}
+
+interface SessionRecord extends Omit<Session, 'expiresAt'> {}
+
+function withExpiry (record: SessionRecord, idleTtlMs: number): Session {
+  return { ...record, expiresAt: Math.min(record.lastSeenAt + idleTtlMs, record.absoluteExpiresAt) }
+}
+
+function isLive (record: SessionRecord, idleTtlMs: number, at: number): boolean {
+  return at < record.absoluteExpiresAt && at < record.lastSeenAt + idleTtlMs
+}
+
+function newRecord (id: string, input: NewSession, at: number, absoluteTtlMs: number): SessionRecord {
+  return {
+    id,
+    email: input.email,
+    subject: input.subject,
+    issuer: input.issuer,
+    method: input.method,
+    idpSessionId: input.idpSessionId,
+    idToken: input.idToken ?? null,
+    createdAt: at,
+    lastSeenAt: at,
+    absoluteExpiresAt: at + absoluteTtlMs
+  }
+}
+
+/** One process, no Redis. Expired entries are swept lazily on create, so memory stays bounded. */
+export class MemorySessionStore implements SessionStore {
+  readonly #sessions = new Map<string, SessionRecord>()
+  readonly #bySubject = new Map<string, Set<string>>()
+  readonly #byIdpSession = new Map<string, Set<string>>()
+  readonly #idleTtlMs: number
+  readonly #absoluteTtlMs: number
+  readonly #now: () => number
+  readonly #sweepEveryMs: number
+  #lastSweep: number
+
+  constructor (options: SessionStoreOptions) {
+    this.#idleTtlMs = options.idleTtlMs
+    this.#absoluteTtlMs = options.absoluteTtlMs
+    this.#now = options.now ?? Date.now
+    this.#sweepEveryMs = options.sweepEveryMs ?? 60_000
+    this.#lastSweep = this.#now()
+  }
+
+  /** How many sessions are held, expired or not (tests check that sweeping bounds it). */
+  get size (): number {
+    return this.#sessions.size
+  }
+
+  async create (input: NewSession): Promise<{ token: string, session: Session }> {
+    const at = this.#now()
+    if (at - this.#lastSweep >= this.#sweepEveryMs) this.sweep()
+    const token = newToken()
+    const record = newRecord(sessionIdOf(token), input, at, this.#absoluteTtlMs)
+    this.#sessions.set(record.id, record)
+    addToIndex(this.#bySubject, indexKey(record.issuer, record.subject), record.id)
+    if (record.idpSessionId !== null) addToIndex(this.#byIdpSession, indexKey(record.issuer, record.idpSessionId), record.id)
+    return { token, session: withExpiry(record, this.#idleTtlMs) }
+  }
+
+  async get (token: string): Promise<Session | null> {
+    if (!isWellFormedToken(token)) return null
+    const record = this.#sessions.get(sessionIdOf(token))
+    if (record === undefined) return null
+    const at = this.#now()
+    if (!isLive(record, this.#idleTtlMs, at)) {
+      this.#delete(record.id)
+      return null
+    }
+    if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) record.lastSeenAt = at
+    return withExpiry(record, this.#idleTtlMs)
+  }
+
+  async revoke (token: string): Promise<void> {
+    if (isWellFormedToken(token)) this.#delete(sessionIdOf(token))
+  }
+
+  async revokeById (id: string): Promise<void> {
+    this.#delete(id)
+  }
+
+  async revokeBySubject (issuer: string, subject: string): Promise<number> {
+    return this.#revokeIndexed(this.#bySubject, indexKey(issuer, subject))
+  }
+
+  async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
+    return this.#revokeIndexed(this.#byIdpSession, indexKey(issuer, sid))
+  }
+
+  /** Drops every expired session. */
+  sweep (): void {
+    const at = this.#now()
+    this.#lastSweep = at
+    for (const record of this.#sessions.values()) {
+      if (!isLive(record, this.#idleTtlMs, at)) this.#delete(record.id)
+    }
+  }
+
+  #revokeIndexed (index: Map<string, Set<string>>, key: string): number {
+    const ids = index.get(key)
+    if (ids === undefined) return 0
+    const at = this.#now()
+    let count = 0
+    for (const id of [...ids]) {
+      const record = this.#sessions.get(id)
+      if (record !== undefined && isLive(record, this.#idleTtlMs, at)) count++
+      this.#delete(id)
+    }
+    return count
+  }
+
+  #delete (id: string): void {
+    const record = this.#sessions.get(id)
+    if (record === undefined) return
+    this.#sessions.delete(id)
+    removeFromIndex(this.#bySubject, indexKey(record.issuer, record.subject), id)
+    if (record.idpSessionId !== null) removeFromIndex(this.#byIdpSession, indexKey(record.issuer, record.idpSessionId), id)
+  }
+}
+
+function addToIndex (index: Map<string, Set<string>>, key: string, id: string): void {
+  const ids = index.get(key)
+  if (ids === undefined) index.set(key, new Set([id]))
+  else ids.add(id)
+}
+
+function removeFromIndex (index: Map<string, Set<string>>, key: string, id: string): void {
+  // Every held session is in its indexes (added on create, removed only here).
+  const ids = index.get(key) as Set<string>
+  ids.delete(id)
+  if (ids.size === 0) index.delete(key)
+}
+
+/**
+ * Slides the idle expiry only if the session still exists: a plain HSET racing a revoke on another
+ * replica would recreate a half session.
+ */
+const TOUCH_SCRIPT = `
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0`
+
+/**
+ * Shared by every replica. A hash per session (`<prefix>s:<id>`), with index sets by subject and
+ * by IdP session (`<prefix>sub:<hash>`, `<prefix>sid:<hash>`) for back-channel logout. Every key
+ * carries a PEXPIRE so that Redis cleans up after us; index sets live as long as the newest member
+ * can, so they stay bounded to the sessions of one absolute lifetime.
+ */
+export class RedisSessionStore implements SessionStore {
+  readonly #redis: Redis
+  readonly #idleTtlMs: number
+  readonly #absoluteTtlMs: number
+  readonly #now: () => number
+  readonly #prefix: string
+
+  constructor (redis: Redis, options: SessionStoreOptions) {
+    this.#redis = redis
+    this.#idleTtlMs = options.idleTtlMs
+    this.#absoluteTtlMs = options.absoluteTtlMs
+    this.#now = options.now ?? Date.now
+    this.#prefix = options.prefix ?? 'bff:session:'
+  }
+
+  async create (input: NewSession): Promise<{ token: string, session: Session }> {
+    const at = this.#now()
+    const token = newToken()
+    const record = newRecord(sessionIdOf(token), input, at, this.#absoluteTtlMs)
+    const key = this.#sessionKey(record.id)
+    const subjectKey = `${this.#prefix}sub:${indexKey(record.issuer, record.subject)}`
+    const multi = this.#redis.multi()
+      .hset(key, encode(record))
+      .pexpire(key, Math.min(this.#idleTtlMs, this.#absoluteTtlMs))
+      .sadd(subjectKey, record.id)
+      .pexpire(subjectKey, this.#absoluteTtlMs)
+    if (record.idpSessionId !== null) {
+      const sidKey = `${this.#prefix}sid:${indexKey(record.issuer, record.idpSessionId)}`
+      multi.sadd(sidKey, record.id).pexpire(sidKey, this.#absoluteTtlMs)
+    }
+    await this.#run(async () => checkMulti(await multi.exec()))
+    return { token, session: withExpiry(record, this.#idleTtlMs) }
+  }
+
+  async get (token: string): Promise<Session | null> {
+    if (!isWellFormedToken(token)) return null
+    const key = this.#sessionKey(sessionIdOf(token))
+    const fields = await this.#run(() => this.#redis.hgetall(key))
+    const record = decode(sessionIdOf(token), fields)
+    if (record === null) return null
+    const at = this.#now()
+    if (!isLive(record, this.#idleTtlMs, at)) {
+      await this.#run(() => this.#redis.del(key))
+      return null
+    }
+    if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) {
+      record.lastSeenAt = at
+      const ttl = Math.min(this.#idleTtlMs, record.absoluteExpiresAt - at)
+      const touched = await this.#run(() => this.#redis.eval(TOUCH_SCRIPT, 1, key, String(at), String(ttl)))
+      // Revoked between our read and the touch: it is gone, and so is the answer.
+      if (touched !== 1) return null
+    }
+    return withExpiry(record, this.#idleTtlMs)
+  }
+
+  async revoke (token: string): Promise<void> {
+    if (isWellFormedToken(token)) await this.revokeById(sessionIdOf(token))
+  }
+
+  async revokeById (id: string): Promise<void> {
+    await this.#run(() => this.#redis.del(this.#sessionKey(id)))
+  }
+
+  async revokeBySubject (issuer: string, subject: string): Promise<number> {
+    return this.#revokeIndexed(`${this.#prefix}sub:${indexKey(issuer, subject)}`)
+  }
+
+  async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
+    return this.#revokeIndexed(`${this.#prefix}sid:${indexKey(issuer, sid)}`)
+  }
+
+  async #revokeIndexed (indexKeyName: string): Promise<number> {
+    const ids = await this.#run(() => this.#redis.smembers(indexKeyName))
+    if (ids.length === 0) return 0
+    // SREM of exactly the members read, not DEL of the set: a session created meanwhile keeps its
+    // index entry and stays revocable.
+    const results = await this.#run(async () => checkMulti(await this.#redis.multi()
+      .del(...ids.map((id) => this.#sessionKey(id)))
+      .srem(indexKeyName, ...ids)
+      .exec()))
+    return Number(results[0])
+  }
+
+  #sessionKey (id: string): string {
+    return `${this.#prefix}s:${id}`
+  }
+
+  /**
+   * Any Redis failure is a 503, never a fallback to memory: a session created or revoked in one
+   * process's memory would be unknown to the other replicas (sign-outs that do not hold, sign-ins
+   * that work only on one replica), which is worse than a short, honest outage. The client is
+   * built with a command timeout and no offline queue, so a failure arrives fast.
+   */
+  async #run<T> (operation: () => Promise<T>): Promise<T> {
+    try {
+      return await operation()
+    } catch (error) {
+      throw sessionStoreUnavailable(error)
+    }
+  }
+}
+
+export function sessionStoreUnavailable (cause: unknown): ApiError {
+  return new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Session store unavailable', { cause, headers: { 'retry-after': '1' } })
+}
+
+type MultiResult = Array<[Error | null, unknown]> | null
+
+function checkMulti (results: MultiResult): unknown[] {
+  /* c8 ignore next -- exec() answers null only when a WATCHed key changed; nothing is watched */
+  if (results === null) throw new Error('transaction aborted')
+  return results.map(([error, value]) => {
+    /* c8 ignore next -- per-command errors need a wrong-type key, which only this store writes */
+    if (error !== null) throw error
+    return value
+  })
+}
+
+function encode (record: SessionRecord): Record<string, string> {
+  const fields: Record<string, string> = {
+    email: record.email,
+    subject: record.subject,
+    issuer: record.issuer,
+    method: record.method,
+    createdAt: String(record.createdAt),
+    lastSeenAt: String(record.lastSeenAt),
+    absoluteExpiresAt: String(record.absoluteExpiresAt)
+  }
+  // Absent fields are null: an empty string could be a real value.
+  if (record.idpSessionId !== null) fields.idpSessionId = record.idpSessionId
+  if (record.idToken !== null) fields.idToken = record.idToken
+  return fields
+}
+
+/** Null unless every required field is there and well-typed (a partial hash is no session). */
+function decode (id: string, fields: Record<string, string>): SessionRecord | null {
+  const { email, subject, issuer, method } = fields
+  const createdAt = Number(fields.createdAt)
+  const lastSeenAt = Number(fields.lastSeenAt)
+  const absoluteExpiresAt = Number(fields.absoluteExpiresAt)
+  if (email === undefined || subject === undefined || issuer === undefined) return null
+  if (method !== 'mobile' && method !== 'web') return null
+  if (![createdAt, lastSeenAt, absoluteExpiresAt].every(Number.isFinite)) return null
+  return {
+    id,
+    email,
+    subject,
+    issuer,
+    method,
+    idpSessionId: fields.idpSessionId ?? null,
+    idToken: fields.idToken ?? null,
+    createdAt,
+    lastSeenAt,
+    absoluteExpiresAt
+  }
+}
+
+/**
+ * Redis when the service has one, memory otherwise. With Redis configured but down, the Redis
+ * store answers 503 (see RedisSessionStore#run) rather than switching to memory.
+ */
+export function createSessionStore (sharedState: Pick<SharedState, 'redis'>, options: SessionStoreOptions): SessionStore {
+  return sharedState.redis === null
+    ? new MemorySessionStore(options)
+    : new RedisSessionStore(sharedState.redis, options)
+}

@@ -1,0 +1,432 @@
+import type { IncomingHttpHeaders } from 'node:http'
+import { Pool, type Dispatcher } from 'undici'
+import { ApiError, ErrorCode, type ApiErrorOptions } from '../errors.js'
+
+/**
+ * The one module that talks to the Care360 Next API. The organization key is attached here and
+ * nowhere else, and every upstream outcome is mapped here to a row of the contract's answer table.
+ * It never logs: callers log the coded error it throws, whose messages never carry the key, the
+ * patient's email or the cancellation reason.
+ */
+
+export type UpstreamEndpoint = 'cancel' | 'list'
+
+/**
+ * The org budget and the shared cooldown, implemented elsewhere. `acquire` runs before every
+ * upstream call and may throw an ApiError (429 UPSTREAM_RATE_LIMITED) so that no call is made.
+ * `onRateLimited` hears about every upstream 429; it may return the cooldown it decided (in ms),
+ * which then becomes the client's Retry-After.
+ */
+export interface UpstreamGate {
+  acquire (endpoint: UpstreamEndpoint): Promise<void>
+  onRateLimited (retryAfterMs: number | null): Promise<number | undefined | void>
+}
+
+export const openGate: UpstreamGate = {
+  async acquire () {},
+  async onRateLimited () {}
+}
+
+export interface Care360ClientOptions {
+  /** Origin of the upstream, optionally with a path prefix. */
+  baseUrl: string
+  apiKey: string
+  /** Deadline of one upstream call, from dispatch to the last byte of the answer. */
+  timeoutMs: number
+  gate?: UpstreamGate
+  /** Answers larger than this are refused (502); default 64 KiB. */
+  maxBodyBytes?: number
+  /** Keep-alive sockets to the upstream; default 10. */
+  connections?: number
+}
+
+export interface CancelRequest {
+  email: string
+  appointmentId: string
+  reason?: string
+}
+
+export interface CallContext {
+  requestId: string
+}
+
+export interface CancelAnswer {
+  status: 200
+  success: true
+  message: string
+}
+
+/** An upcoming appointment, trimmed to what a patient app needs. */
+export interface Appointment {
+  id: string
+  agentEventId: string | null
+  title: string | null
+  topic: string | null
+  start: string | null
+  end: string | null
+  status: string | null
+  agentName: string | null
+}
+
+export interface Care360Client {
+  cancelAppointment (request: CancelRequest, context: CallContext): Promise<CancelAnswer>
+  fetchAppointments (email: string, context: CallContext): Promise<Appointment[]>
+  close (): Promise<void>
+}
+
+/**
+ * Whether the upstream may have acted on the request: `not-sent` (it never left this process, safe
+ * to say nothing happened), `unknown` (sent, but the answer was lost or late: a cancel may have
+ * happened) or `answered` (the upstream answered, whatever it said).
+ */
+export type UpstreamOutcome = 'not-sent' | 'unknown' | 'answered'
+
+export interface UpstreamErrorOptions extends ApiErrorOptions {
+  outcome: UpstreamOutcome
+  upstreamStatus: number | null
+}
+
+export class UpstreamError extends ApiError {
+  readonly outcome: UpstreamOutcome
+  readonly upstreamStatus: number | null
+
+  constructor (statusCode: number, code: ErrorCode, message: string, options: UpstreamErrorOptions) {
+    super(statusCode, code, message, options)
+    this.name = 'UpstreamError'
+    this.outcome = options.outcome
+    this.upstreamStatus = options.upstreamStatus
+  }
+}
+
+const DEFAULT_MAX_BODY_BYTES = 64 * 1024
+const MAX_RETRY_AFTER_MS = 10 * 60_000
+const MAX_TEXT = 300
+const CANCEL_PATH = '/api/v1/calendar/appointments/cancel'
+const LIST_PATH = '/api/v1/calendar/appointments'
+
+/** Raised (as a cause) when the upstream answers more than maxBodyBytes. */
+class BodyTooLargeError extends Error {
+  readonly code = 'CARE360_BODY_TOO_LARGE'
+}
+
+/** Raised (as a cause) when our own deadline passes. */
+class DeadlineError extends Error {
+  readonly code = 'CARE360_DEADLINE'
+}
+
+interface Answer {
+  status: number
+  headers: IncomingHttpHeaders
+  body: Buffer
+}
+
+/**
+ * Failure of one exchange. `sent` is true once undici handed the request to a connected socket
+ * (onRequestStart fires in writeH1 right before the first byte is written); any error before that
+ * (refused, DNS, TLS, connect timeout, waiting for a free socket) means the upstream never saw it.
+ */
+class ExchangeError extends Error {
+  readonly sent: boolean
+  readonly timedOut: boolean
+  /** The answer's status when its headers had arrived, else null. */
+  readonly status: number | null
+  constructor (cause: Error, sent: boolean, timedOut: boolean, status: number | null) {
+    super('upstream exchange failed', { cause })
+    this.sent = sent
+    this.timedOut = timedOut
+    this.status = status
+  }
+}
+
+// undici's own deadlines are a safety net behind ours; they mean the same thing.
+const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
+
+/**
+ * One request through the pool with a raw dispatch handler: it lets us see whether the request
+ * reached a socket, cap the body while it streams, and abort on our deadline. Every path ends by
+ * reading the body to the end (socket back to the pool) or aborting (socket destroyed).
+ */
+function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: number, maxBodyBytes: number): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    let controller: Dispatcher.DispatchController | null = null
+    let settled = false
+    let status = 0
+    let headers: IncomingHttpHeaders = {}
+    const chunks: Buffer[] = []
+    let size = 0
+
+    function fail (error: Error, timedOut = false): void {
+      if (settled) return
+      settled = true
+      clearTimeout(timer)
+      reject(new ExchangeError(error, controller !== null, timedOut, status === 0 ? null : status))
+      controller?.abort(error)
+    }
+
+    const timer = setTimeout(function onDeadline () {
+      fail(new DeadlineError(`no complete answer within ${timeoutMs} ms`), true)
+    }, timeoutMs)
+
+    const handler: Dispatcher.DispatchHandler = {
+      onRequestStart (ctrl) {
+        // Our deadline passed while the request waited for a socket: it must never be written.
+        if (settled) {
+          ctrl.abort(new DeadlineError('deadline passed before sending'))
+          return
+        }
+        controller = ctrl
+      },
+      onResponseStart (_ctrl, statusCode, responseHeaders) {
+        status = statusCode
+        headers = responseHeaders
+        const declared = Number(responseHeaders['content-length'])
+        if (declared > maxBodyBytes) fail(new BodyTooLargeError(`declared body of ${declared} bytes`))
+      },
+      onResponseData (_ctrl, chunk) {
+        size += chunk.length
+        if (size > maxBodyBytes) {
+          fail(new BodyTooLargeError(`body over ${maxBodyBytes} bytes`))
+          return
+        }
+        chunks.push(chunk)
+      },
+      onResponseEnd () {
+        /* c8 ignore next -- an abort after settling ends with onResponseError, not here */
+        if (settled) return
+        settled = true
+        clearTimeout(timer)
+        resolve({ status, headers, body: Buffer.concat(chunks) })
+      },
+      onResponseError (_ctrl, error) {
+        const timedOut = TIMEOUT_CODES.has(String((error as NodeJS.ErrnoException).code))
+        fail(error, timedOut)
+      }
+    }
+    pool.dispatch(options, handler)
+  })
+}
+
+/** Retry-After as seconds or HTTP-date (RFC 9110 §10.2.3), in ms, clamped; null when unusable. */
+export function parseRetryAfter (value: string | string[] | undefined, now = Date.now()): number | null {
+  const text = (Array.isArray(value) ? value[0] : value)?.trim()
+  if (text === undefined || text === '') return null
+  let ms: number
+  if (/^[0-9]+$/.test(text)) {
+    ms = Number(text) * 1000
+  } else if (/[a-z]/i.test(text)) {
+    // Date.parse also reads bare numbers as years; only text that looks like a date gets here.
+    const at = Date.parse(text)
+    if (Number.isNaN(at)) return null
+    ms = at - now
+  } else {
+    return null
+  }
+  return Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms))
+}
+
+// C0, DEL and C1 controls, plus bidi overrides that could disguise a message in a client's UI.
+const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g // eslint-disable-line no-control-regex
+
+/**
+ * Upstream text made safe to pass to a client and into logs: known secrets and personal data
+ * (the key, the patient's email, the reason) removed, controls stripped, length capped.
+ */
+function safeText (value: unknown, secrets: Array<string | undefined>): string | undefined {
+  if (typeof value !== 'string') return undefined
+  let text = value.replace(UNSAFE, '')
+  for (const secret of secrets) {
+    if (secret === undefined || secret === '') continue
+    text = text.replace(new RegExp(secret.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'), 'gi'), '[redacted]')
+  }
+  text = text.trim()
+  if (text === '') return undefined
+  const chars = Array.from(text)
+  return chars.length > MAX_TEXT ? `${chars.slice(0, MAX_TEXT - 1).join('')}…` : text
+}
+
+type Envelope = Record<string, unknown>
+
+function parseEnvelope (body: Buffer): Envelope | null {
+  try {
+    const value: unknown = JSON.parse(body.toString('utf8'))
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? value as Envelope : null
+  } catch {
+    return null
+  }
+}
+
+function stringOrNull (value: unknown): string | null {
+  return typeof value === 'string' ? value : null
+}
+
+function toAppointment (item: unknown): Appointment | null {
+  if (typeof item !== 'object' || item === null) return null
+  const raw = item as Record<string, unknown>
+  if (typeof raw.id !== 'string' || raw.id === '') return null
+  return {
+    id: raw.id,
+    agentEventId: stringOrNull(raw.agentEventId),
+    title: stringOrNull(raw.title),
+    topic: stringOrNull(raw.topic),
+    // The vendor's pages disagree on these names (start/end here, *DateTime in webhooks).
+    start: stringOrNull(raw.start) ?? stringOrNull(raw.startDateTime),
+    end: stringOrNull(raw.end) ?? stringOrNull(raw.endDateTime),
+    status: stringOrNull(raw.status),
+    agentName: stringOrNull(raw.agentName)
+  }
+}
+
+function unexpected (status: number, why: string): UpstreamError {
+  return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, 'The appointment service gave an unexpected answer', {
+    outcome: 'answered',
+    upstreamStatus: status,
+    cause: new Error(`Care360 answered HTTP ${status}: ${why}`)
+  })
+}
+
+function transportError (error: ExchangeError, method: string): UpstreamError {
+  const cause = error.cause
+  if (!error.sent) {
+    if (error.timedOut) {
+      return new UpstreamError(504, ErrorCode.UPSTREAM_TIMEOUT, 'The appointment service did not answer in time', {
+        outcome: 'not-sent', upstreamStatus: null, cause
+      })
+    }
+    return new UpstreamError(502, ErrorCode.UPSTREAM_UNAVAILABLE, 'The appointment service could not be reached', {
+      outcome: 'not-sent', upstreamStatus: null, cause
+    })
+  }
+  if (cause instanceof BodyTooLargeError) return unexpected(error.status as number, cause.message)
+  // A cancel that was sent may have happened; say so rather than guess.
+  const unknown = method === 'POST' ? '; whether the change was applied is unknown' : ''
+  if (error.timedOut) {
+    return new UpstreamError(504, ErrorCode.UPSTREAM_TIMEOUT, `The appointment service did not answer in time${unknown}`, {
+      outcome: 'unknown', upstreamStatus: null, cause
+    })
+  }
+  return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, `The connection to the appointment service was lost${unknown}`, {
+    outcome: 'unknown', upstreamStatus: null, cause
+  })
+}
+
+export function createCare360Client (options: Care360ClientOptions): Care360Client {
+  const base = new URL(options.baseUrl)
+  const prefix = base.pathname.replace(/\/+$/, '')
+  const gate = options.gate ?? openGate
+  const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES
+  const { apiKey, timeoutMs } = options
+  let closing: Promise<void> | null = null
+  const pool = new Pool(base.origin, {
+    connections: options.connections ?? 10,
+    pipelining: 1,
+    // Half the deadline for TCP + TLS: an upstream that cannot be reached answers "unavailable"
+    // (never sent) instead of running into the overall deadline.
+    connect: { timeout: Math.max(1, Math.ceil(timeoutMs / 2)) },
+    headersTimeout: timeoutMs,
+    bodyTimeout: timeoutMs
+  })
+
+  async function call (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>): Promise<{ status: number, envelope: Envelope | null }> {
+    await gate.acquire(endpoint)
+    let answer: Answer
+    try {
+      answer = await exchange(pool, request, timeoutMs, maxBodyBytes)
+    } catch (error) {
+      throw transportError(error as ExchangeError, request.method)
+    }
+    const { status, headers } = answer
+    const envelope = parseEnvelope(answer.body)
+    if (status === 200 || status === 404) return { status, envelope }
+    if (status === 400) {
+      if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
+      throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
+        safeText(envelope.message, secrets) ?? 'The appointment service rejected the request', {
+          outcome: 'answered',
+          upstreamStatus: status,
+          detail: safeText(envelope.error, secrets),
+          cause: new Error('Care360 answered HTTP 400')
+        })
+    }
+    if (status === 401) {
+      // Our organization key was refused: an operator's problem, never the patient's.
+      throw new UpstreamError(502, ErrorCode.UPSTREAM_AUTH_FAILED, 'The appointment service is not available right now (service configuration problem)', {
+        outcome: 'answered', upstreamStatus: status, cause: new Error('Care360 refused the organization key (HTTP 401)')
+      })
+    }
+    if (status === 429) {
+      const retryAfterMs = parseRetryAfter(headers['retry-after'])
+      let cooldownMs: number | null = retryAfterMs
+      try {
+        const decided = await gate.onRateLimited(retryAfterMs)
+        if (typeof decided === 'number') cooldownMs = decided
+      } catch {
+        // The client's answer is a 429 either way; a gate that cannot record the cooldown must not
+        // turn it into a 500.
+      }
+      const seconds = Math.max(1, Math.ceil((cooldownMs ?? 0) / 1000))
+      throw new UpstreamError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
+        outcome: 'answered', upstreamStatus: status, headers: { 'Retry-After': String(seconds) }, cause: new Error('Care360 answered HTTP 429')
+      })
+    }
+    throw unexpected(status, status >= 500 ? 'server error' : 'status not in its documentation')
+  }
+
+  function baseHeaders (context: CallContext): Record<string, string> {
+    return { 'cv-api-key': apiKey, 'x-request-id': context.requestId }
+  }
+
+  return {
+    async cancelAppointment ({ email, appointmentId, reason }, context) {
+      const payload: CancelRequest = { email, appointmentId }
+      if (reason !== undefined) payload.reason = reason
+      // Never retried: a cancel whose answer was lost may have happened.
+      const { status, envelope } = await call('cancel', {
+        method: 'POST',
+        path: `${prefix}${CANCEL_PATH}`,
+        headers: { ...baseHeaders(context), 'content-type': 'application/json' },
+        body: JSON.stringify(payload),
+        idempotent: false
+      }, [apiKey, email, reason])
+      if (status !== 200) throw unexpected(status, 'status not in its documentation')
+      if (envelope === null) throw unexpected(status, 'body is not a JSON object')
+      if (envelope.success === false) throw unexpected(status, 'success is false')
+      return {
+        status: 200,
+        success: true,
+        message: safeText(envelope.message, [apiKey, email, reason]) ?? 'Appointment cancelled'
+      }
+    },
+
+    // Not retried either: undici already validates an idle keep-alive socket before reusing it,
+    // so a stale-socket failure is rare, and a retry would draw from the org budget twice and
+    // double the worst-case latency of a patient's screen. A failed list is a 502 the app retries.
+    async fetchAppointments (email, context) {
+      const query = new URLSearchParams({ user_email: email })
+      const { status, envelope } = await call('list', {
+        method: 'GET',
+        path: `${prefix}${LIST_PATH}?${query.toString()}`,
+        headers: baseHeaders(context)
+      }, [apiKey, email])
+      if (envelope === null) throw unexpected(status, 'body is not a JSON object')
+      // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that
+      // is not its envelope (a wrong base path) stays an error rather than an empty list.
+      if (status === 404) {
+        if (envelope.success === false) return []
+        throw unexpected(status, 'a 404 without the upstream envelope')
+      }
+      if (envelope.success === false) throw unexpected(status, 'success is false')
+      if (!Array.isArray(envelope.data)) throw unexpected(status, 'data is not a list')
+      const appointments: Appointment[] = []
+      for (const item of envelope.data) {
+        const appointment = toAppointment(item)
+        if (appointment !== null) appointments.push(appointment)
+      }
+      return appointments
+    },
+
+    async close () {
+      if (closing === null) closing = pool.close()
+      await closing
+    }
+  }
+}

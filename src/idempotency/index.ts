@@ -1,0 +1,193 @@
+import { createHash } from 'node:crypto'
+import { ApiError, ErrorCode } from '../errors.js'
+import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
+import { createSingleFlight, errorSummary, inFlightError, quietly, silentLog, type WarnLog } from './single-flight.js'
+import type { IdempotencyStore } from './store.js'
+
+export type { Answer, Attempt, Run } from './settle.js'
+export type { WarnLog } from './single-flight.js'
+export { createMemoryIdempotencyStore, createRedisIdempotencyStore, idempotencyStoreFor, IdempotencyStoreError, type IdempotencyStore } from './store.js'
+
+/**
+ * Cancels made safe to retry: `Idempotency-Key` replays, mismatches and in-flight answers
+ * (draft-ietf-httpapi-idempotency-key-header), unknown outcomes resolved from the upstream's own
+ * state, and single flight for identical cancels sent without a key.
+ */
+
+export const REPLAY_TTL_MS = 24 * 60 * 60 * 1000
+export const REPLAYED_HEADER = 'idempotent-replayed'
+
+/**
+ * How long a request may hold its key before it is presumed dead: up to three upstream calls, each
+ * bounded by the upstream deadline (resolving an unknown outcome's Fetch Appointments, the
+ * ownership check's, the cancel), plus a margin. Shorter would let a retry take over from a
+ * request still running and send the cancel twice.
+ */
+export function inFlightTtlFor (upstreamTimeoutMs: number): number {
+  return 3 * upstreamTimeoutMs + 2000
+}
+
+// The contract: 1 to 255 visible ASCII characters (RFC 5234 VCHAR), kept as the client sent them.
+const KEY_SYNTAX = /^[\x21-\x7e]{1,255}$/
+
+/**
+ * The `Idempotency-Key` header, checked before anything else of step 5: the key, undefined when
+ * absent, or a 400. A repeated header (an array, or Node's comma-joined text) is refused too.
+ */
+export function parseIdempotencyKey (value: string | string[] | undefined): string | undefined {
+  if (value === undefined) return undefined
+  if (typeof value === 'string' && KEY_SYNTAX.test(value)) return value
+  throw new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Idempotency-Key must be 1 to 255 visible ASCII characters')
+}
+
+/**
+ * What makes two cancels the same request: the appointment (UUIDs compare case-insensitively) and
+ * the reason, where an absent reason differs from every present one, the empty string included.
+ */
+export function requestFingerprint (appointmentId: string, reason: string | undefined): string {
+  const reasonPart = reason === undefined ? 'absent' : `present\0${reason}`
+  return createHash('sha256').update(`cancel\0${appointmentId.toLowerCase()}\0${reasonPart}`).digest('hex')
+}
+
+// Bound to the scope (itself a keyed hash of the patient) before it is stored, so that a stored
+// fingerprint cannot be tested against guessed reasons by whoever reads the store.
+function scopedFingerprint (scope: string, fingerprint: string): string {
+  return createHash('sha256').update(`${scope}\0${fingerprint}`).digest('hex')
+}
+
+export interface HandleInput {
+  /** Opaque patient scope, e.g. a keyed hash of the session's email; never the email itself. */
+  scope: string
+  /** From `parseIdempotencyKey`. */
+  key: string | undefined
+  appointmentId: string
+  reason: string | undefined
+  /** Everything from the ownership check on; the upstream cancel goes through `attempt.send`. */
+  run: Run
+  /** Fetch Appointments for the patient: absent means the earlier cancel took effect. */
+  resolveUnknown: () => Promise<'cancelled' | 'not-cancelled'>
+  /** The request's logger, for store failures. */
+  log?: WarnLog
+}
+
+export interface HandleResult {
+  answer: Answer
+  /** A stored answer of an earlier request with this key (carries `idempotent-replayed: true`). */
+  replayed: boolean
+}
+
+export interface IdempotencyOptions {
+  store: IdempotencyStore
+  /** See `inFlightTtlFor`. */
+  inFlightTtlMs: number
+  replayTtlMs?: number
+  /** Single flight of key-less cancels (see single-flight.ts). */
+  shareTtlMs?: number
+  followerWaitMs?: number
+  pollMs?: number
+  log?: WarnLog
+}
+
+export interface Idempotency {
+  handle: (input: HandleInput) => Promise<HandleResult>
+}
+
+const CONFIRMED: Answer = {
+  statusCode: 200,
+  body: { status: 200, success: true, message: 'Appointment cancelled (confirmed: an earlier request with this Idempotency-Key took effect)' }
+}
+
+function storeUnavailable (cause: unknown): ApiError {
+  return new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Cannot check the Idempotency-Key right now; retry later', {
+    cause, headers: { 'Retry-After': '2' }
+  })
+}
+
+export function createIdempotency (options: IdempotencyOptions): Idempotency {
+  const { store, inFlightTtlMs } = options
+  const replayTtlMs = options.replayTtlMs ?? REPLAY_TTL_MS
+  const defaultLog = options.log ?? silentLog
+  const singleFlight = createSingleFlight({
+    store,
+    inFlightTtlMs,
+    shareTtlMs: options.shareTtlMs,
+    waitMs: options.followerWaitMs,
+    pollMs: options.pollMs,
+    log: defaultLog
+  })
+
+  async function record (scope: string, key: string, token: string, settlement: Settlement, log: WarnLog): Promise<void> {
+    if (settlement.action === 'store') await quietly(store.complete(scope, key, token, settlement.answer, replayTtlMs), log)
+    else if (settlement.action === 'release') await quietly(store.release(scope, key, token), log)
+    else await quietly(store.markUnknown(scope, key, token, replayTtlMs), log)
+    // A failed write leaves the record in flight with our token; once that marker expires the next
+    // retry resolves the outcome from the upstream, so a lost write never leads to a blind re-send.
+  }
+
+  /** Runs the cancel under our token and records what became of it. */
+  async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<HandleResult> {
+    const { attempt, sendStarted } = tracked()
+    let answer: Answer
+    try {
+      answer = await run(attempt)
+    } catch (error) {
+      await record(scope, key, token, settleError(error, sendStarted()), log)
+      throw error
+    }
+    await record(scope, key, token, settleAnswer(answer), log)
+    return { answer, replayed: false }
+  }
+
+  /**
+   * An earlier attempt may have cancelled: ask the upstream rather than guess. We hold the token,
+   * so a concurrent retry gets 409 and cannot send a second cancel meanwhile.
+   */
+  async function resolve (scope: string, key: string, token: string, input: HandleInput, log: WarnLog): Promise<HandleResult> {
+    let state: 'cancelled' | 'not-cancelled'
+    try {
+      state = await input.resolveUnknown()
+    } catch (error) {
+      // Still unknown: keep it so, for the next retry.
+      await quietly(store.markUnknown(scope, key, token, replayTtlMs), log)
+      throw error
+    }
+    if (state === 'not-cancelled') return await owned(scope, key, token, input.run, log)
+    await quietly(store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
+    return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, replayed: false }
+  }
+
+  return {
+    async handle (input) {
+      const log = input.log ?? defaultLog
+      const fingerprint = scopedFingerprint(input.scope, requestFingerprint(input.appointmentId, input.reason))
+      if (input.key === undefined) {
+        const { answer } = await singleFlight.runOnce(input.scope, fingerprint, input.run, log)
+        return { answer, replayed: false }
+      }
+      const { scope } = input
+      const key = `key\0${input.key}`
+      let begun
+      try {
+        begun = await store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs })
+      } catch (error) {
+        // Safety first: without the store we cannot tell a retry from a first request, and
+        // proceeding could send a second cancel for a key the client meant to be sent once.
+        // A 503 with Retry-After costs the patient a retry; a double cancel cannot be undone.
+        log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
+        throw storeUnavailable(error)
+      }
+      switch (begun.kind) {
+        case 'replay':
+          return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, replayed: true }
+        case 'mismatch':
+          throw new ApiError(422, ErrorCode.IDEMPOTENCY_MISMATCH, 'This Idempotency-Key was used with another appointment or reason')
+        case 'in-flight':
+          throw inFlightError(begun.retryAfterMs, 'A request with this Idempotency-Key is still in progress; retry later')
+        case 'started':
+          return await owned(scope, key, begun.token, input.run, log)
+        default:
+          return await resolve(scope, key, begun.token, input, log)
+      }
+    }
+  }
+}

@@ -1,0 +1,304 @@
+import { createHash, randomUUID } from 'node:crypto'
+import type { Redis } from 'ioredis'
+import type { SharedState } from '../state/redis.js'
+
+/**
+ * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
+ *
+ * - in flight: someone owns it (a random token) until `until`; after that the owner is presumed
+ *   dead (a replica killed mid-request) and the next `begin` takes it over as an unknown outcome,
+ *   because the dead owner may have sent the cancel. The marker's short life is a timestamp inside
+ *   the record rather than a key TTL so that the fingerprint survives it: a retry with another
+ *   body is still a mismatch, and a takeover still knows it must resolve the outcome first.
+ * - unknown: the cancel may have reached the upstream but no answer came back.
+ * - done: the answer (status and envelope) to replay.
+ *
+ * Only the fingerprint (a hash), the state, the answer and timestamps are kept: never the reason,
+ * the email or the raw key.
+ */
+
+export interface StoredAnswer {
+  statusCode: number
+  body: object
+}
+
+export type BeginResult =
+  | { kind: 'started', token: string }
+  | { kind: 'in-flight', retryAfterMs: number }
+  | { kind: 'mismatch' }
+  | { kind: 'replay', answer: StoredAnswer, completedAt: number }
+  | { kind: 'unknown-outcome', token: string }
+
+export interface BeginOptions {
+  /** Life of the whole record (raised to at least `inFlightTtlMs`). */
+  ttlMs: number
+  /** How long an owner may hold the record before it is presumed dead. */
+  inFlightTtlMs: number
+}
+
+export interface IdempotencyStore {
+  /** Atomically claims the record, or says why not. */
+  begin (scope: string, key: string, fingerprint: string, options: BeginOptions): Promise<BeginResult>
+  /** Stores the answer for `ttlMs`, if `token` still owns the record. */
+  complete (scope: string, key: string, token: string, answer: StoredAnswer, ttlMs: number): Promise<boolean>
+  /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
+  markUnknown (scope: string, key: string, token: string, ttlMs: number): Promise<boolean>
+  /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
+  release (scope: string, key: string, token: string): Promise<boolean>
+}
+
+/** The store could not answer (Redis down, slow, or the memory store full). */
+export class IdempotencyStoreError extends Error {
+  constructor (message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'IdempotencyStoreError'
+  }
+}
+
+function sha256 (text: string): string {
+  return createHash('sha256').update(text).digest('hex')
+}
+
+/**
+ * Where a record lives. Both parts are hashed: the key is the client's text and could carry
+ * anything, and a bounded length keeps Redis keys and memory small. The scope is the hash tag so
+ * that a patient's records share a Cluster slot.
+ */
+export function recordId (scope: string, key: string): { slot: string, id: string } {
+  return { slot: sha256(`scope\0${scope}`).slice(0, 32), id: sha256(`key\0${scope}\0${key}`).slice(0, 32) }
+}
+
+export interface MemoryStoreOptions {
+  /** Injected by tests; Date.now otherwise. */
+  now?: () => number
+  /** Most records held; expired ones are swept first, then `begin` fails (a 503, never a guess). */
+  maxEntries?: number
+  /** Expired records are swept at most this often (ms) outside of a full store. */
+  sweepEveryMs?: number
+}
+
+type MemoryRecord =
+  | { state: 'in-flight', fingerprint: string, token: string, until: number, expiresAt: number }
+  | { state: 'unknown', fingerprint: string, expiresAt: number }
+  | { state: 'done', fingerprint: string, statusCode: number, body: string, completedAt: number, expiresAt: number }
+
+/** One process, no Redis: the same semantics in a Map, bounded and swept. */
+export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}): IdempotencyStore & { size: () => number } {
+  const now = options.now ?? Date.now
+  const maxEntries = options.maxEntries ?? 100_000
+  const sweepEveryMs = options.sweepEveryMs ?? 60_000
+  const records = new Map<string, MemoryRecord>()
+  let lastSweep = now()
+
+  function sweep (at: number): void {
+    lastSweep = at
+    for (const [id, record] of records) {
+      if (record.expiresAt <= at) records.delete(id)
+    }
+  }
+
+  function live (scope: string, key: string, at: number): [string, MemoryRecord | undefined] {
+    const { slot, id } = recordId(scope, key)
+    const mapKey = `${slot}:${id}`
+    const record = records.get(mapKey)
+    if (record !== undefined && record.expiresAt <= at) {
+      records.delete(mapKey)
+      return [mapKey, undefined]
+    }
+    return [mapKey, record]
+  }
+
+  function owned (record: MemoryRecord | undefined, token: string): record is MemoryRecord & { state: 'in-flight' } {
+    return record !== undefined && record.state === 'in-flight' && record.token === token
+  }
+
+  return {
+    size: () => records.size,
+
+    async begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
+      const at = now()
+      if (at - lastSweep >= sweepEveryMs) sweep(at)
+      const [mapKey, record] = live(scope, key, at)
+      const expiresAt = at + Math.max(ttlMs, inFlightTtlMs)
+      if (record === undefined) {
+        if (records.size >= maxEntries) sweep(at)
+        if (records.size >= maxEntries) throw new IdempotencyStoreError('memory idempotency store is full')
+        const token = randomUUID()
+        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, expiresAt })
+        return { kind: 'started', token }
+      }
+      if (record.fingerprint !== fingerprint) return { kind: 'mismatch' }
+      if (record.state === 'done') {
+        return { kind: 'replay', answer: { statusCode: record.statusCode, body: JSON.parse(record.body) }, completedAt: record.completedAt }
+      }
+      if (record.state === 'in-flight' && record.until > at) return { kind: 'in-flight', retryAfterMs: record.until - at }
+      const token = randomUUID()
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, expiresAt })
+      return { kind: 'unknown-outcome', token }
+    },
+
+    async complete (scope, key, token, answer, ttlMs) {
+      const at = now()
+      const [mapKey, record] = live(scope, key, at)
+      if (!owned(record, token)) return false
+      records.set(mapKey, {
+        state: 'done',
+        fingerprint: record.fingerprint,
+        statusCode: answer.statusCode,
+        // Stored as text, as Redis does: a caller mutating its object later changes no replay.
+        body: JSON.stringify(answer.body),
+        completedAt: at,
+        expiresAt: at + ttlMs
+      })
+      return true
+    },
+
+    async markUnknown (scope, key, token, ttlMs) {
+      const at = now()
+      const [mapKey, record] = live(scope, key, at)
+      if (!owned(record, token)) return false
+      records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, expiresAt: at + ttlMs })
+      return true
+    },
+
+    async release (scope, key, token) {
+      const [mapKey, record] = live(scope, key, now())
+      if (!owned(record, token)) return false
+      records.delete(mapKey)
+      return true
+    }
+  }
+}
+
+// Redis keeps time for every replica (TIME inside the scripts), so that in-flight deadlines do not
+// depend on the clocks of the replicas that compare them. Scripts are atomic: two replicas can
+// never both own a record. Fields: fp, state (flight | unknown | done), token, until, status, body,
+// at (completion time).
+const NOW = `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
+
+const BEGIN = `${NOW}
+local inflight = tonumber(ARGV[4])
+local ttl = math.max(tonumber(ARGV[3]), inflight)
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at')
+if not rec[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return {'started'}
+end
+if rec[1] ~= ARGV[1] then return {'mismatch'} end
+if rec[2] == 'done' then return {'replay', rec[4], rec[5], rec[6]} end
+if rec[2] == 'flight' and tonumber(rec[3]) > now then return {'in-flight', tonumber(rec[3]) - now} end
+redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {'unknown-outcome'}`
+
+const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+${NOW}
+redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', string.format('%d', now))
+redis.call('HDEL', KEYS[1], 'token', 'until')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1`
+
+const MARK_UNKNOWN = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'unknown')
+redis.call('HDEL', KEYS[1], 'token', 'until')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1`
+
+const RELEASE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1`
+
+interface Script { lua: string, sha: string }
+
+function script (lua: string): Script {
+  return { lua, sha: createHash('sha1').update(lua).digest('hex') }
+}
+
+const SCRIPTS = { begin: script(BEGIN), complete: script(COMPLETE), markUnknown: script(MARK_UNKNOWN), release: script(RELEASE) }
+
+export interface RedisStoreOptions {
+  redis: Redis
+  /** Bound on one store call (ms); the shared client's commandTimeout is the first line. */
+  timeoutMs?: number
+  prefix?: string
+}
+
+export function createRedisIdempotencyStore (options: RedisStoreOptions): IdempotencyStore {
+  const { redis } = options
+  const timeoutMs = options.timeoutMs ?? 250
+  const prefix = options.prefix ?? 'idem:'
+
+  function redisKey (scope: string, key: string): string {
+    const { slot, id } = recordId(scope, key)
+    return `${prefix}{${slot}}:${id}`
+  }
+
+  async function evalScript (which: Script, key: string, args: Array<string | number>): Promise<unknown> {
+    try {
+      return await redis.evalsha(which.sha, 1, key, ...args)
+    } catch (error) {
+      // A fresh or restarted server has no script cache yet; EVAL loads it.
+      if (!(error instanceof Error) || !error.message.startsWith('NOSCRIPT')) throw error
+      return await redis.eval(which.lua, 1, key, ...args)
+    }
+  }
+
+  // A request never waits on Redis longer than this, whatever the client's own settings.
+  async function run (which: Script, key: string, args: Array<string | number>): Promise<unknown> {
+    let timer: NodeJS.Timeout | undefined
+    const deadline = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => reject(new IdempotencyStoreError(`idempotency store did not answer within ${timeoutMs} ms`)), timeoutMs)
+    })
+    const call = evalScript(which, key, args)
+    // The losing promise's rejection is handled here, not left unhandled.
+    call.catch(() => {})
+    try {
+      const reply = await Promise.race([call, deadline])
+      clearTimeout(timer)
+      return reply
+    } catch (error) {
+      clearTimeout(timer)
+      if (error instanceof IdempotencyStoreError) throw error
+      throw new IdempotencyStoreError('idempotency store failed', { cause: error })
+    }
+  }
+
+  return {
+    async begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
+      const token = randomUUID()
+      const reply = await run(SCRIPTS.begin, redisKey(scope, key), [fingerprint, token, Math.ceil(ttlMs), Math.ceil(inFlightTtlMs)]) as [string, ...Array<string | number>]
+      switch (reply[0]) {
+        case 'started': return { kind: 'started', token }
+        case 'unknown-outcome': return { kind: 'unknown-outcome', token }
+        case 'mismatch': return { kind: 'mismatch' }
+        case 'in-flight': return { kind: 'in-flight', retryAfterMs: Number(reply[1]) }
+        default: return { kind: 'replay', answer: { statusCode: Number(reply[1]), body: JSON.parse(String(reply[2])) }, completedAt: Number(reply[3]) }
+      }
+    },
+
+    async complete (scope, key, token, answer, ttlMs) {
+      const done = await run(SCRIPTS.complete, redisKey(scope, key), [token, answer.statusCode, JSON.stringify(answer.body), Math.ceil(ttlMs)])
+      return done === 1
+    },
+
+    async markUnknown (scope, key, token, ttlMs) {
+      return await run(SCRIPTS.markUnknown, redisKey(scope, key), [token, Math.ceil(ttlMs)]) === 1
+    },
+
+    async release (scope, key, token) {
+      return await run(SCRIPTS.release, redisKey(scope, key), [token]) === 1
+    }
+  }
+}
+
+/**
+ * The store for this process: Redis when configured (even while it is unreachable: its failures
+ * then become 503s for keyed cancels, never a silent switch to a per-process store that another
+ * replica cannot see), memory otherwise.
+ */
+export function idempotencyStoreFor (sharedState: SharedState): IdempotencyStore {
+  if (sharedState.redis === null) return createMemoryIdempotencyStore()
+  return createRedisIdempotencyStore({ redis: sharedState.redis, timeoutMs: sharedState.commandTimeoutMs })
+}

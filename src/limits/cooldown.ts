@@ -1,0 +1,168 @@
+import type { StoreFallback } from './fallback.js'
+import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+
+/**
+ * The upstream cooldown: after Care360 answers 429, no replica calls it until the cooldown ends.
+ *
+ * One record for the organization: when it ends and how many 429 episodes came in a row. It is
+ * only ever extended, never shortened, so a late or shorter Retry-After seen by one replica cannot
+ * cut short a longer cooldown decided by another. A 429 while a cooldown is already running
+ * (calls that were in flight when the first 429 came back) extends it if its Retry-After asks for
+ * more, but does not count as a new episode: only a 429 after a cooldown ended doubles the
+ * backoff, and a quiet period of `resetAfterMs` after the end starts the doubling over.
+ */
+export interface CooldownTrip {
+  /** How long calls stay stopped from now (ms). */
+  remainingMs: number
+  /** True when no cooldown was running: a new episode (the gate then lowers the budget). */
+  fresh: boolean
+}
+
+export interface CooldownStore {
+  /** Time left in the current cooldown (ms), 0 when none. */
+  remaining: () => Promise<number>
+  /**
+   * Records an upstream 429. `retryAfterMs`: the upstream's own wait, already clamped, or null
+   * to back off exponentially; `jitter` in [0, 1) spreads the backoff.
+   */
+  trip: (retryAfterMs: number | null, jitter: number) => Promise<CooldownTrip>
+}
+
+export interface BackoffOptions {
+  /** First backoff without Retry-After (ms); doubles per consecutive episode. */
+  baseMs?: number
+  /** Longest backoff without Retry-After (ms): one window of a sliding quota is always enough. */
+  maxMs?: number
+  /** Quiet time after a cooldown ends that resets the doubling (ms). */
+  resetAfterMs?: number
+  /** Bounds of a backoff (ms); COOLDOWN_MIN_MS and COOLDOWN_MAX_MS unless a test shortens them. */
+  minMs?: number
+  capMs?: number
+}
+
+/** Bounds on any cooldown, including one from the upstream's Retry-After. */
+export const COOLDOWN_MIN_MS = 1000
+export const COOLDOWN_MAX_MS = 10 * 60_000
+
+/** The upstream's Retry-After, clamped: at least a second, and never a day-long stop on a typo. */
+export function clampRetryAfter (retryAfterMs: number | null): number | null {
+  if (retryAfterMs === null || !Number.isFinite(retryAfterMs)) return null
+  return Math.min(COOLDOWN_MAX_MS, Math.max(COOLDOWN_MIN_MS, Math.ceil(retryAfterMs)))
+}
+
+type Backoff = Required<BackoffOptions>
+
+function backoffOf (options: BackoffOptions): Backoff {
+  return {
+    baseMs: options.baseMs ?? 1000,
+    maxMs: options.maxMs ?? 60_000,
+    resetAfterMs: options.resetAfterMs ?? 60_000,
+    minMs: options.minMs ?? COOLDOWN_MIN_MS,
+    capMs: options.capMs ?? COOLDOWN_MAX_MS
+  }
+}
+
+/** base * 2^(streak-1), capped, times a jitter factor in [0.75, 1.25), clamped to the bounds. */
+function backoffMs (streak: number, jitter: number, backoff: Backoff): number {
+  const raw = Math.min(backoff.maxMs, backoff.baseMs * 2 ** Math.min(streak - 1, 30)) * (0.75 + 0.5 * jitter)
+  return Math.min(backoff.capMs, Math.max(backoff.minMs, Math.round(raw)))
+}
+
+export interface MemoryCooldownOptions extends BackoffOptions {
+  now?: () => number
+}
+
+export type MemoryCooldown = CooldownStore & {
+  remainingNow: () => number
+  tripNow: (retryAfterMs: number | null, jitter: number) => CooldownTrip
+}
+
+export function createMemoryCooldown (options: MemoryCooldownOptions = {}): MemoryCooldown {
+  const now = options.now ?? Date.now
+  const backoff = backoffOf(options)
+  let until = 0
+  let streak = 0
+
+  function remainingNow (): number {
+    return Math.max(0, until - now())
+  }
+
+  function tripNow (retryAfterMs: number | null, jitter: number): CooldownTrip {
+    const at = now()
+    const fresh = until <= at
+    if (fresh) {
+      if (at - until >= backoff.resetAfterMs) streak = 0
+      streak += 1
+    }
+    const delay = retryAfterMs ?? backoffMs(streak, jitter, backoff)
+    until = Math.max(until, at + delay)
+    return { remainingMs: until - at, fresh }
+  }
+
+  return {
+    remainingNow,
+    tripNow,
+    remaining: async () => remainingNow(),
+    trip: async (retryAfterMs, jitter) => tripNow(retryAfterMs, jitter)
+  }
+}
+
+const remainingScript = redisScript('bffCooldownRemaining', 1, `${LUA_NOW_MS}
+local untilMs = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+return math.max(0, untilMs - now)
+`)
+
+// ARGV: retryAfterMs (-1: back off), jitter, baseMs, maxMs, resetAfterMs, minMs, capMs.
+const tripScript = redisScript('bffCooldownTrip', 1, `${LUA_NOW_MS}
+local retry = tonumber(ARGV[1])
+local jitter = tonumber(ARGV[2])
+local base, max, reset = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local low, high = tonumber(ARGV[6]), tonumber(ARGV[7])
+local state = redis.call('HMGET', KEYS[1], 'until', 'streak')
+local untilMs = tonumber(state[1] or '0')
+local streak = tonumber(state[2] or '0')
+local fresh = untilMs <= now
+if fresh then
+  if now - untilMs >= reset then streak = 0 end
+  streak = streak + 1
+end
+local delay = retry
+if retry < 0 then
+  delay = math.min(max, base * 2 ^ math.min(streak - 1, 30)) * (0.75 + 0.5 * jitter)
+  delay = math.min(high, math.max(low, math.floor(delay + 0.5)))
+end
+-- Only ever extended: the record keeps the later end, and its expiry (end plus the reset
+-- period, so the streak outlives the cooldown) grows with it.
+untilMs = math.max(untilMs, now + delay)
+redis.call('HSET', KEYS[1], 'until', int(untilMs), 'streak', streak)
+redis.call('PEXPIRE', KEYS[1], int(untilMs - now + reset))
+return { untilMs - now, fresh and 1 or 0 }
+`)
+
+export interface RedisCooldownOptions extends MemoryCooldownOptions {
+  fallback: StoreFallback
+  /** Hash tag of the key, the org budget's by default (one slot for the organization's state). */
+  tag?: string
+  memory?: MemoryCooldown
+}
+
+export function createRedisCooldown (options: RedisCooldownOptions): CooldownStore {
+  const { fallback } = options
+  const backoff = backoffOf(options)
+  const memory = options.memory ?? createMemoryCooldown(options)
+  const key = `{${options.tag ?? 'bff:budget'}}:cooldown`
+  return {
+    async remaining () {
+      return await fallback.run(async function remainingInRedis (redis) {
+        return Number(await remainingScript(redis, key))
+      }, memory.remainingNow)
+    },
+    async trip (retryAfterMs, jitter) {
+      return await fallback.run(async function tripInRedis (redis): Promise<CooldownTrip> {
+        const reply = await tripScript(redis, key, retryAfterMs ?? -1, jitter, backoff.baseMs, backoff.maxMs, backoff.resetAfterMs, backoff.minMs, backoff.capMs)
+        const [remainingMs, fresh] = integers(reply, 2) as [number, number]
+        return { remainingMs, fresh: fresh === 1 }
+      }, () => memory.tripNow(retryAfterMs, jitter))
+    }
+  }
+}

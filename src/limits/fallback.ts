@@ -1,0 +1,98 @@
+import type { Redis } from 'ioredis'
+import type { FastifyBaseLogger } from 'fastify'
+import type { SharedState } from '../state/redis.js'
+
+/**
+ * Runs a store operation on Redis when it can answer quickly, and on the store's in-memory twin
+ * otherwise. A Redis outage therefore degrades limits to per-process ones instead of disabling
+ * them (fail open) or failing requests (fail closed), and no request waits longer than the
+ * shared client's command bound.
+ */
+export interface StoreFallback {
+  run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T) => Promise<T>
+}
+
+export interface StoreFallbackOptions {
+  sharedState: SharedState
+  log: FastifyBaseLogger
+  /** After a failed or slow command, Redis is left alone for this long (ms). */
+  pauseMs?: number
+  /** How often a continuing fallback is logged again (ms). */
+  logEveryMs?: number
+  now?: () => number
+}
+
+class RedisTimeout extends Error {
+  constructor (ms: number) {
+    super(`Redis did not answer within ${ms} ms`)
+    this.name = 'RedisTimeout'
+  }
+}
+
+/**
+ * ioredis' commandTimeout bounds one command, but a script is EVALSHA then EVAL on NOSCRIPT; this
+ * bounds the whole operation.
+ */
+async function within<T> (promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const deadline = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => { reject(new RedisTimeout(ms)) }, ms)
+    timer.unref()
+  })
+  try {
+    return await Promise.race([promise, deadline])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+export function createStoreFallback (options: StoreFallbackOptions): StoreFallback {
+  const { sharedState, log } = options
+  const now = options.now ?? Date.now
+  const pauseMs = options.pauseMs ?? 1000
+  const logEveryMs = options.logEveryMs ?? 60_000
+  let pausedUntil = Number.NEGATIVE_INFINITY
+  let lastLog = Number.NEGATIVE_INFINITY
+  let fallingBack = false
+
+  // One line per interval for the whole process, whatever the number of requests and stores.
+  function noteFallback (reason: string): void {
+    fallingBack = true
+    const at = now()
+    if (at - lastLog < logEveryMs) return
+    lastLog = at
+    log.warn({ limits: { reason } }, 'limits: Redis unavailable, counting in per-process memory')
+  }
+
+  function noteRecovered (): void {
+    if (!fallingBack) return
+    fallingBack = false
+    lastLog = Number.NEGATIVE_INFINITY
+    log.info('limits: counting in Redis again')
+  }
+
+  return {
+    async run (viaRedis, inMemory) {
+      const redis = sharedState.redis
+      // No Redis configured: one process, memory is the store of record, nothing to log.
+      if (redis === null) return inMemory()
+      if (sharedState.mode() !== 'redis') {
+        noteFallback('disconnected')
+        return inMemory()
+      }
+      if (now() < pausedUntil) {
+        noteFallback('paused after a failed command')
+        return inMemory()
+      }
+      try {
+        const result = await within(viaRedis(redis), sharedState.commandTimeoutMs)
+        noteRecovered()
+        return result
+      } catch (error) {
+        pausedUntil = now() + pauseMs
+        noteFallback(error instanceof Error ? error.name : 'error')
+        return inMemory()
+      }
+    }
+  }
+}

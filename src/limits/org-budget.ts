@@ -1,0 +1,215 @@
+import type { Rate } from '../config.js'
+import type { StoreFallback } from './fallback.js'
+import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+
+/**
+ * The org budget (`CV_RATE_LIMIT`): every upstream call, from any replica, takes one admission.
+ *
+ * Algorithm: an exact sliding-window log. A call at time t is admitted iff fewer than `limit`
+ * admissions lie in the closed interval [t - w, t]; admitted calls are appended to the log.
+ *
+ * Bound: take any closed interval [a, a + w] and the calls admitted in it, t1 <= ... <= tk. When
+ * tk was admitted, t1 ... t(k-1) were in the log and all lie in [tk - w, tk] (since
+ * ti >= a >= tk - w), so k - 1 < limit <= count, hence k <= count. No interval of the window's
+ * length, open or closed, ever admits more than `count`.
+ *
+ * Why not GCRA or a token bucket: with emission interval T and burst b, the same argument gives
+ * up to b + w/T - 1 admissions per window, so honouring the bound forces T = w / (count - b + 1):
+ * every unit of burst costs a unit of sustained rate (450/60 s with a burst of 50 sustains only
+ * 401 per minute). The log gives both the full count and the full burst, at O(log n) per call
+ * (ZADD, amortised ZREMRANGEBYSCORE) and at most `count` entries of memory, one key set in all.
+ *
+ * AIMD: the upstream's quota is per organization and other consumers of the same key (hidden
+ * from us) draw from it, so a 429 proves that our share is smaller than `count` right now. After
+ * an upstream 429 (once per cooldown episode, see upstream-gate.ts) the effective limit is
+ * halved, then recovers linearly, by `count` per `recoverMs`, back to `count`. Without it, every
+ * cooldown would end in the same burst and the same 429.
+ */
+export type BudgetDecision =
+  | { ok: true, remaining: number }
+  | { ok: false, retryAfterMs: number }
+
+export interface BudgetStore {
+  take: () => Promise<BudgetDecision>
+  /** Multiplicative decrease of the effective limit after an upstream 429. */
+  decrease: () => Promise<void>
+}
+
+export interface BudgetOptions extends Rate {
+  /** Time for the effective limit to climb from 0 back to `count` after a decrease (ms). */
+  recoverMs?: number
+}
+
+const DECREASE_FACTOR = 0.5
+/** The default climb back: from half to full in five windows. */
+const RECOVER_WINDOWS = 10
+
+function recoverMsOf (options: BudgetOptions): number {
+  return options.recoverMs ?? options.windowMs * RECOVER_WINDOWS
+}
+
+interface Decreased { floor: number, at: number }
+
+function effectiveLimit (decreased: Decreased | null, at: number, count: number, recoverMs: number): number {
+  if (decreased === null) return count
+  return Math.min(count, decreased.floor + Math.floor(Math.max(0, at - decreased.at) * count / recoverMs))
+}
+
+/** When a denied caller can next be admitted: an old entry leaves the window, or the limit grows. */
+function waitMs (oldestToLeave: number, used: number, decreased: Decreased | null, at: number, count: number, windowMs: number, recoverMs: number): number {
+  let next = oldestToLeave + windowMs + 1
+  if (decreased !== null && used < count) {
+    next = Math.min(next, decreased.at + Math.ceil((used + 1 - decreased.floor) * recoverMs / count))
+  }
+  return Math.max(1, next - at)
+}
+
+export interface MemoryBudgetOptions extends BudgetOptions {
+  now?: () => number
+}
+
+export type MemoryBudget = BudgetStore & { takeNow: () => BudgetDecision, decreaseNow: () => void }
+
+export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
+  const now = options.now ?? Date.now
+  const { count, windowMs } = options
+  const recoverMs = recoverMsOf(options)
+  // Admission times, oldest first; `head` skips those that left the window (compacted lazily).
+  let log: number[] = []
+  let head = 0
+  let decreased: Decreased | null = null
+
+  function clock (): number {
+    // Never behind the newest entry, so the log stays sorted even if the clock steps back.
+    const at = now()
+    const last = log[log.length - 1]
+    return last === undefined ? at : Math.max(at, last)
+  }
+
+  function takeNow (): BudgetDecision {
+    const at = clock()
+    while (head < log.length && (log[head] as number) < at - windowMs) head += 1
+    if (head > 1024 && head * 2 > log.length) { log = log.slice(head); head = 0 }
+    if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
+    const limit = effectiveLimit(decreased, at, count, recoverMs)
+    const used = log.length - head
+    if (used < limit) {
+      log.push(at)
+      return { ok: true, remaining: limit - used - 1 }
+    }
+    return { ok: false, retryAfterMs: waitMs(log[head + used - limit] as number, used, decreased, at, count, windowMs, recoverMs) }
+  }
+
+  function decreaseNow (): void {
+    const at = clock()
+    decreased = { floor: Math.max(1, Math.floor(effectiveLimit(decreased, at, count, recoverMs) * DECREASE_FACTOR)), at }
+  }
+
+  return {
+    takeNow,
+    decreaseNow,
+    take: async () => takeNow(),
+    decrease: async () => { decreaseNow() }
+  }
+}
+
+// KEYS: log (sorted set), sequence, decrease state. ARGV: count, windowMs, recoverMs.
+const takeScript = redisScript('bffBudgetTake', 3, `${LUA_NOW_MS}
+local count = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local recover = tonumber(ARGV[3])
+local limit = count
+local floor, at = nil, nil
+local state = redis.call('HMGET', KEYS[3], 'floor', 'at')
+if state[1] then
+  floor = tonumber(state[1])
+  at = tonumber(state[2])
+  limit = math.min(count, floor + math.floor(math.max(0, now - at) * count / recover))
+end
+-- Entries strictly older than now - window leave; the closed interval [now - window, now] stays.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now - window))
+local used = redis.call('ZCARD', KEYS[1])
+if used < limit then
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('ZADD', KEYS[1], int(now), int(now) .. '-' .. seq)
+  redis.call('PEXPIRE', KEYS[1], window + 1)
+  redis.call('PEXPIRE', KEYS[2], window + 1)
+  return { 1, limit - used - 1 }
+end
+local oldest = redis.call('ZRANGE', KEYS[1], used - limit, used - limit, 'WITHSCORES')
+local next = tonumber(oldest[2]) + window + 1
+if floor and used < count then
+  next = math.min(next, at + math.ceil((used + 1 - floor) * recover / count))
+end
+return { 0, math.max(1, next - now) }
+`)
+
+// KEYS: decrease state. ARGV: count, recoverMs.
+const decreaseScript = redisScript('bffBudgetDecrease', 1, `${LUA_NOW_MS}
+local count = tonumber(ARGV[1])
+local recover = tonumber(ARGV[2])
+local limit = count
+local state = redis.call('HMGET', KEYS[1], 'floor', 'at')
+if state[1] then
+  limit = math.min(count, tonumber(state[1]) + math.floor(math.max(0, now - tonumber(state[2])) * count / recover))
+end
+redis.call('HSET', KEYS[1], 'floor', math.max(1, math.floor(limit * ${DECREASE_FACTOR})), 'at', int(now))
+-- Fully recovered by then: the state may go.
+redis.call('PEXPIRE', KEYS[1], recover)
+return 1
+`)
+
+export interface RedisBudgetOptions extends BudgetOptions {
+  fallback: StoreFallback
+  /**
+   * Every key of the budget carries this hash tag, so the scripts' keys share one slot on
+   * Redis Cluster.
+   */
+  tag?: string
+  /** The twin that answers while Redis cannot (already split between replicas). */
+  memory: MemoryBudget
+}
+
+export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
+  const { count, windowMs, memory, fallback } = options
+  const recoverMs = recoverMsOf(options)
+  const tag = `{${options.tag ?? 'bff:budget'}}`
+  const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
+  return {
+    async take () {
+      return await fallback.run(async function takeInRedis (redis): Promise<BudgetDecision> {
+        const [admitted, value] = integers(await takeScript(redis, ...keys, count, windowMs, recoverMs), 2) as [number, number]
+        return admitted === 1 ? { ok: true, remaining: value } : { ok: false, retryAfterMs: value }
+      }, memory.takeNow)
+    },
+    async decrease () {
+      await fallback.run(async function decreaseInRedis (redis) {
+        await decreaseScript(redis, keys[2], count, recoverMs)
+      }, memory.decreaseNow)
+    }
+  }
+}
+
+export interface OrgBudgetOptions extends BudgetOptions {
+  fallback: StoreFallback
+  /** The most replicas that run at once: the per-process share while Redis cannot answer. */
+  replicas: number
+  tag?: string
+  now?: () => number
+}
+
+/**
+ * The org budget as the app uses it: Redis when it answers, else this process's share of the
+ * count (floor(count / replicas), at least 1), so that all replicas together still stay within
+ * the count while each counts alone.
+ */
+export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
+  const share = Math.max(1, Math.floor(options.count / options.replicas))
+  const memory = createMemoryBudget({
+    count: share,
+    windowMs: options.windowMs,
+    recoverMs: recoverMsOf(options),
+    now: options.now
+  })
+  return createRedisBudget({ ...options, memory })
+}

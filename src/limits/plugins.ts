@@ -1,0 +1,148 @@
+import { createHash } from 'node:crypto'
+import fp from 'fastify-plugin'
+import rateLimit, { normalizeIP, type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { Rate } from '../config.js'
+import { ApiError, ErrorCode } from '../errors.js'
+import { createStoreFallback, type StoreFallback } from './fallback.js'
+import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from './counter-store.js'
+import { createOrgBudget } from './org-budget.js'
+import { createRedisCooldown } from './cooldown.js'
+import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
+import { rateLimitField, rateLimitPolicyField, retryAfterSeconds, type PolicyName, type PolicyState } from './headers.js'
+
+export interface LimitStores {
+  fallback: StoreFallback
+  counters: CounterStore
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The stores behind every limit of this process (one Redis-or-memory decision point). */
+    limitStores: LimitStores
+    /** `RATE_LIMIT_CANCEL`: the cancel route adds it to its own `onRequest`. */
+    cancelLimit: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+    /** The org budget and the upstream cooldown, for the Care360 client. */
+    upstreamGate: UpstreamGate
+  }
+}
+
+export interface LimitPluginOptions {
+  /** Clock of the in-memory stores (tests). */
+  now?: () => number
+}
+
+type Check = ReturnType<FastifyInstance['createRateLimit']>
+
+/**
+ * Adapts our counter store to @fastify/rate-limit's store protocol. `child` returns the same
+ * store: the plugin's own children prefix keys with the route (one counter per route), while our
+ * keys already carry their scope (`ip:`, `session:`, `cancel:`) and one counter spans all routes.
+ */
+function pluginStore (counters: CounterStore): FastifyRateLimitStoreCtor {
+  return class CounterStoreAdapter implements FastifyRateLimitStore {
+    incr (key: string, callback: (error: Error | null, result?: { current: number, ttl: number }) => void, timeWindow: number, max: number): void {
+      counters.hit(key, { count: max, windowMs: timeWindow }).then(
+        (hit) => { callback(null, { current: hit.count, ttl: hit.resetMs }) },
+        (error: Error) => { callback(error) }
+      )
+    }
+
+    child (): FastifyRateLimitStore {
+      return this
+    }
+  }
+}
+
+const applied = new WeakMap<FastifyRequest, PolicyState[]>()
+
+/**
+ * Counts the request against one policy, publishes every policy applied so far in the two
+ * fields, and refuses it over the limit. Thrown, the ApiError is answered by the app's error
+ * handler, and the fields set here stay on that answer.
+ */
+async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check): Promise<void> {
+  const result = await check(request)
+  /* c8 ignore next: only an allowList exempts a request, and none is configured */
+  if (result.isAllowed) return
+  const states = applied.get(request) ?? []
+  applied.set(request, states)
+  states.push({ policy, quota: result.max, windowMs: result.timeWindow, remaining: result.remaining, resetMs: result.ttl })
+  reply.header('ratelimit-policy', rateLimitPolicyField(states))
+  reply.header('ratelimit', rateLimitField(states))
+  if (result.isExceeded) {
+    throw new ApiError(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded', { headers: { 'retry-after': retryAfterSeconds(result.ttl) } })
+  }
+}
+
+function limiter (app: FastifyInstance, rate: Rate, keyOf: (request: FastifyRequest) => string): Check {
+  return app.createRateLimit({ max: rate.count, timeWindow: rate.windowMs, keyGenerator: keyOf })
+}
+
+/** The key of a session: a digest, so that nothing in Redis depends on what the id itself is. */
+function sessionKey (request: FastifyRequest): string | null {
+  // `== null`: undefined too, on an app without the session plugin.
+  return request.session == null ? null : createHash('sha256').update(request.session.id).digest('base64url')
+}
+
+function ipKey (request: FastifyRequest): string {
+  const ip = request.ip as string | undefined
+  /* c8 ignore next: a socket that closed before its request was read has no address any more */
+  if (ip === undefined) return 'ip:unknown'
+  return `ip:${normalizeIP(ip)}`
+}
+
+/**
+ * `RATE_LIMIT_IP`, on every route and the not-found handler, before authentication. The client
+ * IP is `request.ip`: X-Forwarded-For counts only from TRUST_PROXY peers (Fastify's trustProxy).
+ * IPv6 clients are keyed by their /64, which a single subscriber usually holds whole.
+ *
+ * @fastify/rate-limit is used through `createRateLimit` with our store, never through its own
+ * hooks: those share one "already ran" flag per request (a second scope would be skipped), count
+ * per route, set `x-ratelimit-*` fields, answer 500 with the Redis error text on a store error
+ * and wait on a Redis that is down. Our store answers from memory instead of failing.
+ */
+async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
+  const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
+  const counters = createRedisCounterStore({ fallback, memory: createMemoryCounterStore({ now: options.now }) })
+  app.decorate('limitStores', { fallback, counters })
+  // skipOnError stays off: our store does not fail on Redis errors, so an error here is a bug,
+  // answered as a bare 500 rather than silently lifting the limit.
+  await app.register(rateLimit, { global: false, store: pluginStore(counters), skipOnError: false })
+
+  const perIp = limiter(app, app.config.limits.ip, ipKey)
+  app.addHook('onRequest', async function limitPerIp (request, reply) {
+    await enforce(request, reply, 'ip', perIp)
+  })
+}
+
+/**
+ * `RATE_LIMIT_SESSION` on every request that carries a session (resolved by the session hook,
+ * registered before this one), `RATE_LIMIT_CANCEL` as a hook for the cancel route, and the
+ * upstream gate (org budget and cooldown) for the Care360 client.
+ */
+async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
+  const { fallback } = app.limitStores
+  const perSession = limiter(app, app.config.limits.session, (request) => `session:${sessionKey(request) as string}`)
+  const perCancel = limiter(app, app.config.limits.cancel, (request) => `cancel:${sessionKey(request) as string}`)
+
+  app.addHook('onRequest', async function limitPerSession (request, reply) {
+    if (sessionKey(request) === null) return
+    await enforce(request, reply, 'session', perSession)
+  })
+
+  app.decorate('cancelLimit', async function limitCancels (request: FastifyRequest, reply: FastifyReply) {
+    // Without a session the route answers 401 itself; there is nobody to count against.
+    if (sessionKey(request) === null) return
+    await enforce(request, reply, 'cancel', perCancel)
+  })
+
+  app.decorate('upstreamGate', createUpstreamGate({
+    budget: createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now }),
+    cooldown: createRedisCooldown({ fallback, now: options.now }),
+    now: options.now
+  }))
+}
+
+export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })
+export const sessionLimitPlugin = fp(sessionLimit, { name: 'limits-session', fastify: '5.x', dependencies: ['limits-ip'] })

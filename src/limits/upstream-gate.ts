@@ -1,0 +1,66 @@
+import { ApiError, ErrorCode } from '../errors.js'
+import type { BudgetStore } from './org-budget.js'
+import { clampRetryAfter, type CooldownStore } from './cooldown.js'
+import { retryAfterSeconds } from './headers.js'
+
+/**
+ * What the Care360 client calls around every upstream call (structurally the client's own
+ * interface): `acquire` before the call, throwing to stop it; `onRateLimited` when the upstream
+ * answered 429 anyway, returning the cooldown decided (ms), which becomes the client's Retry-After.
+ */
+export interface UpstreamGate {
+  acquire: (endpoint: 'cancel' | 'list') => Promise<void>
+  onRateLimited: (retryAfterMs: number | null) => Promise<number>
+}
+
+export interface UpstreamGateOptions {
+  budget: BudgetStore
+  cooldown: CooldownStore
+  /** Jitter source in [0, 1); Math.random unless a test fixes it. */
+  random?: () => number
+  now?: () => number
+}
+
+export function upstreamRateLimited (waitMs: number): ApiError {
+  return new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
+    headers: { 'retry-after': retryAfterSeconds(waitMs) }
+  })
+}
+
+export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate {
+  const { budget, cooldown } = options
+  const random = options.random ?? Math.random
+  const now = options.now ?? Date.now
+  // A cooldown this process has seen is honoured locally until it ends, without asking Redis
+  // again, and even if Redis goes away meanwhile. It can only have been extended elsewhere, which
+  // the next check after its end finds out.
+  let knownUntil = 0
+
+  function remember (remainingMs: number): void {
+    knownUntil = Math.max(knownUntil, now() + remainingMs)
+  }
+
+  return {
+    // Both endpoints draw from one budget: the upstream's quota is per organization.
+    async acquire () {
+      if (knownUntil > now()) throw upstreamRateLimited(knownUntil - now())
+      // The cooldown first, so that a stopped call does not spend budget.
+      const cooling = await cooldown.remaining()
+      if (cooling > 0) {
+        remember(cooling)
+        throw upstreamRateLimited(cooling)
+      }
+      const decision = await budget.take()
+      if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
+    },
+
+    async onRateLimited (retryAfterMs) {
+      const trip = await cooldown.trip(clampRetryAfter(retryAfterMs), random())
+      remember(trip.remainingMs)
+      // Once per episode: the calls in flight when the first 429 arrives come back 429 too, and
+      // must not halve the budget once each.
+      if (trip.fresh) await budget.decrease()
+      return trip.remainingMs
+    }
+  }
+}

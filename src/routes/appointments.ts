@@ -1,0 +1,153 @@
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import { ApiError, ErrorCode, ok } from '../errors.js'
+import { createOwnershipCache } from '../appointments/ownership.js'
+import type { Appointment } from '../care360/client.js'
+import {
+  createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt
+} from '../idempotency/index.js'
+import {
+  AppointmentList, CancelAnswer, CancelBody, CancelParams, UUID_PATTERN, errorAnswers
+} from '../schemas/appointments.js'
+import type { Static } from 'typebox'
+
+type CancelAnswerBody = Static<typeof CancelAnswer>
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The upstream's HTTP status for this request's cancel, when one was sent (audit). */
+    upstreamStatus: number | null
+  }
+}
+
+const UUID = new RegExp(UUID_PATTERN)
+
+function toPatientAppointment (item: Appointment) {
+  return {
+    id: item.id,
+    agentEventId: item.agentEventId,
+    title: item.title,
+    topic: item.topic,
+    start: item.start,
+    end: item.end,
+    status: item.status,
+    agentName: item.agentName
+  }
+}
+
+/** The patient's appointments: list, and cancel (the contract's cancel route, steps 4 to 9). */
+export async function appointmentRoutes (fastify: FastifyInstance): Promise<void> {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  const { care360, config } = app
+  const ownership = createOwnershipCache({
+    fetch: (email, requestId) => care360.fetchAppointments(email, { requestId })
+  })
+
+  const idempotency = createIdempotency({
+    store: idempotencyStoreFor(app.sharedState),
+    inFlightTtlMs: inFlightTtlFor(config.care360.timeoutMs)
+  })
+
+  app.decorateRequest('upstreamStatus', null)
+
+  app.get('/appointments', {
+    config: { auth: 'required' },
+    schema: {
+      tags: ['appointments'],
+      summary: "The signed-in patient's upcoming appointments",
+      security: [{ bearer: [] }, { cookie: [] }],
+      response: { 200: AppointmentList, ...errorAnswers(401, 403, 429, 502, 503, 504) }
+    }
+  }, async function listAppointments (request) {
+    const { email } = request.session!
+    const appointments = await care360.fetchAppointments(email, { requestId: request.id })
+    ownership.remember(email, appointments)
+    return ok(appointments.map(toPatientAppointment), 'Appointments fetched successfully')
+  })
+
+  /**
+   * Steps 6 to 8 for one cancel: ownership (never send a cancel for an appointment that is not
+   * the patient's own), then the upstream call, whose gate draws the org budget.
+   */
+  async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
+    const { email } = request.session!
+    if (config.ownershipCheck) {
+      const owned = await ownership.find(email, appointmentId, request.id)
+      if (owned === null) {
+        throw new ApiError(404, ErrorCode.APPOINTMENT_NOT_FOUND, 'No such upcoming appointment')
+      }
+    }
+    try {
+      const answer = await attempt.send(() => care360.cancelAppointment(
+        reason === undefined ? { email, appointmentId } : { email, appointmentId, reason },
+        { requestId: request.id }
+      ))
+      request.upstreamStatus = answer.status
+      return { statusCode: 200, body: answer }
+    } catch (error) {
+      request.upstreamStatus = (error as { upstreamStatus?: number | null }).upstreamStatus ?? null
+      throw error
+    } finally {
+      // Whatever happened, the patient's list may have changed.
+      ownership.forget(email)
+    }
+  }
+
+  // One audit record per cancel attempt: who (a keyed hash, never the email), which appointment,
+  // the outcome and the upstream's status. Never the reason.
+  async function auditCancel (request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const id = (request.params as { id?: string }).id
+    request.log.info({
+      audit: {
+        event: 'appointment.cancel',
+        requestId: request.id,
+        patient: request.session === null ? null : app.patientRef(request.session.email),
+        appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
+        outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode ?? String(reply.statusCode),
+        status: reply.statusCode,
+        upstreamStatus: request.upstreamStatus
+      }
+    }, 'cancel audit')
+  }
+
+  app.post('/appointments/:id/cancel', {
+    config: { auth: 'required' },
+    schema: {
+      tags: ['appointments'],
+      summary: "Cancel one of the signed-in patient's upcoming appointments",
+      security: [{ bearer: [] }, { cookie: [] }],
+      params: CancelParams,
+      body: CancelBody,
+      response: {
+        200: CancelAnswer,
+        ...errorAnswers(400, 401, 403, 404, 409, 413, 415, 422, 429, 502, 503, 504)
+      }
+    },
+    onResponse: auditCancel,
+    // The body is optional: no body at all means no reason.
+    preValidation: async function absentBodyIsEmpty (request) {
+      if (request.body === undefined) request.body = {}
+    }
+  }, async function cancelAppointment (request, reply) {
+    // Step 5 comes first in the handler: a malformed key is refused before anything else runs.
+    const key = parseIdempotencyKey(request.headers['idempotency-key'])
+    const { email } = request.session!
+    const appointmentId = request.params.id
+    const reason = request.body.reason
+    const { answer } = await idempotency.handle({
+      scope: app.patientRef(email),
+      key,
+      appointmentId,
+      reason,
+      log: request.log,
+      run: (attempt) => sendCancel(request, appointmentId, reason, attempt),
+      // A fresh list, never the ownership cache: it decides whether an earlier cancel happened.
+      resolveUnknown: async function resolveUnknown () {
+        const listed = await ownership.findFresh(email, appointmentId, request.id)
+        return listed === null ? 'cancelled' : 'not-cancelled'
+      }
+    })
+    if (answer.statusCode !== 200) reply.errorCode = (answer.body as { code?: ErrorCode }).code ?? null
+    return reply.code(answer.statusCode as 200).headers(answer.headers ?? {}).send(answer.body as CancelAnswerBody)
+  })
+}

@@ -1,0 +1,107 @@
+import type { FastifyInstance, FastifySchemaValidationError } from 'fastify'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import { Type } from 'typebox'
+import { ok } from '../errors.js'
+import { invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
+
+/** Sign-in, session introspection and sign-out. Web sign-in (login, callback) joins this file. */
+
+const envelope = <T extends ReturnType<typeof Type.Object>>(data: T) => Type.Object({
+  status: Type.Integer(),
+  success: Type.Literal(true),
+  message: Type.String(),
+  data
+}, { additionalProperties: false })
+
+const SessionBody = Type.Object({
+  idToken: Type.String({ minLength: 1, maxLength: MAX_ID_TOKEN_LENGTH, description: 'OIDC ID token from the patient identity provider' })
+}, { additionalProperties: false })
+
+const SessionCreated = envelope(Type.Object({
+  token: Type.String({ description: 'Session token, sent back as `Authorization: Bearer <token>`' }),
+  expiresAt: Type.String({ format: 'date-time', description: 'When the session ends unless used (idle) or at the latest (absolute)' }),
+  email: Type.String()
+}, { additionalProperties: false }))
+
+const Me = envelope(Type.Object({
+  authenticated: Type.Boolean(),
+  email: Type.Optional(Type.String()),
+  expiresAt: Type.Optional(Type.String({ format: 'date-time' }))
+}, { additionalProperties: false }))
+
+const LoggedOut = envelope(Type.Object({
+  endSessionUrl: Type.Optional(Type.String({ description: 'Web sessions: where to end the identity provider session' }))
+}, { additionalProperties: false }))
+
+/**
+ * A token longer than the limit is a bad token like any other (401), not a malformed request:
+ * clients get one failure path for every token the IdP handed them that we will not take.
+ */
+function isOnlyTooLongToken (errors: FastifySchemaValidationError[]): boolean {
+  return errors.length > 0 && errors.every((error) => error.instancePath === '/idToken' && error.keyword === 'maxLength')
+}
+
+export async function authRoutes (fastify: FastifyInstance): Promise<void> {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+
+  app.post('/auth/session', {
+    // Real ID tokens fit in 8 KiB; the app-wide 4 KiB limit is too tight for some IdPs.
+    bodyLimit: MAX_ID_TOKEN_LENGTH + 2048,
+    attachValidation: true,
+    schema: {
+      tags: ['auth'],
+      summary: 'Mobile sign-in: exchanges an OIDC ID token for a session token',
+      body: SessionBody,
+      response: { 201: SessionCreated }
+    }
+  }, async function createSession (request, reply) {
+    if (request.validationError !== undefined) {
+      if (isOnlyTooLongToken(request.validationError.validation)) throw invalidIdToken()
+      throw request.validationError
+    }
+    const identity = await app.idTokenVerifier.verify(request.body.idToken)
+    const { token, session } = await app.sessions.create({
+      email: identity.email,
+      subject: identity.subject,
+      issuer: identity.issuer,
+      method: 'mobile',
+      idpSessionId: identity.sid
+    })
+    request.log.info({ patient: app.patientRef(session.email), method: 'mobile' }, 'session created')
+    return reply.code(201).send(ok({
+      token,
+      expiresAt: new Date(session.expiresAt).toISOString(),
+      email: session.email
+    }, 'Session created', 201))
+  })
+
+  app.get('/auth/me', {
+    config: { auth: 'optional' },
+    schema: {
+      tags: ['auth'],
+      summary: 'Whether the caller has a session, and until when',
+      response: { 200: Me }
+    }
+  }, async function whoAmI (request) {
+    const session = request.session
+    if (session === null) return ok({ authenticated: false })
+    return ok({ authenticated: true, email: session.email, expiresAt: new Date(session.expiresAt).toISOString() })
+  })
+
+  app.post('/auth/logout', {
+    config: { auth: 'required' },
+    schema: {
+      tags: ['auth'],
+      summary: 'Ends this session (cookie or bearer)',
+      response: { 200: LoggedOut }
+    }
+  }, async function logout (request, reply) {
+    // Required auth guarantees a session here.
+    const session = request.session as NonNullable<typeof request.session>
+    await app.sessions.revokeById(session.id)
+    request.log.info({ method: session.method }, 'session ended')
+    // Web sign-in (src/web/plugin.ts): clears a session cookie, and names the IdP's end-session URL.
+    const endSessionUrl = await app.webSignIn.signOut(request, reply)
+    return ok(endSessionUrl === null ? {} : { endSessionUrl }, 'Signed out')
+  })
+}

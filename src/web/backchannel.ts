@@ -1,0 +1,172 @@
+import { createRemoteJWKSet, errors, jwtVerify, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import type {} from '../auth/plugin.js'
+import type { FastifyInstance, FastifySchema } from 'fastify'
+import { ApiError, ErrorCode, ok } from '../errors.js'
+import { ID_TOKEN_ALGORITHMS, identityProviderUnavailable } from '../auth/id-token.js'
+import type { WebOidc } from './oidc.js'
+import type { ReplayGuard } from './replay-guard.js'
+
+/**
+ * OpenID Connect Back-Channel Logout 1.0: the IdP POSTs a signed logout token when a user signs out
+ * there (or an operator ends their session); we end the sessions it names in the shared store, so
+ * on every replica at once.
+ */
+
+export const BACKCHANNEL_LOGOUT_EVENT = 'http://schemas.openid.net/event/backchannel-logout'
+
+/** Logout tokens older than this are refused (the spec leaves the window to the RP). */
+const MAX_AGE_SEC = 300
+const CLOCK_TOLERANCE_SEC = 30
+const MAX_TOKEN_LENGTH = 8192
+
+/** Explicit types of other JWTs: an ID or access token is never a logout token. */
+const ACCEPTED_TYPES = new Set(['jwt', 'logout+jwt', 'application/logout+jwt'])
+
+export interface LogoutClaims {
+  issuer: string
+  subject: string | null
+  sid: string | null
+}
+
+export interface LogoutTokenVerifierOptions {
+  oidc: WebOidc
+  /** Every client id of ours at the IdP (web and mobile): the token's `aud` must name one. */
+  audiences: string[]
+  replayGuard: ReplayGuard
+  now?: () => number
+}
+
+export class InvalidLogoutToken extends Error {
+  readonly reason: string
+  constructor (reason: string, options?: { cause: unknown }) {
+    super(`logout token refused: ${reason}`, options)
+    this.name = 'InvalidLogoutToken'
+    this.reason = reason
+  }
+}
+
+const invalidRequest = (): ApiError =>
+  new ApiError(400, ErrorCode.BAD_REQUEST, 'Invalid logout token', { detail: 'invalid_request' })
+
+function stringClaim (payload: JWTPayload, name: string): string | null {
+  const value = payload[name]
+  return typeof value === 'string' && value !== '' ? value : null
+}
+
+/** The IdP's key set could not be had (down, slow, garbage): not the token's fault. */
+class KeySetUnavailable extends Error {
+  constructor (cause: unknown) {
+    super('JWKS unavailable', { cause })
+    this.name = 'KeySetUnavailable'
+  }
+}
+
+export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions): (token: string) => Promise<LogoutClaims> {
+  const now = options.now ?? Date.now
+  let keySet: { uri: string, keys: JWTVerifyGetKey } | null = null
+
+  function keysOf (jwksUri: string): JWTVerifyGetKey {
+    if (keySet?.uri !== jwksUri) {
+      const remote = createRemoteJWKSet(new URL(jwksUri), { timeoutDuration: 5000 })
+      keySet = {
+        uri: jwksUri,
+        keys: async function resolveKey (header, token) {
+          try {
+            return await remote(header, token)
+          } catch (error) {
+            // No key for the token's kid (after one refetch) is the token's fault; the rest is the IdP's.
+            throw error instanceof errors.JWKSNoMatchingKey ? error : new KeySetUnavailable(error)
+          }
+        }
+      }
+    }
+    return keySet.keys
+  }
+
+  return async function verifyLogoutToken (token: string): Promise<LogoutClaims> {
+    let configuration
+    try {
+      configuration = await options.oidc.configuration()
+    } catch (error) {
+      throw identityProviderUnavailable(error)
+    }
+    const metadata = configuration.serverMetadata()
+    let payload: JWTPayload
+    let type: string | undefined
+    try {
+      const verified = await jwtVerify(token, keysOf(metadata.jwks_uri as string), {
+        issuer: metadata.issuer,
+        audience: options.audiences,
+        algorithms: ID_TOKEN_ALGORITHMS,
+        clockTolerance: CLOCK_TOLERANCE_SEC,
+        currentDate: new Date(now()),
+        requiredClaims: ['iat', 'jti', 'events']
+      })
+      payload = verified.payload
+      type = verified.protectedHeader.typ
+    } catch (error) {
+      if (error instanceof KeySetUnavailable) throw identityProviderUnavailable(error.cause)
+      // jose's own errors: the token is malformed, forged, expired or not for us.
+      throw new InvalidLogoutToken(String((error as { code?: unknown }).code), { cause: error })
+    }
+    if (type !== undefined && !ACCEPTED_TYPES.has(type.toLowerCase())) throw new InvalidLogoutToken('typ')
+    const nowSec = Math.floor(now() / 1000)
+    if ((payload.iat as number) < nowSec - MAX_AGE_SEC - CLOCK_TOLERANCE_SEC) throw new InvalidLogoutToken('iat')
+    const event = (payload.events as Record<string, unknown> | null)?.[BACKCHANNEL_LOGOUT_EVENT]
+    if (typeof event !== 'object' || event === null) throw new InvalidLogoutToken('events')
+    // A nonce marks an ID token: never accepted as a logout token (spec section 2.6, step 5).
+    if ('nonce' in payload) throw new InvalidLogoutToken('nonce')
+    const subject = stringClaim(payload, 'sub')
+    const sid = stringClaim(payload, 'sid')
+    if (subject === null && sid === null) throw new InvalidLogoutToken('sub_or_sid')
+    const jti = stringClaim(payload, 'jti')
+    if (jti === null) throw new InvalidLogoutToken('jti')
+    const issuer = payload.iss as string
+    // Remembered for as long as the token could pass the iat check above.
+    if (!await options.replayGuard.firstUse(`${issuer}\0${jti}`, (MAX_AGE_SEC + 2 * CLOCK_TOLERANCE_SEC) * 1000)) {
+      throw new InvalidLogoutToken('replay')
+    }
+    return { issuer, subject, sid }
+  }
+}
+
+export interface BackchannelRouteOptions {
+  verify: (token: string) => Promise<LogoutClaims>
+}
+
+/**
+ * The route, in its own encapsulated context: the only place where a form-encoded body is parsed
+ * (the rest of the API is JSON only, which keeps "simple" cross-site requests out).
+ */
+export async function backchannelLogoutRoute (app: FastifyInstance, options: BackchannelRouteOptions): Promise<void> {
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string', bodyLimit: MAX_TOKEN_LENGTH + 1024 }, function parseForm (_request, body, done) {
+    const tokens = new URLSearchParams(body as string).getAll('logout_token')
+    // A repeated parameter is ambiguous: refused rather than picking one.
+    done(null, { logout_token: tokens.length === 1 ? tokens[0] : undefined })
+  })
+
+  // OpenAPI fields (tags, consumes) beside the validation ones, as the other routes have them.
+  const schema: FastifySchema = {
+    tags: ['auth'],
+    summary: 'OIDC Back-Channel Logout 1.0: the identity provider ends sessions (server to server)',
+    consumes: ['application/x-www-form-urlencoded']
+  } as FastifySchema
+  app.post('/auth/backchannel-logout', { schema }, async function backchannelLogout (request) {
+    const token = (request.body as { logout_token?: unknown } | undefined)?.logout_token
+    if (typeof token !== 'string' || token.length === 0 || token.length > MAX_TOKEN_LENGTH) throw invalidRequest()
+    let claims: LogoutClaims
+    try {
+      claims = await options.verify(token)
+    } catch (error) {
+      if (!(error instanceof InvalidLogoutToken)) throw error
+      request.log.info({ reason: error.reason }, 'logout token refused')
+      throw invalidRequest()
+    }
+    // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.
+    const ended = claims.sid !== null
+      ? await app.sessions.revokeByIdpSession(claims.issuer, claims.sid)
+      : await app.sessions.revokeBySubject(claims.issuer, claims.subject as string)
+    request.log.info({ ended, by: claims.sid !== null ? 'sid' : 'sub' }, 'back-channel logout')
+    return ok({}, 'Logged out')
+  })
+}

@@ -1,0 +1,43 @@
+import type { CookieSerializeOptions } from '@fastify/cookie'
+
+/**
+ * Cookie attributes of web sign-in. Both cookies carry the `__Host-` prefix, which makes browsers
+ * refuse them unless they are Secure, Path=/ and without Domain: no sibling subdomain and no
+ * plain-http hop can plant or read them. Secure is unconditional: behind a TLS-terminating load
+ * balancer the hop to us is plain HTTP, but the browser's side is HTTPS, and that is what counts.
+ */
+
+export { SESSION_COOKIE } from '../auth/cookie.js'
+
+/** The sealed login state between `/auth/login` and `/auth/callback`. */
+export const LOGIN_COOKIE = '__Host-bff-login'
+
+/** How long a sign-in at the identity provider may take. */
+export const LOGIN_TTL_SEC = 600
+
+/**
+ * SameSite=Strict: the cookie is sent only on requests started from our own site, so no other
+ * site can make a browser use it, whatever the method. The session is set in the answer to the
+ * IdP's cross-site redirect, which browsers accept; the first document load after that redirect
+ * does not carry it, but this service renders no pages: the app's own fetches do carry it.
+ * No Max-Age: a browser-session cookie; the server enforces the idle and absolute lifetimes.
+ */
+export const SESSION_COOKIE_OPTIONS: CookieSerializeOptions = {
+  path: '/',
+  secure: true,
+  httpOnly: true,
+  sameSite: 'strict'
+}
+
+/**
+ * SameSite=Lax: the IdP's redirect to `/auth/callback` is a cross-site top-level GET, on which a
+ * Strict cookie would not be sent and every sign-in would fail. Lax is safe here: the cookie is
+ * sealed, single-use, short-lived, and only binds the callback to the browser that started it.
+ */
+export const LOGIN_COOKIE_OPTIONS: CookieSerializeOptions = {
+  path: '/',
+  secure: true,
+  httpOnly: true,
+  sameSite: 'lax',
+  maxAge: LOGIN_TTL_SEC
+}

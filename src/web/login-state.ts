@@ -1,0 +1,55 @@
+import { hkdfSync } from 'node:crypto'
+import { EncryptJWT, jwtDecrypt } from 'jose'
+import { LOGIN_TTL_SEC } from './cookies.js'
+
+/**
+ * The login state of one browser between `/auth/login` and `/auth/callback`, sealed (AES-256-GCM)
+ * into a cookie: no store write before sign-in, and any replica can open it. Encrypted, not only
+ * signed, because it holds the PKCE verifier. The key is derived from the org API key under its
+ * own HKDF label, so every replica has it and the API key itself is used for nothing else.
+ */
+
+export interface LoginState {
+  state: string
+  nonce: string
+  codeVerifier: string
+  returnTo: string
+}
+
+export interface LoginStateSeal {
+  seal: (state: LoginState) => Promise<string>
+  /** Null when the value is missing, forged, from another deployment or expired. */
+  open: (value: unknown) => Promise<LoginState | null>
+}
+
+export function createLoginStateSeal (apiKey: string, now: () => number = Date.now): LoginStateSeal {
+  const key = new Uint8Array(hkdfSync('sha256', apiKey, Buffer.alloc(0), 'bff-web-login-state', 32))
+
+  async function seal (state: LoginState): Promise<string> {
+    const at = Math.floor(now() / 1000)
+    return await new EncryptJWT({ s: state.state, n: state.nonce, v: state.codeVerifier, r: state.returnTo })
+      .setProtectedHeader({ alg: 'dir', enc: 'A256GCM' })
+      .setIssuedAt(at)
+      .setExpirationTime(at + LOGIN_TTL_SEC)
+      .encrypt(key)
+  }
+
+  async function open (value: unknown): Promise<LoginState | null> {
+    if (typeof value !== 'string') return null
+    try {
+      const { payload } = await jwtDecrypt(value, key, {
+        keyManagementAlgorithms: ['dir'],
+        contentEncryptionAlgorithms: ['A256GCM'],
+        currentDate: new Date(now()),
+        requiredClaims: ['exp']
+      })
+      // Authenticated encryption: only seal() above can have written these fields.
+      const { s, n, v, r } = payload as Record<string, string>
+      return { state: s as string, nonce: n as string, codeVerifier: v as string, returnTo: r as string }
+    } catch {
+      return null
+    }
+  }
+
+  return { seal, open }
+}

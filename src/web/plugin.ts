@@ -1,0 +1,83 @@
+import fp from 'fastify-plugin'
+import type {} from '../auth/plugin.js'
+import * as client from 'openid-client'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import { SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
+import { createLoginStateSeal } from './login-state.js'
+import { createWebOidc, type WebOidc } from './oidc.js'
+import { createReplayGuard } from './replay-guard.js'
+import { createLogoutTokenVerifier } from './backchannel.js'
+import { webRoutes } from './routes.js'
+
+/**
+ * Web sign-in (issue 4): `/auth/login`, `/auth/callback`, `/auth/backchannel-logout` when the web
+ * client is configured, and the web side of `POST /auth/logout` in every case.
+ */
+
+export interface WebSignIn {
+  /**
+   * The web side of sign-out, after the session is revoked: clears the session cookie when that
+   * is how the session came, and gives the IdP's end-session URL for a web session when the IdP
+   * has one (null otherwise, and when the IdP cannot be reached: sign-out here never fails on it).
+   */
+  signOut: (request: FastifyRequest, reply: FastifyReply) => Promise<string | null>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    webSignIn: WebSignIn
+  }
+}
+
+export interface WebSignInOptions {
+  now?: () => number
+}
+
+async function endSessionUrl (oidc: WebOidc, idToken: string | null): Promise<string | null> {
+  try {
+    const configuration = await oidc.configuration()
+    if (configuration.serverMetadata().end_session_endpoint === undefined) return null
+    return client.buildEndSessionUrl(configuration, {
+      client_id: oidc.clientId,
+      post_logout_redirect_uri: oidc.postLogoutRedirectUri,
+      /* c8 ignore next -- web sessions always keep their ID token; client_id alone also works */
+      ...(idToken === null ? {} : { id_token_hint: idToken })
+    }).href
+  } catch {
+    return null
+  }
+}
+
+async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Promise<void> {
+  const { config } = app
+  const web = config.oidc.web
+  const oidc = web === null
+    ? null
+    : createWebOidc({ issuer: config.oidc.issuer, clientId: web.clientId, clientSecret: web.clientSecret, publicUrl: web.publicUrl })
+
+  app.decorate('webSignIn', {
+    async signOut (request: FastifyRequest, reply: FastifyReply): Promise<string | null> {
+      if (request.sessionTransport === 'cookie') reply.clearCookie(SESSION_COOKIE, SESSION_COOKIE_OPTIONS)
+      const session = request.session
+      if (oidc === null || session === null || session.method !== 'web') return null
+      return await endSessionUrl(oidc, session.idToken)
+    }
+  })
+
+  // Without a web client the routes do not exist: 404 NOT_FOUND, like any unknown path.
+  if (web === null || oidc === null) return
+  const verifyLogoutToken = createLogoutTokenVerifier({
+    oidc,
+    audiences: [...new Set([web.clientId, ...config.oidc.audiences])],
+    replayGuard: createReplayGuard(app.sharedState, options.now),
+    ...(options.now === undefined ? {} : { now: options.now })
+  })
+  await app.register(webRoutes, {
+    oidc,
+    seal: createLoginStateSeal(config.care360.apiKey, options.now),
+    publicUrl: web.publicUrl,
+    verifyLogoutToken
+  })
+}
+
+export const webSignInPlugin = fp(webSignIn, { name: 'web-sign-in', fastify: '5.x', dependencies: ['auth', 'web-security'] })

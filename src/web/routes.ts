@@ -1,0 +1,169 @@
+import * as client from 'openid-client'
+import type {} from '../auth/plugin.js'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import { Type } from 'typebox'
+import { isWellFormedToken } from '../auth/session-store.js'
+import { ApiError } from '../errors.js'
+import { LOGIN_COOKIE, LOGIN_COOKIE_OPTIONS, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
+import type { LoginStateSeal } from './login-state.js'
+import { WEB_SCOPES, type WebOidc } from './oidc.js'
+import { safeReturnTo } from './return-to.js'
+import { backchannelLogoutRoute, type LogoutClaims } from './backchannel.js'
+
+/**
+ * Web sign-in: the authorization code flow with PKCE, as the web app's confidential client (the
+ * IETF "OAuth 2.0 for Browser-Based Applications" BFF pattern). Tokens stay here; the browser gets
+ * only an opaque session id in a `__Host-` cookie.
+ */
+
+/**
+ * The fixed reasons a sign-in fails, sent to the web app as `?signin_error=`. Short codes only:
+ * never the IdP's own text, which an attacker could choose by forging a callback URL.
+ */
+export type SignInError =
+  | 'access_denied' // the user (or the IdP's policy) refused
+  | 'idp_error' // the IdP answered the authorization request with another error
+  | 'login_expired' // no, forged or expired login state: the sign-in was not started in this browser, or too long ago
+  | 'state_mismatch' // the callback belongs to another sign-in
+  | 'idp_unavailable' // discovery or the token endpoint could not be reached
+  | 'exchange_failed' // the code was refused (replayed, expired) or the token answer was unusable
+  | 'invalid_token' // the ID token failed verification (signature, nonce, audience, ...)
+  | 'email_unverified' // no verified email: the service acts for a patient by email only
+  | 'session_unavailable' // the session store could not answer
+
+export interface WebRoutesOptions {
+  oidc: WebOidc
+  seal: LoginStateSeal
+  publicUrl: string
+  verifyLogoutToken: (token: string) => Promise<LogoutClaims>
+}
+
+const LoginQuery = Type.Object({
+  returnTo: Type.Optional(Type.String({ description: 'A path on this service to return to after sign-in; anything else means `/`' }))
+})
+
+const redirectAnswer = (description: string) => ({ 302: { description, type: 'null' } })
+
+/** Network failures and timeouts of fetch, as opposed to an IdP that answered. */
+function isUnreachable (error: unknown): boolean {
+  return error instanceof Error && (error.name === 'TypeError' || error.name === 'AbortError' || error.name === 'TimeoutError')
+}
+
+/** openid-client's failure, in our fixed vocabulary. */
+export function exchangeFailure (error: unknown): SignInError {
+  if (error instanceof client.ResponseBodyError) return 'exchange_failed'
+  if (isUnreachable(error)) return 'idp_unavailable'
+  const code = (error as { code?: unknown }).code
+  // JWT and JWS checks of the ID token (claims, nonce, signature); the rest is a bad token answer.
+  if (typeof code === 'string' && (code.startsWith('OAUTH_JWT') || code.includes('SIGNATURE') || code.startsWith('ERR_J'))) return 'invalid_token'
+  return 'exchange_failed'
+}
+
+export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
+  const { oidc, seal, publicUrl } = options
+
+  function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
+    request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')
+    return reply.redirect(`${publicUrl}/?signin_error=${reason}`, 302)
+  }
+
+  app.get('/auth/login', {
+    attachValidation: true,
+    schema: {
+      tags: ['auth'],
+      summary: 'Web sign-in: redirects to the identity provider (authorization code flow with PKCE)',
+      querystring: LoginQuery,
+      response: redirectAnswer('To the identity provider, or to the web app with `signin_error` when it is unreachable')
+    }
+  }, async function startSignIn (request, reply) {
+    // A repeated or malformed returnTo fails validation: it falls back to `/` like any unsafe one.
+    const returnTo = request.validationError === undefined ? safeReturnTo((request.query as { returnTo?: unknown }).returnTo) : '/'
+    let configuration: client.Configuration
+    try {
+      configuration = await oidc.configuration()
+    } catch (error) {
+      return failSignIn(request, reply, 'idp_unavailable', error)
+    }
+    const codeVerifier = client.randomPKCECodeVerifier()
+    const state = client.randomState()
+    const nonce = client.randomNonce()
+    const url = client.buildAuthorizationUrl(configuration, {
+      redirect_uri: oidc.redirectUri,
+      scope: WEB_SCOPES,
+      code_challenge: await client.calculatePKCECodeChallenge(codeVerifier),
+      code_challenge_method: 'S256',
+      state,
+      nonce
+    })
+    reply.setCookie(LOGIN_COOKIE, await seal.seal({ state, nonce, codeVerifier, returnTo }), LOGIN_COOKIE_OPTIONS)
+    return reply.redirect(url.href, 302)
+  })
+
+  app.get('/auth/callback', {
+    schema: {
+      tags: ['auth'],
+      summary: 'Finishes web sign-in: sets the session cookie and redirects to `returnTo`, or to the web app with `signin_error`',
+      response: redirectAnswer('To `returnTo` with the session cookie set, or to the web app with `signin_error=<reason>`')
+    }
+  }, async function finishSignIn (request, reply) {
+    // Single use, whatever happens next.
+    reply.clearCookie(LOGIN_COOKIE, LOGIN_COOKIE_OPTIONS)
+    const query = request.query as Record<string, unknown>
+    if (query.error !== undefined) return failSignIn(request, reply, query.error === 'access_denied' ? 'access_denied' : 'idp_error')
+    const login = await seal.open(request.cookies[LOGIN_COOKIE])
+    if (login === null) return failSignIn(request, reply, 'login_expired')
+    if (query.state !== login.state) return failSignIn(request, reply, 'state_mismatch')
+
+    let configuration: client.Configuration
+    try {
+      configuration = await oidc.configuration()
+    } catch (error) {
+      return failSignIn(request, reply, 'idp_unavailable', error)
+    }
+    // The URL the IdP redirected to, rebuilt from PUBLIC_URL (never from Host or X-Forwarded-*).
+    const search = request.url.includes('?') ? request.url.slice(request.url.indexOf('?')) : ''
+    let claims: client.IDToken
+    let idToken: string
+    try {
+      const tokens = await client.authorizationCodeGrant(configuration, new URL(`${oidc.redirectUri}${search}`), {
+        pkceCodeVerifier: login.codeVerifier,
+        expectedState: login.state,
+        expectedNonce: login.nonce,
+        idTokenExpected: true
+      })
+      // expectedNonce makes openid-client require and verify an ID token.
+      claims = tokens.claims() as client.IDToken
+      idToken = tokens.id_token as string
+    } catch (error) {
+      return failSignIn(request, reply, exchangeFailure(error), error)
+    }
+    const email = claims.email
+    if (typeof email !== 'string' || !email.includes('@') || email.length > 254 || claims.email_verified !== true) {
+      return failSignIn(request, reply, 'email_unverified')
+    }
+
+    try {
+      // Never adopt a session id from before sign-in (session fixation): whatever cookie the
+      // browser brought is ended, and the session below gets a fresh id.
+      const previous = request.cookies[SESSION_COOKIE]
+      if (previous !== undefined && isWellFormedToken(previous)) await app.sessions.revoke(previous)
+      const { token, session } = await app.sessions.create({
+        email,
+        subject: claims.sub,
+        issuer: claims.iss,
+        method: 'web',
+        idpSessionId: typeof claims.sid === 'string' && claims.sid !== '' ? claims.sid : null,
+        idToken
+      })
+      reply.setCookie(SESSION_COOKIE, token, SESSION_COOKIE_OPTIONS)
+      request.log.info({ patient: app.patientRef(session.email), method: 'web' }, 'session created')
+    } catch (error) {
+      /* c8 ignore next -- the store throws ApiErrors (503) only; anything else is our bug */
+      if (!(error instanceof ApiError)) throw error
+      return failSignIn(request, reply, 'session_unavailable', error)
+    }
+    return reply.redirect(`${publicUrl}${login.returnTo}`, 302)
+  })
+
+  await app.register(backchannelLogoutRoute, { verify: options.verifyLogoutToken })
+}

@@ -1,0 +1,47 @@
+import fp from 'fastify-plugin'
+import helmet from '@fastify/helmet'
+import cookie from '@fastify/cookie'
+import cors from '@fastify/cors'
+import type { FastifyInstance } from 'fastify'
+
+/**
+ * Browser-facing protections of a JSON API: security headers on every answer, cookie parsing for
+ * the session cookie, and CORS with credentials for the configured web origins only.
+ */
+
+/** Request headers a web app may send cross-origin; anything else fails the preflight. */
+export const CORS_ALLOWED_HEADERS = ['content-type', 'x-csrf', 'idempotency-key', 'authorization', 'x-request-id']
+/** Answer headers a web app's script may read. */
+export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'ratelimit', 'ratelimit-policy', 'idempotent-replayed']
+
+async function webSecurity (app: FastifyInstance): Promise<void> {
+  await app.register(helmet, {
+    global: true,
+    // Nothing we answer is a document: it may load nothing, run nothing and be framed by no one.
+    contentSecurityPolicy: {
+      useDefaults: false,
+      directives: { defaultSrc: ["'none'"], frameAncestors: ["'none'"], baseUri: ["'none'"], formAction: ["'none'"] }
+    },
+    // The public side is HTTPS (PUBLIC_URL); browsers ignore HSTS over plain http (loopback dev).
+    // No includeSubDomains: the operator's other hosts are not ours to pin.
+    strictTransportSecurity: { maxAge: 31_536_000, includeSubDomains: false },
+    // The sign-in redirects carry an authorization code in the URL: never in a Referer.
+    referrerPolicy: { policy: 'no-referrer' },
+    crossOriginResourcePolicy: { policy: 'same-origin' },
+    crossOriginOpenerPolicy: { policy: 'same-origin' },
+    xFrameOptions: { action: 'deny' }
+  })
+  await app.register(cookie, { hook: 'onRequest' })
+  await app.register(cors, {
+    // Exact origins only (config normalises them), never a reflection of whatever Origin came in.
+    origin: app.config.corsOrigins,
+    credentials: true,
+    methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'],
+    allowedHeaders: CORS_ALLOWED_HEADERS,
+    exposedHeaders: CORS_EXPOSED_HEADERS,
+    maxAge: 600,
+    strictPreflight: true
+  })
+}
+
+export const webSecurityPlugin = fp(webSecurity, { name: 'web-security', fastify: '5.x', dependencies: ['answers'] })

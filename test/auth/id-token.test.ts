@@ -1,0 +1,193 @@
+import t from 'tap'
+import { createServer } from 'node:http'
+import { once } from 'node:events'
+import type { AddressInfo } from 'node:net'
+import { pino } from 'pino'
+import { ApiError } from '../../src/errors.js'
+import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
+import { garbageToken, startIssuer, type TestIssuer } from '../helpers/issuer.js'
+
+const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions> = {}) =>
+  createIdTokenVerifier({ issuer: issuer.url, audiences: ['other-app', issuer.clientId], jwksCooldownMs: 0, ...options })
+
+const INVALID = { statusCode: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' }
+const UNAVAILABLE = { statusCode: 503, code: 'SERVICE_UNAVAILABLE' }
+
+async function refusal (promise: Promise<unknown>): Promise<unknown> {
+  return promise.then(() => null, (error: unknown) => error)
+}
+
+t.test('accepts a valid token signed with RS256 or ES256', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  t.same(await verifier.verify(await issuer.sign({ sid: 'idp-session-1' })), {
+    email: 'patient@example.com',
+    subject: 'patient-subject-1',
+    issuer: issuer.url,
+    sid: 'idp-session-1'
+  })
+  t.equal((await verifier.verify(await issuer.sign({}, { key: 'es256' }))).sid, null)
+  t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId] })), 'one of our audiences among several')
+  t.ok(await verifier.verify(await issuer.sign({ aud: 'other-app' })), 'any configured audience')
+  t.equal(issuer.hits.discovery, 1, 'discovery fetched once and cached')
+  t.equal(issuer.hits.jwks, 1, 'JWKS fetched once and cached')
+  t.notOk(ID_TOKEN_ALGORITHMS.some((alg) => alg.startsWith('HS') || alg === 'none'))
+})
+
+t.test('auth_time, when present, is what must be recent', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  const nowSec = Math.floor(Date.now() / 1000)
+  await t.rejects(verifier.verify(await issuer.sign({ auth_time: nowSec - 3600 })), INVALID)
+  t.ok(await verifier.verify(await issuer.sign({ auth_time: nowSec - 60 })))
+  await t.rejects(verifier.verify(await issuer.sign({ auth_time: nowSec + 3600 })), INVALID, 'not in the future either')
+  await t.rejects(verifier.verify(await issuer.sign({ iat: nowSec + 3600, auth_time: nowSec })), INVALID, 'iat in the future')
+  t.ok(await verifier.verify(await issuer.sign({ iat: nowSec - 620 })), 'just over 10 minutes, within the clock tolerance')
+})
+
+t.test('refuses every kind of bad token with the same 401', async (t) => {
+  const issuer = await startIssuer(t)
+  const debug: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'debug' }, { write: (line: string) => { debug.push(JSON.parse(line) as Record<string, unknown>) } })
+  const verifier = verifierFor(issuer, { log })
+  const nowSec = Math.floor(Date.now() / 1000)
+  const cases: Array<[string, Promise<string> | string]> = [
+    ['wrong aud', issuer.sign({ aud: 'someone-else' })],
+    ['wrong iss', issuer.sign({ iss: 'https://evil.example' })],
+    ['expired', issuer.sign({ exp: nowSec - 120 })],
+    ['no exp', issuer.sign({ exp: undefined })],
+    ['nbf in the future', issuer.sign({ nbf: nowSec + 600 })],
+    ['iat too old', issuer.sign({ iat: nowSec - 3600 })],
+    ['no iat', issuer.sign({ iat: undefined })],
+    ['no sub', issuer.sign({ sub: undefined })],
+    ['empty sub', issuer.sign({ sub: '' })],
+    ['unverified email', issuer.sign({ email_verified: false })],
+    ['email_verified as a string', issuer.sign({ email_verified: 'true' })],
+    ['missing email', issuer.sign({ email: undefined })],
+    ['email not a string', issuer.sign({ email: ['a@example.com'] })],
+    ['email without @', issuer.sign({ email: 'patient' })],
+    ['alg none', issuer.sign({}, { alg: 'none' })],
+    ['HS256', issuer.sign({}, { alg: 'HS256' })],
+    ['unknown kid', issuer.sign({}, { key: 'unknown' })],
+    ['an access token', issuer.sign({}, { header: { typ: 'at+jwt' } })],
+    ['garbage', garbageToken()],
+    ['empty', ''],
+    ['too long', 'a'.repeat(MAX_ID_TOKEN_LENGTH + 1)]
+  ]
+  const good = await issuer.sign()
+  const [head, body] = good.split('.')
+  cases.push(['bad signature', `${head}.${body}.${Buffer.from('x'.repeat(256)).toString('base64url')}`])
+  const other = (await issuer.sign({ email: 'attacker@example.com' })).split('.')
+  cases.push(['payload swapped under a valid signature', `${head}.${other[1]}.${good.split('.')[2]}`])
+  for (const [name, tokenOrPromise] of cases) {
+    const error = await refusal(verifier.verify(await tokenOrPromise))
+    t.ok(error instanceof ApiError, name)
+    t.match(error, { statusCode: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' }, name)
+  }
+  t.ok(debug.length > 0)
+  for (const line of debug) {
+    t.equal(line.msg, 'ID token refused')
+    t.type(line.reason, 'string')
+    t.notOk(JSON.stringify(line).includes(head as string), 'the token never reaches the log')
+  }
+  t.ok(debug.some((line) => line.reason === 'email_verified'))
+  t.ok(debug.some((line) => line.reason === 'ERR_JOSE_ALG_NOT_ALLOWED'))
+})
+
+t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted after it', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  t.ok(await verifier.verify(await issuer.sign()))
+  t.equal(issuer.hits.jwks, 1)
+  await t.rejects(verifier.verify(await issuer.sign({}, { key: 'unknown' })), INVALID)
+  t.equal(issuer.hits.jwks, 2, 'exactly one refetch for an unknown kid')
+  issuer.rotate()
+  t.ok(await verifier.verify(await issuer.sign({}, { key: 'rotated' })), 'rotated key accepted')
+  t.equal(issuer.hits.jwks, 3, 'after one refresh')
+  t.ok(await verifier.verify(await issuer.sign({}, { key: 'rotated' })))
+  t.equal(issuer.hits.jwks, 3, 'and cached from then on')
+})
+
+t.test('the JWKS refetch cooldown holds back a flood of unknown kids', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = createIdTokenVerifier({ issuer: issuer.url, audiences: [issuer.clientId] })
+  t.ok(await verifier.verify(await issuer.sign()))
+  for (let i = 0; i < 5; i++) await t.rejects(verifier.verify(await issuer.sign({}, { key: 'unknown' })), INVALID)
+  t.equal(issuer.hits.jwks, 1, 'no refetch within the 30 s cooldown')
+})
+
+t.test('discovery: retried after a failure, and must name the configured issuer', async (t) => {
+  const issuer = await startIssuer(t)
+  const warnings: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'warn' }, { write: (line: string) => { warnings.push(JSON.parse(line) as Record<string, unknown>) } })
+  const verifier = verifierFor(issuer, { log })
+  const token = await issuer.sign()
+
+  issuer.behaviour.discoveryStatus = 500
+  await t.rejects(verifier.verify(token), { statusCode: 503, code: 'SERVICE_UNAVAILABLE', headers: { 'retry-after': '5' } })
+  issuer.behaviour.discoveryStatus = 200
+  issuer.behaviour.discoveryIssuer = 'https://impostor.example'
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  issuer.behaviour.discoveryIssuer = undefined
+  issuer.behaviour.jwksUri = 'http://evil.example/jwks'
+  await t.rejects(verifier.verify(token), UNAVAILABLE, 'plain http only on loopback')
+  issuer.behaviour.jwksUri = 'not a url'
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  issuer.behaviour.jwksUri = null
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  issuer.behaviour.jwksUri = undefined
+  t.ok(await verifier.verify(token), 'the next call tries again and succeeds')
+  t.equal(issuer.hits.discovery, 6)
+  t.ok(await verifier.verify(token))
+  t.equal(issuer.hits.discovery, 6, 'then cached')
+  t.ok(warnings.every((line) => line.msg === 'ID token: identity provider unavailable'))
+  t.equal(warnings.length, 5)
+})
+
+t.test('a trailing slash on the published issuer is the same issuer', async (t) => {
+  const issuer = await startIssuer(t)
+  issuer.behaviour.discoveryIssuer = `${issuer.url}/`
+  const verifier = verifierFor(issuer)
+  t.ok(await verifier.verify(await issuer.sign({ iss: `${issuer.url}/` })))
+  await t.rejects(verifier.verify(await issuer.sign()), INVALID, 'iss must then match the published one')
+})
+
+t.test('JWKS failures are the provider\'s, answered 503', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  const token = await issuer.sign()
+  issuer.behaviour.jwksStatus = 500
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  issuer.behaviour.jwksStatus = 200
+  issuer.behaviour.jwksBody = { keys: 'none' }
+  await t.rejects(verifier.verify(token), UNAVAILABLE, 'not a key set')
+  issuer.behaviour.jwksBody = undefined
+  t.ok(await verifier.verify(token), 'recovers once the JWKS answers')
+
+  const refused = await startIssuer(t)
+  refused.behaviour.jwksUri = 'http://127.0.0.1:9/jwks'
+  await t.rejects(verifierFor(refused).verify(await refused.sign()), UNAVAILABLE, 'JWKS unreachable')
+
+  // A JWKS endpoint that never answers: jose's timeout, then 503.
+  const silentServer = createServer(() => {})
+  silentServer.listen(0, '127.0.0.1')
+  await once(silentServer, 'listening')
+  t.teardown(() => { silentServer.closeAllConnections(); silentServer.close() })
+  const hung = await startIssuer(t)
+  hung.behaviour.jwksUri = `http://127.0.0.1:${(silentServer.address() as AddressInfo).port}/jwks`
+  const slow = verifierFor(hung, { fetchTimeoutMs: 200 })
+  const started = Date.now()
+  await t.rejects(slow.verify(await hung.sign()), UNAVAILABLE)
+  t.ok(Date.now() - started < 2000, 'bounded by the fetch timeout')
+
+  const down = createIdTokenVerifier({ issuer: 'http://127.0.0.1:9', audiences: ['x'] })
+  await t.rejects(down.verify(token), UNAVAILABLE, 'issuer unreachable')
+})
+
+t.test('uses the injected clock', async (t) => {
+  const at = Date.now() - 24 * 3600_000
+  const issuer = await startIssuer(t, { now: () => at })
+  const token = await issuer.sign()
+  await t.rejects(verifierFor(issuer).verify(token), INVALID, 'a day old by the real clock')
+  t.ok(await verifierFor(issuer, { now: () => at + 1000 }).verify(token))
+})

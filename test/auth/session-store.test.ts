@@ -1,0 +1,354 @@
+import t, { type Test } from 'tap'
+import { createHash } from 'node:crypto'
+import { pino } from 'pino'
+import { Redis } from 'ioredis'
+import { ApiError } from '../../src/errors.js'
+import { createSharedState, type SharedState } from '../../src/state/redis.js'
+import {
+  MemorySessionStore,
+  RedisSessionStore,
+  createSessionStore,
+  isWellFormedToken,
+  sessionIdOf,
+  type NewSession,
+  type SessionStore
+} from '../../src/auth/session-store.js'
+import { startRedis } from '../helpers/redis.js'
+
+const MIN = 60_000
+const IDLE = 30 * MIN
+const ABSOLUTE = 2 * 60 * MIN
+const START = 1_700_000_000_000
+
+const silent = pino({ level: 'silent' })
+
+const patient = (overrides: Partial<NewSession> = {}): NewSession => ({
+  email: 'patient@example.com',
+  subject: 'subject-1',
+  issuer: 'https://idp.example',
+  method: 'mobile',
+  idpSessionId: null,
+  ...overrides
+})
+
+interface Harness {
+  store: SessionStore
+  clock: { at: number }
+  /** Every key and value the store holds, flattened (Redis only). */
+  dump?: () => Promise<string[]>
+  redis?: Redis
+}
+
+async function connected (sharedState: SharedState): Promise<Redis> {
+  const redis = sharedState.redis as Redis
+  while (sharedState.mode() !== 'redis') await new Promise((resolve) => setTimeout(resolve, 5))
+  return redis
+}
+
+async function dumpRedis (redis: Redis): Promise<string[]> {
+  const out: string[] = []
+  for (const key of await redis.keys('*')) {
+    out.push(key)
+    const type = await redis.type(key)
+    if (type === 'hash') out.push(...Object.entries(await redis.hgetall(key)).flat())
+    else if (type === 'set') out.push(...await redis.smembers(key))
+    else out.push(String(await redis.get(key)))
+  }
+  return out
+}
+
+const redisServer = await startRedis(t)
+
+const kinds: Array<{ name: string, make: (t: Test) => Promise<Harness> }> = [
+  {
+    name: 'memory',
+    make: async () => {
+      const clock = { at: START }
+      return { store: createSessionStore({ redis: null }, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at }), clock }
+    }
+  },
+  {
+    name: 'redis',
+    make: async (t) => {
+      await redisServer.flush()
+      const sharedState = createSharedState({ url: redisServer.url, log: silent })
+      t.teardown(() => sharedState.close())
+      const redis = await connected(sharedState)
+      const clock = { at: START }
+      const store = createSessionStore(sharedState, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at })
+      return { store, clock, redis, dump: () => dumpRedis(redis) }
+    }
+  }
+]
+
+for (const kind of kinds) {
+  t.test(`${kind.name} store`, async (t) => {
+    t.test('create then get', async (t) => {
+      const { store } = await kind.make(t)
+      const { token, session } = await store.create(patient({ idpSessionId: 'sid-1' }))
+      t.match(token, /^[A-Za-z0-9_-]{43}$/)
+      t.ok(isWellFormedToken(token))
+      t.equal(session.id, createHash('sha256').update(token).digest('base64url'))
+      t.equal(session.id, sessionIdOf(token))
+      t.not(session.id, token)
+      t.same(session, {
+        id: session.id,
+        email: 'patient@example.com',
+        subject: 'subject-1',
+        issuer: 'https://idp.example',
+        method: 'mobile',
+        idpSessionId: 'sid-1',
+        idToken: null,
+        createdAt: START,
+        lastSeenAt: START,
+        absoluteExpiresAt: START + ABSOLUTE,
+        expiresAt: START + IDLE
+      })
+      t.same(await store.get(token), session)
+      const other = await store.create(patient())
+      t.not(other.token, token, 'every token is new')
+      t.equal((await store.get(other.token))?.idpSessionId, null)
+    })
+
+    t.test('keeps a web id_token for the end-session hint', async (t) => {
+      const { store } = await kind.make(t)
+      const { token } = await store.create(patient({ method: 'web', idToken: 'header.payload.signature' }))
+      const session = await store.get(token)
+      t.equal(session?.method, 'web')
+      t.equal(session?.idToken, 'header.payload.signature')
+    })
+
+    t.test('the token is never stored in clear', async (t) => {
+      const { store, dump, redis } = await kind.make(t)
+      const { token } = await store.create(patient({ idpSessionId: 'sid-1' }))
+      t.equal((await store.get(token))?.id, sessionIdOf(token), 'the session is keyed by the hash')
+      // The memory store's map is private; its key is the id checked above.
+      if (dump === undefined || redis === undefined) return
+      const everything = await dump()
+      t.ok(everything.length > 0)
+      for (const item of everything) t.notOk(item.includes(token), 'no key or value holds the token')
+      const keys = await redis.keys('*')
+      t.ok(keys.some((key) => key.endsWith(sessionIdOf(token))), 'the hash is the key')
+      t.notOk(keys.some((key) => key.includes('subject-1') || key.includes('sid-1') || key.includes('patient@')), 'no identifiers in key names')
+    })
+
+    t.test('idle expiry', async (t) => {
+      const { store, clock } = await kind.make(t)
+      const { token } = await store.create(patient())
+      clock.at += IDLE
+      t.equal(await store.get(token), null, 'dead at exactly the idle limit')
+      clock.at -= 1
+      t.equal(await store.get(token), null, 'and stays dead once found expired')
+    })
+
+    t.test('idle expiry slides with use, at most one write per interval', async (t) => {
+      const { store, clock, redis } = await kind.make(t)
+      const { token, session } = await store.create(patient())
+      clock.at += 30_000
+      const early = await store.get(token)
+      t.equal(early?.lastSeenAt, START, 'no touch within a minute')
+      t.equal(early?.expiresAt, START + IDLE)
+      clock.at = START + IDLE - MIN
+      const touched = await store.get(token)
+      t.equal(touched?.lastSeenAt, clock.at)
+      t.equal(touched?.expiresAt, clock.at + IDLE)
+      if (redis !== undefined) {
+        const key = (await redis.keys(`*${session.id}`))[0] as string
+        t.equal(await redis.hget(key, 'lastSeenAt'), String(clock.at))
+        const ttl = await redis.pttl(key)
+        t.ok(ttl > IDLE - 5000 && ttl <= IDLE, 'PEXPIRE slides too')
+      }
+      clock.at += IDLE - MIN
+      t.ok(await store.get(token), 'alive well past the first idle limit')
+    })
+
+    t.test('absolute expiry despite activity', async (t) => {
+      const { store, clock } = await kind.make(t)
+      const { token } = await store.create(patient())
+      while (clock.at + 20 * MIN < START + ABSOLUTE) {
+        clock.at += 20 * MIN
+        const session = await store.get(token)
+        t.ok(session)
+        t.equal(session?.expiresAt, Math.min(clock.at + IDLE, START + ABSOLUTE), 'expiresAt is the earlier limit')
+      }
+      clock.at = START + ABSOLUTE
+      t.equal(await store.get(token), null)
+    })
+
+    t.test('revoke', async (t) => {
+      const { store } = await kind.make(t)
+      const first = await store.create(patient())
+      const second = await store.create(patient())
+      await store.revoke(first.token)
+      t.equal(await store.get(first.token), null)
+      t.ok(await store.get(second.token), 'other sessions of the patient stay')
+      await store.revokeById(second.session.id)
+      t.equal(await store.get(second.token), null)
+      await store.revoke('not a token')
+      await store.revoke(first.token)
+      t.pass('revoking twice or junk is harmless')
+    })
+
+    t.test('revokeBySubject', async (t) => {
+      const { store } = await kind.make(t)
+      const a = await store.create(patient({ idpSessionId: 'sid-a' }))
+      const b = await store.create(patient())
+      const otherPatient = await store.create(patient({ subject: 'subject-2', email: 'other@example.com' }))
+      const otherIssuer = await store.create(patient({ issuer: 'https://other.example' }))
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 2)
+      t.equal(await store.get(a.token), null)
+      t.equal(await store.get(b.token), null)
+      t.ok(await store.get(otherPatient.token))
+      t.ok(await store.get(otherIssuer.token), 'the same subject at another issuer is someone else')
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 0)
+      t.equal(await store.revokeBySubject('https://idp.example', 'nobody'), 0)
+      const later = await store.create(patient())
+      t.ok(await store.get(later.token), 'a new sign-in after the logout works')
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 1, 'and is indexed again')
+    })
+
+    t.test('revokeByIdpSession', async (t) => {
+      const { store } = await kind.make(t)
+      const a = await store.create(patient({ idpSessionId: 'sid-1' }))
+      const b = await store.create(patient({ idpSessionId: 'sid-1', method: 'web' }))
+      const c = await store.create(patient({ idpSessionId: 'sid-2' }))
+      const d = await store.create(patient())
+      t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 2)
+      t.equal(await store.get(a.token), null)
+      t.equal(await store.get(b.token), null)
+      t.ok(await store.get(c.token))
+      t.ok(await store.get(d.token))
+      t.equal(await store.revokeByIdpSession('https://other.example', 'sid-2'), 0)
+      t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 0)
+    })
+
+    t.test('malformed tokens are refused', async (t) => {
+      const { store } = await kind.make(t)
+      const { token } = await store.create(patient())
+      const malformed = [
+        '',
+        token.slice(1),
+        `${token}A`,
+        `${token.slice(0, 42)}+`,
+        `${token.slice(0, 42)}=`,
+        `${token.slice(0, 20)}.${token.slice(21)}`,
+        // Same bytes, non-canonical last character (its 2 spare bits set).
+        `${token.slice(0, 42)}${String.fromCharCode(token.charCodeAt(42) ^ 1)}`,
+        'x'.repeat(10_000)
+      ]
+      for (const bad of malformed) {
+        t.notOk(isWellFormedToken(bad), JSON.stringify(bad.slice(0, 50)))
+        t.equal(await store.get(bad), null)
+      }
+    })
+  })
+}
+
+t.test('memory store sweeps expired sessions so it stays bounded', async (t) => {
+  const clock = { at: START }
+  const store = new MemorySessionStore({ idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at, sweepEveryMs: MIN })
+  for (let i = 0; i < 50; i++) await store.create(patient({ subject: `s-${i}`, idpSessionId: `sid-${i}` }))
+  t.equal(store.size, 50)
+  clock.at += IDLE
+  const survivor = await store.create(patient())
+  t.equal(store.size, 1, 'expired sessions swept on the next create')
+  t.ok(await store.get(survivor.token))
+  t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 0, 'indexes swept too')
+  const late = await store.create(patient({ idpSessionId: 'sid-x' }))
+  clock.at += IDLE
+  t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-x'), 0, 'an expired session does not count')
+  t.equal(await store.get(late.token), null)
+  const defaults = new MemorySessionStore({ idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
+  const { session } = await defaults.create(patient())
+  t.ok(Math.abs(session.createdAt - Date.now()) < 5000, 'the real clock by default')
+})
+
+t.test('redis store', async (t) => {
+  await redisServer.flush()
+  const sharedState = createSharedState({ url: redisServer.url, log: silent })
+  t.teardown(() => sharedState.close())
+  const redis = await connected(sharedState)
+  const clock = { at: START }
+  const options = { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at }
+  const store = new RedisSessionStore(redis, options)
+
+  t.test('every key expires by itself', async (t) => {
+    await store.create(patient({ idpSessionId: 'sid-ttl' }))
+    for (const key of await redis.keys('bff:session:*')) {
+      const ttl = await redis.pttl(key)
+      t.ok(ttl > 0 && ttl <= ABSOLUTE, `${key.split(':')[2] ?? ''} key has a TTL`)
+    }
+  })
+
+  t.test('a partial or damaged hash is no session', async (t) => {
+    const { token, session } = await store.create(patient())
+    const key = `bff:session:s:${session.id}`
+    await redis.hset(key, 'method', 'admin')
+    t.equal(await store.get(token), null)
+    await redis.hset(key, 'method', 'mobile', 'createdAt', 'soon')
+    t.equal(await store.get(token), null)
+    await redis.del(key)
+    await redis.hset(key, 'lastSeenAt', String(START))
+    t.equal(await store.get(token), null)
+  })
+
+  t.test('a touch racing a revoke never resurrects the session', async (t) => {
+    const { token, session } = await store.create(patient())
+    const key = `bff:session:s:${session.id}`
+    const racing = new Proxy(redis, {
+      get (target, property, receiver) {
+        if (property !== 'hgetall') return Reflect.get(target, property, receiver)
+        return async (name: string) => {
+          const fields = await target.hgetall(name)
+          await target.del(name)
+          return fields
+        }
+      }
+    })
+    const raced = new RedisSessionStore(racing, options)
+    clock.at += 2 * MIN
+    t.equal(await raced.get(token), null)
+    t.equal(await redis.exists(key), 0, 'no half session left behind')
+  })
+
+  t.test('default clock and prefix', async (t) => {
+    const real = new RedisSessionStore(redis, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
+    const { token, session } = await real.create(patient())
+    t.ok(Math.abs(session.createdAt - Date.now()) < 5000)
+    t.equal(await redis.exists(`bff:session:s:${session.id}`), 1)
+    t.ok(await real.get(token))
+  })
+})
+
+t.test('redis down or slow: 503 with Retry-After, quickly, never a memory fallback', async (t) => {
+  const server = await startRedis(t)
+  const sharedState = createSharedState({ url: server.url, log: silent })
+  t.teardown(() => sharedState.close())
+  await connected(sharedState)
+  const store = createSessionStore(sharedState, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
+  t.ok(store instanceof RedisSessionStore)
+  const { token } = await store.create(patient({ idpSessionId: 'sid-1' }))
+
+  const expect503 = async (name: string, operation: () => Promise<unknown>): Promise<void> => {
+    const started = Date.now()
+    const error = await operation().then(() => null, (caught: unknown) => caught)
+    t.ok(error instanceof ApiError, `${name} fails`)
+    t.match(error, { statusCode: 503, code: 'SERVICE_UNAVAILABLE', headers: { 'retry-after': '1' } }, name)
+    t.ok(Date.now() - started < 1000, `${name} fails fast`)
+  }
+
+  // Slow: the server holds every command; the client's command timeout answers for it.
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 0 })
+  admin.on('error', () => {})
+  await admin.call('CLIENT', 'PAUSE', '1500', 'ALL')
+  await expect503('get while paused', () => store.get(token))
+  admin.disconnect()
+
+  await server.stop()
+  await expect503('create', () => store.create(patient()))
+  await expect503('get', () => store.get(token))
+  await expect503('revoke', () => store.revoke(token))
+  await expect503('revokeBySubject', () => store.revokeBySubject('https://idp.example', 'subject-1'))
+  await expect503('revokeByIdpSession', () => store.revokeByIdpSession('https://idp.example', 'sid-1'))
+  t.equal(await store.get('malformed'), null, 'a malformed token is refused without asking Redis')
+})

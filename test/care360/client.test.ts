@@ -1,0 +1,483 @@
+import { createServer } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
+import t, { type Test } from 'tap'
+import { ApiError, ErrorCode } from '../../src/errors.js'
+import {
+  createCare360Client,
+  parseRetryAfter,
+  UpstreamError,
+  type Care360Client,
+  type Care360ClientOptions,
+  type UpstreamEndpoint,
+  type UpstreamGate
+} from '../../src/care360/client.js'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
+
+const ALICE = DEMO_PATIENTS[0]!
+const ALICE_FIRST = ALICE.appointments[0]!.id
+const REASON = 'feeling much better now'
+const CTX = { requestId: 'req-123' }
+
+interface GateLog { gate: UpstreamGate, acquired: UpstreamEndpoint[], rateLimited: Array<number | null> }
+
+function recordingGate (overrides: Partial<UpstreamGate> = {}): GateLog {
+  const acquired: UpstreamEndpoint[] = []
+  const rateLimited: Array<number | null> = []
+  return {
+    acquired,
+    rateLimited,
+    gate: {
+      async acquire (endpoint) { acquired.push(endpoint) },
+      async onRateLimited (ms) { rateLimited.push(ms) },
+      ...overrides
+    }
+  }
+}
+
+async function setup (t: Test, options: Partial<Care360ClientOptions> = {}): Promise<{ sandbox: RunningSandbox, client: Care360Client, log: GateLog }> {
+  const sandbox = await startSandbox(t)
+  const log = recordingGate()
+  const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 1000, gate: log.gate, ...options })
+  t.teardown(() => client.close())
+  return { sandbox, client, log }
+}
+
+async function failureOf (promise: Promise<unknown>): Promise<UpstreamError> {
+  try {
+    await promise
+  } catch (error) {
+    if (error instanceof UpstreamError) return error
+    throw error
+  }
+  throw new Error('expected the call to fail')
+}
+
+function cancelAlice (client: Care360Client, withReason = true): Promise<unknown> {
+  return client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, ...(withReason ? { reason: REASON } : {}) }, CTX)
+}
+
+/** Nothing personal or secret in what a client or a log line could see. */
+function assertClean (t: Test, error: UpstreamError): void {
+  const visible = JSON.stringify({ message: error.message, detail: error.detail, headers: error.headers })
+  for (const secret of [SANDBOX_KEY, ALICE.email, REASON]) t.notMatch(visible.toLowerCase(), secret.toLowerCase())
+}
+
+async function closedPort (): Promise<number> {
+  const server = createServer()
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const address = server.address()
+  server.close()
+  await once(server, 'close')
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  return address.port
+}
+
+t.test('cancel 200: exactly the documented request reaches the upstream', async (t) => {
+  const { sandbox, client, log } = await setup(t)
+  const answer = await cancelAlice(client)
+  t.same(answer, { status: 200, success: true, message: 'Meeting cancelled successfully' })
+  t.same(log.acquired, ['cancel'])
+  t.equal(sandbox.control.calls.length, 1)
+  const call = sandbox.control.calls[0]!
+  t.equal(call.method, 'POST')
+  t.equal(call.path, '/api/v1/calendar/appointments/cancel')
+  t.same(call.query, {})
+  t.same(Object.keys(call.headers).sort(), ['connection', 'content-length', 'content-type', 'cv-api-key', 'host', 'x-request-id'])
+  t.equal(call.headers['cv-api-key'], SANDBOX_KEY)
+  t.equal(call.headers['content-type'], 'application/json')
+  t.equal(call.headers['x-request-id'], 'req-123')
+  t.strictSame(call.body, { email: ALICE.email, appointmentId: ALICE_FIRST, reason: REASON })
+  t.ok(sandbox.control.isCancelled(ALICE_FIRST))
+})
+
+t.test('cancel without a reason sends no reason field', async (t) => {
+  const { sandbox, client } = await setup(t)
+  await cancelAlice(client, false)
+  t.strictSame(sandbox.control.calls[0]!.body, { email: ALICE.email, appointmentId: ALICE_FIRST })
+})
+
+t.test('cancel 200 envelope is coerced safely', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { status: 'x', success: true }, times: 1 })
+  t.same(await cancelAlice(client), { status: 200, success: true, message: 'Appointment cancelled' })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { message: `done\u0000\u001b[31m for ${ALICE.email}` }, times: 1 })
+  t.same(await cancelAlice(client), { status: 200, success: true, message: 'done[31m for [redacted]' })
+
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: false, message: 'no' }, times: 1 })
+  let error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: [1, 2], times: 1 })
+  error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered' })
+})
+
+t.test('cancel answered 404 or 204 is unexpected', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'status', status: 404, endpoint: 'cancel', times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 404 })
+  sandbox.control.setFailure({ kind: 'status', status: 204, body: '', times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 204 })
+})
+
+t.test('upstream 400 passes message and error through', async (t) => {
+  const { sandbox, client } = await setup(t)
+  const error = await failureOf(client.cancelAppointment({ email: ALICE.email, appointmentId: DEMO_PATIENTS[1]!.appointments[0]!.id }, CTX))
+  t.ok(error instanceof ApiError)
+  t.match(error, {
+    name: 'UpstreamError',
+    statusCode: 400,
+    code: ErrorCode.UPSTREAM_REJECTED,
+    message: 'Invalid request',
+    detail: 'Appointment does not belong to this invitee',
+    outcome: 'answered',
+    upstreamStatus: 400
+  })
+  t.ok(error.cause instanceof Error)
+  t.same(error.toEnvelope(), { status: 400, success: false, message: 'Invalid request', code: 'UPSTREAM_REJECTED', error: 'Appointment does not belong to this invitee' })
+  t.equal(sandbox.control.calls.length, 1)
+})
+
+t.test('upstream 400 texts are capped, stripped of controls and scrubbed', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({
+    kind: 'status',
+    status: 400,
+    body: { message: `${'m'.repeat(1000)}`, error: `bad\u0007 \u202eemail ${ALICE.email.toUpperCase()} key ${SANDBOX_KEY} reason ${REASON}\r\n` },
+    times: 1
+  })
+  const error = await failureOf(cancelAlice(client))
+  t.equal(Array.from(error.message).length, 300)
+  t.ok(error.message.endsWith('…'))
+  t.equal(error.detail, 'bad email [redacted] key [redacted] reason [redacted]')
+  assertClean(t, error)
+
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: { message: 42, error: '\u0001' }, times: 1 })
+  const bare = await failureOf(cancelAlice(client))
+  t.match(bare, { message: 'The appointment service rejected the request', detail: undefined })
+})
+
+t.test('upstream 400 that is not the JSON envelope is an upstream error', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: '<html>Bad Request</html>', headers: { 'content-type': 'text/html' }, times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 400 })
+})
+
+t.test('upstream 401 is our key, answered 502 without blaming the patient', async (t) => {
+  const sandbox = await startSandbox(t)
+  const client = createCare360Client({ baseUrl: sandbox.url, apiKey: 'wrong-key', timeoutMs: 1000 })
+  t.teardown(() => client.close())
+  const error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_AUTH_FAILED, outcome: 'answered', upstreamStatus: 401 })
+  t.notMatch(error.message, /you|your|session|patient/i)
+  t.notMatch(error.message, 'wrong-key')
+  assertClean(t, error)
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_AUTH_FAILED })
+  t.notOk(sandbox.control.isCancelled(ALICE_FIRST))
+})
+
+t.test('upstream 429', async (t) => {
+  t.test('Retry-After in seconds', async (t) => {
+    const { sandbox, client, log } = await setup(t)
+    sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: '7', times: 1 })
+    const error = await failureOf(cancelAlice(client))
+    t.match(error, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED, outcome: 'answered', upstreamStatus: 429 })
+    t.same(error.headers, { 'Retry-After': '7' })
+    t.same(log.rateLimited, [7000])
+    assertClean(t, error)
+  })
+
+  t.test('Retry-After as an HTTP-date', async (t) => {
+    const { sandbox, client, log } = await setup(t)
+    sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: new Date(Date.now() + 30_000).toUTCString(), times: 1 })
+    const error = await failureOf(client.fetchAppointments(ALICE.email, CTX))
+    t.match(error, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED })
+    const ms = log.rateLimited[0]!
+    t.ok(ms > 28_000 && ms <= 30_000, `cooldown ${ms}`)
+    t.match(error.headers['Retry-After'], /^(29|30)$/)
+  })
+
+  t.test('no Retry-After: null to the gate, at least one second to the client', async (t) => {
+    const { sandbox, client, log } = await setup(t)
+    sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: null, times: 1 })
+    const error = await failureOf(cancelAlice(client))
+    t.same(log.rateLimited, [null])
+    t.same(error.headers, { 'Retry-After': '1' })
+  })
+
+  t.test('the gate may decide the cooldown, or fail without changing the answer', async (t) => {
+    const sandbox = await startSandbox(t)
+    sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: 'soon' })
+    const deciding = createCare360Client({
+      baseUrl: sandbox.url,
+      apiKey: SANDBOX_KEY,
+      timeoutMs: 1000,
+      gate: { async acquire () {}, async onRateLimited () { return 12_500 } }
+    })
+    t.teardown(() => deciding.close())
+    t.same((await failureOf(cancelAlice(deciding))).headers, { 'Retry-After': '13' })
+    const broken = createCare360Client({
+      baseUrl: sandbox.url,
+      apiKey: SANDBOX_KEY,
+      timeoutMs: 1000,
+      gate: { async acquire () {}, async onRateLimited () { throw new Error('redis down') } }
+    })
+    t.teardown(() => broken.close())
+    t.match(await failureOf(cancelAlice(broken)), { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED, headers: { 'Retry-After': '1' } })
+  })
+
+  t.test('the sandbox quota itself', async (t) => {
+    const sandbox = await startSandbox(t, { quota: { count: 1, windowMs: 60_000 } })
+    const log = recordingGate()
+    const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 1000, gate: log.gate })
+    t.teardown(() => client.close())
+    await client.fetchAppointments(ALICE.email, CTX)
+    const error = await failureOf(client.fetchAppointments(ALICE.email, CTX))
+    t.match(error, { statusCode: 429, headers: { 'Retry-After': '60' } })
+    t.same(log.rateLimited, [60_000])
+  })
+})
+
+t.test('parseRetryAfter', async (t) => {
+  const now = Date.parse('2030-01-01T00:00:00Z')
+  t.equal(parseRetryAfter('120', now), 120_000)
+  t.equal(parseRetryAfter(['3', '9'], now), 3000)
+  t.equal(parseRetryAfter('99999999999', now), 600_000, 'clamped to 10 minutes')
+  t.equal(parseRetryAfter('Tue, 01 Jan 2030 00:00:42 GMT', now), 42_000)
+  t.equal(parseRetryAfter('Mon, 31 Dec 2029 23:00:00 GMT', now), 0, 'a past date means now')
+  for (const bad of [undefined, '', '  ', '-5', '1.5', 'soon', '2030-01-01']) t.equal(parseRetryAfter(bad, now), null, String(bad))
+  t.type(parseRetryAfter('0'), 'number')
+})
+
+t.test('upstream 5xx and unexpected statuses are upstream errors', async (t) => {
+  const { sandbox, client } = await setup(t)
+  for (const status of [500, 503, 418, 302, 201]) {
+    sandbox.control.setFailure({ kind: 'status', status, headers: status === 302 ? { location: '/elsewhere' } : {}, times: 1 })
+    const error = await failureOf(cancelAlice(client))
+    t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: status }, String(status))
+    t.ok(error.cause instanceof Error)
+  }
+  t.equal(sandbox.control.calls.length, 5, 'no redirect followed, nothing retried')
+  t.notOk(sandbox.control.isCancelled(ALICE_FIRST))
+})
+
+t.test('a body that is not JSON is an upstream error', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'garbage' })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 })
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR })
+})
+
+t.test('a body over the cap is refused, and the pool keeps working', async (t) => {
+  const { sandbox, client } = await setup(t, { maxBodyBytes: 1024 })
+  sandbox.control.setFailure({ kind: 'huge', times: 1 })
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 })
+  // Declared up front this time (content-length), refused before reading.
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: { message: 'x'.repeat(4096) }, times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 400 })
+  // Small enough to answer within the cap.
+  t.same((await client.fetchAppointments(DEMO_PATIENTS[2]!.email, CTX)), [])
+})
+
+t.test('the default cap is 64 KiB', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'huge', times: 1 })
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_ERROR })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { data: [], pad: 'x'.repeat(60_000) }, times: 1 })
+  t.same(await client.fetchAppointments(ALICE.email, CTX), [])
+})
+
+t.test('connection refused: never sent, upstream unavailable', async (t) => {
+  const port = await closedPort()
+  const log = recordingGate()
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 1000, gate: log.gate })
+  t.teardown(() => client.close())
+  const error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_UNAVAILABLE, outcome: 'not-sent', upstreamStatus: null })
+  t.match(error.cause, { code: 'ECONNREFUSED' })
+  assertClean(t, error)
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_UNAVAILABLE, outcome: 'not-sent' })
+  t.same(log.acquired, ['cancel', 'list'])
+})
+
+t.test('a closed client sends nothing', async (t) => {
+  const { sandbox, client } = await setup(t)
+  await client.close()
+  t.match(await failureOf(cancelAlice(client)), { code: ErrorCode.UPSTREAM_UNAVAILABLE, outcome: 'not-sent' })
+  t.equal(sandbox.control.calls.length, 0)
+})
+
+t.test('socket reset before the cancel is applied: outcome unknown, not retried', async (t) => {
+  const { sandbox, client, log } = await setup(t)
+  sandbox.control.setFailure({ kind: 'reset', times: 1 })
+  const error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown', upstreamStatus: null })
+  t.match(error.message, /unknown/)
+  assertClean(t, error)
+  t.equal(sandbox.control.calls.length, 1, 'the POST is never retried')
+  t.same(log.acquired, ['cancel'])
+  t.notOk(sandbox.control.isCancelled(ALICE_FIRST))
+})
+
+t.test('socket reset after the cancel is applied: outcome unknown, and it did happen', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown' })
+  t.equal(sandbox.control.calls.length, 1)
+  t.ok(sandbox.control.isCancelled(ALICE_FIRST))
+})
+
+t.test('a GET that loses its connection is not retried either', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'list', times: 1 })
+  const error = await failureOf(client.fetchAppointments(ALICE.email, CTX))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown' })
+  t.notMatch(error.message, /unknown/, 'a read changes nothing')
+  t.equal(sandbox.control.calls.length, 1)
+})
+
+t.test('slower than the deadline: 504', async (t) => {
+  const { sandbox, client } = await setup(t, { timeoutMs: 100 })
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, times: 1 })
+  const started = Date.now()
+  const error = await failureOf(cancelAlice(client))
+  const elapsed = Date.now() - started
+  t.match(error, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'unknown', upstreamStatus: null })
+  t.ok(elapsed >= 90 && elapsed < 280, `answered after ${elapsed} ms`)
+  assertClean(t, error)
+
+  sandbox.control.setFailure({ kind: 'slow-after-apply', delayMs: 300, times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 504, outcome: 'unknown' })
+  t.ok(sandbox.control.isCancelled(ALICE_FIRST), 'applied although the answer came too late')
+
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, times: 1 })
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT })
+})
+
+t.test('a request still waiting for a socket at the deadline is never sent', async (t) => {
+  const { sandbox, client } = await setup(t, { timeoutMs: 100, connections: 1 })
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 250 })
+  const bob = DEMO_PATIENTS[1]!
+  const [first, second] = await Promise.all([
+    failureOf(cancelAlice(client)),
+    failureOf(client.cancelAppointment({ email: bob.email, appointmentId: bob.appointments[0]!.id }, CTX))
+  ])
+  t.match(first, { statusCode: 504, outcome: 'unknown' })
+  t.match(second, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
+  await sleep(350)
+  t.equal(sandbox.control.calls.length, 1, 'the queued cancel never reached the upstream')
+  t.notOk(sandbox.control.isCancelled(bob.appointments[0]!.id))
+})
+
+t.test('fetchAppointments', async (t) => {
+  t.test('lists the patient\'s appointments, trimmed', async (t) => {
+    const { sandbox, client, log } = await setup(t)
+    const list = await client.fetchAppointments('Alice@Example.com', { requestId: 'req-list' })
+    t.same(log.acquired, ['list'])
+    t.equal(list.length, 3)
+    const seeded = ALICE.appointments[0]!
+    t.strictSame(Object.keys(list[0]!).sort(), ['agentEventId', 'agentName', 'end', 'id', 'start', 'status', 'title', 'topic'])
+    t.match(list[0], { id: seeded.id, agentEventId: seeded.agentEventId, title: seeded.title, topic: seeded.topic, status: 'CONFIRMED', agentName: seeded.agentName })
+    t.ok(Date.parse(list[0]!.start!) > Date.now())
+    const call = sandbox.control.calls[0]!
+    t.equal(call.method, 'GET')
+    t.equal(call.path, '/api/v1/calendar/appointments')
+    t.same(call.query, { user_email: 'Alice@Example.com' })
+    t.same(Object.keys(call.headers).sort(), ['connection', 'cv-api-key', 'host', 'x-request-id'])
+    t.equal(call.headers['x-request-id'], 'req-list')
+    t.equal(call.body, undefined)
+  })
+
+  t.test('an email the upstream does not know is an empty list', async (t) => {
+    const { client } = await setup(t)
+    t.same(await client.fetchAppointments('nobody@example.com', CTX), [])
+    t.same(await client.fetchAppointments(DEMO_PATIENTS[2]!.email, CTX), [])
+  })
+
+  t.test('a 404 that is not the upstream\'s envelope is an error', async (t) => {
+    const { sandbox, client } = await setup(t)
+    sandbox.control.setFailure({ kind: 'status', status: 404, body: 'Cannot GET', times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 404 })
+    sandbox.control.setFailure({ kind: 'status', status: 404, body: { status: 404 }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 404 })
+  })
+
+  t.test('odd items are skipped or trimmed, never fatal', async (t) => {
+    const { sandbox, client } = await setup(t)
+    sandbox.control.setFailure({
+      kind: 'status',
+      status: 200,
+      body: {
+        status: 200,
+        success: true,
+        data: [
+          { id: 'a', startDateTime: '2031-01-01T10:00:00Z', endDateTime: '2031-01-01T11:00:00Z', title: 7, status: 'RESCHEDULED', secret: 'x', case: { id: 'c' } },
+          { id: 42 },
+          { id: '' },
+          null,
+          'text',
+          { id: 'b', start: '2031-01-02T10:00:00Z', startDateTime: 'ignored', agentEventId: 'e', agentName: 'Dr. X', topic: 'T' }
+        ]
+      },
+      times: 1
+    })
+    t.strictSame(await client.fetchAppointments(ALICE.email, CTX), [
+      { id: 'a', agentEventId: null, title: null, topic: null, start: '2031-01-01T10:00:00Z', end: '2031-01-01T11:00:00Z', status: 'RESCHEDULED', agentName: null },
+      { id: 'b', agentEventId: 'e', title: null, topic: 'T', start: '2031-01-02T10:00:00Z', end: null, status: null, agentName: 'Dr. X' }
+    ])
+  })
+
+  t.test('data that is not a list, or success false, is an upstream error', async (t) => {
+    const { sandbox, client } = await setup(t)
+    for (const body of [{ success: true, data: {} }, { success: true }, { success: false, data: [] }]) {
+      sandbox.control.setFailure({ kind: 'status', status: 200, body, times: 1 })
+      t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered' })
+    }
+  })
+
+  t.test('a base URL with a trailing slash still reaches the right path', async (t) => {
+    const sandbox = await startSandbox(t)
+    const client = createCare360Client({ baseUrl: `${sandbox.url}/`, apiKey: SANDBOX_KEY, timeoutMs: 1000 })
+    t.teardown(() => client.close())
+    t.equal((await client.fetchAppointments(ALICE.email, CTX)).length, 3)
+  })
+})
+
+t.test('the gate is asked before every call and can stop it', async (t) => {
+  const sandbox = await startSandbox(t)
+  const asked: UpstreamEndpoint[] = []
+  let open = true
+  const client = createCare360Client({
+    baseUrl: sandbox.url,
+    apiKey: SANDBOX_KEY,
+    timeoutMs: 1000,
+    gate: {
+      async acquire (endpoint) {
+        asked.push(endpoint)
+        // The gate runs before anything is sent.
+        t.equal(sandbox.control.calls.length, open ? asked.length - 1 : 2)
+        if (!open) throw new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'budget spent', { headers: { 'Retry-After': '3' } })
+      },
+      async onRateLimited () {}
+    }
+  })
+  t.teardown(() => client.close())
+  await client.fetchAppointments(ALICE.email, CTX)
+  await cancelAlice(client)
+  t.same(asked, ['list', 'cancel'])
+  open = false
+  await t.rejects(cancelAlice(client), { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED, headers: { 'Retry-After': '3' } })
+  await t.rejects(client.fetchAppointments(ALICE.email, CTX), { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED })
+  t.equal(sandbox.control.calls.length, 2, 'nothing reached the upstream once the gate said no')
+})
+
+t.test('the default gate lets every call through', async (t) => {
+  const sandbox = await startSandbox(t)
+  const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 1000 })
+  t.teardown(() => client.close())
+  sandbox.control.setFailure({ kind: 'rate-limited', times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 429, headers: { 'Retry-After': '1' } })
+  t.same(await cancelAlice(client), { status: 200, success: true, message: 'Meeting cancelled successfully' })
+})

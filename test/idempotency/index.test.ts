@@ -1,0 +1,352 @@
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import { ApiError, ErrorCode } from '../../src/errors.js'
+import {
+  createIdempotency,
+  createMemoryIdempotencyStore,
+  createRedisIdempotencyStore,
+  inFlightTtlFor,
+  parseIdempotencyKey,
+  requestFingerprint,
+  REPLAY_TTL_MS,
+  type HandleInput,
+  type IdempotencyStore,
+  type Idempotency
+} from '../../src/idempotency/index.js'
+import {
+  APPOINTMENT, CANCELLED, EMAIL, OTHER_APPOINTMENT, OTHER_EMAIL, REASON,
+  deferred, fakeCancel, notFound, scopeOf, upstreamError, type FakeCancel
+} from './fakes.js'
+
+const SCOPE = scopeOf(EMAIL)
+
+function input (cancel: FakeCancel, overrides: Partial<HandleInput> = {}): HandleInput {
+  return {
+    scope: SCOPE,
+    key: 'retry-key-1',
+    appointmentId: APPOINTMENT,
+    reason: REASON,
+    run: cancel.run,
+    resolveUnknown: async () => { throw new Error('resolveUnknown not expected') },
+    ...overrides
+  }
+}
+
+async function rejection (promise: Promise<unknown>): Promise<ApiError> {
+  const error = await promise.then(() => null, (error: unknown) => error)
+  if (!(error instanceof ApiError)) throw new Error(`expected an ApiError, got ${String(error)}`)
+  return error
+}
+
+const redisServer = await startRedis(t)
+
+async function redisClient (t: Test): Promise<Redis> {
+  const client = new Redis(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
+  client.on('error', () => {})
+  t.teardown(() => { client.disconnect() })
+  await new Promise((resolve) => client.once('ready', resolve))
+  return client
+}
+
+type MakeStore = (t: Test) => Promise<IdempotencyStore>
+const stores: Array<[string, MakeStore]> = [
+  ['memory', async () => createMemoryIdempotencyStore()],
+  ['redis', async (t) => createRedisIdempotencyStore({ redis: await redisClient(t), timeoutMs: 1000 })]
+]
+
+for (const [name, makeStore] of stores) {
+  async function make (t: Test, inFlightTtlMs = 5000): Promise<Idempotency> {
+    if (name === 'redis') await redisServer.flush()
+    return createIdempotency({ store: await makeStore(t), inFlightTtlMs })
+  }
+
+  t.test(`${name}: a retry after success replays the answer without calling the upstream`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel()
+    const first = await idem.handle(input(cancel))
+    t.same(first, { answer: CANCELLED, replayed: false })
+    const second = await idem.handle(input(cancel))
+    t.equal(second.replayed, true)
+    t.equal(second.answer.statusCode, 200)
+    t.same(second.answer.body, CANCELLED.body)
+    t.same(second.answer.headers, { 'idempotent-replayed': 'true' })
+    t.equal(cancel.runs(), 1)
+    t.equal(cancel.sends(), 1)
+  })
+
+  t.test(`${name}: the same key with another appointment or reason is a mismatch`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel()
+    await idem.handle(input(cancel))
+    const variants: Array<Partial<HandleInput>> = [
+      { appointmentId: OTHER_APPOINTMENT },
+      { reason: 'Another reason' },
+      { reason: undefined },
+      { reason: '' }
+    ]
+    for (const variant of variants) {
+      const error = await rejection(idem.handle(input(cancel, variant)))
+      t.equal(error.statusCode, 422)
+      t.equal(error.code, ErrorCode.IDEMPOTENCY_MISMATCH)
+    }
+    // Absent and empty reasons differ from each other too.
+    await idem.handle(input(cancel, { key: 'absent-reason', reason: undefined }))
+    t.equal((await rejection(idem.handle(input(cancel, { key: 'absent-reason', reason: '' })))).statusCode, 422)
+    t.equal((await idem.handle(input(cancel, { key: 'absent-reason', reason: undefined }))).replayed, true)
+    // The appointment id compares case-insensitively, as UUIDs do.
+    t.equal((await idem.handle(input(cancel, { appointmentId: APPOINTMENT.toUpperCase() }))).replayed, true)
+    t.equal(cancel.runs(), 2)
+  })
+
+  t.test(`${name}: a request while the first is in flight gets 409 with Retry-After`, async (t) => {
+    const idem = await make(t)
+    const gate = deferred<void>()
+    const cancel = fakeCancel({ before: async () => { await gate.promise } })
+    const first = idem.handle(input(cancel))
+    await sleep(20)
+    const error = await rejection(idem.handle(input(cancel)))
+    t.equal(error.statusCode, 409)
+    t.equal(error.code, ErrorCode.IDEMPOTENCY_IN_FLIGHT)
+    t.match(error.headers, { 'Retry-After': /^[1-9][0-9]*$/ })
+    gate.resolve()
+    t.equal((await first).answer.statusCode, 200)
+    t.equal(cancel.runs(), 1)
+  })
+
+  t.test(`${name}: two patients using the same key do not interfere`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel()
+    await idem.handle(input(cancel))
+    const other = await idem.handle(input(cancel, { scope: scopeOf(OTHER_EMAIL), appointmentId: OTHER_APPOINTMENT, reason: undefined }))
+    t.equal(other.replayed, false)
+    t.equal(cancel.runs(), 2)
+    t.equal((await idem.handle(input(cancel))).replayed, true)
+  })
+
+  t.test(`${name}: 429s and failures that sent nothing release the key`, async (t) => {
+    const idem = await make(t)
+    const cases: Array<[string, FakeCancel]> = [
+      ['upstream 429 thrown', fakeCancel({ cancel: [async () => { throw upstreamError('answered', 429, ErrorCode.UPSTREAM_RATE_LIMITED) }, async () => CANCELLED] })],
+      ['429 answered', fakeCancel({ cancel: [async () => ({ statusCode: 429, body: { status: 429 } }), async () => CANCELLED] })],
+      ['not sent', fakeCancel({ cancel: [async () => { throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE) }, async () => CANCELLED] })]
+    ]
+    for (const [label, cancel] of cases) {
+      const key = `release-${label}`
+      await idem.handle(input(cancel, { key })).catch(() => {})
+      const retry = await idem.handle(input(cancel, { key, reason: 'a different reason is fine: the key is free' }))
+      t.equal(retry.replayed, false, label)
+      t.equal(cancel.sends(), 2, `${label}: sent again`)
+    }
+  })
+
+  t.test(`${name}: failures before the cancel (ownership fetch, budget, our bugs) release the key`, async (t) => {
+    const idem = await make(t)
+    const failures = [
+      () => upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR),
+      () => upstreamError('unknown', 504, ErrorCode.UPSTREAM_TIMEOUT),
+      () => new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'budget store down'),
+      () => new TypeError('a bug of ours')
+    ]
+    for (const [index, failure] of failures.entries()) {
+      let fail = true
+      const cancel = fakeCancel({ before: async () => { if (fail) throw failure() } })
+      const key = `before-${index}`
+      await t.rejects(idem.handle(input(cancel, { key })))
+      fail = false
+      t.equal((await idem.handle(input(cancel, { key }))).replayed, false)
+      t.equal(cancel.sends(), 1, 'the cancel was sent once, on the retry')
+    }
+  })
+
+  t.test(`${name}: upstream answers and the ownership 404 are stored and replayed`, async (t) => {
+    const idem = await make(t)
+    const rejected = fakeCancel({ cancel: [async () => { throw upstreamError('answered', 400, ErrorCode.UPSTREAM_REJECTED) }] })
+    const first = await rejection(idem.handle(input(rejected, { key: 'rejected' })))
+    t.equal(first.statusCode, 400)
+    const replay = await idem.handle(input(rejected, { key: 'rejected' }))
+    t.same(replay.answer.body, first.toEnvelope())
+    t.equal(replay.answer.statusCode, 400)
+    t.equal(replay.replayed, true)
+    t.equal(rejected.sends(), 1)
+
+    const notOwned = fakeCancel({ before: async () => { throw notFound() } })
+    await t.rejects(idem.handle(input(notOwned, { key: 'not-owned' })), { statusCode: 404, code: ErrorCode.APPOINTMENT_NOT_FOUND })
+    const replay404 = await idem.handle(input(notOwned, { key: 'not-owned' }))
+    t.same(replay404.answer, { statusCode: 404, body: notFound().toEnvelope(), headers: { 'idempotent-replayed': 'true' } })
+    t.equal(notOwned.runs(), 1)
+    t.equal(notOwned.sends(), 0)
+  })
+
+  t.test(`${name}: lost answer, retry, upstream shows it cancelled: 200 confirmed, never sent again`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
+    let resolves = 0
+    const resolveUnknown = async (): Promise<'cancelled'> => { resolves += 1; return 'cancelled' }
+    const first = await rejection(idem.handle(input(cancel, { resolveUnknown })))
+    t.equal(first.code, ErrorCode.UPSTREAM_TIMEOUT)
+    const retry = await idem.handle(input(cancel, { resolveUnknown }))
+    t.equal(retry.answer.statusCode, 200)
+    t.match(retry.answer.body, { status: 200, success: true, message: /confirmed/ })
+    t.equal(retry.replayed, false)
+    t.equal(resolves, 1)
+    const again = await idem.handle(input(cancel, { resolveUnknown }))
+    t.equal(again.replayed, true, 'the confirmation is now the stored answer')
+    t.same(again.answer.body, retry.answer.body)
+    t.equal(cancel.sends(), 1)
+    t.equal(resolves, 1)
+    t.equal((await rejection(idem.handle(input(cancel, { reason: undefined })))).statusCode, 422, 'the fingerprint was kept')
+  })
+
+  t.test(`${name}: lost answer, retry, upstream still lists it: sent exactly once more`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown', 502, ErrorCode.UPSTREAM_ERROR) }, async () => CANCELLED] })
+    const resolveUnknown = async (): Promise<'not-cancelled'> => 'not-cancelled'
+    await t.rejects(idem.handle(input(cancel, { resolveUnknown })))
+    const retry = await idem.handle(input(cancel, { resolveUnknown }))
+    t.same(retry, { answer: CANCELLED, replayed: false })
+    t.equal((await idem.handle(input(cancel, { resolveUnknown }))).replayed, true)
+    t.equal(cancel.sends(), 2)
+  })
+
+  t.test(`${name}: concurrent retries of an unknown outcome: one resolves, the other gets 409`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => CANCELLED] })
+    await t.rejects(idem.handle(input(cancel)))
+    const lookup = deferred<'not-cancelled'>()
+    const resolveUnknown = async (): Promise<'not-cancelled'> => await lookup.promise
+    const a = idem.handle(input(cancel, { resolveUnknown }))
+    await sleep(20)
+    t.equal((await rejection(idem.handle(input(cancel, { resolveUnknown })))).statusCode, 409)
+    lookup.resolve('not-cancelled')
+    t.equal((await a).answer.statusCode, 200)
+    t.equal(cancel.sends(), 2)
+  })
+
+  t.test(`${name}: a failed resolution leaves the outcome unknown for the next retry`, async (t) => {
+    const idem = await make(t)
+    const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
+    await t.rejects(idem.handle(input(cancel)))
+    const fetchFailed = upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR)
+    await t.rejects(idem.handle(input(cancel, { resolveUnknown: async () => { throw fetchFailed } })), fetchFailed)
+    const retry = await idem.handle(input(cancel, { resolveUnknown: async () => 'cancelled' }))
+    t.equal(retry.answer.statusCode, 200)
+    t.equal(cancel.sends(), 1)
+  })
+
+  t.test(`${name}: our bug after the cancel was handed over counts as an unknown outcome`, async (t) => {
+    const idem = await make(t)
+    let resolves = 0
+    const cancel = fakeCancel({ cancel: [async () => { throw new TypeError('mapping bug') }] })
+    await t.rejects(idem.handle(input(cancel)), TypeError)
+    await idem.handle(input(cancel, { resolveUnknown: async () => { resolves += 1; return 'cancelled' } }))
+    t.equal(resolves, 1)
+    t.equal(cancel.sends(), 1)
+  })
+
+  t.test(`${name}: a replica dies mid-request: its marker expires and a later request resolves the outcome`, async (t) => {
+    const idem = await make(t, 80)
+    const never = fakeCancel({ cancel: [async () => await new Promise(() => {})] })
+    idem.handle(input(never)).catch(() => {})
+    await sleep(20)
+    t.equal((await rejection(idem.handle(input(never)))).statusCode, 409)
+    await sleep(100)
+    const later = fakeCancel()
+    const answer = await idem.handle(input(later, { resolveUnknown: async () => 'not-cancelled' }))
+    t.same(answer, { answer: CANCELLED, replayed: false })
+    t.equal(later.sends(), 1)
+  })
+
+  t.test(`${name}: completed records expire after the replay TTL`, async (t) => {
+    const idem = createIdempotency({ store: await makeStore(t), inFlightTtlMs: 50, replayTtlMs: 80 })
+    const cancel = fakeCancel()
+    await idem.handle(input(cancel, { key: 'expiring' }))
+    t.equal((await idem.handle(input(cancel, { key: 'expiring' }))).replayed, true)
+    await sleep(120)
+    t.equal((await idem.handle(input(cancel, { key: 'expiring', reason: 'other' }))).replayed, false, 'the key is new again')
+    t.equal(cancel.runs(), 2)
+  })
+}
+
+t.test('redis: concurrent same-key requests through two instances with their own clients: one upstream cancel', async (t) => {
+  await redisServer.flush()
+  const a = createIdempotency({ store: createRedisIdempotencyStore({ redis: await redisClient(t) }), inFlightTtlMs: 5000 })
+  const b = createIdempotency({ store: createRedisIdempotencyStore({ redis: await redisClient(t) }), inFlightTtlMs: 5000 })
+  const cancel = fakeCancel({ delayMs: 30 })
+  const results = await Promise.allSettled(Array.from({ length: 10 }, (_, i) => (i % 2 === 0 ? a : b).handle(input(cancel, { key: 'shared-key' }))))
+  t.equal(cancel.sends(), 1)
+  const fulfilled = results.filter((result) => result.status === 'fulfilled')
+  const rejected = results.filter((result) => result.status === 'rejected')
+  t.equal(fulfilled.length, 1)
+  t.ok(rejected.every((result) => (result.reason as ApiError).code === ErrorCode.IDEMPOTENCY_IN_FLIGHT))
+  t.equal((await b.handle(input(cancel, { key: 'shared-key' }))).replayed, true)
+  t.equal(cancel.sends(), 1)
+})
+
+t.test('redis: nothing stored carries the reason, the email or the raw key', async (t) => {
+  await redisServer.flush()
+  const client = await redisClient(t)
+  const idem = createIdempotency({ store: createRedisIdempotencyStore({ redis: client }), inFlightTtlMs: 5000 })
+  const key = `key-with-${EMAIL}`
+  await idem.handle(input(fakeCancel(), { key }))
+  await idem.handle(input(fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] }), { key: 'unknown-key' })).catch(() => {})
+  await idem.handle(input(fakeCancel({ delayMs: 10 }), { key: undefined, appointmentId: OTHER_APPOINTMENT }))
+  const keys = await client.keys('*')
+  t.ok(keys.length >= 2)
+  for (const redisKey of keys) {
+    const dump = redisKey + JSON.stringify(await client.hgetall(redisKey))
+    for (const secret of [REASON, EMAIL, key, SCOPE, 'Feeling', 'example.com']) t.notOk(dump.includes(secret), `no ${secret} in ${redisKey}`)
+  }
+})
+
+t.test('the store fails: a keyed cancel gets 503 with Retry-After, never runs; writes after the cancel never fail it', async (t) => {
+  const broken: IdempotencyStore = {
+    begin: async () => { throw new Error('redis down') },
+    complete: async () => { throw new Error('redis down') },
+    markUnknown: async () => { throw new Error('redis down') },
+    release: async () => { throw new Error('redis down') }
+  }
+  const warnings: string[] = []
+  const idem = createIdempotency({ store: broken, inFlightTtlMs: 5000, log: { warn: (_object, message) => warnings.push(message) } })
+  const cancel = fakeCancel()
+  const error = await rejection(idem.handle(input(cancel)))
+  t.equal(error.statusCode, 503)
+  t.equal(error.code, ErrorCode.SERVICE_UNAVAILABLE)
+  t.same(error.headers, { 'Retry-After': '2' })
+  t.equal(cancel.runs(), 0)
+
+  const memory = createMemoryIdempotencyStore()
+  const flaky: IdempotencyStore = { ...broken, begin: memory.begin }
+  const writes = createIdempotency({ store: flaky, inFlightTtlMs: 5000 })
+  const requestWarnings: string[] = []
+  const log = { warn: (_object: object, message: string) => requestWarnings.push(message) }
+  t.same(await writes.handle(input(cancel, { log })), { answer: CANCELLED, replayed: false })
+  const lost = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
+  await t.rejects(writes.handle(input(lost, { key: 'k2', log })), { code: ErrorCode.UPSTREAM_TIMEOUT })
+  t.ok(requestWarnings.length >= 2)
+  t.ok(warnings.length >= 1)
+})
+
+t.test('parseIdempotencyKey: 1 to 255 visible ASCII characters', async (t) => {
+  t.equal(parseIdempotencyKey(undefined), undefined)
+  for (const good of ['a', '"8e03978e-40d5-43e8-bc93-6894a57f9324"', '!~', 'x'.repeat(255)]) t.equal(parseIdempotencyKey(good), good)
+  for (const bad of ['', ' ', 'has space', 'x'.repeat(256), 'tab\there', 'é', 'a, b', ['a', 'b']]) {
+    t.throws(() => parseIdempotencyKey(bad), { statusCode: 400, code: ErrorCode.VALIDATION_FAILED }, JSON.stringify(bad))
+  }
+})
+
+t.test('requestFingerprint: an absent reason differs from every present one', async (t) => {
+  const absent = requestFingerprint(APPOINTMENT, undefined)
+  t.match(absent, /^[0-9a-f]{64}$/)
+  t.not(absent, requestFingerprint(APPOINTMENT, ''))
+  t.not(absent, requestFingerprint(APPOINTMENT, 'absent'))
+  t.not(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(APPOINTMENT, 'b'))
+  t.not(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(OTHER_APPOINTMENT, 'a'))
+  t.equal(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(APPOINTMENT.toUpperCase(), 'a'))
+})
+
+t.test('defaults', async (t) => {
+  t.equal(REPLAY_TTL_MS, 86_400_000)
+  t.equal(inFlightTtlFor(5000), 17_000)
+})

@@ -1,0 +1,166 @@
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import { ErrorCode } from '../../src/errors.js'
+import { createIdempotency, createMemoryIdempotencyStore, createRedisIdempotencyStore, type HandleInput } from '../../src/idempotency/index.js'
+import { createSingleFlight, errorSummary, type SingleFlightOptions } from '../../src/idempotency/single-flight.js'
+import type { IdempotencyStore } from '../../src/idempotency/store.js'
+import { APPOINTMENT, CANCELLED, EMAIL, OTHER_EMAIL, REASON, deferred, fakeCancel, scopeOf, upstreamError, type FakeCancel } from './fakes.js'
+
+const SCOPE = scopeOf(EMAIL)
+const FP = 'f'.repeat(64)
+
+const redisServer = await startRedis(t)
+
+async function redisStore (t: Test): Promise<IdempotencyStore> {
+  const client = new Redis(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
+  client.on('error', () => {})
+  t.teardown(() => { client.disconnect() })
+  await new Promise((resolve) => client.once('ready', resolve))
+  return createRedisIdempotencyStore({ redis: client, timeoutMs: 1000 })
+}
+
+function keyless (cancel: FakeCancel, overrides: Partial<HandleInput> = {}): HandleInput {
+  return {
+    scope: SCOPE,
+    key: undefined,
+    appointmentId: APPOINTMENT,
+    reason: REASON,
+    run: cancel.run,
+    resolveUnknown: async () => { throw new Error('not used without a key') },
+    ...overrides
+  }
+}
+
+t.test('in process: overlapping identical cancels without a key share one upstream call', async (t) => {
+  const idem = createIdempotency({ store: createMemoryIdempotencyStore(), inFlightTtlMs: 5000 })
+  const cancel = fakeCancel({ delayMs: 30 })
+  const results = await Promise.all(Array.from({ length: 5 }, () => idem.handle(keyless(cancel))))
+  t.equal(cancel.sends(), 1)
+  for (const result of results) t.same(result, { answer: CANCELLED, replayed: false })
+  // Different reason, or another patient: not the same request.
+  await Promise.all([
+    idem.handle(keyless(cancel, { reason: 'other' })),
+    idem.handle(keyless(cancel, { scope: scopeOf(OTHER_EMAIL) })),
+    idem.handle(keyless(cancel, { reason: undefined }))
+  ])
+  t.equal(cancel.sends(), 4)
+})
+
+t.test('in process: followers share the leader\'s error too', async (t) => {
+  const flight = createSingleFlight({ store: createMemoryIdempotencyStore(), inFlightTtlMs: 5000 })
+  const cancel = fakeCancel({ delayMs: 20, cancel: [async () => { throw upstreamError('unknown') }] })
+  const results = await Promise.allSettled([flight.runOnce(SCOPE, FP, cancel.run), flight.runOnce(SCOPE, FP, cancel.run)])
+  t.equal(cancel.sends(), 1)
+  t.ok(results.every((result) => result.status === 'rejected' && (result.reason as { code: string }).code === ErrorCode.UPSTREAM_TIMEOUT))
+})
+
+t.test('in process: a shared answer says so', async (t) => {
+  const flight = createSingleFlight({ store: createMemoryIdempotencyStore(), inFlightTtlMs: 5000 })
+  const cancel = fakeCancel({ delayMs: 20 })
+  const [leader, follower] = await Promise.all([flight.runOnce(SCOPE, FP, cancel.run), flight.runOnce(SCOPE, FP, cancel.run)])
+  t.equal(leader.shared, false)
+  t.equal(follower.shared, true)
+})
+
+function twoReplicas (store1: IdempotencyStore, store2: IdempotencyStore, extra: Partial<SingleFlightOptions> = {}) {
+  const options = { inFlightTtlMs: 2000, pollMs: 10, ...extra }
+  return [createSingleFlight({ store: store1, ...options }), createSingleFlight({ store: store2, ...options })] as const
+}
+
+t.test('across replicas on Redis: identical cancels share one upstream call', async (t) => {
+  await redisServer.flush()
+  const a = createIdempotency({ store: await redisStore(t), inFlightTtlMs: 2000, pollMs: 10 })
+  const b = createIdempotency({ store: await redisStore(t), inFlightTtlMs: 2000, pollMs: 10 })
+  const cancel = fakeCancel({ delayMs: 50 })
+  const results = await Promise.all([a, b, a, b].map((idem) => idem.handle(keyless(cancel))))
+  t.equal(cancel.sends(), 1)
+  for (const result of results) t.same(result.answer.body, CANCELLED.body)
+})
+
+t.test('across replicas: an upstream error answer is shared with followers', async (t) => {
+  await redisServer.flush()
+  const [a, b] = twoReplicas(await redisStore(t), await redisStore(t))
+  const cancel = fakeCancel({ delayMs: 50, cancel: [async () => { throw upstreamError('unknown') }] })
+  const leader = a.runOnce(SCOPE, FP, cancel.run)
+  leader.catch(() => {})
+  await sleep(15)
+  const follower = await b.runOnce(SCOPE, FP, cancel.run)
+  await t.rejects(leader, { code: ErrorCode.UPSTREAM_TIMEOUT })
+  t.equal(follower.shared, true)
+  t.equal(follower.answer.statusCode, 504)
+  t.match(follower.answer.body, { code: ErrorCode.UPSTREAM_TIMEOUT })
+  t.equal(cancel.sends(), 1)
+})
+
+t.test('across replicas: a leader that sent nothing lets a waiting follower try itself', async (t) => {
+  await redisServer.flush()
+  const [a, b] = twoReplicas(await redisStore(t), await redisStore(t))
+  const failing = fakeCancel({ delayMs: 40, cancel: [async () => { throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE) }] })
+  const ok = fakeCancel()
+  const leader = a.runOnce(SCOPE, FP, failing.run)
+  leader.catch(() => {})
+  await sleep(10)
+  const follower = await b.runOnce(SCOPE, FP, ok.run)
+  await t.rejects(leader)
+  t.same(follower, { answer: CANCELLED, shared: false })
+  t.equal(ok.sends(), 1)
+})
+
+t.test('across replicas: 429s and our bugs release the marker', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  const [a] = twoReplicas(store, store)
+  const limited = fakeCancel({ cancel: [async () => ({ statusCode: 429, body: { status: 429 } })] })
+  await a.runOnce(SCOPE, FP, limited.run)
+  const buggy = fakeCancel({ cancel: [async () => { throw new TypeError('bug') }] })
+  await t.rejects(a.runOnce(SCOPE, FP, buggy.run), TypeError)
+  const ok = fakeCancel()
+  t.same(await a.runOnce(SCOPE, FP, ok.run), { answer: CANCELLED, shared: false }, 'nothing pinned')
+})
+
+t.test('across replicas: a follower waits a bounded time, then 409', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  const [a, b] = twoReplicas(store, store, { waitMs: 60 })
+  const gate = deferred<void>()
+  const slow = fakeCancel({ before: async () => { await gate.promise } })
+  const leader = a.runOnce(SCOPE, FP, slow.run)
+  const began = Date.now()
+  await t.rejects(b.runOnce(SCOPE, FP, slow.run), { statusCode: 409, code: ErrorCode.IDEMPOTENCY_IN_FLIGHT, headers: { 'Retry-After': '2' } })
+  t.ok(Date.now() - began < 500)
+  gate.resolve()
+  await leader
+  t.equal(slow.sends(), 1)
+})
+
+t.test('across replicas: a dead leader\'s marker expires and a follower takes over', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  const [a, b] = twoReplicas(store, store, { inFlightTtlMs: 50 })
+  a.runOnce(SCOPE, FP, fakeCancel({ cancel: [async () => await new Promise(() => {})] }).run).catch(() => {})
+  await sleep(5)
+  const ok = fakeCancel()
+  t.same(await b.runOnce(SCOPE, FP, ok.run), { answer: CANCELLED, shared: false })
+})
+
+t.test('store unavailable: a key-less cancel proceeds with the in-process single flight', async (t) => {
+  const broken: IdempotencyStore = {
+    begin: async () => { throw new Error('redis down') },
+    complete: async () => true,
+    markUnknown: async () => true,
+    release: async () => true
+  }
+  const warnings: string[] = []
+  const flight = createSingleFlight({ store: broken, inFlightTtlMs: 1000, log: { warn: (_object, message) => warnings.push(message) } })
+  const cancel = fakeCancel({ delayMs: 20 })
+  const results = await Promise.all([flight.runOnce(SCOPE, FP, cancel.run), flight.runOnce(SCOPE, FP, cancel.run)])
+  t.equal(cancel.sends(), 1)
+  t.same(results.map((result) => result.shared), [false, true])
+  t.same(warnings, ['idempotency store unavailable: single flight is per process'])
+  const quiet = createSingleFlight({ store: broken, inFlightTtlMs: 1000 })
+  t.same(await quiet.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: false }, 'no logger: silent')
+})
+
+t.test('errorSummary never carries more than the error\'s name and message', async (t) => {
+  t.same(errorSummary(new RangeError('x')), { type: 'RangeError', message: 'x' })
+  t.same(errorSummary('text'), { type: 'string', message: 'text' })
+})

@@ -1,0 +1,236 @@
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import {
+  createMemoryIdempotencyStore,
+  createRedisIdempotencyStore,
+  idempotencyStoreFor,
+  IdempotencyStoreError,
+  type IdempotencyStore
+} from '../../src/idempotency/store.js'
+import { requestFingerprint } from '../../src/idempotency/index.js'
+import type { SharedState } from '../../src/state/redis.js'
+
+const LONG = { ttlMs: 60_000, inFlightTtlMs: 30_000 }
+const FP = requestFingerprint('6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'sick')
+const OTHER_FP = requestFingerprint('6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'travel')
+const DONE = { statusCode: 200, body: { status: 200, success: true, message: 'Meeting cancelled successfully' } }
+
+type MakeStore = (t: Test) => Promise<IdempotencyStore>
+
+let counter = 0
+function fresh (): string {
+  counter += 1
+  return `key-${counter}-${Date.now()}`
+}
+
+async function started (store: IdempotencyStore, scope: string, key: string, options = LONG): Promise<string> {
+  const begun = await store.begin(scope, key, FP, options)
+  if (begun.kind !== 'started') throw new Error(`expected started, got ${begun.kind}`)
+  return begun.token
+}
+
+/** The one contract both stores keep. */
+function storeSuite (name: string, make: MakeStore): void {
+  t.test(`${name} store`, async (t) => {
+    t.test('first begin starts; the same request again is in flight', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      t.type(token, 'string')
+      const again = await store.begin('scope-a', key, FP, LONG)
+      t.equal(again.kind, 'in-flight')
+      if (again.kind === 'in-flight') t.ok(again.retryAfterMs > 0 && again.retryAfterMs <= 30_000, 'retry after within the marker life')
+    })
+
+    t.test('another fingerprint is a mismatch, in flight and when done', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      t.same(await store.begin('scope-a', key, OTHER_FP, LONG), { kind: 'mismatch' })
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), true)
+      t.same(await store.begin('scope-a', key, OTHER_FP, LONG), { kind: 'mismatch' })
+    })
+
+    t.test('complete stores the answer for replay; only the owner may complete', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      t.equal(await store.complete('scope-a', key, 'not-the-token', DONE, 60_000), false)
+      const before = Date.now()
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), true)
+      const replay = await store.begin('scope-a', key, FP, LONG)
+      t.equal(replay.kind, 'replay')
+      if (replay.kind === 'replay') {
+        t.same(replay.answer, DONE)
+        t.ok(replay.completedAt >= before - 1000 && replay.completedAt <= Date.now() + 1000, 'completedAt is a time')
+      }
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), false, 'a done record has no owner')
+      t.equal(await store.release('scope-a', key, token), false, 'nor can it be released')
+    })
+
+    t.test('release frees the key; only the owner may release', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      t.equal(await store.release('scope-a', key, 'other'), false)
+      t.equal((await store.begin('scope-a', key, FP, LONG)).kind, 'in-flight', 'still held')
+      t.equal(await store.release('scope-a', key, token), true)
+      t.equal((await store.begin('scope-a', key, OTHER_FP, LONG)).kind, 'started', 'free, even for another body')
+      t.equal(await store.release('scope-b', fresh(), token), false, 'absent record')
+    })
+
+    t.test('markUnknown keeps the fingerprint; the next begin owns the resolution', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      t.equal(await store.markUnknown('scope-a', key, 'other', 60_000), false)
+      t.equal(await store.markUnknown('scope-a', key, token, 60_000), true)
+      t.same(await store.begin('scope-a', key, OTHER_FP, LONG), { kind: 'mismatch' })
+      const takeover = await store.begin('scope-a', key, FP, LONG)
+      t.equal(takeover.kind, 'unknown-outcome')
+      t.equal((await store.begin('scope-a', key, FP, LONG)).kind, 'in-flight', 'a concurrent retry waits')
+      if (takeover.kind !== 'unknown-outcome') return
+      t.not(takeover.token, token)
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), false, 'the old token lost ownership')
+      t.equal(await store.complete('scope-a', key, takeover.token, DONE, 60_000), true)
+      t.equal((await store.begin('scope-a', key, FP, LONG)).kind, 'replay')
+    })
+
+    t.test('a dead owner: the in-flight marker expires and the next begin resolves the outcome', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
+      const token = await started(store, 'scope-a', key, short)
+      await sleep(100)
+      const takeover = await store.begin('scope-a', key, FP, short)
+      t.equal(takeover.kind, 'unknown-outcome')
+      t.equal(await store.release('scope-a', key, token), false, 'the presumed-dead owner cannot release')
+      t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' }, 'fingerprint kept')
+    })
+
+    t.test('a slow owner whose marker expired unchallenged may still complete', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key, { ttlMs: 60_000, inFlightTtlMs: 30 })
+      await sleep(60)
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), true)
+    })
+
+    t.test('records expire: completed, unknown, and the record life is at least the marker life', async (t) => {
+      const store = await make(t)
+      const done = fresh()
+      const token = await started(store, 'scope-a', done)
+      await store.complete('scope-a', done, token, DONE, 80)
+      const unknown = fresh()
+      const token2 = await started(store, 'scope-a', unknown)
+      await store.markUnknown('scope-a', unknown, token2, 80)
+      const held = fresh()
+      await started(store, 'scope-a', held, { ttlMs: 10, inFlightTtlMs: 300 })
+      await sleep(130)
+      t.equal((await store.begin('scope-a', done, OTHER_FP, LONG)).kind, 'started', 'completed record gone')
+      t.equal((await store.begin('scope-a', unknown, OTHER_FP, LONG)).kind, 'started', 'unknown record gone')
+      t.equal((await store.begin('scope-a', held, FP, LONG)).kind, 'in-flight', 'marker outlives a shorter ttl')
+    })
+
+    t.test('scopes never share a key', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const tokenA = await started(store, 'scope-a', key)
+      await store.complete('scope-a', key, tokenA, DONE, 60_000)
+      t.equal((await store.begin('scope-b', key, OTHER_FP, LONG)).kind, 'started')
+    })
+
+    t.test('answers round-trip as data, not shared objects', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key)
+      const body = { status: 400, success: false, message: 'Invalid request', code: 'UPSTREAM_REJECTED', error: 'bad' }
+      await store.complete('scope-a', key, token, { statusCode: 400, body }, 60_000)
+      body.message = 'changed'
+      const replay = await store.begin('scope-a', key, FP, LONG)
+      t.same(replay.kind === 'replay' && replay.answer, { statusCode: 400, body: { ...body, message: 'Invalid request' } })
+    })
+  })
+}
+
+storeSuite('memory', async () => createMemoryIdempotencyStore())
+
+const redisServer = await startRedis(t)
+async function redisClient (t: Test, extra: Record<string, unknown> = {}): Promise<Redis> {
+  const client = new Redis(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000, ...extra })
+  client.on('error', () => {})
+  t.teardown(() => { client.disconnect() })
+  await client.ping().catch(async () => { await new Promise((resolve) => client.once('ready', resolve)) })
+  return client
+}
+
+storeSuite('redis', async (t) => createRedisIdempotencyStore({ redis: await redisClient(t), timeoutMs: 1000 }))
+
+t.test('redis: keys are hashed under a hash tag; nothing personal is stored', async (t) => {
+  await redisServer.flush()
+  const client = await redisClient(t)
+  const store = createRedisIdempotencyStore({ redis: client })
+  const key = 'patient@example.com-retry-1'
+  const token = await started(store, 'scope-of-patient', key)
+  await store.complete('scope-of-patient', key, token, DONE, 60_000)
+  const keys = await client.keys('*')
+  t.equal(keys.length, 1)
+  t.match(keys[0], /^idem:\{[0-9a-f]{32}\}:[0-9a-f]{32}$/)
+  t.notOk(keys[0]?.includes('scope-of-patient'))
+  const fields = await client.hgetall(keys[0] ?? '')
+  t.same(Object.keys(fields).sort(), ['at', 'body', 'fp', 'state', 'status'])
+  t.notOk(JSON.stringify(fields).includes('patient@example.com'))
+  const prefixed = createRedisIdempotencyStore({ redis: client, prefix: 'test:idem:' })
+  await started(prefixed, 'scope-of-patient', key)
+  t.equal((await client.keys('test:idem:{*')).length, 1, 'prefix is configurable')
+})
+
+t.test('redis: a slow server fails the call within the deadline', async (t) => {
+  const client = await redisClient(t, { commandTimeout: undefined })
+  const admin = await redisClient(t)
+  const store = createRedisIdempotencyStore({ redis: client, timeoutMs: 100 })
+  await started(store, 'scope-a', fresh())
+  await admin.call('CLIENT', 'PAUSE', '400', 'WRITE')
+  const began = Date.now()
+  await t.rejects(store.begin('scope-a', fresh(), FP, LONG), IdempotencyStoreError)
+  t.ok(Date.now() - began < 350, 'did not wait for Redis')
+  await sleep(350)
+})
+
+t.test('redis: errors become IdempotencyStoreError with the cause', async (t) => {
+  const client = await redisClient(t)
+  client.disconnect()
+  const store = createRedisIdempotencyStore({ redis: client })
+  const error = await store.release('scope-a', 'k', 'token').catch((error: unknown) => error)
+  t.type(error, IdempotencyStoreError)
+  t.ok((error as Error).cause instanceof Error)
+})
+
+t.test('memory: expired records are swept and the store is bounded', async (t) => {
+  let clock = 1_000
+  const store = createMemoryIdempotencyStore({ now: () => clock, maxEntries: 3, sweepEveryMs: 1000 })
+  for (const key of ['a', 'b', 'c']) await started(store, 's', key, { ttlMs: 100, inFlightTtlMs: 50 })
+  t.equal(store.size(), 3)
+  await t.rejects(store.begin('s', 'd', FP, LONG), IdempotencyStoreError, 'full of live records: refused, never evicted')
+  clock += 200
+  t.equal((await store.begin('s', 'd', FP, LONG)).kind, 'started', 'a full store sweeps first')
+  t.equal(store.size(), 1)
+  await started(store, 's', 'e', { ttlMs: 100, inFlightTtlMs: 50 })
+  clock += 1000
+  await store.begin('s', 'f', FP, LONG)
+  t.equal(store.size(), 2, 'periodic sweep dropped the expired record')
+})
+
+t.test('idempotencyStoreFor picks memory without Redis and Redis with it', async (t) => {
+  const memoryState: SharedState = { redis: null, mode: () => 'memory', commandTimeoutMs: 250, close: async () => {} }
+  const memory = idempotencyStoreFor(memoryState)
+  t.equal((await memory.begin('s', 'k', FP, LONG)).kind, 'started')
+  const client = await redisClient(t)
+  const redisState: SharedState = { redis: client, mode: () => 'redis', commandTimeoutMs: 250, close: async () => {} }
+  const shared = idempotencyStoreFor(redisState)
+  const key = fresh()
+  await shared.begin('s', key, FP, LONG)
+  t.equal((await createRedisIdempotencyStore({ redis: client }).begin('s', key, FP, LONG)).kind, 'in-flight', 'it is the Redis store')
+})

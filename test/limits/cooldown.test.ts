@@ -1,0 +1,100 @@
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import { clampRetryAfter, createMemoryCooldown, createRedisCooldown, type BackoffOptions, type CooldownStore } from '../../src/limits/cooldown.js'
+import { fallbackOn, uniqueName } from './fixtures/support.js'
+
+const redis = await startRedis(t)
+
+// Short bounds so that a few backoff episodes fit in a test.
+const fast: BackoffOptions = { minMs: 10, baseMs: 40, maxMs: 200, resetAfterMs: 150 }
+
+type Make = (t: Test, options?: BackoffOptions) => Promise<CooldownStore>
+
+const kinds: Array<[string, Make]> = [
+  ['memory', async (_t, options = fast) => createMemoryCooldown(options)],
+  ['redis', async (t, options = fast) => createRedisCooldown({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('cooldown') })]
+]
+
+for (const [kind, make] of kinds) {
+  t.test(`${kind}: none until a 429`, async (t) => {
+    const cooldown = await make(t)
+    t.equal(await cooldown.remaining(), 0)
+  })
+
+  t.test(`${kind}: a Retry-After is honoured, extended but never shortened`, async (t) => {
+    const cooldown = await make(t)
+    const first = await cooldown.trip(300, 0.5)
+    t.equal(first.fresh, true)
+    t.ok(first.remainingMs > 280 && first.remainingMs <= 300)
+    const shorter = await cooldown.trip(100, 0.5)
+    t.equal(shorter.fresh, false, 'still the same episode')
+    t.ok(shorter.remainingMs > 250, `not shortened (${shorter.remainingMs})`)
+    const longer = await cooldown.trip(600, 0.5)
+    t.ok(longer.remainingMs > 580 && longer.remainingMs <= 600, 'extended')
+    const left = await cooldown.remaining()
+    t.ok(left > 500 && left <= 600)
+  })
+
+  t.test(`${kind}: it ends`, async (t) => {
+    const cooldown = await make(t)
+    await cooldown.trip(60, 0.5)
+    t.ok(await cooldown.remaining() > 0)
+    await sleep(80)
+    t.equal(await cooldown.remaining(), 0)
+  })
+
+  t.test(`${kind}: without Retry-After, consecutive episodes double the backoff; a quiet period resets it`, async (t) => {
+    const cooldown = await make(t)
+    // Jitter 0.5 is the factor 1.0: exactly base * 2^(n-1).
+    const expected = [40, 80, 160, 200]
+    for (const ms of expected) {
+      const trip = await cooldown.trip(null, 0.5)
+      t.equal(trip.fresh, true)
+      t.ok(trip.remainingMs > ms - 15 && trip.remainingMs <= ms, `${trip.remainingMs} ~ ${ms} (capped at maxMs)`)
+      await sleep(trip.remainingMs + 5)
+    }
+    await sleep(160)
+    const trip = await cooldown.trip(null, 0.5)
+    t.ok(trip.remainingMs > 25 && trip.remainingMs <= 40, `back to the base (${trip.remainingMs})`)
+  })
+
+  t.test(`${kind}: jitter spreads the backoff over [0.75, 1.25) of it`, async (t) => {
+    const low = await (await make(t)).trip(null, 0)
+    const high = await (await make(t)).trip(null, 0.999)
+    t.ok(low.remainingMs > 15 && low.remainingMs <= 30, `low ${low.remainingMs}`)
+    t.ok(high.remainingMs > 35 && high.remainingMs <= 50, `high ${high.remainingMs}`)
+  })
+}
+
+t.test('the default bounds: at least a second, at most ten minutes', async (t) => {
+  t.equal(clampRetryAfter(null), null)
+  t.equal(clampRetryAfter(Number.NaN), null)
+  t.equal(clampRetryAfter(0), 1000)
+  t.equal(clampRetryAfter(2500.2), 2501)
+  t.equal(clampRetryAfter(86_400_000), 600_000)
+  let now = 0
+  const cooldown = createMemoryCooldown({ now: () => now })
+  t.equal(cooldown.tripNow(null, 0).remainingMs, 1000, 'the first backoff is a second')
+  now = 5000
+  t.equal(cooldown.tripNow(null, 0.5).remainingMs, 2000)
+})
+
+t.test('redis: one replica trips, the other sees it at once; the key only grows', async (t) => {
+  const tag = uniqueName('shared')
+  const a = createRedisCooldown({ ...fast, fallback: await fallbackOn(t, redis.url), tag })
+  const b = createRedisCooldown({ ...fast, fallback: await fallbackOn(t, redis.url), tag })
+  t.equal(await b.remaining(), 0)
+  await a.trip(400, 0.5)
+  const seen = await b.remaining()
+  t.ok(seen > 350 && seen <= 400, `b sees ${seen}`)
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  const key = `{${tag}}:cooldown`
+  const ttl = await client.pttl(key)
+  t.ok(ttl > 400 && ttl <= 400 + 150, 'expires after the end plus the reset period')
+  const second = await b.trip(50, 0.5)
+  t.equal(second.fresh, false)
+  t.ok(await client.pttl(key) > ttl - 50, 'a shorter 429 did not shorten the key')
+})

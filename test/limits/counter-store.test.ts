@@ -1,0 +1,77 @@
+import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { startRedis } from '../helpers/redis.js'
+import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from '../../src/limits/counter-store.js'
+import { fallbackOn, uniqueName } from './fixtures/support.js'
+
+const redis = await startRedis(t)
+
+type Make = (t: Test) => Promise<CounterStore>
+
+const kinds: Array<[string, Make]> = [
+  ['memory', async () => createMemoryCounterStore()],
+  ['redis', async (t) => createRedisCounterStore({ fallback: await fallbackOn(t, redis.url), prefix: uniqueName('counter') + ':' })]
+]
+
+// One suite, both implementations: the Redis store must behave exactly as its memory twin.
+for (const [kind, make] of kinds) {
+  t.test(`${kind}: counts every hit of a window, with the time left`, async (t) => {
+    const store = await make(t)
+    const rate = { count: 3, windowMs: 1000 }
+    let lastReset = Number.POSITIVE_INFINITY
+    for (let i = 1; i <= 5; i++) {
+      const hit = await store.hit('ip:1.2.3.4', rate)
+      t.equal(hit.count, i, 'hits over the limit keep counting')
+      t.ok(hit.resetMs > 0 && hit.resetMs <= 1000)
+      t.ok(hit.resetMs <= lastReset, 'the window does not move')
+      lastReset = hit.resetMs
+    }
+  })
+
+  t.test(`${kind}: keys are counted apart`, async (t) => {
+    const store = await make(t)
+    const rate = { count: 3, windowMs: 1000 }
+    await store.hit('ip:a', rate)
+    await store.hit('ip:a', rate)
+    t.equal((await store.hit('ip:b', rate)).count, 1)
+    t.equal((await store.hit('session:a', rate)).count, 1)
+    t.equal((await store.hit('ip:a', rate)).count, 3)
+  })
+
+  t.test(`${kind}: a new window starts once the last one ended`, async (t) => {
+    const store = await make(t)
+    const rate = { count: 2, windowMs: 80 }
+    await store.hit('k', rate)
+    t.equal((await store.hit('k', rate)).count, 2)
+    await sleep(100)
+    const hit = await store.hit('k', rate)
+    t.equal(hit.count, 1)
+    t.ok(hit.resetMs > 40 && hit.resetMs <= 80)
+  })
+}
+
+t.test('memory: a flood of keys is bounded (expired windows go first, then the oldest)', async (t) => {
+  let now = 0
+  const store = createMemoryCounterStore({ now: () => now, maxKeys: 3 })
+  const rate = { count: 5, windowMs: 100 }
+  store.hitNow('a', rate)
+  store.hitNow('a', rate)
+  now = 50
+  store.hitNow('b', rate)
+  store.hitNow('c', rate)
+  store.hitNow('d', rate)
+  t.equal(store.hitNow('b', rate).count, 2, 'b kept: the oldest window (a) was dropped')
+  t.equal(store.hitNow('a', rate).count, 1, 'a starts over')
+  now = 200
+  store.hitNow('e', rate)
+  t.equal(store.hitNow('e', rate).count, 2)
+})
+
+t.test('redis: exact admission from three clients hitting at once', async (t) => {
+  const prefix = uniqueName('exact') + ':'
+  const stores = await Promise.all([1, 2, 3].map(async () => createRedisCounterStore({ fallback: await fallbackOn(t, redis.url), prefix })))
+  const rate = { count: 100, windowMs: 60_000 }
+  const hits = await Promise.all(Array.from({ length: 300 }, async (_, i) => await (stores[i % 3] as CounterStore).hit('ip:9.9.9.9', rate)))
+  t.equal(hits.filter((hit) => hit.count <= rate.count).length, 100, 'admitted == limit')
+  t.same(hits.map((hit) => hit.count).sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1), 'every hit counted once')
+})

@@ -1,0 +1,150 @@
+import t, { type Test } from 'tap'
+import { performance } from 'node:perf_hooks'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import { createMemoryBudget, createOrgBudget, createRedisBudget, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
+import { fallbackOn, maxCertainlyInOneWindow, uniqueName } from './fixtures/support.js'
+
+const redis = await startRedis(t)
+
+type Make = (t: Test, options: BudgetOptions) => Promise<BudgetStore>
+
+const kinds: Array<[string, Make]> = [
+  ['memory', async (_t, options) => createMemoryBudget(options)],
+  ['redis', async (t, options) => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })]
+]
+
+async function takeMany (budget: BudgetStore, n: number): Promise<number> {
+  let admitted = 0
+  for (let i = 0; i < n; i++) if ((await budget.take()).ok) admitted += 1
+  return admitted
+}
+
+// One suite, both implementations.
+for (const [kind, make] of kinds) {
+  t.test(`${kind}: admits the count, then says when the next admission comes`, async (t) => {
+    const budget = await make(t, { count: 3, windowMs: 500 })
+    t.same(await budget.take(), { ok: true, remaining: 2 })
+    t.same(await budget.take(), { ok: true, remaining: 1 })
+    t.same(await budget.take(), { ok: true, remaining: 0 })
+    const denied = await budget.take()
+    t.equal(denied.ok, false)
+    if (!denied.ok) t.ok(denied.retryAfterMs > 0 && denied.retryAfterMs <= 501, `waits for the oldest to leave (${denied.retryAfterMs})`)
+  })
+
+  t.test(`${kind}: the window slides (no fixed boundary to burst across)`, async (t) => {
+    const budget = await make(t, { count: 3, windowMs: 200 })
+    t.equal(await takeMany(budget, 2), 2)
+    await sleep(100)
+    t.equal(await takeMany(budget, 2), 1, 'one left in the window')
+    await sleep(120)
+    // The first two left; the one taken at ~100 ms is still in the window.
+    t.equal(await takeMany(budget, 3), 2)
+  })
+
+  t.test(`${kind}: a decrease halves the limit, which then climbs back`, async (t) => {
+    // One more admission per 500 ms of recovery.
+    const budget = await make(t, { count: 8, windowMs: 60_000, recoverMs: 4000 })
+    await budget.decrease()
+    t.equal(await takeMany(budget, 6), 4, 'half of 8')
+    const denied = await budget.take()
+    t.equal(denied.ok, false)
+    // Far sooner than the window.
+    if (!denied.ok) t.ok(denied.retryAfterMs <= 500, `waits for the limit to grow (${denied.retryAfterMs})`)
+    await sleep(600)
+    const grown = await takeMany(budget, 4)
+    t.ok(grown >= 1 && grown <= 2, `4 + floor(elapsed * 8 / 4000): ${grown} more after ~600 ms`)
+    await budget.decrease()
+    t.equal(await takeMany(budget, 2), 0, 'halved again from the current limit (5 -> 2), which is spent')
+  })
+
+  t.test(`${kind}: never below one`, async (t) => {
+    const budget = await make(t, { count: 1, windowMs: 10_000 })
+    await budget.decrease()
+    await budget.decrease()
+    t.equal(await takeMany(budget, 2), 1)
+  })
+
+  t.test(`${kind}: fully recovered, the decrease is forgotten`, async (t) => {
+    const budget = await make(t, { count: 4, windowMs: 60, recoverMs: 40 })
+    await budget.decrease()
+    await sleep(80)
+    t.equal(await takeMany(budget, 5), 4)
+  })
+}
+
+t.test('memory: the wait is exactly until the oldest entry leaves the closed window', async (t) => {
+  let now = 1000
+  const budget = createMemoryBudget({ count: 2, windowMs: 500, now: () => now })
+  budget.takeNow()
+  now = 1100
+  budget.takeNow()
+  now = 1200
+  t.same(budget.takeNow(), { ok: false, retryAfterMs: 301 }, 'the entry at 1000 counts until 1500 inclusive')
+  now = 1500
+  t.equal(budget.takeNow().ok, false)
+  now = 1501
+  t.equal(budget.takeNow().ok, true)
+})
+
+t.test('memory: a clock that steps back keeps the log sorted, and a long log is compacted', async (t) => {
+  let now = 10_000
+  const budget = createMemoryBudget({ count: 2000, windowMs: 100, now: () => now })
+  for (let i = 0; i < 1500; i++) budget.takeNow()
+  now = 9000
+  t.equal(budget.takeNow().ok, true, 'counted at the newest time seen')
+  now = 10_200
+  for (let i = 0; i < 5; i++) t.equal(budget.takeNow().ok, true)
+})
+
+t.test('redis: exact admission from three clients at once', async (t) => {
+  const tag = uniqueName('exact')
+  const options = { count: 50, windowMs: 60_000 }
+  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
+  const decisions = await Promise.all(Array.from({ length: 300 }, async (_, i) => await (budgets[i % 3] as BudgetStore).take()))
+  t.equal(decisions.filter((decision) => decision.ok).length, 50, 'admitted == count')
+})
+
+t.test('redis: no interval of the window length admits more than the count, under bursts from three instances', async (t) => {
+  const tag = uniqueName('bound')
+  const options = { count: 10, windowMs: 300 }
+  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
+  const admitted: Array<{ from: number, to: number }> = []
+  const end = performance.now() + 1500
+  await Promise.all(budgets.map(async (budget, instance) => {
+    // Bursts of 10 concurrent calls, at intervals that do not divide the window.
+    while (performance.now() < end) {
+      await Promise.all(Array.from({ length: 10 }, async () => {
+        const from = performance.now()
+        if ((await budget.take()).ok) admitted.push({ from, to: performance.now() })
+      }))
+      await sleep(17 + instance * 7)
+    }
+  }))
+  const max = maxCertainlyInOneWindow(admitted, options.windowMs)
+  t.ok(max <= options.count, `at most the count in any window (${max})`)
+  // And the check can see a violation: a fixed window's boundary burst would be caught.
+  const boundaryBurst = [...Array.from({ length: 10 }, () => ({ from: 290, to: 295 })), ...Array.from({ length: 10 }, () => ({ from: 301, to: 305 }))]
+  t.equal(maxCertainlyInOneWindow(boundaryBurst, options.windowMs), 20)
+  t.ok(admitted.length >= 40, `the budget is used, not starved (${admitted.length} in 1.5 s)`)
+})
+
+t.test('redis: every key carries the hash tag', async (t) => {
+  const tag = uniqueName('tagged')
+  const budget = createRedisBudget({ count: 2, windowMs: 1000, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
+  await budget.take()
+  await budget.decrease()
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  const keys = await client.keys(`*${tag}*`)
+  t.same(keys.sort(), [`{${tag}}:aimd`, `{${tag}}:log`, `{${tag}}:seq`])
+})
+
+t.test('the per-process share is the count divided by the replicas, at least one', async (t) => {
+  const memoryOnly = await fallbackOn(t, null)
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 5), 3)
+  t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: memoryOnly }), 3), 1)
+  const withRedis = await fallbackOn(t, redis.url)
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
+})

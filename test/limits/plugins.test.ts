@@ -1,0 +1,121 @@
+import t from 'tap'
+import { parseItem, parseList, type Item } from 'structured-headers'
+import { startRedis } from '../helpers/redis.js'
+import { buildTestApp, signIn } from '../helpers/app.js'
+import { limitedApp } from './fixtures/app.js'
+
+const redis = await startRedis(t)
+
+/** The fields as a policy -> parameters map, through a structured-field parser. */
+function fields (headers: Record<string, unknown>): { policy: Record<string, Record<string, unknown>>, limit: Record<string, Record<string, unknown>> } {
+  const asMap = (list: Array<Item | unknown>): Record<string, Record<string, unknown>> => {
+    const out: Record<string, Record<string, unknown>> = {}
+    for (const member of list as Item[]) {
+      if (typeof member[0] !== 'string') throw new Error('policy names are Strings')
+      out[member[0]] = Object.fromEntries(member[1])
+    }
+    return out
+  }
+  return {
+    policy: asMap(parseList(String(headers['ratelimit-policy']))),
+    limit: asMap(parseList(String(headers.ratelimit)))
+  }
+}
+
+t.test('per IP: one counter across routes and the not-found handler, counted in Redis', async (t) => {
+  await redis.flush()
+  const app = await limitedApp(t, { redisUrl: redis.url, env: { RATE_LIMIT_IP: '3/1m' } })
+  const first = await app.inject({ url: '/a' })
+  t.equal(first.statusCode, 200)
+  t.same(fields(first.headers), { policy: { ip: { q: 3, w: 60 } }, limit: { ip: { r: 2, t: 60 } } })
+  t.notOk(Object.keys(first.headers).some((name) => name.startsWith('x-ratelimit')), 'none of the plugin\'s own fields')
+  t.equal((await app.inject({ url: '/b' })).statusCode, 200)
+  const notFound = await app.inject({ url: '/nowhere' })
+  t.equal(notFound.statusCode, 404)
+  t.same(fields(notFound.headers).limit, { ip: { r: 0, t: 60 } })
+  const refused = await app.inject({ url: '/a' })
+  t.equal(refused.statusCode, 429)
+  t.same(refused.json(), { status: 429, success: false, message: 'Rate limit exceeded', code: 'RATE_LIMITED' })
+  t.equal(parseItem(String(refused.headers['retry-after']))[0], 60, 'Retry-After in seconds')
+  t.same(fields(refused.headers).limit, { ip: { r: 0, t: 60 } })
+  t.equal(refused.headers['x-request-id'] !== undefined && refused.headers['cache-control'], 'no-store', 'still stamped')
+  const client = app.sharedState.redis
+  t.equal(await client?.get('bff:limit:ip:127.0.0.1'), '4')
+})
+
+t.test('per session and per cancel: counted apart, all policies published', async (t) => {
+  const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '3/1m', RATE_LIMIT_CANCEL: '1/30s' } })
+  const anonymous = await app.inject({ url: '/a' })
+  t.same(Object.keys(fields(anonymous.headers).policy), ['ip'], 'no session, no session policy')
+  const withSession = await app.inject({ url: '/a', headers: { 'x-test-session': 'one' } })
+  t.same(fields(withSession.headers), {
+    policy: { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 } },
+    limit: { ip: { r: 98, t: 60 }, session: { r: 2, t: 60 } }
+  })
+  const cancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+  t.equal(cancel.statusCode, 200)
+  t.same(fields(cancel.headers).policy, { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 }, cancel: { q: 1, w: 30 } })
+  t.same(fields(cancel.headers).limit.cancel, { r: 0, t: 30 })
+  const secondCancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+  t.equal(secondCancel.statusCode, 429)
+  t.equal(secondCancel.json().code, 'RATE_LIMITED')
+  t.equal(secondCancel.headers['retry-after'], '30')
+  t.equal((await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'two' } })).statusCode, 200, 'another session has its own')
+  const spent = await app.inject({ url: '/b', headers: { 'x-test-session': 'one' } })
+  t.equal(spent.statusCode, 429, 'the session limit counts every route of the session')
+  t.equal((await app.inject({ url: '/b' })).statusCode, 200, 'the same IP without that session is not refused')
+  t.equal((await app.inject({ method: 'POST', url: '/cancel' })).statusCode, 200, 'no session: the route decides (401 in the app)')
+})
+
+t.test('IPv6 clients are keyed by their /64', async (t) => {
+  const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })
+  t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:2::1' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:2:ffff::9' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:2::7' })).statusCode, 429)
+  t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:3::1' })).statusCode, 200)
+})
+
+t.test('exact admission: three app instances sharing one Redis, 300 concurrent requests', async (t) => {
+  await redis.flush()
+  const apps = await Promise.all([1, 2, 3].map(async () => await limitedApp(t, { redisUrl: redis.url, env: { RATE_LIMIT_IP: '100/1m' } })))
+  const answers = await Promise.all(Array.from({ length: 300 }, async (_, i) => await apps[i % 3]?.inject({ url: i % 2 === 0 ? '/a' : '/b', remoteAddress: '203.0.113.7' })))
+  t.equal(answers.filter((answer) => answer?.statusCode === 200).length, 100, 'admitted == limit')
+  t.equal(answers.filter((answer) => answer?.statusCode === 429).length, 200)
+})
+
+t.test('the app: every route and the not-found handler are limited per IP, sessions per session', async (t) => {
+  const { app, issuer } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '2/1m' } })
+  await redis.flush()
+  const health = await app.inject({ url: '/healthz' })
+  t.same(fields(health.headers).policy, { ip: { q: 100, w: 60 } })
+  t.same(fields((await app.inject({ url: '/nowhere' })).headers).policy, { ip: { q: 100, w: 60 } })
+  t.equal(typeof app.cancelLimit, 'function')
+  t.equal(typeof app.upstreamGate.acquire, 'function')
+  const token = await signIn(app, issuer, 'limits@example.com')
+  const me = { url: '/auth/me', headers: { authorization: `Bearer ${token}` } }
+  const first = await app.inject(me)
+  t.equal(first.statusCode, 200)
+  t.same(fields(first.headers).limit.session, { r: 1, t: 60 })
+  t.equal((await app.inject(me)).statusCode, 200)
+  const refused = await app.inject(me)
+  t.equal(refused.statusCode, 429)
+  t.equal(refused.json().code, 'RATE_LIMITED')
+  t.notMatch(JSON.stringify(refused.headers), token.slice(0, 16), 'no session token in any field')
+})
+
+t.test('X-Forwarded-For counts only from a trusted proxy', async (t) => {
+  const untrusting = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })
+  const forged = async (app: typeof untrusting, n: number, remoteAddress: string) =>
+    await app.inject({ url: '/a', remoteAddress, headers: { 'x-forwarded-for': `198.51.100.${n}` } })
+  t.equal((await forged(untrusting, 1, '192.0.2.10')).statusCode, 200)
+  t.equal((await forged(untrusting, 2, '192.0.2.10')).statusCode, 200)
+  t.equal((await forged(untrusting, 3, '192.0.2.10')).statusCode, 429, 'without TRUST_PROXY a forged header changes nothing')
+
+  const behindProxy = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m', TRUST_PROXY: '10.0.0.0/8' } })
+  for (let n = 1; n <= 4; n++) t.equal((await forged(behindProxy, n, '10.1.2.3')).statusCode, 200, 'the proxy names each client')
+  t.equal((await forged(behindProxy, 1, '10.1.2.3')).statusCode, 200)
+  t.equal((await forged(behindProxy, 1, '10.1.2.3')).statusCode, 429, 'the named client is limited')
+  t.equal((await forged(behindProxy, 7, '192.0.2.10')).statusCode, 200)
+  t.equal((await forged(behindProxy, 8, '192.0.2.10')).statusCode, 200)
+  t.equal((await forged(behindProxy, 9, '192.0.2.10')).statusCode, 429, 'an untrusted peer is keyed by its own address')
+})

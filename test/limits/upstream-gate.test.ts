@@ -1,0 +1,119 @@
+import t, { type Test } from 'tap'
+import { performance } from 'node:perf_hooks'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { startRedis } from '../helpers/redis.js'
+import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
+import { ApiError } from '../../src/errors.js'
+import { createMemoryBudget, createOrgBudget } from '../../src/limits/org-budget.js'
+import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
+import { createUpstreamGate, type UpstreamGate } from '../../src/limits/upstream-gate.js'
+import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { fallbackOn, maxInAnyWindow, uniqueName } from './fixtures/support.js'
+
+const redis = await startRedis(t)
+
+async function refusal (t: Test, gate: UpstreamGate): Promise<ApiError> {
+  const error = await gate.acquire('cancel').then(() => null, (caught: unknown) => caught)
+  t.ok(error instanceof ApiError, 'refused with an ApiError')
+  const apiError = error as ApiError
+  t.equal(apiError.statusCode, 429)
+  t.equal(apiError.code, 'UPSTREAM_RATE_LIMITED')
+  return apiError
+}
+
+t.test('the budget: admits its count, then 429 with the wait until the next admission', async (t) => {
+  let now = 0
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 2, windowMs: 10_000, now: () => now }), cooldown: createMemoryCooldown({ now: () => now }), now: () => now })
+  await gate.acquire('list')
+  now = 2000
+  await gate.acquire('cancel')
+  const error = await refusal(t, gate)
+  t.same(error.headers, { 'retry-after': '9' }, 'ceil((0 + 10 000 + 1 - 2000) / 1000)')
+  now = 10_001
+  await gate.acquire('cancel')
+})
+
+t.test("the upstream's 429: a cooldown without upstream calls, and one decrease per episode", async (t) => {
+  let now = 0
+  const budget = createMemoryBudget({ count: 4, windowMs: 60_000, now: () => now })
+  let checks = 0
+  const memory = createMemoryCooldown({ now: () => now })
+  // A counting view of a real store: shows that a known cooldown is not asked for again.
+  const cooldown: CooldownStore = { remaining: async () => { checks += 1; return await memory.remaining() }, trip: memory.trip }
+  const gate = createUpstreamGate({ budget, cooldown, now: () => now, random: () => 0.5 })
+  await gate.acquire('list')
+  t.equal(await gate.onRateLimited(null), 1000, 'no Retry-After: the first backoff')
+  t.equal(await gate.onRateLimited(3000), 3000, 'an in-flight 429 with a longer Retry-After extends it')
+  t.equal(await gate.onRateLimited(null), 3000, 'and a backoff never shortens it')
+  const before = checks
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '3' })
+  now = 2500
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '1' })
+  t.equal(checks, before, 'answered from the local copy')
+  now = 3000
+  // Halved once (4 -> 2), not once per 429: one was taken before, one is left.
+  await gate.acquire('cancel')
+  t.same(await budget.take(), { ok: false, retryAfterMs: 57_001 })
+})
+
+t.test("the upstream's Retry-After is clamped to [1 s, 10 min]", async (t) => {
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 1, windowMs: 1000 }), cooldown: createMemoryCooldown() })
+  t.equal(await gate.onRateLimited(5), 1000)
+  t.equal(await gate.onRateLimited(86_400_000), 600_000)
+})
+
+t.test('redis: one replica hears the 429, the others stop at once and resume after it', async (t) => {
+  const tag = uniqueName('gate')
+  const gates = await Promise.all([1, 2].map(async () => {
+    const fallback = await fallbackOn(t, redis.url)
+    return createUpstreamGate({ budget: createOrgBudget({ count: 100, windowMs: 60_000, replicas: 2, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
+  }))
+  const [a, b] = gates as [UpstreamGate, UpstreamGate]
+  await b.acquire('list')
+  t.equal(await a.onRateLimited(1000), 1000)
+  t.same((await refusal(t, b)).headers, { 'retry-after': '1' }, 'the other replica stops without an upstream call')
+  await sleep(1050)
+  await b.acquire('list')
+  await a.acquire('list')
+})
+
+t.test('end to end: three replicas driven at three times the budget never get a 429 from the upstream', async (t) => {
+  // A window long enough that the arrival jitter of a loaded test machine stays well inside the
+  // quota's margin (the production defaults, 450 of 500 per 60 s, leave far more).
+  const budget = { count: 10, windowMs: 2000 }
+  // The sandbox counts in its own sliding window, a little above the budget.
+  const sandbox = await startSandbox(t, { quota: { count: 12, windowMs: 2000 } })
+  const tag = uniqueName('e2e')
+  const clients = await Promise.all([1, 2, 3].map(async () => {
+    const fallback = await fallbackOn(t, redis.url)
+    const gate = createUpstreamGate({ budget: createOrgBudget({ ...budget, replicas: 3, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
+    const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 2000, gate })
+    t.teardown(() => client.close())
+    return client
+  }))
+  const email = (DEMO_PATIENTS[0] as { email: string }).email
+  const outcomes = { ok: 0, budget: 0, upstream429: 0, other: 0 }
+  const end = performance.now() + 2600
+  // 15 calls per second in all (three times 10 per 2 s): every 200 ms each replica fires one.
+  await Promise.all(clients.map(async (client, replica) => {
+    let n = 0
+    while (performance.now() < end) {
+      n += 1
+      const call = client.fetchAppointments(email, { requestId: `r${replica}-${n}` }).then(
+        () => { outcomes.ok += 1 },
+        (error: unknown) => {
+          if (error instanceof UpstreamError && error.upstreamStatus === 429) outcomes.upstream429 += 1
+          else if (error instanceof ApiError && error.code === 'UPSTREAM_RATE_LIMITED') outcomes.budget += 1
+          else outcomes.other += 1
+        })
+      await Promise.all([call, sleep(200)])
+    }
+  }))
+  t.equal(outcomes.upstream429, 0, 'the upstream never had to answer 429')
+  t.equal(outcomes.other, 0)
+  t.ok(outcomes.budget > 0, 'the budget refused the excess')
+  t.ok(outcomes.ok >= 10 && outcomes.ok <= 20, `admitted ${outcomes.ok} in 2.6 s`)
+  const seen = maxInAnyWindow(sandbox.control.calls.map((call) => call.at), budget.windowMs)
+  t.ok(seen <= 12, `the upstream saw at most ${seen} calls in any window`)
+})

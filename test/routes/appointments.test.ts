@@ -1,0 +1,273 @@
+import t, { type Test } from 'tap'
+import { Writable } from 'node:stream'
+import { buildTestApp, signIn } from '../helpers/app.js'
+import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import type { SandboxOptions } from '../../src/care360/sandbox.js'
+
+const alice = DEMO_PATIENTS[0]!
+const bob = DEMO_PATIENTS[1]!
+const aliceFirst = alice.appointments[0]!
+const bobFirst = bob.appointments[0]!
+
+interface StackOptions { env?: Record<string, string>, sandbox?: Partial<SandboxOptions>, redis?: boolean, logs?: string[] }
+
+async function stack (t: Test, options: StackOptions = {}) {
+  const sandbox = await startSandbox(t, options.sandbox)
+  const logStream = options.logs === undefined
+    ? undefined
+    : new Writable({ write (chunk, _encoding, done) { options.logs!.push(chunk.toString()); done() } })
+  const { app, issuer } = await buildTestApp(t, {
+    upstreamUrl: sandbox.url,
+    env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '300', RATE_LIMIT_CANCEL: '1000/1m', RATE_LIMIT_SESSION: '1000/1m', ...options.env },
+    ...(options.redis === true ? { redis: true } : {}),
+    ...(logStream === undefined ? {} : { logStream })
+  })
+  const tokenFor = async (email: string) => await signIn(app, issuer, email)
+  const cancel = async (token: string, id: string, payload?: unknown, headers: Record<string, string> = {}) =>
+    await app.inject({
+      method: 'POST',
+      url: `/appointments/${id}/cancel`,
+      headers: { authorization: `Bearer ${token}`, ...headers },
+      ...(payload === undefined ? {} : { payload: payload as Record<string, unknown> })
+    })
+  const cancelCalls = () => sandbox.control.calls.filter((call) => call.method === 'POST')
+  return { app, sandbox, tokenFor, cancel, cancelCalls }
+}
+
+t.test('a cancel reaches the upstream with the key, the session email, the id and the reason only', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const res = await cancel(token, aliceFirst.id, { reason: 'Feeling better' }, {
+    'x-request-id': 'req-cancel-1', cookie: 'other=1', 'x-forwarded-for': '1.2.3.4', 'user-agent': 'patient-app'
+  })
+  t.equal(res.statusCode, 200)
+  t.same(res.json(), { status: 200, success: true, message: 'Meeting cancelled successfully' })
+  t.equal(res.headers['x-request-id'], 'req-cancel-1')
+  t.equal(res.headers['cache-control'], 'no-store')
+  const [call] = cancelCalls()
+  t.same(call?.body, { email: alice.email, appointmentId: aliceFirst.id, reason: 'Feeling better' })
+  t.equal(call?.headers['cv-api-key'], SANDBOX_KEY)
+  t.equal(call?.headers['x-request-id'], 'req-cancel-1')
+  t.match(call?.headers['content-type'], /^application\/json/)
+  for (const name of ['authorization', 'cookie', 'x-forwarded-for', 'user-agent']) {
+    t.equal(call?.headers[name], undefined, `${name} is not forwarded`)
+  }
+  t.ok(sandbox.control.isCancelled(aliceFirst.id))
+})
+
+t.test('no body, an empty JSON body and an agentEventId all cancel', async (t) => {
+  const { tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, alice.appointments[0]!.id)).statusCode, 200)
+  const empty = await cancel(token, alice.appointments[1]!.id, '', { 'content-type': 'application/json' })
+  t.equal(empty.statusCode, 200)
+  const byAgentEventId = await cancel(token, alice.appointments[2]!.agentEventId, {})
+  t.equal(byAgentEventId.statusCode, 200)
+  t.same(cancelCalls().map((call) => call.body), [
+    { email: alice.email, appointmentId: alice.appointments[0]!.id },
+    { email: alice.email, appointmentId: alice.appointments[1]!.id },
+    { email: alice.email, appointmentId: alice.appointments[2]!.agentEventId }
+  ])
+})
+
+t.test("a patient can never cancel someone else's appointment", async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  for (const id of [bobFirst.id, bobFirst.agentEventId, '00000000-0000-4000-8000-000000000000']) {
+    const res = await cancel(token, id)
+    t.equal(res.statusCode, 404)
+    t.match(res.json(), { status: 404, success: false, code: 'APPOINTMENT_NOT_FOUND' })
+  }
+  t.equal(cancelCalls().length, 0, 'no cancel was sent')
+  t.notOk(sandbox.control.isCancelled(bobFirst.id))
+  const unknown = await cancel(await tokenFor('nobody@example.com'), aliceFirst.id)
+  t.equal(unknown.statusCode, 404, 'an email the upstream does not know owns nothing')
+  t.equal(cancelCalls().length, 0)
+})
+
+t.test('OWNERSHIP_CHECK=off forwards without the list call', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
+  const res = await cancel(await tokenFor(alice.email), bobFirst.id)
+  t.equal(res.statusCode, 400, 'the sandbox itself refuses a foreign appointment')
+  t.match(res.json(), { code: 'UPSTREAM_REJECTED' })
+  t.same(sandbox.control.calls.map((call) => call.method), ['POST'])
+})
+
+t.test('bad input: 4xx in the envelope, never an upstream call', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const cases: Array<[string, unknown, Record<string, string>, number, string]> = [
+    ['not-a-uuid', undefined, {}, 400, 'VALIDATION_FAILED'],
+    [`${aliceFirst.id}0`, undefined, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { reason: 'x'.repeat(501) }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { reason: 'bell\u0007' }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { reason: 'c1\u0085' }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { reason: 42 }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { reason: 'ok', email: 'bob@example.com' }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, { appointmentId: bobFirst.id }, {}, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, '[]', { 'content-type': 'application/json' }, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, 'null', { 'content-type': 'application/json' }, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, '{"reason":', { 'content-type': 'application/json' }, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, 'reason=x', { 'content-type': 'application/x-www-form-urlencoded' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [aliceFirst.id, 'x', { 'content-type': 'text/plain' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [aliceFirst.id, JSON.stringify({ reason: 'x'.repeat(5000) }), { 'content-type': 'application/json' }, 413, 'PAYLOAD_TOO_LARGE'],
+    [aliceFirst.id, undefined, { 'idempotency-key': '' }, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, undefined, { 'idempotency-key': 'k'.repeat(256) }, 400, 'VALIDATION_FAILED'],
+    [aliceFirst.id, undefined, { 'idempotency-key': 'has space' }, 400, 'VALIDATION_FAILED']
+  ]
+  for (const [id, payload, headers, status, code] of cases) {
+    const res = await cancel(token, id, payload, headers)
+    t.equal(res.statusCode, status, `${code}: ${JSON.stringify(payload)?.slice(0, 40)} ${JSON.stringify(headers)}`)
+    t.match(res.json(), { status, success: false, code })
+  }
+  t.equal(sandbox.control.calls.length, 0, 'nothing reached the upstream')
+  const longest = await cancel(token, aliceFirst.id, { reason: '😀'.repeat(500) + '' })
+  t.equal(longest.statusCode, 200, '500 code points (1000 UTF-16 units) are allowed')
+})
+
+t.test('no session, an unknown or a malformed one: 401 and no upstream call', async (t) => {
+  const { app, sandbox, cancel } = await stack(t)
+  const none = await app.inject({ method: 'POST', url: `/appointments/${aliceFirst.id}/cancel` })
+  t.equal(none.statusCode, 401)
+  t.match(none.json(), { code: 'SESSION_REQUIRED' })
+  for (const token of ['x', 'A'.repeat(43)]) {
+    t.equal((await cancel(token, aliceFirst.id)).statusCode, 401)
+  }
+  t.equal((await cancel('A'.repeat(43), 'not-a-uuid')).statusCode, 401, 'auth is decided before validation')
+  t.equal(sandbox.control.calls.length, 0)
+})
+
+t.test('every upstream outcome maps to a row of the answer table', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const rows: Array<[Parameters<typeof sandbox.control.setFailure>[0], number, string]> = [
+    [{ kind: 'status', status: 400, body: { status: 400, success: false, message: 'Invalid request', error: 'appointment already started' } }, 400, 'UPSTREAM_REJECTED'],
+    [{ kind: 'status', status: 401, body: { status: 401, success: false, message: 'Unauthorized' } }, 502, 'UPSTREAM_AUTH_FAILED'],
+    [{ kind: 'status', status: 500, body: { status: 500, success: false, message: 'boom' } }, 502, 'UPSTREAM_ERROR'],
+    [{ kind: 'status', status: 418, body: { status: 418 } }, 502, 'UPSTREAM_ERROR'],
+    [{ kind: 'garbage' }, 502, 'UPSTREAM_ERROR'],
+    [{ kind: 'huge' }, 502, 'UPSTREAM_ERROR'],
+    [{ kind: 'reset' }, 502, 'UPSTREAM_ERROR'],
+    [{ kind: 'slow', delayMs: 1000 }, 504, 'UPSTREAM_TIMEOUT'],
+    [{ kind: 'rate-limited', retryAfter: '7' }, 429, 'UPSTREAM_RATE_LIMITED']
+  ]
+  for (const [index, [failure, status, code]] of rows.entries()) {
+    sandbox.control.setFailure({ ...failure, endpoint: 'cancel', times: 1 })
+    // A distinct reason each time: identical cancels within moments share one upstream call.
+    const res = await cancel(token, aliceFirst.id, { reason: `row ${index}` })
+    t.equal(res.statusCode, status, `${failure.kind} ${'status' in failure ? failure.status : ''}`)
+    t.match(res.json(), { status, success: false, code })
+    if (status === 429) t.ok(Number(res.headers['retry-after']) >= 1)
+    t.notMatch(res.body, SANDBOX_KEY)
+    t.notMatch(res.body, alice.email)
+  }
+  const rejected = await (async () => {
+    sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'cancel', times: 1, body: { status: 400, success: false, message: 'Invalid request', error: 'bad' } })
+    return await cancel(token, alice.appointments[1]!.id)
+  })()
+  t.match(rejected.json(), { code: 'UPSTREAM_REJECTED', message: 'Invalid request', error: 'bad' })
+})
+
+t.test('an unreachable upstream is 502 UPSTREAM_UNAVAILABLE', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
+  const token = await tokenFor(alice.email)
+  await sandbox.close()
+  const res = await cancel(token, aliceFirst.id)
+  t.equal(res.statusCode, 502)
+  t.match(res.json(), { code: 'UPSTREAM_UNAVAILABLE' })
+})
+
+t.test('GET /appointments lists the patient\'s own, trimmed', async (t) => {
+  const { app, tokenFor, cancel } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const res = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(res.statusCode, 200)
+  const body = res.json()
+  t.match(body, { status: 200, success: true })
+  t.same(body.data.map((item: { id: string }) => item.id), alice.appointments.map((item) => item.id))
+  t.same(Object.keys(body.data[0]).sort(), ['agentEventId', 'agentName', 'end', 'id', 'start', 'status', 'title', 'topic'])
+  t.notMatch(res.body, 'description', 'fields a patient app does not need are dropped')
+  await cancel(token, aliceFirst.id)
+  const after = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(after.json().data.length, alice.appointments.length - 1)
+  const stranger = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${await tokenFor('nobody@example.com')}` } })
+  t.same(stranger.json().data, [], 'an email the upstream does not know gives an empty list')
+  t.equal((await app.inject({ url: '/appointments' })).statusCode, 401)
+})
+
+t.test('the ownership list is cached briefly and a cancel refreshes it', async (t) => {
+  const { app, sandbox, tokenFor, cancel } = await stack(t)
+  const token = await tokenFor(alice.email)
+  await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal((await cancel(token, alice.appointments[0]!.id)).statusCode, 200)
+  t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST'], 'the listed appointments served the ownership check')
+  const doubleTap = await cancel(token, alice.appointments[0]!.id)
+  t.equal(doubleTap.statusCode, 200, 'an identical cancel a moment later shares the first one\'s answer')
+  t.equal(sandbox.control.calls.length, 2, 'without a second upstream call')
+  t.equal((await cancel(token, alice.appointments[0]!.id, { reason: 'again' })).statusCode, 404, 'a cancelled appointment is no longer the patient\'s upcoming one')
+  const seeded = sandbox.control.seedAppointment(alice.email)
+  t.equal((await cancel(token, seeded.id)).statusCode, 200, 'an appointment booked after the list was cached is found fresh')
+})
+
+t.test('Idempotency-Key replays the first answer without a second upstream call', async (t) => {
+  const { tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const first = await cancel(token, aliceFirst.id, { reason: 'r' }, { 'idempotency-key': 'key-1' })
+  const again = await cancel(token, aliceFirst.id, { reason: 'r' }, { 'idempotency-key': 'key-1' })
+  t.equal(first.statusCode, 200)
+  t.equal(again.statusCode, 200)
+  t.same(again.json(), first.json())
+  t.equal(again.headers['idempotent-replayed'], 'true')
+  t.equal(cancelCalls().length, 1)
+  const mismatch = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'key-1' })
+  t.equal(mismatch.statusCode, 422)
+  t.match(mismatch.json(), { code: 'IDEMPOTENCY_MISMATCH' })
+  const notFound = await cancel(token, bobFirst.id, {}, { 'idempotency-key': 'key-2' })
+  const notFoundAgain = await cancel(token, bobFirst.id, {}, { 'idempotency-key': 'key-2' })
+  t.equal(notFoundAgain.statusCode, 404)
+  t.match(notFoundAgain.json(), { code: 'APPOINTMENT_NOT_FOUND' })
+  t.same(notFoundAgain.json(), notFound.json())
+  const bobToken = await tokenFor(bob.email)
+  const bobs = await cancel(bobToken, bobFirst.id, { reason: 'r' }, { 'idempotency-key': 'key-1' })
+  t.equal(bobs.statusCode, 200, "one patient's key never replays another's answer")
+  t.equal(bobs.headers['idempotent-replayed'], undefined)
+})
+
+t.test('a lost answer is resolved from the upstream on retry with the same key', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  sandbox.control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
+  const lost = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'lost-1' })
+  t.equal(lost.statusCode, 502)
+  t.ok(sandbox.control.isCancelled(aliceFirst.id))
+  const retry = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'lost-1' })
+  t.equal(retry.statusCode, 200)
+  t.match(retry.json().message, /confirmed/)
+  t.equal(cancelCalls().length, 1, 'the cancel the upstream already applied is not sent again')
+
+  const second = alice.appointments[1]!
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(token, second.id, {}, { 'idempotency-key': 'lost-2' })).statusCode, 502)
+  t.notOk(sandbox.control.isCancelled(second.id))
+  const resend = await cancel(token, second.id, {}, { 'idempotency-key': 'lost-2' })
+  t.equal(resend.statusCode, 200)
+  t.ok(sandbox.control.isCancelled(second.id), 'the cancel that never took effect is sent now, once')
+  t.equal(cancelCalls().length, 3)
+})
+
+t.test('the audit record and the logs carry no email, reason, key or token', async (t) => {
+  const logs: string[] = []
+  const { tokenFor, cancel } = await stack(t, { logs })
+  const token = await tokenFor(alice.email)
+  await cancel(token, aliceFirst.id, { reason: 'private reason text' }, { 'idempotency-key': 'audit-key' })
+  await cancel(token, bobFirst.id, { reason: 'private reason text' })
+  const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+  t.equal(audits.length, 2)
+  t.match(audits[0].audit, { event: 'appointment.cancel', appointmentId: aliceFirst.id, outcome: 'cancelled', status: 200, upstreamStatus: 200, patient: /^[0-9a-f]{32}$/ })
+  t.match(audits[1].audit, { appointmentId: bobFirst.id, outcome: 'APPOINTMENT_NOT_FOUND', status: 404, upstreamStatus: null })
+  const all = logs.join('\n')
+  for (const secret of [alice.email, 'private reason text', SANDBOX_KEY, token]) {
+    t.notMatch(all, secret, 'no secret or personal value in the logs')
+  }
+})

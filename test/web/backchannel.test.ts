@@ -1,0 +1,148 @@
+import t from 'tap'
+import { generateKeyPair, SignJWT } from 'jose'
+import { Browser } from './browser.js'
+import { SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
+import { buildTestApp } from '../helpers/app.js'
+import { BACKCHANNEL_LOGOUT_EVENT } from '../../src/web/backchannel.js'
+import { createReplayGuard } from '../../src/web/replay-guard.js'
+
+/** OIDC Back-Channel Logout 1.0: the IdP ends sessions here, on every replica at once. */
+
+const EVENTS = { [BACKCHANNEL_LOGOUT_EVENT]: {} }
+
+async function authenticated (app: WebStack['app'], cookie: string | undefined): Promise<boolean> {
+  const answer = await app.inject({ method: 'GET', url: '/auth/me', cookies: { [SESSION_COOKIE]: cookie ?? '' } })
+  return (answer.json() as { data: { authenticated: boolean } }).data.authenticated
+}
+
+function post (app: WebStack['app'], body: string, contentType = 'application/x-www-form-urlencoded') {
+  return app.inject({ method: 'POST', url: '/auth/backchannel-logout', headers: { 'content-type': contentType }, payload: body })
+}
+
+const form = (token: string): string => new URLSearchParams({ logout_token: token }).toString()
+
+/** Signs in through the IdP, then signs out at the IdP (not here): the IdP tells us. */
+async function signOutAtIdp (stack: WebStack, browser: Browser): Promise<void> {
+  const confirm = await browser.navigate(`${stack.idp.url}/session/end`)
+  const xsrf = /name="xsrf" value="([^"]+)"/.exec(confirm.text)?.[1] as string
+  const action = /action="([^"]+)"/.exec(confirm.text)?.[1] as string
+  await browser.navigate(action, { method: 'POST', form: { xsrf, logout: 'yes' } })
+}
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store: signing out at the IdP kills the live session here`, async (t) => {
+    const stack = await startWebStack(t, { redis: store === 'redis' })
+    const browser = new Browser()
+    await stack.signIn(browser, 'alice@example.com')
+    const cookie = stack.sessionOf(browser)
+    const other = new Browser()
+    await stack.signIn(other, 'alice@example.com')
+    t.ok(await authenticated(stack.app, cookie))
+
+    const replica = store === 'redis' ? await buildTestApp(t, { env: stack.env, redis: stack.redis as NonNullable<typeof stack.redis> }) : null
+    if (replica !== null) t.ok(await authenticated(replica.app, cookie), 'another replica sees it too')
+
+    await signOutAtIdp(stack, browser)
+    t.equal(stack.idp.backchannel.delivered, 1)
+    t.notOk(await authenticated(stack.app, cookie), 'ended by the logout token (by sid)')
+    if (replica !== null) t.notOk(await authenticated(replica.app, cookie), 'on every replica')
+    t.ok(await authenticated(stack.app, stack.sessionOf(other)), "another IdP session of the same user is not this one's")
+  })
+}
+
+t.test('logout tokens are verified per the spec', async (t) => {
+  const stack = await startWebStack(t)
+  const { app, idp } = stack
+  const alice = new Browser()
+  await stack.signIn(alice, 'alice@example.com')
+  const aliceCookie = stack.sessionOf(alice)
+  const bob = new Browser()
+  await stack.signIn(bob, 'bob@example.com')
+  const bobBearer = await stack.bearerFor('bob@example.com')
+
+  const { privateKey: foreignKey } = await generateKeyPair('RS256')
+  const now = Math.floor(Date.now() / 1000)
+  const refusals: Array<[string, () => Promise<string>]> = [
+    ['no events', () => stack.signAsIdp({ sub: 'patient-alice' })],
+    ['events without the logout event', () => stack.signAsIdp({ sub: 'patient-alice', events: { 'http://example.com/other': {} } })],
+    ['logout event not an object', () => stack.signAsIdp({ sub: 'patient-alice', events: { [BACKCHANNEL_LOGOUT_EVENT]: 'yes' } })],
+    ['a nonce (an ID token)', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, nonce: 'n' })],
+    ['neither sub nor sid', () => stack.signAsIdp({ events: EVENTS })],
+    ['another audience', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, aud: 'someone-else' })],
+    ['another issuer', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iss: 'https://evil.example' })],
+    ['issued long ago', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iat: now - 3600, exp: now + 60 })],
+    ['expired', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iat: now - 120, exp: now - 60 })],
+    ['no jti', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, jti: undefined })],
+    ['a jti that is no string', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, jti: 42 })],
+    ['typed as an access token', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS }, { typ: 'at+jwt' })],
+    ['signed by a key the IdP never published', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS }, { kid: 'nope' })],
+    ['signed with another key under the IdP kid', async () => await new SignJWT({ iss: idp.url, aud: idp.clientId, iat: now, jti: 'j', sub: 'patient-alice', events: EVENTS }).setProtectedHeader({ alg: 'RS256', kid: idp.signingKeys[0]?.kid as string }).sign(foreignKey)],
+    ['HMAC', async () => await new SignJWT({ iss: idp.url, aud: idp.clientId, iat: now, jti: 'j', sub: 'patient-alice', events: EVENTS }).setProtectedHeader({ alg: 'HS256' }).sign(new TextEncoder().encode('x'.repeat(32)))],
+    ['garbage', async () => 'not.a.jwt']
+  ]
+  for (const [name, make] of refusals) {
+    const answer = await post(app, form(await make()))
+    t.equal(answer.statusCode, 400, `${name} → 400`)
+    t.match(answer.json(), { code: 'BAD_REQUEST', error: 'invalid_request' })
+    t.equal(answer.headers['cache-control'], 'no-store')
+  }
+  for (const [name, body] of [['no body', ''], ['no logout_token', 'a=1'], ['two logout_tokens', 'logout_token=a&logout_token=b'], ['an oversized token', form('x'.repeat(9000))]] as const) {
+    const answer = await post(app, body)
+    t.equal(answer.statusCode, 400, `${name} → 400`)
+  }
+  t.equal((await app.inject({ method: 'POST', url: '/auth/backchannel-logout' })).statusCode, 400, 'no content at all → 400')
+  t.equal((await post(app, 'x', 'text/plain')).statusCode, 415, 'only form-encoded (or JSON) bodies')
+  t.equal((await app.inject({ method: 'POST', url: '/auth/session', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: 'idToken=x' })).statusCode, 415, 'form bodies on this route only')
+  t.ok(await authenticated(app, aliceCookie), 'none of that ended a session')
+
+  // By subject: every session of that user at this issuer, web and mobile alike.
+  const bySubject = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS }, { typ: 'logout+jwt' })
+  const ended = await post(app, form(bySubject))
+  t.equal(ended.statusCode, 200)
+  t.equal(ended.headers['cache-control'], 'no-store')
+  t.notOk(await authenticated(app, stack.sessionOf(bob)), "bob's web session ended")
+  t.ok(await authenticated(app, aliceCookie), "alice's did not")
+  t.equal((await app.inject({ method: 'GET', url: '/auth/me', headers: { authorization: `Bearer ${bobBearer}` } })).json().data.authenticated, true, 'a mobile session under another subject stays')
+
+  const replayed = await post(app, form(bySubject))
+  t.equal(replayed.statusCode, 400, 'a replayed logout token (same jti) is refused')
+
+  const unknownSid = await post(app, form(await stack.signAsIdp({ sid: 'no-such-sid', events: EVENTS })))
+  t.equal(unknownSid.statusCode, 200, 'naming no session is still a valid logout')
+})
+
+t.test('Redis down: 503, and the IdP sees the failure', async (t) => {
+  const stack = await startWebStack(t, { redis: true })
+  const browser = new Browser()
+  await stack.signIn(browser, 'alice@example.com')
+  await stack.redis?.stop()
+  const answer = await post(stack.app, form(await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })))
+  t.equal(answer.statusCode, 503)
+  await signOutAtIdp(stack, browser)
+  t.equal(stack.idp.backchannel.failed, 1)
+})
+
+t.test('IdP unreachable: discovery or JWKS → 503', async (t) => {
+  const stack = await startWebStack(t)
+  const token = await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })
+  // A replica with an injected clock (the clock reaches the logout token checks and the replay guard).
+  const fresh = await buildTestApp(t, { env: stack.env, now: () => Date.now() })
+  await stack.app.inject({ method: 'GET', url: '/auth/login' }) // discovery done, JWKS not yet fetched
+  await stack.idp.close()
+  t.equal((await post(stack.app, form(token))).statusCode, 503, 'JWKS unreachable')
+  t.equal((await post(fresh.app, form(token))).statusCode, 503, 'discovery unreachable')
+})
+
+t.test('replay guard in memory stays bounded', async (t) => {
+  let now = 0
+  const guard = createReplayGuard({ redis: null }, () => now)
+  t.equal(await guard.firstUse('a', 1000), true)
+  t.equal(await guard.firstUse('a', 1000), false)
+  now = 1000
+  t.equal(await guard.firstUse('a', 1000), true, 'forgotten once expired')
+  for (let i = 0; i < 10_000; i++) await guard.firstUse(`fill-${i}`, 10)
+  now = 2000
+  t.equal(await guard.firstUse('after-sweep', 1000), true, 'expired ids swept when full')
+  for (let i = 0; i < 10_000; i++) await guard.firstUse(`fresh-${i}`, 100_000)
+  t.equal(await guard.firstUse('overflow', 1000), true, 'the oldest dropped when full of live ids')
+})

@@ -1,0 +1,64 @@
+import t from 'tap'
+import { safeReturnTo } from '../../src/web/return-to.js'
+import { exchangeFailure } from '../../src/web/routes.js'
+import { createWebOidc } from '../../src/web/oidc.js'
+import { createLoginStateSeal } from '../../src/web/login-state.js'
+import { startTestIdp } from '../helpers/idp.js'
+
+/** The pieces of web sign-in on their own: returnTo, the error vocabulary, the sealed login state. */
+
+t.test('returnTo: a path on this service, else /', async (t) => {
+  const kept = ['/', '/appointments', '/appointments?tab=upcoming&x=https://a.example', '/a/b#frag', '/caf%C3%A9', '/a%20b']
+  for (const value of kept) t.equal(safeReturnTo(value), value, `kept: ${value}`)
+  const refused: unknown[] = [
+    undefined, 42, ['/a'], '', 'a', 'relative/path', '//evil.com', '///evil.com', '/\\evil.com', '\\\\evil.com',
+    'https://evil.com', 'javascript:alert(1)', '/%2F%2Fevil.com', '/%2f/evil.com', '/%5Cevil.com', '\t//evil',
+    '/\t/evil.com', '/a\nb', '/a\u0000', '/a\u007f', '/%0d%0aSet-Cookie:x', '/%E0%A4%A', '/..//evil.com', '/a//b',
+    `/${'a'.repeat(1100)}`
+  ]
+  for (const value of refused) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)?.slice(0, 40)}`)
+})
+
+t.test('exchange failures map to fixed reasons', async (t) => {
+  const coded = (code: string) => Object.assign(new Error('x'), { code })
+  const named = (name: string) => Object.assign(new Error('x'), { name })
+  t.equal(exchangeFailure(named('TypeError')), 'idp_unavailable', 'fetch failed')
+  t.equal(exchangeFailure(named('AbortError')), 'idp_unavailable')
+  t.equal(exchangeFailure(named('TimeoutError')), 'idp_unavailable')
+  t.equal(exchangeFailure(coded('OAUTH_JWT_CLAIM_COMPARISON_FAILED')), 'invalid_token')
+  t.equal(exchangeFailure(coded('OAUTH_JWS_SIGNATURE_VERIFICATION_FAILED')), 'invalid_token')
+  t.equal(exchangeFailure(coded('ERR_JWKS_NO_MATCHING_KEY')), 'invalid_token')
+  t.equal(exchangeFailure(coded('OAUTH_RESPONSE_IS_NOT_JSON')), 'exchange_failed')
+  t.equal(exchangeFailure(new Error('no code')), 'exchange_failed')
+  t.equal(exchangeFailure('not even an error'), 'exchange_failed')
+})
+
+t.test('the redirect URI comes from PUBLIC_URL; https issuers need no exception', async (t) => {
+  const oidc = createWebOidc({ issuer: 'https://idp.example', clientId: 'c', clientSecret: 's', publicUrl: 'https://bff.example/base' })
+  t.equal(oidc.redirectUri, 'https://bff.example/base/auth/callback')
+  t.equal(oidc.postLogoutRedirectUri, 'https://bff.example/base')
+  t.equal(oidc.clientId, 'c')
+})
+
+t.test('login state: sealed, bound to the key, short-lived', async (t) => {
+  let now = 1_700_000_000_000
+  const seal = createLoginStateSeal('org-key-1', () => now)
+  const state = { state: 's', nonce: 'n', codeVerifier: 'v', returnTo: '/r' }
+  const sealed = await seal.seal(state)
+  t.notMatch(sealed, /"v"|codeVerifier/, 'the verifier is not readable')
+  t.same(await seal.open(sealed), state)
+  t.equal(await createLoginStateSeal('org-key-2', () => now).open(sealed), null, 'another deployment cannot open it')
+  t.equal(await seal.open(`${sealed.slice(0, -2)}AA`), null, 'tampered')
+  t.equal(await seal.open(undefined), null)
+  now += 601_000
+  t.equal(await seal.open(sealed), null, 'expired after 10 minutes')
+})
+
+t.test('development IdP: a broken interaction ends on a plain 400', async (t) => {
+  const idp = await startTestIdp(t, { publicUrl: 'http://127.0.0.1:9' })
+  const answer = await fetch(`${idp.url}/interaction/unknown`)
+  t.equal(answer.status, 400)
+  t.equal(await answer.text(), 'interaction failed')
+  await idp.close()
+  await idp.close()
+})

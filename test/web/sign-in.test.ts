@@ -1,0 +1,283 @@
+import t from 'tap'
+import { Browser } from './browser.js'
+import { LOGIN_COOKIE, SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
+import { buildTestApp, signIn as mobileSignIn } from '../helpers/app.js'
+import { createLoginStateSeal } from '../../src/web/login-state.js'
+
+/**
+ * Web sign-in end to end: a browser-style client (cookie jar, redirects followed by hand) against
+ * the service listening on loopback and a real OpenID Provider, with each session store.
+ */
+
+const ALICE_APPOINTMENT = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
+
+async function me (stack: WebStack, cookie: string | undefined) {
+  const response = await stack.app.inject({
+    method: 'GET',
+    url: '/auth/me',
+    ...(cookie === undefined ? {} : { cookies: { [SESSION_COOKIE]: cookie } })
+  })
+  return (response.json() as { data: { authenticated: boolean, email?: string } }).data
+}
+
+function signinError (url: string): string | null {
+  return new URL(url).searchParams.get('signin_error')
+}
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store`, async (t) => {
+    const stack = await startWebStack(t, { sandbox: true, redis: store === 'redis' })
+    const { publicUrl, idp } = stack
+
+    t.test('signs in, lists and cancels its own appointment with the cookie, signs out', async (t) => {
+      const browser = new Browser()
+      const page = await stack.signIn(browser, 'alice@example.com', '/appointments?tab=upcoming')
+      t.equal(page.url, `${publicUrl}/appointments?tab=upcoming`, 'lands on returnTo, on our origin')
+
+      const loginSet = browser.received.find((entry) => entry.url.includes('/auth/login') && entry.line.startsWith(`${LOGIN_COOKIE}=`))
+      t.ok(loginSet, 'login state in a cookie')
+      t.match(loginSet?.line, /; Max-Age=600;/)
+      t.match(loginSet?.line, /; Path=\//)
+      t.match(loginSet?.line, /; HttpOnly/)
+      t.match(loginSet?.line, /; Secure/)
+      t.match(loginSet?.line, /; SameSite=Lax/)
+
+      const callbackSets = browser.received.filter((entry) => entry.url.startsWith(`${publicUrl}/auth/callback`))
+      const sessionSet = callbackSets.find((entry) => entry.line.startsWith(`${SESSION_COOKIE}=`))?.line ?? ''
+      t.match(sessionSet, new RegExp(`^${SESSION_COOKIE}=[A-Za-z0-9_-]{43}; `), 'opaque session id only')
+      for (const attribute of ['Path=/', 'HttpOnly', 'Secure', 'SameSite=Strict']) t.ok(sessionSet.split('; ').includes(attribute), attribute)
+      t.notMatch(sessionSet, /Domain|Max-Age|Expires/i, 'no Domain, a browser-session cookie')
+      t.ok(callbackSets.some((entry) => entry.line.startsWith(`${LOGIN_COOKIE}=;`)), 'login state cleared by the callback')
+      t.equal(browser.cookie(publicUrl, LOGIN_COOKIE), undefined)
+
+      const cookie = stack.sessionOf(browser)
+      t.match(await me(stack, cookie), { authenticated: true, email: 'alice@example.com' })
+
+      const listed = await browser.fetch(`${publicUrl}/appointments`)
+      t.equal(listed.status, 200)
+      t.ok(((await listed.json()) as { data: Array<{ id: string }> }).data.some((item) => item.id === ALICE_APPOINTMENT))
+
+      const cancelUrl = `${publicUrl}/appointments/${ALICE_APPOINTMENT}/cancel`
+      const callsBefore = stack.sandbox?.control.calls.length ?? 0
+      const forged = await browser.fetch(cancelUrl, { method: 'POST', json: { reason: 'forged' } })
+      t.equal(forged.status, 403, 'no X-CSRF: refused')
+      t.equal(((await forged.json()) as { code: string }).code, 'CSRF_REJECTED')
+      t.equal(stack.sandbox?.control.calls.length, callsBefore, 'and no upstream call')
+
+      const cancelled = await browser.fetch(cancelUrl, { method: 'POST', headers: { 'x-csrf': '1', origin: publicUrl, 'sec-fetch-site': 'same-origin' }, json: { reason: 'Feeling better' } })
+      t.equal(cancelled.status, 200, await cancelled.clone().text())
+      t.ok(stack.sandbox?.control.isCancelled(ALICE_APPOINTMENT))
+
+      const noCsrfLogout = await browser.fetch(`${publicUrl}/auth/logout`, { method: 'POST' })
+      t.equal(noCsrfLogout.status, 403, 'sign-out needs X-CSRF too')
+      const logout = await browser.fetch(`${publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
+      t.equal(logout.status, 200)
+      t.ok(logout.headers.getSetCookie().some((line) => line.startsWith(`${SESSION_COOKIE}=;`) && line.includes('Path=/') && line.includes('Secure')), 'cookie cleared')
+      t.equal(stack.sessionOf(browser), undefined)
+      t.same(await me(stack, cookie), { authenticated: false }, 'the old id is dead')
+
+      const endSessionUrl = new URL(((await logout.json()) as { data: { endSessionUrl: string } }).data.endSessionUrl)
+      t.equal(endSessionUrl.origin, idp.url)
+      t.equal(endSessionUrl.searchParams.get('client_id'), idp.clientId)
+      t.equal(endSessionUrl.searchParams.get('post_logout_redirect_uri'), publicUrl)
+      t.ok(endSessionUrl.searchParams.get('id_token_hint'))
+
+      // The browser goes on to end the IdP session and comes back to the app.
+      const confirm = await browser.navigate(endSessionUrl.href)
+      t.equal(confirm.status, 200)
+      const xsrf = /name="xsrf" value="([^"]+)"/.exec(confirm.text)?.[1] as string
+      const action = /action="([^"]+)"/.exec(confirm.text)?.[1] as string
+      const back = await browser.navigate(new URL(action, idp.url).href, { method: 'POST', form: { xsrf, logout: 'yes' } })
+      t.ok(back.url.startsWith(publicUrl), 'back at PUBLIC_URL')
+      t.equal(idp.backchannel.delivered, 1, 'the IdP told us over the back channel too (no session left to end)')
+    })
+
+    t.test('session fixation: a cookie from before sign-in is never adopted', async (t) => {
+      const attacker = new Browser()
+      await stack.signIn(attacker, 'bob@example.com')
+      const planted = stack.sessionOf(attacker) as string
+      t.match(await me(stack, planted), { authenticated: true, email: 'bob@example.com' })
+
+      const victim = new Browser()
+      victim.setCookie(publicUrl, SESSION_COOKIE, planted)
+      await stack.signIn(victim, 'alice@example.com')
+      const issued = stack.sessionOf(victim)
+      t.not(issued, planted, 'a new id')
+      t.equal((await me(stack, issued)).email, 'alice@example.com')
+      t.same(await me(stack, planted), { authenticated: false }, 'the planted session is ended')
+
+      const unknown = new Browser()
+      const forged = 'A'.repeat(42) + 'A'
+      unknown.setCookie(publicUrl, SESSION_COOKIE, forged)
+      await stack.signIn(unknown, 'alice@example.com')
+      t.not(stack.sessionOf(unknown), forged)
+      t.same(await me(stack, forged), { authenticated: false })
+
+      const junk = new Browser()
+      junk.setCookie(publicUrl, SESSION_COOKIE, 'not-a-token')
+      await stack.signIn(junk, 'alice@example.com')
+      t.equal((await me(stack, stack.sessionOf(junk))).email, 'alice@example.com')
+    })
+
+    t.test('open redirects: returnTo never leaves this service', async (t) => {
+      const attacks = ['//evil.com', '/\\evil.com', 'https://evil.com', '/%2F%2Fevil.com', '\t//evil', '/\t/evil.com', 'javascript:alert(1)']
+      for (const returnTo of attacks) {
+        const browser = new Browser()
+        const page = await stack.signIn(browser, 'carol@example.com', returnTo)
+        t.equal(page.url, `${publicUrl}/`, `${JSON.stringify(returnTo)} → /`)
+        t.ok(stack.sessionOf(browser), 'signed in all the same')
+      }
+      const browser = new Browser()
+      const twice = await browser.fetch(`${publicUrl}/auth/login?returnTo=/a&returnTo=//evil.com`)
+      t.equal(twice.status, 302)
+      const loginPage = await browser.navigate(twice.headers.get('location') as string)
+      const landed = await browser.navigate(loginPage.url, { method: 'POST', form: { account: 'carol@example.com' } })
+      t.equal(landed.url, `${publicUrl}/`, 'a repeated returnTo falls back to /')
+    })
+
+    t.test('denied consent: no session, the app learns why', async (t) => {
+      const browser = new Browser()
+      const loginPage = await browser.navigate(`${publicUrl}/auth/login?returnTo=/x`)
+      const page = await browser.navigate(loginPage.url, { method: 'POST', form: { deny: '1' } })
+      t.equal(page.url, `${publicUrl}/?signin_error=access_denied`)
+      t.equal(stack.sessionOf(browser), undefined)
+      t.equal(browser.cookie(publicUrl, LOGIN_COOKIE), undefined, 'login state cleared')
+    })
+
+    t.test('an unverified email gets no session', async (t) => {
+      const browser = new Browser()
+      const page = await stack.signIn(browser, 'unverified@example.com')
+      t.equal(signinError(page.url), 'email_unverified')
+      t.equal(stack.sessionOf(browser), undefined)
+    })
+
+    t.test('a callback for another sign-in of the same browser: state_mismatch', async (t) => {
+      const browser = new Browser()
+      const url = await stack.callbackUrl(browser, 'alice@example.com')
+      await browser.fetch(`${publicUrl}/auth/login`) // a second tab overwrites the login state
+      const page = await browser.navigate(url)
+      t.equal(signinError(page.url), 'state_mismatch')
+      t.equal(stack.sessionOf(browser), undefined)
+    })
+
+    t.test('a callback URL replayed in another browser (login CSRF): login_expired', async (t) => {
+      const victim = new Browser()
+      const url = await stack.callbackUrl(new Browser(), 'bob@example.com')
+      const page = await victim.navigate(url)
+      t.equal(signinError(page.url), 'login_expired')
+      t.equal(stack.sessionOf(victim), undefined)
+    })
+
+    t.test('a replayed authorization code: exchange_failed', async (t) => {
+      const browser = new Browser()
+      const url = await stack.callbackUrl(browser, 'alice@example.com')
+      const loginState = browser.cookie(publicUrl, LOGIN_COOKIE) as string
+      t.equal((await browser.navigate(url)).url, `${publicUrl}/`)
+      const thief = new Browser()
+      thief.setCookie(publicUrl, LOGIN_COOKIE, loginState)
+      const page = await thief.navigate(url)
+      t.equal(signinError(page.url), 'exchange_failed')
+      t.equal(stack.sessionOf(thief), undefined)
+    })
+
+    t.test('other IdP errors and a forged login state', async (t) => {
+      const browser = new Browser()
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E`)).url), 'idp_error')
+      browser.setCookie(publicUrl, LOGIN_COOKIE, 'eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIn0..forged.forged.forged')
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?code=x&state=y`)).url), 'login_expired')
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback`)).url), 'login_expired')
+    })
+
+    t.test('an unknown code: exchange_failed; an ID token for another nonce: invalid_token', async (t) => {
+      const browser = new Browser()
+      const url = await stack.callbackUrl(browser, 'alice@example.com')
+      const loginState = browser.cookie(publicUrl, LOGIN_COOKIE) as string
+      const page = await browser.navigate(url.replace(/([?&])code=[^&]+/, '$1code=bogus'))
+      t.equal(signinError(page.url), 'exchange_failed')
+
+      // The same login state resealed with another nonce (as only this service could): the code,
+      // state and PKCE verifier are right, the ID token's nonce is not.
+      const seal = createLoginStateSeal(stack.config.care360.apiKey)
+      const opened = await seal.open(loginState) as NonNullable<Awaited<ReturnType<typeof seal.open>>>
+      browser.setCookie(publicUrl, LOGIN_COOKIE, await seal.seal({ ...opened, nonce: 'another-nonce' }))
+      const refused = await browser.navigate(url)
+      t.equal(signinError(refused.url), 'invalid_token')
+      t.equal(stack.sessionOf(browser), undefined)
+    })
+  })
+}
+
+t.test('identity provider down', async (t) => {
+  const stack = await startWebStack(t, { redis: true })
+  const { publicUrl, idp } = stack
+  const browser = new Browser()
+  const url = await stack.callbackUrl(browser, 'alice@example.com')
+  // A second replica that never reached the IdP, sharing the store.
+  const replica = await buildTestApp(t, { env: stack.env, redis: stack.redis as NonNullable<typeof stack.redis> })
+  const signedIn = new Browser()
+  await stack.signIn(signedIn, 'bob@example.com')
+  await idp.close()
+
+  const failed = await browser.navigate(url)
+  t.equal(signinError(failed.url), 'idp_unavailable', 'token endpoint unreachable')
+  t.equal(stack.sessionOf(browser), undefined)
+
+  const login = await replica.app.inject({ method: 'GET', url: '/auth/login' })
+  t.equal(login.statusCode, 302)
+  t.equal(login.headers.location, `${publicUrl}/?signin_error=idp_unavailable`, 'discovery unreachable')
+  t.equal(login.headers['set-cookie'], undefined, 'no login state')
+
+  // Sign-out still works, just without the IdP's end-session URL.
+  const logout = await replica.app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: stack.sessionOf(signedIn) as string } })
+  t.equal(logout.statusCode, 200)
+  t.same((logout.json() as { data: unknown }).data, {})
+})
+
+t.test('identity provider down before the callback on a fresh replica', async (t) => {
+  const stack = await startWebStack(t)
+  const browser = new Browser()
+  const url = await stack.callbackUrl(browser, 'alice@example.com')
+  const replica = await buildTestApp(t, { env: stack.env })
+  await stack.idp.close()
+  const answer = await replica.app.inject({ method: 'GET', url: url.slice(stack.publicUrl.length), cookies: { [LOGIN_COOKIE]: browser.cookie(stack.publicUrl, LOGIN_COOKIE) as string } })
+  t.equal(answer.headers.location, `${stack.publicUrl}/?signin_error=idp_unavailable`)
+})
+
+t.test('session store down at the callback: session_unavailable, no 5xx', async (t) => {
+  const stack = await startWebStack(t, { redis: true })
+  const browser = new Browser()
+  const url = await stack.callbackUrl(browser, 'alice@example.com')
+  await stack.redis?.stop()
+  const page = await browser.fetch(url)
+  t.equal(page.status, 302)
+  t.equal(signinError(page.headers.get('location') as string), 'session_unavailable')
+})
+
+t.test('an IdP without end-session: sign-out gives no endSessionUrl', async (t) => {
+  const stack = await startWebStack(t, { noEndSession: true })
+  const browser = new Browser()
+  await stack.signIn(browser, 'alice@example.com')
+  const logout = await browser.fetch(`${stack.publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
+  t.same(((await logout.json()) as { data: unknown }).data, {})
+})
+
+t.test('mobile sessions: bearer sign-out clears no cookie and has no endSessionUrl', async (t) => {
+  const stack = await startWebStack(t)
+  const token = await stack.bearerFor('alice@example.com')
+  const logout = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
+  t.equal(logout.statusCode, 200)
+  t.same((logout.json() as { data: unknown }).data, {})
+  t.equal(logout.headers['set-cookie'], undefined)
+})
+
+t.test('without a web client the web sign-in routes do not exist', async (t) => {
+  const { app, issuer } = await buildTestApp(t)
+  for (const [method, url] of [['GET', '/auth/login'], ['GET', '/auth/callback'], ['POST', '/auth/backchannel-logout']] as const) {
+    const answer = await app.inject({ method, url })
+    t.equal(answer.statusCode, 404, `${method} ${url}`)
+    t.equal((answer.json() as { code: string }).code, 'NOT_FOUND')
+  }
+  const token = await mobileSignIn(app, issuer)
+  const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
+  t.same((logout.json() as { data: unknown }).data, {})
+})
