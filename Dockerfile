@@ -8,6 +8,16 @@ COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
 RUN npm run build
 
+# Development tools of docker-compose.yml only (Care360 sandbox, development IdP, demo page), run
+# from the build stage's dev dependencies. Never deployed; the runtime stage below stays the last
+# one, so a plain `docker build .` still produces the production image.
+FROM build AS dev-tools
+COPY demo ./demo
+ENV NODE_ENV=development
+USER node
+EXPOSE 4000 4010 5173
+CMD ["node", "--import", "tsx", "demo/compose-tools.ts"]
+
 # Runtime stage: production dependencies and the built output only, as a non-root user.
 FROM node:24.21.0-bookworm-slim AS runtime
 ENV NODE_ENV=production

@@ -37,7 +37,6 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   const options: FastifyServerOptions = {
     logger: loggerOptions(config, overrides.logStream),
     genReqId: requestIdFor,
-    requestIdLogLabel: 'requestId',
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
@@ -67,6 +66,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   // Tier 1: cross-cutting plugins. Global onRequest hooks run in registration order, which is
   // the contract's order: answer stamping, per-IP limit, session, CSRF, per-session limit.
   await app.register(answersPlugin)
+  await app.register((await import('./openapi.js')).openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null }) // [openapi] before any route, so it sees them all (issue 6)
   await app.register((await import('./web/security.js')).webSecurityPlugin) // [web-security] helmet, cookie, CORS (issue 4)
   await app.register((await import('./limits/plugins.js')).ipLimitPlugin, { now: overrides.now }) // [ip-limit] per-IP limit (issue 3)
 

@@ -109,6 +109,9 @@ export const EnvSchema = Type.Object({
   OIDC_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 1 })),
   OIDC_AUDIENCES: Type.Optional(Type.Decode(Type.String({ minLength: 1 }), list)),
   PUBLIC_URL: Type.Optional(SecureUrl('the public origin of this service')),
+  // Not in the contract's table (the team's addition): where the patient web app lives when it
+  // is not served from PUBLIC_URL's origin. Sign-in ends there (returnTo, signin_error).
+  WEB_APP_URL: Type.Optional(SecureUrl('the patient web app origin')),
   SESSION_IDLE_TTL: Type.Optional(Duration('session idle lifetime, e.g. 30m')),
   SESSION_ABSOLUTE_TTL: Type.Optional(Duration('session absolute lifetime, e.g. 12h')),
   RATE_LIMIT_IP: Type.Optional(RateSpec('per client IP, <count>/<window>')),
@@ -136,10 +139,11 @@ export class ConfigError extends Error {
 function assemble (env: Env, apiKey: string) {
   const clientId = env.OIDC_CLIENT_ID
   const web = clientId !== undefined && env.OIDC_CLIENT_SECRET !== undefined && env.PUBLIC_URL !== undefined
-    ? { clientId, clientSecret: env.OIDC_CLIENT_SECRET, publicUrl: env.PUBLIC_URL }
+    ? { clientId, clientSecret: env.OIDC_CLIENT_SECRET, publicUrl: env.PUBLIC_URL, webAppUrl: env.WEB_APP_URL ?? env.PUBLIC_URL }
     : null
   const corsOrigins = new Set(env.CORS_ORIGINS ?? [])
   if (env.PUBLIC_URL !== undefined) corsOrigins.add(new URL(env.PUBLIC_URL).origin)
+  if (env.WEB_APP_URL !== undefined) corsOrigins.add(new URL(env.WEB_APP_URL).origin)
   return {
     care360: {
       env: env.CV_ENV ?? 'staging',

@@ -52,22 +52,23 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
   const pauseMs = options.pauseMs ?? 1000
   const logEveryMs = options.logEveryMs ?? 60_000
   let pausedUntil = Number.NEGATIVE_INFINITY
-  let lastLog = Number.NEGATIVE_INFINITY
-  let fallingBack = false
+  let lastWarning = Number.NEGATIVE_INFINITY
+  let warned = false
 
-  // One line per interval for the whole process, whatever the number of requests and stores.
+  // At most one warning per interval for the whole process, whatever the number of requests and
+  // stores, and however often a struggling Redis flaps between answering and not.
   function noteFallback (reason: string): void {
-    fallingBack = true
     const at = now()
-    if (at - lastLog < logEveryMs) return
-    lastLog = at
+    if (at - lastWarning < logEveryMs) return
+    lastWarning = at
+    warned = true
     log.warn({ limits: { reason } }, 'limits: Redis unavailable, counting in per-process memory')
   }
 
+  // The matching all-clear, once per warning.
   function noteRecovered (): void {
-    if (!fallingBack) return
-    fallingBack = false
-    lastLog = Number.NEGATIVE_INFINITY
+    if (!warned) return
+    warned = false
     log.info('limits: counting in Redis again')
   }
 
@@ -90,7 +91,7 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
         return result
       } catch (error) {
         pausedUntil = now() + pauseMs
-        noteFallback(error instanceof Error ? error.name : 'error')
+        noteFallback(error instanceof RedisTimeout ? 'timeout' : 'error')
         return inMemory()
       }
     }

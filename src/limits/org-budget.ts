@@ -5,13 +5,20 @@ import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
 /**
  * The org budget (`CV_RATE_LIMIT`): every upstream call, from any replica, takes one admission.
  *
- * Algorithm: an exact sliding-window log. A call at time t is admitted iff fewer than `limit`
- * admissions lie in the closed interval [t - w, t]; admitted calls are appended to the log.
+ * Algorithm: an exact sliding-window log over a span s = w + g (window plus a small guard g). A
+ * call at time t is admitted iff fewer than `limit` admissions lie in the closed interval
+ * [t - s, t]; admitted calls are appended to the log.
  *
- * Bound: take any closed interval [a, a + w] and the calls admitted in it, t1 <= ... <= tk. When
- * tk was admitted, t1 ... t(k-1) were in the log and all lie in [tk - w, tk] (since
- * ti >= a >= tk - w), so k - 1 < limit <= count, hence k <= count. No interval of the window's
- * length, open or closed, ever admits more than `count`.
+ * Bound: take any closed interval [a, a + s] and the calls admitted in it, t1 <= ... <= tk. When
+ * tk was admitted, t1 ... t(k-1) were in the log and all lie in [tk - s, tk] (since
+ * ti >= a >= tk - s), so k - 1 < limit <= count, hence k <= count. Every interval of the window's
+ * length (w <= s), open or closed, admits at most `count`.
+ *
+ * The guard exists because the upstream counts arrivals, not our admissions: two calls admitted
+ * exactly w apart can arrive less than w apart when the first was delayed more (event loop,
+ * connection pool, network). With g at least that delay difference, the upstream's own window
+ * never sees more than `count` either. Default: 1% of the window, at most a second (600 ms of
+ * the default 60 s), i.e. 1% of the throughput.
  *
  * Why not GCRA or a token bucket: with emission interval T and burst b, the same argument gives
  * up to b + w/T - 1 admissions per window, so honouring the bound forces T = w / (count - b + 1):
@@ -38,6 +45,8 @@ export interface BudgetStore {
 export interface BudgetOptions extends Rate {
   /** Time for the effective limit to climb from 0 back to `count` after a decrease (ms). */
   recoverMs?: number
+  /** Added to the window against delivery jitter (ms); 1% of the window, at most 1 s, by default. */
+  guardMs?: number
 }
 
 const DECREASE_FACTOR = 0.5
@@ -46,6 +55,11 @@ const RECOVER_WINDOWS = 10
 
 function recoverMsOf (options: BudgetOptions): number {
   return options.recoverMs ?? options.windowMs * RECOVER_WINDOWS
+}
+
+/** The span the log counts over: the window plus the guard. */
+function spanOf (options: BudgetOptions): number {
+  return options.windowMs + (options.guardMs ?? Math.min(1000, Math.floor(options.windowMs / 100)))
 }
 
 interface Decreased { floor: number, at: number }
@@ -72,7 +86,8 @@ export type MemoryBudget = BudgetStore & { takeNow: () => BudgetDecision, decrea
 
 export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
   const now = options.now ?? Date.now
-  const { count, windowMs } = options
+  const { count } = options
+  const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
   // Admission times, oldest first; `head` skips those that left the window (compacted lazily).
   let log: number[] = []
@@ -113,7 +128,7 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
   }
 }
 
-// KEYS: log (sorted set), sequence, decrease state. ARGV: count, windowMs, recoverMs.
+// KEYS: log (sorted set), sequence, decrease state. ARGV: count, span (window + guard), recoverMs.
 const takeScript = redisScript('bffBudgetTake', 3, `${LUA_NOW_MS}
 local count = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -171,7 +186,8 @@ export interface RedisBudgetOptions extends BudgetOptions {
 }
 
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
-  const { count, windowMs, memory, fallback } = options
+  const { count, memory, fallback } = options
+  const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
@@ -208,6 +224,7 @@ export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
   const memory = createMemoryBudget({
     count: share,
     windowMs: options.windowMs,
+    guardMs: spanOf(options) - options.windowMs,
     recoverMs: recoverMsOf(options),
     now: options.now
   })

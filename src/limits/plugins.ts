@@ -79,10 +79,13 @@ function limiter (app: FastifyInstance, rate: Rate, keyOf: (request: FastifyRequ
   return app.createRateLimit({ max: rate.count, timeWindow: rate.windowMs, keyGenerator: keyOf })
 }
 
-/** The key of a session: a digest, so that nothing in Redis depends on what the id itself is. */
-function sessionKey (request: FastifyRequest): string | null {
-  // `== null`: undefined too, on an app without the session plugin.
-  return request.session == null ? null : createHash('sha256').update(request.session.id).digest('base64url')
+/**
+ * The key of a session (the hooks call it only when there is one): a digest, so that nothing in
+ * Redis depends on what the id itself is. The hooks test `== null`: undefined too, on an app
+ * without the session plugin.
+ */
+function sessionKey (request: FastifyRequest): string {
+  return createHash('sha256').update((request.session as { id: string }).id).digest('base64url')
 }
 
 function ipKey (request: FastifyRequest): string {
@@ -123,17 +126,17 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
  */
 async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const { fallback } = app.limitStores
-  const perSession = limiter(app, app.config.limits.session, (request) => `session:${sessionKey(request) as string}`)
-  const perCancel = limiter(app, app.config.limits.cancel, (request) => `cancel:${sessionKey(request) as string}`)
+  const perSession = limiter(app, app.config.limits.session, (request) => `session:${sessionKey(request)}`)
+  const perCancel = limiter(app, app.config.limits.cancel, (request) => `cancel:${sessionKey(request)}`)
 
   app.addHook('onRequest', async function limitPerSession (request, reply) {
-    if (sessionKey(request) === null) return
+    if (request.session == null) return
     await enforce(request, reply, 'session', perSession)
   })
 
   app.decorate('cancelLimit', async function limitCancels (request: FastifyRequest, reply: FastifyReply) {
     // Without a session the route answers 401 itself; there is nobody to count against.
-    if (sessionKey(request) === null) return
+    if (request.session == null) return
     await enforce(request, reply, 'cancel', perCancel)
   })
 

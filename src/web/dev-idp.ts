@@ -32,6 +32,8 @@ export const DEMO_ACCOUNTS: readonly DevAccount[] = Object.freeze([
 export interface DevIdpOptions {
   /** The BFF's PUBLIC_URL: redirect, post-logout and back-channel logout URIs derive from it. */
   publicUrl: string
+  /** The patient web app (post-logout redirect); PUBLIC_URL by default. */
+  webAppUrl?: string
   clientId?: string
   clientSecret?: string
   /** Extra public clients (e.g. a mobile app's), as oidc-provider client metadata. */
@@ -41,6 +43,8 @@ export interface DevIdpOptions {
   host?: string
   /** RP-initiated logout (an end_session_endpoint); on by default. */
   endSession?: boolean
+  /** `sid` in ID and logout tokens (back-channel logout by IdP session); on by default. */
+  sid?: boolean
   /** 0 (default) picks a free port. */
   port?: number
 }
@@ -58,7 +62,7 @@ export interface DevIdp {
 }
 
 function escapeHtml (text: string): string {
-  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`)
+  return text.replaceAll('&', '&amp;').replaceAll('<', '&lt;').replaceAll('>', '&gt;').replaceAll('"', '&quot;').replaceAll("'", '&#39;')
 }
 
 async function readForm (request: IncomingMessage): Promise<URLSearchParams> {
@@ -103,9 +107,9 @@ export async function startDevIdp (options: DevIdpOptions): Promise<DevIdp> {
       client_secret: clientSecret,
       client_name: 'Care360 patient BFF (web)',
       redirect_uris: [`${publicUrl}/auth/callback`],
-      post_logout_redirect_uris: [publicUrl],
+      post_logout_redirect_uris: [(options.webAppUrl ?? publicUrl).replace(/\/+$/, '')],
       backchannel_logout_uri: `${publicUrl}/auth/backchannel-logout`,
-      backchannel_logout_session_required: true,
+      backchannel_logout_session_required: options.sid ?? true,
       grant_types: ['authorization_code'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_post'

@@ -11,6 +11,8 @@ export interface WebClientSettings {
   clientId: string
   clientSecret: string
   publicUrl: string
+  /** The patient web app, where the IdP returns the browser after sign-out. */
+  webAppUrl: string
   /** Deadline of one request to the IdP, in seconds. */
   timeoutSec?: number
 }
@@ -50,7 +52,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
   return {
     clientId: settings.clientId,
     redirectUri: `${settings.publicUrl}/auth/callback`,
-    postLogoutRedirectUri: settings.publicUrl,
+    postLogoutRedirectUri: settings.webAppUrl,
     configuration
   }
 }

@@ -53,7 +53,7 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
   const web = config.oidc.web
   const oidc = web === null
     ? null
-    : createWebOidc({ issuer: config.oidc.issuer, clientId: web.clientId, clientSecret: web.clientSecret, publicUrl: web.publicUrl })
+    : createWebOidc({ issuer: config.oidc.issuer, clientId: web.clientId, clientSecret: web.clientSecret, publicUrl: web.publicUrl, webAppUrl: web.webAppUrl })
 
   app.decorate('webSignIn', {
     async signOut (request: FastifyRequest, reply: FastifyReply): Promise<string | null> {
@@ -75,7 +75,7 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
   await app.register(webRoutes, {
     oidc,
     seal: createLoginStateSeal(config.care360.apiKey, options.now),
-    publicUrl: web.publicUrl,
+    webAppUrl: web.webAppUrl,
     verifyLogoutToken
   })
 }

@@ -34,7 +34,8 @@ export type SignInError =
 export interface WebRoutesOptions {
   oidc: WebOidc
   seal: LoginStateSeal
-  publicUrl: string
+  /** Where the patient web app lives: sign-in ends there (returnTo, signin_error). */
+  webAppUrl: string
   verifyLogoutToken: (token: string) => Promise<LogoutClaims>
 }
 
@@ -60,11 +61,11 @@ export function exchangeFailure (error: unknown): SignInError {
 }
 
 export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
-  const { oidc, seal, publicUrl } = options
+  const { oidc, seal, webAppUrl } = options
 
   function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
     request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')
-    return reply.redirect(`${publicUrl}/?signin_error=${reason}`, 302)
+    return reply.redirect(`${webAppUrl}/?signin_error=${reason}`, 302)
   }
 
   app.get('/auth/login', {
@@ -121,7 +122,8 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       return failSignIn(request, reply, 'idp_unavailable', error)
     }
     // The URL the IdP redirected to, rebuilt from PUBLIC_URL (never from Host or X-Forwarded-*).
-    const search = request.url.includes('?') ? request.url.slice(request.url.indexOf('?')) : ''
+    // It has a query: the state matched above came from it.
+    const search = request.url.slice(request.url.indexOf('?'))
     let claims: client.IDToken
     let idToken: string
     try {
@@ -162,7 +164,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       if (!(error instanceof ApiError)) throw error
       return failSignIn(request, reply, 'session_unavailable', error)
     }
-    return reply.redirect(`${publicUrl}${login.returnTo}`, 302)
+    return reply.redirect(`${webAppUrl}${login.returnTo}`, 302)
   })
 
   await app.register(backchannelLogoutRoute, { verify: options.verifyLogoutToken })

@@ -69,17 +69,21 @@ t.test('authentication: the organization key', async (t) => {
 })
 
 t.test('quota: a sliding window over both endpoints', async (t) => {
-  const sandbox = await startSandbox(t, { quota: { count: 2, windowMs: 300 } })
+  const sandbox = await startSandbox(t, { quota: { count: 2, windowMs: 600 } })
   t.equal((await list(sandbox, `user_email=${ALICE.email}`)).status, 200)
-  await sleep(150)
+  await sleep(300)
   t.equal((await cancel(sandbox, { email: 'x@example.com', appointmentId: 'none' })).status, 400, 'counted, then judged')
   const limited = await list(sandbox, `user_email=${ALICE.email}`)
   t.equal(limited.status, 429)
   t.strictSame(limited.body, { status: 429, success: false, message: 'Rate limit exceeded' })
   t.equal(limited.headers['retry-after'], '1')
-  await sleep(170)
-  // The first call left the window; the second (150 ms later) has not: one slot, not a fresh window.
+  // Just after the first call leaves the window, while the second is still in it: one slot
+  // frees up, not a whole fresh window.
+  const first = sandbox.control.calls[0]!
+  const second = sandbox.control.calls[1]!
+  await sleep(first.at + 600 + 20 - Date.now())
   t.equal((await list(sandbox, `user_email=${ALICE.email}`)).status, 200)
+  t.ok(Date.now() < second.at + 600, 'still within the second call\'s window')
   t.equal((await list(sandbox, `user_email=${ALICE.email}`)).status, 429)
   sandbox.control.reset()
   t.equal((await list(sandbox, `user_email=${ALICE.email}`)).status, 200, 'reset forgets the window')
@@ -252,25 +256,26 @@ t.test('failure modes', async (t) => {
     t.equal((await cancel(sandbox, { email: ALICE.email, appointmentId: first.id })).status, 200)
     t.ok(Date.now() - started >= 55)
 
-    sandbox.control.setFailure({ kind: 'slow', delayMs: 150, times: 1 })
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 400, times: 1 })
     await t.rejects(request(`${sandbox.url}${CANCEL}`, {
       method: 'POST',
       headers: { 'cv-api-key': SANDBOX_KEY, 'content-type': 'application/json' },
       body: JSON.stringify({ email: ALICE.email, appointmentId: second.id }),
       signal: AbortSignal.timeout(40)
     }))
-    await sleep(200)
+    await sleep(450)
     t.notOk(sandbox.control.isCancelled(second.id), 'the abandoned cancel was dropped')
 
-    sandbox.control.setFailure({ kind: 'slow-after-apply', delayMs: 150, times: 1 })
+    sandbox.control.setFailure({ kind: 'slow-after-apply', delayMs: 400, times: 1 })
     await t.rejects(request(`${sandbox.url}${CANCEL}`, {
       method: 'POST',
       headers: { 'cv-api-key': SANDBOX_KEY, 'content-type': 'application/json' },
       body: JSON.stringify({ email: ALICE.email, appointmentId: third.id }),
       signal: AbortSignal.timeout(40)
     }))
+    const end = Date.now() + 2000
+    while (!sandbox.control.isCancelled(third.id) && Date.now() < end) await sleep(5)
     t.ok(sandbox.control.isCancelled(third.id), 'applied before the delay')
-    await sleep(200)
   })
 
   t.test('a failure that breaks the sandbox itself is a 500 envelope', async (t) => {

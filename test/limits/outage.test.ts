@@ -1,5 +1,5 @@
 import t from 'tap'
-import { performance } from 'node:perf_hooks'
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
@@ -8,6 +8,22 @@ import { buildTestApp } from '../helpers/app.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
 import { integers } from '../../src/limits/redis-script.js'
 import { logCapture, sharedStateOn, waitFor } from './fixtures/support.js'
+
+/**
+ * The longest stall of this process's event loop while `fn` runs (ms). A request that waits on
+ * Redis does not stall the loop; a CPU-starved test machine does, and delays every request by as
+ * much, so bounds on waiting are checked beyond the stalls the machine itself caused.
+ */
+async function withStalls<T> (fn: () => Promise<T>): Promise<{ result: T, stallMs: number }> {
+  const histogram = monitorEventLoopDelay({ resolution: 10 })
+  histogram.enable()
+  try {
+    const result = await fn()
+    return { result, stallMs: histogram.max / 1e6 }
+  } finally {
+    histogram.disable()
+  }
+}
 
 const redis = await startRedis(t)
 
@@ -30,9 +46,12 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   await fallback.run(async () => { throw new Error('boom') }, () => 'memory')
   now = 1200
   await fallback.run(async () => { throw new Error('boom') }, () => 'memory')
+  now = 1300
+  // A Redis that never answers: given up after the bound (here 250 ms).
+  t.equal(await fallback.run(async () => await new Promise<string>(() => {}), () => 'memory'), 'memory')
   const warnings = capture.lines.filter((line) => line.msg === 'limits: Redis unavailable, counting in per-process memory')
-  t.equal(warnings.length, 3, 'at 0, back to normal, at 200 (a new episode), not 400, at 1200')
-  t.same(warnings[0]?.limits, { reason: 'TypeError' })
+  t.equal(warnings.length, 2, 'at 0, not at 200 nor 400 (same interval), at 1200, not 1300')
+  t.same(warnings[0]?.limits, { reason: 'error' })
   t.equal(capture.lines.filter((line) => line.msg === 'limits: counting in Redis again').length, 1)
 })
 
@@ -43,14 +62,20 @@ t.test('a slow Redis: no request waits past the command bound, then Redis is lef
   t.teardown(() => pauser.disconnect())
   t.equal((await app.inject({ url: '/healthz' })).statusCode, 200, 'warm')
   await pauser.call('CLIENT', 'PAUSE', '800', 'ALL')
-  let started = performance.now()
-  const first = await app.inject({ url: '/healthz' })
-  const firstMs = performance.now() - started
-  t.equal(first.statusCode, 200)
-  t.ok(firstMs < 1000, `answered from memory after the bound (${Math.round(firstMs)} ms)`)
-  started = performance.now()
-  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
-  t.ok(performance.now() - started < 200, 'the next one does not wait at all')
+  const first = await withStalls(async () => {
+    const started = performance.now()
+    const response = await app.inject({ url: '/healthz' })
+    return { status: response.statusCode, ms: performance.now() - started }
+  })
+  t.equal(first.result.status, 200)
+  t.ok(first.result.ms < 500 + first.stallMs, `answered from memory after the 250 ms bound (${Math.round(first.result.ms)} ms, stalls ${Math.round(first.stallMs)} ms)`)
+  const next = await withStalls(async () => {
+    const started = performance.now()
+    const response = await app.inject({ url: '/healthz' })
+    return { status: response.statusCode, ms: performance.now() - started }
+  })
+  t.equal(next.result.status, 200)
+  t.ok(next.result.ms < 100 + next.stallMs, `the next one does not wait for Redis at all (${Math.round(next.result.ms)} ms)`)
   await sleep(900)
 })
 
@@ -76,30 +101,33 @@ t.test('Redis killed mid-traffic and restarted: no hang, no 5xx, limits from mem
       await sleep(5)
     }
   }
-  const clients = Promise.all([client(), client(), client()])
-  await sleep(200)
-  await redis.stop()
-  phase = 'down'
-  await sleep(800)
-  const ready = await app.inject({ url: '/readyz', remoteAddress: '192.0.2.1' })
-  t.equal(ready.json().data.sharedState, 'degraded')
-  // A restarted Redis is empty: what it admits from now on is counted apart.
-  phase = 'recovering'
-  await redis.start()
-  await waitFor(() => app.sharedState.mode() === 'redis', 4000)
-  // Past the fallback's pause, so that the next requests are counted in Redis.
-  await sleep(1100)
-  phase = 'restarted'
-  await sleep(100)
-  traffic.running = false
-  await clients
+  const { stallMs } = await withStalls(async () => {
+    const clients = Promise.all([client(), client(), client()])
+    await sleep(200)
+    await redis.stop()
+    phase = 'down'
+    await sleep(300)
+    await waitFor(() => answers.filter((answer) => answer.phase === 'down').length >= 10, 4000)
+    const ready = await app.inject({ url: '/readyz', remoteAddress: '192.0.2.1' })
+    t.equal(ready.json().data.sharedState, 'degraded')
+    // A restarted Redis is empty: what it admits from now on is counted apart.
+    phase = 'recovering'
+    await redis.start()
+    await waitFor(() => app.sharedState.mode() === 'redis', 4000)
+    // Past the fallback's pause, so that the next requests are counted in Redis.
+    await sleep(1100)
+    phase = 'restarted'
+    await sleep(100)
+    traffic.running = false
+    await clients
+  })
 
   t.ok(answers.every((answer) => answer.status === 200 || answer.status === 429), 'only 200 and 429, never a 5xx')
   const slowest = Math.max(...answers.map((answer) => answer.ms))
-  t.ok(slowest < 1000, `no request waited past a second (slowest ${Math.round(slowest)} ms)`)
+  t.ok(slowest < 1000 + stallMs, `no request waited past a second beyond the machine's own stalls (slowest ${Math.round(slowest)} ms, stalls ${Math.round(stallMs)} ms)`)
   const down = answers.filter((answer) => answer.phase === 'down')
   const admittedDown = down.filter((answer) => answer.status === 200).length
-  t.ok(down.length > 5, `traffic went on while Redis was down (${down.length})`)
+  t.ok(down.length >= 10, `traffic went on while Redis was down (${down.length})`)
   t.ok(admittedDown <= 5 && down.some((answer) => answer.status === 429), `limits kept working from memory (${admittedDown} admitted)`)
   const inspector = new Redis(redis.url)
   t.teardown(() => inspector.disconnect())

@@ -29,8 +29,8 @@ t.test('the budget: admits its count, then 429 with the wait until the next admi
   now = 2000
   await gate.acquire('cancel')
   const error = await refusal(t, gate)
-  t.same(error.headers, { 'retry-after': '9' }, 'ceil((0 + 10 000 + 1 - 2000) / 1000)')
-  now = 10_001
+  t.same(error.headers, { 'retry-after': '9' }, 'ceil((0 + 10 000 + 100 + 1 - 2000) / 1000), with the 1% guard')
+  now = 10_101
   await gate.acquire('cancel')
 })
 
@@ -54,7 +54,7 @@ t.test("the upstream's 429: a cooldown without upstream calls, and one decrease 
   now = 3000
   // Halved once (4 -> 2), not once per 429: one was taken before, one is left.
   await gate.acquire('cancel')
-  t.same(await budget.take(), { ok: false, retryAfterMs: 57_001 })
+  t.same(await budget.take(), { ok: false, retryAfterMs: 57_601 })
 })
 
 t.test("the upstream's Retry-After is clamped to [1 s, 10 min]", async (t) => {
@@ -87,14 +87,16 @@ t.test('end to end: three replicas driven at three times the budget never get a 
   const tag = uniqueName('e2e')
   const clients = await Promise.all([1, 2, 3].map(async () => {
     const fallback = await fallbackOn(t, redis.url)
-    const gate = createUpstreamGate({ budget: createOrgBudget({ ...budget, replicas: 3, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
+    // The guard covers the arrival jitter of this (loaded, shared) test machine: calls admitted
+    // a window apart must not arrive closer than that (see org-budget.ts).
+    const gate = createUpstreamGate({ budget: createOrgBudget({ ...budget, guardMs: 500, replicas: 3, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
     const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 2000, gate })
     t.teardown(() => client.close())
     return client
   }))
   const email = (DEMO_PATIENTS[0] as { email: string }).email
   const outcomes = { ok: 0, budget: 0, upstream429: 0, other: 0 }
-  const end = performance.now() + 2600
+  const end = performance.now() + 3000
   // 15 calls per second in all (three times 10 per 2 s): every 200 ms each replica fires one.
   await Promise.all(clients.map(async (client, replica) => {
     let n = 0
@@ -113,7 +115,7 @@ t.test('end to end: three replicas driven at three times the budget never get a 
   t.equal(outcomes.upstream429, 0, 'the upstream never had to answer 429')
   t.equal(outcomes.other, 0)
   t.ok(outcomes.budget > 0, 'the budget refused the excess')
-  t.ok(outcomes.ok >= 10 && outcomes.ok <= 20, `admitted ${outcomes.ok} in 2.6 s`)
+  t.ok(outcomes.ok >= 10 && outcomes.ok <= 20, `admitted ${outcomes.ok} in 3 s`)
   const seen = maxInAnyWindow(sandbox.control.calls.map((call) => call.at), budget.windowMs)
   t.ok(seen <= 12, `the upstream saw at most ${seen} calls in any window`)
 })

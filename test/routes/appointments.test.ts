@@ -19,7 +19,7 @@ async function stack (t: Test, options: StackOptions = {}) {
     : new Writable({ write (chunk, _encoding, done) { options.logs!.push(chunk.toString()); done() } })
   const { app, issuer } = await buildTestApp(t, {
     upstreamUrl: sandbox.url,
-    env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '300', RATE_LIMIT_CANCEL: '1000/1m', RATE_LIMIT_SESSION: '1000/1m', ...options.env },
+    env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '1000', RATE_LIMIT_CANCEL: '1000/1m', RATE_LIMIT_SESSION: '1000/1m', ...options.env },
     ...(options.redis === true ? { redis: true } : {}),
     ...(logStream === undefined ? {} : { logStream })
   })
@@ -149,7 +149,7 @@ t.test('every upstream outcome maps to a row of the answer table', async (t) => 
     [{ kind: 'garbage' }, 502, 'UPSTREAM_ERROR'],
     [{ kind: 'huge' }, 502, 'UPSTREAM_ERROR'],
     [{ kind: 'reset' }, 502, 'UPSTREAM_ERROR'],
-    [{ kind: 'slow', delayMs: 1000 }, 504, 'UPSTREAM_TIMEOUT'],
+    [{ kind: 'slow', delayMs: 2500 }, 504, 'UPSTREAM_TIMEOUT'],
     [{ kind: 'rate-limited', retryAfter: '7' }, 429, 'UPSTREAM_RATE_LIMITED']
   ]
   for (const [index, [failure, status, code]] of rows.entries()) {

@@ -111,6 +111,17 @@ t.test('logout tokens are verified per the spec', async (t) => {
   t.equal(unknownSid.statusCode, 200, 'naming no session is still a valid logout')
 })
 
+t.test('an IdP that sends no sid: its logout tokens end the sessions by subject', async (t) => {
+  const stack = await startWebStack(t, { noSid: true })
+  const browser = new Browser()
+  await stack.signIn(browser, 'alice@example.com')
+  const cookie = stack.sessionOf(browser)
+  t.ok(await authenticated(stack.app, cookie))
+  await signOutAtIdp(stack, browser)
+  t.equal(stack.idp.backchannel.delivered, 1)
+  t.notOk(await authenticated(stack.app, cookie))
+})
+
 t.test('Redis down: 503, and the IdP sees the failure', async (t) => {
   const stack = await startWebStack(t, { redis: true })
   const browser = new Browser()

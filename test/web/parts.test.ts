@@ -3,7 +3,7 @@ import { safeReturnTo } from '../../src/web/return-to.js'
 import { exchangeFailure } from '../../src/web/routes.js'
 import { createWebOidc } from '../../src/web/oidc.js'
 import { createLoginStateSeal } from '../../src/web/login-state.js'
-import { startTestIdp } from '../helpers/idp.js'
+import { startDevIdp } from '../../src/web/dev-idp.js'
 
 /** The pieces of web sign-in on their own: returnTo, the error vocabulary, the sealed login state. */
 
@@ -33,10 +33,10 @@ t.test('exchange failures map to fixed reasons', async (t) => {
   t.equal(exchangeFailure('not even an error'), 'exchange_failed')
 })
 
-t.test('the redirect URI comes from PUBLIC_URL; https issuers need no exception', async (t) => {
-  const oidc = createWebOidc({ issuer: 'https://idp.example', clientId: 'c', clientSecret: 's', publicUrl: 'https://bff.example/base' })
+t.test('the redirect URI comes from PUBLIC_URL, sign-out returns to the web app; https issuers need no exception', async (t) => {
+  const oidc = createWebOidc({ issuer: 'https://idp.example', clientId: 'c', clientSecret: 's', publicUrl: 'https://bff.example/base', webAppUrl: 'https://app.example' })
   t.equal(oidc.redirectUri, 'https://bff.example/base/auth/callback')
-  t.equal(oidc.postLogoutRedirectUri, 'https://bff.example/base')
+  t.equal(oidc.postLogoutRedirectUri, 'https://app.example')
   t.equal(oidc.clientId, 'c')
 })
 
@@ -54,8 +54,16 @@ t.test('login state: sealed, bound to the key, short-lived', async (t) => {
   t.equal(await seal.open(sealed), null, 'expired after 10 minutes')
 })
 
-t.test('development IdP: a broken interaction ends on a plain 400', async (t) => {
-  const idp = await startTestIdp(t, { publicUrl: 'http://127.0.0.1:9' })
+t.test('development IdP: PKCE required, a broken interaction ends on a plain 400', async (t) => {
+  const idp = await startDevIdp({ publicUrl: 'http://127.0.0.1:9' })
+  t.teardown(() => idp.close())
+  t.match(idp.clientSecret, /^[A-Za-z0-9_-]{32}$/, 'a random client secret unless given one')
+  // PKCE is required of the confidential client too: no code_challenge, no authorization.
+  const withoutPkce = await fetch(`${idp.url}/auth?${new URLSearchParams({ client_id: idp.clientId, response_type: 'code', scope: 'openid email', redirect_uri: 'http://127.0.0.1:9/auth/callback' })}`, { redirect: 'manual' })
+  const refused = new URL(withoutPkce.headers.get('location') as string)
+  t.equal(refused.searchParams.get('error'), 'invalid_request')
+  t.match(refused.searchParams.get('error_description'), /requires PKCE/)
+
   const answer = await fetch(`${idp.url}/interaction/unknown`)
   t.equal(answer.status, 400)
   t.equal(await answer.text(), 'interaction failed')

@@ -92,6 +92,14 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(idp.backchannel.delivered, 1, 'the IdP told us over the back channel too (no session left to end)')
     })
 
+    t.test('mobile sessions: bearer sign-out clears no cookie and has no endSessionUrl', async (t) => {
+      const token = await stack.bearerFor('alice@example.com')
+      const logout = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
+      t.equal(logout.statusCode, 200)
+      t.same((logout.json() as { data: unknown }).data, {})
+      t.equal(logout.headers['set-cookie'], undefined)
+    })
+
     t.test('session fixation: a cookie from before sign-in is never adopted', async (t) => {
       const attacker = new Browser()
       await stack.signIn(attacker, 'bob@example.com')
@@ -259,15 +267,6 @@ t.test('an IdP without end-session: sign-out gives no endSessionUrl', async (t) 
   await stack.signIn(browser, 'alice@example.com')
   const logout = await browser.fetch(`${stack.publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
   t.same(((await logout.json()) as { data: unknown }).data, {})
-})
-
-t.test('mobile sessions: bearer sign-out clears no cookie and has no endSessionUrl', async (t) => {
-  const stack = await startWebStack(t)
-  const token = await stack.bearerFor('alice@example.com')
-  const logout = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
-  t.equal(logout.statusCode, 200)
-  t.same((logout.json() as { data: unknown }).data, {})
-  t.equal(logout.headers['set-cookie'], undefined)
 })
 
 t.test('without a web client the web sign-in routes do not exist', async (t) => {

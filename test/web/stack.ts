@@ -22,6 +22,8 @@ export interface WebStackOptions {
   env?: Record<string, string>
   /** The IdP without an end_session_endpoint. */
   noEndSession?: boolean
+  /** The IdP sends no `sid`. */
+  noSid?: boolean
 }
 
 export interface WebStack extends TestApp {
@@ -57,7 +59,11 @@ export const LOGIN_COOKIE = '__Host-bff-login'
 export async function startWebStack (t: TeardownHost, options: WebStackOptions = {}): Promise<WebStack> {
   const port = await freePort()
   const publicUrl = `http://127.0.0.1:${port}`
-  const idp = await startTestIdp(t, { publicUrl, ...(options.noEndSession === true ? { endSession: false } : {}) })
+  const idp = await startTestIdp(t, {
+    publicUrl,
+    ...(options.noEndSession === true ? { endSession: false } : {}),
+    ...(options.noSid === true ? { sid: false } : {})
+  })
   const sandbox = options.sandbox === true ? await startSandbox(t) : undefined
   const env: Record<string, string> = {
     OIDC_ISSUER: idp.url,

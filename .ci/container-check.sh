@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Proves the Dockerfile's runtime stage without a Docker engine: the same recipe in a clean temp
+# folder (package files, production-only install, the built dist/), started the way the image
+# starts it (`node dist/server.js`, NODE_ENV=production, a minimal environment), probed with the
+# image's own HEALTHCHECK command and /readyz, then stopped with SIGTERM, which must end it cleanly.
+# Needs `npm run build` first. CONTAINER_NODE: the node binary to run (the image's version in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+node_bin="${CONTAINER_NODE:-node}"
+work="$(mktemp -d)"
+server_pid=""
+cleanup () {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then kill -KILL "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail () { echo "container check FAILED: $*"; [ -f "$work/server.log" ] && tail -n 30 "$work/server.log"; exit 1; }
+
+# The recipe checked here must still be the Dockerfile's: fail loudly when they drift apart.
+grep -q '^FROM node:24\.21\.0-bookworm-slim AS runtime' Dockerfile || fail "Dockerfile runtime stage is no longer node:24.21.0 (update .ci/run and this script)"
+grep -q 'npm ci --omit=dev' Dockerfile || fail "Dockerfile runtime stage no longer installs with npm ci --omit=dev"
+grep -q '^CMD \["node", "dist/server.js"\]' Dockerfile || fail "Dockerfile no longer runs node dist/server.js"
+[ -f dist/server.js ] || fail "no dist/server.js: run npm run build first"
+
+echo "node: $("$node_bin" --version) ($node_bin)"
+cp package.json package-lock.json "$work/"
+(cd "$work" && NODE_ENV=production npm ci --omit=dev --no-audit --no-fund --loglevel=error >/dev/null) || fail "npm ci --omit=dev"
+cp -R dist "$work/dist"
+# Dev dependencies really are absent, so that a production import of one would fail below.
+for dev in tsx tap oidc-provider playwright-core typescript; do
+  [ ! -e "$work/node_modules/$dev" ] || fail "dev dependency $dev installed by --omit=dev"
+done
+
+port="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")"
+closed="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")"
+
+# A minimal production environment: no Redis (in-memory state); the upstream and the IdP are
+# closed loopback ports, which readiness must not depend on.
+(cd "$work" && exec env -i PATH="$PATH" HOME="$work" NODE_ENV=production \
+  HOST=127.0.0.1 PORT="$port" METRICS_PORT=0 LOG_LEVEL=info \
+  CV_API_KEY=ci-container-check-key CV_BASE_URL="http://127.0.0.1:$closed" \
+  OIDC_ISSUER="http://127.0.0.1:$closed" OIDC_CLIENT_ID=patient-web \
+  "$node_bin" dist/server.js) > "$work/server.log" 2>&1 &
+server_pid=$!
+
+probe () {
+  "$node_bin" -e "fetch('http://127.0.0.1:$port$1').then(async (r) => { process.stdout.write(r.status + ' ' + await r.text()); process.exit(r.status === $2 ? 0 : 1) }, () => process.exit(2))"
+}
+
+ready=""
+for _ in $(seq 1 100); do
+  kill -0 "$server_pid" 2>/dev/null || fail "the server exited during start-up"
+  if answer="$(probe /readyz 200 2>/dev/null)"; then ready="$answer"; break; fi
+  sleep 0.2
+done
+[ -n "$ready" ] || fail "/readyz did not answer 200 within 20 s"
+echo "/readyz: $ready"
+case "$ready" in *'"sharedState":"memory"'*) ;; *) fail "/readyz does not report in-memory state" ;; esac
+probe /openapi.json 200 >/dev/null || fail "/openapi.json did not answer 200"
+
+# The image's HEALTHCHECK command, as written in the Dockerfile, with the image's node.
+healthcheck="$(node -e "
+  const text = require('fs').readFileSync('Dockerfile', 'utf8').replace(/\\\\\\n/g, ' ')
+  const match = /HEALTHCHECK .*? CMD (\[.*\])/.exec(text)
+  if (!match) process.exit(1)
+  console.log(JSON.stringify(JSON.parse(match[1])))
+")" || fail "no HEALTHCHECK CMD in the Dockerfile"
+PORT="$port" "$node_bin" -e "
+  const [command, ...args] = JSON.parse(process.argv[1])
+  const result = require('child_process').spawnSync(command === 'node' ? process.execPath : command, args, { stdio: 'inherit', env: process.env, timeout: 3000 })
+  process.exit(result.status ?? 1)
+" "$healthcheck" || fail "the Dockerfile's HEALTHCHECK command failed"
+echo "HEALTHCHECK: ok"
+
+kill -TERM "$server_pid"
+status=""
+for _ in $(seq 1 75); do
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    set +e; wait "$server_pid"; status=$?; set -e
+    break
+  fi
+  sleep 0.2
+done
+[ -n "$status" ] || fail "the server did not exit within 15 s of SIGTERM"
+server_pid=""
+[ "$status" = 0 ] || fail "the server exited with status $status after SIGTERM"
+grep -q '"level":50\|"level":60' "$work/server.log" && fail "error lines in the server log"
+echo "SIGTERM: clean exit (0)"
+echo "container check passed"

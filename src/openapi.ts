@@ -1,0 +1,195 @@
+import fp from 'fastify-plugin'
+import swagger from '@fastify/swagger'
+import type { FastifyInstance, RouteOptions } from 'fastify'
+import { ErrorCode, ErrorEnvelope } from './errors.js'
+
+/**
+ * `GET /openapi.json`: the OpenAPI 3.1 document of every public route, generated from the route
+ * schemas (@fastify/swagger). Registered before the routes, whose schemas it collects as they are
+ * added. Routes say what they answer on success and on their own errors; what every route of a
+ * kind can answer (the per-IP limit, a missing session, CSRF, the session store) is added here,
+ * from the route's auth mode, so that no route has to repeat it and none can forget it.
+ */
+
+export const OPENAPI_PATH = '/openapi.json'
+
+/** What each error status means, in the contract's codes: the descriptions clients read. */
+const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
+  400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid'], [ErrorCode.BAD_REQUEST, 'the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
+  401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
+  403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, or from an origin not in CORS_ORIGINS']],
+  404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
+  409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running']],
+  413: [[ErrorCode.PAYLOAD_TOO_LARGE, 'body too large']],
+  415: [[ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'body is not JSON']],
+  422: [[ErrorCode.IDEMPOTENCY_MISMATCH, 'Idempotency-Key reused with another appointment or reason']],
+  429: [[ErrorCode.RATE_LIMITED, 'per-IP, per-session or per-session cancel limit'], [ErrorCode.UPSTREAM_RATE_LIMITED, 'org-wide Care360 budget spent, or Care360 cooling down after its own 429']],
+  500: [[ErrorCode.INTERNAL_ERROR, 'a bug of ours; the body carries no details']],
+  502: [[ErrorCode.UPSTREAM_AUTH_FAILED, 'Care360 refused the organization key (an operator problem)'], [ErrorCode.UPSTREAM_ERROR, 'Care360 5xx, unexpected status or body, or connection lost after sending'], [ErrorCode.UPSTREAM_UNAVAILABLE, 'Care360 unreachable: the request was never sent']],
+  503: [[ErrorCode.SERVICE_UNAVAILABLE, 'session store or identity provider unreachable (with `Retry-After`)']],
+  504: [[ErrorCode.UPSTREAM_TIMEOUT, 'Care360 slower than CV_TIMEOUT_MS']]
+}
+
+/** Codes a route of this path can answer with, where the contract narrows them down. */
+function codesFor (status: number, url: string): Array<[ErrorCode, string]> {
+  const all = CODES_BY_STATUS[status]
+  /* c8 ignore next -- a route declaring a status the table lacks; test/openapi.test.ts fails on it */
+  if (all === undefined) return []
+  if (status === 404) return all.filter(([code]) => (url === '/appointments/:id/cancel') === (code === ErrorCode.APPOINTMENT_NOT_FOUND))
+  if (status === 429 && !url.startsWith('/appointments')) return all.filter(([code]) => code === ErrorCode.RATE_LIMITED)
+  if (status === 400 && !url.startsWith('/appointments')) return all.filter(([code]) => code !== ErrorCode.UPSTREAM_REJECTED)
+  return all
+}
+
+const RETRY_AFTER = { type: 'integer', minimum: 0, description: 'Seconds to wait before trying again' }
+const RATE_LIMIT_HEADERS = {
+  'ratelimit-policy': { type: 'string', description: 'draft-ietf-httpapi-ratelimit-headers, e.g. `"session";q=60;w=60`' },
+  ratelimit: { type: 'string', description: 'draft-ietf-httpapi-ratelimit-headers, e.g. `"session";r=12;t=21`' }
+}
+
+/** One error answer: the shared envelope, its codes listed in the description and as an enum. */
+function errorAnswer (status: number, url: string): Record<string, unknown> {
+  const codes = codesFor(status, url)
+  const answer: Record<string, unknown> = {
+    description: codes.map(([code, why]) => `\`${code}\`: ${why}`).join('; '),
+    allOf: [
+      { $ref: '#/components/schemas/ErrorEnvelope' },
+      { type: 'object', properties: { code: { type: 'string', enum: codes.map(([code]) => code) } } }
+    ]
+  }
+  if (status === 429) answer.headers = { 'retry-after': RETRY_AFTER, ...RATE_LIMIT_HEADERS }
+  if (status === 503) answer.headers = { 'retry-after': RETRY_AFTER }
+  return answer
+}
+
+type AuthMode = 'required' | 'optional' | undefined
+
+/** Error statuses every route of this kind can answer, beyond those it declares itself. */
+function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
+  const methods = ([] as string[]).concat(route.method)
+  const changesState = methods.some((method) => !['GET', 'HEAD', 'OPTIONS'].includes(method))
+  // The per-IP limit applies to every route, before anything else.
+  const statuses = [429]
+  if (auth === 'required') statuses.push(401)
+  if (auth !== undefined) statuses.push(503)
+  // CSRF applies to every state-changing request that a session cookie authenticates.
+  if (changesState && auth !== undefined) statuses.push(403)
+  if (changesState && route.schema?.body !== undefined) statuses.push(400, 413, 415)
+  return statuses
+}
+
+const SESSION_SECURITY = [{ bearer: [] }, { cookie: [] }]
+
+function isErrorEnvelope (schema: unknown): boolean {
+  return typeof schema === 'object' && schema !== null && (schema as { $id?: unknown }).$id === (ErrorEnvelope as { $id?: string }).$id
+}
+
+/**
+ * Per route: the security its auth mode implies, and every error answer described by its codes.
+ * Returns copies: the schemas themselves also drive validation and serialization.
+ */
+function describeRoute ({ schema, url, route }: { schema: Record<string, unknown> | undefined, url: string, route: RouteOptions }): { schema: Record<string, unknown>, url: string } {
+  const auth = (route.config as { auth?: AuthMode } | undefined)?.auth
+  const response: Record<string, unknown> = { ...(schema?.response as Record<string, unknown> | undefined) }
+  const declared = Object.keys(response).map(Number).filter((status) => status >= 400 && isErrorEnvelope(response[status]))
+  for (const status of new Set([...declared, ...implicitErrors(route, auth)])) {
+    if (response[status] === undefined || isErrorEnvelope(response[status])) response[status] = errorAnswer(status, url)
+  }
+  const security = auth === 'required' ? SESSION_SECURITY : auth === 'optional' ? [{}, ...SESSION_SECURITY] : []
+  const described: Record<string, unknown> = { ...schema, response, security: schema?.security ?? security }
+  const headers = requestHeaders(route, auth)
+  if (schema?.headers === undefined && headers !== null) described.headers = headers
+  return { schema: described, url }
+}
+
+/**
+ * Request headers the hooks read rather than a route schema: `X-CSRF` on state-changing session
+ * routes, `Idempotency-Key` on the cancel.
+ */
+function requestHeaders (route: RouteOptions, auth: AuthMode): Record<string, unknown> | null {
+  const methods = ([] as string[]).concat(route.method)
+  if (auth === undefined || methods.every((method) => ['GET', 'HEAD', 'OPTIONS'].includes(method))) return null
+  const properties: Record<string, unknown> = {
+    'x-csrf': { type: 'string', enum: ['1'], description: 'Required with cookie sessions (anti-forgery); not needed with a bearer token' }
+  }
+  if (route.url === '/appointments/:id/cancel') {
+    properties['idempotency-key'] = {
+      type: 'string',
+      pattern: '^[\\x21-\\x7e]{1,255}$',
+      description: 'Optional, 1 to 255 visible ASCII characters: the same key from the same patient within 24 h replays the first answer (422 with another body, 409 while the first is in flight)'
+    }
+  }
+  return { type: 'object', properties }
+}
+
+/**
+ * A JSON body whose every field is optional may be left out altogether (the cancel's reason):
+ * the generator marks every request body required, the routes accept none.
+ */
+function optionalBodies ({ openapiObject }: { openapiObject: Record<string, unknown> }): Record<string, unknown> {
+  const paths = openapiObject.paths as Record<string, Record<string, { requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown[] } }> } }>>
+  for (const operations of Object.values(paths)) {
+    for (const operation of Object.values(operations)) {
+      const body = operation.requestBody
+      const schema = body?.content?.['application/json']?.schema
+      if (body !== undefined && schema !== undefined && (schema.required ?? []).length === 0) body.required = false
+    }
+  }
+  return openapiObject
+}
+
+/** The shared envelope as a plain JSON Schema: no `$id` (the component's name is its id). */
+function errorEnvelopeComponent (): Record<string, unknown> {
+  const { $id: _id, ...schema } = JSON.parse(JSON.stringify(ErrorEnvelope)) as Record<string, unknown>
+  return schema
+}
+
+export interface OpenApiOptions {
+  /** PUBLIC_URL, when set: the document's server. */
+  publicUrl: string | null
+}
+
+async function openApi (app: FastifyInstance, options: OpenApiOptions): Promise<void> {
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'Care360 patient BFF',
+        version: '0.1.0',
+        description: 'Backend-for-frontend for patient web and mobile apps on the Care360 Next API. ' +
+          'Every answer is JSON in the envelope `{ status, success, message, code?, data? }`; clients switch on `code`. ' +
+          'Every answer carries `x-request-id`; API answers carry `cache-control: no-store`.'
+      },
+      ...(options.publicUrl === null ? {} : { servers: [{ url: options.publicUrl }] }),
+      tags: [
+        { name: 'appointments', description: "The signed-in patient's appointments" },
+        { name: 'auth', description: 'Sign-in (web and mobile), session, sign-out' },
+        { name: 'operations', description: 'Health, readiness and this document' }
+      ],
+      components: {
+        securitySchemes: {
+          bearer: { type: 'http', scheme: 'bearer', description: 'Mobile: the session token from `POST /auth/session`' },
+          cookie: { type: 'apiKey', in: 'cookie', name: '__Host-bff-session', description: 'Web: the HttpOnly session cookie set by `/auth/callback`; state-changing requests also need `X-CSRF: 1`' }
+        },
+        schemas: {
+          // The shared envelope once, referenced by every error answer.
+          ErrorEnvelope: errorEnvelopeComponent()
+        }
+      }
+    },
+    transform: describeRoute as never,
+    transformObject: optionalBodies as never
+  })
+
+  app.get(OPENAPI_PATH, {
+    schema: {
+      tags: ['operations'],
+      summary: 'This OpenAPI 3.1 document',
+      response: { 200: { description: 'The OpenAPI document', type: 'object', additionalProperties: true } }
+    }
+  }, async function openApiDocument () {
+    return app.swagger()
+  })
+}
+
+export const openApiPlugin = fp(openApi, { name: 'openapi', fastify: '5.x' })

@@ -1,0 +1,171 @@
+import { channel } from 'node:diagnostics_channel'
+import t from 'tap'
+import type { FastifyInstance, RouteOptions } from 'fastify'
+import { Validator } from '@seriousme/openapi-schema-validator'
+import { buildTestApp, type TestApp } from './helpers/app.js'
+import { ErrorCode } from '../src/errors.js'
+
+/**
+ * The OpenAPI document: valid against the OpenAPI 3.1 schema, and complete. Completeness is checked
+ * against the routes the app really registers, collected by an onRoute hook added the moment the
+ * Fastify instance is created (Fastify's `fastify.initialization` diagnostics channel), so a route
+ * added anywhere, by any plugin, is seen.
+ */
+
+interface Operation {
+  tags?: string[]
+  security?: unknown[]
+  parameters?: Array<{ in: string, name: string }>
+  requestBody?: { required?: boolean }
+  responses: Record<string, { description: string, headers?: Record<string, unknown>, content?: Record<string, { schema: { allOf?: Array<{ $ref?: string, properties?: { code?: { enum?: string[] } } }> } }> }>
+}
+
+interface Document {
+  openapi: string
+  servers?: Array<{ url: string }>
+  components: { securitySchemes: Record<string, Record<string, unknown>>, schemas: Record<string, unknown> }
+  paths: Record<string, Record<string, Operation>>
+}
+
+interface Collected { routes: Array<{ method: string, url: string, hidden: boolean }> }
+
+/** Builds the app while recording every route it registers. */
+async function buildRecorded (env: Record<string, string>): Promise<TestApp & Collected> {
+  const routes: Collected['routes'] = []
+  const init = channel('fastify.initialization')
+  function watch (message: unknown): void {
+    const { fastify } = message as { fastify: FastifyInstance }
+    fastify.addHook('onRoute', function recordRoute (route: RouteOptions) {
+      for (const method of ([] as string[]).concat(route.method)) {
+        routes.push({ method, url: route.url, hidden: (route.schema as { hide?: boolean } | undefined)?.hide === true })
+      }
+    })
+  }
+  init.subscribe(watch)
+  try {
+    const built = await buildTestApp(t, { env })
+    return { ...built, routes }
+  } finally {
+    init.unsubscribe(watch)
+  }
+}
+
+async function documentOf (app: FastifyInstance): Promise<Document> {
+  const response = await app.inject({ method: 'GET', url: '/openapi.json' })
+  t.equal(response.statusCode, 200)
+  t.match(response.headers['content-type'], /^application\/json/)
+  return response.json() as Document
+}
+
+const WEB_ENV = { OIDC_CLIENT_SECRET: 'web-client-secret', PUBLIC_URL: 'https://patients.example.com' }
+
+/** The contract's public routes (metrics aside: another port). */
+const CONTRACT_ROUTES = [
+  ['post', '/appointments/{id}/cancel'], ['get', '/appointments'], ['post', '/auth/session'], ['get', '/auth/login'],
+  ['get', '/auth/callback'], ['get', '/auth/me'], ['post', '/auth/logout'], ['get', '/healthz'], ['get', '/readyz'],
+  ['get', '/openapi.json']
+]
+
+for (const [name, env] of [['web sign-in configured', WEB_ENV], ['mobile only', {}]] as const) {
+  t.test(`the document is valid OpenAPI 3.1 and lists every route (${name})`, async (t) => {
+    const { app, routes } = await buildRecorded(env)
+    const document = await documentOf(app)
+
+    const result = await new Validator().validate(document as never)
+    t.same(result.errors ?? [], [], 'no schema errors')
+    t.ok(result.valid, 'valid against the OpenAPI schema')
+    t.equal(document.openapi, '3.1.0')
+
+    // HEAD routes are Fastify's automatic twins of GET routes; hidden ones are the CORS preflight catch-all.
+    const publicRoutes = routes.filter((route) => !route.hidden && route.method !== 'HEAD')
+    t.ok(publicRoutes.length >= 8, 'the onRoute hook saw the routes')
+    for (const route of publicRoutes) {
+      const path = route.url.replace(/:([A-Za-z0-9_]+)/g, '{$1}')
+      const operation = document.paths[path]?.[route.method.toLowerCase()]
+      t.ok(operation, `${route.method} ${route.url} is documented`)
+      t.ok((operation?.tags ?? []).length > 0, `${route.method} ${route.url} is tagged`)
+      t.ok(Array.isArray(operation?.security), `${route.method} ${route.url} states its security`)
+    }
+    // Nothing documented that the app does not serve.
+    const served = new Set(publicRoutes.map((route) => `${route.method.toLowerCase()} ${route.url.replace(/:([A-Za-z0-9_]+)/g, '{$1}')}`))
+    for (const [path, operations] of Object.entries(document.paths)) {
+      for (const method of Object.keys(operations)) t.ok(served.has(`${method} ${path}`), `${method} ${path} is served`)
+    }
+    for (const [method, path] of CONTRACT_ROUTES) {
+      const web = path === '/auth/login' || path === '/auth/callback'
+      if (web && name === 'mobile only') {
+        t.notOk(document.paths[path], `${path} absent without web sign-in`)
+        continue
+      }
+      t.ok(document.paths[path as string]?.[method as string], `contract route ${method} ${path}`)
+    }
+    t.notOk(Object.keys(document.paths).some((path) => path.startsWith('/__sandbox') || path.startsWith('/api/v1')), 'no sandbox route')
+    // Every error answer of every route names its codes.
+    for (const [path, operations] of Object.entries(document.paths)) {
+      for (const [method, operation] of Object.entries(operations)) {
+        for (const [status, answer] of Object.entries(operation.responses)) {
+          // Readiness answers 503 with its own body while draining: a state, not an error envelope.
+          if (Number(status) < 400 || (path === '/readyz' && status === '503')) continue
+          const codes = answer.content?.['application/json']?.schema.allOf?.[1]?.properties?.code?.enum ?? []
+          t.ok(codes.length > 0, `${method} ${path} ${status} lists its codes`)
+        }
+      }
+    }
+
+    t.same(document.components.securitySchemes.bearer, { type: 'http', scheme: 'bearer', description: document.components.securitySchemes.bearer?.description })
+    t.match(document.components.securitySchemes.cookie, { type: 'apiKey', in: 'cookie', name: '__Host-bff-session' })
+    t.match(document.components.schemas.ErrorEnvelope, { type: 'object', required: ['status', 'success', 'message', 'code'] })
+    if (name === 'mobile only') t.notOk(document.servers, 'no server without PUBLIC_URL')
+    else t.same(document.servers, [{ url: 'https://patients.example.com' }])
+  })
+}
+
+t.test('the cancel route describes its errors, codes, headers and security', async (t) => {
+  const { app } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const cancel = document.paths['/appointments/{id}/cancel']?.post as Operation
+  t.ok(cancel)
+  t.same(cancel.security, [{ bearer: [] }, { cookie: [] }])
+  t.equal(cancel.requestBody?.required, false, 'the body is optional')
+  const parameters = (cancel.parameters ?? []).map((parameter) => `${parameter.in}:${parameter.name}`)
+  t.ok(parameters.includes('path:id'))
+  t.ok(parameters.includes('header:idempotency-key'))
+  t.ok(parameters.includes('header:x-csrf'))
+
+  const expected: Record<string, string[]> = {
+    400: [ErrorCode.VALIDATION_FAILED, ErrorCode.UPSTREAM_REJECTED],
+    401: [ErrorCode.SESSION_REQUIRED],
+    403: [ErrorCode.CSRF_REJECTED],
+    404: [ErrorCode.APPOINTMENT_NOT_FOUND],
+    409: [ErrorCode.IDEMPOTENCY_IN_FLIGHT],
+    413: [ErrorCode.PAYLOAD_TOO_LARGE],
+    415: [ErrorCode.UNSUPPORTED_MEDIA_TYPE],
+    422: [ErrorCode.IDEMPOTENCY_MISMATCH],
+    429: [ErrorCode.RATE_LIMITED, ErrorCode.UPSTREAM_RATE_LIMITED],
+    502: [ErrorCode.UPSTREAM_AUTH_FAILED, ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_UNAVAILABLE],
+    504: [ErrorCode.UPSTREAM_TIMEOUT]
+  }
+  t.ok(cancel.responses['200'], '200 documented')
+  for (const [status, codes] of Object.entries(expected)) {
+    const answer = cancel.responses[status]
+    t.ok(answer, `${status} documented`)
+    const schema = answer?.content?.['application/json']?.schema
+    t.equal(schema?.allOf?.[0]?.$ref, '#/components/schemas/ErrorEnvelope', `${status} uses the shared envelope`)
+    const listed = schema?.allOf?.[1]?.properties?.code?.enum ?? []
+    for (const code of codes) {
+      t.ok(listed.includes(code), `${status} lists ${code}`)
+      t.ok(answer?.description.includes(code), `${status} describes ${code}`)
+    }
+  }
+  t.ok(cancel.responses['429']?.headers?.['retry-after'], '429 documents Retry-After')
+})
+
+t.test('public routes without a session state no security; optional ones allow both', async (t) => {
+  const { app } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  t.same(document.paths['/auth/session']?.post?.security, [])
+  t.same(document.paths['/healthz']?.get?.security, [])
+  t.same(document.paths['/auth/me']?.get?.security, [{}, { bearer: [] }, { cookie: [] }])
+  t.same(document.paths['/auth/logout']?.post?.security, [{ bearer: [] }, { cookie: [] }])
+  t.ok(document.paths['/auth/logout']?.post?.responses['401'], 'logout documents 401')
+})
