@@ -10,6 +10,11 @@ import { appointmentRoutes } from './routes/appointments.js'
 import { care360Plugin } from './plugins/care360.js'
 import { authPlugin } from './auth/plugin.js'
 import { authRoutes } from './routes/auth.js'
+import { webSecurityPlugin } from './web/security.js'
+import { openApiPlugin } from './openapi.js'
+import { csrfPlugin } from './web/csrf.js'
+import { webSignInPlugin } from './web/plugin.js'
+import { ipLimitPlugin, sessionLimitPlugin } from './limits/plugins.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -66,17 +71,18 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   // Tier 1: cross-cutting plugins. Global onRequest hooks run in registration order, which is
   // the contract's order: answer stamping, per-IP limit, session, CSRF, per-session limit.
   await app.register(answersPlugin)
-  await app.register((await import('./openapi.js')).openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null }) // [openapi] before any route, so it sees them all (issue 6)
-  await app.register((await import('./web/security.js')).webSecurityPlugin) // [web-security] helmet, cookie, CORS (issue 4)
-  await app.register((await import('./limits/plugins.js')).ipLimitPlugin, { now: overrides.now }) // [ip-limit] per-IP limit (issue 3)
+  // Before any route, so that the document sees them all.
+  await app.register(openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null })
+  await app.register(webSecurityPlugin)
+  await app.register(ipLimitPlugin, { now: overrides.now })
 
   // Tier 2: the application's own services.
   await app.register(authPlugin, { now: overrides.now, jwksCooldownMs: overrides.jwksCooldownMs })
-  await app.register((await import('./web/csrf.js')).csrfPlugin) // [csrf] after the session hook: it needs the session's transport (issue 4)
-  await app.register((await import('./web/plugin.js')).webSignInPlugin, { now: overrides.now }) // [csrf] web sign-in routes and sign-out (issue 4)
-  await app.register((await import('./limits/plugins.js')).sessionLimitPlugin, { now: overrides.now }) // [session-limit] per-session, cancel limits, org budget gate (issue 3)
-  await app.register(care360Plugin)
-  // [idempotency] (issue 5)
+  await app.register(csrfPlugin)
+  await app.register(webSignInPlugin, { now: overrides.now })
+  await app.register(sessionLimitPlugin, { now: overrides.now })
+  // Every upstream call passes the org budget and the shared cooldown.
+  await app.register(care360Plugin, { gate: app.upstreamGate })
 
   // Tier 3: routes.
   await app.register(healthRoutes)

@@ -152,6 +152,10 @@ t.test('every upstream outcome maps to a row of the answer table', async (t) => 
     [{ kind: 'slow', delayMs: 2500 }, 504, 'UPSTREAM_TIMEOUT'],
     [{ kind: 'rate-limited', retryAfter: '7' }, 429, 'UPSTREAM_RATE_LIMITED']
   ]
+  sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'cancel', times: 1, body: { status: 400, success: false, message: 'Invalid request', error: 'bad' } })
+  const rejected = await cancel(token, alice.appointments[1]!.id)
+  t.match(rejected.json(), { code: 'UPSTREAM_REJECTED', message: 'Invalid request', error: 'bad' }, "the upstream's message and error pass through")
+  // The 429 row is last: it starts the shared cooldown.
   for (const [index, [failure, status, code]] of rows.entries()) {
     sandbox.control.setFailure({ ...failure, endpoint: 'cancel', times: 1 })
     // A distinct reason each time: identical cancels within moments share one upstream call.
@@ -162,11 +166,6 @@ t.test('every upstream outcome maps to a row of the answer table', async (t) => 
     t.notMatch(res.body, SANDBOX_KEY)
     t.notMatch(res.body, alice.email)
   }
-  const rejected = await (async () => {
-    sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'cancel', times: 1, body: { status: 400, success: false, message: 'Invalid request', error: 'bad' } })
-    return await cancel(token, alice.appointments[1]!.id)
-  })()
-  t.match(rejected.json(), { code: 'UPSTREAM_REJECTED', message: 'Invalid request', error: 'bad' })
 })
 
 t.test('an unreachable upstream is 502 UPSTREAM_UNAVAILABLE', async (t) => {
@@ -270,4 +269,43 @@ t.test('the audit record and the logs carry no email, reason, key or token', asy
   for (const secret of [alice.email, 'private reason text', SANDBOX_KEY, token]) {
     t.notMatch(all, secret, 'no secret or personal value in the logs')
   }
+})
+
+t.test('limits on the cancel path: per-session cancels, the org budget and the upstream cooldown', async (t) => {
+  t.test('RATE_LIMIT_CANCEL counts cancels per session, before validation', async (t) => {
+    const { tokenFor, cancel } = await stack(t, { env: { RATE_LIMIT_CANCEL: '2/1m' } })
+    const token = await tokenFor(alice.email)
+    t.equal((await cancel(token, 'not-a-uuid')).statusCode, 400)
+    t.equal((await cancel(token, 'not-a-uuid')).statusCode, 400)
+    const limited = await cancel(token, aliceFirst.id)
+    t.equal(limited.statusCode, 429)
+    t.match(limited.json(), { code: 'RATE_LIMITED' })
+    t.ok(Number(limited.headers['retry-after']) >= 1)
+    t.match(String(limited.headers['ratelimit-policy']), /"cancel";q=2;w=60/)
+    t.equal((await cancel(await tokenFor(bob.email), bobFirst.id)).statusCode, 200, 'another patient is not affected')
+  })
+
+  t.test('the org budget covers the ownership list call and the cancel', async (t) => {
+    const { sandbox, tokenFor, cancel } = await stack(t, { env: { CV_RATE_LIMIT: '2/60s' } })
+    const token = await tokenFor(alice.email)
+    t.equal((await cancel(token, aliceFirst.id)).statusCode, 200, 'list + cancel: two calls')
+    const spent = await cancel(token, alice.appointments[1]!.id)
+    t.equal(spent.statusCode, 429)
+    t.match(spent.json(), { code: 'UPSTREAM_RATE_LIMITED' })
+    t.ok(Number(spent.headers['retry-after']) >= 1)
+    t.equal(sandbox.control.calls.length, 2, 'no third upstream call')
+  })
+
+  t.test("after the upstream's own 429, clients get 429 without an upstream call until the cooldown ends", async (t) => {
+    const { sandbox, tokenFor, cancel } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
+    const token = await tokenFor(alice.email)
+    sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: '30', endpoint: 'cancel', times: 1 })
+    const first = await cancel(token, aliceFirst.id)
+    t.equal(first.statusCode, 429)
+    t.match(first.json(), { code: 'UPSTREAM_RATE_LIMITED' })
+    const cooling = await cancel(token, alice.appointments[1]!.id)
+    t.equal(cooling.statusCode, 429)
+    t.ok(Number(cooling.headers['retry-after']) > 1)
+    t.equal(sandbox.control.calls.length, 1, 'the cooldown stopped the second call')
+  })
 })
