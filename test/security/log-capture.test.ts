@@ -1,6 +1,6 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
-import { buildTestApp, signIn } from '../helpers/app.js'
+import { buildTestApp } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 
