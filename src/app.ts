@@ -1,8 +1,9 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { Server } from 'node:http'
+import Fastify, { type FastifyHttpOptions, type FastifyInstance } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, requestIdFor } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
 import { loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { healthRoutes } from './routes/health.js'
@@ -15,6 +16,7 @@ import { openApiPlugin } from './openapi.js'
 import { csrfPlugin } from './web/csrf.js'
 import { webSignInPlugin } from './web/plugin.js'
 import { ipLimitPlugin, sessionLimitPlugin } from './limits/plugins.js'
+import { metricsPlugin } from './metrics.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -39,7 +41,7 @@ export type App = FastifyInstance
  * the process: `server.ts` does that.
  */
 export async function buildApp (config: Config, overrides: AppOverrides = {}): Promise<App> {
-  const options: FastifyServerOptions = {
+  const options: FastifyHttpOptions<Server> = {
     logger: loggerOptions(config, overrides.logStream),
     genReqId: requestIdFor,
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
@@ -57,7 +59,11 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
       // Unknown fields are refused, never silently dropped, and types are never coerced.
       customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false }
     },
-    clientErrorHandler: clientErrorAnswer
+    clientErrorHandler: clientErrorAnswer,
+    frameworkErrors: frameworkErrorAnswer,
+    // Node enforces headersTimeout and requestTimeout only when it checks its connections, every
+    // 30 s by default: a slow client would keep its socket for up to 35 s instead of 5.
+    http: { connectionsCheckingInterval: 1_000 }
   }
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
   app.server.headersTimeout = 5_000
@@ -71,6 +77,8 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   // Tier 1: cross-cutting plugins. Global onRequest hooks run in registration order, which is
   // the contract's order: answer stamping, per-IP limit, session, CSRF, per-session limit.
   await app.register(answersPlugin)
+  // Before any route: each route gets its duration hook as it is added.
+  await app.register(metricsPlugin)
   // Before any route, so that the document sees them all.
   await app.register(openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null })
   await app.register(webSecurityPlugin)

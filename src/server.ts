@@ -1,6 +1,7 @@
 import closeWithGrace from 'close-with-grace'
 import { buildApp } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
+import { buildMetricsServer } from './metrics.js'
 
 /**
  * The only module that touches the process: environment, signals, listening and exit.
@@ -21,6 +22,8 @@ async function main (): Promise<void> {
   }
 
   const app = await buildApp(config)
+  // Prometheus on its own port, never the public one; METRICS_PORT=0 turns it off.
+  const metricsServer = config.metricsPort === 0 ? null : buildMetricsServer(app.metrics.registry)
 
   // On SIGTERM/SIGINT: report not-ready at once, stop accepting, let in-flight requests finish
   // within the deadline, then close the upstream pool and Redis (their onClose hooks).
@@ -29,9 +32,12 @@ async function main (): Promise<void> {
     else app.log.info({ signal }, 'shutting down')
     app.draining = true
     await app.close()
+    // Last, so that the drain itself can still be watched.
+    await metricsServer?.close()
   })
 
   await app.listen({ host: config.host, port: config.port })
+  await metricsServer?.listen({ host: config.host, port: config.metricsPort })
 }
 
 await main()

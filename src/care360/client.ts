@@ -1,4 +1,5 @@
 import type { IncomingHttpHeaders } from 'node:http'
+import { performance } from 'node:perf_hooks'
 import { Pool, type Dispatcher } from 'undici'
 import { ApiError, ErrorCode, type ApiErrorOptions } from '../errors.js'
 
@@ -10,6 +11,9 @@ import { ApiError, ErrorCode, type ApiErrorOptions } from '../errors.js'
  */
 
 export type UpstreamEndpoint = 'cancel' | 'list'
+
+/** How an upstream call ended, as metrics name it: one per coded error of the answer table. */
+export type UpstreamCallOutcome = 'ok' | 'rejected' | 'auth_failed' | 'rate_limited' | 'error' | 'unavailable' | 'timeout'
 
 /**
  * The org budget and the shared cooldown, implemented elsewhere. `acquire` runs before every
@@ -38,6 +42,11 @@ export interface Care360ClientOptions {
   maxBodyBytes?: number
   /** Keep-alive sockets to the upstream; default 10. */
   connections?: number
+  /**
+   * Hears about every call that passed the gate, when it ends: its outcome and its duration from
+   * dispatch to the answer mapped (seconds). Calls the gate stopped never left, and are not heard.
+   */
+  observe?: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
 }
 
 export interface CancelRequest {
@@ -284,6 +293,20 @@ function unexpected (status: number, why: string): UpstreamError {
   })
 }
 
+const OUTCOME_OF_CODE: Readonly<Record<string, UpstreamCallOutcome>> = {
+  [ErrorCode.UPSTREAM_REJECTED]: 'rejected',
+  [ErrorCode.UPSTREAM_AUTH_FAILED]: 'auth_failed',
+  [ErrorCode.UPSTREAM_RATE_LIMITED]: 'rate_limited',
+  [ErrorCode.UPSTREAM_ERROR]: 'error',
+  [ErrorCode.UPSTREAM_UNAVAILABLE]: 'unavailable',
+  [ErrorCode.UPSTREAM_TIMEOUT]: 'timeout'
+}
+
+/** Everything thrown past the gate is one of our UpstreamErrors, each with one of these codes. */
+function outcomeOf (error: unknown): UpstreamCallOutcome {
+  return OUTCOME_OF_CODE[(error as UpstreamError).code] as UpstreamCallOutcome
+}
+
 function transportError (error: ExchangeError, method: string): UpstreamError {
   const cause = error.cause
   if (!error.sent) {
@@ -314,7 +337,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   const prefix = base.pathname.replace(/\/+$/, '')
   const gate = options.gate ?? openGate
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES
-  const { apiKey, timeoutMs } = options
+  const { apiKey, timeoutMs, observe } = options
   let closing: Promise<void> | null = null
   const pool = new Pool(base.origin, {
     connections: options.connections ?? 10,
@@ -327,8 +350,29 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     bodyTimeout: timeoutMs
   })
 
-  async function call (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>): Promise<{ status: number, envelope: Envelope | null }> {
+  /**
+   * One upstream call: the gate, then the exchange, then `read` turning the answer into a result
+   * (it throws on an answer it cannot use). The observer hears the outcome of exchange and read.
+   */
+  async function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
     await gate.acquire(endpoint)
+    if (observe === undefined) {
+      const { status, envelope } = await send(request, secrets)
+      return read(status, envelope)
+    }
+    const started = performance.now()
+    try {
+      const { status, envelope } = await send(request, secrets)
+      const result = read(status, envelope)
+      observe(endpoint, 'ok', (performance.now() - started) / 1000)
+      return result
+    } catch (error) {
+      observe(endpoint, outcomeOf(error), (performance.now() - started) / 1000)
+      throw error
+    }
+  }
+
+  async function send (request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>): Promise<{ status: number, envelope: Envelope | null }> {
     let answer: Answer
     try {
       answer = await exchange(pool, request, timeoutMs, maxBodyBytes)
@@ -381,21 +425,22 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       const payload: CancelRequest = { email, appointmentId }
       if (reason !== undefined) payload.reason = reason
       // Never retried: a cancel whose answer was lost may have happened.
-      const { status, envelope } = await call('cancel', {
+      return await call('cancel', {
         method: 'POST',
         path: `${prefix}${CANCEL_PATH}`,
         headers: { ...baseHeaders(context), 'content-type': 'application/json' },
         body: JSON.stringify(payload),
         idempotent: false
-      }, [apiKey, email, reason])
-      if (status !== 200) throw unexpected(status, 'status not in its documentation')
-      if (envelope === null) throw unexpected(status, 'body is not a JSON object')
-      if (envelope.success === false) throw unexpected(status, 'success is false')
-      return {
-        status: 200,
-        success: true,
-        message: safeText(envelope.message, [apiKey, email, reason]) ?? 'Appointment cancelled'
-      }
+      }, [apiKey, email, reason], function readCancel (status, envelope): CancelAnswer {
+        if (status !== 200) throw unexpected(status, 'status not in its documentation')
+        if (envelope === null) throw unexpected(status, 'body is not a JSON object')
+        if (envelope.success === false) throw unexpected(status, 'success is false')
+        return {
+          status: 200,
+          success: true,
+          message: safeText(envelope.message, [apiKey, email, reason]) ?? 'Appointment cancelled'
+        }
+      })
     },
 
     // Not retried either: undici already validates an idle keep-alive socket before reusing it,
@@ -403,26 +448,27 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     // double the worst-case latency of a patient's screen. A failed list is a 502 the app retries.
     async fetchAppointments (email, context) {
       const query = new URLSearchParams({ user_email: email })
-      const { status, envelope } = await call('list', {
+      return await call('list', {
         method: 'GET',
         path: `${prefix}${LIST_PATH}?${query.toString()}`,
         headers: baseHeaders(context)
-      }, [apiKey, email])
-      if (envelope === null) throw unexpected(status, 'body is not a JSON object')
-      // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that
-      // is not its envelope (a wrong base path) stays an error rather than an empty list.
-      if (status === 404) {
-        if (envelope.success === false) return []
-        throw unexpected(status, 'a 404 without the upstream envelope')
-      }
-      if (envelope.success === false) throw unexpected(status, 'success is false')
-      if (!Array.isArray(envelope.data)) throw unexpected(status, 'data is not a list')
-      const appointments: Appointment[] = []
-      for (const item of envelope.data) {
-        const appointment = toAppointment(item)
-        if (appointment !== null) appointments.push(appointment)
-      }
-      return appointments
+      }, [apiKey, email], function readList (status, envelope): Appointment[] {
+        if (envelope === null) throw unexpected(status, 'body is not a JSON object')
+        // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that
+        // is not its envelope (a wrong base path) stays an error rather than an empty list.
+        if (status === 404) {
+          if (envelope.success === false) return []
+          throw unexpected(status, 'a 404 without the upstream envelope')
+        }
+        if (envelope.success === false) throw unexpected(status, 'success is false')
+        if (!Array.isArray(envelope.data)) throw unexpected(status, 'data is not a list')
+        const appointments: Appointment[] = []
+        for (const item of envelope.data) {
+          const appointment = toAppointment(item)
+          if (appointment !== null) appointments.push(appointment)
+        }
+        return appointments
+      })
     },
 
     async close () {

@@ -9,6 +9,7 @@ import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } 
 import { createOrgBudget } from './org-budget.js'
 import { createRedisCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
+import type { AppMetrics } from '../metrics.js'
 import { rateLimitField, rateLimitPolicyField, retryAfterSeconds, type PolicyName, type PolicyState } from './headers.js'
 
 export interface LimitStores {
@@ -61,10 +62,11 @@ const applied = new WeakMap<FastifyRequest, PolicyState[]>()
  * fields, and refuses it over the limit. Thrown, the ApiError is answered by the app's error
  * handler, and the fields set here stay on that answer.
  */
-async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check): Promise<void> {
+async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check, metrics: AppMetrics | null): Promise<void> {
   const result = await check(request)
   /* c8 ignore next: only an allowList exempts a request, and none is configured */
   if (result.isAllowed) return
+  metrics?.recordLimiter(policy, result.isExceeded)
   const states = applied.get(request) ?? []
   applied.set(request, states)
   states.push({ policy, quota: result.max, windowMs: result.timeWindow, remaining: result.remaining, resetMs: result.ttl })
@@ -73,6 +75,11 @@ async function enforce (request: FastifyRequest, reply: FastifyReply, policy: Po
   if (result.isExceeded) {
     throw new ApiError(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded', { headers: { 'retry-after': retryAfterSeconds(result.ttl) } })
   }
+}
+
+/** The app's metrics when it has them (tests build apps from parts without). */
+function metricsOf (app: FastifyInstance): AppMetrics | null {
+  return app.hasDecorator('metrics') ? app.metrics : null
 }
 
 function limiter (app: FastifyInstance, rate: Rate, keyOf: (request: FastifyRequest) => string): Check {
@@ -114,8 +121,9 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   await app.register(rateLimit, { global: false, store: pluginStore(counters), skipOnError: false })
 
   const perIp = limiter(app, app.config.limits.ip, ipKey)
+  const metrics = metricsOf(app)
   app.addHook('onRequest', async function limitPerIp (request, reply) {
-    await enforce(request, reply, 'ip', perIp)
+    await enforce(request, reply, 'ip', perIp, metrics)
   })
 }
 
@@ -128,23 +136,28 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
   const { fallback } = app.limitStores
   const perSession = limiter(app, app.config.limits.session, (request) => `session:${sessionKey(request)}`)
   const perCancel = limiter(app, app.config.limits.cancel, (request) => `cancel:${sessionKey(request)}`)
+  const metrics = metricsOf(app)
 
   app.addHook('onRequest', async function limitPerSession (request, reply) {
     if (request.session == null) return
-    await enforce(request, reply, 'session', perSession)
+    await enforce(request, reply, 'session', perSession, metrics)
   })
 
   app.decorate('cancelLimit', async function limitCancels (request: FastifyRequest, reply: FastifyReply) {
     // Without a session the route answers 401 itself; there is nobody to count against.
     if (request.session == null) return
-    await enforce(request, reply, 'cancel', perCancel)
+    await enforce(request, reply, 'cancel', perCancel, metrics)
   })
 
+  const cooldown = createRedisCooldown({ fallback, now: options.now })
   app.decorate('upstreamGate', createUpstreamGate({
     budget: createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now }),
-    cooldown: createRedisCooldown({ fallback, now: options.now }),
-    now: options.now
+    cooldown,
+    now: options.now,
+    record: metrics === null ? undefined : { decision: metrics.recordLimiter, budgetRemaining: metrics.setOrgBudgetRemaining }
   }))
+  // Read when scraped, through the fallback: Redis's answer when it has one, this process's otherwise.
+  metrics?.watchCooldown(cooldown.remaining)
 }
 
 export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })

@@ -19,7 +19,17 @@ export interface UpstreamGateOptions {
   /** Jitter source in [0, 1); Math.random unless a test fixes it. */
   random?: () => number
   now?: () => number
+  /** Hears every decision of `acquire` (metrics): the cooldown's, then the budget's when asked. */
+  record?: GateRecorder
 }
+
+export interface GateRecorder {
+  decision: (scope: 'cooldown' | 'org_budget', limited: boolean) => void
+  /** What the budget had left after its decision (0 after a refusal). */
+  budgetRemaining: (remaining: number) => void
+}
+
+const silent: GateRecorder = { decision () {}, budgetRemaining () {} }
 
 export function upstreamRateLimited (waitMs: number): ApiError {
   return new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
@@ -31,6 +41,7 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
   const { budget, cooldown } = options
   const random = options.random ?? Math.random
   const now = options.now ?? Date.now
+  const record = options.record ?? silent
   // A cooldown this process has seen is honoured locally until it ends, without asking Redis
   // again, and even if Redis goes away meanwhile. It can only have been extended elsewhere, which
   // the next check after its end finds out.
@@ -43,14 +54,21 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
   return {
     // Both endpoints draw from one budget: the upstream's quota is per organization.
     async acquire () {
-      if (knownUntil > now()) throw upstreamRateLimited(knownUntil - now())
+      if (knownUntil > now()) {
+        record.decision('cooldown', true)
+        throw upstreamRateLimited(knownUntil - now())
+      }
       // The cooldown first, so that a stopped call does not spend budget.
       const cooling = await cooldown.remaining()
       if (cooling > 0) {
         remember(cooling)
+        record.decision('cooldown', true)
         throw upstreamRateLimited(cooling)
       }
+      record.decision('cooldown', false)
       const decision = await budget.take()
+      record.decision('org_budget', !decision.ok)
+      record.budgetRemaining(decision.ok ? decision.remaining : 0)
       if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
     },
 

@@ -126,6 +126,19 @@ function causeSummary (cause: unknown): { name?: string, code?: string } | undef
 export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })
 
 /**
+ * Fastify's own answers before routing (a malformed percent-encoding in the URL, a path parameter
+ * over maxParamLength) bypass the hooks: here they get the envelope and the two headers too. The
+ * path is not echoed (it is the client's text).
+ */
+export function frameworkErrorAnswer (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+  const code = tooLong ? ErrorCode.VALIDATION_FAILED : ErrorCode.BAD_REQUEST
+  reply.errorCode = code
+  reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
+    .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
+}
+
+/**
  * Node's HTTP parser errors (bad request line, oversized headers, ...) never reach Fastify's
  * router; they are answered here, still in the envelope and with the two headers.
  */

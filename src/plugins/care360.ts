@@ -16,9 +16,9 @@ export interface Care360PluginOptions {
 /** The upstream client of this process: one pool, closed when the app closes. */
 async function care360 (app: FastifyInstance, options: Care360PluginOptions): Promise<void> {
   const { baseUrl, apiKey, timeoutMs } = app.config.care360
-  const client = createCare360Client({ baseUrl, apiKey, timeoutMs, gate: options.gate ?? openGate })
+  const client = createCare360Client({ baseUrl, apiKey, timeoutMs, gate: options.gate ?? openGate, observe: app.metrics.observeUpstream })
   app.decorate('care360', client)
   app.addHook('onClose', async function closeCare360Pool () { await client.close() })
 }
 
-export const care360Plugin = fp(care360, { name: 'care360', fastify: '5.x' })
+export const care360Plugin = fp(care360, { name: 'care360', fastify: '5.x', dependencies: ['metrics'] })

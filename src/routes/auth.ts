@@ -48,6 +48,11 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
     // Real ID tokens fit in 8 KiB; the app-wide 4 KiB limit is too tight for some IdPs.
     bodyLimit: MAX_ID_TOKEN_LENGTH + 2048,
     attachValidation: true,
+    // Every answer is a finished sign-in except a 429: a limiter refused it before it was tried.
+    onResponse: function countSignIn (_request, reply, done) {
+      if (reply.statusCode !== 429) app.metrics.recordSignIn('mobile', reply.statusCode === 201)
+      done()
+    },
     schema: {
       tags: ['auth'],
       summary: 'Mobile sign-in: exchanges an OIDC ID token for a session token',

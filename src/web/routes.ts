@@ -65,6 +65,8 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
 
   function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
     request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')
+    // Failures at the start (IdP unreachable) count too: the patient was sent back without a session.
+    app.metrics.recordSignIn('web', false)
     return reply.redirect(`${webAppUrl}/?signin_error=${reason}`, 302)
   }
 
@@ -164,6 +166,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       if (!(error instanceof ApiError)) throw error
       return failSignIn(request, reply, 'session_unavailable', error)
     }
+    app.metrics.recordSignIn('web', true)
     return reply.redirect(`${webAppUrl}${login.returnTo}`, 302)
   })
 

@@ -9,6 +9,7 @@ import {
   UpstreamError,
   type Care360Client,
   type Care360ClientOptions,
+  type UpstreamCallOutcome,
   type UpstreamEndpoint,
   type UpstreamGate
 } from '../../src/care360/client.js'
@@ -520,4 +521,52 @@ t.test('the default gate lets every call through', async (t) => {
   sandbox.control.setFailure({ kind: 'rate-limited', times: 1 })
   t.match(await failureOf(cancelAlice(client)), { statusCode: 429, headers: { 'Retry-After': '1' } })
   t.same(await cancelAlice(client), { status: 200, success: true, message: 'Meeting cancelled successfully' })
+})
+
+t.test('the observer hears every call that passed the gate, with its outcome and duration', async (t) => {
+  const sandbox = await startSandbox(t)
+  const heard: Array<[UpstreamEndpoint, UpstreamCallOutcome, number]> = []
+  let open = true
+  const client = createCare360Client({
+    baseUrl: sandbox.url,
+    apiKey: SANDBOX_KEY,
+    timeoutMs: 300,
+    gate: {
+      async acquire () {
+        if (!open) throw new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'budget spent')
+      },
+      async onRateLimited () {}
+    },
+    observe (endpoint, outcome, seconds) { heard.push([endpoint, outcome, seconds]) }
+  })
+  t.teardown(() => client.close())
+  await client.fetchAppointments(ALICE.email, CTX)
+  t.same(await client.fetchAppointments('nobody@example.com', CTX), [], "the upstream's not-found is an ok list")
+  await cancelAlice(client)
+  await failureOf(client.cancelAppointment({ email: ALICE.email, appointmentId: DEMO_PATIENTS[1]!.appointments[0]!.id }, CTX))
+  sandbox.control.setFailure({ kind: 'rate-limited', times: 1 })
+  await failureOf(cancelAlice(client))
+  sandbox.control.setFailure({ kind: 'garbage', times: 1 })
+  await failureOf(client.fetchAppointments(ALICE.email, CTX))
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, times: 1 })
+  await failureOf(client.fetchAppointments(ALICE.email, CTX))
+  // A 200 whose envelope the client cannot use is an error, although the exchange went well.
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: false }, times: 1 })
+  await failureOf(cancelAlice(client))
+  open = false
+  await t.rejects(client.fetchAppointments(ALICE.email, CTX), { code: ErrorCode.UPSTREAM_RATE_LIMITED })
+  t.same(heard.map(([endpoint, outcome]) => [endpoint, outcome]), [
+    ['list', 'ok'], ['list', 'ok'], ['cancel', 'ok'], ['cancel', 'rejected'], ['cancel', 'rate_limited'],
+    ['list', 'error'], ['list', 'timeout'], ['cancel', 'error']
+  ], 'the call the gate stopped is not heard')
+  for (const [, outcome, seconds] of heard) t.ok(seconds >= 0 && seconds < 5, `${outcome}: ${seconds} s`)
+  t.ok((heard[6]?.[2] ?? 0) >= 0.29, 'the timeout lasted the deadline')
+
+  const wrongKey = createCare360Client({ baseUrl: sandbox.url, apiKey: 'wrong-key', timeoutMs: 3000, observe (endpoint, outcome) { heard.push([endpoint, outcome, 0]) } })
+  t.teardown(() => wrongKey.close())
+  await failureOf(wrongKey.fetchAppointments(ALICE.email, CTX))
+  const refused = createCare360Client({ baseUrl: `http://127.0.0.1:${await closedPort()}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, observe (endpoint, outcome) { heard.push([endpoint, outcome, 0]) } })
+  t.teardown(() => refused.close())
+  await failureOf(refused.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST }, CTX))
+  t.same(heard.slice(8).map(([endpoint, outcome]) => [endpoint, outcome]), [['list', 'auth_failed'], ['cancel', 'unavailable']])
 })

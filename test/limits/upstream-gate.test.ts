@@ -119,3 +119,28 @@ t.test('end to end: three replicas driven at three times the budget never get a 
   const seen = maxInAnyWindow(sandbox.control.calls.map((call) => call.at), budget.windowMs)
   t.ok(seen <= 12, `the upstream saw at most ${seen} calls in any window`)
 })
+
+t.test('the recorder hears each decision of the cooldown and the budget, and what the budget has left', async (t) => {
+  let now = 0
+  const decisions: Array<[string, boolean]> = []
+  const remaining: number[] = []
+  const gate = createUpstreamGate({
+    budget: createMemoryBudget({ count: 2, windowMs: 10_000, now: () => now }),
+    cooldown: createMemoryCooldown({ now: () => now }),
+    now: () => now,
+    record: {
+      decision (scope, limited) { decisions.push([scope, limited]) },
+      budgetRemaining (left) { remaining.push(left) }
+    }
+  })
+  await gate.acquire('list')
+  await gate.acquire('cancel')
+  await refusal(t, gate)
+  t.same(decisions, [['cooldown', false], ['org_budget', false], ['cooldown', false], ['org_budget', false], ['cooldown', false], ['org_budget', true]])
+  t.same(remaining, [1, 0, 0])
+  decisions.length = 0
+  now = 20_000
+  await gate.onRateLimited(5000)
+  await refusal(t, gate)
+  t.same(decisions, [['cooldown', true]], 'stopped by the cooldown this process knows, the budget is not asked')
+})

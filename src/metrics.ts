@@ -1,0 +1,219 @@
+import fp from 'fastify-plugin'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type HookHandlerDoneFunction, type onResponseHookHandler } from 'fastify'
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
+import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
+import type { SharedStateMode } from './state/redis.js'
+
+/**
+ * Prometheus metrics of one app. Each app owns its registry (never prom-client's global one), so
+ * that several apps in one process (tests, benchmarks) keep separate counts. The registry is served
+ * by `buildMetricsServer` on METRICS_PORT, never by the public app.
+ *
+ * Labels are closed vocabularies only (route patterns, status codes, fixed outcome names): never
+ * an id, an email, a token or a key, and their number stays bounded whatever clients send.
+ */
+
+export type LimiterScope = 'ip' | 'session' | 'cancel' | 'org_budget' | 'cooldown'
+export type SignInMethod = 'mobile' | 'web'
+
+type Observer = { observe: (value: number) => void }
+type Incrementer = { inc: () => void }
+
+export interface AppMetrics {
+  registry: Registry
+  httpRequestDuration: Histogram<'method' | 'route' | 'status_code'>
+  upstreamDuration: Histogram<'endpoint' | 'outcome'>
+  limiterDecisions: Counter<'scope' | 'decision'>
+  orgBudgetRemaining: Gauge
+  upstreamCooldownActive: Gauge
+  signIns: Counter<'method' | 'result'>
+  sharedStateMode: Gauge<'mode'>
+  /** One upstream call, for the Care360 client's `observe` option. */
+  observeUpstream: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
+  /** One limiter decision: the request (or upstream call) was let through, or refused. */
+  recordLimiter: (scope: LimiterScope, limited: boolean) => void
+  /** What the org budget had left after its last admission (0 after a refusal). */
+  setOrgBudgetRemaining: (remaining: number) => void
+  /** A finished sign-in: a session was created, or the patient was refused or sent back. */
+  recordSignIn: (method: SignInMethod, success: boolean) => void
+  /** How to read the upstream cooldown (ms left) when scraped; set by the limits plugin. */
+  watchCooldown: (remainingMs: () => Promise<number>) => void
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: AppMetrics
+  }
+}
+
+// In seconds. Our own work is sub-millisecond; the tail covers slow upstream calls behind a route.
+const HTTP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
+const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
+const NOT_FOUND = 'not_found'
+
+export function createAppMetrics (readMode: (() => SharedStateMode) | null): AppMetrics {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry })
+
+  const httpRequestDuration = new Histogram({
+    name: 'http_request_duration_seconds',
+    help: 'Time from request start to the answer sent, by route pattern (not_found when none matched) and status',
+    labelNames: ['method', 'route', 'status_code'] as const,
+    buckets: HTTP_BUCKETS,
+    registers: [registry]
+  })
+  const upstreamDuration = new Histogram({
+    name: 'care360_upstream_duration_seconds',
+    help: 'Care360 calls that left this process (after the org budget and cooldown), by endpoint and outcome',
+    labelNames: ['endpoint', 'outcome'] as const,
+    buckets: UPSTREAM_BUCKETS,
+    registers: [registry]
+  })
+  const limiterDecisions = new Counter({
+    name: 'bff_limiter_decisions_total',
+    help: 'Limiter decisions by scope: per-IP, per-session and cancel limits on requests, org budget and cooldown on upstream calls',
+    labelNames: ['scope', 'decision'] as const,
+    registers: [registry]
+  })
+  const orgBudgetRemaining = new Gauge({
+    name: 'bff_org_budget_remaining',
+    help: 'Upstream calls the org budget had left in its window at its last decision (this process\'s view; 0 after a refusal)',
+    registers: [registry]
+  })
+  let cooldownRemaining: (() => Promise<number>) | null = null
+  const upstreamCooldownActive = new Gauge({
+    name: 'bff_upstream_cooldown_active',
+    help: '1 while upstream calls are stopped after a Care360 429, else 0 (read when scraped)',
+    registers: [registry],
+    async collect () {
+      this.set(cooldownRemaining !== null && await cooldownRemaining() > 0 ? 1 : 0)
+    }
+  })
+  const signIns = new Counter({
+    name: 'bff_signins_total',
+    help: 'Finished sign-ins by method (mobile: POST /auth/session; web: the OIDC callback) and result',
+    labelNames: ['method', 'result'] as const,
+    registers: [registry]
+  })
+  const sharedStateMode = new Gauge({
+    name: 'bff_shared_state_mode',
+    help: 'Where shared state lives now: 1 for the current mode (redis, degraded = Redis configured but unreachable, memory = no Redis)',
+    labelNames: ['mode'] as const,
+    registers: [registry],
+    collect () {
+      const current = readMode === null ? null : readMode()
+      for (const mode of MODES) this.set({ mode }, mode === current ? 1 : 0)
+    }
+  })
+
+  // Children made once: the hot path increments without building or hashing label sets. Each
+  // starts at 0 in the scrape, so that rate() and alerts see a series before its first event.
+  const counterChild = <T extends string>(counter: Counter<T>, labels: Partial<Record<T, string>>): Incrementer => {
+    counter.inc(labels, 0)
+    return counter.labels(labels)
+  }
+  const upstreamChildren = new Map<string, Observer>()
+  const limiter = new Map<LimiterScope, [Incrementer, Incrementer]>()
+  for (const scope of SCOPES) {
+    limiter.set(scope, [counterChild(limiterDecisions, { scope, decision: 'allowed' }), counterChild(limiterDecisions, { scope, decision: 'limited' })])
+  }
+  const signInChildren = {
+    mobile: [counterChild(signIns, { method: 'mobile', result: 'failure' }), counterChild(signIns, { method: 'mobile', result: 'success' })],
+    web: [counterChild(signIns, { method: 'web', result: 'failure' }), counterChild(signIns, { method: 'web', result: 'success' })]
+  } as const
+
+  return {
+    registry,
+    httpRequestDuration,
+    upstreamDuration,
+    limiterDecisions,
+    orgBudgetRemaining,
+    upstreamCooldownActive,
+    signIns,
+    sharedStateMode,
+    observeUpstream (endpoint, outcome, seconds) {
+      const key = `${endpoint}:${outcome}`
+      let child = upstreamChildren.get(key)
+      if (child === undefined) {
+        child = upstreamDuration.labels(endpoint, outcome)
+        upstreamChildren.set(key, child)
+      }
+      child.observe(seconds)
+    },
+    recordLimiter (scope, limited) {
+      (limiter.get(scope) as [Incrementer, Incrementer])[limited ? 1 : 0].inc()
+    },
+    setOrgBudgetRemaining (remaining) {
+      orgBudgetRemaining.set(remaining)
+    },
+    recordSignIn (method, success) {
+      signInChildren[method][success ? 1 : 0].inc()
+    },
+    watchCooldown (remainingMs) {
+      cooldownRemaining = remainingMs
+    }
+  }
+}
+
+/**
+ * Request durations by route, status code and method, with the children of each route cached in
+ * its own hook: per request, one map lookup by method and one by status, then an observe.
+ */
+function durationRecorder (histogram: AppMetrics['httpRequestDuration'], route: string): onResponseHookHandler {
+  const byMethod = new Map<string, Map<number, Observer>>()
+  function recordDuration (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+    const status = reply.statusCode
+    let byStatus = byMethod.get(request.method)
+    if (byStatus === undefined) {
+      byStatus = new Map()
+      byMethod.set(request.method, byStatus)
+    }
+    let child = byStatus.get(status)
+    if (child === undefined) {
+      child = histogram.labels(request.method, route, String(status))
+      byStatus.set(status, child)
+    }
+    child.observe(reply.elapsedTime / 1000)
+    done()
+  }
+  return recordDuration
+}
+
+async function metrics (app: FastifyInstance): Promise<void> {
+  const appMetrics = createAppMetrics(app.hasDecorator('sharedState') ? () => app.sharedState.mode() : null)
+  app.decorate('metrics', appMetrics)
+
+  // A hook per route that knows its pattern, rather than reading request.routeOptions (a fresh
+  // object on every access) in one global hook. The HEAD twin of a GET is cloned from the options
+  // before onRoute runs, so it gets its own hook, once.
+  app.addHook('onRoute', function instrumentRoute (route) {
+    const existing = route.onResponse === undefined ? [] : Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]
+    route.onResponse = [...existing, durationRecorder(appMetrics.httpRequestDuration, route.url)]
+  })
+  // Requests no route matched: one label, whatever the path was.
+  const notFound = durationRecorder(appMetrics.httpRequestDuration, NOT_FOUND)
+  app.addHook('onResponse', function recordNotFound (request, reply, done) {
+    if (request.is404) {
+      notFound.call(this, request, reply, done)
+      return
+    }
+    done()
+  })
+}
+
+export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })
+
+/**
+ * The Prometheus listener: a separate, un-listened Fastify instance with `GET /metrics` and
+ * nothing else, so that the registry is reachable on METRICS_PORT only (server.ts listens it).
+ */
+export function buildMetricsServer (registry: Registry): FastifyInstance {
+  const server = Fastify({ logger: false, forceCloseConnections: true })
+  server.get('/metrics', async function scrape (_request, reply) {
+    const body = await registry.metrics()
+    return reply.header('content-type', registry.contentType).header('cache-control', 'no-store').send(body)
+  })
+  return server
+}
