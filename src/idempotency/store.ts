@@ -86,7 +86,9 @@ type MemoryRecord =
 export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}): IdempotencyStore & { size: () => number } {
   const now = options.now ?? Date.now
   const maxEntries = options.maxEntries ?? 100_000
-  const sweepEveryMs = options.sweepEveryMs ?? 60_000
+  // Every second: single-flight records live only half a second, and under load thousands of
+  // them a second would otherwise pile up between sweeps (a sweep is one pass over the map).
+  const sweepEveryMs = options.sweepEveryMs ?? 1_000
   const records = new Map<string, MemoryRecord>()
   let lastSweep = now()
 

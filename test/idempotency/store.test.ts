@@ -223,6 +223,19 @@ t.test('memory: expired records are swept and the store is bounded', async (t) =
   t.equal(store.size(), 2, 'periodic sweep dropped the expired record')
 })
 
+t.test('memory: short-lived single-flight records do not pile up between sweeps (default interval)', async (t) => {
+  let clock = 1_000
+  const store = createMemoryIdempotencyStore({ now: () => clock })
+  for (let i = 0; i < 1000; i++) {
+    const begun = await store.begin('s', `flight-${i}`, FP, { ttlMs: 500, inFlightTtlMs: 500 })
+    if (begun.kind === 'started') await store.complete('s', `flight-${i}`, begun.token, { statusCode: 200, body: { ok: true } }, 500)
+  }
+  t.equal(store.size(), 1000)
+  clock += 1_100
+  await store.begin('s', 'next', FP, LONG)
+  t.equal(store.size(), 1, 'a second later they are gone')
+})
+
 t.test('idempotencyStoreFor picks memory without Redis and Redis with it', async (t) => {
   const memoryState: SharedState = { redis: null, mode: () => 'memory', commandTimeoutMs: 250, close: async () => {} }
   const memory = idempotencyStoreFor(memoryState)

@@ -1,0 +1,609 @@
+/**
+ * The service's benchmarks (issue 7): cost of a full cancel against the same upstream called
+ * directly and through a minimal hand-written Node proxy, with the memory store and with Redis;
+ * shedding under a flood; a soak; start-up time. Everything on loopback, every run bounded.
+ *
+ *   npm run build && npm run bench          full: medians of 5 interleaved rounds, PASS/FAIL
+ *   npm run bench:quick                     CI: each scenario once, briefly, no assertions
+ *
+ * Processes: the built service (`node dist/server.js`, production logging: pino JSON at `info`
+ * to stdout, which goes to /dev/null) pinned to core 0; this driver (autocannon), the fixed-answer
+ * upstream (bench/upstream.mjs), the minimal proxy (bench/proxy.mjs, on core 0 like the service),
+ * a throwaway redis-server and the ID-token issuer on core 1.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { readFileSync, existsSync, mkdtempSync, readdirSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { createServer } from 'node:net'
+import { once } from 'node:events'
+import { cpus, loadavg, totalmem } from 'node:os'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
+import { dirname, join } from 'node:path'
+import autocannon, { type Options as CannonOptions, type Result as CannonResult } from 'autocannon'
+import { startIssuer, type TestIssuer } from '../test/helpers/issuer.js'
+
+const QUICK = process.argv.includes('--quick')
+const PROFILE = process.argv.includes('--profile')
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
+const SERVICE_CORE = '0'
+const LOAD_CORE = '1'
+
+const MODE = QUICK
+  ? { rounds: 1, maxSec: 1, rateSec: 1, warmSec: 0.2, shedSec: 1, soakSec: 3, soakRate: 1000, startups: 1 }
+  : { rounds: 5, maxSec: 5, rateSec: 5, warmSec: 1, shedSec: 5, soakSec: 60, soakRate: 2000, startups: 7 }
+const FIXED_RATE = 2000
+const MAX_CONNECTIONS = 20
+const RATE_CONNECTIONS = 20
+const SHED = { ipLimit: 200, legitRate: 50, floodConnections: 16 }
+
+const API_KEY = 'bench-org-key-0123456789abcdef'
+const APPOINTMENT_ID = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
+const EMAIL = 'alice@example.com'
+const CANCEL_PATH = '/api/v1/calendar/appointments/cancel'
+const HIGH = '999999999/1m'
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+const hasTaskset = spawnSync('taskset', ['-V']).status === 0
+const children = new Set<ChildProcess>()
+
+function pinned (core: string, command: string, args: string[]): [string, string[]] {
+  return hasTaskset ? ['taskset', ['-c', core, command, ...args]] : [command, args]
+}
+
+function pinSelf (core: string): void {
+  if (hasTaskset) spawnSync('taskset', ['-a', '-pc', core, String(process.pid)], { stdio: 'ignore' })
+}
+
+async function freePort (): Promise<number> {
+  const server = createServer()
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const address = server.address()
+  server.close()
+  await once(server, 'close')
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  return address.port
+}
+
+interface Proc { name: string, child: ChildProcess, pid: number, stderr: () => string }
+
+function launch (name: string, core: string, command: string, args: string[], env: Record<string, string>, stdout: 'ignore' | 'pipe'): Proc {
+  const [cmd, argv] = pinned(core, command, args)
+  const child = spawn(cmd, argv, { cwd: ROOT, env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', stdout, 'pipe'] })
+  children.add(child)
+  child.on('exit', () => children.delete(child))
+  let errText = ''
+  child.stderr?.on('data', (chunk: Buffer) => { errText = (errText + chunk.toString()).slice(-4000) })
+  if (child.pid === undefined) throw new Error(`${name} did not start`)
+  return { name, child, pid: child.pid, stderr: () => errText }
+}
+
+/** A helper process that prints {"port":N} when it listens (upstream, proxy). */
+async function launchListening (name: string, core: string, script: string, env: Record<string, string>): Promise<Proc & { url: string }> {
+  const proc = launch(name, core, process.execPath, [script], env, 'pipe')
+  const line = await new Promise<string>((resolve, reject) => {
+    let text = ''
+    const timer = setTimeout(() => reject(new Error(`${name} did not listen: ${proc.stderr()}`)), 10_000)
+    proc.child.stdout?.on('data', (chunk: Buffer) => {
+      text += chunk.toString()
+      const end = text.indexOf('\n')
+      if (end >= 0) { clearTimeout(timer); resolve(text.slice(0, end)) }
+    })
+    proc.child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`${name} exited (${String(code)}): ${proc.stderr()}`)) })
+  })
+  const { port } = JSON.parse(line) as { port: number }
+  return { ...proc, url: `http://127.0.0.1:${port}` }
+}
+
+async function stop (proc: Proc): Promise<void> {
+  if (proc.child.exitCode !== null || proc.child.signalCode !== null) return
+  const exited = once(proc.child, 'exit')
+  proc.child.kill('SIGTERM')
+  const timer = setTimeout(() => proc.child.kill('SIGKILL'), 12_000)
+  await exited
+  clearTimeout(timer)
+}
+
+process.on('exit', () => { for (const child of children) child.kill('SIGKILL') })
+for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(130))
+
+/** /readyz until 200 (and the wanted shared-state mode); returns ms since `since`. */
+async function waitReady (url: string, since: number, proc: Proc, mode?: string): Promise<number> {
+  const end = Date.now() + 15_000
+  for (;;) {
+    try {
+      const response = await fetch(`${url}/readyz`)
+      const body = await response.json() as { data?: { sharedState?: string } }
+      if (response.status === 200 && (mode === undefined || body.data?.sharedState === mode)) return performance.now() - since
+    } catch {}
+    if (proc.child.exitCode !== null) throw new Error(`${proc.name} exited: ${proc.stderr()}`)
+    if (Date.now() > end) throw new Error(`${proc.name} not ready in 15 s: ${proc.stderr()}`)
+    await sleep(2)
+  }
+}
+
+interface Service extends Proc { url: string, startupMs: number, startupCpuMs: number }
+
+async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = []): Promise<Service> {
+  const port = await freePort()
+  const metricsPort = await freePort()
+  const t0 = performance.now()
+  // Production logging: pino JSON at info to stdout; stdout is /dev/null (a log shipper's pipe).
+  const proc = launch(name, SERVICE_CORE, process.execPath, [...nodeArgs, 'dist/server.js'], {
+    NODE_ENV: 'production',
+    HOST: '127.0.0.1',
+    PORT: String(port),
+    METRICS_PORT: String(metricsPort),
+    LOG_LEVEL: 'info',
+    ...env
+  }, 'ignore')
+  const url = `http://127.0.0.1:${port}`
+  const startupMs = await waitReady(url, t0, proc, mode)
+  return { ...proc, url, startupMs, startupCpuMs: cpuSeconds(proc.pid) * 1000 }
+}
+
+async function signIn (service: Service, issuer: TestIssuer, email: string): Promise<string> {
+  const idToken = await issuer.sign({ email, sub: `sub-${email}` })
+  const response = await fetch(`${service.url}/auth/session`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken })
+  })
+  if (response.status !== 201) throw new Error(`sign-in failed: ${response.status} ${await response.text()}`)
+  return ((await response.json()) as { data: { token: string } }).data.token
+}
+
+// /proc accounting of one process.
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+
+function cpuSeconds (pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK
+}
+
+function memoryKiB (pid: number, field: 'VmHWM' | 'VmRSS'): number {
+  const match = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+  return match === null ? NaN : Number(match[1])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+
+interface Target {
+  name: string
+  url: string
+  path: string
+  headers: Record<string, string>
+  /** The n-th request's body: every body differs (see `cancelTarget`). */
+  body: (n: number) => string
+  /** The process whose CPU is charged to the requests (null: not measured). */
+  pid: number | null
+}
+
+interface LoadResult {
+  seconds: number
+  responses: number
+  rps: number
+  codes: Record<string, number>
+  errors: number
+  /** Latencies (ms) of the 2xx answers, sorted. */
+  ok: Float64Array
+  /** Latencies (ms) of the 429 answers, sorted. */
+  shed: Float64Array
+  cpuUsPerRequest: number | null
+  /** Share of one core the measured process used. */
+  cpuShare: number | null
+}
+
+let sequence = 0
+
+function run (target: Target, options: { seconds: number, connections: number, rate?: number }): Promise<LoadResult> {
+  const ok: number[] = []
+  const shed: number[] = []
+  const cannon: CannonOptions = {
+    url: target.url,
+    connections: options.connections,
+    duration: options.seconds,
+    timeout: 10,
+    requests: [{
+      method: 'POST',
+      path: target.path,
+      headers: target.headers,
+      setupRequest: (request) => ({ ...request, body: target.body(sequence++) })
+    }],
+    ...(options.rate === undefined ? {} : { overallRate: options.rate })
+  }
+  const cpuBefore = target.pid === null ? 0 : cpuSeconds(target.pid)
+  const t0 = performance.now()
+  return new Promise((resolve, reject) => {
+    const instance = autocannon(cannon, (error: Error | null, result: CannonResult) => {
+      if (error !== null) { reject(error); return }
+      const seconds = (performance.now() - t0) / 1000
+      const cpu = target.pid === null ? null : cpuSeconds(target.pid) - cpuBefore
+      const codes: Record<string, number> = {}
+      for (const [code, { count }] of Object.entries(result.statusCodeStats)) codes[code] = count
+      const responses = Object.values(codes).reduce((a, b) => a + b, 0)
+      resolve({
+        seconds,
+        responses,
+        rps: responses / seconds,
+        codes,
+        errors: result.errors + result.timeouts,
+        ok: Float64Array.from(ok).sort(),
+        shed: Float64Array.from(shed).sort(),
+        cpuUsPerRequest: cpu === null || responses === 0 ? null : cpu * 1e6 / responses,
+        cpuShare: cpu === null ? null : cpu / seconds
+      })
+    })
+    instance.on('response', (_client: unknown, status: number, _bytes: number, ms: number) => {
+      if (status >= 200 && status < 300) ok.push(ms)
+      else if (status === 429) shed.push(ms)
+    })
+  })
+}
+
+async function measure (target: Target, options: { seconds: number, connections: number, rate?: number }): Promise<LoadResult> {
+  await run(target, { ...options, seconds: MODE.warmSec })
+  return run(target, options)
+}
+
+function quantile (sorted: Float64Array, q: number): number {
+  if (sorted.length === 0) return NaN
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] as number
+}
+
+function median (values: number[]): number {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b)
+  if (sorted.length === 0) return NaN
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[mid] as number : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2
+}
+
+/** Checks that a run got the answers it should; a benchmark of errors measures nothing. */
+function expectOnly (label: string, result: LoadResult, codes: string[]): void {
+  const wrong = Object.entries(result.codes).filter(([code]) => !codes.includes(code))
+  if (result.errors > 0 || wrong.length > 0 || result.responses === 0) {
+    throw new Error(`${label}: unexpected answers ${JSON.stringify(result.codes)}, ${result.errors} errors/timeouts`)
+  }
+}
+
+/**
+ * A cancel through the service (or the proxy). Every request carries a different reason: without
+ * an Idempotency-Key, identical cancels within 500 ms share one upstream call (single-flight),
+ * which would measure the cache instead of the path.
+ */
+function cancelTarget (name: string, url: string, token: string, pid: number | null, ip?: string): Target {
+  return {
+    name,
+    url,
+    path: `/appointments/${APPOINTMENT_ID}/cancel`,
+    headers: {
+      authorization: `Bearer ${token}`,
+      'content-type': 'application/json',
+      ...(ip === undefined ? {} : { 'x-forwarded-for': ip })
+    },
+    body: (n) => `{"reason":"bench ${n}"}`,
+    pid
+  }
+}
+
+function directTarget (url: string): Target {
+  return {
+    name: 'direct',
+    url,
+    path: CANCEL_PATH,
+    headers: { 'cv-api-key': API_KEY, 'content-type': 'application/json' },
+    body: (n) => `{"email":"${EMAIL}","appointmentId":"${APPOINTMENT_ID}","reason":"bench ${n}"}`,
+    pid: null
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+const fmt = (value: number, digits = 2): string => Number.isFinite(value) ? value.toFixed(digits) : 'n/a'
+const mib = (kib: number): number => kib / 1024
+
+async function main (): Promise<void> {
+  if (!existsSync(join(ROOT, 'dist/server.js'))) throw new Error('dist/server.js is missing: run `npm run build` first')
+  pinSelf(LOAD_CORE)
+  const began = performance.now()
+  console.log(`# care360-patient-bff benchmarks (${QUICK ? 'quick: each scenario once, briefly; no targets checked' : `full: medians of ${MODE.rounds} interleaved rounds`})`)
+  console.log(`machine: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}; ` +
+    (hasTaskset ? `service and proxy pinned to core ${SERVICE_CORE}, load generator, upstream and Redis to core ${LOAD_CORE}` : 'taskset missing: NOT pinned'))
+
+  console.log(`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (anything above ~0.5 means other work shares these 2 cores)`)
+  if (PROFILE) { await profile(); return }
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const redisPort = await freePort()
+  const redis = launch('redis', LOAD_CORE, 'redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no', '--loglevel', 'warning'], {}, 'ignore')
+  const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL })
+
+  const baseEnv = {
+    CV_API_KEY: API_KEY,
+    CV_BASE_URL: upstream.url,
+    OIDC_ISSUER: issuer.url,
+    OIDC_CLIENT_ID: issuer.clientId,
+    // Org budget and per-client limits far above the load (the budget's log holds one entry per
+    // call in its window, so the window is short).
+    CV_RATE_LIMIT: '999999999/1s',
+    RATE_LIMIT_IP: HIGH,
+    RATE_LIMIT_SESSION: HIGH,
+    RATE_LIMIT_CANCEL: HIGH,
+    OWNERSHIP_CHECK: 'off'
+  }
+  const redisUrl = `redis://127.0.0.1:${redisPort}`
+  const memory = await startService('service (memory)', baseEnv)
+  const owned = await startService('service (memory, ownership on)', { ...baseEnv, OWNERSHIP_CHECK: 'on' })
+  const shared = await startService('service (redis)', { ...baseEnv, REDIS_URL: redisUrl }, 'redis')
+
+  const targets: Target[] = [
+    directTarget(upstream.url),
+    cancelTarget('proxy', proxy.url, 'unused-by-the-proxy', proxy.pid),
+    cancelTarget('service, memory', memory.url, await signIn(memory, issuer, EMAIL), memory.pid),
+    cancelTarget('service, memory, ownership on', owned.url, await signIn(owned, issuer, EMAIL), owned.pid),
+    cancelTarget('service, redis', shared.url, await signIn(shared, issuer, EMAIL), shared.pid)
+  ]
+
+  // 1. Throughput (closed loop, fixed connections) and latency at a fixed rate, interleaved:
+  //    every round runs every contender, in an order rotated per round.
+  const maxRuns = new Map<string, LoadResult[]>()
+  const rateRuns = new Map<string, LoadResult[]>()
+  for (const t of targets) { maxRuns.set(t.name, []); rateRuns.set(t.name, []) }
+  for (let round = 0; round < MODE.rounds; round++) {
+    const order = targets.map((_, i) => targets[(i + round) % targets.length] as Target)
+    for (const target of order) {
+      const result = await measure(target, { seconds: MODE.maxSec, connections: MAX_CONNECTIONS })
+      expectOnly(`${target.name} (max)`, result, ['200'])
+      maxRuns.get(target.name)?.push(result)
+    }
+    for (const target of order) {
+      const result = await measure(target, { seconds: MODE.rateSec, connections: RATE_CONNECTIONS, rate: FIXED_RATE })
+      expectOnly(`${target.name} (${FIXED_RATE}/s)`, result, ['200'])
+      rateRuns.get(target.name)?.push(result)
+    }
+    process.stderr.write(`round ${round + 1}/${MODE.rounds} done (${fmt((performance.now() - began) / 1000, 0)} s)\n`)
+  }
+
+  // Ratios and added latency are taken per round (side by side), then the median of rounds.
+  const perRound = (name: string, pick: (mine: LoadResult, round: number) => number): number =>
+    median((maxRuns.get(name) ?? []).map((mine, round) => pick(mine, round)))
+  const ratio = (name: string): number => perRound(name, (mine, round) => mine.rps / ((maxRuns.get('proxy') ?? [])[round] as LoadResult).rps)
+  const added = (name: string, q: number): number => median((rateRuns.get(name) ?? []).map((mine, round) =>
+    quantile(mine.ok, q) - quantile(((rateRuns.get('direct') ?? [])[round] as LoadResult).ok, q)))
+  const med = (runs: Map<string, LoadResult[]>, name: string, pick: (r: LoadResult) => number | null): number =>
+    median((runs.get(name) ?? []).map((r) => pick(r) ?? NaN))
+
+  const peakKiB: Record<string, number> = {
+    proxy: memoryKiB(proxy.pid, 'VmHWM'),
+    'service, memory': memoryKiB(memory.pid, 'VmHWM'),
+    'service, memory, ownership on': memoryKiB(owned.pid, 'VmHWM'),
+    'service, redis': memoryKiB(shared.pid, 'VmHWM')
+  }
+
+  console.log(`\n## Full cancel path (${MAX_CONNECTIONS} connections closed loop; ${FIXED_RATE} req/s fixed rate with ${RATE_CONNECTIONS} connections)\n`)
+  console.log('| contender | req/s (max) | × proxy | core use | CPU µs/req (max) | CPU µs/req (@2000/s) | p50 ms | p99 ms | +p50 ms vs direct | +p99 ms vs direct | peak RSS MiB |')
+  console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  for (const t of targets) {
+    const isDirect = t.name === 'direct'
+    console.log(`| ${t.name} | ${fmt(med(maxRuns, t.name, (r) => r.rps), 0)} | ${t.name === 'proxy' || isDirect ? '—' : fmt(ratio(t.name))} | ` +
+      `${isDirect ? '—' : `${fmt(100 * med(maxRuns, t.name, (r) => r.cpuShare), 0)}%`} | ` +
+      `${isDirect ? '—' : fmt(med(maxRuns, t.name, (r) => r.cpuUsPerRequest), 1)} | ${isDirect ? '—' : fmt(med(rateRuns, t.name, (r) => r.cpuUsPerRequest), 1)} | ` +
+      `${fmt(med(rateRuns, t.name, (r) => quantile(r.ok, 0.5)), 3)} | ${fmt(med(rateRuns, t.name, (r) => quantile(r.ok, 0.99)), 3)} | ` +
+      `${isDirect ? '—' : fmt(added(t.name, 0.5), 3)} | ${isDirect ? '—' : fmt(added(t.name, 0.99), 3)} | ${isDirect ? '—' : fmt(mib(peakKiB[t.name] ?? NaN), 1)} |`)
+  }
+  console.log('\nThe direct call is the load generator against the upstream itself (its latency is the baseline; its req/s is bounded by the shared load core).')
+  console.log('"ownership on": every cancel evicts the patient\'s cached list, so each cancel costs a list call and a cancel call upstream.')
+
+  await Promise.all([stop(memory), stop(owned), stop(shared)])
+
+  // 2. Shedding: a flood from one client IP far above RATE_LIMIT_IP, a legitimate client (another
+  //    IP, its own session) at a fixed rate below it. The client IP comes from X-Forwarded-For,
+  //    believed from loopback (TRUST_PROXY), as behind a load balancer.
+  const shedder = await startService('service (shedding)', {
+    ...baseEnv, RATE_LIMIT_IP: `${SHED.ipLimit}/1s`, TRUST_PROXY: '127.0.0.1'
+  })
+  const legitToken = await signIn(shedder, issuer, EMAIL)
+  // Each run of the legitimate client comes from a fresh address: per-IP windows are fixed (they
+  // start at a client's first hit), and a run must not inherit the previous run's count.
+  const legit = (round: number, phase: number): Target => cancelTarget('legit', shedder.url, legitToken, null, `10.1.${round}.${phase}`)
+  const flood = cancelTarget('flood', shedder.url, await signIn(shedder, issuer, 'flood@example.com'), shedder.pid, '10.2.0.1')
+  const shedRounds: Array<{ unloadedP99: number, loadedP99: number, admittedP99: number, shedPerSec: number, admittedPerSec: number, shedP99: number, legitRefused: number }> = []
+  for (let round = 0; round < MODE.rounds; round++) {
+    await run(legit(round, 0), { seconds: MODE.warmSec, connections: 5, rate: SHED.legitRate })
+    const unloaded = await run(legit(round, 1), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate })
+    expectOnly('legit (unloaded)', unloaded, ['200', '429'])
+    await run(flood, { seconds: MODE.warmSec, connections: SHED.floodConnections })
+    const [loaded, flooded] = await Promise.all([
+      run(legit(round, 2), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate }),
+      run(flood, { seconds: MODE.shedSec, connections: SHED.floodConnections })
+    ])
+    expectOnly('legit (under flood)', loaded, ['200', '429'])
+    expectOnly('flood', flooded, ['200', '429'])
+    shedRounds.push({
+      unloadedP99: quantile(unloaded.ok, 0.99),
+      loadedP99: quantile(loaded.ok, 0.99),
+      admittedP99: quantile(flooded.ok, 0.99),
+      shedPerSec: (flooded.codes['429'] ?? 0) / flooded.seconds,
+      admittedPerSec: (flooded.codes['200'] ?? 0) / flooded.seconds,
+      shedP99: quantile(flooded.shed, 0.99),
+      legitRefused: (unloaded.codes['429'] ?? 0) + (loaded.codes['429'] ?? 0)
+    })
+  }
+  const shedMed = (pick: (r: typeof shedRounds[number]) => number): number => median(shedRounds.map(pick))
+  const proxyRps = med(maxRuns, 'proxy', (r) => r.rps)
+  console.log(`\n## Shedding (RATE_LIMIT_IP=${SHED.ipLimit}/1s; flood: ${SHED.floodConnections} connections closed loop from one IP; legitimate client: ${SHED.legitRate} req/s from another IP)\n`)
+  console.log('| 429/s | 429 p99 ms | flood admitted/s | flood admitted p99 ms | legit p99 unloaded ms | legit p99 under flood ms | legit under flood ÷ unloaded | 429/s ÷ proxy req/s |')
+  console.log('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  const legitFactor = median(shedRounds.map((r) => r.loadedP99 / r.unloadedP99))
+  const shedVsProxy = shedMed((r) => r.shedPerSec) / proxyRps
+  console.log(`| ${fmt(shedMed((r) => r.shedPerSec), 0)} | ${fmt(shedMed((r) => r.shedP99), 3)} | ${fmt(shedMed((r) => r.admittedPerSec), 0)} | ${fmt(shedMed((r) => r.admittedP99), 3)} | ` +
+    `${fmt(shedMed((r) => r.unloadedP99), 3)} | ${fmt(shedMed((r) => r.loadedP99), 3)} | ${fmt(legitFactor)} | ${fmt(shedVsProxy)} |`)
+  const legitRefused = shedRounds.reduce((sum, r) => sum + r.legitRefused, 0)
+  const legitAlwaysOk = legitRefused === 0
+  if (!legitAlwaysOk) console.log(`\nWARNING: the legitimate client (below its limit) got ${legitRefused} 429s in all (a fixed window counts a late burst of the load generator).`)
+  await stop(shedder)
+
+  // 3. Soak: a fresh service (memory store, ownership on: the most state per request) at a
+  //    steady rate; resident memory sampled every second; least-squares slope after a warm-up.
+  const soaker = await startService('service (soak)', { ...baseEnv, OWNERSHIP_CHECK: 'on' })
+  const soakTarget = cancelTarget('soak', soaker.url, await signIn(soaker, issuer, EMAIL), soaker.pid)
+  const samples: Array<[number, number]> = []
+  const sampler = setInterval(() => { samples.push([performance.now() / 1000, mib(memoryKiB(soaker.pid, 'VmRSS'))]) }, 1000)
+  const soakStart = mib(memoryKiB(soaker.pid, 'VmRSS'))
+  const soaked = await run(soakTarget, { seconds: MODE.soakSec, connections: RATE_CONNECTIONS, rate: MODE.soakRate })
+  clearInterval(sampler)
+  expectOnly('soak', soaked, ['200'])
+  const soakEnd = mib(memoryKiB(soaker.pid, 'VmRSS'))
+  const steady = samples.slice(Math.floor(samples.length / 4))
+  const slope = fitSlope(steady)
+  const steadySpan = steady.length > 1 ? (steady[steady.length - 1] as [number, number])[0] - (steady[0] as [number, number])[0] : 0
+  const growth = slope * steadySpan
+  console.log(`\n## Soak (${MODE.soakSec} s at ${MODE.soakRate} req/s, ${soaked.responses} cancels; memory store, ownership on)\n`)
+  console.log('| RSS at start MiB | RSS after warm-up MiB | RSS at end MiB | peak RSS MiB | slope after warm-up MiB/min | fitted growth over the last 3/4 MiB |')
+  console.log('| ---: | ---: | ---: | ---: | ---: | ---: |')
+  console.log(`| ${fmt(soakStart, 1)} | ${fmt(steady[0]?.[1] ?? NaN, 1)} | ${fmt(soakEnd, 1)} | ${fmt(mib(memoryKiB(soaker.pid, 'VmHWM')), 1)} | ${fmt(slope * 60)} | ${fmt(growth)} |`)
+  await stop(soaker)
+
+  // 4. Start-up: spawn to the first /readyz 200, a fresh process each time.
+  const startups: number[] = []
+  const redisStartups: number[] = []
+  const startupCpu: number[] = []
+  const redisStartupCpu: number[] = []
+  for (let i = 0; i < MODE.startups; i++) {
+    const one = await startService('service (start-up)', baseEnv)
+    startups.push(one.startupMs)
+    startupCpu.push(one.startupCpuMs)
+    await stop(one)
+    const two = await startService('service (start-up, redis)', { ...baseEnv, REDIS_URL: redisUrl }, 'redis')
+    redisStartups.push(two.startupMs)
+    redisStartupCpu.push(two.startupCpuMs)
+    await stop(two)
+  }
+  console.log(`\n## Start-up (spawn of \`node dist/server.js\` to the first /readyz 200; ${MODE.startups} runs)\n`)
+  console.log('| store | median ms | min ms | max ms | CPU ms used until ready (median) |')
+  console.log('| --- | ---: | ---: | ---: | ---: |')
+  console.log(`| memory | ${fmt(median(startups), 0)} | ${fmt(Math.min(...startups), 0)} | ${fmt(Math.max(...startups), 0)} | ${fmt(median(startupCpu), 0)} |`)
+  console.log(`| redis (until sharedState is "redis") | ${fmt(median(redisStartups), 0)} | ${fmt(Math.min(...redisStartups), 0)} | ${fmt(Math.max(...redisStartups), 0)} | ${fmt(median(redisStartupCpu), 0)} |`)
+
+  await Promise.all([stop(proxy), stop(upstream), stop(redis)])
+  await issuer.close()
+  console.log(`\ntotal ${fmt((performance.now() - began) / 1000, 0)} s; load average at end: ${loadavg().map((l) => l.toFixed(2)).join(' ')}`)
+
+  if (QUICK) return
+  const memCpu = med(rateRuns, 'service, memory', (r) => r.cpuUsPerRequest)
+  const checks: Array<[string, boolean, string]> = [
+    ['memory store: ≥ 60% of the proxy', ratio('service, memory') >= 0.6, fmt(ratio('service, memory'))],
+    ['memory store: ≤ ~85 µs CPU per request (at 2000 req/s)', memCpu <= 85, fmt(memCpu, 1)],
+    ['memory store: +p50 ≤ 0.4 ms over direct at 2000 req/s', added('service, memory', 0.5) <= 0.4, fmt(added('service, memory', 0.5), 3)],
+    ['memory store: +p99 ≤ 1.5 ms over direct at 2000 req/s', added('service, memory', 0.99) <= 1.5, fmt(added('service, memory', 0.99), 3)],
+    ['memory store: peak RSS ≤ 150 MiB', mib(peakKiB['service, memory'] ?? NaN) <= 150, fmt(mib(peakKiB['service, memory'] ?? NaN), 1)],
+    ['redis store: ≥ 40% of the proxy', ratio('service, redis') >= 0.4, fmt(ratio('service, redis'))],
+    ['shedding: 429/s ≥ proxy req/s', shedVsProxy >= 1, fmt(shedVsProxy)],
+    ['shedding: legit p99 under flood ≤ 2× unloaded', legitFactor <= 2 && legitAlwaysOk, fmt(legitFactor)],
+    ['soak: no RSS growth trend (fitted growth < 5 MiB)', growth < 5, `${fmt(growth)} MiB`],
+    ['start-up to ready < 1 s', median(startups) < 1000, `${fmt(median(startups), 0)} ms`]
+  ]
+  console.log('\n## Targets (issue 7)\n')
+  for (const [what, pass, value] of checks) console.log(`${pass ? 'PASS' : 'FAIL'}  ${what}: ${value}`)
+  if (checks.some(([, pass]) => !pass)) process.exitCode = 1
+}
+
+interface ProfileNode { id: number, callFrame: { functionName: string, url: string, lineNumber: number }, children?: number[] }
+interface CpuProfile { nodes: ProfileNode[], samples: number[], timeDeltas: number[] }
+
+/**
+ * `--profile`: the memory-store service under a closed-loop cancel load with --cpu-prof, then the
+ * self time by package/file and the hottest functions.
+ */
+async function profile (): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'bff-cpu-prof-'))
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const ownership = process.env.OWNERSHIP_CHECK ?? 'off'
+  const service = await startService('service (profiled)', {
+    CV_API_KEY: API_KEY,
+    CV_BASE_URL: upstream.url,
+    OIDC_ISSUER: issuer.url,
+    OIDC_CLIENT_ID: issuer.clientId,
+    CV_RATE_LIMIT: '999999999/1s',
+    RATE_LIMIT_IP: HIGH,
+    RATE_LIMIT_SESSION: HIGH,
+    RATE_LIMIT_CANCEL: HIGH,
+    OWNERSHIP_CHECK: ownership
+  }, undefined, ['--cpu-prof', `--cpu-prof-dir=${dir}`])
+  const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)
+  const result = await measure(target, { seconds: QUICK ? 2 : 10, connections: MAX_CONNECTIONS })
+  expectOnly('profiled', result, ['200'])
+  await stop(service)
+  await Promise.all([stop(upstream), issuer.close()])
+  const file = readdirSync(dir).find((name) => name.endsWith('.cpuprofile'))
+  if (file === undefined) throw new Error(`no profile written in ${dir}`)
+  const prof = JSON.parse(readFileSync(join(dir, file), 'utf8')) as CpuProfile
+  const self = new Map<number, number>()
+  prof.samples.forEach((id, i) => self.set(id, (self.get(id) ?? 0) + (prof.timeDeltas[i] ?? 0)))
+  const total = [...self.values()].reduce((a, b) => a + b, 0)
+  const byPlace = new Map<string, number>()
+  const byFunction = new Map<string, number>()
+  for (const node of prof.nodes) {
+    const us = self.get(node.id) ?? 0
+    if (us === 0) continue
+    const url = node.callFrame.url.replace(`file://${ROOT}/`, '')
+    const place = placeOf(url, node.callFrame.functionName)
+    byPlace.set(place, (byPlace.get(place) ?? 0) + us)
+    const fn = `${node.callFrame.functionName || '(anonymous)'} ${url === '' ? '' : `${url}:${node.callFrame.lineNumber + 1}`}`
+    byFunction.set(fn, (byFunction.get(fn) ?? 0) + us)
+  }
+  const top = (map: Map<string, number>, n: number): string => [...map].sort((a, b) => b[1] - a[1]).slice(0, n)
+    .map(([name, us]) => `| ${fmt(100 * us / total, 1)}% | ${name} |`).join('\n')
+  console.log(`\n## CPU profile: service (memory store, OWNERSHIP_CHECK=${ownership}), ${result.responses} cancels at ${fmt(result.rps, 0)} req/s; profile ${join(dir, file)}\n`)
+  console.log(`| self time | package or file |\n| ---: | --- |\n${top(byPlace, 20)}\n`)
+  console.log(`| self time | function |\n| ---: | --- |\n${top(byFunction, 30)}\n`)
+  // Each sample charged to the innermost frame of the service's own code on its stack: what a
+  // hook or route costs with the libraries it calls.
+  const parent = new Map<number, number>()
+  for (const node of prof.nodes) for (const child of node.children ?? []) parent.set(child, node.id)
+  const nodes = new Map(prof.nodes.map((node) => [node.id, node]))
+  const byOwnFrame = new Map<string, number>()
+  for (const [id, us] of self) {
+    let name = '(no frame of dist/ on the stack: HTTP parsing, sockets, timers, GC, idle)'
+    for (let at: number | undefined = id; at !== undefined; at = parent.get(at)) {
+      const frame = nodes.get(at)?.callFrame
+      if (frame !== undefined && frame.url.includes(`${ROOT}/dist/`)) {
+        name = `${frame.functionName || '(anonymous)'} ${frame.url.replace(`file://${ROOT}/`, '')}:${frame.lineNumber + 1}`
+        break
+      }
+    }
+    byOwnFrame.set(name, (byOwnFrame.get(name) ?? 0) + us)
+  }
+  console.log(`| inclusive time | innermost frame of the service's own code |\n| ---: | --- |\n${top(byOwnFrame, 25)}`)
+}
+
+/** Where a profile node's code lives: a package, a file of ours, Node's core, or native. */
+function placeOf (url: string, functionName: string): string {
+  if (url === '') return `(${functionName || 'native'})`
+  if (url.startsWith('node:')) return 'node: core'
+  if (url.includes('node_modules/')) return url.replace(/^.*node_modules\/((@[^/]+\/)?[^/]+).*$/, '$1')
+  return url
+}
+
+/** Least-squares slope of (x, y) samples. */
+function fitSlope (points: Array<[number, number]>): number {
+  const n = points.length
+  if (n < 2) return NaN
+  const mx = points.reduce((s, [x]) => s + x, 0) / n
+  const my = points.reduce((s, [, y]) => s + y, 0) / n
+  let num = 0
+  let den = 0
+  for (const [x, y] of points) { num += (x - mx) * (y - my); den += (x - mx) ** 2 }
+  return den === 0 ? NaN : num / den
+}
+
+main().then(() => process.exit(), (error: unknown) => {
+  console.error(error)
+  process.exit(1)
+})
