@@ -1,0 +1,171 @@
+import t from 'tap'
+import { connect } from 'node:net'
+import { buildTestApp, signIn } from '../helpers/app.js'
+import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { call, captureLogs, offContract, outcome, scanLogs, type Answer } from '../fault/support.js'
+
+/**
+ * Abuse on real sockets, against the app listening on loopback with its production timeouts
+ * (headers 5 s, whole request 10 s): oversized headers and bodies, malformed requests, and slow
+ * clients, which the server must cut off in time, answering 408 in the envelope if anything.
+ */
+
+const alice = DEMO_PATIENTS[0]!
+const owned = alice.appointments[0]!
+
+interface RawResult { data: string, closedAfterMs: number | null }
+
+/**
+ * Writes `chunks` one by one, `everyMs` apart, on a raw connection; resolves when the server
+ * closes it (or after `giveUpMs`, with `closedAfterMs: null`).
+ */
+function raw (port: number, chunks: readonly string[], everyMs: number, giveUpMs: number): Promise<RawResult> {
+  return new Promise((resolve) => {
+    const started = Date.now()
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    let i = 0
+    let done = false
+    const writer = setInterval(() => {
+      if (i < chunks.length && !socket.destroyed && socket.writable) socket.write(chunks[i++] as string)
+    }, everyMs)
+    const finish = (closedAfterMs: number | null): void => {
+      if (done) return
+      done = true
+      clearInterval(writer)
+      clearTimeout(giveUp)
+      socket.destroy()
+      resolve({ data, closedAfterMs })
+    }
+    const giveUp = setTimeout(() => finish(null), giveUpMs)
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', () => {})
+    socket.on('close', () => finish(Date.now() - started))
+    socket.on('end', () => finish(Date.now() - started))
+  })
+}
+
+/** The answer in a raw exchange, parsed enough for the contract's checks. */
+function parse (text: string): Answer | null {
+  const head = text.indexOf('\r\n\r\n')
+  if (head === -1) return null
+  const [statusLine, ...fields] = text.slice(0, head).split('\r\n')
+  const headers: Record<string, string> = {}
+  for (const field of fields) {
+    const at = field.indexOf(':')
+    headers[field.slice(0, at).trim().toLowerCase()] = field.slice(at + 1).trim()
+  }
+  return { status: Number(statusLine?.split(' ')[1]), headers, body: text.slice(head + 4), ms: 0 }
+}
+
+t.test('abuse on real sockets', async (t) => {
+  const { lines, stream } = captureLogs()
+  const sandbox = await startSandbox(t)
+  const { app, issuer } = await buildTestApp(t, {
+    upstreamUrl: sandbox.url,
+    logStream: stream,
+    env: { CV_API_KEY: SANDBOX_KEY, RATE_LIMIT_IP: '100000/1m', RATE_LIMIT_SESSION: '100000/1m' }
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const port = (app.server.address() as { port: number }).port
+  const origin = `http://127.0.0.1:${port}`
+  const token = await signIn(app, issuer, alice.email)
+  const auth = { authorization: `Bearer ${token}` }
+  const reason = 'Private socket abuse reason'
+
+  // Slow clients run for seconds: start them first, check the rest meanwhile.
+  const headerBytes = `GET /appointments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\nx-slow: ${'a'.repeat(200)}\r\n\r\n`.split('')
+  const slowHeaders = raw(port, headerBytes, 100, 14_000)
+  const silent = raw(port, [], 1000, 14_000)
+  const body = JSON.stringify({ reason })
+  const slowBody = raw(port, [
+    `POST /appointments/${owned.id}/cancel HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n`,
+    ...body.split('')
+  ], 400, 14_000)
+  const startedAt = Date.now()
+
+  await t.test('oversized headers: 431 in the envelope', async (t) => {
+    for (const headers of [{ 'x-big': 'a'.repeat(20 * 1024) }, Object.fromEntries(Array.from({ length: 400 }, (_, i) => [`x-h${i}`, 'b'.repeat(60)])), { cookie: `a=${'c'.repeat(17 * 1024)}`, ...auth }]) {
+      const answer = await call(origin, { path: '/appointments', headers, timeoutMs: 3000 })
+      t.equal(outcome(answer), '431 BAD_REQUEST')
+      t.equal(offContract(answer), null, 'in the envelope, with x-request-id and cache-control')
+    }
+  })
+
+  await t.test('oversized bodies: 413 in the envelope, no upstream call', async (t) => {
+    const before = sandbox.control.calls.length
+    const big = JSON.stringify({ reason: 'x'.repeat(10_000) })
+    const cancel = `/appointments/${owned.id}/cancel`
+    const cases: Array<[string, Record<string, string>, string]> = [
+      [cancel, { ...auth, 'content-type': 'application/json' }, big],
+      [cancel, { ...auth, 'content-type': 'application/json', 'transfer-encoding': 'chunked' }, big],
+      ['/auth/session', { 'content-type': 'application/json' }, JSON.stringify({ idToken: 'x'.repeat(64 * 1024) })]
+    ]
+    for (const [path, headers, payload] of cases) {
+      const answer = await call(origin, { method: 'POST', path, headers, body: payload, timeoutMs: 3000 })
+      t.equal(outcome(answer), '413 PAYLOAD_TOO_LARGE', `${path} ${headers['transfer-encoding'] ?? 'content-length'}`)
+      t.equal(offContract(answer), null)
+    }
+    // A huge declared length is refused from the header alone, before any body arrives.
+    const declared = await raw(port, [`POST ${cancel} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\ncontent-type: application/json\r\ncontent-length: 1000000000\r\n\r\n{`], 10, 3000)
+    const answer = parse(declared.data)
+    t.equal(answer === null ? null : outcome(answer), '413 PAYLOAD_TOO_LARGE', 'a declared gigabyte is refused at once')
+    t.equal(sandbox.control.calls.length, before, 'nothing reached the upstream')
+  })
+
+  await t.test('malformed requests: 400 in the envelope, with x-request-id', async (t) => {
+    for (const text of ['GARBAGE\r\n\r\n', 'GET / HTTP/9.9\r\n\r\n', 'GET /healthz HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n', 'GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n', 'GET /\x00 HTTP/1.1\r\n\r\n']) {
+      const result = await raw(port, [text], 10, 3000)
+      const answer = parse(result.data)
+      t.ok(answer !== null, `${JSON.stringify(text.slice(0, 30))} is answered`)
+      if (answer !== null) {
+        t.equal(outcome(answer), '400 BAD_REQUEST', JSON.stringify(text.slice(0, 30)))
+        t.equal(offContract(answer), null)
+      }
+      t.ok(result.closedAfterMs !== null, 'and the connection is closed')
+    }
+  })
+
+  await t.test('a malformed URL or an over-long parameter: an answer of the table, in the envelope', async (t) => {
+    for (const path of ['/%zz', '/appointments/%/cancel', '/auth/me%', `/appointments/${'x'.repeat(300)}/cancel`, `/appointments/${'%41'.repeat(100)}/cancel`]) {
+      for (const headers of [{}, auth]) {
+        const answer = await call(origin, { method: path.includes('cancel') ? 'POST' : 'GET', path, headers: { ...headers, 'x-request-id': 'bad-url-1' }, timeoutMs: 3000 })
+        t.ok(answer.status >= 400 && answer.status < 500, `${path.slice(0, 40)}: ${outcome(answer)}`)
+        t.equal(offContract(answer), null, `${path.slice(0, 40)} in the envelope`)
+        t.equal(answer.headers['x-request-id'], 'bad-url-1', 'with the caller\'s request id')
+      }
+    }
+  })
+
+  await t.test('slow clients are cut off by the server\'s timeouts', async (t) => {
+    // Meanwhile the server serves everyone else.
+    const health = await call(origin, { path: '/healthz', timeoutMs: 2000 })
+    t.equal(health.status, 200, 'others are served while slow clients hold sockets')
+
+    const [headers, quiet, bodyResult] = await Promise.all([slowHeaders, silent, slowBody])
+    const cases: Array<[string, RawResult, number]> = [
+      ['headers sent a byte at a time (headersTimeout 5 s)', headers, 5000],
+      ['a connection that says nothing (headersTimeout 5 s)', quiet, 5000],
+      ['a body sent a byte at a time (requestTimeout 10 s)', bodyResult, 10_000]
+    ]
+    for (const [what, result, timeoutMs] of cases) {
+      t.ok(result.closedAfterMs !== null, `${what}: cut off`)
+      if (result.closedAfterMs !== null) {
+        // Node checks the deadlines periodically: allow one check interval and some slack.
+        t.ok(result.closedAfterMs >= timeoutMs - 200 && result.closedAfterMs <= timeoutMs + 2500, `${what}: after ${result.closedAfterMs} ms`)
+      }
+      const answer = parse(result.data)
+      if (answer !== null) {
+        t.equal(outcome(answer), '408 BAD_REQUEST', `${what}: 408`)
+        t.equal(offContract(answer), null, `${what}: in the envelope`)
+      }
+    }
+    t.notOk(sandbox.control.isCancelled(owned.id), 'the slow cancel never ran')
+    t.ok(Date.now() - startedAt < 15_000, 'within the suite\'s bound')
+  })
+
+  await t.test('no log line carries the key, the token, the email or the reason', async (t) => {
+    scanLogs(t, lines, { 'API key': SANDBOX_KEY, 'session token': token, email: alice.email, reason })
+  })
+})

@@ -1,0 +1,184 @@
+import t from 'tap'
+import { spawn } from 'node:child_process'
+import { connect, createServer, type Socket } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
+import { startIssuer } from '../helpers/issuer.js'
+import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { call, checkAnswers, scanLogs, type Answer } from './support.js'
+
+/**
+ * The real server process (src/server.ts through tsx: the built dist/ may lag behind src/ while
+ * others work, tsx runs what is checked in) receives SIGTERM while requests are in flight against
+ * a slow upstream: they complete with their answers, /readyz says 503 on a connection that is
+ * still open, new connections are refused, and the process exits 0 well within its 10 s deadline.
+ */
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+const alice = DEMO_PATIENTS[0]!
+const UPSTREAM_DELAY_MS = 1200
+
+async function freePort (): Promise<number> {
+  const server = createServer()
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const { port } = server.address() as { port: number }
+  server.close()
+  await once(server, 'close')
+  return port
+}
+
+/** A raw keep-alive connection: one request now, another later, on the same socket. */
+function rawConnection (port: number): { socket: Socket, send: (text: string) => void, next: (timeoutMs: number) => Promise<string> } {
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  let buffer = ''
+  let waiter: (() => void) | null = null
+  socket.on('data', (chunk: Buffer) => {
+    buffer += chunk.toString('latin1')
+    waiter?.()
+  })
+  socket.on('close', () => waiter?.())
+  /** The next whole answer (content-length framed). */
+  async function next (timeoutMs: number): Promise<string> {
+    const end = Date.now() + timeoutMs
+    for (;;) {
+      const head = buffer.indexOf('\r\n\r\n')
+      if (head !== -1) {
+        const length = Number(/content-length: *(\d+)/i.exec(buffer.slice(0, head))?.[1] ?? 0)
+        if (buffer.length >= head + 4 + length) {
+          const answer = buffer.slice(0, head + 4 + length)
+          buffer = buffer.slice(head + 4 + length)
+          return answer
+        }
+      }
+      if (socket.destroyed || Date.now() > end) throw new Error(`no whole answer on the raw connection (${buffer.length} bytes)`)
+      await new Promise<void>((resolve) => {
+        waiter = resolve
+        setTimeout(resolve, 50)
+      })
+      waiter = null
+    }
+  }
+  return { socket, send: (text) => { socket.write(text) }, next }
+}
+
+t.test('SIGTERM with requests in flight: they complete, /readyz drains, the process exits 0', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const port = await freePort()
+  const origin = `http://127.0.0.1:${port}`
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    cwd: ROOT,
+    env: {
+      PATH: process.env.PATH ?? '',
+      NODE_ENV: 'production',
+      CV_API_KEY: SANDBOX_KEY,
+      CV_BASE_URL: sandbox.url,
+      CV_TIMEOUT_MS: '5000',
+      OIDC_ISSUER: issuer.url,
+      OIDC_CLIENT_ID: issuer.clientId,
+      HOST: '127.0.0.1',
+      PORT: String(port),
+      METRICS_PORT: '0',
+      LOG_LEVEL: 'info',
+      RATE_LIMIT_CANCEL: '100/1m'
+    },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  const out: string[] = []
+  const err: string[] = []
+  child.stdout.on('data', (chunk: Buffer) => out.push(chunk.toString()))
+  child.stderr.on('data', (chunk: Buffer) => err.push(chunk.toString()))
+  const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>
+  t.teardown(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') })
+
+  // Ready within a generous bound (tsx compiles on the fly on a loaded 2-core machine).
+  const readyBy = Date.now() + 20_000
+  for (;;) {
+    const ready = await call(origin, { path: '/readyz', timeoutMs: 1000 }).catch(() => null)
+    if (ready?.status === 200) break
+    if (child.exitCode !== null || Date.now() > readyBy) {
+      t.fail(`the server did not become ready: ${err.join('').slice(0, 500)}`)
+      return
+    }
+    await sleep(100)
+  }
+
+  const idToken = await issuer.sign({ email: alice.email, sub: 'sub-alice' })
+  const session = await call(origin, { method: 'POST', path: '/auth/session', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken }) })
+  t.equal(session.status, 201)
+  const token = (JSON.parse(session.body) as { data: { token: string } }).data.token
+  const auth = { authorization: `Bearer ${token}` }
+  const reason = 'Private reason: sigterm drain test'
+
+  // Every upstream call now takes a while: the requests below are in flight at SIGTERM.
+  sandbox.control.setFailure({ kind: 'slow', delayMs: UPSTREAM_DELAY_MS })
+  const keepAlive = rawConnection(port)
+  keepAlive.send(`GET /appointments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\n\r\n`)
+  const inFlight: Array<Promise<{ label: string, answer: Answer }>> = []
+  for (let i = 0; i < 3; i++) {
+    inFlight.push(call(origin, { path: '/appointments', headers: auth, timeoutMs: 8000 }).then((answer) => ({ label: 'list', answer })))
+  }
+  inFlight.push(call(origin, {
+    method: 'POST',
+    path: `/appointments/${alice.appointments[0]!.id}/cancel`,
+    headers: { ...auth, 'content-type': 'application/json' },
+    body: JSON.stringify({ reason }),
+    timeoutMs: 8000
+  }).then((answer) => ({ label: 'cancel', answer })))
+  // All five have reached the upstream (the cancel's ownership list first) before the signal.
+  const reachedBy = Date.now() + 3000
+  while (sandbox.control.calls.length < 5 && Date.now() < reachedBy) await sleep(10)
+  t.equal(sandbox.control.calls.length, 5, 'five upstream calls in flight')
+
+  const signalledAt = Date.now()
+  child.kill('SIGTERM')
+
+  // New connections are refused soon after the signal.
+  let refused = false
+  while (!refused && Date.now() - signalledAt < 1000) {
+    const attempt = await call(origin, { path: '/healthz', timeoutMs: 500 }).then(() => null, (error: NodeJS.ErrnoException) => error)
+    refused = attempt?.code === 'ECONNREFUSED'
+    if (!refused) await sleep(25)
+  }
+  t.ok(refused, 'a new connection is refused while draining')
+
+  // On the connection that is still open, a request queued behind the slow one sees the drain.
+  keepAlive.send('GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n')
+  const first = await keepAlive.next(8000)
+  t.match(first, /^HTTP\/1\.1 200 /, 'the in-flight request on the kept-alive connection completes')
+  const readyz = await keepAlive.next(3000).catch((error: Error) => error.message)
+  t.match(readyz, /^HTTP\/1\.1 503 /, '/readyz answers 503 while draining')
+  t.match(readyz, /"Draining"/)
+  keepAlive.socket.destroy()
+
+  const answers = await Promise.all(inFlight)
+  for (const { label, answer } of answers) {
+    t.equal(answer.status, 200, `in-flight ${label} completed with its answer`)
+  }
+  checkAnswers(t, answers)
+  t.ok(sandbox.control.isCancelled(alice.appointments[0]!.id), 'the in-flight cancel took effect')
+
+  const [code, signal] = await Promise.race([
+    exited,
+    sleep(10_000).then(() => [null, 'timeout'] as const)
+  ])
+  t.equal(code, 0, 'the process exits 0')
+  t.equal(signal, null)
+  t.ok(Date.now() - signalledAt < 10_000, `exited ${Date.now() - signalledAt} ms after SIGTERM, within the 10 s deadline`)
+  const stderr = err.join('').split('\n').filter((line) => line.trim() !== '' && !/^\(node:\d+\) \[\w+\]|^\(Use `node --trace-/.test(line))
+  t.same(stderr, [], 'nothing on stderr but Node\'s own warnings')
+
+  const lines = out.join('').split('\n').filter((line) => line.trim() !== '')
+  t.ok(lines.some((line) => line.includes('shutting down')), 'the shutdown is logged')
+  scanLogs(t, lines, {
+    'API key': SANDBOX_KEY,
+    'session token': token,
+    'ID token': idToken,
+    email: alice.email,
+    reason
+  })
+})
