@@ -14,7 +14,6 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { readFileSync, existsSync, mkdtempSync, readdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { createServer } from 'node:net'
 import { once } from 'node:events'
 import { cpus, loadavg, totalmem } from 'node:os'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -22,6 +21,7 @@ import { fileURLToPath } from 'node:url'
 import { dirname, join } from 'node:path'
 import autocannon, { type Options as CannonOptions, type Result as CannonResult } from 'autocannon'
 import { startIssuer, type TestIssuer } from '../test/helpers/issuer.js'
+import { freePort } from '../test/helpers/ports.js'
 
 const QUICK = process.argv.includes('--quick')
 const PROFILE = process.argv.includes('--profile')
@@ -55,17 +55,6 @@ function pinned (core: string, command: string, args: string[]): [string, string
 
 function pinSelf (core: string): void {
   if (hasTaskset) spawnSync('taskset', ['-a', '-pc', core, String(process.pid)], { stdio: 'ignore' })
-}
-
-async function freePort (): Promise<number> {
-  const server = createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const address = server.address()
-  server.close()
-  await once(server, 'close')
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
 }
 
 interface Proc { name: string, child: ChildProcess, pid: number, stderr: () => string }

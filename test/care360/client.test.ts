@@ -15,6 +15,7 @@ import {
 } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
+import { freePort } from '../helpers/ports.js'
 
 const ALICE = DEMO_PATIENTS[0]!
 const ALICE_FIRST = ALICE.appointments[0]!.id
@@ -69,17 +70,6 @@ function assertClean (t: Test, error: UpstreamError): void {
 async function waitFor (condition: () => boolean, ms = 2000): Promise<void> {
   const end = Date.now() + ms
   while (!condition() && Date.now() < end) await sleep(5)
-}
-
-async function closedPort (): Promise<number> {
-  const server = createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const address = server.address()
-  server.close()
-  await once(server, 'close')
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
 }
 
 t.test('cancel 200: exactly the documented request reaches the upstream', async (t) => {
@@ -298,7 +288,7 @@ t.test('the default cap is 64 KiB', async (t) => {
 })
 
 t.test('connection refused: never sent, upstream unavailable', async (t) => {
-  const port = await closedPort()
+  const port = await freePort()
   const log = recordingGate()
   const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, gate: log.gate })
   t.teardown(() => client.close())
@@ -565,7 +555,7 @@ t.test('the observer hears every call that passed the gate, with its outcome and
   const wrongKey = createCare360Client({ baseUrl: sandbox.url, apiKey: 'wrong-key', timeoutMs: 3000, observe (endpoint, outcome) { heard.push([endpoint, outcome, 0]) } })
   t.teardown(() => wrongKey.close())
   await failureOf(wrongKey.fetchAppointments(ALICE.email, CTX))
-  const refused = createCare360Client({ baseUrl: `http://127.0.0.1:${await closedPort()}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, observe (endpoint, outcome) { heard.push([endpoint, outcome, 0]) } })
+  const refused = createCare360Client({ baseUrl: `http://127.0.0.1:${await freePort()}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, observe (endpoint, outcome) { heard.push([endpoint, outcome, 0]) } })
   t.teardown(() => refused.close())
   await failureOf(refused.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST }, CTX))
   t.same(heard.slice(8).map(([endpoint, outcome]) => [endpoint, outcome]), [['list', 'auth_failed'], ['cancel', 'unavailable']])

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
-import { connect, createServer, type Socket } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
@@ -8,6 +8,7 @@ import { startIssuer } from '../helpers/issuer.js'
 import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { call, checkAnswers, scanLogs, type Answer } from './support.js'
+import { freePort } from '../helpers/ports.js'
 
 /**
  * The real server process (src/server.ts through tsx: the built dist/ may lag behind src/ while
@@ -19,16 +20,6 @@ import { call, checkAnswers, scanLogs, type Answer } from './support.js'
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const alice = DEMO_PATIENTS[0]!
 const UPSTREAM_DELAY_MS = 1200
-
-async function freePort (): Promise<number> {
-  const server = createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const { port } = server.address() as { port: number }
-  server.close()
-  await once(server, 'close')
-  return port
-}
 
 /** A raw keep-alive connection: one request now, another later, on the same socket. */
 function rawConnection (port: number): { socket: Socket, send: (text: string) => void, next: (timeoutMs: number) => Promise<string> } {

@@ -1,8 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { createServer } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
+import { freePort } from './ports.js'
 
 /** A throwaway redis-server on a free loopback port, owned by one test suite. */
 export interface RedisServer {
@@ -17,17 +17,6 @@ export interface RedisServer {
 }
 
 interface TeardownHost { teardown: (fn: () => unknown) => void }
-
-async function freePort (): Promise<number> {
-  const server = createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const address = server.address()
-  server.close()
-  await once(server, 'close')
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
-}
 
 async function waitReady (port: number, deadlineMs: number): Promise<void> {
   const end = Date.now() + deadlineMs

@@ -1,12 +1,11 @@
-import { createServer } from 'node:net'
 import { randomUUID } from 'node:crypto'
 import { SignJWT, importJWK, type JWK } from 'jose'
-import { once } from 'node:events'
 import { buildTestApp, type TestApp } from '../helpers/app.js'
 import { startTestIdp, type DevIdp } from '../helpers/idp.js'
 import type { RedisServer } from '../helpers/redis.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { Browser, type Page } from './browser.js'
+import { freePort } from '../helpers/ports.js'
 
 /**
  * The web sign-in stack of one test: the service listening on a real loopback port (PUBLIC_URL
@@ -41,16 +40,6 @@ export interface WebStack extends TestApp {
   signAsIdp: (claims: Record<string, unknown>, header?: Record<string, unknown>) => Promise<string>
   /** A mobile session (bearer) for `email`, through POST /auth/session with an IdP-signed ID token. */
   bearerFor: (email: string) => Promise<string>
-}
-
-async function freePort (): Promise<number> {
-  const server = createServer()
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const { port } = server.address() as { port: number }
-  server.close()
-  await once(server, 'close')
-  return port
 }
 
 export const SESSION_COOKIE = '__Host-bff-session'
