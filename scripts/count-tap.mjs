@@ -1,11 +1,36 @@
-// Counts the test points of a TAP stream (stdin), subtests flattened, and prints
-// "N passed, N failed" (skipped and todo points counted apart).
+// Counts the leaf test points (assertions) of a TAP stream on stdin, at every depth, and prints
+// "N passed, N failed" (with ", N skipped" for skip and todo points). A subtest's own summary
+// point is not counted: its assertions are.
 import { Parser } from 'tap-parser'
 
-const parser = new Parser({ flat: true }, function report (results) {
-  const skipped = (results.skip ?? 0) + (results.todo ?? 0)
-  const failed = results.fail ?? 0
-  const passed = (results.pass ?? 0) - skipped
-  process.stdout.write(`${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ''}\n`)
+const counts = { passed: 0, failed: 0, skipped: 0 }
+
+/** Watches one (sub)test; returns how many failures were counted inside it. */
+function watch (parser) {
+  const children = new Map()
+  const own = { failed: 0 }
+  parser.on('child', function onChild (child) {
+    children.set(child.name, watch(child))
+  })
+  parser.on('assert', function onAssert (point) {
+    const child = children.get(point.name)
+    if (child !== undefined) {
+      // A subtest's result point: its assertions were counted already, unless it failed
+      // without a failing assertion (a crash, a timeout), which then counts as one failure.
+      if (!point.ok && !point.todo && !point.skip && child.failed === 0) { counts.failed++; own.failed++ } else own.failed += child.failed
+      return
+    }
+    if (point.skip || point.todo) counts.skipped++
+    else if (point.ok) counts.passed++
+    else { counts.failed++; own.failed++ }
+  })
+  return own
+}
+
+const root = new Parser()
+watch(root)
+root.on('complete', function report () {
+  const skipped = counts.skipped > 0 ? `, ${counts.skipped} skipped` : ''
+  process.stdout.write(`${counts.passed} passed, ${counts.failed} failed${skipped}\n`)
 })
-process.stdin.pipe(parser)
+process.stdin.pipe(root)
