@@ -20,9 +20,10 @@ const FREE_PORTS = { DEMO_PORT: '0', DEMO_IDP_PORT: '0', DEMO_SANDBOX_PORT: '0',
 interface Run { code: number | null, signal: NodeJS.Signals | null, stdout: string, stderr: string }
 
 function startDemoProcess (env: Record<string, string>): { child: ReturnType<typeof spawn>, done: Promise<Run>, output: () => string } {
-  // A clean environment: no NODE_ENV, and none of tap's coverage hooks (NODE_OPTIONS,
-  // NODE_V8_COVERAGE), whose reports from a tsx-compiled child would corrupt the suite's coverage.
-  const inherited = { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '' }
+  // A clean environment (no NODE_ENV), and no coverage from the child: tap follows spawned
+  // processes, and a tsx-compiled child's coverage of src/ maps onto other lines than the
+  // suite's own and would corrupt its report.
+  const inherited = { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', _TAPJS_PROCESSINFO_COVERAGE_: '0' }
   const child = spawn(TSX, ['demo/main.ts'], { env: { ...inherited, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''

@@ -65,6 +65,9 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
     cwd: ROOT,
     env: {
       PATH: process.env.PATH ?? '',
+      // tap follows spawned processes; a tsx-compiled child's coverage of src/ maps onto other
+      // lines than the suite's own and would corrupt its report.
+      _TAPJS_PROCESSINFO_COVERAGE_: '0',
       NODE_ENV: 'production',
       CV_API_KEY: SANDBOX_KEY,
       CV_BASE_URL: sandbox.url,
