@@ -39,7 +39,7 @@ export function loggerOptions (config: Config, stream?: DestinationStream): NonN
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     serializers: {
       req: function serializeRequest (request: { method: string, url: string, ip?: string }): SerializedRequest {
-        return { method: request.method, url: request.url.split('?')[0] ?? '', remoteAddress: request.ip }
+        return { method: request.method, url: request.url.split('?', 1)[0] as string, remoteAddress: request.ip }
       },
       res: function serializeReply (reply: { statusCode: number }) {
         return { statusCode: reply.statusCode }

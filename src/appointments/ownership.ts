@@ -17,8 +17,6 @@ export interface OwnershipCacheOptions {
 interface Entry { at: number, appointments: Appointment[] }
 
 export interface OwnershipCache {
-  /** The patient's upcoming appointments, from the cache when fresh. */
-  list: (email: string, requestId: string) => Promise<Appointment[]>
   /** Records a list fetched elsewhere (GET /appointments) so a following cancel can use it. */
   remember: (email: string, appointments: Appointment[]) => void
   /** The appointment among the patient's own, matching `id` or `agentEventId` (any case). */
@@ -62,9 +60,6 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
 
   return {
     remember,
-    async list (email, requestId) {
-      return cached(email) ?? await fresh(email, requestId)
-    },
     async find (email, appointmentId, requestId) {
       const fromCache = cached(email)
       const hit = fromCache === null ? null : findAppointment(fromCache, appointmentId)

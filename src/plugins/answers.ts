@@ -36,10 +36,6 @@ export function toApiError (error: FastifyError | ApiError | Error): ApiError | 
   }
   const known = fastifyError.code === undefined ? undefined : FASTIFY_CODES[fastifyError.code]
   if (known !== undefined) return new ApiError(known[0], known[1], known[2], { cause: error })
-  // JSON.parse's SyntaxError surfaces with a 400 from the body parser.
-  if (error instanceof SyntaxError && fastifyError.statusCode === 400) {
-    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON', { cause: error })
-  }
   const status = fastifyError.statusCode
   if (status !== undefined && status >= 400 && status < 500) {
     return new ApiError(status, status === 404 ? ErrorCode.NOT_FOUND : ErrorCode.BAD_REQUEST, 'Bad request', { cause: error })

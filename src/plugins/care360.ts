@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { createCare360Client, openGate, type Care360Client, type UpstreamGate } from '../care360/client.js'
+import { createCare360Client, type Care360Client, type UpstreamGate } from '../care360/client.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -10,13 +10,13 @@ declare module 'fastify' {
 
 export interface Care360PluginOptions {
   /** The org budget and shared cooldown every upstream call passes. */
-  gate?: UpstreamGate
+  gate: UpstreamGate
 }
 
 /** The upstream client of this process: one pool, closed when the app closes. */
 async function care360 (app: FastifyInstance, options: Care360PluginOptions): Promise<void> {
   const { baseUrl, apiKey, timeoutMs } = app.config.care360
-  const client = createCare360Client({ baseUrl, apiKey, timeoutMs, gate: options.gate ?? openGate, observe: app.metrics.observeUpstream })
+  const client = createCare360Client({ baseUrl, apiKey, timeoutMs, gate: options.gate, observe: app.metrics.observeUpstream })
   app.decorate('care360', client)
   app.addHook('onClose', async function closeCare360Pool () { await client.close() })
 }

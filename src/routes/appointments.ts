@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
 import { createOwnershipCache } from '../appointments/ownership.js'
-import type { Appointment } from '../care360/client.js'
+import { UpstreamError, type Appointment } from '../care360/client.js'
 import {
   createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt
 } from '../idempotency/index.js'
@@ -85,7 +85,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       request.upstreamStatus = answer.status
       return { statusCode: 200, body: answer }
     } catch (error) {
-      request.upstreamStatus = (error as { upstreamStatus?: number | null }).upstreamStatus ?? null
+      // A refusal of the gate (budget, cooldown) never reached the upstream.
+      request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
       throw error
     } finally {
       // Whatever happened, the patient's list may have changed.
@@ -103,7 +104,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
         requestId: request.id,
         patient: request.session === null ? null : app.patientRef(request.session.email),
         appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
-        outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode ?? String(reply.statusCode),
+        outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode,
         status: reply.statusCode,
         upstreamStatus: request.upstreamStatus
       }
@@ -149,7 +150,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
         return listed === null ? 'cancelled' : 'not-cancelled'
       }
     })
-    if (answer.statusCode !== 200) reply.errorCode = (answer.body as { code?: ErrorCode }).code ?? null
+    // Every answer but a 200 is an error envelope (replayed ones too): its code is for the audit.
+    if (answer.statusCode !== 200) reply.errorCode = (answer.body as { code: ErrorCode }).code
     return reply.code(answer.statusCode as 200).headers(answer.headers ?? {}).send(answer.body as CancelAnswerBody)
   })
 }
