@@ -108,7 +108,7 @@ async function answers (app: FastifyInstance): Promise<void> {
 
   app.setNotFoundHandler(function notFound (request, reply) {
     reply.errorCode = ErrorCode.NOT_FOUND
-    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${request.url.split('?')[0]?.slice(0, 200) ?? ''}`))
+    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`))
   })
 }
 

@@ -296,6 +296,19 @@ t.test('limits on the cancel path: per-session cancels, the org budget and the u
     t.equal(sandbox.control.calls.length, 2, 'no third upstream call')
   })
 
+  t.test('a cancel the budget refuses is never sent, and its audit has no upstream status', async (t) => {
+    const logs: string[] = []
+    const { sandbox, tokenFor, cancel } = await stack(t, { env: { CV_RATE_LIMIT: '1/60s', OWNERSHIP_CHECK: 'off' }, logs })
+    const token = await tokenFor(alice.email)
+    t.equal((await cancel(token, aliceFirst.id)).statusCode, 200)
+    const refused = await cancel(token, alice.appointments[1]!.id)
+    t.equal(refused.statusCode, 429)
+    t.match(refused.json(), { code: 'UPSTREAM_RATE_LIMITED' })
+    t.equal(sandbox.control.calls.length, 1)
+    const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+    t.match(audits[1]?.audit, { outcome: 'UPSTREAM_RATE_LIMITED', status: 429, upstreamStatus: null })
+  })
+
   t.test("after the upstream's own 429, clients get 429 without an upstream call until the cooldown ends", async (t) => {
     const { sandbox, tokenFor, cancel } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
     const token = await tokenFor(alice.email)
