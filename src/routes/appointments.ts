@@ -77,13 +77,12 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
         throw new ApiError(404, ErrorCode.APPOINTMENT_NOT_FOUND, 'No such upcoming appointment')
       }
     }
+    let answer
     try {
-      const answer = await attempt.send(() => care360.cancelAppointment(
+      answer = await attempt.send(() => care360.cancelAppointment(
         reason === undefined ? { email, appointmentId } : { email, appointmentId, reason },
         { requestId: request.id }
       ))
-      request.upstreamStatus = answer.status
-      return { statusCode: 200, body: answer }
     } catch (error) {
       // A refusal of the gate (budget, cooldown) never reached the upstream.
       request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
@@ -92,6 +91,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       // Whatever happened, the patient's list may have changed.
       ownership.forget(email)
     }
+    request.upstreamStatus = answer.status
+    return { statusCode: 200, body: answer }
   }
 
   // One audit record per cancel attempt: who (a keyed hash, never the email), which appointment,
