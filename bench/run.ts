@@ -25,6 +25,7 @@ import { freePort } from '../test/helpers/ports.js'
 
 const QUICK = process.argv.includes('--quick')
 const PROFILE = process.argv.includes('--profile')
+const COMPARE = process.argv.includes('--compare')
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
 const LOAD_CORE = '1'
@@ -306,6 +307,7 @@ async function main (): Promise<void> {
 
   console.log(`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (anything above ~0.5 means other work shares these 2 cores)`)
   if (PROFILE) { await profile(); return }
+  if (COMPARE) { await compare(); return }
   const issuer = await startIssuer({ teardown: () => {} })
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
   const redisPort = await freePort()
@@ -500,6 +502,56 @@ async function main (): Promise<void> {
   console.log('\n## Targets (issue 7)\n')
   for (const [what, pass, value] of checks) console.log(`${pass ? 'PASS' : 'FAIL'}  ${what}: ${value}`)
   if (checks.some(([, pass]) => !pass)) process.exitCode = 1
+}
+
+/**
+ * `--compare`: the minimal proxy, a plain Fastify forwarder with request logging and the service
+ * (memory store, ownership off, extra environment from BENCH_SERVICE_ENV as JSON), closed loop,
+ * 3 interleaved rounds of 4 s: the short loop for work on the service's CPU cost.
+ */
+async function compare (): Promise<void> {
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const forwarderEnv = { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL }
+  const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
+  const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
+  const extra = JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
+  const service = await startService('service (memory)', {
+    CV_API_KEY: API_KEY,
+    CV_BASE_URL: upstream.url,
+    OIDC_ISSUER: issuer.url,
+    OIDC_CLIENT_ID: issuer.clientId,
+    CV_RATE_LIMIT: '999999999/1s',
+    RATE_LIMIT_IP: HIGH,
+    RATE_LIMIT_SESSION: HIGH,
+    RATE_LIMIT_CANCEL: HIGH,
+    OWNERSHIP_CHECK: 'off',
+    ...extra
+  })
+  const targets = [
+    cancelTarget('proxy', proxy.url, 'unused', proxy.pid),
+    cancelTarget('fastify forwarder', plain.url, 'unused', plain.pid),
+    cancelTarget('service, memory', service.url, await signIn(service, issuer, EMAIL), service.pid)
+  ]
+  const rounds = QUICK ? 1 : Number(process.env.BENCH_ROUNDS ?? 3)
+  const runs = new Map<string, LoadResult[]>(targets.map((t) => [t.name, []]))
+  for (let round = 0; round < rounds; round++) {
+    for (let i = 0; i < targets.length; i++) {
+      const target = targets[(i + round) % targets.length] as Target
+      const result = await measure(target, { seconds: QUICK ? 1 : 4, connections: MAX_CONNECTIONS })
+      expectOnly(target.name, result, ['200'])
+      runs.get(target.name)?.push(result)
+      process.stderr.write(`round ${round + 1}: ${target.name} ${fmt(result.rps, 0)} req/s, ${fmt(result.cpuUsPerRequest ?? NaN, 1)} µs/req\n`)
+    }
+  }
+  const proxyRuns = runs.get('proxy') ?? []
+  console.log('\n| contender | req/s | × proxy | CPU µs/req | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |')
+  for (const target of targets) {
+    const mine = runs.get(target.name) ?? []
+    const ratio = median(mine.map((r, i) => r.rps / (proxyRuns[i]?.rps ?? NaN)))
+    console.log(`| ${target.name} | ${fmt(median(mine.map((r) => r.rps)), 0)} | ${fmt(ratio)} | ${fmt(median(mine.map((r) => r.cpuUsPerRequest ?? NaN)), 1)} | ${fmt(mib(memoryKiB(target.pid as number, 'VmHWM')), 1)} |`)
+  }
+  await Promise.all([stop(service), stop(plain), stop(proxy), stop(upstream), issuer.close()])
 }
 
 interface ProfileNode { id: number, callFrame: { functionName: string, url: string, lineNumber: number }, children?: number[] }

@@ -1,4 +1,5 @@
-import type { FastifyServerOptions } from 'fastify'
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyReply, FastifyRequest, FastifyServerOptions, HookHandlerDoneFunction } from 'fastify'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
 
@@ -47,3 +48,52 @@ export function loggerOptions (config: Config, stream?: DestinationStream): NonN
     }
   }
 }
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Keyed hash of the signed-in patient (never the email), set with the session. */
+    patient: string | null
+    /** The audit record of this request, when its route keeps one: written in its access line. */
+    audit: object | null
+  }
+}
+
+/**
+ * One access line per answered request, instead of Fastify's two (`incoming request` and
+ * `request completed`, turned off in app.ts): the request, the status, the contract code of an
+ * error answer, the time taken, the patient's keyed hash and, on an audited route, the audit
+ * record. A third of the CPU a cancel cost went into its three log lines.
+ *
+ * Written from a per-route onResponse hook, appended when the route is added so that it runs
+ * after the route's own hooks (the cancel route's audit fills `request.audit` in its own).
+ * Requests no route matched get the same line from one global hook.
+ */
+function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+  request.log.info({
+    req: request,
+    res: reply,
+    code: reply.errorCode ?? undefined,
+    responseTime: reply.elapsedTime,
+    patient: request.patient ?? undefined,
+    audit: request.audit ?? undefined
+  }, 'request completed')
+  done()
+}
+
+async function accessLog (app: FastifyInstance): Promise<void> {
+  app.decorateRequest('patient', null)
+  app.decorateRequest('audit', null)
+  app.addHook('onRoute', function logRoute (route) {
+    const existing = route.onResponse === undefined ? [] : Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]
+    route.onResponse = [...existing, logAnswer]
+  })
+  app.addHook('onResponse', function logNotFound (request, reply, done) {
+    if (request.is404) {
+      logAnswer(request, reply, done)
+      return
+    }
+    done()
+  })
+}
+
+export const accessLogPlugin = fp(accessLog, { name: 'access-log', fastify: '5.x', dependencies: ['answers'] })

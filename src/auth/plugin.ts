@@ -94,7 +94,8 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     request.session = session
     request.sessionTransport = (presented as { transport: SessionTransport }).transport
-    request.log = request.log.child({ patient: app.patientRef(session.email) })
+    // Once per request: the access line, the audit record and the idempotency scope all use it.
+    request.patient = app.patientRef(session.email)
   })
 }
 

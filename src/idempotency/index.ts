@@ -41,18 +41,15 @@ export function parseIdempotencyKey (value: string | string[] | undefined): stri
 }
 
 /**
- * What makes two cancels the same request: the appointment (UUIDs compare case-insensitively) and
- * the reason, where an absent reason differs from every present one, the empty string included.
+ * What makes two cancels the same request: the patient's scope, the appointment (UUIDs compare
+ * case-insensitively) and the reason, where an absent reason differs from every present one, the
+ * empty string included. One hash over all of it: bound to the scope (itself a keyed hash of the
+ * patient), a stored fingerprint cannot be tested against guessed reasons by whoever reads the
+ * store.
  */
-export function requestFingerprint (appointmentId: string, reason: string | undefined): string {
+export function requestFingerprint (scope: string, appointmentId: string, reason: string | undefined): string {
   const reasonPart = reason === undefined ? 'absent' : `present\0${reason}`
-  return createHash('sha256').update(`cancel\0${appointmentId.toLowerCase()}\0${reasonPart}`).digest('hex')
-}
-
-// Bound to the scope (itself a keyed hash of the patient) before it is stored, so that a stored
-// fingerprint cannot be tested against guessed reasons by whoever reads the store.
-function scopedFingerprint (scope: string, fingerprint: string): string {
-  return createHash('sha256').update(`${scope}\0${fingerprint}`).digest('hex')
+  return createHash('sha256').update(`${scope}\0cancel\0${appointmentId.toLowerCase()}\0${reasonPart}`).digest('hex')
 }
 
 export interface HandleInput {
@@ -159,7 +156,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   return {
     async handle (input) {
       const log = input.log ?? defaultLog
-      const fingerprint = scopedFingerprint(input.scope, requestFingerprint(input.appointmentId, input.reason))
+      const fingerprint = requestFingerprint(input.scope, input.appointmentId, input.reason)
       if (input.key === undefined) {
         const { answer } = await singleFlight.runOnce(input.scope, fingerprint, input.run, log)
         return { answer, replayed: false }

@@ -100,8 +100,9 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
   }
 
   function live (scope: string, key: string, at: number): [string, MemoryRecord | undefined] {
-    const { slot, id } = recordId(scope, key)
-    const mapKey = `${slot}:${id}`
+    // In-process only, so nothing to hash: the scope is a hash already and the key is at most
+    // 255 characters (parseIdempotencyKey) or a single-flight fingerprint.
+    const mapKey = `${scope}\0${key}`
     const record = records.get(mapKey)
     if (record !== undefined && record.expiresAt <= at) {
       records.delete(mapKey)

@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto'
 import fp from 'fastify-plugin'
 import rateLimit, { normalizeIP, type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
@@ -87,12 +86,12 @@ function limiter (app: FastifyInstance, rate: Rate, keyOf: (request: FastifyRequ
 }
 
 /**
- * The key of a session (the hooks call it only when there is one): a digest, so that nothing in
- * Redis depends on what the id itself is. The hooks test `== null`: undefined too, on an app
+ * The key of a session (the hooks call it only when there is one): its id, which is already the
+ * SHA-256 of the token, never the token. The hooks test `== null`: undefined too, on an app
  * without the session plugin.
  */
 function sessionKey (request: FastifyRequest): string {
-  return createHash('sha256').update((request.session as { id: string }).id).digest('base64url')
+  return (request.session as { id: string }).id
 }
 
 function ipKey (request: FastifyRequest): string {

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { ApiError, ErrorCode, errorEnvelope, type ErrorEnvelope } from '../errors.js'
 
 /**
@@ -74,9 +74,10 @@ declare module 'fastify' {
 
 async function answers (app: FastifyInstance): Promise<void> {
   app.decorateReply('errorCode', null)
-  app.addHook('onRequest', async function stampAnswer (request: FastifyRequest, reply: FastifyReply) {
+  app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     reply.header('x-request-id', request.id)
     reply.header('cache-control', 'no-store')
+    done()
   })
 
   // JSON only: Fastify's default text/plain parser would let a CSRF-friendly "simple" content
@@ -130,6 +131,8 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
   const code = tooLong ? ErrorCode.VALIDATION_FAILED : ErrorCode.BAD_REQUEST
   reply.errorCode = code
+  // Before routing: no hook runs, so the access line is written here.
+  request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
     .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
 }

@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
 import { createOwnershipCache } from '../appointments/ownership.js'
@@ -95,21 +95,21 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     return { statusCode: 200, body: answer }
   }
 
-  // One audit record per cancel attempt: who (a keyed hash, never the email), which appointment,
-  // the outcome and the upstream's status. Never the reason.
-  async function auditCancel (request: FastifyRequest, reply: FastifyReply): Promise<void> {
+  // One audit record per cancel attempt, whatever stopped it: who (a keyed hash, never the email),
+  // which appointment, the outcome and the upstream's status. Never the reason. It is written in
+  // the request's access line (logging.ts), which runs after this hook.
+  function auditCancel (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
     const id = (request.params as { id?: string }).id
-    request.log.info({
-      audit: {
-        event: 'appointment.cancel',
-        requestId: request.id,
-        patient: request.session === null ? null : app.patientRef(request.session.email),
-        appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
-        outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode,
-        status: reply.statusCode,
-        upstreamStatus: request.upstreamStatus
-      }
-    }, 'cancel audit')
+    request.audit = {
+      event: 'appointment.cancel',
+      requestId: request.id,
+      patient: request.patient,
+      appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
+      outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode,
+      status: reply.statusCode,
+      upstreamStatus: request.upstreamStatus
+    }
+    done()
   }
 
   app.post('/appointments/:id/cancel', {
@@ -139,7 +139,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     const appointmentId = request.params.id
     const reason = request.body.reason
     const { answer } = await idempotency.handle({
-      scope: app.patientRef(email),
+      scope: request.patient!,
       key,
       appointmentId,
       reason,

@@ -337,13 +337,14 @@ t.test('parseIdempotencyKey: 1 to 255 visible ASCII characters', async (t) => {
 })
 
 t.test('requestFingerprint: an absent reason differs from every present one', async (t) => {
-  const absent = requestFingerprint(APPOINTMENT, undefined)
+  const absent = requestFingerprint(SCOPE, APPOINTMENT, undefined)
   t.match(absent, /^[0-9a-f]{64}$/)
-  t.not(absent, requestFingerprint(APPOINTMENT, ''))
-  t.not(absent, requestFingerprint(APPOINTMENT, 'absent'))
-  t.not(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(APPOINTMENT, 'b'))
-  t.not(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(OTHER_APPOINTMENT, 'a'))
-  t.equal(requestFingerprint(APPOINTMENT, 'a'), requestFingerprint(APPOINTMENT.toUpperCase(), 'a'))
+  t.not(absent, requestFingerprint(SCOPE, APPOINTMENT, ''))
+  t.not(absent, requestFingerprint(SCOPE, APPOINTMENT, 'absent'))
+  t.not(requestFingerprint(SCOPE, APPOINTMENT, 'a'), requestFingerprint(SCOPE, APPOINTMENT, 'b'))
+  t.not(requestFingerprint(SCOPE, APPOINTMENT, 'a'), requestFingerprint(SCOPE, OTHER_APPOINTMENT, 'a'))
+  t.equal(requestFingerprint(SCOPE, APPOINTMENT, 'a'), requestFingerprint(SCOPE, APPOINTMENT.toUpperCase(), 'a'))
+  t.not(requestFingerprint(SCOPE, APPOINTMENT, 'a'), requestFingerprint(scopeOf('other@example.com'), APPOINTMENT, 'a'), 'bound to the patient')
 })
 
 t.test('defaults', async (t) => {

@@ -13,8 +13,8 @@ import { requestFingerprint } from '../../src/idempotency/index.js'
 import type { SharedState } from '../../src/state/redis.js'
 
 const LONG = { ttlMs: 60_000, inFlightTtlMs: 30_000 }
-const FP = requestFingerprint('6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'sick')
-const OTHER_FP = requestFingerprint('6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'travel')
+const FP = requestFingerprint('scope', '6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'sick')
+const OTHER_FP = requestFingerprint('scope', '6f1c1d5e-4a47-4f0e-9a55-1d0b1c7e9a11', 'travel')
 const DONE = { statusCode: 200, body: { status: 200, success: true, message: 'Meeting cancelled successfully' } }
 
 type MakeStore = (t: Test) => Promise<IdempotencyStore>
