@@ -1,5 +1,5 @@
 import type { Server } from 'node:http'
-import Fastify, { type FastifyHttpOptions, type FastifyInstance } from 'fastify'
+import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
@@ -44,7 +44,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   const options: FastifyHttpOptions<Server> = {
     logger: loggerOptions(config, overrides.logStream),
     // One access line per request, written by the access-log plugin, instead of Fastify's two.
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
     genReqId: requestIdFor,
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).

@@ -1,7 +1,7 @@
-import { createRemoteJWKSet, errors, jwtVerify, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import { errors, jwtVerify, type JWTPayload } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
 import { ApiError, ErrorCode } from '../errors.js'
-import { isLoopbackHost } from '../config.js'
+import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from './key-set.js'
 
 /**
  * Verifies the OIDC ID tokens that mobile apps exchange for a session (contract: "ID tokens
@@ -21,15 +21,12 @@ export interface IdTokenVerifier {
 }
 
 export interface IdTokenVerifierOptions {
-  issuer: string
+  /** The IdP's key set, shared with the back-channel logout verifier. */
+  keys: IssuerKeys
   audiences: string[]
   clockToleranceSec?: number
   /** Oldest accepted `auth_time` (or `iat` without it), in seconds. */
   maxAgeSec?: number
-  /** jose's JWKS refetch cooldown after an unknown `kid`; tests shorten it. */
-  jwksCooldownMs?: number
-  /** Deadline of one discovery or JWKS fetch. */
-  fetchTimeoutMs?: number
   now?: () => number
   log?: FastifyBaseLogger
 }
@@ -49,94 +46,20 @@ const FOREIGN_TYPES = new Set(['at+jwt', 'application/at+jwt', 'logout+jwt', 'ap
 export const invalidIdToken = (cause?: unknown): ApiError =>
   new ApiError(401, ErrorCode.SESSION_REQUIRED, 'Invalid ID token', cause === undefined ? {} : { cause })
 
-/** The IdP itself failed us (discovery or JWKS unreachable): not the token's fault, so a 503. */
-export const identityProviderUnavailable = (cause: unknown): ApiError =>
-  new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Identity provider unavailable', { cause, headers: { 'retry-after': '5' } })
-
-class ProviderUnavailable extends Error {
-  constructor (message: string, options?: { cause: unknown }) {
-    super(message, options)
-    this.name = 'ProviderUnavailable'
-  }
-}
-
-interface Discovery {
-  issuer: string
-  jwksUri: URL
-}
-
-function isFetchableUrl (value: unknown): value is string {
-  if (typeof value !== 'string') return false
-  let url: URL
-  try { url = new URL(value) } catch { return false }
-  return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
-}
-
-async function discover (issuer: string, timeoutMs: number): Promise<Discovery> {
-  let document: { issuer?: unknown, jwks_uri?: unknown }
-  try {
-    const response = await fetch(`${issuer}/.well-known/openid-configuration`, {
-      signal: AbortSignal.timeout(timeoutMs),
-      redirect: 'error',
-      headers: { accept: 'application/json' }
-    })
-    if (response.status !== 200) throw new Error(`discovery answered ${response.status}`)
-    document = await response.json() as typeof document
-  } catch (error) {
-    throw new ProviderUnavailable('OIDC discovery failed', { cause: error })
-  }
-  // Config strips a trailing slash from OIDC_ISSUER; some IdPs (Auth0) publish it with one.
-  if (typeof document.issuer !== 'string' || (document.issuer !== issuer && document.issuer !== `${issuer}/`)) {
-    throw new ProviderUnavailable('OIDC discovery names another issuer')
-  }
-  if (!isFetchableUrl(document.jwks_uri)) throw new ProviderUnavailable('OIDC discovery has no usable jwks_uri')
-  return { issuer: document.issuer, jwksUri: new URL(document.jwks_uri) }
-}
-
-/** Errors of the key set that are the IdP's doing (down, slow, garbage), as opposed to the token's. */
-function isProviderFailure (error: unknown): boolean {
-  if (!(error instanceof errors.JOSEError)) return true
-  return error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || error.code === 'ERR_JOSE_GENERIC'
-}
-
 export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdTokenVerifier {
   const clockToleranceSec = options.clockToleranceSec ?? 30
   const maxAgeSec = options.maxAgeSec ?? 600
-  const fetchTimeoutMs = options.fetchTimeoutMs ?? 5000
   const now = options.now ?? Date.now
   const log = options.log
-  let pending: Promise<{ discovery: Discovery, keys: JWTVerifyGetKey }> | null = null
-
-  /** Discovery once, cached; a failure is forgotten so the next sign-in tries again. */
-  function provider (): Promise<{ discovery: Discovery, keys: JWTVerifyGetKey }> {
-    if (pending === null) {
-      pending = discover(options.issuer, fetchTimeoutMs).then(function keySet (discovery) {
-        const remote = createRemoteJWKSet(discovery.jwksUri, {
-          timeoutDuration: fetchTimeoutMs,
-          ...(options.jwksCooldownMs === undefined ? {} : { cooldownDuration: options.jwksCooldownMs })
-        })
-        const keys: JWTVerifyGetKey = async function resolveKey (header, token) {
-          try {
-            return await remote(header, token)
-          } catch (error) {
-            throw isProviderFailure(error) ? new ProviderUnavailable('JWKS fetch failed', { cause: error }) : error
-          }
-        }
-        return { discovery, keys }
-      })
-      pending.catch(function forgetFailedDiscovery () { pending = null })
-    }
-    return pending
-  }
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
     if (typeof idToken !== 'string' || idToken.length === 0 || idToken.length > MAX_ID_TOKEN_LENGTH) {
       throw invalidIdToken()
     }
     try {
-      const { discovery, keys } = await provider()
+      const { issuer, keys } = await options.keys.resolve()
       const { payload, protectedHeader } = await jwtVerify(idToken, keys, {
-        issuer: discovery.issuer,
+        issuer,
         // Any one of ours among the token's audiences.
         audience: options.audiences,
         algorithms: ID_TOKEN_ALGORITHMS,

@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { sessionRequired } from '../errors.js'
 import { SESSION_COOKIE } from './cookie.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
+import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
 import { createSessionStore, isWellFormedToken, type Session, type SessionStore } from './session-store.js'
 
@@ -18,6 +19,8 @@ declare module 'fastify' {
   }
   interface FastifyInstance {
     sessions: SessionStore
+    /** The IdP's signing keys: one discovery and one JWKS cache for every verifier of its tokens. */
+    issuerKeys: IssuerKeys
     idTokenVerifier: IdTokenVerifier
     /** Keyed hash of a patient's email for log lines (never the email itself). */
     patientRef: (email: string) => string
@@ -68,12 +71,15 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     ...(options.now === undefined ? {} : { now: options.now })
   })
   app.decorate('sessions', sessions)
-  app.decorate('idTokenVerifier', createIdTokenVerifier({
+  app.decorate('issuerKeys', createIssuerKeys({
     issuer: config.oidc.issuer,
+    ...(options.jwksCooldownMs === undefined ? {} : { jwksCooldownMs: options.jwksCooldownMs })
+  }))
+  app.decorate('idTokenVerifier', createIdTokenVerifier({
+    keys: app.issuerKeys,
     audiences: config.oidc.audiences,
     log: app.log,
-    ...(options.now === undefined ? {} : { now: options.now }),
-    ...(options.jwksCooldownMs === undefined ? {} : { jwksCooldownMs: options.jwksCooldownMs })
+    ...(options.now === undefined ? {} : { now: options.now })
   }))
   app.decorate('patientRef', createPatientRef(config.care360.apiKey))
   app.decorateRequest('session', null)

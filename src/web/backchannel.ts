@@ -1,9 +1,9 @@
-import { createRemoteJWKSet, errors, jwtVerify, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import { jwtVerify, type JWTPayload } from 'jose'
 import type {} from '../auth/plugin.js'
 import type { FastifyInstance, FastifySchema } from 'fastify'
 import { ApiError, ErrorCode, ok } from '../errors.js'
-import { ID_TOKEN_ALGORITHMS, identityProviderUnavailable } from '../auth/id-token.js'
-import type { WebOidc } from './oidc.js'
+import { ID_TOKEN_ALGORITHMS } from '../auth/id-token.js'
+import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from '../auth/key-set.js'
 import type { ReplayGuard } from './replay-guard.js'
 
 /**
@@ -29,7 +29,8 @@ export interface LogoutClaims {
 }
 
 export interface LogoutTokenVerifierOptions {
-  oidc: WebOidc
+  /** The IdP's key set, shared with the mobile ID token verifier. */
+  keys: IssuerKeys
   /** Every client id of ours at the IdP (web and mobile): the token's `aud` must name one. */
   audiences: string[]
   replayGuard: ReplayGuard
@@ -53,49 +54,16 @@ function stringClaim (payload: JWTPayload, name: string): string | null {
   return typeof value === 'string' && value !== '' ? value : null
 }
 
-/** The IdP's key set could not be had (down, slow, garbage): not the token's fault. */
-class KeySetUnavailable extends Error {
-  constructor (cause: unknown) {
-    super('JWKS unavailable', { cause })
-    this.name = 'KeySetUnavailable'
-  }
-}
-
 export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions): (token: string) => Promise<LogoutClaims> {
   const now = options.now ?? Date.now
-  let keySet: { uri: string, keys: JWTVerifyGetKey } | null = null
-
-  function keysOf (jwksUri: string): JWTVerifyGetKey {
-    if (keySet?.uri !== jwksUri) {
-      const remote = createRemoteJWKSet(new URL(jwksUri), { timeoutDuration: 5000 })
-      keySet = {
-        uri: jwksUri,
-        keys: async function resolveKey (header, token) {
-          try {
-            return await remote(header, token)
-          } catch (error) {
-            // No key for the token's kid (after one refetch) is the token's fault; the rest is the IdP's.
-            throw error instanceof errors.JWKSNoMatchingKey ? error : new KeySetUnavailable(error)
-          }
-        }
-      }
-    }
-    return keySet.keys
-  }
 
   return async function verifyLogoutToken (token: string): Promise<LogoutClaims> {
-    let configuration
-    try {
-      configuration = await options.oidc.configuration()
-    } catch (error) {
-      throw identityProviderUnavailable(error)
-    }
-    const metadata = configuration.serverMetadata()
     let payload: JWTPayload
     let type: string | undefined
     try {
-      const verified = await jwtVerify(token, keysOf(metadata.jwks_uri as string), {
-        issuer: metadata.issuer,
+      const { issuer, keys } = await options.keys.resolve()
+      const verified = await jwtVerify(token, keys, {
+        issuer,
         audience: options.audiences,
         algorithms: ID_TOKEN_ALGORITHMS,
         clockTolerance: CLOCK_TOLERANCE_SEC,
@@ -105,7 +73,8 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
       payload = verified.payload
       type = verified.protectedHeader.typ
     } catch (error) {
-      if (error instanceof KeySetUnavailable) throw identityProviderUnavailable(error.cause)
+      // Discovery or the JWKS failed: the IdP's fault, so a 503 it retries, never a refusal.
+      if (error instanceof ProviderUnavailable) throw identityProviderUnavailable(error)
       // jose's own errors: the token is malformed, forged, expired or not for us.
       throw new InvalidLogoutToken(String((error as { code?: unknown }).code), { cause: error })
     }

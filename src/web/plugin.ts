@@ -66,8 +66,9 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
 
   // Without a web client the routes do not exist: 404 NOT_FOUND, like any unknown path.
   if (web === null || oidc === null) return
+  // The key set the mobile ID tokens are checked with: the same IdP keys, one cache and cooldown.
   const verifyLogoutToken = createLogoutTokenVerifier({
-    oidc,
+    keys: app.issuerKeys,
     audiences: [...new Set([web.clientId, ...config.oidc.audiences])],
     replayGuard: createReplayGuard(app.sharedState, options.now),
     ...(options.now === undefined ? {} : { now: options.now })

@@ -1,10 +1,10 @@
 import t, { type Test } from 'tap'
 import fc from 'fast-check'
-import { buildTestApp, signIn } from '../helpers/app.js'
-import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { signIn } from '../helpers/app.js'
+import { SANDBOX_KEY } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { SESSION_COOKIE } from '../../src/auth/cookie.js'
-import { captureLogs, offContract, outcome, REQUEST_ID, scanLogs } from '../fault/support.js'
+import { captureLogs, offContract, outcome, REQUEST_ID, scanLogs, startSandboxedApp } from '../fault/support.js'
 
 /**
  * Property-based abuse of every public route (enumerated from the app itself), with a valid
@@ -49,17 +49,11 @@ function routesOf (tree: string): Route[] {
 }
 
 t.test('abuse of every public route', async (t) => {
-  const sandbox = await startSandbox(t)
-  const { app, issuer } = await buildTestApp(t, {
-    upstreamUrl: sandbox.url,
+  const { app, issuer, sandbox, token } = await startSandboxedApp(t, {
+    upstreamTimeoutMs: 2000,
+    email: alice.email,
     logStream: stream,
     env: {
-      CV_API_KEY: SANDBOX_KEY,
-      CV_TIMEOUT_MS: '2000',
-      CV_RATE_LIMIT: '1000000/60s',
-      RATE_LIMIT_IP: '1000000/1m',
-      RATE_LIMIT_SESSION: '1000000/1m',
-      RATE_LIMIT_CANCEL: '1000000/1m',
       OIDC_CLIENT_SECRET: 'fuzz-client-secret-value',
       PUBLIC_URL: 'https://patient.example',
       CORS_ORIGINS: 'https://app.example'
@@ -67,7 +61,7 @@ t.test('abuse of every public route', async (t) => {
   })
   // A cookie session is made in the store directly: the web sign-in needs a browser and an IdP.
   const webSession = async () => (await app.sessions.create({ email: alice.email, subject: 'sub-alice-web', issuer: issuer.url, method: 'web', idpSessionId: null })).token
-  let bearer = await signIn(app, issuer, alice.email)
+  let bearer = token
   let cookieToken = await webSession()
   const everyToken = [bearer, cookieToken]
   /** A fuzzed sign-out that worked ended one of our sessions: make new ones for later runs. */

@@ -5,10 +5,16 @@ import type { AddressInfo } from 'node:net'
 import { pino } from 'pino'
 import { ApiError } from '../../src/errors.js'
 import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
+import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
 import { garbageToken, startIssuer, type TestIssuer } from '../helpers/issuer.js'
 
-const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions> = {}) =>
-  createIdTokenVerifier({ issuer: issuer.url, audiences: ['other-app', issuer.clientId], jwksCooldownMs: 0, ...options })
+/** A verifier with a key set of its own (test/auth/key-set.test.ts shares one between verifiers). */
+const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions> = {}, keyOptions: Partial<IssuerKeysOptions> = {}) =>
+  createIdTokenVerifier({
+    keys: createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0, ...keyOptions }),
+    audiences: ['other-app', issuer.clientId],
+    ...options
+  })
 
 const INVALID = { statusCode: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' }
 const UNAVAILABLE = { statusCode: 503, code: 'SERVICE_UNAVAILABLE' }
@@ -110,7 +116,7 @@ t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted a
 
 t.test('the JWKS refetch cooldown holds back a flood of unknown kids', async (t) => {
   const issuer = await startIssuer(t)
-  const verifier = createIdTokenVerifier({ issuer: issuer.url, audiences: [issuer.clientId] })
+  const verifier = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: issuer.url }), audiences: [issuer.clientId] })
   t.ok(await verifier.verify(await issuer.sign()))
   for (let i = 0; i < 5; i++) await t.rejects(verifier.verify(await issuer.sign({}, { key: 'unknown' })), INVALID)
   t.equal(issuer.hits.jwks, 1, 'no refetch within the 30 s cooldown')
@@ -175,12 +181,12 @@ t.test('JWKS failures are the provider\'s, answered 503', async (t) => {
   t.teardown(() => { silentServer.closeAllConnections(); silentServer.close() })
   const hung = await startIssuer(t)
   hung.behaviour.jwksUri = `http://127.0.0.1:${(silentServer.address() as AddressInfo).port}/jwks`
-  const slow = verifierFor(hung, { fetchTimeoutMs: 200 })
+  const slow = verifierFor(hung, {}, { fetchTimeoutMs: 200 })
   const started = Date.now()
   await t.rejects(slow.verify(await hung.sign()), UNAVAILABLE)
   t.ok(Date.now() - started < 2000, 'bounded by the fetch timeout')
 
-  const down = createIdTokenVerifier({ issuer: 'http://127.0.0.1:9', audiences: ['x'] })
+  const down = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: 'http://127.0.0.1:9' }), audiences: ['x'] })
   await t.rejects(down.verify(token), UNAVAILABLE, 'issuer unreachable')
 })
 

@@ -1,11 +1,10 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { buildTestApp, signIn } from '../helpers/app.js'
 import { startRedis } from '../helpers/redis.js'
-import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { SANDBOX_KEY } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { call, captureLogs, checkAnswers, HangError, listen, outcome, scanLogs, type Answer, type CallOptions } from './support.js'
+import { call, captureLogs, checkAnswers, HangError, listen, outcome, scanLogs, startSandboxedApp, type Answer, type CallOptions } from './support.js'
 
 /**
  * Redis (REDIS_URL) is killed under load and started again, empty, on the same port. Acceptable,
@@ -25,23 +24,8 @@ type Phase = 'up' | 'down' | 'back'
 t.test('Redis killed and restarted under load', async (t) => {
   const { lines, stream } = captureLogs()
   const redis = await startRedis(t)
-  const sandbox = await startSandbox(t)
-  const { app, issuer } = await buildTestApp(t, {
-    redis,
-    upstreamUrl: sandbox.url,
-    logStream: stream,
-    env: {
-      CV_API_KEY: SANDBOX_KEY,
-      CV_TIMEOUT_MS: '1000',
-      CV_RATE_LIMIT: '100000/60s',
-      RATE_LIMIT_IP: '100000/1m',
-      RATE_LIMIT_SESSION: '100000/1m',
-      RATE_LIMIT_CANCEL: '100000/1m'
-    }
-  })
+  const { app, issuer, token, auth } = await startSandboxedApp(t, { redis, upstreamTimeoutMs: 1000, email: alice.email, logStream: stream })
   const origin = await listen(app)
-  const token = await signIn(app, issuer, alice.email)
-  const auth = { authorization: `Bearer ${token}` }
   const idTokens = await Promise.all(Array.from({ length: 4 }, () => issuer.sign({ email: alice.email, sub: 'sub-alice' })))
   const json = { 'content-type': 'application/json' }
 

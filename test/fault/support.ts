@@ -3,13 +3,60 @@ import { Writable } from 'node:stream'
 import type { AddressInfo } from 'node:net'
 import type { Test } from 'tap'
 import type { App } from '../../src/app.js'
+import { buildTestApp, signIn, type TestApp } from '../helpers/app.js'
+import type { RedisServer } from '../helpers/redis.js'
+import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 
 /**
- * Shared by the fault and abuse suites: a bounded HTTP client on real sockets, the contract's
- * answer table as an oracle, and a log capture whose lines are scanned for secrets.
+ * Shared by the fault and abuse suites: the service in front of the Care360 sandbox with a patient
+ * signed in, a bounded HTTP client on real sockets, the contract's answer table as an oracle, and
+ * a log capture whose lines are scanned for secrets.
  */
 
 type AssertHost = Pick<Test, 'ok' | 'fail'>
+interface TeardownHost { teardown: (fn: () => unknown) => void }
+
+/**
+ * Rate limits far above any load these suites make (FUZZ_RUNS included): they test faults and
+ * answers, and a limiter answering 429 would only hide them.
+ */
+export const UNLIMITED: Readonly<Record<string, string>> = {
+  CV_RATE_LIMIT: '1000000/60s',
+  RATE_LIMIT_IP: '1000000/1m',
+  RATE_LIMIT_SESSION: '1000000/1m',
+  RATE_LIMIT_CANCEL: '1000000/1m'
+}
+
+export interface SandboxedAppOptions {
+  /** The upstream deadline (CV_TIMEOUT_MS): each suite picks its own, short enough to wait for. */
+  upstreamTimeoutMs: number
+  /** Who signs in through `POST /auth/session`, a demo patient of the sandbox. */
+  email: string
+  logStream?: Writable
+  redis?: RedisServer
+  /** Extra environment (e.g. the web client), over the sandbox's and UNLIMITED. */
+  env?: Record<string, string>
+}
+
+export interface SandboxedApp extends TestApp {
+  sandbox: RunningSandbox
+  /** The signed-in patient's session token, and the header that carries it. */
+  token: string
+  auth: { authorization: string }
+}
+
+/** The service against a fresh sandbox (its API key, no rate limits in the way), a patient signed in. */
+export async function startSandboxedApp (t: TeardownHost, options: SandboxedAppOptions): Promise<SandboxedApp> {
+  const sandbox = await startSandbox(t)
+  const built = await buildTestApp(t, {
+    upstreamUrl: sandbox.url,
+    ...(options.redis === undefined ? {} : { redis: options.redis }),
+    ...(options.logStream === undefined ? {} : { logStream: options.logStream }),
+    env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: String(options.upstreamTimeoutMs), ...UNLIMITED, ...options.env }
+  })
+  const token = await signIn(built.app, built.issuer, options.email)
+  return { ...built, sandbox, token, auth: { authorization: `Bearer ${token}` } }
+}
 
 /** The contract's error rows (and README's 503), by status: the only codes each may carry. */
 export const ANSWER_TABLE: Readonly<Record<number, readonly string[]>> = {

@@ -1,8 +1,7 @@
 import t, { type Test } from 'tap'
-import { buildTestApp, signIn } from '../helpers/app.js'
-import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { SANDBOX_KEY } from '../helpers/sandbox.js'
 import { buildSandbox, DEMO_PATIENTS, type SandboxControl } from '../../src/care360/sandbox.js'
-import { call, captureLogs, checkAnswers, listen, outcome, scanLogs, type Answer } from './support.js'
+import { call, captureLogs, checkAnswers, listen, outcome, scanLogs, startSandboxedApp, type Answer } from './support.js'
 
 /**
  * The upstream misbehaves while the service listens on a real port and real clients call it
@@ -23,23 +22,9 @@ let reasonCounter = 0
 type Setup = Awaited<ReturnType<typeof setup>>
 
 async function setup (t: Test) {
-  const sandbox = await startSandbox(t)
-  const { app, issuer } = await buildTestApp(t, {
-    upstreamUrl: sandbox.url,
-    logStream: stream,
-    env: {
-      CV_API_KEY: SANDBOX_KEY,
-      CV_TIMEOUT_MS: String(TIMEOUT_MS),
-      CV_RATE_LIMIT: '100000/60s',
-      RATE_LIMIT_IP: '100000/1m',
-      RATE_LIMIT_SESSION: '100000/1m',
-      RATE_LIMIT_CANCEL: '100000/1m'
-    }
-  })
+  const { app, sandbox, token, auth } = await startSandboxedApp(t, { upstreamTimeoutMs: TIMEOUT_MS, email: alice.email, logStream: stream })
   const origin = await listen(app)
-  const token = await signIn(app, issuer, alice.email)
   tokens.push(token)
-  const auth = { authorization: `Bearer ${token}` }
   let control: SandboxControl = sandbox.control
 
   /** A burst of concurrent lists and cancels (distinct reasons: no two share one upstream call). */

@@ -1,8 +1,9 @@
 import t from 'tap'
+import { randomUUID } from 'node:crypto'
 import { generateKeyPair, SignJWT } from 'jose'
 import { Browser } from './browser.js'
 import { SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
-import { buildTestApp } from '../helpers/app.js'
+import { buildTestApp, signIn } from '../helpers/app.js'
 import { BACKCHANNEL_LOGOUT_EVENT } from '../../src/web/backchannel.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
 
@@ -138,10 +139,29 @@ t.test('IdP unreachable: discovery or JWKS → 503', async (t) => {
   const token = await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })
   // A replica with an injected clock (the clock reaches the logout token checks and the replay guard).
   const fresh = await buildTestApp(t, { env: stack.env, now: () => Date.now() })
-  await stack.app.inject({ method: 'GET', url: '/auth/login' }) // discovery done, JWKS not yet fetched
+  await stack.app.issuerKeys.resolve() // discovery done, JWKS not yet fetched
   await stack.idp.close()
   t.equal((await post(stack.app, form(token))).statusCode, 503, 'JWKS unreachable')
   t.equal((await post(fresh.app, form(token))).statusCode, 503, 'discovery unreachable')
+})
+
+t.test('logout tokens and mobile ID tokens share one key set: a rotated IdP key costs one JWKS fetch', async (t) => {
+  // The web client configured against the local issuer, which counts its discovery and JWKS requests.
+  const { app, issuer } = await buildTestApp(t, { env: { OIDC_CLIENT_SECRET: 'test-web-client-secret-0123456789', PUBLIC_URL: 'https://patient.example' } })
+  const bearer = await signIn(app, issuer)
+  t.same(issuer.hits, { discovery: 1, jwks: 1 })
+  const me = async (token: string) => (await app.inject({ url: '/auth/me', headers: { authorization: `Bearer ${token}` } })).json().data.authenticated as boolean
+  t.ok(await me(bearer))
+
+  issuer.rotate()
+  const logoutToken = await issuer.sign({ sub: 'sub-patient@example.com', events: EVENTS, jti: randomUUID() }, { key: 'rotated' })
+  t.equal((await post(app, form(logoutToken))).statusCode, 200, 'a logout token under the new key')
+  t.notOk(await me(bearer), 'ended the mobile session of that subject')
+  t.same(issuer.hits, { discovery: 1, jwks: 2 }, 'after one refetch, by the logout verifier')
+
+  const idToken = await issuer.sign({ sub: 'sub-patient@example.com' }, { key: 'rotated' })
+  t.equal((await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })).statusCode, 201, 'a mobile sign-in under the new key')
+  t.same(issuer.hits, { discovery: 1, jwks: 2 }, 'with no discovery or JWKS fetch of its own')
 })
 
 t.test('replay guard in memory stays bounded', async (t) => {

@@ -1,0 +1,114 @@
+import { createRemoteJWKSet, errors, type JWTVerifyGetKey } from 'jose'
+import { ApiError, ErrorCode } from '../errors.js'
+import { isLoopbackHost } from '../config.js'
+
+/**
+ * The identity provider's signing keys, one set for every verifier of its tokens (mobile ID
+ * tokens, back-channel logout tokens): one discovery of its jwks_uri, one jose remote key set (so
+ * one cache, and one refetch cooldown after an unknown `kid` however many verifiers ask), and one
+ * rule for which failures are the IdP's (503) rather than the token's. What each token must claim
+ * stays with its own verifier.
+ */
+
+export interface IssuerKeysOptions {
+  issuer: string
+  /** jose's JWKS refetch cooldown after an unknown `kid`; tests shorten it. */
+  jwksCooldownMs?: number
+  /** Deadline of one discovery or JWKS fetch. */
+  fetchTimeoutMs?: number
+}
+
+export interface ResolvedIssuerKeys {
+  /** The issuer as its discovery document names it: what a token's `iss` must equal. */
+  issuer: string
+  /** For jose's jwtVerify; rejects with ProviderUnavailable when the IdP fails us. */
+  keys: JWTVerifyGetKey
+}
+
+export interface IssuerKeys {
+  /** Discovery on first use, then cached; rejects with ProviderUnavailable (and is retried next time). */
+  resolve: () => Promise<ResolvedIssuerKeys>
+}
+
+/** The IdP itself failed us (discovery or JWKS unreachable, slow or garbage): not the token's fault. */
+export class ProviderUnavailable extends Error {
+  constructor (message: string, options?: { cause: unknown }) {
+    super(message, options)
+    this.name = 'ProviderUnavailable'
+  }
+}
+
+/** The answer to a ProviderUnavailable, whichever token was being checked: a 503 to retry. */
+export const identityProviderUnavailable = (cause: unknown): ApiError =>
+  new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Identity provider unavailable', { cause, headers: { 'retry-after': '5' } })
+
+interface Discovery {
+  issuer: string
+  jwksUri: URL
+}
+
+function isFetchableUrl (value: unknown): value is string {
+  if (typeof value !== 'string') return false
+  let url: URL
+  try { url = new URL(value) } catch { return false }
+  return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
+}
+
+async function discover (issuer: string, timeoutMs: number): Promise<Discovery> {
+  let document: { issuer?: unknown, jwks_uri?: unknown }
+  try {
+    const response = await fetch(`${issuer}/.well-known/openid-configuration`, {
+      signal: AbortSignal.timeout(timeoutMs),
+      redirect: 'error',
+      headers: { accept: 'application/json' }
+    })
+    if (response.status !== 200) throw new Error(`discovery answered ${response.status}`)
+    document = await response.json() as typeof document
+  } catch (error) {
+    throw new ProviderUnavailable('OIDC discovery failed', { cause: error })
+  }
+  // Config strips a trailing slash from OIDC_ISSUER; some IdPs (Auth0) publish it with one.
+  if (typeof document.issuer !== 'string' || (document.issuer !== issuer && document.issuer !== `${issuer}/`)) {
+    throw new ProviderUnavailable('OIDC discovery names another issuer')
+  }
+  if (!isFetchableUrl(document.jwks_uri)) throw new ProviderUnavailable('OIDC discovery has no usable jwks_uri')
+  return { issuer: document.issuer, jwksUri: new URL(document.jwks_uri) }
+}
+
+/**
+ * Errors of the key set that are the IdP's doing (down, slow, garbage), as opposed to the token's:
+ * no key for its `kid`, even after the refetch, is the token's.
+ */
+function isProviderFailure (error: unknown): boolean {
+  if (!(error instanceof errors.JOSEError)) return true
+  return error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || error.code === 'ERR_JOSE_GENERIC'
+}
+
+export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
+  const fetchTimeoutMs = options.fetchTimeoutMs ?? 5000
+  let pending: Promise<ResolvedIssuerKeys> | null = null
+
+  /** Discovery once, cached; a failure is forgotten so the next token tries again. */
+  function resolve (): Promise<ResolvedIssuerKeys> {
+    if (pending === null) {
+      pending = discover(options.issuer, fetchTimeoutMs).then(function keySet (discovery) {
+        const remote = createRemoteJWKSet(discovery.jwksUri, {
+          timeoutDuration: fetchTimeoutMs,
+          ...(options.jwksCooldownMs === undefined ? {} : { cooldownDuration: options.jwksCooldownMs })
+        })
+        const keys: JWTVerifyGetKey = async function resolveKey (header, token) {
+          try {
+            return await remote(header, token)
+          } catch (error) {
+            throw isProviderFailure(error) ? new ProviderUnavailable('JWKS fetch failed', { cause: error }) : error
+          }
+        }
+        return { issuer: discovery.issuer, keys }
+      })
+      pending.catch(function forgetFailedDiscovery () { pending = null })
+    }
+    return pending
+  }
+
+  return { resolve }
+}
