@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
-# Build stage: dev dependencies, TypeScript compile.
+# Build stage: dev dependencies, then the service bundled into one file (scripts/build.mjs).
 FROM node:24.21.0-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
-COPY tsconfig.json tsconfig.build.json ./
+COPY tsconfig.json ./
+COPY scripts/build.mjs ./scripts/build.mjs
 COPY src ./src
 RUN npm run build
 
@@ -18,12 +19,12 @@ USER node
 EXPOSE 4000 4010 5173
 CMD ["node", "--import", "tsx", "demo/compose-tools.ts"]
 
-# Runtime stage: production dependencies and the built output only, as a non-root user.
+# Runtime stage: the bundle only (every dependency is inside it: no node_modules, no npm), as a
+# non-root user. package.json is there for "type": "module".
 FROM node:24.21.0-bookworm-slim AS runtime
 ENV NODE_ENV=production
 WORKDIR /app
-COPY package.json package-lock.json ./
-RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
+COPY package.json ./
 COPY --from=build /app/dist ./dist
 USER node
 EXPOSE 3000 9464

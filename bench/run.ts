@@ -117,12 +117,12 @@ async function waitReady (url: string, since: number, proc: Proc, mode?: string)
 
 interface Service extends Proc { url: string, startupMs: number, startupCpuMs: number }
 
-async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = []): Promise<Service> {
+async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = [], entry = 'dist/server.js'): Promise<Service> {
   const port = await freePort()
   const metricsPort = await freePort()
   const t0 = performance.now()
   // Production logging: pino JSON at info to stdout; stdout is /dev/null (a log shipper's pipe).
-  const proc = launch(name, SERVICE_CORE, process.execPath, [...nodeArgs, 'dist/server.js'], {
+  const proc = launch(name, SERVICE_CORE, process.execPath, [...nodeArgs, entry], {
     NODE_ENV: 'production',
     HOST: '127.0.0.1',
     PORT: String(port),
@@ -576,7 +576,8 @@ async function profile (): Promise<void> {
     RATE_LIMIT_SESSION: HIGH,
     RATE_LIMIT_CANCEL: HIGH,
     OWNERSHIP_CHECK: ownership
-  }, undefined, ['--cpu-prof', `--cpu-prof-dir=${dir}`])
+  // From the sources through tsx, not the bundle: one file would hide which package a frame is in.
+  }, undefined, ['--import', 'tsx', '--cpu-prof', `--cpu-prof-dir=${dir}`], 'src/server.ts')
   const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)
   const result = await measure(target, { seconds: QUICK ? 2 : 10, connections: MAX_CONNECTIONS })
   expectOnly('profiled', result, ['200'])
@@ -611,10 +612,10 @@ async function profile (): Promise<void> {
   const nodes = new Map(prof.nodes.map((node) => [node.id, node]))
   const byOwnFrame = new Map<string, number>()
   for (const [id, us] of self) {
-    let name = '(no frame of dist/ on the stack: HTTP parsing, sockets, timers, GC, idle)'
+    let name = '(no frame of src/ on the stack: HTTP parsing, sockets, timers, GC, idle)'
     for (let at: number | undefined = id; at !== undefined; at = parent.get(at)) {
       const frame = nodes.get(at)?.callFrame
-      if (frame !== undefined && frame.url.includes(`${ROOT}/dist/`)) {
+      if (frame !== undefined && frame.url.includes(`${ROOT}/src/`)) {
         name = `${frame.functionName || '(anonymous)'} ${frame.url.replace(`file://${ROOT}/`, '')}:${frame.lineNumber + 1}`
         break
       }
