@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, FastifyServerOptions, HookHandlerDoneFunction } from 'fastify'
 import type { DestinationStream } from 'pino'
+import { afterEveryAnswer } from './plugins/after-answer.js'
 import type { Config } from './config.js'
 
 /**
@@ -64,9 +65,8 @@ declare module 'fastify' {
  * error answer, the time taken, the patient's keyed hash and, on an audited route, the audit
  * record. A third of the CPU a cancel cost went into its three log lines.
  *
- * Written from a per-route onResponse hook, appended when the route is added so that it runs
- * after the route's own hooks (the cancel route's audit fills `request.audit` in its own).
- * Requests no route matched get the same line from one global hook.
+ * Written after the route's own onResponse hooks (the cancel route's audit fills `request.audit`
+ * in its own), see afterEveryAnswer.
  */
 function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
   request.log.info({
@@ -83,17 +83,7 @@ function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHand
 async function accessLog (app: FastifyInstance): Promise<void> {
   app.decorateRequest('patient', null)
   app.decorateRequest('audit', null)
-  app.addHook('onRoute', function logRoute (route) {
-    const existing = route.onResponse === undefined ? [] : Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]
-    route.onResponse = [...existing, logAnswer]
-  })
-  app.addHook('onResponse', function logNotFound (request, reply, done) {
-    if (request.is404) {
-      logAnswer(request, reply, done)
-      return
-    }
-    done()
-  })
+  afterEveryAnswer(app, () => logAnswer)
 }
 
 export const accessLogPlugin = fp(accessLog, { name: 'access-log', fastify: '5.x', dependencies: ['answers'] })

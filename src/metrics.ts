@@ -3,6 +3,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, 
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import type { SharedStateMode } from './state/redis.js'
+import { afterEveryAnswer } from './plugins/after-answer.js'
 
 /**
  * Prometheus metrics of one app. Each app owns its registry (never prom-client's global one), so
@@ -185,22 +186,8 @@ async function metrics (app: FastifyInstance): Promise<void> {
   const appMetrics = createAppMetrics(app.hasDecorator('sharedState') ? () => app.sharedState.mode() : null)
   app.decorate('metrics', appMetrics)
 
-  // A hook per route that knows its pattern, rather than reading request.routeOptions (a fresh
-  // object on every access) in one global hook. The HEAD twin of a GET is cloned from the options
-  // before onRoute runs, so it gets its own hook, once.
-  app.addHook('onRoute', function instrumentRoute (route) {
-    const existing = route.onResponse === undefined ? [] : Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]
-    route.onResponse = [...existing, durationRecorder(appMetrics.httpRequestDuration, route.url)]
-  })
-  // Requests no route matched: one label, whatever the path was.
-  const notFound = durationRecorder(appMetrics.httpRequestDuration, NOT_FOUND)
-  app.addHook('onResponse', function recordNotFound (request, reply, done) {
-    if (request.is404) {
-      notFound.call(this, request, reply, done)
-      return
-    }
-    done()
-  })
+  // Labelled with the route's pattern, or one label for whatever path no route matched.
+  afterEveryAnswer(app, (route) => durationRecorder(appMetrics.httpRequestDuration, route ?? NOT_FOUND))
 }
 
 export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })

@@ -6,10 +6,21 @@ import { createHmac, hkdfSync } from 'node:crypto'
  * anyone could hash a list of addresses and match them. The key is derived from the org API key,
  * which never leaves the server, under its own HKDF label so that the key itself is never used
  * for anything but talking to the upstream.
+ *
+ * Every authenticated request asks for its patient's ref, and the same patients ask again and
+ * again: answers are remembered (a map lookup instead of an HMAC per request), up to `maxCached`
+ * patients, after which the memory is emptied whole rather than kept in LRU order on the hot path.
  */
-export function createPatientRef (apiKey: string): (email: string) => string {
+export function createPatientRef (apiKey: string, maxCached = 10_000): (email: string) => string {
   const key = Buffer.from(hkdfSync('sha256', apiKey, Buffer.alloc(0), 'patient-log-ref', 32))
+  const known = new Map<string, string>()
   return function patientRef (email: string): string {
-    return createHmac('sha256', key).update(email.toLowerCase()).digest('hex').slice(0, 32)
+    let ref = known.get(email)
+    if (ref === undefined) {
+      ref = createHmac('sha256', key).update(email.toLowerCase()).digest('hex').slice(0, 32)
+      if (known.size >= maxCached) known.clear()
+      known.set(email, ref)
+    }
+    return ref
   }
 }

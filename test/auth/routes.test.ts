@@ -149,6 +149,15 @@ t.test('a rotated IdP key is accepted after one JWKS refresh', async (t) => {
   t.equal(issuer.hits.jwks, 2)
 })
 
+t.test('patient refs are remembered, within a bound, and stay the same', async (t) => {
+  const ref = createPatientRef(TEST_API_KEY, 2)
+  const first = ['a@example.com', 'b@example.com', 'c@example.com'].map(ref)
+  t.equal(new Set(first).size, 3, 'one ref per patient')
+  // The third patient emptied the memory: every ref is computed again, and is the same.
+  t.same(['a@example.com', 'b@example.com', 'c@example.com'].map(ref), first)
+  t.equal(ref('A@example.com'), first[0], 'case-insensitive, remembered or not')
+})
+
 t.test('logs carry a keyed patient hash, never the email or a token', async (t) => {
   const lines: string[] = []
   const logStream = new Writable({ write (chunk, _encoding, done) { lines.push(String(chunk)); done() } })
