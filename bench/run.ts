@@ -575,7 +575,8 @@ async function profile (): Promise<void> {
     RATE_LIMIT_IP: HIGH,
     RATE_LIMIT_SESSION: HIGH,
     RATE_LIMIT_CANCEL: HIGH,
-    OWNERSHIP_CHECK: ownership
+    OWNERSHIP_CHECK: ownership,
+    ...JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
   // From the sources through tsx, not the bundle: one file would hide which package a frame is in.
   }, undefined, ['--import', 'tsx', '--cpu-prof', `--cpu-prof-dir=${dir}`], 'src/server.ts')
   const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)
@@ -602,7 +603,7 @@ async function profile (): Promise<void> {
   }
   const top = (map: Map<string, number>, n: number): string => [...map].sort((a, b) => b[1] - a[1]).slice(0, n)
     .map(([name, us]) => `| ${fmt(100 * us / total, 1)}% | ${name} |`).join('\n')
-  console.log(`\n## CPU profile: service (memory store, OWNERSHIP_CHECK=${ownership}), ${result.responses} cancels at ${fmt(result.rps, 0)} req/s; profile ${join(dir, file)}\n`)
+  console.log(`\n## CPU profile: service (OWNERSHIP_CHECK=${ownership}, BENCH_SERVICE_ENV=${process.env.BENCH_SERVICE_ENV ?? '{}'}), ${result.responses} cancels at ${fmt(result.rps, 0)} req/s; profile ${join(dir, file)}\n`)
   console.log(`| self time | package or file |\n| ---: | --- |\n${top(byPlace, 20)}\n`)
   console.log(`| self time | function |\n| ---: | --- |\n${top(byFunction, 30)}\n`)
   // Each sample charged to the innermost frame of the service's own code on its stack: what a

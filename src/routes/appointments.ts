@@ -71,16 +71,20 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
    */
   async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
     const { email } = request.session!
+    let forwardedId = appointmentId
     if (config.ownershipCheck) {
       const owned = await ownership.find(email, appointmentId, request.id)
       if (owned === null) {
         throw new ApiError(404, ErrorCode.APPOINTMENT_NOT_FOUND, 'No such upcoming appointment')
       }
+      // The same UUID, spelled as the upstream lists it: `:id` is accepted in either case, and a
+      // case-sensitive upstream would refuse another spelling of its own id.
+      forwardedId = owned.id.toLowerCase() === appointmentId.toLowerCase() ? owned.id : owned.agentEventId as string
     }
     let answer
     try {
       answer = await attempt.send(() => care360.cancelAppointment(
-        reason === undefined ? { email, appointmentId } : { email, appointmentId, reason },
+        reason === undefined ? { email, appointmentId: forwardedId } : { email, appointmentId: forwardedId, reason },
         { requestId: request.id }
       ))
     } catch (error) {
