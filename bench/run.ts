@@ -28,6 +28,8 @@ const PROFILE = process.argv.includes('--profile')
 const COMPARE = process.argv.includes('--compare')
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
+/** The Node that runs every measured process (service, proxies, upstream): BENCH_NODE, else this one. */
+const NODE = process.env.BENCH_NODE ?? process.execPath
 const LOAD_CORE = '1'
 
 const MODE = QUICK
@@ -73,7 +75,7 @@ function launch (name: string, core: string, command: string, args: string[], en
 
 /** A helper process that prints {"port":N} when it listens (upstream, proxy). */
 async function launchListening (name: string, core: string, script: string, env: Record<string, string>): Promise<Proc & { url: string }> {
-  const proc = launch(name, core, process.execPath, [script], env, 'pipe')
+  const proc = launch(name, core, NODE, [script], env, 'pipe')
   const line = await new Promise<string>((resolve, reject) => {
     let text = ''
     const timer = setTimeout(() => reject(new Error(`${name} did not listen: ${proc.stderr()}`)), 10_000)
@@ -122,7 +124,7 @@ async function startService (name: string, env: Record<string, string>, mode?: s
   const metricsPort = await freePort()
   const t0 = performance.now()
   // Production logging: pino JSON at info to stdout; stdout is /dev/null (a log shipper's pipe).
-  const proc = launch(name, SERVICE_CORE, process.execPath, [...nodeArgs, entry], {
+  const proc = launch(name, SERVICE_CORE, NODE, [...nodeArgs, entry], {
     NODE_ENV: 'production',
     HOST: '127.0.0.1',
     PORT: String(port),
@@ -302,7 +304,7 @@ async function main (): Promise<void> {
   pinSelf(LOAD_CORE)
   const began = performance.now()
   console.log(`# care360-patient-bff benchmarks (${QUICK ? 'quick: each scenario once, briefly; no targets checked' : `full: medians of ${MODE.rounds} interleaved rounds`})`)
-  console.log(`machine: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}; ` +
+  console.log(`machine: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${spawnSync(NODE, ['--version']).stdout.toString().trim()} (driver: ${process.version}); ` +
     (hasTaskset ? `service and proxy pinned to core ${SERVICE_CORE}, load generator, upstream and Redis to core ${LOAD_CORE}` : 'taskset missing: NOT pinned'))
 
   console.log(`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (anything above ~0.5 means other work shares these 2 cores)`)
