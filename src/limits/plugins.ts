@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import rateLimit, { normalizeIP, type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Rate } from '../config.js'
-import { ApiError, ErrorCode } from '../errors.js'
+import { ErrorCode, errorEnvelope } from '../errors.js'
 import { createStoreFallback, type StoreFallback } from './fallback.js'
 import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from './counter-store.js'
 import { createOrgBudget } from './org-budget.js'
@@ -21,7 +21,7 @@ declare module 'fastify' {
     /** The stores behind every limit of this process (one Redis-or-memory decision point). */
     limitStores: LimitStores
     /** `RATE_LIMIT_CANCEL`: the cancel route adds it to its own `onRequest`. */
-    cancelLimit: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+    cancelLimit: (request: FastifyRequest, reply: FastifyReply) => Promise<FastifyReply | undefined>
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
   }
@@ -56,24 +56,29 @@ function pluginStore (counters: CounterStore): FastifyRateLimitStoreCtor {
 
 const applied = new WeakMap<FastifyRequest, PolicyState[]>()
 
+/** The one refusal of every per-client limit; only its Retry-After differs. */
+const RATE_LIMITED = Object.freeze(errorEnvelope(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded'))
+
 /**
  * Counts the request against one policy, publishes every policy applied so far in the two
- * fields, and refuses it over the limit. Thrown, the ApiError is answered by the app's error
- * handler, and the fields set here stay on that answer.
+ * fields, and answers 429 over the limit: true when it did, and the hook then returns the reply
+ * to end the request there. Answered directly rather than thrown: under a flood most requests end
+ * here, and an Error (its stack trace) and the error handler would be paid for each of them.
  */
-async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check, metrics: AppMetrics | null): Promise<void> {
+async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check, metrics: AppMetrics | null): Promise<boolean> {
   const result = await check(request)
   /* c8 ignore next: only an allowList exempts a request, and none is configured */
-  if (result.isAllowed) return
+  if (result.isAllowed) return false
   metrics?.recordLimiter(policy, result.isExceeded)
   const states = applied.get(request) ?? []
   applied.set(request, states)
   states.push({ policy, quota: result.max, windowMs: result.timeWindow, remaining: result.remaining, resetMs: result.ttl })
   reply.header('ratelimit-policy', rateLimitPolicyField(states))
   reply.header('ratelimit', rateLimitField(states))
-  if (result.isExceeded) {
-    throw new ApiError(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded', { headers: { 'retry-after': retryAfterSeconds(result.ttl) } })
-  }
+  if (!result.isExceeded) return false
+  reply.errorCode = ErrorCode.RATE_LIMITED
+  reply.code(429).header('retry-after', retryAfterSeconds(result.ttl)).send(RATE_LIMITED)
+  return true
 }
 
 /** The app's metrics when it has them (tests build apps from parts without). */
@@ -122,7 +127,7 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   const perIp = limiter(app, app.config.limits.ip, ipKey)
   const metrics = metricsOf(app)
   app.addHook('onRequest', async function limitPerIp (request, reply) {
-    await enforce(request, reply, 'ip', perIp, metrics)
+    if (await enforce(request, reply, 'ip', perIp, metrics)) return reply
   })
 }
 
@@ -139,13 +144,13 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
 
   app.addHook('onRequest', async function limitPerSession (request, reply) {
     if (request.session == null) return
-    await enforce(request, reply, 'session', perSession, metrics)
+    if (await enforce(request, reply, 'session', perSession, metrics)) return reply
   })
 
   app.decorate('cancelLimit', async function limitCancels (request: FastifyRequest, reply: FastifyReply) {
     // Without a session the route answers 401 itself; there is nobody to count against.
     if (request.session == null) return
-    await enforce(request, reply, 'cancel', perCancel, metrics)
+    if (await enforce(request, reply, 'cancel', perCancel, metrics)) return reply
   })
 
   const cooldown = createRedisCooldown({ fallback, now: options.now })
