@@ -120,6 +120,17 @@ async function waitReady (url: string, since: number, proc: Proc, mode?: string)
 interface Service extends Proc { url: string, startupMs: number, startupCpuMs: number }
 
 async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = [], entry = 'dist/server.js'): Promise<Service> {
+  try {
+    return await startServiceOnce(name, env, mode, nodeArgs, entry)
+  } catch (error) {
+    // freePort's port was free a moment ago; any process's outgoing socket may have taken it
+    // since (the service then exits at once on EADDRINUSE). One more try, on fresh ports.
+    process.stderr.write(`${name}: start failed (${(error as Error).message.slice(0, 120)}); trying once more on fresh ports\n`)
+    return await startServiceOnce(name, env, mode, nodeArgs, entry)
+  }
+}
+
+async function startServiceOnce (name: string, env: Record<string, string>, mode: string | undefined, nodeArgs: string[], entry: string): Promise<Service> {
   const port = await freePort()
   const metricsPort = await freePort()
   const t0 = performance.now()
