@@ -4,8 +4,9 @@ import type { Appointment } from '../care360/client.js'
  * Which upcoming appointments belong to which patient, as the upstream's Fetch Appointments
  * says, cached briefly per process. The cache only saves list calls (and org budget): an
  * appointment missing from a cached list is looked up again fresh before we say "not yours",
- * and a cancel evicts the patient's entry, so staleness can delay a 404 but never turn one into
- * a cancel of someone else's appointment (the list is always the patient's own).
+ * a cancel that took effect drops that appointment from the patient's entry, and any other
+ * outcome evicts the entry, so staleness can delay a 404 but never turn one into a cancel of
+ * someone else's appointment (the list is always the patient's own).
  */
 export interface OwnershipCacheOptions {
   fetch: (email: string, requestId: string) => Promise<Appointment[]>
@@ -23,6 +24,8 @@ export interface OwnershipCache {
   find: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
   /** Like `find`, but always from a fresh list: for deciding whether a cancel took effect. */
   findFresh: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
+  /** After a cancel that took effect: the patient's list stays cached, without that appointment. */
+  cancelled: (email: string, appointment: Appointment) => void
   forget: (email: string) => void
 }
 
@@ -67,6 +70,10 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
     },
     async findFresh (email, appointmentId, requestId) {
       return findAppointment(await fresh(email, requestId), appointmentId)
+    },
+    cancelled (email, appointment) {
+      const entry = entries.get(email.toLowerCase())
+      if (entry !== undefined) entry.appointments = entry.appointments.filter((item) => item !== appointment)
     },
     forget (email) {
       entries.delete(email.toLowerCase())

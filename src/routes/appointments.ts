@@ -72,8 +72,9 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
   async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
     const { email } = request.session!
     let forwardedId = appointmentId
+    let owned: Appointment | null = null
     if (config.ownershipCheck) {
-      const owned = await ownership.find(email, appointmentId, request.id)
+      owned = await ownership.find(email, appointmentId, request.id)
       if (owned === null) {
         throw new ApiError(404, ErrorCode.APPOINTMENT_NOT_FOUND, 'No such upcoming appointment')
       }
@@ -90,11 +91,13 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     } catch (error) {
       // A refusal of the gate (budget, cooldown) never reached the upstream.
       request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
-      throw error
-    } finally {
-      // Whatever happened, the patient's list may have changed.
+      // The cancel may or may not have happened: the patient's list is fetched afresh next time.
       ownership.forget(email)
+      throw error
     }
+    // It happened: the cached list stays warm for the patient's next cancel, without this one.
+    if (owned === null) ownership.forget(email)
+    else ownership.cancelled(email, owned)
     request.upstreamStatus = answer.status
     return { statusCode: 200, body: answer }
   }

@@ -23,3 +23,17 @@ t.test('the cache is bounded: the least recently stored patient is evicted first
   await cache.find('c@example.com', 'c-1', 'r')
   t.same(fetched, ['a@example.com', 'c@example.com'], 'an expired entry is fetched again')
 })
+
+t.test('a cancel that took effect drops that appointment from the cached list, and only that one', async (t) => {
+  const fetched: string[] = []
+  const cache = createOwnershipCache({ fetch: async (email) => { fetched.push(email); return [] } })
+  const [first, second] = [item('a-1'), item('a-2')]
+  cache.remember('a@example.com', [first, second])
+  cache.cancelled('A@example.com', first)
+  t.same(await cache.find('a@example.com', 'a-2', 'r'), second, 'the other one is still served from the cache')
+  t.same(fetched, [])
+  t.same(await cache.find('a@example.com', 'a-1', 'r'), null, 'the cancelled one is looked up fresh')
+  t.same(fetched, ['a@example.com'])
+  cache.cancelled('nobody@example.com', first)
+  t.same(await cache.find('nobody@example.com', 'a-1', 'r'), null, 'a patient with no cached list stays without one')
+})

@@ -209,6 +209,16 @@ t.test('the ownership list is cached briefly and a cancel refreshes it', async (
   t.equal((await cancel(token, seeded.id)).statusCode, 200, 'an appointment booked after the list was cached is found fresh')
 })
 
+t.test('a cancel keeps the cached list warm for the next one, without the cancelled appointment', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t)
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, alice.appointments[0]!.id)).statusCode, 200)
+  t.equal((await cancel(token, alice.appointments[1]!.id)).statusCode, 200)
+  t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST'], 'one list call for both cancels')
+  t.equal((await cancel(token, alice.appointments[0]!.id, { reason: 'again' })).statusCode, 404, 'the cancelled one is not served from the cache')
+  t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST', 'GET'], 'it was looked up fresh')
+})
+
 t.test('Idempotency-Key replays the first answer without a second upstream call', async (t) => {
   const { tokenFor, cancel, cancelCalls } = await stack(t)
   const token = await tokenFor(alice.email)
