@@ -157,6 +157,30 @@ async function signIn (service: Service, issuer: TestIssuer, email: string): Pro
   return ((await response.json()) as { data: { token: string } }).data.token
 }
 
+/**
+ * The service's environment in every scenario: the fixed-answer upstream, the local issuer, the
+ * org budget and per-client limits far above the load (the budget's log holds one entry per call
+ * in its window, so the window is short), and the ownership check off unless a scenario says so.
+ */
+function serviceEnv (upstream: { url: string }, issuer: TestIssuer): Record<string, string> {
+  return {
+    CV_API_KEY: API_KEY,
+    CV_BASE_URL: upstream.url,
+    OIDC_ISSUER: issuer.url,
+    OIDC_CLIENT_ID: issuer.clientId,
+    CV_RATE_LIMIT: '999999999/1s',
+    RATE_LIMIT_IP: HIGH,
+    RATE_LIMIT_SESSION: HIGH,
+    RATE_LIMIT_CANCEL: HIGH,
+    OWNERSHIP_CHECK: 'off'
+  }
+}
+
+/** BENCH_SERVICE_ENV (JSON): extra environment for the service of --compare and --profile. */
+function extraServiceEnv (): Record<string, string> {
+  return JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
+}
+
 // /proc accounting of one process.
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
 
@@ -327,19 +351,7 @@ async function main (): Promise<void> {
   const redis = launch('redis', LOAD_CORE, 'redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no', '--loglevel', 'warning'], {}, 'ignore')
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL })
 
-  const baseEnv = {
-    CV_API_KEY: API_KEY,
-    CV_BASE_URL: upstream.url,
-    OIDC_ISSUER: issuer.url,
-    OIDC_CLIENT_ID: issuer.clientId,
-    // Org budget and per-client limits far above the load (the budget's log holds one entry per
-    // call in its window, so the window is short).
-    CV_RATE_LIMIT: '999999999/1s',
-    RATE_LIMIT_IP: HIGH,
-    RATE_LIMIT_SESSION: HIGH,
-    RATE_LIMIT_CANCEL: HIGH,
-    OWNERSHIP_CHECK: 'off'
-  }
+  const baseEnv = serviceEnv(upstream, issuer)
   const redisUrl = `redis://127.0.0.1:${redisPort}`
   const memory = await startService('service (memory)', baseEnv)
   const owned = await startService('service (memory, ownership on)', { ...baseEnv, OWNERSHIP_CHECK: 'on' })
@@ -528,19 +540,7 @@ async function compare (): Promise<void> {
   const forwarderEnv = { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL }
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
   const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
-  const extra = JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
-  const service = await startService('service (memory)', {
-    CV_API_KEY: API_KEY,
-    CV_BASE_URL: upstream.url,
-    OIDC_ISSUER: issuer.url,
-    OIDC_CLIENT_ID: issuer.clientId,
-    CV_RATE_LIMIT: '999999999/1s',
-    RATE_LIMIT_IP: HIGH,
-    RATE_LIMIT_SESSION: HIGH,
-    RATE_LIMIT_CANCEL: HIGH,
-    OWNERSHIP_CHECK: 'off',
-    ...extra
-  })
+  const service = await startService('service (memory)', { ...serviceEnv(upstream, issuer), ...extraServiceEnv() })
   const targets = [
     cancelTarget('proxy', proxy.url, 'unused', proxy.pid),
     cancelTarget('fastify forwarder', plain.url, 'unused', plain.pid),
@@ -580,16 +580,9 @@ async function profile (): Promise<void> {
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
   const ownership = process.env.OWNERSHIP_CHECK ?? 'off'
   const service = await startService('service (profiled)', {
-    CV_API_KEY: API_KEY,
-    CV_BASE_URL: upstream.url,
-    OIDC_ISSUER: issuer.url,
-    OIDC_CLIENT_ID: issuer.clientId,
-    CV_RATE_LIMIT: '999999999/1s',
-    RATE_LIMIT_IP: HIGH,
-    RATE_LIMIT_SESSION: HIGH,
-    RATE_LIMIT_CANCEL: HIGH,
+    ...serviceEnv(upstream, issuer),
     OWNERSHIP_CHECK: ownership,
-    ...JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
+    ...extraServiceEnv()
   // From the sources through tsx, not the bundle: one file would hide which package a frame is in.
   }, undefined, ['--import', 'tsx', '--cpu-prof', `--cpu-prof-dir=${dir}`], 'src/server.ts')
   const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)

@@ -29,10 +29,20 @@ export interface OwnershipCache {
   forget: (email: string) => void
 }
 
+/**
+ * Which of an appointment's identifiers `appointmentId` names (its `id` or its `agentEventId`, in
+ * any case), spelled as the upstream lists it; null when neither.
+ */
+export function listedIdOf (item: Appointment, appointmentId: string): string | null {
+  const wanted = appointmentId.toLowerCase()
+  if (item.id.toLowerCase() === wanted) return item.id
+  if (item.agentEventId?.toLowerCase() === wanted) return item.agentEventId
+  return null
+}
+
 /** The appointment a cancel names, by its `id` or its `agentEventId`, in any case. */
 export function findAppointment (list: Appointment[], appointmentId: string): Appointment | null {
-  const wanted = appointmentId.toLowerCase()
-  return list.find((item) => item.id.toLowerCase() === wanted || item.agentEventId?.toLowerCase() === wanted) ?? null
+  return list.find((item) => listedIdOf(item, appointmentId) !== null) ?? null
 }
 
 export function createOwnershipCache (options: OwnershipCacheOptions): OwnershipCache {

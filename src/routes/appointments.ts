@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
-import { createOwnershipCache } from '../appointments/ownership.js'
+import { createOwnershipCache, listedIdOf } from '../appointments/ownership.js'
 import { UpstreamError, type Appointment } from '../care360/client.js'
 import {
   createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt
@@ -80,7 +80,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       }
       // The same UUID, spelled as the upstream lists it: `:id` is accepted in either case, and a
       // case-sensitive upstream would refuse another spelling of its own id.
-      forwardedId = owned.id.toLowerCase() === appointmentId.toLowerCase() ? owned.id : owned.agentEventId as string
+      forwardedId = listedIdOf(owned, appointmentId) as string
     }
     let answer
     try {

@@ -39,7 +39,7 @@ const HELMET: Readonly<HelmetOptions> = {
  * would call `helmet(options)` again on every request, re-parsing the options each time, in two
  * hooks: a measurable share of the CPU a whole cancel costs.
  */
-export function securityHeaders (): Readonly<Record<string, string>> {
+function securityHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
   const recorder = {
     setHeader (name: string, value: string) { headers[name.toLowerCase()] = value },
