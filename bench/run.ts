@@ -25,6 +25,7 @@ import { freePort } from '../test/helpers/ports.js'
 
 const QUICK = process.argv.includes('--quick')
 const PROFILE = process.argv.includes('--profile')
+const BUNDLE_PROFILE = process.env.BENCH_PROFILE_BUNDLE === '1'
 const COMPARE = process.argv.includes('--compare')
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
@@ -541,10 +542,17 @@ async function compare (): Promise<void> {
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
   const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
   const service = await startService('service (memory)', { ...serviceEnv(upstream, issuer), ...extraServiceEnv() })
+  // BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service in the same rounds (A/B).
+  const variants = (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry !== '')
+  const others = await Promise.all(variants.map(async (entry) => {
+    const other = await startService(`service (${entry})`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, [], entry)
+    return { other, target: cancelTarget(`service, memory, ${entry}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
+  }))
   const targets = [
     cancelTarget('proxy', proxy.url, 'unused', proxy.pid),
     cancelTarget('fastify forwarder', plain.url, 'unused', plain.pid),
-    cancelTarget('service, memory', service.url, await signIn(service, issuer, EMAIL), service.pid)
+    cancelTarget('service, memory', service.url, await signIn(service, issuer, EMAIL), service.pid),
+    ...others.map(({ target }) => target)
   ]
   const rounds = QUICK ? 1 : Number(process.env.BENCH_ROUNDS ?? 3)
   const runs = new Map<string, LoadResult[]>(targets.map((t) => [t.name, []]))
@@ -564,7 +572,7 @@ async function compare (): Promise<void> {
     const ratio = median(mine.map((r, i) => r.rps / (proxyRuns[i]?.rps ?? NaN)))
     console.log(`| ${target.name} | ${fmt(median(mine.map((r) => r.rps)), 0)} | ${fmt(ratio)} | ${fmt(median(mine.map((r) => r.cpuUsPerRequest ?? NaN)), 1)} | ${fmt(mib(memoryKiB(target.pid as number, 'VmHWM')), 1)} |`)
   }
-  await Promise.all([stop(service), stop(plain), stop(proxy), stop(upstream), issuer.close()])
+  await Promise.all([stop(service), ...others.map(async ({ other }) => await stop(other)), stop(plain), stop(proxy), stop(upstream), issuer.close()])
 }
 
 interface ProfileNode { id: number, callFrame: { functionName: string, url: string, lineNumber: number }, children?: number[] }
@@ -583,14 +591,16 @@ async function profile (): Promise<void> {
     ...serviceEnv(upstream, issuer),
     OWNERSHIP_CHECK: ownership,
     ...extraServiceEnv()
-  // From the sources through tsx, not the bundle: one file would hide which package a frame is in.
-  }, undefined, ['--import', 'tsx', '--cpu-prof', `--cpu-prof-dir=${dir}`], 'src/server.ts')
+  // From the sources through tsx, where each frame keeps its package; BENCH_PROFILE_BUNDLE=1
+  // profiles the production bundle instead (what runs, without tsx's loader in the profile).
+  }, undefined, [...(BUNDLE_PROFILE ? [] : ['--import', 'tsx']), '--cpu-prof', `--cpu-prof-dir=${dir}`],
+  BUNDLE_PROFILE ? 'dist/server.js' : 'src/server.ts')
   const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)
   const result = await measure(target, { seconds: QUICK ? 2 : 10, connections: MAX_CONNECTIONS })
   expectOnly('profiled', result, ['200'])
   await stop(service)
   await Promise.all([stop(upstream), issuer.close()])
-  const file = readdirSync(dir).find((name) => name.endsWith('.cpuprofile'))
+  const file = readdirSync(dir).find((name) => name.endsWith('.0.001.cpuprofile')) ?? readdirSync(dir).find((name) => name.endsWith('.cpuprofile'))
   if (file === undefined) throw new Error(`no profile written in ${dir}`)
   const prof = JSON.parse(readFileSync(join(dir, file), 'utf8')) as CpuProfile
   const self = new Map<number, number>()
