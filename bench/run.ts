@@ -559,18 +559,22 @@ async function compare (): Promise<void> {
   for (let round = 0; round < rounds; round++) {
     for (let i = 0; i < targets.length; i++) {
       const target = targets[(i + round) % targets.length] as Target
-      const result = await measure(target, { seconds: QUICK ? 1 : 4, connections: MAX_CONNECTIONS })
+      const result = await measure(target, { seconds: QUICK ? 1 : Number(process.env.BENCH_SECONDS ?? 4), connections: MAX_CONNECTIONS })
       expectOnly(target.name, result, ['200'])
       runs.get(target.name)?.push(result)
       process.stderr.write(`round ${round + 1}: ${target.name} ${fmt(result.rps, 0)} req/s, ${fmt(result.cpuUsPerRequest ?? NaN, 1)} µs/req\n`)
     }
   }
   const proxyRuns = runs.get('proxy') ?? []
-  console.log('\n| contender | req/s | × proxy | CPU µs/req | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |')
+  const serviceRuns = runs.get('service, memory') ?? []
+  // CPU ÷ the service's in the same round: the A/B figure for BENCH_VARIANTS, paired by round so
+  // that the machine's drift between rounds cancels out.
+  console.log('\n| contender | req/s | × proxy | CPU µs/req | CPU ÷ service | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: | ---: |')
   for (const target of targets) {
     const mine = runs.get(target.name) ?? []
     const ratio = median(mine.map((r, i) => r.rps / (proxyRuns[i]?.rps ?? NaN)))
-    console.log(`| ${target.name} | ${fmt(median(mine.map((r) => r.rps)), 0)} | ${fmt(ratio)} | ${fmt(median(mine.map((r) => r.cpuUsPerRequest ?? NaN)), 1)} | ${fmt(mib(memoryKiB(target.pid as number, 'VmHWM')), 1)} |`)
+    const cpu = median(mine.map((r, i) => (r.cpuUsPerRequest ?? NaN) / (serviceRuns[i]?.cpuUsPerRequest ?? NaN)))
+    console.log(`| ${target.name} | ${fmt(median(mine.map((r) => r.rps)), 0)} | ${fmt(ratio)} | ${fmt(median(mine.map((r) => r.cpuUsPerRequest ?? NaN)), 1)} | ${fmt(cpu)} | ${fmt(mib(memoryKiB(target.pid as number, 'VmHWM')), 1)} |`)
   }
   await Promise.all([stop(service), ...others.map(async ({ other }) => await stop(other)), stop(plain), stop(proxy), stop(upstream), issuer.close()])
 }

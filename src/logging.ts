@@ -65,25 +65,31 @@ declare module 'fastify' {
  * error answer, the time taken, the patient's keyed hash and, on an audited route, the audit
  * record. A third of the CPU a cancel cost went into its three log lines.
  *
+ * The line is built field by field from values that cannot carry a secret: the method, the path
+ * without its query, the client address, the status, a contract code, a duration, a keyed hash
+ * and the audit record, which holds no email and no reason (test/logging.test.ts scans every line
+ * of a whole flow for them). So it is written by a logger made once without the redaction paths,
+ * whose wildcards cost half of a line's time; every other line keeps them.
+ *
  * Written after the route's own onResponse hooks (the cancel route's audit fills `request.audit`
  * in its own), see afterEveryAnswer.
  */
-function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
-  request.log.info({
-    req: request,
-    res: reply,
-    code: reply.errorCode ?? undefined,
-    responseTime: reply.elapsedTime,
-    patient: request.patient ?? undefined,
-    audit: request.audit ?? undefined
-  }, 'request completed')
-  done()
-}
-
 async function accessLog (app: FastifyInstance): Promise<void> {
   app.decorateRequest('patient', null)
   app.decorateRequest('audit', null)
-  afterEveryAnswer(app, () => logAnswer)
+  const lines = app.log.child({}, { redact: [] })
+  afterEveryAnswer(app, () => function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+    lines.info({
+      reqId: request.id,
+      req: request,
+      res: reply,
+      code: reply.errorCode ?? undefined,
+      responseTime: reply.elapsedTime,
+      patient: request.patient ?? undefined,
+      audit: request.audit ?? undefined
+    }, 'request completed')
+    done()
+  })
 }
 
 export const accessLogPlugin = fp(accessLog, { name: 'access-log', fastify: '5.x', dependencies: ['answers'] })
