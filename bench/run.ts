@@ -118,7 +118,7 @@ async function waitReady (url: string, since: number, proc: Proc, mode?: string)
   }
 }
 
-interface Service extends Proc { url: string, startupMs: number, startupCpuMs: number }
+interface Service extends Proc { url: string, metricsUrl: string, startupMs: number, startupCpuMs: number }
 
 async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = [], entry = 'dist/server.js'): Promise<Service> {
   try {
@@ -146,7 +146,7 @@ async function startServiceOnce (name: string, env: Record<string, string>, mode
   }, 'ignore')
   const url = `http://127.0.0.1:${port}`
   const startupMs = await waitReady(url, t0, proc, mode)
-  return { ...proc, url, startupMs, startupCpuMs: cpuSeconds(proc.pid) * 1000 }
+  return { ...proc, url, metricsUrl: `http://127.0.0.1:${metricsPort}/metrics`, startupMs, startupCpuMs: cpuSeconds(proc.pid) * 1000 }
 }
 
 async function signIn (service: Service, issuer: TestIssuer, email: string): Promise<string> {
@@ -542,11 +542,13 @@ async function compare (): Promise<void> {
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
   const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
   const service = await startService('service (memory)', { ...serviceEnv(upstream, issuer), ...extraServiceEnv() })
-  // BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service in the same rounds (A/B).
+  // BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service (or Node options) in the same rounds (A/B).
   const variants = (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry !== '')
-  const others = await Promise.all(variants.map(async (entry) => {
-    const other = await startService(`service (${entry})`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, [], entry)
-    return { other, target: cancelTarget(`service, memory, ${entry}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
+  // A variant may start with Node options: '--max-semi-space-size=2 dist/server.js'.
+  const others = await Promise.all(variants.map(async (variant) => {
+    const words = variant.trim().split(/\s+/)
+    const other = await startService(`service (${variant})`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+    return { other, target: cancelTarget(`service, memory, ${variant}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
   }))
   const targets = [
     cancelTarget('proxy', proxy.url, 'unused', proxy.pid),
@@ -576,7 +578,18 @@ async function compare (): Promise<void> {
     const cpu = median(mine.map((r, i) => (r.cpuUsPerRequest ?? NaN) / (serviceRuns[i]?.cpuUsPerRequest ?? NaN)))
     console.log(`| ${target.name} | ${fmt(median(mine.map((r) => r.rps)), 0)} | ${fmt(ratio)} | ${fmt(median(mine.map((r) => r.cpuUsPerRequest ?? NaN)), 1)} | ${fmt(cpu)} | ${fmt(mib(memoryKiB(target.pid as number, 'VmHWM')), 1)} |`)
   }
+  console.log(`\nservice, memory: ${await heapSummary(service)}`)
+  for (const { other } of others) console.log(`${other.name}: ${await heapSummary(other)}`)
   await Promise.all([stop(service), ...others.map(async ({ other }) => await stop(other)), stop(plain), stop(proxy), stop(upstream), issuer.close()])
+}
+
+/** Where a service's resident memory is, from its own metrics: V8's heap spaces and the rest. */
+async function heapSummary (service: Service): Promise<string> {
+  const text = await (await fetch(service.metricsUrl)).text()
+  const value = (pattern: RegExp): number => Number(pattern.exec(text)?.[1] ?? NaN)
+  const spaces = [...text.matchAll(/^nodejs_heap_space_size_total_bytes\{space="(\w+)"\} (\d+)/gm)]
+    .map(([, space, bytes]) => `${space} ${fmt(mib(Number(bytes) / 1024), 1)}`).join(', ')
+  return `RSS ${fmt(mib(value(/^process_resident_memory_bytes (\d+)/m) / 1024), 1)} MiB; V8 heap total ${fmt(mib(value(/^nodejs_heap_size_total_bytes (\d+)/m) / 1024), 1)} MiB (${spaces}), used ${fmt(mib(value(/^nodejs_heap_size_used_bytes (\d+)/m) / 1024), 1)} MiB; external ${fmt(mib(value(/^nodejs_external_memory_bytes (\d+)/m) / 1024), 1)} MiB`
 }
 
 interface ProfileNode { id: number, callFrame: { functionName: string, url: string, lineNumber: number }, children?: number[] }
