@@ -5,7 +5,7 @@ import { SESSION_COOKIE } from './cookie.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
-import { createSessionStore, isWellFormedToken, type Session, type SessionStore } from './session-store.js'
+import { createSessionStore, type Session, type SessionStore } from './session-store.js'
 
 export { createPatientRef } from './patient-ref.js'
 
@@ -89,10 +89,9 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     const mode = request.routeOptions.config.auth
     if (mode === undefined) return
     const presented = presentedToken(request)
-    // Malformed tokens never reach the store: no lookup an attacker can drive with junk.
-    const session = presented !== null && isWellFormedToken(presented.token)
-      ? await sessions.get(presented.token)
-      : null
+    // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
+    // an attacker can drive with junk.
+    const session = presented === null ? null : await sessions.get(presented.token)
     if (session === null) {
       // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
       if (mode !== 'optional') throw sessionRequired()

@@ -272,9 +272,10 @@ export class RedisSessionStore implements SessionStore {
 
   async get (token: string): Promise<Session | null> {
     if (!isWellFormedToken(token)) return null
-    const key = this.#sessionKey(sessionIdOf(token))
+    const id = sessionIdOf(token)
+    const key = this.#sessionKey(id)
     const fields = await this.#run(() => this.#redis.hgetall(key))
-    const record = decode(sessionIdOf(token), fields)
+    const record = decode(id, fields)
     if (record === null) return null
     const at = this.#now()
     if (!isLive(record, this.#idleTtlMs, at)) {

@@ -250,6 +250,8 @@ function safeText (value: unknown, secrets: Array<string | undefined>): string |
   }
   text = text.trim()
   if (text === '') return undefined
+  // Counted in code points; no more code points than UTF-16 units, so a short text is whole.
+  if (text.length <= MAX_TEXT) return text
   const chars = Array.from(text)
   return chars.length > MAX_TEXT ? `${chars.slice(0, MAX_TEXT - 1).join('')}…` : text
 }

@@ -136,8 +136,9 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     },
     onResponse: auditCancel,
     // The body is optional: no body at all means no reason.
-    preValidation: async function absentBodyIsEmpty (request) {
+    preValidation: function absentBodyIsEmpty (request, _reply, done) {
       if (request.body === undefined) request.body = {}
+      done()
     }
   }, async function cancelAppointment (request, reply) {
     // Step 5 comes first in the handler: a malformed key is refused before anything else runs.

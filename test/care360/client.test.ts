@@ -151,6 +151,12 @@ t.test('upstream 400 texts are capped, stripped of controls and scrubbed', async
   t.equal(error.detail, 'bad email [redacted] key [redacted] reason [redacted]')
   assertClean(t, error)
 
+  // The cap counts code points, not UTF-16 units: 300 emoji (600 units) stay whole, 301 do not.
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: { message: '\u{1F600}'.repeat(300) }, times: 1 })
+  t.equal((await failureOf(cancelAlice(client))).message, '\u{1F600}'.repeat(300))
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: { message: '\u{1F600}'.repeat(301) }, times: 1 })
+  t.equal((await failureOf(cancelAlice(client))).message, `${'\u{1F600}'.repeat(299)}…`)
+
   sandbox.control.setFailure({ kind: 'status', status: 400, body: { message: 42, error: '\u0001' }, times: 1 })
   const bare = await failureOf(cancelAlice(client))
   t.match(bare, { message: 'The appointment service rejected the request', detail: undefined })
