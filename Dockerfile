@@ -32,4 +32,4 @@ EXPOSE 3000 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||3000)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # Node runs as PID 1 directly, so SIGTERM reaches it (npm would swallow it) and graceful shutdown runs.
-CMD ["node", "dist/server.js"]
+CMD ["node", "--max-semi-space-size=4", "dist/server.js"]

@@ -23,7 +23,11 @@ runtime_stage="$(sed -n '/AS runtime$/,$p' Dockerfile)"
 grep -q '^COPY package.json ./$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies package.json alone"
 grep -q '^COPY --from=build /app/dist ./dist$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies dist/ from the build stage"
 grep -q 'npm\|node_modules' <<<"$(grep -v '^#' <<<"$runtime_stage")" && fail "Dockerfile runtime stage installs packages again (the bundle needs none)"
-grep -q '^CMD \["node", "dist/server.js"\]' Dockerfile || fail "Dockerfile no longer runs node dist/server.js"
+# The image runs what `npm start` runs (package.json), Node options included; so does this check.
+start_argv="$(node -p "JSON.stringify(require('./package.json').scripts.start.split(' ')).replaceAll(',', ', ')")"
+grep -qxF "CMD $start_argv" Dockerfile || fail "Dockerfile's CMD is not npm start's command ($start_argv)"
+node_options="$(node -p "require('./package.json').scripts.start.split(' ').filter((w) => w.startsWith('--')).join(' ')")"
+grep -q "dist/server.js\"\]$" <<<"$start_argv" || fail "npm start no longer runs dist/server.js"
 [ -f dist/server.js ] || fail "no dist/server.js: run npm run build first"
 
 echo "node: $("$node_bin" --version) ($node_bin)"
@@ -41,7 +45,7 @@ closed="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.
   HOST=127.0.0.1 PORT="$port" METRICS_PORT=0 LOG_LEVEL=info \
   CV_API_KEY=ci-container-check-key CV_BASE_URL="http://127.0.0.1:$closed" \
   OIDC_ISSUER="http://127.0.0.1:$closed" OIDC_CLIENT_ID=patient-web \
-  "$node_bin" dist/server.js) > "$work/server.log" 2>&1 &
+  "$node_bin" $node_options dist/server.js) > "$work/server.log" 2>&1 &
 server_pid=$!
 
 probe () {

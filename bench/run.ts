@@ -27,11 +27,21 @@ const QUICK = process.argv.includes('--quick')
 const PROFILE = process.argv.includes('--profile')
 const BUNDLE_PROFILE = process.env.BENCH_PROFILE_BUNDLE === '1'
 const COMPARE = process.argv.includes('--compare')
+const INSTRUCTIONS = process.argv.includes('--instructions')
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
 /** The Node that runs every measured process (service, proxies, upstream): BENCH_NODE, else this one. */
 const NODE = process.env.BENCH_NODE ?? process.execPath
 const LOAD_CORE = '1'
+/**
+ * The Node options production runs the service with: `npm start`'s (package.json), which the
+ * image's CMD repeats (.ci/container-check.sh checks that). A variant's own options come after
+ * them, and Node takes the last of a repeated option.
+ */
+const SERVICE_NODE_OPTIONS = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } })
+  .scripts.start.split(' ').filter((word) => word.startsWith('--'))
+/** How long a process may take to listen or be ready; under callgrind, Node starts ~50 times slower. */
+const READY_TIMEOUT_MS = INSTRUCTIONS ? 600_000 : 15_000
 
 const MODE = QUICK
   ? { rounds: 1, maxSec: 1, rateSec: 1, warmSec: 0.2, shedSec: 1, soakSec: 3, soakRate: 1000, startups: 1 }
@@ -63,8 +73,12 @@ function pinSelf (core: string): void {
 
 interface Proc { name: string, child: ChildProcess, pid: number, stderr: () => string }
 
+/** `--instructions`: the measured Node processes run under this (callgrind), the others do not. */
+let measuredWrapper: ((name: string) => string[]) | null = null
+
 function launch (name: string, core: string, command: string, args: string[], env: Record<string, string>, stdout: 'ignore' | 'pipe'): Proc {
-  const [cmd, argv] = pinned(core, command, args)
+  const wrapper = command === NODE && core === SERVICE_CORE && measuredWrapper !== null ? measuredWrapper(name) : []
+  const [cmd, argv] = wrapper.length === 0 ? pinned(core, command, args) : pinned(core, wrapper[0] as string, [...wrapper.slice(1), command, ...args])
   const child = spawn(cmd, argv, { cwd: ROOT, env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', stdout, 'pipe'] })
   children.add(child)
   child.on('exit', () => children.delete(child))
@@ -79,7 +93,7 @@ async function launchListening (name: string, core: string, script: string, env:
   const proc = launch(name, core, NODE, [script], env, 'pipe')
   const line = await new Promise<string>((resolve, reject) => {
     let text = ''
-    const timer = setTimeout(() => reject(new Error(`${name} did not listen: ${proc.stderr()}`)), 10_000)
+    const timer = setTimeout(() => reject(new Error(`${name} did not listen: ${proc.stderr()}`)), READY_TIMEOUT_MS)
     proc.child.stdout?.on('data', (chunk: Buffer) => {
       text += chunk.toString()
       const end = text.indexOf('\n')
@@ -105,7 +119,7 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => pr
 
 /** /readyz until 200 (and the wanted shared-state mode); returns ms since `since`. */
 async function waitReady (url: string, since: number, proc: Proc, mode?: string): Promise<number> {
-  const end = Date.now() + 15_000
+  const end = Date.now() + READY_TIMEOUT_MS
   for (;;) {
     try {
       const response = await fetch(`${url}/readyz`)
@@ -113,8 +127,8 @@ async function waitReady (url: string, since: number, proc: Proc, mode?: string)
       if (response.status === 200 && (mode === undefined || body.data?.sharedState === mode)) return performance.now() - since
     } catch {}
     if (proc.child.exitCode !== null) throw new Error(`${proc.name} exited: ${proc.stderr()}`)
-    if (Date.now() > end) throw new Error(`${proc.name} not ready in 15 s: ${proc.stderr()}`)
-    await sleep(2)
+    if (Date.now() > end) throw new Error(`${proc.name} not ready in ${READY_TIMEOUT_MS / 1000} s: ${proc.stderr()}`)
+    await sleep(INSTRUCTIONS ? 200 : 2)
   }
 }
 
@@ -136,7 +150,7 @@ async function startServiceOnce (name: string, env: Record<string, string>, mode
   const metricsPort = await freePort()
   const t0 = performance.now()
   // Production logging: pino JSON at info to stdout; stdout is /dev/null (a log shipper's pipe).
-  const proc = launch(name, SERVICE_CORE, NODE, [...nodeArgs, entry], {
+  const proc = launch(name, SERVICE_CORE, NODE, [...SERVICE_NODE_OPTIONS, ...nodeArgs, entry], {
     NODE_ENV: 'production',
     HOST: '127.0.0.1',
     PORT: String(port),
@@ -228,14 +242,14 @@ interface LoadResult {
 
 let sequence = 0
 
-function run (target: Target, options: { seconds: number, connections: number, rate?: number }): Promise<LoadResult> {
+function run (target: Target, options: { seconds: number, connections: number, rate?: number, amount?: number }): Promise<LoadResult> {
   const ok: number[] = []
   const shed: number[] = []
   const cannon: CannonOptions = {
     url: target.url,
     connections: options.connections,
-    duration: options.seconds,
-    timeout: 10,
+    ...(options.amount === undefined ? { duration: options.seconds } : { amount: options.amount }),
+    timeout: INSTRUCTIONS ? 120 : 10,
     requests: [{
       method: 'POST',
       path: target.path,
@@ -346,6 +360,7 @@ async function main (): Promise<void> {
   console.log(`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (anything above ~0.5 means other work shares these 2 cores)`)
   if (PROFILE) { await profile(); return }
   if (COMPARE) { await compare(); return }
+  if (INSTRUCTIONS) { await instructions(); return }
   const issuer = await startIssuer({ teardown: () => {} })
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
   const redisPort = await freePort()
@@ -581,6 +596,73 @@ async function compare (): Promise<void> {
   console.log(`\nservice, memory: ${await heapSummary(service)}`)
   for (const { other } of others) console.log(`${other.name}: ${await heapSummary(other)}`)
   await Promise.all([stop(service), ...others.map(async ({ other }) => await stop(other)), stop(plain), stop(proxy), stop(upstream), issuer.close()])
+}
+
+/**
+ * `--instructions`: user-space instructions per cancel, counted by valgrind's callgrind, for the
+ * minimal proxy, the service (dist/server.js) and each of BENCH_VARIANTS. Unlike CPU time, the
+ * count is the same from run to run for the same code and load whatever else the machine does,
+ * so an A/B difference of a few percent is visible; it leaves out the kernel (socket writes), so
+ * it says what our code costs, not what a request costs. Each contender runs alone: BENCH_WARM
+ * cancels (default 3000) for the JIT to settle, counters zeroed, BENCH_COUNT cancels (default
+ * 2000) counted, over 4 connections. About a minute per contender.
+ */
+async function instructions (): Promise<void> {
+  if (spawnSync('valgrind', ['--version']).status !== 0) throw new Error('--instructions needs valgrind')
+  const dir = mkdtempSync(join(tmpdir(), 'bff-callgrind-'))
+  // callgrind_control reaches the process through vgdb, whose pipes are named after $USER and
+  // $HOST: callgrind_control runs with the measured processes' (no USER; the service's HOST).
+  const vgdbPrefix = `--vgdb-prefix=${join(dir, 'vgdb')}`
+  const control = (command: string, proc: Proc): void => {
+    const result = spawnSync('callgrind_control', [vgdbPrefix, command, String(proc.pid)], {
+      encoding: 'utf8', env: { PATH: process.env.PATH ?? '', ...(proc.name === 'proxy' ? {} : { HOST: '127.0.0.1' }) }
+    })
+    if (result.status !== 0 || /error|failed/i.test(result.stderr)) throw new Error(`${proc.name}: callgrind_control ${command} failed: ${result.stdout} ${result.stderr}`)
+  }
+  let started = 0
+  measuredWrapper = (name) => ['valgrind', '--tool=callgrind', '--smc-check=all', vgdbPrefix, `--callgrind-out-file=${join(dir, `${started++}-${name.replace(/\W+/g, '_')}`)}.out`]
+  const warm = Number(process.env.BENCH_WARM ?? 3000)
+  const counted = Number(process.env.BENCH_COUNT ?? 2000)
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const variants = ['dist/server.js', ...(process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry !== '')]
+  const contenders: Array<() => Promise<{ proc: Proc, target: Target }>> = [
+    async () => {
+      const proc = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL })
+      return { proc, target: cancelTarget('proxy', proc.url, 'unused', proc.pid) }
+    },
+    ...variants.map((variant) => async () => {
+      const words = variant.trim().split(/\s+/)
+      const proc = await startService(`service ${variant}`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+      return { proc, target: cancelTarget(`service ${variant}`, proc.url, await signIn(proc, issuer, EMAIL), proc.pid) }
+    })
+  ]
+  const rows: Array<[string, number]> = []
+  for (const start of contenders) {
+    const { proc, target } = await start()
+    expectOnly(`${target.name} (warm-up)`, await run(target, { seconds: 0, connections: 4, amount: warm }), ['200'])
+    control('--zero', proc)
+    expectOnly(target.name, await run(target, { seconds: 0, connections: 4, amount: counted }), ['200'])
+    const before = new Set(readdirSync(dir))
+    control('--dump', proc)
+    let dump: string | undefined
+    for (let waited = 0; dump === undefined && waited < 60_000; waited += 500) {
+      dump = readdirSync(dir).find((file) => !before.has(file) && /\.out\.\d+$/.test(file))
+      if (dump === undefined) await sleep(500)
+    }
+    if (dump === undefined) throw new Error(`${target.name}: callgrind wrote no dump`)
+    await sleep(1000) // the dump is written whole before the next command is read
+    const total = /^(?:totals|summary): (\d+)/m.exec(readFileSync(join(dir, dump), 'utf8'))
+    if (total === null) throw new Error(`${target.name}: no totals in ${dump}`)
+    rows.push([target.name, Number(total[1]) / counted])
+    process.stderr.write(`${target.name}: ${fmt(Number(total[1]) / counted / 1000, 1)} k instructions per cancel\n`)
+    await stop(proc)
+  }
+  await Promise.all([stop(upstream), issuer.close()])
+  const proxy = rows[0]?.[1] ?? NaN
+  const service = rows[1]?.[1] ?? NaN
+  console.log('\n| contender | k instructions per cancel (user space) | × proxy | ÷ service |\n| --- | ---: | ---: | ---: |')
+  for (const [name, perCancel] of rows) console.log(`| ${name} | ${fmt(perCancel / 1000, 1)} | ${fmt(perCancel / proxy)} | ${fmt(perCancel / service)} |`)
 }
 
 /** Where a service's resident memory is, from its own metrics: V8's heap spaces and the rest. */

@@ -77,5 +77,8 @@ t.test('the Dockerfile keeps the runtime stage last, with the dev tools before i
   const dockerfile = await readFile('Dockerfile', 'utf8')
   const stages = [...dockerfile.matchAll(/^FROM \S+ AS (\S+)$/gm)].map((match) => match[1])
   t.same(stages, ['build', 'dev-tools', 'runtime'])
-  t.match(dockerfile, /^CMD \["node", "dist\/server\.js"\]\s*$/m, 'the image runs node itself, last')
+  // npm start's command (package.json), Node options included, as an exec-form CMD: node is PID 1.
+  const start = JSON.parse(await readFile('package.json', 'utf8')).scripts.start as string
+  t.match(start, /^node (--\S+ )*dist\/server\.js$/, 'npm start runs the bundle with node')
+  t.ok(dockerfile.trimEnd().endsWith(`CMD ${JSON.stringify(start.split(' ')).replaceAll(',', ', ')}`), 'the image runs npm start\'s command, last')
 })
