@@ -521,7 +521,7 @@ async function main (): Promise<void> {
     redisStartupCpu.push(two.startupCpuMs)
     await stop(two)
   }
-  console.log(`\n## Start-up (spawn of \`node dist/server.js\` to the first /readyz 200; ${MODE.startups} runs)\n`)
+  console.log(`\n## Start-up (spawn of \`${['node', ...SERVICE_NODE_OPTIONS, 'dist/server.js'].join(' ')}\` to the first /readyz 200; ${MODE.startups} runs)\n`)
   console.log('| store | median ms | min ms | max ms | CPU ms used until ready (median) |')
   console.log('| --- | ---: | ---: | ---: | ---: |')
   console.log(`| memory | ${fmt(median(startups), 0)} | ${fmt(Math.min(...startups), 0)} | ${fmt(Math.max(...startups), 0)} | ${fmt(median(startupCpu), 0)} |`)
