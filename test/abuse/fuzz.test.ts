@@ -294,6 +294,9 @@ t.test('abuse of every public route', async (t) => {
 
     /** The contract's answer to this cancel, from its own rules (steps 1 to 6). */
     function expected (id: string, body: { kind: 'none' } | { kind: 'raw', text: string }, type: string, key: string | undefined): string {
+      // No route at all, whatever the body: the URL parser removes a dot segment
+      // (`/appointments/./cancel` is `/appointments/cancel`).
+      if (id === '.' || id === '..') return '404 NOT_FOUND'
       if (body.kind === 'raw') {
         if (!type.startsWith('application/json')) return '415 UNSUPPORTED_MEDIA_TYPE'
         if (Buffer.byteLength(body.text) > 4096) return '413 PAYLOAD_TOO_LARGE'
@@ -347,7 +350,12 @@ t.test('abuse of every public route', async (t) => {
       }
       if (why !== null) failures.push(`POST /appointments/${id.slice(0, 40)}/cancel ${body.kind === 'raw' ? JSON.stringify(body.text.slice(0, 60)) : '(no body)'} ${type} key=${String(key).slice(0, 20)}: ${why}`)
       return why === null
-    }), { numRuns: RUNS * 2, endOnFailure: true }).catch((error: Error) => { if (failures.length === 0) failures.push(error.message.slice(0, 400)) })
+    }), {
+      numRuns: RUNS * 2,
+      endOnFailure: true,
+      // Found by a CI run: a dot segment is no route, whatever the body says.
+      examples: [['.', { kind: 'raw', text: '{}' }, 'text/plain', undefined], ['..', { kind: 'none' }, 'application/json', undefined]]
+    }).catch((error: Error) => { if (failures.length === 0) failures.push(error.message.slice(0, 400)) })
     t.same(failures.slice(0, 3), [], 'every cancel answered as the contract says, upstream called only for a valid owned one')
     t.comment(`outcomes: ${JSON.stringify(Object.fromEntries(seen))}`)
     for (const kind of ['200 -', '404 APPOINTMENT_NOT_FOUND', '400 VALIDATION_FAILED', '415 UNSUPPORTED_MEDIA_TYPE']) t.ok(seen.has(kind), `the runs reached ${kind}`)
