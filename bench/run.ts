@@ -191,6 +191,20 @@ function serviceEnv (upstream: { url: string }, issuer: TestIssuer): Record<stri
   }
 }
 
+/**
+ * BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service for --compare (in the same
+ * rounds, A/B) and --instructions. An entry may start with Node options, which come after
+ * production's: '--max-semi-space-size=16 dist/server.js'.
+ */
+function benchVariants (): string[] {
+  return (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry.trim() !== '')
+}
+
+async function startVariant (name: string, variant: string, upstream: { url: string }, issuer: TestIssuer): Promise<Service> {
+  const words = variant.trim().split(/\s+/)
+  return await startService(name, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+}
+
 /** BENCH_SERVICE_ENV (JSON): extra environment for the service of --compare and --profile. */
 function extraServiceEnv (): Record<string, string> {
   return JSON.parse(process.env.BENCH_SERVICE_ENV ?? '{}') as Record<string, string>
@@ -562,12 +576,8 @@ async function compare (): Promise<void> {
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
   const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
   const service = await startService('service (memory)', { ...serviceEnv(upstream, issuer), ...extraServiceEnv() })
-  // BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service (or Node options) in the same rounds (A/B).
-  const variants = (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry !== '')
-  // A variant may start with Node options: '--max-semi-space-size=2 dist/server.js'.
-  const others = await Promise.all(variants.map(async (variant) => {
-    const words = variant.trim().split(/\s+/)
-    const other = await startService(`service (${variant})`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+  const others = await Promise.all(benchVariants().map(async (variant) => {
+    const other = await startVariant(`service (${variant})`, variant, upstream, issuer)
     return { other, target: cancelTarget(`service, memory, ${variant}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
   }))
   const targets = [
@@ -605,12 +615,13 @@ async function compare (): Promise<void> {
 
 /**
  * `--instructions`: user-space instructions per cancel, counted by valgrind's callgrind, for the
- * minimal proxy, the service (dist/server.js) and each of BENCH_VARIANTS. Unlike CPU time, the
- * count is the same from run to run for the same code and load whatever else the machine does,
- * so an A/B difference of a few percent is visible; it leaves out the kernel (socket writes), so
- * it says what our code costs, not what a request costs. Each contender runs alone: BENCH_WARM
- * cancels (default 3000) for the JIT to settle, counters zeroed, BENCH_COUNT cancels (default
- * 2000) counted, over 4 connections. About a minute per contender.
+ * minimal proxy, the service (dist/server.js) and each of BENCH_VARIANTS. It leaves out the kernel
+ * (socket writes), so it says what our code costs, not what a request costs. For the proxy the
+ * count repeats to 0.1% whatever else the machine does; for the service it does not (6% between
+ * two runs of one build), because its timers and V8's GC heuristics run by wall time, which
+ * valgrind stretches. Each contender runs alone: BENCH_WARM cancels (default 3000) for the JIT to
+ * settle, counters zeroed, BENCH_COUNT cancels (default 2000) counted, over 4 connections. About
+ * five minutes per contender.
  */
 async function instructions (): Promise<void> {
   if (spawnSync('valgrind', ['--version']).status !== 0) throw new Error('--instructions needs valgrind')
@@ -630,15 +641,14 @@ async function instructions (): Promise<void> {
   const counted = Number(process.env.BENCH_COUNT ?? 2000)
   const issuer = await startIssuer({ teardown: () => {} })
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
-  const variants = ['dist/server.js', ...(process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry !== '')]
+  const variants = ['dist/server.js', ...benchVariants()]
   const contenders: Array<() => Promise<{ proc: Proc, target: Target }>> = [
     async () => {
       const proc = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL })
       return { proc, target: cancelTarget('proxy', proc.url, 'unused', proc.pid) }
     },
     ...variants.map((variant) => async () => {
-      const words = variant.trim().split(/\s+/)
-      const proc = await startService(`service ${variant}`, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+      const proc = await startVariant(`service ${variant}`, variant, upstream, issuer)
       return { proc, target: cancelTarget(`service ${variant}`, proc.url, await signIn(proc, issuer, EMAIL), proc.pid) }
     })
   ]

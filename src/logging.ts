@@ -67,9 +67,9 @@ declare module 'fastify' {
  *
  * The line is built field by field from values that cannot carry a secret: the method, the path
  * without its query, the client address, the status, a contract code, a duration, a keyed hash
- * and the audit record, which holds no email and no reason (test/logging.test.ts scans every line
- * of a whole flow for them). So it is written by a logger made once without the redaction paths,
- * whose wildcards cost half of a line's time; every other line keeps them.
+ * and the audit record, which holds no email and no reason (test/security/log-capture.test.ts
+ * scans every line of a whole flow for them). So it is written by a logger made once without the
+ * redaction paths, whose wildcards cost half of a line's time; every other line keeps them.
  *
  * Written after the route's own onResponse hooks (the cancel route's audit fills `request.audit`
  * in its own), see afterEveryAnswer.
@@ -78,7 +78,7 @@ async function accessLog (app: FastifyInstance): Promise<void> {
   app.decorateRequest('patient', null)
   app.decorateRequest('audit', null)
   const lines = app.log.child({}, { redact: [] })
-  afterEveryAnswer(app, () => function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+  function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
     lines.info({
       reqId: request.id,
       req: request,
@@ -89,7 +89,8 @@ async function accessLog (app: FastifyInstance): Promise<void> {
       audit: request.audit ?? undefined
     }, 'request completed')
     done()
-  })
+  }
+  afterEveryAnswer(app, () => logAnswer)
 }
 
 export const accessLogPlugin = fp(accessLog, { name: 'access-log', fastify: '5.x', dependencies: ['answers'] })

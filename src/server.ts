@@ -19,9 +19,9 @@ const SHUTDOWN_DEADLINE_MS = 10_000
  * The batch is written synchronously, as pino and Fastify write by default: one write(2) per
  * batch on this thread. An asynchronous write goes through libuv's thread pool, whose hand-offs
  * cost more than the write: writing synchronously took 6% off a cancel's CPU (12 rounds side by
- * side, bench/run.ts --compare with BENCH_VARIANTS). If
- * the reader of stdout stalls, a full pipe makes sonic-boom retry, blocking the event loop, rather
- * than letting unwritten logs pile up in memory.
+ * side, bench/run.ts --compare with BENCH_VARIANTS). If the reader of stdout stalls, a full pipe
+ * makes sonic-boom retry, blocking the event loop, rather than letting unwritten logs pile up in
+ * memory.
  */
 function logDestination (): pino.DestinationStream {
   return pino.destination({ dest: 1, sync: true, minLength: 4096, periodicFlush: 1000 })
