@@ -3,6 +3,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, 
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import type { SharedStateMode } from './state/redis.js'
+import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
 
 /**
@@ -38,7 +39,7 @@ export interface AppMetrics {
   /** A finished sign-in: a session was created, or the patient was refused or sent back. */
   recordSignIn: (method: SignInMethod, success: boolean) => void
   /** How to read the upstream cooldown (ms left) when scraped; set by the limits plugin. */
-  watchCooldown: (remainingMs: () => Promise<number>) => void
+  watchCooldown: (remainingMs: () => Awaitable<number>) => void
 }
 
 declare module 'fastify' {
@@ -83,7 +84,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
     help: 'Upstream calls the org budget had left in its window at its last decision (this process\'s view; 0 after a refusal)',
     registers: [registry]
   })
-  let cooldownRemaining: (() => Promise<number>) | null = null
+  let cooldownRemaining: (() => Awaitable<number>) | null = null
   const upstreamCooldownActive = new Gauge({
     name: 'bff_upstream_cooldown_active',
     help: '1 while upstream calls are stopped after a Care360 429, else 0 (read when scraped)',

@@ -1,11 +1,12 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { sessionRequired } from '../errors.js'
 import { SESSION_COOKIE } from './cookie.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
 import { createSessionStore, type Session, type SessionStore } from './session-store.js'
+import { isPromise } from '../state/awaitable.js'
 
 export { createPatientRef } from './patient-ref.js'
 
@@ -85,22 +86,40 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   app.decorateRequest('session', null)
   app.decorateRequest('sessionTransport', null)
 
-  app.addHook('onRequest', async function resolveSession (request) {
-    const mode = request.routeOptions.config.auth
-    if (mode === undefined) return
-    const presented = presentedToken(request)
-    // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
-    // an attacker can drive with junk.
-    const session = presented === null ? null : await sessions.get(presented.token)
+  /** The request's session is the one its token names, or there is none (null). */
+  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, session: Session | null, done: HookHandlerDoneFunction): void {
     if (session === null) {
       // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
-      if (mode !== 'optional') throw sessionRequired()
+      done(mode === 'optional' ? undefined : sessionRequired())
       return
     }
     request.session = session
-    request.sessionTransport = (presented as { transport: SessionTransport }).transport
+    request.sessionTransport = transport
     // Once per request: the access line, the audit record and the idempotency scope all use it.
     request.patient = app.patientRef(session.email)
+    done()
+  }
+
+  // Synchronous on the memory store: every authenticated request passes here.
+  app.addHook('onRequest', function resolveSession (request, _reply, done) {
+    const mode = request.routeOptions.config.auth
+    if (mode === undefined) {
+      done()
+      return
+    }
+    const presented = presentedToken(request)
+    if (presented === null) {
+      adopt(request, mode, 'bearer', null, done)
+      return
+    }
+    // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
+    // an attacker can drive with junk.
+    const session = sessions.get(presented.token)
+    if (isPromise(session)) {
+      session.then((found) => { adopt(request, mode, presented.transport, found, done) }, done)
+      return
+    }
+    adopt(request, mode, presented.transport, session, done)
   })
 }
 

@@ -2,6 +2,7 @@ import { createHash, randomBytes } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
 import type { SharedState } from '../state/redis.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * Server-side sessions. The client holds an opaque random token; the store holds only its SHA-256
@@ -39,8 +40,11 @@ export interface Session {
 
 export interface SessionStore {
   create: (input: NewSession) => Promise<{ token: string, session: Session }>
-  /** Null for a malformed, unknown, revoked or expired token. Slides the idle expiry. */
-  get: (token: string) => Promise<Session | null>
+  /**
+   * Null for a malformed, unknown, revoked or expired token. Slides the idle expiry. The memory
+   * store answers at once: every authenticated request asks.
+   */
+  get: (token: string) => Awaitable<Session | null>
   revoke: (token: string) => Promise<void>
   /** Ends the session whose id (never its token) the caller holds, e.g. `request.session.id`. */
   revokeById: (id: string) => Promise<void>
@@ -145,7 +149,7 @@ export class MemorySessionStore implements SessionStore {
     return { token, session: withExpiry(record, this.#idleTtlMs) }
   }
 
-  async get (token: string): Promise<Session | null> {
+  get (token: string): Session | null {
     if (!isWellFormedToken(token)) return null
     const record = this.#sessions.get(sessionIdOf(token))
     if (record === undefined) return null

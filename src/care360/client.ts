@@ -2,6 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import { Pool, type Dispatcher } from 'undici'
 import { ApiError, ErrorCode, type ApiErrorOptions } from '../errors.js'
+import { isPromise, type Awaitable } from '../state/awaitable.js'
 
 /**
  * The one module that talks to the Care360 Next API. The organization key is attached here and
@@ -22,12 +23,12 @@ export type UpstreamCallOutcome = 'ok' | 'rejected' | 'auth_failed' | 'rate_limi
  * which then becomes the client's Retry-After.
  */
 export interface UpstreamGate {
-  acquire (endpoint: UpstreamEndpoint): Promise<void>
+  acquire (endpoint: UpstreamEndpoint): Awaitable<void>
   onRateLimited (retryAfterMs: number | null): Promise<number | undefined | void>
 }
 
 export const openGate: UpstreamGate = {
-  async acquire () {},
+  acquire () {},
   async onRateLimited () {}
 }
 
@@ -356,35 +357,51 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   /**
    * One upstream call: the gate, then the exchange, then `read` turning the answer into a result
    * (it throws on an answer it cannot use). The observer hears the outcome of exchange and read.
+   * A promise always, also when the gate refuses at once.
    */
-  async function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
-    await gate.acquire(endpoint)
-    if (observe === undefined) {
-      const { status, envelope } = await send(request, secrets)
-      return read(status, envelope)
-    }
-    const started = performance.now()
+  function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+    let gated: Awaitable<void>
     try {
-      const { status, envelope } = await send(request, secrets)
-      const result = read(status, envelope)
-      observe(endpoint, 'ok', (performance.now() - started) / 1000)
-      return result
+      gated = gate.acquire(endpoint)
     } catch (error) {
-      observe(endpoint, outcomeOf(error), (performance.now() - started) / 1000)
-      throw error
+      return Promise.reject(error)
     }
+    if (isPromise(gated)) return gated.then(() => send(endpoint, request, secrets, read))
+    return send(endpoint, request, secrets, read)
   }
 
-  async function send (request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>): Promise<{ status: number, envelope: Envelope | null }> {
-    let answer: Answer
-    try {
-      answer = await exchange(pool, request, timeoutMs, maxBodyBytes)
-    } catch (error) {
-      throw transportError(error as ExchangeError, request.method)
+  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+    const started = performance.now()
+    function heard (outcome: UpstreamCallOutcome): void {
+      observe?.(endpoint, outcome, (performance.now() - started) / 1000)
     }
-    const { status, headers } = answer
+    return exchange(pool, request, timeoutMs, maxBodyBytes).then(function answered (answer): T | Promise<T> {
+      if (answer.status === 429) {
+        return rateLimited(answer.headers).catch(function heardRateLimited (error: unknown): never {
+          heard('rate_limited')
+          throw error
+        })
+      }
+      try {
+        const result = read(answer.status, usableEnvelope(answer, secrets))
+        heard('ok')
+        return result
+      } catch (error) {
+        heard(outcomeOf(error))
+        throw error
+      }
+    }, function failed (error: unknown): never {
+      const mapped = transportError(error as ExchangeError, request.method)
+      heard(outcomeOf(mapped))
+      throw mapped
+    })
+  }
+
+  /** The envelope of an answer `read` may use (200, 404); any other status is a coded error. */
+  function usableEnvelope (answer: Answer, secrets: Array<string | undefined>): Envelope | null {
+    const { status } = answer
     const envelope = parseEnvelope(answer.body)
-    if (status === 200 || status === 404) return { status, envelope }
+    if (status === 200 || status === 404) return envelope
     if (status === 400) {
       if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
       throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
@@ -401,22 +418,24 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         outcome: 'answered', upstreamStatus: status, cause: new Error('Care360 refused the organization key (HTTP 401)')
       })
     }
-    if (status === 429) {
-      const retryAfterMs = parseRetryAfter(headers['retry-after'])
-      let cooldownMs: number | null = retryAfterMs
-      try {
-        const decided = await gate.onRateLimited(retryAfterMs)
-        if (typeof decided === 'number') cooldownMs = decided
-      } catch {
-        // The client's answer is a 429 either way; a gate that cannot record the cooldown must not
-        // turn it into a 500.
-      }
-      const seconds = Math.max(1, Math.ceil((cooldownMs ?? 0) / 1000))
-      throw new UpstreamError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
-        outcome: 'answered', upstreamStatus: status, headers: { 'Retry-After': String(seconds) }, cause: new Error('Care360 answered HTTP 429')
-      })
-    }
     throw unexpected(status, status >= 500 ? 'server error' : 'status not in its documentation')
+  }
+
+  /** An upstream 429: the gate hears of it (cooldown), and the client gets a 429 with Retry-After. */
+  async function rateLimited (headers: IncomingHttpHeaders): Promise<never> {
+    const retryAfterMs = parseRetryAfter(headers['retry-after'])
+    let cooldownMs: number | null = retryAfterMs
+    try {
+      const decided = await gate.onRateLimited(retryAfterMs)
+      if (typeof decided === 'number') cooldownMs = decided
+    } catch {
+      // The client's answer is a 429 either way; a gate that cannot record the cooldown must not
+      // turn it into a 500.
+    }
+    const seconds = Math.max(1, Math.ceil((cooldownMs ?? 0) / 1000))
+    throw new UpstreamError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
+      outcome: 'answered', upstreamStatus: 429, headers: { 'Retry-After': String(seconds) }, cause: new Error('Care360 answered HTTP 429')
+    })
   }
 
   function baseHeaders (context: CallContext): Record<string, string> {
@@ -424,11 +443,11 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   }
 
   return {
-    async cancelAppointment ({ email, appointmentId, reason }, context) {
+    cancelAppointment ({ email, appointmentId, reason }, context) {
       const payload: CancelRequest = { email, appointmentId }
       if (reason !== undefined) payload.reason = reason
       // Never retried: a cancel whose answer was lost may have happened.
-      return await call('cancel', {
+      return call('cancel', {
         method: 'POST',
         path: `${prefix}${CANCEL_PATH}`,
         headers: { ...baseHeaders(context), 'content-type': 'application/json' },
@@ -449,9 +468,9 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     // Not retried either: undici already validates an idle keep-alive socket before reusing it,
     // so a stale-socket failure is rare, and a retry would draw from the org budget twice and
     // double the worst-case latency of a patient's screen. A failed list is a 502 the app retries.
-    async fetchAppointments (email, context) {
+    fetchAppointments (email, context) {
       const query = new URLSearchParams({ user_email: email })
-      return await call('list', {
+      return call('list', {
         method: 'GET',
         path: `${prefix}${LIST_PATH}?${query.toString()}`,
         headers: baseHeaders(context)

@@ -1,5 +1,7 @@
+import type { Redis } from 'ioredis'
 import type { StoreFallback } from './fallback.js'
 import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * The upstream cooldown: after Care360 answers 429, no replica calls it until the cooldown ends.
@@ -20,12 +22,12 @@ export interface CooldownTrip {
 
 export interface CooldownStore {
   /** Time left in the current cooldown (ms), 0 when none. */
-  remaining: () => Promise<number>
+  remaining: () => Awaitable<number>
   /**
    * Records an upstream 429. `retryAfterMs`: the upstream's own wait, already clamped, or null
    * to back off exponentially; `jitter` in [0, 1) spreads the backoff.
    */
-  trip: (retryAfterMs: number | null, jitter: number) => Promise<CooldownTrip>
+  trip: (retryAfterMs: number | null, jitter: number) => Awaitable<CooldownTrip>
 }
 
 export interface BackoffOptions {
@@ -72,9 +74,10 @@ export interface MemoryCooldownOptions extends BackoffOptions {
   now?: () => number
 }
 
-export type MemoryCooldown = CooldownStore & {
-  remainingNow: () => number
-  tripNow: (retryAfterMs: number | null, jitter: number) => CooldownTrip
+/** The memory cooldown answers at once. */
+export interface MemoryCooldown extends CooldownStore {
+  remaining: () => number
+  trip: (retryAfterMs: number | null, jitter: number) => CooldownTrip
 }
 
 export function createMemoryCooldown (options: MemoryCooldownOptions = {}): MemoryCooldown {
@@ -83,11 +86,11 @@ export function createMemoryCooldown (options: MemoryCooldownOptions = {}): Memo
   let until = 0
   let streak = 0
 
-  function remainingNow (): number {
+  function remaining (): number {
     return Math.max(0, until - now())
   }
 
-  function tripNow (retryAfterMs: number | null, jitter: number): CooldownTrip {
+  function trip (retryAfterMs: number | null, jitter: number): CooldownTrip {
     const at = now()
     const fresh = until <= at
     if (fresh) {
@@ -99,12 +102,7 @@ export function createMemoryCooldown (options: MemoryCooldownOptions = {}): Memo
     return { remainingMs: until - at, fresh }
   }
 
-  return {
-    remainingNow,
-    tripNow,
-    remaining: async () => remainingNow(),
-    trip: async (retryAfterMs, jitter) => tripNow(retryAfterMs, jitter)
-  }
+  return { remaining, trip }
 }
 
 const remainingScript = redisScript('bffCooldownRemaining', 1, `${LUA_NOW_MS}
@@ -151,18 +149,22 @@ export function createRedisCooldown (options: RedisCooldownOptions): CooldownSto
   const backoff = backoffOf(options)
   const memory = options.memory ?? createMemoryCooldown(options)
   const key = `{${options.tag ?? 'bff:budget'}}:cooldown`
+  async function remainingInRedis (redis: Redis): Promise<number> {
+    return Number(await remainingScript(redis, key))
+  }
   return {
-    async remaining () {
-      return await fallback.run(async function remainingInRedis (redis) {
-        return Number(await remainingScript(redis, key))
-      }, memory.remainingNow)
-    },
-    async trip (retryAfterMs, jitter) {
-      return await fallback.run(async function tripInRedis (redis): Promise<CooldownTrip> {
+    remaining: () => fallback.run(remainingInRedis, memory.remaining),
+    trip (retryAfterMs, jitter) {
+      return fallback.run(async function tripInRedis (redis): Promise<CooldownTrip> {
         const reply = await tripScript(redis, key, retryAfterMs ?? -1, jitter, backoff.baseMs, backoff.maxMs, backoff.resetAfterMs, backoff.minMs, backoff.capMs)
         const [remainingMs, fresh] = integers(reply, 2) as [number, number]
         return { remainingMs, fresh: fresh === 1 }
-      }, () => memory.tripNow(retryAfterMs, jitter))
+      }, () => memory.trip(retryAfterMs, jitter))
     }
   }
+}
+
+/** The upstream cooldown of this process: in Redis when one is configured, else in memory. */
+export function createCooldown (options: RedisCooldownOptions): CooldownStore {
+  return options.fallback.redisConfigured ? createRedisCooldown(options) : options.memory ?? createMemoryCooldown(options)
 }

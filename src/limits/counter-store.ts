@@ -1,6 +1,7 @@
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
 import { integers, redisScript } from './redis-script.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * Per-client counters (per IP, per session, cancels per session).
@@ -20,7 +21,7 @@ export interface CounterHit {
 }
 
 export interface CounterStore {
-  hit: (key: string, rate: Rate) => Promise<CounterHit>
+  hit: (key: string, rate: Rate) => Awaitable<CounterHit>
 }
 
 export interface MemoryCounterOptions {
@@ -29,7 +30,12 @@ export interface MemoryCounterOptions {
   maxKeys?: number
 }
 
-export function createMemoryCounterStore (options: MemoryCounterOptions = {}): CounterStore & { hitNow: (key: string, rate: Rate) => CounterHit } {
+/** The memory store answers at once. */
+export interface MemoryCounterStore extends CounterStore {
+  hit: (key: string, rate: Rate) => CounterHit
+}
+
+export function createMemoryCounterStore (options: MemoryCounterOptions = {}): MemoryCounterStore {
   const now = options.now ?? Date.now
   const maxKeys = options.maxKeys ?? 50_000
   const windows = new Map<string, { count: number, endsAt: number }>()
@@ -44,7 +50,7 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): C
     }
   }
 
-  function hitNow (key: string, rate: Rate): CounterHit {
+  function hit (key: string, rate: Rate): CounterHit {
     const at = now()
     let window = windows.get(key)
     if (window === undefined || window.endsAt <= at) {
@@ -57,7 +63,7 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): C
     return { count: window.count, resetMs: window.endsAt - at }
   }
 
-  return { hitNow, hit: async (key, rate) => hitNow(key, rate) }
+  return { hit }
 }
 
 const hitScript = redisScript('bffCounterHit', 1, `
@@ -76,7 +82,7 @@ export interface RedisCounterOptions {
   /** Prefix of every key (one key per client and scope). */
   prefix?: string
   /** The twin that answers while Redis cannot. */
-  memory?: ReturnType<typeof createMemoryCounterStore>
+  memory?: MemoryCounterStore
 }
 
 /** Counts in Redis (one atomic script per hit), in the process's memory while Redis cannot answer. */
@@ -84,11 +90,17 @@ export function createRedisCounterStore (options: RedisCounterOptions): CounterS
   const prefix = options.prefix ?? 'bff:limit:'
   const memory = options.memory ?? createMemoryCounterStore()
   return {
-    async hit (key, rate) {
-      return await options.fallback.run(async function hitInRedis (redis) {
+    hit (key, rate) {
+      return options.fallback.run(async function hitInRedis (redis) {
         const [count, ttl] = integers(await hitScript(redis, `${prefix}${key}`, rate.windowMs), 2) as [number, number]
         return { count, resetMs: Math.max(1, ttl) }
-      }, () => memory.hitNow(key, rate))
+      }, () => memory.hit(key, rate))
     }
   }
+}
+
+/** The per-client counters of this process: in Redis when one is configured, else in memory. */
+export function createCounterStore (options: { fallback: StoreFallback, now?: () => number }): CounterStore {
+  const memory = createMemoryCounterStore({ now: options.now })
+  return options.fallback.redisConfigured ? createRedisCounterStore({ fallback: options.fallback, memory }) : memory
 }

@@ -1,6 +1,7 @@
 import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { SharedState } from '../state/redis.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * Runs a store operation on Redis when it can answer quickly, and on the store's in-memory twin
@@ -9,7 +10,13 @@ import type { SharedState } from '../state/redis.js'
  * shared client's command bound.
  */
 export interface StoreFallback {
-  run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T) => Promise<T>
+  /**
+   * False when no Redis is configured: one process, whose memory is the store of record. Stores
+   * then use their memory twin directly (createOrgBudget, createCooldown, createCounterStore).
+   */
+  readonly redisConfigured: boolean
+  /** The memory twin's answer at once when Redis is not in use, else a promise of Redis's (or of the twin's, after a failure). */
+  run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T) => Awaitable<T>
 }
 
 export interface StoreFallbackOptions {
@@ -72,8 +79,21 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
     log.info('limits: counting in Redis again')
   }
 
+  async function inRedis<T> (viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T, redis: Redis): Promise<T> {
+    try {
+      const result = await within(viaRedis(redis), sharedState.commandTimeoutMs)
+      noteRecovered()
+      return result
+    } catch (error) {
+      pausedUntil = now() + pauseMs
+      noteFallback(error instanceof RedisTimeout ? 'timeout' : 'error')
+      return inMemory()
+    }
+  }
+
   return {
-    async run (viaRedis, inMemory) {
+    redisConfigured: sharedState.redis !== null,
+    run (viaRedis, inMemory) {
       const redis = sharedState.redis
       // No Redis configured: one process, memory is the store of record, nothing to log.
       if (redis === null) return inMemory()
@@ -85,15 +105,7 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
         noteFallback('paused after a failed command')
         return inMemory()
       }
-      try {
-        const result = await within(viaRedis(redis), sharedState.commandTimeoutMs)
-        noteRecovered()
-        return result
-      } catch (error) {
-        pausedUntil = now() + pauseMs
-        noteFallback(error instanceof RedisTimeout ? 'timeout' : 'error')
-        return inMemory()
-      }
+      return inRedis(viaRedis, inMemory, redis)
     }
   }
 }

@@ -1,3 +1,5 @@
+import type { Rate } from '../config.js'
+
 /**
  * `RateLimit-Policy` and `RateLimit` fields, draft-ietf-httpapi-ratelimit-headers-10 syntax:
  * Structured Field Lists with one Item per policy that applied to the request, the Item a String
@@ -11,23 +13,16 @@
  */
 export type PolicyName = 'ip' | 'session' | 'cancel'
 
-export interface PolicyState {
-  policy: PolicyName
-  quota: number
-  windowMs: number
-  remaining: number
-  /** Until the window resets (ms). */
-  resetMs: number
-}
-
 const seconds = (ms: number): number => Math.max(1, Math.ceil(ms / 1000))
 
-export function rateLimitPolicyField (states: readonly PolicyState[]): string {
-  return states.map((state) => `"${state.policy}";q=${state.quota};w=${seconds(state.windowMs)}`).join(', ')
+/** One policy's item of `RateLimit-Policy`: its quota and window (seconds). */
+export function policyItem (policy: PolicyName, rate: Rate): string {
+  return `"${policy}";q=${rate.count};w=${seconds(rate.windowMs)}`
 }
 
-export function rateLimitField (states: readonly PolicyState[]): string {
-  return states.map((state) => `"${state.policy}";r=${Math.max(0, state.remaining)};t=${seconds(state.resetMs)}`).join(', ')
+/** One policy's item of `RateLimit`: what is left (never below 0) and the seconds until the window resets. */
+export function rateLimitItem (policy: PolicyName, remaining: number, resetMs: number): string {
+  return `"${policy}";r=${Math.max(0, remaining)};t=${seconds(resetMs)}`
 }
 
 /** Retry-After (delay-seconds) for a wait in ms: whole seconds, rounded up, at least 1. */

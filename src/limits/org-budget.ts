@@ -1,6 +1,8 @@
+import type { Redis } from 'ioredis'
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
 import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * The org budget (`CV_RATE_LIMIT`): every upstream call, from any replica, takes one admission.
@@ -37,9 +39,9 @@ export type BudgetDecision =
   | { ok: false, retryAfterMs: number }
 
 export interface BudgetStore {
-  take: () => Promise<BudgetDecision>
+  take: () => Awaitable<BudgetDecision>
   /** Multiplicative decrease of the effective limit after an upstream 429. */
-  decrease: () => Promise<void>
+  decrease: () => Awaitable<void>
 }
 
 export interface BudgetOptions extends Rate {
@@ -82,7 +84,11 @@ export interface MemoryBudgetOptions extends BudgetOptions {
   now?: () => number
 }
 
-export type MemoryBudget = BudgetStore & { takeNow: () => BudgetDecision, decreaseNow: () => void }
+/** The memory budget answers at once. */
+export interface MemoryBudget extends BudgetStore {
+  take: () => BudgetDecision
+  decrease: () => void
+}
 
 export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
   const now = options.now ?? Date.now
@@ -101,7 +107,7 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return last === undefined ? at : Math.max(at, last)
   }
 
-  function takeNow (): BudgetDecision {
+  function take (): BudgetDecision {
     const at = clock()
     while (head < log.length && (log[head] as number) < at - windowMs) head += 1
     if (head > 1024 && head * 2 > log.length) { log = log.slice(head); head = 0 }
@@ -115,17 +121,12 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return { ok: false, retryAfterMs: waitMs(log[head + used - limit] as number, used, decreased, at, count, windowMs, recoverMs) }
   }
 
-  function decreaseNow (): void {
+  function decrease (): void {
     const at = clock()
     decreased = { floor: Math.max(1, Math.floor(effectiveLimit(decreased, at, count, recoverMs) * DECREASE_FACTOR)), at }
   }
 
-  return {
-    takeNow,
-    decreaseNow,
-    take: async () => takeNow(),
-    decrease: async () => { decreaseNow() }
-  }
+  return { take, decrease }
 }
 
 // KEYS: log (sorted set), sequence, decrease state. ARGV: count, span (window + guard), recoverMs.
@@ -191,18 +192,16 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const recoverMs = recoverMsOf(options)
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
+  async function takeInRedis (redis: Redis): Promise<BudgetDecision> {
+    const [admitted, value] = integers(await takeScript(redis, ...keys, count, windowMs, recoverMs), 2) as [number, number]
+    return admitted === 1 ? { ok: true, remaining: value } : { ok: false, retryAfterMs: value }
+  }
+  async function decreaseInRedis (redis: Redis): Promise<void> {
+    await decreaseScript(redis, keys[2], count, recoverMs)
+  }
   return {
-    async take () {
-      return await fallback.run(async function takeInRedis (redis): Promise<BudgetDecision> {
-        const [admitted, value] = integers(await takeScript(redis, ...keys, count, windowMs, recoverMs), 2) as [number, number]
-        return admitted === 1 ? { ok: true, remaining: value } : { ok: false, retryAfterMs: value }
-      }, memory.takeNow)
-    },
-    async decrease () {
-      await fallback.run(async function decreaseInRedis (redis) {
-        await decreaseScript(redis, keys[2], count, recoverMs)
-      }, memory.decreaseNow)
-    }
+    take: () => fallback.run(takeInRedis, memory.take),
+    decrease: () => fallback.run(decreaseInRedis, memory.decrease)
   }
 }
 
@@ -228,5 +227,5 @@ export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
     recoverMs: recoverMsOf(options),
     now: options.now
   })
-  return createRedisBudget({ ...options, memory })
+  return options.fallback.redisConfigured ? createRedisBudget({ ...options, memory }) : memory
 }

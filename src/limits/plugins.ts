@@ -1,15 +1,17 @@
+import { isIPv4 } from 'node:net'
+import { Address6 } from 'ip-address'
 import fp from 'fastify-plugin'
-import rateLimit, { normalizeIP, type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler } from 'fastify'
 import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
+import { isPromise } from '../state/awaitable.js'
 import { createStoreFallback, type StoreFallback } from './fallback.js'
-import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from './counter-store.js'
+import { createCounterStore, type CounterHit, type CounterStore } from './counter-store.js'
 import { createOrgBudget } from './org-budget.js'
-import { createRedisCooldown } from './cooldown.js'
+import { createCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
 import type { AppMetrics } from '../metrics.js'
-import { rateLimitField, rateLimitPolicyField, retryAfterSeconds, type PolicyName, type PolicyState } from './headers.js'
+import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
 export interface LimitStores {
   fallback: StoreFallback
@@ -21,7 +23,7 @@ declare module 'fastify' {
     /** The stores behind every limit of this process (one Redis-or-memory decision point). */
     limitStores: LimitStores
     /** `RATE_LIMIT_CANCEL`: the cancel route adds it to its own `onRequest`. */
-    cancelLimit: (request: FastifyRequest, reply: FastifyReply) => Promise<FastifyReply | undefined>
+    cancelLimit: onRequestHookHandler
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
   }
@@ -32,53 +34,68 @@ export interface LimitPluginOptions {
   now?: () => number
 }
 
-type Check = ReturnType<FastifyInstance['createRateLimit']>
-
-/**
- * Adapts our counter store to @fastify/rate-limit's store protocol. `child` returns the same
- * store: the plugin's own children prefix keys with the route (one counter per route), while our
- * keys already carry their scope (`ip:`, `session:`, `cancel:`) and one counter spans all routes.
- */
-function pluginStore (counters: CounterStore): FastifyRateLimitStoreCtor {
-  return class CounterStoreAdapter implements FastifyRateLimitStore {
-    incr (key: string, callback: (error: Error | null, result?: { current: number, ttl: number }) => void, timeWindow: number, max: number): void {
-      counters.hit(key, { count: max, windowMs: timeWindow }).then(
-        (hit) => { callback(null, { current: hit.count, ttl: hit.resetMs }) },
-        (error: Error) => { callback(error) }
-      )
-    }
-
-    child (): FastifyRateLimitStore {
-      return this
-    }
-  }
-}
-
-const applied = new WeakMap<FastifyRequest, PolicyState[]>()
-
 /** The one refusal of every per-client limit; only its Retry-After differs. */
 const RATE_LIMITED = Object.freeze(errorEnvelope(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded'))
 
+/** One per-client limit: its scope, its rate, the policy item it publishes, whom it counts. */
+interface ClientLimit {
+  policy: PolicyName
+  rate: Rate
+  /** `"ip";q=300;w=60`: the same for every request. */
+  policyItem: string
+  /** The counter's key, or null when there is nobody to count (no session). */
+  keyOf: (request: FastifyRequest) => string | null
+}
+
+function clientLimit (policy: PolicyName, rate: Rate, keyOf: ClientLimit['keyOf']): ClientLimit {
+  return { policy, rate, policyItem: policyItem(policy, rate), keyOf }
+}
+
 /**
- * Counts the request against one policy, publishes every policy applied so far in the two
- * fields, and answers 429 over the limit: true when it did, and the hook then returns the reply
- * to end the request there. Answered directly rather than thrown: under a flood most requests end
- * here, and an Error (its stack trace) and the error handler would be paid for each of them.
+ * Publishes this limit beside those applied before it (the fields list every policy that applied
+ * to the request, in order) and answers 429 over the limit. Answered directly rather than thrown:
+ * under a flood most requests end here, and an Error (its stack trace) and the error handler
+ * would be paid for each of them.
  */
-async function enforce (request: FastifyRequest, reply: FastifyReply, policy: PolicyName, check: Check, metrics: AppMetrics | null): Promise<boolean> {
-  const result = await check(request)
-  /* c8 ignore next: only an allowList exempts a request, and none is configured */
-  if (result.isAllowed) return false
-  metrics?.recordLimiter(policy, result.isExceeded)
-  const states = applied.get(request) ?? []
-  applied.set(request, states)
-  states.push({ policy, quota: result.max, windowMs: result.timeWindow, remaining: result.remaining, resetMs: result.ttl })
-  reply.header('ratelimit-policy', rateLimitPolicyField(states))
-  reply.header('ratelimit', rateLimitField(states))
-  if (!result.isExceeded) return false
+function decide (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
+  const exceeded = hit.count > limit.rate.count
+  metrics?.recordLimiter(limit.policy, exceeded)
+  const item = rateLimitItem(limit.policy, limit.rate.count - hit.count, hit.resetMs)
+  const policies = reply.getHeader('ratelimit-policy')
+  if (policies === undefined) {
+    reply.header('ratelimit-policy', limit.policyItem)
+    reply.header('ratelimit', item)
+  } else {
+    reply.header('ratelimit-policy', `${String(policies)}, ${limit.policyItem}`)
+    reply.header('ratelimit', `${String(reply.getHeader('ratelimit'))}, ${item}`)
+  }
+  if (!exceeded) {
+    done()
+    return
+  }
   reply.errorCode = ErrorCode.RATE_LIMITED
-  reply.code(429).header('retry-after', retryAfterSeconds(result.ttl)).send(RATE_LIMITED)
-  return true
+  reply.code(429).header('retry-after', retryAfterSeconds(hit.resetMs)).send(RATE_LIMITED)
+}
+
+/**
+ * The hook of one per-client limit: synchronous when the counters are in memory, waiting for
+ * Redis otherwise. A counter store never fails (it falls back to memory), so a rejection here is
+ * a bug, answered as a bare 500 rather than silently lifting the limit.
+ */
+function limitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+  return function limitRequest (request, reply, done) {
+    const key = limit.keyOf(request)
+    if (key === null) {
+      done()
+      return
+    }
+    const hit = counters.hit(key, limit.rate)
+    if (isPromise(hit)) {
+      hit.then((counted) => { decide(limit, counted, reply, metrics, done) }, done)
+      return
+    }
+    decide(limit, hit, reply, metrics, done)
+  }
 }
 
 /** The app's metrics when it has them (tests build apps from parts without). */
@@ -86,49 +103,58 @@ function metricsOf (app: FastifyInstance): AppMetrics | null {
   return app.hasDecorator('metrics') ? app.metrics : null
 }
 
-function limiter (app: FastifyInstance, rate: Rate, keyOf: (request: FastifyRequest) => string): Check {
-  return app.createRateLimit({ max: rate.count, timeWindow: rate.windowMs, keyGenerator: keyOf })
-}
-
 /**
- * The key of a session (the hooks call it only when there is one): its id, which is already the
- * SHA-256 of the token, never the token. The hooks test `== null`: undefined too, on an app
- * without the session plugin.
+ * A client address as its counter knows it: IPv4 as it is (also when it arrives IPv4-mapped on a
+ * dual-stack socket), IPv6 by its /64, which a single subscriber usually holds whole, so that
+ * one client cannot rotate through its own prefix to escape the limit.
  */
-function sessionKey (request: FastifyRequest): string {
-  return (request.session as { id: string }).id
+export function clientAddress (ip: string): string {
+  if (!ip.includes(':')) return ip
+  if (ip.startsWith('::ffff:') && isIPv4(ip.slice(7))) return ip.slice(7)
+  try {
+    return new Address6(`${ip}/64`).startAddress().correctForm()
+  } catch {
+    // Not an address: X-Forwarded-For text from a TRUST_PROXY peer, which nobody parsed. It is
+    // still one client's key.
+    return ip.toLowerCase()
+  }
 }
 
 function ipKey (request: FastifyRequest): string {
   const ip = request.ip as string | undefined
   /* c8 ignore next: a socket that closed before its request was read has no address any more */
   if (ip === undefined) return 'ip:unknown'
-  return `ip:${normalizeIP(ip)}`
+  return `ip:${clientAddress(ip)}`
+}
+
+/**
+ * The key of a session scope: its id, which is already the SHA-256 of the token, never the token.
+ * `== null`: undefined too, on an app without the session plugin.
+ */
+function sessionKey (scope: 'session' | 'cancel'): ClientLimit['keyOf'] {
+  const prefix = `${scope}:`
+  return function sessionScopedKey (request) {
+    return request.session == null ? null : prefix + request.session.id
+  }
 }
 
 /**
  * `RATE_LIMIT_IP`, on every route and the not-found handler, before authentication. The client
  * IP is `request.ip`: X-Forwarded-For counts only from TRUST_PROXY peers (Fastify's trustProxy).
- * IPv6 clients are keyed by their /64, which a single subscriber usually holds whole.
  *
- * @fastify/rate-limit is used through `createRateLimit` with our store, never through its own
- * hooks: those share one "already ran" flag per request (a second scope would be skipped), count
- * per route, set `x-ratelimit-*` fields, answer 500 with the Redis error text on a store error
- * and wait on a Redis that is down. Our store answers from memory instead of failing.
+ * The counters are ours rather than @fastify/rate-limit's: the contract needs three scopes in its
+ * own order (per IP before authentication, per session and per cancel after it), one counter per
+ * scope across all routes, draft-10 fields instead of `x-ratelimit-*`, and a store that falls back
+ * to memory instead of failing or waiting on a Redis that is down. The plugin's hooks share one
+ * "already ran" flag per request and count per route, so it was used only as a wrapper around our
+ * store, and that wrapper is asynchronous: three promises per scope on every request, about a
+ * tenth of a cancel's CPU (BENCHMARKS.md). These hooks are synchronous on the memory store.
  */
 async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
-  const counters = createRedisCounterStore({ fallback, memory: createMemoryCounterStore({ now: options.now }) })
+  const counters = createCounterStore({ fallback, now: options.now })
   app.decorate('limitStores', { fallback, counters })
-  // skipOnError stays off: our store does not fail on Redis errors, so an error here is a bug,
-  // answered as a bare 500 rather than silently lifting the limit.
-  await app.register(rateLimit, { global: false, store: pluginStore(counters), skipOnError: false })
-
-  const perIp = limiter(app, app.config.limits.ip, ipKey)
-  const metrics = metricsOf(app)
-  app.addHook('onRequest', async function limitPerIp (request, reply) {
-    if (await enforce(request, reply, 'ip', perIp, metrics)) return reply
-  })
+  app.addHook('onRequest', limitHook(counters, clientLimit('ip', app.config.limits.ip, ipKey), metricsOf(app)))
 }
 
 /**
@@ -137,23 +163,14 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
  * upstream gate (org budget and cooldown) for the Care360 client.
  */
 async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
-  const { fallback } = app.limitStores
-  const perSession = limiter(app, app.config.limits.session, (request) => `session:${sessionKey(request)}`)
-  const perCancel = limiter(app, app.config.limits.cancel, (request) => `cancel:${sessionKey(request)}`)
+  const { fallback, counters } = app.limitStores
+  const { limits } = app.config
   const metrics = metricsOf(app)
+  app.addHook('onRequest', limitHook(counters, clientLimit('session', limits.session, sessionKey('session')), metrics))
+  // Without a session the cancel route answers 401 itself: there is nobody to count against.
+  app.decorate('cancelLimit', limitHook(counters, clientLimit('cancel', limits.cancel, sessionKey('cancel')), metrics))
 
-  app.addHook('onRequest', async function limitPerSession (request, reply) {
-    if (request.session == null) return
-    if (await enforce(request, reply, 'session', perSession, metrics)) return reply
-  })
-
-  app.decorate('cancelLimit', async function limitCancels (request: FastifyRequest, reply: FastifyReply) {
-    // Without a session the route answers 401 itself; there is nobody to count against.
-    if (request.session == null) return
-    if (await enforce(request, reply, 'cancel', perCancel, metrics)) return reply
-  })
-
-  const cooldown = createRedisCooldown({ fallback, now: options.now })
+  const cooldown = createCooldown({ fallback, now: options.now })
   app.decorate('upstreamGate', createUpstreamGate({
     budget: createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now }),
     cooldown,

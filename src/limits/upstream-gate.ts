@@ -1,7 +1,8 @@
 import { ApiError, ErrorCode } from '../errors.js'
-import type { BudgetStore } from './org-budget.js'
+import type { BudgetDecision, BudgetStore } from './org-budget.js'
 import { clampRetryAfter, type CooldownStore } from './cooldown.js'
 import { retryAfterSeconds } from './headers.js'
+import { whenReady, type Awaitable } from '../state/awaitable.js'
 
 /**
  * What the Care360 client calls around every upstream call (structurally the client's own
@@ -9,7 +10,8 @@ import { retryAfterSeconds } from './headers.js'
  * answered 429 anyway, returning the cooldown decided (ms), which becomes the client's Retry-After.
  */
 export interface UpstreamGate {
-  acquire: (endpoint: 'cancel' | 'list') => Promise<void>
+  /** Returns (or resolves) when the call may go; throws (or rejects) with a 429 when it may not. */
+  acquire: (endpoint: 'cancel' | 'list') => Awaitable<void>
   onRateLimited: (retryAfterMs: number | null) => Promise<number>
 }
 
@@ -51,25 +53,31 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     knownUntil = Math.max(knownUntil, now() + remainingMs)
   }
 
+  function afterBudget (decision: BudgetDecision): void {
+    record.decision('org_budget', !decision.ok)
+    record.budgetRemaining(decision.ok ? decision.remaining : 0)
+    if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
+  }
+
+  function afterCooldown (cooling: number): Awaitable<void> {
+    if (cooling > 0) {
+      remember(cooling)
+      record.decision('cooldown', true)
+      throw upstreamRateLimited(cooling)
+    }
+    record.decision('cooldown', false)
+    return whenReady(budget.take(), afterBudget)
+  }
+
   return {
     // Both endpoints draw from one budget: the upstream's quota is per organization.
-    async acquire () {
+    acquire () {
       if (knownUntil > now()) {
         record.decision('cooldown', true)
         throw upstreamRateLimited(knownUntil - now())
       }
       // The cooldown first, so that a stopped call does not spend budget.
-      const cooling = await cooldown.remaining()
-      if (cooling > 0) {
-        remember(cooling)
-        record.decision('cooldown', true)
-        throw upstreamRateLimited(cooling)
-      }
-      record.decision('cooldown', false)
-      const decision = await budget.take()
-      record.decision('org_budget', !decision.ok)
-      record.budgetRemaining(decision.ok ? decision.remaining : 0)
-      if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
+      return whenReady(cooldown.remaining(), afterCooldown)
     },
 
     async onRateLimited (retryAfterMs) {

@@ -76,9 +76,9 @@ t.test('the default bounds: at least a second, at most ten minutes', async (t) =
   t.equal(clampRetryAfter(86_400_000), 600_000)
   let now = 0
   const cooldown = createMemoryCooldown({ now: () => now })
-  t.equal(cooldown.tripNow(null, 0).remainingMs, 1000, 'the first backoff is a second')
+  t.equal(cooldown.trip(null, 0).remainingMs, 1000, 'the first backoff is a second')
   now = 5000
-  t.equal(cooldown.tripNow(null, 0.5).remainingMs, 2000)
+  t.equal(cooldown.trip(null, 0.5).remainingMs, 2000)
 })
 
 t.test('redis: one replica trips, the other sees it at once; the key only grows', async (t) => {

@@ -54,17 +54,17 @@ t.test('memory: a flood of keys is bounded (expired windows go first, then the o
   let now = 0
   const store = createMemoryCounterStore({ now: () => now, maxKeys: 3 })
   const rate = { count: 5, windowMs: 100 }
-  store.hitNow('a', rate)
-  store.hitNow('a', rate)
+  store.hit('a', rate)
+  store.hit('a', rate)
   now = 50
-  store.hitNow('b', rate)
-  store.hitNow('c', rate)
-  store.hitNow('d', rate)
-  t.equal(store.hitNow('b', rate).count, 2, 'b kept: the oldest window (a) was dropped')
-  t.equal(store.hitNow('a', rate).count, 1, 'a starts over')
+  store.hit('b', rate)
+  store.hit('c', rate)
+  store.hit('d', rate)
+  t.equal(store.hit('b', rate).count, 2, 'b kept: the oldest window (a) was dropped')
+  t.equal(store.hit('a', rate).count, 1, 'a starts over')
   now = 200
-  store.hitNow('e', rate)
-  t.equal(store.hitNow('e', rate).count, 2)
+  store.hit('e', rate)
+  t.equal(store.hit('e', rate).count, 2)
 })
 
 t.test('redis: exact admission from three clients hitting at once', async (t) => {

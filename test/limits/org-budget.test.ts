@@ -77,25 +77,25 @@ for (const [kind, make] of kinds) {
 t.test('memory: the wait is exactly until the oldest entry leaves the closed span', async (t) => {
   let now = 1000
   const budget = createMemoryBudget({ count: 2, windowMs: 500, guardMs: 20, now: () => now })
-  budget.takeNow()
+  budget.take()
   now = 1100
-  budget.takeNow()
+  budget.take()
   now = 1200
-  t.same(budget.takeNow(), { ok: false, retryAfterMs: 321 }, 'the entry at 1000 counts until 1520 inclusive (window + guard)')
+  t.same(budget.take(), { ok: false, retryAfterMs: 321 }, 'the entry at 1000 counts until 1520 inclusive (window + guard)')
   now = 1520
-  t.equal(budget.takeNow().ok, false)
+  t.equal(budget.take().ok, false)
   now = 1521
-  t.equal(budget.takeNow().ok, true)
+  t.equal(budget.take().ok, true)
 })
 
 t.test('memory: a clock that steps back keeps the log sorted, and a long log is compacted', async (t) => {
   let now = 10_000
   const budget = createMemoryBudget({ count: 2000, windowMs: 100, now: () => now })
-  for (let i = 0; i < 1500; i++) budget.takeNow()
+  for (let i = 0; i < 1500; i++) budget.take()
   now = 9000
-  t.equal(budget.takeNow().ok, true, 'counted at the newest time seen')
+  t.equal(budget.take().ok, true, 'counted at the newest time seen')
   now = 10_200
-  for (let i = 0; i < 5; i++) t.equal(budget.takeNow().ok, true)
+  for (let i = 0; i < 5; i++) t.equal(budget.take().ok, true)
 })
 
 t.test('redis: exact admission from three clients at once', async (t) => {

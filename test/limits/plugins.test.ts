@@ -3,6 +3,7 @@ import { parseItem, parseList, type Item } from 'structured-headers'
 import { startRedis } from '../helpers/redis.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { limitedApp } from './fixtures/app.js'
+import { clientAddress } from '../../src/limits/plugins.js'
 
 const redis = await startRedis(t)
 
@@ -73,6 +74,14 @@ t.test('IPv6 clients are keyed by their /64', async (t) => {
   t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:2:ffff::9' })).statusCode, 200)
   t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:2::7' })).statusCode, 429)
   t.equal((await app.inject({ url: '/a', remoteAddress: '2001:db8:1:3::1' })).statusCode, 200)
+})
+
+t.test('client addresses: IPv4 as it is, also IPv4-mapped; IPv6 by its /64; anything else as its text', async (t) => {
+  t.equal(clientAddress('203.0.113.7'), '203.0.113.7')
+  t.equal(clientAddress('::ffff:203.0.113.7'), '203.0.113.7')
+  t.equal(clientAddress('2001:DB8:1:2:3:4:5:6'), '2001:db8:1:2::')
+  t.equal(clientAddress('::1'), '::')
+  t.equal(clientAddress('Not:An:Address'), 'not:an:address')
 })
 
 t.test('exact admission: three app instances sharing one Redis, 300 concurrent requests', async (t) => {

@@ -14,7 +14,8 @@ import { fallbackOn, maxInAnyWindow, uniqueName } from './fixtures/support.js'
 const redis = await startRedis(t)
 
 async function refusal (t: Test, gate: UpstreamGate): Promise<ApiError> {
-  const error = await gate.acquire('cancel').then(() => null, (caught: unknown) => caught)
+  // A memory gate refuses synchronously, a Redis one by rejecting: either way it is a refusal.
+  const error = await Promise.resolve().then(() => gate.acquire('cancel')).then(() => null, (caught: unknown) => caught)
   t.ok(error instanceof ApiError, 'refused with an ApiError')
   const apiError = error as ApiError
   t.equal(apiError.statusCode, 429)
