@@ -34,6 +34,12 @@ export const REDACT_PATHS = [
 
 type SerializedRequest = { method: string, url: string, remoteAddress?: string }
 
+/** A request's path without its query, which may carry an authorization code (the sign-in callback). */
+export function pathOf (url: string): string {
+  const query = url.indexOf('?')
+  return query === -1 ? url : url.slice(0, query)
+}
+
 export function loggerOptions (config: Config, stream?: DestinationStream): NonNullable<FastifyServerOptions['logger']> {
   return {
     level: config.logLevel,
@@ -41,7 +47,7 @@ export function loggerOptions (config: Config, stream?: DestinationStream): NonN
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     serializers: {
       req: function serializeRequest (request: { method: string, url: string, ip?: string }): SerializedRequest {
-        return { method: request.method, url: request.url.split('?', 1)[0] as string, remoteAddress: request.ip }
+        return { method: request.method, url: pathOf(request.url), remoteAddress: request.ip }
       },
       res: function serializeReply (reply: { statusCode: number }) {
         return { statusCode: reply.statusCode }

@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto'
+import { hash, randomBytes } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
 import type { SharedState } from '../state/redis.js'
@@ -66,13 +66,19 @@ export interface SessionStoreOptions {
 /** 32 random bytes in base64url, unpadded: exactly 43 characters of this alphabet. */
 const TOKEN_SHAPE = /^[A-Za-z0-9_-]{43}$/
 
+/**
+ * The last of the 43 characters carries 4 bits of the token and 2 spare bits, which a canonical
+ * encoding leaves at zero: its value is a multiple of 4.
+ */
+const CANONICAL_LAST = 'AEIMQUYcgkosw048'
+
 export function isWellFormedToken (token: string): boolean {
-  // Canonical encoding only (the last character carries 2 spare bits): one token, one spelling.
-  return TOKEN_SHAPE.test(token) && Buffer.from(token, 'base64url').toString('base64url') === token
+  // Canonical encoding only: one token, one spelling.
+  return TOKEN_SHAPE.test(token) && CANONICAL_LAST.includes(token.charAt(42))
 }
 
 export function sessionIdOf (token: string): string {
-  return createHash('sha256').update(token).digest('base64url')
+  return hash('sha256', token, 'base64url')
 }
 
 function newToken (): string {
@@ -81,7 +87,7 @@ function newToken (): string {
 
 /** Index keys name the subject and IdP session by hash: no identifiers of patients in key names. */
 function indexKey (issuer: string, value: string): string {
-  return createHash('sha256').update(issuer).update('\0').update(value).digest('base64url')
+  return hash('sha256', `${issuer}\0${value}`, 'base64url')
 }
 
 /** Writes of lastSeenAt are skipped while recent: no store write on every request. */
@@ -91,8 +97,9 @@ function touchEveryMs (idleTtlMs: number): number {
 
 interface SessionRecord extends Omit<Session, 'expiresAt'> {}
 
+/** The session a caller sees: read-only, so that no request can change what the store holds. */
 function withExpiry (record: SessionRecord, idleTtlMs: number): Session {
-  return { ...record, expiresAt: Math.min(record.lastSeenAt + idleTtlMs, record.absoluteExpiresAt) }
+  return Object.freeze({ ...record, expiresAt: Math.min(record.lastSeenAt + idleTtlMs, record.absoluteExpiresAt) })
 }
 
 function isLive (record: SessionRecord, idleTtlMs: number, at: number): boolean {
@@ -114,9 +121,13 @@ function newRecord (id: string, input: NewSession, at: number, absoluteTtlMs: nu
   }
 }
 
-/** One process, no Redis. Expired entries are swept lazily on create, so memory stays bounded. */
+/**
+ * One process, no Redis. Expired entries are swept lazily on create, so memory stays bounded. It
+ * holds each session as callers see it (frozen, expiry included), made anew only when the idle
+ * expiry slides: a lookup returns it as it is.
+ */
 export class MemorySessionStore implements SessionStore {
-  readonly #sessions = new Map<string, SessionRecord>()
+  readonly #sessions = new Map<string, Session>()
   readonly #bySubject = new Map<string, Set<string>>()
   readonly #byIdpSession = new Map<string, Set<string>>()
   readonly #idleTtlMs: number
@@ -143,23 +154,26 @@ export class MemorySessionStore implements SessionStore {
     if (at - this.#lastSweep >= this.#sweepEveryMs) this.sweep()
     const token = newToken()
     const record = newRecord(sessionIdOf(token), input, at, this.#absoluteTtlMs)
-    this.#sessions.set(record.id, record)
+    const session = withExpiry(record, this.#idleTtlMs)
+    this.#sessions.set(record.id, session)
     addToIndex(this.#bySubject, indexKey(record.issuer, record.subject), record.id)
     if (record.idpSessionId !== null) addToIndex(this.#byIdpSession, indexKey(record.issuer, record.idpSessionId), record.id)
-    return { token, session: withExpiry(record, this.#idleTtlMs) }
+    return { token, session }
   }
 
   get (token: string): Session | null {
     if (!isWellFormedToken(token)) return null
-    const record = this.#sessions.get(sessionIdOf(token))
-    if (record === undefined) return null
+    const session = this.#sessions.get(sessionIdOf(token))
+    if (session === undefined) return null
     const at = this.#now()
-    if (!isLive(record, this.#idleTtlMs, at)) {
-      this.#delete(record.id)
+    if (!isLive(session, this.#idleTtlMs, at)) {
+      this.#delete(session.id)
       return null
     }
-    if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) record.lastSeenAt = at
-    return withExpiry(record, this.#idleTtlMs)
+    if (at - session.lastSeenAt < touchEveryMs(this.#idleTtlMs)) return session
+    const touched = withExpiry({ ...session, lastSeenAt: at }, this.#idleTtlMs)
+    this.#sessions.set(session.id, touched)
+    return touched
   }
 
   async revoke (token: string): Promise<void> {

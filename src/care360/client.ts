@@ -244,10 +244,12 @@ const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g // esli
 function safeText (value: unknown, secrets: Array<string | undefined>): string | undefined {
   if (typeof value !== 'string') return undefined
   let text = value.replace(UNSAFE, '')
+  let lower = text.toLowerCase()
   for (const secret of secrets) {
     // The common case (no secret in the text) costs a search, not a compiled expression.
-    if (secret === undefined || secret === '' || !text.toLowerCase().includes(secret.toLowerCase())) continue
+    if (secret === undefined || secret === '' || !lower.includes(secret.toLowerCase())) continue
     text = text.replace(new RegExp(secret.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'), 'gi'), '[redacted]')
+    lower = text.toLowerCase()
   }
   text = text.trim()
   if (text === '') return undefined

@@ -1,7 +1,7 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
-import { createSingleFlight, errorSummary, inFlightError, quietly, silentLog, type WarnLog } from './single-flight.js'
+import { createSingleFlight, errorSummary, inFlightError, quietly, silentLog, type SingleFlightResult, type WarnLog } from './single-flight.js'
 import type { IdempotencyStore } from './store.js'
 
 export type { Answer, Attempt, Run } from './settle.js'
@@ -49,7 +49,7 @@ export function parseIdempotencyKey (value: string | string[] | undefined): stri
  */
 export function requestFingerprint (scope: string, appointmentId: string, reason: string | undefined): string {
   const reasonPart = reason === undefined ? 'absent' : `present\0${reason}`
-  return createHash('sha256').update(`${scope}\0cancel\0${appointmentId.toLowerCase()}\0${reasonPart}`).digest('hex')
+  return hash('sha256', `${scope}\0cancel\0${appointmentId.toLowerCase()}\0${reasonPart}`, 'hex')
 }
 
 export interface HandleInput {
@@ -114,9 +114,9 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   })
 
   async function record (scope: string, key: string, token: string, settlement: Settlement, log: WarnLog): Promise<void> {
-    if (settlement.action === 'store') await quietly(store.complete(scope, key, token, settlement.answer, replayTtlMs), log)
-    else if (settlement.action === 'release') await quietly(store.release(scope, key, token), log)
-    else await quietly(store.markUnknown(scope, key, token, replayTtlMs), log)
+    if (settlement.action === 'store') await quietly(() => store.complete(scope, key, token, settlement.answer, replayTtlMs), log)
+    else if (settlement.action === 'release') await quietly(() => store.release(scope, key, token), log)
+    else await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
     // A failed write leaves the record in flight with our token; once that marker expires the next
     // retry resolves the outcome from the upstream, so a lost write never leads to a blind re-send.
   }
@@ -145,46 +145,52 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       state = await input.resolveUnknown()
     } catch (error) {
       // Still unknown: keep it so, for the next retry.
-      await quietly(store.markUnknown(scope, key, token, replayTtlMs), log)
+      await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
       throw error
     }
     if (state === 'not-cancelled') return await owned(scope, key, token, input.run, log)
-    await quietly(store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
+    await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
     return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, replayed: false }
   }
 
-  return {
-    async handle (input) {
-      const log = input.log ?? defaultLog
-      const fingerprint = requestFingerprint(input.scope, input.appointmentId, input.reason)
-      if (input.key === undefined) {
-        const { answer } = await singleFlight.runOnce(input.scope, fingerprint, input.run, log)
-        return { answer, replayed: false }
-      }
-      const { scope } = input
-      const key = `key\0${input.key}`
-      let begun
-      try {
-        begun = await store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs })
-      } catch (error) {
-        // Safety first: without the store we cannot tell a retry from a first request, and
-        // proceeding could send a second cancel for a key the client meant to be sent once.
-        // A 503 with Retry-After costs the patient a retry; a double cancel cannot be undone.
-        log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
-        throw storeUnavailable(error)
-      }
-      switch (begun.kind) {
-        case 'replay':
-          return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, replayed: true }
-        case 'mismatch':
-          throw new ApiError(422, ErrorCode.IDEMPOTENCY_MISMATCH, 'This Idempotency-Key was used with another appointment or reason')
-        case 'in-flight':
-          throw inFlightError(begun.retryAfterMs, 'A request with this Idempotency-Key is still in progress; retry later')
-        case 'started':
-          return await owned(scope, key, begun.token, input.run, log)
-        default:
-          return await resolve(scope, key, begun.token, input, log)
-      }
+  /** A cancel sent with an Idempotency-Key. */
+  async function keyed (input: HandleInput, clientKey: string, fingerprint: string, log: WarnLog): Promise<HandleResult> {
+    const { scope } = input
+    const key = `key\0${clientKey}`
+    let begun
+    try {
+      begun = await store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs })
+    } catch (error) {
+      // Safety first: without the store we cannot tell a retry from a first request, and
+      // proceeding could send a second cancel for a key the client meant to be sent once.
+      // A 503 with Retry-After costs the patient a retry; a double cancel cannot be undone.
+      log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
+      throw storeUnavailable(error)
+    }
+    switch (begun.kind) {
+      case 'replay':
+        return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, replayed: true }
+      case 'mismatch':
+        throw new ApiError(422, ErrorCode.IDEMPOTENCY_MISMATCH, 'This Idempotency-Key was used with another appointment or reason')
+      case 'in-flight':
+        throw inFlightError(begun.retryAfterMs, 'A request with this Idempotency-Key is still in progress; retry later')
+      case 'started':
+        return await owned(scope, key, begun.token, input.run, log)
+      default:
+        return await resolve(scope, key, begun.token, input, log)
     }
   }
+
+  return {
+    handle (input) {
+      const log = input.log ?? defaultLog
+      const fingerprint = requestFingerprint(input.scope, input.appointmentId, input.reason)
+      if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log).then(notReplayed)
+      return keyed(input, input.key, fingerprint, log)
+    }
+  }
+}
+
+function notReplayed ({ answer }: SingleFlightResult): HandleResult {
+  return { answer, replayed: false }
 }

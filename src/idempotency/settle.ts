@@ -48,9 +48,9 @@ export function tracked (): { attempt: Attempt, sendStarted: () => boolean } {
   let started = false
   return {
     attempt: {
-      async send (cancel) {
+      send (cancel) {
         started = true
-        return await cancel()
+        return cancel()
       }
     },
     sendStarted: () => started

@@ -1,7 +1,8 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run } from './settle.js'
-import type { IdempotencyStore } from './store.js'
+import type { BeginResult, IdempotencyStore, StoredAnswer } from './store.js'
+import { isPromise, whenReady, type Awaitable } from '../state/awaitable.js'
 
 /** Where store failures are reported; Fastify's logger fits. */
 export interface WarnLog {
@@ -56,81 +57,101 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const defaultLog = options.log ?? silentLog
   const local = new Map<string, Promise<SingleFlightResult>>()
 
-  async function lead (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<SingleFlightResult> {
+  /**
+   * Runs the cancel as the leader and leaves its answer for followers on other replicas, unless
+   * nothing reached the upstream: then the marker goes and a waiting follower may try itself.
+   */
+  function lead (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<SingleFlightResult> {
     const { attempt, sendStarted } = tracked()
-    let answer: Answer
-    try {
-      answer = await run(attempt)
-    } catch (error) {
-      // Followers on other replicas get the same answer this request gets, unless nothing reached
-      // the upstream: then the marker goes and a waiting follower may try itself.
+    return run(attempt).then(function led (answer): Awaitable<SingleFlightResult> {
+      const settlement = settleAnswer(answer)
+      const written = settlement.action === 'store'
+        ? quietly(() => store.complete(scope, key, token, settlement.answer, shareTtlMs), log)
+        : quietly(() => store.release(scope, key, token), log)
+      const result = { answer, shared: false }
+      return whenReady(written, () => result)
+    }, function failed (error: unknown): Promise<never> {
+      // Followers on other replicas get the same answer this request gets.
       const settlement = settleError(error, sendStarted())
-      if (settlement.action === 'release' || settlement.answer === null) await quietly(store.release(scope, key, token), log)
-      else await quietly(store.complete(scope, key, token, settlement.answer, shareTtlMs), log)
-      throw error
-    }
-    const settlement = settleAnswer(answer)
-    if (settlement.action === 'store') await quietly(store.complete(scope, key, token, settlement.answer, shareTtlMs), log)
-    else await quietly(store.release(scope, key, token), log)
-    return { answer, shared: false }
+      const written = settlement.action === 'release' || settlement.answer === null
+        ? quietly(() => store.release(scope, key, token), log)
+        : quietly(() => store.complete(scope, key, token, settlement.answer as StoredAnswer, shareTtlMs), log)
+      return Promise.resolve(written).then(() => { throw error })
+    })
   }
 
-  async function coordinate (scope: string, fingerprint: string, run: Run, log: WarnLog): Promise<SingleFlightResult> {
+  /**
+   * Without a key the client asked for no retry safety; the shared store only spares the upstream
+   * a duplicate from another replica (which the ownership check and the upstream's own state make
+   * harmless). Refusing every cancel during a Redis outage would be worse, so a store failure
+   * leaves the in-process single flight alone.
+   */
+  function withoutStore (error: unknown, run: Run, log: WarnLog): Promise<SingleFlightResult> {
+    log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
+    const { attempt } = tracked()
+    return run(attempt).then((answer) => ({ answer, shared: false }))
+  }
+
+  /** One look at the shared record: a replay, a leader elsewhere to wait for, or the lead. */
+  function coordinate (scope: string, fingerprint: string, run: Run, log: WarnLog, deadline: number): Awaitable<SingleFlightResult> {
     // Its own namespace: a client's Idempotency-Key can never name a single-flight record.
     const key = `flight\0${fingerprint}`
-    const deadline = Date.now() + waitMs
-    for (;;) {
-      let begun
-      try {
-        begun = await store.begin(scope, key, fingerprint, { ttlMs: inFlightTtlMs, inFlightTtlMs })
-      } catch (error) {
-        // Without a key the client asked for no retry safety; the shared store only spares the
-        // upstream a duplicate from another replica (which the ownership check and the upstream's
-        // own state make harmless). Refusing every cancel during a Redis outage would be worse,
-        // so proceed with the in-process single flight alone.
-        log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
-        const { attempt } = tracked()
-        return { answer: await run(attempt), shared: false }
-      }
-      if (begun.kind === 'replay') return { answer: { ...begun.answer }, shared: true }
-      if (begun.kind === 'in-flight') {
-        const left = deadline - Date.now()
-        if (left <= 0) throw inFlightError(begun.retryAfterMs)
-        await sleep(Math.max(1, Math.min(pollMs, left, begun.retryAfterMs)))
-        continue
-      }
+    function begun (begin: BeginResult): Awaitable<SingleFlightResult> {
+      if (begin.kind === 'replay') return { answer: { ...begin.answer }, shared: true }
+      if (begin.kind === 'in-flight') return follow(scope, fingerprint, begin.retryAfterMs, run, log, deadline)
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
-      if (begun.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
+      if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
       // 'started', or 'unknown-outcome' (a leader died): either way this request now leads.
-      return await lead(scope, key, begun.token, run, log)
+      return lead(scope, key, begin.token, run, log)
     }
+    let begin: Awaitable<BeginResult>
+    try {
+      begin = store.begin(scope, key, fingerprint, { ttlMs: inFlightTtlMs, inFlightTtlMs })
+    } catch (error) {
+      return withoutStore(error, run, log)
+    }
+    if (isPromise(begin)) return begin.then(begun, (error: unknown) => withoutStore(error, run, log))
+    return begun(begin)
+  }
+
+  /** A leader on another replica holds the record: look again until its answer is there, or the wait ends. */
+  async function follow (scope: string, fingerprint: string, retryAfterMs: number, run: Run, log: WarnLog, deadline: number): Promise<SingleFlightResult> {
+    const left = deadline - Date.now()
+    if (left <= 0) throw inFlightError(retryAfterMs)
+    await sleep(Math.max(1, Math.min(pollMs, left, retryAfterMs)))
+    return await coordinate(scope, fingerprint, run, log, deadline)
   }
 
   return {
-    async runOnce (scope, fingerprint, run, log = defaultLog) {
+    runOnce (scope, fingerprint, run, log = defaultLog) {
       const localKey = `${scope}\0${fingerprint}`
       const pending = local.get(localKey)
-      if (pending !== undefined) {
-        const result = await pending
-        return { answer: result.answer, shared: true }
-      }
-      const leader = coordinate(scope, fingerprint, run, log)
+      if (pending !== undefined) return pending.then(sharedResult)
+      const leader = Promise.resolve(coordinate(scope, fingerprint, run, log, Date.now() + waitMs))
       local.set(localKey, leader)
-      try {
-        return await leader
-      } finally {
+      function forget (): void {
         local.delete(localKey)
       }
+      leader.then(forget, forget)
+      return leader
     }
   }
 }
 
+function sharedResult (result: SingleFlightResult): SingleFlightResult {
+  return { answer: result.answer, shared: true }
+}
+
 /** Store writes after the upstream answered never fail the request: the answer is what matters. */
-export async function quietly (write: Promise<boolean>, log: WarnLog): Promise<void> {
-  try {
-    await write
-  } catch (error) {
+export function quietly (write: () => Awaitable<boolean>, log: WarnLog): Awaitable<void> {
+  function warn (error: unknown): void {
     log.warn({ err: errorSummary(error) }, 'idempotency store write failed')
+  }
+  try {
+    const written = write()
+    if (isPromise(written)) return written.then(() => {}, warn)
+  } catch (error) {
+    warn(error)
   }
 }
 

@@ -1,6 +1,7 @@
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, hash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import type { SharedState } from '../state/redis.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 /**
  * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
@@ -36,15 +37,19 @@ export interface BeginOptions {
   inFlightTtlMs: number
 }
 
+/**
+ * The memory store answers at once (every cancel passes it twice, for single flight); the Redis
+ * store answers with a promise. Either may fail: by throwing, or by rejecting.
+ */
 export interface IdempotencyStore {
   /** Atomically claims the record, or says why not. */
-  begin (scope: string, key: string, fingerprint: string, options: BeginOptions): Promise<BeginResult>
+  begin (scope: string, key: string, fingerprint: string, options: BeginOptions): Awaitable<BeginResult>
   /** Stores the answer for `ttlMs`, if `token` still owns the record. */
-  complete (scope: string, key: string, token: string, answer: StoredAnswer, ttlMs: number): Promise<boolean>
+  complete (scope: string, key: string, token: string, answer: StoredAnswer, ttlMs: number): Awaitable<boolean>
   /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
-  markUnknown (scope: string, key: string, token: string, ttlMs: number): Promise<boolean>
+  markUnknown (scope: string, key: string, token: string, ttlMs: number): Awaitable<boolean>
   /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
-  release (scope: string, key: string, token: string): Promise<boolean>
+  release (scope: string, key: string, token: string): Awaitable<boolean>
 }
 
 /** The store could not answer (Redis down, slow, or the memory store full). */
@@ -56,7 +61,7 @@ export class IdempotencyStoreError extends Error {
 }
 
 function sha256 (text: string): string {
-  return createHash('sha256').update(text).digest('hex')
+  return hash('sha256', text, 'hex')
 }
 
 /**
@@ -99,16 +104,15 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
     }
   }
 
-  function live (scope: string, key: string, at: number): [string, MemoryRecord | undefined] {
-    // In-process only, so nothing to hash: the scope is a hash already and the key is at most
-    // 255 characters (parseIdempotencyKey) or a single-flight fingerprint.
-    const mapKey = `${scope}\0${key}`
+  // In-process only, so nothing to hash: the scope is a hash already and the key is at most 255
+  // characters (parseIdempotencyKey) or a single-flight fingerprint.
+  const mapKeyOf = (scope: string, key: string): string => `${scope}\0${key}`
+
+  function live (mapKey: string, at: number): MemoryRecord | undefined {
     const record = records.get(mapKey)
-    if (record !== undefined && record.expiresAt <= at) {
-      records.delete(mapKey)
-      return [mapKey, undefined]
-    }
-    return [mapKey, record]
+    if (record === undefined || record.expiresAt > at) return record
+    records.delete(mapKey)
+    return undefined
   }
 
   function owned (record: MemoryRecord | undefined, token: string): record is MemoryRecord & { state: 'in-flight' } {
@@ -118,10 +122,11 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
   return {
     size: () => records.size,
 
-    async begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
+    begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
       const at = now()
       if (at - lastSweep >= sweepEveryMs) sweep(at)
-      const [mapKey, record] = live(scope, key, at)
+      const mapKey = mapKeyOf(scope, key)
+      const record = live(mapKey, at)
       const expiresAt = at + Math.max(ttlMs, inFlightTtlMs)
       if (record === undefined) {
         if (records.size >= maxEntries) sweep(at)
@@ -140,9 +145,10 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       return { kind: 'unknown-outcome', token }
     },
 
-    async complete (scope, key, token, answer, ttlMs) {
+    complete (scope, key, token, answer, ttlMs) {
       const at = now()
-      const [mapKey, record] = live(scope, key, at)
+      const mapKey = mapKeyOf(scope, key)
+      const record = live(mapKey, at)
       if (!owned(record, token)) return false
       records.set(mapKey, {
         state: 'done',
@@ -156,16 +162,18 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       return true
     },
 
-    async markUnknown (scope, key, token, ttlMs) {
+    markUnknown (scope, key, token, ttlMs) {
       const at = now()
-      const [mapKey, record] = live(scope, key, at)
+      const mapKey = mapKeyOf(scope, key)
+      const record = live(mapKey, at)
       if (!owned(record, token)) return false
       records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, expiresAt: at + ttlMs })
       return true
     },
 
-    async release (scope, key, token) {
-      const [mapKey, record] = live(scope, key, now())
+    release (scope, key, token) {
+      const mapKey = mapKeyOf(scope, key)
+      const record = live(mapKey, now())
       if (!owned(record, token)) return false
       records.delete(mapKey)
       return true

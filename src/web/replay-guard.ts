@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import type { SharedState } from '../state/redis.js'
 import { sessionStoreUnavailable } from '../auth/session-store.js'
 
@@ -19,7 +19,7 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
   if (redis !== null) {
     return {
       async firstUse (id, ttlMs) {
-        const key = `${prefix}${createHash('sha256').update(id).digest('base64url')}`
+        const key = `${prefix}${hash('sha256', id, 'base64url')}`
         try {
           return (await redis.set(key, '1', 'PX', ttlMs, 'NX')) === 'OK'
         } catch (error) {

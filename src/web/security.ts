@@ -2,8 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import helmet, { type HelmetOptions } from 'helmet'
 import cookie from '@fastify/cookie'
-import cors from '@fastify/cors'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, onRequestHookHandler } from 'fastify'
 
 /**
  * Browser-facing protections of a JSON API: security headers on every answer, cookie parsing for
@@ -14,8 +13,16 @@ import type { FastifyInstance } from 'fastify'
 export const CORS_ALLOWED_HEADERS = ['content-type', 'x-csrf', 'idempotency-key', 'authorization', 'x-request-id']
 /** Answer headers a web app's script may read. */
 export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'ratelimit', 'ratelimit-policy', 'idempotent-replayed']
+const CORS_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE']
+/** How long a browser may cache a preflight's grant (seconds). */
+const CORS_MAX_AGE = 600
 
-/** helmet's options for a JSON API. */
+/**
+ * helmet's options for a JSON API: the headers of the OWASP REST Security Cheat Sheet (CSP with
+ * frame-ancestors, HSTS, nosniff, X-Frame-Options), Referrer-Policy and CORP. Headers that only
+ * act on documents a browser renders or on plug-ins are off: this service never answers HTML,
+ * and each header is written on every answer.
+ */
 const HELMET: Readonly<HelmetOptions> = {
   // Nothing we answer is a document: it may load nothing, run nothing and be framed by no one.
   contentSecurityPolicy: {
@@ -27,19 +34,27 @@ const HELMET: Readonly<HelmetOptions> = {
   strictTransportSecurity: { maxAge: 31_536_000, includeSubDomains: false },
   // The sign-in redirects carry an authorization code in the URL: never in a Referer.
   referrerPolicy: { policy: 'no-referrer' },
+  // No other site may embed an answer (Spectre-style reads of no-cors responses).
   crossOriginResourcePolicy: { policy: 'same-origin' },
-  crossOriginOpenerPolicy: { policy: 'same-origin' },
-  xFrameOptions: { action: 'deny' }
+  xFrameOptions: { action: 'deny' },
+  // Browsing-context and document isolation: no document here to isolate.
+  crossOriginOpenerPolicy: false,
+  originAgentCluster: false,
+  // HTML prefetching, IE8 downloads, Flash and PDF cross-domain policies, the legacy XSS auditor.
+  xDnsPrefetchControl: false,
+  xDownloadOptions: false,
+  xPermittedCrossDomainPolicies: false,
+  xXssProtection: false
 }
 
 /**
- * The headers helmet sets for these options, computed once. Every one of them is the same for
- * every answer (no CSP nonces, no per-request directives), so they are recorded from one run of
- * helmet's middleware on a stand-in response and then copied onto each reply. @fastify/helmet
- * would call `helmet(options)` again on every request, re-parsing the options each time, in two
- * hooks: a measurable share of the CPU a whole cancel costs.
+ * The headers every answer carries, computed once: helmet's for these options (none of them
+ * varies per request: no CSP nonces) and `Vary: Origin`, since whether an answer carries a CORS
+ * grant depends on the request's Origin (Fetch, CORS protocol and HTTP caches). They are recorded
+ * from one run of helmet's middleware on a stand-in response, then copied onto each reply.
+ * @fastify/helmet would call `helmet(options)` again on every request, in two hooks.
  */
-function securityHeaders (): Readonly<Record<string, string>> {
+export function answerHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
   const recorder = {
     setHeader (name: string, value: string) { headers[name.toLowerCase()] = value },
@@ -47,29 +62,56 @@ function securityHeaders (): Readonly<Record<string, string>> {
   }
   // helmet 8 throws on bad options rather than passing an error to `next`.
   helmet(HELMET)({} as IncomingMessage, recorder as unknown as ServerResponse, () => {})
+  headers.vary = 'Origin'
   return Object.freeze(headers)
 }
 
+/**
+ * CORS with credentials, for the exact origins configured (never a reflection of whatever Origin
+ * came in). A request from an allowed origin gets the grant; any other gets none, which is how a
+ * browser is told no. Every OPTIONS request is answered here, before the limits and the router:
+ * a preflight from an allowed origin with the methods and headers it may use, anything else with
+ * a bare 204 (an OPTIONS request that is no preflight asks for nothing).
+ *
+ * Written here rather than with @fastify/cors: the policy is a set lookup, and the plugin's hook
+ * copied its options, built closures and wrote three fields on every answer, also to the mobile
+ * app's requests, which carry no Origin.
+ */
+function corsHook (allowedOrigins: ReadonlySet<string>): onRequestHookHandler {
+  const methods = CORS_METHODS.join(', ')
+  const allowedHeaders = CORS_ALLOWED_HEADERS.join(', ')
+  const exposedHeaders = CORS_EXPOSED_HEADERS.join(', ')
+  return function cors (request, reply, done) {
+    const origin = request.headers.origin
+    const granted = origin !== undefined && allowedOrigins.has(origin)
+    if (granted) {
+      reply.header('access-control-allow-origin', origin)
+      reply.header('access-control-allow-credentials', 'true')
+    }
+    if (request.method !== 'OPTIONS') {
+      if (granted) reply.header('access-control-expose-headers', exposedHeaders)
+      done()
+      return
+    }
+    if (granted && request.headers['access-control-request-method'] !== undefined) {
+      reply.header('access-control-allow-methods', methods)
+      reply.header('access-control-allow-headers', allowedHeaders)
+      reply.header('access-control-max-age', String(CORS_MAX_AGE))
+    }
+    // Safari waits for a body without an explicit length.
+    reply.code(204).header('content-length', '0').send()
+  }
+}
+
 async function webSecurity (app: FastifyInstance): Promise<void> {
-  const headers = securityHeaders()
+  const headers = answerHeaders()
   // Synchronous: no promise per request for a copy of constant headers.
   app.addHook('onRequest', function applySecurityHeaders (_request, reply, done) {
     reply.headers(headers)
     done()
   })
   await app.register(cookie, { hook: 'onRequest' })
-  await app.register(cors, {
-    // Exact origins only (config normalises them), never a reflection of whatever Origin came in.
-    origin: app.config.corsOrigins,
-    credentials: true,
-    methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'],
-    allowedHeaders: CORS_ALLOWED_HEADERS,
-    exposedHeaders: CORS_EXPOSED_HEADERS,
-    maxAge: 600,
-    // An OPTIONS request without preflight headers gets a plain 204 rather than the plugin's
-    // 400 text/plain, which would be an answer outside the envelope.
-    strictPreflight: false
-  })
+  app.addHook('onRequest', corsHook(new Set(app.config.corsOrigins)))
 }
 
 export const webSecurityPlugin = fp(webSecurity, { name: 'web-security', fastify: '5.x', dependencies: ['answers'] })

@@ -160,6 +160,28 @@ t.test('store unavailable: a key-less cancel proceeds with the in-process single
   t.same(await quiet.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: false }, 'no logger: silent')
 })
 
+t.test('a store failing at once (a full memory store, a synchronous bug) is treated as one failing later', async (t) => {
+  const warnings: string[] = []
+  const full = createMemoryIdempotencyStore({ maxEntries: 0 })
+  const flight = createSingleFlight({ store: full, inFlightTtlMs: 1000, log: { warn: (_object, message) => warnings.push(message) } })
+  const cancel = fakeCancel()
+  t.same(await flight.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: false }, 'a full store: the cancel still runs')
+  t.equal(cancel.sends(), 1)
+  t.same(warnings, ['idempotency store unavailable: single flight is per process'])
+
+  warnings.length = 0
+  const memory = createMemoryIdempotencyStore()
+  const throwing: IdempotencyStore = {
+    begin: memory.begin,
+    complete: () => { throw new Error('complete broke') },
+    markUnknown: memory.markUnknown,
+    release: () => { throw new Error('release broke') }
+  }
+  const writes = createSingleFlight({ store: throwing, inFlightTtlMs: 1000, log: { warn: (_object, message) => warnings.push(message) } })
+  t.same(await writes.runOnce(SCOPE, FP, fakeCancel().run), { answer: CANCELLED, shared: false }, 'a failed write never fails the answer')
+  t.same(warnings, ['idempotency store write failed'])
+})
+
 t.test('errorSummary never carries more than the error\'s name and message', async (t) => {
   t.same(errorSummary(new RangeError('x')), { type: 'RangeError', message: 'x' })
   t.same(errorSummary('text'), { type: 'string', message: 'text' })
