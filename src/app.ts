@@ -4,7 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
 import { answersPlugin, clientErrorAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
-import { accessLogPlugin, loggerOptions } from './logging.js'
+import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { healthRoutes } from './routes/health.js'
 import { appointmentRoutes } from './routes/appointments.js'
@@ -46,6 +46,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     // One access line per request, written by the access-log plugin, instead of Fastify's two.
     logController: new LogController({ disableRequestLogging: true }),
     genReqId: requestIdFor,
+    childLoggerFactory: deferredChildLogger,
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,

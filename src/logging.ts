@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyReply, FastifyRequest, FastifyServerOptions, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest, FastifyServerOptions, HookHandlerDoneFunction } from 'fastify'
+import type { Bindings, ChildLoggerOptions } from 'pino'
 import type { DestinationStream } from 'pino'
 import { afterEveryAnswer } from './plugins/after-answer.js'
 import type { Config } from './config.js'
@@ -54,6 +55,53 @@ export function loggerOptions (config: Config, stream?: DestinationStream): NonN
       }
     }
   }
+}
+
+type LogMethod = (...args: unknown[]) => void
+type Level = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
+
+/**
+ * `request.log`, made when the request first logs. Fastify makes a pino child per request, whose
+ * bindings (the request id) pass the redaction paths, and most requests never log through it:
+ * their one line is the access line, written by its own logger. This stands in for the child
+ * until something is logged, then hands every call to the real child.
+ */
+class DeferredChildLogger {
+  readonly #parent: FastifyBaseLogger
+  readonly #bindings: Bindings
+  readonly #options: ChildLoggerOptions
+  #child: FastifyBaseLogger | null = null
+
+  constructor (parent: FastifyBaseLogger, bindings: Bindings, options: ChildLoggerOptions) {
+    this.#parent = parent
+    this.#bindings = bindings
+    this.#options = options
+  }
+
+  #logger (): FastifyBaseLogger {
+    this.#child ??= this.#parent.child(this.#bindings, this.#options)
+    return this.#child
+  }
+
+  #log (level: Level, args: unknown[]): void {
+    (this.#logger()[level] as LogMethod)(...args)
+  }
+
+  get level (): string { return this.#child?.level ?? this.#options.level ?? this.#parent.level }
+  set level (level: string) { this.#logger().level = level }
+  fatal (...args: unknown[]): void { this.#log('fatal', args) }
+  error (...args: unknown[]): void { this.#log('error', args) }
+  warn (...args: unknown[]): void { this.#log('warn', args) }
+  info (...args: unknown[]): void { this.#log('info', args) }
+  debug (...args: unknown[]): void { this.#log('debug', args) }
+  trace (...args: unknown[]): void { this.#log('trace', args) }
+  silent (...args: unknown[]): void { this.#log('silent', args) }
+  child (bindings: Bindings, options?: ChildLoggerOptions): FastifyBaseLogger { return this.#logger().child(bindings, options) }
+}
+
+/** Fastify's `childLoggerFactory` (app.ts): a deferred child per request. */
+export function deferredChildLogger (logger: FastifyBaseLogger, bindings: Bindings, options: ChildLoggerOptions): FastifyBaseLogger {
+  return new DeferredChildLogger(logger, bindings, options) as unknown as FastifyBaseLogger
 }
 
 declare module 'fastify' {

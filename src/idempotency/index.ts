@@ -75,6 +75,11 @@ export interface HandleResult {
 
 export interface IdempotencyOptions {
   store: IdempotencyStore
+  /**
+   * False when this process is the only one (no Redis): key-less cancels then meet in its memory
+   * without a store call. True by default: other replicas find the leader through `store`.
+   */
+  replicated?: boolean
   /** See `inFlightTtlFor`. */
   inFlightTtlMs: number
   replayTtlMs?: number
@@ -105,7 +110,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   const replayTtlMs = options.replayTtlMs ?? REPLAY_TTL_MS
   const defaultLog = options.log ?? silentLog
   const singleFlight = createSingleFlight({
-    store,
+    store: options.replicated === false ? null : store,
     inFlightTtlMs,
     shareTtlMs: options.shareTtlMs,
     waitMs: options.followerWaitMs,

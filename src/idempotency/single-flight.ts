@@ -10,13 +10,18 @@ export interface WarnLog {
 }
 
 export interface SingleFlightOptions {
-  store: IdempotencyStore
+  /**
+   * Where followers on other replicas find the leader (Redis). Null when this process is the
+   * only one: overlapping cancels then meet in its memory alone, without a store call.
+   */
+  store: IdempotencyStore | null
   /** How long a leader may run before followers presume it dead and take over. */
   inFlightTtlMs: number
   /**
-   * How long a finished leader's answer stays for followers still polling (ms). Short on purpose:
-   * long enough for a poll (every `pollMs`) to see it, so a double tap shares one call, but a
-   * patient's deliberate retry a moment later is a new request, not a replay.
+   * How long a finished leader's answer stays for followers (ms). Short on purpose: long enough
+   * for a poll (every `pollMs`) to see it, and for a double tap that comes just after the first
+   * answer to share it, but a patient's deliberate retry a moment later is a new request, not a
+   * replay.
    */
   shareTtlMs?: number
   /** The longest a follower on another replica waits before answering 409 (ms). */
@@ -24,6 +29,7 @@ export interface SingleFlightOptions {
   /** How often such a follower looks again (ms). */
   pollMs?: number
   log?: WarnLog
+  now?: () => number
 }
 
 export interface SingleFlightResult {
@@ -49,6 +55,36 @@ export function inFlightError (retryAfterMs: number, message = 'An identical req
 
 export const silentLog: WarnLog = { warn () {} }
 
+/**
+ * Finished leaders' answers, each served for `ttlMs` after it was set. Two generations of maps
+ * instead of an expiry per entry: entries go in the current one, which becomes the previous one
+ * after `ttlMs`, which is dropped whole after another `ttlMs`. No timer and no sweep per entry.
+ */
+function recentAnswers (ttlMs: number, now: () => number): { get: (key: string) => Answer | undefined, set: (key: string, answer: Answer) => void } {
+  let current = new Map<string, { answer: Answer, until: number }>()
+  let previous = new Map<string, { answer: Answer, until: number }>()
+  let since = now()
+  function rotate (at: number): void {
+    if (at - since < ttlMs) return
+    previous = at - since < 2 * ttlMs ? current : new Map()
+    current = new Map()
+    since = at
+  }
+  return {
+    get (key) {
+      const at = now()
+      rotate(at)
+      const entry = current.get(key) ?? previous.get(key)
+      return entry !== undefined && entry.until > at ? entry.answer : undefined
+    },
+    set (key, answer) {
+      const at = now()
+      rotate(at)
+      current.set(key, { answer, until: at + ttlMs })
+    }
+  }
+}
+
 export function createSingleFlight (options: SingleFlightOptions): SingleFlight {
   const { store, inFlightTtlMs } = options
   const shareTtlMs = options.shareTtlMs ?? 500
@@ -56,12 +92,33 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const pollMs = options.pollMs ?? 50
   const defaultLog = options.log ?? silentLog
   const local = new Map<string, Promise<SingleFlightResult>>()
+  const recent = recentAnswers(shareTtlMs, options.now ?? Date.now)
+
+  /**
+   * The leader when this process is the only one: its answer (or the error answer a store would
+   * keep, see settle.ts) stays for `shareTtlMs` for a late double tap.
+   */
+  function leadHere (localKey: string, run: Run): Promise<SingleFlightResult> {
+    const { attempt, sendStarted } = tracked()
+    const leader = run(attempt).then(function led (answer): SingleFlightResult {
+      local.delete(localKey)
+      if (settleAnswer(answer).action === 'store') recent.set(localKey, answer)
+      return { answer, shared: false }
+    }, function failed (error: unknown): never {
+      local.delete(localKey)
+      const settlement = settleError(error, sendStarted())
+      if (settlement.action !== 'release' && settlement.answer !== null) recent.set(localKey, settlement.answer)
+      throw error
+    })
+    local.set(localKey, leader)
+    return leader
+  }
 
   /**
    * Runs the cancel as the leader and leaves its answer for followers on other replicas, unless
    * nothing reached the upstream: then the marker goes and a waiting follower may try itself.
    */
-  function lead (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<SingleFlightResult> {
+  function lead (store: IdempotencyStore, scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<SingleFlightResult> {
     const { attempt, sendStarted } = tracked()
     return run(attempt).then(function led (answer): Awaitable<SingleFlightResult> {
       const settlement = settleAnswer(answer)
@@ -93,16 +150,16 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   }
 
   /** One look at the shared record: a replay, a leader elsewhere to wait for, or the lead. */
-  function coordinate (scope: string, fingerprint: string, run: Run, log: WarnLog, deadline: number): Awaitable<SingleFlightResult> {
+  function coordinate (store: IdempotencyStore, scope: string, fingerprint: string, run: Run, log: WarnLog, deadline: number): Awaitable<SingleFlightResult> {
     // Its own namespace: a client's Idempotency-Key can never name a single-flight record.
     const key = `flight\0${fingerprint}`
     function begun (begin: BeginResult): Awaitable<SingleFlightResult> {
       if (begin.kind === 'replay') return { answer: { ...begin.answer }, shared: true }
-      if (begin.kind === 'in-flight') return follow(scope, fingerprint, begin.retryAfterMs, run, log, deadline)
+      if (begin.kind === 'in-flight') return follow(store, scope, fingerprint, begin.retryAfterMs, run, log, deadline)
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
       if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
       // 'started', or 'unknown-outcome' (a leader died): either way this request now leads.
-      return lead(scope, key, begin.token, run, log)
+      return lead(store, scope, key, begin.token, run, log)
     }
     let begin: Awaitable<BeginResult>
     try {
@@ -115,11 +172,11 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   }
 
   /** A leader on another replica holds the record: look again until its answer is there, or the wait ends. */
-  async function follow (scope: string, fingerprint: string, retryAfterMs: number, run: Run, log: WarnLog, deadline: number): Promise<SingleFlightResult> {
+  async function follow (store: IdempotencyStore, scope: string, fingerprint: string, retryAfterMs: number, run: Run, log: WarnLog, deadline: number): Promise<SingleFlightResult> {
     const left = deadline - Date.now()
     if (left <= 0) throw inFlightError(retryAfterMs)
     await sleep(Math.max(1, Math.min(pollMs, left, retryAfterMs)))
-    return await coordinate(scope, fingerprint, run, log, deadline)
+    return await coordinate(store, scope, fingerprint, run, log, deadline)
   }
 
   return {
@@ -127,7 +184,11 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
       const localKey = `${scope}\0${fingerprint}`
       const pending = local.get(localKey)
       if (pending !== undefined) return pending.then(sharedResult)
-      const leader = Promise.resolve(coordinate(scope, fingerprint, run, log, Date.now() + waitMs))
+      if (store === null) {
+        const answer = recent.get(localKey)
+        return answer === undefined ? leadHere(localKey, run) : Promise.resolve({ answer, shared: true })
+      }
+      const leader = Promise.resolve(coordinate(store, scope, fingerprint, run, log, Date.now() + waitMs))
       local.set(localKey, leader)
       function forget (): void {
         local.delete(localKey)

@@ -45,6 +45,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
 
   const idempotency = createIdempotency({
     store: idempotencyStoreFor(app.sharedState),
+    replicated: app.sharedState.redis !== null,
     inFlightTtlMs: inFlightTtlFor(config.care360.timeoutMs)
   })
 

@@ -64,6 +64,52 @@ t.test('in process: a shared answer says so', async (t) => {
   t.equal(follower.shared, true)
 })
 
+t.test('one process, no store: overlapping cancels share the leader, and a late double tap its answer for shareTtlMs', async (t) => {
+  let clock = 1_000
+  const flight = createSingleFlight({ store: null, inFlightTtlMs: 5000, shareTtlMs: 500, now: () => clock })
+  const cancel = fakeCancel({ delayMs: 20 })
+  const overlapping = await Promise.all([flight.runOnce(SCOPE, FP, cancel.run), flight.runOnce(SCOPE, FP, cancel.run)])
+  t.same(overlapping.map((result) => result.shared), [false, true])
+  t.equal(cancel.sends(), 1)
+  clock += 499
+  t.same(await flight.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: true }, 'just after: the same answer')
+  t.equal(cancel.sends(), 1)
+  clock += 1
+  t.same(await flight.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: false }, 'once shareTtlMs has passed: a new request')
+  t.equal(cancel.sends(), 2)
+  const other = 'e'.repeat(64)
+  clock = 1_900
+  t.same((await flight.runOnce(SCOPE, other, cancel.run)).shared, false, 'another request')
+  clock = 2_100
+  t.same((await flight.runOnce(SCOPE, other, cancel.run)).shared, true, 'kept across a change of generation')
+  clock = 5_000
+  t.same((await flight.runOnce(SCOPE, other, cancel.run)).shared, false, 'both generations gone')
+  t.equal(cancel.sends(), 4)
+})
+
+t.test('one process, no store: what a store would keep is kept, what it would release is not', async (t) => {
+  const flight = createSingleFlight({ store: null, inFlightTtlMs: 5000 })
+  const outcomes: Array<[string, () => Promise<never>, boolean]> = [
+    ['an answered upstream error', async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }, true],
+    ['an unknown outcome', async () => { throw upstreamError('unknown') }, true],
+    ['nothing sent', async () => { throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE) }, false],
+    ['our own bug', async () => { throw new TypeError('bug') }, false]
+  ]
+  for (const [label, step, kept] of outcomes) {
+    const fingerprint = label.replace(/\W/g, '-')
+    const failing = fakeCancel({ cancel: [step] })
+    await t.rejects(flight.runOnce(SCOPE, fingerprint, failing.run), Error, `${label}: the leader gets the error`)
+    const again = fakeCancel()
+    const next = await flight.runOnce(SCOPE, fingerprint, again.run)
+    t.equal(next.shared, kept, `${label}: ${kept ? 'its error answer is shared' : 'the next request runs'}`)
+    if (kept) t.match(next.answer, { body: { success: false } })
+    t.equal(again.sends(), kept ? 0 : 1)
+  }
+  const limited = fakeCancel({ cancel: [async () => ({ statusCode: 429, body: { status: 429, success: false, message: 'busy', code: ErrorCode.UPSTREAM_RATE_LIMITED } })] })
+  t.equal((await flight.runOnce(SCOPE, 'limited', limited.run)).answer.statusCode, 429)
+  t.equal((await flight.runOnce(SCOPE, 'limited', fakeCancel().run)).shared, false, 'a 429 is no answer to keep')
+})
+
 function twoReplicas (store1: IdempotencyStore, store2: IdempotencyStore, extra: Partial<SingleFlightOptions> = {}) {
   const options = { inFlightTtlMs: 2000, pollMs: 10, ...extra }
   return [createSingleFlight({ store: store1, ...options }), createSingleFlight({ store: store2, ...options })] as const

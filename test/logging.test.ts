@@ -1,0 +1,54 @@
+import t from 'tap'
+import { Writable } from 'node:stream'
+import pino from 'pino'
+import { deferredChildLogger, pathOf } from '../src/logging.js'
+
+function capture (): { lines: Array<Record<string, unknown>>, stream: Writable } {
+  const lines: Array<Record<string, unknown>> = []
+  const stream = new Writable({ write (chunk, _encoding, done) { lines.push(JSON.parse(chunk.toString())); done() } })
+  return { lines, stream }
+}
+
+t.test('the deferred request logger: no child until the first line, then the child with its bindings', async (t) => {
+  const { lines, stream } = capture()
+  const parent = pino({ level: 'trace' }, stream)
+  let children = 0
+  const counting = Object.assign(Object.create(parent) as typeof parent, {
+    child (...args: Parameters<typeof parent.child>) { children += 1; return parent.child(...args) }
+  })
+  const log = deferredChildLogger(counting, { reqId: 'r-1' }, {})
+  t.equal(log.level, 'trace', 'the parent\'s level while there is no child')
+  t.equal(children, 0, 'nothing made yet')
+  log.trace('t')
+  log.debug({ a: 1 }, 'd')
+  log.info('i')
+  log.warn('w')
+  log.error('e')
+  log.fatal('f')
+  log.silent('never written')
+  t.equal(children, 1, 'one child, made once')
+  t.same(lines.map((line) => [line.level, line.msg, line.reqId]), [
+    [10, 't', 'r-1'], [20, 'd', 'r-1'], [30, 'i', 'r-1'], [40, 'w', 'r-1'], [50, 'e', 'r-1'], [60, 'f', 'r-1']
+  ])
+  t.equal(lines[1]?.a, 1)
+  log.level = 'error'
+  t.equal(log.level, 'error', 'the child\'s level once there is one')
+  log.info('dropped')
+  log.child({ step: 'inner' }).error('x')
+  t.same(lines.at(-1), { ...lines.at(-1), msg: 'x', reqId: 'r-1', step: 'inner' })
+  t.equal(lines.length, 7)
+})
+
+t.test('the deferred request logger takes a level of its own from Fastify\'s options', async (t) => {
+  const parent = pino({ level: 'info' }, capture().stream)
+  t.equal(deferredChildLogger(parent, { reqId: 'r-2' }, { level: 'warn' }).level, 'warn')
+  const early = deferredChildLogger(parent, { reqId: 'r-3' }, {})
+  early.level = 'debug'
+  t.equal(early.level, 'debug', 'a level set first makes the child')
+})
+
+t.test('pathOf drops the query, whatever it holds', async (t) => {
+  t.equal(pathOf('/auth/callback?code=secret&state=x'), '/auth/callback')
+  t.equal(pathOf('/appointments'), '/appointments')
+  t.equal(pathOf('/?'), '/')
+})
