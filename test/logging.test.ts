@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
 import pino from 'pino'
-import { deferredChildLogger, pathOf } from '../src/logging.js'
+import { deferredChildLogger, pathOf, REDACT_PATHS } from '../src/logging.js'
 
 function capture (): { lines: Array<Record<string, unknown>>, stream: Writable } {
   const lines: Array<Record<string, unknown>> = []
@@ -51,4 +51,15 @@ t.test('pathOf drops the query, whatever it holds', async (t) => {
   t.equal(pathOf('/auth/callback?code=secret&state=x'), '/auth/callback')
   t.equal(pathOf('/appointments'), '/appointments')
   t.equal(pathOf('/?'), '/')
+})
+
+t.test('the redaction paths censor reasons wherever they are, so operator fields are named otherwise', async (t) => {
+  const { lines, stream } = capture()
+  const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, stream)
+  log.info({ reason: 'my symptoms', nested: { reason: 'my symptoms' } }, 'a reason')
+  log.warn({ limits: { cause: 'timeout' } }, 'limits: Redis unavailable, counting in per-process memory')
+  log.info({ refusal: 'expired' }, 'logout token refused')
+  t.same([lines[0]?.reason, (lines[0]?.nested as { reason?: string }).reason], ['[redacted]', '[redacted]'])
+  t.same(lines[1]?.limits, { cause: 'timeout' }, 'the fallback says why')
+  t.equal(lines[2]?.refusal, 'expired', 'a refused logout token says why')
 })

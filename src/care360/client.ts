@@ -154,66 +154,87 @@ const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'
 /**
  * One request through the pool with a raw dispatch handler: it lets us see whether the request
  * reached a socket, cap the body while it streams, and abort on our deadline. Every path ends by
- * reading the body to the end (socket back to the pool) or aborting (socket destroyed).
+ * reading the body to the end (socket back to the pool) or aborting (socket destroyed). A class
+ * rather than a handler of closures: one object per call.
  */
+class Exchange implements Dispatcher.DispatchHandler {
+  readonly answer: Promise<Answer>
+  #resolve!: (answer: Answer) => void
+  #reject!: (error: ExchangeError) => void
+  #controller: Dispatcher.DispatchController | null = null
+  #settled = false
+  #status = 0
+  #headers: IncomingHttpHeaders = {}
+  readonly #chunks: Buffer[] = []
+  #size = 0
+  readonly #maxBodyBytes: number
+  readonly #timer: NodeJS.Timeout
+
+  constructor (timeoutMs: number, maxBodyBytes: number) {
+    this.answer = new Promise((resolve, reject) => {
+      this.#resolve = resolve
+      this.#reject = reject
+    })
+    this.#maxBodyBytes = maxBodyBytes
+    this.#timer = setTimeout(onDeadline, timeoutMs, this, timeoutMs)
+  }
+
+  fail (error: Error, timedOut = false): void {
+    if (this.#settled) return
+    this.#settled = true
+    clearTimeout(this.#timer)
+    this.#reject(new ExchangeError(error, this.#controller !== null, timedOut, this.#status === 0 ? null : this.#status))
+    this.#controller?.abort(error)
+  }
+
+  onRequestStart (controller: Dispatcher.DispatchController): void {
+    // Our deadline passed while the request waited for a socket: it must never be written.
+    if (this.#settled) {
+      controller.abort(new DeadlineError('deadline passed before sending'))
+      return
+    }
+    this.#controller = controller
+  }
+
+  onResponseStart (_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    this.#status = statusCode
+    this.#headers = headers
+    const declared = Number(headers['content-length'])
+    if (declared > this.#maxBodyBytes) this.fail(new BodyTooLargeError(`declared body of ${declared} bytes`))
+  }
+
+  onResponseData (_controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    this.#size += chunk.length
+    if (this.#size > this.#maxBodyBytes) {
+      this.fail(new BodyTooLargeError(`body over ${this.#maxBodyBytes} bytes`))
+      return
+    }
+    this.#chunks.push(chunk)
+  }
+
+  onResponseEnd (): void {
+    /* c8 ignore next -- an abort after settling ends with onResponseError, not here */
+    if (this.#settled) return
+    this.#settled = true
+    clearTimeout(this.#timer)
+    const chunks = this.#chunks
+    this.#resolve({ status: this.#status, headers: this.#headers, body: chunks.length === 1 ? chunks[0] as Buffer : Buffer.concat(chunks) })
+  }
+
+  onResponseError (_controller: Dispatcher.DispatchController, error: Error): void {
+    const timedOut = TIMEOUT_CODES.has(String((error as NodeJS.ErrnoException).code))
+    this.fail(error, timedOut)
+  }
+}
+
+function onDeadline (exchange: Exchange, timeoutMs: number): void {
+  exchange.fail(new DeadlineError(`no complete answer within ${timeoutMs} ms`), true)
+}
+
 function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: number, maxBodyBytes: number): Promise<Answer> {
-  return new Promise((resolve, reject) => {
-    let controller: Dispatcher.DispatchController | null = null
-    let settled = false
-    let status = 0
-    let headers: IncomingHttpHeaders = {}
-    const chunks: Buffer[] = []
-    let size = 0
-
-    function fail (error: Error, timedOut = false): void {
-      if (settled) return
-      settled = true
-      clearTimeout(timer)
-      reject(new ExchangeError(error, controller !== null, timedOut, status === 0 ? null : status))
-      controller?.abort(error)
-    }
-
-    const timer = setTimeout(function onDeadline () {
-      fail(new DeadlineError(`no complete answer within ${timeoutMs} ms`), true)
-    }, timeoutMs)
-
-    const handler: Dispatcher.DispatchHandler = {
-      onRequestStart (ctrl) {
-        // Our deadline passed while the request waited for a socket: it must never be written.
-        if (settled) {
-          ctrl.abort(new DeadlineError('deadline passed before sending'))
-          return
-        }
-        controller = ctrl
-      },
-      onResponseStart (_ctrl, statusCode, responseHeaders) {
-        status = statusCode
-        headers = responseHeaders
-        const declared = Number(responseHeaders['content-length'])
-        if (declared > maxBodyBytes) fail(new BodyTooLargeError(`declared body of ${declared} bytes`))
-      },
-      onResponseData (_ctrl, chunk) {
-        size += chunk.length
-        if (size > maxBodyBytes) {
-          fail(new BodyTooLargeError(`body over ${maxBodyBytes} bytes`))
-          return
-        }
-        chunks.push(chunk)
-      },
-      onResponseEnd () {
-        /* c8 ignore next -- an abort after settling ends with onResponseError, not here */
-        if (settled) return
-        settled = true
-        clearTimeout(timer)
-        resolve({ status, headers, body: Buffer.concat(chunks) })
-      },
-      onResponseError (_ctrl, error) {
-        const timedOut = TIMEOUT_CODES.has(String((error as NodeJS.ErrnoException).code))
-        fail(error, timedOut)
-      }
-    }
-    pool.dispatch(options, handler)
-  })
+  const handler = new Exchange(timeoutMs, maxBodyBytes)
+  pool.dispatch(options, handler)
+  return handler.answer
 }
 
 /** Retry-After as seconds or HTTP-date (RFC 9110 §10.2.3), in ms, clamped; null when unusable. */
@@ -341,6 +362,7 @@ function transportError (error: ExchangeError, method: string): UpstreamError {
 export function createCare360Client (options: Care360ClientOptions): Care360Client {
   const base = new URL(options.baseUrl)
   const prefix = base.pathname.replace(/\/+$/, '')
+  const cancelPath = `${prefix}${CANCEL_PATH}`
   const gate = options.gate ?? openGate
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES
   const { apiKey, timeoutMs, observe } = options
@@ -451,8 +473,8 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       // Never retried: a cancel whose answer was lost may have happened.
       return call('cancel', {
         method: 'POST',
-        path: `${prefix}${CANCEL_PATH}`,
-        headers: { ...baseHeaders(context), 'content-type': 'application/json' },
+        path: cancelPath,
+        headers: { 'cv-api-key': apiKey, 'x-request-id': context.requestId, 'content-type': 'application/json' },
         body: JSON.stringify(payload),
         idempotent: false
       }, [apiKey, email, reason], function readCancel (status, envelope): CancelAnswer {

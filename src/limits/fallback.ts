@@ -69,7 +69,8 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
     if (at - lastWarning < logEveryMs) return
     lastWarning = at
     warned = true
-    log.warn({ limits: { reason } }, 'limits: Redis unavailable, counting in per-process memory')
+    // `cause`, not `reason`: the redaction paths censor every `*.reason` (cancellation reasons).
+    log.warn({ limits: { cause: reason } }, 'limits: Redis unavailable, counting in per-process memory')
   }
 
   // The matching all-clear, once per warning.

@@ -162,6 +162,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     })
     // Every answer but a 200 is an error envelope (replayed ones too): its code is for the audit.
     if (answer.statusCode !== 200) reply.errorCode = (answer.body as { code: ErrorCode }).code
-    return reply.code(answer.statusCode as 200).headers(answer.headers ?? {}).send(answer.body as CancelAnswerBody)
+    if (answer.headers !== undefined) reply.headers(answer.headers)
+    return reply.code(answer.statusCode as 200).send(answer.body as CancelAnswerBody)
   })
 }

@@ -128,7 +128,8 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
       claims = await options.verify(token)
     } catch (error) {
       if (!(error instanceof InvalidLogoutToken)) throw error
-      request.log.info({ reason: error.reason }, 'logout token refused')
+      // `refusal`, not `reason`: the redaction paths censor every `reason` (cancellation reasons).
+      request.log.info({ refusal: error.reason }, 'logout token refused')
       throw invalidRequest()
     }
     // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.

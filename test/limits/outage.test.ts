@@ -6,6 +6,7 @@ import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { buildTestApp } from '../helpers/app.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
+import { REDACT_PATHS } from '../../src/logging.js'
 import { integers } from '../../src/limits/redis-script.js'
 import { logCapture, sharedStateOn, waitFor } from './fixtures/support.js'
 
@@ -33,7 +34,9 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
 
   const capture = logCapture()
   let now = 0
-  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, redis.url, 250), log: pino({ level: 'info' }, capture.stream), now: () => now, pauseMs: 100, logEveryMs: 1000 })
+  // The service's own redaction paths: the warning's cause must survive them.
+  const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, capture.stream)
+  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, redis.url, 250), log, now: () => now, pauseMs: 100, logEveryMs: 1000 })
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'redis')
   // A script that fails (here a reply of the wrong shape) is a Redis that cannot answer.
   t.equal(await fallback.run(async () => String(integers('not an array', 2)), () => 'memory'), 'memory')
@@ -51,7 +54,7 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   t.equal(await fallback.run(async () => await new Promise<string>(() => {}), () => 'memory'), 'memory')
   const warnings = capture.lines.filter((line) => line.msg === 'limits: Redis unavailable, counting in per-process memory')
   t.equal(warnings.length, 2, 'at 0, not at 200 nor 400 (same interval), at 1200, not 1300')
-  t.same(warnings[0]?.limits, { reason: 'error' })
+  t.same(warnings[0]?.limits, { cause: 'error' })
   t.equal(capture.lines.filter((line) => line.msg === 'limits: counting in Redis again').length, 1)
 })
 
