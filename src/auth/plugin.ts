@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { sessionRequired } from '../errors.js'
-import { SESSION_COOKIE } from './cookie.js'
+import { sessionCookieOf } from './cookie.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
@@ -57,9 +57,7 @@ function presentedToken (request: FastifyRequest): { token: string, transport: S
   if (typeof authorization === 'string' && /^bearer(?:[ \t]|$)/i.test(authorization)) {
     return { token: BEARER.exec(authorization)?.[1] ?? '', transport: 'bearer' }
   }
-  // request.cookies exists once the cookie plugin (web sign-in) is registered.
-  const cookies = (request as { cookies?: Record<string, string | undefined> }).cookies
-  const cookie = cookies?.[SESSION_COOKIE]
+  const cookie = sessionCookieOf(request.headers.cookie)
   if (typeof cookie === 'string') return { token: cookie, transport: 'cookie' }
   return null
 }

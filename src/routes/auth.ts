@@ -1,3 +1,4 @@
+import cookie from '@fastify/cookie'
 import type { FastifyInstance, FastifySchemaValidationError } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { Type } from 'typebox'
@@ -43,6 +44,8 @@ function isOnlyTooLongToken (errors: FastifySchemaValidationError[]): boolean {
 
 export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  // Sign-out clears a web session's cookie (src/web/plugin.ts); nothing here reads cookies.
+  await app.register(cookie, { hook: false })
 
   app.post('/auth/session', {
     // Real ID tokens fit in 8 KiB; the app-wide 4 KiB limit is too tight for some IdPs.

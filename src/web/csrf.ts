@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type {} from '../auth/plugin.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { ApiError, ErrorCode } from '../errors.js'
-import { SESSION_COOKIE } from './cookies.js'
+import { sessionCookieOf } from '../auth/cookie.js'
 
 /**
  * CSRF protection for cookie sessions, as one global hook so that no route can forget it (the
@@ -30,7 +30,7 @@ function usesAmbientCookie (request: FastifyRequest): boolean {
   if (request.sessionTransport !== null) return request.sessionTransport === 'cookie'
   const authorization = request.headers.authorization
   if (typeof authorization === 'string' && BEARER.test(authorization)) return false
-  return request.cookies[SESSION_COOKIE] !== undefined
+  return sessionCookieOf(request.headers.cookie) !== undefined
 }
 
 /** Why the request fails the check, or null when it passes. */

@@ -1,5 +1,6 @@
 import * as client from 'openid-client'
 import type {} from '../auth/plugin.js'
+import cookie from '@fastify/cookie'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
 import { isWellFormedToken } from '../auth/session-store.js'
@@ -62,6 +63,8 @@ export function exchangeFailure (error: unknown): SignInError {
 
 export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
   const { oidc, seal, webAppUrl } = options
+  // The login state and session cookies are read and set here only: parsed for these routes.
+  await app.register(cookie, { hook: 'onRequest' })
 
   function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
     request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')

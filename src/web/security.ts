@@ -1,12 +1,11 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import helmet, { type HelmetOptions } from 'helmet'
-import cookie from '@fastify/cookie'
 import type { FastifyInstance, onRequestHookHandler } from 'fastify'
 
 /**
- * Browser-facing protections of a JSON API: security headers on every answer, cookie parsing for
- * the session cookie, and CORS with credentials for the configured web origins only.
+ * Browser-facing protections of a JSON API: security headers on every answer, and CORS with
+ * credentials for the configured web origins only.
  */
 
 /** Request headers a web app may send cross-origin; anything else fails the preflight. */
@@ -110,7 +109,6 @@ async function webSecurity (app: FastifyInstance): Promise<void> {
     reply.headers(headers)
     done()
   })
-  await app.register(cookie, { hook: 'onRequest' })
   app.addHook('onRequest', corsHook(new Set(app.config.corsOrigins)))
 }
 
