@@ -48,10 +48,9 @@ const HELMET: Readonly<HelmetOptions> = {
 
 /**
  * The headers every answer carries, computed once: helmet's for these options (none of them
- * varies per request: no CSP nonces) and `Vary: Origin`, since whether an answer carries a CORS
- * grant depends on the request's Origin (Fetch, CORS protocol and HTTP caches). They are recorded
- * from one run of helmet's middleware on a stand-in response, then copied onto each reply.
- * @fastify/helmet would call `helmet(options)` again on every request, in two hooks.
+ * varies per request: no CSP nonces). They are recorded from one run of helmet's middleware on a
+ * stand-in response, then copied onto each reply. @fastify/helmet would call `helmet(options)`
+ * again on every request, in two hooks.
  */
 export function answerHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
@@ -61,7 +60,6 @@ export function answerHeaders (): Readonly<Record<string, string>> {
   }
   // helmet 8 throws on bad options rather than passing an error to `next`.
   helmet(HELMET)({} as IncomingMessage, recorder as unknown as ServerResponse, () => {})
-  headers.vary = 'Origin'
   return Object.freeze(headers)
 }
 
@@ -82,6 +80,13 @@ function corsHook (allowedOrigins: ReadonlySet<string>): onRequestHookHandler {
   const exposedHeaders = CORS_EXPOSED_HEADERS.join(', ')
   return function cors (request, reply, done) {
     const origin = request.headers.origin
+    if (origin === undefined && request.method !== 'OPTIONS') {
+      done()
+      return
+    }
+    // Whether an answer carries a grant depends on the Origin (Fetch, CORS protocol and HTTP
+    // caches). Answers to requests without one (the mobile app's) are the same for everyone.
+    if (origin !== undefined) reply.header('vary', 'Origin')
     const granted = origin !== undefined && allowedOrigins.has(origin)
     if (granted) {
       reply.header('access-control-allow-origin', origin)
