@@ -90,35 +90,78 @@ export interface MemoryBudget extends BudgetStore {
   decrease: () => void
 }
 
+/**
+ * Admission times, oldest first, in a ring that doubles when full. Entries leave from the front
+ * as they age out of the window; nothing is copied per call, whatever the budget's size (a log
+ * of a large budget under load is tens of thousands of entries).
+ */
+class AdmissionLog {
+  #times = new Float64Array(64)
+  #start = 0
+  #length = 0
+
+  get length (): number {
+    return this.#length
+  }
+
+  /** The i-th oldest entry. */
+  at (index: number): number {
+    return this.#times[(this.#start + index) & (this.#times.length - 1)] as number
+  }
+
+  newest (): number | undefined {
+    return this.#length === 0 ? undefined : this.at(this.#length - 1)
+  }
+
+  push (time: number): void {
+    if (this.#length === this.#times.length) this.#grow()
+    this.#times[(this.#start + this.#length) & (this.#times.length - 1)] = time
+    this.#length += 1
+  }
+
+  /** Drops the entries older than `time`. */
+  dropBefore (time: number): void {
+    const mask = this.#times.length - 1
+    while (this.#length > 0 && (this.#times[this.#start] as number) < time) {
+      this.#start = (this.#start + 1) & mask
+      this.#length -= 1
+    }
+  }
+
+  #grow (): void {
+    const times = new Float64Array(this.#times.length * 2)
+    for (let i = 0; i < this.#length; i++) times[i] = this.at(i)
+    this.#times = times
+    this.#start = 0
+  }
+}
+
 export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
   const now = options.now ?? Date.now
   const { count } = options
   const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
-  // Admission times, oldest first; `head` skips those that left the window (compacted lazily).
-  let log: number[] = []
-  let head = 0
+  const log = new AdmissionLog()
   let decreased: Decreased | null = null
 
   function clock (): number {
     // Never behind the newest entry, so the log stays sorted even if the clock steps back.
     const at = now()
-    const last = log[log.length - 1]
+    const last = log.newest()
     return last === undefined ? at : Math.max(at, last)
   }
 
   function take (): BudgetDecision {
     const at = clock()
-    while (head < log.length && (log[head] as number) < at - windowMs) head += 1
-    if (head > 1024 && head * 2 > log.length) { log = log.slice(head); head = 0 }
+    log.dropBefore(at - windowMs)
     if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
     const limit = effectiveLimit(decreased, at, count, recoverMs)
-    const used = log.length - head
+    const used = log.length
     if (used < limit) {
       log.push(at)
       return { ok: true, remaining: limit - used - 1 }
     }
-    return { ok: false, retryAfterMs: waitMs(log[head + used - limit] as number, used, decreased, at, count, windowMs, recoverMs) }
+    return { ok: false, retryAfterMs: waitMs(log.at(used - limit), used, decreased, at, count, windowMs, recoverMs) }
   }
 
   function decrease (): void {

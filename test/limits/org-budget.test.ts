@@ -88,6 +88,19 @@ t.test('memory: the wait is exactly until the oldest entry leaves the closed spa
   t.equal(budget.take().ok, true)
 })
 
+t.test('memory: the log keeps its order when it grows while entries have left its front', async (t) => {
+  let now = 0
+  const budget = createMemoryBudget({ count: 100, windowMs: 10_000, guardMs: 0, now: () => now })
+  for (let i = 0; i < 40; i++) { now = i; budget.take() }
+  // Entries 0..34 leave; 35..39 stay at the front of a ring that has moved on, and it grows
+  // past its first 64 places while wrapped.
+  now = 10_035
+  for (let i = 0; i < 95; i++) t.equal(budget.take().ok, true)
+  t.same(budget.take(), { ok: false, retryAfterMs: 1 }, 'full: the oldest (35) leaves at 10 036')
+  budget.decrease()
+  t.same(budget.take(), { ok: false, retryAfterMs: 10_001 }, 'halved to 50: the 51st oldest (10 035) must leave first')
+})
+
 t.test('memory: a clock that steps back keeps the log sorted, and a long log is compacted', async (t) => {
   let now = 10_000
   const budget = createMemoryBudget({ count: 2000, windowMs: 100, now: () => now })
