@@ -1,8 +1,9 @@
 import { hash, randomBytes } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
-import type { SharedState } from '../state/redis.js'
+import { coalesceWrites, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { redisScript } from '../state/redis-script.js'
 
 /**
  * Server-side sessions. The client holds an opaque random token; the store holds only its SHA-256
@@ -240,13 +241,13 @@ function removeFromIndex (index: Map<string, Set<string>>, key: string, id: stri
  * Slides the idle expiry only if the session still exists: a plain HSET racing a revoke on another
  * replica would recreate a half session.
  */
-const TOUCH_SCRIPT = `
+const touchScript = redisScript('bffSessionTouch', 1, `
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-return 0`
+return 0`)
 
 /**
  * Shared by every replica. A hash per session (`<prefix>s:<id>`), with index sets by subject and
@@ -303,7 +304,7 @@ export class RedisSessionStore implements SessionStore {
     if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) {
       record.lastSeenAt = at
       const ttl = Math.min(this.#idleTtlMs, record.absoluteExpiresAt - at)
-      const touched = await this.#run(() => this.#redis.eval(TOUCH_SCRIPT, 1, key, String(at), String(ttl)))
+      const touched = await this.#run(async () => await touchScript(this.#redis, key, String(at), String(ttl)))
       // Revoked between our read and the touch: it is gone, and so is the answer.
       if (touched !== 1) return null
     }
@@ -350,6 +351,7 @@ export class RedisSessionStore implements SessionStore {
    */
   async #run<T> (operation: () => Promise<T>): Promise<T> {
     try {
+      coalesceWrites(this.#redis)
       return await operation()
     } catch (error) {
       throw sessionStoreUnavailable(error)

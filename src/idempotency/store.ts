@@ -1,7 +1,8 @@
-import { createHash, hash, randomUUID } from 'node:crypto'
+import { hash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
-import type { SharedState } from '../state/redis.js'
+import { coalesceWrites, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { redisScript } from '../state/redis-script.js'
 
 /**
  * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
@@ -221,24 +222,21 @@ const RELEASE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 
 redis.call('DEL', KEYS[1])
 return 1`
 
-interface Script { lua: string, sha: string }
-
-function script (lua: string): Script {
-  return { lua, sha: createHash('sha1').update(lua).digest('hex') }
+const SCRIPTS = {
+  begin: redisScript('bffIdempotencyBegin', 1, BEGIN),
+  complete: redisScript('bffIdempotencyComplete', 1, COMPLETE),
+  markUnknown: redisScript('bffIdempotencyMarkUnknown', 1, MARK_UNKNOWN),
+  release: redisScript('bffIdempotencyRelease', 1, RELEASE)
 }
 
-const SCRIPTS = { begin: script(BEGIN), complete: script(COMPLETE), markUnknown: script(MARK_UNKNOWN), release: script(RELEASE) }
-
 export interface RedisStoreOptions {
+  /** The shared client: its command timeout bounds every store call (state/redis.ts). */
   redis: Redis
-  /** Bound on one store call (ms); the shared client's commandTimeout is the first line. */
-  timeoutMs?: number
   prefix?: string
 }
 
 export function createRedisIdempotencyStore (options: RedisStoreOptions): IdempotencyStore {
   const { redis } = options
-  const timeoutMs = options.timeoutMs ?? 250
   const prefix = options.prefix ?? 'idem:'
 
   function redisKey (scope: string, key: string): string {
@@ -246,33 +244,14 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
     return `${prefix}{${slot}}:${id}`
   }
 
-  async function evalScript (which: Script, key: string, args: Array<string | number>): Promise<unknown> {
+  async function run (script: typeof SCRIPTS.begin, key: string, args: Array<string | number>): Promise<unknown> {
     try {
-      return await redis.evalsha(which.sha, 1, key, ...args)
+      coalesceWrites(redis)
+      return await script(redis, key, ...args)
     } catch (error) {
-      // A fresh or restarted server has no script cache yet; EVAL loads it.
-      if (!(error instanceof Error) || !error.message.startsWith('NOSCRIPT')) throw error
-      return await redis.eval(which.lua, 1, key, ...args)
-    }
-  }
-
-  // A request never waits on Redis longer than this, whatever the client's own settings.
-  async function run (which: Script, key: string, args: Array<string | number>): Promise<unknown> {
-    let timer: NodeJS.Timeout | undefined
-    const deadline = new Promise<never>((_resolve, reject) => {
-      timer = setTimeout(() => reject(new IdempotencyStoreError(`idempotency store did not answer within ${timeoutMs} ms`)), timeoutMs)
-    })
-    const call = evalScript(which, key, args)
-    // The losing promise's rejection is handled here, not left unhandled.
-    call.catch(() => {})
-    try {
-      const reply = await Promise.race([call, deadline])
-      clearTimeout(timer)
-      return reply
-    } catch (error) {
-      clearTimeout(timer)
-      if (error instanceof IdempotencyStoreError) throw error
-      throw new IdempotencyStoreError('idempotency store failed', { cause: error })
+      throw new IdempotencyStoreError(error instanceof Error && error.message === 'Command timed out'
+        ? 'idempotency store did not answer in time'
+        : 'idempotency store failed', { cause: error })
     }
   }
 
@@ -311,5 +290,5 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
  */
 export function idempotencyStoreFor (sharedState: SharedState): IdempotencyStore {
   if (sharedState.redis === null) return createMemoryIdempotencyStore()
-  return createRedisIdempotencyStore({ redis: sharedState.redis, timeoutMs: sharedState.commandTimeoutMs })
+  return createRedisIdempotencyStore({ redis: sharedState.redis })
 }

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { StoreFallback } from './fallback.js'
-import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+import { integers, LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
 
 /**

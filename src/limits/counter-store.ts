@@ -1,6 +1,6 @@
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
-import { integers, redisScript } from './redis-script.js'
+import { integers, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
 
 /**

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import type { SharedState } from '../state/redis.js'
+import { coalesceWrites, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 
 /**
@@ -27,30 +27,6 @@ export interface StoreFallbackOptions {
   /** How often a continuing fallback is logged again (ms). */
   logEveryMs?: number
   now?: () => number
-}
-
-class RedisTimeout extends Error {
-  constructor (ms: number) {
-    super(`Redis did not answer within ${ms} ms`)
-    this.name = 'RedisTimeout'
-  }
-}
-
-/**
- * ioredis' commandTimeout bounds one command, but a script is EVALSHA then EVAL on NOSCRIPT; this
- * bounds the whole operation.
- */
-async function within<T> (promise: Promise<T>, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const deadline = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => { reject(new RedisTimeout(ms)) }, ms)
-    timer.unref()
-  })
-  try {
-    return await Promise.race([promise, deadline])
-  } finally {
-    clearTimeout(timer)
-  }
 }
 
 export function createStoreFallback (options: StoreFallbackOptions): StoreFallback {
@@ -80,14 +56,16 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
     log.info('limits: counting in Redis again')
   }
 
+  // The shared client's command timeout bounds the wait (state/redis.ts).
   async function inRedis<T> (viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T, redis: Redis): Promise<T> {
     try {
-      const result = await within(viaRedis(redis), sharedState.commandTimeoutMs)
+      coalesceWrites(redis)
+      const result = await viaRedis(redis)
       noteRecovered()
       return result
     } catch (error) {
       pausedUntil = now() + pauseMs
-      noteFallback(error instanceof RedisTimeout ? 'timeout' : 'error')
+      noteFallback(error instanceof Error && error.message === 'Command timed out' ? 'timeout' : 'error')
       return inMemory()
     }
   }

@@ -1,7 +1,7 @@
 import type { Redis } from 'ioredis'
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
-import { integers, LUA_NOW_MS, redisScript } from './redis-script.js'
+import { integers, LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
 
 /**

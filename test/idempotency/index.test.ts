@@ -53,7 +53,7 @@ async function redisClient (t: Test): Promise<Redis> {
 type MakeStore = (t: Test) => Promise<IdempotencyStore>
 const stores: Array<[string, MakeStore]> = [
   ['memory', async () => createMemoryIdempotencyStore()],
-  ['redis', async (t) => createRedisIdempotencyStore({ redis: await redisClient(t), timeoutMs: 1000 })]
+  ['redis', async (t) => createRedisIdempotencyStore({ redis: await redisClient(t) })]
 ]
 
 for (const [name, makeStore] of stores) {

@@ -18,7 +18,7 @@ async function redisStore (t: Test): Promise<IdempotencyStore> {
   client.on('error', () => {})
   t.teardown(() => { client.disconnect() })
   await new Promise((resolve) => client.once('ready', resolve))
-  return createRedisIdempotencyStore({ redis: client, timeoutMs: 1000 })
+  return createRedisIdempotencyStore({ redis: client })
 }
 
 function keyless (cancel: FakeCancel, overrides: Partial<HandleInput> = {}): HandleInput {

@@ -7,7 +7,7 @@ import { startRedis } from '../helpers/redis.js'
 import { buildTestApp } from '../helpers/app.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
 import { REDACT_PATHS } from '../../src/logging.js'
-import { integers } from '../../src/limits/redis-script.js'
+import { integers } from '../../src/state/redis-script.js'
 import { logCapture, sharedStateOn, waitFor } from './fixtures/support.js'
 
 /**
@@ -50,8 +50,10 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   now = 1200
   await fallback.run(async () => { throw new Error('boom') }, () => 'memory')
   now = 1300
-  // A Redis that never answers: given up after the bound (here 250 ms).
-  t.equal(await fallback.run(async () => await new Promise<string>(() => {}), () => 'memory'), 'memory')
+  // A command that gets no answer: given up after the client's command timeout (here 250 ms).
+  const began = performance.now()
+  t.equal(await fallback.run(async (client) => String(await client.blpop('bff:test:never', 5)), () => 'memory'), 'memory')
+  t.ok(performance.now() - began < 1000, 'within the bound')
   const warnings = capture.lines.filter((line) => line.msg === 'limits: Redis unavailable, counting in per-process memory')
   t.equal(warnings.length, 2, 'at 0, not at 200 nor 400 (same interval), at 1200, not 1300')
   t.same(warnings[0]?.limits, { cause: 'error' })

@@ -1,0 +1,47 @@
+import type { Redis } from 'ioredis'
+
+export type ScriptArg = string | number
+
+interface Script { name: string, numberOfKeys: number, lua: string }
+
+/** Every script of the service, registered as its module loads (before any client exists). */
+const scripts = new Map<string, Script>()
+
+/**
+ * A Lua script as a typed function on a client. On the shared client (createSharedState) every
+ * script is an ioredis command from the start (`defineScripts`): EVALSHA, falling back to EVAL on
+ * NOSCRIPT (a restarted or flushed Redis), and auto-pipelined with the other commands of the same
+ * tick. Defining a command on a client whose auto-pipeline is already open breaks that pipeline
+ * (redis/ioredis: the queued call finds no method), so a client without the definitions (a test's
+ * own) gets a plain EVAL instead.
+ */
+export function redisScript (name: string, numberOfKeys: number, lua: string): (redis: Redis, ...args: ScriptArg[]) => Promise<unknown> {
+  if (scripts.has(name)) throw new Error(`Redis script ${name} is defined twice`)
+  scripts.set(name, { name, numberOfKeys, lua })
+  return function runScript (redis, ...args) {
+    const command = (redis as unknown as Record<string, ((...args: ScriptArg[]) => Promise<unknown>) | undefined>)[name]
+    if (command === undefined) return redis.eval(lua, numberOfKeys, ...args)
+    return command.apply(redis, args)
+  }
+}
+
+/** Makes every registered script a command of `redis`; called once, as the client is created. */
+export function defineScripts (redis: Redis): void {
+  for (const { name, numberOfKeys, lua } of scripts.values()) redis.defineCommand(name, { numberOfKeys, lua })
+}
+
+/**
+ * Milliseconds on Redis's own clock, so that every replica measures windows against one clock.
+ * Scores stay below 2^53 and print exactly with %.0f (Lua's tostring would use %.14g).
+ */
+export const LUA_NOW_MS = `
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function int (n) return string.format('%.0f', n) end
+`
+
+/** A script's integer array answer. */
+export function integers (reply: unknown, length: number): number[] {
+  if (!Array.isArray(reply) || reply.length !== length) throw new TypeError('unexpected script reply')
+  return reply.map((value) => Number(value))
+}
