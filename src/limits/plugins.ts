@@ -147,8 +147,9 @@ function sessionKey (scope: 'session' | 'cancel'): ClientLimit['keyOf'] {
  * scope across all routes, draft-10 fields instead of `x-ratelimit-*`, and a store that falls back
  * to memory instead of failing or waiting on a Redis that is down. The plugin's hooks share one
  * "already ran" flag per request and count per route, so it was used only as a wrapper around our
- * store, and that wrapper is asynchronous: three promises per scope on every request, about a
- * tenth of a cancel's CPU (BENCHMARKS.md). These hooks are synchronous on the memory store.
+ * store, and that wrapper is asynchronous: promises and a callback adapter per scope on every
+ * request. These hooks are synchronous on the memory store (with the other synchronous stores,
+ * 0.83 x the CPU per cancel side by side, BENCHMARKS.md).
  */
 async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
