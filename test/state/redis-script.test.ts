@@ -1,0 +1,23 @@
+import t from 'tap'
+import { Redis } from 'ioredis'
+import { startRedis } from '../helpers/redis.js'
+import { defineScripts, integers, redisScript } from '../../src/state/redis-script.js'
+
+const redis = await startRedis(t)
+
+const echo = redisScript('bffTestEcho', 1, "return { redis.call('INCR', KEYS[1]), tonumber(ARGV[1]) }")
+
+t.test('a script is one name: defining it twice is a mistake caught at once', async (t) => {
+  t.throws(() => redisScript('bffTestEcho', 1, 'return 1'), /defined twice/)
+})
+
+t.test('a script runs as a command where it is defined, as EVAL where it is not', async (t) => {
+  const defined = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  const bare = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  t.teardown(() => { defined.disconnect(); bare.disconnect() })
+  defineScripts(defined)
+  t.equal(typeof (defined as unknown as Record<string, unknown>).bffTestEcho, 'function')
+  t.same(integers(await echo(defined, 'bff:test:echo', 7), 2), [1, 7])
+  t.equal((bare as unknown as Record<string, unknown>).bffTestEcho, undefined)
+  t.same(integers(await echo(bare, 'bff:test:echo', 8), 2), [2, 8], 'the same script, sent whole')
+})
