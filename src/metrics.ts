@@ -130,8 +130,8 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
   }
   const upstreamChildren = new Map<string, Observer>()
   for (const scope of SCOPES) {
-    counterChild(limiterDecisions, { scope, decision: 'allowed' })
-    counterChild(limiterDecisions, { scope, decision: 'limited' })
+    limiterDecisions.inc({ scope, decision: 'allowed' }, 0)
+    limiterDecisions.inc({ scope, decision: 'limited' }, 0)
   }
   const signInChildren = {
     mobile: [counterChild(signIns, { method: 'mobile', result: 'failure' }), counterChild(signIns, { method: 'mobile', result: 'success' })],

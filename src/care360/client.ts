@@ -462,8 +462,11 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     })
   }
 
-  function baseHeaders (context: CallContext): Record<string, string> {
-    return { 'cv-api-key': apiKey, 'x-request-id': context.requestId }
+  /** The only headers the upstream ever gets from us: the key, the request id, and the JSON body's type. */
+  function upstreamHeaders (context: CallContext, jsonBody: boolean): Record<string, string> {
+    return jsonBody
+      ? { 'cv-api-key': apiKey, 'x-request-id': context.requestId, 'content-type': 'application/json' }
+      : { 'cv-api-key': apiKey, 'x-request-id': context.requestId }
   }
 
   return {
@@ -474,7 +477,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       return call('cancel', {
         method: 'POST',
         path: cancelPath,
-        headers: { 'cv-api-key': apiKey, 'x-request-id': context.requestId, 'content-type': 'application/json' },
+        headers: upstreamHeaders(context, true),
         body: JSON.stringify(payload),
         idempotent: false
       }, [apiKey, email, reason], function readCancel (status, envelope): CancelAnswer {
@@ -497,7 +500,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       return call('list', {
         method: 'GET',
         path: `${prefix}${LIST_PATH}?${query.toString()}`,
-        headers: baseHeaders(context)
+        headers: upstreamHeaders(context, false)
       }, [apiKey, email], function readList (status, envelope): Appointment[] {
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that

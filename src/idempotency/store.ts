@@ -1,6 +1,6 @@
 import { hash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
-import { coalesceWrites, type SharedState } from '../state/redis.js'
+import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 import { redisScript } from '../state/redis-script.js'
 
@@ -249,7 +249,7 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       coalesceWrites(redis)
       return await script(redis, key, ...args)
     } catch (error) {
-      throw new IdempotencyStoreError(error instanceof Error && error.message === 'Command timed out'
+      throw new IdempotencyStoreError(isCommandTimeout(error)
         ? 'idempotency store did not answer in time'
         : 'idempotency store failed', { cause: error })
     }

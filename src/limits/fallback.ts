@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import { coalesceWrites, type SharedState } from '../state/redis.js'
+import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 
 /**
@@ -65,7 +65,7 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       return result
     } catch (error) {
       pausedUntil = now() + pauseMs
-      noteFallback(error instanceof Error && error.message === 'Command timed out' ? 'timeout' : 'error')
+      noteFallback(isCommandTimeout(error) ? 'timeout' : 'error')
       return inMemory()
     }
   }

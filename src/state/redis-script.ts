@@ -10,10 +10,10 @@ const scripts = new Map<string, Script>()
 /**
  * A Lua script as a typed function on a client. On the shared client (createSharedState) every
  * script is an ioredis command from the start (`defineScripts`): EVALSHA, falling back to EVAL on
- * NOSCRIPT (a restarted or flushed Redis), and auto-pipelined with the other commands of the same
- * tick. Defining a command on a client whose auto-pipeline is already open breaks that pipeline
- * (redis/ioredis: the queued call finds no method), so a client without the definitions (a test's
- * own) gets a plain EVAL instead.
+ * NOSCRIPT (a restarted or flushed Redis). Nothing is defined while commands are in flight: with
+ * ioredis's auto-pipelining, a command defined after a pipeline opened is missing from it and the
+ * process crashed (reproduced; BENCHMARKS.md). A client without the definitions (a test's own)
+ * gets a plain EVAL instead.
  */
 export function redisScript (name: string, numberOfKeys: number, lua: string): (redis: Redis, ...args: ScriptArg[]) => Promise<unknown> {
   if (scripts.has(name)) throw new Error(`Redis script ${name} is defined twice`)

@@ -12,14 +12,13 @@ export type SharedStateMode = 'redis' | 'degraded' | 'memory'
 export interface SharedState {
   readonly redis: Redis | null
   mode: () => SharedStateMode
-  /** Bound on any wait for Redis, in ms: a store that needs longer gives up (fallback or 503). */
-  readonly commandTimeoutMs: number
   close: () => Promise<void>
 }
 
 export interface SharedStateOptions {
   url: string | null
   log: FastifyBaseLogger
+  /** Bound on any wait for Redis, in ms: a command that gets no answer in time fails (250 by default). */
   commandTimeoutMs?: number
   /** How often a still-degraded state is logged again (ms). */
   logEveryMs?: number
@@ -30,7 +29,7 @@ export interface SharedStateOptions {
 export function createSharedState (options: SharedStateOptions): SharedState {
   const commandTimeoutMs = options.commandTimeoutMs ?? 250
   if (options.url === null) {
-    return { redis: null, mode: () => 'memory', commandTimeoutMs, close: async () => {} }
+    return { redis: null, mode: () => 'memory', close: async () => {} }
   }
   const now = options.now ?? Date.now
   const logEveryMs = options.logEveryMs ?? 60_000
@@ -66,12 +65,16 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   redis.on('close', function onRedisClose () { degraded = true })
   return {
     redis,
-    commandTimeoutMs,
     mode: () => (redis.status === 'ready' ? 'redis' : 'degraded'),
     close: async () => {
       redis.disconnect(false)
     }
   }
+}
+
+/** A command that got no answer within the shared client's command timeout (ioredis's error). */
+export function isCommandTimeout (error: unknown): boolean {
+  return error instanceof Error && error.message === 'Command timed out'
 }
 
 const corked = new WeakSet<Redis>()
