@@ -20,9 +20,21 @@ export interface CooldownTrip {
   fresh: boolean
 }
 
+/**
+ * What the org budget needs to check the cooldown in the same step as its own admission (in Redis,
+ * in the same script: one round trip for both before every upstream call).
+ */
+export interface CooldownCheck {
+  /** The shared record's key in Redis; null when the cooldown is held only in this process. */
+  key: string | null
+  /** Time left in this process's own cooldown (ms): the memory store, or the Redis store's fallback. */
+  memory: () => number
+}
+
 export interface CooldownStore {
   /** Time left in the current cooldown (ms), 0 when none. */
   remaining: () => Awaitable<number>
+  check: CooldownCheck
   /**
    * Records an upstream 429. `retryAfterMs`: the upstream's own wait, already clamped, or null
    * to back off exponentially; `jitter` in [0, 1) spreads the backoff.
@@ -102,12 +114,24 @@ export function createMemoryCooldown (options: MemoryCooldownOptions = {}): Memo
     return { remainingMs: until - at, fresh }
   }
 
-  return { remaining, trip }
+  return { remaining, trip, check: { key: null, memory: remaining } }
+}
+
+/**
+ * Lua: the time left (ms) in the cooldown whose record is at `key` (a Lua expression), after
+ * LUA_NOW_MS. The org budget's script reads it too.
+ */
+export function luaCooldownLeft (key: string): string {
+  return `math.max(0, tonumber(redis.call('HGET', ${key}, 'until') or '0') - now)`
+}
+
+/** The key of the organization's cooldown record under a hash tag (the org budget's by default). */
+export function cooldownKey (tag = 'bff:budget'): string {
+  return `{${tag}}:cooldown`
 }
 
 const remainingScript = redisScript('bffCooldownRemaining', 1, `${LUA_NOW_MS}
-local untilMs = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
-return math.max(0, untilMs - now)
+return ${luaCooldownLeft('KEYS[1]')}
 `)
 
 // ARGV: retryAfterMs (-1: back off), jitter, baseMs, maxMs, resetAfterMs, minMs, capMs.
@@ -148,12 +172,13 @@ export function createRedisCooldown (options: RedisCooldownOptions): CooldownSto
   const { fallback } = options
   const backoff = backoffOf(options)
   const memory = options.memory ?? createMemoryCooldown(options)
-  const key = `{${options.tag ?? 'bff:budget'}}:cooldown`
+  const key = cooldownKey(options.tag)
   async function remainingInRedis (redis: Redis): Promise<number> {
     return Number(await remainingScript(redis, key))
   }
   return {
     remaining: () => fallback.run(remainingInRedis, memory.remaining),
+    check: { key, memory: memory.remaining },
     trip (retryAfterMs, jitter) {
       return fallback.run(async function tripInRedis (redis): Promise<CooldownTrip> {
         const reply = await tripScript(redis, key, retryAfterMs ?? -1, jitter, backoff.baseMs, backoff.maxMs, backoff.resetAfterMs, backoff.minMs, backoff.capMs)

@@ -1,7 +1,7 @@
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
-import { integers, redisScript } from '../state/redis-script.js'
-import type { Awaitable } from '../state/awaitable.js'
+import { integers, redisScript, type ScriptArg } from '../state/redis-script.js'
+import { whenReady, type Awaitable } from '../state/awaitable.js'
 
 /**
  * Per-client counters (per IP, per session, cancels per session).
@@ -20,8 +20,22 @@ export interface CounterHit {
   resetMs: number
 }
 
+/** One key to count, at its rate. */
+export interface CounterRequest {
+  key: string
+  rate: Rate
+}
+
 export interface CounterStore {
   hit: (key: string, rate: Rate) => Awaitable<CounterHit>
+  /**
+   * One hit on each key in turn, stopping after the first hit over its rate: the keys after it are
+   * not counted, exactly as if their checks had never run. One atomic step, so in Redis one round
+   * trip for several limits of one request (per session and per cancel). Answers the hits counted,
+   * in order; the last is the refusing one when it is over its rate. In Redis the keys must share
+   * a hash slot (a `{tag}` in each).
+   */
+  hitInOrder: (requests: readonly CounterRequest[]) => Awaitable<CounterHit[]>
 }
 
 export interface MemoryCounterOptions {
@@ -33,6 +47,7 @@ export interface MemoryCounterOptions {
 /** The memory store answers at once. */
 export interface MemoryCounterStore extends CounterStore {
   hit: (key: string, rate: Rate) => CounterHit
+  hitInOrder: (requests: readonly CounterRequest[]) => CounterHit[]
 }
 
 export function createMemoryCounterStore (options: MemoryCounterOptions = {}): MemoryCounterStore {
@@ -63,19 +78,56 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): M
     return { count: window.count, resetMs: window.endsAt - at }
   }
 
-  return { hit }
+  function hitInOrder (requests: readonly CounterRequest[]): CounterHit[] {
+    const hits: CounterHit[] = []
+    for (const { key, rate } of requests) {
+      const counted = hit(key, rate)
+      hits.push(counted)
+      if (counted.count > rate.count) break
+    }
+    return hits
+  }
+
+  return { hit, hitInOrder }
 }
 
-const hitScript = redisScript('bffCounterHit', 1, `
-local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
--- A new window (or a key that lost its expiry): the window starts with this hit.
-if ttl < 0 then
-  ttl = tonumber(ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ttl)
+// KEYS: the counters, in order. ARGV: each counter's window (ms) and limit, in the same order.
+// Answers count and time left of each counter, up to and including the first over its limit, and
+// 0, 0 for each counter after it (not counted: a counted hit is at least 1).
+const hitScript = redisScript('bffCounterHit', 'variable', `
+local hits = {}
+local over = false
+for i, key in ipairs(KEYS) do
+  local count, ttl = 0, 0
+  if not over then
+    count = redis.call('INCR', key)
+    ttl = redis.call('PTTL', key)
+    -- A new window (or a key that lost its expiry): the window starts with this hit.
+    if ttl < 0 then
+      ttl = tonumber(ARGV[2 * i - 1])
+      redis.call('PEXPIRE', key, ttl)
+    end
+    over = count > tonumber(ARGV[2 * i])
+  end
+  hits[2 * i - 1] = count
+  hits[2 * i] = ttl
 end
-return { count, ttl }
+return hits
 `)
+
+function firstHit (hits: CounterHit[]): CounterHit {
+  return hits[0] as CounterHit
+}
+
+/** The script's answer (count, ttl per key) as the hits counted. */
+function hitsOf (reply: unknown, keys: number): CounterHit[] {
+  const values = integers(reply, 2 * keys)
+  const hits: CounterHit[] = []
+  for (let i = 0; i < values.length && (values[i] as number) > 0; i += 2) {
+    hits.push({ count: values[i] as number, resetMs: Math.max(1, values[i + 1] as number) })
+  }
+  return hits
+}
 
 export interface RedisCounterOptions {
   fallback: StoreFallback
@@ -85,17 +137,24 @@ export interface RedisCounterOptions {
   memory?: MemoryCounterStore
 }
 
-/** Counts in Redis (one atomic script per hit), in the process's memory while Redis cannot answer. */
+/**
+ * Counts in Redis (one atomic script per request's limits), in the process's memory while Redis
+ * cannot answer.
+ */
 export function createRedisCounterStore (options: RedisCounterOptions): CounterStore {
   const prefix = options.prefix ?? 'bff:limit:'
   const memory = options.memory ?? createMemoryCounterStore()
+  function hitInOrder (requests: readonly CounterRequest[]): Awaitable<CounterHit[]> {
+    return options.fallback.run(async function hitInRedis (redis) {
+      const args: ScriptArg[] = [requests.length]
+      for (const { key } of requests) args.push(prefix + key)
+      for (const { rate } of requests) args.push(rate.windowMs, rate.count)
+      return hitsOf(await hitScript(redis, ...args), requests.length)
+    }, () => memory.hitInOrder(requests))
+  }
   return {
-    hit (key, rate) {
-      return options.fallback.run(async function hitInRedis (redis) {
-        const [count, ttl] = integers(await hitScript(redis, `${prefix}${key}`, rate.windowMs), 2) as [number, number]
-        return { count, resetMs: Math.max(1, ttl) }
-      }, () => memory.hit(key, rate))
-    }
+    hitInOrder,
+    hit: (key, rate) => whenReady(hitInOrder([{ key, rate }]), firstHit)
   }
 }
 

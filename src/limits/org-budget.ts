@@ -3,6 +3,7 @@ import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
 import { integers, LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { luaCooldownLeft, type CooldownCheck } from './cooldown.js'
 
 /**
  * The org budget (`CV_RATE_LIMIT`): every upstream call, from any replica, takes one admission.
@@ -37,9 +38,15 @@ import type { Awaitable } from '../state/awaitable.js'
 export type BudgetDecision =
   | { ok: true, remaining: number }
   | { ok: false, retryAfterMs: number }
+  /** Refused because the upstream cooldown runs (the budget is not drawn). */
+  | { ok: false, coolingMs: number }
 
 export interface BudgetStore {
-  take: () => Awaitable<BudgetDecision>
+  /**
+   * One admission, or a refusal. With `cooldown`, a running cooldown refuses first and spends
+   * nothing; in Redis both are one script, so one round trip.
+   */
+  take: (cooldown?: CooldownCheck) => Awaitable<BudgetDecision>
   /** Multiplicative decrease of the effective limit after an upstream 429. */
   decrease: () => Awaitable<void>
 }
@@ -86,7 +93,7 @@ export interface MemoryBudgetOptions extends BudgetOptions {
 
 /** The memory budget answers at once. */
 export interface MemoryBudget extends BudgetStore {
-  take: () => BudgetDecision
+  take: (cooldown?: CooldownCheck) => BudgetDecision
   decrease: () => void
 }
 
@@ -151,7 +158,9 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return last === undefined ? at : Math.max(at, last)
   }
 
-  function take (): BudgetDecision {
+  function take (cooldown?: CooldownCheck): BudgetDecision {
+    const coolingMs = cooldown === undefined ? 0 : cooldown.memory()
+    if (coolingMs > 0) return { ok: false, coolingMs }
     const at = clock()
     log.dropBefore(at - windowMs)
     if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
@@ -172,8 +181,14 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
   return { take, decrease }
 }
 
-// KEYS: log (sorted set), sequence, decrease state. ARGV: count, span (window + guard), recoverMs.
-const takeScript = redisScript('bffBudgetTake', 3, `${LUA_NOW_MS}
+// KEYS: log (sorted set), sequence, decrease state, and the cooldown record when it is checked.
+// ARGV: count, span (window + guard), recoverMs. Answers { 1, remaining }, { 0, retry after } or,
+// while the cooldown runs, { 2, time left in it }.
+const takeScript = redisScript('bffBudgetTake', 'variable', `${LUA_NOW_MS}
+if KEYS[4] then
+  local cooling = ${luaCooldownLeft('KEYS[4]')}
+  if cooling > 0 then return { 2, cooling } end
+end
 local count = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local recover = tonumber(ARGV[3])
@@ -235,15 +250,19 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const recoverMs = recoverMsOf(options)
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
-  async function takeInRedis (redis: Redis): Promise<BudgetDecision> {
-    const [admitted, value] = integers(await takeScript(redis, ...keys, count, windowMs, recoverMs), 2) as [number, number]
-    return admitted === 1 ? { ok: true, remaining: value } : { ok: false, retryAfterMs: value }
+  async function takeInRedis (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
+    const reply = await (cooldownKey === null
+      ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs)
+      : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs))
+    const [verdict, value] = integers(reply, 2) as [number, number]
+    if (verdict === 1) return { ok: true, remaining: value }
+    return verdict === 2 ? { ok: false, coolingMs: value } : { ok: false, retryAfterMs: value }
   }
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)
   }
   return {
-    take: () => fallback.run(takeInRedis, memory.take),
+    take: (cooldown) => fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown)),
     decrease: () => fallback.run(decreaseInRedis, memory.decrease)
   }
 }

@@ -6,7 +6,7 @@ import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
 import { isPromise } from '../state/awaitable.js'
 import { createStoreFallback, type StoreFallback } from './fallback.js'
-import { createCounterStore, type CounterHit, type CounterStore } from './counter-store.js'
+import { createCounterStore, type CounterHit, type CounterRequest, type CounterStore } from './counter-store.js'
 import { createOrgBudget } from './org-budget.js'
 import { createCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
@@ -19,11 +19,13 @@ export interface LimitStores {
 }
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Counted against `RATE_LIMIT_CANCEL` too, after the per-session limit (step 3). */
+    cancelLimit?: boolean
+  }
   interface FastifyInstance {
     /** The stores behind every limit of this process (one Redis-or-memory decision point). */
     limitStores: LimitStores
-    /** `RATE_LIMIT_CANCEL`: the cancel route adds it to its own `onRequest`. */
-    cancelLimit: onRequestHookHandler
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
   }
@@ -37,27 +39,23 @@ export interface LimitPluginOptions {
 /** The one refusal of every per-client limit; only its Retry-After differs. */
 const RATE_LIMITED = Object.freeze(errorEnvelope(429, ErrorCode.RATE_LIMITED, 'Rate limit exceeded'))
 
-/** One per-client limit: its scope, its rate, the policy item it publishes, whom it counts. */
+/** One per-client limit: its scope, its rate, the policy item it publishes. */
 interface ClientLimit {
   policy: PolicyName
   rate: Rate
   /** `"ip";q=300;w=60`: the same for every request. */
   policyItem: string
-  /** The counter's key, or null when there is nobody to count (no session). */
-  keyOf: (request: FastifyRequest) => string | null
 }
 
-function clientLimit (policy: PolicyName, rate: Rate, keyOf: ClientLimit['keyOf']): ClientLimit {
-  return { policy, rate, policyItem: policyItem(policy, rate), keyOf }
+function clientLimit (policy: PolicyName, rate: Rate): ClientLimit {
+  return { policy, rate, policyItem: policyItem(policy, rate) }
 }
 
 /**
  * Publishes this limit beside those applied before it (the fields list every policy that applied
- * to the request, in order) and answers 429 over the limit. Answered directly rather than thrown:
- * under a flood most requests end here, and an Error (its stack trace) and the error handler
- * would be paid for each of them.
+ * to the request, in order). Answers whether the hit is over the limit.
  */
-function decide (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
+function publish (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metrics: AppMetrics | null): boolean {
   const exceeded = hit.count > limit.rate.count
   metrics?.recordLimiter(limit.policy, exceeded)
   const item = rateLimitItem(limit.policy, limit.rate.count - hit.count, hit.resetMs)
@@ -69,32 +67,76 @@ function decide (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metri
     reply.header('ratelimit-policy', `${String(policies)}, ${limit.policyItem}`)
     reply.header('ratelimit', `${String(reply.getHeader('ratelimit'))}, ${item}`)
   }
-  if (!exceeded) {
-    done()
-    return
-  }
+  return exceeded
+}
+
+/**
+ * The 429 of every per-client limit. Answered directly rather than thrown: under a flood most
+ * requests end here, and an Error (its stack trace) and the error handler would be paid for each.
+ */
+function refuse (hit: CounterHit, reply: FastifyReply): void {
   reply.errorCode = ErrorCode.RATE_LIMITED
   reply.code(429).header('retry-after', retryAfterSeconds(hit.resetMs)).send(RATE_LIMITED)
 }
 
+/** The limits' verdicts in order: the request goes on, or the first limit it is over refuses it. */
+function decide (limits: readonly ClientLimit[], hits: readonly CounterHit[], reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
+  for (let i = 0; i < hits.length; i++) {
+    const hit = hits[i] as CounterHit
+    if (publish(limits[i] as ClientLimit, hit, reply, metrics)) {
+      refuse(hit, reply)
+      return
+    }
+  }
+  done()
+}
+
 /**
- * The hook of one per-client limit: synchronous when the counters are in memory, waiting for
- * Redis otherwise. A counter store never fails (it falls back to memory), so a rejection here is
- * a bug, answered as a bare 500 rather than silently lifting the limit.
+ * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
+ * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
+ * a bare 500 rather than silently lifting the limit.
  */
-function limitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+  const limits = [limit]
   return function limitRequest (request, reply, done) {
-    const key = limit.keyOf(request)
-    if (key === null) {
+    const hit = counters.hit(ipKey(request), limit.rate)
+    if (isPromise(hit)) {
+      hit.then((counted) => { decide(limits, [counted], reply, metrics, done) }, done)
+      return
+    }
+    decide(limits, [hit], reply, metrics, done)
+  }
+}
+
+/**
+ * The per-session hook, and on a route with `cancelLimit` the per-cancel limit after it, both in
+ * one store call (one Redis round trip): the cancel counter is not counted when the session limit
+ * refuses, as if its check came after. Requests without a session are not counted here (the
+ * routes that need one answer 401 themselves).
+ */
+function sessionLimitHook (counters: CounterStore, session: ClientLimit, cancel: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+  const sessionOnly = [session]
+  const sessionThenCancel = [session, cancel]
+  return function limitSession (request, reply, done) {
+    // `== null`: undefined too, on an app without the session plugin.
+    if (request.session == null) {
       done()
       return
     }
-    const hit = counters.hit(key, limit.rate)
-    if (isPromise(hit)) {
-      hit.then((counted) => { decide(limit, counted, reply, metrics, done) }, done)
+    // The session id is already the SHA-256 of the token, never the token. It is the keys' hash
+    // tag, so that both counters of a session share one slot on Redis Cluster.
+    const tag = `{${request.session.id}}`
+    const withCancel = request.routeOptions.config.cancelLimit === true
+    const limits = withCancel ? sessionThenCancel : sessionOnly
+    const requests: CounterRequest[] = withCancel
+      ? [{ key: `session:${tag}`, rate: session.rate }, { key: `cancel:${tag}`, rate: cancel.rate }]
+      : [{ key: `session:${tag}`, rate: session.rate }]
+    const hits = counters.hitInOrder(requests)
+    if (isPromise(hits)) {
+      hits.then((counted) => { decide(limits, counted, reply, metrics, done) }, done)
       return
     }
-    decide(limit, hit, reply, metrics, done)
+    decide(limits, hits, reply, metrics, done)
   }
 }
 
@@ -128,17 +170,6 @@ function ipKey (request: FastifyRequest): string {
 }
 
 /**
- * The key of a session scope: its id, which is already the SHA-256 of the token, never the token.
- * `== null`: undefined too, on an app without the session plugin.
- */
-function sessionKey (scope: 'session' | 'cancel'): ClientLimit['keyOf'] {
-  const prefix = `${scope}:`
-  return function sessionScopedKey (request) {
-    return request.session == null ? null : prefix + request.session.id
-  }
-}
-
-/**
  * `RATE_LIMIT_IP`, on every route and the not-found handler, before authentication. The client
  * IP is `request.ip`: X-Forwarded-For counts only from TRUST_PROXY peers (Fastify's trustProxy).
  *
@@ -155,21 +186,19 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
   const counters = createCounterStore({ fallback, now: options.now })
   app.decorate('limitStores', { fallback, counters })
-  app.addHook('onRequest', limitHook(counters, clientLimit('ip', app.config.limits.ip, ipKey), metricsOf(app)))
+  app.addHook('onRequest', ipLimitHook(counters, clientLimit('ip', app.config.limits.ip), metricsOf(app)))
 }
 
 /**
  * `RATE_LIMIT_SESSION` on every request that carries a session (resolved by the session hook,
- * registered before this one), `RATE_LIMIT_CANCEL` as a hook for the cancel route, and the
- * upstream gate (org budget and cooldown) for the Care360 client.
+ * registered before this one), `RATE_LIMIT_CANCEL` after it on routes with `cancelLimit`, and
+ * the upstream gate (org budget and cooldown) for the Care360 client.
  */
 async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const { fallback, counters } = app.limitStores
   const { limits } = app.config
   const metrics = metricsOf(app)
-  app.addHook('onRequest', limitHook(counters, clientLimit('session', limits.session, sessionKey('session')), metrics))
-  // Without a session the cancel route answers 401 itself: there is nobody to count against.
-  app.decorate('cancelLimit', limitHook(counters, clientLimit('cancel', limits.cancel, sessionKey('cancel')), metrics))
+  app.addHook('onRequest', sessionLimitHook(counters, clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
 
   const cooldown = createCooldown({ fallback, now: options.now })
   app.decorate('upstreamGate', createUpstreamGate({

@@ -53,20 +53,16 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     knownUntil = Math.max(knownUntil, now() + remainingMs)
   }
 
-  function afterBudget (decision: BudgetDecision): void {
+  function decided (decision: BudgetDecision): void {
+    if (!decision.ok && 'coolingMs' in decision) {
+      remember(decision.coolingMs)
+      record.decision('cooldown', true)
+      throw upstreamRateLimited(decision.coolingMs)
+    }
+    record.decision('cooldown', false)
     record.decision('org_budget', !decision.ok)
     record.budgetRemaining(decision.ok ? decision.remaining : 0)
     if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
-  }
-
-  function afterCooldown (cooling: number): Awaitable<void> {
-    if (cooling > 0) {
-      remember(cooling)
-      record.decision('cooldown', true)
-      throw upstreamRateLimited(cooling)
-    }
-    record.decision('cooldown', false)
-    return whenReady(budget.take(), afterBudget)
   }
 
   return {
@@ -76,8 +72,9 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
         record.decision('cooldown', true)
         throw upstreamRateLimited(knownUntil - now())
       }
-      // The cooldown first, so that a stopped call does not spend budget.
-      return whenReady(cooldown.remaining(), afterCooldown)
+      // The cooldown first, so that a stopped call does not spend budget: the budget checks it in
+      // the same step as its own admission (one Redis round trip for both).
+      return whenReady(budget.take(cooldown.check), decided)
     },
 
     async onRateLimited (retryAfterMs) {

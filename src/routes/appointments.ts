@@ -121,9 +121,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
   }
 
   app.post('/appointments/:id/cancel', {
-    config: { auth: 'required' },
-    // Step 3: cancels per session, after the per-IP and per-session limits (global hooks).
-    onRequest: app.cancelLimit,
+    // Step 3: cancels per session, after the per-IP and per-session limits (the limit hooks).
+    config: { auth: 'required', cancelLimit: true },
     schema: {
       tags: ['appointments'],
       summary: "Cancel one of the signed-in patient's upcoming appointments",

@@ -2,7 +2,10 @@ import type { Redis } from 'ioredis'
 
 export type ScriptArg = string | number
 
-interface Script { name: string, numberOfKeys: number, lua: string }
+/** `variable`: the caller passes the number of keys first, as EVAL takes it. */
+type KeyCount = number | 'variable'
+
+interface Script { name: string, numberOfKeys: KeyCount, lua: string }
 
 /** Every script of the service, registered as its module loads (before any client exists). */
 const scripts = new Map<string, Script>()
@@ -15,19 +18,19 @@ const scripts = new Map<string, Script>()
  * process crashed (reproduced; BENCHMARKS.md). A client without the definitions (a test's own)
  * gets a plain EVAL instead.
  */
-export function redisScript (name: string, numberOfKeys: number, lua: string): (redis: Redis, ...args: ScriptArg[]) => Promise<unknown> {
+export function redisScript (name: string, numberOfKeys: KeyCount, lua: string): (redis: Redis, ...args: ScriptArg[]) => Promise<unknown> {
   if (scripts.has(name)) throw new Error(`Redis script ${name} is defined twice`)
   scripts.set(name, { name, numberOfKeys, lua })
   return function runScript (redis, ...args) {
     const command = (redis as unknown as Record<string, ((...args: ScriptArg[]) => Promise<unknown>) | undefined>)[name]
-    if (command === undefined) return redis.eval(lua, numberOfKeys, ...args)
+    if (command === undefined) return numberOfKeys === 'variable' ? redis.eval(lua, ...(args as [number, ...ScriptArg[]])) : redis.eval(lua, numberOfKeys, ...args)
     return command.apply(redis, args)
   }
 }
 
 /** Makes every registered script a command of `redis`; called once, as the client is created. */
 export function defineScripts (redis: Redis): void {
-  for (const { name, numberOfKeys, lua } of scripts.values()) redis.defineCommand(name, { numberOfKeys, lua })
+  for (const { name, numberOfKeys, lua } of scripts.values()) redis.defineCommand(name, numberOfKeys === 'variable' ? { lua } : { numberOfKeys, lua })
 }
 
 /**

@@ -38,6 +38,30 @@ for (const [kind, make] of kinds) {
     t.equal((await store.hit('ip:a', rate)).count, 3)
   })
 
+  t.test(`${kind}: several keys in order, each at its own rate`, async (t) => {
+    const store = await make(t)
+    const session = { count: 3, windowMs: 1000 }
+    const cancel = { count: 1, windowMs: 500 }
+    const both = [{ key: 'session:{a}', rate: session }, { key: 'cancel:{a}', rate: cancel }]
+    const first = await store.hitInOrder(both)
+    t.same(first.map((hit) => hit.count), [1, 1])
+    t.ok((first[0]?.resetMs ?? 0) > 500 && (first[1]?.resetMs ?? 0) <= 500, 'each key has its own window')
+    t.same((await store.hitInOrder(both)).map((hit) => hit.count), [2, 2], 'the last key is over its rate: nothing after it to skip')
+    t.same((await store.hitInOrder([both[0]!])).map((hit) => hit.count), [3])
+  })
+
+  t.test(`${kind}: the keys after the first one over its rate are not counted`, async (t) => {
+    const store = await make(t)
+    const session = { count: 1, windowMs: 1000 }
+    const cancel = { count: 5, windowMs: 1000 }
+    const both = [{ key: 'session:{b}', rate: session }, { key: 'cancel:{b}', rate: cancel }]
+    t.same((await store.hitInOrder(both)).map((hit) => hit.count), [1, 1])
+    const refused = await store.hitInOrder(both)
+    t.same(refused.map((hit) => hit.count), [2], 'stopped at the session key')
+    t.same((await store.hitInOrder(both)).map((hit) => hit.count), [3])
+    t.equal((await store.hit('cancel:{b}', cancel)).count, 2, 'the cancel key was counted once only')
+  })
+
   t.test(`${kind}: a new window starts once the last one ended`, async (t) => {
     const store = await make(t)
     const rate = { count: 2, windowMs: 80 }

@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
+import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { fallbackOn, maxCertainlyInOneWindow, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
@@ -30,7 +31,7 @@ for (const [kind, make] of kinds) {
     t.same(await budget.take(), { ok: true, remaining: 0 })
     const denied = await budget.take()
     t.equal(denied.ok, false)
-    if (!denied.ok) t.ok(denied.retryAfterMs > 0 && denied.retryAfterMs <= 506, `waits for the oldest to leave (${denied.retryAfterMs})`)
+    t.ok('retryAfterMs' in denied && denied.retryAfterMs > 0 && denied.retryAfterMs <= 506, `waits for the oldest to leave (${JSON.stringify(denied)})`)
   })
 
   t.test(`${kind}: the window slides (no fixed boundary to burst across)`, async (t) => {
@@ -51,7 +52,7 @@ for (const [kind, make] of kinds) {
     const denied = await budget.take()
     t.equal(denied.ok, false)
     // Far sooner than the window.
-    if (!denied.ok) t.ok(denied.retryAfterMs <= 500, `waits for the limit to grow (${denied.retryAfterMs})`)
+    t.ok('retryAfterMs' in denied && denied.retryAfterMs <= 500, `waits for the limit to grow (${JSON.stringify(denied)})`)
     await sleep(600)
     const grown = await takeMany(budget, 4)
     t.ok(grown >= 1 && grown <= 2, `4 + floor(elapsed * 8 / 4000): ${grown} more after ~600 ms`)
@@ -71,6 +72,30 @@ for (const [kind, make] of kinds) {
     await budget.decrease()
     await sleep(80)
     t.equal(await takeMany(budget, 5), 4)
+  })
+}
+
+type MakeWithCooldown = (t: Test, options: BudgetOptions) => Promise<{ budget: BudgetStore, cooldown: CooldownStore }>
+
+const withCooldown: Array<[string, MakeWithCooldown]> = [
+  ['memory', async (_t, options) => ({ budget: createMemoryBudget(options), cooldown: createMemoryCooldown() })],
+  ['redis', async (t, options) => {
+    const fallback = await fallbackOn(t, redis.url)
+    const tag = uniqueName('budget')
+    return { budget: createRedisBudget({ ...options, fallback, tag, memory: createMemoryBudget(options) }), cooldown: createRedisCooldown({ fallback, tag }) }
+  }]
+]
+
+for (const [kind, make] of withCooldown) {
+  t.test(`${kind}: with the cooldown checked, a running cooldown refuses first and spends nothing`, async (t) => {
+    const { budget, cooldown } = await make(t, { count: 3, windowMs: 60_000 })
+    t.same(await budget.take(cooldown.check), { ok: true, remaining: 2 })
+    await cooldown.trip(2000, 0)
+    const cooling = await budget.take(cooldown.check)
+    t.ok('coolingMs' in cooling && cooling.coolingMs > 1500 && cooling.coolingMs <= 2000, `the cooldown's time left (${JSON.stringify(cooling)})`)
+    const again = await budget.take(cooldown.check)
+    t.ok('coolingMs' in again && again.coolingMs > 0, 'and again, while it runs')
+    t.same(await budget.take(), { ok: true, remaining: 1 }, 'the refused calls drew nothing from the budget')
   })
 }
 

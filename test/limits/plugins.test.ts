@@ -44,29 +44,49 @@ t.test('per IP: one counter across routes and the not-found handler, counted in 
   t.equal(await client?.get('bff:limit:ip:127.0.0.1'), '4')
 })
 
-t.test('per session and per cancel: counted apart, all policies published', async (t) => {
-  const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '3/1m', RATE_LIMIT_CANCEL: '1/30s' } })
-  const anonymous = await app.inject({ url: '/a' })
-  t.same(Object.keys(fields(anonymous.headers).policy), ['ip'], 'no session, no session policy')
-  const withSession = await app.inject({ url: '/a', headers: { 'x-test-session': 'one' } })
-  t.same(fields(withSession.headers), {
-    policy: { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 } },
-    limit: { ip: { r: 98, t: 60 }, session: { r: 2, t: 60 } }
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store}: per session and per cancel: counted apart, all policies published`, async (t) => {
+    if (store === 'redis') await redis.flush()
+    const app = await limitedApp(t, { ...(store === 'redis' ? { redisUrl: redis.url } : {}), env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '3/1m', RATE_LIMIT_CANCEL: '1/30s' } })
+    const anonymous = await app.inject({ url: '/a' })
+    t.same(Object.keys(fields(anonymous.headers).policy), ['ip'], 'no session, no session policy')
+    const withSession = await app.inject({ url: '/a', headers: { 'x-test-session': 'one' } })
+    t.same(fields(withSession.headers), {
+      policy: { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 } },
+      limit: { ip: { r: 98, t: 60 }, session: { r: 2, t: 60 } }
+    })
+    const cancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+    t.equal(cancel.statusCode, 200)
+    t.same(fields(cancel.headers).policy, { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 }, cancel: { q: 1, w: 30 } })
+    t.same(fields(cancel.headers).limit.cancel, { r: 0, t: 30 })
+    const secondCancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+    t.equal(secondCancel.statusCode, 429)
+    t.equal(secondCancel.json().code, 'RATE_LIMITED')
+    t.equal(secondCancel.headers['retry-after'], '30')
+    t.equal((await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'two' } })).statusCode, 200, 'another session has its own')
+    const spent = await app.inject({ url: '/b', headers: { 'x-test-session': 'one' } })
+    t.equal(spent.statusCode, 429, 'the session limit counts every route of the session')
+    t.equal((await app.inject({ url: '/b' })).statusCode, 200, 'the same IP without that session is not refused')
+    t.equal((await app.inject({ method: 'POST', url: '/cancel' })).statusCode, 200, 'no session: the route decides (401 in the app)')
   })
-  const cancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
-  t.equal(cancel.statusCode, 200)
-  t.same(fields(cancel.headers).policy, { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 }, cancel: { q: 1, w: 30 } })
-  t.same(fields(cancel.headers).limit.cancel, { r: 0, t: 30 })
-  const secondCancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
-  t.equal(secondCancel.statusCode, 429)
-  t.equal(secondCancel.json().code, 'RATE_LIMITED')
-  t.equal(secondCancel.headers['retry-after'], '30')
-  t.equal((await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'two' } })).statusCode, 200, 'another session has its own')
-  const spent = await app.inject({ url: '/b', headers: { 'x-test-session': 'one' } })
-  t.equal(spent.statusCode, 429, 'the session limit counts every route of the session')
-  t.equal((await app.inject({ url: '/b' })).statusCode, 200, 'the same IP without that session is not refused')
-  t.equal((await app.inject({ method: 'POST', url: '/cancel' })).statusCode, 200, 'no session: the route decides (401 in the app)')
-})
+
+  t.test(`${store}: a cancel refused by the session limit is not counted as a cancel`, async (t) => {
+    if (store === 'redis') await redis.flush()
+    const app = await limitedApp(t, { ...(store === 'redis' ? { redisUrl: redis.url } : {}), env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '2/1m', RATE_LIMIT_CANCEL: '5/1m' } })
+    const cancel = { method: 'POST' as const, url: '/cancel', headers: { 'x-test-session': 'one' } }
+    t.same(fields((await app.inject(cancel)).headers).limit.cancel, { r: 4, t: 60 })
+    t.same(fields((await app.inject(cancel)).headers).limit.cancel, { r: 3, t: 60 })
+    const refused = await app.inject(cancel)
+    t.equal(refused.statusCode, 429)
+    t.same(Object.keys(fields(refused.headers).policy), ['ip', 'session'], 'refused at the session limit: the cancel limit never applied')
+    t.same(fields(refused.headers).limit.session, { r: 0, t: 60 })
+    if (store === 'redis') {
+      const client = app.sharedState.redis
+      t.equal(await client?.get('bff:limit:session:{one}'), '3')
+      t.equal(await client?.get('bff:limit:cancel:{one}'), '2', 'two cancels counted, not three')
+    }
+  })
+}
 
 t.test('IPv6 clients are keyed by their /64', async (t) => {
   const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })
@@ -97,7 +117,6 @@ t.test('the app: every route and the not-found handler are limited per IP, sessi
   const health = await app.inject({ url: '/healthz' })
   t.same(fields(health.headers).policy, { ip: { q: 100, w: 60 } })
   t.same(fields((await app.inject({ url: '/nowhere' })).headers).policy, { ip: { q: 100, w: 60 } })
-  t.equal(typeof app.cancelLimit, 'function')
   t.equal(typeof app.upstreamGate.acquire, 'function')
   const token = await signIn(app, issuer, 'limits@example.com')
   const me = { url: '/auth/me', headers: { authorization: `Bearer ${token}` } }

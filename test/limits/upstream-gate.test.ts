@@ -4,8 +4,8 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { startRedis } from '../helpers/redis.js'
 import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
 import { ApiError } from '../../src/errors.js'
-import { createMemoryBudget, createOrgBudget } from '../../src/limits/org-budget.js'
-import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
+import { createMemoryBudget, createOrgBudget, type BudgetStore } from '../../src/limits/org-budget.js'
+import { createMemoryCooldown, createRedisCooldown } from '../../src/limits/cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from '../../src/limits/upstream-gate.js'
 import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
@@ -37,11 +37,12 @@ t.test('the budget: admits its count, then 429 with the wait until the next admi
 
 t.test("the upstream's 429: a cooldown without upstream calls, and one decrease per episode", async (t) => {
   let now = 0
-  const budget = createMemoryBudget({ count: 4, windowMs: 60_000, now: () => now })
+  const memory = createMemoryBudget({ count: 4, windowMs: 60_000, now: () => now })
   let checks = 0
-  const memory = createMemoryCooldown({ now: () => now })
-  // A counting view of a real store: shows that a known cooldown is not asked for again.
-  const cooldown: CooldownStore = { remaining: async () => { checks += 1; return await memory.remaining() }, trip: memory.trip }
+  const cooldown = createMemoryCooldown({ now: () => now })
+  // A counting view of a real store (the budget checks the cooldown as it admits): shows that a
+  // known cooldown is not asked for again.
+  const budget: BudgetStore = { take: async (check) => { checks += 1; return memory.take(check) }, decrease: memory.decrease }
   const gate = createUpstreamGate({ budget, cooldown, now: () => now, random: () => 0.5 })
   await gate.acquire('list')
   t.equal(await gate.onRateLimited(null), 1000, 'no Retry-After: the first backoff')

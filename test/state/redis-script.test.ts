@@ -21,3 +21,14 @@ t.test('a script runs as a command where it is defined, as EVAL where it is not'
   t.equal((bare as unknown as Record<string, unknown>).bffTestEcho, undefined)
   t.same(integers(await echo(bare, 'bff:test:echo', 8), 2), [2, 8], 'the same script, sent whole')
 })
+
+const keysEcho = redisScript('bffTestKeysEcho', 'variable', 'return { #KEYS, tonumber(ARGV[1]) }')
+
+t.test('a script with a variable number of keys takes the count first, defined or not', async (t) => {
+  const defined = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  const bare = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  t.teardown(() => { defined.disconnect(); bare.disconnect() })
+  defineScripts(defined)
+  t.same(integers(await keysEcho(defined, 2, 'bff:test:a', 'bff:test:b', 5), 2), [2, 5])
+  t.same(integers(await keysEcho(bare, 3, 'bff:test:a', 'bff:test:b', 'bff:test:c', 6), 2), [3, 6], 'sent whole')
+})
