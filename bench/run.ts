@@ -193,8 +193,8 @@ function serviceEnv (upstream: { url: string }, issuer: TestIssuer): Record<stri
 
 /**
  * BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service for --compare (in the same
- * rounds, A/B) and --instructions. An entry may start with Node options, which come after
- * production's: '--max-semi-space-size=16 dist/server.js'.
+ * rounds, A/B) and --instructions. An entry may start with environment variables and then Node
+ * options, which come after production's: 'MALLOC_ARENA_MAX=2 --max-semi-space-size=16 dist/server.js'.
  */
 function benchVariants (): string[] {
   return (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry.trim() !== '')
@@ -202,7 +202,14 @@ function benchVariants (): string[] {
 
 async function startVariant (name: string, variant: string, upstream: { url: string }, issuer: TestIssuer): Promise<Service> {
   const words = variant.trim().split(/\s+/)
-  return await startService(name, { ...serviceEnv(upstream, issuer), ...extraServiceEnv() }, undefined, words.slice(0, -1), words.at(-1))
+  // Leading NAME=value words are the variant's own environment, as in a shell.
+  const env: Record<string, string> = {}
+  while (words.length > 1 && /^[A-Z_][A-Z0-9_]*=/.test(words[0] as string)) {
+    const [assignment] = words.splice(0, 1) as [string]
+    const at = assignment.indexOf('=')
+    env[assignment.slice(0, at)] = assignment.slice(at + 1)
+  }
+  return await startService(name, { ...serviceEnv(upstream, issuer), ...extraServiceEnv(), ...env }, undefined, words.slice(0, -1), words.at(-1))
 }
 
 /** BENCH_SERVICE_ENV (JSON): extra environment for the service of --compare and --profile. */
@@ -580,9 +587,12 @@ async function compare (): Promise<void> {
   const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', forwarderEnv)
   const plain = await launchListening('fastify forwarder', SERVICE_CORE, 'bench/fastify-proxy.mjs', forwarderEnv)
   const service = await startService('service (memory)', { ...serviceEnv(upstream, issuer), ...extraServiceEnv() })
-  const others = await Promise.all(benchVariants().map(async (variant) => {
-    const other = await startVariant(`service (${variant})`, variant, upstream, issuer)
-    return { other, target: cancelTarget(`service, memory, ${variant}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
+  const variants = benchVariants()
+  const others = await Promise.all(variants.map(async (variant, i) => {
+    // The same entry twice (an A/A check) is two processes with two rows.
+    const label = variants.indexOf(variant) === i ? variant : `${variant} #${variants.slice(0, i + 1).filter((v) => v === variant).length}`
+    const other = await startVariant(`service (${label})`, variant, upstream, issuer)
+    return { other, target: cancelTarget(`service, memory, ${label}`, other.url, await signIn(other, issuer, EMAIL), other.pid) }
   }))
   const targets = [
     cancelTarget('proxy', proxy.url, 'unused', proxy.pid),
