@@ -262,7 +262,14 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
     await decreaseScript(redis, keys[2], count, recoverMs)
   }
   return {
-    take: (cooldown) => fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown)),
+    take (cooldown) {
+      // A cooldown held only in this process (no key) is checked here; a shared one in the script.
+      if (cooldown !== undefined && cooldown.key === null) {
+        const coolingMs = cooldown.memory()
+        if (coolingMs > 0) return { ok: false, coolingMs }
+      }
+      return fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown))
+    },
     decrease: () => fallback.run(decreaseInRedis, memory.decrease)
   }
 }

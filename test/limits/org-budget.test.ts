@@ -99,6 +99,16 @@ for (const [kind, make] of withCooldown) {
   })
 }
 
+t.test('redis: a cooldown held only in this process is checked too', async (t) => {
+  const options = { count: 3, windowMs: 60_000 }
+  const budget = createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })
+  const cooldown = createMemoryCooldown()
+  t.same(await budget.take(cooldown.check), { ok: true, remaining: 2 })
+  cooldown.trip(2000, 0)
+  t.same(await budget.take(cooldown.check), { ok: false, coolingMs: 2000 })
+  t.same(await budget.take(), { ok: true, remaining: 1 }, 'nothing drawn')
+})
+
 t.test('memory: the wait is exactly until the oldest entry leaves the closed span', async (t) => {
   let now = 1000
   const budget = createMemoryBudget({ count: 2, windowMs: 500, guardMs: 20, now: () => now })
