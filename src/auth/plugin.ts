@@ -52,7 +52,7 @@ const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i
  * cookie. A bearer header that is present wins even when it is bad, so a request never silently
  * falls back to the ambient cookie (and to the cookie's weaker, CSRF-exposed transport).
  */
-function presentedToken (request: FastifyRequest): { token: string, transport: SessionTransport } | null {
+export function presentedToken (request: FastifyRequest): { token: string, transport: SessionTransport } | null {
   const authorization = request.headers.authorization
   if (typeof authorization === 'string' && /^bearer(?:[ \t]|$)/i.test(authorization)) {
     return { token: BEARER.exec(authorization)?.[1] ?? '', transport: 'bearer' }

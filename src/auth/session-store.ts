@@ -304,7 +304,7 @@ export class RedisSessionStore implements SessionStore {
     if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) {
       record.lastSeenAt = at
       const ttl = Math.min(this.#idleTtlMs, record.absoluteExpiresAt - at)
-      const touched = await this.#run(async () => await touchScript(this.#redis, key, String(at), String(ttl)))
+      const touched = await this.#run(() => touchScript(this.#redis, key, String(at), String(ttl)))
       // Revoked between our read and the touch: it is gone, and so is the answer.
       if (touched !== 1) return null
     }

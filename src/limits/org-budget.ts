@@ -143,6 +143,12 @@ class AdmissionLog {
   }
 }
 
+/** The refusal of a cooldown running in this process, or null when none runs. */
+function coolingHere (cooldown: CooldownCheck): BudgetDecision | null {
+  const coolingMs = cooldown.memory()
+  return coolingMs > 0 ? { ok: false, coolingMs } : null
+}
+
 export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
   const now = options.now ?? Date.now
   const { count } = options
@@ -159,8 +165,8 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
   }
 
   function take (cooldown?: CooldownCheck): BudgetDecision {
-    const coolingMs = cooldown === undefined ? 0 : cooldown.memory()
-    if (coolingMs > 0) return { ok: false, coolingMs }
+    const cooling = cooldown === undefined ? null : coolingHere(cooldown)
+    if (cooling !== null) return cooling
     const at = clock()
     log.dropBefore(at - windowMs)
     if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
@@ -264,10 +270,8 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   return {
     take (cooldown) {
       // A cooldown held only in this process (no key) is checked here; a shared one in the script.
-      if (cooldown !== undefined && cooldown.key === null) {
-        const coolingMs = cooldown.memory()
-        if (coolingMs > 0) return { ok: false, coolingMs }
-      }
+      const cooling = cooldown?.key === null ? coolingHere(cooldown) : null
+      if (cooling !== null) return cooling
       return fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown))
     },
     decrease: () => fallback.run(decreaseInRedis, memory.decrease)

@@ -1,8 +1,7 @@
 import fp from 'fastify-plugin'
-import type {} from '../auth/plugin.js'
+import { presentedToken } from '../auth/plugin.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { ApiError, ErrorCode } from '../errors.js'
-import { sessionCookieOf } from '../auth/cookie.js'
 
 /**
  * CSRF protection for cookie sessions, as one global hook so that no route can forget it (the
@@ -13,8 +12,6 @@ import { sessionCookieOf } from '../auth/cookie.js'
 
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
-
-const BEARER = /^bearer(?:[ \t]|$)/i
 
 export type CsrfFailure = 'cross-site' | 'header' | 'origin'
 
@@ -28,9 +25,7 @@ export const csrfRejected = (): ApiError =>
  */
 function usesAmbientCookie (request: FastifyRequest): boolean {
   if (request.sessionTransport !== null) return request.sessionTransport === 'cookie'
-  const authorization = request.headers.authorization
-  if (typeof authorization === 'string' && BEARER.test(authorization)) return false
-  return sessionCookieOf(request.headers.cookie) !== undefined
+  return presentedToken(request)?.transport === 'cookie'
 }
 
 /** Why the request fails the check, or null when it passes. */
