@@ -1,22 +1,26 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { sessionRequired } from '../errors.js'
-import { sessionCookieOf } from './cookie.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
-import { createSessionStore, type Session, type SessionStore } from './session-store.js'
+import { presentedToken, type SessionTransport } from './presented.js'
+import { createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
+import type { CounterHit } from '../limits/counter-store.js'
+import { createCsrfCheck } from '../web/csrf.js'
 import { isPromise } from '../state/awaitable.js'
 
 export { createPatientRef } from './patient-ref.js'
+export { presentedToken, type SessionTransport } from './presented.js'
 
 export type AuthMode = 'required' | 'optional'
-export type SessionTransport = 'bearer' | 'cookie'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
     /** Resolve the session before the handler: `required` answers 401 without one. */
     auth?: AuthMode
+    /** Counted against `RATE_LIMIT_CANCEL` too, after the per-session limit (step 3). */
+    cancelLimit?: boolean
   }
   interface FastifyInstance {
     sessions: SessionStore
@@ -30,6 +34,11 @@ declare module 'fastify' {
     session: Session | null
     /** How the session arrived: cookie sessions need the CSRF check, bearer ones cannot be forged cross-site. */
     sessionTransport: SessionTransport | null
+    /**
+     * The session's per-client limits as its lookup counted them, in order (per session, then per
+     * cancel), for the limits hook to publish and enforce; null without a session.
+     */
+    sessionHits: readonly CounterHit[] | null
   }
 }
 
@@ -40,26 +49,11 @@ declare module '../app.js' {
   }
 }
 
+const NOBODY: SessionLookup = Object.freeze({ session: null, hits: [] })
+
 export interface AuthPluginOptions {
   now?: () => number
   jwksCooldownMs?: number
-}
-
-const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i
-
-/**
- * The session token of a request: the Authorization header when it carries a bearer, else the
- * cookie. A bearer header that is present wins even when it is bad, so a request never silently
- * falls back to the ambient cookie (and to the cookie's weaker, CSRF-exposed transport).
- */
-export function presentedToken (request: FastifyRequest): { token: string, transport: SessionTransport } | null {
-  const authorization = request.headers.authorization
-  if (typeof authorization === 'string' && /^bearer(?:[ \t]|$)/i.test(authorization)) {
-    return { token: BEARER.exec(authorization)?.[1] ?? '', transport: 'bearer' }
-  }
-  const cookie = sessionCookieOf(request.headers.cookie)
-  if (typeof cookie === 'string') return { token: cookie, transport: 'cookie' }
-  return null
 }
 
 async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<void> {
@@ -83,9 +77,26 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   app.decorate('patientRef', createPatientRef(config.care360.apiKey))
   app.decorateRequest('session', null)
   app.decorateRequest('sessionTransport', null)
+  app.decorateRequest('sessionHits', null)
+
+  // The per-client limits of a session, counted as it is looked up: one Redis round trip for the
+  // session and its limits. The limits hook (limits/plugins.ts) publishes and enforces them, after
+  // the CSRF check. A request that check will refuse counts nothing, so a forged cross-site
+  // request spends none of its victim's quota: its verdict needs the headers alone, so it is
+  // known before the lookup, and it is still answered after the 401 of a request without a
+  // session (the contract's order).
+  const csrfCheck = createCsrfCheck(config.corsOrigins)
+  const perSession: readonly SessionCounter[] = [{ scope: 'session', rate: config.limits.session }]
+  const perSessionThenCancel: readonly SessionCounter[] = [...perSession, { scope: 'cancel', rate: config.limits.cancel }]
+  const none: readonly SessionCounter[] = []
+
+  function countersOf (request: FastifyRequest, transport: SessionTransport): readonly SessionCounter[] {
+    if (csrfCheck(request, transport) !== null) return none
+    return request.routeOptions.config.cancelLimit === true ? perSessionThenCancel : perSession
+  }
 
   /** The request's session is the one its token names, or there is none (null). */
-  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, session: Session | null, done: HookHandlerDoneFunction): void {
+  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, { session, hits }: SessionLookup, done: HookHandlerDoneFunction): void {
     if (session === null) {
       // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
       done(mode === 'optional' ? undefined : sessionRequired())
@@ -93,6 +104,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     request.session = session
     request.sessionTransport = transport
+    request.sessionHits = hits
     // Once per request: the access line, the audit record and the idempotency scope all use it.
     request.patient = app.patientRef(session.email)
     done()
@@ -107,17 +119,18 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     const presented = presentedToken(request)
     if (presented === null) {
-      adopt(request, mode, 'bearer', null, done)
+      adopt(request, mode, 'bearer', NOBODY, done)
       return
     }
     // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
     // an attacker can drive with junk.
-    const session = sessions.get(presented.token)
-    if (isPromise(session)) {
-      session.then((found) => { adopt(request, mode, presented.transport, found, done) }, done)
+    const { token, transport } = presented
+    const lookup = sessions.lookup(token, countersOf(request, transport))
+    if (isPromise(lookup)) {
+      lookup.then((found) => { adopt(request, mode, transport, found, done) }, done)
       return
     }
-    adopt(request, mode, presented.transport, session, done)
+    adopt(request, mode, transport, lookup, done)
   })
 }
 

@@ -3,7 +3,17 @@ import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
 import { coalesceWrites, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
-import { redisScript } from '../state/redis-script.js'
+import { redisScript, type ScriptArg } from '../state/redis-script.js'
+import type { Rate } from '../config.js'
+import {
+  COUNTER_PREFIX,
+  LUA_HIT_IN_ORDER,
+  createMemoryCounterStore,
+  hitsOf,
+  limitArgs,
+  type CounterHit,
+  type MemoryCounterStore
+} from '../limits/counter-store.js'
 
 /**
  * Server-side sessions. The client holds an opaque random token; the store holds only its SHA-256
@@ -39,13 +49,36 @@ export interface Session {
   expiresAt: number
 }
 
+/**
+ * A per-client limit counted against a session as it is looked up (`RATE_LIMIT_SESSION`,
+ * `RATE_LIMIT_CANCEL`). Its counter is `<scope>:{<session id>}` in the per-client counters: the id
+ * is the hash tag of the session's own key too, so on Redis the lookup and the counting are one
+ * script on one slot.
+ */
+export interface SessionCounter {
+  scope: string
+  rate: Rate
+}
+
+export interface SessionLookup {
+  session: Session | null
+  /**
+   * One hit on each counter in turn, stopping after the first over its rate (the rule of
+   * CounterStore.hitInOrder); none without a live session.
+   */
+  hits: readonly CounterHit[]
+}
+
 export interface SessionStore {
   create: (input: NewSession) => Promise<{ token: string, session: Session }>
-  /**
-   * Null for a malformed, unknown, revoked or expired token. Slides the idle expiry. The memory
-   * store answers at once: every authenticated request asks.
-   */
+  /** Null for a malformed, unknown, revoked or expired token. Slides the idle expiry. */
   get: (token: string) => Awaitable<Session | null>
+  /**
+   * `get`, and when the session is live, its `counters` counted: one atomic step, on Redis one
+   * round trip for the session and its limits (every authenticated request asks). The memory
+   * store answers at once.
+   */
+  lookup: (token: string, counters: readonly SessionCounter[]) => Awaitable<SessionLookup>
   revoke: (token: string) => Promise<void>
   /** Ends the session whose id (never its token) the caller holds, e.g. `request.session.id`. */
   revokeById: (id: string) => Promise<void>
@@ -63,6 +96,15 @@ export interface SessionStoreOptions {
   /** Memory store: how often expired entries are swept (on the next create). */
   sweepEveryMs?: number
 }
+
+/** The counter key of a session's limit (in the per-client counters' key space). */
+export function sessionCounterKey (scope: string, id: string): string {
+  return `${scope}:{${id}}`
+}
+
+const NO_HITS: readonly CounterHit[] = Object.freeze([])
+const NO_COUNTERS: readonly SessionCounter[] = Object.freeze([])
+const NO_SESSION: SessionLookup = Object.freeze({ session: null, hits: NO_HITS })
 
 /** 32 random bytes in base64url, unpadded: exactly 43 characters of this alphabet. */
 const TOKEN_SHAPE = /^[A-Za-z0-9_-]{43}$/
@@ -125,7 +167,8 @@ function newRecord (id: string, input: NewSession, at: number, absoluteTtlMs: nu
 /**
  * One process, no Redis. Expired entries are swept lazily on create, so memory stays bounded. It
  * holds each session as callers see it (frozen, expiry included), made anew only when the idle
- * expiry slides: a lookup returns it as it is.
+ * expiry slides: a lookup returns it as it is. Its sessions' limits are counted in counters of its
+ * own, which nothing else counts.
  */
 export class MemorySessionStore implements SessionStore {
   readonly #sessions = new Map<string, Session>()
@@ -135,6 +178,7 @@ export class MemorySessionStore implements SessionStore {
   readonly #absoluteTtlMs: number
   readonly #now: () => number
   readonly #sweepEveryMs: number
+  readonly #counters: MemoryCounterStore
   #lastSweep: number
 
   constructor (options: SessionStoreOptions) {
@@ -142,6 +186,7 @@ export class MemorySessionStore implements SessionStore {
     this.#absoluteTtlMs = options.absoluteTtlMs
     this.#now = options.now ?? Date.now
     this.#sweepEveryMs = options.sweepEveryMs ?? 60_000
+    this.#counters = createMemoryCounterStore({ now: this.#now })
     this.#lastSweep = this.#now()
   }
 
@@ -175,6 +220,14 @@ export class MemorySessionStore implements SessionStore {
     const touched = withExpiry({ ...session, lastSeenAt: at }, this.#idleTtlMs)
     this.#sessions.set(session.id, touched)
     return touched
+  }
+
+  lookup (token: string, counters: readonly SessionCounter[]): SessionLookup {
+    const session = this.get(token)
+    if (session === null) return NO_SESSION
+    if (counters.length === 0) return { session, hits: NO_HITS }
+    const requests = counters.map(({ scope, rate }) => ({ key: sessionCounterKey(scope, session.id), rate }))
+    return { session, hits: this.#counters.hitInOrder(requests) }
   }
 
   async revoke (token: string): Promise<void> {
@@ -237,20 +290,38 @@ function removeFromIndex (index: Map<string, Set<string>>, key: string, id: stri
   if (ids.size === 0) index.delete(key)
 }
 
-/**
- * Slides the idle expiry only if the session still exists: a plain HSET racing a revoke on another
- * replica would recreate a half session.
- */
-const touchScript = redisScript('bffSessionTouch', 1, `
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+// The lookup of RedisSessionStore, atomic so that no touch can race a revoke on another replica
+// (a plain HSET after a DEL would recreate a half session). KEYS[1]: the session's hash; KEYS[2..]:
+// its counters. ARGV[1]: now (ms, the store's clock); ARGV[2]: the idle lifetime (ms); ARGV[3]:
+// how long ago it must have been seen to slide its expiry (ms); ARGV[4..]: each counter's window
+// and limit. Answers {} when there is no live session, else its fields (as HGETALL) and the
+// counters' hits, counted only then.
+const lookupScript = redisScript('bffSessionLookup', 'variable', `${LUA_HIT_IN_ORDER}
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {} end
+local record = {}
+for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+local at, idle = tonumber(ARGV[1]), tonumber(ARGV[2])
+local seen, ends = tonumber(record.lastSeenAt), tonumber(record.absoluteExpiresAt)
+-- A damaged hash is no session (the caller's decode refuses other damage).
+if seen == nil or ends == nil then return {} end
+-- isLive(), as the memory store decides it.
+if at >= ends or at >= seen + idle then
+  redis.call('DEL', KEYS[1])
+  return {}
 end
-return 0`)
+if at - seen >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.min(idle, ends - at)))
+  for i = 1, #fields, 2 do
+    if fields[i] == 'lastSeenAt' then fields[i + 1] = ARGV[1] end
+  end
+end
+return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
+`)
 
 /**
- * Shared by every replica. A hash per session (`<prefix>s:<id>`), with index sets by subject and
+ * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with index sets by subject and
  * by IdP session (`<prefix>sub:<hash>`, `<prefix>sid:<hash>`) for back-channel logout. Every key
  * carries a PEXPIRE so that Redis cleans up after us; index sets live as long as the newest member
  * can, so they stay bounded to the sessions of one absolute lifetime.
@@ -290,25 +361,17 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async get (token: string): Promise<Session | null> {
-    if (!isWellFormedToken(token)) return null
+    return (await this.lookup(token, NO_COUNTERS)).session
+  }
+
+  lookup (token: string, counters: readonly SessionCounter[]): Awaitable<SessionLookup> {
+    if (!isWellFormedToken(token)) return NO_SESSION
     const id = sessionIdOf(token)
-    const key = this.#sessionKey(id)
-    const fields = await this.#run(() => this.#redis.hgetall(key))
-    const record = decode(id, fields)
-    if (record === null) return null
-    const at = this.#now()
-    if (!isLive(record, this.#idleTtlMs, at)) {
-      await this.#run(() => this.#redis.del(key))
-      return null
-    }
-    if (at - record.lastSeenAt >= touchEveryMs(this.#idleTtlMs)) {
-      record.lastSeenAt = at
-      const ttl = Math.min(this.#idleTtlMs, record.absoluteExpiresAt - at)
-      const touched = await this.#run(() => touchScript(this.#redis, key, String(at), String(ttl)))
-      // Revoked between our read and the touch: it is gone, and so is the answer.
-      if (touched !== 1) return null
-    }
-    return withExpiry(record, this.#idleTtlMs)
+    const args: ScriptArg[] = [1 + counters.length, this.#sessionKey(id)]
+    for (const { scope } of counters) args.push(COUNTER_PREFIX + sessionCounterKey(scope, id))
+    args.push(this.#now(), this.#idleTtlMs, touchEveryMs(this.#idleTtlMs))
+    limitArgs(counters, args)
+    return this.#run(async () => lookedUp(id, await lookupScript(this.#redis, ...args), counters.length, this.#idleTtlMs))
   }
 
   async revoke (token: string): Promise<void> {
@@ -339,8 +402,9 @@ export class RedisSessionStore implements SessionStore {
     return Number(results[0])
   }
 
+  /** The id is the key's hash tag, as in its counters' keys (sessionCounterKey). */
   #sessionKey (id: string): string {
-    return `${this.#prefix}s:${id}`
+    return `${this.#prefix}s:{${id}}`
   }
 
   /**
@@ -357,6 +421,17 @@ export class RedisSessionStore implements SessionStore {
       throw sessionStoreUnavailable(error)
     }
   }
+}
+
+/** The lookup script's answer as a lookup: the session only when its fields decode. */
+function lookedUp (id: string, reply: unknown, counters: number, idleTtlMs: number): SessionLookup {
+  if (!Array.isArray(reply) || reply.length === 0) return NO_SESSION
+  const [list, hits] = reply as [string[], unknown]
+  const fields: Record<string, string> = {}
+  for (let i = 0; i < list.length; i += 2) fields[list[i] as string] = list[i + 1] as string
+  const record = decode(id, fields)
+  if (record === null) return NO_SESSION
+  return { session: withExpiry(record, idleTtlMs), hits: counters === 0 ? NO_HITS : hitsOf(hits, counters) }
 }
 
 export function sessionStoreUnavailable (cause: unknown): ApiError {

@@ -31,9 +31,9 @@ export interface CounterStore {
   /**
    * One hit on each key in turn, stopping after the first hit over its rate: the keys after it are
    * not counted, exactly as if their checks had never run. One atomic step, so in Redis one round
-   * trip for several limits of one request (per session and per cancel). Answers the hits counted,
-   * in order; the last is the refusing one when it is over its rate. In Redis the keys must share
-   * a hash slot (a `{tag}` in each).
+   * trip for several limits of one request. Answers the hits counted, in order; the last is the
+   * refusing one when it is over its rate. In Redis the keys must share a hash slot (a `{tag}` in
+   * each). A session's own limits (per session, per cancel) follow the same rule in its lookup.
    */
   hitInOrder: (requests: readonly CounterRequest[]) => Awaitable<CounterHit[]>
 }
@@ -91,36 +91,55 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): M
   return { hit, hitInOrder }
 }
 
-// KEYS: the counters, in order. ARGV: each counter's window (ms) and limit, in the same order.
-// Answers count and time left of each counter, up to and including the first over its limit, and
-// 0, 0 for each counter after it (not counted: a counted hit is at least 1).
-const hitScript = redisScript('bffCounterHit', 'variable', `
-local hits = {}
-local over = false
-for i, key in ipairs(KEYS) do
-  local count, ttl = 0, 0
-  if not over then
-    count = redis.call('INCR', key)
-    ttl = redis.call('PTTL', key)
-    -- A new window (or a key that lost its expiry): the window starts with this hit.
-    if ttl < 0 then
-      ttl = tonumber(ARGV[2 * i - 1])
-      redis.call('PEXPIRE', key, ttl)
+/** The prefix of every per-client counter's Redis key (also those the session lookup counts). */
+export const COUNTER_PREFIX = 'bff:limit:'
+
+/**
+ * `hit_in_order(keys, limits)`, in Lua for the scripts that count: one hit on each key in turn,
+ * `limits` holding each key's window (ms) and limit, in the same order. Answers count and time
+ * left of each counter, up to and including the first over its limit, and 0, 0 for each counter
+ * after it (not counted: a counted hit is at least 1). Used by this store's script and by the
+ * session lookup's (auth/session-store.ts), which counts a session's limits as it reads it.
+ */
+export const LUA_HIT_IN_ORDER = `
+local function hit_in_order (keys, limits)
+  local hits = {}
+  local over = false
+  for i, key in ipairs(keys) do
+    local count, ttl = 0, 0
+    if not over then
+      count = redis.call('INCR', key)
+      ttl = redis.call('PTTL', key)
+      -- A new window (or a key that lost its expiry): the window starts with this hit.
+      if ttl < 0 then
+        ttl = tonumber(limits[2 * i - 1])
+        redis.call('PEXPIRE', key, ttl)
+      end
+      over = count > tonumber(limits[2 * i])
     end
-    over = count > tonumber(ARGV[2 * i])
+    hits[2 * i - 1] = count
+    hits[2 * i] = ttl
   end
-  hits[2 * i - 1] = count
-  hits[2 * i] = ttl
+  return hits
 end
-return hits
+`
+
+// KEYS: the counters, in order. ARGV: each counter's window (ms) and limit, in the same order.
+const hitScript = redisScript('bffCounterHit', 'variable', `${LUA_HIT_IN_ORDER}
+return hit_in_order(KEYS, ARGV)
 `)
+
+/** The Redis arguments of `hit_in_order`'s limits: each request's window and limit, in order. */
+export function limitArgs (requests: ReadonlyArray<{ rate: Rate }>, args: ScriptArg[]): void {
+  for (const { rate } of requests) args.push(rate.windowMs, rate.count)
+}
 
 function firstHit (hits: CounterHit[]): CounterHit {
   return hits[0] as CounterHit
 }
 
-/** The script's answer (count, ttl per key) as the hits counted. */
-function hitsOf (reply: unknown, keys: number): CounterHit[] {
+/** `hit_in_order`'s answer (count, ttl per key) as the hits counted. */
+export function hitsOf (reply: unknown, keys: number): CounterHit[] {
   const values = integers(reply, 2 * keys)
   const hits: CounterHit[] = []
   for (let i = 0; i < values.length && (values[i] as number) > 0; i += 2) {
@@ -142,13 +161,13 @@ export interface RedisCounterOptions {
  * cannot answer.
  */
 export function createRedisCounterStore (options: RedisCounterOptions): CounterStore {
-  const prefix = options.prefix ?? 'bff:limit:'
+  const prefix = options.prefix ?? COUNTER_PREFIX
   const memory = options.memory ?? createMemoryCounterStore()
   function hitInOrder (requests: readonly CounterRequest[]): Awaitable<CounterHit[]> {
     return options.fallback.run(async function hitInRedis (redis) {
       const args: ScriptArg[] = [requests.length]
       for (const { key } of requests) args.push(prefix + key)
-      for (const { rate } of requests) args.push(rate.windowMs, rate.count)
+      limitArgs(requests, args)
       return hitsOf(await hitScript(redis, ...args), requests.length)
     }, () => memory.hitInOrder(requests))
   }

@@ -6,7 +6,7 @@ import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
 import { isPromise } from '../state/awaitable.js'
 import { createStoreFallback, type StoreFallback } from './fallback.js'
-import { createCounterStore, type CounterHit, type CounterRequest, type CounterStore } from './counter-store.js'
+import { createCounterStore, type CounterHit, type CounterStore } from './counter-store.js'
 import { createOrgBudget } from './org-budget.js'
 import { createCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
@@ -14,17 +14,13 @@ import type { AppMetrics } from '../metrics.js'
 import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
 export interface LimitStores {
+  /** The one Redis-or-memory decision point of every limit store of this process. */
   fallback: StoreFallback
-  counters: CounterStore
 }
 
 declare module 'fastify' {
-  interface FastifyContextConfig {
-    /** Counted against `RATE_LIMIT_CANCEL` too, after the per-session limit (step 3). */
-    cancelLimit?: boolean
-  }
   interface FastifyInstance {
-    /** The stores behind every limit of this process (one Redis-or-memory decision point). */
+    /** What the limit plugins share (a session's counters are its lookup's: auth/session-store.ts). */
     limitStores: LimitStores
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
@@ -109,34 +105,22 @@ function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMe
 }
 
 /**
- * The per-session hook, and on a route with `cancelLimit` the per-cancel limit after it, both in
- * one store call (one Redis round trip): the cancel counter is not counted when the session limit
- * refuses, as if its check came after. Requests without a session are not counted here (the
- * routes that need one answer 401 themselves).
+ * The per-session limit, and on a route with `cancelLimit` the per-cancel limit after it. The
+ * session lookup counted them (auth/plugin.ts: one Redis round trip for the session and its
+ * limits; the cancel counter is not counted when the session limit refuses, as if its check came
+ * after); this hook publishes them and refuses, after the CSRF check. Requests without a session
+ * count nothing (the routes that need one answer 401 themselves).
  */
-function sessionLimitHook (counters: CounterStore, session: ClientLimit, cancel: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+function sessionLimitHook (session: ClientLimit, cancel: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
   const sessionOnly = [session]
   const sessionThenCancel = [session, cancel]
   return function limitSession (request, reply, done) {
-    // `== null`: undefined too, on an app without the session plugin.
-    if (request.session == null) {
+    const hits = request.sessionHits
+    if (hits === null) {
       done()
       return
     }
-    // The session id is already the SHA-256 of the token, never the token. It is the keys' hash
-    // tag, so that both counters of a session share one slot on Redis Cluster.
-    const tag = `{${request.session.id}}`
-    const withCancel = request.routeOptions.config.cancelLimit === true
-    const limits = withCancel ? sessionThenCancel : sessionOnly
-    const requests: CounterRequest[] = withCancel
-      ? [{ key: `session:${tag}`, rate: session.rate }, { key: `cancel:${tag}`, rate: cancel.rate }]
-      : [{ key: `session:${tag}`, rate: session.rate }]
-    const hits = counters.hitInOrder(requests)
-    if (isPromise(hits)) {
-      hits.then((counted) => { decide(limits, counted, reply, metrics, done) }, done)
-      return
-    }
-    decide(limits, hits, reply, metrics, done)
+    decide(request.routeOptions.config.cancelLimit === true ? sessionThenCancel : sessionOnly, hits, reply, metrics, done)
   }
 }
 
@@ -185,20 +169,20 @@ function ipKey (request: FastifyRequest): string {
 async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
   const counters = createCounterStore({ fallback, now: options.now })
-  app.decorate('limitStores', { fallback, counters })
+  app.decorate('limitStores', { fallback })
   app.addHook('onRequest', ipLimitHook(counters, clientLimit('ip', app.config.limits.ip), metricsOf(app)))
 }
 
 /**
- * `RATE_LIMIT_SESSION` on every request that carries a session (resolved by the session hook,
- * registered before this one), `RATE_LIMIT_CANCEL` after it on routes with `cancelLimit`, and
- * the upstream gate (org budget and cooldown) for the Care360 client.
+ * `RATE_LIMIT_SESSION` on every request that carries a session, `RATE_LIMIT_CANCEL` after it on
+ * routes with `cancelLimit` (both counted by the session hook, registered before this one, and
+ * enforced here), and the upstream gate (org budget and cooldown) for the Care360 client.
  */
 async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
-  const { fallback, counters } = app.limitStores
+  const { fallback } = app.limitStores
   const { limits } = app.config
   const metrics = metricsOf(app)
-  app.addHook('onRequest', sessionLimitHook(counters, clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
+  app.addHook('onRequest', sessionLimitHook(clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
 
   const cooldown = createCooldown({ fallback, now: options.now })
   app.decorate('upstreamGate', createUpstreamGate({
@@ -212,4 +196,4 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
 }
 
 export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })
-export const sessionLimitPlugin = fp(sessionLimit, { name: 'limits-session', fastify: '5.x', dependencies: ['limits-ip'] })
+export const sessionLimitPlugin = fp(sessionLimit, { name: 'limits-session', fastify: '5.x', dependencies: ['limits-ip', 'auth'] })

@@ -1,13 +1,16 @@
 import fp from 'fastify-plugin'
-import { presentedToken } from '../auth/plugin.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { presentedToken, type SessionTransport } from '../auth/presented.js'
 import { ApiError, ErrorCode } from '../errors.js'
 
 /**
  * CSRF protection for cookie sessions, as one global hook so that no route can forget it (the
  * Duende BFF pattern: a static `X-CSRF: 1` header, which a cross-site form or a "simple" request
  * cannot carry, and which a cross-origin script can only send after a CORS preflight that only
- * CORS_ORIGINS pass). Registered after the session hook, so it knows how the session arrived.
+ * CORS_ORIGINS pass). Registered after the session hook, so that a request without a valid
+ * session is answered 401 first (contract step 1, then step 2). The verdict needs the headers
+ * alone, so the session hook asks it too, before its lookup: a request this check will refuse
+ * counts nothing against the session's limits (auth/plugin.ts).
  */
 
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
@@ -15,18 +18,11 @@ const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
 
 export type CsrfFailure = 'cross-site' | 'header' | 'origin'
 
+/** Why a request fails the check, given how its session token came (if one did); null when it passes. */
+export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport | undefined) => CsrfFailure | null
+
 export const csrfRejected = (): ApiError =>
   new ApiError(403, ErrorCode.CSRF_REJECTED, 'Cross-site request refused: send X-CSRF: 1 from an allowed origin')
-
-/**
- * Whether the browser's ambient cookie is what authenticates this request: a cookie session, or,
- * on a route that resolves no session, the session cookie without a bearer header. A bearer header
- * cannot be added by a cross-site form, and is never sent ambiently by a browser.
- */
-function usesAmbientCookie (request: FastifyRequest): boolean {
-  if (request.sessionTransport !== null) return request.sessionTransport === 'cookie'
-  return presentedToken(request)?.transport === 'cookie'
-}
 
 /** Why the request fails the check, or null when it passes. */
 export function csrfFailure (request: FastifyRequest, allowedOrigins: ReadonlySet<string>): CsrfFailure | null {
@@ -38,11 +34,30 @@ export function csrfFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
   return null
 }
 
+/**
+ * The check for CORS_ORIGINS. Only state-changing requests that the browser's ambient cookie
+ * authenticates are checked: a bearer header cannot be added by a cross-site form, and is never
+ * sent ambiently by a browser.
+ */
+export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
+  const allowedOrigins = new Set(corsOrigins)
+  return function csrfCheck (request, transport) {
+    if (transport !== 'cookie' || SAFE_METHODS.has(request.method)) return null
+    return csrfFailure(request, allowedOrigins)
+  }
+}
+
 async function csrf (app: FastifyInstance): Promise<void> {
-  const allowedOrigins = new Set(app.config.corsOrigins)
+  const check = createCsrfCheck(app.config.corsOrigins)
   // Synchronous: it decides from the headers alone, so no promise per request.
   app.addHook('onRequest', function checkCsrf (request, _reply, done) {
-    const failure = SAFE_METHODS.has(request.method) || !usesAmbientCookie(request) ? null : csrfFailure(request, allowedOrigins)
+    if (SAFE_METHODS.has(request.method)) {
+      done()
+      return
+    }
+    // The session's transport; on a route that resolves no session, the session cookie without a
+    // bearer header still counts as ambient authentication.
+    const failure = check(request, request.sessionTransport ?? presentedToken(request)?.transport)
     if (failure === null) {
       done()
       return

@@ -128,7 +128,7 @@ for (const kind of kinds) {
       t.ok(everything.length > 0)
       for (const item of everything) t.notOk(item.includes(token), 'no key or value holds the token')
       const keys = await redis.keys('*')
-      t.ok(keys.some((key) => key.endsWith(sessionIdOf(token))), 'the hash is the key')
+      t.ok(keys.some((key) => key.endsWith(`{${sessionIdOf(token)}}`)), 'the hash is the key (and its hash tag)')
       t.notOk(keys.some((key) => key.includes('subject-1') || key.includes('sid-1') || key.includes('patient@')), 'no identifiers in key names')
     })
 
@@ -153,7 +153,7 @@ for (const kind of kinds) {
       t.equal(touched?.lastSeenAt, clock.at)
       t.equal(touched?.expiresAt, clock.at + IDLE)
       if (redis !== undefined) {
-        const key = (await redis.keys(`*${session.id}`))[0] as string
+        const key = `bff:session:s:{${session.id}}`
         t.equal(await redis.hget(key, 'lastSeenAt'), String(clock.at))
         const ttl = await redis.pttl(key)
         t.ok(ttl > IDLE - 5000 && ttl <= IDLE, 'PEXPIRE slides too')
@@ -222,6 +222,45 @@ for (const kind of kinds) {
       t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 0)
     })
 
+    t.test('lookup counts the session\'s limits in order, stopping at the first over its rate', async (t) => {
+      const { store, redis } = await kind.make(t)
+      const { token, session } = await store.create(patient())
+      const perSession = { scope: 'session', rate: { count: 2, windowMs: MIN } }
+      const perCancel = { scope: 'cancel', rate: { count: 5, windowMs: 30_000 } }
+      const first = await store.lookup(token, [perSession, perCancel])
+      t.same(first.session, session, 'the session, as get finds it')
+      t.same(first.hits.map((hit) => hit.count), [1, 1])
+      t.ok((first.hits[0]?.resetMs ?? 0) > 30_000 && (first.hits[0]?.resetMs ?? 0) <= MIN, 'the session window')
+      t.ok((first.hits[1]?.resetMs ?? 0) > 0 && (first.hits[1]?.resetMs ?? 0) <= 30_000, 'the cancel window, its own')
+      t.same((await store.lookup(token, [perSession])).hits.map((hit) => hit.count), [2], 'only the counters asked for')
+      const refused = await store.lookup(token, [perSession, perCancel])
+      t.same(refused.hits.map((hit) => hit.count), [3], 'over the session rate: the cancel counter is not counted')
+      t.same(refused.session, session, 'an exceeded limit is the caller\'s to refuse; the session is still found')
+      t.same(await store.lookup(token, []), { session, hits: [] }, 'no counters: a plain lookup')
+      const other = await store.create(patient())
+      t.same((await store.lookup(other.token, [perCancel, perSession])).hits.map((hit) => hit.count), [1, 1], 'each session counts apart')
+      if (redis !== undefined) {
+        t.equal(await redis.get(`bff:limit:session:{${session.id}}`), '3', 'in the per-client counters, the session id as hash tag')
+        t.equal(await redis.get(`bff:limit:cancel:{${session.id}}`), '1')
+      }
+    })
+
+    t.test('lookup counts nothing without a live session', async (t) => {
+      const { store, clock, redis } = await kind.make(t)
+      const rate = { count: 5, windowMs: MIN }
+      const counters = [{ scope: 'session', rate }, { scope: 'cancel', rate }]
+      const revoked = await store.create(patient())
+      await store.revoke(revoked.token)
+      const expired = await store.create(patient())
+      clock.at += IDLE
+      for (const token of [revoked.token, expired.token, 'not a token', 'A'.repeat(43)]) {
+        t.same(await store.lookup(token, counters), { session: null, hits: [] })
+      }
+      const live = await store.create(patient())
+      t.same((await store.lookup(live.token, counters)).hits.map((hit) => hit.count), [1, 1])
+      if (redis !== undefined) t.same((await redis.keys('bff:limit:*')).length, 2, 'only the live session\'s counters exist')
+    })
+
     t.test('malformed tokens are refused', async (t) => {
       const { store } = await kind.make(t)
       const { token } = await store.create(patient())
@@ -282,7 +321,7 @@ t.test('redis store', async (t) => {
 
   t.test('a partial or damaged hash is no session', async (t) => {
     const { token, session } = await store.create(patient())
-    const key = `bff:session:s:${session.id}`
+    const key = `bff:session:s:{${session.id}}`
     await redis.hset(key, 'method', 'admin')
     t.equal(await store.get(token), null)
     await redis.hset(key, 'method', 'mobile', 'createdAt', 'soon')
@@ -290,32 +329,40 @@ t.test('redis store', async (t) => {
     await redis.del(key)
     await redis.hset(key, 'lastSeenAt', String(START))
     t.equal(await store.get(token), null)
+    const whole = await store.create(patient())
+    await redis.hdel(`bff:session:s:{${whole.session.id}}`, 'email')
+    t.equal(await store.get(whole.token), null, 'live by its times, but without an email')
   })
 
-  t.test('a touch racing a revoke never resurrects the session', async (t) => {
+  t.test('a lookup is one command: read, expiry, touch and counters in one script', async (t) => {
     const { token, session } = await store.create(patient())
-    const key = `bff:session:s:${session.id}`
-    const racing = new Proxy(redis, {
-      get (target, property, receiver) {
-        if (property !== 'hgetall') return Reflect.get(target, property, receiver)
-        return async (name: string) => {
-          const fields = await target.hgetall(name)
-          await target.del(name)
-          return fields
-        }
-      }
+    const key = `bff:session:s:{${session.id}}`
+    // MONITOR runs on a connection of its own (ioredis duplicates the client for it).
+    const monitor = await redis.monitor()
+    t.teardown(() => monitor.disconnect())
+    const sent: string[] = []
+    monitor.on('monitor', (_time: string, args: string[], source: string) => {
+      // Commands a script runs are reported with source "lua"; the client's own come from its address.
+      if (source !== 'lua') sent.push(String(args[0]).toLowerCase())
     })
-    const raced = new RedisSessionStore(racing, options)
+    const rate = { count: 10, windowMs: MIN }
     clock.at += 2 * MIN
-    t.equal(await raced.get(token), null)
-    t.equal(await redis.exists(key), 0, 'no half session left behind')
+    const touched = await store.lookup(token, [{ scope: 'session', rate }, { scope: 'cancel', rate }])
+    t.equal(touched.session?.lastSeenAt, clock.at, 'touched')
+    t.same(touched.hits.map((hit) => hit.count), [1, 1], 'counted')
+    clock.at += IDLE
+    t.same(await store.lookup(token, [{ scope: 'session', rate }]), { session: null, hits: [] }, 'expired')
+    await redis.ping('done')
+    while (!sent.includes('ping')) await new Promise((resolve) => setTimeout(resolve, 5))
+    t.same(sent, ['evalsha', 'evalsha', 'ping'], 'one command per lookup')
+    t.equal(await redis.exists(key), 0, 'the expired session deleted by its lookup')
   })
 
   t.test('default clock and prefix', async (t) => {
     const real = new RedisSessionStore(redis, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
     const { token, session } = await real.create(patient())
     t.ok(Math.abs(session.createdAt - Date.now()) < 5000)
-    t.equal(await redis.exists(`bff:session:s:${session.id}`), 1)
+    t.equal(await redis.exists(`bff:session:s:{${session.id}}`), 1)
     t.ok(await real.get(token))
   })
 })

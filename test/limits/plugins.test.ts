@@ -2,7 +2,7 @@ import t from 'tap'
 import { parseItem, parseList, type Item } from 'structured-headers'
 import { startRedis } from '../helpers/redis.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
-import { limitedApp } from './fixtures/app.js'
+import { limitedApp, sessionHeaders } from './fixtures/app.js'
 import { clientAddress } from '../../src/limits/plugins.js'
 
 const redis = await startRedis(t)
@@ -48,23 +48,25 @@ for (const store of ['memory', 'redis'] as const) {
   t.test(`${store}: per session and per cancel: counted apart, all policies published`, async (t) => {
     if (store === 'redis') await redis.flush()
     const app = await limitedApp(t, { ...(store === 'redis' ? { redisUrl: redis.url } : {}), env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '3/1m', RATE_LIMIT_CANCEL: '1/30s' } })
+    const one = await sessionHeaders(app)
+    const two = await sessionHeaders(app)
     const anonymous = await app.inject({ url: '/a' })
     t.same(Object.keys(fields(anonymous.headers).policy), ['ip'], 'no session, no session policy')
-    const withSession = await app.inject({ url: '/a', headers: { 'x-test-session': 'one' } })
+    const withSession = await app.inject({ url: '/a', headers: one.headers })
     t.same(fields(withSession.headers), {
       policy: { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 } },
       limit: { ip: { r: 98, t: 60 }, session: { r: 2, t: 60 } }
     })
-    const cancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+    const cancel = await app.inject({ method: 'POST', url: '/cancel', headers: one.headers })
     t.equal(cancel.statusCode, 200)
     t.same(fields(cancel.headers).policy, { ip: { q: 100, w: 60 }, session: { q: 3, w: 60 }, cancel: { q: 1, w: 30 } })
     t.same(fields(cancel.headers).limit.cancel, { r: 0, t: 30 })
-    const secondCancel = await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'one' } })
+    const secondCancel = await app.inject({ method: 'POST', url: '/cancel', headers: one.headers })
     t.equal(secondCancel.statusCode, 429)
     t.equal(secondCancel.json().code, 'RATE_LIMITED')
     t.equal(secondCancel.headers['retry-after'], '30')
-    t.equal((await app.inject({ method: 'POST', url: '/cancel', headers: { 'x-test-session': 'two' } })).statusCode, 200, 'another session has its own')
-    const spent = await app.inject({ url: '/b', headers: { 'x-test-session': 'one' } })
+    t.equal((await app.inject({ method: 'POST', url: '/cancel', headers: two.headers })).statusCode, 200, 'another session has its own')
+    const spent = await app.inject({ url: '/b', headers: one.headers })
     t.equal(spent.statusCode, 429, 'the session limit counts every route of the session')
     t.equal((await app.inject({ url: '/b' })).statusCode, 200, 'the same IP without that session is not refused')
     t.equal((await app.inject({ method: 'POST', url: '/cancel' })).statusCode, 200, 'no session: the route decides (401 in the app)')
@@ -73,7 +75,8 @@ for (const store of ['memory', 'redis'] as const) {
   t.test(`${store}: a cancel refused by the session limit is not counted as a cancel`, async (t) => {
     if (store === 'redis') await redis.flush()
     const app = await limitedApp(t, { ...(store === 'redis' ? { redisUrl: redis.url } : {}), env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '2/1m', RATE_LIMIT_CANCEL: '5/1m' } })
-    const cancel = { method: 'POST' as const, url: '/cancel', headers: { 'x-test-session': 'one' } }
+    const one = await sessionHeaders(app)
+    const cancel = { method: 'POST' as const, url: '/cancel', headers: one.headers }
     t.same(fields((await app.inject(cancel)).headers).limit.cancel, { r: 4, t: 60 })
     t.same(fields((await app.inject(cancel)).headers).limit.cancel, { r: 3, t: 60 })
     const refused = await app.inject(cancel)
@@ -82,8 +85,8 @@ for (const store of ['memory', 'redis'] as const) {
     t.same(fields(refused.headers).limit.session, { r: 0, t: 60 })
     if (store === 'redis') {
       const client = app.sharedState.redis
-      t.equal(await client?.get('bff:limit:session:{one}'), '3')
-      t.equal(await client?.get('bff:limit:cancel:{one}'), '2', 'two cancels counted, not three')
+      t.equal(await client?.get(`bff:limit:session:{${one.id}}`), '3')
+      t.equal(await client?.get(`bff:limit:cancel:{${one.id}}`), '2', 'two cancels counted, not three')
     }
   })
 }

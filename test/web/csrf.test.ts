@@ -110,6 +110,26 @@ for (const store of ['memory', 'redis'] as const) {
   })
 }
 
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store: a forged request spends none of its victim's session or cancel quota`, async (t) => {
+    const stack = await startWebStack(t, { redis: store === 'redis', env: { RATE_LIMIT_SESSION: '3/1m', RATE_LIMIT_CANCEL: '1/1m' } })
+    const cookie = await freshCookie(stack)
+    const cancel = `/appointments/${ALICE_APPOINTMENT}/cancel`
+    for (let i = 0; i < 5; i++) {
+      const forged = await stack.app.inject({ method: 'POST', url: cancel, cookies: { [SESSION_COOKIE]: cookie } })
+      t.equal(forged.statusCode, 403, `forged cancel ${i + 1} → 403`)
+      t.notMatch(String(forged.headers['ratelimit-policy']), /session|cancel/, 'counted against no session limit')
+    }
+    const me = await stack.app.inject({ method: 'GET', url: '/auth/me', cookies: { [SESSION_COOKIE]: cookie } })
+    t.equal(me.statusCode, 200)
+    t.match(String(me.headers.ratelimit), /"session";r=2;/, 'the first of the session\'s own requests: 2 of 3 left')
+    const own = await stack.app.inject({ method: 'POST', url: cancel, headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: cookie } })
+    // This stack has no upstream (502 past the limits); what matters is that the cancel got there.
+    t.notOk([401, 403, 429].includes(own.statusCode), `the patient's own cancel passes its checks and limits: ${own.statusCode}`)
+    t.match(String(own.headers.ratelimit), /"session";r=1;.*"cancel";r=0;/, 'its one cancel of the window')
+  })
+}
+
 t.test('CORS with credentials for CORS_ORIGINS only', async (t) => {
   const stack = await startWebStack(t, { env: { CORS_ORIGINS: APP_ORIGIN } })
   const preflight = (origin: string) => stack.app.inject({
