@@ -5,7 +5,7 @@ import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createPatientRef } from './patient-ref.js'
 import { presentedToken, type SessionTransport } from './presented.js'
-import { createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
+import { NO_SESSION, createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
 import type { CounterHit } from '../limits/counter-store.js'
 import { createCsrfCheck } from '../web/csrf.js'
 import { isPromise } from '../state/awaitable.js'
@@ -48,8 +48,6 @@ declare module '../app.js' {
     jwksCooldownMs?: number
   }
 }
-
-const NOBODY: SessionLookup = Object.freeze({ session: null, hits: [] })
 
 export interface AuthPluginOptions {
   now?: () => number
@@ -119,7 +117,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     const presented = presentedToken(request)
     if (presented === null) {
-      adopt(request, mode, 'bearer', NOBODY, done)
+      adopt(request, mode, 'bearer', NO_SESSION, done)
       return
     }
     // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup

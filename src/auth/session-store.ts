@@ -104,7 +104,8 @@ export function sessionCounterKey (scope: string, id: string): string {
 
 const NO_HITS: readonly CounterHit[] = Object.freeze([])
 const NO_COUNTERS: readonly SessionCounter[] = Object.freeze([])
-const NO_SESSION: SessionLookup = Object.freeze({ session: null, hits: NO_HITS })
+/** The lookup of a token that names no live session. */
+export const NO_SESSION: SessionLookup = Object.freeze({ session: null, hits: NO_HITS })
 
 /** 32 random bytes in base64url, unpadded: exactly 43 characters of this alphabet. */
 const TOKEN_SHAPE = /^[A-Za-z0-9_-]{43}$/
