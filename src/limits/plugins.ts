@@ -196,4 +196,6 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
 }
 
 export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })
-export const sessionLimitPlugin = fp(sessionLimit, { name: 'limits-session', fastify: '5.x', dependencies: ['limits-ip', 'auth'] })
+// After the CSRF hook, which the session hook relies on: it counts nothing for a request that
+// check refuses, so an app without the check would let those requests through uncounted.
+export const sessionLimitPlugin = fp(sessionLimit, { name: 'limits-session', fastify: '5.x', dependencies: ['limits-ip', 'auth', 'csrf'] })
