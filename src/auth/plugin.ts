@@ -11,7 +11,6 @@ import { createCsrfCheck } from '../web/csrf.js'
 import { isPromise } from '../state/awaitable.js'
 
 export { createPatientRef } from './patient-ref.js'
-export { presentedToken, type SessionTransport } from './presented.js'
 
 export type AuthMode = 'required' | 'optional'
 

@@ -108,19 +108,19 @@ function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMe
  * The per-session limit, and on a route with `cancelLimit` the per-cancel limit after it. The
  * session lookup counted them (auth/plugin.ts: one Redis round trip for the session and its
  * limits; the cancel counter is not counted when the session limit refuses, as if its check came
- * after); this hook publishes them and refuses, after the CSRF check. Requests without a session
- * count nothing (the routes that need one answer 401 themselves).
+ * after); this hook publishes them and refuses, after the CSRF check. Its hits are in that order,
+ * so the i-th hit is the i-th of these limits: the lookup decided which of them a route counts.
+ * Requests without a session count nothing (the routes that need one answer 401 themselves).
  */
 function sessionLimitHook (session: ClientLimit, cancel: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
-  const sessionOnly = [session]
-  const sessionThenCancel = [session, cancel]
+  const inOrder = [session, cancel]
   return function limitSession (request, reply, done) {
     const hits = request.sessionHits
     if (hits === null) {
       done()
       return
     }
-    decide(request.routeOptions.config.cancelLimit === true ? sessionThenCancel : sessionOnly, hits, reply, metrics, done)
+    decide(inOrder, hits, reply, metrics, done)
   }
 }
 

@@ -51,10 +51,6 @@ async function csrf (app: FastifyInstance): Promise<void> {
   const check = createCsrfCheck(app.config.corsOrigins)
   // Synchronous: it decides from the headers alone, so no promise per request.
   app.addHook('onRequest', function checkCsrf (request, _reply, done) {
-    if (SAFE_METHODS.has(request.method)) {
-      done()
-      return
-    }
     // The session's transport; on a route that resolves no session, the session cookie without a
     // bearer header still counts as ambient authentication.
     const failure = check(request, request.sessionTransport ?? presentedToken(request)?.transport)
