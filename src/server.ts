@@ -12,9 +12,9 @@ const SHUTDOWN_DEADLINE_MS = 10_000
 
 /**
  * Log lines to stdout in batches: written once 4 KiB have gathered or every second, whichever
- * comes first, and the rest flushed at exit (pino registers that). A write per line cost a tenth
- * of a cancel's CPU; a second's delay costs an operator nothing. Only a SIGKILL can lose lines, at
- * most one batch.
+ * comes first, and the rest flushed at exit (main registers that: pino flushes only asynchronous
+ * destinations at exit). A write per line cost a tenth of a cancel's CPU; a second's delay costs
+ * an operator nothing. Only a SIGKILL can lose lines, at most one batch.
  *
  * The batch is written synchronously, as pino and Fastify write by default: one write(2) per
  * batch on this thread. An asynchronous write goes through libuv's thread pool, whose hand-offs
@@ -23,8 +23,15 @@ const SHUTDOWN_DEADLINE_MS = 10_000
  * makes sonic-boom retry, blocking the event loop, rather than letting unwritten logs pile up in
  * memory.
  */
-function logDestination (): pino.DestinationStream {
-  return pino.destination({ dest: 1, sync: true, minLength: 4096, periodicFlush: 1000 })
+function logDestination (): ReturnType<typeof pino.destination> {
+  const destination = pino.destination({ dest: 1, sync: true, minLength: 4096, periodicFlush: 1000 })
+  // The last batch: the access lines of the requests that finished during a drain, the line of a
+  // fatal error. A synchronous destination's flush() writes at once. Not flushSync(): on a broken
+  // stdout it retries forever (sonic-boom 4.2 retries every write error in it, not only EAGAIN),
+  // which would hang the exit; a write through flush() that fails with EPIPE is dropped instead
+  // (pino's handler of the destination's errors).
+  process.once('exit', function flushLogs () { destination.flush() })
+  return destination
 }
 
 async function main (): Promise<void> {

@@ -1,11 +1,12 @@
-import t from 'tap'
-import { spawn } from 'node:child_process'
+import t, { type Test } from 'tap'
+import { spawn, type ChildProcessByStdio } from 'node:child_process'
 import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
-import { startIssuer } from '../helpers/issuer.js'
-import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import type { Readable } from 'node:stream'
+import { startIssuer, type TestIssuer } from '../helpers/issuer.js'
+import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { call, checkAnswers, scanLogs, type Answer } from './support.js'
 import { freePort } from '../helpers/ports.js'
@@ -56,9 +57,17 @@ function rawConnection (port: number): { socket: Socket, send: (text: string) =>
   return { socket, send: (text) => { socket.write(text) }, next }
 }
 
-t.test('SIGTERM with requests in flight: they complete, /readyz drains, the process exits 0', async (t) => {
-  const issuer = await startIssuer(t)
-  const sandbox = await startSandbox(t)
+interface ServerProcess {
+  child: ChildProcessByStdio<null, Readable, Readable>
+  origin: string
+  port: number
+  out: string[]
+  err: string[]
+  exited: Promise<[number | null, NodeJS.Signals | null]>
+}
+
+/** `src/server.ts` as production runs it, against the issuer and the sandbox; null (a failed assertion) if it never gets ready. */
+async function startServer (t: Test, issuer: TestIssuer, sandbox: RunningSandbox): Promise<ServerProcess | null> {
   const port = await freePort()
   const origin = `http://127.0.0.1:${port}`
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
@@ -93,13 +102,21 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
   const readyBy = Date.now() + 20_000
   for (;;) {
     const ready = await call(origin, { path: '/readyz', timeoutMs: 1000 }).catch(() => null)
-    if (ready?.status === 200) break
+    if (ready?.status === 200) return { child, origin, port, out, err, exited }
     if (child.exitCode !== null || Date.now() > readyBy) {
       t.fail(`the server did not become ready: ${err.join('').slice(0, 500)}`)
-      return
+      return null
     }
     await sleep(100)
   }
+}
+
+t.test('SIGTERM with requests in flight: they complete, /readyz drains, the process exits 0', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const server = await startServer(t, issuer, sandbox)
+  if (server === null) return
+  const { child, origin, port, out, err, exited } = server
 
   const idToken = await issuer.sign({ email: alice.email, sub: 'sub-alice' })
   const session = await call(origin, { method: 'POST', path: '/auth/session', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken }) })
@@ -168,6 +185,12 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
 
   const lines = out.join('').split('\n').filter((line) => line.trim() !== '')
   t.ok(lines.some((line) => line.includes('shutting down')), 'the shutdown is logged')
+  // The in-flight requests answered moments before the exit: their access lines were still in
+  // the log's batch then, and reach stdout only through the flush at exit.
+  const answered = lines.map((line) => JSON.parse(line) as { msg?: string, req?: { url?: string }, res?: { statusCode?: number }, audit?: { outcome?: string } })
+    .filter((line) => line.msg === 'request completed' && line.res?.statusCode === 200)
+  t.equal(answered.filter((line) => line.req?.url === '/appointments').length, 4, 'the access lines of the four in-flight lists were written before the exit')
+  t.equal(answered.filter((line) => line.audit?.outcome === 'cancelled').length, 1, 'the in-flight cancel\'s access line, with its audit record, was written before the exit')
   scanLogs(t, lines, {
     'API key': SANDBOX_KEY,
     'session token': token,
@@ -175,4 +198,25 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
     email: alice.email,
     reason
   })
+})
+
+t.test('a broken stdout does not hold up the exit: the last batch of log lines is dropped, the process exits 0', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const server = await startServer(t, issuer, sandbox)
+  if (server === null) return
+  // The log shipper is gone: the read end of the pipe closes, and writes to stdout fail (EPIPE).
+  server.child.stdout.destroy()
+  // An access line waits in the batch, to be flushed at exit.
+  t.equal((await call(server.origin, { path: '/healthz' })).status, 200)
+  const signalledAt = Date.now()
+  server.child.kill('SIGTERM')
+  const [code, signal] = await Promise.race([
+    server.exited,
+    sleep(10_000).then(() => [null, 'timeout'] as const)
+  ])
+  t.equal(code, 0, 'the process exits 0')
+  t.equal(signal, null, 'on its own, within the 10 s deadline')
+  t.ok(Date.now() - signalledAt < 10_000, `exited ${Date.now() - signalledAt} ms after SIGTERM`)
+  t.notMatch(server.err.join(''), /Error|EPIPE/, 'no error on stderr')
 })
