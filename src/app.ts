@@ -22,7 +22,10 @@ declare module 'fastify' {
   interface FastifyInstance {
     config: Config
     sharedState: SharedState
-    /** True once shutdown has begun: `/readyz` answers 503 so the load balancer drains us. */
+    /**
+     * True once `close()` has begun: the listener is closed (new connections are refused), every
+     * answer closes its connection, and `/readyz` answers 503 on the connections still open.
+     */
     draining: boolean
   }
 }
@@ -35,6 +38,25 @@ export interface AppOverrides {
 }
 
 export type App = FastifyInstance
+
+/**
+ * Shutdown closes every connection once its answer is sent. Fastify answers the requests that
+ * arrive after `close()` began with `Connection: close`, but not those already in flight then:
+ * their keep-alive connections (a load balancer's) stayed open after the answer, and
+ * `server.close()` waited for them until their idle timeout (65 s), past the shutdown deadline
+ * (fastify/fastify#7044). So from the first step of `close()` every answer says
+ * `Connection: close`, and Node closes the socket after it.
+ */
+function drainOnClose (app: FastifyInstance): void {
+  app.addHook('preClose', function startDraining (done) {
+    app.draining = true
+    done()
+  })
+  app.addHook('onSend', function closeConnectionWhenDraining (_request, reply, payload, done) {
+    if (app.draining) reply.header('connection', 'close')
+    done(null, payload)
+  })
+}
 
 /**
  * Builds the service from configuration passed in as data. Nothing is listened, nothing reads
@@ -73,6 +95,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
 
   app.decorate('config', config)
   app.decorate('draining', false)
+  drainOnClose(app)
   const sharedState = createSharedState({ url: config.redisUrl, log: app.log })
   app.decorate('sharedState', sharedState)
   app.addHook('onClose', async function closeSharedState () { await sharedState.close() })

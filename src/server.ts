@@ -50,12 +50,14 @@ async function main (): Promise<void> {
   // Prometheus on its own port, never the public one; METRICS_PORT=0 turns it off.
   const metricsServer = config.metricsPort === 0 ? null : buildMetricsServer(app.metrics.registry)
 
-  // On SIGTERM/SIGINT: report not-ready at once, stop accepting, let in-flight requests finish
-  // within the deadline, then close the upstream pool and Redis (their onClose hooks).
+  // On SIGTERM/SIGINT: stop accepting (new connections are refused, which a load balancer retries
+  // elsewhere), let in-flight requests finish and close their connections (app.ts, drainOnClose),
+  // then close the upstream pool and Redis (their onClose hooks). Past the deadline,
+  // close-with-grace exits 1: a request still unanswered, or a client still sending its request
+  // (Node stops enforcing headersTimeout and requestTimeout once the server closes).
   closeWithGrace({ delay: SHUTDOWN_DEADLINE_MS, logger: app.log }, async function shutdown ({ signal, err }) {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     else app.log.info({ signal }, 'shutting down')
-    app.draining = true
     await app.close()
     // Last, so that the drain itself can still be watched.
     await metricsServer?.close()

@@ -14,8 +14,9 @@ import { freePort } from '../helpers/ports.js'
 /**
  * The real server process (src/server.ts through tsx: the built dist/ may lag behind src/ while
  * others work, tsx runs what is checked in) receives SIGTERM while requests are in flight against
- * a slow upstream: they complete with their answers, /readyz says 503 on a connection that is
- * still open, new connections are refused, and the process exits 0 well within its 10 s deadline.
+ * a slow upstream: they complete with their answers and close their connections, /readyz says 503
+ * to a request that arrives on a connection still open, new connections are refused, and the
+ * process exits 0 as soon as the last answer is out, well within its 10 s deadline.
  */
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
@@ -144,6 +145,10 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
   const reachedBy = Date.now() + 3000
   while (sandbox.control.calls.length < 5 && Date.now() < reachedBy) await sleep(10)
   t.equal(sandbox.control.calls.length, 5, 'five upstream calls in flight')
+  // A client halfway through its request's head: its connection is not idle, so it stays open.
+  const halfSent = rawConnection(port)
+  halfSent.send('GET /readyz HTTP/1.1\r\nhost: x\r\n')
+  await sleep(50)
 
   const signalledAt = Date.now()
   child.kill('SIGTERM')
@@ -157,14 +162,23 @@ t.test('SIGTERM with requests in flight: they complete, /readyz drains, the proc
   }
   t.ok(refused, 'a new connection is refused while draining')
 
-  // On the connection that is still open, a request queued behind the slow one sees the drain.
+  // The request that arrives whole during the drain sees it, and its connection closes.
+  halfSent.send('\r\n')
+  const readyz = await halfSent.next(3000).catch((error: Error) => error.message)
+  t.match(readyz, /^HTTP\/1\.1 503 /, '/readyz answers 503 while draining')
+  t.match(readyz, /"Draining"/)
+  t.match(readyz, /\r\nconnection: close\r\n/i)
+
+  // A request pipelined behind the slow one on a kept-alive connection: the slow one's answer
+  // says the connection closes, so the client sends the next request again elsewhere (RFC 9112,
+  // 9.6); it gets no answer on this connection.
   keepAlive.send('GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n')
   const first = await keepAlive.next(8000)
   t.match(first, /^HTTP\/1\.1 200 /, 'the in-flight request on the kept-alive connection completes')
-  const readyz = await keepAlive.next(3000).catch((error: Error) => error.message)
-  t.match(readyz, /^HTTP\/1\.1 503 /, '/readyz answers 503 while draining')
-  t.match(readyz, /"Draining"/)
-  keepAlive.socket.destroy()
+  t.match(first, /\r\nconnection: close\r\n/i, 'and says that the connection closes')
+  const pipelined = await keepAlive.next(3000).catch((error: Error) => error.message)
+  t.match(pipelined, /^no whole answer on the raw connection/, 'the connection closes after it')
+  t.ok(keepAlive.socket.destroyed)
 
   const answers = await Promise.all(inFlight)
   for (const { label, answer } of answers) {
@@ -219,4 +233,35 @@ t.test('a broken stdout does not hold up the exit: the last batch of log lines i
   t.equal(signal, null, 'on its own, within the 10 s deadline')
   t.ok(Date.now() - signalledAt < 10_000, `exited ${Date.now() - signalledAt} ms after SIGTERM`)
   t.notMatch(server.err.join(''), /Error|EPIPE/, 'no error on stderr')
+})
+
+t.test('a keep-alive connection busy at SIGTERM is closed after its answer: the exit does not wait for it', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const server = await startServer(t, issuer, sandbox)
+  if (server === null) return
+  const idToken = await issuer.sign({ email: alice.email, sub: 'sub-alice' })
+  const session = await call(server.origin, { method: 'POST', path: '/auth/session', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken }) })
+  const token = (JSON.parse(session.body) as { data: { token: string } }).data.token
+
+  // A load balancer's kept-alive connection, with a request in flight and nothing after it.
+  sandbox.control.setFailure({ kind: 'slow', delayMs: UPSTREAM_DELAY_MS })
+  const connection = rawConnection(server.port)
+  const closed = once(connection.socket, 'close')
+  connection.send(`GET /appointments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\n\r\n`)
+  const reachedBy = Date.now() + 3000
+  while (sandbox.control.calls.length < 1 && Date.now() < reachedBy) await sleep(10)
+  t.equal(sandbox.control.calls.length, 1, 'the request is in flight')
+
+  const signalledAt = Date.now()
+  server.child.kill('SIGTERM')
+  const answer = await connection.next(8000)
+  t.match(answer, /^HTTP\/1\.1 200 /, 'the in-flight request completes')
+  t.match(answer, /\r\nconnection: close\r\n/i, 'its answer tells the client the connection closes')
+  await Promise.race([closed, sleep(3000)])
+  t.ok(connection.socket.destroyed, 'the server closes the connection after the answer')
+  const [code] = await Promise.race([server.exited, sleep(10_000).then(() => [null] as const)])
+  const took = Date.now() - signalledAt
+  t.equal(code, 0, 'the process exits 0')
+  t.ok(took < UPSTREAM_DELAY_MS + 3000, `exited ${took} ms after SIGTERM, soon after the last answer, not at the 10 s deadline`)
 })

@@ -10,5 +10,19 @@ t.test('readiness: 200 with the shared-state mode, 503 once draining; liveness s
   const draining = await app.inject({ url: '/readyz' })
   t.equal(draining.statusCode, 503)
   t.same(draining.json(), { status: 503, success: false, message: 'Draining', data: { ready: false, sharedState: 'memory' } })
-  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
+  t.equal(draining.headers.connection, 'close', 'an answer while draining closes its connection')
+  const live = await app.inject({ url: '/healthz' })
+  t.equal(live.statusCode, 200)
+  t.equal(live.headers.connection, 'close')
+  t.equal(ready.headers.connection, 'keep-alive', 'before the drain, connections stay open')
+})
+
+t.test('close() starts the drain before the listener closes', async (t) => {
+  const { app } = await buildTestApp(t)
+  let drainingWhenListenerClosed: boolean | null = null
+  app.server.once('close', () => { drainingWhenListenerClosed = app.draining })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  t.equal(app.draining, false)
+  await app.close()
+  t.equal(drainingWhenListenerClosed, true)
 })
