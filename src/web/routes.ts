@@ -26,7 +26,7 @@ export type SignInError =
   | 'idp_error' // the IdP answered the authorization request with another error
   | 'login_expired' // no, forged or expired login state: the sign-in was not started in this browser, or too long ago
   | 'state_mismatch' // the callback belongs to another sign-in
-  | 'idp_unavailable' // discovery or the token endpoint could not be reached
+  | 'idp_unavailable' // discovery or the token endpoint could not be reached, or did not answer in time
   | 'exchange_failed' // the code was refused (replayed, expired) or the token answer was unusable
   | 'invalid_token' // the ID token failed verification (signature, nonce, audience, ...)
   | 'email_unverified' // no verified email: the service acts for a patient by email only
@@ -46,9 +46,15 @@ const LoginQuery = Type.Object({
 
 const redirectAnswer = (description: string) => ({ 302: { description, type: 'null' } })
 
-/** Network failures and timeouts of fetch, as opposed to an IdP that answered. */
+/**
+ * The IdP did not answer, as opposed to an IdP that answered: fetch failed (openid-client passes
+ * its TypeError on), or the request's deadline passed, which openid-client reports as a
+ * ClientError coded OAUTH_TIMEOUT (OAUTH_ABORT for an aborted request).
+ */
 function isUnreachable (error: unknown): boolean {
-  return error instanceof Error && (error.name === 'TypeError' || error.name === 'AbortError' || error.name === 'TimeoutError')
+  if (error instanceof TypeError) return true
+  if (!(error instanceof client.ClientError)) return false
+  return error.code === 'OAUTH_TIMEOUT' || error.code === 'OAUTH_ABORT'
 }
 
 /** openid-client's failure, in our fixed vocabulary. */

@@ -1,4 +1,5 @@
 import t from 'tap'
+import * as client from 'openid-client'
 import { safeReturnTo } from '../../src/web/return-to.js'
 import { exchangeFailure } from '../../src/web/routes.js'
 import { createWebOidc } from '../../src/web/oidc.js'
@@ -21,10 +22,12 @@ t.test('returnTo: a path on this service, else /', async (t) => {
 
 t.test('exchange failures map to fixed reasons', async (t) => {
   const coded = (code: string) => Object.assign(new Error('x'), { code })
-  const named = (name: string) => Object.assign(new Error('x'), { name })
-  t.equal(exchangeFailure(named('TypeError')), 'idp_unavailable', 'fetch failed')
-  t.equal(exchangeFailure(named('AbortError')), 'idp_unavailable')
-  t.equal(exchangeFailure(named('TimeoutError')), 'idp_unavailable')
+  // As openid-client passes them on: fetch's own TypeError, and its ClientError for a deadline
+  // (test/web/sign-in.test.ts has a real token endpoint that never answers).
+  t.equal(exchangeFailure(new TypeError('fetch failed')), 'idp_unavailable', 'fetch failed')
+  t.equal(exchangeFailure(new client.ClientError('operation timed out', { code: 'OAUTH_TIMEOUT' })), 'idp_unavailable')
+  t.equal(exchangeFailure(new client.ClientError('operation aborted', { code: 'OAUTH_ABORT' })), 'idp_unavailable')
+  t.equal(exchangeFailure(new client.ClientError('unexpected HTTP response status code', { code: 'OAUTH_RESPONSE_IS_NOT_CONFORM' })), 'exchange_failed')
   t.equal(exchangeFailure(coded('OAUTH_JWT_CLAIM_COMPARISON_FAILED')), 'invalid_token')
   t.equal(exchangeFailure(coded('OAUTH_JWS_SIGNATURE_VERIFICATION_FAILED')), 'invalid_token')
   t.equal(exchangeFailure(coded('ERR_JWKS_NO_MATCHING_KEY')), 'invalid_token')

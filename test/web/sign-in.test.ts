@@ -1,4 +1,6 @@
 import t from 'tap'
+import { once } from 'node:events'
+import { createServer, type Socket } from 'node:net'
 import { Browser } from './browser.js'
 import { LOGIN_COOKIE, SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
 import { buildTestApp, signIn as mobileSignIn } from '../helpers/app.js'
@@ -239,6 +241,33 @@ t.test('identity provider down', async (t) => {
   const logout = await replica.app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: stack.sessionOf(signedIn) as string } })
   t.equal(logout.statusCode, 200)
   t.same((logout.json() as { data: unknown }).data, {})
+})
+
+t.test('a token endpoint that never answers: idp_unavailable once the IdP deadline passes', async (t) => {
+  const stack = await startWebStack(t)
+  const browser = new Browser()
+  const url = await stack.callbackUrl(browser, 'alice@example.com')
+  // The IdP hangs: its port still accepts connections and reads what comes, and never answers.
+  const port = Number(new URL(stack.idp.url).port)
+  await stack.idp.close()
+  const sockets = new Set<Socket>()
+  const silent = createServer((socket) => {
+    sockets.add(socket)
+    socket.resume()
+  })
+  silent.listen(port, '127.0.0.1')
+  await once(silent, 'listening')
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy()
+    silent.close()
+  })
+
+  const started = Date.now()
+  const failed = await browser.navigate(url)
+  t.equal(signinError(failed.url), 'idp_unavailable', 'not exchange_failed: the IdP never answered')
+  t.ok(Date.now() - started >= 4900, `answered after the IdP's 5 s deadline (${Date.now() - started} ms)`)
+  t.ok(sockets.size > 0, 'the token request reached the hanging IdP')
+  t.equal(stack.sessionOf(browser), undefined)
 })
 
 t.test('identity provider down before the callback on a fresh replica', async (t) => {
