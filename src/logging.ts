@@ -8,8 +8,13 @@ import type { Config } from './config.js'
 /**
  * What may never reach a log line: the key, session tokens, cookies, ID tokens, authorization
  * codes, patient emails and cancellation reasons. The request serializer logs the path without
- * its query (the sign-in callback carries a code there); the paths below catch the rest wherever
- * an object carrying them is logged by mistake.
+ * its query (the sign-in callback carries a code there). The paths below are a safety net for an
+ * object logged by mistake, and a narrow one: pino matches them at the top level of a line and
+ * one level below it (`*.email`), not deeper (`{ err: { cause: { email } } }` would pass). What
+ * is logged is therefore built field by field from values that cannot carry a secret, and
+ * test/security/log-capture.test.ts scans every line of whole flows for the secrets themselves.
+ * A field of our own must not be named like a path here (`reason`, `email`, `token`): it would be
+ * censored.
  */
 export const REDACT_PATHS = [
   'req.headers.authorization',

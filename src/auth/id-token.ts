@@ -76,8 +76,9 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
         log?.warn({ err: { name: error.name, message: error.message, cause: causeName(error.cause) } }, 'ID token: identity provider unavailable')
         throw identityProviderUnavailable(error)
       }
-      // The reason class only: never the token, never which claim to the client.
-      log?.debug({ reason: reasonOf(error) }, 'ID token refused')
+      // The reason class only: never the token, never which claim to the client. Not under
+      // `reason`, which the log's redaction paths censor (cancellation reasons).
+      log?.debug({ refusal: reasonOf(error) }, 'ID token refused')
       throw invalidIdToken(error)
     }
   }

@@ -371,8 +371,9 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     connections: options.connections ?? 10,
     pipelining: 1,
     // Half the deadline for TCP + TLS: an upstream that cannot be reached answers "unavailable"
-    // instead of running into the overall deadline (undici ticks this timer at ~0.5 s, so with
-    // deadlines under ~2 s the deadline comes first: 504, still "never sent").
+    // instead of running into the overall deadline. undici runs this timer on a tick of ~0.5 s,
+    // so it fires up to about half a second off: with a deadline of a second or less, the
+    // overall deadline can come first (504, still "never sent").
     connect: { timeout: Math.max(1, Math.ceil(timeoutMs / 2)) },
     headersTimeout: timeoutMs,
     bodyTimeout: timeoutMs

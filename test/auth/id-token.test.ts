@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { pino } from 'pino'
 import { ApiError } from '../../src/errors.js'
+import { REDACT_PATHS } from '../../src/logging.js'
 import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
 import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
 import { garbageToken, startIssuer, type TestIssuer } from '../helpers/issuer.js'
@@ -54,7 +55,8 @@ t.test('auth_time, when present, is what must be recent', async (t) => {
 t.test('refuses every kind of bad token with the same 401', async (t) => {
   const issuer = await startIssuer(t)
   const debug: Array<Record<string, unknown>> = []
-  const log = pino({ level: 'debug' }, { write: (line: string) => { debug.push(JSON.parse(line) as Record<string, unknown>) } })
+  // With the service's redaction paths, as app.log has them.
+  const log = pino({ level: 'debug', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, { write: (line: string) => { debug.push(JSON.parse(line) as Record<string, unknown>) } })
   const verifier = verifierFor(issuer, { log })
   const nowSec = Math.floor(Date.now() / 1000)
   const cases: Array<[string, Promise<string> | string]> = [
@@ -93,11 +95,12 @@ t.test('refuses every kind of bad token with the same 401', async (t) => {
   t.ok(debug.length > 0)
   for (const line of debug) {
     t.equal(line.msg, 'ID token refused')
-    t.type(line.reason, 'string')
+    t.type(line.refusal, 'string')
+    t.not(line.refusal, '[redacted]')
     t.notOk(JSON.stringify(line).includes(head as string), 'the token never reaches the log')
   }
-  t.ok(debug.some((line) => line.reason === 'email_verified'))
-  t.ok(debug.some((line) => line.reason === 'ERR_JOSE_ALG_NOT_ALLOWED'))
+  t.ok(debug.some((line) => line.refusal === 'email_verified'))
+  t.ok(debug.some((line) => line.refusal === 'ERR_JOSE_ALG_NOT_ALLOWED'))
 })
 
 t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted after it', async (t) => {
