@@ -19,17 +19,20 @@ USER node
 EXPOSE 4000 4010 5173
 CMD ["node", "--import", "tsx", "demo/compose-tools.ts"]
 
-# Runtime stage: the bundle only (every dependency is inside it: no node_modules, no npm), as a
-# non-root user. package.json is there for "type": "module".
+# Runtime stage: the bundle only (every dependency is inside it: no node_modules), as a non-root
+# user. package.json is there for "type": "module". The base image's npm, npx and corepack are
+# removed: nothing here installs anything. The bundle's source map stays in the build stage.
 FROM node:24.21.0-bookworm-slim AS runtime
 ENV NODE_ENV=production
+RUN rm -rf /usr/local/lib/node_modules /usr/local/bin/npm /usr/local/bin/npx /usr/local/bin/corepack
 WORKDIR /app
 COPY package.json ./
-COPY --from=build /app/dist ./dist
+COPY --from=build /app/dist/server.js ./dist/server.js
 USER node
 EXPOSE 3000 9464
-# No curl in the image: Node itself probes readiness.
+# No curl in the image: Node itself probes liveness, on the address the service listens on
+# (loopback when it listens on every address).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||3000)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+  CMD ["node", "-e", "const h=process.env.HOST||'0.0.0.0';const a=h==='0.0.0.0'||h==='::'?'127.0.0.1':h.includes(':')?'['+h+']':h;fetch('http://'+a+':'+(process.env.PORT||3000)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # Node runs as PID 1 directly, so SIGTERM reaches it (npm would swallow it) and graceful shutdown runs.
 CMD ["node", "--max-semi-space-size=4", "dist/server.js"]

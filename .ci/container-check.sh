@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proves the Dockerfile's runtime stage without a Docker engine: the same recipe in a clean temp
-# folder (package.json and the bundled dist/, no node_modules), started the way the image
+# folder (package.json and the bundle dist/server.js, no node_modules, no source map), started the way the image
 # starts it (`node dist/server.js`, NODE_ENV=production, a minimal environment), probed with the
 # image's own HEALTHCHECK command and /readyz, then stopped with SIGTERM, which must end it cleanly.
 # Needs `npm run build` first. CONTAINER_NODE: the node binary to run (the image's version in CI).
@@ -21,8 +21,9 @@ fail () { echo "container check FAILED: $*"; [ -f "$work/server.log" ] && tail -
 grep -q '^FROM node:24\.21\.0-bookworm-slim AS runtime' Dockerfile || fail "Dockerfile runtime stage is no longer node:24.21.0 (update .ci/run and this script)"
 runtime_stage="$(sed -n '/AS runtime$/,$p' Dockerfile)"
 grep -q '^COPY package.json ./$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies package.json alone"
-grep -q '^COPY --from=build /app/dist ./dist$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies dist/ from the build stage"
-grep -q 'npm\|node_modules' <<<"$(grep -v '^#' <<<"$runtime_stage")" && fail "Dockerfile runtime stage installs packages again (the bundle needs none)"
+grep -q '^COPY --from=build /app/dist/server.js ./dist/server.js$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies the bundle (dist/server.js) alone from the build stage"
+grep -q 'npm \(ci\|i\|install\)\|yarn\|pnpm' <<<"$(grep -v '^#' <<<"$runtime_stage")" && fail "Dockerfile runtime stage installs packages again (the bundle needs none)"
+grep -q '^RUN rm -rf /usr/local/lib/node_modules ' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer removes the base image's npm"
 # The image runs what `npm start` runs (package.json), Node options included; so does this check.
 start_argv="$(node -p "JSON.stringify(require('./package.json').scripts.start.split(' ')).replaceAll(',', ', ')")"
 grep -qxF "CMD $start_argv" Dockerfile || fail "Dockerfile's CMD is not npm start's command ($start_argv)"
@@ -32,7 +33,8 @@ grep -q "dist/server.js\"\]$" <<<"$start_argv" || fail "npm start no longer runs
 
 echo "node: $("$node_bin" --version) ($node_bin)"
 cp package.json "$work/"
-cp -R dist "$work/dist"
+mkdir "$work/dist"
+cp dist/server.js "$work/dist/server.js"
 # No node_modules anywhere above the folder either, so that an import the bundle missed fails below.
 [ ! -e "$work/node_modules" ] || fail "node_modules in the runtime folder"
 
@@ -70,7 +72,7 @@ healthcheck="$(node -e "
   if (!match) process.exit(1)
   console.log(JSON.stringify(JSON.parse(match[1])))
 ")" || fail "no HEALTHCHECK CMD in the Dockerfile"
-PORT="$port" "$node_bin" -e "
+HOST=127.0.0.1 PORT="$port" "$node_bin" -e "
   const [command, ...args] = JSON.parse(process.argv[1])
   const result = require('child_process').spawnSync(command === 'node' ? process.execPath : command, args, { stdio: 'inherit', env: process.env, timeout: 3000 })
   process.exit(result.status ?? 1)

@@ -41,6 +41,8 @@ await sandbox.app.listen({ host: '0.0.0.0', port: SANDBOX_PORT })
 
 const idp = await startDevIdp({
   publicUrl,
+  // The replicas send it as the post-logout redirect URI: registered, or sign-out ends at an error page.
+  webAppUrl,
   clientId: required('OIDC_CLIENT_ID'),
   clientSecret: required('OIDC_CLIENT_SECRET'),
   extraClients: [MOBILE_CLIENT],

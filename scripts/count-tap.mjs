@@ -1,6 +1,7 @@
-// Counts the leaf test points (assertions) of a TAP stream on stdin, at every depth, and prints
-// "N passed, N failed" (with ", N skipped" for skip and todo points). A subtest's own summary
-// point is not counted: its assertions are.
+// Counts the leaf test points (assertions) of a TAP stream on stdin, or of every TAP file named
+// as an argument (summed), at every depth, and prints "N passed, N failed" (with ", N skipped"
+// for skip and todo points). A subtest's own summary point is not counted: its assertions are.
+import { createReadStream } from 'node:fs'
 import { Parser } from 'tap-parser'
 
 const counts = { passed: 0, failed: 0, skipped: 0 }
@@ -27,10 +28,20 @@ function watch (parser) {
   return own
 }
 
-const root = new Parser()
-watch(root)
-root.on('complete', function report () {
-  const skipped = counts.skipped > 0 ? `, ${counts.skipped} skipped` : ''
-  process.stdout.write(`${counts.passed} passed, ${counts.failed} failed${skipped}\n`)
-})
-process.stdin.pipe(root)
+/** Counts one TAP stream to its end. */
+function count (stream) {
+  return new Promise(function counted (resolve, reject) {
+    const root = new Parser()
+    watch(root)
+    root.on('complete', resolve)
+    stream.on('error', reject)
+    stream.pipe(root)
+  })
+}
+
+const files = process.argv.slice(2)
+for (const stream of files.length === 0 ? [process.stdin] : files.map((file) => createReadStream(file))) {
+  await count(stream)
+}
+const skipped = counts.skipped > 0 ? `, ${counts.skipped} skipped` : ''
+process.stdout.write(`${counts.passed} passed, ${counts.failed} failed${skipped}\n`)

@@ -58,6 +58,9 @@ t.test('the dev tools and the load balancer match the replicas', async (t) => {
   t.equal(tools.environment?.OIDC_CLIENT_SECRET, replica.OIDC_CLIENT_SECRET, 'the IdP knows the web client')
   t.equal(tools.environment?.OIDC_CLIENT_ID, replica.OIDC_CLIENT_ID)
   t.equal(tools.environment?.PUBLIC_URL, replica.PUBLIC_URL)
+  // The IdP registers the web app's URL as the post-logout redirect URI the replicas send
+  // (compose-tools.ts passes it to startDevIdp; its default there is the demo page's).
+  t.equal(tools.environment?.WEB_APP_URL ?? 'http://localhost:5173', replica.WEB_APP_URL, 'the IdP and the replicas agree on the web app')
   t.ok(tools.healthcheck, 'the dev tools have a healthcheck')
   for (const port of ['3000', '4000', '4010', '5173']) {
     t.ok(tools.ports?.some((mapping) => mapping.endsWith(`:${port}:${port}`)), `port ${port} published`)
