@@ -26,6 +26,8 @@ export interface LogoutClaims {
   issuer: string
   subject: string | null
   sid: string | null
+  /** The token's id is claimed in the replay guard: call this once its logout took effect. */
+  markUsed: () => Promise<void>
 }
 
 export interface LogoutTokenVerifierOptions {
@@ -91,11 +93,12 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
     const jti = stringClaim(payload, 'jti')
     if (jti === null) throw new InvalidLogoutToken('jti')
     const issuer = payload.iss as string
+    const id = `${issuer}\0${jti}`
     // Remembered for as long as the token could pass the iat check above.
-    if (!await options.replayGuard.firstUse(`${issuer}\0${jti}`, (MAX_AGE_SEC + 2 * CLOCK_TOLERANCE_SEC) * 1000)) {
+    if (!await options.replayGuard.claim(id, (MAX_AGE_SEC + 2 * CLOCK_TOLERANCE_SEC) * 1000)) {
       throw new InvalidLogoutToken('replay')
     }
-    return { issuer, subject, sid }
+    return { issuer, subject, sid, markUsed: () => options.replayGuard.markUsed(id) }
   }
 }
 
@@ -133,10 +136,19 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
       throw invalidRequest()
     }
     // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.
+    // A store failure here answers 503 and leaves the token's id claimed but not used, so that the
+    // IdP's retry of the same token is carried out, not refused as a replay.
     const ended = claims.sid !== null
       ? await app.sessions.revokeByIdpSession(claims.issuer, claims.sid)
       : await app.sessions.revokeBySubject(claims.issuer, claims.subject as string)
     request.log.info({ ended, by: claims.sid !== null ? 'sid' : 'sub' }, 'back-channel logout')
+    try {
+      await claims.markUsed()
+    } catch (error) {
+      // The logout took effect: the IdP is told so. Until the claim expires a replay of this token
+      // would end the subject's newer sessions as well, which an operator should know about.
+      request.log.warn({ err: { name: (error as Error).name, message: (error as Error).message } }, 'back-channel logout: its token id could not be marked used')
+    }
     return ok({}, 'Logged out')
   })
 }

@@ -1,47 +1,77 @@
 import { hash } from 'node:crypto'
 import type { SharedState } from '../state/redis.js'
+import { redisScript } from '../state/redis-script.js'
 import { sessionStoreUnavailable } from '../auth/session-store.js'
 
 /**
  * Remembers token ids (`jti`) for as long as their tokens could be accepted, so that a captured
  * logout token cannot be replayed later to end sessions created after it. In Redis when the
  * service has it, so a replay to another replica is caught too.
+ *
+ * An id is claimed before its logout is carried out and marked used once it took effect. A claim
+ * that never completed (the session store failed, the route answered 503) does not make the IdP's
+ * retry of the same token a replay: that retry is the only way the logout still happens.
  */
 export interface ReplayGuard {
-  /** True the first time `id` is seen within `ttlMs`; false for a replay. */
-  firstUse: (id: string, ttlMs: number) => Promise<boolean>
+  /**
+   * Claims `id` for `ttlMs`: true to go on (its first use, or again while no use of it has
+   * completed), false for a replay of a use that completed.
+   */
+  claim: (id: string, ttlMs: number) => Promise<boolean>
+  /** The use of a claimed `id` took effect: from now until its claim expires, it is a replay. */
+  markUsed: (id: string) => Promise<void>
 }
 
 const MAX_REMEMBERED = 10_000
 
+/** KEYS[1] the id's key; ARGV[1] its time to live (ms). 1 to go on, 0 for a replay. */
+const claimScript = redisScript('bffReplayClaim', 1, `
+local state = redis.call('GET', KEYS[1])
+if state == 'used' then return 0 end
+if not state then redis.call('SET', KEYS[1], 'claimed', 'PX', ARGV[1]) end
+return 1
+`)
+
 export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now: () => number = Date.now, prefix = 'bff:jti:'): ReplayGuard {
   const redis = sharedState.redis
   if (redis !== null) {
+    const keyOf = (id: string): string => `${prefix}${hash('sha256', id, 'base64url')}`
     return {
-      async firstUse (id, ttlMs) {
-        const key = `${prefix}${hash('sha256', id, 'base64url')}`
+      async claim (id, ttlMs) {
         try {
-          return (await redis.set(key, '1', 'PX', ttlMs, 'NX')) === 'OK'
+          return Number(await claimScript(redis, keyOf(id), ttlMs)) === 1
         } catch (error) {
           // Like the session store: an honest 503, never a per-process answer other replicas lack.
+          throw sessionStoreUnavailable(error)
+        }
+      },
+      async markUsed (id) {
+        try {
+          // XX: an expired claim stays expired; KEEPTTL: used for as long as it was claimed.
+          await redis.set(keyOf(id), 'used', 'KEEPTTL', 'XX')
+        } catch (error) {
           throw sessionStoreUnavailable(error)
         }
       }
     }
   }
-  const seen = new Map<string, number>()
+  const seen = new Map<string, { until: number, used: boolean }>()
   return {
-    async firstUse (id, ttlMs) {
+    async claim (id, ttlMs) {
       const at = now()
-      const until = seen.get(id)
-      if (until !== undefined && until > at) return false
+      const entry = seen.get(id)
+      if (entry !== undefined && entry.until > at) return !entry.used
       // Bounded memory: expired ids go first; a flood of fresh ones drops the oldest.
       if (seen.size >= MAX_REMEMBERED) {
-        for (const [key, expiry] of seen) if (expiry <= at) seen.delete(key)
+        for (const [key, { until }] of seen) if (until <= at) seen.delete(key)
         if (seen.size >= MAX_REMEMBERED) seen.delete(seen.keys().next().value as string)
       }
-      seen.set(id, at + ttlMs)
+      seen.set(id, { until: at + ttlMs, used: false })
       return true
+    },
+    async markUsed (id) {
+      const entry = seen.get(id)
+      if (entry !== undefined && entry.until > now()) entry.used = true
     }
   }
 }

@@ -29,7 +29,7 @@ t.test('a rotated key is seen by both verifiers after one JWKS fetch', async (t)
   const issuer = await startIssuer(t)
   const { idTokens, logoutTokens, logoutToken } = verifiersFor(issuer)
   t.ok(await idTokens.verify(await issuer.sign()))
-  t.same(await logoutTokens(await logoutToken()), { issuer: issuer.url, subject: 'patient-subject-1', sid: null })
+  t.match(await logoutTokens(await logoutToken()), { issuer: issuer.url, subject: 'patient-subject-1', sid: null })
   t.same(issuer.hits, { discovery: 1, jwks: 1 }, 'one discovery and one JWKS fetch for both')
 
   issuer.rotate()

@@ -1,11 +1,14 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
 import { generateKeyPair, SignJWT } from 'jose'
 import { Browser } from './browser.js'
 import { SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { BACKCHANNEL_LOGOUT_EVENT } from '../../src/web/backchannel.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
+import { startRedis } from '../helpers/redis.js'
 
 /** OIDC Back-Channel Logout 1.0: the IdP ends sessions here, on every replica at once. */
 
@@ -167,13 +170,66 @@ t.test('logout tokens and mobile ID tokens share one key set: a rotated IdP key 
 t.test('replay guard in memory stays bounded', async (t) => {
   let now = 0
   const guard = createReplayGuard({ redis: null }, () => now)
-  t.equal(await guard.firstUse('a', 1000), true)
-  t.equal(await guard.firstUse('a', 1000), false)
+  t.equal(await guard.claim('a', 1000), true)
+  await guard.markUsed('a')
+  t.equal(await guard.claim('a', 1000), false)
   now = 1000
-  t.equal(await guard.firstUse('a', 1000), true, 'forgotten once expired')
-  for (let i = 0; i < 10_000; i++) await guard.firstUse(`fill-${i}`, 10)
+  t.equal(await guard.claim('a', 1000), true, 'forgotten once expired')
+  for (let i = 0; i < 10_000; i++) await guard.claim(`fill-${i}`, 10)
   now = 2000
-  t.equal(await guard.firstUse('after-sweep', 1000), true, 'expired ids swept when full')
-  for (let i = 0; i < 10_000; i++) await guard.firstUse(`fresh-${i}`, 100_000)
-  t.equal(await guard.firstUse('overflow', 1000), true, 'the oldest dropped when full of live ids')
+  t.equal(await guard.claim('after-sweep', 1000), true, 'expired ids swept when full')
+  for (let i = 0; i < 10_000; i++) await guard.claim(`fresh-${i}`, 100_000)
+  t.equal(await guard.claim('overflow', 1000), true, 'the oldest dropped when full of live ids')
+})
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} replay guard: a claim that was never used is claimed again; a used one is a replay until it expires`, async (t) => {
+    let now = 0
+    const redisServer = store === 'redis' ? await startRedis(t) : null
+    const redis = redisServer === null ? null : new Redis(redisServer.url)
+    t.teardown(() => redis?.disconnect())
+    const guard = createReplayGuard({ redis }, () => now)
+    t.equal(await guard.claim('a', 300), true, 'first use')
+    t.equal(await guard.claim('a', 300), true, 'claimed, not used: a retry goes on')
+    await guard.markUsed('a')
+    t.equal(await guard.claim('a', 300), false, 'used: a replay')
+    t.equal(await guard.claim('b', 300), true, 'another id is its own')
+    // Past the time to live (Redis's own clock for Redis).
+    now = 400
+    if (redis !== null) await sleep(400)
+    t.equal(await guard.claim('a', 300), true, 'forgotten once expired')
+    now = 800
+    if (redis !== null) await sleep(400)
+    await guard.markUsed('a')
+    t.equal(await guard.claim('a', 300), true, 'marking an expired claim used does not bring it back')
+  })
+}
+
+t.test('Redis fails while the sessions are ended: 503, and the IdP\'s retry of the same token is carried out', async (t) => {
+  const stack = await startWebStack(t, { redis: true })
+  const browser = new Browser()
+  await stack.signIn(browser, 'alice@example.com')
+  const cookie = stack.sessionOf(browser)
+  const admin = new Redis((stack.redis as NonNullable<typeof stack.redis>).url)
+  t.teardown(async () => {
+    await admin.call('ACL', 'SETUSER', 'default', '+smembers', '+set').catch(() => {})
+    admin.disconnect()
+  })
+  const token = await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })
+
+  // The store refuses the revoke's SMEMBERS (an ACL), after the token's id was claimed.
+  await admin.call('ACL', 'SETUSER', 'default', '-smembers')
+  t.equal((await post(stack.app, form(token))).statusCode, 503, 'the IdP is told to retry')
+  t.ok(await authenticated(stack.app, cookie), 'the session still stands')
+
+  // The retry of the same token, once the store answers again: not a replay. Marking the id used
+  // fails this time (SET refused), which the logout itself does not depend on.
+  await admin.call('ACL', 'SETUSER', 'default', '+smembers', '-set')
+  const retried = await post(stack.app, form(token))
+  t.equal(retried.statusCode, 200, 'the retry is carried out')
+  t.notOk(await authenticated(stack.app, cookie), 'the session is ended')
+
+  await admin.call('ACL', 'SETUSER', 'default', '+set')
+  t.equal((await post(stack.app, form(token))).statusCode, 200, 'never marked used: the same token is carried out again')
+  t.equal((await post(stack.app, form(token))).statusCode, 400, 'marked used that time: now a replay')
 })
