@@ -46,6 +46,12 @@ function isAllowedOrigin (value: string): boolean {
 }
 
 const list = (text: string): string[] => text.split(',').map((item) => item.trim()).filter((item) => item !== '')
+/** A list that must name something: `,` alone would accept no token at all. */
+function nonEmptyList (text: string): string[] {
+  const items = list(text)
+  if (items.length === 0) throw new Error('a comma list with at least one item')
+  return items
+}
 
 const Duration = (description: string) =>
   Type.Decode(Type.String({ pattern: DURATION, description }), parseDuration)
@@ -107,7 +113,7 @@ export const EnvSchema = Type.Object({
   OIDC_ISSUER: SecureUrl('the patient identity provider'),
   OIDC_CLIENT_ID: Type.Optional(Type.String({ minLength: 1 })),
   OIDC_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 1 })),
-  OIDC_AUDIENCES: Type.Optional(Type.Decode(Type.String({ minLength: 1 }), list)),
+  OIDC_AUDIENCES: Type.Optional(Type.Decode(Type.String({ minLength: 1 }), nonEmptyList)),
   PUBLIC_URL: Type.Optional(SecureUrl('the public origin of this service')),
   // Not in the contract's table (the team's addition): where the patient web app lives when it
   // is not served from PUBLIC_URL's origin. Sign-in ends there (returnTo, signin_error).

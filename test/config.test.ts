@@ -143,6 +143,7 @@ t.test('required variables and cross-variable rules', async (t) => {
   t.same(new Set(refusal({}).variables), new Set(['OIDC_ISSUER', 'CV_API_KEY', 'OIDC_AUDIENCES']))
   t.same(refusal({ ...base, OIDC_CLIENT_ID: '', OIDC_AUDIENCES: '' }).variables, ['OIDC_AUDIENCES'], 'empty counts as unset')
   t.same(loadConfig({ ...base, OIDC_CLIENT_ID: undefined, OIDC_AUDIENCES: 'mobile' }).oidc.audiences, ['mobile'])
+  t.same(refusal({ ...base, OIDC_AUDIENCES: ' , ' }).variables, ['OIDC_AUDIENCES'], 'a list of nothing stops start-up')
   t.same(refusal({ ...base, SESSION_IDLE_TTL: '13h' }).variables, ['SESSION_IDLE_TTL'])
   t.same(refusal({ ...base, CV_TIMEOUT_MS: '600001' }).variables, ['CV_TIMEOUT_MS'])
   t.same(refusal({ ...base, CORS_ORIGINS: 'not-an-origin' }).variables, ['CORS_ORIGINS'])

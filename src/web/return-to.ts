@@ -12,7 +12,10 @@ function isLocalPath (path: string): boolean {
   return path.startsWith('/') && !path.startsWith('//') && !FORBIDDEN.test(path)
 }
 
-/** `value` when it is a safe relative path, else `/`. */
+/**
+ * `value` when it is a safe relative path, else `/`; written as a URL writes it (characters
+ * outside ASCII percent-encoded), since it goes into a Location header.
+ */
 export function safeReturnTo (value: unknown): string {
   if (typeof value !== 'string' || value.length > MAX_LENGTH || !isLocalPath(value)) return '/'
   // Checked once more decoded: `/%2F%2Fevil.com` must not become `//evil.com` in an app's router.
@@ -27,5 +30,5 @@ export function safeReturnTo (value: unknown): string {
   const base = 'https://bff.invalid'
   const resolved = new URL(value, base)
   if (resolved.origin !== base || resolved.pathname.includes('//')) return '/'
-  return value
+  return `${resolved.pathname}${resolved.search}${resolved.hash}`
 }

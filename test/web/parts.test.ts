@@ -11,6 +11,9 @@ import { startDevIdp } from '../../src/web/dev-idp.js'
 t.test('returnTo: a path on this service, else /', async (t) => {
   const kept = ['/', '/appointments', '/appointments?tab=upcoming&x=https://a.example', '/a/b#frag', '/caf%C3%A9', '/a%20b']
   for (const value of kept) t.equal(safeReturnTo(value), value, `kept: ${value}`)
+  // A header value must be ASCII: the rest is percent-encoded, as a browser would send it.
+  t.equal(safeReturnTo('/café?q=€#ü'), '/caf%C3%A9?q=%E2%82%AC#%C3%BC')
+  t.equal(safeReturnTo('/a b'), '/a%20b')
   const refused: unknown[] = [
     undefined, 42, ['/a'], '', 'a', 'relative/path', '//evil.com', '///evil.com', '/\\evil.com', '\\\\evil.com',
     'https://evil.com', 'javascript:alert(1)', '/%2F%2Fevil.com', '/%2f/evil.com', '/%5Cevil.com', '\t//evil',

@@ -145,6 +145,13 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(landed.url, `${publicUrl}/`, 'a repeated returnTo falls back to /')
     })
 
+    t.test('a returnTo outside ASCII: the redirect after sign-in carries it percent-encoded', async (t) => {
+      const browser = new Browser()
+      const page = await stack.signIn(browser, 'carol@example.com', '/café?q=€')
+      t.equal(page.url, `${publicUrl}/caf%C3%A9?q=%E2%82%AC`, 'a 302 a browser can follow, not a 500')
+      t.ok(stack.sessionOf(browser), 'signed in, with the cookie')
+    })
+
     t.test('denied consent: no session, the app learns why', async (t) => {
       const browser = new Browser()
       const loginPage = await browser.navigate(`${publicUrl}/auth/login?returnTo=/x`)
