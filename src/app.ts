@@ -3,7 +3,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance }
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { healthRoutes } from './routes/health.js'
@@ -88,10 +88,15 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     frameworkErrors: frameworkErrorAnswer,
     // Node enforces headersTimeout and requestTimeout only when it checks its connections, every
     // 30 s by default: a slow client would keep its socket for up to 35 s instead of 5.
-    http: { connectionsCheckingInterval: 1_000 }
+    http: {
+      connectionsCheckingInterval: 1_000,
+      // A request without Host is refused by the answers plugin, in the envelope.
+      requireHostHeader: false
+    }
   }
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
   app.server.headersTimeout = 5_000
+  app.server.on('checkExpectation', expectationFailedAnswer)
 
   app.decorate('config', config)
   app.decorate('draining', false)

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import type { IncomingMessage } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
@@ -77,6 +77,12 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     reply.header('x-request-id', request.id)
     reply.header('cache-control', 'no-store')
+    // HTTP/1.1 requires Host (RFC 9112, 3.2). Node's own refusal (requireHostHeader, off in
+    // app.ts) is a bare 400 without the envelope or these headers.
+    if (request.raw.headers.host === undefined && request.raw.httpVersion === '1.1') {
+      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.BAD_REQUEST, 'Host header required'))
+      return
+    }
     done()
   })
 
@@ -135,6 +141,22 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
     .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
+}
+
+/**
+ * An `Expect` other than `100-continue` (Node's `checkExpectation` event): 417 in the envelope,
+ * with the two headers, where Node would answer a bare 417.
+ */
+export function expectationFailedAnswer (request: IncomingMessage, response: ServerResponse): void {
+  const body = JSON.stringify(errorEnvelope(417, ErrorCode.BAD_REQUEST, 'Unsupported Expect header'))
+  response.writeHead(417, {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': Buffer.byteLength(body),
+    'cache-control': 'no-store',
+    'x-request-id': requestIdFor(request),
+    connection: 'close'
+  })
+  response.end(body)
 }
 
 /**
