@@ -113,7 +113,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
   })
   const sharedStateMode = new Gauge({
     name: 'bff_shared_state_mode',
-    help: 'Where shared state lives now: 1 for the current mode (redis, degraded = Redis configured but unreachable, memory = no Redis)',
+    help: 'Where shared state lives now: 1 for the current mode (redis, degraded = Redis configured but unreachable or failing its commands, memory = no Redis)',
     labelNames: ['mode'] as const,
     registers: [registry],
     collect () {

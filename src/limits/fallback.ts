@@ -65,6 +65,8 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       return result
     } catch (error) {
       pausedUntil = now() + pauseMs
+      // /readyz and the state-store metric tell operators that the limits count in memory now.
+      sharedState.degradeFor(pauseMs)
       noteFallback(isCommandTimeout(error) ? 'timeout' : 'error')
       return inMemory()
     }
@@ -76,12 +78,12 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       const redis = sharedState.redis
       // No Redis configured: one process, memory is the store of record, nothing to log.
       if (redis === null) return inMemory()
-      if (sharedState.mode() !== 'redis') {
-        noteFallback('disconnected')
-        return inMemory()
-      }
       if (now() < pausedUntil) {
         noteFallback('paused after a failed command')
+        return inMemory()
+      }
+      if (redis.status !== 'ready') {
+        noteFallback('disconnected')
         return inMemory()
       }
       return inRedis(viaRedis, inMemory, redis)

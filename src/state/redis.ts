@@ -11,7 +11,16 @@ export type SharedStateMode = 'redis' | 'degraded' | 'memory'
  */
 export interface SharedState {
   readonly redis: Redis | null
+  /**
+   * `degraded` while the client is not connected, and for a while after a store found Redis
+   * unable to answer while connected (errors, timeouts: see `degradeFor`).
+   */
   mode: () => SharedStateMode
+  /**
+   * A store's command failed or timed out on a connected client: for `ms`, `mode()` says
+   * `degraded`, since stores count in memory meanwhile (OOM, READONLY, MISCONF, a stalled Redis).
+   */
+  degradeFor: (ms: number) => void
   close: () => Promise<void>
 }
 
@@ -29,7 +38,7 @@ export interface SharedStateOptions {
 export function createSharedState (options: SharedStateOptions): SharedState {
   const commandTimeoutMs = options.commandTimeoutMs ?? 250
   if (options.url === null) {
-    return { redis: null, mode: () => 'memory', close: async () => {} }
+    return { redis: null, mode: () => 'memory', degradeFor: () => {}, close: async () => {} }
   }
   const now = options.now ?? Date.now
   const logEveryMs = options.logEveryMs ?? 60_000
@@ -63,9 +72,11 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     degraded = false
   })
   redis.on('close', function onRedisClose () { degraded = true })
+  let failingUntil = Number.NEGATIVE_INFINITY
   return {
     redis,
-    mode: () => (redis.status === 'ready' ? 'redis' : 'degraded'),
+    mode: () => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded'),
+    degradeFor (ms) { failingUntil = Math.max(failingUntil, now() + ms) },
     close: async () => {
       redis.disconnect(false)
     }

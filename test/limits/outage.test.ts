@@ -60,6 +60,33 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   t.equal(capture.lines.filter((line) => line.msg === 'limits: counting in Redis again').length, 1)
 })
 
+t.test('a connected Redis that answers errors: /readyz and the state metric say degraded, then redis again', async (t) => {
+  await redis.flush()
+  const { app } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '50/1m' } })
+  const admin = new Redis(redis.url)
+  t.teardown(async () => {
+    await admin.call('ACL', 'SETUSER', 'default', '+evalsha', '+eval').catch(() => {})
+    admin.disconnect()
+  })
+  const stateOf = async (): Promise<string> => (await app.inject({ url: '/readyz' })).json().data.sharedState
+  const metricOf = async (): Promise<string> => {
+    const text = await app.metrics.registry.metrics()
+    return /^bff_shared_state_mode\{mode="(\w+)"\} 1$/m.exec(text)?.[1] ?? 'none'
+  }
+  t.equal(await stateOf(), 'redis')
+  // Every script now fails (NOPERM) on a connection that stays ready, as OOM or READONLY would.
+  await admin.call('ACL', 'SETUSER', 'default', '-evalsha', '-eval')
+  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200, 'limits count in memory: no 5xx')
+  t.equal(app.sharedState.redis?.status, 'ready', 'the connection itself is fine')
+  t.equal(await stateOf(), 'degraded')
+  t.equal(await metricOf(), 'degraded')
+  await admin.call('ACL', 'SETUSER', 'default', '+evalsha', '+eval')
+  await sleep(1100)
+  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
+  t.equal(await stateOf(), 'redis', 'once Redis answers again')
+  t.equal(await metricOf(), 'redis')
+})
+
 t.test('a slow Redis: no request waits past the command bound, then Redis is left alone', async (t) => {
   await redis.flush()
   const { app } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '50/1m' } })
