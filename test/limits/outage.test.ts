@@ -29,8 +29,11 @@ async function withStalls<T> (fn: () => Promise<T>): Promise<{ result: T, stallM
 const redis = await startRedis(t)
 
 t.test('fallback: memory without Redis, after a failed command, and logged once per interval', async (t) => {
-  const memoryOnly = createStoreFallback({ sharedState: await sharedStateOn(t, null), log: pino({ level: 'silent' }) })
+  const memoryState = await sharedStateOn(t, null)
+  const memoryOnly = createStoreFallback({ sharedState: memoryState, log: pino({ level: 'silent' }) })
   t.equal(await memoryOnly.run(async () => 'redis', () => 'memory'), 'memory')
+  memoryState.degradeFor(1000)
+  t.equal(memoryState.mode(), 'memory', 'without Redis, memory is the store of record: never degraded')
 
   const capture = logCapture()
   let now = 0
