@@ -164,7 +164,10 @@ export function expectationFailedAnswer (request: IncomingMessage, response: Ser
  * router; they are answered here, still in the envelope and with the two headers.
  */
 export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
-  if (!socket.writable || (socket as Socket & { _httpMessage?: unknown })._httpMessage != null) {
+  // As Node itself does without this handler: an answer unless one has begun on this socket (a
+  // request whose body is too slow has a response object, not yet written: it gets its 408).
+  const inFlight = (socket as Socket & { _httpMessage?: { headersSent: boolean } | null })._httpMessage
+  if (!socket.writable || (inFlight != null && inFlight.headersSent)) {
     socket.destroy()
     return
   }
