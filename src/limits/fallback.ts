@@ -22,10 +22,14 @@ export interface StoreFallback {
 export interface StoreFallbackOptions {
   sharedState: SharedState
   log: FastifyBaseLogger
-  /** After a failed or slow command, Redis is left alone for this long (ms). */
+  /**
+   * After a failed or slow command, Redis is left alone for this long (ms): the shared state says
+   * `degraded` meanwhile (SharedState.degradeFor), on its own clock.
+   */
   pauseMs?: number
   /** How often a continuing fallback is logged again (ms). */
   logEveryMs?: number
+  /** The clock of the log interval. */
   now?: () => number
 }
 
@@ -34,7 +38,6 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
   const now = options.now ?? Date.now
   const pauseMs = options.pauseMs ?? 1000
   const logEveryMs = options.logEveryMs ?? 60_000
-  let pausedUntil = Number.NEGATIVE_INFINITY
   let lastWarning = Number.NEGATIVE_INFINITY
   let warned = false
 
@@ -64,8 +67,8 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       noteRecovered()
       return result
     } catch (error) {
-      pausedUntil = now() + pauseMs
-      // /readyz and the state-store metric tell operators that the limits count in memory now.
+      // Redis is left alone for pauseMs, and /readyz and the state-store metric tell operators
+      // that the limits count in memory meanwhile.
       sharedState.degradeFor(pauseMs)
       noteFallback(isCommandTimeout(error) ? 'timeout' : 'error')
       return inMemory()
@@ -78,12 +81,8 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       const redis = sharedState.redis
       // No Redis configured: one process, memory is the store of record, nothing to log.
       if (redis === null) return inMemory()
-      if (now() < pausedUntil) {
-        noteFallback('paused after a failed command')
-        return inMemory()
-      }
-      if (redis.status !== 'ready') {
-        noteFallback('disconnected')
+      if (sharedState.mode() !== 'redis') {
+        noteFallback(redis.status === 'ready' ? 'paused after a failed command' : 'disconnected')
         return inMemory()
       }
       return inRedis(viaRedis, inMemory, redis)

@@ -39,7 +39,9 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   let now = 0
   // The service's own redaction paths: the warning's cause must survive them.
   const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, capture.stream)
-  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, redis.url, 250), log, now: () => now, pauseMs: 100, logEveryMs: 1000 })
+  // One clock for the fallback's log interval and the shared state's pause after a failure.
+  const clock = (): number => now
+  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, redis.url, 250, clock), log, now: clock, pauseMs: 100, logEveryMs: 1000 })
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'redis')
   // A script that fails (here a reply of the wrong shape) is a Redis that cannot answer.
   t.equal(await fallback.run(async () => String(integers('not an array', 2)), () => 'memory'), 'memory')
