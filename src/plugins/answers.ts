@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
@@ -144,18 +144,30 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
 }
 
 /**
+ * An error answer written outside Fastify (its hooks never run): the envelope, with the two
+ * headers, on a connection that closes after it.
+ */
+function closingAnswer (status: number, message: string, requestId: string): { body: string, headers: Record<string, string> } {
+  const body = JSON.stringify(errorEnvelope(status, ErrorCode.BAD_REQUEST, message))
+  return {
+    body,
+    headers: {
+      'content-type': 'application/json; charset=utf-8',
+      'content-length': String(Buffer.byteLength(body)),
+      'cache-control': 'no-store',
+      'x-request-id': requestId,
+      connection: 'close'
+    }
+  }
+}
+
+/**
  * An `Expect` other than `100-continue` (Node's `checkExpectation` event): 417 in the envelope,
  * with the two headers, where Node would answer a bare 417.
  */
 export function expectationFailedAnswer (request: IncomingMessage, response: ServerResponse): void {
-  const body = JSON.stringify(errorEnvelope(417, ErrorCode.BAD_REQUEST, 'Unsupported Expect header'))
-  response.writeHead(417, {
-    'content-type': 'application/json; charset=utf-8',
-    'content-length': Buffer.byteLength(body),
-    'cache-control': 'no-store',
-    'x-request-id': requestIdFor(request),
-    connection: 'close'
-  })
+  const { body, headers } = closingAnswer(417, 'Unsupported Expect header', requestIdFor(request))
+  response.writeHead(417, headers)
   response.end(body)
 }
 
@@ -173,14 +185,8 @@ export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket)
   }
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
-  const body = JSON.stringify(errorEnvelope(status, ErrorCode.BAD_REQUEST, message))
-  const reason = status === 431 ? 'Request Header Fields Too Large' : status === 408 ? 'Request Timeout' : 'Bad Request'
-  socket.end(
-    `HTTP/1.1 ${status} ${reason}\r\n` +
-    'content-type: application/json; charset=utf-8\r\n' +
-    `content-length: ${Buffer.byteLength(body)}\r\n` +
-    'cache-control: no-store\r\n' +
-    `x-request-id: ${randomUUID()}\r\n` +
-    'connection: close\r\n\r\n' + body
-  )
+  const { body, headers } = closingAnswer(status, message, randomUUID())
+  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
+  for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`
+  socket.end(`${head}\r\n${body}`)
 }
