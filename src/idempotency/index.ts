@@ -126,9 +126,26 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     // retry resolves the outcome from the upstream, so a lost write never leads to a blind re-send.
   }
 
+  /**
+   * Just before the cancel goes: the record says it may have been sent, so that a retry taking it
+   * over later resolves the outcome instead of sending blind. Until then a takeover starts afresh
+   * (nothing was sent). If we no longer hold the key, or cannot say so, the cancel is not sent.
+   */
+  async function markSending (scope: string, key: string, token: string, log: WarnLog): Promise<void> {
+    let marked
+    try {
+      marked = await store.markSending(scope, key, token)
+    } catch (error) {
+      log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
+      throw storeUnavailable(error)
+    }
+    // Our in-flight marker expired (a slow ownership check): a retry may own the key now.
+    if (!marked) throw inFlightError(1000, 'A request with this Idempotency-Key is still in progress; retry later')
+  }
+
   /** Runs the cancel under our token and records what became of it. */
   async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<HandleResult> {
-    const { attempt, sendStarted } = tracked()
+    const { attempt, sendStarted } = tracked(async () => { await markSending(scope, key, token, log) })
     let answer: Answer
     try {
       answer = await run(attempt)

@@ -44,13 +44,22 @@ export type Settlement =
   | { action: 'release' }
   | { action: 'unknown', answer: StoredAnswer | null }
 
-export function tracked (): { attempt: Attempt, sendStarted: () => boolean } {
+/**
+ * An attempt that records whether the cancel was handed over. `beforeSend`, when given, runs first
+ * (the keyed path marks its record there): if it fails, the cancel is not sent and the attempt
+ * counts as not started.
+ */
+export function tracked (beforeSend?: () => Promise<void>): { attempt: Attempt, sendStarted: () => boolean } {
   let started = false
+  function sendNow<T> (cancel: () => Promise<T>): Promise<T> {
+    started = true
+    return cancel()
+  }
   return {
     attempt: {
       send (cancel) {
-        started = true
-        return cancel()
+        if (beforeSend === undefined) return sendNow(cancel)
+        return beforeSend().then(() => sendNow(cancel))
       }
     },
     sendStarted: () => started

@@ -8,10 +8,12 @@ import { redisScript } from '../state/redis-script.js'
  * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
  *
  * - in flight: someone owns it (a random token) until `until`; after that the owner is presumed
- *   dead (a replica killed mid-request) and the next `begin` takes it over as an unknown outcome,
- *   because the dead owner may have sent the cancel. The marker's short life is a timestamp inside
- *   the record rather than a key TTL so that the fingerprint survives it: a retry with another
- *   body is still a mismatch, and a takeover still knows it must resolve the outcome first.
+ *   dead (a replica killed mid-request) and the next `begin` takes it over. The owner marks the
+ *   record `sending` just before it hands the cancel to the upstream: a takeover of a record so
+ *   marked is an unknown outcome (the dead owner may have cancelled), while one never so marked
+ *   starts afresh (it sent nothing: it died, or its last write failed, before the cancel). The
+ *   marker's short life is a timestamp inside the record rather than a key TTL so that the
+ *   fingerprint survives it: a retry with another body is still a mismatch.
  * - unknown: the cancel may have reached the upstream but no answer came back.
  * - done: the answer (status and envelope) to replay.
  *
@@ -47,6 +49,12 @@ export interface IdempotencyStore {
   begin (scope: string, key: string, fingerprint: string, options: BeginOptions): Awaitable<BeginResult>
   /** Stores the answer for `ttlMs`, if `token` still owns the record. */
   complete (scope: string, key: string, token: string, answer: StoredAnswer, ttlMs: number): Awaitable<boolean>
+  /**
+   * Called just before the cancel is handed to the upstream: true if `token` still owns the record
+   * and its in-flight marker has not expired (no retry may have taken it over), and the record now
+   * says the cancel may have been sent. False: the cancel must not be sent.
+   */
+  markSending (scope: string, key: string, token: string): Awaitable<boolean>
   /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
   markUnknown (scope: string, key: string, token: string, ttlMs: number): Awaitable<boolean>
   /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
@@ -84,7 +92,7 @@ export interface MemoryStoreOptions {
 }
 
 type MemoryRecord =
-  | { state: 'in-flight', fingerprint: string, token: string, until: number, expiresAt: number }
+  | { state: 'in-flight', fingerprint: string, token: string, until: number, sending: boolean, expiresAt: number }
   | { state: 'unknown', fingerprint: string, expiresAt: number }
   | { state: 'done', fingerprint: string, statusCode: number, body: string, completedAt: number, expiresAt: number }
 
@@ -133,7 +141,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         if (records.size >= maxEntries) sweep(at)
         if (records.size >= maxEntries) throw new IdempotencyStoreError('memory idempotency store is full')
         const token = randomUUID()
-        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, expiresAt })
+        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, expiresAt })
         return { kind: 'started', token }
       }
       if (record.fingerprint !== fingerprint) return { kind: 'mismatch' }
@@ -141,9 +149,19 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         return { kind: 'replay', answer: { statusCode: record.statusCode, body: JSON.parse(record.body) }, completedAt: record.completedAt }
       }
       if (record.state === 'in-flight' && record.until > at) return { kind: 'in-flight', retryAfterMs: record.until - at }
+      // Taken over: from an owner presumed dead, or from an unknown outcome.
       const token = randomUUID()
-      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, expiresAt })
-      return { kind: 'unknown-outcome', token }
+      const sent = record.state === 'unknown' || record.sending
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, expiresAt })
+      return sent ? { kind: 'unknown-outcome', token } : { kind: 'started', token }
+    },
+
+    markSending (scope, key, token) {
+      const at = now()
+      const record = live(mapKeyOf(scope, key), at)
+      if (!owned(record, token) || record.until <= at) return false
+      record.sending = true
+      return true
     },
 
     complete (scope, key, token, answer, ttlMs) {
@@ -184,15 +202,15 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
 
 // Redis keeps time for every replica (TIME inside the scripts), so that in-flight deadlines do not
 // depend on the clocks of the replicas that compare them. Scripts are atomic: two replicas can
-// never both own a record. Fields: fp, state (flight | unknown | done), token, until, status, body,
-// at (completion time).
+// never both own a record. Fields: fp, state (flight | unknown | done), token, until, sending (set
+// while in flight once the cancel may have been sent), status, body, at (completion time).
 const NOW = `local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
 
 const BEGIN = `${NOW}
 local inflight = tonumber(ARGV[4])
 local ttl = math.max(tonumber(ARGV[3]), inflight)
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at')
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending')
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -202,19 +220,28 @@ if rec[1] ~= ARGV[1] then return {'mismatch'} end
 if rec[2] == 'done' then return {'replay', rec[4], rec[5], rec[6]} end
 if rec[2] == 'flight' and tonumber(rec[3]) > now then return {'in-flight', tonumber(rec[3]) - now} end
 redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
+redis.call('HDEL', KEYS[1], 'sending')
 redis.call('PEXPIRE', KEYS[1], ttl)
+if rec[2] == 'flight' and not rec[7] then return {'started'} end
 return {'unknown-outcome'}`
+
+const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')
+if rec[1] ~= ARGV[1] then return 0 end
+${NOW}
+if tonumber(rec[2]) <= now then return 0 end
+redis.call('HSET', KEYS[1], 'sending', '1')
+return 1`
 
 const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 ${NOW}
 redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', string.format('%d', now))
-redis.call('HDEL', KEYS[1], 'token', 'until')
+redis.call('HDEL', KEYS[1], 'token', 'until', 'sending')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1`
 
 const MARK_UNKNOWN = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'unknown')
-redis.call('HDEL', KEYS[1], 'token', 'until')
+redis.call('HDEL', KEYS[1], 'token', 'until', 'sending')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1`
 
@@ -224,6 +251,7 @@ return 1`
 
 const SCRIPTS = {
   begin: redisScript('bffIdempotencyBegin', 1, BEGIN),
+  markSending: redisScript('bffIdempotencyMarkSending', 1, MARK_SENDING),
   complete: redisScript('bffIdempotencyComplete', 1, COMPLETE),
   markUnknown: redisScript('bffIdempotencyMarkUnknown', 1, MARK_UNKNOWN),
   release: redisScript('bffIdempotencyRelease', 1, RELEASE)
@@ -271,6 +299,10 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
     async complete (scope, key, token, answer, ttlMs) {
       const done = await run(SCRIPTS.complete, redisKey(scope, key), [token, answer.statusCode, JSON.stringify(answer.body), Math.ceil(ttlMs)])
       return done === 1
+    },
+
+    async markSending (scope, key, token) {
+      return await run(SCRIPTS.markSending, redisKey(scope, key), [token]) === 1
     },
 
     async markUnknown (scope, key, token, ttlMs) {

@@ -250,12 +250,56 @@ for (const [name, makeStore] of stores) {
     const never = fakeCancel({ cancel: [async () => await new Promise(() => {})] })
     idem.handle(input(never)).catch(() => {})
     await sleep(20)
+    t.equal(never.sends(), 1, 'the dead request had handed its cancel over')
     t.equal((await rejection(idem.handle(input(never)))).statusCode, 409)
     await sleep(100)
     const later = fakeCancel()
-    const answer = await idem.handle(input(later, { resolveUnknown: async () => 'not-cancelled' }))
+    let resolves = 0
+    const answer = await idem.handle(input(later, { resolveUnknown: async () => { resolves += 1; return 'not-cancelled' } }))
     t.same(answer, { answer: CANCELLED, replayed: false })
+    t.equal(resolves, 1, 'the outcome was looked up first')
     t.equal(later.sends(), 1)
+  })
+
+  t.test(`${name}: a replica dies before its cancel: a later request starts afresh, with no lookup to guess from`, async (t) => {
+    const idem = await make(t, 80)
+    // The ownership check never returns: the cancel was never handed over.
+    const stuck = fakeCancel({ before: async () => await new Promise(() => {}) })
+    idem.handle(input(stuck)).catch(() => {})
+    await sleep(20)
+    t.equal((await rejection(idem.handle(input(stuck)))).statusCode, 409, 'held while the marker lives')
+    await sleep(100)
+    // resolveUnknown throws (input's default): an absent appointment must not read as "cancelled".
+    const later = fakeCancel({ before: async () => { throw notFound() } })
+    await t.rejects(idem.handle(input(later)), { statusCode: 404, code: ErrorCode.APPOINTMENT_NOT_FOUND })
+    t.equal(stuck.sends() + later.sends(), 0)
+  })
+
+  t.test(`${name}: an owner whose marker expired before the cancel does not send it`, async (t) => {
+    const idem = await make(t, 50)
+    const slow = fakeCancel({ before: async () => { await sleep(100) } })
+    const error = await rejection(idem.handle(input(slow)))
+    t.equal(error.statusCode, 409)
+    t.equal(error.code, ErrorCode.IDEMPOTENCY_IN_FLIGHT)
+    t.same(error.headers, { 'Retry-After': '1' })
+    t.equal(slow.sends(), 0)
+    // Nothing was sent, so the retry starts afresh (resolveUnknown would throw).
+    const retry = fakeCancel()
+    t.same(await idem.handle(input(retry)), { answer: CANCELLED, replayed: false })
+    t.equal(retry.sends(), 1)
+  })
+
+  t.test(`${name}: a retry that took over from an owner whose marker expired: the owner does not send`, async (t) => {
+    const idem = await make(t, 50)
+    const gate = deferred<void>()
+    const slow = fakeCancel({ before: async () => { await gate.promise } })
+    const first = rejection(idem.handle(input(slow)))
+    await sleep(80)
+    const takeover = idem.handle(input(fakeCancel()))
+    gate.resolve()
+    t.equal((await first).statusCode, 409)
+    t.same(await takeover, { answer: CANCELLED, replayed: false })
+    t.equal(slow.sends(), 0)
   })
 
   t.test(`${name}: completed records expire after the replay TTL`, async (t) => {
@@ -304,6 +348,7 @@ t.test('the store fails: a keyed cancel gets 503 with Retry-After, never runs; w
   const broken: IdempotencyStore = {
     begin: async () => { throw new Error('redis down') },
     complete: async () => { throw new Error('redis down') },
+    markSending: async () => { throw new Error('redis down') },
     markUnknown: async () => { throw new Error('redis down') },
     release: async () => { throw new Error('redis down') }
   }
@@ -317,7 +362,13 @@ t.test('the store fails: a keyed cancel gets 503 with Retry-After, never runs; w
   t.equal(cancel.runs(), 0)
 
   const memory = createMemoryIdempotencyStore()
-  const flaky: IdempotencyStore = { ...broken, begin: memory.begin }
+  const unmarked = createIdempotency({ store: { ...broken, begin: memory.begin }, inFlightTtlMs: 5000 })
+  const refused = await rejection(unmarked.handle(input(cancel, { key: 'k-unmarked' })))
+  t.equal(refused.statusCode, 503, 'the store cannot record that the cancel goes: it does not go')
+  t.same(refused.headers, { 'Retry-After': '2' })
+  t.equal(cancel.sends(), 0)
+
+  const flaky: IdempotencyStore = { ...broken, begin: memory.begin, markSending: memory.markSending }
   const writes = createIdempotency({ store: flaky, inFlightTtlMs: 5000 })
   const requestWarnings: string[] = []
   const log = { warn: (_object: object, message: string) => requestWarnings.push(message) }

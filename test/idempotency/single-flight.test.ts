@@ -192,6 +192,7 @@ t.test('store unavailable: a key-less cancel proceeds with the in-process single
   const broken: IdempotencyStore = {
     begin: async () => { throw new Error('redis down') },
     complete: async () => true,
+    markSending: async () => true,
     markUnknown: async () => true,
     release: async () => true
   }
@@ -220,6 +221,7 @@ t.test('a store failing at once (a full memory store, a synchronous bug) is trea
   const throwing: IdempotencyStore = {
     begin: memory.begin,
     complete: () => { throw new Error('complete broke') },
+    markSending: memory.markSending,
     markUnknown: memory.markUnknown,
     release: () => { throw new Error('release broke') }
   }

@@ -98,16 +98,49 @@ function storeSuite (name: string, make: MakeStore): void {
       t.equal((await store.begin('scope-a', key, FP, LONG)).kind, 'replay')
     })
 
-    t.test('a dead owner: the in-flight marker expires and the next begin resolves the outcome', async (t) => {
+    t.test('a dead owner that was sending: the in-flight marker expires and the next begin resolves the outcome', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
+      const token = await started(store, 'scope-a', key, short)
+      t.equal(await store.markSending('scope-a', key, 'other'), false, 'only the owner marks')
+      t.equal(await store.markSending('scope-a', key, token), true)
+      await sleep(100)
+      const takeover = await store.begin('scope-a', key, FP, short)
+      t.equal(takeover.kind, 'unknown-outcome')
+      t.equal(await store.release('scope-a', key, token), false, 'the presumed-dead owner cannot release')
+      t.equal(await store.markSending('scope-a', key, token), false, 'nor mark')
+      t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' }, 'fingerprint kept')
+      if (takeover.kind !== 'unknown-outcome') return
+      // The new owner has not sent yet: if it dies too, the next one resolves again (the first
+      // owner's cancel may still have happened), then starts once the mark is its own.
+      await sleep(100)
+      const second = await store.begin('scope-a', key, FP, short)
+      t.equal(second.kind, 'started', 'the resolving owner never marked: nothing new was sent')
+    })
+
+    t.test('a dead owner that never sent: the next begin starts afresh, fingerprint kept', async (t) => {
       const store = await make(t)
       const key = fresh()
       const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
       const token = await started(store, 'scope-a', key, short)
       await sleep(100)
+      t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' })
       const takeover = await store.begin('scope-a', key, FP, short)
-      t.equal(takeover.kind, 'unknown-outcome')
-      t.equal(await store.release('scope-a', key, token), false, 'the presumed-dead owner cannot release')
-      t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' }, 'fingerprint kept')
+      t.equal(takeover.kind, 'started')
+      t.equal(await store.markSending('scope-a', key, token), false, 'the presumed-dead owner lost the key')
+      if (takeover.kind !== 'started') return
+      t.not(takeover.token, token)
+      t.equal((await store.begin('scope-a', key, FP, short)).kind, 'in-flight')
+    })
+
+    t.test('markSending is refused once the marker expired, even unchallenged', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const token = await started(store, 'scope-a', key, { ttlMs: 60_000, inFlightTtlMs: 30 })
+      await sleep(60)
+      t.equal(await store.markSending('scope-a', key, token), false)
+      t.equal(await store.markSending('scope-b', fresh(), token), false, 'absent record')
     })
 
     t.test('a slow owner whose marker expired unchallenged may still complete', async (t) => {
@@ -174,6 +207,7 @@ t.test('redis: keys are hashed under a hash tag; nothing personal is stored', as
   const store = createRedisIdempotencyStore({ redis: client })
   const key = 'patient@example.com-retry-1'
   const token = await started(store, 'scope-of-patient', key)
+  t.equal(await store.markSending('scope-of-patient', key, token), true)
   await store.complete('scope-of-patient', key, token, DONE, 60_000)
   const keys = await client.keys('*')
   t.equal(keys.length, 1)
