@@ -95,6 +95,20 @@ export interface MemoryBudgetOptions extends BudgetOptions {
 export interface MemoryBudget extends BudgetStore {
   take: (cooldown?: CooldownCheck) => BudgetDecision
   decrease: () => void
+  /**
+   * As the twin of a Redis budget: counts an admission Redis made for this process, so that a
+   * fallback counts this process's recent calls whichever store admitted them.
+   */
+  record: () => void
+  /**
+   * As the twin of a Redis budget: an admission held while Redis decides, made at `at`. No
+   * cooldown check (the script checks the shared one).
+   */
+  reserve: () => { decision: BudgetDecision, at: number }
+  /** Takes back the admission `reserve` made at `at` (Redis refused, or failed). */
+  unreserve: (at: number) => void
+  /** True while the log holds admissions `take` made (without Redis) less than a span ago. */
+  admittedAlone: () => boolean
 }
 
 /**
@@ -124,6 +138,20 @@ class AdmissionLog {
     if (this.#length === this.#times.length) this.#grow()
     this.#times[(this.#start + this.#length) & (this.#times.length - 1)] = time
     this.#length += 1
+  }
+
+  /** Removes the newest entry equal to `time`, if one is left. */
+  remove (time: number): void {
+    const mask = this.#times.length - 1
+    for (let i = this.#length - 1; i >= 0; i--) {
+      const at = this.at(i)
+      if (at < time) return
+      if (at === time) {
+        for (let j = i; j < this.#length - 1; j++) this.#times[(this.#start + j) & mask] = this.at(j + 1)
+        this.#length -= 1
+        return
+      }
+    }
   }
 
   /** Drops the entries older than `time`. */
@@ -164,10 +192,8 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return last === undefined ? at : Math.max(at, last)
   }
 
-  function take (cooldown?: CooldownCheck): BudgetDecision {
-    const cooling = cooldown === undefined ? null : coolingHere(cooldown)
-    if (cooling !== null) return cooling
-    const at = clock()
+  /** Admitted at `at` (appended to the log), or refused. */
+  function admit (at: number): BudgetDecision {
     log.dropBefore(at - windowMs)
     if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
     const limit = effectiveLimit(decreased, at, count, recoverMs)
@@ -179,12 +205,41 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return { ok: false, retryAfterMs: waitMs(log.at(used - limit), used, decreased, at, count, windowMs, recoverMs) }
   }
 
+  let aloneAt = Number.NEGATIVE_INFINITY
+
+  function take (cooldown?: CooldownCheck): BudgetDecision {
+    const cooling = cooldown === undefined ? null : coolingHere(cooldown)
+    if (cooling !== null) return cooling
+    const at = clock()
+    const decision = admit(at)
+    if (decision.ok) aloneAt = at
+    return decision
+  }
+
   function decrease (): void {
     const at = clock()
     decreased = { floor: Math.max(1, Math.floor(effectiveLimit(decreased, at, count, recoverMs) * DECREASE_FACTOR)), at }
   }
 
-  return { take, decrease }
+  function record (): void {
+    const at = clock()
+    log.dropBefore(at - windowMs)
+    log.push(at)
+  }
+
+  function reserve (): { decision: BudgetDecision, at: number } {
+    const at = clock()
+    return { decision: admit(at), at }
+  }
+
+  return {
+    take,
+    decrease,
+    record,
+    reserve,
+    unreserve: (at) => { log.remove(at) },
+    admittedAlone: () => aloneAt >= now() - windowMs
+  }
 }
 
 // KEYS: log (sorted set), sequence, decrease state, and the cooldown record when it is checked.
@@ -250,19 +305,57 @@ export interface RedisBudgetOptions extends BudgetOptions {
   memory: MemoryBudget
 }
 
+/**
+ * Across a Redis outage. Redis's log cannot see what replicas admit while they count alone, and
+ * their memory cannot see what Redis admitted before. So each replica's memory twin counts all of
+ * this replica's admissions, whichever store made them:
+ *
+ * - Redis failing: the twin refuses once this replica's own calls of the last span, through Redis
+ *   or not, reach its share. With one replica (the share is the whole count) the bound stays
+ *   exact; with several, it stays exact while no replica had sent more than its share in the span
+ *   before the failure (a balanced load); otherwise the excess is at most what replicas had sent
+ *   beyond their shares (a window's calls are at most the sum over replicas of the larger of what
+ *   each sent through Redis and its share).
+ * - Redis back: while the twin still holds admissions it made alone (one span), an admission needs
+ *   both Redis and the twin. Every replica then stays within its share for that span, as it did
+ *   while alone, so intervals that reach back into the outage hold the count whatever the order in
+ *   which replicas return.
+ */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options
   const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
-  async function takeInRedis (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
+  async function redisDecision (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
     const reply = await (cooldownKey === null
       ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs)
       : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs))
     const [verdict, value] = integers(reply, 2) as [number, number]
     if (verdict === 1) return { ok: true, remaining: value }
     return verdict === 2 ? { ok: false, coolingMs: value } : { ok: false, retryAfterMs: value }
+  }
+  async function takeInRedis (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
+    if (!memory.admittedAlone()) {
+      const decision = await redisDecision(redis, cooldownKey)
+      if (decision.ok) memory.record()
+      return decision
+    }
+    const held = memory.reserve()
+    if (!held.decision.ok) return held.decision
+    let decision
+    try {
+      decision = await redisDecision(redis, cooldownKey)
+    } catch (error) {
+      // The fallback's own take counts this call instead.
+      memory.unreserve(held.at)
+      throw error
+    }
+    if (!decision.ok) {
+      memory.unreserve(held.at)
+      return decision
+    }
+    return { ok: true, remaining: Math.min(decision.remaining, held.decision.remaining) }
   }
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)

@@ -5,7 +5,8 @@ import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
-import { fallbackOn, maxCertainlyInOneWindow, uniqueName } from './fixtures/support.js'
+import { createStoreFallback } from '../../src/limits/fallback.js'
+import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -196,4 +197,109 @@ t.test('the per-process share is the count divided by the replicas, at least one
   t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: memoryOnly }), 3), 1)
   const withRedis = await fallbackOn(t, redis.url)
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
+})
+
+// ---------------------------------------------------------------------------------------------
+// Across an outage: every replica's twin counts its own calls, whichever store admitted them.
+
+interface Replica { budget: BudgetStore, deny: () => Promise<void>, allow: () => Promise<void> }
+
+/**
+ * One replica of the service: its own Redis user (so that Redis can fail for it alone, as a
+ * refused script does on a live connection), its own client, fallback and org budget.
+ */
+async function replicaOf (t: Test, name: string, options: { count: number, windowMs: number, replicas: number, tag: string }): Promise<Replica> {
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  const user = `${options.tag}-${name}`
+  await admin.call('ACL', 'SETUSER', user, 'on', '>pw', '~*', '&*', '+@all')
+  const url = redis.url.replace('redis://', `redis://${user}:pw@`)
+  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, url), log: silentLog, pauseMs: 100 })
+  return {
+    budget: createOrgBudget({ ...options, fallback }),
+    deny: async () => { await admin.call('ACL', 'SETUSER', user, '-evalsha', '-eval') },
+    // Redis is tried again once the fallback's pause after the failure has passed.
+    allow: async () => { await admin.call('ACL', 'SETUSER', user, '+evalsha', '+eval'); await sleep(150) }
+  }
+}
+
+t.test('outage, one replica: Redis fails after the whole count went through it; memory admits nothing more in that span', async (t) => {
+  const a = await replicaOf(t, 'a', { count: 6, windowMs: 2000, replicas: 1, tag: uniqueName('fail') })
+  t.equal(await takeMany(a.budget, 6), 6, 'through Redis')
+  await a.deny()
+  const refused = await a.budget.take()
+  t.match(refused, { ok: false, retryAfterMs: Number }, 'from memory, which counted the calls Redis admitted')
+  t.equal(await takeMany(a.budget, 5), 0)
+})
+
+t.test('outage, one replica: Redis back within the span of calls admitted alone; both must admit until it passes', async (t) => {
+  const a = await replicaOf(t, 'a', { count: 6, windowMs: 2000, replicas: 1, tag: uniqueName('recover') })
+  await a.deny()
+  t.equal(await takeMany(a.budget, 4), 4, 'alone, in memory')
+  await a.allow()
+  t.same(await a.budget.take(), { ok: true, remaining: 1 }, 'Redis has 5 left, memory 1: the smaller')
+  t.same(await a.budget.take(), { ok: true, remaining: 0 })
+  t.equal(await takeMany(a.budget, 4), 0, 'memory is full: Redis, which has 4 left, is not asked')
+  await sleep(2100)
+  t.equal(await takeMany(a.budget, 7), 6, 'a span later, Redis alone again, with the whole count')
+})
+
+t.test('outage, two replicas: alone, each keeps its share; back on Redis in turn, still the count in the span', async (t) => {
+  const tag = uniqueName('pair')
+  const options = { count: 10, windowMs: 2000, replicas: 2, tag }
+  const a = await replicaOf(t, 'a', options)
+  const b = await replicaOf(t, 'b', options)
+  t.equal(await takeMany(a.budget, 2) + await takeMany(b.budget, 2), 4, 'through Redis')
+  await a.deny()
+  await b.deny()
+  t.equal(await takeMany(a.budget, 5), 3, 'a: its share, less what it sent through Redis')
+  t.equal(await takeMany(b.budget, 5), 3, 'b: likewise')
+  await a.allow()
+  t.equal(await takeMany(a.budget, 5), 0, 'a is back on Redis (4 of 10 there) but holds its share in memory')
+  await b.allow()
+  t.equal(await takeMany(b.budget, 5), 0, 'and so does b')
+})
+
+t.test('outage: a reservation is taken back when Redis refuses or fails', async (t) => {
+  const tag = uniqueName('undo')
+  const options = { count: 4, windowMs: 2000, replicas: 2, tag }
+  const a = await replicaOf(t, 'a', options)
+  const b = await replicaOf(t, 'b', options)
+  await a.deny()
+  t.equal(await takeMany(a.budget, 1), 1, 'a alone: 1 of its share of 2')
+  t.equal(await takeMany(b.budget, 4), 4, 'b fills Redis')
+  await a.allow()
+  t.match(await a.budget.take(), { ok: false, retryAfterMs: Number }, 'memory admits, Redis refuses')
+  await a.deny()
+  t.equal(await takeMany(a.budget, 2), 1, 'a alone again: the refused call did not keep its place in memory')
+
+  const c = await replicaOf(t, 'c', { count: 2, windowMs: 2000, replicas: 1, tag: uniqueName('undo-fail') })
+  await c.deny()
+  t.equal(await takeMany(c.budget, 1), 1)
+  await c.allow()
+  await c.deny()
+  t.same(await c.budget.take(), { ok: true, remaining: 0 }, 'Redis failed after memory reserved: the fallback counts the call once')
+  t.equal(await takeMany(c.budget, 1), 0)
+})
+
+t.test('memory: a reservation taken back leaves the rest of the log as it was', async (t) => {
+  let now = 0
+  const budget = createMemoryBudget({ count: 3, windowMs: 1000, guardMs: 0, now: () => now })
+  const first = budget.reserve()
+  now = 5
+  const second = budget.reserve()
+  now = 10
+  t.match(budget.take(), { ok: true, remaining: 0 })
+  budget.unreserve(second.at)
+  budget.unreserve(second.at)
+  t.same(budget.take(), { ok: true, remaining: 0 }, 'one place freed, once')
+  t.match(budget.take(), { ok: false })
+  budget.unreserve(first.at)
+  t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed, newer entries kept in order')
+  t.same(budget.take(), { ok: false, retryAfterMs: 1001 }, 'the oldest left is now the take at 10')
+  t.equal(budget.admittedAlone(), true)
+  now = 2000
+  t.equal(budget.admittedAlone(), false, 'a span after the last take')
+  budget.record()
+  t.equal(budget.admittedAlone(), false, 'what Redis admitted is not counted as alone')
 })
