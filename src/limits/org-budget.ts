@@ -320,6 +320,9 @@ export interface RedisBudgetOptions extends BudgetOptions {
  *   both Redis and the twin. Every replica then stays within its share for that span, as it did
  *   while alone, so intervals that reach back into the outage hold the count whatever the order in
  *   which replicas return.
+ *
+ * Left: a replica cut off while the others still reach Redis (a partial partition) adds up to its
+ * share to what they admit there; no scheme without a channel between the replicas can avoid it.
  */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options

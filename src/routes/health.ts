@@ -1,11 +1,12 @@
 import type { FastifyInstance } from 'fastify'
 import { Type } from 'typebox'
-import { ok } from '../errors.js'
+import { ErrorCode, ok } from '../errors.js'
 
 const Health = Type.Object({
   status: Type.Integer(),
   success: Type.Boolean(),
   message: Type.String(),
+  code: Type.Optional(Type.Literal(ErrorCode.SERVICE_UNAVAILABLE)),
   data: Type.Object({
     ready: Type.Optional(Type.Boolean()),
     sharedState: Type.Optional(Type.Union([Type.Literal('redis'), Type.Literal('degraded'), Type.Literal('memory')]))
@@ -29,7 +30,8 @@ export async function healthRoutes (app: FastifyInstance): Promise<void> {
   }, async function readiness (_request, reply) {
     const sharedState = app.sharedState.mode()
     if (app.draining) {
-      return reply.code(503).send({ status: 503, success: false, message: 'Draining', data: { ready: false, sharedState } })
+      // An error answer like any other (its `code`), with the shared state an operator also reads.
+      return reply.code(503).send({ status: 503, success: false, message: 'Draining', code: ErrorCode.SERVICE_UNAVAILABLE, data: { ready: false, sharedState } })
     }
     // A Redis outage is reported but keeps us ready: pulling every replica would turn a
     // degraded service into no service.

@@ -295,7 +295,8 @@ t.test('memory: a reservation taken back leaves the rest of the log as it was', 
   t.same(budget.take(), { ok: true, remaining: 0 }, 'one place freed, once')
   t.match(budget.take(), { ok: false })
   budget.unreserve(first.at)
-  t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed, newer entries kept in order')
+  budget.unreserve(first.at)
+  t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed (once), newer entries kept in order')
   t.same(budget.take(), { ok: false, retryAfterMs: 1001 }, 'the oldest left is now the take at 10')
   t.equal(budget.admittedAlone(), true)
   now = 2000

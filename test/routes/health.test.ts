@@ -9,7 +9,7 @@ t.test('readiness: 200 with the shared-state mode, 503 once draining; liveness s
   app.draining = true
   const draining = await app.inject({ url: '/readyz' })
   t.equal(draining.statusCode, 503)
-  t.same(draining.json(), { status: 503, success: false, message: 'Draining', data: { ready: false, sharedState: 'memory' } })
+  t.same(draining.json(), { status: 503, success: false, message: 'Draining', code: 'SERVICE_UNAVAILABLE', data: { ready: false, sharedState: 'memory' } })
   t.equal(draining.headers.connection, 'close', 'an answer while draining closes its connection')
   const live = await app.inject({ url: '/healthz' })
   t.equal(live.statusCode, 200)
