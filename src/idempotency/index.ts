@@ -122,8 +122,10 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     if (settlement.action === 'store') await quietly(() => store.complete(scope, key, token, settlement.answer, replayTtlMs), log)
     else if (settlement.action === 'release') await quietly(() => store.release(scope, key, token), log)
     else await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
-    // A failed write leaves the record in flight with our token; once that marker expires the next
-    // retry resolves the outcome from the upstream, so a lost write never leads to a blind re-send.
+    // A failed write leaves the record in flight with our token. Once that marker expires, the next
+    // retry resolves the outcome from the upstream if the record says the cancel may have gone
+    // (markSending, or an earlier unknown outcome), and starts afresh only if nothing was sent:
+    // a lost write never leads to a blind re-send.
   }
 
   /**
@@ -139,8 +141,8 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
       throw storeUnavailable(error)
     }
-    // Our in-flight marker expired (a slow ownership check): a retry may own the key now.
-    if (!marked) throw inFlightError(1000, 'A request with this Idempotency-Key is still in progress; retry later')
+    // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
+    if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }
 
   /** Runs the cancel under our token and records what became of it. */

@@ -158,7 +158,8 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
       if (begin.kind === 'in-flight') return follow(store, scope, fingerprint, begin.retryAfterMs, run, log, deadline)
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
       if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
-      // 'started', or 'unknown-outcome' (a leader died): either way this request now leads.
+      // 'started', a dead leader's record included (key-less records are never marked as sending,
+      // see store.ts): this request now leads.
       return lead(store, scope, key, begin.token, run, log)
     }
     let begin: Awaitable<BeginResult>

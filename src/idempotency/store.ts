@@ -10,8 +10,9 @@ import { redisScript } from '../state/redis-script.js'
  * - in flight: someone owns it (a random token) until `until`; after that the owner is presumed
  *   dead (a replica killed mid-request) and the next `begin` takes it over. The owner marks the
  *   record `sending` just before it hands the cancel to the upstream: a takeover of a record so
- *   marked is an unknown outcome (the dead owner may have cancelled), while one never so marked
- *   starts afresh (it sent nothing: it died, or its last write failed, before the cancel). The
+ *   marked is an unknown outcome (the dead owner may have cancelled), and the mark stays through
+ *   the takeover until an owner records what became of the cancel; a record never so marked
+ *   starts afresh (nothing was sent: its owner died, or lost its last write, before the cancel). The
  *   marker's short life is a timestamp inside the record rather than a key TTL so that the
  *   fingerprint survives it: a retry with another body is still a mismatch.
  * - unknown: the cancel may have reached the upstream but no answer came back.
@@ -149,10 +150,12 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         return { kind: 'replay', answer: { statusCode: record.statusCode, body: JSON.parse(record.body) }, completedAt: record.completedAt }
       }
       if (record.state === 'in-flight' && record.until > at) return { kind: 'in-flight', retryAfterMs: record.until - at }
-      // Taken over: from an owner presumed dead, or from an unknown outcome.
+      // Taken over: from an owner presumed dead, or from an unknown outcome. A cancel that may have
+      // been sent stays so until someone records what became of it: if this owner dies too, or
+      // loses its writes, the next one resolves the outcome again.
       const token = randomUUID()
       const sent = record.state === 'unknown' || record.sending
-      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, expiresAt })
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, expiresAt })
       return sent ? { kind: 'unknown-outcome', token } : { kind: 'started', token }
     },
 
@@ -220,9 +223,10 @@ if rec[1] ~= ARGV[1] then return {'mismatch'} end
 if rec[2] == 'done' then return {'replay', rec[4], rec[5], rec[6]} end
 if rec[2] == 'flight' and tonumber(rec[3]) > now then return {'in-flight', tonumber(rec[3]) - now} end
 redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
-redis.call('HDEL', KEYS[1], 'sending')
 redis.call('PEXPIRE', KEYS[1], ttl)
 if rec[2] == 'flight' and not rec[7] then return {'started'} end
+-- The cancel may have been sent: so it stays until an owner records the outcome.
+redis.call('HSET', KEYS[1], 'sending', '1')
 return {'unknown-outcome'}`
 
 const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')

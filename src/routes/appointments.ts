@@ -36,6 +36,16 @@ function toPatientAppointment (item: Appointment) {
 }
 
 /** The patient's appointments: list, and cancel (the contract's cancel route, steps 4 to 9). */
+/**
+ * Whether a failed cancel may have taken effect. Nothing happened when our own refusal stopped it
+ * before it left (the gate's budget or cooldown, the idempotency record: ApiErrors that are not the
+ * upstream's) or when it never reached the upstream; anything else, our own bugs included, may.
+ */
+function mayHaveCancelled (error: unknown): boolean {
+  if (error instanceof UpstreamError) return error.outcome !== 'not-sent'
+  return !(error instanceof ApiError)
+}
+
 export async function appointmentRoutes (fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
   const { care360, config } = app
@@ -92,8 +102,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     } catch (error) {
       // A refusal of the gate (budget, cooldown) never reached the upstream.
       request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
-      // The cancel may or may not have happened: the patient's list is fetched afresh next time.
-      ownership.forget(email)
+      // The cancel may have happened: the patient's list is fetched afresh next time.
+      if (mayHaveCancelled(error)) ownership.forget(email)
       throw error
     }
     // It happened: the cached list stays warm for the patient's next cancel, without this one.

@@ -261,6 +261,20 @@ for (const [name, makeStore] of stores) {
     t.equal(later.sends(), 1)
   })
 
+  t.test(`${name}: a retry resolving a lost answer dies too: the next one resolves again, never sends blind`, async (t) => {
+    const idem = await make(t, 80)
+    const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => CANCELLED] })
+    await t.rejects(idem.handle(input(cancel)), { code: ErrorCode.UPSTREAM_TIMEOUT })
+    // The resolving retry's lookup never returns (its replica died).
+    idem.handle(input(cancel, { resolveUnknown: async () => await new Promise<never>(() => {}) })).catch(() => {})
+    await sleep(100)
+    let resolves = 0
+    const answer = await idem.handle(input(cancel, { resolveUnknown: async () => { resolves += 1; return 'cancelled' } }))
+    t.match(answer.answer.body, { message: /confirmed/ })
+    t.equal(resolves, 1)
+    t.equal(cancel.sends(), 1, 'the first cancel took effect: never sent again')
+  })
+
   t.test(`${name}: a replica dies before its cancel: a later request starts afresh, with no lookup to guess from`, async (t) => {
     const idem = await make(t, 80)
     // The ownership check never returns: the cancel was never handed over.
@@ -281,6 +295,7 @@ for (const [name, makeStore] of stores) {
     const error = await rejection(idem.handle(input(slow)))
     t.equal(error.statusCode, 409)
     t.equal(error.code, ErrorCode.IDEMPOTENCY_IN_FLIGHT)
+    t.match(error.message, /not sent/)
     t.same(error.headers, { 'Retry-After': '1' })
     t.equal(slow.sends(), 0)
     // Nothing was sent, so the retry starts afresh (resolveUnknown would throw).

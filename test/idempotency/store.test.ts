@@ -111,12 +111,24 @@ function storeSuite (name: string, make: MakeStore): void {
       t.equal(await store.release('scope-a', key, token), false, 'the presumed-dead owner cannot release')
       t.equal(await store.markSending('scope-a', key, token), false, 'nor mark')
       t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' }, 'fingerprint kept')
-      if (takeover.kind !== 'unknown-outcome') return
-      // The new owner has not sent yet: if it dies too, the next one resolves again (the first
-      // owner's cancel may still have happened), then starts once the mark is its own.
+      // The new owner resolves the outcome; if it dies too, or loses its writes, the first owner's
+      // cancel may still have happened: the next one resolves again.
       await sleep(100)
       const second = await store.begin('scope-a', key, FP, short)
-      t.equal(second.kind, 'started', 'the resolving owner never marked: nothing new was sent')
+      t.equal(second.kind, 'unknown-outcome', 'the mark outlives a takeover')
+      if (second.kind !== 'unknown-outcome') return
+      t.equal(await store.markSending('scope-a', key, second.token), true, 'the resolving owner may send')
+    })
+
+    t.test('an unknown outcome taken over by an owner that dies: the next one resolves again', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
+      const token = await started(store, 'scope-a', key, short)
+      t.equal(await store.markUnknown('scope-a', key, token, 60_000), true)
+      t.equal((await store.begin('scope-a', key, FP, short)).kind, 'unknown-outcome')
+      await sleep(100)
+      t.equal((await store.begin('scope-a', key, FP, short)).kind, 'unknown-outcome')
     })
 
     t.test('a dead owner that never sent: the next begin starts afresh, fingerprint kept', async (t) => {

@@ -306,6 +306,18 @@ t.test('limits on the cancel path: per-session cancels, the org budget and the u
     t.equal(sandbox.control.calls.length, 2, 'no third upstream call')
   })
 
+  t.test('a cancel the budget refuses keeps the cached list: nothing happened to it', async (t) => {
+    const { app, sandbox, tokenFor, cancel } = await stack(t, { env: { CV_RATE_LIMIT: '3/2s' } })
+    const token = await tokenFor(alice.email)
+    await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+    t.equal((await cancel(token, alice.appointments[0]!.id)).statusCode, 200)
+    t.equal((await cancel(token, alice.appointments[1]!.id)).statusCode, 200)
+    t.equal((await cancel(token, alice.appointments[2]!.id)).statusCode, 429, 'the budget is spent')
+    await new Promise((resolve) => setTimeout(resolve, 2100))
+    t.equal((await cancel(token, alice.appointments[2]!.id)).statusCode, 200)
+    t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST', 'POST'], 'no second list call')
+  })
+
   t.test('a cancel the budget refuses is never sent, and its audit has no upstream status', async (t) => {
     const logs: string[] = []
     const { sandbox, tokenFor, cancel } = await stack(t, { env: { CV_RATE_LIMIT: '1/60s', OWNERSHIP_CHECK: 'off' }, logs })
