@@ -17,6 +17,8 @@ export interface StoreFallback {
   readonly redisConfigured: boolean
   /** The memory twin's answer at once when Redis is not in use, else a promise of Redis's (or of the twin's, after a failure). */
   run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T) => Awaitable<T>
+  /** How long (ms) the stores have been able to use Redis without a break (SharedState.redisFor). */
+  redisFor: () => number
 }
 
 export interface StoreFallbackOptions {
@@ -77,6 +79,7 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
 
   return {
     redisConfigured: sharedState.redis !== null,
+    redisFor: () => sharedState.redisFor(),
     run (viaRedis, inMemory) {
       const redis = sharedState.redis
       // No Redis configured: one process, memory is the store of record, nothing to log.

@@ -107,8 +107,13 @@ export interface MemoryBudget extends BudgetStore {
   reserve: () => { decision: BudgetDecision, at: number }
   /** Takes back the admission `reserve` made at `at` (Redis refused, or failed). */
   unreserve: (at: number) => void
-  /** True while the log holds admissions `take` made (without Redis) less than a span ago. */
-  admittedAlone: () => boolean
+  /**
+   * As the twin of a Redis budget: the ages (ms) of the admissions `take` made alone (while Redis
+   * could not answer) within the span that Redis has not been told of yet; they are now in the
+   * caller's hands. `restoreAlone` gives them back when Redis could not take them.
+   */
+  takeAlone: () => number[]
+  restoreAlone: (ages: number[]) => void
 }
 
 /**
@@ -205,15 +210,34 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return { ok: false, retryAfterMs: waitMs(log.at(used - limit), used, decreased, at, count, windowMs, recoverMs) }
   }
 
-  let aloneAt = Number.NEGATIVE_INFINITY
+  // Times of the admissions `take` made, oldest first, until a Redis twin hands them on.
+  let alone: number[] = []
 
   function take (cooldown?: CooldownCheck): BudgetDecision {
     const cooling = cooldown === undefined ? null : coolingHere(cooldown)
     if (cooling !== null) return cooling
     const at = clock()
     const decision = admit(at)
-    if (decision.ok) aloneAt = at
+    if (decision.ok) {
+      // At most a share's worth within the span: older ones no longer matter to anyone.
+      while (alone.length > 0 && (alone[0] as number) < at - windowMs) alone.shift()
+      alone.push(at)
+    }
     return decision
+  }
+
+  function takeAlone (): number[] {
+    if (alone.length === 0) return alone
+    const at = clock()
+    const ages = alone.filter((time) => time >= at - windowMs).map((time) => at - time)
+    alone = []
+    return ages
+  }
+
+  function restoreAlone (ages: number[]): void {
+    if (ages.length === 0) return
+    const at = clock()
+    alone = [...ages.map((age) => at - age), ...alone]
   }
 
   function decrease (): void {
@@ -238,14 +262,25 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     record,
     reserve,
     unreserve: (at) => { log.remove(at) },
-    admittedAlone: () => aloneAt >= now() - windowMs
+    takeAlone,
+    restoreAlone
   }
 }
 
 // KEYS: log (sorted set), sequence, decrease state, and the cooldown record when it is checked.
-// ARGV: count, span (window + guard), recoverMs. Answers { 1, remaining }, { 0, retry after } or,
-// while the cooldown runs, { 2, time left in it }.
+// ARGV: count, span (window + guard), recoverMs, then the ages (ms) of admissions a replica made
+// alone during an outage, entered into the log first. Answers { 1, remaining }, { 0, retry after }
+// or, while the cooldown runs, { 2, time left in it }.
 const takeScript = redisScript('bffBudgetTake', 'variable', `${LUA_NOW_MS}
+if #ARGV > 3 then
+  for i = 4, #ARGV do
+    local t = now - tonumber(ARGV[i])
+    local seq = redis.call('INCR', KEYS[2])
+    redis.call('ZADD', KEYS[1], int(t), int(t) .. '-' .. seq)
+  end
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1)
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 1)
+end
 if KEYS[4] then
   local cooling = ${luaCooldownLeft('KEYS[4]')}
   if cooling > 0 then return { 2, cooling } end
@@ -303,62 +338,76 @@ export interface RedisBudgetOptions extends BudgetOptions {
   tag?: string
   /** The twin that answers while Redis cannot (already split between replicas). */
   memory: MemoryBudget
+  /** Every admission needs the twin too (one replica: the twin's share is the whole count). */
+  bothAlways?: boolean
 }
 
 /**
  * Across a Redis outage. Redis's log cannot see what replicas admit while they count alone, and
- * their memory cannot see what Redis admitted before. So each replica's memory twin counts all of
- * this replica's admissions, whichever store made them:
+ * their memory cannot see what Redis admitted before. So:
  *
- * - Redis failing: the twin refuses once this replica's own calls of the last span, through Redis
- *   or not, reach its share. With one replica (the share is the whole count) the bound stays
- *   exact; with several, it stays exact while no replica had sent more than its share in the span
- *   before the failure (a balanced load); otherwise the excess is at most what replicas had sent
- *   beyond their shares (a window's calls are at most the sum over replicas of the larger of what
- *   each sent through Redis and its share).
- * - Redis back: while the twin still holds admissions it made alone (one span), an admission needs
- *   both Redis and the twin. Every replica then stays within its share for that span, as it did
- *   while alone, so intervals that reach back into the outage hold the count whatever the order in
- *   which replicas return.
+ * 1. Each replica's memory twin counts all of this replica's admissions, whichever store made
+ *    them: when Redis fails, the twin refuses once this replica's calls of the last span, through
+ *    Redis or not, reach its share.
+ * 2. A replica's first call to Redis after an outage enters the calls it admitted alone into
+ *    Redis's log (at their ages, on Redis's clock), in the same script as its admission.
+ * 3. For one span after this replica's shared state is `redis` again (any break: a lost
+ *    connection, a failed command), an admission needs both Redis and the twin, so that replicas
+ *    already back keep to their shares while others are still away. With one replica, always:
+ *    its twin holds every call, which keeps the count exact even if Redis loses its data.
  *
- * Left: a replica cut off while the others still reach Redis (a partial partition) adds up to its
- * share to what they admit there; no scheme without a channel between the replicas can avoid it.
+ * Bounds. One replica: exact. Several: exact once every replica that counted alone has made its
+ * first call after Redis returned, within a span of the first one back. Beyond that, an interval
+ * can exceed the count by what replicas had sent beyond their shares in the span before Redis
+ * failed (nothing under a balanced load; a window's calls are at most the sum over replicas of the
+ * larger of what each sent and its share), and by the calls a replica admitted alone and kept
+ * from Redis for longer than a span: one cut off while the others still reach Redis (a partial
+ * partition), or idle since its return. No scheme without a channel between the replicas avoids
+ * the partition. The price of (3): a replica with more than its share of the traffic gets 429s
+ * for one span after a break, while Redis itself would still admit.
  */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options
   const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
+  const bothAlways = options.bothAlways ?? false
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
-  async function redisDecision (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
+  async function redisDecision (redis: Redis, cooldownKey: string | null, aloneAges: number[]): Promise<BudgetDecision> {
     const reply = await (cooldownKey === null
-      ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs)
-      : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs))
+      ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs, ...aloneAges)
+      : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs, ...aloneAges))
     const [verdict, value] = integers(reply, 2) as [number, number]
     if (verdict === 1) return { ok: true, remaining: value }
     return verdict === 2 ? { ok: false, coolingMs: value } : { ok: false, retryAfterMs: value }
   }
   async function takeInRedis (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
-    if (!memory.admittedAlone()) {
-      const decision = await redisDecision(redis, cooldownKey)
-      if (decision.ok) memory.record()
-      return decision
+    let held: { at: number, remaining: number } | null = null
+    if (bothAlways || fallback.redisFor() <= windowMs) {
+      const reserved = memory.reserve()
+      if (!reserved.decision.ok) return reserved.decision
+      held = { at: reserved.at, remaining: reserved.decision.remaining }
     }
-    const held = memory.reserve()
-    if (!held.decision.ok) return held.decision
+    const aloneAges = memory.takeAlone()
     let decision
     try {
-      decision = await redisDecision(redis, cooldownKey)
+      decision = await redisDecision(redis, cooldownKey, aloneAges)
     } catch (error) {
-      // The fallback's own take counts this call instead.
-      memory.unreserve(held.at)
+      // Not counted here: the fallback's own take counts this call instead. The calls made alone
+      // go with a later call (twice, if this one reached Redis after all: the safe side).
+      if (held !== null) memory.unreserve(held.at)
+      memory.restoreAlone(aloneAges)
       throw error
+    }
+    if (held === null) {
+      if (decision.ok) memory.record()
+      return decision
     }
     if (!decision.ok) {
       memory.unreserve(held.at)
       return decision
     }
-    return { ok: true, remaining: Math.min(decision.remaining, held.decision.remaining) }
+    return { ok: true, remaining: Math.min(decision.remaining, held.remaining) }
   }
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)
@@ -396,5 +445,5 @@ export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
     recoverMs: recoverMsOf(options),
     now: options.now
   })
-  return options.fallback.redisConfigured ? createRedisBudget({ ...options, memory }) : memory
+  return options.fallback.redisConfigured ? createRedisBudget({ ...options, memory, bothAlways: options.replicas === 1 }) : memory
 }

@@ -21,6 +21,11 @@ export interface SharedState {
    * `degraded`, since stores count in memory meanwhile (OOM, READONLY, MISCONF, a stalled Redis).
    */
   degradeFor: (ms: number) => void
+  /**
+   * How long (ms) `mode()` has said `redis` without a break: 0 while it does not, Infinity if it
+   * has since the client first connected. The org budget is careful for a while after a break.
+   */
+  redisFor: () => number
   close: () => Promise<void>
 }
 
@@ -38,7 +43,7 @@ export interface SharedStateOptions {
 export function createSharedState (options: SharedStateOptions): SharedState {
   const commandTimeoutMs = options.commandTimeoutMs ?? 250
   if (options.url === null) {
-    return { redis: null, mode: () => 'memory', degradeFor: () => {}, close: async () => {} }
+    return { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, close: async () => {} }
   }
   const now = options.now ?? Date.now
   const logEveryMs = options.logEveryMs ?? 60_000
@@ -58,6 +63,8 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   defineScripts(redis)
   let lastDegradedLog = Number.NEGATIVE_INFINITY
   let degraded = false
+  // When the client last came back after losing its connection.
+  let backAt = Number.NEGATIVE_INFINITY
   const log = options.log
   // ioredis emits 'error' on every failed reconnect; one line per interval is enough for operators.
   redis.on('error', function onRedisError (error: NodeJS.ErrnoException) {
@@ -68,15 +75,20 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     }
   })
   redis.on('ready', function onRedisReady () {
-    if (degraded) log.info('shared state: Redis reachable again')
+    if (degraded) {
+      log.info('shared state: Redis reachable again')
+      backAt = now()
+    }
     degraded = false
   })
   redis.on('close', function onRedisClose () { degraded = true })
   let failingUntil = Number.NEGATIVE_INFINITY
+  const mode = (): SharedStateMode => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded')
   return {
     redis,
-    mode: () => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded'),
+    mode,
     degradeFor (ms) { failingUntil = Math.max(failingUntil, now() + ms) },
+    redisFor: () => (mode() === 'redis' ? now() - Math.max(backAt, failingUntil) : 0),
     close: async () => {
       redis.disconnect(false)
     }

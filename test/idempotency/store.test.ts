@@ -283,11 +283,11 @@ t.test('memory: short-lived single-flight records do not pile up between sweeps 
 })
 
 t.test('idempotencyStoreFor picks memory without Redis and Redis with it', async (t) => {
-  const memoryState: SharedState = { redis: null, mode: () => 'memory', degradeFor: () => {}, close: async () => {} }
+  const memoryState: SharedState = { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, close: async () => {} }
   const memory = idempotencyStoreFor(memoryState)
   t.equal((await memory.begin('s', 'k', FP, LONG)).kind, 'started')
   const client = await redisClient(t)
-  const redisState: SharedState = { redis: client, mode: () => 'redis', degradeFor: () => {}, close: async () => {} }
+  const redisState: SharedState = { redis: client, mode: () => 'redis', degradeFor: () => {}, redisFor: () => Infinity, close: async () => {} }
   const shared = idempotencyStoreFor(redisState)
   const key = fresh()
   await shared.begin('s', key, FP, LONG)

@@ -6,7 +6,7 @@ import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
-import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, uniqueName } from './fixtures/support.js'
+import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, uniqueName, waitFor } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -237,11 +237,26 @@ t.test('outage, one replica: Redis back within the span of calls admitted alone;
   await a.deny()
   t.equal(await takeMany(a.budget, 4), 4, 'alone, in memory')
   await a.allow()
-  t.same(await a.budget.take(), { ok: true, remaining: 1 }, 'Redis has 5 left, memory 1: the smaller')
+  t.same(await a.budget.take(), { ok: true, remaining: 1 }, 'the calls made alone went into Redis with this one')
   t.same(await a.budget.take(), { ok: true, remaining: 0 })
-  t.equal(await takeMany(a.budget, 4), 0, 'memory is full: Redis, which has 4 left, is not asked')
+  t.equal(await takeMany(a.budget, 4), 0)
   await sleep(2100)
-  t.equal(await takeMany(a.budget, 7), 6, 'a span later, Redis alone again, with the whole count')
+  t.equal(await takeMany(a.budget, 7), 6, 'a span later, the whole count again')
+})
+
+t.test('outage: a replica\'s first call after Redis returns enters the calls it made alone into Redis\'s log', async (t) => {
+  const tag = uniqueName('replay')
+  const options = { count: 10, windowMs: 5000, replicas: 2, tag }
+  const a = await replicaOf(t, 'a', options)
+  const b = await replicaOf(t, 'b', options)
+  await a.deny()
+  t.equal(await takeMany(a.budget, 3), 3, 'alone')
+  await a.allow()
+  t.same(await a.budget.take(), { ok: true, remaining: 1 }, 'Redis: 6 left; memory, its share of 5 less 4: 1')
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  t.equal(await admin.zcard(`{${tag}}:log`), 4, 'the three made alone, and this one')
+  t.equal(await takeMany(b.budget, 10), 6, 'b, which never left Redis, sees them all')
 })
 
 t.test('outage, two replicas: alone, each keeps its share; back on Redis in turn, still the count in the span', async (t) => {
@@ -298,9 +313,37 @@ t.test('memory: a reservation taken back leaves the rest of the log as it was', 
   budget.unreserve(first.at)
   t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed (once), newer entries kept in order')
   t.same(budget.take(), { ok: false, retryAfterMs: 1001 }, 'the oldest left is now the take at 10')
-  t.equal(budget.admittedAlone(), true)
-  now = 2000
-  t.equal(budget.admittedAlone(), false, 'a span after the last take')
+  now = 20
+  t.same(budget.takeAlone(), [10, 10, 10], 'the ages of the three takes, not the reservations')
+  t.same(budget.takeAlone(), [], 'handed on once')
+  budget.restoreAlone([10, 10, 10])
+  now = 1015
   budget.record()
-  t.equal(budget.admittedAlone(), false, 'what Redis admitted is not counted as alone')
+  t.same(budget.takeAlone(), [], 'what Redis admitted is not alone; and the restored takes left the span at 1010')
+})
+
+t.test('memory: the calls made alone are kept for a span only, however long the outage', async (t) => {
+  let now = 0
+  const budget = createMemoryBudget({ count: 2, windowMs: 100, guardMs: 0, now: () => now })
+  for (now = 0; now < 1000; now += 60) t.ok(budget.take().ok)
+  now = 960
+  t.same(budget.takeAlone(), [60, 0], 'two of the seventeen')
+})
+
+// Last in this file: it restarts the suite's Redis, which forgets every key and ACL user.
+t.test('outage: Redis restarts empty while one replica counts alone and the other is idle; the count holds', async (t) => {
+  const tag = uniqueName('restart')
+  const options = { count: 10, windowMs: 10_000, replicas: 2, tag }
+  const stateA = await sharedStateOn(t, redis.url)
+  const stateB = await sharedStateOn(t, redis.url)
+  const a = createOrgBudget({ ...options, fallback: createStoreFallback({ sharedState: stateA, log: silentLog, pauseMs: 100 }) })
+  const b = createOrgBudget({ ...options, fallback: createStoreFallback({ sharedState: stateB, log: silentLog, pauseMs: 100 }) })
+  t.equal(await takeMany(a, 2) + await takeMany(b, 2), 4, 'through Redis')
+  await redis.stop()
+  await waitFor(() => stateB.mode() !== 'redis')
+  t.equal(await takeMany(b, 5), 3, 'b alone: its share of 5, less the 2 it sent through Redis')
+  await redis.start()
+  await waitFor(() => stateA.mode() === 'redis' && stateB.mode() === 'redis', 8000)
+  t.equal(await takeMany(a, 10), 3, 'a, idle during the outage, keeps its share for a span: Redis forgot everything')
+  t.equal(await takeMany(b, 5), 0, 'b too')
 })

@@ -32,6 +32,7 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   const memoryState = await sharedStateOn(t, null)
   const memoryOnly = createStoreFallback({ sharedState: memoryState, log: pino({ level: 'silent' }) })
   t.equal(await memoryOnly.run(async () => 'redis', () => 'memory'), 'memory')
+  t.equal(memoryOnly.redisFor(), 0, 'no Redis: never usable')
   memoryState.degradeFor(1000)
   t.equal(memoryState.mode(), 'memory', 'without Redis, memory is the store of record: never degraded')
 
@@ -43,11 +44,15 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   const clock = (): number => now
   const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, redis.url, 250, clock), log, now: clock, pauseMs: 100, logEveryMs: 1000 })
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'redis')
+  t.equal(fallback.redisFor(), Infinity, 'no break since it connected')
   // A script that fails (here a reply of the wrong shape) is a Redis that cannot answer.
   t.equal(await fallback.run(async () => String(integers('not an array', 2)), () => 'memory'), 'memory')
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'memory', 'Redis is left alone for pauseMs')
+  t.equal(fallback.redisFor(), 0)
   now = 100
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'redis', 'then tried again')
+  now = 130
+  t.equal(fallback.redisFor(), 30, 'usable again for 30 ms')
   now = 200
   await fallback.run(async () => { throw new Error('boom') }, () => 'memory')
   now = 400
