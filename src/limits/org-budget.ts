@@ -89,7 +89,17 @@ function waitMs (oldestToLeave: number, used: number, decreased: Decreased | nul
 
 export interface MemoryBudgetOptions extends BudgetOptions {
   now?: () => number
+  /** As the twin of a Redis budget: keep the times of what `take` admits for `takeAlone`. */
+  trackAlone?: boolean
 }
+
+/** Calls admitted alone, by time (this process's clock) and by age (ms) when handed on. */
+export interface AloneCalls {
+  times: readonly number[]
+  ages: readonly number[]
+}
+
+const NO_CALLS: AloneCalls = Object.freeze({ times: Object.freeze([]), ages: Object.freeze([]) })
 
 /** The memory budget answers at once. */
 export interface MemoryBudget extends BudgetStore {
@@ -108,12 +118,12 @@ export interface MemoryBudget extends BudgetStore {
   /** Takes back the admission `reserve` made at `at` (Redis refused, or failed). */
   unreserve: (at: number) => void
   /**
-   * As the twin of a Redis budget: the ages (ms) of the admissions `take` made alone (while Redis
-   * could not answer) within the span that Redis has not been told of yet; they are now in the
-   * caller's hands. `restoreAlone` gives them back when Redis could not take them.
+   * With `trackAlone`: the admissions `take` made alone (while Redis could not answer) within the
+   * span that Redis has not been told of yet; they are now in the caller's hands.
+   * `restoreAlone` gives them back when Redis could not take them.
    */
-  takeAlone: () => number[]
-  restoreAlone: (ages: number[]) => void
+  takeAlone: () => AloneCalls
+  restoreAlone: (times: readonly number[]) => void
 }
 
 /**
@@ -210,34 +220,39 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return { ok: false, retryAfterMs: waitMs(log.at(used - limit), used, decreased, at, count, windowMs, recoverMs) }
   }
 
-  // Times of the admissions `take` made, oldest first, until a Redis twin hands them on.
-  let alone: number[] = []
+  // With `trackAlone`, the times of the admissions `take` made, until a Redis twin hands them on;
+  // at most the share within the span (older ones no longer matter to anyone).
+  let alone = options.trackAlone === true ? new AdmissionLog() : null
 
   function take (cooldown?: CooldownCheck): BudgetDecision {
     const cooling = cooldown === undefined ? null : coolingHere(cooldown)
     if (cooling !== null) return cooling
     const at = clock()
     const decision = admit(at)
-    if (decision.ok) {
-      // At most a share's worth within the span: older ones no longer matter to anyone.
-      while (alone.length > 0 && (alone[0] as number) < at - windowMs) alone.shift()
+    if (decision.ok && alone !== null) {
+      alone.dropBefore(at - windowMs)
       alone.push(at)
     }
     return decision
   }
 
-  function takeAlone (): number[] {
-    if (alone.length === 0) return alone
+  function takeAlone (): AloneCalls {
+    if (alone === null || alone.length === 0) return NO_CALLS
     const at = clock()
-    const ages = alone.filter((time) => time >= at - windowMs).map((time) => at - time)
-    alone = []
-    return ages
+    alone.dropBefore(at - windowMs)
+    const times: number[] = []
+    for (let i = 0; i < alone.length; i++) times.push(alone.at(i))
+    alone = new AdmissionLog()
+    return { times, ages: times.map((time) => at - time) }
   }
 
-  function restoreAlone (ages: number[]): void {
-    if (ages.length === 0) return
-    const at = clock()
-    alone = [...ages.map((age) => at - age), ...alone]
+  function restoreAlone (times: readonly number[]): void {
+    if (alone === null || times.length === 0) return
+    // Older than every call admitted alone since they were taken: the log stays sorted.
+    const merged = new AdmissionLog()
+    for (const time of times) merged.push(time)
+    for (let i = 0; i < alone.length; i++) merged.push(alone.at(i))
+    alone = merged
   }
 
   function decrease (): void {
@@ -373,7 +388,7 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const bothAlways = options.bothAlways ?? false
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
-  async function redisDecision (redis: Redis, cooldownKey: string | null, aloneAges: number[]): Promise<BudgetDecision> {
+  async function redisDecision (redis: Redis, cooldownKey: string | null, aloneAges: readonly number[]): Promise<BudgetDecision> {
     const reply = await (cooldownKey === null
       ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs, ...aloneAges)
       : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs, ...aloneAges))
@@ -388,15 +403,15 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
       if (!reserved.decision.ok) return reserved.decision
       held = { at: reserved.at, remaining: reserved.decision.remaining }
     }
-    const aloneAges = memory.takeAlone()
+    const alone = memory.takeAlone()
     let decision
     try {
-      decision = await redisDecision(redis, cooldownKey, aloneAges)
+      decision = await redisDecision(redis, cooldownKey, alone.ages)
     } catch (error) {
       // Not counted here: the fallback's own take counts this call instead. The calls made alone
       // go with a later call (twice, if this one reached Redis after all: the safe side).
       if (held !== null) memory.unreserve(held.at)
-      memory.restoreAlone(aloneAges)
+      memory.restoreAlone(alone.times)
       throw error
     }
     if (held === null) {
@@ -439,6 +454,7 @@ export interface OrgBudgetOptions extends BudgetOptions {
 export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
   const share = Math.max(1, Math.floor(options.count / options.replicas))
   const memory = createMemoryBudget({
+    trackAlone: options.fallback.redisConfigured,
     count: share,
     windowMs: options.windowMs,
     guardMs: spanOf(options) - options.windowMs,

@@ -299,7 +299,7 @@ t.test('outage: a reservation is taken back when Redis refuses or fails', async 
 
 t.test('memory: a reservation taken back leaves the rest of the log as it was', async (t) => {
   let now = 0
-  const budget = createMemoryBudget({ count: 3, windowMs: 1000, guardMs: 0, now: () => now })
+  const budget = createMemoryBudget({ count: 3, windowMs: 1000, guardMs: 0, now: () => now, trackAlone: true })
   const first = budget.reserve()
   now = 5
   const second = budget.reserve()
@@ -314,20 +314,30 @@ t.test('memory: a reservation taken back leaves the rest of the log as it was', 
   t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed (once), newer entries kept in order')
   t.same(budget.take(), { ok: false, retryAfterMs: 1001 }, 'the oldest left is now the take at 10')
   now = 20
-  t.same(budget.takeAlone(), [10, 10, 10], 'the ages of the three takes, not the reservations')
-  t.same(budget.takeAlone(), [], 'handed on once')
+  t.same(budget.takeAlone(), { times: [10, 10, 10], ages: [10, 10, 10] }, 'the three takes, not the reservations')
+  t.same(budget.takeAlone(), { times: [], ages: [] }, 'handed on once')
+  budget.restoreAlone([])
   budget.restoreAlone([10, 10, 10])
-  now = 1015
+  now = 1011
+  budget.take()
+  budget.restoreAlone([1])
+  t.same(budget.takeAlone().times, [1011], 'restored takes leave the span like any other; older ones first')
+  now = 1012
   budget.record()
-  t.same(budget.takeAlone(), [], 'what Redis admitted is not alone; and the restored takes left the span at 1010')
+  t.same(budget.takeAlone().times, [], 'what Redis admitted is not alone')
+
+  const untracked = createMemoryBudget({ count: 3, windowMs: 1000 })
+  untracked.take()
+  untracked.restoreAlone([1])
+  t.same(untracked.takeAlone(), { times: [], ages: [] }, 'a budget that is no twin keeps nothing')
 })
 
 t.test('memory: the calls made alone are kept for a span only, however long the outage', async (t) => {
   let now = 0
-  const budget = createMemoryBudget({ count: 2, windowMs: 100, guardMs: 0, now: () => now })
+  const budget = createMemoryBudget({ count: 2, windowMs: 100, guardMs: 0, now: () => now, trackAlone: true })
   for (now = 0; now < 1000; now += 60) t.ok(budget.take().ok)
   now = 960
-  t.same(budget.takeAlone(), [60, 0], 'two of the seventeen')
+  t.same(budget.takeAlone(), { times: [900, 960], ages: [60, 0] }, 'two of the seventeen')
 })
 
 // Last in this file: it restarts the suite's Redis, which forgets every key and ACL user.
