@@ -1,3 +1,5 @@
+import { randomBytes } from 'node:crypto'
+import { performance } from 'node:perf_hooks'
 import type { Redis } from 'ioredis'
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
@@ -93,13 +95,24 @@ export interface MemoryBudgetOptions extends BudgetOptions {
   trackAlone?: boolean
 }
 
-/** Calls admitted alone, by time (this process's clock) and by age (ms) when handed on. */
+/** Calls admitted alone, by time, and the time they were handed on (both on the twin's clock). */
 export interface AloneCalls {
   times: readonly number[]
-  ages: readonly number[]
+  at: number
 }
 
-const NO_CALLS: AloneCalls = Object.freeze({ times: Object.freeze([]), ages: Object.freeze([]) })
+const NO_CALLS: AloneCalls = Object.freeze({ times: Object.freeze([]), at: 0 })
+
+/** The most calls made alone that one script enters into Redis's log; the rest go with later calls. */
+export const REPLAY_BATCH = 1000
+
+/**
+ * The twin's clock: monotonic, so that a wall clock stepped back or forth (NTP) neither freezes
+ * nor empties the window. Only durations of this process are compared on it; Redis keeps its own.
+ */
+function monotonicNow (): number {
+  return performance.timeOrigin + performance.now()
+}
 
 /** The memory budget answers at once. */
 export interface MemoryBudget extends BudgetStore {
@@ -118,11 +131,11 @@ export interface MemoryBudget extends BudgetStore {
   /** Takes back the admission `reserve` made at `at` (Redis refused, or failed). */
   unreserve: (at: number) => void
   /**
-   * With `trackAlone`: the admissions `take` made alone (while Redis could not answer) within the
-   * span that Redis has not been told of yet; they are now in the caller's hands.
-   * `restoreAlone` gives them back when Redis could not take them.
+   * With `trackAlone`: the oldest (up to `max`) of the admissions `take` made alone (while Redis
+   * could not answer) within the span that Redis has not been told of yet; they are now in the
+   * caller's hands. `restoreAlone` gives them back when Redis could not take them.
    */
-  takeAlone: () => AloneCalls
+  takeAlone: (max: number) => AloneCalls
   restoreAlone: (times: readonly number[]) => void
 }
 
@@ -193,7 +206,7 @@ function coolingHere (cooldown: CooldownCheck): BudgetDecision | null {
 }
 
 export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget {
-  const now = options.now ?? Date.now
+  const now = options.now ?? monotonicNow
   const { count } = options
   const windowMs = spanOf(options)
   const recoverMs = recoverMsOf(options)
@@ -236,14 +249,18 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return decision
   }
 
-  function takeAlone (): AloneCalls {
+  function takeAlone (max: number): AloneCalls {
     if (alone === null || alone.length === 0) return NO_CALLS
     const at = clock()
     alone.dropBefore(at - windowMs)
     const times: number[] = []
-    for (let i = 0; i < alone.length; i++) times.push(alone.at(i))
-    alone = new AdmissionLog()
-    return { times, ages: times.map((time) => at - time) }
+    const rest = new AdmissionLog()
+    for (let i = 0; i < alone.length; i++) {
+      if (i < max) times.push(alone.at(i))
+      else rest.push(alone.at(i))
+    }
+    alone = rest
+    return { times, at }
   }
 
   function restoreAlone (times: readonly number[]): void {
@@ -282,20 +299,37 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
   }
 }
 
-// KEYS: log (sorted set), sequence, decrease state, and the cooldown record when it is checked.
-// ARGV: count, span (window + guard), recoverMs, then the ages (ms) of admissions a replica made
-// alone during an outage, entered into the log first. Answers { 1, remaining }, { 0, retry after }
-// or, while the cooldown runs, { 2, time left in it }.
-const takeScript = redisScript('bffBudgetTake', 'variable', `${LUA_NOW_MS}
-if #ARGV > 3 then
-  for i = 4, #ARGV do
-    local t = now - tonumber(ARGV[i])
-    local seq = redis.call('INCR', KEYS[2])
-    redis.call('ZADD', KEYS[1], int(t), int(t) .. '-' .. seq)
+/**
+ * Enters calls a replica admitted alone into the log (KEYS[1]), from ARGV[first] on: the replica's
+ * clock when it sent them, its source id, then their times on its clock. Each lands at its age on
+ * Redis's clock. Members name the source and the time (and which of equal times), so that a replay
+ * sent again, after a timeout that hid its success, adds nothing.
+ */
+function luaReplay (first: number, spanArg: number): string {
+  return `
+if #ARGV > ${first} then
+  local sent = tonumber(ARGV[${first}])
+  local source = ARGV[${first + 1}]
+  local previous, occurrence = nil, 0
+  for i = ${first + 2}, #ARGV do
+    if ARGV[i] == previous then occurrence = occurrence + 1 else previous, occurrence = ARGV[i], 0 end
+    redis.call('ZADD', KEYS[1], int(now - (sent - tonumber(ARGV[i]))), 'r:' .. source .. ':' .. ARGV[i] .. ':' .. occurrence)
   end
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1)
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 1)
-end
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[${spanArg}]) + 1)
+end`
+}
+
+// KEYS: log. ARGV: span, then the replay (luaReplay). Used when this replica's share refuses a
+// call, so that its calls made alone still reach Redis.
+const replayScript = redisScript('bffBudgetReplay', 1, `${LUA_NOW_MS}${luaReplay(2, 1)}
+return 1
+`)
+
+// KEYS: log (sorted set), sequence, decrease state, and the cooldown record when it is checked.
+// ARGV: count, span (window + guard), recoverMs, then a replay of calls made alone (luaReplay),
+// entered first. Answers { 1, remaining }, { 0, retry after } or, while the cooldown runs,
+// { 2, time left in it }.
+const takeScript = redisScript('bffBudgetTake', 'variable', `${LUA_NOW_MS}${luaReplay(4, 2)}
 if KEYS[4] then
   local cooling = ${luaCooldownLeft('KEYS[4]')}
   if cooling > 0 then return { 2, cooling } end
@@ -364,22 +398,27 @@ export interface RedisBudgetOptions extends BudgetOptions {
  * 1. Each replica's memory twin counts all of this replica's admissions, whichever store made
  *    them: when Redis fails, the twin refuses once this replica's calls of the last span, through
  *    Redis or not, reach its share.
- * 2. A replica's first call to Redis after an outage enters the calls it admitted alone into
- *    Redis's log (at their ages, on Redis's clock), in the same script as its admission.
- * 3. For one span after this replica's shared state is `redis` again (any break: a lost
+ * 2. A replica's calls to Redis after an outage enter the calls it admitted alone into Redis's log
+ *    (at their ages, on Redis's clock), in the same script as an admission, or alone when its
+ *    share refuses the call; up to REPLAY_BATCH per call. Their members name the replica and the
+ *    call, so a replay sent again after a timeout that hid its success adds nothing.
+ * 3. For one span after this replica's shared state is `redis` again (any break it saw: a lost
  *    connection, a failed command), an admission needs both Redis and the twin, so that replicas
  *    already back keep to their shares while others are still away. With one replica, always:
  *    its twin holds every call, which keeps the count exact even if Redis loses its data.
  *
- * Bounds. One replica: exact. Several: exact once every replica that counted alone has made its
- * first call after Redis returned, within a span of the first one back. Beyond that, an interval
- * can exceed the count by what replicas had sent beyond their shares in the span before Redis
- * failed (nothing under a balanced load; a window's calls are at most the sum over replicas of the
- * larger of what each sent and its share), and by the calls a replica admitted alone and kept
- * from Redis for longer than a span: one cut off while the others still reach Redis (a partial
- * partition), or idle since its return. No scheme without a channel between the replicas avoids
- * the partition. The price of (3): a replica with more than its share of the traffic gets 429s
- * for one span after a break, while Redis itself would still admit.
+ * Bounds. One replica: exact (a restart of the process during an outage forgets what it admitted
+ * alone). Several: exact once every replica that counted alone has called Redis again, within a
+ * span of the first one back. Beyond that, an interval can exceed the count by what replicas had
+ * sent beyond their shares in the span before Redis failed (nothing under a balanced load: a
+ * window's calls are at most the sum over replicas of the larger of what each sent and its
+ * share), and by the calls a replica admitted alone and kept from Redis for longer than a span:
+ * one cut off while the others still reach Redis (a partial partition), one idle since its
+ * return, or one whose failure the others never saw (Redis refused its commands only: they sent
+ * none meanwhile). No scheme without a channel between the replicas avoids these. The price of
+ * (3): a replica with more than its share of the traffic gets 429s for one span after a break,
+ * while Redis itself would still admit; and a 429 from the upstream during an outage halves only
+ * the twins, whose limit then recovers over the usual ten windows.
  */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options
@@ -388,10 +427,16 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const bothAlways = options.bothAlways ?? false
   const tag = `{${options.tag ?? 'bff:budget'}}`
   const keys = [`${tag}:log`, `${tag}:seq`, `${tag}:aimd`] as const
-  async function redisDecision (redis: Redis, cooldownKey: string | null, aloneAges: readonly number[]): Promise<BudgetDecision> {
+  // Names this process's replayed calls in Redis's log.
+  const source = randomBytes(6).toString('hex')
+  function replayArgs (alone: AloneCalls): string[] {
+    return alone.times.length === 0 ? [] : [String(alone.at), source, ...alone.times.map(String)]
+  }
+  async function redisDecision (redis: Redis, cooldownKey: string | null, alone: AloneCalls): Promise<BudgetDecision> {
+    const replay = replayArgs(alone)
     const reply = await (cooldownKey === null
-      ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs, ...aloneAges)
-      : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs, ...aloneAges))
+      ? takeScript(redis, 3, ...keys, count, windowMs, recoverMs, ...replay)
+      : takeScript(redis, 4, ...keys, cooldownKey, count, windowMs, recoverMs, ...replay))
     const [verdict, value] = integers(reply, 2) as [number, number]
     if (verdict === 1) return { ok: true, remaining: value }
     return verdict === 2 ? { ok: false, coolingMs: value } : { ok: false, retryAfterMs: value }
@@ -400,16 +445,19 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
     let held: { at: number, remaining: number } | null = null
     if (bothAlways || fallback.redisFor() <= windowMs) {
       const reserved = memory.reserve()
-      if (!reserved.decision.ok) return reserved.decision
+      if (!reserved.decision.ok) {
+        await replayOnly(redis)
+        return reserved.decision
+      }
       held = { at: reserved.at, remaining: reserved.decision.remaining }
     }
-    const alone = memory.takeAlone()
+    const alone = memory.takeAlone(REPLAY_BATCH)
     let decision
     try {
-      decision = await redisDecision(redis, cooldownKey, alone.ages)
+      decision = await redisDecision(redis, cooldownKey, alone)
     } catch (error) {
       // Not counted here: the fallback's own take counts this call instead. The calls made alone
-      // go with a later call (twice, if this one reached Redis after all: the safe side).
+      // go with a later call (if this one reached Redis after all, their members are the same).
       if (held !== null) memory.unreserve(held.at)
       memory.restoreAlone(alone.times)
       throw error
@@ -423,6 +471,17 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
       return decision
     }
     return { ok: true, remaining: Math.min(decision.remaining, held.remaining) }
+  }
+  /** Calls made alone still go to Redis when this replica's share refuses the call itself. */
+  async function replayOnly (redis: Redis): Promise<void> {
+    const alone = memory.takeAlone(REPLAY_BATCH)
+    if (alone.times.length === 0) return
+    try {
+      await replayScript(redis, keys[0], windowMs, ...replayArgs(alone))
+    } catch (error) {
+      memory.restoreAlone(alone.times)
+      throw error
+    }
   }
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)

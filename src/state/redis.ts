@@ -88,7 +88,8 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     redis,
     mode,
     degradeFor (ms) { failingUntil = Math.max(failingUntil, now() + ms) },
-    redisFor: () => (mode() === 'redis' ? now() - Math.max(backAt, failingUntil) : 0),
+    // ioredis sets its status to ready a tick before it emits 'ready': until then, not back yet.
+    redisFor: () => (mode() === 'redis' && !degraded ? now() - Math.max(backAt, failingUntil) : 0),
     close: async () => {
       redis.disconnect(false)
     }

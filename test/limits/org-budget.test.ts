@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
-import { createMemoryBudget, createOrgBudget, createRedisBudget, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
+import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
 import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, uniqueName, waitFor } from './fixtures/support.js'
@@ -208,13 +208,13 @@ interface Replica { budget: BudgetStore, deny: () => Promise<void>, allow: () =>
  * One replica of the service: its own Redis user (so that Redis can fail for it alone, as a
  * refused script does on a live connection), its own client, fallback and org budget.
  */
-async function replicaOf (t: Test, name: string, options: { count: number, windowMs: number, replicas: number, tag: string }): Promise<Replica> {
+async function replicaOf (t: Test, name: string, options: { count: number, windowMs: number, replicas: number, tag: string }, commandTimeoutMs?: number): Promise<Replica> {
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
   const user = `${options.tag}-${name}`
   await admin.call('ACL', 'SETUSER', user, 'on', '>pw', '~*', '&*', '+@all')
   const url = redis.url.replace('redis://', `redis://${user}:pw@`)
-  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, url), log: silentLog, pauseMs: 100 })
+  const fallback = createStoreFallback({ sharedState: await sharedStateOn(t, url, commandTimeoutMs), log: silentLog, pauseMs: 100 })
   return {
     budget: createOrgBudget({ ...options, fallback }),
     deny: async () => { await admin.call('ACL', 'SETUSER', user, '-evalsha', '-eval') },
@@ -275,6 +275,52 @@ t.test('outage, two replicas: alone, each keeps its share; back on Redis in turn
   t.equal(await takeMany(b.budget, 5), 0, 'and so does b')
 })
 
+t.test('outage: a replica whose share is spent still hands its calls made alone to Redis', async (t) => {
+  const tag = uniqueName('spent')
+  const options = { count: 4, windowMs: 5000, replicas: 2, tag }
+  const a = await replicaOf(t, 'a', options)
+  const b = await replicaOf(t, 'b', options)
+  await a.deny()
+  t.equal(await takeMany(a.budget, 3), 2, 'a alone: its share')
+  await a.allow()
+  t.match(await a.budget.take(), { ok: false, retryAfterMs: Number }, 'refused by its share')
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  t.equal(await admin.zcard(`{${tag}}:log`), 2, 'yet its calls made alone are in Redis')
+  t.equal(await takeMany(b.budget, 4), 2, 'b sees them')
+})
+
+t.test('outage: calls made alone are entered once, even when a script ran but its answer came too late', async (t) => {
+  const tag = uniqueName('late')
+  const a = await replicaOf(t, 'a', { count: 10, windowMs: 5000, replicas: 2, tag }, 100)
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  await a.deny()
+  t.equal(await takeMany(a.budget, 5), 5, 'alone: the share')
+  await a.allow()
+  // The script waits out the pause; the replica has given up on it after 100 ms and counts alone.
+  await admin.call('CLIENT', 'PAUSE', '300', 'WRITE')
+  t.match(await a.budget.take(), { ok: false }, 'its share is spent: the replay goes alone, and times out')
+  await sleep(450)
+  t.equal(await admin.zcard(`{${tag}}:log`), 5, 'the script ran after all')
+  t.match(await a.budget.take(), { ok: false }, 'back on Redis: the share still refuses, and the replay goes again')
+  t.equal(await admin.zcard(`{${tag}}:log`), 5, 'the same five, not five more')
+})
+
+t.test('outage: a long outage\'s calls go to Redis a batch per call', async (t) => {
+  const tag = uniqueName('batch')
+  const a = await replicaOf(t, 'a', { count: REPLAY_BATCH + 10, windowMs: 10_000, replicas: 1, tag })
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  await a.deny()
+  t.equal(await takeMany(a.budget, REPLAY_BATCH + 1), REPLAY_BATCH + 1)
+  await a.allow()
+  t.match(await a.budget.take(), { ok: true })
+  t.equal(await admin.zcard(`{${tag}}:log`), REPLAY_BATCH + 1, 'one batch, and this call')
+  t.match(await a.budget.take(), { ok: true })
+  t.equal(await admin.zcard(`{${tag}}:log`), REPLAY_BATCH + 3, 'the rest with the next')
+})
+
 t.test('outage: a reservation is taken back when Redis refuses or fails', async (t) => {
   const tag = uniqueName('undo')
   const options = { count: 4, windowMs: 2000, replicas: 2, tag }
@@ -314,22 +360,22 @@ t.test('memory: a reservation taken back leaves the rest of the log as it was', 
   t.same(budget.take(), { ok: true, remaining: 0 }, 'the oldest freed (once), newer entries kept in order')
   t.same(budget.take(), { ok: false, retryAfterMs: 1001 }, 'the oldest left is now the take at 10')
   now = 20
-  t.same(budget.takeAlone(), { times: [10, 10, 10], ages: [10, 10, 10] }, 'the three takes, not the reservations')
-  t.same(budget.takeAlone(), { times: [], ages: [] }, 'handed on once')
+  t.same(budget.takeAlone(10), { times: [10, 10, 10], at: 20 }, 'the three takes, not the reservations')
+  t.same(budget.takeAlone(10).times, [], 'handed on once')
   budget.restoreAlone([])
   budget.restoreAlone([10, 10, 10])
   now = 1011
   budget.take()
   budget.restoreAlone([1])
-  t.same(budget.takeAlone().times, [1011], 'restored takes leave the span like any other; older ones first')
+  t.same(budget.takeAlone(10).times, [1011], 'restored takes leave the span like any other; older ones first')
   now = 1012
   budget.record()
-  t.same(budget.takeAlone().times, [], 'what Redis admitted is not alone')
+  t.same(budget.takeAlone(10).times, [], 'what Redis admitted is not alone')
 
   const untracked = createMemoryBudget({ count: 3, windowMs: 1000 })
   untracked.take()
   untracked.restoreAlone([1])
-  t.same(untracked.takeAlone(), { times: [], ages: [] }, 'a budget that is no twin keeps nothing')
+  t.same(untracked.takeAlone(10).times, [], 'a budget that is no twin keeps nothing')
 })
 
 t.test('memory: the calls made alone are kept for a span only, however long the outage', async (t) => {
@@ -337,7 +383,8 @@ t.test('memory: the calls made alone are kept for a span only, however long the 
   const budget = createMemoryBudget({ count: 2, windowMs: 100, guardMs: 0, now: () => now, trackAlone: true })
   for (now = 0; now < 1000; now += 60) t.ok(budget.take().ok)
   now = 960
-  t.same(budget.takeAlone(), { times: [900, 960], ages: [60, 0] }, 'two of the seventeen')
+  t.same(budget.takeAlone(1), { times: [900], at: 960 }, 'the oldest first, at most as many as asked')
+  t.same(budget.takeAlone(1), { times: [960], at: 960 }, 'two of the seventeen in all')
 })
 
 // Last in this file: it restarts the suite's Redis, which forgets every key and ACL user.
