@@ -28,6 +28,7 @@ const PROFILE = process.argv.includes('--profile')
 const BUNDLE_PROFILE = process.env.BENCH_PROFILE_BUNDLE === '1'
 const COMPARE = process.argv.includes('--compare')
 const INSTRUCTIONS = process.argv.includes('--instructions')
+const SOAK_ONLY = process.argv.includes('--soak')
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
 /** The Node that runs every measured process (service, proxies, upstream): BENCH_NODE, else this one. */
@@ -382,6 +383,7 @@ async function main (): Promise<void> {
   if (PROFILE) { await profile(); return }
   if (COMPARE) { await compare(); return }
   if (INSTRUCTIONS) { await instructions(); return }
+  if (SOAK_ONLY) { await soakOnly(); return }
   const issuer = await startIssuer({ teardown: () => {} })
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
   const redisPort = await freePort()
@@ -573,6 +575,40 @@ async function main (): Promise<void> {
   console.log('\n## Targets (issue 7)\n')
   for (const [what, pass, value] of checks) console.log(`${pass ? 'PASS' : 'FAIL'}  ${what}: ${value}`)
   if (checks.some(([, pass]) => !pass)) process.exitCode = 1
+}
+
+/**
+ * `--soak`: the soak alone (section 3 of the full run), for each build of BENCH_VARIANTS (default:
+ * dist/server.js) side by side, each at its own 2000 req/s, so that a growth trend can be told
+ * from one build to another on the same machine at the same time. The V8 heap at the end tells
+ * a heap that is still growing to its size from memory held outside it.
+ */
+async function soakOnly (): Promise<void> {
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const variants = benchVariants()
+  if (variants.length === 0) variants.push('dist/server.js')
+  const soakers = await Promise.all(variants.map(async (variant, i) => {
+    const service = await startVariant(`service (soak ${i + 1})`, `OWNERSHIP_CHECK=on ${variant}`, upstream, issuer)
+    return { variant, service, target: cancelTarget(`soak ${i + 1}`, service.url, await signIn(service, issuer, EMAIL), service.pid), samples: [] as Array<[number, number]> }
+  }))
+  const load = { connections: RATE_CONNECTIONS, rate: MODE.soakRate }
+  await Promise.all(soakers.map(async ({ variant, target }) => { expectOnly(`soak warm-up (${variant})`, await run(target, { ...load, seconds: MODE.soakWarmSec }), ['200']) }))
+  const sampler = setInterval(() => {
+    for (const soaker of soakers) soaker.samples.push([performance.now() / 1000, mib(memoryKiB(soaker.service.pid, 'VmRSS'))])
+  }, 1000)
+  await Promise.all(soakers.map(async ({ variant, target }) => { expectOnly(`soak (${variant})`, await run(target, { ...load, seconds: MODE.soakSec }), ['200']) }))
+  clearInterval(sampler)
+  console.log(`\n## Soak only (${MODE.soakSec} s at ${MODE.soakRate} req/s each, after a ${MODE.soakWarmSec} s warm-up; memory store, ownership on)\n`)
+  console.log('| build | RSS after warm-up MiB | RSS at end MiB | peak RSS MiB | slope over the last 3/4 MiB/min | fitted growth MiB | at the end |')
+  console.log('| --- | ---: | ---: | ---: | ---: | ---: | --- |')
+  for (const { variant, service, samples } of soakers) {
+    const steady = samples.slice(Math.floor(samples.length / 4))
+    const slope = fitSlope(steady)
+    const span = steady.length > 1 ? (steady.at(-1) as [number, number])[0] - (steady[0] as [number, number])[0] : 0
+    console.log(`| ${variant} | ${fmt(samples[0]?.[1] ?? NaN, 1)} | ${fmt(samples.at(-1)?.[1] ?? NaN, 1)} | ${fmt(mib(memoryKiB(service.pid, 'VmHWM')), 1)} | ${fmt(slope * 60)} | ${fmt(slope * span)} | ${await heapSummary(service)} |`)
+    await stop(service)
+  }
 }
 
 /**
