@@ -223,6 +223,20 @@ async function replicaOf (t: Test, name: string, options: { count: number, windo
   }
 }
 
+/** The number of entries in a budget's Redis log. */
+function logSizeOf (t: Test, tag: string): () => Promise<number> {
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  return async () => await admin.zcard(`{${tag}}:log`)
+}
+
+/** Two replicas of one budget (REPLICAS=2), and the size of its Redis log. */
+async function twoReplicas (t: Test, base: string, count: number, windowMs: number): Promise<{ a: Replica, b: Replica, logSize: () => Promise<number> }> {
+  const tag = uniqueName(base)
+  const options = { count, windowMs, replicas: 2, tag }
+  return { a: await replicaOf(t, 'a', options), b: await replicaOf(t, 'b', options), logSize: logSizeOf(t, tag) }
+}
+
 t.test('outage, one replica: Redis fails after the whole count went through it; memory admits nothing more in that span', async (t) => {
   const a = await replicaOf(t, 'a', { count: 6, windowMs: 2000, replicas: 1, tag: uniqueName('fail') })
   t.equal(await takeMany(a.budget, 6), 6, 'through Redis')
@@ -245,25 +259,17 @@ t.test('outage, one replica: Redis back within the span of calls admitted alone;
 })
 
 t.test('outage: a replica\'s first call after Redis returns enters the calls it made alone into Redis\'s log', async (t) => {
-  const tag = uniqueName('replay')
-  const options = { count: 10, windowMs: 5000, replicas: 2, tag }
-  const a = await replicaOf(t, 'a', options)
-  const b = await replicaOf(t, 'b', options)
+  const { a, b, logSize } = await twoReplicas(t, 'replay', 10, 5000)
   await a.deny()
   t.equal(await takeMany(a.budget, 3), 3, 'alone')
   await a.allow()
   t.same(await a.budget.take(), { ok: true, remaining: 1 }, 'Redis: 6 left; memory, its share of 5 less 4: 1')
-  const admin = new Redis(redis.url)
-  t.teardown(() => admin.disconnect())
-  t.equal(await admin.zcard(`{${tag}}:log`), 4, 'the three made alone, and this one')
+  t.equal(await logSize(), 4, 'the three made alone, and this one')
   t.equal(await takeMany(b.budget, 10), 6, 'b, which never left Redis, sees them all')
 })
 
 t.test('outage, two replicas: alone, each keeps its share; back on Redis in turn, still the count in the span', async (t) => {
-  const tag = uniqueName('pair')
-  const options = { count: 10, windowMs: 2000, replicas: 2, tag }
-  const a = await replicaOf(t, 'a', options)
-  const b = await replicaOf(t, 'b', options)
+  const { a, b } = await twoReplicas(t, 'pair', 10, 2000)
   t.equal(await takeMany(a.budget, 2) + await takeMany(b.budget, 2), 4, 'through Redis')
   await a.deny()
   await b.deny()
@@ -276,23 +282,19 @@ t.test('outage, two replicas: alone, each keeps its share; back on Redis in turn
 })
 
 t.test('outage: a replica whose share is spent still hands its calls made alone to Redis', async (t) => {
-  const tag = uniqueName('spent')
-  const options = { count: 4, windowMs: 5000, replicas: 2, tag }
-  const a = await replicaOf(t, 'a', options)
-  const b = await replicaOf(t, 'b', options)
+  const { a, b, logSize } = await twoReplicas(t, 'spent', 4, 5000)
   await a.deny()
   t.equal(await takeMany(a.budget, 3), 2, 'a alone: its share')
   await a.allow()
   t.match(await a.budget.take(), { ok: false, retryAfterMs: Number }, 'refused by its share')
-  const admin = new Redis(redis.url)
-  t.teardown(() => admin.disconnect())
-  t.equal(await admin.zcard(`{${tag}}:log`), 2, 'yet its calls made alone are in Redis')
+  t.equal(await logSize(), 2, 'yet its calls made alone are in Redis')
   t.equal(await takeMany(b.budget, 4), 2, 'b sees them')
 })
 
 t.test('outage: calls made alone are entered once, even when a script ran but its answer came too late', async (t) => {
   const tag = uniqueName('late')
   const a = await replicaOf(t, 'a', { count: 10, windowMs: 5000, replicas: 2, tag }, 100)
+  const logSize = logSizeOf(t, tag)
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
   await a.deny()
@@ -302,30 +304,26 @@ t.test('outage: calls made alone are entered once, even when a script ran but it
   await admin.call('CLIENT', 'PAUSE', '300', 'WRITE')
   t.match(await a.budget.take(), { ok: false }, 'its share is spent: the replay goes alone, and times out')
   await sleep(450)
-  t.equal(await admin.zcard(`{${tag}}:log`), 5, 'the script ran after all')
+  t.equal(await logSize(), 5, 'the script ran after all')
   t.match(await a.budget.take(), { ok: false }, 'back on Redis: the share still refuses, and the replay goes again')
-  t.equal(await admin.zcard(`{${tag}}:log`), 5, 'the same five, not five more')
+  t.equal(await logSize(), 5, 'the same five, not five more')
 })
 
 t.test('outage: a long outage\'s calls go to Redis a batch per call', async (t) => {
   const tag = uniqueName('batch')
   const a = await replicaOf(t, 'a', { count: REPLAY_BATCH + 10, windowMs: 10_000, replicas: 1, tag })
-  const admin = new Redis(redis.url)
-  t.teardown(() => admin.disconnect())
+  const logSize = logSizeOf(t, tag)
   await a.deny()
   t.equal(await takeMany(a.budget, REPLAY_BATCH + 1), REPLAY_BATCH + 1)
   await a.allow()
   t.match(await a.budget.take(), { ok: true })
-  t.equal(await admin.zcard(`{${tag}}:log`), REPLAY_BATCH + 1, 'one batch, and this call')
+  t.equal(await logSize(), REPLAY_BATCH + 1, 'one batch, and this call')
   t.match(await a.budget.take(), { ok: true })
-  t.equal(await admin.zcard(`{${tag}}:log`), REPLAY_BATCH + 3, 'the rest with the next')
+  t.equal(await logSize(), REPLAY_BATCH + 3, 'the rest with the next')
 })
 
 t.test('outage: a reservation is taken back when Redis refuses or fails', async (t) => {
-  const tag = uniqueName('undo')
-  const options = { count: 4, windowMs: 2000, replicas: 2, tag }
-  const a = await replicaOf(t, 'a', options)
-  const b = await replicaOf(t, 'b', options)
+  const { a, b } = await twoReplicas(t, 'undo', 4, 2000)
   await a.deny()
   t.equal(await takeMany(a.budget, 1), 1, 'a alone: 1 of its share of 2')
   t.equal(await takeMany(b.budget, 4), 4, 'b fills Redis')
