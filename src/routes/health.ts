@@ -1,17 +1,27 @@
 import type { FastifyInstance } from 'fastify'
 import { Type } from 'typebox'
-import { ErrorCode, ok } from '../errors.js'
+import { ErrorCode, errorEnvelope, ok } from '../errors.js'
+
+const SharedStateMode = Type.Union([Type.Literal('redis'), Type.Literal('degraded'), Type.Literal('memory')])
 
 const Health = Type.Object({
   status: Type.Integer(),
   success: Type.Boolean(),
   message: Type.String(),
-  code: Type.Optional(Type.Literal(ErrorCode.SERVICE_UNAVAILABLE)),
   data: Type.Object({
     ready: Type.Optional(Type.Boolean()),
-    sharedState: Type.Optional(Type.Union([Type.Literal('redis'), Type.Literal('degraded'), Type.Literal('memory')]))
+    sharedState: Type.Optional(SharedStateMode)
   })
 })
+
+/** An error envelope like any other, with the shared state an operator also reads. */
+const Draining = Type.Object({
+  status: Type.Literal(503),
+  success: Type.Literal(false),
+  message: Type.String(),
+  code: Type.Literal(ErrorCode.SERVICE_UNAVAILABLE),
+  data: Type.Object({ ready: Type.Literal(false), sharedState: SharedStateMode })
+}, { description: '`SERVICE_UNAVAILABLE`: shutting down (draining); take this replica out of rotation' })
 
 /** Liveness and readiness for the orchestrator and the load balancer. */
 export async function healthRoutes (app: FastifyInstance): Promise<void> {
@@ -25,13 +35,12 @@ export async function healthRoutes (app: FastifyInstance): Promise<void> {
     schema: {
       tags: ['operations'],
       summary: 'Readiness: 503 while draining; reports how shared state is held',
-      response: { 200: Health, 503: Health }
+      response: { 200: Health, 503: Draining }
     }
   }, async function readiness (_request, reply) {
     const sharedState = app.sharedState.mode()
     if (app.draining) {
-      // An error answer like any other (its `code`), with the shared state an operator also reads.
-      return reply.code(503).send({ status: 503, success: false, message: 'Draining', code: ErrorCode.SERVICE_UNAVAILABLE, data: { ready: false, sharedState } })
+      return reply.code(503).send({ ...errorEnvelope(503, ErrorCode.SERVICE_UNAVAILABLE, 'Draining'), data: { ready: false, sharedState } })
     }
     // A Redis outage is reported but keeps us ready: pulling every replica would turn a
     // degraded service into no service.
