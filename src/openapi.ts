@@ -19,7 +19,7 @@ const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
   401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
   403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, or from an origin not in CORS_ORIGINS']],
   404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
-  409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running']],
+  409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running (or this one held the key too long to send its cancel: nothing was sent)']],
   413: [[ErrorCode.PAYLOAD_TOO_LARGE, 'body too large']],
   415: [[ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'body is not JSON']],
   422: [[ErrorCode.IDEMPOTENCY_MISMATCH, 'Idempotency-Key reused with another appointment or reason']],

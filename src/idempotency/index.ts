@@ -3,6 +3,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
 import { createSingleFlight, errorSummary, inFlightError, quietly, silentLog, type SingleFlightResult, type WarnLog } from './single-flight.js'
 import type { IdempotencyStore } from './store.js'
+import type { Awaitable } from '../state/awaitable.js'
 
 export type { Answer, Attempt, Run } from './settle.js'
 export type { WarnLog } from './single-flight.js'
@@ -105,6 +106,21 @@ function storeUnavailable (cause: unknown): ApiError {
   })
 }
 
+/**
+ * A store call a keyed cancel cannot go without. Safety first: without the store we cannot tell a
+ * retry from a first request, nor leave word that the cancel goes, and proceeding could send a
+ * second cancel for a key the client meant to be sent once. A 503 with Retry-After costs the
+ * patient a retry; a double cancel cannot be undone.
+ */
+async function required<T> (call: () => Awaitable<T>, log: WarnLog): Promise<T> {
+  try {
+    return await call()
+  } catch (error) {
+    log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
+    throw storeUnavailable(error)
+  }
+}
+
 export function createIdempotency (options: IdempotencyOptions): Idempotency {
   const { store, inFlightTtlMs } = options
   const replayTtlMs = options.replayTtlMs ?? REPLAY_TTL_MS
@@ -134,13 +150,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * (nothing was sent). If we no longer hold the key, or cannot say so, the cancel is not sent.
    */
   async function markSending (scope: string, key: string, token: string, log: WarnLog): Promise<void> {
-    let marked
-    try {
-      marked = await store.markSending(scope, key, token)
-    } catch (error) {
-      log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
-      throw storeUnavailable(error)
-    }
+    const marked = await required(() => store.markSending(scope, key, token), log)
     // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
     if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }
@@ -181,16 +191,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   async function keyed (input: HandleInput, clientKey: string, fingerprint: string, log: WarnLog): Promise<HandleResult> {
     const { scope } = input
     const key = `key\0${clientKey}`
-    let begun
-    try {
-      begun = await store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs })
-    } catch (error) {
-      // Safety first: without the store we cannot tell a retry from a first request, and
-      // proceeding could send a second cancel for a key the client meant to be sent once.
-      // A 503 with Retry-After costs the patient a retry; a double cancel cannot be undone.
-      log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
-      throw storeUnavailable(error)
-    }
+    const begun = await required(() => store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs }), log)
     switch (begun.kind) {
       case 'replay':
         return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, replayed: true }

@@ -451,15 +451,12 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
       }
       held = { at: reserved.at, remaining: reserved.decision.remaining }
     }
-    const alone = memory.takeAlone(REPLAY_BATCH)
     let decision
     try {
-      decision = await redisDecision(redis, cooldownKey, alone)
+      decision = await withAlone((alone) => redisDecision(redis, cooldownKey, alone))
     } catch (error) {
-      // Not counted here: the fallback's own take counts this call instead. The calls made alone
-      // go with a later call (if this one reached Redis after all, their members are the same).
+      // Not counted here: the fallback's own take counts this call instead.
       if (held !== null) memory.unreserve(held.at)
-      memory.restoreAlone(alone.times)
       throw error
     }
     if (held === null) {
@@ -472,16 +469,24 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
     }
     return { ok: true, remaining: Math.min(decision.remaining, held.remaining) }
   }
-  /** Calls made alone still go to Redis when this replica's share refuses the call itself. */
-  async function replayOnly (redis: Redis): Promise<void> {
+  /**
+   * Sends a batch of the calls made alone with `send`; if Redis fails, they go with a later call
+   * (and if this one reached Redis after all, their members are the same).
+   */
+  async function withAlone<T> (send: (alone: AloneCalls) => Promise<T>): Promise<T> {
     const alone = memory.takeAlone(REPLAY_BATCH)
-    if (alone.times.length === 0) return
     try {
-      await replayScript(redis, keys[0], windowMs, ...replayArgs(alone))
+      return await send(alone)
     } catch (error) {
       memory.restoreAlone(alone.times)
       throw error
     }
+  }
+  /** Calls made alone still go to Redis when this replica's share refuses the call itself. */
+  async function replayOnly (redis: Redis): Promise<void> {
+    await withAlone(async (alone) => {
+      if (alone.times.length > 0) await replayScript(redis, keys[0], windowMs, ...replayArgs(alone))
+    })
   }
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)

@@ -35,7 +35,6 @@ function toPatientAppointment (item: Appointment) {
   }
 }
 
-/** The patient's appointments: list, and cancel (the contract's cancel route, steps 4 to 9). */
 /**
  * Whether a failed cancel may have taken effect. Nothing happened when our own refusal stopped it
  * before it left (the gate's budget or cooldown, the idempotency record: ApiErrors that are not the
@@ -46,6 +45,7 @@ function mayHaveCancelled (error: unknown): boolean {
   return !(error instanceof ApiError)
 }
 
+/** The patient's appointments: list, and cancel (the contract's cancel route, steps 4 to 9). */
 export async function appointmentRoutes (fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
   const { care360, config } = app

@@ -1,3 +1,4 @@
+import { performance } from 'node:perf_hooks'
 import { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import { defineScripts } from './redis-script.js'
@@ -36,7 +37,7 @@ export interface SharedStateOptions {
   commandTimeoutMs?: number
   /** How often a still-degraded state is logged again (ms). */
   logEveryMs?: number
-  /** Injected for tests; Date.now otherwise. */
+  /** Injected for tests; a monotonic clock otherwise (only durations are compared on it). */
   now?: () => number
 }
 
@@ -45,7 +46,7 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   if (options.url === null) {
     return { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, close: async () => {} }
   }
-  const now = options.now ?? Date.now
+  const now = options.now ?? (() => performance.now())
   const logEveryMs = options.logEveryMs ?? 60_000
   const redis = new Redis(options.url, {
     // A disconnected client must fail a command at once rather than queue it: requests never

@@ -246,13 +246,15 @@ for (const [name, makeStore] of stores) {
   })
 
   t.test(`${name}: a replica dies mid-request: its marker expires and a later request resolves the outcome`, async (t) => {
-    const idem = await make(t, 80)
-    const never = fakeCancel({ cancel: [async () => await new Promise(() => {})] })
+    const idem = await make(t, 300)
+    const handedOver = deferred<void>()
+    const never = fakeCancel({ cancel: [async () => { handedOver.resolve(); return await new Promise(() => {}) }] })
     idem.handle(input(never)).catch(() => {})
-    await sleep(20)
+    await handedOver.promise
     t.equal(never.sends(), 1, 'the dead request had handed its cancel over')
     t.equal((await rejection(idem.handle(input(never)))).statusCode, 409)
-    await sleep(100)
+    // Counted from after its begin: its marker has certainly expired.
+    await sleep(350)
     const later = fakeCancel()
     let resolves = 0
     const answer = await idem.handle(input(later, { resolveUnknown: async () => { resolves += 1; return 'not-cancelled' } }))
@@ -262,12 +264,14 @@ for (const [name, makeStore] of stores) {
   })
 
   t.test(`${name}: a retry resolving a lost answer dies too: the next one resolves again, never sends blind`, async (t) => {
-    const idem = await make(t, 80)
+    const idem = await make(t, 300)
     const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => CANCELLED] })
     await t.rejects(idem.handle(input(cancel)), { code: ErrorCode.UPSTREAM_TIMEOUT })
     // The resolving retry's lookup never returns (its replica died).
-    idem.handle(input(cancel, { resolveUnknown: async () => await new Promise<never>(() => {}) })).catch(() => {})
-    await sleep(100)
+    const looking = deferred<void>()
+    idem.handle(input(cancel, { resolveUnknown: async () => { looking.resolve(); return await new Promise<never>(() => {}) } })).catch(() => {})
+    await looking.promise
+    await sleep(350)
     let resolves = 0
     const answer = await idem.handle(input(cancel, { resolveUnknown: async () => { resolves += 1; return 'cancelled' } }))
     t.match(answer.answer.body, { message: /confirmed/ })
@@ -276,13 +280,14 @@ for (const [name, makeStore] of stores) {
   })
 
   t.test(`${name}: a replica dies before its cancel: a later request starts afresh, with no lookup to guess from`, async (t) => {
-    const idem = await make(t, 80)
+    const idem = await make(t, 300)
     // The ownership check never returns: the cancel was never handed over.
-    const stuck = fakeCancel({ before: async () => await new Promise(() => {}) })
+    const checking = deferred<void>()
+    const stuck = fakeCancel({ before: async () => { checking.resolve(); await new Promise(() => {}) } })
     idem.handle(input(stuck)).catch(() => {})
-    await sleep(20)
+    await checking.promise
     t.equal((await rejection(idem.handle(input(stuck)))).statusCode, 409, 'held while the marker lives')
-    await sleep(100)
+    await sleep(350)
     // resolveUnknown throws (input's default): an absent appointment must not read as "cancelled".
     const later = fakeCancel({ before: async () => { throw notFound() } })
     await t.rejects(idem.handle(input(later)), { statusCode: 404, code: ErrorCode.APPOINTMENT_NOT_FOUND })
@@ -307,8 +312,10 @@ for (const [name, makeStore] of stores) {
   t.test(`${name}: a retry that took over from an owner whose marker expired: the owner does not send`, async (t) => {
     const idem = await make(t, 50)
     const gate = deferred<void>()
-    const slow = fakeCancel({ before: async () => { await gate.promise } })
+    const reached = deferred<void>()
+    const slow = fakeCancel({ before: async () => { reached.resolve(); await gate.promise } })
     const first = rejection(idem.handle(input(slow)))
+    await reached.promise
     await sleep(80)
     const takeover = idem.handle(input(fakeCancel()))
     gate.resolve()

@@ -309,6 +309,30 @@ t.test('outage: calls made alone are entered once, even when a script ran but it
   t.equal(await logSize(), 5, 'the same five, not five more')
 })
 
+t.test('outage: calls made alone whose script failed go again with a later call', async (t) => {
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  // [what, count, entries after the late script, entries after the next call]: with an admission,
+  // the late script held 3 replayed and 1 admitted; the next call carries those 3 and the call the
+  // replica then admitted alone (its fallback), and itself.
+  for (const [label, count, late, again] of [['its share spent: the replay alone', 3, 3, 3], ['with an admission', 10, 4, 5]] as const) {
+    const tag = uniqueName('again')
+    const a = await replicaOf(t, 'a', { count, windowMs: 5000, replicas: 1, tag }, 100)
+    const logSize = logSizeOf(t, tag)
+    await a.deny()
+    t.equal(await takeMany(a.budget, 3), 3, `${label}: alone`)
+    await a.allow()
+    await admin.call('CLIENT', 'PAUSE', '300', 'WRITE')
+    await a.budget.take()
+    await sleep(450)
+    t.equal(await logSize(), late, `${label}: the script ran, after the replica gave up on it`)
+    // Gone from Redis (as if it had never run): the replica still holds them and sends them again.
+    await admin.del(`{${tag}}:log`)
+    await a.budget.take()
+    t.equal(await logSize(), again, `${label}: sent again`)
+  }
+})
+
 t.test('outage: a long outage\'s calls go to Redis a batch per call', async (t) => {
   const tag = uniqueName('batch')
   const a = await replicaOf(t, 'a', { count: REPLAY_BATCH + 10, windowMs: 10_000, replicas: 1, tag })
