@@ -150,7 +150,8 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * (nothing was sent). If we no longer hold the key, or cannot say so, the cancel is not sent.
    */
   async function markSending (scope: string, key: string, token: string, log: WarnLog): Promise<void> {
-    const marked = await required(() => store.markSending(scope, key, token), log)
+    // The send gets a whole marker's life (more than the gate and one upstream deadline need).
+    const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs), log)
     // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
     if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }

@@ -52,10 +52,11 @@ export interface IdempotencyStore {
   complete (scope: string, key: string, token: string, answer: StoredAnswer, ttlMs: number): Awaitable<boolean>
   /**
    * Called just before the cancel is handed to the upstream: true if `token` still owns the record
-   * and its in-flight marker has not expired (no retry may have taken it over), and the record now
-   * says the cancel may have been sent. False: the cancel must not be sent.
+   * and its in-flight marker has not expired (no retry may have taken it over); the record now
+   * says the cancel may have been sent, and its marker lives at least `holdMs` more, so that no
+   * retry takes over while the send itself runs. False: the cancel must not be sent.
    */
-  markSending (scope: string, key: string, token: string): Awaitable<boolean>
+  markSending (scope: string, key: string, token: string, holdMs: number): Awaitable<boolean>
   /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
   markUnknown (scope: string, key: string, token: string, ttlMs: number): Awaitable<boolean>
   /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
@@ -159,11 +160,13 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       return sent ? { kind: 'unknown-outcome', token } : { kind: 'started', token }
     },
 
-    markSending (scope, key, token) {
+    markSending (scope, key, token, holdMs) {
       const at = now()
       const record = live(mapKeyOf(scope, key), at)
       if (!owned(record, token) || record.until <= at) return false
       record.sending = true
+      record.until = Math.max(record.until, at + holdMs)
+      record.expiresAt = Math.max(record.expiresAt, record.until)
       return true
     },
 
@@ -233,7 +236,9 @@ const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')
 if rec[1] ~= ARGV[1] then return 0 end
 ${NOW}
 if tonumber(rec[2]) <= now then return 0 end
-redis.call('HSET', KEYS[1], 'sending', '1')
+local hold = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'sending', '1', 'until', string.format('%d', math.max(tonumber(rec[2]), now + hold)))
+if redis.call('PTTL', KEYS[1]) < hold then redis.call('PEXPIRE', KEYS[1], hold) end
 return 1`
 
 const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
@@ -305,8 +310,8 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       return done === 1
     },
 
-    async markSending (scope, key, token) {
-      return await run(SCRIPTS.markSending, redisKey(scope, key), [token]) === 1
+    async markSending (scope, key, token, holdMs) {
+      return await run(SCRIPTS.markSending, redisKey(scope, key), [token, Math.ceil(holdMs)]) === 1
     },
 
     async markUnknown (scope, key, token, ttlMs) {

@@ -103,13 +103,13 @@ function storeSuite (name: string, make: MakeStore): void {
       const key = fresh()
       const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
       const token = await started(store, 'scope-a', key, short)
-      t.equal(await store.markSending('scope-a', key, 'other'), false, 'only the owner marks')
-      t.equal(await store.markSending('scope-a', key, token), true)
+      t.equal(await store.markSending('scope-a', key, 'other', 10), false, 'only the owner marks')
+      t.equal(await store.markSending('scope-a', key, token, 10), true)
       await sleep(100)
       const takeover = await store.begin('scope-a', key, FP, short)
       t.equal(takeover.kind, 'unknown-outcome')
       t.equal(await store.release('scope-a', key, token), false, 'the presumed-dead owner cannot release')
-      t.equal(await store.markSending('scope-a', key, token), false, 'nor mark')
+      t.equal(await store.markSending('scope-a', key, token, 10), false, 'nor mark')
       t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' }, 'fingerprint kept')
       // The new owner resolves the outcome; if it dies too, or loses its writes, the first owner's
       // cancel may still have happened: the next one resolves again.
@@ -117,7 +117,7 @@ function storeSuite (name: string, make: MakeStore): void {
       const second = await store.begin('scope-a', key, FP, short)
       t.equal(second.kind, 'unknown-outcome', 'the mark outlives a takeover')
       if (second.kind !== 'unknown-outcome') return
-      t.equal(await store.markSending('scope-a', key, second.token), true, 'the resolving owner may send')
+      t.equal(await store.markSending('scope-a', key, second.token, 10), true, 'the resolving owner may send')
     })
 
     t.test('an unknown outcome taken over by an owner that dies: the next one resolves again', async (t) => {
@@ -140,10 +140,29 @@ function storeSuite (name: string, make: MakeStore): void {
       t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' })
       const takeover = await store.begin('scope-a', key, FP, short)
       t.equal(takeover.kind, 'started')
-      t.equal(await store.markSending('scope-a', key, token), false, 'the presumed-dead owner lost the key')
+      t.equal(await store.markSending('scope-a', key, token, 10), false, 'the presumed-dead owner lost the key')
       if (takeover.kind !== 'started') return
       t.not(takeover.token, token)
       t.equal((await store.begin('scope-a', key, FP, short)).kind, 'in-flight')
+    })
+
+    t.test('markSending holds the record for the send: no takeover while it runs', async (t) => {
+      const store = await make(t)
+      const key = fresh()
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
+      const token = await started(store, 'scope-a', key, short)
+      t.equal(await store.markSending('scope-a', key, token, 400), true)
+      await sleep(120)
+      const retry = await store.begin('scope-a', key, FP, short)
+      t.equal(retry.kind, 'in-flight', 'past the first marker, within the hold')
+      if (retry.kind === 'in-flight') t.ok(retry.retryAfterMs > 60 && retry.retryAfterMs <= 400, `retry after the hold (${retry.retryAfterMs} ms)`)
+      t.equal(await store.complete('scope-a', key, token, DONE, 60_000), true, 'the sender still owns it')
+
+      const brief = fresh()
+      const tokenB = await started(store, 'scope-a', brief, { ttlMs: 50, inFlightTtlMs: 50 })
+      t.equal(await store.markSending('scope-a', brief, tokenB, 400), true)
+      await sleep(150)
+      t.equal((await store.begin('scope-a', brief, FP, short)).kind, 'in-flight', 'the record itself outlives a shorter life')
     })
 
     t.test('markSending is refused once the marker expired, even unchallenged', async (t) => {
@@ -151,8 +170,8 @@ function storeSuite (name: string, make: MakeStore): void {
       const key = fresh()
       const token = await started(store, 'scope-a', key, { ttlMs: 60_000, inFlightTtlMs: 30 })
       await sleep(60)
-      t.equal(await store.markSending('scope-a', key, token), false)
-      t.equal(await store.markSending('scope-b', fresh(), token), false, 'absent record')
+      t.equal(await store.markSending('scope-a', key, token, 10), false)
+      t.equal(await store.markSending('scope-b', fresh(), token, 10), false, 'absent record')
     })
 
     t.test('a slow owner whose marker expired unchallenged may still complete', async (t) => {
@@ -219,7 +238,7 @@ t.test('redis: keys are hashed under a hash tag; nothing personal is stored', as
   const store = createRedisIdempotencyStore({ redis: client })
   const key = 'patient@example.com-retry-1'
   const token = await started(store, 'scope-of-patient', key)
-  t.equal(await store.markSending('scope-of-patient', key, token), true)
+  t.equal(await store.markSending('scope-of-patient', key, token, 10), true)
   await store.complete('scope-of-patient', key, token, DONE, 60_000)
   const keys = await client.keys('*')
   t.equal(keys.length, 1)
