@@ -2,7 +2,7 @@ import { hash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
-import { redisScript } from '../state/redis-script.js'
+import { LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 
 /**
  * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
@@ -210,22 +210,19 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
 // depend on the clocks of the replicas that compare them. Scripts are atomic: two replicas can
 // never both own a record. Fields: fp, state (flight | unknown | done), token, until, sending (set
 // while in flight once the cancel may have been sent), status, body, at (completion time).
-const NOW = `local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
-
-const BEGIN = `${NOW}
+const BEGIN = `${LUA_NOW_MS}
 local inflight = tonumber(ARGV[4])
 local ttl = math.max(tonumber(ARGV[3]), inflight)
 local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending')
 if not rec[1] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', int(now + inflight))
   redis.call('PEXPIRE', KEYS[1], ttl)
   return {'started'}
 end
 if rec[1] ~= ARGV[1] then return {'mismatch'} end
 if rec[2] == 'done' then return {'replay', rec[4], rec[5], rec[6]} end
 if rec[2] == 'flight' and tonumber(rec[3]) > now then return {'in-flight', tonumber(rec[3]) - now} end
-redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', string.format('%d', now + inflight))
+redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', int(now + inflight))
 redis.call('PEXPIRE', KEYS[1], ttl)
 if rec[2] == 'flight' and not rec[7] then return {'started'} end
 -- The cancel may have been sent: so it stays until an owner records the outcome.
@@ -234,16 +231,16 @@ return {'unknown-outcome'}`
 
 const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')
 if rec[1] ~= ARGV[1] then return 0 end
-${NOW}
+${LUA_NOW_MS}
 if tonumber(rec[2]) <= now then return 0 end
 local hold = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'sending', '1', 'until', string.format('%d', math.max(tonumber(rec[2]), now + hold)))
+redis.call('HSET', KEYS[1], 'sending', '1', 'until', int(math.max(tonumber(rec[2]), now + hold)))
 if redis.call('PTTL', KEYS[1]) < hold then redis.call('PEXPIRE', KEYS[1], hold) end
 return 1`
 
 const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-${NOW}
-redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', string.format('%d', now))
+${LUA_NOW_MS}
+redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', int(now))
 redis.call('HDEL', KEYS[1], 'token', 'until', 'sending')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1`
