@@ -259,19 +259,44 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
 const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g // eslint-disable-line no-control-regex
 
 /**
- * Upstream text made safe to pass to a client and into logs: known secrets and personal data
- * (the key, the patient's email, the reason) removed, controls stripped, length capped.
+ * What an upstream text must not carry back: `anywhere`, wherever it appears (the key, the
+ * patient's email: long, and a leak even inside a longer token); `words`, where it stands as whole
+ * words (the reason, free text of any length: a reason of "a" must not redact every letter a of
+ * the message, only a standalone "a").
  */
-function safeText (value: unknown, secrets: Array<string | undefined>): string | undefined {
+interface Scrub { anywhere: Array<string | undefined>, words?: string | undefined }
+
+const WORD_CHAR = /[\p{L}\p{N}]/u
+
+function escapeRegExp (text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+}
+
+/** `text` with every occurrence of `secret` (case-insensitively) replaced, if it has any. */
+function redact (text: string, secret: string, asWords: boolean): string {
+  if (!text.toLowerCase().includes(secret.toLowerCase())) return text
+  // Whole words: no letter or digit just before a match that starts with one, nor just after one
+  // that ends with one ("a" is redacted in "for a visit", not in "cancelled").
+  const chars = asWords ? Array.from(secret) : []
+  const before = WORD_CHAR.test(chars[0] ?? '') ? '(?<![\\p{L}\\p{N}])' : ''
+  const after = WORD_CHAR.test(chars.at(-1) ?? '') ? '(?![\\p{L}\\p{N}])' : ''
+  return text.replace(new RegExp(`${before}${escapeRegExp(secret)}${after}`, 'giu'), '[redacted]')
+}
+
+/**
+ * Upstream text made safe to pass to a client and into logs: known secrets and personal data
+ * (see `Scrub`) removed, controls stripped, length capped.
+ */
+function safeText (value: unknown, scrub: Scrub): string | undefined {
   if (typeof value !== 'string') return undefined
   let text = value.replace(UNSAFE, '')
-  let lower = text.toLowerCase()
-  for (const secret of secrets) {
-    // The common case (no secret in the text) costs a search, not a compiled expression.
-    if (secret === undefined || secret === '' || !lower.includes(secret.toLowerCase())) continue
-    text = text.replace(new RegExp(secret.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'), 'gi'), '[redacted]')
-    lower = text.toLowerCase()
+  for (const secret of scrub.anywhere) {
+    if (secret !== undefined && secret !== '') text = redact(text, secret, false)
   }
+  // Blanks around a reason are not part of what could identify it (and a reason of spaces alone
+  // would redact every space).
+  const words = scrub.words?.trim()
+  if (words !== undefined && words !== '') text = redact(text, words, true)
   text = text.trim()
   if (text === '') return undefined
   // Counted in code points; no more code points than UTF-16 units, so a short text is whole.
@@ -384,18 +409,18 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
    * (it throws on an answer it cannot use). The observer hears the outcome of exchange and read.
    * A promise always, also when the gate refuses at once.
    */
-  function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+  function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
     let gated: Awaitable<void>
     try {
       gated = gate.acquire(endpoint)
     } catch (error) {
       return Promise.reject(error)
     }
-    if (isPromise(gated)) return gated.then(() => send(endpoint, request, secrets, read))
-    return send(endpoint, request, secrets, read)
+    if (isPromise(gated)) return gated.then(() => send(endpoint, request, scrub, read))
+    return send(endpoint, request, scrub, read)
   }
 
-  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, secrets: Array<string | undefined>, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
     const started = performance.now()
     function heard (outcome: UpstreamCallOutcome): void {
       observe?.(endpoint, outcome, (performance.now() - started) / 1000)
@@ -408,7 +433,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         })
       }
       try {
-        const result = read(answer.status, usableEnvelope(answer, secrets))
+        const result = read(answer.status, usableEnvelope(answer, scrub))
         heard('ok')
         return result
       } catch (error) {
@@ -423,17 +448,17 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   }
 
   /** The envelope of an answer `read` may use (200, 404); any other status is a coded error. */
-  function usableEnvelope (answer: Answer, secrets: Array<string | undefined>): Envelope | null {
+  function usableEnvelope (answer: Answer, scrub: Scrub): Envelope | null {
     const { status } = answer
     const envelope = parseEnvelope(answer.body)
     if (status === 200 || status === 404) return envelope
     if (status === 400) {
       if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
       throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
-        safeText(envelope.message, secrets) ?? 'The appointment service rejected the request', {
+        safeText(envelope.message, scrub) ?? 'The appointment service rejected the request', {
           outcome: 'answered',
           upstreamStatus: status,
-          detail: safeText(envelope.error, secrets),
+          detail: safeText(envelope.error, scrub),
           cause: new Error('Care360 answered HTTP 400')
         })
     }
@@ -481,14 +506,14 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         headers: upstreamHeaders(context, true),
         body: JSON.stringify(payload),
         idempotent: false
-      }, [apiKey, email, reason], function readCancel (status, envelope): CancelAnswer {
+      }, { anywhere: [apiKey, email], words: reason }, function readCancel (status, envelope): CancelAnswer {
         if (status !== 200) throw unexpected(status, 'status not in its documentation')
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         if (envelope.success === false) throw unexpected(status, 'success is false')
         return {
           status: 200,
           success: true,
-          message: safeText(envelope.message, [apiKey, email, reason]) ?? 'Appointment cancelled'
+          message: safeText(envelope.message, { anywhere: [apiKey, email], words: reason }) ?? 'Appointment cancelled'
         }
       })
     },
@@ -502,7 +527,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         method: 'GET',
         path: `${prefix}${LIST_PATH}?${query.toString()}`,
         headers: upstreamHeaders(context, false)
-      }, [apiKey, email], function readList (status, envelope): Appointment[] {
+      }, { anywhere: [apiKey, email] }, function readList (status, envelope): Appointment[] {
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that
         // is not its envelope (a wrong base path) stays an error rather than an empty list.

@@ -162,6 +162,37 @@ t.test('upstream 400 texts are capped, stripped of controls and scrubbed', async
   t.match(bare, { message: 'The appointment service rejected the request', detail: undefined })
 })
 
+t.test('a reason is redacted where it stands as whole words, never inside other words', async (t) => {
+  const { sandbox, client } = await setup(t)
+  async function messageFor (reason: string, message: string): Promise<unknown> {
+    sandbox.control.setFailure({ kind: 'status', status: 200, body: { message }, times: 1 })
+    const answer = await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason }, CTX) as { message: string }
+    return answer.message
+  }
+  // A short reason no longer eats the letters of the message (before: "C[redacted]ncelled...").
+  t.equal(await messageFor('a', 'Cancelled: a'), 'Cancelled: [redacted]')
+  t.equal(await messageFor('A', 'Appointment cancelled for a patient'), 'Appointment cancelled for [redacted] patient')
+  t.equal(await messageFor('sick', 'Sickness noted; reason SICK.'), 'Sickness noted; reason [redacted].')
+  // Letters and digits of any script count as word characters; punctuation does not.
+  t.equal(await messageFor('é', 'réunion é'), 'réunion [redacted]')
+  t.equal(await messageFor('7', 'slot 17, reason 7'), 'slot 17, reason [redacted]')
+  t.equal(await messageFor('(flu)', 'reason(flu)noted'), 'reason[redacted]noted')
+  t.equal(await messageFor('flu!', 'flu! flu!x'), '[redacted] [redacted]x')
+  // Blanks around the reason are not matched; a reason of blanks alone redacts nothing.
+  t.equal(await messageFor('  flu  ', 'reason: flu, ok'), 'reason: [redacted], ok')
+  t.equal(await messageFor('   ', 'Appointment cancelled'), 'Appointment cancelled')
+  // Regular-expression characters are matched as text.
+  t.equal(await messageFor('a.b*', 'axb a.b* ok'), 'axb [redacted] ok')
+})
+
+t.test('the key and the email are redacted even inside longer tokens', async (t) => {
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { message: `x${SANDBOX_KEY}y mail:${ALICE.email}z` }, times: 1 })
+  t.same(await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason: 'other' }, CTX), {
+    status: 200, success: true, message: 'x[redacted]y mail:[redacted]z'
+  })
+})
+
 t.test('upstream 400 that is not the JSON envelope is an upstream error', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'status', status: 400, body: '<html>Bad Request</html>', headers: { 'content-type': 'text/html' }, times: 1 })
