@@ -98,12 +98,21 @@ const AddressList = (description: string) =>
     return entries
   })
 
+const API_KEY_SYNTAX = /^[\x21-\x7e]+$/
+const SERVICE_SECRET_SYNTAX = /^[\x21-\x7e]{32,}$/
+
 /** The raw environment, one property per variable of the contract. */
 export const EnvSchema = Type.Object({
   CV_ENV: Type.Optional(Type.Union([Type.Literal('production'), Type.Literal('staging')], { description: 'production or staging' })),
   CV_BASE_URL: Type.Optional(SecureUrl('overrides the origin chosen by CV_ENV')),
-  CV_API_KEY: Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]+$', description: 'the organization key (visible ASCII)' })),
+  CV_API_KEY: Type.Optional(Type.String({ pattern: API_KEY_SYNTAX.source, description: 'the organization key (visible ASCII)' })),
   CV_API_KEY_FILE: Type.Optional(Type.String({ minLength: 1, description: 'a file holding the organization key' })),
+  // Not in the contract's table (the team's addition): the service's own secret, the root of the
+  // keys it derives for itself (the patient hash of logs and idempotency records, the seal of the
+  // sign-in state), so that they outlive a rotation of the organization key. Optional: without
+  // it they derive from the organization key, as before it existed.
+  SERVICE_SECRET: Type.Optional(Type.String({ pattern: SERVICE_SECRET_SYNTAX.source, description: 'at least 32 visible ASCII characters' })),
+  SERVICE_SECRET_FILE: Type.Optional(Type.String({ minLength: 1, description: 'a file holding the service secret' })),
   CV_RATE_LIMIT: Type.Optional(RateSpec('org-wide upstream budget, <count>/<window>')),
   CV_TIMEOUT_MS: Type.Optional(PositiveInt('deadline of one upstream call in ms', 600_000)),
   HOST: Type.Optional(Type.String({ minLength: 1, description: 'listen address' })),
@@ -142,7 +151,7 @@ export class ConfigError extends Error {
   }
 }
 
-function assemble (env: Env, apiKey: string) {
+function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
   const clientId = env.OIDC_CLIENT_ID
   const web = clientId !== undefined && env.OIDC_CLIENT_SECRET !== undefined && env.PUBLIC_URL !== undefined
     ? { clientId, clientSecret: env.OIDC_CLIENT_SECRET, publicUrl: env.PUBLIC_URL, webAppUrl: env.WEB_APP_URL ?? env.PUBLIC_URL }
@@ -157,6 +166,11 @@ function assemble (env: Env, apiKey: string) {
       apiKey,
       timeoutMs: env.CV_TIMEOUT_MS ?? 5000
     },
+    /**
+     * The root of the keys the service derives for itself (each under its own HKDF label):
+     * SERVICE_SECRET, else the organization key. `fromApiKey` says which.
+     */
+    keyRoot: { secret: serviceSecret ?? apiKey, fromApiKey: serviceSecret === null },
     orgBudget: env.CV_RATE_LIMIT ?? parseRate('450/60s'),
     host: env.HOST ?? '0.0.0.0',
     port: env.PORT ?? 3000,
@@ -220,20 +234,8 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
       problems.push([name, `is invalid (${(error as Error).message})`])
     }
   }
-  if (raw.CV_API_KEY !== undefined && raw.CV_API_KEY_FILE !== undefined) {
-    problems.push(['CV_API_KEY', 'set exactly one of CV_API_KEY and CV_API_KEY_FILE'])
-  } else if (raw.CV_API_KEY === undefined && raw.CV_API_KEY_FILE === undefined) {
-    problems.push(['CV_API_KEY', 'is required (or CV_API_KEY_FILE)'])
-  }
-  let apiKey = raw.CV_API_KEY ?? ''
-  if (raw.CV_API_KEY_FILE !== undefined && raw.CV_API_KEY === undefined) {
-    try {
-      apiKey = readFileSync(raw.CV_API_KEY_FILE, 'utf8').trim()
-      if (!/^[\x21-\x7e]+$/.test(apiKey)) problems.push(['CV_API_KEY_FILE', 'the file must hold one key of visible ASCII characters'])
-    } catch (error) {
-      problems.push(['CV_API_KEY_FILE', `cannot be read (${String((error as NodeJS.ErrnoException).code)})`])
-    }
-  }
+  const apiKey = secretOf(raw, 'CV_API_KEY', API_KEY_SYNTAX, 'one key of visible ASCII characters', problems) ?? ''
+  const serviceSecret = secretOf(raw, 'SERVICE_SECRET', SERVICE_SECRET_SYNTAX, 'one secret of at least 32 visible ASCII characters', problems)
   const webParts = ['OIDC_CLIENT_ID', 'OIDC_CLIENT_SECRET', 'PUBLIC_URL'] as const
   const present = webParts.filter((name) => raw[name] !== undefined)
   if (raw.OIDC_CLIENT_SECRET !== undefined || raw.PUBLIC_URL !== undefined) {
@@ -246,11 +248,39 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
   }
   if (problems.length > 0) throw new ConfigError(problems)
   const env = Value.Decode(EnvSchema, raw)
-  const config = assemble(env, apiKey)
+  const config = assemble(env, apiKey, serviceSecret)
   if (config.sessions.idleTtlMs > config.sessions.absoluteTtlMs) {
     throw new ConfigError([['SESSION_IDLE_TTL', 'must not exceed SESSION_ABSOLUTE_TTL']])
   }
   return config
+}
+
+/**
+ * A secret given either as `name` or as a file named by `name`_FILE (container secrets), never
+ * both; the organization key is required, the service secret is not (null when absent). The
+ * environment's value was checked with the schema; a file's is checked here. No message quotes
+ * either.
+ */
+function secretOf (raw: Record<string, string>, name: 'CV_API_KEY' | 'SERVICE_SECRET', syntax: RegExp, what: string, problems: Array<[string, string]>): string | null {
+  const fileName = `${name}_FILE`
+  const value = raw[name]
+  const file = raw[fileName]
+  if (value !== undefined && file !== undefined) {
+    problems.push([name, `set exactly one of ${name} and ${fileName}`])
+    return null
+  }
+  if (file === undefined) {
+    if (value === undefined && name === 'CV_API_KEY') problems.push([name, `is required (or ${fileName})`])
+    return value ?? null
+  }
+  try {
+    const held = readFileSync(file, 'utf8').trim()
+    if (syntax.test(held)) return held
+    problems.push([fileName, `the file must hold ${what}`])
+  } catch (error) {
+    problems.push([fileName, `cannot be read (${String((error as NodeJS.ErrnoException).code)})`])
+  }
+  return null
 }
 
 function describe (schema: TSchema): string {

@@ -47,6 +47,9 @@ async function main (): Promise<void> {
   }
 
   const app = await buildApp(config, { logStream: logDestination() })
+  if (config.keyRoot.fromApiKey) {
+    app.log.warn('SERVICE_SECRET is not set: patient hashes (log lines, Idempotency-Key records) derive from the organization key, and rotating that key re-keys them')
+  }
   // Prometheus on its own port, never the public one; METRICS_PORT=0 turns it off.
   const metricsServer = config.metricsPort === 0 ? null : buildMetricsServer(app.metrics.registry)
 

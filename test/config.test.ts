@@ -112,6 +112,31 @@ t.test('the key: exactly one of CV_API_KEY and CV_API_KEY_FILE, never echoed', a
   t.notMatch(badKey.message, 'space-secret')
 })
 
+t.test('SERVICE_SECRET: optional, or from a file, at least 32 characters, never echoed', async (t) => {
+  const secret = 'service-secret-0123456789abcdef-xyz'
+  t.same(loadConfig(base).keyRoot, { secret: 'org-secret-key-123', fromApiKey: true }, 'the org key without it')
+  t.same(loadConfig({ ...base, SERVICE_SECRET: secret }).keyRoot, { secret, fromApiKey: false })
+  const dir = mkdtempSync(join(tmpdir(), 'bff-config-'))
+  const file = join(dir, 'secret')
+  writeFileSync(file, `${secret}\n`)
+  t.same(loadConfig({ ...base, SERVICE_SECRET_FILE: file }).keyRoot, { secret, fromApiKey: false })
+  const both = refusal({ ...base, SERVICE_SECRET: secret, SERVICE_SECRET_FILE: file })
+  t.same(both.variables, ['SERVICE_SECRET'])
+  t.notMatch(both.message, secret)
+  const short = refusal({ ...base, SERVICE_SECRET: 'short-service-secret' })
+  t.same(short.variables, ['SERVICE_SECRET'])
+  t.notMatch(short.message, 'short-service-secret')
+  t.match(short.message, 'at least 32')
+  writeFileSync(file, 'short-file-secret\n')
+  const shortFile = refusal({ ...base, SERVICE_SECRET_FILE: file })
+  t.same(shortFile.variables, ['SERVICE_SECRET_FILE'])
+  t.notMatch(shortFile.message, 'short-file-secret')
+  t.same(refusal({ ...base, SERVICE_SECRET_FILE: join(dir, 'missing') }).variables, ['SERVICE_SECRET_FILE'])
+  // Problems with the key and the secret are reported together.
+  const { CV_API_KEY: _key, ...noKey } = base
+  t.same(refusal({ ...noKey, SERVICE_SECRET_FILE: join(dir, 'missing') }).variables, ['CV_API_KEY', 'SERVICE_SECRET_FILE'])
+})
+
 t.test('one message naming every bad variable', async (t) => {
   const error = refusal({
     CV_API_KEY: 'k',

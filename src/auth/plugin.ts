@@ -71,7 +71,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     log: app.log,
     ...(options.now === undefined ? {} : { now: options.now })
   }))
-  app.decorate('patientRef', createPatientRef(config.care360.apiKey))
+  app.decorate('patientRef', createPatientRef(config.keyRoot.secret))
   app.decorateRequest('session', null)
   app.decorateRequest('sessionTransport', null)
   app.decorateRequest('sessionHits', null)

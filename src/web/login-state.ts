@@ -5,8 +5,9 @@ import { LOGIN_TTL_SEC } from './cookies.js'
 /**
  * The login state of one browser between `/auth/login` and `/auth/callback`, sealed (AES-256-GCM)
  * into a cookie: no store write before sign-in, and any replica can open it. Encrypted, not only
- * signed, because it holds the PKCE verifier. The key is derived from the org API key under its
- * own HKDF label, so every replica has it and the API key itself is used for nothing else.
+ * signed, because it holds the PKCE verifier. The key is derived from the service's key root
+ * (`Config.keyRoot`: SERVICE_SECRET, else the org API key) under its own HKDF label, so every
+ * replica has it and the root itself is used for nothing else.
  */
 
 export interface LoginState {
@@ -22,8 +23,8 @@ export interface LoginStateSeal {
   open: (value: unknown) => Promise<LoginState | null>
 }
 
-export function createLoginStateSeal (apiKey: string, now: () => number = Date.now): LoginStateSeal {
-  const key = new Uint8Array(hkdfSync('sha256', apiKey, Buffer.alloc(0), 'bff-web-login-state', 32))
+export function createLoginStateSeal (root: string, now: () => number = Date.now): LoginStateSeal {
+  const key = new Uint8Array(hkdfSync('sha256', root, Buffer.alloc(0), 'bff-web-login-state', 32))
 
   async function seal (state: LoginState): Promise<string> {
     const at = Math.floor(now() / 1000)

@@ -75,7 +75,7 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
   })
   await app.register(webRoutes, {
     oidc,
-    seal: createLoginStateSeal(config.care360.apiKey, options.now),
+    seal: createLoginStateSeal(config.keyRoot.secret, options.now),
     webAppUrl: web.webAppUrl,
     verifyLogoutToken
   })

@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
+import { startRedis } from '../helpers/redis.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import type { SandboxOptions } from '../../src/care360/sandbox.js'
 
@@ -217,6 +218,36 @@ t.test('a cancel keeps the cached list warm for the next one, without the cancel
   t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST'], 'one list call for both cancels')
   t.equal((await cancel(token, alice.appointments[0]!.id, { reason: 'again' })).statusCode, 404, 'the cancelled one is not served from the cache')
   t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST', 'GET'], 'it was looked up fresh')
+})
+
+t.test('with SERVICE_SECRET, Idempotency-Key records and patient hashes outlive a rotation of the org key', async (t) => {
+  const sandbox = await startSandbox(t)
+  const redis = await startRedis(t)
+  const secret = 's'.repeat(16) + 'e'.repeat(16)
+  async function replica (env: Record<string, string>) {
+    const { app, issuer } = await buildTestApp(t, { upstreamUrl: sandbox.url, redis, env: { CV_TIMEOUT_MS: '1000', ...env } })
+    const token = await signIn(app, issuer, alice.email)
+    return {
+      app,
+      cancel: async (key: string) => await app.inject({
+        method: 'POST', url: `/appointments/${aliceFirst.id}/cancel`, payload: { reason: 'r' }, headers: { authorization: `Bearer ${token}`, 'idempotency-key': key }
+      })
+    }
+  }
+  const before = await replica({ CV_API_KEY: SANDBOX_KEY, SERVICE_SECRET: secret })
+  t.equal((await before.cancel('key-1')).statusCode, 200)
+  // The org key is rotated (the new one never reaches the sandbox: a replay makes no upstream call).
+  const after = await replica({ CV_API_KEY: 'rotated-org-key-0123456789', SERVICE_SECRET: secret })
+  const replayed = await after.cancel('key-1')
+  t.equal(replayed.statusCode, 200)
+  t.equal(replayed.headers['idempotent-replayed'], 'true')
+  t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 1, 'the cancel was sent once')
+  t.equal(after.app.patientRef(alice.email), before.app.patientRef(alice.email), 'logs still correlate the patient')
+  // Without SERVICE_SECRET the keys derive from the org key, and its rotation re-keys them.
+  const fromKey = await buildTestApp(t, { upstreamUrl: sandbox.url, env: { CV_API_KEY: SANDBOX_KEY } })
+  const fromRotated = await buildTestApp(t, { upstreamUrl: sandbox.url, env: { CV_API_KEY: 'rotated-org-key-0123456789' } })
+  t.not(fromRotated.app.patientRef(alice.email), fromKey.app.patientRef(alice.email))
+  t.not(fromKey.app.patientRef(alice.email), before.app.patientRef(alice.email), 'the secret, not the key, when both are set')
 })
 
 t.test('Idempotency-Key replays the first answer without a second upstream call', async (t) => {
