@@ -1,7 +1,9 @@
+import { hash } from 'node:crypto'
 import { errors, jwtVerify, type JWTPayload } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
 import { ApiError, ErrorCode } from '../errors.js'
 import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from './key-set.js'
+import type { ReplayGuard } from '../web/replay-guard.js'
 
 /**
  * Verifies the OIDC ID tokens that mobile apps exchange for a session (contract: "ID tokens
@@ -17,7 +19,15 @@ export interface VerifiedIdToken {
 }
 
 export interface IdTokenVerifier {
+  /** The token's identity, or a 401 (a 503 when the IdP's keys or the guard's store are unreachable). */
   verify: (idToken: string) => Promise<VerifiedIdToken>
+  /**
+   * The ID token of a web sign-in: `verify` refuses it from now on, for as long as it could be
+   * accepted. A web session's ID token leaves the server as the `id_token_hint` of the IdP's
+   * end-session URL (the browser's history, the IdP's logs); it must not be a credential that
+   * `POST /auth/session` turns into a new session after the patient signed out.
+   */
+  retire: (idToken: string) => Promise<void>
 }
 
 export interface IdTokenVerifierOptions {
@@ -29,6 +39,8 @@ export interface IdTokenVerifierOptions {
   maxAgeSec?: number
   now?: () => number
   log?: FastifyBaseLogger
+  /** Where retired tokens are remembered (shared by the replicas when Redis is configured). */
+  retired: ReplayGuard
 }
 
 /**
@@ -51,8 +63,23 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   const maxAgeSec = options.maxAgeSec ?? 600
   const now = options.now ?? Date.now
   const log = options.log
+  // The longest any token stays acceptable from the moment it is seen: its auth_time (or iat) may
+  // be up to the tolerance ahead, and it is refused once older than maxAge plus the tolerance.
+  const acceptableForMs = (maxAgeSec + 2 * clockToleranceSec) * 1000
+  // A fixed-size id per token (tokens run to 8 KiB): the guard keeps ids, not tokens.
+  const idOf = (idToken: string): string => hash('sha256', idToken, 'base64url')
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
+    const identity = await verifySignedToken(idToken)
+    // Only a token that passed every check reaches the store: garbage cannot fill it.
+    if (!await options.retired.claim(idOf(idToken), acceptableForMs)) {
+      log?.debug({ refusal: 'retired' }, 'ID token refused')
+      throw invalidIdToken()
+    }
+    return identity
+  }
+
+  async function verifySignedToken (idToken: string): Promise<VerifiedIdToken> {
     if (typeof idToken !== 'string' || idToken.length === 0 || idToken.length > MAX_ID_TOKEN_LENGTH) {
       throw invalidIdToken()
     }
@@ -97,7 +124,14 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     return { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null }
   }
 
-  return { verify }
+  return {
+    verify,
+    async retire (idToken) {
+      const id = idOf(idToken)
+      await options.retired.claim(id, acceptableForMs)
+      await options.retired.markUsed(id)
+    }
+  }
 }
 
 class Rejected extends Error {

@@ -8,6 +8,7 @@ import { presentedToken, type SessionTransport } from './presented.js'
 import { NO_SESSION, createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
 import type { CounterHit } from '../limits/counter-store.js'
 import { createCsrfCheck } from '../web/csrf.js'
+import { createReplayGuard } from '../web/replay-guard.js'
 import { isPromise } from '../state/awaitable.js'
 
 export { createPatientRef } from './patient-ref.js'
@@ -69,6 +70,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     keys: app.issuerKeys,
     audiences: config.oidc.audiences,
     log: app.log,
+    retired: createReplayGuard(app.sharedState, options.now, 'bff:idt:'),
     ...(options.now === undefined ? {} : { now: options.now })
   }))
   app.decorate('patientRef', createPatientRef(config.keyRoot.secret))

@@ -158,6 +158,9 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     try {
       // Never adopt a session id from before sign-in (session fixation): whatever cookie the
       // browser brought is ended, and the session below gets a fresh id.
+      // This ID token will leave the server as the end-session URL's id_token_hint: it must never
+      // become a session of its own through POST /auth/session.
+      await app.idTokenVerifier.retire(idToken)
       const previous = request.cookies[SESSION_COOKIE]
       if (previous !== undefined && isWellFormedToken(previous)) await app.sessions.revoke(previous)
       const { token, session } = await app.sessions.create({

@@ -7,13 +7,17 @@ import { ApiError } from '../../src/errors.js'
 import { REDACT_PATHS } from '../../src/logging.js'
 import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
 import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
+import { createReplayGuard } from '../../src/web/replay-guard.js'
 import { garbageToken, startIssuer, type TestIssuer } from '../helpers/issuer.js'
+
+const memoryGuard = () => createReplayGuard({ redis: null })
 
 /** A verifier with a key set of its own (test/auth/key-set.test.ts shares one between verifiers). */
 const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions> = {}, keyOptions: Partial<IssuerKeysOptions> = {}) =>
   createIdTokenVerifier({
     keys: createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0, ...keyOptions }),
     audiences: ['other-app', issuer.clientId],
+    retired: memoryGuard(),
     ...options
   })
 
@@ -119,7 +123,7 @@ t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted a
 
 t.test('the JWKS refetch cooldown holds back a flood of unknown kids', async (t) => {
   const issuer = await startIssuer(t)
-  const verifier = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: issuer.url }), audiences: [issuer.clientId] })
+  const verifier = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: issuer.url }), audiences: [issuer.clientId], retired: memoryGuard() })
   t.ok(await verifier.verify(await issuer.sign()))
   for (let i = 0; i < 5; i++) await t.rejects(verifier.verify(await issuer.sign({}, { key: 'unknown' })), INVALID)
   t.equal(issuer.hits.jwks, 1, 'no refetch within the 30 s cooldown')
@@ -189,7 +193,7 @@ t.test('JWKS failures are the provider\'s, answered 503', async (t) => {
   await t.rejects(slow.verify(await hung.sign()), UNAVAILABLE)
   t.ok(Date.now() - started < 2000, 'bounded by the fetch timeout')
 
-  const down = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: 'http://127.0.0.1:9' }), audiences: ['x'] })
+  const down = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: 'http://127.0.0.1:9' }), audiences: ['x'], retired: memoryGuard() })
   await t.rejects(down.verify(token), UNAVAILABLE, 'issuer unreachable')
 })
 
@@ -199,4 +203,32 @@ t.test('uses the injected clock', async (t) => {
   const token = await issuer.sign()
   await t.rejects(verifierFor(issuer).verify(token), INVALID, 'a day old by the real clock')
   t.ok(await verifierFor(issuer, { now: () => at + 1000 }).verify(token))
+})
+
+t.test('a retired token (a web sign-in\'s) is refused for as long as it could be accepted; others are not', async (t) => {
+  let at = Date.now()
+  const now = () => at
+  const issuer = await startIssuer(t, { now })
+  const verifier = verifierFor(issuer, { now, retired: createReplayGuard({ redis: null }, now) })
+  const webToken = await issuer.sign()
+  const mobileToken = await issuer.sign({ sid: 'other' })
+  t.ok(await verifier.verify(webToken), 'accepted before it is retired')
+  await verifier.retire(webToken)
+  await t.rejects(verifier.verify(webToken), INVALID)
+  t.ok(await verifier.verify(mobileToken), 'another token is not affected')
+  t.ok(await verifier.verify(mobileToken), 'and may be exchanged again (a retried sign-in)')
+  // Until the last moment it could pass the age check (10 min plus the tolerance), still refused.
+  at += (600 + 29) * 1000
+  await t.rejects(verifier.verify(webToken), INVALID)
+  t.ok(await verifier.verify(await issuer.sign()), 'a fresh token at that moment is accepted')
+})
+
+t.test('the guard\'s store unreachable: 503, never a 401 nor an unchecked token', async (t) => {
+  const issuer = await startIssuer(t)
+  const down = new ApiError(503, 'SERVICE_UNAVAILABLE', 'store down')
+  const verifier = verifierFor(issuer, { retired: { claim: async () => { throw down }, markUsed: async () => { throw down } } })
+  const token = await issuer.sign()
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  await t.rejects(verifier.retire(token), UNAVAILABLE)
+  await t.rejects(verifier.verify(garbageToken()), INVALID, 'a bad token is refused before the store is asked')
 })

@@ -18,7 +18,7 @@ const UNAVAILABLE = { statusCode: 503, code: 'SERVICE_UNAVAILABLE', headers: { '
 /** Both verifiers on one key set, as src/auth/plugin.ts and src/web/plugin.ts wire them. */
 function verifiersFor (issuer: TestIssuer, options: Partial<IssuerKeysOptions> = {}) {
   const keys = createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0, ...options })
-  const idTokens = createIdTokenVerifier({ keys, audiences: [issuer.clientId] })
+  const idTokens = createIdTokenVerifier({ keys, audiences: [issuer.clientId], retired: createReplayGuard({ redis: null }) })
   const logoutTokens = createLogoutTokenVerifier({ keys, audiences: [issuer.clientId], replayGuard: createReplayGuard({ redis: null }) })
   const logoutToken = async (signOptions: SignOptions = {}) =>
     await issuer.sign({ events: { [BACKCHANNEL_LOGOUT_EVENT]: {} }, jti: randomUUID(), email: undefined, email_verified: undefined }, signOptions)

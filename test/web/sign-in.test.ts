@@ -83,6 +83,12 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(endSessionUrl.searchParams.get('client_id'), idp.clientId)
       t.equal(endSessionUrl.searchParams.get('post_logout_redirect_uri'), publicUrl)
       t.ok(endSessionUrl.searchParams.get('id_token_hint'))
+      // That hint is the web session's ID token, now in the browser's history and the IdP's logs.
+      // Its audience is one POST /auth/session accepts (OIDC_AUDIENCES defaults to the web
+      // client), and it is still young: it must not become a new session after the sign-out.
+      const exchanged = await stack.app.inject({ method: 'POST', url: '/auth/session', payload: { idToken: endSessionUrl.searchParams.get('id_token_hint') } })
+      t.equal(exchanged.statusCode, 401, 'the web sign-in\'s ID token is no credential for POST /auth/session')
+      t.equal((exchanged.json() as { code: string }).code, 'SESSION_REQUIRED')
 
       // The browser goes on to end the IdP session and comes back to the app.
       const confirm = await browser.navigate(endSessionUrl.href)
