@@ -80,9 +80,13 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
       // jose's own errors: the token is malformed, forged, expired or not for us.
       throw new InvalidLogoutToken(String((error as { code?: unknown }).code), { cause: error })
     }
-    if (type !== undefined && !ACCEPTED_TYPES.has(type.toLowerCase())) throw new InvalidLogoutToken('typ')
+    // A header the IdP signed may still hold anything: a typ that is not a string is refused, not a crash.
+    if (type !== undefined && (typeof type !== 'string' || !ACCEPTED_TYPES.has(type.toLowerCase()))) throw new InvalidLogoutToken('typ')
     const nowSec = Math.floor(now() / 1000)
-    if ((payload.iat as number) < nowSec - MAX_AGE_SEC - CLOCK_TOLERANCE_SEC) throw new InvalidLogoutToken('iat')
+    // Recent, and not from the future either: a token dated ahead would stay acceptable after the
+    // replay guard below has forgotten its jti (which it keeps for the window counted from now).
+    const iat = payload.iat as number
+    if (iat < nowSec - MAX_AGE_SEC - CLOCK_TOLERANCE_SEC || iat > nowSec + CLOCK_TOLERANCE_SEC) throw new InvalidLogoutToken('iat')
     const event = (payload.events as Record<string, unknown> | null)?.[BACKCHANNEL_LOGOUT_EVENT]
     if (typeof event !== 'object' || event === null) throw new InvalidLogoutToken('events')
     // A nonce marks an ID token: never accepted as a logout token (spec section 2.6, step 5).

@@ -76,6 +76,9 @@ t.test('logout tokens are verified per the spec', async (t) => {
     ['another issuer', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iss: 'https://evil.example' })],
     ['issued long ago', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iat: now - 3600, exp: now + 60 })],
     ['expired', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iat: now - 120, exp: now - 60 })],
+    // Dated ahead (a fast IdP clock): it would outlive the replay guard's memory of its jti.
+    ['issued in the future', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, iat: now + 180, exp: now + 600 })],
+    ['a typ that is no string', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS }, { typ: 42 })],
     ['no jti', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, jti: undefined })],
     ['a jti that is no string', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, jti: 42 })],
     ['typed as an access token', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS }, { typ: 'at+jwt' })],
