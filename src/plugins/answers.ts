@@ -178,14 +178,16 @@ export function expectationFailedAnswer (request: IncomingMessage, response: Ser
 export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
   // As Node itself does without this handler: an answer unless one has begun on this socket (a
   // request whose body is too slow has a response object, not yet written: it gets its 408).
-  const inFlight = (socket as Socket & { _httpMessage?: { headersSent: boolean } | null })._httpMessage
+  const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
   if (!socket.writable || (inFlight != null && inFlight.headersSent)) {
     socket.destroy()
     return
   }
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
-  const { body, headers } = closingAnswer(status, message, randomUUID())
+  // A request whose headers arrived and whose body is late: its 408 carries its own request id.
+  const id = status === 408 && inFlight != null ? requestIdFor(inFlight.req) : randomUUID()
+  const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`
   socket.end(`${head}\r\n${body}`)

@@ -80,7 +80,7 @@ t.test('abuse on real sockets', async (t) => {
   const silent = raw(port, [], 1000, 14_000)
   const body = JSON.stringify({ reason })
   const slowBody = raw(port, [
-    `POST /appointments/${owned.id}/cancel HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n`,
+    `POST /appointments/${owned.id}/cancel HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\nx-request-id: slow-body-1\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n`,
     ...body.split('')
   ], 400, 14_000)
   const startedAt = Date.now()
@@ -164,6 +164,8 @@ t.test('abuse on real sockets', async (t) => {
         t.equal(offContract(answer), null, `${what}: in the envelope`)
       }
     }
+    // The request whose body was late had its headers, the caller's request id among them.
+    t.equal(parse(bodyResult.data)?.headers['x-request-id'], 'slow-body-1', 'the 408 of a request carries its request id')
     t.notOk(sandbox.control.isCancelled(owned.id), 'the slow cancel never ran')
     t.ok(Date.now() - startedAt < 15_000, 'within the suite\'s bound')
   })
