@@ -38,6 +38,8 @@ function codesFor (status: number, url: string): Array<[ErrorCode, string]> {
   if (status === 404) return all.filter(([code]) => (url === '/appointments/:id/cancel') === (code === ErrorCode.APPOINTMENT_NOT_FOUND))
   if (status === 429 && !url.startsWith('/appointments')) return all.filter(([code]) => code === ErrorCode.RATE_LIMITED)
   if (status === 400 && !url.startsWith('/appointments')) return all.filter(([code]) => code !== ErrorCode.UPSTREAM_REJECTED)
+  // The list takes no body and no parameters: nothing of its own to validate.
+  if (status === 400 && url === '/appointments') return all.filter(([code]) => code !== ErrorCode.VALIDATION_FAILED)
   return all
 }
 

@@ -170,3 +170,18 @@ t.test('public routes without a session state no security; optional ones allow b
   t.same(document.paths['/auth/logout']?.post?.security, [{ bearer: [] }, { cookie: [] }])
   t.ok(document.paths['/auth/logout']?.post?.responses['401'], 'logout documents 401')
 })
+
+t.test('sign-in and the list document the errors they really answer, and only those', async (t) => {
+  const { app } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const codesOf = (operation: Operation | undefined, status: string): string[] | undefined =>
+    operation?.responses[status]?.content?.['application/json']?.schema?.allOf?.[1]?.properties?.code?.enum
+  const signIn = document.paths['/auth/session']?.post as Operation
+  t.same(codesOf(signIn, '401'), [ErrorCode.SESSION_REQUIRED], 'an ID token that fails a check')
+  t.same(codesOf(signIn, '403'), [ErrorCode.CSRF_REJECTED], 'a session cookie without X-CSRF')
+  t.same(codesOf(signIn, '503'), [ErrorCode.SERVICE_UNAVAILABLE], 'the IdP or the store unreachable')
+  t.ok(signIn.responses['503']?.headers?.['retry-after'], 'with Retry-After')
+  const list = document.paths['/appointments']?.get as Operation
+  t.same(codesOf(list, '400'), [ErrorCode.BAD_REQUEST, ErrorCode.UPSTREAM_REJECTED], 'Care360\'s 400 passed on; nothing to validate')
+  t.equal(list.responses['403'], undefined, 'a GET is never refused by the CSRF check')
+})

@@ -67,7 +67,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       tags: ['appointments'],
       summary: "The signed-in patient's upcoming appointments",
       security: [{ bearer: [] }, { cookie: [] }],
-      response: { 200: AppointmentList, ...errorAnswers(401, 403, 429, 502, 503, 504) }
+      response: { 200: AppointmentList, ...errorAnswers(400, 401, 429, 502, 503, 504) }
     }
   }, async function listAppointments (request) {
     const { email } = request.session!

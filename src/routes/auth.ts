@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifySchemaValidationError } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { Type } from 'typebox'
 import { ok } from '../errors.js'
+import { errorAnswers } from '../schemas/appointments.js'
 import { invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
 
 /** Sign-in, session introspection and sign-out. Web sign-in (login, callback) joins this file. */
@@ -60,7 +61,9 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       tags: ['auth'],
       summary: 'Mobile sign-in: exchanges an OIDC ID token for a session token',
       body: SessionBody,
-      response: { 201: SessionCreated }
+      // 401: the ID token fails a check; 403: a session cookie came along without X-CSRF (the
+      // CSRF hook treats it as ambient authentication); 503: the IdP's keys or the store unreachable.
+      response: { 201: SessionCreated, ...errorAnswers(401, 403, 503) }
     }
   }, async function createSession (request, reply) {
     if (request.validationError !== undefined) {
