@@ -1,4 +1,5 @@
 import type { Server } from 'node:http'
+import type { Socket } from 'node:net'
 import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
@@ -46,10 +47,36 @@ export type App = FastifyInstance
  * `server.close()` waited for them until their idle timeout (65 s), past the shutdown deadline
  * (fastify/fastify#7044). So from the first step of `close()` every answer says
  * `Connection: close`, and Node closes the socket after it.
+ *
+ * And a client still sending its request's headers when shutdown begins: Node stops enforcing
+ * `headersTimeout` once the server closes, so it held the shutdown until its deadline (10 s, then
+ * exit 1). It gets what a running server gives it, counted from the start of the shutdown: after
+ * `headersTimeout`, a 408 and the end of its connection. A request whose headers arrived is in
+ * flight, and is answered whatever its pace (up to the shutdown deadline).
  */
 function drainOnClose (app: FastifyInstance): void {
+  const sockets = new Set<Socket>()
+  app.server.on('connection', function trackConnection (socket: Socket) {
+    sockets.add(socket)
+    socket.once('close', () => sockets.delete(socket))
+  })
+  let cutOff: NodeJS.Timeout | undefined
   app.addHook('preClose', function startDraining (done) {
     app.draining = true
+    cutOff = setTimeout(function cutOffUnfinishedHeaders () {
+      for (const socket of sockets) {
+        // No response object: no request of this connection got past its headers (one idle
+        // after an answer was closed when the shutdown began; one that never sent a byte is
+        // still here). The same answer as Node's own headersTimeout gives both.
+        if ((socket as Socket & { _httpMessage?: unknown })._httpMessage == null) {
+          clientErrorAnswer(Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
+        }
+      }
+    }, app.server.headersTimeout).unref()
+    done()
+  })
+  app.addHook('onClose', function stopCutOff (_instance, done) {
+    clearTimeout(cutOff)
     done()
   })
   app.addHook('onSend', function closeConnectionWhenDraining (_request, reply, payload, done) {

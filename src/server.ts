@@ -55,9 +55,10 @@ async function main (): Promise<void> {
 
   // On SIGTERM/SIGINT: stop accepting (new connections are refused, which a load balancer retries
   // elsewhere), let in-flight requests finish and close their connections (app.ts, drainOnClose),
-  // then close the upstream pool and Redis (their onClose hooks). Past the deadline,
-  // close-with-grace exits 1: a request still unanswered, or a client still sending its request
-  // (Node stops enforcing headersTimeout and requestTimeout once the server closes).
+  // then close the upstream pool and Redis (their onClose hooks). A client still sending its
+  // headers gets a 408 after headersTimeout (drainOnClose). Past the deadline, close-with-grace
+  // exits 1: a request still unanswered, or one whose body is still arriving (Node stops
+  // enforcing requestTimeout once the server closes; the deadline is that bound).
   closeWithGrace({ delay: SHUTDOWN_DEADLINE_MS, logger: app.log }, async function shutdown ({ signal, err }) {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     else app.log.info({ signal }, 'shutting down')

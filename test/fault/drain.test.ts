@@ -1,0 +1,71 @@
+import t from 'tap'
+import { connect, type Socket } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { buildTestApp } from '../helpers/app.js'
+import { call, listen } from './support.js'
+
+/**
+ * Shutdown and clients that are still sending: Node stops enforcing headersTimeout once the server
+ * closes, so the service does it for the connections it is draining (app.ts, drainOnClose).
+ */
+
+async function rawConnection (port: number, sent: string): Promise<{ socket: Socket, received: () => string, closed: Promise<unknown> }> {
+  const socket = connect(port, '127.0.0.1')
+  await once(socket, 'connect')
+  let data = ''
+  socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+  const closed = once(socket, 'close')
+  if (sent !== '') socket.write(sent)
+  return { socket, received: () => data, closed }
+}
+
+t.test('at shutdown, a client still sending its headers gets a 408 after headersTimeout, and the shutdown ends', async (t) => {
+  const { app } = await buildTestApp(t)
+  const origin = await listen(app)
+  const port = Number(new URL(origin).port)
+  // A request line and a header, never the blank line that ends the headers.
+  const slow = await rawConnection(port, 'GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: slow-1\r\n')
+  // A kept-alive connection that had its answer, and one that never said anything.
+  const answered = await rawConnection(port, 'GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n')
+  const silent = await rawConnection(port, '')
+  await sleep(100)
+  t.match(answered.received(), /^HTTP\/1\.1 200 /, 'the kept-alive connection had its answer')
+
+  const started = Date.now()
+  const closing = app.close()
+  // Bounded, whatever happens: without the cut-off, close() waits for the slow client for ever.
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(9000).then(() => 'still open')])
+  const took = Date.now() - started
+  t.equal(outcome, 'closed', 'the shutdown ends')
+  t.ok(took >= app.server.headersTimeout - 200 && took < app.server.headersTimeout + 2000, `after headersTimeout (${took} ms)`)
+  // Never hang the suite: a shutdown still waiting is released by ending the clients.
+  if (outcome !== 'closed') for (const { socket } of [slow, answered, silent]) socket.destroy()
+  await Promise.all([slow.closed, answered.closed, silent.closed])
+  t.match(slow.received(), /^HTTP\/1\.1 408 /, 'the slow client is answered 408, as a running server answers it')
+  t.match(slow.received(), /"code":"BAD_REQUEST"/, 'in the envelope')
+  t.match(silent.received(), /^HTTP\/1\.1 408 /, 'so is a connection that never sent a byte (as a running server answers it)')
+  t.equal(answered.received().match(/HTTP\/1\.1 /g)?.length, 1, 'the idle kept-alive connection is closed at once, with no other answer')
+})
+
+t.test('at shutdown, a request in flight is answered even when it outlasts headersTimeout', async (t) => {
+  const { app } = await buildTestApp(t)
+  // A route that answers after the cut-off would have run.
+  app.server.headersTimeout = 300
+  const origin = await listen(app)
+  const port = Number(new URL(origin).port)
+  // Its headers are in; its body is still coming.
+  const body = '{"idToken":"x"}'
+  const uploading = await rawConnection(port, `POST /auth/session HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n{`)
+  await sleep(50)
+  const closing = app.close()
+  await sleep(800)
+  t.equal(uploading.received(), '', 'not cut off while its body arrives')
+  uploading.socket.write(body.slice(1))
+  await closing
+  await uploading.closed
+  t.match(uploading.received(), /^HTTP\/1\.1 401 /, 'answered (an invalid token), then closed')
+  t.match(uploading.received(), /connection: close/i)
+  // The server is closed: nothing else gets in.
+  await t.rejects(call(origin, { path: '/healthz', timeoutMs: 1000 }))
+})
