@@ -55,12 +55,16 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): M
   const maxKeys = options.maxKeys ?? 50_000
   const windows = new Map<string, { count: number, endsAt: number }>()
 
+  // Room made at once when full: a tenth of the keys, so that a flood of distinct keys (one per
+  // request) pays for one pass over the map per tenth of it, not one per request.
+  const roomyAt = Math.floor(maxKeys * 0.9)
+
   function makeRoom (at: number): void {
     for (const [key, window] of windows) if (window.endsAt <= at) windows.delete(key)
     // Still full (a flood of distinct keys): drop the oldest windows, which forgets their counts
     // rather than letting the process grow without bound.
     for (const key of windows.keys()) {
-      if (windows.size < maxKeys) break
+      if (windows.size <= roomyAt) break
       windows.delete(key)
     }
   }

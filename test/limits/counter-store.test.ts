@@ -91,6 +91,19 @@ t.test('memory: a flood of keys is bounded (expired windows go first, then the o
   t.equal(store.hit('e', rate).count, 2)
 })
 
+t.test('memory: when full of live windows, the oldest tenth goes at once, not one key per request', async (t) => {
+  const store = createMemoryCounterStore({ now: () => 0, maxKeys: 1000 })
+  const rate = { count: 5, windowMs: 60_000 }
+  for (let i = 0; i < 1000; i++) store.hit(`k${i}`, rate)
+  // One new key: a hundred old windows are dropped together (before: only k0, and the next new
+  // key would scan the whole map again).
+  store.hit('new-1', rate)
+  t.equal(store.hit('k50', rate).count, 1, 'k50 (among the oldest hundred) starts over')
+  t.equal(store.hit('k100', rate).count, 2, 'k100 (the 101st oldest) was kept')
+  t.equal(store.hit('k999', rate).count, 2, 'so were the newest')
+  t.equal(store.hit('new-1', rate).count, 2, 'and the new key')
+})
+
 t.test('redis: exact admission from three clients hitting at once', async (t) => {
   const prefix = uniqueName('exact') + ':'
   const stores = await Promise.all([1, 2, 3].map(async () => createRedisCounterStore({ fallback: await fallbackOn(t, redis.url), prefix })))
