@@ -1,0 +1,43 @@
+import t from 'tap'
+import { request } from 'node:http'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { captureLogs, listen, scanLogs, startSandboxedApp } from './support.js'
+
+/**
+ * A client that leaves before its answer: the request runs to its end (a cancel may go), and its
+ * audit record, access line and duration are written all the same, once.
+ */
+
+const alice = DEMO_PATIENTS[0]!
+const appointment = alice.appointments[0]!
+
+t.test('a cancel whose client left before the answer is still audited, logged and measured, once', async (t) => {
+  const { lines, stream } = captureLogs()
+  const { app, sandbox, auth } = await startSandboxedApp(t, { upstreamTimeoutMs: 3000, email: alice.email, logStream: stream })
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 400, endpoint: 'cancel', times: 1 })
+  const origin = await listen(app)
+  const body = JSON.stringify({ reason: 'left-early reason' })
+  const sent = request(`${origin}/appointments/${appointment.id}/cancel`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), 'x-request-id': 'client-left-1' }
+  })
+  sent.on('error', () => {})
+  sent.end(body)
+  // The client gives up while the upstream is still working on the cancel.
+  await sleep(150)
+  sent.destroy()
+  const by = Date.now() + 5000
+  while (!sandbox.control.isCancelled(appointment.id) && Date.now() < by) await sleep(20)
+  t.ok(sandbox.control.isCancelled(appointment.id), 'the cancel went ahead')
+  await sleep(300)
+
+  const completed = lines.map((line) => JSON.parse(line) as { msg?: string, reqId?: string, res?: { statusCode?: number }, audit?: { outcome?: string, requestId?: string } })
+    .filter((line) => line.msg === 'request completed' && line.reqId === 'client-left-1')
+  t.equal(completed.length, 1, 'one access line')
+  t.equal(completed[0]?.res?.statusCode, 200, 'with the answer the request came to')
+  t.match(completed[0]?.audit, { outcome: 'cancelled', requestId: 'client-left-1' }, 'carrying the audit record')
+  const metrics = await app.metrics.registry.getSingleMetricAsString('http_request_duration_seconds')
+  t.match(metrics, /http_request_duration_seconds_count\{[^}]*route="\/appointments\/:id\/cancel"[^}]*status_code="200"[^}]*\} 1$/m, 'and one duration sample')
+  scanLogs(t, lines, { reason: 'left-early reason', email: alice.email })
+})
