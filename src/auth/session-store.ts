@@ -322,10 +322,14 @@ return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
 `)
 
 /**
- * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with index sets by subject and
- * by IdP session (`<prefix>sub:<hash>`, `<prefix>sid:<hash>`) for back-channel logout. Every key
- * carries a PEXPIRE so that Redis cleans up after us; index sets live as long as the newest member
- * can, so they stay bounded to the sessions of one absolute lifetime.
+ * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with indexes by subject and
+ * by IdP session (`<prefix>idx:sub:<hash>`, `<prefix>idx:sid:<hash>`) for back-channel logout:
+ * sorted sets of session ids scored by each session's absolute expiry. Every key carries a
+ * PEXPIRE so that Redis cleans up after us. An index lives as long as its newest member can, and
+ * each sign-in prunes the members whose sessions can no longer exist, so an index holds at most
+ * the sessions of one absolute lifetime, even for a patient who signs in every day. (Until
+ * 2026-12, plain sets under `sub:`/`sid:` that nothing pruned: a patient signing in again within
+ * each absolute lifetime kept every id ever created. Those keys expire by themselves.)
  */
 export class RedisSessionStore implements SessionStore {
   readonly #redis: Redis
@@ -347,15 +351,15 @@ export class RedisSessionStore implements SessionStore {
     const token = newToken()
     const record = newRecord(sessionIdOf(token), input, at, this.#absoluteTtlMs)
     const key = this.#sessionKey(record.id)
-    const subjectKey = `${this.#prefix}sub:${indexKey(record.issuer, record.subject)}`
     const multi = this.#redis.multi()
       .hset(key, encode(record))
       .pexpire(key, Math.min(this.#idleTtlMs, this.#absoluteTtlMs))
-      .sadd(subjectKey, record.id)
-      .pexpire(subjectKey, this.#absoluteTtlMs)
-    if (record.idpSessionId !== null) {
-      const sidKey = `${this.#prefix}sid:${indexKey(record.issuer, record.idpSessionId)}`
-      multi.sadd(sidKey, record.id).pexpire(sidKey, this.#absoluteTtlMs)
+    const indexes = [this.#subjectIndex(record.issuer, record.subject)]
+    if (record.idpSessionId !== null) indexes.push(this.#idpSessionIndex(record.issuer, record.idpSessionId))
+    for (const index of indexes) {
+      multi.zadd(index, record.absoluteExpiresAt, record.id)
+        .zremrangebyscore(index, '-inf', at)
+        .pexpire(index, this.#absoluteTtlMs)
     }
     await this.#run(async () => checkMulti(await multi.exec()))
     return { token, session: withExpiry(record, this.#idleTtlMs) }
@@ -384,23 +388,32 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async revokeBySubject (issuer: string, subject: string): Promise<number> {
-    return this.#revokeIndexed(`${this.#prefix}sub:${indexKey(issuer, subject)}`)
+    return this.#revokeIndexed(this.#subjectIndex(issuer, subject))
   }
 
   async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
-    return this.#revokeIndexed(`${this.#prefix}sid:${indexKey(issuer, sid)}`)
+    return this.#revokeIndexed(this.#idpSessionIndex(issuer, sid))
   }
 
   async #revokeIndexed (indexKeyName: string): Promise<number> {
-    const ids = await this.#run(() => this.#redis.smembers(indexKeyName))
+    // The sessions that may still exist (absolute expiry ahead).
+    const ids = await this.#run(() => this.#redis.zrangebyscore(indexKeyName, `(${this.#now()}`, '+inf'))
     if (ids.length === 0) return 0
-    // SREM of exactly the members read, not DEL of the set: a session created meanwhile keeps its
-    // index entry and stays revocable.
+    // ZREM of exactly the members read, not DEL of the index: a session created meanwhile keeps
+    // its index entry and stays revocable.
     const results = await this.#run(async () => checkMulti(await this.#redis.multi()
       .del(...ids.map((id) => this.#sessionKey(id)))
-      .srem(indexKeyName, ...ids)
+      .zrem(indexKeyName, ...ids)
       .exec()))
     return Number(results[0])
+  }
+
+  #subjectIndex (issuer: string, subject: string): string {
+    return `${this.#prefix}idx:sub:${indexKey(issuer, subject)}`
+  }
+
+  #idpSessionIndex (issuer: string, sid: string): string {
+    return `${this.#prefix}idx:sid:${indexKey(issuer, sid)}`
   }
 
   /** The id is the key's hash tag, as in its counters' keys (sessionCounterKey). */

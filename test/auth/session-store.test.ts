@@ -52,6 +52,7 @@ async function dumpRedis (redis: Redis): Promise<string[]> {
     const type = await redis.type(key)
     if (type === 'hash') out.push(...Object.entries(await redis.hgetall(key)).flat())
     else if (type === 'set') out.push(...await redis.smembers(key))
+    else if (type === 'zset') out.push(...await redis.zrange(key, 0, -1))
     else out.push(String(await redis.get(key)))
   }
   return out
@@ -356,6 +357,28 @@ t.test('redis store', async (t) => {
     while (!sent.includes('ping')) await new Promise((resolve) => setTimeout(resolve, 5))
     t.same(sent, ['evalsha', 'evalsha', 'ping'], 'one command per lookup')
     t.equal(await redis.exists(key), 0, 'the expired session deleted by its lookup')
+  })
+
+  t.test('an index holds only sessions that can still exist, however often the patient signs in', async (t) => {
+    const subject = { subject: 'daily-patient', idpSessionId: 'sid-daily' }
+    const indexes = async () => await Promise.all((await redis.keys('bff:session:idx:*')).map(async (key) => await redis.zcard(key)))
+    await redisServer.flush()
+    for (let day = 0; day < 5; day++) {
+      await store.create(patient(subject))
+      // The idle lifetime ends each session; the patient signs in again the next day.
+      clock.at += 24 * 60 * MIN
+    }
+    const latest = await store.create(patient(subject))
+    t.same(await indexes(), [1, 1], 'each sign-in pruned the sessions past their absolute expiry (before: 6 ids each)')
+    const again = await store.create(patient(subject))
+    t.same(await indexes(), [2, 2], 'live sessions are kept')
+    clock.at += ABSOLUTE
+    t.equal(await store.revokeBySubject('https://idp.example', 'daily-patient'), 0, 'sessions past their absolute expiry are not looked for')
+    clock.at -= ABSOLUTE
+    t.equal(await store.revokeBySubject('https://idp.example', 'daily-patient'), 2, 'both live ones revoked')
+    t.equal(await store.get(latest.token), null)
+    t.equal(await store.get(again.token), null)
+    t.same(await redis.keys('bff:session:idx:sub:*'), [], 'the subject index emptied of what it revoked')
   })
 
   t.test('default clock and prefix', async (t) => {
