@@ -36,7 +36,8 @@ const watched = new WeakSet<FastifyInstance>()
  */
 function answerEvenWhenClientLeft (route: RouteOptions): void {
   const ifClientLeft: onSendHookHandler = function runAfterAnswerIfClientLeft (this: FastifyInstance, request, reply, payload, done) {
-    if (reply.raw.destroyed) runInOrder(this, [route.onResponse ?? []].flat(), request, reply, 0)
+    // Never undefined by then: appendAfterAnswer gave every route its hooks.
+    if (reply.raw.destroyed) runInOrder(this, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
     done(null, payload)
   }
   route.onSend = [route.onSend ?? [], ifClientLeft].flat()
