@@ -139,8 +139,12 @@ async function accessLog (app: FastifyInstance): Promise<void> {
   app.decorateRequest('patient', null)
   app.decorateRequest('audit', null)
   const lines = app.log.child({}, { redact: [] })
+  // The audit record is the cancel's trail, not a debugging aid: a LOG_LEVEL above info (warn, to
+  // cut the access lines) keeps it. Only `silent` drops it with every other line.
+  const auditLines = app.log.level === 'silent' ? lines : app.log.child({}, { redact: [], level: 'info' })
   function logAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
-    lines.info({
+    const out = request.audit === null ? lines : auditLines
+    out.info({
       reqId: request.id,
       req: request,
       res: reply,

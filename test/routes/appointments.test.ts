@@ -296,6 +296,18 @@ t.test('a lost answer is resolved from the upstream on retry with the same key',
   t.equal(cancelCalls().length, 3)
 })
 
+t.test('LOG_LEVEL above info drops access lines but keeps the audit records', async (t) => {
+  const logs: string[] = []
+  const { app, tokenFor, cancel } = await stack(t, { logs, env: { LOG_LEVEL: 'warn' } })
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, aliceFirst.id, { reason: 'r' })).statusCode, 200)
+  t.equal((await cancel(token, bobFirst.id)).statusCode, 404)
+  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
+  const lines = logs.map((line) => JSON.parse(line) as { level: number, audit?: { outcome: string }, req?: { url: string } })
+  t.same(lines.map((line) => line.audit?.outcome), ['cancelled', 'APPOINTMENT_NOT_FOUND'], 'one audit record per cancel attempt, and no other access line')
+  t.ok(lines.every((line) => line.level === 30), 'at info, as at any level')
+})
+
 t.test('the audit record and the logs carry no email, reason, key or token', async (t) => {
   const logs: string[] = []
   const { tokenFor, cancel } = await stack(t, { logs })
