@@ -7,6 +7,7 @@ import type { Config } from './config.js'
 import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
+import { inFlightTtlFor } from './idempotency/index.js'
 import { healthRoutes } from './routes/health.js'
 import { appointmentRoutes } from './routes/appointments.js'
 import { care360Plugin } from './plugins/care360.js'
@@ -83,6 +84,16 @@ function drainOnClose (app: FastifyInstance): void {
     if (app.draining) reply.header('connection', 'close')
     done(null, payload)
   })
+}
+
+/**
+ * How long a shutdown waits for the requests in flight: at least 10 s, and as long as the longest
+ * request can run (a keyed cancel resolving an unknown outcome makes three upstream calls, each up
+ * to CV_TIMEOUT_MS: `inFlightTtlFor`), so that a cancel sent upstream is never cut off before its
+ * answer is recorded and returned.
+ */
+export function shutdownDeadlineFor (upstreamTimeoutMs: number): number {
+  return Math.max(10_000, inFlightTtlFor(upstreamTimeoutMs))
 }
 
 /**

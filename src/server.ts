@@ -1,14 +1,12 @@
 import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
-import { buildApp } from './app.js'
+import { buildApp, shutdownDeadlineFor } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
 import { buildMetricsServer } from './metrics.js'
 
 /**
  * The only module that touches the process: environment, signals, listening and exit.
  */
-
-const SHUTDOWN_DEADLINE_MS = 10_000
 
 /**
  * Log lines to stdout in batches: written once 4 KiB have gathered or every second, whichever
@@ -59,7 +57,7 @@ async function main (): Promise<void> {
   // headers gets a 408 after headersTimeout (drainOnClose). Past the deadline, close-with-grace
   // exits 1: a request still unanswered, or one whose body is still arriving (Node stops
   // enforcing requestTimeout once the server closes; the deadline is that bound).
-  closeWithGrace({ delay: SHUTDOWN_DEADLINE_MS, logger: app.log }, async function shutdown ({ signal, err }) {
+  closeWithGrace({ delay: shutdownDeadlineFor(config.care360.timeoutMs), logger: app.log }, async function shutdown ({ signal, err }) {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     else app.log.info({ signal }, 'shutting down')
     await app.close()

@@ -3,6 +3,7 @@ import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { buildTestApp } from '../helpers/app.js'
+import { shutdownDeadlineFor } from '../../src/app.js'
 import { call, listen } from './support.js'
 
 /**
@@ -68,4 +69,10 @@ t.test('at shutdown, a request in flight is answered even when it outlasts heade
   t.match(uploading.received(), /connection: close/i)
   // The server is closed: nothing else gets in.
   await t.rejects(call(origin, { path: '/healthz', timeoutMs: 1000 }))
+})
+
+t.test('the shutdown deadline outlasts the longest request: three upstream calls and a margin, never under 10 s', async (t) => {
+  t.equal(shutdownDeadlineFor(5000), 17_000, 'the default CV_TIMEOUT_MS')
+  t.equal(shutdownDeadlineFor(20_000), 62_000)
+  t.equal(shutdownDeadlineFor(1000), 10_000, 'a short upstream deadline keeps 10 s')
 })
