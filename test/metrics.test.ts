@@ -163,6 +163,21 @@ t.test('the shared state mode follows Redis', async (t) => {
   t.same(['redis', 'degraded', 'memory'].map((mode) => value(samples, 'bff_shared_state_mode', { mode })), [0, 1, 0])
 })
 
+t.test('the cooldown gauge stays 1 through a Redis outage while this process still holds calls back', async (t) => {
+  const sandbox = await startSandbox(t)
+  const { app, issuer, redis } = await buildTestApp(t, { redis: true, upstreamUrl: sandbox.url, env: { CV_API_KEY: SANDBOX_KEY } })
+  const auth = { authorization: `Bearer ${await signIn(app, issuer, alice.email)}` }
+  sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: '30', times: 1 })
+  t.equal((await app.inject({ method: 'GET', url: '/appointments', headers: auth })).statusCode, 429, 'a cooldown starts, in Redis')
+  await redis!.stop()
+  const end = Date.now() + 5000
+  while (app.sharedState.mode() === 'redis' && Date.now() < end) await new Promise((resolve) => setTimeout(resolve, 10))
+  // The fallback's own cooldown never heard of it (before: the gauge read 0 here)...
+  t.equal(value((await scrape(t, app)).samples, 'bff_upstream_cooldown_active', {}), 1)
+  // ...while the gate still refuses every upstream call for it.
+  t.ok(app.upstreamGate.coolingMs() > 25_000, 'the gate holds calls back for the cooldown it saw')
+})
+
 t.test('web sign-ins: a success and a failure', async (t) => {
   const stack = await startWebStack(t)
   const browser = new Browser()

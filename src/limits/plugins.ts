@@ -4,7 +4,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler } from 'fastify'
 import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
-import { isPromise } from '../state/awaitable.js'
+import { isPromise, whenReady } from '../state/awaitable.js'
 import { createStoreFallback, type StoreFallback } from './fallback.js'
 import { createCounterStore, type CounterHit, type CounterStore } from './counter-store.js'
 import { createOrgBudget } from './org-budget.js'
@@ -185,14 +185,17 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
   app.addHook('onRequest', sessionLimitHook(clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
 
   const cooldown = createCooldown({ fallback, now: options.now })
-  app.decorate('upstreamGate', createUpstreamGate({
+  const gate = createUpstreamGate({
     budget: createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now }),
     cooldown,
     now: options.now,
     record: metrics === null ? undefined : { decision: metrics.recordLimiter, budgetRemaining: metrics.setOrgBudgetRemaining }
-  }))
-  // Read when scraped, through the fallback: Redis's answer when it has one, this process's otherwise.
-  metrics?.watchCooldown(cooldown.remaining)
+  })
+  app.decorate('upstreamGate', gate)
+  // Read when scraped, through the fallback: Redis's answer when it has one, this process's
+  // otherwise; and never less than the cooldown this process is still honouring (a Redis outage
+  // hides the shared one from the fallback, while the gate goes on refusing).
+  metrics?.watchCooldown(() => whenReady(cooldown.remaining(), (remainingMs) => Math.max(remainingMs, gate.coolingMs())))
 }
 
 export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })

@@ -13,6 +13,11 @@ export interface UpstreamGate {
   /** Returns (or resolves) when the call may go; throws (or rejects) with a 429 when it may not. */
   acquire: (endpoint: 'cancel' | 'list') => Awaitable<void>
   onRateLimited: (retryAfterMs: number | null) => Promise<number>
+  /**
+   * How long this process still holds calls back for a cooldown it has seen (ms, 0 when none):
+   * it keeps refusing through a Redis outage that hides the shared cooldown from its store.
+   */
+  coolingMs: () => number
 }
 
 export interface UpstreamGateOptions {
@@ -75,6 +80,10 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
       // The cooldown first, so that a stopped call does not spend budget: the budget checks it in
       // the same step as its own admission (one Redis round trip for both).
       return whenReady(budget.take(cooldown.check), decided)
+    },
+
+    coolingMs () {
+      return Math.max(0, knownUntil - now())
     },
 
     async onRateLimited (retryAfterMs) {
