@@ -66,13 +66,17 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   // The longest any token stays acceptable from the moment it is seen: its auth_time (or iat) may
   // be up to the tolerance ahead, and it is refused once older than maxAge plus the tolerance.
   const acceptableForMs = (maxAgeSec + 2 * clockToleranceSec) * 1000
-  // A fixed-size id per token (tokens run to 8 KiB): the guard keeps ids, not tokens.
-  const idOf = (idToken: string): string => hash('sha256', idToken, 'base64url')
+  // A fixed-size id per token (tokens run to 8 KiB): the guard keeps ids, not tokens. Of the
+  // signed part only (header and payload, as sent): the signature's own text can be respelled
+  // and still verify (base64url's spare bits, padding), while any change to the signed part
+  // breaks the signature.
+  const idOf = (idToken: string): string => hash('sha256', idToken.slice(0, idToken.lastIndexOf('.')), 'base64url')
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
     const identity = await verifySignedToken(idToken)
-    // Only a token that passed every check reaches the store: garbage cannot fill it.
-    if (!await options.retired.claim(idOf(idToken), acceptableForMs)) {
+    // A look only, after every other check: neither garbage nor ordinary sign-ins write to the
+    // store (so none can push a retired token out of a bounded memory).
+    if (await options.retired.used(idOf(idToken))) {
       log?.debug({ refusal: 'retired' }, 'ID token refused')
       throw invalidIdToken()
     }

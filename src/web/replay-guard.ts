@@ -20,6 +20,8 @@ export interface ReplayGuard {
   claim: (id: string, ttlMs: number) => Promise<boolean>
   /** The use of a claimed `id` took effect: from now until its claim expires, it is a replay. */
   markUsed: (id: string) => Promise<void>
+  /** Whether a use of `id` took effect and its claim has not expired: a look, which writes nothing. */
+  used: (id: string) => Promise<boolean>
 }
 
 const MAX_REMEMBERED = 10_000
@@ -52,6 +54,13 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
         } catch (error) {
           throw sessionStoreUnavailable(error)
         }
+      },
+      async used (id) {
+        try {
+          return await redis.get(keyOf(id)) === 'used'
+        } catch (error) {
+          throw sessionStoreUnavailable(error)
+        }
       }
     }
   }
@@ -72,6 +81,10 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
     async markUsed (id) {
       const entry = seen.get(id)
       if (entry !== undefined && entry.until > now()) entry.used = true
+    },
+    async used (id) {
+      const entry = seen.get(id)
+      return entry !== undefined && entry.until > now() && entry.used
     }
   }
 }

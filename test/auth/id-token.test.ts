@@ -210,23 +210,42 @@ t.test('a retired token (a web sign-in\'s) is refused for as long as it could be
   const now = () => at
   const issuer = await startIssuer(t, { now })
   const verifier = verifierFor(issuer, { now, retired: createReplayGuard({ redis: null }, now) })
-  const webToken = await issuer.sign()
-  const mobileToken = await issuer.sign({ sid: 'other' })
+  // Both live for an hour: only the age check (10 min and the tolerance) and the retirement
+  // decide, not their expiry.
+  const iat = Math.floor(at / 1000)
+  const webToken = await issuer.sign({ exp: iat + 3600 })
+  const mobileToken = await issuer.sign({ exp: iat + 3600, sid: 'other' })
   t.ok(await verifier.verify(webToken), 'accepted before it is retired')
   await verifier.retire(webToken)
   await t.rejects(verifier.verify(webToken), INVALID)
   t.ok(await verifier.verify(mobileToken), 'another token is not affected')
   t.ok(await verifier.verify(mobileToken), 'and may be exchanged again (a retried sign-in)')
-  // Until the last moment it could pass the age check (10 min plus the tolerance), still refused.
+  // The last moment the age check still passes (10 min plus the 30 s tolerance): the token of
+  // the same age that was never retired is accepted, the retired one still refused.
   at += (600 + 29) * 1000
+  t.ok(await verifier.verify(mobileToken))
   await t.rejects(verifier.verify(webToken), INVALID)
-  t.ok(await verifier.verify(await issuer.sign()), 'a fresh token at that moment is accepted')
+})
+
+t.test('a retired token respelled in its signature is the same token', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  const token = await issuer.sign()
+  await verifier.retire(token)
+  const signature = token.slice(token.lastIndexOf('.') + 1)
+  const last = signature.at(-1) as string
+  // RS256 signatures are 256 bytes: the last base64url character carries 4 spare bits.
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+  const sibling = alphabet[alphabet.indexOf(last) ^ 1] as string
+  for (const respelled of [`${token.slice(0, -1)}${sibling}`, `${token}==`]) {
+    await t.rejects(verifier.verify(respelled), INVALID, respelled.slice(-3))
+  }
 })
 
 t.test('the guard\'s store unreachable: 503, never a 401 nor an unchecked token', async (t) => {
   const issuer = await startIssuer(t)
   const down = new ApiError(503, 'SERVICE_UNAVAILABLE', 'store down')
-  const verifier = verifierFor(issuer, { retired: { claim: async () => { throw down }, markUsed: async () => { throw down } } })
+  const verifier = verifierFor(issuer, { retired: { claim: async () => { throw down }, markUsed: async () => { throw down }, used: async () => { throw down } } })
   const token = await issuer.sign()
   await t.rejects(verifier.verify(token), UNAVAILABLE)
   await t.rejects(verifier.retire(token), UNAVAILABLE)
