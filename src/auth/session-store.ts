@@ -329,7 +329,9 @@ return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
  * each sign-in prunes the members whose sessions can no longer exist, so an index holds at most
  * the sessions of one absolute lifetime, even for a patient who signs in every day. (Until
  * 2026-12, plain sets under `sub:`/`sid:` that nothing pruned: a patient signing in again within
- * each absolute lifetime kept every id ever created. Those keys expire by themselves.)
+ * each absolute lifetime kept every id ever created. They are no longer written, still read by a
+ * back-channel logout, and expire by themselves. During a rolling upgrade, a replica still on the
+ * old version does not see the sessions the new ones indexed.)
  */
 export class RedisSessionStore implements SessionStore {
   readonly #redis: Redis
@@ -388,23 +390,31 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async revokeBySubject (issuer: string, subject: string): Promise<number> {
-    return this.#revokeIndexed(this.#subjectIndex(issuer, subject))
+    return this.#revokeIndexed('sub', indexKey(issuer, subject))
   }
 
   async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
-    return this.#revokeIndexed(this.#idpSessionIndex(issuer, sid))
+    return this.#revokeIndexed('sid', indexKey(issuer, sid))
   }
 
-  async #revokeIndexed (indexKeyName: string): Promise<number> {
-    // The sessions that may still exist (absolute expiry ahead).
-    const ids = await this.#run(() => this.#redis.zrangebyscore(indexKeyName, `(${this.#now()}`, '+inf'))
+  async #revokeIndexed (kind: 'sub' | 'sid', hashed: string): Promise<number> {
+    const index = `${this.#prefix}idx:${kind}:${hashed}`
+    // The set the same index was before sorted sets (no longer written): its sessions may live
+    // for one more absolute lifetime after an upgrade, and must still end.
+    const legacy = `${this.#prefix}${kind}:${hashed}`
+    // The sessions that may still exist (absolute expiry ahead), and the legacy set's.
+    const [current, old] = await this.#run(async () => checkMulti(await this.#redis.multi()
+      .zrangebyscore(index, `(${this.#now()}`, '+inf')
+      .smembers(legacy)
+      .exec())) as [string[], string[]]
+    const ids = [...new Set([...current, ...old])]
     if (ids.length === 0) return 0
     // ZREM of exactly the members read, not DEL of the index: a session created meanwhile keeps
     // its index entry and stays revocable.
-    const results = await this.#run(async () => checkMulti(await this.#redis.multi()
-      .del(...ids.map((id) => this.#sessionKey(id)))
-      .zrem(indexKeyName, ...ids)
-      .exec()))
+    const multi = this.#redis.multi().del(...ids.map((id) => this.#sessionKey(id)))
+    if (current.length > 0) multi.zrem(index, ...current)
+    if (old.length > 0) multi.srem(legacy, ...old)
+    const results = await this.#run(async () => checkMulti(await multi.exec()))
     return Number(results[0])
   }
 

@@ -381,6 +381,22 @@ t.test('redis store', async (t) => {
     t.same(await redis.keys('bff:session:idx:sub:*'), [], 'the subject index emptied of what it revoked')
   })
 
+  t.test('sessions indexed by the earlier version (plain sets) are still ended by a back-channel logout', async (t) => {
+    const hashed = (value: string) => createHash('sha256').update(`https://idp.example\0${value}`).digest('base64url')
+    const { token, session } = await store.create(patient({ subject: 'upgraded', idpSessionId: 'sid-upgraded' }))
+    // As the earlier version left it: the same session, indexed in sets under the old names only.
+    for (const [kind, value] of [['sub', 'upgraded'], ['sid', 'sid-upgraded']] as const) {
+      await redis.del(`bff:session:idx:${kind}:${hashed(value)}`)
+      await redis.sadd(`bff:session:${kind}:${hashed(value)}`, session.id)
+    }
+    const other = await store.create(patient({ subject: 'upgraded' }))
+    t.equal(await store.revokeBySubject('https://idp.example', 'upgraded'), 2, 'the old set\'s session and the new index\'s')
+    t.equal(await store.get(token), null)
+    t.equal(await store.get(other.token), null)
+    t.equal(await redis.exists(`bff:session:sub:${hashed('upgraded')}`), 0, 'the old set emptied')
+    t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-upgraded'), 0, 'nothing left to end')
+  })
+
   t.test('default clock and prefix', async (t) => {
     const real = new RedisSessionStore(redis, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
     const { token, session } = await real.create(patient())
