@@ -86,14 +86,20 @@ function drainOnClose (app: FastifyInstance): void {
   })
 }
 
+/** How long a request has to arrive whole, headers and body (Node's requestTimeout). */
+export const REQUEST_TIMEOUT_MS = 10_000
+
 /**
- * How long a shutdown waits for the requests in flight: at least 10 s, and as long as the longest
- * request can run (a keyed cancel resolving an unknown outcome makes three upstream calls, each up
- * to CV_TIMEOUT_MS: `inFlightTtlFor`), so that a cancel sent upstream is never cut off before its
- * answer is recorded and returned.
+ * How long a shutdown waits for the requests in flight: as long as the last request it may still
+ * take can run. That request may finish arriving up to REQUEST_TIMEOUT_MS after the shutdown
+ * began (its headers within the headers timeout, drainOnClose; its body as a running server
+ * allows, which Node no longer enforces once the server closes: the deadline is then the bound),
+ * then run as long as the longest request can: a keyed cancel resolving an unknown outcome makes
+ * three upstream calls, each up to CV_TIMEOUT_MS (`inFlightTtlFor`). So a cancel sent upstream is
+ * never cut off before its answer is recorded and returned.
  */
 export function shutdownDeadlineFor (upstreamTimeoutMs: number): number {
-  return Math.max(10_000, inFlightTtlFor(upstreamTimeoutMs))
+  return REQUEST_TIMEOUT_MS + inFlightTtlFor(upstreamTimeoutMs)
 }
 
 /**
@@ -112,7 +118,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
     bodyLimit: 4096,
     // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s.
-    requestTimeout: 10_000,
+    requestTimeout: REQUEST_TIMEOUT_MS,
     // Above the 60 s idle timeout of common load balancers, so that they close first.
     keepAliveTimeout: 65_000,
     return503OnClosing: false,
