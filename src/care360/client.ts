@@ -293,9 +293,10 @@ function safeText (value: unknown, scrub: Scrub): string | undefined {
   for (const secret of scrub.anywhere) {
     if (secret !== undefined && secret !== '') text = redact(text, secret, false)
   }
-  // Blanks around a reason are not part of what could identify it (and a reason of spaces alone
-  // would redact every space).
-  const words = scrub.words?.trim()
+  // Matched as the text now reads, its controls stripped like the text's (a reason with a line
+  // break, echoed, would otherwise never match). Blanks around it are not part of what could
+  // identify it (and a reason of spaces alone would redact every space).
+  const words = scrub.words?.replace(UNSAFE, '').trim()
   if (words !== undefined && words !== '') text = redact(text, words, true)
   text = text.trim()
   if (text === '') return undefined

@@ -181,6 +181,9 @@ t.test('a reason is redacted where it stands as whole words, never inside other 
   // Blanks around the reason are not matched; a reason of blanks alone redacts nothing.
   t.equal(await messageFor('  flu  ', 'reason: flu, ok'), 'reason: [redacted], ok')
   t.equal(await messageFor('   ', 'Appointment cancelled'), 'Appointment cancelled')
+  // A reason with controls the contract allows (tab, line feed), echoed: matched as the text
+  // reads once its controls are stripped.
+  t.equal(await messageFor('feeling\tunwell\nagain', 'reason: feeling\tunwell\nagain.'), 'reason: [redacted].')
   // Regular-expression characters are matched as text.
   t.equal(await messageFor('a.b*', 'axb a.b* ok'), 'axb [redacted] ok')
 })
