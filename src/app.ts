@@ -8,6 +8,7 @@ import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErr
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
+import { IDP_FETCH_TIMEOUT_MS } from './auth/key-set.js'
 import { healthRoutes } from './routes/health.js'
 import { appointmentRoutes } from './routes/appointments.js'
 import { care360Plugin } from './plugins/care360.js'
@@ -95,11 +96,13 @@ export const REQUEST_TIMEOUT_MS = 10_000
  * began (its headers within the headers timeout, drainOnClose; its body as a running server
  * allows, which Node no longer enforces once the server closes: the deadline is then the bound),
  * then run as long as the longest request can: a keyed cancel resolving an unknown outcome makes
- * three upstream calls, each up to CV_TIMEOUT_MS (`inFlightTtlFor`). So a cancel sent upstream is
- * never cut off before its answer is recorded and returned.
+ * three upstream calls, each up to CV_TIMEOUT_MS (`inFlightTtlFor`); a web sign-in's callback
+ * three calls to the identity provider (discovery, token endpoint, keys), each up to
+ * IDP_FETCH_TIMEOUT_MS, and a margin. So a cancel sent upstream is never cut off before its answer
+ * is recorded and returned, nor a sign-in or a back-channel logout halfway.
  */
 export function shutdownDeadlineFor (upstreamTimeoutMs: number): number {
-  return REQUEST_TIMEOUT_MS + inFlightTtlFor(upstreamTimeoutMs)
+  return REQUEST_TIMEOUT_MS + Math.max(inFlightTtlFor(upstreamTimeoutMs), 3 * IDP_FETCH_TIMEOUT_MS + 2000)
 }
 
 /**

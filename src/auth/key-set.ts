@@ -10,6 +10,9 @@ import { isLoopbackHost } from '../config.js'
  * stays with its own verifier.
  */
 
+/** The bound on one call to the identity provider (discovery, JWKS, the token endpoint). */
+export const IDP_FETCH_TIMEOUT_MS = 5000
+
 export interface IssuerKeysOptions {
   issuer: string
   /** jose's JWKS refetch cooldown after an unknown `kid`; tests shorten it. */
@@ -85,7 +88,7 @@ function isProviderFailure (error: unknown): boolean {
 }
 
 export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
-  const fetchTimeoutMs = options.fetchTimeoutMs ?? 5000
+  const fetchTimeoutMs = options.fetchTimeoutMs ?? IDP_FETCH_TIMEOUT_MS
   let pending: Promise<ResolvedIssuerKeys> | null = null
 
   /** Discovery once, cached; a failure is forgotten so the next token tries again. */

@@ -255,6 +255,8 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
   return Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms))
 }
 
+// Controls that separate words (tab, line feed, vertical tab, form feed, carriage return): a blank.
+const BLANK_CONTROLS = /[\t\n\v\f\r]/g
 // C0, DEL and C1 controls, plus bidi overrides that could disguise a message in a client's UI.
 const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g // eslint-disable-line no-control-regex
 
@@ -274,13 +276,18 @@ function escapeRegExp (text: string): string {
 
 /** `text` with every occurrence of `secret` (case-insensitively) replaced, if it has any. */
 function redact (text: string, secret: string, asWords: boolean): string {
-  if (!text.toLowerCase().includes(secret.toLowerCase())) return text
+  // The common case (not in the text) costs a search, not a compiled expression. Words may be
+  // respaced, so for them the search is for the first word alone.
+  const probe = asWords ? secret.split(/\s/, 1)[0] as string : secret
+  if (!text.toLowerCase().includes(probe.toLowerCase())) return text
   // Whole words: no letter or digit just before a match that starts with one, nor just after one
   // that ends with one ("a" is redacted in "for a visit", not in "cancelled").
   const chars = asWords ? Array.from(secret) : []
   const before = WORD_CHAR.test(chars[0] ?? '') ? '(?<![\\p{L}\\p{N}])' : ''
   const after = WORD_CHAR.test(chars.at(-1) ?? '') ? '(?![\\p{L}\\p{N}])' : ''
-  return text.replace(new RegExp(`${before}${escapeRegExp(secret)}${after}`, 'giu'), '[redacted]')
+  // A run of blanks in free text matches any run of blanks: an echo may respace it.
+  const pattern = asWords ? escapeRegExp(secret).replace(/\s+/g, '\\s+') : escapeRegExp(secret)
+  return text.replace(new RegExp(`${before}${pattern}${after}`, 'giu'), '[redacted]')
 }
 
 /**
@@ -289,14 +296,14 @@ function redact (text: string, secret: string, asWords: boolean): string {
  */
 function safeText (value: unknown, scrub: Scrub): string | undefined {
   if (typeof value !== 'string') return undefined
-  let text = value.replace(UNSAFE, '')
+  let text = value.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '')
   for (const secret of scrub.anywhere) {
     if (secret !== undefined && secret !== '') text = redact(text, secret, false)
   }
-  // Matched as the text now reads, its controls stripped like the text's (a reason with a line
-  // break, echoed, would otherwise never match). Blanks around it are not part of what could
-  // identify it (and a reason of spaces alone would redact every space).
-  const words = scrub.words?.replace(UNSAFE, '').trim()
+  // Matched as the text now reads, its controls turned into blanks or stripped like the text's
+  // (a reason with a line break, echoed, would otherwise never match). Blanks around it are not
+  // part of what could identify it (and a reason of spaces alone would redact every space).
+  const words = scrub.words?.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '').trim()
   if (words !== undefined && words !== '') text = redact(text, words, true)
   text = text.trim()
   if (text === '') return undefined

@@ -1,5 +1,6 @@
 import * as client from 'openid-client'
 import { isLoopbackHost } from '../config.js'
+import { IDP_FETCH_TIMEOUT_MS } from '../auth/key-set.js'
 
 /**
  * The service as the web app's confidential OIDC client (openid-client). Discovery runs once, on
@@ -42,7 +43,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
     if (pending === null) {
       pending = client.discovery(issuer, settings.clientId, settings.clientSecret, client.ClientSecretPost(settings.clientSecret), {
         execute,
-        timeout: settings.timeoutSec ?? 5
+        timeout: settings.timeoutSec ?? IDP_FETCH_TIMEOUT_MS / 1000
       })
       pending.catch(function forgetFailedDiscovery () { pending = null })
     }

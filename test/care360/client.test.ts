@@ -184,6 +184,9 @@ t.test('a reason is redacted where it stands as whole words, never inside other 
   // A reason with controls the contract allows (tab, line feed), echoed: matched as the text
   // reads once its controls are stripped.
   t.equal(await messageFor('feeling\tunwell\nagain', 'reason: feeling\tunwell\nagain.'), 'reason: [redacted].')
+  // Respaced by the echo, or glued to the word before it by a line break: still matched.
+  t.equal(await messageFor('my flu\ttest', 'Cancelled: my  flu test'), 'Cancelled: [redacted]')
+  t.equal(await messageFor('my flu test', 'Cancelled, reason\nmy flu test'), 'Cancelled, reason [redacted]')
   // Regular-expression characters are matched as text.
   t.equal(await messageFor('a.b*', 'axb a.b* ok'), 'axb [redacted] ok')
 })

@@ -74,6 +74,7 @@ t.test('at shutdown, a request in flight is answered even when it outlasts heade
 t.test('the shutdown deadline outlasts the last request it may take: its arrival, three upstream calls and a margin', async (t) => {
   t.equal(shutdownDeadlineFor(5000), 27_000, 'the default CV_TIMEOUT_MS: 10 s to arrive, 3 x 5 s + 2 s to run')
   t.equal(shutdownDeadlineFor(20_000), 72_000)
+  t.equal(shutdownDeadlineFor(1000), 27_000, 'a short upstream deadline: a web sign-in\'s three calls to the IdP still fit')
   const { app } = await buildTestApp(t)
   t.equal(app.server.requestTimeout, 10_000, 'the arrival time it counts is the server\'s own')
 })
