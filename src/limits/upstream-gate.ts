@@ -58,6 +58,10 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     knownUntil = Math.max(knownUntil, now() + remainingMs)
   }
 
+  function coolingMs (): number {
+    return Math.max(0, knownUntil - now())
+  }
+
   function decided (decision: BudgetDecision): void {
     if (!decision.ok && 'coolingMs' in decision) {
       remember(decision.coolingMs)
@@ -73,18 +77,17 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
   return {
     // Both endpoints draw from one budget: the upstream's quota is per organization.
     acquire () {
-      if (knownUntil > now()) {
+      const cooling = coolingMs()
+      if (cooling > 0) {
         record.decision('cooldown', true)
-        throw upstreamRateLimited(knownUntil - now())
+        throw upstreamRateLimited(cooling)
       }
       // The cooldown first, so that a stopped call does not spend budget: the budget checks it in
       // the same step as its own admission (one Redis round trip for both).
       return whenReady(budget.take(cooldown.check), decided)
     },
 
-    coolingMs () {
-      return Math.max(0, knownUntil - now())
-    },
+    coolingMs,
 
     async onRateLimited (retryAfterMs) {
       const trip = await cooldown.trip(clampRetryAfter(retryAfterMs), random())
