@@ -321,6 +321,8 @@ end
 return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
 `)
 
+type IndexKind = 'sub' | 'sid'
+
 /**
  * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with indexes by subject and
  * by IdP session (`<prefix>idx:sub:<hash>`, `<prefix>idx:sid:<hash>`) for back-channel logout:
@@ -356,8 +358,8 @@ export class RedisSessionStore implements SessionStore {
     const multi = this.#redis.multi()
       .hset(key, encode(record))
       .pexpire(key, Math.min(this.#idleTtlMs, this.#absoluteTtlMs))
-    const indexes = [this.#subjectIndex(record.issuer, record.subject)]
-    if (record.idpSessionId !== null) indexes.push(this.#idpSessionIndex(record.issuer, record.idpSessionId))
+    const indexes = [this.#index('sub', indexKey(record.issuer, record.subject))]
+    if (record.idpSessionId !== null) indexes.push(this.#index('sid', indexKey(record.issuer, record.idpSessionId)))
     for (const index of indexes) {
       multi.zadd(index, record.absoluteExpiresAt, record.id)
         .zremrangebyscore(index, '-inf', at)
@@ -397,8 +399,8 @@ export class RedisSessionStore implements SessionStore {
     return this.#revokeIndexed('sid', indexKey(issuer, sid))
   }
 
-  async #revokeIndexed (kind: 'sub' | 'sid', hashed: string): Promise<number> {
-    const index = `${this.#prefix}idx:${kind}:${hashed}`
+  async #revokeIndexed (kind: IndexKind, hashed: string): Promise<number> {
+    const index = this.#index(kind, hashed)
     // The set the same index was before sorted sets (no longer written): its sessions may live
     // for one more absolute lifetime after an upgrade, and must still end.
     const legacy = `${this.#prefix}${kind}:${hashed}`
@@ -418,12 +420,9 @@ export class RedisSessionStore implements SessionStore {
     return Number(results[0])
   }
 
-  #subjectIndex (issuer: string, subject: string): string {
-    return `${this.#prefix}idx:sub:${indexKey(issuer, subject)}`
-  }
-
-  #idpSessionIndex (issuer: string, sid: string): string {
-    return `${this.#prefix}idx:sid:${indexKey(issuer, sid)}`
+  /** The index of the sessions of one subject (`sub`) or one IdP session (`sid`), by `indexKey`. */
+  #index (kind: IndexKind, hashed: string): string {
+    return `${this.#prefix}idx:${kind}:${hashed}`
   }
 
   /** The id is the key's hash tag, as in its counters' keys (sessionCounterKey). */
