@@ -4,7 +4,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance }
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, requestIdFor } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, pendingResponse, requestIdFor } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -70,7 +70,7 @@ function drainOnClose (app: FastifyInstance): void {
         // No response object: no request of this connection got past its headers (one idle
         // after an answer was closed when the shutdown began; one that never sent a byte is
         // still here). The same answer as Node's own headersTimeout gives both.
-        if ((socket as Socket & { _httpMessage?: unknown })._httpMessage == null) {
+        if (pendingResponse(socket) == null) {
           clientErrorAnswer(Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
         }
       }

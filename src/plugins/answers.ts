@@ -172,13 +172,21 @@ export function expectationFailedAnswer (request: IncomingMessage, response: Ser
 }
 
 /**
+ * The response of the request a connection is serving (Node's own `_httpMessage`), or none (null
+ * or undefined) when no request of it got past its headers.
+ */
+export function pendingResponse (socket: Socket): ServerResponse | null | undefined {
+  return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+}
+
+/**
  * Node's HTTP parser errors (bad request line, oversized headers, ...) never reach Fastify's
  * router; they are answered here, still in the envelope and with the two headers.
  */
 export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
   // As Node itself does without this handler: an answer unless one has begun on this socket (a
   // request whose body is too slow has a response object, not yet written: it gets its 408).
-  const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+  const inFlight = pendingResponse(socket)
   if (!socket.writable || (inFlight != null && inFlight.headersSent)) {
     socket.destroy()
     return
