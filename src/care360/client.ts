@@ -507,6 +507,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     cancelAppointment ({ email, appointmentId, reason }, context) {
       const payload: CancelRequest = { email, appointmentId }
       if (reason !== undefined) payload.reason = reason
+      const scrub: Scrub = { anywhere: [apiKey, email], words: reason }
       // Never retried: a cancel whose answer was lost may have happened.
       return call('cancel', {
         method: 'POST',
@@ -514,14 +515,14 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         headers: upstreamHeaders(context, true),
         body: JSON.stringify(payload),
         idempotent: false
-      }, { anywhere: [apiKey, email], words: reason }, function readCancel (status, envelope): CancelAnswer {
+      }, scrub, function readCancel (status, envelope): CancelAnswer {
         if (status !== 200) throw unexpected(status, 'status not in its documentation')
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         if (envelope.success === false) throw unexpected(status, 'success is false')
         return {
           status: 200,
           success: true,
-          message: safeText(envelope.message, { anywhere: [apiKey, email], words: reason }) ?? 'Appointment cancelled'
+          message: safeText(envelope.message, scrub) ?? 'Appointment cancelled'
         }
       })
     },
