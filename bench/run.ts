@@ -26,6 +26,8 @@ import { freePort } from '../test/helpers/ports.js'
 const QUICK = process.argv.includes('--quick')
 const PROFILE = process.argv.includes('--profile')
 const BUNDLE_PROFILE = process.env.BENCH_PROFILE_BUNDLE === '1'
+/** `--profile` of the shedding path: a flood from one address over RATE_LIMIT_IP, as in the shedding scenario. */
+const SHED_PROFILE = process.env.BENCH_PROFILE_SHED === '1'
 const COMPARE = process.argv.includes('--compare')
 const INSTRUCTIONS = process.argv.includes('--instructions')
 const SOAK_ONLY = process.argv.includes('--soak')
@@ -754,14 +756,15 @@ async function profile (): Promise<void> {
   const service = await startService('service (profiled)', {
     ...serviceEnv(upstream, issuer),
     OWNERSHIP_CHECK: ownership,
+    ...(SHED_PROFILE ? { RATE_LIMIT_IP: `${SHED.ipLimit}/1s`, TRUST_PROXY: '127.0.0.1' } : {}),
     ...extraServiceEnv()
   // From the sources through tsx, where each frame keeps its package; BENCH_PROFILE_BUNDLE=1
   // profiles the production bundle instead (what runs, without tsx's loader in the profile).
   }, undefined, [...(BUNDLE_PROFILE ? [] : ['--import', 'tsx']), '--cpu-prof', `--cpu-prof-dir=${dir}`],
   BUNDLE_PROFILE ? 'dist/server.js' : 'src/server.ts')
-  const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid)
-  const result = await measure(target, { seconds: QUICK ? 2 : 10, connections: MAX_CONNECTIONS })
-  expectOnly('profiled', result, ['200'])
+  const target = cancelTarget('profiled', service.url, await signIn(service, issuer, EMAIL), service.pid, SHED_PROFILE ? '10.2.0.1' : undefined)
+  const result = await measure(target, { seconds: QUICK ? 2 : 10, connections: SHED_PROFILE ? SHED.floodConnections : MAX_CONNECTIONS })
+  expectOnly('profiled', result, SHED_PROFILE ? ['200', '429'] : ['200'])
   await stop(service)
   await Promise.all([stop(upstream), issuer.close()])
   const file = readdirSync(dir).find((name) => name.endsWith('.0.001.cpuprofile')) ?? readdirSync(dir).find((name) => name.endsWith('.cpuprofile'))
@@ -783,7 +786,7 @@ async function profile (): Promise<void> {
   }
   const top = (map: Map<string, number>, n: number): string => [...map].sort((a, b) => b[1] - a[1]).slice(0, n)
     .map(([name, us]) => `| ${fmt(100 * us / total, 1)}% | ${name} |`).join('\n')
-  console.log(`\n## CPU profile: service (OWNERSHIP_CHECK=${ownership}, BENCH_SERVICE_ENV=${process.env.BENCH_SERVICE_ENV ?? '{}'}), ${result.responses} cancels at ${fmt(result.rps, 0)} req/s; profile ${join(dir, file)}\n`)
+  console.log(`\n## CPU profile: service (${SHED_PROFILE ? 'a flood from one address over RATE_LIMIT_IP, ' : ''}OWNERSHIP_CHECK=${ownership}, BENCH_SERVICE_ENV=${process.env.BENCH_SERVICE_ENV ?? '{}'}), ${result.responses} cancels at ${fmt(result.rps, 0)} req/s; profile ${join(dir, file)}\n`)
   console.log(`| self time | package or file |\n| ---: | --- |\n${top(byPlace, 20)}\n`)
   console.log(`| self time | function |\n| ---: | --- |\n${top(byFunction, 30)}\n`)
   // Each sample charged to the innermost frame of the service's own code on its stack: what a

@@ -34,12 +34,12 @@ export interface AppMetrics {
   observeUpstream: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
   /** One limiter decision: the request (or upstream call) was let through, or refused. */
   recordLimiter: (scope: LimiterScope, limited: boolean) => void
-  /** What the org budget had left after its last admission (0 after a refusal). */
-  setOrgBudgetRemaining: (remaining: number) => void
   /** A finished sign-in: a session was created, or the patient was refused or sent back. */
   recordSignIn: (method: SignInMethod, success: boolean) => void
   /** How to read the upstream cooldown (ms left) when scraped; set by the limits plugin. */
   watchCooldown: (remainingMs: () => Awaitable<number>) => void
+  /** How to read what the org budget has left in its window when scraped; set by the limits plugin. */
+  watchBudget: (remaining: () => Awaitable<number>) => void
 }
 
 declare module 'fastify' {
@@ -91,10 +91,14 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
       }
     }
   })
+  let budgetRemaining: (() => Awaitable<number>) | null = null
   const orgBudgetRemaining = new Gauge({
     name: 'bff_org_budget_remaining',
-    help: 'Upstream calls the org budget had left in its window at its last decision (this process\'s view; 0 after a refusal)',
-    registers: [registry]
+    help: 'Upstream calls the org budget has left in its window (read when scraped: the shared count from Redis, this process\'s share while it counts alone)',
+    registers: [registry],
+    async collect () {
+      if (budgetRemaining !== null) this.set(await budgetRemaining())
+    }
   })
   let cooldownRemaining: (() => Awaitable<number>) | null = null
   const upstreamCooldownActive = new Gauge({
@@ -161,14 +165,14 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
       if (limited) count.limited += 1
       else count.allowed += 1
     },
-    setOrgBudgetRemaining (remaining) {
-      orgBudgetRemaining.set(remaining)
-    },
     recordSignIn (method, success) {
       signInChildren[method][success ? 1 : 0].inc()
     },
     watchCooldown (remainingMs) {
       cooldownRemaining = remainingMs
+    },
+    watchBudget (remaining) {
+      budgetRemaining = remaining
     }
   }
 }

@@ -1,4 +1,5 @@
 import t, { type Test } from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { buildTestApp, signIn, TEST_API_KEY } from './helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
@@ -151,6 +152,20 @@ t.test('org budget refusals, the upstream cooldown and its gauge', async (t) => 
   t.equal(value(samples, 'bff_limiter_decisions_total', { scope: 'org_budget', decision: 'limited' }), 1)
   t.equal(value(samples, 'bff_org_budget_remaining', {}), 0)
 })
+
+for (const redis of [false, true]) {
+  t.test(`the org budget's gauge refills as its window slides, with no call made (${redis ? 'Redis' : 'memory'})`, async (t) => {
+    const sandbox = await startSandbox(t)
+    const { app, issuer } = await buildTestApp(t, { redis, upstreamUrl: sandbox.url, env: { CV_API_KEY: SANDBOX_KEY, CV_RATE_LIMIT: '2/1s' } })
+    const auth = { authorization: `Bearer ${await signIn(app, issuer, alice.email)}` }
+    const budget = async () => value((await scrape(t, app)).samples, 'bff_org_budget_remaining', {})
+    t.equal(await budget(), 2, 'before any call')
+    for (let i = 0; i < 2; i++) t.equal((await app.inject({ method: 'GET', url: '/appointments', headers: auth })).statusCode, 200)
+    t.equal(await budget(), 0, 'both spent')
+    await sleep(1100)
+    t.equal(await budget(), 2, 'a window later')
+  })
+}
 
 t.test('the shared state mode follows Redis', async (t) => {
   const { app, redis } = await buildTestApp(t, { redis: true })

@@ -51,6 +51,8 @@ export interface BudgetStore {
   take: (cooldown?: CooldownCheck) => Awaitable<BudgetDecision>
   /** Multiplicative decrease of the effective limit after an upstream 429. */
   decrease: () => Awaitable<void>
+  /** Admissions left in the window now, taking nothing (the metrics' gauge, read when scraped). */
+  remaining: () => Awaitable<number>
 }
 
 export interface BudgetOptions extends Rate {
@@ -118,6 +120,7 @@ function monotonicNow (): number {
 export interface MemoryBudget extends BudgetStore {
   take: (cooldown?: CooldownCheck) => BudgetDecision
   decrease: () => void
+  remaining: () => number
   /**
    * As the twin of a Redis budget: counts an admission Redis made for this process, so that a
    * fallback counts this process's recent calls whichever store admitted them.
@@ -220,11 +223,16 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
     return last === undefined ? at : Math.max(at, last)
   }
 
-  /** Admitted at `at` (appended to the log), or refused. */
-  function admit (at: number): BudgetDecision {
+  /** The limit at `at`, the log holding only the admissions of the span up to it. */
+  function limitAt (at: number): number {
     log.dropBefore(at - windowMs)
     if (decreased !== null && effectiveLimit(decreased, at, count, recoverMs) >= count) decreased = null
-    const limit = effectiveLimit(decreased, at, count, recoverMs)
+    return effectiveLimit(decreased, at, count, recoverMs)
+  }
+
+  /** Admitted at `at` (appended to the log), or refused. */
+  function admit (at: number): BudgetDecision {
+    const limit = limitAt(at)
     const used = log.length
     if (used < limit) {
       log.push(at)
@@ -291,6 +299,7 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
   return {
     take,
     decrease,
+    remaining: () => Math.max(0, limitAt(clock()) - log.length),
     record,
     reserve,
     unreserve: (at) => { log.remove(at) },
@@ -378,6 +387,19 @@ redis.call('PEXPIRE', KEYS[1], recover)
 return 1
 `)
 
+// KEYS: log, decrease state. ARGV: count, span, recoverMs. What takeScript would answer as
+// `remaining` plus one, or 0 when it would refuse; it changes nothing.
+const remainingScript = redisScript('bffBudgetRemaining', 2, `${LUA_NOW_MS}
+local count = tonumber(ARGV[1])
+local recover = tonumber(ARGV[3])
+local limit = count
+local state = redis.call('HMGET', KEYS[2], 'floor', 'at')
+if state[1] then
+  limit = math.min(count, tonumber(state[1]) + math.floor(math.max(0, now - tonumber(state[2])) * count / recover))
+end
+return math.max(0, limit - redis.call('ZCOUNT', KEYS[1], int(now - tonumber(ARGV[2])), '+inf'))
+`)
+
 export interface RedisBudgetOptions extends BudgetOptions {
   fallback: StoreFallback
   /**
@@ -441,9 +463,13 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
     if (verdict === 1) return { ok: true, remaining: value }
     return verdict === 2 ? { ok: false, coolingMs: value } : { ok: false, retryAfterMs: value }
   }
+  /** An admission needs the twin's too (see 3. above). */
+  function twinToo (): boolean {
+    return bothAlways || fallback.redisFor() <= windowMs
+  }
   async function takeInRedis (redis: Redis, cooldownKey: string | null): Promise<BudgetDecision> {
     let held: { at: number, remaining: number } | null = null
-    if (bothAlways || fallback.redisFor() <= windowMs) {
+    if (twinToo()) {
       const reserved = memory.reserve()
       if (!reserved.decision.ok) {
         await replayOnly(redis)
@@ -491,6 +517,10 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)
   }
+  async function remainingInRedis (redis: Redis): Promise<number> {
+    const left = Number(await remainingScript(redis, keys[0], keys[2], count, windowMs, recoverMs))
+    return twinToo() ? Math.min(left, memory.remaining()) : left
+  }
   return {
     take (cooldown) {
       // A cooldown held only in this process (no key) is checked here; a shared one in the script.
@@ -498,7 +528,8 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
       if (cooling !== null) return cooling
       return fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown))
     },
-    decrease: () => fallback.run(decreaseInRedis, memory.decrease)
+    decrease: () => fallback.run(decreaseInRedis, memory.decrease),
+    remaining: () => fallback.run(remainingInRedis, memory.remaining)
   }
 }
 

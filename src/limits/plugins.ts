@@ -185,17 +185,20 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
   app.addHook('onRequest', sessionLimitHook(clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
 
   const cooldown = createCooldown({ fallback, now: options.now })
+  const budget = createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now })
   const gate = createUpstreamGate({
-    budget: createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now }),
+    budget,
     cooldown,
     now: options.now,
-    record: metrics === null ? undefined : { decision: metrics.recordLimiter, budgetRemaining: metrics.setOrgBudgetRemaining }
+    record: metrics === null ? undefined : { decision: metrics.recordLimiter }
   })
   app.decorate('upstreamGate', gate)
   // Read when scraped, through the fallback: Redis's answer when it has one, this process's
   // otherwise; and never less than the cooldown this process is still honouring (a Redis outage
   // hides the shared one from the fallback, while the gate goes on refusing).
   metrics?.watchCooldown(() => whenReady(cooldown.remaining(), (remainingMs) => Math.max(remainingMs, gate.coolingMs())))
+  // Read when scraped too, so that the gauge refills as the window slides while no call is made.
+  metrics?.watchBudget(budget.remaining)
 }
 
 export const ipLimitPlugin = fp(ipLimit, { name: 'limits-ip', fastify: '5.x', dependencies: ['answers'] })

@@ -32,11 +32,9 @@ export interface UpstreamGateOptions {
 
 export interface GateRecorder {
   decision: (scope: 'cooldown' | 'org_budget', limited: boolean) => void
-  /** What the budget had left after its decision (0 after a refusal). */
-  budgetRemaining: (remaining: number) => void
 }
 
-const silent: GateRecorder = { decision () {}, budgetRemaining () {} }
+const silent: GateRecorder = { decision () {} }
 
 export function upstreamRateLimited (waitMs: number): ApiError {
   return new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
@@ -70,7 +68,6 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     }
     record.decision('cooldown', false)
     record.decision('org_budget', !decision.ok)
-    record.budgetRemaining(decision.ok ? decision.remaining : 0)
     if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
   }
 

@@ -61,6 +61,21 @@ for (const [kind, make] of kinds) {
     t.equal(await takeMany(budget, 2), 0, 'halved again from the current limit (5 -> 2), which is spent')
   })
 
+  t.test(`${kind}: what is left is read without taking, and refills as the window slides`, async (t) => {
+    const budget = await make(t, { count: 3, windowMs: 400, recoverMs: 60_000 })
+    t.equal(await budget.remaining(), 3, 'a fresh budget')
+    t.equal(await takeMany(budget, 2), 2)
+    t.equal(await budget.remaining(), 1, 'two taken')
+    t.equal(await budget.remaining(), 1, 'reading took nothing')
+    t.equal(await takeMany(budget, 2), 1)
+    t.equal(await budget.remaining(), 0, 'spent')
+    await budget.decrease()
+    await sleep(450)
+    // The window is empty again, the limit halved (3 -> 1) and barely recovered.
+    t.equal(await budget.remaining(), 1, 'refilled to the decreased limit, with no call made')
+    t.same(await budget.take(), { ok: true, remaining: 0 }, 'and take agrees')
+  })
+
   t.test(`${kind}: never below one`, async (t) => {
     const budget = await make(t, { count: 1, windowMs: 10_000 })
     await budget.decrease()
@@ -256,6 +271,16 @@ t.test('outage, one replica: Redis back within the span of calls admitted alone;
   t.equal(await takeMany(a.budget, 4), 0)
   await sleep(2100)
   t.equal(await takeMany(a.budget, 7), 6, 'a span later, the whole count again')
+})
+
+t.test('outage: what is left is Redis\'s count while it answers, the replica\'s share alone, the smaller of both just after', async (t) => {
+  const a = await replicaOf(t, 'a', { count: 6, windowMs: 2000, replicas: 2, tag: uniqueName('left') })
+  t.equal(await takeMany(a.budget, 1), 1)
+  t.equal(await a.budget.remaining(), 5, 'from Redis: the whole count, less the call')
+  await a.deny()
+  t.equal(await a.budget.remaining(), 2, 'alone: its share (3), less the call it made through Redis')
+  await a.allow()
+  t.equal(await a.budget.remaining(), 2, 'back within a span: the smaller of Redis\'s 5 and its own 2')
 })
 
 t.test('outage: a replica\'s first call after Redis returns enters the calls it made alone into Redis\'s log', async (t) => {
