@@ -18,17 +18,23 @@ function isLocalPath (path: string): boolean {
  */
 export function safeReturnTo (value: unknown): string {
   if (typeof value !== 'string' || value.length > MAX_LENGTH || !isLocalPath(value)) return '/'
-  // Checked once more decoded: `/%2F%2Fevil.com` must not become `//evil.com` in an app's router.
-  let decoded: string
-  try {
-    decoded = decodeURIComponent(value)
-  } catch {
-    return '/'
-  }
-  if (!isLocalPath(decoded)) return '/'
-  // And as a browser resolves it: a path that stays on our origin with no empty segment.
+  // As a browser resolves it: a path that stays on our origin, its dot segments (`%2e` too) gone.
   const base = 'https://bff.invalid'
   const resolved = new URL(value, base)
-  if (resolved.origin !== base || resolved.pathname.includes('//')) return '/'
+  if (resolved.origin !== base || !isSafeResult(resolved.pathname)) return '/'
   return `${resolved.pathname}${resolved.search}${resolved.hash}`
+}
+
+/**
+ * What leaves is checked, not only what came: no empty segment, and a local path once decoded, so
+ * that neither `/%2F%2Fevil.com` nor `/%2e/%2fevil.com` (which resolves to `/%2fevil.com`) turns
+ * into `//evil.com` in an app's router.
+ */
+function isSafeResult (path: string): boolean {
+  if (path.includes('//')) return false
+  try {
+    return isLocalPath(decodeURIComponent(path))
+  } catch {
+    return false
+  }
 }

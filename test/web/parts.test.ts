@@ -18,6 +18,8 @@ t.test('returnTo: a path on this service, else /', async (t) => {
     undefined, 42, ['/a'], '', 'a', 'relative/path', '//evil.com', '///evil.com', '/\\evil.com', '\\\\evil.com',
     'https://evil.com', 'javascript:alert(1)', '/%2F%2Fevil.com', '/%2f/evil.com', '/%5Cevil.com', '\t//evil',
     '/\t/evil.com', '/a\nb', '/a\u0000', '/a\u007f', '/%0d%0aSet-Cookie:x', '/%E0%A4%A', '/..//evil.com', '/a//b',
+    // Dot segments, even encoded, go before the check: each of these resolves to /%2fevil.com.
+    '/%2e/%2fevil.com', '/a/%2e%2e/%2fevil.com', '/%2e%2e/%2Fevil.com', '/./%2f%2fevil.com', '/a/%2E%2E/%5cevil.com',
     `/${'a'.repeat(1100)}`
   ]
   for (const value of refused) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)?.slice(0, 40)}`)
