@@ -75,13 +75,16 @@ const SecureUrl = (description: string) =>
     if (!isAllowedOrigin(value)) throw new Error('must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)')
     return value.replace(/\/+$/, '')
   })
+/**
+ * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since
+ * a plain-http origin can be answered by anyone on the path between the browser and its host.
+ */
 const OriginList = (description: string) =>
   Type.Decode(Type.String({ description }), (value) => {
     const origins = list(value)
     for (const origin of origins) {
-      let url: URL
-      try { url = new URL(origin) } catch { throw new Error(`not an origin: ${origin}`) }
-      if (url.origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${origin}`)
+      if (!isAllowedOrigin(origin)) throw new Error(`not an https origin (http only for localhost, 127.0.0.0/8 or ::1): ${origin}`)
+      if (new URL(origin).origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${origin}`)
     }
     return origins.map((origin) => new URL(origin).origin)
   })

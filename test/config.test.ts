@@ -172,6 +172,16 @@ t.test('required variables and cross-variable rules', async (t) => {
   t.same(refusal({ ...base, SESSION_IDLE_TTL: '13h' }).variables, ['SESSION_IDLE_TTL'])
   t.same(refusal({ ...base, CV_TIMEOUT_MS: '600001' }).variables, ['CV_TIMEOUT_MS'])
   t.same(refusal({ ...base, CORS_ORIGINS: 'not-an-origin' }).variables, ['CORS_ORIGINS'])
+})
+
+t.test('CORS_ORIGINS: https origins, plain http only on loopback (as PUBLIC_URL)', async (t) => {
+  t.same(loadConfig({ ...base, CORS_ORIGINS: 'http://localhost:5173, http://127.0.0.1:8080, http://[::1]:3000, https://app.example.com' }).corsOrigins,
+    ['http://localhost:5173', 'http://127.0.0.1:8080', 'http://[::1]:3000', 'https://app.example.com'])
+  for (const bad of ['http://app.example.com', 'https://app.example.com,http://10.0.0.1:8080', 'http://127.0.0.1.evil.com', 'ftp://127.0.0.1', 'https://user:pw@app.example.com']) {
+    const error = refusal({ ...base, CORS_ORIGINS: bad })
+    t.same(error.variables, ['CORS_ORIGINS'], bad)
+    t.match(error.message, 'https', bad)
+  }
   t.same(refusal({ ...base, TRUST_PROXY: 'proxy.local' }).variables, ['TRUST_PROXY'])
   t.same(refusal({ ...base, TRUST_PROXY: '10.0.0.1/8/1' }).variables, ['TRUST_PROXY'])
 })
