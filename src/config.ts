@@ -53,15 +53,49 @@ function nonEmptyList (text: string): string[] {
   return items
 }
 
-const Duration = (description: string) =>
-  Type.Decode(Type.String({ pattern: DURATION, description }), parseDuration)
+/**
+ * Upper bounds of durations. The syntax alone allows 999999999d, past what a Date can hold: a
+ * session's expiry then throws at every sign-in. A session never needs to outlive a year; a rate
+ * window longer than a day is no longer a rate limit (and holds its counters as long).
+ */
+const MAX_SESSION_TTL = '365d'
+const MAX_RATE_WINDOW = '1d'
+
+const Duration = (description: string, max: string) =>
+  Type.Decode(Type.String({ pattern: DURATION, description }), (value) => {
+    const ms = parseDuration(value)
+    if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
+    return ms
+  })
 const RateSpec = (description: string) =>
-  Type.Decode(Type.String({ pattern: RATE, description }), parseRate)
-const Port = (description: string) =>
+  Type.Decode(Type.String({ pattern: RATE, description }), (value) => {
+    const rate = parseRate(value)
+    if (rate.windowMs > parseDuration(MAX_RATE_WINDOW)) throw new Error(`a window of at most ${MAX_RATE_WINDOW}`)
+    return rate
+  })
+/** 0 is a port only where it means "off" (METRICS_PORT): to listen on it picks a random port. */
+const Port = (description: string, zeroDisables: boolean) =>
   Type.Decode(Type.String({ pattern: '^(0|[1-9][0-9]{0,4})$', description }), (value) => {
     const port = Number(value)
     if (port > 65535) throw new Error('port out of range')
+    if (port === 0 && !zeroDisables) throw new Error('a port from 1 to 65535; 0 would listen on a random one')
     return port
+  })
+/**
+ * A listen address: an IP address, or a hostname of RFC 1123 syntax (labels of letters, digits and
+ * inner hyphens, an optional root dot; not all-numeric at the end, which would be a mistyped IPv4
+ * address). Anything else only fails at listen, after the rest of start-up.
+ */
+const HOSTNAME_LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i
+function isHostname (value: string): boolean {
+  const name = value.endsWith('.') ? value.slice(0, -1) : value
+  const labels = name.split('.')
+  return name.length <= 253 && labels.every((label) => HOSTNAME_LABEL.test(label)) && !/^[0-9]+$/.test(labels[labels.length - 1] as string)
+}
+const ListenHost = (description: string) =>
+  Type.Decode(Type.String({ minLength: 1, description }), (value) => {
+    if (isIP(value) === 0 && !isHostname(value)) throw new Error('an IP address (IPv6 without brackets) or a hostname')
+    return value
   })
 const PositiveInt = (description: string, max: number) =>
   Type.Decode(Type.String({ pattern: '^[1-9][0-9]{0,8}$', description }), (value) => {
@@ -118,9 +152,9 @@ export const EnvSchema = Type.Object({
   SERVICE_SECRET_FILE: Type.Optional(Type.String({ minLength: 1, description: 'a file holding the service secret' })),
   CV_RATE_LIMIT: Type.Optional(RateSpec('org-wide upstream budget, <count>/<window>')),
   CV_TIMEOUT_MS: Type.Optional(PositiveInt('deadline of one upstream call in ms', 600_000)),
-  HOST: Type.Optional(Type.String({ minLength: 1, description: 'listen address' })),
-  PORT: Type.Optional(Port('listen port')),
-  METRICS_PORT: Type.Optional(Port('Prometheus port, 0 disables')),
+  HOST: Type.Optional(ListenHost('listen address')),
+  PORT: Type.Optional(Port('listen port', false)),
+  METRICS_PORT: Type.Optional(Port('Prometheus port, 0 disables', true)),
   REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://', description: 'redis:// or rediss:// URL' })),
   OIDC_ISSUER: SecureUrl('the patient identity provider'),
   OIDC_CLIENT_ID: Type.Optional(Type.String({ minLength: 1 })),
@@ -130,8 +164,8 @@ export const EnvSchema = Type.Object({
   // Not in the contract's table (the team's addition): where the patient web app lives when it
   // is not served from PUBLIC_URL's origin. Sign-in ends there (returnTo, signin_error).
   WEB_APP_URL: Type.Optional(SecureUrl('the patient web app origin')),
-  SESSION_IDLE_TTL: Type.Optional(Duration('session idle lifetime, e.g. 30m')),
-  SESSION_ABSOLUTE_TTL: Type.Optional(Duration('session absolute lifetime, e.g. 12h')),
+  SESSION_IDLE_TTL: Type.Optional(Duration('session idle lifetime, e.g. 30m', MAX_SESSION_TTL)),
+  SESSION_ABSOLUTE_TTL: Type.Optional(Duration('session absolute lifetime, e.g. 12h', MAX_SESSION_TTL)),
   RATE_LIMIT_IP: Type.Optional(RateSpec('per client IP, <count>/<window>')),
   RATE_LIMIT_SESSION: Type.Optional(RateSpec('per session, <count>/<window>')),
   RATE_LIMIT_CANCEL: Type.Optional(RateSpec('cancels per session, <count>/<window>')),
@@ -253,8 +287,15 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
   const env = Value.Decode(EnvSchema, raw)
   const config = assemble(env, apiKey, serviceSecret)
   if (config.sessions.idleTtlMs > config.sessions.absoluteTtlMs) {
-    throw new ConfigError([['SESSION_IDLE_TTL', 'must not exceed SESSION_ABSOLUTE_TTL']])
+    problems.push(['SESSION_IDLE_TTL', 'must not exceed SESSION_ABSOLUTE_TTL'])
   }
+  // Both listeners share HOST: the same port would fail at listen, after start-up, with a stack trace.
+  if (config.metricsPort !== 0 && config.metricsPort === config.port) {
+    problems.push(['METRICS_PORT', raw.METRICS_PORT === undefined
+      ? `must differ from PORT (METRICS_PORT defaults to ${config.metricsPort}; set another port, or 0 to disable metrics)`
+      : 'must differ from PORT (or 0 to disable metrics)'])
+  }
+  if (problems.length > 0) throw new ConfigError(problems)
   return config
 }
 

@@ -186,6 +186,55 @@ t.test('CORS_ORIGINS: https origins, plain http only on loopback (as PUBLIC_URL)
   t.same(refusal({ ...base, TRUST_PROXY: '10.0.0.1/8/1' }).variables, ['TRUST_PROXY'])
 })
 
+t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
+  t.equal(loadConfig({ ...base, PORT: '1' }).port, 1)
+  t.equal(loadConfig({ ...base, PORT: '65535' }).port, 65535)
+  const zero = refusal({ ...base, PORT: '0' })
+  t.same(zero.variables, ['PORT'], 'PORT=0 would listen on a random port')
+  t.match(zero.message, 'random')
+  t.equal(loadConfig({ ...base, METRICS_PORT: '0' }).metricsPort, 0, 'METRICS_PORT=0 still disables metrics')
+  const same = refusal({ ...base, PORT: '8080', METRICS_PORT: '8080' })
+  t.same(same.variables, ['METRICS_PORT'])
+  t.match(same.message, /METRICS_PORT: must differ from PORT/)
+  t.same(refusal({ ...base, PORT: '9464' }).variables, ['METRICS_PORT'], 'PORT on the default metrics port')
+  t.equal(loadConfig({ ...base, PORT: '9464', METRICS_PORT: '0' }).port, 9464, 'fine with metrics off')
+  t.equal(loadConfig({ ...base, PORT: '9464', METRICS_PORT: '9465' }).port, 9464)
+  const both = refusal({ ...base, PORT: '8080', METRICS_PORT: '8080', SESSION_IDLE_TTL: '13h' })
+  t.same(both.variables, ['SESSION_IDLE_TTL', 'METRICS_PORT'], 'cross-variable problems are reported together')
+})
+
+t.test('HOST: an IP address or a hostname', async (t) => {
+  for (const good of ['0.0.0.0', '127.0.0.1', '::', '::1', 'fe80::1%eth0', 'localhost', 'bff-1.internal.example.com', 'bff.example.com.', 'a']) {
+    t.equal(loadConfig({ ...base, HOST: good }).host, good, good)
+  }
+  for (const bad of ['no such host!', '[::1]', '10.0.0.256', '1.2.3', 'host_name', '-bad.example.com', 'bad-.example.com', 'a..b', 'example.com..', '.', `${'a'.repeat(64)}.example.com`, `${'a.'.repeat(127)}aa`, '127.0.0.1:3000', 'http://localhost']) {
+    const error = refusal({ ...base, HOST: bad })
+    t.same(error.variables, ['HOST'], bad)
+    t.match(error.message, 'IP address', bad)
+  }
+})
+
+t.test('durations have a sane upper bound, said in the message', async (t) => {
+  const year = loadConfig({ ...base, SESSION_IDLE_TTL: '365d', SESSION_ABSOLUTE_TTL: '365d' })
+  t.same(year.sessions, { idleTtlMs: 365 * 86_400_000, absoluteTtlMs: 365 * 86_400_000 })
+  for (const name of ['SESSION_IDLE_TTL', 'SESSION_ABSOLUTE_TTL']) {
+    for (const bad of ['200000000d', '366d', '8761h', '999999999m']) {
+      const error = refusal({ ...base, SESSION_ABSOLUTE_TTL: '365d', [name]: bad })
+      t.same(error.variables, [name], `${name}=${bad}`)
+      t.match(error.message, 'at most 365d', `${name}=${bad}`)
+    }
+  }
+  for (const name of ['CV_RATE_LIMIT', 'RATE_LIMIT_IP', 'RATE_LIMIT_SESSION', 'RATE_LIMIT_CANCEL']) {
+    const config = loadConfig({ ...base, [name]: '10/1d' })
+    t.same([config.orgBudget, config.limits.ip, config.limits.session, config.limits.cancel].filter((rate) => rate.windowMs === 86_400_000), [{ count: 10, windowMs: 86_400_000 }], `${name}=10/1d`)
+    for (const bad of ['5/200000000d', '5/2d', '5/25h']) {
+      const error = refusal({ ...base, [name]: bad })
+      t.same(error.variables, [name], `${name}=${bad}`)
+      t.match(error.message, 'at most 1d', `${name}=${bad}`)
+    }
+  }
+})
+
 t.test('parsers', async (t) => {
   t.equal(parseDuration('250ms'), 250)
   t.equal(parseDuration('2d'), 172_800_000)
