@@ -51,13 +51,27 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   const now = options.now ?? Date.now
   // Keyed by the lower-cased email: the upstream matches emails case-insensitively.
   const entries = new Map<string, Entry>()
+  // The ids of the appointments a cancel took effect for lately, by patient, for as long as a
+  // cached list lives: a list fetched before such a cancel but stored after it (a GET
+  // /appointments, or another cancel's lookup, running meanwhile) must not bring one back.
+  const gone = new Map<string, Entry>()
+
+  /** Sets `key`'s entry in `map`, the least recently stored first to go (a Map iterates in insertion order). */
+  function store (map: Map<string, Entry>, key: string, entry: Entry): void {
+    map.delete(key)
+    if (map.size >= maxEntries) map.delete(map.keys().next().value as string)
+    map.set(key, entry)
+  }
+
+  function live (map: Map<string, Entry>, key: string): Appointment[] | null {
+    const entry = map.get(key)
+    return entry !== undefined && now() - entry.at < ttlMs ? entry.appointments : null
+  }
 
   function remember (email: string, appointments: Appointment[]): void {
     const key = email.toLowerCase()
-    entries.delete(key)
-    // A Map iterates in insertion order: the first key is the least recently stored.
-    if (entries.size >= maxEntries) entries.delete(entries.keys().next().value as string)
-    entries.set(key, { at: now(), appointments })
+    const cancelled = live(gone, key)
+    store(entries, key, { at: now(), appointments: cancelled === null ? appointments : without(appointments, cancelled) })
   }
 
   async function fresh (email: string, requestId: string): Promise<Appointment[]> {
@@ -67,8 +81,7 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   }
 
   function cached (email: string): Appointment[] | null {
-    const entry = entries.get(email.toLowerCase())
-    return entry !== undefined && now() - entry.at < ttlMs ? entry.appointments : null
+    return live(entries, email.toLowerCase())
   }
 
   return {
@@ -82,11 +95,19 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
       return findAppointment(await fresh(email, requestId), appointmentId)
     },
     cancelled (email, appointment) {
-      const entry = entries.get(email.toLowerCase())
-      if (entry !== undefined) entry.appointments = entry.appointments.filter((item) => item !== appointment)
+      const key = email.toLowerCase()
+      const entry = entries.get(key)
+      // By id: the entry may hold another copy of it, stored by a list fetched meanwhile.
+      if (entry !== undefined) entry.appointments = without(entry.appointments, [appointment])
+      store(gone, key, { at: now(), appointments: [appointment, ...(live(gone, key) ?? [])] })
     },
     forget (email) {
       entries.delete(email.toLowerCase())
     }
   }
+}
+
+/** `list` without the appointments of `drop` (by the upstream's id). */
+function without (list: Appointment[], drop: readonly Appointment[]): Appointment[] {
+  return list.filter((item) => !drop.some((dropped) => dropped.id === item.id))
 }

@@ -62,8 +62,12 @@ export interface HandleInput {
   reason: string | undefined
   /** Everything from the ownership check on; the upstream cancel goes through `attempt.send`. */
   run: Run
-  /** Fetch Appointments for the patient: absent means the earlier cancel took effect. */
-  resolveUnknown: () => Promise<'cancelled' | 'not-cancelled'>
+  /**
+   * After an attempt whose outcome is unknown: `cancelled` when it shows that the earlier cancel
+   * took effect (answered as confirmed), `send` when nothing shows it did (the cancel is sent, and
+   * the upstream's answer is the key's).
+   */
+  resolveUnknown: () => Promise<'cancelled' | 'send'>
   /** The request's logger, for store failures. */
   log?: WarnLog
 }
@@ -175,7 +179,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * so a concurrent retry gets 409 and cannot send a second cancel meanwhile.
    */
   async function resolve (scope: string, key: string, token: string, input: HandleInput, log: WarnLog): Promise<HandleResult> {
-    let state: 'cancelled' | 'not-cancelled'
+    let state: 'cancelled' | 'send'
     try {
       state = await input.resolveUnknown()
     } catch (error) {
@@ -183,7 +187,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
       throw error
     }
-    if (state === 'not-cancelled') return await owned(scope, key, token, input.run, log)
+    if (state === 'send') return await owned(scope, key, token, input.run, log)
     await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
     return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, replayed: false }
   }

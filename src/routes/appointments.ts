@@ -163,10 +163,15 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       reason,
       log: request.log,
       run: (attempt) => sendCancel(request, appointmentId, reason, attempt),
-      // A fresh list, never the ownership cache: it decides whether an earlier cancel happened.
       resolveUnknown: async function resolveUnknown () {
+        // Without the ownership check the appointment was never seen in the patient's list, so
+        // its absence proves nothing (it may never have been theirs): the upstream, which
+        // enforces ownership itself, answers a new send ("already cancelled" if the first went).
+        if (!config.ownershipCheck) return 'send'
+        // With it, the appointment was listed before the first send. A fresh list, never the
+        // ownership cache: it decides whether that cancel happened.
         const listed = await ownership.findFresh(email, appointmentId, request.id)
-        return listed === null ? 'cancelled' : 'not-cancelled'
+        return listed === null ? 'cancelled' : 'send'
       }
     })
     // Every answer but a 200 is an error envelope (replayed ones too): its code is for the audit.

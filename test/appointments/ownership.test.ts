@@ -37,3 +37,37 @@ t.test('a cancel that took effect drops that appointment from the cached list, a
   cache.cancelled('nobody@example.com', first)
   t.same(await cache.find('nobody@example.com', 'a-1', 'r'), null, 'a patient with no cached list stays without one')
 })
+
+t.test('a cancelled appointment stays out of lists fetched before its cancel took effect, for as long as a list is cached', async (t) => {
+  let clock = 0
+  let fetches = 0
+  // The upstream no longer lists anything: a lookup that misses the cache finds nothing.
+  const cache = createOwnershipCache({ now: () => clock, fetch: async () => { fetches += 1; return [] } })
+  const cachedHas = async (id: string): Promise<boolean> => {
+    const before = fetches
+    const found = await cache.find('a@example.com', id, 'r')
+    return found !== null && fetches === before
+  }
+  // A lookup that misses the cache stores the upstream's empty list: each absence is checked last.
+  const [first, second] = [item('a-1'), item('a-2')]
+  cache.remember('a@example.com', [first, second])
+  // A GET /appointments fetched before the cancel landed stored its list (other objects) while
+  // the cancel ran: the cancel still drops its appointment.
+  cache.remember('a@example.com', [item('a-1'), item('a-2')])
+  cache.cancelled('a@example.com', first)
+  t.ok(await cachedHas('a-2'))
+  t.notOk(await cachedHas('a-1'), 'dropped by id')
+  // Lists fetched before a cancel, stored after it.
+  const stale = () => [item('a-1'), item('a-2'), item('a-3')]
+  cache.remember('A@example.com', stale())
+  t.ok(await cachedHas('a-3'), 'the rest of the list is kept')
+  t.notOk(await cachedHas('a-1'), 'a list stored after the cancel does not bring it back')
+  cache.cancelled('a@example.com', second)
+  cache.remember('a@example.com', stale())
+  t.notOk(await cachedHas('a-2'), 'nor the later one')
+  cache.remember('a@example.com', stale())
+  t.notOk(await cachedHas('a-1'), 'nor the earlier one')
+  clock += 30_000
+  cache.remember('a@example.com', stale())
+  t.ok(await cachedHas('a-1'), 'once a cached list can no longer be older than the cancel, lists are taken as they come')
+})

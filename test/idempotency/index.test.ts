@@ -202,7 +202,7 @@ for (const [name, makeStore] of stores) {
   t.test(`${name}: lost answer, retry, upstream still lists it: sent exactly once more`, async (t) => {
     const idem = await make(t)
     const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown', 502, ErrorCode.UPSTREAM_ERROR) }, async () => CANCELLED] })
-    const resolveUnknown = async (): Promise<'not-cancelled'> => 'not-cancelled'
+    const resolveUnknown = async (): Promise<'send'> => 'send'
     await t.rejects(idem.handle(input(cancel, { resolveUnknown })))
     const retry = await idem.handle(input(cancel, { resolveUnknown }))
     t.same(retry, { answer: CANCELLED, replayed: false })
@@ -214,12 +214,12 @@ for (const [name, makeStore] of stores) {
     const idem = await make(t)
     const cancel = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => CANCELLED] })
     await t.rejects(idem.handle(input(cancel)))
-    const lookup = deferred<'not-cancelled'>()
-    const resolveUnknown = async (): Promise<'not-cancelled'> => await lookup.promise
+    const lookup = deferred<'send'>()
+    const resolveUnknown = async (): Promise<'send'> => await lookup.promise
     const a = idem.handle(input(cancel, { resolveUnknown }))
     await sleep(20)
     t.equal((await rejection(idem.handle(input(cancel, { resolveUnknown })))).statusCode, 409)
-    lookup.resolve('not-cancelled')
+    lookup.resolve('send')
     t.equal((await a).answer.statusCode, 200)
     t.equal(cancel.sends(), 2)
   })
@@ -257,7 +257,7 @@ for (const [name, makeStore] of stores) {
     await sleep(350)
     const later = fakeCancel()
     let resolves = 0
-    const answer = await idem.handle(input(later, { resolveUnknown: async () => { resolves += 1; return 'not-cancelled' } }))
+    const answer = await idem.handle(input(later, { resolveUnknown: async () => { resolves += 1; return 'send' } }))
     t.same(answer, { answer: CANCELLED, replayed: false })
     t.equal(resolves, 1, 'the outcome was looked up first')
     t.equal(later.sends(), 1)

@@ -14,7 +14,7 @@ function request (cancel: FakeCancel, key: string | undefined): HandleInput {
     appointmentId: APPOINTMENT,
     reason: undefined,
     run: cancel.run,
-    resolveUnknown: async () => 'not-cancelled'
+    resolveUnknown: async () => 'send'
   }
 }
 

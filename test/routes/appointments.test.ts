@@ -296,6 +296,44 @@ t.test('a lost answer is resolved from the upstream on retry with the same key',
   t.equal(cancelCalls().length, 3)
 })
 
+t.test('an upstream 401 (our key refused) releases the Idempotency-Key: a retry after the key is mended runs', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  sandbox.control.setFailure({ kind: 'status', status: 401, body: { status: 401, success: false, message: 'Unauthorized' }, endpoint: 'cancel', times: 1 })
+  const refused = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'key-401' })
+  t.equal(refused.statusCode, 502)
+  t.match(refused.json(), { code: 'UPSTREAM_AUTH_FAILED' })
+  const retry = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'key-401' })
+  t.equal(retry.statusCode, 200, 'not the operator\'s fault replayed for 24 h')
+  t.equal(retry.headers['idempotent-replayed'], undefined)
+  t.ok(sandbox.control.isCancelled(aliceFirst.id))
+  t.equal(cancelCalls().length, 2)
+})
+
+t.test('with OWNERSHIP_CHECK=off a lost answer is never confirmed from the list: the cancel is sent again and the upstream answers', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
+  const token = await tokenFor(alice.email)
+  // Bob's appointment was never in Alice's list: its absence from it proves nothing. The
+  // connection is lost after the cancel was sent: its outcome is unknown.
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(token, bobFirst.id, {}, { 'idempotency-key': 'off-1' })).statusCode, 502)
+  const retry = await cancel(token, bobFirst.id, {}, { 'idempotency-key': 'off-1' })
+  t.equal(retry.statusCode, 400, 'not a 200 "confirmed" for a cancel that never happened')
+  t.match(retry.json(), { code: 'UPSTREAM_REJECTED' })
+  t.notOk(sandbox.control.isCancelled(bobFirst.id))
+  t.equal(cancelCalls().length, 2, 'the upstream was asked again')
+  t.equal((await cancel(token, bobFirst.id, {}, { 'idempotency-key': 'off-1' })).headers['idempotent-replayed'], 'true', 'and its answer is the key\'s')
+
+  // Alice's own, applied before the answer was lost: the upstream says so.
+  sandbox.control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'off-2' })).statusCode, 502)
+  t.ok(sandbox.control.isCancelled(aliceFirst.id))
+  const again = await cancel(token, aliceFirst.id, {}, { 'idempotency-key': 'off-2' })
+  t.equal(again.statusCode, 400)
+  t.match(again.json(), { code: 'UPSTREAM_REJECTED' })
+  t.equal(cancelCalls().length, 4)
+})
+
 t.test('LOG_LEVEL above info drops access lines but keeps the audit records', async (t) => {
   const logs: string[] = []
   const { app, tokenFor, cancel } = await stack(t, { logs, env: { LOG_LEVEL: 'warn' } })
