@@ -15,20 +15,22 @@ RUN npm run build
 FROM build AS dev-tools
 COPY demo ./demo
 ENV NODE_ENV=development
-USER node
+USER 1000:1000
 EXPOSE 4000 4010 5173
 CMD ["node", "--import", "tsx", "demo/compose-tools.ts"]
 
 # Runtime stage: the bundle only (every dependency is inside it: no node_modules), as a non-root
 # user. package.json is there for "type": "module". The base image's npm, npx and corepack are
 # removed: nothing here installs anything. The bundle's source map stays in the build stage.
+# The user is numeric (the base image's node user, 1000:1000): Kubernetes' runAsNonRoot cannot
+# check a name, and refuses to start an image whose USER is one unless runAsUser is set.
 FROM node:24.21.0-bookworm-slim AS runtime
 ENV NODE_ENV=production
 RUN rm -rf /usr/local/lib/node_modules /usr/local/bin/npm /usr/local/bin/npx /usr/local/bin/corepack
 WORKDIR /app
 COPY package.json ./
 COPY --from=build /app/dist/server.js ./dist/server.js
-USER node
+USER 1000:1000
 EXPOSE 3000 9464
 # No curl in the image: Node itself probes liveness, on the address the service listens on
 # (loopback when it listens on every address).

@@ -24,6 +24,10 @@ grep -q '^COPY package.json ./$' <<<"$runtime_stage" || fail "Dockerfile runtime
 grep -q '^COPY --from=build /app/dist/server.js ./dist/server.js$' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer copies the bundle (dist/server.js) alone from the build stage"
 grep -q 'npm \(ci\|i\|install\)\|yarn\|pnpm' <<<"$(grep -v '^#' <<<"$runtime_stage")" && fail "Dockerfile runtime stage installs packages again (the bundle needs none)"
 grep -q '^RUN rm -rf /usr/local/lib/node_modules ' <<<"$runtime_stage" || fail "Dockerfile runtime stage no longer removes the base image's npm"
+# runAsNonRoot (Kubernetes) refuses a named USER without runAsUser: the last USER must be a
+# numeric uid:gid other than root's (1000:1000, the base image's node user).
+runtime_user="$(grep '^USER ' <<<"$runtime_stage" | tail -n 1)"
+grep -qE '^USER [1-9][0-9]*:[1-9][0-9]*$' <<<"$runtime_user" || fail "Dockerfile runtime stage's USER is not a numeric non-root uid:gid (${runtime_user:-none})"
 # The image runs what `npm start` runs (package.json), Node options included; so does this check.
 start_argv="$(node -p "JSON.stringify(require('./package.json').scripts.start.split(' ')).replaceAll(',', ', ')")"
 grep -qxF "CMD $start_argv" Dockerfile || fail "Dockerfile's CMD is not npm start's command ($start_argv)"
