@@ -1,8 +1,9 @@
 import t from 'tap'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { CARE360_ORIGINS, ConfigError, isLoopbackHost, loadConfig, parseDuration, parseRate } from '../src/config.js'
+import { CARE360_ORIGINS, ConfigError, EnvSchema, isLoopbackHost, loadConfig, parseDuration, parseRate } from '../src/config.js'
 
 const base = { CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' }
 
@@ -233,6 +234,20 @@ t.test('durations have a sane upper bound, said in the message', async (t) => {
       t.match(error.message, 'at most 1d', `${name}=${bad}`)
     }
   }
+})
+
+t.test('.env.example: how to load it is true, and what it holds is a valid configuration', async (t) => {
+  const example = readFileSync('.env.example', 'utf8')
+  // Nothing in the service reads .env: the file tells to pass it to Node, with npm start's command.
+  const start = (JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: { start: string } }).scripts.start
+  const command = /^#\s+(node --env-file=\.env .*)$/m.exec(example)?.[1]
+  t.equal(command, start.replace(/^node /, 'node --env-file=.env '), 'the header gives npm start\'s command with --env-file=.env')
+  // Loaded by Node exactly so (from a clean environment), the file's values pass the schema.
+  const loaded = spawnSync(process.execPath, ['--env-file=.env.example', '-p', 'JSON.stringify(process.env)'], { env: {}, encoding: 'utf8' })
+  t.equal(loaded.status, 0, loaded.stderr)
+  const env = JSON.parse(loaded.stdout) as Record<string, string>
+  t.doesNotThrow(() => loadConfig(env))
+  for (const name of Object.keys(EnvSchema.properties)) t.match(example, new RegExp(`^(# )?${name}=`, 'm'), `${name} is listed`)
 })
 
 t.test('parsers', async (t) => {
