@@ -1,5 +1,6 @@
 import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
@@ -85,6 +86,24 @@ function drainOnClose (app: FastifyInstance): void {
     if (app.draining) reply.header('connection', 'close')
     done(null, payload)
   })
+}
+
+/**
+ * A shutdown (server.ts, on SIGTERM): with `delayMs` (SHUTDOWN_DELAY), first only unready for that
+ * long: `/readyz` answers 503 and every answer closes its connection, while new connections are
+ * still accepted and served. Behind a load balancer that learns of a replica's end only from its
+ * probes or from an orchestrator's endpoint list (Kubernetes removes a terminating pod from its
+ * Services while the pod already runs its shutdown), requests keep arriving for a few seconds:
+ * refused at once, they would fail (a reset, a 502) instead of being served. Then the drain
+ * (`close()`, drainOnClose) as without a delay.
+ */
+export async function shutDown (app: App, delayMs: number): Promise<void> {
+  if (delayMs > 0) {
+    app.draining = true
+    app.log.info({ delayMs }, 'unready; the listener closes after SHUTDOWN_DELAY')
+    await sleep(delayMs)
+  }
+  await app.close()
 }
 
 /** How long a request has to arrive whole, headers and body (Node's requestTimeout). */

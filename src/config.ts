@@ -60,6 +60,8 @@ function nonEmptyList (text: string): string[] {
  */
 const MAX_SESSION_TTL = '365d'
 const MAX_RATE_WINDOW = '1d'
+/** Longer than any endpoint list takes to forget a replica; it adds to the shutdown's deadline. */
+const MAX_SHUTDOWN_DELAY = '1m'
 
 const Duration = (description: string, max: string) =>
   Type.Decode(Type.String({ pattern: DURATION, description }), (value) => {
@@ -173,7 +175,10 @@ export const EnvSchema = Type.Object({
   TRUST_PROXY: Type.Optional(AddressList('comma list of proxy addresses or CIDRs')),
   OWNERSHIP_CHECK: Type.Optional(Type.Union([Type.Literal('on'), Type.Literal('off')])),
   REPLICAS: Type.Optional(PositiveInt('the most replicas that run at once', 10_000)),
-  LOG_LEVEL: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level))))
+  LOG_LEVEL: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)))),
+  // Not in the contract's table (the team's addition): at SIGTERM, how long to stay unready
+  // (serving, /readyz 503) before the listener closes (app.ts, shutDown).
+  SHUTDOWN_DELAY: Type.Optional(Duration('time unready before the listener closes at shutdown, e.g. 5s', MAX_SHUTDOWN_DELAY))
 })
 
 export type Env = StaticDecode<typeof EnvSchema>
@@ -233,7 +238,8 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
     trustProxy: env.TRUST_PROXY ?? [],
     ownershipCheck: (env.OWNERSHIP_CHECK ?? 'on') === 'on',
     replicas: env.REPLICAS ?? 1,
-    logLevel: env.LOG_LEVEL ?? 'info'
+    logLevel: env.LOG_LEVEL ?? 'info',
+    shutdownDelayMs: env.SHUTDOWN_DELAY ?? 0
   }
 }
 

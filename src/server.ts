@@ -1,6 +1,6 @@
 import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
-import { buildApp, shutdownDeadlineFor } from './app.js'
+import { buildApp, shutDown, shutdownDeadlineFor } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
 import { buildMetricsServer } from './metrics.js'
 
@@ -51,16 +51,18 @@ async function main (): Promise<void> {
   // Prometheus on its own port, never the public one; METRICS_PORT=0 turns it off.
   const metricsServer = config.metricsPort === 0 ? null : buildMetricsServer(app.metrics.registry)
 
-  // On SIGTERM/SIGINT: stop accepting (new connections are refused, which a load balancer retries
-  // elsewhere), let in-flight requests finish and close their connections (app.ts, drainOnClose),
-  // then close the upstream pool and Redis (their onClose hooks). A client still sending its
-  // headers gets a 408 after headersTimeout (drainOnClose). Past the deadline, close-with-grace
-  // exits 1: a request still unanswered, or one whose body is still arriving (Node stops
-  // enforcing requestTimeout once the server closes; the deadline is that bound).
-  closeWithGrace({ delay: shutdownDeadlineFor(config.care360.timeoutMs), logger: app.log }, async function shutdown ({ signal, err }) {
+  // On SIGTERM/SIGINT: unready for SHUTDOWN_DELAY when set (still serving, app.ts shutDown), then
+  // stop accepting (new connections are refused, which a load balancer retries elsewhere), let
+  // in-flight requests finish and close their connections (app.ts, drainOnClose), then close the
+  // upstream pool and Redis (their onClose hooks). A client still sending its headers gets a 408
+  // after headersTimeout (drainOnClose). Past the deadline, close-with-grace exits 1: a request
+  // still unanswered, or one whose body is still arriving (Node stops enforcing requestTimeout
+  // once the server closes; the deadline is that bound). After an uncaught error: no delay.
+  const deadline = config.shutdownDelayMs + shutdownDeadlineFor(config.care360.timeoutMs)
+  closeWithGrace({ delay: deadline, logger: app.log }, async function shutdown ({ signal, err }) {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     else app.log.info({ signal }, 'shutting down')
-    await app.close()
+    await shutDown(app, err === undefined ? config.shutdownDelayMs : 0)
     // Last, so that the drain itself can still be watched.
     await metricsServer?.close()
   })

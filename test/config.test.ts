@@ -60,6 +60,7 @@ t.test('every variable read and decoded', async (t) => {
     OWNERSHIP_CHECK: 'off',
     REPLICAS: '3',
     LOG_LEVEL: 'warn',
+    SHUTDOWN_DELAY: '5s',
     UNRELATED: 'ignored'
   })
   t.equal(config.care360.baseUrl, CARE360_ORIGINS.production)
@@ -81,6 +82,10 @@ t.test('every variable read and decoded', async (t) => {
   t.equal(config.ownershipCheck, false)
   t.equal(config.replicas, 3)
   t.equal(config.logLevel, 'warn')
+  t.equal(config.shutdownDelayMs, 5000)
+  t.equal(loadConfig(base).shutdownDelayMs, 0, 'no delay unless asked')
+  t.same(refusal({ ...base, SHUTDOWN_DELAY: '2m' }).variables, ['SHUTDOWN_DELAY'], 'at most a minute')
+  t.same(refusal({ ...base, SHUTDOWN_DELAY: '5' }).variables, ['SHUTDOWN_DELAY'])
 })
 
 t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) => {

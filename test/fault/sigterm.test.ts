@@ -68,7 +68,7 @@ interface ServerProcess {
 }
 
 /** `src/server.ts` as production runs it, against the issuer and the sandbox; null (a failed assertion) if it never gets ready. */
-async function startServer (t: Test, issuer: TestIssuer, sandbox: RunningSandbox): Promise<ServerProcess | null> {
+async function startServer (t: Test, issuer: TestIssuer, sandbox: RunningSandbox, env: Record<string, string> = {}): Promise<ServerProcess | null> {
   const port = await freePort()
   const origin = `http://127.0.0.1:${port}`
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
@@ -88,7 +88,8 @@ async function startServer (t: Test, issuer: TestIssuer, sandbox: RunningSandbox
       PORT: String(port),
       METRICS_PORT: '0',
       LOG_LEVEL: 'info',
-      RATE_LIMIT_CANCEL: '100/1m'
+      RATE_LIMIT_CANCEL: '100/1m',
+      ...env
     },
     stdio: ['ignore', 'pipe', 'pipe']
   })
@@ -264,4 +265,22 @@ t.test('a keep-alive connection busy at SIGTERM is closed after its answer: the 
   const took = Date.now() - signalledAt
   t.equal(code, 0, 'the process exits 0')
   t.ok(took < UPSTREAM_DELAY_MS + 3000, `exited ${took} ms after SIGTERM, soon after the last answer, not at the 10 s deadline`)
+})
+
+t.test('SHUTDOWN_DELAY: after SIGTERM the process stays unready but serving for that long, then drains and exits 0', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const server = await startServer(t, issuer, sandbox, { SHUTDOWN_DELAY: '1500ms' })
+  if (server === null) return
+  const signalledAt = Date.now()
+  server.child.kill('SIGTERM')
+  await sleep(300)
+  const readyz = await call(server.origin, { path: '/readyz', timeoutMs: 1000 })
+  t.equal(readyz.status, 503, 'a new connection is still accepted, and told the replica is going')
+  t.equal(readyz.headers.connection, 'close')
+  t.equal((await call(server.origin, { path: '/healthz', timeoutMs: 1000 })).status, 200, 'and still served')
+  const [code] = await Promise.race([server.exited, sleep(10_000).then(() => [null] as const)])
+  t.equal(code, 0)
+  const took = Date.now() - signalledAt
+  t.ok(took >= 1400 && took < 10_000, `exited ${took} ms after SIGTERM, once the delay had passed`)
 })

@@ -1,5 +1,7 @@
 import t from 'tap'
+import { request } from 'node:http'
 import { buildTestApp } from '../helpers/app.js'
+import { shutDown } from '../../src/app.js'
 
 t.test('readiness: 200 with the shared-state mode, 503 once draining; liveness stays 200', async (t) => {
   const { app } = await buildTestApp(t)
@@ -25,4 +27,37 @@ t.test('close() starts the drain before the listener closes', async (t) => {
   t.equal(app.draining, false)
   await app.close()
   t.equal(drainingWhenListenerClosed, true)
+})
+
+/** A GET on a new connection: its status and Connection header, or the connection's error code. */
+async function fresh (port: number, path: string): Promise<{ status: number, connection: string | undefined } | string> {
+  return await new Promise((resolve) => {
+    const req = request({ host: '127.0.0.1', port, path, agent: false }, (res) => {
+      res.resume()
+      res.on('end', () => { resolve({ status: res.statusCode as number, connection: res.headers.connection }) })
+    })
+    req.on('error', (error: NodeJS.ErrnoException) => { resolve(error.code ?? error.message) })
+    req.end()
+  })
+}
+
+t.test('a shutdown with a delay is first only unready: new connections are still served, /readyz says 503', async (t) => {
+  const { app } = await buildTestApp(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const started = Date.now()
+  const stopped = shutDown(app, 400)
+  t.same(await fresh(port, '/readyz'), { status: 503, connection: 'close' }, 'unready, on a new connection')
+  t.same(await fresh(port, '/healthz'), { status: 200, connection: 'close' }, 'and still serving')
+  await stopped
+  t.ok(Date.now() - started >= 390, 'the listener closed after the delay')
+  t.equal(await fresh(port, '/healthz'), 'ECONNREFUSED')
+})
+
+t.test('a shutdown without a delay closes the listener at once', async (t) => {
+  const { app } = await buildTestApp(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  await shutDown(app, 0)
+  t.equal(await fresh(port, '/readyz'), 'ECONNREFUSED')
 })
