@@ -13,15 +13,13 @@ import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
 import type { AppMetrics } from '../metrics.js'
 import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
-export interface LimitStores {
-  /** The one Redis-or-memory decision point of every limit store of this process. */
-  fallback: StoreFallback
-}
-
 declare module 'fastify' {
   interface FastifyInstance {
-    /** What the limit plugins share (a session's counters are its lookup's: auth/session-store.ts). */
-    limitStores: LimitStores
+    /**
+     * The one Redis-or-memory decision point of every limit store of this process, shared by the
+     * limit plugins (a session's counters are its lookup's: auth/session-store.ts).
+     */
+    limitsFallback: StoreFallback
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
   }
@@ -169,7 +167,7 @@ function ipKey (request: FastifyRequest): string {
 async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
   const counters = createCounterStore({ fallback, now: options.now })
-  app.decorate('limitStores', { fallback })
+  app.decorate('limitsFallback', fallback)
   app.addHook('onRequest', ipLimitHook(counters, clientLimit('ip', app.config.limits.ip), metricsOf(app)))
 }
 
@@ -179,7 +177,7 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
  * enforced here), and the upstream gate (org budget and cooldown) for the Care360 client.
  */
 async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
-  const { fallback } = app.limitStores
+  const fallback = app.limitsFallback
   const { limits } = app.config
   const metrics = metricsOf(app)
   app.addHook('onRequest', sessionLimitHook(clientLimit('session', limits.session), clientLimit('cancel', limits.cancel), metrics))
