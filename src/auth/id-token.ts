@@ -4,6 +4,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { ApiError, ErrorCode } from '../errors.js'
 import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from './key-set.js'
 import type { ReplayGuard } from '../web/replay-guard.js'
+import type { LogoutMarks } from './logout-marks.js'
 
 /**
  * Verifies the OIDC ID tokens that mobile apps exchange for a session (contract: "ID tokens
@@ -18,8 +19,26 @@ export interface VerifiedIdToken {
   sid: string | null
 }
 
+/** A back-channel logout that took effect, as its verified logout token names it. */
+export interface IdpLogout {
+  issuer: string
+  sid: string | null
+  subject: string | null
+  /** The logout token's `iat` (seconds): the IdP's clock, the one its ID tokens' `auth_time` is on. */
+  at: number
+}
+
+/** A sign-in about to become a session, as its verified ID token names it. */
+export interface SignInClaims {
+  issuer: string
+  subject: string
+  sid: string | null
+  /** `auth_time`, else `iat` (seconds). */
+  authTime: number
+}
+
 export interface IdTokenVerifier {
-  /** The token's identity, or a 401 (a 503 when the IdP's keys or the guard's store are unreachable). */
+  /** The token's identity, or a 401 (a 503 when the IdP's keys, or the store of retired tokens and logouts, are unreachable). */
   verify: (idToken: string) => Promise<VerifiedIdToken>
   /**
    * The ID token of a web sign-in: `verify` refuses it from now on, for as long as it could be
@@ -28,6 +47,16 @@ export interface IdTokenVerifier {
    * `POST /auth/session` turns into a new session after the patient signed out.
    */
   retire: (idToken: string) => Promise<void>
+  /**
+   * A back-channel logout ended sessions here: from now on, for as long as a token from before it
+   * could be accepted, `verify` and `loggedOut` refuse the ID tokens it ended. A logout by IdP
+   * session (`sid`) ends that session's tokens; one by subject alone, every token of the subject
+   * signed in at or before it. The same scope as the sessions the logout ends: another IdP
+   * session of the same patient (another device) is not this one's.
+   */
+  recordLogout: (logout: IdpLogout) => Promise<void>
+  /** Whether a recorded logout ended this sign-in: a look, which writes nothing (503 when the store is unreachable). */
+  loggedOut: (signIn: SignInClaims) => Promise<boolean>
 }
 
 export interface IdTokenVerifierOptions {
@@ -41,6 +70,8 @@ export interface IdTokenVerifierOptions {
   log?: FastifyBaseLogger
   /** Where retired tokens are remembered (shared by the replicas when Redis is configured). */
   retired: ReplayGuard
+  /** Where back-channel logouts are remembered (shared by the replicas when Redis is configured). */
+  logouts: LogoutMarks
 }
 
 /**
@@ -71,19 +102,35 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   // and still verify (base64url's spare bits, padding), while any change to the signed part
   // breaks the signature.
   const idOf = (idToken: string): string => hash('sha256', idToken.slice(0, idToken.lastIndexOf('.')), 'base64url')
+  // A logout's marks are named by hash, like the session store's indexes: no sid or subject in a
+  // key or in memory.
+  const markOf = (kind: 'sid' | 'sub', issuer: string, value: string): string => hash('sha256', `${kind}\0${issuer}\0${value}`, 'base64url')
+
+  async function loggedOut (signIn: SignInClaims): Promise<boolean> {
+    const [sidMarked, subjectLoggedOutAt] = await Promise.all([
+      signIn.sid === null ? null : options.logouts.markedAt(markOf('sid', signIn.issuer, signIn.sid)),
+      options.logouts.markedAt(markOf('sub', signIn.issuer, signIn.subject))
+    ])
+    // At or after: a sign-in in the very second of the logout may have been the one it ended.
+    return sidMarked !== null || (subjectLoggedOutAt !== null && subjectLoggedOutAt >= signIn.authTime)
+  }
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
-    const identity = await verifySignedToken(idToken)
-    // A look only, after every other check: neither garbage nor ordinary sign-ins write to the
-    // store (so none can push a retired token out of a bounded memory).
-    if (await options.retired.used(idOf(idToken))) {
-      log?.debug({ refusal: 'retired' }, 'ID token refused')
+    const { identity, authTime } = await verifySignedToken(idToken)
+    // Looks only, after every other check: neither garbage nor ordinary sign-ins write to the
+    // store (so none can push a retired token or a logout out of a bounded memory).
+    const [retired, ended] = await Promise.all([
+      options.retired.used(idOf(idToken)),
+      loggedOut({ issuer: identity.issuer, subject: identity.subject, sid: identity.sid, authTime })
+    ])
+    if (retired || ended) {
+      log?.debug({ refusal: retired ? 'retired' : 'logged_out' }, 'ID token refused')
       throw invalidIdToken()
     }
     return identity
   }
 
-  async function verifySignedToken (idToken: string): Promise<VerifiedIdToken> {
+  async function verifySignedToken (idToken: string): Promise<{ identity: VerifiedIdToken, authTime: number }> {
     if (typeof idToken !== 'string' || idToken.length === 0 || idToken.length > MAX_ID_TOKEN_LENGTH) {
       throw invalidIdToken()
     }
@@ -114,7 +161,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     }
   }
 
-  function claimsOf (payload: JWTPayload): VerifiedIdToken {
+  function claimsOf (payload: JWTPayload): { identity: VerifiedIdToken, authTime: number } {
     const nowSec = Math.floor(now() / 1000)
     // auth_time when present: the sign-in itself must be recent, not only the token's minting.
     const authTime = typeof payload.auth_time === 'number' ? payload.auth_time : payload.iat as number
@@ -125,7 +172,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     if (typeof email !== 'string' || email.length > 254 || !email.includes('@')) throw new Rejected('email')
     if (emailVerified !== true) throw new Rejected('email_verified')
     if (typeof sub !== 'string' || sub === '') throw new Rejected('sub')
-    return { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null }
+    return { identity: { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null }, authTime }
   }
 
   return {
@@ -134,6 +181,15 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       const id = idOf(idToken)
       await options.retired.claim(id, acceptableForMs)
       await options.retired.markUsed(id)
+    },
+    loggedOut,
+    async recordLogout ({ issuer, sid, subject, at }) {
+      // By IdP session when named, by subject otherwise (a logout token names one or both): what
+      // the logout ends here too (src/web/backchannel.ts). Kept as long as a token from before it
+      // could pass the age check: its auth_time is at most the logout's iat, which the logout
+      // verifier keeps within the tolerance of now.
+      if (sid !== null) await options.logouts.mark(markOf('sid', issuer, sid), at, acceptableForMs)
+      else await options.logouts.mark(markOf('sub', issuer, subject as string), at, acceptableForMs)
     }
   }
 }

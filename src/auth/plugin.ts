@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'f
 import { sessionRequired } from '../errors.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
+import { createLogoutMarks } from './logout-marks.js'
 import { createPatientRef } from './patient-ref.js'
 import { presentedToken, type SessionTransport } from './presented.js'
 import { NO_SESSION, createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
@@ -71,6 +72,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     audiences: config.oidc.audiences,
     log: app.log,
     retired: createReplayGuard(app.sharedState, options.now, 'bff:idt:'),
+    logouts: createLogoutMarks(app.sharedState, options.now),
     ...(options.now === undefined ? {} : { now: options.now })
   }))
   app.decorate('patientRef', createPatientRef(config.keyRoot.secret))

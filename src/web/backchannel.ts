@@ -26,6 +26,8 @@ export interface LogoutClaims {
   issuer: string
   subject: string | null
   sid: string | null
+  /** The token's `iat` (seconds): when the IdP ended the session, on its own clock. */
+  issuedAt: number
   /** The token's id is claimed in the replay guard: call this once its logout took effect. */
   markUsed: () => Promise<void>
 }
@@ -102,7 +104,7 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
     if (!await options.replayGuard.claim(id, (MAX_AGE_SEC + 2 * CLOCK_TOLERANCE_SEC) * 1000)) {
       throw new InvalidLogoutToken('replay')
     }
-    return { issuer, subject, sid, markUsed: () => options.replayGuard.markUsed(id) }
+    return { issuer, subject, sid, issuedAt: iat, markUsed: () => options.replayGuard.markUsed(id) }
   }
 }
 
@@ -139,9 +141,15 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
       request.log.info({ refusal: error.reason }, 'logout token refused')
       throw invalidRequest()
     }
+    // The ID tokens from before the logout can no longer be exchanged for a new session (mobile
+    // re-sign-in with a cached token, a stolen copy, a web sign-in still in flight). Recorded
+    // before the sessions end: a sign-in checked after this is refused, one created before the
+    // revoke below is ended by it; only one checked before this and created after the revoke
+    // slips through (a window of a store round trip).
     // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.
     // A store failure here answers 503 and leaves the token's id claimed but not used, so that the
     // IdP's retry of the same token is carried out, not refused as a replay.
+    await app.idTokenVerifier.recordLogout({ issuer: claims.issuer, sid: claims.sid, subject: claims.subject, at: claims.issuedAt })
     const ended = claims.sid !== null
       ? await app.sessions.revokeByIdpSession(claims.issuer, claims.sid)
       : await app.sessions.revokeBySubject(claims.issuer, claims.subject as string)

@@ -163,12 +163,19 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       await app.idTokenVerifier.retire(idToken)
       const previous = request.cookies[SESSION_COOKIE]
       if (previous !== undefined && isWellFormedToken(previous)) await app.sessions.revoke(previous)
+      const idpSessionId = typeof claims.sid === 'string' && claims.sid !== '' ? claims.sid : null
+      // A back-channel logout that arrived while this sign-in was at the IdP ended it: no session
+      // outlives it. The patient signs in again, as after an expired login (a store failure is the
+      // catch below's session_unavailable).
+      if (await app.idTokenVerifier.loggedOut({ issuer: claims.iss, subject: claims.sub, sid: idpSessionId, authTime: claims.auth_time ?? claims.iat })) {
+        return failSignIn(request, reply, 'login_expired')
+      }
       const { token, session } = await app.sessions.create({
         email,
         subject: claims.sub,
         issuer: claims.iss,
         method: 'web',
-        idpSessionId: typeof claims.sid === 'string' && claims.sid !== '' ? claims.sid : null,
+        idpSessionId,
         idToken
       })
       reply.setCookie(SESSION_COOKIE, token, SESSION_COOKIE_OPTIONS)

@@ -8,9 +8,11 @@ import { REDACT_PATHS } from '../../src/logging.js'
 import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
 import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
+import { createLogoutMarks } from '../../src/auth/logout-marks.js'
 import { garbageToken, startIssuer, type TestIssuer } from '../helpers/issuer.js'
 
 const memoryGuard = () => createReplayGuard({ redis: null })
+const memoryMarks = () => createLogoutMarks({ redis: null })
 
 /** A verifier with a key set of its own (test/auth/key-set.test.ts shares one between verifiers). */
 const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions> = {}, keyOptions: Partial<IssuerKeysOptions> = {}) =>
@@ -18,6 +20,7 @@ const verifierFor = (issuer: TestIssuer, options: Partial<IdTokenVerifierOptions
     keys: createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0, ...keyOptions }),
     audiences: ['other-app', issuer.clientId],
     retired: memoryGuard(),
+    logouts: memoryMarks(),
     ...options
   })
 
@@ -123,7 +126,7 @@ t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted a
 
 t.test('the JWKS refetch cooldown holds back a flood of unknown kids', async (t) => {
   const issuer = await startIssuer(t)
-  const verifier = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: issuer.url }), audiences: [issuer.clientId], retired: memoryGuard() })
+  const verifier = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: issuer.url }), audiences: [issuer.clientId], retired: memoryGuard(), logouts: memoryMarks() })
   t.ok(await verifier.verify(await issuer.sign()))
   for (let i = 0; i < 5; i++) await t.rejects(verifier.verify(await issuer.sign({}, { key: 'unknown' })), INVALID)
   t.equal(issuer.hits.jwks, 1, 'no refetch within the 30 s cooldown')
@@ -193,7 +196,7 @@ t.test('JWKS failures are the provider\'s, answered 503', async (t) => {
   await t.rejects(slow.verify(await hung.sign()), UNAVAILABLE)
   t.ok(Date.now() - started < 2000, 'bounded by the fetch timeout')
 
-  const down = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: 'http://127.0.0.1:9' }), audiences: ['x'], retired: memoryGuard() })
+  const down = createIdTokenVerifier({ keys: createIssuerKeys({ issuer: 'http://127.0.0.1:9' }), audiences: ['x'], retired: memoryGuard(), logouts: memoryMarks() })
   await t.rejects(down.verify(token), UNAVAILABLE, 'issuer unreachable')
 })
 
@@ -249,5 +252,78 @@ t.test('the guard\'s store unreachable: 503, never a 401 nor an unchecked token'
   const token = await issuer.sign()
   await t.rejects(verifier.verify(token), UNAVAILABLE)
   await t.rejects(verifier.retire(token), UNAVAILABLE)
+  await t.rejects(verifier.verify(garbageToken()), INVALID, 'a bad token is refused before the store is asked')
+})
+
+t.test('a back-channel logout by IdP session: that session\'s tokens are refused, whenever signed in; other sessions\' are not', async (t) => {
+  let at = Date.now()
+  const now = () => at
+  const issuer = await startIssuer(t, { now })
+  const debug: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'debug', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, { write: (line: string) => { debug.push(JSON.parse(line) as Record<string, unknown>) } })
+  const verifier = verifierFor(issuer, { now, log, logouts: createLogoutMarks({ redis: null }, now) })
+  const nowSec = Math.floor(at / 1000)
+  const ended = await issuer.sign({ sid: 'idp-sid-1', exp: nowSec + 3600 })
+  const otherDevice = await issuer.sign({ sid: 'idp-sid-2', exp: nowSec + 3600 })
+  const noSid = await issuer.sign({ exp: nowSec + 3600 })
+  t.ok(await verifier.verify(ended))
+  t.ok(await verifier.verify(ended), 'may be exchanged again before a logout')
+
+  await verifier.recordLogout({ issuer: issuer.url, sid: 'idp-sid-1', subject: 'patient-subject-1', at: nowSec })
+  await t.rejects(verifier.verify(ended), INVALID, 'the logged-out session\'s token')
+  t.ok(await verifier.verify(otherDevice), 'another IdP session of the same patient is not this one\'s')
+  t.ok(await verifier.verify(noSid), 'nor a token naming no IdP session: the logout ended that session, as it ends its sessions here')
+  const signIn = { issuer: issuer.url, subject: 'patient-subject-1', sid: 'idp-sid-1', authTime: nowSec + 60 }
+  t.equal(await verifier.loggedOut(signIn), true, 'whatever its auth_time')
+  t.equal(await verifier.loggedOut({ ...signIn, issuer: 'https://another-idp.example' }), false, 'the sid of one issuer only')
+  t.ok(debug.some((line) => line.refusal === 'logged_out'), 'the refusal\'s class is logged')
+  for (const line of debug) t.notOk(JSON.stringify(line).includes('idp-sid-1'), 'never the sid')
+
+  // As long as a token from before the logout could pass the age check (10 min and twice the
+  // tolerance), then forgotten.
+  at += (600 + 60) * 1000 - 1
+  t.equal(await verifier.loggedOut(signIn), true)
+  at += 1
+  t.equal(await verifier.loggedOut(signIn), false)
+})
+
+t.test('a back-channel logout by subject: tokens signed in at or before it are refused, later sign-ins accepted', async (t) => {
+  const at = Date.now()
+  const now = () => at
+  const issuer = await startIssuer(t, { now })
+  const verifier = verifierFor(issuer, { now, logouts: createLogoutMarks({ redis: null }, now) })
+  const nowSec = Math.floor(at / 1000)
+  const before = [
+    ['auth_time before', await issuer.sign({ auth_time: nowSec - 60 })],
+    ['auth_time in the second of the logout', await issuer.sign({ auth_time: nowSec })],
+    ['iat before, no auth_time', await issuer.sign({ iat: nowSec - 1 })],
+    ['another IdP session of the subject', await issuer.sign({ auth_time: nowSec - 60, sid: 'idp-sid-2' })],
+    ['minted after the logout, for a sign-in before it', await issuer.sign({ iat: nowSec + 5, auth_time: nowSec - 1 })]
+  ] as const
+  for (const [, token] of before) t.ok(await verifier.verify(token))
+
+  await verifier.recordLogout({ issuer: issuer.url, sid: null, subject: 'patient-subject-1', at: nowSec })
+  for (const [name, token] of before) await t.rejects(verifier.verify(token), INVALID, name)
+  t.ok(await verifier.verify(await issuer.sign({ auth_time: nowSec + 1 })), 'a sign-in after the logout')
+  t.ok(await verifier.verify(await issuer.sign({ iat: nowSec + 1 })), 'by iat without auth_time')
+  t.ok(await verifier.verify(await issuer.sign({ sub: 'another-patient', auth_time: nowSec - 60 })), 'another subject')
+
+  // An earlier logout of the same subject delivered late changes nothing; a later one moves the line.
+  await verifier.recordLogout({ issuer: issuer.url, sid: null, subject: 'patient-subject-1', at: nowSec - 120 })
+  await t.rejects(verifier.verify(await issuer.sign({ auth_time: nowSec })), INVALID)
+  await verifier.recordLogout({ issuer: issuer.url, sid: null, subject: 'patient-subject-1', at: nowSec + 10 })
+  await t.rejects(verifier.verify(await issuer.sign({ auth_time: nowSec + 1 })), INVALID)
+})
+
+t.test('the logouts\' store unreachable: 503, never a 401 nor an unchecked token', async (t) => {
+  const issuer = await startIssuer(t)
+  const down = new ApiError(503, 'SERVICE_UNAVAILABLE', 'store down')
+  const verifier = verifierFor(issuer, { logouts: { mark: async () => { throw down }, markedAt: async () => { throw down } } })
+  const token = await issuer.sign({ sid: 'idp-sid-1' })
+  await t.rejects(verifier.verify(token), UNAVAILABLE)
+  await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'without a sid too')
+  await t.rejects(verifier.loggedOut({ issuer: issuer.url, subject: 'patient-subject-1', sid: null, authTime: 0 }), UNAVAILABLE)
+  await t.rejects(verifier.recordLogout({ issuer: issuer.url, sid: 'idp-sid-1', subject: null, at: 0 }), UNAVAILABLE)
+  await t.rejects(verifier.recordLogout({ issuer: issuer.url, sid: null, subject: 'patient-subject-1', at: 0 }), UNAVAILABLE)
   await t.rejects(verifier.verify(garbageToken()), INVALID, 'a bad token is refused before the store is asked')
 })

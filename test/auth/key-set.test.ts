@@ -4,6 +4,7 @@ import { createIdTokenVerifier } from '../../src/auth/id-token.js'
 import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
 import { BACKCHANNEL_LOGOUT_EVENT, createLogoutTokenVerifier, InvalidLogoutToken } from '../../src/web/backchannel.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
+import { createLogoutMarks } from '../../src/auth/logout-marks.js'
 import { startIssuer, type SignOptions, type TestIssuer } from '../helpers/issuer.js'
 
 /**
@@ -18,7 +19,7 @@ const UNAVAILABLE = { statusCode: 503, code: 'SERVICE_UNAVAILABLE', headers: { '
 /** Both verifiers on one key set, as src/auth/plugin.ts and src/web/plugin.ts wire them. */
 function verifiersFor (issuer: TestIssuer, options: Partial<IssuerKeysOptions> = {}) {
   const keys = createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0, ...options })
-  const idTokens = createIdTokenVerifier({ keys, audiences: [issuer.clientId], retired: createReplayGuard({ redis: null }) })
+  const idTokens = createIdTokenVerifier({ keys, audiences: [issuer.clientId], retired: createReplayGuard({ redis: null }), logouts: createLogoutMarks({ redis: null }) })
   const logoutTokens = createLogoutTokenVerifier({ keys, audiences: [issuer.clientId], replayGuard: createReplayGuard({ redis: null }) })
   const logoutToken = async (signOptions: SignOptions = {}) =>
     await issuer.sign({ events: { [BACKCHANNEL_LOGOUT_EVENT]: {} }, jti: randomUUID(), email: undefined, email_verified: undefined }, signOptions)

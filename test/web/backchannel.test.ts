@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
@@ -165,7 +165,8 @@ t.test('logout tokens and mobile ID tokens share one key set: a rotated IdP key 
   t.notOk(await me(bearer), 'ended the mobile session of that subject')
   t.same(issuer.hits, { discovery: 1, jwks: 2 }, 'after one refetch, by the logout verifier')
 
-  const idToken = await issuer.sign({ sub: 'sub-patient@example.com' }, { key: 'rotated' })
+  // A sign-in after that logout (a later second: one in the logout's own second is refused).
+  const idToken = await issuer.sign({ sub: 'sub-patient@example.com', auth_time: Math.floor(Date.now() / 1000) + 1 }, { key: 'rotated' })
   t.equal((await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })).statusCode, 201, 'a mobile sign-in under the new key')
   t.same(issuer.hits, { discovery: 1, jwks: 2 }, 'with no discovery or JWKS fetch of its own')
 })
@@ -235,4 +236,167 @@ t.test('Redis fails while the sessions are ended: 503, and the IdP\'s retry of t
   await admin.call('ACL', 'SETUSER', 'default', '+set')
   t.equal((await post(stack.app, form(token))).statusCode, 200, 'never marked used: the same token is carried out again')
   t.equal((await post(stack.app, form(token))).statusCode, 400, 'marked used that time: now a replay')
+})
+
+/** The web client on the local issuer: the back-channel route exists, mobile ID tokens come from `issuer.sign`. */
+const WEB_CLIENT = { OIDC_CLIENT_SECRET: 'test-web-client-secret-0123456789', PUBLIC_URL: 'https://patient.example' }
+
+function exchange (app: WebStack['app'], idToken: string) {
+  return app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
+}
+
+async function bearerAuthenticated (app: WebStack['app'], token: string): Promise<boolean> {
+  return (await app.inject({ url: '/auth/me', headers: { authorization: `Bearer ${token}` } })).json().data.authenticated as boolean
+}
+
+/**
+ * The store refuses every key of the logouts' marks (`bff:logout:`), and only those: an ACL whose
+ * key patterns allow every other name (Redis patterns have no negation, so character by character).
+ */
+const ALL_BUT_LOGOUT_MARKS = ['~[^b]*', '~b[^f]*', '~bf[^f]*', '~bff[^:]*', '~bff:[^l]*', '~bff:l[^o]*']
+
+async function storeAdmin (t: Test, url: string) {
+  const admin = new Redis(url)
+  t.teardown(async () => {
+    await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', '~*').catch(() => {})
+    admin.disconnect()
+  })
+  return {
+    refuseLogoutMarks: async () => { await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', ...ALL_BUT_LOGOUT_MARKS) },
+    restore: async () => { await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', '~*') }
+  }
+}
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store: after a back-channel logout, the ID token of the ended IdP session mints no new session`, async (t) => {
+    const { app, issuer, redis } = await buildTestApp(t, { redis: store === 'redis', env: WEB_CLIENT })
+    const idToken = await issuer.sign({ sid: 'idp-sid-1' })
+    const first = await exchange(app, idToken)
+    t.equal(first.statusCode, 201)
+    const bearer = first.json().data.token as string
+
+    const logout = await post(app, form(await issuer.sign({ sid: 'idp-sid-1', events: EVENTS, jti: randomUUID(), email: undefined, email_verified: undefined })))
+    t.equal(logout.statusCode, 200)
+    t.notOk(await bearerAuthenticated(app, bearer), 'the session is ended')
+
+    // The app's retry on its 401 with the ID token it cached, or a stolen copy of it.
+    const again = await exchange(app, idToken)
+    t.equal(again.statusCode, 401, 'the same ID token is refused')
+    t.match(again.json(), { status: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' })
+    t.equal((await exchange(app, await issuer.sign({ sid: 'idp-sid-1' }))).statusCode, 401, 'so is any token of that IdP session')
+    t.equal((await exchange(app, await issuer.sign({ sid: 'idp-sid-2' }))).statusCode, 201, 'another IdP session of the patient signs in')
+
+    if (redis !== undefined) {
+      const replica = await buildTestApp(t, { redis, env: { ...WEB_CLIENT, OIDC_ISSUER: issuer.url } })
+      t.equal((await exchange(replica.app, idToken)).statusCode, 401, 'on every replica')
+      t.same(await (async () => {
+        const admin = new Redis(redis.url)
+        t.teardown(() => admin.disconnect())
+        return (await admin.keys('bff:logout:*')).filter((key) => key.includes('idp-sid-1'))
+      })(), [], 'the mark is named by a hash, never the sid')
+    }
+  })
+}
+
+t.test('a back-channel logout by subject: a token signed in before it mints no session, a sign-in after it does', async (t) => {
+  const { app, issuer } = await buildTestApp(t, { env: WEB_CLIENT })
+  const nowSec = Math.floor(Date.now() / 1000)
+  const cached = await issuer.sign({ auth_time: nowSec - 60 })
+  t.equal((await exchange(app, cached)).statusCode, 201)
+  t.equal((await exchange(app, cached)).statusCode, 201, 'exchanged again while no logout came')
+
+  const logout = await issuer.sign({ events: EVENTS, jti: randomUUID(), iat: nowSec, email: undefined, email_verified: undefined })
+  t.equal((await post(app, form(logout))).statusCode, 200)
+  t.equal((await exchange(app, cached)).statusCode, 401, 'signed in before the logout')
+  t.equal((await exchange(app, await issuer.sign({ auth_time: nowSec }))).statusCode, 401, 'in its very second')
+  t.equal((await exchange(app, await issuer.sign({ auth_time: nowSec + 1 }))).statusCode, 201, 'a fresh sign-in after it')
+  t.equal((await exchange(app, await issuer.sign({ sub: 'another-patient', auth_time: nowSec - 60 }))).statusCode, 201, 'another patient')
+})
+
+t.test('the logouts\' marks unreachable: sign-in and back-channel logout answer 503; the IdP\'s retry is carried out', async (t) => {
+  const { app, issuer, redis } = await buildTestApp(t, { redis: true, env: WEB_CLIENT })
+  const admin = await storeAdmin(t, (redis as NonNullable<typeof redis>).url)
+  const idToken = await issuer.sign({ sid: 'idp-sid-1' })
+  const bearer = (await exchange(app, idToken)).json().data.token as string
+
+  await admin.refuseLogoutMarks()
+  const signIn = await exchange(app, idToken)
+  t.equal(signIn.statusCode, 503, 'a sign-in the marks cannot clear is not let through')
+  t.equal(signIn.json().code, 'SERVICE_UNAVAILABLE')
+  const logoutToken = await issuer.sign({ sid: 'idp-sid-1', events: EVENTS, jti: randomUUID(), email: undefined, email_verified: undefined })
+  t.equal((await post(app, form(logoutToken))).statusCode, 503, 'the IdP is told to retry')
+  t.ok(await bearerAuthenticated(app, bearer), 'nothing ended halfway')
+
+  await admin.restore()
+  t.equal((await post(app, form(logoutToken))).statusCode, 200, 'the retry of the same token is carried out')
+  t.notOk(await bearerAuthenticated(app, bearer))
+  t.equal((await exchange(app, idToken)).statusCode, 401)
+})
+
+/** Follows a web sign-in up to the callback URL, without visiting it, whether the IdP asks who signs in or not. */
+async function callbackOf (stack: WebStack, browser: Browser, email: string): Promise<string> {
+  let response = await browser.fetch(`${stack.publicUrl}/auth/login`)
+  for (let hops = 0; hops < 10; hops++) {
+    const location = response.headers.get('location')
+    if (location === null) {
+      // The IdP's account page: this browser has no IdP session yet.
+      const page = await response.text()
+      const action = /action="([^"]+)"/.exec(page)?.[1] as string
+      response = await browser.fetch(new URL(action, stack.idp.url).href, { method: 'POST', form: { account: email } })
+      continue
+    }
+    const next = new URL(location, stack.idp.url).href
+    if (next.startsWith(`${stack.publicUrl}/auth/callback`)) return next
+    response = await browser.fetch(next)
+  }
+  throw new Error('no callback')
+}
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store: a web sign-in in flight during a back-channel logout gets no session`, async (t) => {
+    const stack = await startWebStack(t, { redis: store === 'redis' })
+    const browser = new Browser()
+    await stack.signIn(browser, 'alice@example.com')
+    const sid = (await stack.app.sessions.get(stack.sessionOf(browser) as string))?.idpSessionId as string
+    t.type(sid, 'string')
+
+    // By IdP session: a second sign-in of the same browser (the same IdP session) is on its way back
+    // when the IdP ends that session.
+    const inFlight = await callbackOf(stack, browser, 'alice@example.com')
+    t.equal((await post(stack.app, form(await stack.signAsIdp({ sid, events: EVENTS })))).statusCode, 200)
+    const refused = await browser.fetch(inFlight)
+    t.equal(refused.status, 302)
+    t.equal(refused.headers.get('location'), `${stack.publicUrl}/?signin_error=login_expired`)
+    t.notOk(refused.headers.getSetCookie().some((line) => line.startsWith(`${SESSION_COOKIE}=`)), 'no session cookie')
+    t.notOk(await authenticated(stack.app, stack.sessionOf(browser)), 'and the first sign-in\'s session ended by the logout')
+
+    // By subject: another browser's sign-in, and the IdP ends every session of the patient. This
+    // IdP sends auth_time only when asked (max_age): the ID token is dated by its iat, the time of
+    // the code exchange, which follows the logout here; the logout is dated a second ahead so that
+    // the exchange falls within it.
+    const other = new Browser()
+    const url = await callbackOf(stack, other, 'bob@example.com')
+    const logoutAt = Math.floor(Date.now() / 1000) + 1
+    t.equal((await post(stack.app, form(await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: logoutAt })))).statusCode, 200)
+    t.equal((await other.fetch(url)).headers.get('location'), `${stack.publicUrl}/?signin_error=login_expired`)
+    t.equal(stack.sessionOf(other), undefined)
+
+    // A sign-in after the logout (a new IdP session, a later second) is not affected.
+    await sleep(logoutAt * 1000 + 1020 - Date.now())
+    const fresh = new Browser()
+    await stack.signIn(fresh, 'bob@example.com')
+    t.ok(await authenticated(stack.app, stack.sessionOf(fresh)))
+  })
+}
+
+t.test('the logouts\' marks unreachable at the callback: session_unavailable, no session', async (t) => {
+  const stack = await startWebStack(t, { redis: true })
+  const admin = await storeAdmin(t, (stack.redis as NonNullable<typeof stack.redis>).url)
+  const browser = new Browser()
+  const url = await callbackOf(stack, browser, 'alice@example.com')
+  await admin.refuseLogoutMarks()
+  const page = await browser.fetch(url)
+  t.equal(page.status, 302)
+  t.equal(page.headers.get('location'), `${stack.publicUrl}/?signin_error=session_unavailable`)
+  t.equal(stack.sessionOf(browser), undefined)
 })
