@@ -15,6 +15,13 @@ export interface LoginState {
   nonce: string
   codeVerifier: string
   returnTo: string
+  /**
+   * The id (never the token) of the session the browser had at `/auth/login`, ended when sign-in
+   * succeeds: the session cookie is SameSite=Strict, so a browser leaves it off the identity
+   * provider's cross-site redirect to `/auth/callback`, and only the same-site navigation to
+   * `/auth/login` shows it.
+   */
+  previousSession?: string
 }
 
 export interface LoginStateSeal {
@@ -28,7 +35,7 @@ export function createLoginStateSeal (root: string, now: () => number = Date.now
 
   async function seal (state: LoginState): Promise<string> {
     const at = Math.floor(now() / 1000)
-    return await new EncryptJWT({ s: state.state, n: state.nonce, v: state.codeVerifier, r: state.returnTo })
+    return await new EncryptJWT({ s: state.state, n: state.nonce, v: state.codeVerifier, r: state.returnTo, ...(state.previousSession === undefined ? {} : { p: state.previousSession }) })
       .setProtectedHeader({ alg: 'dir', enc: 'A256GCM' })
       .setIssuedAt(at)
       .setExpirationTime(at + LOGIN_TTL_SEC)
@@ -45,8 +52,10 @@ export function createLoginStateSeal (root: string, now: () => number = Date.now
         requiredClaims: ['exp']
       })
       // Authenticated encryption: only seal() above can have written these fields.
-      const { s, n, v, r } = payload as Record<string, string>
-      return { state: s as string, nonce: n as string, codeVerifier: v as string, returnTo: r as string }
+      const { s, n, v, r, p } = payload as Record<string, string>
+      const state: LoginState = { state: s as string, nonce: n as string, codeVerifier: v as string, returnTo: r as string }
+      if (p !== undefined) state.previousSession = p
+      return state
     } catch {
       return null
     }

@@ -3,7 +3,7 @@ import type {} from '../auth/plugin.js'
 import cookie from '@fastify/cookie'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
-import { isWellFormedToken } from '../auth/session-store.js'
+import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
 import { LOGIN_COOKIE, LOGIN_COOKIE_OPTIONS, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
@@ -107,7 +107,11 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       state,
       nonce
     })
-    reply.setCookie(LOGIN_COOKIE, await seal.seal({ state, nonce, codeVerifier, returnTo }), LOGIN_COOKIE_OPTIONS)
+    // The session this browser has now (this navigation comes from the web app, same-site, so its
+    // SameSite=Strict cookie is here): sign-in ends it (the callback will not see the cookie).
+    const current = request.cookies[SESSION_COOKIE]
+    const previousSession = current !== undefined && isWellFormedToken(current) ? sessionIdOf(current) : undefined
+    reply.setCookie(LOGIN_COOKIE, await seal.seal({ state, nonce, codeVerifier, returnTo, ...(previousSession === undefined ? {} : { previousSession }) }), LOGIN_COOKIE_OPTIONS)
     return reply.redirect(url.href, 302)
   })
 
@@ -156,13 +160,15 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     }
 
     try {
-      // Never adopt a session id from before sign-in (session fixation): whatever cookie the
-      // browser brought is ended, and the session below gets a fresh id.
+      // Never adopt a session id from before sign-in (session fixation): whatever session the
+      // browser had at /auth/login or brought here is ended, and the session below gets a fresh
+      // id.
       // This ID token will leave the server as the end-session URL's id_token_hint: it must never
       // become a session of its own through POST /auth/session.
       await app.idTokenVerifier.retire(idToken)
       const previous = request.cookies[SESSION_COOKIE]
       if (previous !== undefined && isWellFormedToken(previous)) await app.sessions.revoke(previous)
+      if (login.previousSession !== undefined) await app.sessions.revokeById(login.previousSession)
       const idpSessionId = typeof claims.sid === 'string' && claims.sid !== '' ? claims.sid : null
       // A back-channel logout that arrived while this sign-in was at the IdP ended it: no session
       // outlives it. The patient signs in again, as after an expired login (a store failure is the

@@ -108,6 +108,25 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(logout.headers['set-cookie'], undefined)
     })
 
+    t.test('a sign-in ends the session the browser had at /auth/login, though its SameSite=Strict cookie stays off the IdP\'s redirect', async (t) => {
+      const browser = new Browser()
+      await stack.signIn(browser, 'alice@example.com')
+      const before = stack.sessionOf(browser) as string
+      // Signed out at the IdP only, so that it asks again (and the flow stops at its login page).
+      browser.jar.delete(new URL(idp.url).origin)
+      // /auth/login: a same-site navigation from the web app, which carries the session cookie.
+      const callback = await stack.callbackUrl(browser, 'alice@example.com')
+      // The identity provider's redirect back is cross-site where the IdP is another site (the
+      // demo's is): the browser sends no Strict cookie with it.
+      browser.jar.get(new URL(publicUrl).origin)?.delete(SESSION_COOKIE)
+      const page = await browser.navigate(callback)
+      t.equal(signinError(page.url), null)
+      const after = stack.sessionOf(browser)
+      t.not(after, before)
+      t.equal((await me(stack, after)).email, 'alice@example.com')
+      t.same(await me(stack, before), { authenticated: false }, 'the earlier session is ended')
+    })
+
     t.test('session fixation: a cookie from before sign-in is never adopted', async (t) => {
       const attacker = new Browser()
       await stack.signIn(attacker, 'bob@example.com')
