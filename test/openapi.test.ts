@@ -100,9 +100,10 @@ for (const [name, env] of [['web sign-in configured', WEB_ENV], ['mobile only', 
       t.ok(document.paths[path as string]?.[method as string], `contract route ${method} ${path}`)
     }
     t.notOk(Object.keys(document.paths).some((path) => path.startsWith('/__sandbox') || path.startsWith('/api/v1')), 'no sandbox route')
-    // Every error answer of every route names its codes.
+    // Every error answer of every route names its codes; every route documents its success.
     for (const [path, operations] of Object.entries(document.paths)) {
       for (const [method, operation] of Object.entries(operations)) {
+        t.ok(Object.keys(operation.responses).some((status) => Number(status) >= 200 && Number(status) < 400), `${method} ${path} documents its success`)
         for (const [status, answer] of Object.entries(operation.responses)) {
           if (Number(status) < 400) continue
           const schema = answer.content?.['application/json']?.schema

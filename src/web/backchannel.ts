@@ -1,7 +1,9 @@
 import { jwtVerify, type JWTPayload } from 'jose'
 import type {} from '../auth/plugin.js'
 import type { FastifyInstance, FastifySchema } from 'fastify'
+import { Type } from 'typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
+import { errorAnswers } from '../schemas/appointments.js'
 import { ID_TOKEN_ALGORITHMS } from '../auth/id-token.js'
 import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from '../auth/key-set.js'
 import type { ReplayGuard } from './replay-guard.js'
@@ -123,13 +125,20 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
     done(null, { logout_token: tokens.length === 1 ? tokens[0] : undefined })
   })
 
-  // OpenAPI fields (tags, consumes) beside the validation ones, as the other routes have them.
+  // OpenAPI fields (tags, consumes) beside the validation ones, as the other routes have them. The
+  // body's schema describes the form for the document; the handler checks it itself
+  // (attachValidation), so that every malformed request gets the spec's 400 invalid_request.
   const schema: FastifySchema = {
     tags: ['auth'],
     summary: 'OIDC Back-Channel Logout 1.0: the identity provider ends sessions (server to server)',
-    consumes: ['application/x-www-form-urlencoded']
+    consumes: ['application/x-www-form-urlencoded'],
+    body: Type.Object({ logout_token: Type.String({ description: 'A logout token signed by the identity provider (a JWT)' }) }),
+    response: {
+      200: Type.Object({ status: Type.Integer(), success: Type.Literal(true), message: Type.String(), data: Type.Object({}) }, { description: 'The sessions the token names are ended (also when there were none)' }),
+      ...errorAnswers(400, 503)
+    }
   } as FastifySchema
-  app.post('/auth/backchannel-logout', { schema }, async function backchannelLogout (request) {
+  app.post('/auth/backchannel-logout', { schema, attachValidation: true }, async function backchannelLogout (request) {
     const token = (request.body as { logout_token?: unknown } | undefined)?.logout_token
     if (typeof token !== 'string' || token.length === 0 || token.length > MAX_TOKEN_LENGTH) throw invalidRequest()
     let claims: LogoutClaims
