@@ -56,6 +56,14 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     // The one bound on a wait for Redis: a command that gets no answer in time fails, and the
     // store that sent it falls back (limits) or answers 503 (sessions, keyed idempotency).
     commandTimeout: commandTimeoutMs,
+    // A connection whose peer went silent without a reset (a node lost, a failover that moved the
+    // address) stays open, and `ready`, until the kernel gives up on its unacknowledged data
+    // (about 15 minutes): every command meanwhile waits out its timeout, and the queue grows. So a
+    // connection with commands outstanding that receives nothing for this long is destroyed, and
+    // the client reconnects. Commands that timed out (failed back to the stores) are among those.
+    socketTimeout: Math.max(1000, 4 * commandTimeoutMs),
+    // The same for an idle connection, from the kernel's side.
+    keepAlive: 10_000,
     connectTimeout: 1000,
     // Keep reconnecting for ever, backing off to 2 s, so that recovery is automatic.
     retryStrategy: (attempt: number) => Math.min(50 * 2 ** Math.min(attempt, 6), 2000),
