@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { clampRetryAfter, createMemoryCooldown, createRedisCooldown, type BackoffOptions, type CooldownStore } from '../../src/limits/cooldown.js'
-import { fallbackOn, uniqueName } from './fixtures/support.js'
+import { strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -14,7 +14,7 @@ type Make = (t: Test, options?: BackoffOptions) => Promise<CooldownStore>
 
 const kinds: Array<[string, Make]> = [
   ['memory', async (_t, options = fast) => createMemoryCooldown(options)],
-  ['redis', async (t, options = fast) => createRedisCooldown({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('cooldown') })]
+  ['redis', async (t, options = fast) => createRedisCooldown({ ...options, fallback: await strictFallbackOn(t, redis.url), tag: uniqueName('cooldown') })]
 ]
 
 for (const [kind, make] of kinds) {
@@ -83,8 +83,8 @@ t.test('the default bounds: at least a second, at most ten minutes', async (t) =
 
 t.test('redis: one replica trips, the other sees it at once; the key only grows', async (t) => {
   const tag = uniqueName('shared')
-  const a = createRedisCooldown({ ...fast, fallback: await fallbackOn(t, redis.url), tag })
-  const b = createRedisCooldown({ ...fast, fallback: await fallbackOn(t, redis.url), tag })
+  const a = createRedisCooldown({ ...fast, fallback: await strictFallbackOn(t, redis.url), tag })
+  const b = createRedisCooldown({ ...fast, fallback: await strictFallbackOn(t, redis.url), tag })
   t.equal(await b.remaining(), 0)
   await a.trip(2000, 0.5)
   const seen = await b.remaining()

@@ -1,8 +1,9 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from '../../src/limits/counter-store.js'
-import { fallbackOn, uniqueName } from './fixtures/support.js'
+import { strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -10,7 +11,7 @@ type Make = (t: Test) => Promise<CounterStore>
 
 const kinds: Array<[string, Make]> = [
   ['memory', async () => createMemoryCounterStore()],
-  ['redis', async (t) => createRedisCounterStore({ fallback: await fallbackOn(t, redis.url), prefix: uniqueName('counter') + ':' })]
+  ['redis', async (t) => createRedisCounterStore({ fallback: await strictFallbackOn(t, redis.url), prefix: uniqueName('counter') + ':' })]
 ]
 
 // One suite, both implementations: the Redis store must behave exactly as its memory twin.
@@ -106,9 +107,19 @@ t.test('memory: when full of live windows, the oldest tenth goes at once, not on
 
 t.test('redis: exact admission from three clients hitting at once', async (t) => {
   const prefix = uniqueName('exact') + ':'
-  const stores = await Promise.all([1, 2, 3].map(async () => createRedisCounterStore({ fallback: await fallbackOn(t, redis.url), prefix })))
+  const stores = await Promise.all([1, 2, 3].map(async () => createRedisCounterStore({ fallback: await strictFallbackOn(t, redis.url), prefix })))
   const rate = { count: 100, windowMs: 60_000 }
   const hits = await Promise.all(Array.from({ length: 300 }, async (_, i) => await (stores[i % 3] as CounterStore).hit('ip:9.9.9.9', rate)))
   t.equal(hits.filter((hit) => hit.count <= rate.count).length, 100, 'admitted == limit')
   t.same(hits.map((hit) => hit.count).sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1), 'every hit counted once')
+})
+
+t.test('the Redis variants\' fallback is strict: a script Redis refuses fails the call, no memory twin answers', async (t) => {
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  const user = uniqueName('no-scripts')
+  await admin.call('ACL', 'SETUSER', user, 'on', '>pw', '~*', '&*', '+@all', '-eval', '-evalsha')
+  const fallback = await strictFallbackOn(t, redis.url.replace('redis://', `redis://${user}:pw@`))
+  const store = createRedisCounterStore({ fallback, prefix: uniqueName('strict') + ':' })
+  await t.rejects(async () => await store.hit('ip:1.2.3.4', { count: 3, windowMs: 1000 }), /NOPERM/)
 })

@@ -6,7 +6,7 @@ import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
-import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, uniqueName, waitFor } from './fixtures/support.js'
+import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, strictFallbackOn, uniqueName, waitFor } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -14,7 +14,7 @@ type Make = (t: Test, options: BudgetOptions) => Promise<BudgetStore>
 
 const kinds: Array<[string, Make]> = [
   ['memory', async (_t, options) => createMemoryBudget(options)],
-  ['redis', async (t, options) => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })]
+  ['redis', async (t, options) => createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })]
 ]
 
 async function takeMany (budget: BudgetStore, n: number): Promise<number> {
@@ -96,7 +96,7 @@ type MakeWithCooldown = (t: Test, options: BudgetOptions) => Promise<{ budget: B
 const withCooldown: Array<[string, MakeWithCooldown]> = [
   ['memory', async (_t, options) => ({ budget: createMemoryBudget(options), cooldown: createMemoryCooldown() })],
   ['redis', async (t, options) => {
-    const fallback = await fallbackOn(t, redis.url)
+    const fallback = await strictFallbackOn(t, redis.url)
     const tag = uniqueName('budget')
     return { budget: createRedisBudget({ ...options, fallback, tag, memory: createMemoryBudget(options) }), cooldown: createRedisCooldown({ fallback, tag }) }
   }]
@@ -117,7 +117,7 @@ for (const [kind, make] of withCooldown) {
 
 t.test('redis: a cooldown held only in this process is checked too', async (t) => {
   const options = { count: 3, windowMs: 60_000 }
-  const budget = createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })
+  const budget = createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag: uniqueName('budget'), memory: createMemoryBudget(options) })
   // A clock of its own: on the real one a millisecond can pass between the trip and the check.
   const cooldown = createMemoryCooldown({ now: () => 5_000 })
   t.same(await budget.take(cooldown.check), { ok: true, remaining: 2 })
@@ -166,7 +166,7 @@ t.test('memory: a clock that steps back keeps the log sorted, and a long log is 
 t.test('redis: exact admission from three clients at once', async (t) => {
   const tag = uniqueName('exact')
   const options = { count: 50, windowMs: 60_000 }
-  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
+  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
   const decisions = await Promise.all(Array.from({ length: 300 }, async (_, i) => await (budgets[i % 3] as BudgetStore).take()))
   t.equal(decisions.filter((decision) => decision.ok).length, 50, 'admitted == count')
 })
@@ -174,7 +174,7 @@ t.test('redis: exact admission from three clients at once', async (t) => {
 t.test('redis: no interval of the window length admits more than the count, under bursts from three instances', async (t) => {
   const tag = uniqueName('bound')
   const options = { count: 10, windowMs: 300 }
-  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
+  const budgets = await Promise.all([1, 2, 3].map(async () => createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })))
   const admitted: Array<{ from: number, to: number }> = []
   const end = performance.now() + 1500
   await Promise.all(budgets.map(async (budget, instance) => {
@@ -197,7 +197,7 @@ t.test('redis: no interval of the window length admits more than the count, unde
 
 t.test('redis: every key carries the hash tag', async (t) => {
   const tag = uniqueName('tagged')
-  const budget = createRedisBudget({ count: 2, windowMs: 1000, fallback: await fallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
+  const budget = createRedisBudget({ count: 2, windowMs: 1000, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
   await budget.take()
   await budget.decrease()
   const client = new Redis(redis.url)
@@ -210,7 +210,7 @@ t.test('the per-process share is the count divided by the replicas, at least one
   const memoryOnly = await fallbackOn(t, null)
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 5), 3)
   t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: memoryOnly }), 3), 1)
-  const withRedis = await fallbackOn(t, redis.url)
+  const withRedis = await strictFallbackOn(t, redis.url)
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
 })
 

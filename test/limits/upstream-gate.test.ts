@@ -9,7 +9,7 @@ import { createMemoryCooldown, createRedisCooldown } from '../../src/limits/cool
 import { createUpstreamGate, type UpstreamGate } from '../../src/limits/upstream-gate.js'
 import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { fallbackOn, maxInAnyWindow, uniqueName } from './fixtures/support.js'
+import { maxInAnyWindow, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -68,7 +68,7 @@ t.test("the upstream's Retry-After is clamped to [1 s, 10 min]", async (t) => {
 t.test('redis: one replica hears the 429, the others stop at once and resume after it', async (t) => {
   const tag = uniqueName('gate')
   const gates = await Promise.all([1, 2].map(async () => {
-    const fallback = await fallbackOn(t, redis.url)
+    const fallback = await strictFallbackOn(t, redis.url)
     return createUpstreamGate({ budget: createOrgBudget({ count: 100, windowMs: 60_000, replicas: 2, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
   }))
   const [a, b] = gates as [UpstreamGate, UpstreamGate]
@@ -88,7 +88,7 @@ t.test('end to end: three replicas driven at three times the budget never get a 
   const sandbox = await startSandbox(t, { quota: { count: 12, windowMs: 2000 } })
   const tag = uniqueName('e2e')
   const clients = await Promise.all([1, 2, 3].map(async () => {
-    const fallback = await fallbackOn(t, redis.url)
+    const fallback = await strictFallbackOn(t, redis.url)
     // The guard covers the arrival jitter of this (loaded, shared) test machine: calls admitted
     // a window apart must not arrive closer than that (see org-budget.ts).
     const gate = createUpstreamGate({ budget: createOrgBudget({ ...budget, guardMs: 500, replicas: 3, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
