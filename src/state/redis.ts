@@ -90,7 +90,10 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     }
     degraded = false
   })
-  redis.on('close', function onRedisClose () { degraded = true })
+  redis.on('close', function onRedisClose () {
+    degraded = true
+    forgetSocketTimeout(redis)
+  })
   let failingUntil = Number.NEGATIVE_INFINITY
   const mode = (): SharedStateMode => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded')
   return {
@@ -103,6 +106,19 @@ export function createSharedState (options: SharedStateOptions): SharedState {
       redis.disconnect(false)
     }
   }
+}
+
+/**
+ * ioredis 5.11 arms one socket timer per client, cleared only by data on the socket that armed
+ * it: after that socket closes with a command outstanding, the timer survives the reconnect,
+ * destroys the new healthy connection at the old deadline, and until then keeps the new one from
+ * arming its own (redis/ioredis#2147, fixed by #2148 in ioredis 6 only). So the timer goes with
+ * its connection: called on 'close', before the client reconnects.
+ */
+function forgetSocketTimeout (redis: Redis): void {
+  const client = redis as unknown as { socketTimeoutTimer?: NodeJS.Timeout }
+  clearTimeout(client.socketTimeoutTimer)
+  client.socketTimeoutTimer = undefined
 }
 
 /** A command that got no answer within the shared client's command timeout (ioredis's error). */
