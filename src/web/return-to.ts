@@ -25,13 +25,17 @@ export function safeReturnTo (value: unknown): string {
   return `${resolved.pathname}${resolved.search}${resolved.hash}`
 }
 
+/** A dot, a slash or a backslash, percent-encoded: what a router that decodes would resolve anew. */
+const ENCODED_SEPARATOR = /%(2e|2f|5c)/i
+
 /**
- * What leaves is checked, not only what came: no empty segment, and a local path once decoded, so
- * that neither `/%2F%2Fevil.com` nor `/%2e/%2fevil.com` (which resolves to `/%2fevil.com`) turns
- * into `//evil.com` in an app's router.
+ * What leaves is checked, not only what came: no empty segment, no encoded dot or separator, and
+ * a local path once decoded, so that none of `/%2F%2Fevil.com`, `/%2e/%2fevil.com` (which the
+ * parser resolves to `/%2fevil.com`) or `/%2e%2e%2f%2fevil.com` (one segment, `/..//evil.com`
+ * decoded) turns into `//evil.com` in an app's router. A patient app's paths need none of them.
  */
 function isSafeResult (path: string): boolean {
-  if (path.includes('//')) return false
+  if (path.includes('//') || ENCODED_SEPARATOR.test(path)) return false
   try {
     return isLocalPath(decodeURIComponent(path))
   } catch {

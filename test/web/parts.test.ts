@@ -20,6 +20,8 @@ t.test('returnTo: a path on this service, else /', async (t) => {
     '/\t/evil.com', '/a\nb', '/a\u0000', '/a\u007f', '/%0d%0aSet-Cookie:x', '/%E0%A4%A', '/..//evil.com', '/a//b',
     // Dot segments, even encoded, go before the check: each of these resolves to /%2fevil.com.
     '/%2e/%2fevil.com', '/a/%2e%2e/%2fevil.com', '/%2e%2e/%2Fevil.com', '/./%2f%2fevil.com', '/a/%2E%2E/%5cevil.com',
+    // Or within one segment, which the parser keeps and a decoding router resolves to //evil.com.
+    '/%2e%2e%2f%2fevil.com', '/a/..%2f%2fevil.com', '/a/%2E%2E%2F%2Fevil.com', '/a%2fb',
     `/${'a'.repeat(1100)}`
   ]
   for (const value of refused) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)?.slice(0, 40)}`)
