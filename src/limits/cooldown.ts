@@ -2,6 +2,7 @@ import type { Redis } from 'ioredis'
 import type { StoreFallback } from './fallback.js'
 import { integers, LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { monotonicNow } from '../state/clock.js'
 
 /**
  * The upstream cooldown: after Care360 answers 429, no replica calls it until the cooldown ends.
@@ -83,6 +84,7 @@ function backoffMs (streak: number, jitter: number, backoff: Backoff): number {
 }
 
 export interface MemoryCooldownOptions extends BackoffOptions {
+  /** monotonicNow unless a test drives the clock (it answers durations only: see `remaining`). */
   now?: () => number
 }
 
@@ -93,7 +95,7 @@ export interface MemoryCooldown extends CooldownStore {
 }
 
 export function createMemoryCooldown (options: MemoryCooldownOptions = {}): MemoryCooldown {
-  const now = options.now ?? Date.now
+  const now = options.now ?? monotonicNow
   const backoff = backoffOf(options)
   let until = 0
   let streak = 0

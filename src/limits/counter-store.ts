@@ -2,6 +2,7 @@ import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
 import { integers, redisScript, type ScriptArg } from '../state/redis-script.js'
 import { whenReady, type Awaitable } from '../state/awaitable.js'
+import { monotonicNow } from '../state/clock.js'
 
 /**
  * Per-client counters (per IP, per session, cancels per session).
@@ -39,6 +40,7 @@ export interface CounterStore {
 }
 
 export interface MemoryCounterOptions {
+  /** monotonicNow unless a test drives the clock: without Redis these windows are the store of record. */
   now?: () => number
   /** Most keys held; beyond it expired keys are swept, then the oldest dropped. */
   maxKeys?: number
@@ -51,7 +53,7 @@ export interface MemoryCounterStore extends CounterStore {
 }
 
 export function createMemoryCounterStore (options: MemoryCounterOptions = {}): MemoryCounterStore {
-  const now = options.now ?? Date.now
+  const now = options.now ?? monotonicNow
   const maxKeys = options.maxKeys ?? 50_000
   const windows = new Map<string, { count: number, endsAt: number }>()
 

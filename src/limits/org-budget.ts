@@ -1,10 +1,10 @@
 import { randomBytes } from 'node:crypto'
-import { performance } from 'node:perf_hooks'
 import type { Redis } from 'ioredis'
 import type { Rate } from '../config.js'
 import type { StoreFallback } from './fallback.js'
 import { integers, LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { monotonicNow } from '../state/clock.js'
 import { luaCooldownLeft, type CooldownCheck } from './cooldown.js'
 
 /**
@@ -107,14 +107,6 @@ const NO_CALLS: AloneCalls = Object.freeze({ times: Object.freeze([]), at: 0 })
 
 /** The most calls made alone that one script enters into Redis's log; the rest go with later calls. */
 export const REPLAY_BATCH = 1000
-
-/**
- * The twin's clock: monotonic, so that a wall clock stepped back or forth (NTP) neither freezes
- * nor empties the window. Only durations of this process are compared on it; Redis keeps its own.
- */
-function monotonicNow (): number {
-  return performance.timeOrigin + performance.now()
-}
 
 /** The memory budget answers at once. */
 export interface MemoryBudget extends BudgetStore {

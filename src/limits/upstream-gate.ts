@@ -3,6 +3,7 @@ import type { BudgetDecision, BudgetStore } from './org-budget.js'
 import { clampRetryAfter, type CooldownStore } from './cooldown.js'
 import { retryAfterSeconds } from './headers.js'
 import { whenReady, type Awaitable } from '../state/awaitable.js'
+import { monotonicNow } from '../state/clock.js'
 
 /**
  * What the Care360 client calls around every upstream call (structurally the client's own
@@ -25,6 +26,10 @@ export interface UpstreamGateOptions {
   cooldown: CooldownStore
   /** Jitter source in [0, 1); Math.random unless a test fixes it. */
   random?: () => number
+  /**
+   * The clock of the cooldown this process remembers; monotonicNow unless a test drives it. The
+   * stores hand the gate durations, never end times, so it never meets Redis's clock.
+   */
   now?: () => number
   /** Hears every decision of `acquire` (metrics): the cooldown's, then the budget's when asked. */
   record?: GateRecorder
@@ -45,7 +50,7 @@ export function upstreamRateLimited (waitMs: number): ApiError {
 export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate {
   const { budget, cooldown } = options
   const random = options.random ?? Math.random
-  const now = options.now ?? Date.now
+  const now = options.now ?? monotonicNow
   const record = options.record ?? silent
   // A cooldown this process has seen is honoured locally until it ends, without asking Redis
   // again, and even if Redis goes away meanwhile. It can only have been extended elsewhere, which

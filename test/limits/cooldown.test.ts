@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { clampRetryAfter, createMemoryCooldown, createRedisCooldown, type BackoffOptions, type CooldownStore } from '../../src/limits/cooldown.js'
-import { strictFallbackOn, uniqueName } from './fixtures/support.js'
+import { steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -79,6 +79,19 @@ t.test('the default bounds: at least a second, at most ten minutes', async (t) =
   t.equal(cooldown.trip(null, 0).remainingMs, 1000, 'the first backoff is a second')
   now = 5000
   t.equal(cooldown.trip(null, 0.5).remainingMs, 2000)
+})
+
+t.test('memory: a wall clock stepped back or forth (NTP) neither stretches nor ends a cooldown', async (t) => {
+  const wall = steppedWallClock(t)
+  const cooldown = createMemoryCooldown()
+  t.equal(cooldown.trip(5000, 0.5).remainingMs, 5000)
+  wall.step(3_600_000)
+  const forth = cooldown.remaining()
+  t.ok(forth > 4000 && forth <= 5000, `not ended an hour early (${forth})`)
+  wall.step(-3_600_000)
+  const back = cooldown.remaining()
+  t.ok(back > 4000 && back <= 5000, `not an hour longer (${back})`)
+  t.equal(cooldown.trip(null, 0.5).fresh, false, 'still the same episode')
 })
 
 t.test('redis: one replica trips, the other sees it at once; the key only grows', async (t) => {

@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from '../../src/limits/counter-store.js'
-import { strictFallbackOn, uniqueName } from './fixtures/support.js'
+import { steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -103,6 +103,21 @@ t.test('memory: when full of live windows, the oldest tenth goes at once, not on
   t.equal(store.hit('k100', rate).count, 2, 'k100 (the 101st oldest) was kept')
   t.equal(store.hit('k999', rate).count, 2, 'so were the newest')
   t.equal(store.hit('new-1', rate).count, 2, 'and the new key')
+})
+
+t.test('memory: a wall clock stepped back or forth (NTP) neither stretches nor ends a window', async (t) => {
+  const wall = steppedWallClock(t)
+  const store = createMemoryCounterStore()
+  const rate = { count: 5, windowMs: 60_000 }
+  store.hit('ip:1.2.3.4', rate)
+  wall.step(-3_600_000)
+  const back = store.hit('ip:1.2.3.4', rate)
+  t.equal(back.count, 2)
+  t.ok(back.resetMs <= 60_000, `the window and its Retry-After not an hour longer (${back.resetMs})`)
+  wall.step(3_600_000)
+  const forth = store.hit('ip:1.2.3.4', rate)
+  t.equal(forth.count, 3, 'the window did not end an hour early')
+  t.ok(forth.resetMs > 50_000 && forth.resetMs <= 60_000)
 })
 
 t.test('redis: exact admission from three clients hitting at once', async (t) => {

@@ -3,6 +3,7 @@ import { parseItem, parseList, type Item } from 'structured-headers'
 import { startRedis } from '../helpers/redis.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { limitedApp, sessionHeaders } from './fixtures/app.js'
+import { steppedWallClock } from './fixtures/support.js'
 import { clientAddress } from '../../src/limits/plugins.js'
 
 const redis = await startRedis(t)
@@ -90,6 +91,17 @@ for (const store of ['memory', 'redis'] as const) {
     }
   })
 }
+
+t.test('memory: a wall clock stepped back (NTP) leaves Retry-After and RateLimit t= at the window', async (t) => {
+  const wall = steppedWallClock(t)
+  const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '1/1m' } })
+  t.equal((await app.inject({ url: '/a' })).statusCode, 200)
+  wall.step(-3_600_000)
+  const refused = await app.inject({ url: '/a' })
+  t.equal(refused.statusCode, 429)
+  t.equal(refused.headers['retry-after'], '60', 'not an hour longer')
+  t.same(fields(refused.headers).limit, { ip: { r: 0, t: 60 } })
+})
 
 t.test('IPv6 clients are keyed by their /64', async (t) => {
   const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })

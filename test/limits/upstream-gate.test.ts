@@ -5,11 +5,11 @@ import { startRedis } from '../helpers/redis.js'
 import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
 import { ApiError } from '../../src/errors.js'
 import { createMemoryBudget, createOrgBudget, type BudgetStore } from '../../src/limits/org-budget.js'
-import { createMemoryCooldown, createRedisCooldown } from '../../src/limits/cooldown.js'
+import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from '../../src/limits/upstream-gate.js'
 import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { maxInAnyWindow, strictFallbackOn, uniqueName } from './fixtures/support.js'
+import { maxInAnyWindow, steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
 const redis = await startRedis(t)
 
@@ -63,6 +63,24 @@ t.test("the upstream's Retry-After is clamped to [1 s, 10 min]", async (t) => {
   const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 1, windowMs: 1000 }), cooldown: createMemoryCooldown() })
   t.equal(await gate.onRateLimited(5), 1000)
   t.equal(await gate.onRateLimited(86_400_000), 600_000)
+})
+
+t.test('the cooldown the gate remembers is neither ended early nor stretched by a wall clock step (NTP)', async (t) => {
+  // A store that no longer shows the cooldown, as a Redis outage hides the shared one: only the
+  // gate's own memory of it stops the calls.
+  const forgetful: CooldownStore = {
+    remaining: () => 0,
+    check: { key: null, memory: () => 0 },
+    trip: () => ({ remainingMs: 5000, fresh: false })
+  }
+  const wall = steppedWallClock(t)
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 100, windowMs: 60_000 }), cooldown: forgetful })
+  t.equal(await gate.onRateLimited(5000), 5000)
+  wall.step(3_600_000)
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '5' }, 'no upstream call while the upstream still limits us')
+  wall.step(-3_600_000)
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '5' }, 'not an hour longer')
+  t.ok(gate.coolingMs() > 4000 && gate.coolingMs() <= 5000)
 })
 
 t.test('redis: one replica hears the 429, the others stop at once and resume after it', async (t) => {
