@@ -24,10 +24,16 @@ export interface LoginState {
   previousSession?: string
 }
 
+/** A login state as the callback opens it. */
+export interface OpenedLoginState extends LoginState {
+  /** When `/auth/login` sealed it (seconds): the sign-in at the identity provider came after. */
+  startedAt: number
+}
+
 export interface LoginStateSeal {
   seal: (state: LoginState) => Promise<string>
   /** Null when the value is missing, forged, from another deployment or expired. */
-  open: (value: unknown) => Promise<LoginState | null>
+  open: (value: unknown) => Promise<OpenedLoginState | null>
 }
 
 export function createLoginStateSeal (root: string, now: () => number = Date.now): LoginStateSeal {
@@ -42,7 +48,7 @@ export function createLoginStateSeal (root: string, now: () => number = Date.now
       .encrypt(key)
   }
 
-  async function open (value: unknown): Promise<LoginState | null> {
+  async function open (value: unknown): Promise<OpenedLoginState | null> {
     if (typeof value !== 'string') return null
     try {
       const { payload } = await jwtDecrypt(value, key, {
@@ -53,7 +59,7 @@ export function createLoginStateSeal (root: string, now: () => number = Date.now
       })
       // Authenticated encryption: only seal() above can have written these fields.
       const { s, n, v, r, p } = payload as Record<string, string>
-      const state: LoginState = { state: s as string, nonce: n as string, codeVerifier: v as string, returnTo: r as string }
+      const state: OpenedLoginState = { state: s as string, nonce: n as string, codeVerifier: v as string, returnTo: r as string, startedAt: payload.iat as number }
       if (p !== undefined) state.previousSession = p
       return state
     } catch {

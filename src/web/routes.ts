@@ -172,8 +172,11 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       const idpSessionId = typeof claims.sid === 'string' && claims.sid !== '' ? claims.sid : null
       // A back-channel logout that arrived while this sign-in was at the IdP ended it: no session
       // outlives it. The patient signs in again, as after an expired login (a store failure is the
-      // catch below's session_unavailable).
-      if (await app.idTokenVerifier.loggedOut({ issuer: claims.iss, subject: claims.sub, sid: idpSessionId, authTime: claims.auth_time ?? claims.iat })) {
+      // catch below's session_unavailable). Without auth_time, the sign-in at the IdP is known to
+      // have come after /auth/login only (the token's iat is the code exchange, after any logout
+      // during the sign-in): a logout by subject since then refuses it.
+      const authTime = claims.auth_time ?? Math.min(claims.iat, login.startedAt)
+      if (await app.idTokenVerifier.loggedOut({ issuer: claims.iss, subject: claims.sub, sid: idpSessionId, authTime })) {
         return failSignIn(request, reply, 'login_expired')
       }
       const { token, session } = await app.sessions.create({

@@ -372,12 +372,12 @@ for (const store of ['memory', 'redis'] as const) {
 
     // By subject: another browser's sign-in, and the IdP ends every session of the patient. This
     // IdP sends auth_time only when asked (max_age): the ID token is dated by its iat, the time of
-    // the code exchange, which follows the logout here; the logout is dated a second ahead so that
-    // the exchange falls within it.
+    // the code exchange, which comes a second after the logout here; the sign-in began before it.
     const other = new Browser()
     const url = await callbackOf(stack, other, 'bob@example.com')
-    const logoutAt = Math.floor(Date.now() / 1000) + 1
+    const logoutAt = Math.floor(Date.now() / 1000)
     t.equal((await post(stack.app, form(await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: logoutAt })))).statusCode, 200)
+    await sleep((logoutAt + 1) * 1000 + 20 - Date.now())
     t.equal((await other.fetch(url)).headers.get('location'), `${stack.publicUrl}/?signin_error=login_expired`)
     t.equal(stack.sessionOf(other), undefined)
 

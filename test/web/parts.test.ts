@@ -58,7 +58,9 @@ t.test('login state: sealed, bound to the key, short-lived', async (t) => {
   const state = { state: 's', nonce: 'n', codeVerifier: 'v', returnTo: '/r' }
   const sealed = await seal.seal(state)
   t.notMatch(sealed, /"v"|codeVerifier/, 'the verifier is not readable')
-  t.same(await seal.open(sealed), state)
+  t.same(await seal.open(sealed), { ...state, startedAt: 1_700_000_000 }, 'with when /auth/login sealed it')
+  const withPrevious = { ...state, previousSession: 'session-id-hash' }
+  t.same(await seal.open(await seal.seal(withPrevious)), { ...withPrevious, startedAt: 1_700_000_000 })
   t.equal(await createLoginStateSeal('org-key-2', () => now).open(sealed), null, 'another deployment cannot open it')
   t.equal(await seal.open(`${sealed.slice(0, -2)}AA`), null, 'tampered')
   t.equal(await seal.open(undefined), null)
