@@ -86,9 +86,6 @@ export function settleError (error: unknown, sendStarted: boolean): Settlement {
     return error.code === ErrorCode.APPOINTMENT_NOT_FOUND ? { action: 'store', answer } : { action: 'release' }
   }
   if (error.outcome === 'not-sent') return { action: 'release' }
-  // The upstream refused our key: nothing happened, and a retry once the operator has mended the
-  // key must really run rather than replay an operator's fault for 24 h.
-  if (error.code === ErrorCode.UPSTREAM_AUTH_FAILED) return { action: 'release' }
   if (error.outcome === 'answered') return { action: 'store', answer }
   // 'unknown', or an error without an outcome raised after the cancel was handed over.
   return { action: 'unknown', answer }

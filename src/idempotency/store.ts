@@ -87,11 +87,7 @@ export function recordId (scope: string, key: string): { slot: string, id: strin
 export interface MemoryStoreOptions {
   /** Injected by tests; Date.now otherwise. */
   now?: () => number
-  /**
-   * Most records held. When full: expired records are swept, then the oldest completed ones (a
-   * tenth of the store) go; a store full of in-flight and unknown-outcome records fails `begin`
-   * (a 503, never a guess).
-   */
+  /** Most records held; expired ones are swept first, then `begin` fails (a 503, never a guess). */
   maxEntries?: number
   /** Expired records are swept at most this often (ms) outside of a full store. */
   sweepEveryMs?: number
@@ -119,27 +115,6 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
     }
   }
 
-  /**
-   * Room for a new record in a full store. A completed record only replays an answer: without it,
-   * a retry runs again, and a cancel that took effect is then refused (the ownership check, or the
-   * upstream's "already cancelled"), never made twice; so the oldest of them give way rather than
-   * every keyed cancel answering 503 until some expire (a day). In-flight and unknown-outcome
-   * records never do: they are what stops a second send.
-   */
-  function makeRoom (at: number): boolean {
-    sweep(at)
-    let excess = records.size - Math.floor(maxEntries * 0.9)
-    // Insertion order: the first records began first.
-    for (const [id, record] of records) {
-      if (excess <= 0) break
-      if (record.state === 'done') {
-        records.delete(id)
-        excess -= 1
-      }
-    }
-    return records.size < maxEntries
-  }
-
   // In-process only, so nothing to hash: the scope is a hash already and the key is at most 255
   // characters (parseIdempotencyKey) or a single-flight fingerprint.
   const mapKeyOf = (scope: string, key: string): string => `${scope}\0${key}`
@@ -165,7 +140,8 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       const record = live(mapKey, at)
       const expiresAt = at + Math.max(ttlMs, inFlightTtlMs)
       if (record === undefined) {
-        if (records.size >= maxEntries && !makeRoom(at)) throw new IdempotencyStoreError('memory idempotency store is full')
+        if (records.size >= maxEntries) sweep(at)
+        if (records.size >= maxEntries) throw new IdempotencyStoreError('memory idempotency store is full')
         const token = randomUUID()
         records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, expiresAt })
         return { kind: 'started', token }

@@ -288,26 +288,6 @@ t.test('memory: expired records are swept and the store is bounded', async (t) =
   t.equal(store.size(), 2, 'periodic sweep dropped the expired record')
 })
 
-t.test('memory: a full store makes room by dropping its oldest completed records, never one in flight or of unknown outcome', async (t) => {
-  const clock = 1_000
-  const store = createMemoryIdempotencyStore({ now: () => clock, maxEntries: 10, sweepEveryMs: 1_000_000 })
-  const tokens = new Map<string, string>()
-  for (let i = 0; i < 10; i++) tokens.set(`k${i}`, await started(store, 's', `k${i}`, LONG))
-  // k0 and k1 stay in flight, k2 has an unknown outcome, the rest are completed.
-  t.ok(await store.markUnknown('s', 'k2', tokens.get('k2') as string, LONG.ttlMs))
-  for (let i = 3; i < 10; i++) t.ok(await store.complete('s', `k${i}`, tokens.get(`k${i}`) as string, DONE, LONG.ttlMs))
-  t.equal((await store.begin('s', 'new', FP, LONG)).kind, 'started', 'room was made')
-  t.equal(store.size(), 10, 'down to nine, then the new one')
-  t.equal((await store.begin('s', 'k4', FP, LONG)).kind, 'replay', 'the next completed ones are kept')
-  t.equal((await store.begin('s', 'k0', FP, LONG)).kind, 'in-flight', 'in flight: kept')
-  t.equal((await store.begin('s', 'k2', FP, LONG)).kind, 'unknown-outcome', 'unknown outcome: kept')
-  t.equal((await store.begin('s', 'k3', FP, LONG)).kind, 'started', 'the oldest completed record went: its key runs again')
-
-  const stuck = createMemoryIdempotencyStore({ now: () => clock, maxEntries: 3, sweepEveryMs: 1_000_000 })
-  for (const key of ['a', 'b', 'c']) await started(stuck, 's', key, LONG)
-  t.throws(() => stuck.begin('s', 'd', FP, LONG), IdempotencyStoreError, 'nothing completed to give way: refused')
-})
-
 t.test('memory: short-lived single-flight records do not pile up between sweeps (default interval)', async (t) => {
   let clock = 1_000
   const store = createMemoryIdempotencyStore({ now: () => clock })
