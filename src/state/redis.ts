@@ -23,8 +23,9 @@ export interface SharedState {
    */
   degradeFor: (ms: number) => void
   /**
-   * How long (ms) `mode()` has said `redis` without a break: 0 while it does not, Infinity if it
-   * has since the client first connected. The org budget is careful for a while after a break.
+   * How long (ms) `mode()` has said `redis` without a break: 0 while it does not, else since the
+   * client last came back (for its first connection: since Redis itself started) or a failed
+   * command's pause ended. The org budget is careful for a while after a break.
    */
   redisFor: () => number
   close: () => Promise<void>
@@ -72,7 +73,7 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   defineScripts(redis)
   let lastDegradedLog = Number.NEGATIVE_INFINITY
   let degraded = false
-  // When the client last came back after losing its connection.
+  // When the client last became ready.
   let backAt = Number.NEGATIVE_INFINITY
   const log = options.log
   // ioredis emits 'error' on every failed reconnect; one line per interval is enough for operators.
@@ -83,12 +84,24 @@ export function createSharedState (options: SharedStateOptions): SharedState {
       log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')
     }
   })
+  let connections = 0
   redis.on('ready', function onRedisReady () {
-    if (degraded) {
-      log.info('shared state: Redis reachable again')
-      backAt = now()
-    }
+    if (degraded) log.info('shared state: Redis reachable again')
+    const readyAt = now()
+    backAt = readyAt
     degraded = false
+    if (connections++ > 0) return
+    // The first connection: Redis's data holds what every replica did through it since Redis
+    // itself started, so the span without a break is Redis's uptime. A Redis that restarted
+    // empty (it keeps nothing on disk here) while the other replicas still count their recent
+    // calls in memory is no longer than that: a process starting then keeps to its share for a
+    // span, as a replica that comes back does (org-budget.ts), instead of finding an empty log
+    // and taking the whole count. Until INFO answers (or if it cannot), it is as careful.
+    redis.info('server').then(function sinceRedisStarted (text: string) {
+      const uptimeSec = Number(/^uptime_in_seconds:(\d+)/m.exec(text)?.[1])
+      if (Number.isFinite(uptimeSec) && backAt === readyAt) backAt = readyAt - uptimeSec * 1000
+    // c8 ignore next -- INFO failing just after ready (the connection lost at once): nothing to do, the process stays careful
+    }, function stayCareful () {})
   })
   redis.on('close', function onRedisClose () {
     degraded = true

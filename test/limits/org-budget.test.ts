@@ -451,3 +451,30 @@ t.test('outage: Redis restarts empty while one replica counts alone and the othe
   t.equal(await takeMany(a, 10), 3, 'a, idle during the outage, keeps its share for a span: Redis forgot everything')
   t.equal(await takeMany(b, 5), 0, 'b too')
 })
+
+// After the restart above: the suite's Redis is young again.
+t.test('a replica that starts just after Redis restarted empty keeps to its share; one that starts on an older Redis does not wait', async (t) => {
+  const tag = uniqueName('late')
+  const options = { count: 9, windowMs: 10_000, replicas: 3, tag }
+  const budgetOn = async (): Promise<BudgetStore> => createOrgBudget({ ...options, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })
+  const a = await budgetOn()
+  const b = await budgetOn()
+  t.equal(await takeMany(a, 3) + await takeMany(b, 3), 6, 'a and b, three each')
+  await redis.stop()
+  await redis.start()
+  // Redis forgot the six; a and b remember them, each its own three, and keep to their shares.
+  const c = await budgetOn()
+  await sleep(200)
+  t.equal(await takeMany(c, 9), 3, 'c, started on an empty Redis, takes only its share: 9 in the window, not 15')
+  t.equal(await takeMany(a, 3) + await takeMany(b, 3), 0)
+
+  // A Redis up for longer than a span: its log is whole, and a new replica may use all of it.
+  const short = { count: 4, windowMs: 1000, replicas: 4, tag: uniqueName('young') }
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  const uptime = async (): Promise<number> => Number(/uptime_in_seconds:(\d+)/.exec(await admin.info('server'))?.[1])
+  while (await uptime() < 2) await sleep(100)
+  const d = createOrgBudget({ ...short, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })
+  await sleep(200)
+  t.equal(await takeMany(d, 5), 4, 'the whole count, not its share of one')
+})
