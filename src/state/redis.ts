@@ -1,5 +1,5 @@
 import { performance } from 'node:perf_hooks'
-import { Redis } from 'ioredis'
+import { Redis, type Command, type RedisOptions } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import { defineScripts } from './redis-script.js'
 
@@ -49,14 +49,15 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   }
   const now = options.now ?? (() => performance.now())
   const logEveryMs = options.logEveryMs ?? 60_000
-  const redis = new Redis(options.url, {
+  // The one bound on a wait for Redis: a command that gets no answer in time fails, and the store
+  // that sent it falls back (limits) or answers 503 (sessions, keyed idempotency). Ours rather
+  // than ioredis's commandTimeout: see CommandBound.
+  // On the real clock whatever `now` a test injects: the bound is about time that really passes.
+  const redis = new BoundedRedis(new CommandBound(commandTimeoutMs, () => performance.now()), options.url, {
     // A disconnected client must fail a command at once rather than queue it: requests never
     // wait on a Redis outage, the stores fall back instead.
     enableOfflineQueue: false,
     maxRetriesPerRequest: 0,
-    // The one bound on a wait for Redis: a command that gets no answer in time fails, and the
-    // store that sent it falls back (limits) or answers 503 (sessions, keyed idempotency).
-    commandTimeout: commandTimeoutMs,
     // A connection whose peer went silent without a reset (a node lost, a failover that moved the
     // address) stays open, and `ready`, until the kernel gives up on its unacknowledged data
     // (about 15 minutes): every command meanwhile waits out its timeout, and the queue grows. So a
@@ -100,7 +101,7 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     redis.info('server').then(function sinceRedisStarted (text: string) {
       const uptimeSec = Number(/^uptime_in_seconds:(\d+)/m.exec(text)?.[1])
       if (Number.isFinite(uptimeSec) && backAt === readyAt) backAt = readyAt - uptimeSec * 1000
-    // c8 ignore next -- INFO failing just after ready (the connection lost at once): nothing to do, the process stays careful
+    // INFO refused (a locked-down Redis) or lost: careful, as after a break.
     }, function stayCareful () {})
   })
   redis.on('close', function onRedisClose () {
@@ -134,9 +135,85 @@ function forgetSocketTimeout (redis: Redis): void {
   client.socketTimeoutTimer = undefined
 }
 
+/** How often the bound looks at the commands waiting, and the least stall of the loop it forgives (ms). */
+const BOUND_TICK_MS = 25
+
+/**
+ * The bound on a wait for Redis, counted in time this process could have read the answer. ioredis's
+ * commandTimeout is a timer per command, and after a stall of the event loop (a CPU-throttled
+ * container, a long synchronous task) Node runs expired timers before it reads sockets: a command
+ * whose answer arrived in time, or whose write was still held for the loop's check phase
+ * (coalesceWrites), failed, the stores fell back or answered 503, and a keyed cancel's record was
+ * written after its request had given up. Here one timer looks at the waiting commands, oldest
+ * first; a tick that comes late by more than a tick is a stall, and every deadline moves by it.
+ * It also costs less than a timer set and cleared per command.
+ */
+export class CommandBound {
+  readonly #timeoutMs: number
+  readonly #now: () => number
+  #waiting: Array<{ command: Command, deadline: number }> = []
+  #timer: NodeJS.Timeout | null = null
+  #lastTick = 0
+
+  constructor (timeoutMs: number, now: () => number) {
+    this.#timeoutMs = timeoutMs
+    this.#now = now
+  }
+
+  watch (command: Command): void {
+    const at = this.#now()
+    this.#waiting.push({ command, deadline: at + this.#timeoutMs })
+    if (this.#timer !== null) return
+    this.#lastTick = at
+    this.#timer = setInterval(() => { this.#tick() }, BOUND_TICK_MS)
+    this.#timer.unref()
+  }
+
+  #tick (): void {
+    const at = this.#now()
+    const stall = at - this.#lastTick - BOUND_TICK_MS
+    this.#lastTick = at
+    const waiting = this.#waiting
+    if (stall > BOUND_TICK_MS) for (const entry of waiting) entry.deadline += stall
+    // Deadlines are in the order of the commands: the first one not yet due ends the pass.
+    let passed = 0
+    for (const { command, deadline } of waiting) {
+      if (!command.isResolved) {
+        if (deadline > at) break
+        command.reject(new Error(COMMAND_TIMED_OUT))
+      }
+      passed += 1
+    }
+    this.#waiting = passed === 0 ? waiting : waiting.slice(passed)
+    if (this.#waiting.length > 0) return
+    clearInterval(this.#timer as NodeJS.Timeout)
+    this.#timer = null
+  }
+}
+
+/** The shared client: every command it sends is bounded by its CommandBound. */
+class BoundedRedis extends Redis {
+  // Set once super() returns: ioredis sends nothing from its constructor (it connects
+  // asynchronously, even without lazyConnect).
+  private readonly bound: CommandBound
+
+  constructor (bound: CommandBound, url: string, options: RedisOptions) {
+    super(url, options)
+    this.bound = bound
+  }
+
+  override sendCommand (command: Command, stream?: Parameters<Redis['sendCommand']>[1]): unknown {
+    const sent = super.sendCommand(command, stream)
+    this.bound.watch(command)
+    return sent
+  }
+}
+
+const COMMAND_TIMED_OUT = 'Command timed out'
+
 /** A command that got no answer within the shared client's command timeout (ioredis's error). */
 export function isCommandTimeout (error: unknown): boolean {
-  return error instanceof Error && error.message === 'Command timed out'
+  return error instanceof Error && error.message === COMMAND_TIMED_OUT
 }
 
 const corked = new WeakSet<Redis>()

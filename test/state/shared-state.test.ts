@@ -1,11 +1,13 @@
 import t from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
 import { once } from 'node:events'
+import { stat } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
+import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
-import { createSharedState } from '../../src/state/redis.js'
+import { coalesceWrites, createSharedState } from '../../src/state/redis.js'
 
 const redis = await startRedis(t)
 
@@ -93,4 +95,69 @@ t.test('after a connection is lost with a command outstanding, the new connectio
   }
   t.equal(closes, 1, 'one close: the lost connection only')
   t.equal(failed, 0, 'every command answered on the new connection')
+})
+
+/** Blocks this process's event loop, as a CPU-throttled container or a long synchronous task does. */
+function stall (ms: number): void {
+  const end = performance.now() + ms
+  while (performance.now() < end) { /* busy */ }
+}
+
+t.test('a stall of this process longer than the bound does not fail commands Redis answered in time', async (t) => {
+  const state = createSharedState({ url: redis.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100 })
+  t.teardown(() => state.close())
+  const client = state.redis!
+  const readyBy = Date.now() + 5000
+  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
+  // From an I/O callback, as a request handler runs: after it the loop checks its timers before
+  // it reads sockets again.
+  const inIoCallback = async <T>(fn: () => T): Promise<T> => await new Promise((resolve) => { stat('.', () => { resolve(fn()) }) })
+  // Sent, then the loop stalls: the answer waits in the socket while the timers come due.
+  const sentBefore = await inIoCallback(() => {
+    const ping = client.ping()
+    stall(300)
+    return ping
+  })
+  t.equal(await sentBefore, 'PONG', 'answered in time, read after the stall')
+  // Sent as the stores send (writes held for the loop's check phase), then the loop stalls: the
+  // command leaves only after the stall.
+  const heldDuring = await inIoCallback(() => {
+    coalesceWrites(client)
+    const ping = client.ping()
+    stall(300)
+    return ping
+  })
+  t.equal(await heldDuring, 'PONG', 'its time is counted from when the loop could serve it')
+})
+
+t.test('a command that gets no answer still fails within the bound', async (t) => {
+  const relay = await silenceableRelay()
+  t.teardown(relay.close)
+  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 150 })
+  t.teardown(() => state.close())
+  const client = state.redis!
+  const readyBy = Date.now() + 5000
+  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
+  relay.silence()
+  const began = performance.now()
+  const pings = await Promise.allSettled([client.ping(), client.ping(), client.ping()])
+  const took = performance.now() - began
+  t.ok(pings.every((ping) => ping.status === 'rejected' && (ping.reason as Error).message === 'Command timed out'), 'each one timed out')
+  t.ok(took >= 140 && took < 400, `after the bound and at most a tick more: ${Math.round(took)} ms`)
+})
+
+t.test('a Redis that refuses INFO: the first connection is taken as a break (the budget stays careful)', async (t) => {
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  while (Number(/uptime_in_seconds:(\d+)/.exec(await admin.info('server'))?.[1]) < 2) await sleep(100)
+  await admin.call('ACL', 'SETUSER', 'no-info', 'on', '>pw', '~*', '&*', '+@all', '-info')
+  const url = redis.url.replace('redis://', 'redis://no-info:pw@')
+  const refused = createSharedState({ url, log: pino({ level: 'silent' }) })
+  const allowed = createSharedState({ url: redis.url, log: pino({ level: 'silent' }) })
+  t.teardown(() => Promise.all([refused.close(), allowed.close()]))
+  const readyBy = Date.now() + 5000
+  while ((refused.mode() !== 'redis' || allowed.mode() !== 'redis') && Date.now() < readyBy) await sleep(10)
+  await sleep(100)
+  t.ok(refused.redisFor() < 1000, `since it connected: ${Math.round(refused.redisFor())} ms`)
+  t.ok(allowed.redisFor() >= 2000, `since Redis started: ${Math.round(allowed.redisFor())} ms`)
 })
