@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks'
 import { Redis, type Command, type RedisOptions } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import { defineScripts } from './redis-script.js'
+import { defineScripts, LUA_NOW_MS } from './redis-script.js'
 
 /** How shared state is held right now, as `/readyz` reports it. */
 export type SharedStateMode = 'redis' | 'degraded' | 'memory'
@@ -36,6 +36,8 @@ export interface SharedStateOptions {
   log: FastifyBaseLogger
   /** Bound on any wait for Redis, in ms: a command that gets no answer in time fails (250 by default). */
   commandTimeoutMs?: number
+  /** A connection that receives nothing for this long with commands outstanding is replaced (ms; SOCKET_TIMEOUT_MS by default). */
+  socketTimeoutMs?: number
   /** How often a still-degraded state is logged again (ms). */
   logEveryMs?: number
   /** Injected for tests; a monotonic clock otherwise (only durations are compared on it). */
@@ -63,7 +65,9 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     // (about 15 minutes): every command meanwhile waits out its timeout, and the queue grows. So a
     // connection with commands outstanding that receives nothing for this long is destroyed, and
     // the client reconnects. Commands that timed out (failed back to the stores) are among those.
-    socketTimeout: Math.max(1000, 4 * commandTimeoutMs),
+    // ioredis's timer is a plain one, so a stall of the event loop counts towards it (the answer
+    // may be waiting in the socket): long enough that only a pathological stall reaches it.
+    socketTimeout: Math.max(options.socketTimeoutMs ?? SOCKET_TIMEOUT_MS, 4 * commandTimeoutMs),
     // The same for an idle connection, from the kernel's side.
     keepAlive: 10_000,
     connectTimeout: 1000,
@@ -87,21 +91,21 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   })
   let connections = 0
   redis.on('ready', function onRedisReady () {
-    if (degraded) log.info('shared state: Redis reachable again')
+    const sawBreak = degraded
+    if (sawBreak) log.info('shared state: Redis reachable again')
     const readyAt = now()
     backAt = readyAt
     degraded = false
-    if (connections++ > 0) return
-    // The first connection: Redis's data holds what every replica did through it since Redis
-    // itself started, so the span without a break is Redis's uptime. A Redis that restarted
-    // empty (it keeps nothing on disk here) while the other replicas still count their recent
-    // calls in memory is no longer than that: a process starting then keeps to its share for a
-    // span, as a replica that comes back does (org-budget.ts), instead of finding an empty log
-    // and taking the whole count. Until INFO answers (or if it cannot), it is as careful.
-    redis.info('server').then(function sinceRedisStarted (text: string) {
-      const uptimeSec = Number(/^uptime_in_seconds:(\d+)/m.exec(text)?.[1])
-      if (Number.isFinite(uptimeSec) && backAt === readyAt) backAt = readyAt - uptimeSec * 1000
-    // INFO refused (a locked-down Redis) or lost: careful, as after a break.
+    if (connections++ > 0 || sawBreak) return
+    // The first connection, with no break seen before it: Redis's data holds what every replica
+    // did through it for as long as that data has existed, so that is the span without a break.
+    // Data younger than that (a Redis restarted empty, or flushed) while the other replicas still
+    // count their recent calls in memory: a process starting then keeps to its share for a span,
+    // as a replica that comes back does (org-budget.ts), instead of finding an empty log and
+    // taking the whole count. Until the age is known (or if it cannot be), it is as careful.
+    dataAgeScript(redis).then(function sinceDataBegan (ageMs: number) {
+      if (backAt === readyAt) backAt = readyAt - ageMs
+    // The script refused (a locked-down Redis) or lost: careful, as after a break.
     }, function stayCareful () {})
   })
   redis.on('close', function onRedisClose () {
@@ -135,6 +139,23 @@ function forgetSocketTimeout (redis: Redis): void {
   client.socketTimeoutTimer = undefined
 }
 
+/**
+ * How long (ms) the data of this Redis has existed: the age of a marker set on first use, with no
+ * expiry. It goes where the data goes (persistence, a replica promoted) and is gone with it (a
+ * restart without persistence, FLUSHALL, eviction), which Redis's uptime does not tell.
+ */
+async function dataAgeScript (redis: Redis): Promise<number> {
+  return Number(await redis.eval(`${LUA_NOW_MS}
+redis.call('SET', KEYS[1], int(now), 'NX')
+return now - tonumber(redis.call('GET', KEYS[1]))`, 1, DATA_SINCE_KEY))
+}
+
+/** The marker of dataAgeScript. */
+export const DATA_SINCE_KEY = 'bff:state:since'
+
+/** The least time without data, commands outstanding, after which a connection is replaced. */
+export const SOCKET_TIMEOUT_MS = 5000
+
 /** How often the bound looks at the commands waiting, and the least stall of the loop it forgives (ms). */
 const BOUND_TICK_MS = 25
 
@@ -154,6 +175,7 @@ export class CommandBound {
   #waiting: Array<{ command: Command, deadline: number }> = []
   #timer: NodeJS.Timeout | null = null
   #lastTick = 0
+  readonly #timedOut = new Error(COMMAND_TIMED_OUT)
 
   constructor (timeoutMs: number, now: () => number) {
     this.#timeoutMs = timeoutMs
@@ -180,7 +202,9 @@ export class CommandBound {
     for (const { command, deadline } of waiting) {
       if (!command.isResolved) {
         if (deadline > at) break
-        command.reject(new Error(COMMAND_TIMED_OUT))
+        // One error for every timeout: a command ioredis already failed (an error reply, a lost
+        // connection) is still here and ignores it, so none is made per command.
+        command.reject(this.#timedOut)
       }
       passed += 1
     }

@@ -6,6 +6,7 @@ import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
+import { DATA_SINCE_KEY } from '../../src/state/redis.js'
 import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, strictFallbackOn, uniqueName, waitFor } from './fixtures/support.js'
 
 const redis = await startRedis(t)
@@ -453,7 +454,7 @@ t.test('outage: Redis restarts empty while one replica counts alone and the othe
 })
 
 // After the restart above: the suite's Redis is young again.
-t.test('a replica that starts just after Redis restarted empty keeps to its share; one that starts on an older Redis does not wait', async (t) => {
+t.test('a replica that starts just after Redis restarted empty keeps to its share; one that starts on older data does not wait', async (t) => {
   const tag = uniqueName('late')
   const options = { count: 9, windowMs: 10_000, replicas: 3, tag }
   const budgetOn = async (): Promise<BudgetStore> => createOrgBudget({ ...options, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })
@@ -468,12 +469,15 @@ t.test('a replica that starts just after Redis restarted empty keeps to its shar
   t.equal(await takeMany(c, 9), 3, 'c, started on an empty Redis, takes only its share: 9 in the window, not 15')
   t.equal(await takeMany(a, 3) + await takeMany(b, 3), 0)
 
-  // A Redis up for longer than a span: its log is whole, and a new replica may use all of it.
+  // A Redis whose data is older than a span: its log is whole, and a new replica may use all of it.
   const short = { count: 4, windowMs: 1000, replicas: 4, tag: uniqueName('young') }
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
-  const uptime = async (): Promise<number> => Number(/uptime_in_seconds:(\d+)/.exec(await admin.info('server'))?.[1])
-  while (await uptime() < 2) await sleep(100)
+  const dataAge = async (): Promise<number> => {
+    const [sec, usec] = (await admin.time()) as [number, number]
+    return Number(sec) * 1000 + Math.floor(Number(usec) / 1000) - Number(await admin.get(DATA_SINCE_KEY))
+  }
+  while (await dataAge() < 2000) await sleep(100)
   const d = createOrgBudget({ ...short, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })
   await sleep(200)
   t.equal(await takeMany(d, 5), 4, 'the whole count, not its share of one')

@@ -7,7 +7,8 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
-import { coalesceWrites, createSharedState } from '../../src/state/redis.js'
+import { coalesceWrites, createSharedState, DATA_SINCE_KEY } from '../../src/state/redis.js'
+import { freePort } from '../helpers/ports.js'
 
 const redis = await startRedis(t)
 
@@ -45,7 +46,7 @@ async function silenceableRelay (): Promise<{ url: string, silence: () => void, 
 t.test('a connection that goes silent is given up and replaced, not kept for the kernel\'s quarter of an hour', async (t) => {
   const relay = await silenceableRelay()
   t.teardown(relay.close)
-  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100 })
+  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100, socketTimeoutMs: 1000 })
   t.teardown(() => state.close())
   const client = state.redis!
   const readyBy = Date.now() + 5000
@@ -69,7 +70,7 @@ t.test('a connection that goes silent is given up and replaced, not kept for the
 t.test('after a connection is lost with a command outstanding, the new connection is not cut by the old one\'s socket timeout', async (t) => {
   const relay = await silenceableRelay()
   t.teardown(relay.close)
-  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100 })
+  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100, socketTimeoutMs: 1000 })
   t.teardown(() => state.close())
   const client = state.redis!
   const readyBy = Date.now() + 5000
@@ -146,18 +147,38 @@ t.test('a command that gets no answer still fails within the bound', async (t) =
   t.ok(took >= 140 && took < 400, `after the bound and at most a tick more: ${Math.round(took)} ms`)
 })
 
-t.test('a Redis that refuses INFO: the first connection is taken as a break (the budget stays careful)', async (t) => {
+t.test('a replica\'s first connection: careful unless Redis\'s data is older than its span, and after any break it saw', async (t) => {
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
-  while (Number(/uptime_in_seconds:(\d+)/.exec(await admin.info('server'))?.[1]) < 2) await sleep(100)
-  await admin.call('ACL', 'SETUSER', 'no-info', 'on', '>pw', '~*', '&*', '+@all', '-info')
-  const url = redis.url.replace('redis://', 'redis://no-info:pw@')
-  const refused = createSharedState({ url, log: pino({ level: 'silent' }) })
-  const allowed = createSharedState({ url: redis.url, log: pino({ level: 'silent' }) })
-  t.teardown(() => Promise.all([refused.close(), allowed.close()]))
+  // Data that has existed for ten seconds, on Redis's clock.
+  const [sec, usec] = (await admin.time()) as [number, number]
+  await admin.set(DATA_SINCE_KEY, Number(sec) * 1000 + Math.floor(Number(usec) / 1000) - 10_000)
+  await admin.call('ACL', 'SETUSER', 'no-scripts', 'on', '>pw', '~*', '&*', '+@all', '-eval', '-evalsha')
+  const quiet = pino({ level: 'silent' })
+  const states = {
+    // The marker says how old the data is.
+    known: createSharedState({ url: redis.url, log: quiet }),
+    // The script is refused: as careful as after a break.
+    refused: createSharedState({ url: redis.url.replace('redis://', 'redis://no-scripts:pw@'), log: quiet })
+  }
+  // Started while Redis cannot be reached (here: nothing listens yet), and counting alone meanwhile.
+  const port = await freePort()
+  const late = createSharedState({ url: `redis://127.0.0.1:${port}`, log: quiet })
+  t.teardown(() => Promise.all([states.known.close(), states.refused.close(), late.close()]))
+  await sleep(300)
+  t.equal(late.mode(), 'degraded')
+  const forwarder = createServer((client) => {
+    const server = connect(redis.port, '127.0.0.1')
+    client.pipe(server).pipe(client)
+    for (const socket of [client, server]) socket.on('error', () => {})
+  })
+  forwarder.listen(port, '127.0.0.1')
+  t.teardown(() => { forwarder.close() })
   const readyBy = Date.now() + 5000
-  while ((refused.mode() !== 'redis' || allowed.mode() !== 'redis') && Date.now() < readyBy) await sleep(10)
+  while ([states.known, states.refused, late].some((state) => state.mode() !== 'redis') && Date.now() < readyBy) await sleep(10)
+  await admin.ping()
   await sleep(100)
-  t.ok(refused.redisFor() < 1000, `since it connected: ${Math.round(refused.redisFor())} ms`)
-  t.ok(allowed.redisFor() >= 2000, `since Redis started: ${Math.round(allowed.redisFor())} ms`)
+  t.ok(states.known.redisFor() >= 9000, `the data's age: ${Math.round(states.known.redisFor())} ms`)
+  t.ok(states.refused.redisFor() < 1000, `no age known: since it connected (${Math.round(states.refused.redisFor())} ms)`)
+  t.ok(late.redisFor() < 1000, `a break seen before its first connection: since then (${Math.round(late.redisFor())} ms)`)
 })
