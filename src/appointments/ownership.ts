@@ -53,25 +53,25 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   const entries = new Map<string, Entry>()
   // The ids of the appointments a cancel took effect for lately, by patient, for as long as a
   // cached list lives: a list fetched before such a cancel but stored after it (a GET
-  // /appointments, or another cancel's lookup, running meanwhile) must not bring one back.
-  const gone = new Map<string, Entry>()
+  // /appointments, or another cancel's lookup, running meanwhile) must not bring one back. A set:
+  // the same appointment cancelled again and again (keys, retries) is one entry.
+  const gone = new Map<string, { at: number, ids: Set<string> }>()
 
   /** Sets `key`'s entry in `map`, the least recently stored first to go (a Map iterates in insertion order). */
-  function store (map: Map<string, Entry>, key: string, entry: Entry): void {
+  function store<T> (map: Map<string, T>, key: string, entry: T): void {
     map.delete(key)
     if (map.size >= maxEntries) map.delete(map.keys().next().value as string)
     map.set(key, entry)
   }
 
-  function live (map: Map<string, Entry>, key: string): Appointment[] | null {
-    const entry = map.get(key)
-    return entry !== undefined && now() - entry.at < ttlMs ? entry.appointments : null
+  function live<T> (entry: { at: number } & T | undefined): T | null {
+    return entry !== undefined && now() - entry.at < ttlMs ? entry : null
   }
 
   function remember (email: string, appointments: Appointment[]): void {
     const key = email.toLowerCase()
-    const cancelled = live(gone, key)
-    store(entries, key, { at: now(), appointments: cancelled === null ? appointments : without(appointments, cancelled) })
+    const cancelled = live(gone.get(key))
+    store(entries, key, { at: now(), appointments: cancelled === null ? appointments : appointments.filter((item) => !cancelled.ids.has(item.id)) })
   }
 
   async function fresh (email: string, requestId: string): Promise<Appointment[]> {
@@ -81,7 +81,7 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   }
 
   function cached (email: string): Appointment[] | null {
-    return live(entries, email.toLowerCase())
+    return live(entries.get(email.toLowerCase()))?.appointments ?? null
   }
 
   return {
@@ -98,16 +98,12 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
       const key = email.toLowerCase()
       const entry = entries.get(key)
       // By id: the entry may hold another copy of it, stored by a list fetched meanwhile.
-      if (entry !== undefined) entry.appointments = without(entry.appointments, [appointment])
-      store(gone, key, { at: now(), appointments: [appointment, ...(live(gone, key) ?? [])] })
+      if (entry !== undefined) entry.appointments = entry.appointments.filter((item) => item.id !== appointment.id)
+      const ids = live(gone.get(key))?.ids ?? new Set<string>()
+      store(gone, key, { at: now(), ids: ids.add(appointment.id) })
     },
     forget (email) {
       entries.delete(email.toLowerCase())
     }
   }
-}
-
-/** `list` without the appointments of `drop` (by the upstream's id). */
-function without (list: Appointment[], drop: readonly Appointment[]): Appointment[] {
-  return list.filter((item) => !drop.some((dropped) => dropped.id === item.id))
 }
