@@ -301,6 +301,21 @@ export function createMemoryBudget (options: MemoryBudgetOptions): MemoryBudget 
 }
 
 /**
+ * Lua: the effective limit now (`limit`), from the decrease state in hash `key`, and the state
+ * itself (`floor`, `at`: nil when not decreased), as effectiveLimit computes them. Needs the
+ * locals `now`, `count` and `recover`.
+ */
+function luaLimit (key: string): string {
+  return `local limit, floor, at = count, nil, nil
+local state = redis.call('HMGET', ${key}, 'floor', 'at')
+if state[1] then
+  floor = tonumber(state[1])
+  at = tonumber(state[2])
+  limit = math.min(count, floor + math.floor(math.max(0, now - at) * count / recover))
+end`
+}
+
+/**
  * Enters calls a replica admitted alone into the log (KEYS[1]), from ARGV[first] on: the replica's
  * clock when it sent them, its source id, then their times on its clock. Each lands at its age on
  * Redis's clock. Members name the source and the time (and which of equal times), so that a replay
@@ -338,14 +353,7 @@ end
 local count = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local recover = tonumber(ARGV[3])
-local limit = count
-local floor, at = nil, nil
-local state = redis.call('HMGET', KEYS[3], 'floor', 'at')
-if state[1] then
-  floor = tonumber(state[1])
-  at = tonumber(state[2])
-  limit = math.min(count, floor + math.floor(math.max(0, now - at) * count / recover))
-end
+${luaLimit('KEYS[3]')}
 -- Entries strictly older than now - window leave; the closed interval [now - window, now] stays.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now - window))
 local used = redis.call('ZCARD', KEYS[1])
@@ -368,11 +376,7 @@ return { 0, math.max(1, next - now) }
 const decreaseScript = redisScript('bffBudgetDecrease', 1, `${LUA_NOW_MS}
 local count = tonumber(ARGV[1])
 local recover = tonumber(ARGV[2])
-local limit = count
-local state = redis.call('HMGET', KEYS[1], 'floor', 'at')
-if state[1] then
-  limit = math.min(count, tonumber(state[1]) + math.floor(math.max(0, now - tonumber(state[2])) * count / recover))
-end
+${luaLimit('KEYS[1]')}
 redis.call('HSET', KEYS[1], 'floor', math.max(1, math.floor(limit * ${DECREASE_FACTOR})), 'at', int(now))
 -- Fully recovered by then: the state may go.
 redis.call('PEXPIRE', KEYS[1], recover)
@@ -384,11 +388,7 @@ return 1
 const remainingScript = redisScript('bffBudgetRemaining', 2, `${LUA_NOW_MS}
 local count = tonumber(ARGV[1])
 local recover = tonumber(ARGV[3])
-local limit = count
-local state = redis.call('HMGET', KEYS[2], 'floor', 'at')
-if state[1] then
-  limit = math.min(count, tonumber(state[1]) + math.floor(math.max(0, now - tonumber(state[2])) * count / recover))
-end
+${luaLimit('KEYS[2]')}
 return math.max(0, limit - redis.call('ZCOUNT', KEYS[1], int(now - tonumber(ARGV[2])), '+inf'))
 `)
 

@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { stat } from 'node:fs'
@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
-import { coalesceWrites, createSharedState, DATA_SINCE_KEY } from '../../src/state/redis.js'
+import { coalesceWrites, createSharedState, DATA_SINCE_KEY, type SharedState } from '../../src/state/redis.js'
 import { freePort } from '../helpers/ports.js'
 
 const redis = await startRedis(t)
@@ -43,14 +43,20 @@ async function silenceableRelay (): Promise<{ url: string, silence: () => void, 
   }
 }
 
+/** A shared state on `url`, connected (Redis answering) before it is handed over, closed at the end. */
+async function connected (t: Test, url: string, options: { commandTimeoutMs: number, socketTimeoutMs?: number }): Promise<SharedState> {
+  const state = createSharedState({ url, log: pino({ level: 'silent' }), ...options })
+  t.teardown(() => state.close())
+  const readyBy = Date.now() + 5000
+  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
+  return state
+}
+
 t.test('a connection that goes silent is given up and replaced, not kept for the kernel\'s quarter of an hour', async (t) => {
   const relay = await silenceableRelay()
   t.teardown(relay.close)
-  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100, socketTimeoutMs: 1000 })
-  t.teardown(() => state.close())
+  const state = await connected(t, relay.url, { commandTimeoutMs: 100, socketTimeoutMs: 1000 })
   const client = state.redis!
-  const readyBy = Date.now() + 5000
-  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
   t.equal(await client.ping(), 'PONG')
 
   relay.silence()
@@ -70,11 +76,8 @@ t.test('a connection that goes silent is given up and replaced, not kept for the
 t.test('after a connection is lost with a command outstanding, the new connection is not cut by the old one\'s socket timeout', async (t) => {
   const relay = await silenceableRelay()
   t.teardown(relay.close)
-  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100, socketTimeoutMs: 1000 })
-  t.teardown(() => state.close())
+  const state = await connected(t, relay.url, { commandTimeoutMs: 100, socketTimeoutMs: 1000 })
   const client = state.redis!
-  const readyBy = Date.now() + 5000
-  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
   let closes = 0
   client.on('close', () => { closes += 1 })
   // A command outstanding (its socket timeout armed, 1 s here), then the connection is lost.
@@ -105,11 +108,8 @@ function stall (ms: number): void {
 }
 
 t.test('a stall of this process longer than the bound does not fail commands Redis answered in time', async (t) => {
-  const state = createSharedState({ url: redis.url, log: pino({ level: 'silent' }), commandTimeoutMs: 100 })
-  t.teardown(() => state.close())
+  const state = await connected(t, redis.url, { commandTimeoutMs: 100 })
   const client = state.redis!
-  const readyBy = Date.now() + 5000
-  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
   // From an I/O callback, as a request handler runs: after it the loop checks its timers before
   // it reads sockets again.
   const inIoCallback = async <T>(fn: () => T): Promise<T> => await new Promise((resolve) => { stat('.', () => { resolve(fn()) }) })
@@ -134,11 +134,8 @@ t.test('a stall of this process longer than the bound does not fail commands Red
 t.test('a command that gets no answer still fails within the bound', async (t) => {
   const relay = await silenceableRelay()
   t.teardown(relay.close)
-  const state = createSharedState({ url: relay.url, log: pino({ level: 'silent' }), commandTimeoutMs: 150 })
-  t.teardown(() => state.close())
+  const state = await connected(t, relay.url, { commandTimeoutMs: 150 })
   const client = state.redis!
-  const readyBy = Date.now() + 5000
-  while (state.mode() !== 'redis' && Date.now() < readyBy) await sleep(10)
   relay.silence()
   const began = performance.now()
   const pings = await Promise.allSettled([client.ping(), client.ping(), client.ping()])
