@@ -1,4 +1,5 @@
 import { hash, randomBytes } from 'node:crypto'
+import { monotonicNow } from '../state/clock.js'
 import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
 import { coalesceWrites, type SharedState } from '../state/redis.js'
@@ -187,7 +188,10 @@ export class MemorySessionStore implements SessionStore {
     this.#absoluteTtlMs = options.absoluteTtlMs
     this.#now = options.now ?? Date.now
     this.#sweepEveryMs = options.sweepEveryMs ?? 60_000
-    this.#counters = createMemoryCounterStore({ now: this.#now })
+    // The per-session limits on the monotonic clock, as every memory limit (unless a test drives
+    // the clock): a wall clock stepped back would stretch their windows. Session lifetimes stay
+    // on the wall clock, which `expiresAt` is read on.
+    this.#counters = createMemoryCounterStore({ now: options.now ?? monotonicNow })
     this.#lastSweep = this.#now()
   }
 

@@ -438,3 +438,20 @@ t.test('redis down or slow: 503 with Retry-After, quickly, never a memory fallba
   await expect503('revokeByIdpSession', () => store.revokeByIdpSession('https://idp.example', 'sid-1'))
   t.equal(await store.get('malformed'), null, 'a malformed token is refused without asking Redis')
 })
+
+t.test('memory: the per-session limits keep their windows when the wall clock steps back', async (t) => {
+  // The wall clock, replaced before the store takes it as its default.
+  const wallNow = Date.now
+  let offset = 0
+  Date.now = () => wallNow() + offset
+  t.teardown(() => { Date.now = wallNow })
+  const store = new MemorySessionStore({ idleTtlMs: 3_600_000 * 3, absoluteTtlMs: 3_600_000 * 3 })
+  const { token } = await store.create(patient())
+  const perSession = { scope: 'session', rate: { count: 5, windowMs: MIN } }
+  t.equal((await store.lookup(token, [perSession])).hits[0]?.count, 1)
+  // NTP steps the wall clock an hour back.
+  offset = -3_600_000
+  const hit = (await store.lookup(token, [perSession])).hits[0]
+  t.equal(hit?.count, 2)
+  t.ok((hit?.resetMs ?? Infinity) <= MIN, `the window still ends within a minute (${hit?.resetMs} ms)`)
+})
