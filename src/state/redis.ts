@@ -142,7 +142,9 @@ function forgetSocketTimeout (redis: Redis): void {
 /**
  * How long (ms) the data of this Redis has existed: the age of a marker set on first use, with no
  * expiry. It goes where the data goes (persistence, a replica promoted) and is gone with it (a
- * restart without persistence, FLUSHALL, eviction), which Redis's uptime does not tell.
+ * restart without persistence, FLUSHALL), which Redis's uptime does not tell. Redis must not
+ * evict the service's state (`maxmemory-policy noeviction`, README): an evicted budget log beside
+ * a kept marker would look whole.
  */
 async function dataAgeScript (redis: Redis): Promise<number> {
   return Number(await redis.eval(`${LUA_NOW_MS}
@@ -156,6 +158,9 @@ export const DATA_SINCE_KEY = 'bff:state:since'
 /** The least time without data, commands outstanding, after which a connection is replaced. */
 export const SOCKET_TIMEOUT_MS = 5000
 
+/** A command waiting for its answer: when it was sent, and when its bound ends. */
+interface Waiting { command: Command, sentAt: number, deadline: number }
+
 /** How often the bound looks at the commands waiting, and the least stall of the loop it forgives (ms). */
 const BOUND_TICK_MS = 25
 
@@ -165,17 +170,16 @@ const BOUND_TICK_MS = 25
  * container, a long synchronous task) Node runs expired timers before it reads sockets: a command
  * whose answer arrived in time, or whose write was still held for the loop's check phase
  * (coalesceWrites), failed, the stores fell back or answered 503, and a keyed cancel's record was
- * written after its request had given up. Here one timer looks at the waiting commands, oldest
- * first; a tick that comes late by more than a tick is a stall, and every deadline moves by it.
- * It also costs less than a timer set and cleared per command.
+ * written after its request had given up. Here one timer looks at the waiting commands; a tick
+ * that comes late by more than a tick is a stall, and each deadline moves by the part of it that
+ * its command lived through. It also costs less than a timer set and cleared per command.
  */
 export class CommandBound {
   readonly #timeoutMs: number
   readonly #now: () => number
-  #waiting: Array<{ command: Command, deadline: number }> = []
+  #waiting: Waiting[] = []
   #timer: NodeJS.Timeout | null = null
   #lastTick = 0
-  readonly #timedOut = new Error(COMMAND_TIMED_OUT)
 
   constructor (timeoutMs: number, now: () => number) {
     this.#timeoutMs = timeoutMs
@@ -184,7 +188,7 @@ export class CommandBound {
 
   watch (command: Command): void {
     const at = this.#now()
-    this.#waiting.push({ command, deadline: at + this.#timeoutMs })
+    this.#waiting.push({ command, sentAt: at, deadline: at + this.#timeoutMs })
     if (this.#timer !== null) return
     this.#lastTick = at
     this.#timer = setInterval(() => { this.#tick() }, BOUND_TICK_MS)
@@ -195,21 +199,22 @@ export class CommandBound {
     const at = this.#now()
     const stall = at - this.#lastTick - BOUND_TICK_MS
     this.#lastTick = at
-    const waiting = this.#waiting
-    if (stall > BOUND_TICK_MS) for (const entry of waiting) entry.deadline += stall
-    // Deadlines are in the order of the commands: the first one not yet due ends the pass.
-    let passed = 0
-    for (const { command, deadline } of waiting) {
-      if (!command.isResolved) {
-        if (deadline > at) break
-        // One error for every timeout: a command ioredis already failed (an error reply, a lost
-        // connection) is still here and ignores it, so none is made per command.
-        command.reject(this.#timedOut)
+    const waiting: Waiting[] = []
+    for (const entry of this.#waiting) {
+      if (entry.command.isResolved) continue
+      // A command sent during the stall (by the task that stalled) or after it is moved by what
+      // of the stall it lived through only: none of the stall when sent after it.
+      if (stall > BOUND_TICK_MS) entry.deadline += Math.min(stall, at - entry.sentAt)
+      if (entry.deadline > at) {
+        waiting.push(entry)
+        continue
       }
-      passed += 1
+      // A fresh error each: ioredis writes into the errors of a transaction's commands
+      // (previousErrors), so one shared instance would carry other requests' errors.
+      entry.command.reject(new Error(COMMAND_TIMED_OUT))
     }
-    this.#waiting = passed === 0 ? waiting : waiting.slice(passed)
-    if (this.#waiting.length > 0) return
+    this.#waiting = waiting
+    if (waiting.length > 0) return
     clearInterval(this.#timer as NodeJS.Timeout)
     this.#timer = null
   }

@@ -179,3 +179,23 @@ t.test('a replica\'s first connection: careful unless Redis\'s data is older tha
   t.ok(states.refused.redisFor() < 1000, `no age known: since it connected (${Math.round(states.refused.redisFor())} ms)`)
   t.ok(late.redisFor() < 1000, `a break seen before its first connection: since then (${Math.round(late.redisFor())} ms)`)
 })
+
+t.test('a command sent after a stall gets the bound from its own sending, not the stall\'s', async (t) => {
+  const relay = await silenceableRelay()
+  t.teardown(relay.close)
+  const state = await connected(t, relay.url, { commandTimeoutMs: 150, socketTimeoutMs: 10_000 })
+  const client = state.redis!
+  relay.silence()
+  const { began, failed } = await new Promise<{ began: number, failed: Promise<unknown> }>((resolve) => {
+    stat('.', () => {
+      // A pending command keeps the bound's timer going through the stall.
+      client.ping().catch(() => {})
+      stall(1000)
+      const began = performance.now()
+      resolve({ began, failed: client.ping().then(() => 'answered', (error: Error) => error.message) })
+    })
+  })
+  t.equal(await failed, 'Command timed out')
+  const took = performance.now() - began
+  t.ok(took < 400, `within its bound and a tick or two: ${Math.round(took)} ms`)
+})
