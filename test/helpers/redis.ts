@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
+import { DATA_SINCE_KEY } from '../../src/state/redis.js'
 import { freePort } from './ports.js'
 
 /** A throwaway redis-server on a free loopback port, owned by one test suite. */
@@ -59,4 +60,15 @@ export async function startRedis (t: TeardownHost): Promise<RedisServer> {
   await start()
   t.teardown(stop)
   return { url: `redis://127.0.0.1:${port}`, port, stop, start, flush }
+}
+
+/** Now on Redis's own clock (`TIME`), in milliseconds. */
+export async function redisNowMs (client: Redis): Promise<number> {
+  const [sec, usec] = (await client.time()) as [number | string, number | string]
+  return Number(sec) * 1000 + Math.floor(Number(usec) / 1000)
+}
+
+/** How long ago, on Redis's clock, its data began: the age of the shared state's marker. */
+export async function dataAgeMs (client: Redis): Promise<number> {
+  return await redisNowMs(client) - Number(await client.get(DATA_SINCE_KEY))
 }

@@ -2,11 +2,10 @@ import t, { type Test } from 'tap'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { dataAgeMs, startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
-import { DATA_SINCE_KEY } from '../../src/state/redis.js'
 import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, strictFallbackOn, uniqueName, waitFor } from './fixtures/support.js'
 
 const redis = await startRedis(t)
@@ -473,11 +472,7 @@ t.test('a replica that starts just after Redis restarted empty keeps to its shar
   const short = { count: 4, windowMs: 1000, replicas: 4, tag: uniqueName('young') }
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
-  const dataAge = async (): Promise<number> => {
-    const [sec, usec] = (await admin.time()) as [number, number]
-    return Number(sec) * 1000 + Math.floor(Number(usec) / 1000) - Number(await admin.get(DATA_SINCE_KEY))
-  }
-  while (await dataAge() < 2000) await sleep(100)
+  while (await dataAgeMs(admin) < 2000) await sleep(100)
   const d = createOrgBudget({ ...short, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })
   await sleep(200)
   t.equal(await takeMany(d, 5), 4, 'the whole count, not its share of one')

@@ -3,12 +3,11 @@ import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { dataAgeMs, startRedis } from '../helpers/redis.js'
 import { buildTestApp } from '../helpers/app.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
 import { REDACT_PATHS } from '../../src/logging.js'
 import { integers } from '../../src/state/redis-script.js'
-import { DATA_SINCE_KEY } from '../../src/state/redis.js'
 import { logCapture, sharedStateOn, waitFor } from './fixtures/support.js'
 
 /**
@@ -48,8 +47,7 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
   t.equal(await fallback.run(async () => 'redis', () => 'memory'), 'redis')
   // Since Redis's data began (the first connection): the marker's age, on this test's clock. (The
   // shared state's own script went first on the connection: its answer has been read by now.)
-  const [sec, usec] = (await state.redis!.time()) as [number, number]
-  const ageMs = Number(sec) * 1000 + Math.floor(Number(usec) / 1000) - Number(await state.redis!.get(DATA_SINCE_KEY))
+  const ageMs = await dataAgeMs(state.redis!)
   t.ok(Math.abs(fallback.redisFor() - ageMs) <= 1000, `no break since the data began (${fallback.redisFor()} ms)`)
   // A script that fails (here a reply of the wrong shape) is a Redis that cannot answer.
   t.equal(await fallback.run(async () => String(integers('not an array', 2)), () => 'memory'), 'memory')

@@ -6,7 +6,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { redisNowMs, startRedis } from '../helpers/redis.js'
 import { coalesceWrites, createSharedState, DATA_SINCE_KEY, type SharedState } from '../../src/state/redis.js'
 import { freePort } from '../helpers/ports.js'
 
@@ -148,8 +148,7 @@ t.test('a replica\'s first connection: careful unless Redis\'s data is older tha
   const admin = new Redis(redis.url)
   t.teardown(() => admin.disconnect())
   // Data that has existed for ten seconds, on Redis's clock.
-  const [sec, usec] = (await admin.time()) as [number, number]
-  await admin.set(DATA_SINCE_KEY, Number(sec) * 1000 + Math.floor(Number(usec) / 1000) - 10_000)
+  await admin.set(DATA_SINCE_KEY, await redisNowMs(admin) - 10_000)
   await admin.call('ACL', 'SETUSER', 'no-scripts', 'on', '>pw', '~*', '&*', '+@all', '-eval', '-evalsha')
   const quiet = pino({ level: 'silent' })
   const states = {
