@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance }
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, pendingResponse, requestIdFor } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -133,7 +133,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     logger: loggerOptions(config, overrides.logStream),
     // One access line per request, written by the access-log plugin, instead of Fastify's two.
     logController: new LogController({ disableRequestLogging: true }),
-    genReqId: requestIdFor,
+    genReqId: identifyRequest,
     childLoggerFactory: deferredChildLogger,
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).

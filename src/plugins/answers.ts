@@ -179,22 +179,72 @@ export function pendingResponse (socket: Socket): ServerResponse | null | undefi
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
 }
 
+/** The latest request of each connection whose headers Node parsed, with its id. */
+const lastRequest = new WeakMap<Socket, { req: IncomingMessage, id: string }>()
+
 /**
- * Node's HTTP parser errors (bad request line, oversized headers, ...) never reach Fastify's
- * router; they are answered here, still in the envelope and with the two headers.
+ * Fastify's `genReqId`: the request's id (requestIdFor), and the request noted as its
+ * connection's latest, so that a parser error in its body is answered as its own (clientErrorAnswer).
+ */
+export function identifyRequest (req: IncomingMessage): string {
+  const id = requestIdFor(req)
+  lastRequest.set(req.socket, { req, id })
+  return id
+}
+
+/** Connections whose parser error is answered already, or will be once the request before it is. */
+const answering = new WeakSet<Socket>()
+
+/**
+ * Node's HTTP parser errors (bad request line, oversized headers, a broken body, ...) never reach
+ * Fastify's router; they are answered here, still in the envelope and with the two headers, and
+ * one answer per request, in order:
+ * - an error in the body of the request being served (or its body too slow: Node's 408) is that
+ *   request's answer, with its id;
+ * - an error in the body of a request already answered (a hook refused it before its body had
+ *   arrived) gets no second answer: the connection is closed;
+ * - an error in a request pipelined behind one still being served (its headers, or its body) is
+ *   answered after that one's own answer (HTTP/1.1 answers in order: written now, it would be
+ *   read as the earlier request's), with the pipelined request's id when its headers parsed;
+ * - otherwise (a request whose headers never parsed), a new id.
  */
 export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
-  // As Node itself does without this handler: an answer unless one has begun on this socket (a
-  // request whose body is too slow has a response object, not yet written: it gets its 408).
+  // As Node itself does without this handler: no answer once one has begun on this socket.
   const inFlight = pendingResponse(socket)
   if (!socket.writable || (inFlight != null && inFlight.headersSent)) {
     socket.destroy()
     return
   }
+  // llhttp stays in its error state: Node reports every later chunk of the connection again.
+  if (answering.has(socket)) return
+  answering.add(socket)
+  // The connection's latest request while its body is incomplete: the error is in that body.
+  const last = lastRequest.get(socket)
+  const open = last !== undefined && !last.req.complete ? last : null
+  if (inFlight == null) {
+    // Without a response pending, an incomplete request was answered already (a hook refused it
+    // before its body arrived): a second answer would answer nothing the client asked.
+    if (open === null) answerParserError(error, socket, randomUUID())
+    else socket.destroy()
+    return
+  }
+  if (open !== null && open.req === inFlight.req) {
+    answerParserError(error, socket, open.id)
+    return
+  }
+  // Behind a request still being served, whose answer goes first.
+  const id = open === null ? randomUUID() : open.id
+  inFlight.once('finish', () => { answerParserError(error, socket, id) })
+  inFlight.once('close', () => { if (!inFlight.writableFinished) socket.destroy() })
+}
+
+function answerParserError (error: NodeJS.ErrnoException, socket: Socket, id: string): void {
+  if (!socket.writable) {
+    socket.destroy()
+    return
+  }
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
-  // A request whose headers arrived and whose body is late: its 408 carries its own request id.
-  const id = status === 408 && inFlight != null ? requestIdFor(inFlight.req) : randomUUID()
   const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`

@@ -127,6 +127,51 @@ t.test('abuse on real sockets', async (t) => {
     }
   })
 
+  await t.test('parser errors around requests: one answer per request, in order, each with its own id', async (t) => {
+    const statuses = (text: string): string[] => [...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((match) => match[1] as string)
+    const chunked = (path: string, id: string, headers: string): string =>
+      `POST ${path} HTTP/1.1\r\nhost: x\r\nx-request-id: ${id}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n${headers}\r\n2\r\n{}\r\n`
+
+    // A broken chunk in the body of the request being served: its 400, with its own id.
+    const served = await raw(port, [chunked('/auth/session', 'broken-body-1', ''), 'ZZ\r\n'], 150, 3000)
+    t.same(statuses(served.data), ['400'], 'one answer')
+    t.equal(parse(served.data)?.headers['x-request-id'], 'broken-body-1', 'with the caller\'s request id')
+    t.equal(parse(served.data) === null ? null : offContract(parse(served.data)!), null, 'in the envelope')
+
+    // A request refused before its body arrived (no session: 401), then a broken chunk of that
+    // body: the 401 was its answer, and nothing more is written on the connection.
+    const refused = await raw(port, [chunked(`/appointments/${owned.id}/cancel`, 'early-401', ''), 'ZZ\r\n'], 150, 3000)
+    t.same(statuses(refused.data), ['401'], 'the early answer only')
+    t.equal(parse(refused.data)?.headers['x-request-id'], 'early-401')
+    t.ok(refused.closedAfterMs !== null, 'and the connection is closed')
+
+    // Garbage pipelined behind a request that waits for the upstream: that request's answer
+    // first, then the 400.
+    const pipelined = await raw(port, [`GET /appointments HTTP/1.1\r\nhost: x\r\nx-request-id: first-in-line\r\nauthorization: Bearer ${token}\r\n\r\nGARBAGE\r\n\r\n`], 10, 3000)
+    t.same(statuses(pipelined.data), ['200', '400'], 'both answered, in order')
+    t.equal(parse(pipelined.data)?.headers['x-request-id'], 'first-in-line', 'the first answer is the request\'s own')
+    t.ok(pipelined.closedAfterMs !== null, 'and the connection is closed')
+
+    // The same behind a slow answer, with more garbage meanwhile (the parser reports it again) and
+    // a broken body of a second request: one 400, with that request's id.
+    const first = `GET /appointments HTTP/1.1\r\nhost: x\r\nx-request-id: first-in-line\r\nauthorization: Bearer ${token}\r\n`
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'list', times: 1 })
+    const behindSlow = await raw(port, [`${first}\r\n${chunked('/auth/session', 'second-in-line', '')}ZZ\r\n`, 'MORE\r\n\r\n'], 100, 3000)
+    t.same(statuses(behindSlow.data), ['200', '400'], 'behind a slow answer: both answered, in order')
+    t.equal(parse(behindSlow.data.slice(behindSlow.data.lastIndexOf('HTTP/1.1')))?.headers['x-request-id'], 'second-in-line', 'the 400 is the second request\'s')
+
+    // A first request that closes its connection: nothing is written after its answer.
+    const closing = await raw(port, [`${first}connection: close\r\n\r\nGARBAGE\r\n\r\n`], 10, 3000)
+    t.same(statuses(closing.data), ['200'], 'a connection the first request closes gets nothing more')
+
+    // A client that leaves before the first answer: its connection is let go, the server serves on.
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'list', times: 1 })
+    const left = await raw(port, [`${first}\r\nGARBAGE\r\n\r\n`], 10, 100)
+    t.equal(left.data, '', 'the client left unanswered')
+    await new Promise((resolve) => setTimeout(resolve, 400))
+    t.equal((await call(origin, { path: '/healthz', timeoutMs: 2000 })).status, 200, 'and the server serves on')
+  })
+
   await t.test('a malformed URL or an over-long parameter: an answer of the table, in the envelope', async (t) => {
     for (const path of ['/%zz', '/appointments/%/cancel', '/auth/me%', `/appointments/${'x'.repeat(300)}/cancel`, `/appointments/${'%41'.repeat(100)}/cancel`]) {
       for (const headers of [{}, auth]) {
