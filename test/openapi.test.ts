@@ -2,7 +2,7 @@ import { channel } from 'node:diagnostics_channel'
 import t from 'tap'
 import type { FastifyInstance, RouteOptions } from 'fastify'
 import { Validator } from '@seriousme/openapi-schema-validator'
-import { buildTestApp, type TestApp } from './helpers/app.js'
+import { buildTestApp, signIn, type TestApp } from './helpers/app.js'
 import { ErrorCode } from '../src/errors.js'
 
 /**
@@ -185,4 +185,26 @@ t.test('sign-in and the list document the errors they really answer, and only th
   const list = document.paths['/appointments']?.get as Operation
   t.same(codesOf(list, '400'), [ErrorCode.BAD_REQUEST, ErrorCode.UPSTREAM_REJECTED], 'Care360\'s 400 passed on; nothing to validate')
   t.equal(list.responses['403'], undefined, 'a GET is never refused by the CSRF check')
+})
+
+t.test('every state-changing route documents the answers to a body it cannot take', async (t) => {
+  const { app, issuer } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const token = await signIn(app, issuer)
+  const bodies: Array<[string, string]> = [
+    ['application/json', '{"unfinished'],
+    ['text/plain', 'plain text'],
+    ['application/json', JSON.stringify({ padding: 'x'.repeat(8192) })]
+  ]
+  const example = { id: '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01' }
+  for (const [path, operations] of Object.entries(document.paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      if (method !== 'post') continue
+      const url = path.replace(/\{(\w+)\}/g, (_, name: 'id') => example[name])
+      for (const [type, payload] of bodies) {
+        const response = await app.inject({ method: 'POST', url, headers: { authorization: `Bearer ${token}`, 'content-type': type }, payload })
+        t.ok(operation.responses[String(response.statusCode)], `POST ${path} with a ${type} body of ${payload.length} bytes: its ${response.statusCode} is documented`)
+      }
+    }
+  }
 })
