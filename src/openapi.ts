@@ -68,6 +68,7 @@ type AuthMode = 'required' | 'optional' | undefined
 
 /** Error statuses every route of this kind can answer, beyond those it declares itself. */
 function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
+  if ((route.config as { failsByRedirect?: boolean } | undefined)?.failsByRedirect === true) return []
   const methods = ([] as string[]).concat(route.method)
   const changesState = methods.some((method) => !['GET', 'HEAD', 'OPTIONS'].includes(method))
   // The per-IP limit applies to every route, before anything else.

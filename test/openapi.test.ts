@@ -170,6 +170,7 @@ t.test('public routes without a session state no security; optional ones allow b
   t.same(document.paths['/auth/me']?.get?.security, [{}, { bearer: [] }, { cookie: [] }])
   t.same(document.paths['/auth/logout']?.post?.security, [{ bearer: [] }, { cookie: [] }])
   t.ok(document.paths['/auth/logout']?.post?.responses['401'], 'logout documents 401')
+  t.same(Object.keys(document.paths['/auth/callback']?.get?.responses ?? {}), ['302'], 'the callback fails by redirect only')
 })
 
 t.test('sign-in and the list document the errors they really answer, and only those', async (t) => {

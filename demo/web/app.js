@@ -18,7 +18,8 @@ const SIGN_IN_ERRORS = {
   access_denied: 'Sign-in was cancelled.',
   email_unverified: 'Your email address is not verified at the identity provider.',
   login_expired: 'The sign-in took too long or was started elsewhere. Please try again.',
-  idp_unavailable: 'The identity provider cannot be reached right now.'
+  idp_unavailable: 'The identity provider cannot be reached right now.',
+  rate_limited: 'Too many requests from your network just now. Please wait a minute and sign in again.'
 }
 
 let apiUrl = ''

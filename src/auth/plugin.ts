@@ -22,6 +22,8 @@ declare module 'fastify' {
     auth?: AuthMode
     /** Counted against `RATE_LIMIT_CANCEL` too, after the per-session limit (step 3). */
     cancelLimit?: boolean
+    /** Every failure is a redirect (the sign-in callback): no error answer to document. */
+    failsByRedirect?: boolean
   }
   interface FastifyInstance {
     sessions: SessionStore

@@ -1,3 +1,4 @@
+import { hash } from 'node:crypto'
 import type { CookieSerializeOptions } from '@fastify/cookie'
 
 /**
@@ -9,8 +10,23 @@ import type { CookieSerializeOptions } from '@fastify/cookie'
 
 export { SESSION_COOKIE } from '../auth/cookie.js'
 
-/** The sealed login state between `/auth/login` and `/auth/callback`. */
-export const LOGIN_COOKIE = '__Host-bff-login'
+/**
+ * The sealed login state of one sign-in between `/auth/login` and `/auth/callback`: one cookie per
+ * sign-in, named after its `state`, so that sign-ins begun in two tabs do not overwrite each other
+ * and a callback finds (and clears) its own only.
+ */
+export const LOGIN_COOKIE_PREFIX = '__Host-bff-login-'
+
+/** The login cookie's name for the sign-in of `state` (a hash: the name is a cookie token). */
+export function loginCookieName (state: string): string {
+  return `${LOGIN_COOKIE_PREFIX}${hash('sha256', state, 'base64url').slice(0, 16)}`
+}
+
+/**
+ * The most sign-ins one browser keeps under way: each is a cookie of up to about 2 KB sent with
+ * every request to the service, and a new one ends the oldest beyond this.
+ */
+export const MAX_SIGN_INS_UNDER_WAY = 3
 
 /** How long a sign-in at the identity provider may take. */
 export const LOGIN_TTL_SEC = 600

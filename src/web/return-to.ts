@@ -22,7 +22,10 @@ export function safeReturnTo (value: unknown): string {
   const base = 'https://bff.invalid'
   const resolved = new URL(value, base)
   if (resolved.origin !== base || !isSafeResult(resolved.pathname)) return '/'
-  return `${resolved.pathname}${resolved.search}${resolved.hash}`
+  const result = `${resolved.pathname}${resolved.search}${resolved.hash}`
+  // Percent-encoding can make it up to nine times longer: what leaves is bounded too (it is
+  // sealed into the login cookie, which a browser drops beyond 4096 bytes, failing the sign-in).
+  return result.length > MAX_LENGTH ? '/' : result
 }
 
 /** A dot, a slash or a backslash, percent-encoded: what a router that decodes would resolve anew. */

@@ -5,7 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
 import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
-import { LOGIN_COOKIE, LOGIN_COOKIE_OPTIONS, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
+import { LOGIN_COOKIE_OPTIONS, LOGIN_COOKIE_PREFIX, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
 import { WEB_SCOPES, type WebOidc } from './oidc.js'
 import { safeReturnTo } from './return-to.js'
@@ -25,12 +25,14 @@ export type SignInError =
   | 'access_denied' // the user (or the IdP's policy) refused
   | 'idp_error' // the IdP answered the authorization request with another error
   | 'login_expired' // no, forged or expired login state: the sign-in was not started in this browser, or too long ago
-  | 'state_mismatch' // the callback belongs to another sign-in
+  | 'state_mismatch' // the callback belongs to none of the sign-ins under way in this browser
   | 'idp_unavailable' // discovery or the token endpoint could not be reached, or did not answer in time
   | 'exchange_failed' // the code was refused (replayed, expired) or the token answer was unusable
   | 'invalid_token' // the ID token failed verification (signature, nonce, audience, ...)
   | 'email_unverified' // no verified email: the service acts for a patient by email only
   | 'session_unavailable' // the session store could not answer
+  | 'rate_limited' // the per-IP limit refused the callback (a shared address sending much)
+  | 'server_error' // another answer before the callback could run, or a fault of ours
 
 export interface WebRoutesOptions {
   oidc: WebOidc
@@ -67,16 +69,26 @@ export function exchangeFailure (error: unknown): SignInError {
   return 'exchange_failed'
 }
 
+/** The names of the login cookies (sign-ins under way) a request brings. */
+function loginCookiesOf (request: FastifyRequest): string[] {
+  return Object.keys(request.cookies).filter((name) => name.startsWith(LOGIN_COOKIE_PREFIX))
+}
+
 export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
   const { oidc, seal, webAppUrl } = options
   // The login state and session cookies are read and set here only: parsed for these routes.
   await app.register(cookie, { hook: 'onRequest' })
 
-  function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
+  /** Where a failed sign-in sends the browser, once it is logged and counted. */
+  function failureLocation (request: FastifyRequest, reason: SignInError, cause?: unknown): string {
     request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')
     // Failures at the start (IdP unreachable) count too: the patient was sent back without a session.
     app.metrics.recordSignIn('web', false)
-    return reply.redirect(`${webAppUrl}/?signin_error=${reason}`, 302)
+    return `${webAppUrl}/?signin_error=${reason}`
+  }
+
+  function failSignIn (request: FastifyRequest, reply: FastifyReply, reason: SignInError, cause?: unknown): FastifyReply {
+    return reply.redirect(failureLocation(request, reason, cause), 302)
   }
 
   app.get('/auth/login', {
@@ -111,7 +123,13 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     // SameSite=Strict cookie is here): sign-in ends it (the callback will not see the cookie).
     const current = request.cookies[SESSION_COOKIE]
     const previousSession = current !== undefined && isWellFormedToken(current) ? sessionIdOf(current) : undefined
-    reply.setCookie(LOGIN_COOKIE, await seal.seal({ state, nonce, codeVerifier, returnTo, ...(previousSession === undefined ? {} : { previousSession }) }), LOGIN_COOKIE_OPTIONS)
+    // Sign-ins begun before, in other tabs, go on; beyond a few, the oldest (or unreadable) end.
+    // Newest first: by when each began (in seconds), then by the cookie order, which browsers
+    // send oldest first (RFC 6265, 5.4), reversed.
+    const underWay = await Promise.all(loginCookiesOf(request).reverse().map(async (name) => ({ name, startedAt: (await seal.open(request.cookies[name]))?.startedAt ?? -1 })))
+    underWay.sort((a, b) => b.startedAt - a.startedAt)
+    for (const { name } of underWay.slice(MAX_SIGN_INS_UNDER_WAY - 1)) reply.clearCookie(name, LOGIN_COOKIE_OPTIONS)
+    reply.setCookie(loginCookieName(state), await seal.seal({ state, nonce, codeVerifier, returnTo, ...(previousSession === undefined ? {} : { previousSession }) }), LOGIN_COOKIE_OPTIONS)
     return reply.redirect(url.href, 302)
   })
 
@@ -120,14 +138,29 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       tags: ['auth'],
       summary: 'Finishes web sign-in: sets the session cookie and redirects to `returnTo`, or to the web app with `signin_error`',
       response: redirectAnswer('To `returnTo` with the session cookie set, or to the web app with `signin_error=<reason>`')
+    },
+    config: { failsByRedirect: true },
+    // Answers given before (or instead of) the handler, the per-IP limit's 429 above all: the
+    // browser is in the middle of a sign-in, and goes back to the app as for any failure.
+    onSend: function failToTheApp (request, reply, payload, done) {
+      if (reply.statusCode < 400) {
+        done(null, payload)
+        return
+      }
+      const location = failureLocation(request, reply.statusCode === 429 ? 'rate_limited' : 'server_error')
+      reply.code(302).header('location', location).removeHeader('content-type')
+      done(null, '')
     }
   }, async function finishSignIn (request, reply) {
-    // Single use, whatever happens next.
-    reply.clearCookie(LOGIN_COOKIE, LOGIN_COOKIE_OPTIONS)
     const query = request.query as Record<string, unknown>
+    // This sign-in's login state (the one its `state` names), single use whatever happens next;
+    // another tab's sign-in goes on.
+    const name = typeof query.state === 'string' ? loginCookieName(query.state) : null
+    if (name !== null && request.cookies[name] !== undefined) reply.clearCookie(name, LOGIN_COOKIE_OPTIONS)
     if (query.error !== undefined) return failSignIn(request, reply, query.error === 'access_denied' ? 'access_denied' : 'idp_error')
-    const login = await seal.open(request.cookies[LOGIN_COOKIE])
-    if (login === null) return failSignIn(request, reply, 'login_expired')
+    const login = await seal.open(name === null ? undefined : request.cookies[name])
+    if (login === null) return failSignIn(request, reply, loginCookiesOf(request).some((other) => other !== name) ? 'state_mismatch' : 'login_expired')
+    // A sealed state under another sign-in's name.
     if (query.state !== login.state) return failSignIn(request, reply, 'state_mismatch')
 
     let configuration: client.Configuration

@@ -29,6 +29,11 @@ export class Browser {
     return this.jar.get(new URL(url).origin)?.get(name)
   }
 
+  /** The names of the cookies held for `url`'s origin that begin with `prefix`. */
+  cookieNames (url: string, prefix: string): string[] {
+    return [...(this.jar.get(new URL(url).origin)?.keys() ?? [])].filter((name) => name.startsWith(prefix))
+  }
+
   setCookie (url: string, name: string, value: string): void {
     const origin = new URL(url).origin
     const cookies = this.jar.get(origin) ?? new Map<string, string>()

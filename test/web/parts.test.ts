@@ -4,6 +4,7 @@ import { safeReturnTo } from '../../src/web/return-to.js'
 import { exchangeFailure } from '../../src/web/routes.js'
 import { createWebOidc } from '../../src/web/oidc.js'
 import { createLoginStateSeal } from '../../src/web/login-state.js'
+import { loginCookieName } from '../../src/web/cookies.js'
 import { startDevIdp } from '../../src/web/dev-idp.js'
 
 /** The pieces of web sign-in on their own: returnTo, the error vocabulary, the sealed login state. */
@@ -25,6 +26,18 @@ t.test('returnTo: a path on this service, else /', async (t) => {
     `/${'a'.repeat(1100)}`
   ]
   for (const value of refused) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)?.slice(0, 40)}`)
+
+  // What leaves is bounded, not only what came: percent-encoding makes a path up to nine times
+  // longer, and the result is sealed into the login cookie, which browsers drop beyond 4096 bytes.
+  const longest = `/${'a'.repeat(1023)}`
+  t.equal(safeReturnTo(longest), longest, 'a path of 1024 characters is kept')
+  t.equal(safeReturnTo(`/${'é'.repeat(600)}`), '/', 'one that encodes to 3601 is not')
+  t.equal(safeReturnTo(`/${'"'.repeat(1000)}`), '/', 'nor one of ASCII that encodes to 3001')
+  const seal = createLoginStateSeal('a key root of the deployment')
+  const random = 'x'.repeat(43)
+  const sealed = await seal.seal({ state: random, nonce: random, codeVerifier: random, previousSession: random, returnTo: safeReturnTo(longest) })
+  const cookie = `${loginCookieName(random)}=${sealed}; Max-Age=600; Path=/; HttpOnly; Secure; SameSite=Lax`
+  t.ok(cookie.length < 4096, `the largest login cookie fits a browser's limit (${cookie.length} bytes)`)
 })
 
 t.test('exchange failures map to fixed reasons', async (t) => {

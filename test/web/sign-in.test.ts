@@ -1,8 +1,8 @@
 import t from 'tap'
 import { once } from 'node:events'
-import { createServer, type Socket } from 'node:net'
+import { connect as connectTo, createServer, type Socket } from 'node:net'
 import { Browser } from './browser.js'
-import { LOGIN_COOKIE, SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
+import { LOGIN_COOKIE_PREFIX, loginCookieFor, loginCookieName, SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
 import { buildTestApp, signIn as mobileSignIn } from '../helpers/app.js'
 import { createLoginStateSeal } from '../../src/web/login-state.js'
 
@@ -36,7 +36,7 @@ for (const store of ['memory', 'redis'] as const) {
       const page = await stack.signIn(browser, 'alice@example.com', '/appointments?tab=upcoming')
       t.equal(page.url, `${publicUrl}/appointments?tab=upcoming`, 'lands on returnTo, on our origin')
 
-      const loginSet = browser.received.find((entry) => entry.url.includes('/auth/login') && entry.line.startsWith(`${LOGIN_COOKIE}=`))
+      const loginSet = browser.received.find((entry) => entry.url.includes('/auth/login') && entry.line.startsWith(LOGIN_COOKIE_PREFIX))
       t.ok(loginSet, 'login state in a cookie')
       t.match(loginSet?.line, /; Max-Age=600;/)
       t.match(loginSet?.line, /; Path=\//)
@@ -49,8 +49,8 @@ for (const store of ['memory', 'redis'] as const) {
       t.match(sessionSet, new RegExp(`^${SESSION_COOKIE}=[A-Za-z0-9_-]{43}; `), 'opaque session id only')
       for (const attribute of ['Path=/', 'HttpOnly', 'Secure', 'SameSite=Strict']) t.ok(sessionSet.split('; ').includes(attribute), attribute)
       t.notMatch(sessionSet, /Domain|Max-Age|Expires/i, 'no Domain, a browser-session cookie')
-      t.ok(callbackSets.some((entry) => entry.line.startsWith(`${LOGIN_COOKIE}=;`)), 'login state cleared by the callback')
-      t.equal(browser.cookie(publicUrl, LOGIN_COOKIE), undefined)
+      t.ok(callbackSets.some((entry) => entry.line.startsWith(`${loginSet?.line.split('=')[0] as string}=;`)), 'login state cleared by the callback')
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [])
 
       const cookie = stack.sessionOf(browser)
       t.match(await me(stack, cookie), { authenticated: true, email: 'alice@example.com' })
@@ -183,7 +183,7 @@ for (const store of ['memory', 'redis'] as const) {
       const page = await browser.navigate(loginPage.url, { method: 'POST', form: { deny: '1' } })
       t.equal(page.url, `${publicUrl}/?signin_error=access_denied`)
       t.equal(stack.sessionOf(browser), undefined)
-      t.equal(browser.cookie(publicUrl, LOGIN_COOKIE), undefined, 'login state cleared')
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [], 'login state cleared')
     })
 
     t.test('an unverified email gets no session', async (t) => {
@@ -193,13 +193,43 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(stack.sessionOf(browser), undefined)
     })
 
-    t.test('a callback for another sign-in of the same browser: state_mismatch', async (t) => {
+    t.test('sign-ins begun in two tabs: each finishes, in either order', async (t) => {
       const browser = new Browser()
-      const url = await stack.callbackUrl(browser, 'alice@example.com')
-      await browser.fetch(`${publicUrl}/auth/login`) // a second tab overwrites the login state
-      const page = await browser.navigate(url)
-      t.equal(signinError(page.url), 'state_mismatch')
-      t.equal(stack.sessionOf(browser), undefined)
+      const first = await stack.callbackUrl(browser, 'alice@example.com', '/first')
+      const second = await stack.callbackUrl(browser, 'alice@example.com', '/second')
+      t.equal(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX).length, 2, 'one login state per sign-in')
+      t.equal((await browser.navigate(second)).url, `${publicUrl}/second`, 'the later one')
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [loginCookieFor(first)], 'which cleared its own login state only')
+      t.equal((await browser.navigate(first)).url, `${publicUrl}/first`, 'then the earlier one')
+      t.ok(stack.sessionOf(browser))
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [])
+    })
+
+    t.test('a callback for none of the sign-ins under way in this browser: state_mismatch, and theirs go on', async (t) => {
+      const browser = new Browser()
+      const mine = await stack.callbackUrl(browser, 'alice@example.com')
+      const foreign = await stack.callbackUrl(new Browser(), 'alice@example.com')
+      t.equal(signinError((await browser.navigate(foreign)).url), 'state_mismatch')
+      // Nor does an IdP error for another sign-in (a forged link) end this one.
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=access_denied&state=forged`)).url), 'access_denied')
+      t.equal((await browser.navigate(mine)).url, `${publicUrl}/`, 'the sign-in under way still finishes')
+      t.ok(stack.sessionOf(browser))
+      // A sealed login state under another sign-in's name.
+      const again = await stack.callbackUrl(browser, 'alice@example.com')
+      const other = await stack.callbackUrl(browser, 'alice@example.com')
+      browser.setCookie(publicUrl, loginCookieFor(again), browser.cookie(publicUrl, loginCookieFor(other)) as string)
+      t.equal(signinError((await browser.navigate(again)).url), 'state_mismatch')
+    })
+
+    t.test('a browser keeps a few sign-ins under way: a new one ends the oldest', async (t) => {
+      const browser = new Browser()
+      const urls: string[] = []
+      for (let i = 0; i < 4; i++) urls.push(await stack.callbackUrl(browser, 'alice@example.com', `/tab${i}`))
+      browser.setCookie(publicUrl, loginCookieName('unreadable'), 'not-a-sealed-state')
+      urls.push(await stack.callbackUrl(browser, 'alice@example.com', '/tab4'))
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX).sort(), urls.slice(2).map(loginCookieFor).sort(), 'the three latest, the unreadable one gone')
+      t.equal(signinError((await browser.navigate(urls[0] as string)).url), 'state_mismatch', 'the oldest ended')
+      t.equal((await browser.navigate(urls[4] as string)).url, `${publicUrl}/tab4`)
     })
 
     t.test('a callback URL replayed in another browser (login CSRF): login_expired', async (t) => {
@@ -213,10 +243,10 @@ for (const store of ['memory', 'redis'] as const) {
     t.test('a replayed authorization code: exchange_failed', async (t) => {
       const browser = new Browser()
       const url = await stack.callbackUrl(browser, 'alice@example.com')
-      const loginState = browser.cookie(publicUrl, LOGIN_COOKIE) as string
+      const loginState = browser.cookie(publicUrl, loginCookieFor(url)) as string
       t.equal((await browser.navigate(url)).url, `${publicUrl}/`)
       const thief = new Browser()
-      thief.setCookie(publicUrl, LOGIN_COOKIE, loginState)
+      thief.setCookie(publicUrl, loginCookieFor(url), loginState)
       const page = await thief.navigate(url)
       t.equal(signinError(page.url), 'exchange_failed')
       t.equal(stack.sessionOf(thief), undefined)
@@ -225,7 +255,7 @@ for (const store of ['memory', 'redis'] as const) {
     t.test('other IdP errors and a forged login state', async (t) => {
       const browser = new Browser()
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E`)).url), 'idp_error')
-      browser.setCookie(publicUrl, LOGIN_COOKIE, 'eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIn0..forged.forged.forged')
+      browser.setCookie(publicUrl, loginCookieName('y'), 'eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIn0..forged.forged.forged')
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?code=x&state=y`)).url), 'login_expired')
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback`)).url), 'login_expired')
     })
@@ -233,7 +263,7 @@ for (const store of ['memory', 'redis'] as const) {
     t.test('an unknown code: exchange_failed; an ID token for another nonce: invalid_token', async (t) => {
       const browser = new Browser()
       const url = await stack.callbackUrl(browser, 'alice@example.com')
-      const loginState = browser.cookie(publicUrl, LOGIN_COOKIE) as string
+      const loginState = browser.cookie(publicUrl, loginCookieFor(url)) as string
       const page = await browser.navigate(url.replace(/([?&])code=[^&]+/, '$1code=bogus'))
       t.equal(signinError(page.url), 'exchange_failed')
 
@@ -241,7 +271,7 @@ for (const store of ['memory', 'redis'] as const) {
       // state and PKCE verifier are right, the ID token's nonce is not.
       const seal = createLoginStateSeal(stack.config.care360.apiKey)
       const opened = await seal.open(loginState) as NonNullable<Awaited<ReturnType<typeof seal.open>>>
-      browser.setCookie(publicUrl, LOGIN_COOKIE, await seal.seal({ ...opened, nonce: 'another-nonce' }))
+      browser.setCookie(publicUrl, loginCookieFor(url), await seal.seal({ ...opened, nonce: 'another-nonce' }))
       const refused = await browser.navigate(url)
       t.equal(signinError(refused.url), 'invalid_token')
       t.equal(stack.sessionOf(browser), undefined)
@@ -308,7 +338,7 @@ t.test('identity provider down before the callback on a fresh replica', async (t
   const url = await stack.callbackUrl(browser, 'alice@example.com')
   const replica = await buildTestApp(t, { env: stack.env })
   await stack.idp.close()
-  const answer = await replica.app.inject({ method: 'GET', url: url.slice(stack.publicUrl.length), cookies: { [LOGIN_COOKIE]: browser.cookie(stack.publicUrl, LOGIN_COOKIE) as string } })
+  const answer = await replica.app.inject({ method: 'GET', url: url.slice(stack.publicUrl.length), cookies: { [loginCookieFor(url)]: browser.cookie(stack.publicUrl, loginCookieFor(url)) as string } })
   t.equal(answer.headers.location, `${stack.publicUrl}/?signin_error=idp_unavailable`)
 })
 
@@ -320,6 +350,27 @@ t.test('session store down at the callback: session_unavailable, no 5xx', async 
   const page = await browser.fetch(url)
   t.equal(page.status, 302)
   t.equal(signinError(page.headers.get('location') as string), 'session_unavailable')
+})
+
+t.test('the callback refused before it runs (the per-IP limit, a request without Host): back to the app with signin_error', async (t) => {
+  const stack = await startWebStack(t, { env: { RATE_LIMIT_IP: '2/1m' } })
+  const browser = new Browser()
+  const url = await stack.callbackUrl(browser, 'alice@example.com')
+  t.equal((await browser.fetch(`${stack.publicUrl}/auth/me`)).status, 200, 'the address\'s second request')
+  const refused = await browser.fetch(url)
+  t.equal(refused.status, 302, 'not the JSON 429')
+  t.equal(refused.headers.get('location'), `${stack.publicUrl}/?signin_error=rate_limited`)
+  t.equal(refused.headers.get('content-type'), null)
+  t.equal(await refused.text(), '')
+  t.equal(stack.sessionOf(browser), undefined, 'no session')
+
+  const { port } = new URL(stack.publicUrl)
+  const socket = connectTo(Number(port))
+  socket.end('GET /auth/callback?code=x&state=y HTTP/1.1\r\n\r\n')
+  let text = ''
+  for await (const chunk of socket) text += String(chunk)
+  t.match(text, /^HTTP\/1\.1 302 /)
+  t.match(text, new RegExp(`\r\nlocation: ${stack.publicUrl.replace(/[.]/g, '\\.')}/\\?signin_error=server_error\r\n`, 'i'))
 })
 
 t.test('an IdP without end-session: sign-out gives no endSessionUrl', async (t) => {

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto'
+import { LOGIN_COOKIE_PREFIX, loginCookieName } from '../../src/web/cookies.js'
 import { SignJWT, importJWK, type JWK } from 'jose'
 import { buildTestApp, type TestApp } from '../helpers/app.js'
 import { startTestIdp, type DevIdp } from '../helpers/idp.js'
@@ -43,7 +44,12 @@ export interface WebStack extends TestApp {
 }
 
 export const SESSION_COOKIE = '__Host-bff-session'
-export const LOGIN_COOKIE = '__Host-bff-login'
+export { LOGIN_COOKIE_PREFIX, loginCookieName }
+
+/** The name of the login cookie of the sign-in a callback URL finishes (its `state`). */
+export function loginCookieFor (callbackUrl: string): string {
+  return loginCookieName(new URL(callbackUrl).searchParams.get('state') as string)
+}
 
 export async function startWebStack (t: TeardownHost, options: WebStackOptions = {}): Promise<WebStack> {
   const port = await freePort()
@@ -77,15 +83,27 @@ export async function startWebStack (t: TeardownHost, options: WebStackOptions =
     return await browser.navigate(loginPage.url, { method: 'POST', form: { account: email } })
   }
 
+  /**
+   * Signs in at the IdP and stops at the redirect to the callback: its URL. Follows whatever the
+   * IdP does (a login page to fill in, or straight on when the browser's IdP session allows it).
+   */
   async function callbackUrl (browser: Browser, email: string, returnTo = '/'): Promise<string> {
-    const loginPage = await browser.navigate(`${publicUrl}/auth/login?returnTo=${encodeURIComponent(returnTo)}`)
-    let response = await browser.fetch(loginPage.url, { method: 'POST', form: { account: email } })
-    for (let hops = 0; hops < 5; hops++) {
-      const location = new URL(response.headers.get('location') as string, idp.url).href
-      if (location.startsWith(`${publicUrl}/auth/callback`)) return location
-      response = await browser.fetch(location)
+    let url = `${publicUrl}/auth/login?returnTo=${encodeURIComponent(returnTo)}`
+    let init: Parameters<Browser['fetch']>[1] = {}
+    for (let hops = 0; hops < 10; hops++) {
+      const response = await browser.fetch(url, init)
+      init = {}
+      const location = response.headers.get('location')
+      if (location === null) {
+        // The IdP's login page: the form posts back to the same address.
+        if (response.status !== 200 || !url.startsWith(`${idp.url}/interaction/`)) break
+        init = { method: 'POST', form: { account: email } }
+        continue
+      }
+      url = new URL(location, url).href
+      if (url.startsWith(`${publicUrl}/auth/callback`)) return url
     }
-    throw new Error('no callback')
+    throw new Error(`no callback (last: ${url})`)
   }
 
   const signingKey = await importJWK(idp.signingKeys[0] as JWK, 'RS256')
