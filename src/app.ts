@@ -188,6 +188,8 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   await app.register(csrfPlugin)
   await app.register(webSignInPlugin, { now: overrides.now })
   await app.register(sessionLimitPlugin, { now: overrides.now })
+  // Redis back after a break may have lost the upstream cooldown this process still honours.
+  sharedState.onBack(app.upstreamGate.restoreCooldown)
   // Every upstream call passes the org budget and the shared cooldown.
   await app.register(care360Plugin, { gate: app.upstreamGate })
 

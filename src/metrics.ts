@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type HookHandlerDoneFunction, type onResponseHookHandler } from 'fastify'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
-import type { SharedStateMode } from './state/redis.js'
+import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
 
@@ -30,6 +30,7 @@ export interface AppMetrics {
   upstreamCooldownActive: Gauge
   signIns: Counter<'method' | 'result'>
   sharedStateMode: Gauge<'mode'>
+  redisEvictionPolicySafe: Gauge<'policy'>
   /** One upstream call, for the Care360 client's `observe` option. */
   observeUpstream: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
   /** One limiter decision: the request (or upstream call) was let through, or refused. */
@@ -53,9 +54,15 @@ const HTTP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
 const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
+/** Redis's maxmemory policies (a label names one of these, or `other`). */
+const EVICTION_POLICIES: ReadonlySet<string> = new Set(['noeviction', 'allkeys-lru', 'allkeys-lfu', 'allkeys-random', 'volatile-lru', 'volatile-lfu', 'volatile-random', 'volatile-ttl'])
 const NOT_FOUND = 'not_found'
 
-export function createAppMetrics (readMode: (() => SharedStateMode) | null): AppMetrics {
+/**
+ * `readMode`: the shared state's mode; `readEvictionPolicy`: Redis's maxmemory-policy, null while
+ * unknown (no Redis, not read yet, INFO refused).
+ */
+export function createAppMetrics (readMode: (() => SharedStateMode) | null, readEvictionPolicy: (() => string | null) | null = null): AppMetrics {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry })
 
@@ -125,6 +132,17 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
       for (const mode of MODES) this.set({ mode }, mode === current ? 1 : 0)
     }
   })
+  const redisEvictionPolicySafe = new Gauge({
+    name: 'bff_redis_eviction_policy_safe',
+    help: 'Redis\'s maxmemory-policy as read at its last connection: 1 for noeviction, 0 for a policy that may evict the service\'s state (sessions, Idempotency-Key records, limits); no sample while unknown (no Redis, or INFO refused)',
+    labelNames: ['policy'] as const,
+    registers: [registry],
+    collect () {
+      const policy = readEvictionPolicy === null ? null : readEvictionPolicy()
+      this.reset()
+      if (policy !== null) this.set({ policy: EVICTION_POLICIES.has(policy) ? policy : 'other' }, policy === SAFE_EVICTION_POLICY ? 1 : 0)
+    }
+  })
 
   // Children made once: the hot path increments without building or hashing label sets. Each
   // starts at 0 in the scrape, so that rate() and alerts see a series before its first event.
@@ -151,6 +169,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null): App
     upstreamCooldownActive,
     signIns,
     sharedStateMode,
+    redisEvictionPolicySafe,
     observeUpstream (endpoint, outcome, seconds) {
       const key = `${endpoint}:${outcome}`
       let child = upstreamChildren.get(key)
@@ -202,7 +221,8 @@ function durationRecorder (histogram: AppMetrics['httpRequestDuration'], route: 
 }
 
 async function metrics (app: FastifyInstance): Promise<void> {
-  const appMetrics = createAppMetrics(app.hasDecorator('sharedState') ? () => app.sharedState.mode() : null)
+  const state = app.hasDecorator('sharedState') ? app.sharedState : null
+  const appMetrics = createAppMetrics(state === null ? null : () => state.mode(), state?.evictionPolicy ?? null)
   app.decorate('metrics', appMetrics)
 
   // Labelled with the route's pattern, or one label for whatever path no route matched.

@@ -13,6 +13,12 @@ import { monotonicNow } from '../state/clock.js'
  * (calls that were in flight when the first 429 came back) extends it if its Retry-After asks for
  * more, but does not count as a new episode: only a 429 after a cooldown ended doubles the
  * backoff, and a quiet period of `resetAfterMs` after the end starts the doubling over.
+ *
+ * Redis may lose the record (restarted empty, a failover to a replica it had not reached) or never
+ * get it (the 429 came while Redis could not answer, and the trip went to this process's memory):
+ * the other replicas would then call the upstream again while it still limits us. So each replica
+ * that still honours a cooldown writes it back (`extend`, only ever extending) when its shared
+ * state is back after a break, and when a trip answers less than it knows (upstream-gate.ts).
  */
 export interface CooldownTrip {
   /** How long calls stay stopped from now (ms). */
@@ -41,6 +47,13 @@ export interface CooldownStore {
    * to back off exponentially; `jitter` in [0, 1) spreads the backoff.
    */
   trip: (retryAfterMs: number | null, jitter: number) => Awaitable<CooldownTrip>
+  /**
+   * Writes back a cooldown this process still honours, `remainingMs` from now, which the store may
+   * have lost (a Redis restarted empty) or never received (the 429 came while Redis could not
+   * answer). Only extends: a later end stays. Not a new episode: the streak stays what the store
+   * holds, at least one (a cooldown runs). Answers the time left in the cooldown now (ms).
+   */
+  extend: (remainingMs: number) => Awaitable<number>
 }
 
 export interface BackoffOptions {
@@ -92,6 +105,7 @@ export interface MemoryCooldownOptions extends BackoffOptions {
 export interface MemoryCooldown extends CooldownStore {
   remaining: () => number
   trip: (retryAfterMs: number | null, jitter: number) => CooldownTrip
+  extend: (remainingMs: number) => number
 }
 
 export function createMemoryCooldown (options: MemoryCooldownOptions = {}): MemoryCooldown {
@@ -116,7 +130,18 @@ export function createMemoryCooldown (options: MemoryCooldownOptions = {}): Memo
     return { remainingMs: until - at, fresh }
   }
 
-  return { remaining, trip, check: { key: null, memory: remaining } }
+  function extend (remainingMs: number): number {
+    const at = now()
+    if (remainingMs > 0 && at + remainingMs > until) {
+      // As the Redis record: gone (its streak with it) once the reset period after its end passed.
+      if (at - until >= backoff.resetAfterMs) streak = 0
+      streak = Math.max(streak, 1)
+      until = at + remainingMs
+    }
+    return Math.max(0, until - at)
+  }
+
+  return { remaining, trip, extend, check: { key: null, memory: remaining } }
 }
 
 /**
@@ -163,6 +188,22 @@ redis.call('PEXPIRE', KEYS[1], int(untilMs - now + reset))
 return { untilMs - now, fresh and 1 or 0 }
 `)
 
+// ARGV: remainingMs, resetAfterMs. Extends the record to end `remainingMs` from now at least: a
+// cooldown a replica still honours, written back (see CooldownStore.extend). The streak stays,
+// at least 1; the expiry follows the end as in tripScript.
+const extendScript = redisScript('bffCooldownExtend', 1, `${LUA_NOW_MS}
+local length = tonumber(ARGV[1])
+local reset = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'until', 'streak')
+local untilMs = tonumber(state[1] or '0')
+if length > 0 and now + length > untilMs then
+  untilMs = now + length
+  redis.call('HSET', KEYS[1], 'until', int(untilMs), 'streak', math.max(1, tonumber(state[2] or '0')))
+  redis.call('PEXPIRE', KEYS[1], int(untilMs - now + reset))
+end
+return math.max(0, untilMs - now)
+`)
+
 export interface RedisCooldownOptions extends MemoryCooldownOptions {
   fallback: StoreFallback
   /** Hash tag of the key, the org budget's by default (one slot for the organization's state). */
@@ -187,6 +228,11 @@ export function createRedisCooldown (options: RedisCooldownOptions): CooldownSto
         const [remainingMs, fresh] = integers(reply, 2) as [number, number]
         return { remainingMs, fresh: fresh === 1 }
       }, () => memory.trip(retryAfterMs, jitter))
+    },
+    extend (remainingMs) {
+      return fallback.run(async function extendInRedis (redis): Promise<number> {
+        return Number(await extendScript(redis, key, Math.ceil(remainingMs), backoff.resetAfterMs))
+      }, () => memory.extend(remainingMs))
     }
   }
 }

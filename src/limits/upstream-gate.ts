@@ -19,6 +19,13 @@ export interface UpstreamGate {
    * it keeps refusing through a Redis outage that hides the shared cooldown from its store.
    */
   coolingMs: () => number
+  /**
+   * Writes the cooldown this process still honours back to the shared store, which keeps the later
+   * end (CooldownStore.extend): run when the shared state is back after a break (app.ts), since
+   * Redis may have come back without it (restarted empty) while the other replicas forgot it or
+   * never knew it. Nothing to do when no cooldown runs here. Never rejects (the store falls back).
+   */
+  restoreCooldown: () => Promise<void>
 }
 
 export interface UpstreamGateOptions {
@@ -40,6 +47,13 @@ export interface GateRecorder {
 }
 
 const silent: GateRecorder = { decision () {} }
+
+/**
+ * How much longer (ms) than the store's answer this process's own cooldown must run before it
+ * counts as lost by the store: both are durations, measured a round trip (at most the command
+ * bound, 250 ms by default) apart.
+ */
+const LOST_COOLDOWN_SLACK_MS = 250
 
 export function upstreamRateLimited (waitMs: number): ApiError {
   return new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
@@ -91,9 +105,21 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
 
     coolingMs,
 
+    async restoreCooldown () {
+      const cooling = coolingMs()
+      if (cooling > 0) await cooldown.extend(Math.ceil(cooling))
+    },
+
     async onRateLimited (retryAfterMs) {
       const trip = await cooldown.trip(clampRetryAfter(retryAfterMs), random())
+      const known = Math.ceil(coolingMs())
       remember(trip.remainingMs)
+      if (known > trip.remainingMs + LOST_COOLDOWN_SLACK_MS) {
+        // The store lost the cooldown this process still honours (a Redis back empty before it was
+        // written back): written back now, and no new episode, however the store saw this 429.
+        await cooldown.extend(known)
+        return known
+      }
       // Once per episode: the calls in flight when the first 429 arrives come back 429 too, and
       // must not halve the budget once each.
       if (trip.fresh) await budget.decrease()

@@ -28,6 +28,20 @@ export interface SharedState {
    * command's pause ended. The org budget is careful for a while after a break.
    */
   redisFor: () => number
+  /**
+   * Redis's `maxmemory-policy`, as `INFO memory` told it when the client last became ready; null
+   * without Redis, before it is known, or when INFO is refused (an ACL) or does not name it. Any
+   * policy but `noeviction` may evict the service's state: every key of ours has a TTL, so the
+   * volatile-* policies evict them too. (Optional for stand-ins; createSharedState's has it.)
+   */
+  evictionPolicy?: () => string | null
+  /**
+   * Calls `listener` each time `mode()` turns `redis` after a break: every time the client becomes
+   * ready (a reconnection, to a Redis that may have lost its data), and when a failed command's
+   * pause ends on a live connection (what the stores wrote meanwhile went to memory only). Not
+   * awaited; a rejection is logged. (Optional for stand-ins; createSharedState's has it.)
+   */
+  onBack?: (listener: () => unknown) => void
   close: () => Promise<void>
 }
 
@@ -44,10 +58,10 @@ export interface SharedStateOptions {
   now?: () => number
 }
 
-export function createSharedState (options: SharedStateOptions): SharedState {
+export function createSharedState (options: SharedStateOptions): Required<SharedState> {
   const commandTimeoutMs = options.commandTimeoutMs ?? 250
   if (options.url === null) {
-    return { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, close: async () => {} }
+    return { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, evictionPolicy: () => null, onBack: () => {}, close: async () => {} }
   }
   const now = options.now ?? (() => performance.now())
   const logEveryMs = options.logEveryMs ?? 60_000
@@ -89,6 +103,15 @@ export function createSharedState (options: SharedStateOptions): SharedState {
       log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')
     }
   })
+  const policy = watchEvictionPolicy(redis, log)
+  const backListeners: Array<() => unknown> = []
+  function back (): void {
+    for (const listener of backListeners) {
+      Promise.resolve().then(listener).catch(function backListenerFailed (error: unknown) {
+        log.error({ err: error }, 'shared state: a task run when Redis is back failed')
+      })
+    }
+  }
   let connections = 0
   redis.on('ready', function onRedisReady () {
     const sawBreak = degraded
@@ -96,6 +119,8 @@ export function createSharedState (options: SharedStateOptions): SharedState {
     const readyAt = now()
     backAt = readyAt
     degraded = false
+    policy.read()
+    back()
     if (connections++ > 0 || sawBreak) return
     // The first connection, with no break seen before it: Redis's data holds what every replica
     // did through it for as long as that data has existed, so that is the span without a break.
@@ -114,16 +139,92 @@ export function createSharedState (options: SharedStateOptions): SharedState {
   })
   let failingUntil = Number.NEGATIVE_INFINITY
   const mode = (): SharedStateMode => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded')
+  // The end of a failed command's pause, for the listeners of `onBack`: one timer at a time, armed
+  // only when someone listens, moved on if the pause grew meanwhile.
+  let pauseTimer: NodeJS.Timeout | null = null
+  function watchPauseEnd (): void {
+    if (pauseTimer !== null || backListeners.length === 0) return
+    pauseTimer = setTimeout(function pauseEnded () {
+      pauseTimer = null
+      if (now() < failingUntil) watchPauseEnd()
+      else if (redis.status === 'ready') back()
+    }, Math.max(PAUSE_END_MIN_WAIT_MS, failingUntil - now()))
+    pauseTimer.unref()
+  }
   return {
     redis,
     mode,
-    degradeFor (ms) { failingUntil = Math.max(failingUntil, now() + ms) },
+    degradeFor (ms) {
+      failingUntil = Math.max(failingUntil, now() + ms)
+      watchPauseEnd()
+    },
     // ioredis sets its status to ready a tick before it emits 'ready': until then, not back yet.
     redisFor: () => (mode() === 'redis' && !degraded ? now() - Math.max(backAt, failingUntil) : 0),
+    evictionPolicy: policy.current,
+    onBack (listener) { backListeners.push(listener) },
     close: async () => {
+      if (pauseTimer !== null) clearTimeout(pauseTimer)
+      pauseTimer = null
+      backListeners.length = 0
       redis.disconnect(false)
     }
   }
+}
+
+/** The least wait of the pause-end timer (ms), whatever a test's clock says. */
+const PAUSE_END_MIN_WAIT_MS = 10
+
+/** The one policy under which Redis never evicts the service's state. */
+export const SAFE_EVICTION_POLICY = 'noeviction'
+
+/**
+ * Reads Redis's `maxmemory-policy` from `INFO memory` (CONFIG GET is often disabled on managed
+ * Redis) each time the client becomes ready: the connection may now reach another server (a
+ * failover, a new endpoint behind the same address) or one reconfigured. A policy that may evict
+ * is an error line on every connection (the service keeps running: the state works until memory
+ * runs short, and refusing to start would turn a misconfiguration into an outage); the metric
+ * bff_redis_eviction_policy_safe shows it too. An INFO that fails (an ACL forbids it, a timeout)
+ * leaves the policy unknown and the connection as it is: one warning, until a read succeeds again.
+ */
+function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () => void, current: () => string | null } {
+  let policy: string | null = null
+  let reads = 0
+  let unreadableLogged = false
+  function unreadable (cause: string): void {
+    policy = null
+    if (unreadableLogged) return
+    unreadableLogged = true
+    log.warn({ redis: { cause } }, 'shared state: cannot read Redis\'s maxmemory-policy (INFO memory); it must be noeviction, or Redis may evict sessions, Idempotency-Key records and limits')
+  }
+  return {
+    current: () => policy,
+    read () {
+      const read = ++reads
+      redis.info('memory').then(function evictionPolicyRead (info: string) {
+        // An answer that a newer connection's read overtook tells of the server before it.
+        if (read !== reads) return
+        const found = /^maxmemory_policy:([a-z0-9-]{1,64})\r?$/m.exec(info)?.[1]
+        if (found === undefined) {
+          unreadable('no maxmemory_policy field')
+          return
+        }
+        policy = found
+        unreadableLogged = false
+        if (found === SAFE_EVICTION_POLICY) return
+        log.error({ redis: { maxmemoryPolicy: found } }, `shared state: Redis runs with maxmemory-policy ${found}, not noeviction: at maxmemory it may evict the service's state (every key of ours has a TTL, so volatile-* policies do too), and then a retried Idempotency-Key can call Care360 a second time, sessions end early, and rate limits, the org budget and the upstream cooldown undercount. Set maxmemory-policy noeviction`)
+      }, function evictionPolicyUnread (error: unknown) {
+        // Lost with its connection: the next one reads again.
+        if (read !== reads || redis.status !== 'ready') return
+        unreadable(isCommandTimeout(error) ? 'timeout' : redisErrorCode(error))
+      })
+    }
+  }
+}
+
+/** The code word a Redis error reply starts with (NOPERM, ERR, ...), or `error`: never the rest of its text. */
+function redisErrorCode (error: unknown): string {
+  const word = error instanceof Error ? /^[A-Z]{2,20}(?= |$)/.exec(error.message)?.[0] : undefined
+  return word ?? 'error'
 }
 
 /**

@@ -37,11 +37,16 @@ async function waitReady (port: number, deadlineMs: number): Promise<void> {
   }
 }
 
-export async function startRedis (t: TeardownHost): Promise<RedisServer> {
+export interface StartRedisOptions {
+  /** More redis-server arguments, after the helper's own (e.g. `['--maxmemory-policy', 'allkeys-lru']`); kept by `start`. */
+  args?: readonly string[]
+}
+
+export async function startRedis (t: TeardownHost, options: StartRedisOptions = {}): Promise<RedisServer> {
   const port = await freePort()
   let child: ChildProcess | null = null
   const start = async (): Promise<void> => {
-    child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' })
+    child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no', '--loglevel', 'warning', ...(options.args ?? [])], { stdio: 'ignore' })
     await waitReady(port, 5000)
   }
   const stop = async (): Promise<void> => {

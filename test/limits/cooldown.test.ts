@@ -60,6 +60,42 @@ for (const [kind, make] of kinds) {
     t.ok(trip.remainingMs > 25 && trip.remainingMs <= 40, `back to the base (${trip.remainingMs})`)
   })
 
+  t.test(`${kind}: extend writes back a cooldown: a later end is kept, never shortened, and it is not a new episode`, async (t) => {
+    const cooldown = await make(t)
+    t.equal(await cooldown.extend(300), 300, 'none ran: it ends in 300 ms')
+    const left = await cooldown.remaining()
+    t.ok(left > 250 && left <= 300, `running (${left})`)
+    const shorter = await cooldown.extend(100)
+    t.ok(shorter > 250 && shorter <= 300, `not shortened (${shorter})`)
+    t.ok(await cooldown.extend(0) > 250, 'nothing to write back: unchanged')
+    const longer = await cooldown.extend(500)
+    t.ok(longer === 500, `extended (${longer})`)
+    const during = await cooldown.trip(null, 0.5)
+    t.equal(during.fresh, false, 'a 429 during it is the same episode')
+    await sleep(during.remainingMs + 5)
+    // The written-back cooldown was one episode: the next, within the reset period, is the second.
+    const next = await cooldown.trip(null, 0.5)
+    t.equal(next.fresh, true)
+    t.ok(next.remainingMs > 65 && next.remainingMs <= 80, `base * 2 (${next.remainingMs})`)
+  })
+
+  t.test(`${kind}: extend keeps the streak of the episodes before it, and starts over after a quiet period`, async (t) => {
+    const cooldown = await make(t)
+    await sleep((await cooldown.trip(null, 0.5)).remainingMs + 5)
+    const second = await cooldown.trip(null, 0.5)
+    t.ok(second.remainingMs > 65 && second.remainingMs <= 80, `the second episode (${second.remainingMs})`)
+    await cooldown.extend(200)
+    await sleep(205)
+    const third = await cooldown.trip(null, 0.5)
+    t.ok(third.remainingMs > 145 && third.remainingMs <= 160, `still counted from two: the third (${third.remainingMs})`)
+    // Quiet past the reset period: the streak is gone (in Redis with the record).
+    await sleep(third.remainingMs + 420)
+    await cooldown.extend(50)
+    await sleep(55)
+    const after = await cooldown.trip(null, 0.5)
+    t.ok(after.remainingMs > 65 && after.remainingMs <= 80, `one episode (the written-back one) before it (${after.remainingMs})`)
+  })
+
   t.test(`${kind}: jitter spreads the backoff over [0.75, 1.25) of it`, async (t) => {
     const low = await (await make(t)).trip(null, 0)
     const high = await (await make(t)).trip(null, 0.999)
@@ -110,4 +146,18 @@ t.test('redis: one replica trips, the other sees it at once; the key only grows'
   const second = await b.trip(50, 0.5)
   t.equal(second.fresh, false)
   t.ok(await client.pttl(key) > ttl - 500, 'a shorter 429 did not shorten the key (50 + 400 would)')
+})
+
+t.test('redis: a cooldown written back to an empty Redis is one episode, with the expiry of a trip', async (t) => {
+  const tag = uniqueName('extend')
+  const cooldown = createRedisCooldown({ ...fast, fallback: await strictFallbackOn(t, redis.url), tag })
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  const key = `{${tag}}:cooldown`
+  t.equal(await cooldown.extend(2000), 2000)
+  t.equal(await client.hget(key, 'streak'), '1')
+  const ttl = await client.pttl(key)
+  t.ok(ttl > 2000 && ttl <= 2000 + 400, `expires after the end plus the reset period (${ttl})`)
+  await cooldown.extend(500)
+  t.ok(await client.pttl(key) > ttl - 500, 'a shorter one changed nothing')
 })

@@ -71,7 +71,8 @@ t.test('the cooldown the gate remembers is neither ended early nor stretched by 
   const forgetful: CooldownStore = {
     remaining: () => 0,
     check: { key: null, memory: () => 0 },
-    trip: () => ({ remainingMs: 5000, fresh: false })
+    trip: () => ({ remainingMs: 5000, fresh: false }),
+    extend: () => 0
   }
   const wall = steppedWallClock(t)
   const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 100, windowMs: 60_000 }), cooldown: forgetful })
