@@ -5,6 +5,7 @@ import { Type } from 'typebox'
 import { ok } from '../errors.js'
 import { errorAnswers } from '../schemas/appointments.js'
 import { invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
+import { presentedToken } from '../auth/presented.js'
 
 /** Sign-in, session introspection and sign-out. Web sign-in (login, callback) joins this file. */
 
@@ -105,6 +106,15 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       tags: ['auth'],
       summary: 'Ends this session (cookie or bearer)',
       response: { 200: LoggedOut }
+    },
+    // A session cookie whose session has ended already (idle, absolute, ended elsewhere): the 401
+    // clears it and still names the IdP's end-session URL (`data.endSessionUrl`), so that signing
+    // out signs out of the identity provider too. Otherwise, on a shared device, the next patient's
+    // sign-in would go straight through the IdP's session as this one.
+    preSerialization: async function signOutOfTheIdp (request, reply, payload: unknown) {
+      if (reply.statusCode !== 401 || presentedToken(request)?.transport !== 'cookie') return payload
+      const endSessionUrl = await app.webSignIn.signOutEnded(reply)
+      return endSessionUrl === null ? payload : { ...(payload as object), data: { endSessionUrl } }
     }
   }, async function logout (request, reply) {
     // Required auth guarantees a session here.

@@ -21,6 +21,12 @@ export interface WebSignIn {
    * has one (null otherwise, and when the IdP cannot be reached: sign-out here never fails on it).
    */
   signOut: (request: FastifyRequest, reply: FastifyReply) => Promise<string | null>
+  /**
+   * Sign-out with a session cookie whose session has ended already (idle, absolute, another
+   * replica's logout): clears the cookie, and gives the IdP's end-session URL (without an ID
+   * token hint) when there is a web client and the IdP has one.
+   */
+  signOutEnded: (reply: FastifyReply) => Promise<string | null>
 }
 
 declare module 'fastify' {
@@ -40,7 +46,6 @@ async function endSessionUrl (oidc: WebOidc, idToken: string | null): Promise<st
     return client.buildEndSessionUrl(configuration, {
       client_id: oidc.clientId,
       post_logout_redirect_uri: oidc.postLogoutRedirectUri,
-      /* c8 ignore next -- web sessions always keep their ID token; client_id alone also works */
       ...(idToken === null ? {} : { id_token_hint: idToken })
     }).href
   } catch {
@@ -61,6 +66,10 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
       const session = request.session
       if (oidc === null || session === null || session.method !== 'web') return null
       return await endSessionUrl(oidc, session.idToken)
+    },
+    async signOutEnded (reply: FastifyReply): Promise<string | null> {
+      reply.clearCookie(SESSION_COOKIE, SESSION_COOKIE_OPTIONS)
+      return oidc === null ? null : await endSessionUrl(oidc, null)
     }
   })
 

@@ -100,6 +100,27 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(idp.backchannel.delivered, 1, 'the IdP told us over the back channel too (no session left to end)')
     })
 
+    t.test('signing out after the session has ended: 401, the cookie cleared, and the IdP\'s end-session URL all the same', async (t) => {
+      const browser = new Browser()
+      await stack.signIn(browser, 'alice@example.com')
+      // Ended meanwhile (idle, absolute, or elsewhere): the patient still means to sign out.
+      await stack.app.sessions.revoke(stack.sessionOf(browser) as string)
+      const logout = await browser.fetch(`${publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
+      t.equal(logout.status, 401)
+      const body = (await logout.json()) as { code: string, data?: { endSessionUrl: string } }
+      t.equal(body.code, 'SESSION_REQUIRED')
+      t.equal(stack.sessionOf(browser), undefined, 'the dead cookie is cleared')
+      const endSessionUrl = new URL(body.data?.endSessionUrl as string)
+      t.equal(endSessionUrl.origin, idp.url, 'so that the next patient on this device does not sign in through this one\'s IdP session')
+      t.equal(endSessionUrl.searchParams.get('client_id'), idp.clientId)
+      t.equal(endSessionUrl.searchParams.get('id_token_hint'), null, 'no ID token: the session and its token are gone')
+      // A bearer that names no session: the mobile app's 401, nothing more.
+      const bearer = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${'A'.repeat(43)}` } })
+      t.equal(bearer.statusCode, 401)
+      t.equal((bearer.json() as { data?: unknown }).data, undefined)
+      t.equal(bearer.headers['set-cookie'], undefined)
+    })
+
     t.test('mobile sessions: bearer sign-out clears no cookie and has no endSessionUrl', async (t) => {
       const token = await stack.bearerFor('alice@example.com')
       const logout = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
@@ -379,6 +400,14 @@ t.test('an IdP without end-session: sign-out gives no endSessionUrl', async (t) 
   await stack.signIn(browser, 'alice@example.com')
   const logout = await browser.fetch(`${stack.publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
   t.same(((await logout.json()) as { data: unknown }).data, {})
+  // Nor when the session had ended: the 401 as it is, the cookie cleared.
+  const again = new Browser()
+  await stack.signIn(again, 'alice@example.com')
+  await stack.app.sessions.revoke(stack.sessionOf(again) as string)
+  const ended = await again.fetch(`${stack.publicUrl}/auth/logout`, { method: 'POST', headers: { 'x-csrf': '1' } })
+  t.equal(ended.status, 401)
+  t.equal(((await ended.json()) as { data?: unknown }).data, undefined)
+  t.equal(stack.sessionOf(again), undefined)
 })
 
 t.test('without a web client the web sign-in routes do not exist', async (t) => {
@@ -391,4 +420,7 @@ t.test('without a web client the web sign-in routes do not exist', async (t) => 
   const token = await mobileSignIn(app, issuer)
   const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
   t.same((logout.json() as { data: unknown }).data, {})
+  const withCookie = await app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: 'A'.repeat(43) } })
+  t.equal(withCookie.statusCode, 401)
+  t.equal((withCookie.json() as { data?: unknown }).data, undefined, 'no web client: no end-session URL')
 })
