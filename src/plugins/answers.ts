@@ -96,6 +96,7 @@ async function answers (app: FastifyInstance): Promise<void> {
   // Fastify's own parser keeps its prototype-poisoning protection.
   const parseJsonStrict = app.getDefaultJsonParser('error', 'error')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, function parseJson (request, body, done) {
+    if (!isUtf8Json(request.headers['content-type'] as string)) { done(notUtf8(), undefined); return }
     if ((body as string).trim() === '') { done(null, undefined); return }
     parseJsonStrict(request, body as string, done)
   })
@@ -117,6 +118,20 @@ async function answers (app: FastifyInstance): Promise<void> {
     reply.errorCode = ErrorCode.NOT_FOUND
     return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`))
   })
+}
+
+/**
+ * JSON is UTF-8 (RFC 8259, 8.1), and the body is read as UTF-8: a `charset` parameter naming
+ * anything else (`iso-8859-1`) is refused rather than its text silently changed.
+ */
+function isUtf8Json (contentType: string): boolean {
+  if (contentType.length <= 'application/json'.length) return true
+  const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(contentType)?.[1]
+  return charset === undefined || /^(utf-?8)?$/i.test(charset)
+}
+
+function notUtf8 (): Error {
+  return Object.assign(new Error('Request body must be UTF-8 JSON'), { code: 'FST_ERR_CTP_INVALID_MEDIA_TYPE', statusCode: 415 })
 }
 
 /** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */
