@@ -54,8 +54,6 @@ const HTTP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
 const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
-/** Redis's maxmemory policies (a label names one of these, or `other`). */
-const EVICTION_POLICIES: ReadonlySet<string> = new Set(['noeviction', 'allkeys-lru', 'allkeys-lfu', 'allkeys-random', 'volatile-lru', 'volatile-lfu', 'volatile-random', 'volatile-ttl'])
 const NOT_FOUND = 'not_found'
 
 /**
@@ -140,7 +138,8 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     collect () {
       const policy = readEvictionPolicy === null ? null : readEvictionPolicy()
       this.reset()
-      if (policy !== null) this.set({ policy: EVICTION_POLICIES.has(policy) ? policy : 'other' }, policy === SAFE_EVICTION_POLICY ? 1 : 0)
+      // The label is the policy's name as Redis gave it (shared-state reads it as [a-z0-9-]{1,64}).
+      if (policy !== null) this.set({ policy }, policy === SAFE_EVICTION_POLICY ? 1 : 0)
     }
   })
 

@@ -198,3 +198,17 @@ t.test('a command sent after a stall gets the bound from its own sending, not th
   const took = performance.now() - began
   t.ok(took < 400, `within its bound and a tick or two: ${Math.round(took)} ms`)
 })
+
+t.test('a task run when Redis is back that fails is logged, and the others still run', async (t) => {
+  const lines: Array<{ level: number, msg: string }> = []
+  const log = pino({ level: 'info' }, { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } })
+  const state = createSharedState({ url: redis.url, log })
+  t.teardown(() => state.close())
+  let ran = 0
+  state.onBack(() => { throw new Error('a failing task') })
+  state.onBack(async () => { ran++ })
+  // The first connection's ready runs them.
+  for (let i = 0; i < 100 && (ran === 0 || !lines.some((line) => line.level === 50)); i++) await sleep(20)
+  t.equal(ran, 1, 'the other task ran')
+  t.ok(lines.some((line) => line.level === 50 && line.msg === 'shared state: a task run when Redis is back failed'), 'the failure is an error line')
+})
