@@ -247,10 +247,24 @@ export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket)
     answerParserError(error, socket, open.id)
     return
   }
-  // Behind a request still being served, whose answer goes first.
+  // Behind requests still being served, whose answers go first.
   const id = open === null ? randomUUID() : open.id
-  inFlight.once('finish', () => { answerParserError(error, socket, id) })
-  inFlight.once('close', () => { if (!inFlight.writableFinished) socket.destroy() })
+  afterAnswers(socket, inFlight, open?.req ?? null, () => { answerParserError(error, socket, id) })
+}
+
+/**
+ * Runs `then` once `response` and the responses Node queued behind it on `socket` (pipelined
+ * requests) have finished, up to the one of `broken` (the request whose body the error is in: the
+ * answer is its own); a connection closed before that is let go.
+ */
+function afterAnswers (socket: Socket, response: ServerResponse, broken: IncomingMessage | null, then: () => void): void {
+  response.once('finish', () => {
+    // Node hands the connection to the next queued response as this one finishes.
+    const next = pendingResponse(socket)
+    if (next != null && next !== response && next.req !== broken) afterAnswers(socket, next, broken, then)
+    else then()
+  })
+  response.once('close', () => { if (!response.writableFinished) socket.destroy() })
 }
 
 function answerParserError (error: NodeJS.ErrnoException, socket: Socket, id: string): void {

@@ -160,6 +160,15 @@ t.test('abuse on real sockets', async (t) => {
     t.same(statuses(behindSlow.data), ['200', '400'], 'behind a slow answer: both answered, in order')
     t.equal(parse(behindSlow.data.slice(behindSlow.data.lastIndexOf('HTTP/1.1')))?.headers['x-request-id'], 'second-in-line', 'the 400 is the second request\'s')
 
+    // Behind two requests, the second answered after the first (it waits for its own upstream
+    // calls): both answers, in order, then the 400.
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'any', times: 2 })
+    const cancelBody = JSON.stringify({ reason })
+    const second = `POST /appointments/${(alice.appointments[1] as { id: string }).id}/cancel HTTP/1.1\r\nhost: x\r\nx-request-id: second-in-line\r\nauthorization: Bearer ${token}\r\ncontent-type: application/json\r\ncontent-length: ${cancelBody.length}\r\n\r\n${cancelBody}`
+    const behindTwo = await raw(port, [`${first}\r\n${second}GARBAGE\r\n\r\n`], 10, 3000)
+    t.same(statuses(behindTwo.data), ['200', '200', '400'], 'behind two requests: all answered, in order')
+    t.same([...behindTwo.data.matchAll(/x-request-id: ([^\r]*)/g)].map((match) => match[1]).slice(0, 2), ['first-in-line', 'second-in-line'])
+
     // A first request that closes its connection: nothing is written after its answer.
     const closing = await raw(port, [`${first}connection: close\r\n\r\nGARBAGE\r\n\r\n`], 10, 3000)
     t.same(statuses(closing.data), ['200'], 'a connection the first request closes gets nothing more')
