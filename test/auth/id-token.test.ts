@@ -110,6 +110,19 @@ t.test('refuses every kind of bad token with the same 401', async (t) => {
   t.ok(debug.some((line) => line.refusal === 'ERR_JOSE_ALG_NOT_ALLOWED'))
 })
 
+t.test('access and logout token types are refused in any letter case', async (t) => {
+  const issuer = await startIssuer(t)
+  const refusals: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'debug' }, { write: (line: string) => { refusals.push(JSON.parse(line) as Record<string, unknown>) } })
+  const verifier = verifierFor(issuer, { log })
+  // Media types are case-insensitive (RFC 9110 §8.3.1): an upper-case typ names the same type.
+  for (const typ of ['AT+JWT', 'Application/Logout+JWT', 'application/AT+jwt', 'LOGOUT+JWT']) {
+    t.match(await refusal(verifier.verify(await issuer.sign({}, { header: { typ } }))), INVALID, typ)
+  }
+  t.same(refusals.map((line) => line.refusal), ['typ', 'typ', 'typ', 'typ'], 'each for its type')
+  t.ok(await verifier.verify(await issuer.sign({}, { header: { typ: 'JWT' } })), 'an ID token typed JWT is fine')
+})
+
 t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted after it', async (t) => {
   const issuer = await startIssuer(t)
   const verifier = verifierFor(issuer)

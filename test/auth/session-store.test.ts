@@ -60,23 +60,26 @@ async function dumpRedis (redis: Redis): Promise<string[]> {
 
 const redisServer = await startRedis(t)
 
-const kinds: Array<{ name: string, make: (t: Test) => Promise<Harness> }> = [
+interface Lifetimes { idleTtlMs: number, absoluteTtlMs: number }
+const LIFETIMES: Lifetimes = { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE }
+
+const kinds: Array<{ name: string, make: (t: Test, lifetimes?: Lifetimes) => Promise<Harness> }> = [
   {
     name: 'memory',
-    make: async () => {
+    make: async (_t, lifetimes = LIFETIMES) => {
       const clock = { at: START }
-      return { store: createSessionStore({ redis: null }, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at }), clock }
+      return { store: createSessionStore({ redis: null }, { ...lifetimes, now: () => clock.at }), clock }
     }
   },
   {
     name: 'redis',
-    make: async (t) => {
+    make: async (t, lifetimes = LIFETIMES) => {
       await redisServer.flush()
       const sharedState = createSharedState({ url: redisServer.url, log: silent })
       t.teardown(() => sharedState.close())
       const redis = await connected(sharedState)
       const clock = { at: START }
-      const store = createSessionStore(sharedState, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE, now: () => clock.at })
+      const store = createSessionStore(sharedState, { ...lifetimes, now: () => clock.at })
       return { store, clock, redis, dump: () => dumpRedis(redis) }
     }
   }
@@ -161,6 +164,18 @@ for (const kind of kinds) {
       }
       clock.at += IDLE - MIN
       t.ok(await store.get(token), 'alive well past the first idle limit')
+    })
+
+    t.test('the idle expiry slides once a tenth of the idle lifetime has passed', async (t) => {
+      const idle = 2 * MIN
+      const { store, clock } = await kind.make(t, { idleTtlMs: idle, absoluteTtlMs: ABSOLUTE })
+      const { token } = await store.create(patient())
+      clock.at = START + 11_000
+      t.equal((await store.get(token))?.expiresAt, START + idle, 'not within a tenth (12 s)')
+      clock.at = START + 20_000
+      const touched = await store.get(token)
+      t.equal(touched?.lastSeenAt, START + 20_000)
+      t.equal(touched?.expiresAt, START + 20_000 + idle, 'two minutes from this lookup')
     })
 
     t.test('absolute expiry despite activity', async (t) => {
@@ -395,6 +410,22 @@ t.test('redis store', async (t) => {
     t.equal(await store.get(other.token), null)
     t.equal(await redis.exists(`bff:session:sub:${hashed('upgraded')}`), 0, 'the old set emptied')
     t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-upgraded'), 0, 'nothing left to end')
+  })
+
+  t.test('a key lives no longer than its session can: the idle lifetime at first, what is left of the absolute one at the end', async (t) => {
+    const mine = { at: START }
+    const short = new RedisSessionStore(redis, { idleTtlMs: 2 * MIN, absoluteTtlMs: 5 * MIN, now: () => mine.at })
+    const { token, session } = await short.create(patient())
+    const key = `bff:session:s:{${session.id}}`
+    const created = await redis.pttl(key)
+    t.ok(created > 2 * MIN - 5000 && created <= 2 * MIN, `${created} ms after create: the idle lifetime, not the absolute one`)
+    // Used every 100 s, the session lives to its absolute end; the last touch leaves 20 s of it.
+    for (const after of [100_000, 200_000, 280_000]) {
+      mine.at = START + after
+      t.equal((await short.get(token))?.lastSeenAt, mine.at, `touched at ${after / 1000} s`)
+    }
+    const ttl = await redis.pttl(key)
+    t.ok(ttl > 15_000 && ttl <= 20_000, `${ttl} ms after the last touch: what is left of the absolute lifetime, not the idle one`)
   })
 
   t.test('default clock and prefix', async (t) => {

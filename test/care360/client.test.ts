@@ -1,4 +1,5 @@
 import { createServer, type AddressInfo, type Socket } from 'node:net'
+import { createServer as createHttpServer } from 'node:http'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
@@ -333,6 +334,40 @@ t.test('the default cap is 64 KiB', async (t) => {
   t.same(await client.fetchAppointments(ALICE.email, CTX), [])
 })
 
+t.test('a streamed body without content-length is capped at exactly maxBodyBytes', async (t) => {
+  // A plain upstream that streams (chunked, no content-length) a JSON list of exactly `size`
+  // bytes: only the running count can refuse it, not the declared length.
+  const max = 1024
+  let size = 0
+  const declared: Array<string | undefined> = []
+  const upstream = createHttpServer(function answer (_request, response) {
+    const head = '{"status":200,"success":true,"data":[],"pad":"'
+    const tail = '"}'
+    const body = `${head}${'x'.repeat(size - head.length - tail.length)}${tail}`
+    response.writeHead(200, { 'content-type': 'application/json' })
+    for (let at = 0; at < body.length; at += 100) response.write(body.slice(at, at + 100))
+    declared.push(response.getHeader('content-length') as string | undefined)
+    response.end()
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => {
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  const { port } = upstream.address() as AddressInfo
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxBodyBytes: max })
+  t.teardown(() => client.close())
+  for (const over of [max + 1, 2 * max]) {
+    size = over
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)),
+      { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 }, `${over} bytes`)
+  }
+  size = max
+  t.same(await client.fetchAppointments(ALICE.email, CTX), [], 'exactly the cap is read')
+  t.same(declared, [undefined, undefined, undefined], 'no content-length was declared')
+})
+
 t.test('connection refused: never sent, upstream unavailable', async (t) => {
   const port = await freePort()
   const log = recordingGate()
@@ -402,6 +437,17 @@ t.test('slower than the deadline: 504', async (t) => {
   t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT })
 })
 
+t.test('an answer slower than half the deadline but within it is read', async (t) => {
+  const { sandbox, client } = await setup(t, { timeoutMs: 3000 })
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 1500, times: 2 })
+  const started = Date.now()
+  const [cancelled, listed] = await Promise.all([cancelAlice(client), client.fetchAppointments(DEMO_PATIENTS[1]!.email, CTX)])
+  t.same(cancelled, { status: 200, success: true, message: 'Meeting cancelled successfully' })
+  t.equal((listed as unknown[]).length, DEMO_PATIENTS[1]!.appointments.length)
+  t.ok(Date.now() - started >= 1400, 'both waited for the slow upstream')
+  t.equal(sandbox.control.calls.length, 2)
+})
+
 t.test('a request still waiting for a socket at the deadline is never sent', async (t) => {
   const { sandbox, client } = await setup(t, { timeoutMs: 100, connections: 1 })
   sandbox.control.setFailure({ kind: 'slow', delayMs: 250 })
@@ -446,6 +492,31 @@ t.test('a TLS handshake that does not complete in time: never sent, 504', async 
   const bytes = Buffer.concat(received)
   t.ok(bytes.length === 0 || bytes[0] === 0x16, 'at most a TLS handshake record reached the server')
   t.notMatch(bytes.toString('latin1'), SANDBOX_KEY)
+})
+
+t.test('a TLS handshake that does not complete within half the deadline: never sent, 502 unavailable', async (t) => {
+  const sockets = new Set<Socket>()
+  const silent = createServer(function onConnection (socket) {
+    sockets.add(socket)
+    socket.resume()
+  })
+  silent.listen(0, '127.0.0.1')
+  await once(silent, 'listening')
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy()
+    silent.close()
+  })
+  const { port } = silent.address() as AddressInfo
+  // The connect timeout is half the deadline (1.5 s, give or take undici's 0.5 s tick): the
+  // caller hears "unavailable" before the 3 s deadline would make it a 504.
+  const client = createCare360Client({ baseUrl: `https://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000 })
+  t.teardown(() => client.close())
+  const started = Date.now()
+  const error = await failureOf(cancelAlice(client))
+  const elapsed = Date.now() - started
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_UNAVAILABLE, outcome: 'not-sent', upstreamStatus: null })
+  t.match(error.cause, { code: 'UND_ERR_CONNECT_TIMEOUT' })
+  t.ok(elapsed < 2700, `answered after ${elapsed} ms, well before the deadline`)
 })
 
 t.test('fetchAppointments', async (t) => {

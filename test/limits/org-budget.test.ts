@@ -214,6 +214,21 @@ t.test('the per-process share is the count divided by the replicas, at least one
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
 })
 
+t.test('one replica: its twin holds every call, so the count holds even when Redis loses its data', async (t) => {
+  // Redis has answered without a break for far longer than a span: only the one-replica rule
+  // makes the twin count the calls Redis admits.
+  const fallback = { ...await strictFallbackOn(t, redis.url), redisFor: () => 24 * 60 * 60_000 }
+  const tag = uniqueName('single')
+  const budget = createOrgBudget({ count: 2, windowMs: 60_000, replicas: 1, fallback, tag })
+  t.equal(await takeMany(budget, 2), 2, 'through Redis')
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  // Redis forgets the budget (a flush, a failover to an empty replica).
+  t.ok(await admin.del(`{${tag}}:log`, `{${tag}}:seq`, `{${tag}}:aimd`) > 0)
+  t.equal(await admin.zcard(`{${tag}}:log`), 0)
+  t.match(await budget.take(), { ok: false, retryAfterMs: Number }, 'refused: the twin still holds both calls')
+})
+
 // ---------------------------------------------------------------------------------------------
 // Across an outage: every replica's twin counts its own calls, whichever store admitted them.
 

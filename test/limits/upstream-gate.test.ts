@@ -162,3 +162,42 @@ t.test('the recorder hears each decision of the cooldown and the budget', async 
   await refusal(t, gate)
   t.same(decisions, [['cooldown', true]], 'stopped by the cooldown this process knows, the budget is not asked')
 })
+
+t.test('a cooldown the budget reports is remembered: the next calls are refused without asking the store', async (t) => {
+  let now = 0
+  let takes = 0
+  const budget: BudgetStore = {
+    // The shared cooldown seen in the budget's step (one Redis round trip): 30 s, then nothing.
+    take: async () => { takes += 1; return takes === 1 ? { ok: false, coolingMs: 30_000 } : { ok: true, remaining: 1 } },
+    decrease: async () => {},
+    remaining: async () => 1
+  }
+  const gate = createUpstreamGate({ budget, cooldown: createMemoryCooldown({ now: () => now }), now: () => now })
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '30' }, 'refused by the cooldown the store reported')
+  t.equal(gate.coolingMs(), 30_000, 'and remembered')
+  now = 10_000
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '20' }, 'still refused 10 s later')
+  t.equal(takes, 1, 'from the local copy, without asking the store again')
+  t.equal(gate.coolingMs(), 20_000)
+  now = 30_000
+  await gate.acquire('list')
+  t.equal(takes, 2, 'once it ended, the store is asked again')
+})
+
+t.test('a shorter cooldown heard later never shortens the one the gate remembers', async (t) => {
+  let now = 0
+  const trips = [30_000, 1000]
+  const cooldown: CooldownStore = {
+    remaining: () => 0,
+    check: { key: null, memory: () => 0 },
+    trip: () => ({ remainingMs: trips.shift() as number, fresh: false }),
+    extend: (remainingMs) => remainingMs
+  }
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 100, windowMs: 60_000, now: () => now }), cooldown, now: () => now })
+  t.equal(await gate.onRateLimited(30_000), 30_000)
+  now = 1000
+  t.equal(await gate.onRateLimited(null), 29_000, 'the later 429 answers the cooldown still running')
+  t.equal(gate.coolingMs(), 29_000, 'not the 1 s the store answered the second time')
+  now = 5000
+  t.same((await refusal(t, gate)).headers, { 'retry-after': '25' }, 'still refused after the shorter one would have ended')
+})

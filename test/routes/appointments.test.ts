@@ -220,6 +220,21 @@ t.test('a cancel keeps the cached list warm for the next one, without the cancel
   t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'POST', 'GET'], 'it was looked up fresh')
 })
 
+t.test('a cancel whose outcome is unknown drops the cached list: the next attempt looks the appointment up afresh', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  sandbox.control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
+  const lost = await cancel(token, aliceFirst.id, { reason: 'first try' })
+  t.equal(lost.statusCode, 502)
+  t.ok(sandbox.control.isCancelled(aliceFirst.id), 'the upstream applied it before the answer was lost')
+  // No Idempotency-Key and another reason: nothing shares the first attempt's outcome.
+  const again = await cancel(token, aliceFirst.id, { reason: 'second try' })
+  t.equal(again.statusCode, 404)
+  t.match(again.json(), { code: 'APPOINTMENT_NOT_FOUND' })
+  t.same(sandbox.control.calls.map((call) => call.method), ['GET', 'POST', 'GET'], 'a fresh list, not the cached one')
+  t.equal(cancelCalls().length, 1, 'the cancel was not sent again')
+})
+
 t.test('with SERVICE_SECRET, Idempotency-Key records and patient hashes outlive a rotation of the org key', async (t) => {
   const sandbox = await startSandbox(t)
   const redis = await startRedis(t)
@@ -360,6 +375,17 @@ t.test('the audit record and the logs carry no email, reason, key or token', asy
   for (const secret of [alice.email, 'private reason text', SANDBOX_KEY, token]) {
     t.notMatch(all, secret, 'no secret or personal value in the logs')
   }
+})
+
+t.test("a cancel the upstream refused has the upstream's status in its audit record", async (t) => {
+  const logs: string[] = []
+  const { sandbox, tokenFor, cancel } = await stack(t, { logs })
+  const token = await tokenFor(alice.email)
+  sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'cancel', times: 1, body: { status: 400, success: false, message: 'Invalid request', error: 'appointment already started' } })
+  t.equal((await cancel(token, aliceFirst.id)).statusCode, 400)
+  const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+  t.equal(audits.length, 1)
+  t.match(audits[0].audit, { appointmentId: aliceFirst.id, outcome: 'UPSTREAM_REJECTED', status: 400, upstreamStatus: 400 })
 })
 
 t.test('limits on the cancel path: per-session cancels, the org budget and the upstream cooldown', async (t) => {
