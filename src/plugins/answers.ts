@@ -215,63 +215,50 @@ const answering = new WeakSet<Socket>()
  * Fastify's router; they are answered here, still in the envelope and with the two headers, and
  * one answer per request, in order:
  * - an error in the body of the request being served (or its body too slow: Node's 408) is that
- *   request's answer, with its id;
- * - an error in the body of a request already answered (a hook refused it before its body had
- *   arrived) gets no second answer: the connection is closed;
- * - an error in a request pipelined behind one still being served (its headers, or its body) is
- *   answered after that one's own answer (HTTP/1.1 answers in order: written now, it would be
- *   read as the earlier request's), with the pipelined request's id when its headers parsed;
+ *   request's answer, with its id, unless a hook answered it before its body had arrived: then
+ *   that answer goes out whole and the connection closes, with no second one;
+ * - an error behind requests still being served (pipelined: its headers, or its body) waits for
+ *   their answers (HTTP/1.1 answers in order: written now, it would be read as an earlier
+ *   request's), with the pipelined request's id when its headers parsed;
  * - otherwise (a request whose headers never parsed), a new id.
  */
 export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
-  // As Node itself does without this handler: no answer once one has begun on this socket.
-  const inFlight = pendingResponse(socket)
-  if (!socket.writable || (inFlight != null && inFlight.headersSent)) {
-    socket.destroy()
-    return
-  }
   // llhttp stays in its error state: Node reports every later chunk of the connection again.
   if (answering.has(socket)) return
   answering.add(socket)
   // The connection's latest request while its body is incomplete: the error is in that body.
   const last = lastRequest.get(socket)
-  const open = last !== undefined && !last.req.complete ? last : null
-  if (inFlight == null) {
-    // Without a response pending, an incomplete request was answered already (a hook refused it
-    // before its body arrived): a second answer would answer nothing the client asked.
-    if (open === null) answerParserError(error, socket, randomUUID())
-    else socket.destroy()
-    return
-  }
-  if (open !== null && open.req === inFlight.req) {
-    answerParserError(error, socket, open.id)
-    return
-  }
-  // Behind requests still being served, whose answers go first.
-  const id = open === null ? randomUUID() : open.id
-  afterAnswers(socket, inFlight, open?.req ?? null, () => { answerParserError(error, socket, id) })
+  settleParserError(error, socket, last !== undefined && !last.req.complete ? last : null, null)
 }
 
-/**
- * Runs `then` once `response` and the responses Node queued behind it on `socket` (pipelined
- * requests) have finished, up to the one of `broken` (the request whose body the error is in: the
- * answer is its own); a connection closed before that is let go.
- */
-function afterAnswers (socket: Socket, response: ServerResponse, broken: IncomingMessage | null, then: () => void): void {
-  response.once('finish', () => {
-    // Node hands the connection to the next queued response as this one finishes.
-    const next = pendingResponse(socket)
-    if (next != null && next !== response && next.req !== broken) afterAnswers(socket, next, broken, then)
-    else then()
-  })
-  response.once('close', () => { if (!response.writableFinished) socket.destroy() })
-}
-
-function answerParserError (error: NodeJS.ErrnoException, socket: Socket, id: string): void {
+function settleParserError (error: NodeJS.ErrnoException, socket: Socket, broken: { req: IncomingMessage, id: string } | null, after: ServerResponse | null): void {
   if (!socket.writable) {
     socket.destroy()
     return
   }
+  const pending = pendingResponse(socket)
+  if (pending == null || pending === after) {
+    // No answer pending: the broken request had its answer already (a hook refused it before its
+    // body arrived), and a second would answer nothing the client asked; or no request parsed.
+    if (broken === null) answerParserError(error, socket, randomUUID())
+    else socket.end()
+    return
+  }
+  if (pending.req === broken?.req && !pending.headersSent) {
+    answerParserError(error, socket, broken.id)
+    return
+  }
+  // An answer goes first: one being written, the broken request's own (then the connection
+  // closes), or one of a request before it (Node hands the connection to the next queued response
+  // as it finishes, before this listener runs).
+  pending.once('finish', () => {
+    if (pending.req === broken?.req) socket.end()
+    else settleParserError(error, socket, broken, pending)
+  })
+  pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
+}
+
+function answerParserError (error: NodeJS.ErrnoException, socket: Socket, id: string): void {
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
   const { body, headers } = closingAnswer(status, message, id)

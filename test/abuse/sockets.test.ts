@@ -169,6 +169,13 @@ t.test('abuse on real sockets', async (t) => {
     t.same(statuses(behindTwo.data), ['200', '200', '400'], 'behind two requests: all answered, in order')
     t.same([...behindTwo.data.matchAll(/x-request-id: ([^\r]*)/g)].map((match) => match[1]).slice(0, 2), ['first-in-line', 'second-in-line'])
 
+    // Behind a slow request, one refused before its body arrived (no session: 401), then a broken
+    // chunk of that body: the two answers, and nothing more.
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'list', times: 1 })
+    const refusedBehind = await raw(port, [`${first}\r\n${chunked(`/appointments/${owned.id}/cancel`, 'early-401', '')}`, 'ZZ\r\n'], 100, 3000)
+    t.same(statuses(refusedBehind.data), ['200', '401'], 'behind a slow answer, a refused request gets its own answer only')
+    t.ok(refusedBehind.closedAfterMs !== null, 'and the connection is closed')
+
     // A first request that closes its connection: nothing is written after its answer.
     const closing = await raw(port, [`${first}connection: close\r\n\r\nGARBAGE\r\n\r\n`], 10, 3000)
     t.same(statuses(closing.data), ['200'], 'a connection the first request closes gets nothing more')
