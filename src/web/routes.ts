@@ -69,9 +69,15 @@ export function exchangeFailure (error: unknown): SignInError {
   return 'exchange_failed'
 }
 
-/** The names of the login cookies (sign-ins under way) a request brings. */
+/** A login cookie's name as loginCookieName makes it: any other is not ours (nor could be cleared). */
+const LOGIN_COOKIE_NAME = new RegExp(`^${LOGIN_COOKIE_PREFIX}[A-Za-z0-9_-]{16}$`)
+
+/**
+ * The names of the login cookies (sign-ins under way) a request brings: the last few, as a browser
+ * holds no more (a client sending hundreds would have each opened and cleared).
+ */
 function loginCookiesOf (request: FastifyRequest): string[] {
-  return Object.keys(request.cookies).filter((name) => name.startsWith(LOGIN_COOKIE_PREFIX))
+  return Object.keys(request.cookies).filter((name) => LOGIN_COOKIE_NAME.test(name)).slice(-2 * MAX_SIGN_INS_UNDER_WAY)
 }
 
 export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
@@ -91,6 +97,21 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     return reply.redirect(failureLocation(request, reason, cause), 302)
   }
 
+  /**
+   * The sign-in routes' onSend: answers given before (or instead of) the handler, the per-IP
+   * limit's 429 above all, are failures too. The browser is in the middle of a sign-in (these are
+   * navigations, not the app's fetches), and goes back to the app as for any failure.
+   */
+  function failToTheApp (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void): void {
+    if (reply.statusCode < 400) {
+      done(null, payload)
+      return
+    }
+    const location = failureLocation(request, reply.statusCode === 429 ? 'rate_limited' : 'server_error')
+    reply.code(302).header('location', location).removeHeader('content-type')
+    done(null, '')
+  }
+
   app.get('/auth/login', {
     attachValidation: true,
     schema: {
@@ -98,7 +119,9 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       summary: 'Web sign-in: redirects to the identity provider (authorization code flow with PKCE)',
       querystring: LoginQuery,
       response: redirectAnswer('To the identity provider, or to the web app with `signin_error` when it is unreachable')
-    }
+    },
+    config: { failsByRedirect: true },
+    onSend: failToTheApp
   }, async function startSignIn (request, reply) {
     // A repeated or malformed returnTo fails validation: it falls back to `/` like any unsafe one.
     const returnTo = request.validationError === undefined ? safeReturnTo((request.query as { returnTo?: unknown }).returnTo) : '/'
@@ -140,17 +163,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       response: redirectAnswer('To `returnTo` with the session cookie set, or to the web app with `signin_error=<reason>`')
     },
     config: { failsByRedirect: true },
-    // Answers given before (or instead of) the handler, the per-IP limit's 429 above all: the
-    // browser is in the middle of a sign-in, and goes back to the app as for any failure.
-    onSend: function failToTheApp (request, reply, payload, done) {
-      if (reply.statusCode < 400) {
-        done(null, payload)
-        return
-      }
-      const location = failureLocation(request, reply.statusCode === 429 ? 'rate_limited' : 'server_error')
-      reply.code(302).header('location', location).removeHeader('content-type')
-      done(null, '')
-    }
+    onSend: failToTheApp
   }, async function finishSignIn (request, reply) {
     const query = request.query as Record<string, unknown>
     // This sign-in's login state (the one its `state` names), single use whatever happens next;

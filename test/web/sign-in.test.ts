@@ -242,6 +242,16 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(signinError((await browser.navigate(again)).url), 'state_mismatch')
     })
 
+    t.test('login cookies are those the service names: others are left alone, and only a few are read', async (t) => {
+      const cookie = ['__Host-bff-login-a b=x', '__Host-bff-login-é=x', '__Host-bff-login-short=x', ...Array.from({ length: 300 }, (_, i) => `${loginCookieName(String(i))}=x`)].join('; ')
+      const answer = await stack.app.inject({ method: 'GET', url: '/auth/login', headers: { cookie } })
+      t.equal(answer.statusCode, 302, 'not a 500 for a name that cannot be written back')
+      t.ok(String(answer.headers.location).startsWith(idp.url), 'on to the IdP')
+      const cleared = ([] as string[]).concat(answer.headers['set-cookie'] ?? []).filter((line) => /^[^=]+=;/.test(line))
+      t.ok(cleared.length > 0 && cleared.length <= 6, `a few of the unreadable ones cleared (${cleared.length})`)
+      t.notOk(cleared.some((line) => /^__Host-bff-login-(a b|é|short)=/.test(line)), 'names of no sign-in of ours are left alone')
+    })
+
     t.test('a browser keeps a few sign-ins under way: a new one ends the oldest', async (t) => {
       const browser = new Browser()
       const urls: string[] = []
@@ -384,6 +394,10 @@ t.test('the callback refused before it runs (the per-IP limit, a request without
   t.equal(refused.headers.get('content-type'), null)
   t.equal(await refused.text(), '')
   t.equal(stack.sessionOf(browser), undefined, 'no session')
+  // So does a sign-in begun meanwhile, a navigation too.
+  const login = await browser.fetch(`${stack.publicUrl}/auth/login`)
+  t.equal(login.status, 302)
+  t.equal(login.headers.get('location'), `${stack.publicUrl}/?signin_error=rate_limited`)
 
   const { port } = new URL(stack.publicUrl)
   const socket = connectTo(Number(port))
