@@ -64,6 +64,26 @@ function errorAnswer (status: number, url: string): Record<string, unknown> {
   return answer
 }
 
+/**
+ * The one error answer with data of its own: `POST /auth/logout` with a session cookie whose
+ * session had ended (routes/auth.ts). Not the shared envelope, which allows no other field.
+ */
+function endedSignOut (): Record<string, unknown> {
+  return {
+    description: `\`${ErrorCode.SESSION_REQUIRED}\`: no valid session. With a session cookie whose session had ended, the cookie is cleared and \`data.endSessionUrl\` (when the provider has one) is where to send the browser to end the identity provider's session too`,
+    type: 'object',
+    required: ['status', 'success', 'message', 'code'],
+    additionalProperties: false,
+    properties: {
+      status: { type: 'integer' },
+      success: { type: 'boolean', enum: [false] },
+      message: { type: 'string' },
+      code: { type: 'string', enum: [ErrorCode.SESSION_REQUIRED] },
+      data: { type: 'object', additionalProperties: false, properties: { endSessionUrl: { type: 'string' } } }
+    }
+  }
+}
+
 type AuthMode = 'required' | 'optional' | undefined
 
 /** Error statuses every route of this kind can answer, beyond those it declares itself. */
@@ -97,7 +117,7 @@ function describeRoute ({ schema, url, route }: { schema: Record<string, unknown
   const response: Record<string, unknown> = { ...(schema?.response as Record<string, unknown> | undefined) }
   const declared = Object.keys(response).map(Number).filter((status) => status >= 400 && isErrorEnvelope(response[status]))
   for (const status of new Set([...declared, ...implicitErrors(route, auth)])) {
-    if (response[status] === undefined || isErrorEnvelope(response[status])) response[status] = errorAnswer(status, url)
+    if (response[status] === undefined || isErrorEnvelope(response[status])) response[status] = status === 401 && url === '/auth/logout' ? endedSignOut() : errorAnswer(status, url)
   }
   const security = auth === 'required' ? SESSION_SECURITY : auth === 'optional' ? [{}, ...SESSION_SECURITY] : []
   const described: Record<string, unknown> = { ...schema, response, security: schema?.security ?? security }

@@ -170,6 +170,11 @@ t.test('public routes without a session state no security; optional ones allow b
   t.same(document.paths['/auth/me']?.get?.security, [{}, { bearer: [] }, { cookie: [] }])
   t.same(document.paths['/auth/logout']?.post?.security, [{ bearer: [] }, { cookie: [] }])
   t.ok(document.paths['/auth/logout']?.post?.responses['401'], 'logout documents 401')
+  // Its 401 may carry data (a sign-out whose session had ended): described as such, not as the
+  // shared envelope, which allows no other field.
+  const ended = document.paths['/auth/logout']?.post?.responses['401']?.content?.['application/json']?.schema as { allOf?: unknown, properties?: Record<string, { properties?: Record<string, unknown> }> } | undefined
+  t.equal(ended?.allOf, undefined)
+  t.ok(ended?.properties?.data?.properties?.endSessionUrl, 'logout\'s 401 documents data.endSessionUrl')
   t.same(Object.keys(document.paths['/auth/callback']?.get?.responses ?? {}), ['302'], 'the callback fails by redirect only')
 })
 

@@ -24,6 +24,8 @@ export interface WebOidc {
   readonly redirectUri: string
   readonly postLogoutRedirectUri: string
   configuration: () => Promise<client.Configuration>
+  /** The configuration if discovery has succeeded already, else null (nothing is fetched). */
+  discovered: () => client.Configuration | null
 }
 
 /** Just the scopes the service needs: who (openid) and the verified email it acts for. */
@@ -38,6 +40,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
     ...(issuer.protocol === 'http:' && isLoopbackHost(issuer.hostname) ? [client.allowInsecureRequests] : [])
   ]
   let pending: Promise<client.Configuration> | null = null
+  let discovered: client.Configuration | null = null
 
   function configuration (): Promise<client.Configuration> {
     if (pending === null) {
@@ -45,7 +48,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
         execute,
         timeout: settings.timeoutSec ?? IDP_FETCH_TIMEOUT_MS / 1000
       })
-      pending.catch(function forgetFailedDiscovery () { pending = null })
+      pending.then(function keepDiscovery (found) { discovered = found }, function forgetFailedDiscovery () { pending = null })
     }
     return pending
   }
@@ -54,6 +57,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
     clientId: settings.clientId,
     redirectUri: `${settings.publicUrl}/auth/callback`,
     postLogoutRedirectUri: settings.webAppUrl,
-    configuration
+    configuration,
+    discovered: () => discovered
   }
 }

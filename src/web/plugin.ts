@@ -41,16 +41,19 @@ export interface WebSignInOptions {
 
 async function endSessionUrl (oidc: WebOidc, idToken: string | null): Promise<string | null> {
   try {
-    const configuration = await oidc.configuration()
-    if (configuration.serverMetadata().end_session_endpoint === undefined) return null
-    return client.buildEndSessionUrl(configuration, {
-      client_id: oidc.clientId,
-      post_logout_redirect_uri: oidc.postLogoutRedirectUri,
-      ...(idToken === null ? {} : { id_token_hint: idToken })
-    }).href
+    return endSessionUrlOf(await oidc.configuration(), oidc, idToken)
   } catch {
     return null
   }
+}
+
+function endSessionUrlOf (configuration: client.Configuration, oidc: WebOidc, idToken: string | null): string | null {
+  if (configuration.serverMetadata().end_session_endpoint === undefined) return null
+  return client.buildEndSessionUrl(configuration, {
+    client_id: oidc.clientId,
+    post_logout_redirect_uri: oidc.postLogoutRedirectUri,
+    ...(idToken === null ? {} : { id_token_hint: idToken })
+  }).href
 }
 
 async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Promise<void> {
@@ -69,7 +72,15 @@ async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Prom
     },
     async signOutEnded (reply: FastifyReply): Promise<string | null> {
       reply.clearCookie(SESSION_COOKIE, SESSION_COOKIE_OPTIONS)
-      return oidc === null ? null : await endSessionUrl(oidc, null)
+      if (oidc === null) return null
+      // From a discovery made already: a request without a session never waits on the IdP. A
+      // replica that has made none starts it, for the next one.
+      const configuration = oidc.discovered()
+      if (configuration === null) {
+        oidc.configuration().catch(() => {})
+        return null
+      }
+      return endSessionUrlOf(configuration, oidc, null)
     }
   })
 

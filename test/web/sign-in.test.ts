@@ -424,6 +424,24 @@ t.test('an IdP without end-session: sign-out gives no endSessionUrl', async (t) 
   t.equal(stack.sessionOf(again), undefined)
 })
 
+t.test('a sign-out with an ended session never waits on the IdP: a replica without discovery answers without the URL, and has it next time', async (t) => {
+  const stack = await startWebStack(t)
+  const fresh = await buildTestApp(t, { env: stack.env })
+  const logout = async (): Promise<{ statusCode: number, data?: { endSessionUrl?: string } }> => {
+    const answer = await fresh.app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: 'A'.repeat(43) } })
+    return { statusCode: answer.statusCode, ...(answer.json() as { data?: { endSessionUrl?: string } }) }
+  }
+  const first = await logout()
+  t.equal(first.statusCode, 401)
+  t.equal(first.data, undefined, 'no discovery made yet: no URL, no wait')
+  let next = await logout()
+  for (let i = 0; i < 100 && next.data === undefined; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    next = await logout()
+  }
+  t.ok(next.data?.endSessionUrl?.startsWith(stack.idp.url), 'the discovery it started serves the next')
+})
+
 t.test('without a web client the web sign-in routes do not exist', async (t) => {
   const { app, issuer } = await buildTestApp(t)
   for (const [method, url] of [['GET', '/auth/login'], ['GET', '/auth/callback'], ['POST', '/auth/backchannel-logout']] as const) {
