@@ -50,8 +50,9 @@ const silent: GateRecorder = { decision () {} }
 
 /**
  * How much longer (ms) than the store's answer this process's own cooldown must run before it
- * counts as lost by the store: both are durations, measured a round trip (at most the command
- * bound, 250 ms by default) apart.
+ * counts as lost by the store: both are durations, measured a round trip apart (the command bound,
+ * 250 ms by default, unless this process stalled meanwhile: then a cooldown the store kept may be
+ * written back needlessly, which only extends it by the stall).
  */
 const LOST_COOLDOWN_SLACK_MS = 250
 

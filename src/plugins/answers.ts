@@ -23,6 +23,7 @@ export function requestIdFor (req: IncomingMessage): string {
 const FASTIFY_CODES: Record<string, [number, ErrorCode, string]> = {
   FST_ERR_CTP_BODY_TOO_LARGE: [413, ErrorCode.PAYLOAD_TOO_LARGE, 'Request body is too large'],
   FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be application/json'],
+  BFF_ERR_NOT_UTF8: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be JSON in UTF-8'],
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, ErrorCode.BAD_REQUEST, 'Content-Length does not match the body'],
   FST_ERR_CTP_INVALID_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON'],
   FST_ERR_CTP_EMPTY_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON']
@@ -127,11 +128,12 @@ async function answers (app: FastifyInstance): Promise<void> {
 function isUtf8Json (contentType: string): boolean {
   if (contentType.length <= 'application/json'.length) return true
   const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(contentType)?.[1]
-  return charset === undefined || /^(utf-?8)?$/i.test(charset)
+  // US-ASCII is UTF-8 too.
+  return charset === undefined || /^(utf-?8|us-ascii)?$/i.test(charset)
 }
 
 function notUtf8 (): Error {
-  return Object.assign(new Error('Request body must be UTF-8 JSON'), { code: 'FST_ERR_CTP_INVALID_MEDIA_TYPE', statusCode: 415 })
+  return Object.assign(new Error('Request body must be JSON in UTF-8'), { code: 'BFF_ERR_NOT_UTF8', statusCode: 415 })
 }
 
 /** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */

@@ -56,6 +56,11 @@ export interface SharedStateOptions {
   logEveryMs?: number
   /** Injected for tests; a monotonic clock otherwise (only durations are compared on it). */
   now?: () => number
+  /**
+   * How often Redis's maxmemory-policy is read again while the service runs (ms; five minutes by
+   * default): a policy changed on the live server is seen, and a read that failed is retried.
+   */
+  policyCheckEveryMs?: number
 }
 
 export function createSharedState (options: SharedStateOptions): Required<SharedState> {
@@ -104,11 +109,15 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     }
   })
   const policy = watchEvictionPolicy(redis, log)
+  // Between connections too (a read while disconnected fails and is ignored: the next ready reads).
+  const policyTimer = setInterval(policy.read, options.policyCheckEveryMs ?? 300_000)
+  policyTimer.unref()
   const backListeners: Array<() => unknown> = []
   function back (): void {
     for (const listener of backListeners) {
       Promise.resolve().then(listener).catch(function backListenerFailed (error: unknown) {
-        log.error({ err: error }, 'shared state: a task run when Redis is back failed')
+        // Its name and code only: an ioredis error carries its command's arguments (keys).
+        log.error({ err: { name: (error as Error).name, code: (error as { code?: unknown }).code } }, 'shared state: a task run when Redis is back failed')
       })
     }
   }
@@ -163,6 +172,7 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     evictionPolicy: policy.current,
     onBack (listener) { backListeners.push(listener) },
     close: async () => {
+      clearInterval(policyTimer)
       if (pauseTimer !== null) clearTimeout(pauseTimer)
       pauseTimer = null
       backListeners.length = 0
@@ -179,12 +189,13 @@ export const SAFE_EVICTION_POLICY = 'noeviction'
 
 /**
  * Reads Redis's `maxmemory-policy` from `INFO memory` (CONFIG GET is often disabled on managed
- * Redis) each time the client becomes ready: the connection may now reach another server (a
- * failover, a new endpoint behind the same address) or one reconfigured. A policy that may evict
- * is an error line on every connection (the service keeps running: the state works until memory
- * runs short, and refusing to start would turn a misconfiguration into an outage); the metric
- * bff_redis_eviction_policy_safe shows it too. An INFO that fails (an ACL forbids it, a timeout)
- * leaves the policy unknown and the connection as it is: one warning, until a read succeeds again.
+ * Redis) each time the client becomes ready, since the connection may now reach another server
+ * (a failover, a new endpoint behind the same address), and every few minutes (policyCheckEveryMs),
+ * since the server may be reconfigured live. A policy that may evict is an error line at each read
+ * (the service keeps running: the state works until memory runs short, and refusing to start
+ * would turn a misconfiguration into an outage); the metric bff_redis_eviction_policy_safe shows
+ * it too. An INFO that fails (an ACL forbids it, a timeout) leaves the policy unknown and the
+ * connection as it is: one warning, until a read succeeds again.
  */
 function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () => void, current: () => string | null } {
   let policy: string | null = null

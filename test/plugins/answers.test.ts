@@ -62,7 +62,9 @@ t.test("Fastify's own errors in the envelope", async (t) => {
   t.equal(extra.json().message, 'body must not have the property "extra"')
   const ok = await server.inject({ method: 'POST', url: '/echo', payload: { n: 1 } })
   t.same(ok.json(), { ok: { n: 1 } })
-  for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF8"', 'application/json; version=1', 'application/json; charset=']) {
+  const latin1 = await server.inject({ method: 'POST', url: '/echo', payload: '{"n":1}', headers: { 'content-type': 'application/json; charset=iso-8859-1' } })
+  t.equal(latin1.json().message, 'Request body must be JSON in UTF-8', 'the refusal says why')
+  for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF8"', 'application/json; charset=US-ASCII', 'application/json; version=1', 'application/json; charset=']) {
     const res = await server.inject({ method: 'POST', url: '/echo', payload: '{"n":1}', headers: { 'content-type': type } })
     t.same(res.json(), { ok: { n: 1 } }, `${type}: taken`)
   }

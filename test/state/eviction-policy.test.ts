@@ -36,9 +36,9 @@ function adminOn (t: Test, server: RedisServer): Redis {
 }
 
 /** A shared state on `url` logging into a capture (with the service's redaction), closed when the test ends. */
-function capturedState (t: Test, url: string): { state: SharedState, lines: Line[] } {
+function capturedState (t: Test, url: string, policyCheckEveryMs?: number): { state: SharedState, lines: Line[] } {
   const capture = logCapture()
-  const state = createSharedState({ url, log: pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, capture.stream) })
+  const state = createSharedState({ url, log: pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, capture.stream), ...(policyCheckEveryMs === undefined ? {} : { policyCheckEveryMs }) })
   t.teardown(() => state.close())
   return { state, lines: capture.lines }
 }
@@ -140,6 +140,18 @@ t.test('an INFO that an ACL forbids: one warning, the connection serves on, the 
   await sleep(200)
   t.equal(unreadableLines(lines).length, 1, 'warned once, not once per connection')
   t.equal(evictionLines(lines).length, 0)
+})
+
+t.test('a policy changed on the live server is seen by the next periodic read, without a reconnection', async (t) => {
+  const server = await startRedis(t)
+  const admin = adminOn(t, server)
+  const { state, lines } = capturedState(t, server.url, 100)
+  await waitFor(() => state.evictionPolicy?.() === 'noeviction')
+  await admin.config('SET', 'maxmemory-policy', 'allkeys-lfu')
+  await waitFor(() => state.evictionPolicy?.() === 'allkeys-lfu')
+  await waitFor(() => evictionLines(lines).length >= 1)
+  t.match(String(evictionLines(lines)[0]?.msg), /maxmemory-policy allkeys-lfu/)
+  t.equal(state.mode(), 'redis', 'on the same connection')
 })
 
 t.test('no Redis: no policy, no sample', async (t) => {
