@@ -199,7 +199,6 @@ export const SAFE_EVICTION_POLICY = 'noeviction'
  */
 function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () => void, current: () => string | null } {
   let policy: string | null = null
-  let reads = 0
   let unreadableLogged = false
   function unreadable (cause: string): void {
     policy = null
@@ -210,10 +209,7 @@ function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () 
   return {
     current: () => policy,
     read () {
-      const read = ++reads
       redis.info('memory').then(function evictionPolicyRead (info: string) {
-        // An answer that a newer connection's read overtook tells of the server before it.
-        if (read !== reads) return
         const found = /^maxmemory_policy:([a-z0-9-]{1,64})\r?$/m.exec(info)?.[1]
         /* c8 ignore next 4 -- every Redis since 2.8 names it in INFO memory; a Redis-compatible server that does not is warned about here */
         if (found === undefined) {
@@ -225,18 +221,14 @@ function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () 
         if (found === SAFE_EVICTION_POLICY) return
         log.error({ redis: { maxmemoryPolicy: found } }, `shared state: Redis runs with maxmemory-policy ${found}, not noeviction: at maxmemory it may evict the service's state (every key of ours has a TTL, so volatile-* policies do too), and then a retried Idempotency-Key can call Care360 a second time, sessions end early, and rate limits, the org budget and the upstream cooldown undercount. Set maxmemory-policy noeviction`)
       }, function evictionPolicyUnread (error: unknown) {
-        // Lost with its connection: the next one reads again.
-        if (read !== reads || redis.status !== 'ready') return
-        unreadable(isCommandTimeout(error) ? 'timeout' : redisErrorCode(error))
+        // Lost with its connection, or sent without one: the next connection reads again.
+        if (redis.status !== 'ready') return
+        // A reply error's code word (NOPERM, ERR, ...), never the rest of its text.
+        /* c8 ignore next -- a timeout, or an error without a code word, needs a Redis that stops answering INFO alone; NOPERM (an ACL) is tested */
+        unreadable(isCommandTimeout(error) ? 'timeout' : /^[A-Z]{2,20}(?= |$)/.exec((error as Error).message)?.[0] ?? 'error')
       })
     }
   }
-}
-
-/** The code word a Redis error reply starts with (NOPERM, ERR, ...), or `error`: never the rest of its text. */
-function redisErrorCode (error: unknown): string {
-  const word = error instanceof Error ? /^[A-Z]{2,20}(?= |$)/.exec(error.message)?.[0] : undefined
-  return word ?? 'error'
 }
 
 /**

@@ -152,6 +152,16 @@ t.test('a policy changed on the live server is seen by the next periodic read, w
   await waitFor(() => evictionLines(lines).length >= 1)
   t.match(String(evictionLines(lines)[0]?.msg), /maxmemory-policy allkeys-lfu/)
   t.equal(state.mode(), 'redis', 'on the same connection')
+
+  // Reads while Redis is away fail unseen (no warning): the next connection reads again.
+  await server.stop()
+  await waitFor(() => state.mode() !== 'redis')
+  await sleep(300)
+  t.equal(unreadableLines(lines).length, 0, 'no warning for reads without a connection')
+  t.equal(state.evictionPolicy?.(), 'allkeys-lfu', 'the policy last read stands')
+  await server.start()
+  await admin.config('SET', 'maxmemory-policy', 'noeviction')
+  await waitFor(() => state.evictionPolicy?.() === 'noeviction')
 })
 
 t.test('no Redis: no policy, no sample', async (t) => {
