@@ -39,8 +39,15 @@ export interface Care360ClientOptions {
   /** Deadline of one upstream call, from dispatch to the last byte of the answer. */
   timeoutMs: number
   gate?: UpstreamGate
-  /** Answers larger than this are refused (502); default 64 KiB. */
+  /** Answers to a cancel larger than this are refused (502); default 64 KiB. */
   maxBodyBytes?: number
+  /**
+   * Answers to Fetch Appointments larger than this are refused (502); default 1 MiB, about 500 to
+   * 2000 appointments. The list is not paginated (its documentation): a patient's whole list comes
+   * in one body, about 500 bytes to 2 KB an appointment, so a cap of a cancel's size failed every
+   * patient with more than about a hundred, their list and every cancel's ownership check alike.
+   */
+  maxListBodyBytes?: number
   /** Keep-alive sockets to the upstream; default 10. */
   connections?: number
   /**
@@ -109,6 +116,7 @@ export class UpstreamError extends ApiError {
 }
 
 const DEFAULT_MAX_BODY_BYTES = 64 * 1024
+const DEFAULT_MAX_LIST_BODY_BYTES = 1024 * 1024
 const MAX_RETRY_AFTER_MS = 10 * 60_000
 const MAX_TEXT = 300
 const CANCEL_PATH = '/api/v1/calendar/appointments/cancel'
@@ -398,6 +406,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   const cancelPath = `${prefix}${CANCEL_PATH}`
   const gate = options.gate ?? openGate
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES
+  const maxListBodyBytes = options.maxListBodyBytes ?? DEFAULT_MAX_LIST_BODY_BYTES
   const { apiKey, timeoutMs, observe } = options
   let closing: Promise<void> | null = null
   const pool = new Pool(base.origin, {
@@ -433,7 +442,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     function heard (outcome: UpstreamCallOutcome): void {
       observe?.(endpoint, outcome, (performance.now() - started) / 1000)
     }
-    return exchange(pool, request, timeoutMs, maxBodyBytes).then(function answered (answer): T | Promise<T> {
+    return exchange(pool, request, timeoutMs, endpoint === 'list' ? maxListBodyBytes : maxBodyBytes).then(function answered (answer): T | Promise<T> {
       if (answer.status === 429) {
         return rateLimited(answer.headers).catch(function heardRateLimited (error: unknown): never {
           heard('rate_limited')

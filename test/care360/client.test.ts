@@ -316,7 +316,7 @@ t.test('a body that is not JSON is an upstream error', async (t) => {
 })
 
 t.test('a body over the cap is refused, and the pool keeps working', async (t) => {
-  const { sandbox, client } = await setup(t, { maxBodyBytes: 1024 })
+  const { sandbox, client } = await setup(t, { maxBodyBytes: 1024, maxListBodyBytes: 1024 })
   sandbox.control.setFailure({ kind: 'huge', times: 1 })
   t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 })
   // Declared up front this time (content-length), refused before reading.
@@ -326,15 +326,22 @@ t.test('a body over the cap is refused, and the pool keeps working', async (t) =
   t.same((await client.fetchAppointments(DEMO_PATIENTS[2]!.email, CTX)), [])
 })
 
-t.test('the default cap is 64 KiB', async (t) => {
+t.test('the default caps: 64 KiB for a cancel\'s answer, 1 MiB for a list (not paginated: a patient\'s whole list)', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'huge', times: 1 })
   t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_ERROR })
   sandbox.control.setFailure({ kind: 'status', status: 200, body: { data: [], pad: 'x'.repeat(60_000) }, times: 1 })
   t.same(await client.fetchAppointments(ALICE.email, CTX), [])
+  // A patient with six hundred appointments of 1.5 KB each: about 900 KB, all listed.
+  const many = Array.from({ length: 600 }, (_, i) => ({ id: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`, title: 'x'.repeat(1400), start: '2030-01-01T10:00:00.000Z' }))
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { status: 200, success: true, message: 'ok', data: many }, times: 1 })
+  t.equal((await client.fetchAppointments(ALICE.email, CTX)).length, 600)
+  // A cancel's answer of 100 KB is not one.
+  sandbox.control.setFailure({ kind: 'status', status: 200, endpoint: 'cancel', body: { status: 200, success: true, message: 'x'.repeat(100_000) }, times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 200 })
 })
 
-t.test('a streamed body without content-length is capped at exactly maxBodyBytes', async (t) => {
+t.test('a streamed body without content-length is capped at exactly its cap', async (t) => {
   // A plain upstream that streams (chunked, no content-length) a JSON list of exactly `size`
   // bytes: only the running count can refuse it, not the declared length.
   const max = 1024
@@ -356,7 +363,7 @@ t.test('a streamed body without content-length is capped at exactly maxBodyBytes
     upstream.close()
   })
   const { port } = upstream.address() as AddressInfo
-  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxBodyBytes: max })
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxListBodyBytes: max })
   t.teardown(() => client.close())
   for (const over of [max + 1, 2 * max]) {
     size = over
