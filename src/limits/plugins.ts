@@ -90,9 +90,20 @@ function decide (limits: readonly ClientLimit[], hits: readonly CounterHit[], re
  * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
  * a bare 500 rather than silently lifting the limit.
  */
+/**
+ * The orchestrator's probes are neither counted nor refused: they share an address with traffic
+ * (a node's address behind SNAT, a load balancer without TRUST_PROXY), and a liveness probe
+ * answered 429 restarts a healthy replica. They cost no upstream call and no store lookup.
+ */
+const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
+
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
+    if (PROBES.has(request.url)) {
+      done()
+      return
+    }
     const hit = counters.hit(ipKey(request), limit.rate)
     if (isPromise(hit)) {
       hit.then((counted) => { decide(limits, [counted], reply, metrics, done) }, done)
@@ -134,15 +145,23 @@ function metricsOf (app: FastifyInstance): AppMetrics | null {
  */
 export function clientAddress (ip: string): string {
   if (!ip.includes(':')) return ip
-  if (ip.startsWith('::ffff:') && isIPv4(ip.slice(7))) return ip.slice(7)
+  // An X-Forwarded-For entry with the client's port (Azure Application Gateway writes
+  // `203.0.113.7:51234` and `[2001:db8::1]:51234`): one client, whatever connection it used.
+  const v4 = IPV4_WITH_PORT.exec(ip)?.[1]
+  if (v4 !== undefined) return v4
+  const address = BRACKETED_IPV6.exec(ip)?.[1] ?? ip
+  if (address.startsWith('::ffff:') && isIPv4(address.slice(7))) return address.slice(7)
   try {
-    return new Address6(`${ip}/64`).startAddress().correctForm()
+    return new Address6(`${address}/64`).startAddress().correctForm()
   } catch {
     // Not an address: X-Forwarded-For text from a TRUST_PROXY peer, which nobody parsed. It is
     // still one client's key.
-    return ip.toLowerCase()
+    return address.toLowerCase()
   }
 }
+
+const IPV4_WITH_PORT = /^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$/
+const BRACKETED_IPV6 = /^\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?$/
 
 function ipKey (request: FastifyRequest): string {
   const ip = request.ip as string | undefined

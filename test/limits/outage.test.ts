@@ -90,13 +90,13 @@ t.test('a connected Redis that answers errors: /readyz and the state metric say 
   t.equal(await stateOf(), 'redis')
   // Every script now fails (NOPERM) on a connection that stays ready, as OOM or READONLY would.
   await admin.call('ACL', 'SETUSER', 'default', '-evalsha', '-eval')
-  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200, 'limits count in memory: no 5xx')
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200, 'limits count in memory: no 5xx')
   t.equal(app.sharedState.redis?.status, 'ready', 'the connection itself is fine')
   t.equal(await stateOf(), 'degraded')
   t.equal(await metricOf(), 'degraded')
   await admin.call('ACL', 'SETUSER', 'default', '+evalsha', '+eval')
   await sleep(1100)
-  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200)
   t.equal(await stateOf(), 'redis', 'once Redis answers again')
   t.equal(await metricOf(), 'redis')
 })
@@ -106,18 +106,18 @@ t.test('a slow Redis: no request waits past the command bound, then Redis is lef
   const { app } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '50/1m' } })
   const pauser = new Redis(redis.url)
   t.teardown(() => pauser.disconnect())
-  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200, 'warm')
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200, 'warm')
   await pauser.call('CLIENT', 'PAUSE', '800', 'ALL')
   const first = await withStalls(async () => {
     const started = performance.now()
-    const response = await app.inject({ url: '/healthz' })
+    const response = await app.inject({ url: '/auth/me' })
     return { status: response.statusCode, ms: performance.now() - started }
   })
   t.equal(first.result.status, 200)
   t.ok(first.result.ms < 500 + first.stallMs, `answered from memory after the 250 ms bound (${Math.round(first.result.ms)} ms, stalls ${Math.round(first.stallMs)} ms)`)
   const next = await withStalls(async () => {
     const started = performance.now()
-    const response = await app.inject({ url: '/healthz' })
+    const response = await app.inject({ url: '/auth/me' })
     return { status: response.statusCode, ms: performance.now() - started }
   })
   t.equal(next.result.status, 200)
@@ -141,7 +141,7 @@ t.test('Redis killed mid-traffic and restarted: no hang, no 5xx, limits from mem
     while (traffic.running) {
       const at = phase
       const started = performance.now()
-      const response = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(3000) })
+      const response = await fetch(`${base}/auth/me`, { signal: AbortSignal.timeout(3000) })
       await response.arrayBuffer()
       answers.push({ phase: at, status: response.status, ms: performance.now() - started })
       await sleep(5)

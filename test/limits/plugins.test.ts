@@ -117,6 +117,11 @@ t.test('client addresses: IPv4 as it is, also IPv4-mapped; IPv6 by its /64; anyt
   t.equal(clientAddress('2001:DB8:1:2:3:4:5:6'), '2001:db8:1:2::')
   t.equal(clientAddress('::1'), '::')
   t.equal(clientAddress('Not:An:Address'), 'not:an:address')
+  // X-Forwarded-For entries with a port: the same client on every connection.
+  t.equal(clientAddress('203.0.113.7:51234'), '203.0.113.7')
+  t.equal(clientAddress('[2001:DB8:1:2:3:4:5:6]:51234'), '2001:db8:1:2::')
+  t.equal(clientAddress('[2001:db8:1:2::9]'), '2001:db8:1:2::')
+  t.equal(clientAddress('[::ffff:203.0.113.7]:80'), '203.0.113.7')
 })
 
 t.test('exact admission: three app instances sharing one Redis, 300 concurrent requests', async (t) => {
@@ -129,8 +134,7 @@ t.test('exact admission: three app instances sharing one Redis, 300 concurrent r
 
 t.test('the app: every route and the not-found handler are limited per IP, sessions per session', async (t) => {
   const { app, issuer } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '100/1m', RATE_LIMIT_SESSION: '2/1m' } })
-  const health = await app.inject({ url: '/healthz' })
-  t.same(fields(health.headers).policy, { ip: { q: 100, w: 60 } })
+  t.same(fields((await app.inject({ url: '/auth/me' })).headers).policy, { ip: { q: 100, w: 60 } })
   t.same(fields((await app.inject({ url: '/nowhere' })).headers).policy, { ip: { q: 100, w: 60 } })
   t.equal(typeof app.upstreamGate.acquire, 'function')
   const token = await signIn(app, issuer, 'limits@example.com')
@@ -143,6 +147,20 @@ t.test('the app: every route and the not-found handler are limited per IP, sessi
   t.equal(refused.statusCode, 429)
   t.equal(refused.json().code, 'RATE_LIMITED')
   t.notMatch(JSON.stringify(refused.headers), token.slice(0, 16), 'no session token in any field')
+})
+
+t.test('the probes are neither counted nor refused: a liveness probe answered 429 would restart a healthy replica', async (t) => {
+  const { app } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })
+  for (let i = 0; i < 5; i++) {
+    for (const url of ['/healthz', '/readyz']) {
+      const probe = await app.inject({ url })
+      t.equal(probe.statusCode, 200, `${url} #${i + 1}`)
+      t.equal(probe.headers.ratelimit, undefined)
+    }
+  }
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200, 'and they spent none of the address\'s requests')
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/auth/me' })).statusCode, 429)
 })
 
 t.test('X-Forwarded-For counts only from a trusted proxy', async (t) => {
