@@ -47,9 +47,16 @@ export interface SingleFlight {
   runOnce: (scope: string, fingerprint: string, run: Run, log?: WarnLog) => Promise<SingleFlightResult>
 }
 
+/**
+ * The longest Retry-After of a 409 (ms). The in-flight marker lives for the longest a request can
+ * take (three upstream deadlines and a margin: 17 s by default), a bound for a replica that died
+ * holding it; the request itself usually answers within a second, and its answer is then replayed.
+ */
+export const IN_FLIGHT_RETRY_MAX_MS = 2000
+
 export function inFlightError (retryAfterMs: number, message = 'An identical request is still in progress; retry later'): ApiError {
   return new ApiError(409, ErrorCode.IDEMPOTENCY_IN_FLIGHT, message, {
-    headers: { 'Retry-After': String(Math.max(1, Math.ceil(retryAfterMs / 1000))) }
+    headers: { 'Retry-After': String(Math.max(1, Math.ceil(Math.min(retryAfterMs, IN_FLIGHT_RETRY_MAX_MS) / 1000))) }
   })
 }
 

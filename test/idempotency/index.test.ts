@@ -109,7 +109,8 @@ for (const [name, makeStore] of stores) {
     const error = await rejection(idem.handle(input(cancel)))
     t.equal(error.statusCode, 409)
     t.equal(error.code, ErrorCode.IDEMPOTENCY_IN_FLIGHT)
-    t.match(error.headers, { 'Retry-After': /^[1-9][0-9]*$/ })
+    // Soon (the first usually answers within a second), not the marker's whole lifetime (17 s).
+    t.match(error.headers, { 'Retry-After': /^[12]$/ })
     gate.resolve()
     t.equal((await first).answer.statusCode, 200)
     t.equal(cancel.runs(), 1)
