@@ -84,5 +84,8 @@ export function ok<T> (data: T, message = 'OK', status = 200): { status: number,
   return { status, success: true, message, data }
 }
 
+/** A 401's challenge (RFC 9110, 15.5.2: a 401 carries one), for the mobile app's bearer token (RFC 6750). */
+export const BEARER_CHALLENGE = { 'www-authenticate': 'Bearer' }
+
 export const sessionRequired = (): ApiError =>
-  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'A valid session is required')
+  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'A valid session is required', { headers: BEARER_CHALLENGE })

@@ -1,7 +1,7 @@
 import { hash } from 'node:crypto'
 import { errors, jwtVerify, type JWTPayload } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
-import { ApiError, ErrorCode } from '../errors.js'
+import { ApiError, BEARER_CHALLENGE, ErrorCode } from '../errors.js'
 import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from './key-set.js'
 import type { ReplayGuard } from '../web/replay-guard.js'
 import type { LogoutMarks } from './logout-marks.js'
@@ -86,8 +86,18 @@ export const MAX_ID_TOKEN_LENGTH = 8192
 /** Token types that are JWTs but not ID tokens: an access or logout token is no sign-in. */
 const FOREIGN_TYPES = new Set(['at+jwt', 'application/at+jwt', 'logout+jwt', 'application/logout+jwt'])
 
+/**
+ * The one refusal whose reason the patient can act on, told once the token is known to be the
+ * identity provider's (its signature and claims checked): every other says only that the token
+ * was refused, never which claim.
+ */
+const UNVERIFIED_EMAIL = 'Your email address is not verified with your sign-in provider: verify it there, then sign in again'
+
 export const invalidIdToken = (cause?: unknown): ApiError =>
-  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'Invalid ID token', cause === undefined ? {} : { cause })
+  new ApiError(401, ErrorCode.SESSION_REQUIRED, cause instanceof Rejected && cause.reason === 'email_verified' ? UNVERIFIED_EMAIL : 'Invalid ID token', {
+    headers: BEARER_CHALLENGE,
+    ...(cause === undefined ? {} : { cause })
+  })
 
 export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdTokenVerifier {
   const clockToleranceSec = options.clockToleranceSec ?? 30

@@ -59,7 +59,7 @@ t.test('auth_time, when present, is what must be recent', async (t) => {
   t.ok(await verifier.verify(await issuer.sign({ iat: nowSec - 620 })), 'just over 10 minutes, within the clock tolerance')
 })
 
-t.test('refuses every kind of bad token with the same 401', async (t) => {
+t.test('refuses every kind of bad token with the same 401 (an unverified email told as such)', async (t) => {
   const issuer = await startIssuer(t)
   const debug: Array<Record<string, unknown>> = []
   // With the service's redaction paths, as app.log has them.
@@ -97,7 +97,9 @@ t.test('refuses every kind of bad token with the same 401', async (t) => {
   for (const [name, tokenOrPromise] of cases) {
     const error = await refusal(verifier.verify(await tokenOrPromise))
     t.ok(error instanceof ApiError, name)
-    t.match(error, { statusCode: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' }, name)
+    // The same for every check but the one a patient can act on (an email not verified).
+    const message = /^(unverified email|email_verified as a string)$/.test(name) ? /not verified with your sign-in provider/ : 'Invalid ID token'
+    t.match(error, { statusCode: 401, code: 'SESSION_REQUIRED', message, headers: { 'www-authenticate': 'Bearer' } }, name)
   }
   t.ok(debug.length > 0)
   for (const line of debug) {

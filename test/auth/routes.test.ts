@@ -65,7 +65,11 @@ t.test('every bad ID token: 401 SESSION_REQUIRED and no session', async (t) => {
   for (const [name, idToken] of cases) {
     const response = await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
     expect401(t, response, name)
-    t.equal(response.json().message, 'Invalid ID token', `${name}: the same message for every check`)
+    t.equal(response.headers['www-authenticate'], 'Bearer', `${name}: a 401 carries its challenge (RFC 9110)`)
+    // Which check failed is never told, but for the one the patient can act on, once the token is
+    // known to be the provider's: an unverified email.
+    if (name === 'unverified email') t.match(response.json().message, /not verified with your sign-in provider/, name)
+    else t.equal(response.json().message, 'Invalid ID token', `${name}: the same message for every other check`)
   }
   t.equal(issuer.hits.jwks - jwksBefore, 2, 'one fetch plus the one refresh for the unknown kid')
   const sessions = app.sessions as unknown as { size: number }

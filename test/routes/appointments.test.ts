@@ -132,6 +132,7 @@ t.test('no session, an unknown or a malformed one: 401 and no upstream call', as
   const none = await app.inject({ method: 'POST', url: `/appointments/${aliceFirst.id}/cancel` })
   t.equal(none.statusCode, 401)
   t.match(none.json(), { code: 'SESSION_REQUIRED' })
+  t.equal(none.headers['www-authenticate'], 'Bearer', 'a 401 carries its challenge (RFC 9110, 15.5.2)')
   for (const token of ['x', 'A'.repeat(43)]) {
     t.equal((await cancel(token, aliceFirst.id)).statusCode, 401)
   }
