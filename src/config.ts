@@ -69,6 +69,14 @@ const Duration = (description: string, max: string) =>
     if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
     return ms
   })
+/** A Duration where 0 (any unit, or none: what Helm charts template for "off") means none. */
+const OptionalDelay = (description: string, max: string) =>
+  Type.Decode(Type.String({ pattern: `^0(ms|s|m|h|d)?$|${DURATION}`, description }), (value) => {
+    if (/^0[a-z]*$/.test(value)) return 0
+    const ms = parseDuration(value)
+    if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
+    return ms
+  })
 const RateSpec = (description: string) =>
   Type.Decode(Type.String({ pattern: RATE, description }), (value) => {
     const rate = parseRate(value)
@@ -137,6 +145,61 @@ const AddressList = (description: string) =>
     return entries
   })
 
+/**
+ * The highest database number accepted in REDIS_URL's path. Redis has 16 (0 to 15) unless its
+ * `databases` setting says more; a number past the server's is only seen at connection (an error
+ * line, the SELECT fails and the connection stays on database 0).
+ */
+const MAX_REDIS_DB = 1_000_000
+/** The one query parameter accepted (ioredis takes every parameter as a client option: see RedisUrl). */
+const REDIS_FAMILIES = new Set(['0', '4', '6'])
+
+/**
+ * The problem with a Redis URL, or null: said without quoting any part of it, since the URL may
+ * carry a password. ioredis 5.11 parses it as here (WHATWG `new URL`, then `decodeURIComponent` of
+ * the user name and password), so a URL accepted here is the one it connects with; one it cannot
+ * parse would instead throw at start-up with the URL, password and all, in the stack trace. It
+ * takes the path as the database number (SELECT NaN on `/abc` crashed the process once listening),
+ * and every query parameter as a client option, overriding those of createSharedState, so none is
+ * accepted but `family`. TLS follows only the literal lowercase `rediss://` (the schema's pattern).
+ */
+export function redisUrlProblem (value: string): string | null {
+  let url: URL
+  try {
+    url = new URL(value)
+  } catch {
+    return 'not a URL: percent-encode reserved characters of the user name and password (such as @ : / ? # %), and give a port from 1 to 65535'
+  }
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') return 'must start with redis:// or rediss://'
+  if (url.hostname === '') return 'no host'
+  // `new URL` refuses a port above 65535 and writes :00 as 0.
+  if (url.port === '0') return 'the port must be from 1 to 65535'
+  // Only a fragment can hold a # of a URL that parses; ioredis would drop it and what follows.
+  if (value.includes('#')) return 'a fragment (#) is not accepted; percent-encode # in the password as %23'
+  const db = /^\/([0-9]{1,7})$/.exec(url.pathname)?.[1]
+  if (url.pathname !== '' && url.pathname !== '/' && (db === undefined || Number(db) > MAX_REDIS_DB)) {
+    return `the path must be empty or /<database number> (digits, at most ${MAX_REDIS_DB}); percent-encode / in the password as %2F`
+  }
+  const query = [...url.searchParams]
+  if (query.length > 1 || query.some(([key, family]) => key !== 'family' || !REDIS_FAMILIES.has(family))) {
+    return 'the only query parameter accepted is family (0, 4 or 6), once; percent-encode ? in the password as %3F'
+  }
+  for (const [part, text] of [['user name', url.username], ['password', url.password]] as const) {
+    try {
+      decodeURIComponent(text)
+    } catch {
+      return `the ${part} holds a % that is not a valid percent-escape (write % itself as %25)`
+    }
+  }
+  return null
+}
+const RedisUrl = (description: string) =>
+  Type.Decode(Type.String({ pattern: '^rediss?://', description }), (value) => {
+    const problem = redisUrlProblem(value)
+    if (problem !== null) throw new Error(problem)
+    return value
+  })
+
 const API_KEY_SYNTAX = /^[\x21-\x7e]+$/
 const SERVICE_SECRET_SYNTAX = /^[\x21-\x7e]{32,}$/
 
@@ -157,7 +220,7 @@ export const EnvSchema = Type.Object({
   HOST: Type.Optional(ListenHost('listen address')),
   PORT: Type.Optional(Port('listen port', false)),
   METRICS_PORT: Type.Optional(Port('Prometheus port, 0 disables', true)),
-  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://', description: 'redis:// or rediss:// URL' })),
+  REDIS_URL: Type.Optional(RedisUrl('redis:// or rediss:// URL')),
   OIDC_ISSUER: SecureUrl('the patient identity provider'),
   OIDC_CLIENT_ID: Type.Optional(Type.String({ minLength: 1 })),
   OIDC_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 1 })),
@@ -178,7 +241,7 @@ export const EnvSchema = Type.Object({
   LOG_LEVEL: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)))),
   // Not in the contract's table (the team's addition): at SIGTERM, how long to stay unready
   // (serving, /readyz 503) before the listener closes (app.ts, shutDown).
-  SHUTDOWN_DELAY: Type.Optional(Duration('time unready before the listener closes at shutdown, e.g. 5s', MAX_SHUTDOWN_DELAY))
+  SHUTDOWN_DELAY: Type.Optional(OptionalDelay('time unready before the listener closes at shutdown, e.g. 5s; 0 for none', MAX_SHUTDOWN_DELAY))
 })
 
 export type Env = StaticDecode<typeof EnvSchema>

@@ -3,7 +3,8 @@ import { spawnSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { CARE360_ORIGINS, ConfigError, EnvSchema, isLoopbackHost, loadConfig, parseDuration, parseRate } from '../src/config.js'
+import { Redis } from 'ioredis'
+import { CARE360_ORIGINS, ConfigError, EnvSchema, isLoopbackHost, loadConfig, parseDuration, parseRate, redisUrlProblem } from '../src/config.js'
 
 const base = { CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' }
 
@@ -88,6 +89,18 @@ t.test('every variable read and decoded', async (t) => {
   t.same(refusal({ ...base, SHUTDOWN_DELAY: '5' }).variables, ['SHUTDOWN_DELAY'])
 })
 
+t.test('SHUTDOWN_DELAY: 0 (any zero duration) means none, as unset', async (t) => {
+  for (const zero of ['0', '0s', '0ms', '0m', '0h', '0d']) {
+    t.equal(loadConfig({ ...base, SHUTDOWN_DELAY: zero }).shutdownDelayMs, 0, zero)
+  }
+  t.equal(loadConfig({ ...base, SHUTDOWN_DELAY: '1m' }).shutdownDelayMs, 60_000, 'the bound itself')
+  t.equal(loadConfig({ ...base, SHUTDOWN_DELAY: '250ms' }).shutdownDelayMs, 250)
+  for (const bad of ['61s', '00', '0x', '-0', '0 s', '01s', '5']) {
+    t.same(refusal({ ...base, SHUTDOWN_DELAY: bad }).variables, ['SHUTDOWN_DELAY'], bad)
+  }
+  t.match(refusal({ ...base, SHUTDOWN_DELAY: '61s' }).message, 'at most 1m')
+})
+
 t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) => {
   t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://127.0.0.1:4010/' }).care360.baseUrl, 'http://127.0.0.1:4010')
   t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://localhost:4010' }).care360.baseUrl, 'http://localhost:4010')
@@ -95,6 +108,98 @@ t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) =>
   t.equal(loadConfig({ ...base, CV_ENV: 'production', CV_BASE_URL: 'https://care360.internal' }).care360.baseUrl, 'https://care360.internal')
   for (const bad of ['http://10.0.0.1:4010', 'http://example.com', 'ftp://127.0.0.1', 'not a url', 'https://user:pw@example.com', 'http://127.0.0.1.evil.com']) {
     t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
+  }
+})
+
+t.test('REDIS_URL: what ioredis would fail on stops start-up, naming the part, never quoting the URL', async (t) => {
+  // Each of these passed the old `^rediss?://` check: ioredis then threw at start-up with the URL
+  // (password and all) in the stack trace, or, for a path that is not a number, sent SELECT NaN
+  // and killed the process once it was listening.
+  const cases: Array<[string, string | RegExp, string[]]> = [
+    ['redis://default:SuperSecretPw@127.0.0.1:99999', 'port from 1 to 65535', ['SuperSecretPw', 'default']],
+    ['redis://:pa#ss@127.0.0.1:6560', 'percent-encode', ['pa#ss', ':pa', '6560']],
+    ['redis://:pa/ss@127.0.0.1:6560', 'percent-encode', ['pa/ss', 'ss@']],
+    ['redis://:pa?ss@127.0.0.1:6560', 'percent-encode', ['pa?ss']],
+    ['redis://:Super%ZZ@cache.internal', 'password holds a %', ['Super', '%ZZ', 'cache.internal']],
+    ['redis://Us%E0er:pw@cache.internal', 'user name holds a %', ['Us', 'E0er']],
+    ['redis://127.0.0.1:6560/abc', 'the path must be empty or /<database number>', ['abc']],
+    ['redis://127.0.0.1:6560/-1', 'the path must be empty or /<database number>', []],
+    ['redis://127.0.0.1:6560/1000001', 'at most 1000000', ['1000001']],
+    ['redis://127.0.0.1:6560/0/', 'the path must be empty', []],
+    ['redis://127.0.0.1:6560/%31', 'the path must be empty', ['%31']],
+    // A # or / that ends the authority early: what follows would be a fragment or a path.
+    ['redis://admin:4242#Secret9@cache.internal', 'fragment (#)', ['Secret9', 'admin', '4242']],
+    ['redis://admin:4242/Secret9@cache.internal', 'the path must be empty', ['Secret9', 'admin']],
+    ['redis://cache.internal:6379#', 'fragment (#)', []],
+    ['redis://cache.internal:0', 'port must be from 1 to 65535', []],
+    ['redis://cache.internal:000', 'port must be from 1 to 65535', []],
+    ['redis://:SecretPw@/0', 'not a URL', ['SecretPw']],
+    ['redis:///var/run/redis.sock', 'no host', ['redis.sock']],
+    // Every query parameter becomes a client option of ioredis, overriding createSharedState's.
+    ['redis://cache.internal?password=QuerySecret', 'the only query parameter accepted is family', ['QuerySecret']],
+    ['redis://cache.internal?enableOfflineQueue=true', 'family (0, 4 or 6)', ['enableOfflineQueue']],
+    ['rediss://cache.internal?tls=RedisCloudFixed', 'family', ['RedisCloudFixed']],
+    ['redis://cache.internal?db=4', 'family', []],
+    ['redis://cache.internal?family=5', 'family', []],
+    ['redis://cache.internal?family=6&family=4', 'family', []],
+    ['redis://cache.internal:6379 with spaces', 'not a URL', ['spaces']]
+  ]
+  for (const [url, part, secrets] of cases) {
+    const error = refusal({ ...base, REDIS_URL: url })
+    t.same(error.variables, ['REDIS_URL'], url)
+    const lines = error.message.split('\n').filter((line) => line.includes('REDIS_URL'))
+    t.equal(lines.length, 1, `one line: ${url}`)
+    t.match(lines[0], /^ {2}REDIS_URL: is invalid \(/, url)
+    t.match(error.message, part, url)
+    t.notOk(error.message.includes(url), `the URL is not quoted: ${url}`)
+    for (const secret of secrets) t.notOk(error.message.includes(secret), `${secret} not in the message of ${url}`)
+  }
+  // The operator's case, verbatim: the password appears nowhere in the message.
+  const leaked = refusal({ ...base, REDIS_URL: 'redis://default:SuperSecretPw@127.0.0.1:99999' })
+  t.notMatch(leaked.message, /SuperSecret/i)
+  // Upper case would parse, but ioredis turns TLS on only for the literal `rediss://`.
+  for (const bad of ['REDISS://cache.internal', 'Redis://cache.internal', ' redis://cache.internal', 'cache.internal:6379']) {
+    t.same(refusal({ ...base, REDIS_URL: bad }).variables, ['REDIS_URL'], bad)
+  }
+  t.equal(redisUrlProblem('http://cache.internal'), 'must start with redis:// or rediss://', 'the scheme, for a caller without the schema')
+  t.equal(redisUrlProblem('redis://cache.internal'), null)
+})
+
+t.test('REDIS_URL: the server refuses to start with one line, no stack trace, no password', async (t) => {
+  // The operator's run: this URL used to crash start-up inside ioredis with the URL in the trace.
+  const run = spawnSync(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    env: { ...base, HOST: '127.0.0.1', PORT: '1', METRICS_PORT: '0', REDIS_URL: 'redis://default:SuperSecretPw@127.0.0.1:99999' },
+    encoding: 'utf8',
+    timeout: 30_000
+  })
+  t.equal(run.status, 1)
+  t.equal(run.stdout, '')
+  t.notMatch(run.stderr, /SuperSecret/i)
+  t.same(run.stderr.trimEnd().split('\n'), ['Invalid configuration:', run.stderr.split('\n')[1]])
+  t.match(run.stderr.split('\n')[1], /^ {2}REDIS_URL: is invalid \(/)
+})
+
+t.test('REDIS_URL: what is accepted reaches ioredis as written (password, ACL user, database, TLS)', async (t) => {
+  const cases: Array<[string, { host: string, port: number, db: number, username: string | null, password: string | null, tls: boolean, family?: number }]> = [
+    ['redis://127.0.0.1:6379', { host: '127.0.0.1', port: 6379, db: 0, username: null, password: null, tls: false }],
+    ['redis://cache.internal', { host: 'cache.internal', port: 6379, db: 0, username: null, password: null, tls: false }],
+    ['redis://cache.internal/', { host: 'cache.internal', port: 6379, db: 0, username: null, password: null, tls: false }],
+    ['redis://:pw@cache.internal:6380/3', { host: 'cache.internal', port: 6380, db: 3, username: '', password: 'pw', tls: false }],
+    ['redis://bff:s3cret@cache.internal:6379/0', { host: 'cache.internal', port: 6379, db: 0, username: 'bff', password: 's3cret', tls: false }],
+    // Reserved characters percent-encoded: @ / # ? : % and a space.
+    ['redis://bff:p%40ss%2Fw%23o%3Fr%3Ad%25%20x@cache.internal:6379/15', { host: 'cache.internal', port: 6379, db: 15, username: 'bff', password: 'p@ss/w#o?r:d% x', tls: false }],
+    // An @ in the password also works unencoded (the last @ ends the user info).
+    ['redis://:p@ss@cache.internal', { host: 'cache.internal', port: 6379, db: 0, username: '', password: 'p@ss', tls: false }],
+    ['rediss://bff:pw@redis.example.com:6380/1000000', { host: 'redis.example.com', port: 6380, db: 1_000_000, username: 'bff', password: 'pw', tls: true }],
+    ['redis://[::1]:6379/2', { host: '::1', port: 6379, db: 2, username: null, password: null, tls: false }],
+    ['redis://cache.internal:6379/1?family=6', { host: 'cache.internal', port: 6379, db: 1, username: null, password: null, tls: false, family: 6 }]
+  ]
+  for (const [url, want] of cases) {
+    t.equal(loadConfig({ ...base, REDIS_URL: url }).redisUrl, url, `accepted: ${url}`)
+    const client = new Redis(url, { lazyConnect: true })
+    const { host, port, db, username, password, tls, family } = client.options
+    client.disconnect()
+    t.same({ host, port, db, username, password, tls: tls !== undefined && tls !== null && (tls as unknown) !== false, ...(want.family === undefined ? {} : { family }) }, want, `as ioredis reads it: ${url}`)
   }
 })
 
