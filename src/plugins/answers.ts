@@ -110,7 +110,10 @@ async function answers (app: FastifyInstance): Promise<void> {
       return reply.code(500).send(INTERNAL)
     }
     if (apiError.statusCode >= 500) {
-      request.log.warn({ err: { code: apiError.code, cause: causeSummary(apiError.cause) } }, apiError.message)
+      // The org key refused is the operator's to mend, at once: an error, where an upstream's own
+      // failure (it comes and goes) is a warning.
+      const level = apiError.code === ErrorCode.UPSTREAM_AUTH_FAILED ? 'error' : 'warn'
+      request.log[level]({ err: { code: apiError.code, cause: causeSummary(apiError.cause) } }, apiError.message)
     }
     return sendError(reply, apiError)
   })

@@ -129,3 +129,15 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(expectation, /x-request-id: [0-9a-f-]{36}/)
   t.match(expectation, /"status":417,"success":false/)
 })
+
+t.test('our key refused upstream is an error line for the operator; an upstream failure a warning', async (t) => {
+  const lines: Array<{ level: number, msg: string }> = []
+  const instance = await buildApp({ ...config, logLevel: 'info' }, { logStream: { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } } })
+  instance.get('/key-refused', async () => { throw new ApiError(502, ErrorCode.UPSTREAM_AUTH_FAILED, 'The key was refused') })
+  instance.get('/upstream-down', async () => { throw new ApiError(502, ErrorCode.UPSTREAM_ERROR, 'The upstream failed') })
+  t.teardown(() => instance.close())
+  await instance.inject({ url: '/key-refused' })
+  await instance.inject({ url: '/upstream-down' })
+  t.equal(lines.find((line) => line.msg === 'The key was refused')?.level, 50, 'error')
+  t.equal(lines.find((line) => line.msg === 'The upstream failed')?.level, 40, 'warn')
+})
