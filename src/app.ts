@@ -72,7 +72,7 @@ function drainOnClose (app: FastifyInstance): void {
         // after an answer was closed when the shutdown began; one that never sent a byte is
         // still here). The same answer as Node's own headersTimeout gives both.
         if (pendingResponse(socket) == null) {
-          clientErrorAnswer(Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
+          clientErrorAnswer.call(app, Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
         }
       }
     }, app.server.headersTimeout).unref()

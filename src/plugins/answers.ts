@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { ApiError, ErrorCode, errorEnvelope, type ErrorEnvelope } from '../errors.js'
 
 /**
@@ -227,16 +227,16 @@ const answering = new WeakSet<Socket>()
  *   request's), with the pipelined request's id when its headers parsed;
  * - otherwise (a request whose headers never parsed), a new id.
  */
-export function clientErrorAnswer (error: NodeJS.ErrnoException, socket: Socket): void {
+export function clientErrorAnswer (this: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket): void {
   // llhttp stays in its error state: Node reports every later chunk of the connection again.
   if (answering.has(socket)) return
   answering.add(socket)
   // The connection's latest request while its body is incomplete: the error is in that body.
   const last = lastRequest.get(socket)
-  settleParserError(error, socket, last !== undefined && !last.req.complete ? last : null, null)
+  settleParserError(this.log, error, socket, last !== undefined && !last.req.complete ? last : null, null)
 }
 
-function settleParserError (error: NodeJS.ErrnoException, socket: Socket, broken: { req: IncomingMessage, id: string } | null, after: ServerResponse | null): void {
+function settleParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException, socket: Socket, broken: { req: IncomingMessage, id: string } | null, after: ServerResponse | null): void {
   if (!socket.writable) {
     socket.destroy()
     return
@@ -245,12 +245,12 @@ function settleParserError (error: NodeJS.ErrnoException, socket: Socket, broken
   if (pending == null || pending === after) {
     // No answer pending: the broken request had its answer already (a hook refused it before its
     // body arrived), and a second would answer nothing the client asked; or no request parsed.
-    if (broken === null) answerParserError(error, socket, randomUUID())
+    if (broken === null) answerParserError(log, error, socket, randomUUID())
     else socket.end()
     return
   }
   if (pending.req === broken?.req && !pending.headersSent) {
-    answerParserError(error, socket, broken.id)
+    answerParserError(log, error, socket, broken.id)
     return
   }
   // An answer goes first: one being written, the broken request's own (then the connection
@@ -258,14 +258,16 @@ function settleParserError (error: NodeJS.ErrnoException, socket: Socket, broken
   // as it finishes, before this listener runs).
   pending.once('finish', () => {
     if (pending.req === broken?.req) socket.end()
-    else settleParserError(error, socket, broken, pending)
+    else settleParserError(log, error, socket, broken, pending)
   })
   pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
 }
 
-function answerParserError (error: NodeJS.ErrnoException, socket: Socket, id: string): void {
+function answerParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
+  // Its access line: Fastify never saw the request (its parser's error code only, no client text).
+  log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.BAD_REQUEST, parserError: error.code }, 'request refused by the HTTP parser')
   const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`

@@ -231,6 +231,13 @@ t.test('abuse on real sockets', async (t) => {
     t.ok(Date.now() - startedAt < 15_000, 'within the suite\'s bound')
   })
 
+  await t.test('a request the HTTP parser refused has its access line, with its id and the parser\'s code', async (t) => {
+    const refused = lines.filter((line) => line.includes('request refused by the HTTP parser')).map((line) => JSON.parse(line) as { level: number, reqId: string, res: { statusCode: number }, code: string, parserError: string })
+    t.ok(refused.some((line) => line.reqId === 'broken-body-1' && line.res.statusCode === 400 && line.parserError === 'HPE_INVALID_CHUNK_SIZE'), 'the broken body')
+    t.ok(refused.some((line) => line.res.statusCode === 431 && line.parserError === 'HPE_HEADER_OVERFLOW'), 'the oversized headers')
+    t.ok(refused.every((line) => line.level === 30 && line.code === 'BAD_REQUEST'))
+  })
+
   await t.test('no log line carries the key, the token, the email or the reason', async (t) => {
     scanLogs(t, lines, { 'API key': SANDBOX_KEY, 'session token': token, email: alice.email, reason })
   })
