@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import swagger from '@fastify/swagger'
 import type { FastifyInstance, RouteOptions } from 'fastify'
+import { PROBES } from './limits/plugins.js'
 import { ErrorCode, ErrorEnvelope } from './errors.js'
 
 /**
@@ -44,10 +45,6 @@ function codesFor (status: number, url: string): Array<[ErrorCode, string]> {
 }
 
 const RETRY_AFTER = { type: 'integer', minimum: 0, description: 'Seconds to wait before trying again' }
-const RATE_LIMIT_HEADERS = {
-  'ratelimit-policy': { type: 'string', description: 'draft-ietf-httpapi-ratelimit-headers, e.g. `"session";q=60;w=60`' },
-  ratelimit: { type: 'string', description: 'draft-ietf-httpapi-ratelimit-headers, e.g. `"session";r=12;t=21`' }
-}
 
 /** One error answer: the shared envelope, its codes listed in the description and as an enum. */
 function errorAnswer (status: number, url: string): Record<string, unknown> {
@@ -59,8 +56,10 @@ function errorAnswer (status: number, url: string): Record<string, unknown> {
       { type: 'object', properties: { code: { type: 'string', enum: codes.map(([code]) => code) } } }
     ]
   }
-  if (status === 429) answer.headers = { 'retry-after': RETRY_AFTER, ...RATE_LIMIT_HEADERS }
-  if (status === 503) answer.headers = { 'retry-after': RETRY_AFTER }
+  // The per-client limits, the upstream's cooldown and the org budget (429); an Idempotency-Key, or
+  // an identical cancel, still in flight (409); the session store, the identity provider or the
+  // idempotency store unreachable (503). The RateLimit fields: answerHeaders.
+  if (status === 429 || status === 409 || status === 503) answer.headers = { 'retry-after': RETRY_AFTER }
   return answer
 }
 
@@ -86,13 +85,19 @@ function endedSignOut (): Record<string, unknown> {
 
 type AuthMode = 'required' | 'optional' | undefined
 
+/**
+ * The orchestrator's probes, which the per-IP limit neither counts nor refuses: no 429, no
+ * RateLimit fields. Every other route is limited per IP.
+ */
+const UNLIMITED_PATHS = PROBES
+
 /** Error statuses every route of this kind can answer, beyond those it declares itself. */
 function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   if ((route.config as { failsByRedirect?: boolean } | undefined)?.failsByRedirect === true) return []
   const methods = ([] as string[]).concat(route.method)
   const changesState = methods.some((method) => !['GET', 'HEAD', 'OPTIONS'].includes(method))
-  // The per-IP limit applies to every route, before anything else.
-  const statuses = [429]
+  // The per-IP limit applies to every route but the probes, before anything else.
+  const statuses = UNLIMITED_PATHS.has(route.url) ? [] : [429]
   if (auth === 'required') statuses.push(401)
   if (auth !== undefined) statuses.push(503)
   // CSRF applies to every state-changing request that a session cookie authenticates.
@@ -147,11 +152,83 @@ function requestHeaders (route: RouteOptions, auth: AuthMode): Record<string, un
 }
 
 /**
+ * Answer headers shared by many answers, described once (`components.headers`) and referenced
+ * from each answer that carries them.
+ */
+type SharedHeader = 'RequestId' | 'RateLimitPolicy' | 'RateLimit' | 'IdempotentReplayed'
+const ANSWER_HEADERS: Record<SharedHeader, { description: string, required?: boolean, schema: { type: 'string', pattern?: string, enum?: string[] } }> = {
+  RequestId: {
+    description: "This request's id: the caller's `X-Request-Id` when it matches `^[A-Za-z0-9._:-]{1,128}$`, else one generated here. Sent on every answer, passed to Care360, and in our logs: quote it when reporting a problem",
+    required: true,
+    schema: { type: 'string', pattern: '^[A-Za-z0-9._:-]{1,128}$' }
+  },
+  RateLimitPolicy: {
+    description: 'The per-client limits that applied to this request (draft-ietf-httpapi-ratelimit-headers-10), one item each, in order: `"ip"` (RATE_LIMIT_IP, every request but `/healthz` and `/readyz`), `"session"` (RATE_LIMIT_SESSION) when it came with a valid session, `"cancel"` (RATE_LIMIT_CANCEL) on the cancel route; an item per limit up to the one that refused it, if one did. `q` is the quota, `w` the window in seconds, e.g. `"ip";q=300;w=60, "session";q=60;w=60`. On every answer except a request refused before routing (a malformed URL, a path parameter over 256 characters, HTTP/1.1 without Host)',
+    schema: { type: 'string' }
+  },
+  RateLimit: {
+    description: 'What is left of each limit of `RateLimit-Policy`, in the same order (draft-ietf-httpapi-ratelimit-headers-10): `r` the requests remaining, `t` the seconds until its window resets, e.g. `"ip";r=299;t=60, "session";r=12;t=21`. Sent with `RateLimit-Policy`',
+    schema: { type: 'string' }
+  },
+  IdempotentReplayed: {
+    description: '`true` when this answer is the stored answer of an earlier cancel with the same Idempotency-Key, replayed without calling Care360 again (its status and body are the first answer\'s: a 200, or an error decided once the cancel could run: `UPSTREAM_REJECTED`, `APPOINTMENT_NOT_FOUND`, `UPSTREAM_AUTH_FAILED`, `UPSTREAM_ERROR`). Absent on any other answer',
+    schema: { type: 'string', enum: ['true'] }
+  }
+}
+
+const headerRef = (name: SharedHeader): { $ref: string } => ({ $ref: `#/components/headers/${name}` })
+
+/** The cancel's answers an Idempotency-Key can replay: its 200, and the errors stored for the key (idempotency/settle.ts). */
+const REPLAYED_CODES: ErrorCode[] = [ErrorCode.UPSTREAM_REJECTED, ErrorCode.APPOINTMENT_NOT_FOUND, ErrorCode.UPSTREAM_AUTH_FAILED, ErrorCode.UPSTREAM_ERROR]
+const CANCEL_PATH = '/appointments/{id}/cancel'
+
+function isReplayed (path: string, method: string, status: number): boolean {
+  if (path !== CANCEL_PATH || method !== 'post') return false
+  return status === 200 || codesFor(status, '/appointments/:id/cancel').some(([code]) => REPLAYED_CODES.includes(code))
+}
+
+/** The sign-in redirects' `Location`, and the `Retry-After` of the per-IP limit's refusal turned into one. */
+const REDIRECT_HEADERS = {
+  location: { description: 'Where the browser goes next: the identity provider, `returnTo` on the web app, or the web app with `signin_error=<reason>`', required: true, schema: { type: 'string', format: 'uri' } },
+  'retry-after': { description: 'Only on a redirect with `signin_error=rate_limited`: seconds until the per-IP limit takes a new request', schema: { type: 'integer', minimum: 0 } }
+}
+
+/** Every 401's challenge (errors.ts, BEARER_CHALLENGE). */
+const CHALLENGE = {
+  'www-authenticate': { description: 'The challenge of every 401 (RFC 9110, 15.5.2): `Bearer`, the session token of `POST /auth/session` (RFC 6750); web sessions sign in again through `/auth/login`', required: true, schema: { type: 'string', enum: ['Bearer'] } }
+}
+
+type Answer = { headers?: Record<string, unknown> }
+type Paths = Record<string, Record<string, { responses?: Record<string, Answer>, requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown[] } }> } }>>
+
+/**
+ * The headers the hooks write rather than a route: `x-request-id` (plugins/answers.ts) on every
+ * answer, the RateLimit fields (limits/plugins.ts) on every answer of a limited route;
+ * `idempotent-replayed` on the cancel's answers that can be replays; `Location` on redirects;
+ * `WWW-Authenticate` on 401s.
+ */
+function answerHeaders (paths: Paths): void {
+  for (const [path, operations] of Object.entries(paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      for (const [status, answer] of Object.entries(operation.responses ?? {})) {
+        answer.headers = {
+          ...answer.headers,
+          ...(status === '302' ? REDIRECT_HEADERS : {}),
+          ...(status === '401' ? CHALLENGE : {}),
+          'x-request-id': headerRef('RequestId'),
+          ...(UNLIMITED_PATHS.has(path) ? {} : { 'ratelimit-policy': headerRef('RateLimitPolicy'), ratelimit: headerRef('RateLimit') }),
+          ...(isReplayed(path, method, Number(status)) ? { 'idempotent-replayed': headerRef('IdempotentReplayed') } : {})
+        }
+      }
+    }
+  }
+}
+
+/**
  * A JSON body whose every field is optional may be left out altogether (the cancel's reason):
  * the generator marks every request body required, the routes accept none.
  */
-function optionalBodies ({ openapiObject }: { openapiObject: Record<string, unknown> }): Record<string, unknown> {
-  const paths = openapiObject.paths as Record<string, Record<string, { requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown[] } }> } }>>
+function optionalBodies (paths: Paths): void {
   for (const operations of Object.values(paths)) {
     for (const operation of Object.values(operations)) {
       const body = operation.requestBody
@@ -159,6 +236,13 @@ function optionalBodies ({ openapiObject }: { openapiObject: Record<string, unkn
       if (body !== undefined && schema !== undefined && (schema.required ?? []).length === 0) body.required = false
     }
   }
+}
+
+/** The whole document, once generated: what no single route's schema can say. */
+function finishDocument ({ openapiObject }: { openapiObject: Record<string, unknown> }): Record<string, unknown> {
+  const paths = openapiObject.paths as Paths
+  optionalBodies(paths)
+  answerHeaders(paths)
   return openapiObject
 }
 
@@ -182,7 +266,7 @@ async function openApi (app: FastifyInstance, options: OpenApiOptions): Promise<
         version: '0.1.0',
         description: 'Backend-for-frontend for patient web and mobile apps on the Care360 Next API. ' +
           'Every answer is JSON in the envelope `{ status, success, message, code?, data? }`; clients switch on `code`. ' +
-          'Every answer carries `x-request-id`; API answers carry `cache-control: no-store`.'
+          'Every answer carries `x-request-id`; every answer but those of `/healthz` and `/readyz` carries `RateLimit-Policy` and `RateLimit`; API answers carry `cache-control: no-store`.'
       },
       ...(options.publicUrl === null ? {} : { servers: [{ url: options.publicUrl }] }),
       tags: [
@@ -198,11 +282,13 @@ async function openApi (app: FastifyInstance, options: OpenApiOptions): Promise<
         schemas: {
           // The shared envelope once, referenced by every error answer.
           ErrorEnvelope: errorEnvelopeComponent()
-        }
+        },
+        // Once, referenced by every answer that carries them (answerHeaders).
+        headers: ANSWER_HEADERS
       }
     },
     transform: describeRoute as never,
-    transformObject: optionalBodies as never
+    transformObject: finishDocument as never
   })
 
   app.get(OPENAPI_PATH, {

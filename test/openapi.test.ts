@@ -1,9 +1,12 @@
 import { channel } from 'node:diagnostics_channel'
 import t from 'tap'
-import type { FastifyInstance, RouteOptions } from 'fastify'
+import type { FastifyInstance, InjectOptions, RouteOptions } from 'fastify'
 import { Validator } from '@seriousme/openapi-schema-validator'
 import { buildTestApp, signIn, type TestApp } from './helpers/app.js'
+import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
 import { ErrorCode } from '../src/errors.js'
+import { DEMO_PATIENTS } from '../src/care360/sandbox.js'
+import { CORS_EXPOSED_HEADERS } from '../src/web/security.js'
 
 /**
  * The OpenAPI document: valid against the OpenAPI 3.1 schema, and complete. Completeness is checked
@@ -23,7 +26,7 @@ interface Operation {
 interface Document {
   openapi: string
   servers?: Array<{ url: string }>
-  components: { securitySchemes: Record<string, Record<string, unknown>>, schemas: Record<string, unknown> }
+  components: { securitySchemes: Record<string, Record<string, unknown>>, schemas: Record<string, unknown>, headers?: Record<string, { required?: boolean }> }
   paths: Record<string, Record<string, Operation>>
 }
 
@@ -213,4 +216,132 @@ t.test('every state-changing route documents the answers to a body it cannot tak
       }
     }
   }
+})
+
+/** Answer headers a client reads (cache-control and the security headers aside). */
+const CLIENT_HEADERS = ['x-request-id', 'ratelimit-policy', 'ratelimit', 'retry-after', 'idempotent-replayed', 'location', 'www-authenticate']
+
+t.test('each answer declares the headers the service sends on it, and only those; the ones declared required are always sent', async (t) => {
+  const sandbox = await startSandbox(t)
+  const { app, issuer } = await buildTestApp(t, {
+    upstreamUrl: sandbox.url,
+    env: { ...WEB_ENV, CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '1000', RATE_LIMIT_IP: '100/1m', RATE_LIMIT_CANCEL: '1000/1m' }
+  })
+  const document = await documentOf(app)
+  const alice = DEMO_PATIENTS[0]!
+  const bob = DEMO_PATIENTS[1]!
+  const [first, second, third] = alice.appointments.map((appointment) => appointment.id) as [string, string, string]
+  const token = await signIn(app, issuer, alice.email)
+  const bearer = { authorization: `Bearer ${token}` }
+
+  // The scenario's own checks: silent unless the service stopped answering as this test assumes.
+  const expect = (holds: boolean, what: string): void => { if (!holds) t.fail(`scenario: ${what}`) }
+
+  /** Every answer sent, by operation (as the document names it) and status. */
+  const sent = new Map<string, Array<Record<string, unknown>>>()
+  async function send (operation: string, options: InjectOptions): Promise<{ statusCode: number, headers: Record<string, unknown> }> {
+    const response = await app.inject(options)
+    const key = `${operation} ${response.statusCode}`
+    sent.set(key, [...sent.get(key) ?? [], response.headers])
+    return response
+  }
+  const CANCEL = 'post /appointments/{id}/cancel'
+  const cancel = async (id: string, headers: Record<string, string> = {}, payload?: string): Promise<{ statusCode: number, headers: Record<string, unknown> }> =>
+    await send(CANCEL, { method: 'POST', url: `/appointments/${id}/cancel`, headers: { ...bearer, ...(payload === undefined ? {} : { 'content-type': 'application/json' }), ...headers }, ...(payload === undefined ? {} : { payload }) })
+  const twice = async (id: string, key: string): Promise<void> => {
+    const once = await cancel(id, { 'idempotency-key': key })
+    const again = await cancel(id, { 'idempotency-key': key })
+    expect(again.statusCode === once.statusCode && again.headers['idempotent-replayed'] === 'true', `${key} replayed`)
+  }
+
+  for (const url of ['/healthz', '/readyz', '/openapi.json']) await send(`get ${url}`, { url })
+  await send('get /auth/me', { url: '/auth/me' })
+  await send('get /auth/me', { url: '/auth/me', headers: bearer })
+  await send('get /auth/login', { url: '/auth/login?returnTo=/home' })
+  await send('get /auth/callback', { url: '/auth/callback?state=unknown&code=x' })
+  await send('get /appointments', { url: '/appointments', headers: bearer })
+  await send('get /appointments', { url: '/appointments' })
+  await send('post /auth/session', { method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign({ email: bob.email, sub: 'sub-bob' }) } })
+  await send('post /auth/session', { method: 'POST', url: '/auth/session', payload: { idToken: 'not-a-token' } })
+  await send('post /auth/session', { method: 'POST', url: '/auth/session', payload: { other: 1 } })
+  await send('post /auth/session', { method: 'POST', url: '/auth/session', headers: { 'content-type': 'text/plain' }, payload: 'text' })
+  await send('post /auth/session', { method: 'POST', url: '/auth/session', headers: { cookie: '__Host-bff-session=ambient' }, payload: { idToken: 'x' } })
+  await send('post /auth/backchannel-logout', { method: 'POST', url: '/auth/backchannel-logout', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: 'logout_token=forged' })
+  const ending = `Bearer ${await signIn(app, issuer, bob.email)}`
+  await send('post /auth/logout', { method: 'POST', url: '/auth/logout', headers: { authorization: ending } })
+  await send('post /auth/logout', { method: 'POST', url: '/auth/logout', headers: { authorization: ending } })
+
+  // The cancel: each answer the key replays, first and replayed; those it never replays.
+  await twice(first, 'k-200')
+  expect((await cancel(first, { 'idempotency-key': 'k-200' }, JSON.stringify({ reason: 'another' }))).statusCode === 422, 'the key reused with another reason')
+  await twice(bob.appointments[0]!.id, 'k-404')
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: { status: 400, success: false, message: 'Invalid request', error: 'started' }, endpoint: 'cancel', times: 1 })
+  await twice(second, 'k-400')
+  sandbox.control.setFailure({ kind: 'status', status: 401, body: { status: 401, success: false, message: 'Unauthorized' }, endpoint: 'cancel', times: 1 })
+  await twice(second, 'k-502-auth')
+  sandbox.control.setFailure({ kind: 'status', status: 500, body: { status: 500, success: false, message: 'boom' }, endpoint: 'cancel', times: 1 })
+  await twice(second, 'k-502')
+  // One in flight, the other 409; the one in flight times out (504, never replayed: its retry resolves it).
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 1500, endpoint: 'cancel', times: 1 })
+  const slow = cancel(second, { 'idempotency-key': 'k-slow' })
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  const both = await Promise.all([slow, cancel(second, { 'idempotency-key': 'k-slow' })])
+  expect(both.map((answer) => answer.statusCode).sort().join() === '409,504', 'one in flight, one timed out')
+  expect((await cancel(second, { 'idempotency-key': 'k-slow' })).headers['idempotent-replayed'] === undefined, 'resolved, not replayed')
+  await cancel('not-a-uuid')
+  await cancel('a'.repeat(300))
+  await cancel(third, {}, JSON.stringify({ reason: 'x'.repeat(5000) }))
+  await cancel(third, { 'content-type': 'text/plain' }, 'text')
+  await send(CANCEL, { method: 'POST', url: `/appointments/${third}/cancel` })
+  sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: '7', endpoint: 'cancel', times: 1 })
+  await cancel(third, { 'idempotency-key': 'k-429' })
+
+  // A client over the per-IP limit: refused on every route (the probes aside).
+  const flood = '198.51.100.7'
+  for (let i = 0; i < 100; i++) await app.inject({ url: '/auth/me', remoteAddress: flood })
+  for (const [path, operations] of Object.entries(document.paths)) {
+    for (const method of Object.keys(operations)) {
+      await send(`${method} ${path}`, { method: method.toUpperCase() as 'GET', url: path.replace('{id}', first), remoteAddress: flood })
+    }
+  }
+  // Draining: readiness's own 503.
+  app.draining = true
+  await send('get /readyz', { url: '/readyz' })
+
+  const isRequired = (header: unknown): boolean => {
+    const ref = (header as { $ref?: string }).$ref
+    const resolved = ref === undefined ? header : document.components.headers?.[ref.replace('#/components/headers/', '')]
+    return (resolved as { required?: boolean } | undefined)?.required === true
+  }
+  for (const [path, operations] of Object.entries(document.paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      const statuses = Object.keys(operation.responses).filter((status) => sent.has(`${method} ${path} ${status}`))
+      if (statuses.length === 0) t.fail(`no answer of ${method} ${path} was checked`)
+      for (const status of statuses) {
+        const answers = sent.get(`${method} ${path} ${status}`) as Array<Record<string, unknown>>
+        const declared = Object.entries(operation.responses[status]?.headers ?? {}).filter(([name]) => CLIENT_HEADERS.includes(name))
+        // Documented: each header's name, marked when it is declared required (always sent).
+        // Observed: the names some answer carried, marked when every answer carried it; the mark
+        // is only looked for on those declared required.
+        const documented = declared.map(([name, header]) => isRequired(header) ? `${name} (always)` : name).sort()
+        const observed = CLIENT_HEADERS.filter((name) => answers.some((headers) => headers[name] !== undefined))
+          .map((name) => declared.some(([declaredName, header]) => declaredName === name && isRequired(header)) && answers.every((headers) => headers[name] !== undefined) ? `${name} (always)` : name)
+          .sort()
+        t.same(documented, observed, `${method} ${path} ${status}: the headers declared are those sent (${answers.length} answers)`)
+      }
+    }
+  }
+  for (const key of sent.keys()) {
+    const [method, path, status] = key.split(' ') as [string, string, string]
+    if (document.paths[path]?.[method]?.responses[status] === undefined) t.fail(`${key} was answered but is not documented`)
+  }
+  expect(['409', '413', '415', '422', '429', '504'].every((status) => sent.has(`${CANCEL} ${status}`)), 'the cancel\'s 409, 413, 415, 422, 429 and 504 were among the answers')
+})
+
+t.test('every header the service lets browser scripts read is documented', async (t) => {
+  const { app } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const declared = new Set(Object.values(document.paths).flatMap((operations) => Object.values(operations))
+    .flatMap((operation) => Object.values(operation.responses)).flatMap((answer) => Object.keys(answer.headers ?? {})))
+  t.same(CORS_EXPOSED_HEADERS.filter((name) => !declared.has(name)), [], 'Access-Control-Expose-Headers names only documented headers')
 })

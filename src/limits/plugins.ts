@@ -11,6 +11,7 @@ import { createOrgBudget } from './org-budget.js'
 import { createCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
 import type { AppMetrics } from '../metrics.js'
+import { pathOf } from '../logging.js'
 import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
 declare module 'fastify' {
@@ -95,12 +96,16 @@ function decide (limits: readonly ClientLimit[], hits: readonly CounterHit[], re
  * (a node's address behind SNAT, a load balancer without TRUST_PROXY), and a liveness probe
  * answered 429 restarts a healthy replica. They cost no upstream call and no store lookup.
  */
-const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
+export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
+
+function isProbe (url: string): boolean {
+  return (url.startsWith('/healthz') || url.startsWith('/readyz')) && PROBES.has(pathOf(url))
+}
 
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
-    if (PROBES.has(request.url)) {
+    if (isProbe(request.url)) {
       done()
       return
     }
