@@ -168,7 +168,9 @@ t.test('REDIS_URL: what ioredis would fail on stops start-up, naming the part, n
 t.test('REDIS_URL: the server refuses to start with one line, no stack trace, no password', async (t) => {
   // The operator's run: this URL used to crash start-up inside ioredis with the URL in the trace.
   const run = spawnSync(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
-    env: { ...base, HOST: '127.0.0.1', PORT: '1', METRICS_PORT: '0', REDIS_URL: 'redis://default:SuperSecretPw@127.0.0.1:99999' },
+    // tap follows spawned processes; a tsx-compiled child's coverage of src/ maps onto other lines
+    // than the suite's own and would corrupt its report (as in test/fault/sigterm.test.ts).
+    env: { ...base, _TAPJS_PROCESSINFO_COVERAGE_: '0', HOST: '127.0.0.1', PORT: '1', METRICS_PORT: '0', REDIS_URL: 'redis://default:SuperSecretPw@127.0.0.1:99999' },
     encoding: 'utf8',
     timeout: 30_000
   })
