@@ -210,7 +210,8 @@ type Paths = Record<string, Record<string, { responses?: Record<string, Answer>,
 function answerHeaders (paths: Paths): void {
   for (const [path, operations] of Object.entries(paths)) {
     for (const [method, operation] of Object.entries(operations)) {
-      for (const [status, answer] of Object.entries(operation.responses ?? {})) {
+      // Every operation has its answers (test/openapi.test.ts requires a success on each).
+      for (const [status, answer] of Object.entries(operation.responses as Record<string, Answer>)) {
         answer.headers = {
           ...answer.headers,
           ...(status === '302' ? REDIRECT_HEADERS : {}),
