@@ -476,7 +476,11 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
   t.notOk(sandbox.control.isCancelled(bob.appointments[0]!.id))
 })
 
-t.test('a TLS handshake that does not complete in time: never sent, 504', async (t) => {
+/**
+ * A server that accepts TCP connections and never answers (a TLS handshake that never completes),
+ * on a free loopback port; what it received, for the checks.
+ */
+async function silentServer (t: Test): Promise<{ port: number, received: Buffer[] }> {
   const received: Buffer[] = []
   const sockets = new Set<Socket>()
   const silent = createServer(function onConnection (socket) {
@@ -489,7 +493,11 @@ t.test('a TLS handshake that does not complete in time: never sent, 504', async 
     for (const socket of sockets) socket.destroy()
     silent.close()
   })
-  const { port } = silent.address() as AddressInfo
+  return { port: (silent.address() as AddressInfo).port, received }
+}
+
+t.test('a TLS handshake that does not complete in time: never sent, 504', async (t) => {
+  const { port, received } = await silentServer(t)
   // undici's connect timeout ticks at ~0.5 s resolution; a short deadline passes first.
   const client = createCare360Client({ baseUrl: `https://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 100 })
   t.teardown(() => client.close())
@@ -502,18 +510,7 @@ t.test('a TLS handshake that does not complete in time: never sent, 504', async 
 })
 
 t.test('a TLS handshake that does not complete within half the deadline: never sent, 502 unavailable', async (t) => {
-  const sockets = new Set<Socket>()
-  const silent = createServer(function onConnection (socket) {
-    sockets.add(socket)
-    socket.resume()
-  })
-  silent.listen(0, '127.0.0.1')
-  await once(silent, 'listening')
-  t.teardown(() => {
-    for (const socket of sockets) socket.destroy()
-    silent.close()
-  })
-  const { port } = silent.address() as AddressInfo
+  const { port } = await silentServer(t)
   // The connect timeout is half the deadline (1.5 s, give or take undici's 0.5 s tick): the
   // caller hears "unavailable" before the 3 s deadline would make it a 504.
   const client = createCare360Client({ baseUrl: `https://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000 })
