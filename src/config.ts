@@ -63,20 +63,17 @@ const MAX_RATE_WINDOW = '1d'
 /** Longer than any endpoint list takes to forget a replica; it adds to the shutdown's deadline. */
 const MAX_SHUTDOWN_DELAY = '1m'
 
+/** A duration in ms, refused beyond `max`. */
+function durationUpTo (value: string, max: string): number {
+  const ms = parseDuration(value)
+  if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
+  return ms
+}
 const Duration = (description: string, max: string) =>
-  Type.Decode(Type.String({ pattern: DURATION, description }), (value) => {
-    const ms = parseDuration(value)
-    if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
-    return ms
-  })
+  Type.Decode(Type.String({ pattern: DURATION, description }), (value) => durationUpTo(value, max))
 /** A Duration where 0 (any unit, or none: what Helm charts template for "off") means none. */
 const OptionalDelay = (description: string, max: string) =>
-  Type.Decode(Type.String({ pattern: `^0(ms|s|m|h|d)?$|${DURATION}`, description }), (value) => {
-    if (/^0[a-z]*$/.test(value)) return 0
-    const ms = parseDuration(value)
-    if (ms > parseDuration(max)) throw new Error(`at most ${max}`)
-    return ms
-  })
+  Type.Decode(Type.String({ pattern: `^0(ms|s|m|h|d)?$|${DURATION}`, description }), (value) => /^0[a-z]*$/.test(value) ? 0 : durationUpTo(value, max))
 const RateSpec = (description: string) =>
   Type.Decode(Type.String({ pattern: RATE, description }), (value) => {
     const rate = parseRate(value)

@@ -85,19 +85,13 @@ function endedSignOut (): Record<string, unknown> {
 
 type AuthMode = 'required' | 'optional' | undefined
 
-/**
- * The orchestrator's probes, which the per-IP limit neither counts nor refuses: no 429, no
- * RateLimit fields. Every other route is limited per IP.
- */
-const UNLIMITED_PATHS = PROBES
-
 /** Error statuses every route of this kind can answer, beyond those it declares itself. */
 function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   if ((route.config as { failsByRedirect?: boolean } | undefined)?.failsByRedirect === true) return []
   const methods = ([] as string[]).concat(route.method)
   const changesState = methods.some((method) => !['GET', 'HEAD', 'OPTIONS'].includes(method))
-  // The per-IP limit applies to every route but the probes, before anything else.
-  const statuses = UNLIMITED_PATHS.has(route.url) ? [] : [429]
+  // The per-IP limit applies to every route but the probes (no 429, no RateLimit fields), before anything else.
+  const statuses = PROBES.has(route.url) ? [] : [429]
   if (auth === 'required') statuses.push(401)
   if (auth !== undefined) statuses.push(503)
   // CSRF applies to every state-changing request that a session cookie authenticates.
@@ -217,7 +211,7 @@ function answerHeaders (paths: Paths): void {
           ...(status === '302' ? REDIRECT_HEADERS : {}),
           ...(status === '401' ? CHALLENGE : {}),
           'x-request-id': headerRef('RequestId'),
-          ...(UNLIMITED_PATHS.has(path) ? {} : { 'ratelimit-policy': headerRef('RateLimitPolicy'), ratelimit: headerRef('RateLimit') }),
+          ...(PROBES.has(path) ? {} : { 'ratelimit-policy': headerRef('RateLimitPolicy'), ratelimit: headerRef('RateLimit') }),
           ...(isReplayed(path, method, Number(status)) ? { 'idempotent-replayed': headerRef('IdempotentReplayed') } : {})
         }
       }

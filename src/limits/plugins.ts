@@ -87,25 +87,21 @@ function decide (limits: readonly ClientLimit[], hits: readonly CounterHit[], re
 }
 
 /**
- * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
- * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
- * a bare 500 rather than silently lifting the limit.
- */
-/**
  * The orchestrator's probes are neither counted nor refused: they share an address with traffic
  * (a node's address behind SNAT, a load balancer without TRUST_PROXY), and a liveness probe
  * answered 429 restarts a healthy replica. They cost no upstream call and no store lookup.
  */
 export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
 
-function isProbe (url: string): boolean {
-  return (url.startsWith('/healthz') || url.startsWith('/readyz')) && PROBES.has(pathOf(url))
-}
-
+/**
+ * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
+ * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
+ * a bare 500 rather than silently lifting the limit.
+ */
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
-    if (isProbe(request.url)) {
+    if (PROBES.has(pathOf(request.url))) {
       done()
       return
     }

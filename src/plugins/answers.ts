@@ -23,7 +23,6 @@ export function requestIdFor (req: IncomingMessage): string {
 const FASTIFY_CODES: Record<string, [number, ErrorCode, string]> = {
   FST_ERR_CTP_BODY_TOO_LARGE: [413, ErrorCode.PAYLOAD_TOO_LARGE, 'Request body is too large'],
   FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be application/json'],
-  BFF_ERR_NOT_UTF8: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be JSON in UTF-8'],
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, ErrorCode.BAD_REQUEST, 'Content-Length does not match the body'],
   FST_ERR_CTP_INVALID_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON'],
   FST_ERR_CTP_EMPTY_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON']
@@ -135,8 +134,8 @@ function isUtf8Json (contentType: string): boolean {
   return charset === undefined || /^(utf-?8|us-ascii)?$/i.test(charset)
 }
 
-function notUtf8 (): Error {
-  return Object.assign(new Error('Request body must be JSON in UTF-8'), { code: 'BFF_ERR_NOT_UTF8', statusCode: 415 })
+function notUtf8 (): ApiError {
+  return new ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be JSON in UTF-8')
 }
 
 /** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */

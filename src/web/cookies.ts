@@ -22,6 +22,13 @@ export function loginCookieName (state: string): string {
   return `${LOGIN_COOKIE_PREFIX}${hash('sha256', state, 'base64url').slice(0, 16)}`
 }
 
+const LOGIN_COOKIE_NAME = new RegExp(`^${LOGIN_COOKIE_PREFIX}[A-Za-z0-9_-]{16}$`)
+
+/** Whether `name` is one loginCookieName makes: any other is not ours (nor could be cleared). */
+export function isLoginCookieName (name: string): boolean {
+  return LOGIN_COOKIE_NAME.test(name)
+}
+
 /**
  * The most sign-ins one browser keeps under way: each is a cookie of up to about 2 KB sent with
  * every request to the service, and a new one ends the oldest beyond this.

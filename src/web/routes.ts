@@ -5,7 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
 import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
-import { LOGIN_COOKIE_OPTIONS, LOGIN_COOKIE_PREFIX, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
+import { isLoginCookieName, LOGIN_COOKIE_OPTIONS, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
 import { WEB_SCOPES, type WebOidc } from './oidc.js'
 import { safeReturnTo } from './return-to.js'
@@ -69,15 +69,12 @@ export function exchangeFailure (error: unknown): SignInError {
   return 'exchange_failed'
 }
 
-/** A login cookie's name as loginCookieName makes it: any other is not ours (nor could be cleared). */
-const LOGIN_COOKIE_NAME = new RegExp(`^${LOGIN_COOKIE_PREFIX}[A-Za-z0-9_-]{16}$`)
-
 /**
  * The names of the login cookies (sign-ins under way) a request brings: the last few, as a browser
  * holds no more (a client sending hundreds would have each opened and cleared).
  */
 function loginCookiesOf (request: FastifyRequest): string[] {
-  return Object.keys(request.cookies).filter((name) => LOGIN_COOKIE_NAME.test(name)).slice(-2 * MAX_SIGN_INS_UNDER_WAY)
+  return Object.keys(request.cookies).filter(isLoginCookieName).slice(-2 * MAX_SIGN_INS_UNDER_WAY)
 }
 
 export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions): Promise<void> {
