@@ -37,6 +37,11 @@ export interface CounterStore {
    * each). A session's own limits (per session, per cancel) follow the same rule in its lookup.
    */
   hitInOrder: (requests: readonly CounterRequest[]) => Awaitable<CounterHit[]>
+  /**
+   * The hits of the key's running window, counting nothing; null when no window runs (none
+   * started, or it ended). For a limit that counts only some requests, decided after they ran.
+   */
+  peek: (key: string) => Awaitable<CounterHit | null>
 }
 
 export interface MemoryCounterOptions {
@@ -50,6 +55,7 @@ export interface MemoryCounterOptions {
 export interface MemoryCounterStore extends CounterStore {
   hit: (key: string, rate: Rate) => CounterHit
   hitInOrder: (requests: readonly CounterRequest[]) => CounterHit[]
+  peek: (key: string) => CounterHit | null
 }
 
 export function createMemoryCounterStore (options: MemoryCounterOptions = {}): MemoryCounterStore {
@@ -94,7 +100,14 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): M
     return hits
   }
 
-  return { hit, hitInOrder }
+  function peek (key: string): CounterHit | null {
+    const at = now()
+    const window = windows.get(key)
+    if (window === undefined || window.endsAt <= at) return null
+    return { count: window.count, resetMs: window.endsAt - at }
+  }
+
+  return { hit, hitInOrder, peek }
 }
 
 /** The prefix of every per-client counter's Redis key (also those the session lookup counts). */
@@ -133,6 +146,14 @@ end
 // KEYS: the counters, in order. ARGV: each counter's window (ms) and limit, in the same order.
 const hitScript = redisScript('bffCounterHit', 'variable', `${LUA_HIT_IN_ORDER}
 return hit_in_order(KEYS, ARGV)
+`)
+
+// KEYS: the counter. Its count and time left, or 0, 0 when no window runs (a key that lost its
+// expiry, which hit_in_order mends at its next hit, reads as a window ending at once).
+const peekScript = redisScript('bffCounterPeek', 1, `
+local count = redis.call('GET', KEYS[1])
+if not count then return {0, 0} end
+return {tonumber(count), redis.call('PTTL', KEYS[1])}
 `)
 
 /** The Redis arguments of `hit_in_order`'s limits: each request's window and limit, in order. */
@@ -177,9 +198,15 @@ export function createRedisCounterStore (options: RedisCounterOptions): CounterS
       return hitsOf(await hitScript(redis, ...args), requests.length)
     }, () => memory.hitInOrder(requests))
   }
+  function peek (key: string): Awaitable<CounterHit | null> {
+    return options.fallback.run(async function peekInRedis (redis) {
+      return hitsOf(await peekScript(redis, prefix + key), 1)[0] ?? null
+    }, () => memory.peek(key))
+  }
   return {
     hitInOrder,
-    hit: (key, rate) => whenReady(hitInOrder([{ key, rate }]), firstHit)
+    hit: (key, rate) => whenReady(hitInOrder([{ key, rate }]), firstHit),
+    peek
   }
 }
 

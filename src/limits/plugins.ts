@@ -1,7 +1,7 @@
 import { isIPv4 } from 'node:net'
 import { Address6 } from 'ip-address'
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler, onResponseHookHandler, RouteOptions } from 'fastify'
 import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
 import { isPromise, whenReady } from '../state/awaitable.js'
@@ -23,6 +23,16 @@ declare module 'fastify' {
     limitsFallback: StoreFallback
     /** The org budget and the upstream cooldown, for the Care360 client. */
     upstreamGate: UpstreamGate
+  }
+  interface FastifyContextConfig {
+    /**
+     * `refusals`: `RATE_LIMIT_IP` counts only this route's 4xx answers, on a counter of their own
+     * per address (a route of a server-to-server peer authenticated by what it sends, whose valid
+     * requests must all get through). An address whose refusals reached the limit is refused
+     * before the route runs until its window ends. Routes without parameters only: the per-IP
+     * hook finds them by path.
+     */
+    ipLimit?: 'refusals'
   }
 }
 
@@ -96,13 +106,26 @@ export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
 /**
  * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
  * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
- * a bare 500 rather than silently lifting the limit.
+ * a bare 500 rather than silently lifting the limit. On the paths of `refusalsOnly` it counts
+ * nothing: it refuses an address whose refusals have reached the limit, and the route's
+ * `countRefusal` hook counts the request after its answer if that was a 4xx.
  */
-function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null): onRequestHookHandler {
+function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: ReadonlySet<string>): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
-    if (PROBES.has(pathOf(request.url))) {
+    const path = pathOf(request.url)
+    if (PROBES.has(path)) {
       done()
+      return
+    }
+    if (refusalsOnly.has(path)) {
+      peeked.add(request)
+      const refusals = counters.peek(refusalsKey(request))
+      if (isPromise(refusals)) {
+        refusals.then((counted) => { decideOnRefusals(limit, counted, reply, metrics, done) }, done)
+        return
+      }
+      decideOnRefusals(limit, refusals, reply, metrics, done)
       return
     }
     const hit = counters.hit(ipKey(request), limit.rate)
@@ -111,6 +134,49 @@ function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMe
       return
     }
     decide(limits, [hit], reply, metrics, done)
+  }
+}
+
+/**
+ * The refusals of an address on the refusals-only routes have a counter of their own: the address's
+ * other traffic (a provider's servers behind one NAT with other clients) never blocks its valid
+ * requests there, and its refused ones there do not use up its quota elsewhere.
+ */
+function refusalsKey (request: FastifyRequest): string {
+  return `refused-${ipKey(request)}`
+}
+
+/** The requests whose address the per-IP hook only looked at: their route counts them if refused. */
+const peeked = new WeakSet<FastifyRequest>()
+
+/**
+ * The limit of a refusals-only route: the request goes on while the address's refusals are below
+ * the limit (what is left is published as on every route), and is refused once they reach it.
+ */
+function decideOnRefusals (limit: ClientLimit, refusals: CounterHit | null, reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
+  const counted = refusals ?? { count: 0, resetMs: limit.rate.windowMs }
+  // As if this request were one more refusal: refused when that would be over the limit.
+  if (publish(limit, { count: counted.count + 1, resetMs: counted.resetMs }, reply, metrics)) {
+    refuse(counted, reply)
+    return
+  }
+  done()
+}
+
+/** A refusals-only route's hook after its answer: a 4xx (not its own 429) counts against the address. */
+function countRefusal (counters: CounterStore, limit: ClientLimit): onResponseHookHandler {
+  return function countIfRefused (request, reply, done) {
+    const status = reply.statusCode
+    if (!peeked.has(request) || status < 400 || status >= 500 || status === 429) {
+      done()
+      return
+    }
+    const hit = counters.hit(refusalsKey(request), limit.rate)
+    if (isPromise(hit)) {
+      hit.then(() => { done() }, done)
+      return
+    }
+    done()
   }
 }
 
@@ -187,8 +253,15 @@ function ipKey (request: FastifyRequest): string {
 async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Promise<void> {
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
   const counters = createCounterStore({ fallback, now: options.now })
+  const limit = clientLimit('ip', app.config.limits.ip)
+  const refusalsOnly = new Set<string>()
   app.decorate('limitsFallback', fallback)
-  app.addHook('onRequest', ipLimitHook(counters, clientLimit('ip', app.config.limits.ip), metricsOf(app)))
+  app.addHook('onRoute', function countRefusalsOnly (route: RouteOptions) {
+    if (route.config?.ipLimit !== 'refusals') return
+    refusalsOnly.add(route.url as string)
+    route.onResponse = [route.onResponse ?? [], countRefusal(counters, limit)].flat()
+  })
+  app.addHook('onRequest', ipLimitHook(counters, limit, metricsOf(app), refusalsOnly))
 }
 
 /**

@@ -138,7 +138,11 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
       ...errorAnswers(400, 503)
     }
   } as FastifySchema
-  app.post('/auth/backchannel-logout', { schema, attachValidation: true }, async function backchannelLogout (request) {
+  // `RATE_LIMIT_IP` counts only refused logout tokens here: an identity provider sends every logout
+  // from its own few addresses, and a valid one dropped by the limit would leave sessions alive
+  // after the patient signed out (the provider does not retry). Garbage still uses up the address's
+  // quota, after which everything from it is refused before verification.
+  app.post('/auth/backchannel-logout', { schema, attachValidation: true, config: { ipLimit: 'refusals' } }, async function backchannelLogout (request) {
     const token = (request.body as { logout_token?: unknown } | undefined)?.logout_token
     if (typeof token !== 'string' || token.length === 0 || token.length > MAX_TOKEN_LENGTH) throw invalidRequest()
     let claims: LogoutClaims

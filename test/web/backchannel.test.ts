@@ -400,3 +400,40 @@ t.test('the logouts\' marks unreachable at the callback: session_unavailable, no
   t.equal(page.headers.get('location'), `${stack.publicUrl}/?signin_error=session_unavailable`)
   t.equal(stack.sessionOf(browser), undefined)
 })
+
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store} store: RATE_LIMIT_IP counts only refused logout tokens, on a counter of their own`, async (t) => {
+    const stack = await startWebStack(t, { redis: store === 'redis', env: { RATE_LIMIT_IP: '3/1m' } })
+    const { app } = stack
+    const valid = async () => await post(app, form(await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })))
+
+    // An identity provider ending many sessions from one address: none is dropped.
+    for (let i = 1; i <= 5; i++) {
+      const answer = await valid()
+      t.equal(answer.statusCode, 200, `valid logout ${i} of 5 over a limit of 3 → 200`)
+      t.equal(answer.headers.ratelimit, '"ip";r=2;t=60', 'what is left: refusals, none used')
+      t.equal(answer.headers['ratelimit-policy'], '"ip";q=3;w=60')
+    }
+    for (let i = 1; i <= 3; i++) t.equal((await post(app, form('not.a.jwt'))).statusCode, 400, `refused token ${i} → 400, counted`)
+    t.equal((await app.inject({ method: 'GET', url: '/auth/me' })).statusCode, 200, "the address's other requests have their own count")
+
+    const over = await valid()
+    t.equal(over.statusCode, 429, 'refusals at the limit: everything from that address is refused until the window ends')
+    t.match(over.json(), { status: 429, success: false, code: 'RATE_LIMITED' })
+    t.ok(Number(over.headers['retry-after']) > 0 && Number(over.headers['retry-after']) <= 60)
+    t.equal(over.headers.ratelimit, `"ip";r=0;t=${over.headers['retry-after'] as string}`)
+    t.equal((await post(app, form('not.a.jwt'))).statusCode, 429, 'a refused one too, before verification')
+
+    const other = await app.inject({ method: 'POST', url: '/auth/backchannel-logout', remoteAddress: '10.0.0.9', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: form('not.a.jwt') })
+    t.equal(other.statusCode, 400, 'another address is counted apart')
+  })
+}
+
+t.test('Redis down: refused logout tokens are counted in memory, and the limit holds', async (t) => {
+  const stack = await startWebStack(t, { redis: true, env: { RATE_LIMIT_IP: '2/1m' } })
+  await post(stack.app, form('not.a.jwt'))
+  await stack.redis?.stop()
+  t.equal((await post(stack.app, form('not.a.jwt'))).statusCode, 400, 'the first counted in Redis, this one in memory')
+  t.equal((await post(stack.app, form('not.a.jwt'))).statusCode, 400)
+  t.equal((await post(stack.app, form('not.a.jwt'))).statusCode, 429, 'two refusals in memory: the limit')
+})
