@@ -96,13 +96,30 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   })
   defineScripts(redis)
   let lastDegradedLog = Number.NEGATIVE_INFINITY
+  let lastSelectLog = Number.NEGATIVE_INFINITY
   let degraded = false
   // When the client last became ready.
   let backAt = Number.NEGATIVE_INFINITY
   const log = options.log
   // ioredis emits 'error' on every failed reconnect; one line per interval is enough for operators.
-  redis.on('error', function onRedisError (error: NodeJS.ErrnoException) {
+  redis.on('error', function onRedisError (error: NodeJS.ErrnoException & { command?: { name?: string } }) {
     const at = now()
+    if (error.command?.name === 'select') {
+      // The database REDIS_URL names was refused (beyond the server's `databases`, a Cluster, an
+      // ACL): ioredis goes on, ready, on database 0, where the state would mix with whatever else
+      // lives there. The connection is dropped instead, before it is ready, and retried on the
+      // usual backoff (the server may be reconfigured); meanwhile the service is degraded.
+      redis.disconnect(true)
+      if (at - lastSelectLog >= logEveryMs) {
+        lastSelectLog = at
+        // This line says why the service is degraded: not followed by the generic one for the
+        // dropped connection's own errors (its ready check fails "Stream isn't writeable").
+        lastDegradedLog = at
+        // The reply's text only ("ERR DB index is out of range"): never the URL or its database.
+        log.error({ err: { message: error.message } }, 'shared state: Redis refused the database REDIS_URL names; using per-process fallback until it accepts it')
+      }
+      return
+    }
     if (at - lastDegradedLog >= logEveryMs) {
       lastDegradedLog = at
       log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')

@@ -213,3 +213,26 @@ t.test('a task run when Redis is back that fails is logged, and the others still
   t.equal(ran, 1, 'the other task ran')
   t.ok(lines.some((line) => line.level === 50 && line.msg === 'shared state: a task run when Redis is back failed'), 'the failure is an error line')
 })
+
+t.test('a database REDIS_URL names that Redis refuses: degraded, never its state in database 0', async (t) => {
+  const lines: Array<{ level: number, msg: string, err?: { message?: string } }> = []
+  const log = pino({ level: 'info' }, { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } })
+  const admin = new Redis(redis.url)
+  t.teardown(() => admin.disconnect())
+  await admin.flushdb()
+  // A default Redis has databases 0 to 15: ioredis's SELECT 99 fails, and without a check it
+  // would carry on, ready, on database 0.
+  const state = createSharedState({ url: `${redis.url}/99`, log, logEveryMs: 60_000 })
+  t.teardown(() => state.close())
+  const refused = (): boolean => lines.some((line) => line.level === 50)
+  for (let i = 0; i < 100 && !refused(); i++) await sleep(20)
+  await sleep(300) // reconnects on its backoff meanwhile
+  t.equal(state.mode(), 'degraded')
+  t.not(state.redis?.status, 'ready', 'no connection left ready for the stores')
+  await t.rejects(state.redis!.set('bff:probe', '1'), 'a command fails at once')
+  const errors = lines.filter((line) => line.level >= 40)
+  t.same(errors.map((line) => [line.level, line.msg, line.err?.message]), [
+    [50, 'shared state: Redis refused the database REDIS_URL names; using per-process fallback until it accepts it', 'ERR DB index is out of range']
+  ], 'one line, saying why, for the minute; nothing from the dropped connections')
+  t.equal(await admin.dbsize(), 0, 'nothing written to database 0')
+})
