@@ -158,6 +158,12 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       if (typeof protectedHeader.typ === 'string' && FOREIGN_TYPES.has(protectedHeader.typ.toLowerCase())) {
         throw new Rejected('typ')
       }
+      // The party the token was issued to, when named, must be one of ours too (OIDC Core
+      // 3.1.3.7): a provider that adds our client id to the audiences of tokens it mints for
+      // other clients would otherwise let any of them sign a patient in here.
+      if (payload.azp !== undefined && (typeof payload.azp !== 'string' || !options.audiences.includes(payload.azp))) {
+        throw new Rejected('azp')
+      }
       return claimsOf(payload)
     } catch (error) {
       if (error instanceof ProviderUnavailable) {
@@ -173,8 +179,12 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
 
   function claimsOf (payload: JWTPayload): { identity: VerifiedIdToken, authTime: number } {
     const nowSec = Math.floor(now() / 1000)
-    // auth_time when present: the sign-in itself must be recent, not only the token's minting.
-    const authTime = typeof payload.auth_time === 'number' ? payload.auth_time : payload.iat as number
+    // auth_time when present: the sign-in itself must be recent, not only the token's minting. One
+    // that is no number (a provider's bug, a rewrite) is refused, not read as absent: iat alone
+    // would let a silent refresh of an old sign-in through.
+    const claimed = payload.auth_time
+    if (claimed !== undefined && typeof claimed !== 'number') throw new Rejected('auth_time')
+    const authTime = claimed ?? payload.iat as number
     const age = nowSec - authTime
     if (age > maxAgeSec + clockToleranceSec || age < -clockToleranceSec) throw new Rejected('age')
     if ((payload.iat as number) > nowSec + clockToleranceSec) throw new Rejected('iat')

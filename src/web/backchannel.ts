@@ -92,7 +92,8 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
     const iat = payload.iat as number
     if (iat < nowSec - MAX_AGE_SEC - CLOCK_TOLERANCE_SEC || iat > nowSec + CLOCK_TOLERANCE_SEC) throw new InvalidLogoutToken('iat')
     const event = (payload.events as Record<string, unknown> | null)?.[BACKCHANNEL_LOGOUT_EVENT]
-    if (typeof event !== 'object' || event === null) throw new InvalidLogoutToken('events')
+    // A JSON object (section 2.4), possibly empty: not an array, which typeof calls an object too.
+    if (typeof event !== 'object' || event === null || Array.isArray(event)) throw new InvalidLogoutToken('events')
     // A nonce marks an ID token: never accepted as a logout token (spec section 2.6, step 5).
     if ('nonce' in payload) throw new InvalidLogoutToken('nonce')
     const subject = stringClaim(payload, 'sub')

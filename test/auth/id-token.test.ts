@@ -43,6 +43,8 @@ t.test('accepts a valid token signed with RS256 or ES256', async (t) => {
   t.equal((await verifier.verify(await issuer.sign({}, { key: 'es256' }))).sid, null)
   t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId] })), 'one of our audiences among several')
   t.ok(await verifier.verify(await issuer.sign({ aud: 'other-app' })), 'any configured audience')
+  t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId], azp: issuer.clientId })), 'issued to us (azp), with other audiences')
+  t.ok(await verifier.verify(await issuer.sign({ azp: 'other-app' })), 'issued to any configured audience')
   t.equal(issuer.hits.discovery, 1, 'discovery fetched once and cached')
   t.equal(issuer.hits.jwks, 1, 'JWKS fetched once and cached')
   t.notOk(ID_TOKEN_ALGORITHMS.some((alg) => alg.startsWith('HS') || alg === 'none'))
@@ -69,6 +71,10 @@ t.test('refuses every kind of bad token with the same 401 (an unverified email t
   const cases: Array<[string, Promise<string> | string]> = [
     ['wrong aud', issuer.sign({ aud: 'someone-else' })],
     ['wrong iss', issuer.sign({ iss: 'https://evil.example' })],
+    ['ours among the audiences, issued to another client (azp)', issuer.sign({ aud: ['third-party', issuer.clientId], azp: 'third-party' })],
+    ['our audience, issued to another client (azp)', issuer.sign({ azp: 'third-party' })],
+    ['azp not a string', issuer.sign({ azp: [issuer.clientId] })],
+    ['auth_time as a string (an old sign-in, a fresh iat)', issuer.sign({ auth_time: String(nowSec - 86_400) })],
     ['expired', issuer.sign({ exp: nowSec - 120 })],
     ['no exp', issuer.sign({ exp: undefined })],
     ['nbf in the future', issuer.sign({ nbf: nowSec + 600 })],

@@ -70,6 +70,7 @@ t.test('logout tokens are verified per the spec', async (t) => {
     ['no events', () => stack.signAsIdp({ sub: 'patient-alice' })],
     ['events without the logout event', () => stack.signAsIdp({ sub: 'patient-alice', events: { 'http://example.com/other': {} } })],
     ['logout event not an object', () => stack.signAsIdp({ sub: 'patient-alice', events: { [BACKCHANNEL_LOGOUT_EVENT]: 'yes' } })],
+    ['logout event an array', () => stack.signAsIdp({ sub: 'patient-alice', events: { [BACKCHANNEL_LOGOUT_EVENT]: [] } })],
     ['a nonce (an ID token)', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, nonce: 'n' })],
     ['neither sub nor sid', () => stack.signAsIdp({ events: EVENTS })],
     ['another audience', () => stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, aud: 'someone-else' })],
