@@ -41,12 +41,13 @@ export interface IdTokenVerifier {
   /** The token's identity, or a 401 (a 503 when the IdP's keys, or the store of retired tokens and logouts, are unreachable). */
   verify: (idToken: string) => Promise<VerifiedIdToken>
   /**
-   * The ID token of a web sign-in: `verify` refuses it from now on, for as long as it could be
-   * accepted. A web session's ID token leaves the server as the `id_token_hint` of the IdP's
-   * end-session URL (the browser's history, the IdP's logs); it must not be a credential that
-   * `POST /auth/session` turns into a new session after the patient signed out.
+   * Retires an ID token by its id (`idTokenId`): `verify` refuses it from now on, for as long as
+   * it could be accepted. So a token cannot become a session again once the patient signed out:
+   * a web sign-in's, at its callback (it leaves the server as the `id_token_hint` of the IdP's
+   * end-session URL: the browser's history, the IdP's logs); a mobile one's, when the session it
+   * made is signed out (a copy left in the app, or taken from the device, would sign back in).
    */
-  retire: (idToken: string) => Promise<void>
+  retire: (tokenId: string) => Promise<void>
   /**
    * A back-channel logout ended sessions here: from now on, for as long as a token from before it
    * could be accepted, `verify` and `loggedOut` refuse the ID tokens it ended. A logout by IdP
@@ -99,6 +100,16 @@ export const invalidIdToken = (cause?: unknown): ApiError =>
     ...(cause === undefined ? {} : { cause })
   })
 
+/**
+ * The id under which an ID token is retired: fixed-size (tokens run to 8 KiB), so that the store
+ * keeps ids, not tokens. Of the signed part only (header and payload, as sent): the signature's
+ * own text can be respelled and still verify (base64url's spare bits, padding), while any change
+ * to the signed part breaks the signature.
+ */
+export function idTokenId (idToken: string): string {
+  return hash('sha256', idToken.slice(0, idToken.lastIndexOf('.')), 'base64url')
+}
+
 export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdTokenVerifier {
   const clockToleranceSec = options.clockToleranceSec ?? 30
   const maxAgeSec = options.maxAgeSec ?? 600
@@ -107,11 +118,6 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   // The longest any token stays acceptable from the moment it is seen: its auth_time (or iat) may
   // be up to the tolerance ahead, and it is refused once older than maxAge plus the tolerance.
   const acceptableForMs = (maxAgeSec + 2 * clockToleranceSec) * 1000
-  // A fixed-size id per token (tokens run to 8 KiB): the guard keeps ids, not tokens. Of the
-  // signed part only (header and payload, as sent): the signature's own text can be respelled
-  // and still verify (base64url's spare bits, padding), while any change to the signed part
-  // breaks the signature.
-  const idOf = (idToken: string): string => hash('sha256', idToken.slice(0, idToken.lastIndexOf('.')), 'base64url')
   // A logout's marks are named by hash, like the session store's indexes: no sid or subject in a
   // key or in memory.
   const markOf = (kind: 'sid' | 'sub', issuer: string, value: string): string => hash('sha256', `${kind}\0${issuer}\0${value}`, 'base64url')
@@ -130,7 +136,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     // Looks only, after every other check: neither garbage nor ordinary sign-ins write to the
     // store (so none can push a retired token or a logout out of a bounded memory).
     const [retired, ended] = await Promise.all([
-      options.retired.used(idOf(idToken)),
+      options.retired.used(idTokenId(idToken)),
       loggedOut({ issuer: identity.issuer, subject: identity.subject, sid: identity.sid, authTime })
     ])
     if (retired || ended) {
@@ -197,10 +203,9 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
 
   return {
     verify,
-    async retire (idToken) {
-      const id = idOf(idToken)
-      await options.retired.claim(id, acceptableForMs)
-      await options.retired.markUsed(id)
+    async retire (tokenId) {
+      await options.retired.claim(tokenId, acceptableForMs)
+      await options.retired.markUsed(tokenId)
     },
     loggedOut,
     async recordLogout ({ issuer, sid, subject, at }) {

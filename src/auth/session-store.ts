@@ -32,6 +32,8 @@ export interface NewSession {
   idpSessionId: string | null
   /** Kept only for the web end-session `id_token_hint`; never sent to the client. */
   idToken?: string | null
+  /** Mobile: the id (`idTokenId`) of the ID token the session was made from, retired at sign-out. */
+  idTokenId?: string | null
 }
 
 export interface Session {
@@ -43,6 +45,7 @@ export interface Session {
   method: SessionMethod
   idpSessionId: string | null
   idToken: string | null
+  idTokenId: string | null
   createdAt: number
   lastSeenAt: number
   absoluteExpiresAt: number
@@ -160,6 +163,7 @@ function newRecord (id: string, input: NewSession, at: number, absoluteTtlMs: nu
     method: input.method,
     idpSessionId: input.idpSessionId,
     idToken: input.idToken ?? null,
+    idTokenId: input.idTokenId ?? null,
     createdAt: at,
     lastSeenAt: at,
     absoluteExpiresAt: at + absoluteTtlMs
@@ -490,6 +494,7 @@ function encode (record: SessionRecord): Record<string, string> {
   // Absent fields are null: an empty string could be a real value.
   if (record.idpSessionId !== null) fields.idpSessionId = record.idpSessionId
   if (record.idToken !== null) fields.idToken = record.idToken
+  if (record.idTokenId !== null) fields.idTokenId = record.idTokenId
   return fields
 }
 
@@ -510,6 +515,7 @@ function decode (id: string, fields: Record<string, string>): SessionRecord | nu
     method,
     idpSessionId: fields.idpSessionId ?? null,
     idToken: fields.idToken ?? null,
+    idTokenId: fields.idTokenId ?? null,
     createdAt,
     lastSeenAt,
     absoluteExpiresAt

@@ -4,7 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { Type } from 'typebox'
 import { ok } from '../errors.js'
 import { errorAnswers } from '../schemas/appointments.js'
-import { invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
+import { idTokenId, invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
 import { presentedToken } from '../auth/presented.js'
 
 /** Sign-in, session introspection and sign-out. Web sign-in (login, callback) joins this file. */
@@ -77,7 +77,8 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       subject: identity.subject,
       issuer: identity.issuer,
       method: 'mobile',
-      idpSessionId: identity.sid
+      idpSessionId: identity.sid,
+      idTokenId: idTokenId(request.body.idToken)
     })
     request.log.info({ patient: app.patientRef(session.email), method: 'mobile' }, 'session created')
     return reply.code(201).send(ok({
@@ -119,6 +120,9 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   }, async function logout (request, reply) {
     // Required auth guarantees a session here.
     const session = request.session as NonNullable<typeof request.session>
+    // First: with the store down, a 503 and nothing done, rather than a session ended whose ID
+    // token could still sign back in.
+    if (session.idTokenId !== null) await app.idTokenVerifier.retire(session.idTokenId)
     await app.sessions.revokeById(session.id)
     request.log.info({ method: session.method }, 'session ended')
     // Web sign-in (src/web/plugin.ts): clears a session cookie, and names the IdP's end-session URL.

@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
 import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
+import { idTokenId } from '../auth/id-token.js'
 import { isLoginCookieName, LOGIN_COOKIE_OPTIONS, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
 import { WEB_SCOPES, type WebOidc } from './oidc.js'
@@ -208,7 +209,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       // id.
       // This ID token will leave the server as the end-session URL's id_token_hint: it must never
       // become a session of its own through POST /auth/session.
-      await app.idTokenVerifier.retire(idToken)
+      await app.idTokenVerifier.retire(idTokenId(idToken))
       const previous = request.cookies[SESSION_COOKIE]
       if (previous !== undefined && isWellFormedToken(previous)) await app.sessions.revoke(previous)
       if (login.previousSession !== undefined) await app.sessions.revokeById(login.previousSession)

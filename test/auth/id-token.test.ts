@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net'
 import { pino } from 'pino'
 import { ApiError } from '../../src/errors.js'
 import { REDACT_PATHS } from '../../src/logging.js'
-import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
+import { createIdTokenVerifier, ID_TOKEN_ALGORITHMS, idTokenId, MAX_ID_TOKEN_LENGTH, type IdTokenVerifierOptions } from '../../src/auth/id-token.js'
 import { createIssuerKeys, type IssuerKeysOptions } from '../../src/auth/key-set.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
 import { createLogoutMarks } from '../../src/auth/logout-marks.js'
@@ -240,7 +240,7 @@ t.test('a retired token (a web sign-in\'s) is refused for as long as it could be
   const webToken = await issuer.sign({ exp: iat + 3600 })
   const mobileToken = await issuer.sign({ exp: iat + 3600, sid: 'other' })
   t.ok(await verifier.verify(webToken), 'accepted before it is retired')
-  await verifier.retire(webToken)
+  await verifier.retire(idTokenId(webToken))
   await t.rejects(verifier.verify(webToken), INVALID)
   t.ok(await verifier.verify(mobileToken), 'another token is not affected')
   t.ok(await verifier.verify(mobileToken), 'and may be exchanged again (a retried sign-in)')
@@ -255,7 +255,7 @@ t.test('a retired token respelled in its signature is the same token', async (t)
   const issuer = await startIssuer(t)
   const verifier = verifierFor(issuer)
   const token = await issuer.sign()
-  await verifier.retire(token)
+  await verifier.retire(idTokenId(token))
   const signature = token.slice(token.lastIndexOf('.') + 1)
   const last = signature.at(-1) as string
   // RS256 signatures are 256 bytes: the last base64url character carries 4 spare bits.
@@ -272,7 +272,7 @@ t.test('the guard\'s store unreachable: 503, never a 401 nor an unchecked token'
   const verifier = verifierFor(issuer, { retired: { claim: async () => { throw down }, markUsed: async () => { throw down }, used: async () => { throw down } } })
   const token = await issuer.sign()
   await t.rejects(verifier.verify(token), UNAVAILABLE)
-  await t.rejects(verifier.retire(token), UNAVAILABLE)
+  await t.rejects(verifier.retire(idTokenId(token)), UNAVAILABLE)
   await t.rejects(verifier.verify(garbageToken()), INVALID, 'a bad token is refused before the store is asked')
 })
 

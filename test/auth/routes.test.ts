@@ -33,11 +33,19 @@ for (const store of ['memory', 'redis'] as const) {
     t.equal(me.statusCode, 200)
     t.same(me.json(), { status: 200, success: true, message: 'OK', data: { authenticated: true, email: 'Patient@Example.com', expiresAt: body.data.expiresAt } })
 
+    // The same ID token again (a second device of the patient, a retry after a lost answer): a
+    // second session, until the first is signed out.
+    const second = await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
+    t.equal(second.statusCode, 201, 'the ID token made another session while its first was live')
+
     const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: bearer(body.data.token) })
     t.equal(logout.statusCode, 200)
     t.match(logout.json(), { status: 200, success: true, data: {} })
     expect401(t, await app.inject({ method: 'POST', url: '/auth/logout', headers: bearer(body.data.token) }), 'the token is dead after logout')
     t.same((await app.inject({ url: '/auth/me', headers: bearer(body.data.token) })).json().data, { authenticated: false })
+    expect401(t, await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } }), 'signed out: the ID token it was made from cannot sign back in')
+    t.equal((await app.inject({ url: '/auth/me', headers: bearer(second.json().data.token) })).json().data.authenticated, true, 'the other session is not this one')
+    t.equal((await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign({ email: 'Patient@Example.com', sid: 'idp-1', jti: 'another-sign-in' }) } })).statusCode, 201, 'a fresh ID token signs in')
   })
 }
 

@@ -103,6 +103,7 @@ for (const kind of kinds) {
         method: 'mobile',
         idpSessionId: 'sid-1',
         idToken: null,
+        idTokenId: null,
         createdAt: START,
         lastSeenAt: START,
         absoluteExpiresAt: START + ABSOLUTE,
@@ -112,6 +113,12 @@ for (const kind of kinds) {
       const other = await store.create(patient())
       t.not(other.token, token, 'every token is new')
       t.equal((await store.get(other.token))?.idpSessionId, null)
+    })
+
+    t.test('keeps the id of a mobile session\'s ID token, to retire it at sign-out', async (t) => {
+      const { store } = await kind.make(t)
+      const { token } = await store.create(patient({ idTokenId: 'id-of-the-id-token' }))
+      t.equal((await store.get(token))?.idTokenId, 'id-of-the-id-token')
     })
 
     t.test('keeps a web id_token for the end-session hint', async (t) => {
