@@ -92,6 +92,12 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     connectTimeout: 1000,
     // Keep reconnecting for ever, backing off to 2 s, so that recovery is automatic.
     retryStrategy: (attempt: number) => Math.min(50 * 2 ** Math.min(attempt, 6), 2000),
+    // A failover that demotes the node this connection is on, while the node stays up as a
+    // replica, closes nothing: every write answers READONLY for as long as the connection lives.
+    // Reconnecting finds the new primary (the endpoint moved on). 1: reconnect only, never resend
+    // (2), which would run a script that is not idempotent twice; the store that got the error has
+    // already fallen back or answered 503.
+    reconnectOnError: (error: Error) => (error.message.startsWith('READONLY') ? 1 : false),
     lazyConnect: false
   })
   defineScripts(redis)

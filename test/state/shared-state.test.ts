@@ -236,3 +236,38 @@ t.test('a database REDIS_URL names that Redis refuses: degraded, never its state
   ], 'one line, saying why, for the minute; nothing from the dropped connections')
   t.equal(await admin.dbsize(), 0, 'nothing written to database 0')
 })
+
+t.test('a failover that demotes the node a connection is on: the connection is replaced, not kept answering READONLY', async (t) => {
+  const promoted = await startRedis(t)
+  // The endpoint the service knows: at first the old primary, then (a failover) the new one.
+  let target = redis.port
+  const sockets: Socket[] = []
+  const relay = createServer((client) => {
+    const server = connect(target, '127.0.0.1')
+    sockets.push(client, server)
+    client.pipe(server).pipe(client)
+    for (const socket of [client, server]) socket.on('error', () => {})
+  })
+  relay.listen(0, '127.0.0.1')
+  await once(relay, 'listening')
+  t.teardown(() => { for (const socket of sockets) socket.destroy(); relay.close() })
+  const demoted = new Redis(redis.url)
+  t.teardown(async () => { await demoted.replicaof('NO', 'ONE'); demoted.disconnect() })
+
+  const state = await connected(t, `redis://127.0.0.1:${(relay.address() as { port: number }).port}`, { commandTimeoutMs: 250 })
+  const client = state.redis!
+  t.equal(await client.set('bff:failover', 'before'), 'OK')
+  // The old primary stays up as a replica of the new one, and keeps its client connections.
+  await demoted.replicaof('127.0.0.1', String(promoted.port))
+  target = promoted.port
+  await t.rejects(client.set('bff:failover', 'during'), /READONLY/, 'the demoted node refuses the write')
+  let written = false
+  for (let i = 0; i < 100 && !written; i++) {
+    await sleep(20)
+    written = await client.set('bff:failover', 'after').then(() => true, () => false)
+  }
+  t.ok(written, 'a write succeeds again, within 2 s')
+  const fresh = new Redis(promoted.url)
+  t.teardown(() => fresh.disconnect())
+  t.equal(await fresh.get('bff:failover'), 'after', 'on the new primary')
+})
