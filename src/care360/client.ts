@@ -196,11 +196,11 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   onRequestStart (controller: Dispatcher.DispatchController): void {
-    // Our deadline passed while the request waited for a socket: it must never be written.
-    if (this.#settled) {
-      controller.abort(new DeadlineError('deadline passed before sending'))
-      return
-    }
+    // Our deadline passed while the request waited for a socket: it must never be written. Thrown,
+    // not `controller.abort`: undici then drops the request and hands the socket, healthy and
+    // unused, to the next one, where an abort destroys it (a new TCP and TLS handshake for every
+    // expired request leaving the queue, when the upstream is already slow).
+    if (this.#settled) throw new DeadlineError('deadline passed before sending')
     this.#controller = controller
   }
 

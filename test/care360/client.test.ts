@@ -476,6 +476,35 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
   t.notOk(sandbox.control.isCancelled(bob.appointments[0]!.id))
 })
 
+t.test('requests that expire while queued leave the pool\'s socket alive for the next one', async (t) => {
+  let connections = 0
+  let requests = 0
+  const upstream = createHttpServer((request, response) => {
+    requests++
+    request.resume()
+    setTimeout(() => { response.setHeader('content-type', 'application/json'); response.end('{"status":200,"success":true,"message":"ok"}') }, 150)
+  })
+  upstream.on('connection', () => { connections++ })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => {
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  const { port } = upstream.address() as AddressInfo
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 500, connections: 1 })
+  t.teardown(() => client.close())
+  // One socket, 150 ms an answer, a 500 ms deadline: three answered (about), the next cut in
+  // flight (its socket goes with it), the rest expire in the queue.
+  const outcomes = await Promise.all(Array.from({ length: 8 }, async () => await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST }, CTX).then(() => 'ok', (error: { outcome: string }) => error.outcome)))
+  const count = (outcome: string): number => outcomes.filter((seen) => seen === outcome).length
+  t.ok(count('not-sent') >= 2, `some expired in the queue: ${outcomes.join(', ')}`)
+  await sleep(100)
+  t.equal(requests, count('ok') + count('unknown'), 'the expired ones were never written')
+  // Before: each expired request destroyed the socket it was handed, so one more connection each.
+  t.ok(connections <= 1 + count('unknown'), `a new connection only after a cut in flight: ${connections} connections, ${count('unknown')} cut`)
+})
+
 /**
  * A server that accepts TCP connections and never answers (a TLS handshake that never completes),
  * on a free loopback port; what it received, for the checks.
