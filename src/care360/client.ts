@@ -245,6 +245,9 @@ function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: n
   return handler.answer
 }
 
+/** asctime()'s date, the third HTTP-date form: `Sun Nov  6 08:49:37 1994`. */
+const ASCTIME = /^[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/
+
 /** Retry-After as seconds or HTTP-date (RFC 9110 §10.2.3), in ms, clamped; null when unusable. */
 export function parseRetryAfter (value: string | string[] | undefined, now = Date.now()): number | null {
   const text = (Array.isArray(value) ? value[0] : value)?.trim()
@@ -254,7 +257,9 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
     ms = Number(text) * 1000
   } else if (/[a-z]/i.test(text)) {
     // Date.parse also reads bare numbers as years; only text that looks like a date gets here.
-    const at = Date.parse(text)
+    // asctime's form carries no zone, and Date.parse would read it in local time: HTTP dates are
+    // all GMT (RFC 9110 5.6.7).
+    const at = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text)
     if (Number.isNaN(at)) return null
     ms = at - now
   } else {
@@ -527,7 +532,9 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       }, scrub, function readCancel (status, envelope): CancelAnswer {
         if (status !== 200) throw unexpected(status, 'status not in its documentation')
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
-        if (envelope.success === false) throw unexpected(status, 'success is false')
+        // Matched on status and `success` (the documentation's rule): a 200 that does not say
+        // success is not taken for a cancel.
+        if (envelope.success !== true) throw unexpected(status, 'success is not true')
         return {
           status: 200,
           success: true,
@@ -553,7 +560,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
           if (envelope.success === false) return []
           throw unexpected(status, 'a 404 without the upstream envelope')
         }
-        if (envelope.success === false) throw unexpected(status, 'success is false')
+        if (envelope.success !== true) throw unexpected(status, 'success is not true')
         if (!Array.isArray(envelope.data)) throw unexpected(status, 'data is not a list')
         const appointments: Appointment[] = []
         for (const item of envelope.data) {

@@ -101,12 +101,15 @@ t.test('cancel 200 envelope is coerced safely', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'status', status: 200, body: { status: 'x', success: true }, times: 1 })
   t.same(await cancelAlice(client), { status: 200, success: true, message: 'Appointment cancelled' })
-  sandbox.control.setFailure({ kind: 'status', status: 200, body: { message: `done\u0000\u001b[31m for ${ALICE.email}` }, times: 1 })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: true, message: `done\u0000\u001b[31m for ${ALICE.email}` }, times: 1 })
   t.same(await cancelAlice(client), { status: 200, success: true, message: 'done[31m for [redacted]' })
 
-  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: false, message: 'no' }, times: 1 })
-  let error = await failureOf(cancelAlice(client))
-  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 })
+  // Matched on status and success: a 200 that does not say success is not a cancel.
+  for (const body of [{ success: false, message: 'no' }, { status: 200, message: 'x' }, { success: 'false', status: 400, message: 'Invalid' }, { success: 'true' }]) {
+    sandbox.control.setFailure({ kind: 'status', status: 200, body, times: 1 })
+    t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 }, JSON.stringify(body))
+  }
+  let error
   sandbox.control.setFailure({ kind: 'status', status: 200, body: [1, 2], times: 1 })
   error = await failureOf(cancelAlice(client))
   t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered' })
@@ -166,7 +169,7 @@ t.test('upstream 400 texts are capped, stripped of controls and scrubbed', async
 t.test('a reason is redacted where it stands as whole words, never inside other words', async (t) => {
   const { sandbox, client } = await setup(t)
   async function messageFor (reason: string, message: string): Promise<unknown> {
-    sandbox.control.setFailure({ kind: 'status', status: 200, body: { message }, times: 1 })
+    sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: true, message }, times: 1 })
     const answer = await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason }, CTX) as { message: string }
     return answer.message
   }
@@ -197,7 +200,7 @@ t.test('a reason is redacted where it stands as whole words, never inside other 
 
 t.test('the key and the email are redacted even inside longer tokens', async (t) => {
   const { sandbox, client } = await setup(t)
-  sandbox.control.setFailure({ kind: 'status', status: 200, body: { message: `x${SANDBOX_KEY}y mail:${ALICE.email}z` }, times: 1 })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: true, message: `x${SANDBOX_KEY}y mail:${ALICE.email}z` }, times: 1 })
   t.same(await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason: 'other' }, CTX), {
     status: 200, success: true, message: 'x[redacted]y mail:[redacted]z'
   })
@@ -292,6 +295,10 @@ t.test('parseRetryAfter', async (t) => {
   t.equal(parseRetryAfter('99999999999', now), 600_000, 'clamped to 10 minutes')
   t.equal(parseRetryAfter('Tue, 01 Jan 2030 00:00:42 GMT', now), 42_000)
   t.equal(parseRetryAfter('Mon, 31 Dec 2029 23:00:00 GMT', now), 0, 'a past date means now')
+  t.equal(parseRetryAfter('Tuesday, 01-Jan-30 00:00:42 GMT', now), 42_000, 'RFC 850')
+  // asctime carries no zone: GMT, whatever the process's time zone (Date.parse would read it as local).
+  t.equal(parseRetryAfter('Tue Jan  1 00:01:00 2030', now), 60_000, 'asctime')
+  t.equal(parseRetryAfter('Tue Jan 01 00:01:00 2030', now), 60_000, 'asctime with a zero')
   for (const bad of [undefined, '', '  ', '-5', '1.5', 'soon', '2030-01-01']) t.equal(parseRetryAfter(bad, now), null, String(bad))
   t.type(parseRetryAfter('0'), 'number')
 })
@@ -330,7 +337,7 @@ t.test('the default caps: 64 KiB for a cancel\'s answer, 1 MiB for a list (not p
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'huge', times: 1 })
   t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_ERROR })
-  sandbox.control.setFailure({ kind: 'status', status: 200, body: { data: [], pad: 'x'.repeat(60_000) }, times: 1 })
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: { success: true, data: [], pad: 'x'.repeat(60_000) }, times: 1 })
   t.same(await client.fetchAppointments(ALICE.email, CTX), [])
   // A patient with six hundred appointments of 1.5 KB each: about 900 KB, all listed.
   const many = Array.from({ length: 600 }, (_, i) => ({ id: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`, title: 'x'.repeat(1400), start: '2030-01-01T10:00:00.000Z' }))
@@ -612,7 +619,7 @@ t.test('fetchAppointments', async (t) => {
 
   t.test('data that is not a list, or success false, is an upstream error', async (t) => {
     const { sandbox, client } = await setup(t)
-    for (const body of [{ success: true, data: {} }, { success: true }, { success: false, data: [] }]) {
+    for (const body of [{ success: true, data: {} }, { success: true }, { success: false, data: [] }, { data: [] }, { success: 'true', data: [] }]) {
       sandbox.control.setFailure({ kind: 'status', status: 200, body, times: 1 })
       t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered' })
     }
