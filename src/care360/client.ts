@@ -337,6 +337,15 @@ function parseEnvelope (body: Buffer): Envelope | null {
   }
 }
 
+/**
+ * Whether an error envelope names the upstream's NotFoundError (the documentation names the error,
+ * not the field that carries it). A name, not a message: the same on production and staging.
+ */
+function namesNotFound (envelope: Envelope | null): envelope is Envelope {
+  if (envelope === null || envelope.success !== false) return false
+  return [envelope.error, envelope.code, envelope.name, envelope.message].some((value) => typeof value === 'string' && value.includes('NotFoundError'))
+}
+
 function stringOrNull (value: unknown): string | null {
   return typeof value === 'string' ? value : null
 }
@@ -455,7 +464,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         })
       }
       try {
-        const result = read(answer.status, usableEnvelope(answer, scrub))
+        const result = read(answer.status, usableEnvelope(answer, scrub, endpoint === 'list'))
         heard('ok')
         return result
       } catch (error) {
@@ -469,11 +478,15 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     })
   }
 
-  /** The envelope of an answer `read` may use (200, 404); any other status is a coded error. */
-  function usableEnvelope (answer: Answer, scrub: Scrub): Envelope | null {
+  /**
+   * The envelope of an answer `read` may use (200, 404, and for the list a NotFoundError whatever
+   * its status); any other status is a coded error.
+   */
+  function usableEnvelope (answer: Answer, scrub: Scrub, list: boolean): Envelope | null {
     const { status } = answer
     const envelope = parseEnvelope(answer.body)
     if (status === 200 || status === 404) return envelope
+    if (list && status >= 400 && status < 500 && namesNotFound(envelope)) return envelope
     if (status === 400) {
       if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
       throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
@@ -554,10 +567,11 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         headers: upstreamHeaders(context, false)
       }, { anywhere: [apiKey, email] }, function readList (status, envelope): Appointment[] {
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
-        // The upstream's "NotFoundError" for an email it does not know: no appointments. A 404 that
-        // is not its envelope (a wrong base path) stays an error rather than an empty list.
-        if (status === 404) {
-          if (envelope.success === false) return []
+        // The upstream's "NotFoundError" for an email it does not know: no appointments. Its status
+        // is not documented (404 inferred): any 4xx naming it counts, and a 404 in the envelope. A
+        // 404 that is not its envelope (a wrong base path) stays an error rather than an empty list.
+        if (status !== 200) {
+          if (status !== 404 || envelope.success === false) return []
           throw unexpected(status, 'a 404 without the upstream envelope')
         }
         if (envelope.success !== true) throw unexpected(status, 'success is not true')

@@ -582,6 +582,31 @@ t.test('fetchAppointments', async (t) => {
     t.same(await client.fetchAppointments(DEMO_PATIENTS[2]!.email, CTX), [])
   })
 
+  t.test('a NotFoundError under another status (undocumented: 404 is inferred) is an empty list too', async (t) => {
+    const { sandbox, client } = await setup(t)
+    const named = [
+      { success: false, message: 'NotFoundError', error: 'User not found' },
+      { success: false, message: 'User not found', error: 'NotFoundError' },
+      { success: false, message: 'User not found', code: 'NotFoundError' },
+      { success: false, name: 'NotFoundError' }
+    ]
+    for (const [i, body] of named.entries()) {
+      const status = [400, 422, 400, 409][i]!
+      sandbox.control.setFailure({ kind: 'status', status, body, times: 1 })
+      t.same(await client.fetchAppointments(ALICE.email, CTX), [], `${status} ${JSON.stringify(body)}`)
+    }
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: { success: false, message: 'Invalid request', error: 'start_date is required' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'another 400 is the upstream\'s refusal')
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: { success: true, error: 'NotFoundError' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'only in an error envelope')
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: 'NotFoundError', headers: { 'content-type': 'text/plain' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'not without the envelope')
+    sandbox.control.setFailure({ kind: 'status', status: 500, body: named[0], times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'a 5xx is the upstream failing, whatever it names')
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: named[0], endpoint: 'cancel', times: 1 })
+    t.match(await failureOf(cancelAlice(client)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'a cancel refused so is the upstream\'s 400, as before')
+  })
+
   t.test('a 404 that is not the upstream\'s envelope is an error', async (t) => {
     const { sandbox, client } = await setup(t)
     sandbox.control.setFailure({ kind: 'status', status: 404, body: 'Cannot GET', times: 1 })
