@@ -45,6 +45,12 @@ export function findAppointment (list: Appointment[], appointmentId: string): Ap
   return list.find((item) => listedIdOf(item, appointmentId) !== null) ?? null
 }
 
+/** Whether the appointment's end, when the upstream gave a readable one, has passed. */
+function hasEnded (item: Appointment, at: number): boolean {
+  const end = item.end === null ? Number.NaN : Date.parse(item.end)
+  return end <= at
+}
+
 export function createOwnershipCache (options: OwnershipCacheOptions): OwnershipCache {
   const ttlMs = options.ttlMs ?? 30_000
   const maxEntries = options.maxEntries ?? 10_000
@@ -89,7 +95,10 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
     async find (email, appointmentId, requestId) {
       const fromCache = cached(email)
       const hit = fromCache === null ? null : findAppointment(fromCache, appointmentId)
-      return hit ?? findAppointment(await fresh(email, requestId), appointmentId)
+      // One that ended since the list was fetched is no longer upcoming: asked again (the
+      // upstream no longer lists it) rather than sent a cancel it would refuse.
+      if (hit !== null && !hasEnded(hit, now())) return hit
+      return findAppointment(await fresh(email, requestId), appointmentId)
     },
     async findFresh (email, appointmentId, requestId) {
       return findAppointment(await fresh(email, requestId), appointmentId)

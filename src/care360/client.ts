@@ -346,6 +346,9 @@ function namesNotFound (envelope: Envelope | null): envelope is Envelope {
   return [envelope.error, envelope.code, envelope.name, envelope.message].some((value) => typeof value === 'string' && value.includes('NotFoundError'))
 }
 
+/** A cancelled status, in either spelling the vendor's pages use. */
+const CANCELLED = /^cancell?ed$/i
+
 function stringOrNull (value: unknown): string | null {
   return typeof value === 'string' ? value : null
 }
@@ -354,6 +357,9 @@ function toAppointment (item: unknown): Appointment | null {
   if (typeof item !== 'object' || item === null) return null
   const raw = item as Record<string, unknown>
   if (typeof raw.id !== 'string' || raw.id === '') return null
+  // The list holds neither deleted nor cancelled appointments, its documentation says: one that
+  // shows up anyway is not offered to the patient, nor taken for theirs to cancel.
+  if (raw.isDeleted === true || (typeof raw.status === 'string' && CANCELLED.test(raw.status))) return null
   return {
     id: raw.id,
     agentEventId: stringOrNull(raw.agentEventId),

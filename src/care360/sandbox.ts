@@ -424,7 +424,8 @@ export async function buildSandbox (options: SandboxOptions): Promise<Sandbox> {
     }
     const now = Date.now()
     const data = [...appointments.values()]
-      .filter((stored) => !stored.cancelled && Date.parse(stored.item.end) > now)
+      // Documented: only appointments that are not deleted and have not ended; never cancelled ones.
+      .filter((stored) => !stored.cancelled && !stored.item.isDeleted && Date.parse(stored.item.end) > now)
       .filter((stored) => key === undefined || stored.email === key)
       .filter((stored) => {
         if (range === null) return true
@@ -453,7 +454,7 @@ export async function buildSandbox (options: SandboxOptions): Promise<Sandbox> {
     // The documentation does not say which id cancel takes; the sandbox accepts either.
     const stored = appointments.get(appointmentId) ??
       [...appointments.values()].find((candidate) => candidate.item.agentEventId === appointmentId)
-    if (stored === undefined) return invalid(reply, 'Appointment not found')
+    if (stored === undefined || stored.item.isDeleted) return invalid(reply, 'Appointment not found')
     if (stored.email !== email.toLowerCase()) return invalid(reply, 'Appointment does not belong to this invitee')
     if (stored.cancelled) return invalid(reply, 'Appointment is already cancelled')
     if (Date.parse(stored.item.end) <= Date.now()) return invalid(reply, 'Appointment has already ended')

@@ -71,3 +71,19 @@ t.test('a cancelled appointment stays out of lists fetched before its cancel too
   cache.remember('a@example.com', stale())
   t.ok(await cachedHas('a-1'), 'once a cached list can no longer be older than the cancel, lists are taken as they come')
 })
+
+t.test('an appointment that ended since its list was cached is looked up fresh, not taken from the cache', async (t) => {
+  let clock = Date.parse('2031-01-01T10:59:50Z')
+  const fetched: string[] = []
+  const ending = { ...item('a-1'), end: '2031-01-01T11:00:00Z' }
+  const later = { ...item('a-2'), end: '2031-01-02T11:00:00Z' }
+  const undated = { ...item('a-3'), end: 'soon' }
+  const cache = createOwnershipCache({ now: () => clock, fetch: async (email) => { fetched.push(email); return [later, undated] } })
+  cache.remember('a@example.com', [ending, later, undated])
+  t.same(await cache.find('a@example.com', 'a-1', 'r'), ending, 'still upcoming: from the cache')
+  clock += 10_000
+  t.same(await cache.find('a@example.com', 'a-1', 'r'), null, 'ended at its end: asked again, and the upstream no longer lists it')
+  t.same(fetched, ['a@example.com'])
+  t.same(await cache.find('a@example.com', 'a-3', 'r'), undated, 'an end that cannot be read is not taken for ended')
+  t.same(fetched, ['a@example.com'])
+})

@@ -629,14 +629,20 @@ t.test('fetchAppointments', async (t) => {
           { id: '' },
           null,
           'text',
-          { id: 'b', start: '2031-01-02T10:00:00Z', startDateTime: 'ignored', agentEventId: 'e', agentName: 'Dr. X', topic: 'T' }
+          { id: 'b', start: '2031-01-02T10:00:00Z', startDateTime: 'ignored', agentEventId: 'e', agentName: 'Dr. X', topic: 'T' },
+          // Never listed, the documentation says: left out if listed anyway.
+          { id: 'deleted', isDeleted: true, status: 'CONFIRMED' },
+          { id: 'cancelled', status: 'CANCELLED' },
+          { id: 'canceled', status: 'canceled' },
+          { id: 'c', isDeleted: false, status: 'CANCELLATION_REQUESTED' }
         ]
       },
       times: 1
     })
     t.strictSame(await client.fetchAppointments(ALICE.email, CTX), [
       { id: 'a', agentEventId: null, title: null, topic: null, start: '2031-01-01T10:00:00Z', end: '2031-01-01T11:00:00Z', status: 'RESCHEDULED', agentName: null },
-      { id: 'b', agentEventId: 'e', title: null, topic: 'T', start: '2031-01-02T10:00:00Z', end: null, status: null, agentName: 'Dr. X' }
+      { id: 'b', agentEventId: 'e', title: null, topic: 'T', start: '2031-01-02T10:00:00Z', end: null, status: null, agentName: 'Dr. X' },
+      { id: 'c', agentEventId: null, title: null, topic: null, start: null, end: null, status: 'CANCELLATION_REQUESTED', agentName: null }
     ])
   })
 

@@ -132,9 +132,10 @@ t.test('fetch appointments: query rules', async (t) => {
   t.same((await list(sandbox, `start_date=${day(400)}&end_date=${day(401)}`)).body.data, [])
 })
 
-t.test('fetch appointments: never cancelled or ended ones', async (t) => {
+t.test('fetch appointments: never cancelled, deleted or ended ones', async (t) => {
   const sandbox = await startSandbox(t)
   const ended = sandbox.control.seedAppointment('dave@example.com', { start: new Date(Date.now() - 7_200_000).toISOString(), end: new Date(Date.now() - 3_600_000).toISOString() })
+  const deleted = sandbox.control.seedAppointment('dave@example.com', { isDeleted: true })
   const later = sandbox.control.seedAppointment('Dave@example.com', { start: new Date(Date.now() + 7_200_000).toISOString() })
   const sooner = sandbox.control.seedAppointment('dave@example.com', { title: 'Soon' })
   t.equal(sooner.title, 'Soon')
@@ -144,6 +145,7 @@ t.test('fetch appointments: never cancelled or ended ones', async (t) => {
   t.equal((await cancel(sandbox, { email: 'dave@example.com', appointmentId: later.id })).status, 200)
   t.same((await list(sandbox, 'user_email=DAVE@example.com')).body.data.map((i: SandboxAppointment) => i.id), [sooner.id])
   invalid(t, await cancel(sandbox, { email: 'dave@example.com', appointmentId: ended.id }), 'Appointment has already ended')
+  invalid(t, await cancel(sandbox, { email: 'dave@example.com', appointmentId: deleted.id }), 'Appointment not found')
   sandbox.control.reset()
   t.equal((await list(sandbox, 'user_email=dave@example.com')).status, 404, 'reset goes back to the seed')
 })
