@@ -110,6 +110,14 @@ export async function shutDown (app: App, delayMs: number): Promise<void> {
 export const REQUEST_TIMEOUT_MS = 10_000
 
 /**
+ * The JSON body limit of every route but the mobile sign-in (its ID token has its own): small, as
+ * the contract wants, and still above the largest valid cancel written the longest way, 500 code
+ * points outside the BMP each escaped as a surrogate pair (\\uXXXX\\uXXXX, 12 bytes: 6013 bytes in
+ * all, which JSON encoders such as Python's json.dumps write by default).
+ */
+export const BODY_LIMIT_BYTES = 8192
+
+/**
  * How long a shutdown waits for the requests in flight: as long as the last request it may still
  * take can run. That request may finish arriving up to REQUEST_TIMEOUT_MS after the shutdown
  * began (its headers within the headers timeout, drainOnClose; its body as a running server
@@ -138,7 +146,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
-    bodyLimit: 4096,
+    bodyLimit: BODY_LIMIT_BYTES,
     // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s.
     requestTimeout: REQUEST_TIMEOUT_MS,
     // Above the 60 s idle timeout of common load balancers, so that they close first.

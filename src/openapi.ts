@@ -96,7 +96,7 @@ function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   if (auth !== undefined) statuses.push(503)
   // CSRF applies to every state-changing request that a session cookie authenticates.
   if (changesState && auth !== undefined) statuses.push(403)
-  // A body is parsed (JSON only, 4 KiB) on every state-changing route, whether it declares one or not.
+  // A body is parsed (JSON only, 8 KiB) on every state-changing route, whether it declares one or not.
   if (changesState) statuses.push(400, 413, 415)
   return statuses
 }

@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import fc from 'fast-check'
 import { signIn } from '../helpers/app.js'
+import { BODY_LIMIT_BYTES } from '../../src/app.js'
 import { SANDBOX_KEY } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { SESSION_COOKIE } from '../../src/auth/cookie.js'
@@ -300,7 +301,7 @@ t.test('abuse of every public route', async (t) => {
       if (id === '.' || id === '..') return '404 NOT_FOUND'
       if (body.kind === 'raw') {
         if (!type.startsWith('application/json')) return '415 UNSUPPORTED_MEDIA_TYPE'
-        if (Buffer.byteLength(body.text) > 4096) return '413 PAYLOAD_TOO_LARGE'
+        if (Buffer.byteLength(body.text) > BODY_LIMIT_BYTES) return '413 PAYLOAD_TOO_LARGE'
       }
       if (!UUID.test(id)) return '400 VALIDATION_FAILED'
       let reason: unknown

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import type { DestinationStream } from 'pino'
 import { buildApp, type App, type AppOverrides } from '../../src/app.js'
 import { loadConfig, type Config } from '../../src/config.js'
@@ -73,7 +74,9 @@ async function waitForRedis (app: App): Promise<void> {
 
 /** Signs in through `POST /auth/session` with a fresh ID token for `email`; returns the session token. */
 export async function signIn (app: App, issuer: TestIssuer, email = 'patient@example.com', claims: Record<string, unknown> = {}): Promise<string> {
-  const idToken = await issuer.sign({ email, sub: `sub-${email}`, ...claims })
+  // Its own jti: two sign-ins within one second would otherwise be the same token, and a token
+  // whose session signed out is retired (it cannot sign in again).
+  const idToken = await issuer.sign({ email, sub: `sub-${email}`, jti: randomUUID(), ...claims })
   const response = await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
   if (response.statusCode !== 201) throw new Error(`sign-in failed: ${response.statusCode} ${response.body}`)
   return (response.json() as { data: { token: string } }).data.token

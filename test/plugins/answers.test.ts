@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { buildApp } from '../../src/app.js'
+import { BODY_LIMIT_BYTES, buildApp } from '../../src/app.js'
 import { loadConfig } from '../../src/config.js'
 import { ApiError, ErrorCode } from '../../src/errors.js'
 import { toApiError } from '../../src/plugins/answers.js'
@@ -49,7 +49,7 @@ t.test("Fastify's own errors in the envelope", async (t) => {
     // JSON is UTF-8: a body declared in another charset would be read wrongly, so it is refused.
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json; charset=iso-8859-1' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json;Charset="UTF-16"' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
-    [{ payload: JSON.stringify({ n: 1, pad: 'x'.repeat(5000) }), headers: { 'content-type': 'application/json' } }, 413, 'PAYLOAD_TOO_LARGE']
+    [{ payload: JSON.stringify({ n: 1, pad: 'x'.repeat(BODY_LIMIT_BYTES) }), headers: { 'content-type': 'application/json' } }, 413, 'PAYLOAD_TOO_LARGE']
   ]
   for (const [options, status, code] of cases) {
     const res = await server.inject({ method: 'POST', url: '/echo', ...options })

@@ -5,6 +5,7 @@ import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
 import { startRedis } from '../helpers/redis.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import type { SandboxOptions } from '../../src/care360/sandbox.js'
+import { BODY_LIMIT_BYTES } from '../../src/app.js'
 
 const alice = DEMO_PATIENTS[0]!
 const bob = DEMO_PATIENTS[1]!
@@ -112,7 +113,7 @@ t.test('bad input: 4xx in the envelope, never an upstream call', async (t) => {
     [aliceFirst.id, '{"reason":', { 'content-type': 'application/json' }, 400, 'VALIDATION_FAILED'],
     [aliceFirst.id, 'reason=x', { 'content-type': 'application/x-www-form-urlencoded' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     [aliceFirst.id, 'x', { 'content-type': 'text/plain' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
-    [aliceFirst.id, JSON.stringify({ reason: 'x'.repeat(5000) }), { 'content-type': 'application/json' }, 413, 'PAYLOAD_TOO_LARGE'],
+    [aliceFirst.id, JSON.stringify({ reason: 'x'.repeat(BODY_LIMIT_BYTES) }), { 'content-type': 'application/json' }, 413, 'PAYLOAD_TOO_LARGE'],
     [aliceFirst.id, undefined, { 'idempotency-key': '' }, 400, 'VALIDATION_FAILED'],
     [aliceFirst.id, undefined, { 'idempotency-key': 'k'.repeat(256) }, 400, 'VALIDATION_FAILED'],
     [aliceFirst.id, undefined, { 'idempotency-key': 'has space' }, 400, 'VALIDATION_FAILED']
@@ -125,6 +126,11 @@ t.test('bad input: 4xx in the envelope, never an upstream call', async (t) => {
   t.equal(sandbox.control.calls.length, 0, 'nothing reached the upstream')
   const longest = await cancel(token, aliceFirst.id, { reason: '😀'.repeat(500) + '' })
   t.equal(longest.statusCode, 200, '500 code points (1000 UTF-16 units) are allowed')
+  // The same reason as Python's json.dumps writes it (ensure_ascii): 12 bytes a code point.
+  const escaped = `{"reason":"${'\\ud83d\\ude00'.repeat(500)}"}`
+  t.ok(Buffer.byteLength(escaped) > 6000)
+  const written = await cancel(token, alice.appointments[1]!.id, escaped, { 'content-type': 'application/json' })
+  t.equal(written.statusCode, 200, 'also written with escapes: within the body limit')
 })
 
 t.test('no session, an unknown or a malformed one: 401 and no upstream call', async (t) => {
