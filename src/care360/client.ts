@@ -156,6 +156,8 @@ class ExchangeError extends Error {
   }
 }
 
+const NO_BODY = Buffer.alloc(0)
+
 // undici's own deadlines are a safety net behind ours; they mean the same thing.
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
 
@@ -191,7 +193,10 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (this.#settled) return
     this.#settled = true
     clearTimeout(this.#timer)
-    this.#reject(new ExchangeError(error, this.#controller !== null, timedOut, this.#status === 0 ? null : this.#status))
+    // A 429 is decided by its status and Retry-After, both in hand: its body too large, too slow
+    // or cut off must not turn it into a 502 or a 504, which would set no cooldown.
+    if (this.#status === 429) this.#resolve({ status: 429, headers: this.#headers, body: NO_BODY })
+    else this.#reject(new ExchangeError(error, this.#controller !== null, timedOut, this.#status === 0 ? null : this.#status))
     this.#controller?.abort(error)
   }
 

@@ -234,6 +234,33 @@ t.test('upstream 429', async (t) => {
     assertClean(t, error)
   })
 
+  t.test('a 429 whose body is too large, streams past the cap or stalls is still a 429, with its cooldown', async (t) => {
+    let mode = 'declared'
+    const upstream = createHttpServer((request, response) => {
+      request.resume()
+      response.writeHead(429, { 'retry-after': '30', 'content-type': 'application/json', ...(mode === 'declared' ? { 'content-length': String(2 * 1024 * 1024) } : {}) })
+      if (mode === 'declared') response.write('{"status":429,')
+      else if (mode === 'streamed') response.end(`{"pad":"${'x'.repeat(100 * 1024)}"}`)
+      else response.write('{"status":429,') // then nothing: stalled
+    })
+    upstream.listen(0, '127.0.0.1')
+    await once(upstream, 'listening')
+    t.teardown(() => {
+      upstream.closeAllConnections()
+      upstream.close()
+    })
+    const log = recordingGate()
+    const client = createCare360Client({ baseUrl: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`, apiKey: SANDBOX_KEY, timeoutMs: 300, gate: log.gate })
+    t.teardown(() => client.close())
+    for (const each of ['declared', 'streamed', 'stalled']) {
+      mode = each
+      const error = await failureOf(cancelAlice(client))
+      t.match(error, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED, upstreamStatus: 429 }, each)
+      t.same(error.headers, { 'Retry-After': '30' }, each)
+    }
+    t.same(log.rateLimited, [30_000, 30_000, 30_000], 'the gate heard each, with its Retry-After')
+  })
+
   t.test('Retry-After as an HTTP-date', async (t) => {
     const { sandbox, client, log } = await setup(t)
     sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: new Date(Date.now() + 30_000).toUTCString(), times: 1 })
