@@ -4,6 +4,7 @@ import type { FastifyInstance, InjectOptions, RouteOptions } from 'fastify'
 import { Validator } from '@seriousme/openapi-schema-validator'
 import { buildTestApp, signIn, type TestApp } from './helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
+import { BODY_LIMIT_BYTES } from '../src/app.js'
 import { ErrorCode } from '../src/errors.js'
 import { DEMO_PATIENTS } from '../src/care360/sandbox.js'
 import { CORS_EXPOSED_HEADERS } from '../src/web/security.js'
@@ -290,7 +291,7 @@ t.test('each answer declares the headers the service sends on it, and only those
   expect((await cancel(second, { 'idempotency-key': 'k-slow' })).headers['idempotent-replayed'] === undefined, 'resolved, not replayed')
   await cancel('not-a-uuid')
   await cancel('a'.repeat(300))
-  await cancel(third, {}, JSON.stringify({ reason: 'x'.repeat(5000) }))
+  await cancel(third, {}, JSON.stringify({ reason: 'x'.repeat(BODY_LIMIT_BYTES) }))
   await cancel(third, { 'content-type': 'text/plain' }, 'text')
   await send(CANCEL, { method: 'POST', url: `/appointments/${third}/cancel` })
   sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: '7', endpoint: 'cancel', times: 1 })

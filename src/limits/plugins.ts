@@ -1,7 +1,7 @@
 import { isIPv4 } from 'node:net'
 import { Address6 } from 'ip-address'
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler, onResponseHookHandler, RouteOptions } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler, onSendHookHandler, RouteOptions } from 'fastify'
 import type { Rate } from '../config.js'
 import { ErrorCode, errorEnvelope } from '../errors.js'
 import { isPromise, whenReady } from '../state/awaitable.js'
@@ -108,7 +108,7 @@ export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
  * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
  * a bare 500 rather than silently lifting the limit. On the paths of `refusalsOnly` it counts
  * nothing: it refuses an address whose refusals have reached the limit, and the route's
- * `countRefusal` hook counts the request after its answer if that was a 4xx.
+ * `countRefusal` hook counts the request as its answer goes if that is a 4xx.
  */
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: ReadonlySet<string>): onRequestHookHandler {
   const limits = [limit]
@@ -163,20 +163,23 @@ function decideOnRefusals (limit: ClientLimit, refusals: CounterHit | null, repl
   done()
 }
 
-/** A refusals-only route's hook after its answer: a 4xx (not its own 429) counts against the address. */
-function countRefusal (counters: CounterStore, limit: ClientLimit): onResponseHookHandler {
-  return function countIfRefused (request, reply, done) {
+/**
+ * A refusals-only route's hook as its answer goes: a 4xx (not its own 429) counts against the
+ * address, before the client has it, so that its next request is judged with it.
+ */
+function countRefusal (counters: CounterStore, limit: ClientLimit): onSendHookHandler {
+  return function countIfRefused (request, reply, payload, done) {
     const status = reply.statusCode
     if (!peeked.has(request) || status < 400 || status >= 500 || status === 429) {
-      done()
+      done(null, payload)
       return
     }
     const hit = counters.hit(refusalsKey(request), limit.rate)
     if (isPromise(hit)) {
-      hit.then(() => { done() }, done)
+      hit.then(() => { done(null, payload) }, done)
       return
     }
-    done()
+    done(null, payload)
   }
 }
 
@@ -259,7 +262,7 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   app.addHook('onRoute', function countRefusalsOnly (route: RouteOptions) {
     if (route.config?.ipLimit !== 'refusals') return
     refusalsOnly.add(route.url as string)
-    route.onResponse = [route.onResponse ?? [], countRefusal(counters, limit)].flat()
+    route.onSend = [route.onSend ?? [], countRefusal(counters, limit)].flat()
   })
   app.addHook('onRequest', ipLimitHook(counters, limit, metricsOf(app), refusalsOnly))
 }

@@ -118,7 +118,9 @@ t.test('garbage and oversized answers: 502 UPSTREAM_ERROR', async (t) => {
     stack.control.setFailure({ kind })
     const answers = await stack.burst(8)
     checkAnswers(t, answers)
-    only(t, answers, ['502 UPSTREAM_ERROR'])
+    // Streaming 1.2 MB up to the cap can outlast the 400 ms deadline on a loaded machine: then the
+    // answer is the deadline's, also one of the contract's.
+    only(t, answers, kind === 'huge' ? ['502 UPSTREAM_ERROR', '504 UPSTREAM_TIMEOUT'] : ['502 UPSTREAM_ERROR'])
     bounded(t, answers)
   }
   for (const body of ['{"status":200,"success":true', 'null', '[]', '{"data":"not a list"}', '\u0000\u0001binary']) {

@@ -115,7 +115,7 @@ export async function startWebStack (t: TeardownHost, options: WebStackOptions =
   }
 
   async function bearerFor (email: string): Promise<string> {
-    const idToken = await signAsIdp({ sub: `mobile-${email}`, email, email_verified: true, jti: undefined })
+    const idToken = await signAsIdp({ sub: `mobile-${email}`, email, email_verified: true })
     const response = await built.app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
     if (response.statusCode !== 201) throw new Error(`mobile sign-in failed: ${response.body}`)
     return (response.json() as { data: { token: string } }).data.token
