@@ -12,6 +12,7 @@ import { createCooldown } from './cooldown.js'
 import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
 import type { AppMetrics } from '../metrics.js'
 import { pathOf } from '../logging.js'
+import { appendHook } from '../plugins/after-answer.js'
 import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
 declare module 'fastify' {
@@ -262,7 +263,7 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   app.addHook('onRoute', function countRefusalsOnly (route: RouteOptions) {
     if (route.config?.ipLimit !== 'refusals') return
     refusalsOnly.add(route.url as string)
-    route.onSend = [route.onSend ?? [], countRefusal(counters, limit)].flat()
+    route.onSend = appendHook(route.onSend, countRefusal(counters, limit))
   })
   app.addHook('onRequest', ipLimitHook(counters, limit, metricsOf(app), refusalsOnly))
 }

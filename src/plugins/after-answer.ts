@@ -12,7 +12,7 @@ export function afterEveryAnswer (app: FastifyInstance, hookFor: (route: string 
     app.addHook('onRoute', answerEvenWhenClientLeft)
   }
   app.addHook('onRoute', function appendAfterAnswer (route) {
-    route.onResponse = [route.onResponse ?? [], hookFor(route.url)].flat()
+    route.onResponse = appendHook(route.onResponse, hookFor(route.url))
   })
   const notFound = hookFor(null)
   app.addHook('onResponse', function afterNotFound (request, reply, done) {
@@ -25,6 +25,11 @@ export function afterEveryAnswer (app: FastifyInstance, hookFor: (route: string 
 }
 
 const watched = new WeakSet<FastifyInstance>()
+
+/** A route's hooks of one kind (none, one or several, as route options hold them) with `hook` last. */
+export function appendHook<T> (hooks: T | T[] | undefined, hook: T): T[] {
+  return [...(hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks]), hook]
+}
 
 /**
  * A client that closed its connection before its answer (a timeout of its own, a flaky network)
@@ -40,7 +45,7 @@ function answerEvenWhenClientLeft (route: RouteOptions): void {
     if (reply.raw.destroyed) runInOrder(this, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
     done(null, payload)
   }
-  route.onSend = [route.onSend ?? [], ifClientLeft].flat()
+  route.onSend = appendHook(route.onSend, ifClientLeft)
 }
 
 /** The hooks one after the other, as Fastify runs them (each calls `done`, or its promise settles). */
