@@ -21,7 +21,9 @@ const alice = DEMO_PATIENTS[0]!
 const bob = DEMO_PATIENTS[1]!
 const owned = alice.appointments[0]!
 const UUID = /^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$/
-const RUNS = Number(process.env.FUZZ_RUNS ?? 150)
+// FUZZ_RUNS raises the runs; anything that is not a positive number (empty, 0) keeps 150, so that
+// no setting turns the properties into checks of zero runs.
+const RUNS = Number(process.env.FUZZ_RUNS) > 0 ? Number(process.env.FUZZ_RUNS) : 150
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
 type Method = typeof METHODS[number]
 
@@ -54,6 +56,9 @@ t.test('abuse of every public route', async (t) => {
     upstreamTimeoutMs: 2000,
     email: alice.email,
     logStream: stream,
+    // The suite-wide scan still looks for the key, the sessions and their emails in these lines;
+    // the fuzzed text (which a logged path may hold by chance) is this file's own scan's.
+    scanRequests: false,
     env: {
       OIDC_CLIENT_SECRET: 'fuzz-client-secret-value',
       PUBLIC_URL: 'https://patient.example',
@@ -71,8 +76,6 @@ t.test('abuse of every public route', async (t) => {
     cookieToken = await webSession()
     everyToken.push(bearer, cookieToken)
   }
-  /** Known bugs met by the general properties, reported by their own tests rather than failing every property. */
-  const knownBugs = new Map<string, number>()
 
   const routes = routesOf(app.printRoutes({ commonPrefix: false }))
   const templates = [...new Set(routes.map((route) => route.url))]
@@ -172,10 +175,6 @@ t.test('abuse of every public route', async (t) => {
   function judge (request: Fuzzed, status: number, headers: Record<string, unknown>, body: string, upstreamCalls: number): string | null {
     const label = `${request.method} ${request.url.slice(0, 80)} (${request.auth})`
     if (status >= 500) return `${label}: ${status} ${body.slice(0, 120)}`
-    if (request.method === 'OPTIONS' && status === 400 && body === 'Invalid Preflight Request') {
-      knownBugs.set('OPTIONS without preflight headers: 400 text/plain', (knownBugs.get('OPTIONS without preflight headers: 400 text/plain') ?? 0) + 1)
-      return null
-    }
     const answer = { status, headers: headers as Record<string, string>, body }
     // HEAD answers have no body; a preflight's 204 has none either.
     // The OpenAPI document is the one success that is not in the envelope.
@@ -409,7 +408,6 @@ t.test('abuse of every public route', async (t) => {
   })
 
   await t.test('an OPTIONS request that is no CORS preflight is answered without leaving the contract', async (t) => {
-    t.comment(`met by the properties: ${JSON.stringify(Object.fromEntries(knownBugs))}`)
     const response = await app.inject({ method: 'OPTIONS', url: '/appointments' })
     t.equal(offContract({ status: response.statusCode, headers: response.headers as Record<string, string>, body: response.body }, [204]), null, 'envelope')
   })

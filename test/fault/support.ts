@@ -36,6 +36,8 @@ export interface SandboxedAppOptions {
   redis?: RedisServer
   /** Extra environment (e.g. the web client), over the sandbox's and UNLIMITED. */
   env?: Record<string, string>
+  /** buildTestApp's `scanRequests`: false for fuzzed requests. */
+  scanRequests?: boolean
 }
 
 export interface SandboxedApp extends TestApp {
@@ -52,6 +54,7 @@ export async function startSandboxedApp (t: TeardownHost, options: SandboxedAppO
     upstreamUrl: sandbox.url,
     ...(options.redis === undefined ? {} : { redis: options.redis }),
     ...(options.logStream === undefined ? {} : { logStream: options.logStream }),
+    ...(options.scanRequests === undefined ? {} : { scanRequests: options.scanRequests }),
     env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: String(options.upstreamTimeoutMs), ...UNLIMITED, ...options.env }
   })
   const token = await signIn(built.app, built.issuer, options.email)

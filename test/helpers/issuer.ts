@@ -3,6 +3,7 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { randomUUID } from 'node:crypto'
 import { SignJWT, exportJWK, generateKeyPair, type CryptoKey, type JWK } from 'jose'
+import { rememberSecret } from './secrets.js'
 
 /**
  * A tiny real OIDC issuer on 127.0.0.1, port 0: discovery and JWKS over HTTP, so tests exercise
@@ -139,7 +140,9 @@ export async function startIssuer (t: TeardownHost, options: IssuerOptions = {})
       return new SignJWT(payload).setProtectedHeader({ alg: 'HS256', typ: 'JWT', kid: keys.rs256.kid, ...signOptions.header }).sign(secret)
     }
     const key = keys[signOptions.key ?? 'rs256']
-    return new SignJWT(payload).setProtectedHeader({ alg: key.alg, typ: 'JWT', kid: key.kid, ...signOptions.header }).sign(key.privateKey)
+    const token = await new SignJWT(payload).setProtectedHeader({ alg: key.alg, typ: 'JWT', kid: key.kid, ...signOptions.header }).sign(key.privateKey)
+    rememberSecret('ID token', token)
+    return token
   }
 
   const close = async (): Promise<void> => {

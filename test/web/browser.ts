@@ -1,3 +1,5 @@
+import { rememberSecret } from '../helpers/secrets.js'
+
 /**
  * A browser as far as sign-in needs one: a cookie jar and redirects followed by hand
  * (`redirect: 'manual'`), so that a test sees every hop. Cookies are kept per origin and sent over
@@ -60,6 +62,11 @@ export class Browser {
     const response = await fetch(url, { method: init.method ?? 'GET', headers, body, redirect: 'manual', signal: AbortSignal.timeout(10_000) })
     const lines = response.headers.getSetCookie()
     for (const line of lines) this.received.push({ url, line })
+    // For the suite-wide log scan: what the browser holds and what the IdP sends it back with.
+    for (const line of lines) rememberSecret('cookie', line.split(';')[0]?.split('=').slice(1).join('='))
+    const { searchParams } = new URL(url)
+    rememberSecret('authorization code', searchParams.get('code'))
+    rememberSecret('state', searchParams.get('state'))
     this.#store(origin, lines)
     return response
   }

@@ -3,6 +3,7 @@ import { LOGIN_COOKIE_PREFIX, loginCookieName } from '../../src/web/cookies.js'
 import { SignJWT, importJWK, type JWK } from 'jose'
 import { buildTestApp, type TestApp } from '../helpers/app.js'
 import { startTestIdp, type DevIdp } from '../helpers/idp.js'
+import { rememberSecret } from '../helpers/secrets.js'
 import type { RedisServer } from '../helpers/redis.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { Browser, type Page } from './browser.js'
@@ -111,7 +112,9 @@ export async function startWebStack (t: TeardownHost, options: WebStackOptions =
     const iat = Math.floor(Date.now() / 1000)
     const payload: Record<string, unknown> = { iss: idp.url, aud: idp.clientId, iat, exp: iat + 120, jti: randomUUID(), ...claims }
     for (const [name, value] of Object.entries(payload)) if (value === undefined) Reflect.deleteProperty(payload, name)
-    return await new SignJWT(payload).setProtectedHeader({ alg: 'RS256', kid: idp.signingKeys[0]?.kid as string, ...header }).sign(signingKey)
+    const token = await new SignJWT(payload).setProtectedHeader({ alg: 'RS256', kid: idp.signingKeys[0]?.kid as string, ...header }).sign(signingKey)
+    rememberSecret('token signed as the IdP', token)
+    return token
   }
 
   async function bearerFor (email: string): Promise<string> {
