@@ -1,0 +1,51 @@
+import t from 'tap'
+import { Browser } from './browser.js'
+import { SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
+import { BACKCHANNEL_LOGOUT_EVENT } from '../../src/web/backchannel.js'
+
+const EVENTS = { [BACKCHANNEL_LOGOUT_EVENT]: {} }
+
+async function authenticated (app: WebStack['app'], cookie: string | undefined): Promise<boolean> {
+  const answer = await app.inject({ method: 'GET', url: '/auth/me', cookies: { [SESSION_COOKIE]: cookie ?? '' } })
+  return (answer.json() as { data: { authenticated: boolean } }).data.authenticated
+}
+
+function post (app: WebStack['app'], body: string) {
+  return app.inject({ method: 'POST', url: '/auth/backchannel-logout', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: body })
+}
+
+const form = (token: string): string => new URLSearchParams({ logout_token: token }).toString()
+
+t.test('logout tokens: the edges the spec test does not reach', async (t) => {
+  const stack = await startWebStack(t)
+  const browser = new Browser()
+  await stack.signIn(browser, 'bob@example.com')
+  const cookie = stack.sessionOf(browser)
+  const now = Math.floor(Date.now() / 1000)
+
+  // Kills MAX_AGE_SEC 300 -> 600 (src/web/backchannel.ts:20): 400 s old is past 300 s + 30 s tolerance.
+  const stale = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: now - 400, exp: now + 60 })
+  t.equal((await post(stack.app, form(stale))).statusCode, 400, 'issued 400 s ago → 400')
+  t.ok(await authenticated(stack.app, cookie), 'and no session ended')
+
+  // Kills `tokens.length === 1` -> `>= 1` (src/web/backchannel.ts:125): a valid token repeated
+  // (or followed by another) is ambiguous and refused, not the first one taken.
+  const valid = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS })
+  t.equal((await post(stack.app, `${form(valid)}&logout_token=x`)).statusCode, 400, 'a valid token and another → 400')
+  t.ok(await authenticated(stack.app, cookie), 'and no session ended')
+
+  // Kills dropping `|| token.length > MAX_TOKEN_LENGTH` (src/web/backchannel.ts:143): a token over
+  // 8192 characters is refused before any verification, however well signed.
+  let pad = 6000
+  let long = ''
+  while (long.length <= 8192) {
+    long = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, pad: 'x'.repeat(pad) })
+    pad += 100
+  }
+  t.ok(long.length < 9100, `a signed token of ${long.length} characters, within the form's body limit`)
+  t.equal((await post(stack.app, form(long))).statusCode, 400, 'over 8192 characters → 400')
+  t.ok(await authenticated(stack.app, cookie), 'and no session ended')
+
+  t.equal((await post(stack.app, form(valid))).statusCode, 200, 'the same token alone is carried out')
+  t.notOk(await authenticated(stack.app, cookie))
+})
