@@ -103,6 +103,9 @@ async function answers (app: FastifyInstance): Promise<void> {
 
   app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
     const apiError = toApiError(error)
+    // No route: whatever its body (malformed, too large, of another type: Fastify parses it before
+    // the not-found handler runs), the answer is the contract's 404.
+    if (request.is404 && apiError !== null && apiError.statusCode < 500) return notFound(request, reply)
     if (apiError === null) {
       request.log.error({ err: error }, 'unhandled error')
       reply.errorCode = ErrorCode.INTERNAL_ERROR
@@ -117,10 +120,12 @@ async function answers (app: FastifyInstance): Promise<void> {
     return sendError(reply, apiError)
   })
 
-  app.setNotFoundHandler(function notFound (request, reply) {
-    reply.errorCode = ErrorCode.NOT_FOUND
-    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`))
-  })
+  app.setNotFoundHandler(notFound)
+}
+
+function notFound (request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  reply.errorCode = ErrorCode.NOT_FOUND
+  return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`))
 }
 
 /**

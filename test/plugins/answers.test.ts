@@ -27,6 +27,12 @@ t.test('unknown paths answer 404 in the envelope with both headers', async (t) =
   t.same(res.json(), { status: 404, success: false, message: 'No route GET /nope', code: 'NOT_FOUND' })
   t.equal(res.headers['x-request-id'], 'abc-123')
   t.equal(res.headers['cache-control'], 'no-store')
+  // Fastify parses a body before its not-found handler runs: no route is still the contract's 404.
+  for (const [payload, type] of [['{"broken":', 'application/json'], [JSON.stringify({ pad: 'x'.repeat(BODY_LIMIT_BYTES) }), 'application/json'], ['plain', 'text/plain'], ['{}', 'application/json; charset=iso-8859-1']]) {
+    const posted = await server.inject({ method: 'POST', url: '/nope', headers: { 'content-type': type as string }, payload })
+    t.equal(posted.statusCode, 404, `a ${type} body of ${(payload as string).length} bytes to no route`)
+    t.same(posted.json(), { status: 404, success: false, message: 'No route POST /nope', code: 'NOT_FOUND' })
+  }
 })
 
 t.test('a malformed x-request-id is replaced by a generated one', async (t) => {
