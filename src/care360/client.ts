@@ -519,7 +519,10 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
 
   /** An upstream 429: the gate hears of it (cooldown), and the client gets a 429 with Retry-After. */
   async function rateLimited (headers: IncomingHttpHeaders): Promise<never> {
-    const retryAfterMs = parseRetryAfter(headers['retry-after'])
+    // A date is read against the answer's own Date (the upstream's clock), not ours: a skew
+    // between the two clocks would otherwise lengthen or cut the cooldown by as much.
+    const answeredAt = Date.parse(headers.date ?? '')
+    const retryAfterMs = parseRetryAfter(headers['retry-after'], Number.isNaN(answeredAt) ? Date.now() : answeredAt)
     let cooldownMs: number | null = retryAfterMs
     try {
       const decided = await gate.onRateLimited(retryAfterMs)

@@ -271,6 +271,19 @@ t.test('upstream 429', async (t) => {
     t.match(error.headers['Retry-After'], /^(29|30)$/)
   })
 
+  t.test('a Retry-After date is read against the answer\'s Date, the upstream\'s clock', async (t) => {
+    const { sandbox, client, log } = await setup(t)
+    // The upstream's clock an hour behind ours: "30 s after my now".
+    const theirs = Date.now() - 3_600_000
+    sandbox.control.setFailure({ kind: 'status', status: 429, headers: { date: new Date(theirs).toUTCString(), 'retry-after': new Date(theirs + 30_000).toUTCString() }, times: 1 })
+    const error = await failureOf(cancelAlice(client))
+    t.match(error, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED })
+    t.ok(Math.abs((log.rateLimited[0] ?? 0) - 30_000) <= 1000, `a 30 s cooldown, not none (${log.rateLimited[0]})`)
+    sandbox.control.setFailure({ kind: 'status', status: 429, headers: { date: 'not a date', 'retry-after': new Date(Date.now() + 20_000).toUTCString() }, times: 1 })
+    await failureOf(cancelAlice(client))
+    t.ok((log.rateLimited[1] ?? 0) > 18_000 && (log.rateLimited[1] ?? 0) <= 20_000, `without a usable Date, ours (${log.rateLimited[1]})`)
+  })
+
   t.test('no Retry-After: null to the gate, at least one second to the client', async (t) => {
     const { sandbox, client, log } = await setup(t)
     sandbox.control.setFailure({ kind: 'rate-limited', retryAfter: null, times: 1 })
