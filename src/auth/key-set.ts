@@ -65,7 +65,11 @@ async function discover (issuer: string, timeoutMs: number): Promise<Discovery> 
       redirect: 'error',
       headers: { accept: 'application/json' }
     })
-    if (response.status !== 200) throw new Error(`discovery answered ${response.status}`)
+    if (response.status !== 200) {
+      // Its body is not read: given back, so that its connection does not wait for the collector.
+      await response.body?.cancel()
+      throw new Error(`discovery answered ${response.status}`)
+    }
     document = await response.json() as typeof document
   } catch (error) {
     throw new ProviderUnavailable('OIDC discovery failed', { cause: error })
