@@ -30,8 +30,7 @@ declare module 'fastify' {
      * `refusals`: `RATE_LIMIT_IP` counts only this route's 4xx answers, on a counter of their own
      * per address (a route of a server-to-server peer authenticated by what it sends, whose valid
      * requests must all get through). An address whose refusals reached the limit is refused
-     * before the route runs until its window ends. Routes without parameters only: the per-IP
-     * hook finds them by path.
+     * before the route runs until its window ends.
      */
     ipLimit?: 'refusals'
   }
@@ -107,11 +106,11 @@ export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
 /**
  * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
  * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
- * a bare 500 rather than silently lifting the limit. On the paths of `refusalsOnly` it counts
- * nothing: it refuses an address whose refusals have reached the limit, and the route's
- * `countRefusal` hook counts the request as its answer goes if that is a 4xx.
+ * a bare 500 rather than silently lifting the limit. A request to a refusals-only route (when the
+ * app has one, `refusalsOnly`) is counted on its address's refusals counter instead, in advance,
+ * and given back by the route's `countOnlyRefusals` hook unless its answer is a refusal.
  */
-function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: ReadonlySet<string>): onRequestHookHandler {
+function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: { routes: boolean }): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
     const path = pathOf(request.url)
@@ -119,17 +118,10 @@ function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMe
       done()
       return
     }
-    if (refusalsOnly.has(path)) {
-      peeked.add(request)
-      const refusals = counters.peek(refusalsKey(request))
-      if (isPromise(refusals)) {
-        refusals.then((counted) => { decideOnRefusals(limit, counted, reply, metrics, done) }, done)
-        return
-      }
-      decideOnRefusals(limit, refusals, reply, metrics, done)
-      return
-    }
-    const hit = counters.hit(ipKey(request), limit.rate)
+    // By the route the router matched, whatever spelling of its path reached it (`%2D` included).
+    const refusals = refusalsOnly.routes && request.routeOptions.config.ipLimit === 'refusals'
+    if (refusals) countedInAdvance.add(request)
+    const hit = counters.hit(refusals ? refusalsKey(request) : ipKey(request), limit.rate)
     if (isPromise(hit)) {
       hit.then((counted) => { decide(limits, [counted], reply, metrics, done) }, done)
       return
@@ -147,37 +139,27 @@ function refusalsKey (request: FastifyRequest): string {
   return `refused-${ipKey(request)}`
 }
 
-/** The requests whose address the per-IP hook only looked at: their route counts them if refused. */
-const peeked = new WeakSet<FastifyRequest>()
+/** The requests counted as refusals before their answer was known. */
+const countedInAdvance = new WeakSet<FastifyRequest>()
 
 /**
- * The limit of a refusals-only route: the request goes on while the address's refusals are below
- * the limit (what is left is published as on every route), and is refused once they reach it.
+ * A refusals-only route's hook as its answer goes: a request counted in advance whose answer is no
+ * refusal (the route's success, our own 5xx) is given back, before the client has the answer, so
+ * that its next request is judged without it. A refusal (4xx) stays counted, and so does the
+ * limit's own 429, as on every route. Counting in advance keeps the limit exact for requests
+ * arriving together: each takes its place atomically, none passes on a count the others have not
+ * raised yet.
  */
-function decideOnRefusals (limit: ClientLimit, refusals: CounterHit | null, reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
-  const counted = refusals ?? { count: 0, resetMs: limit.rate.windowMs }
-  // As if this request were one more refusal: refused when that would be over the limit.
-  if (publish(limit, { count: counted.count + 1, resetMs: counted.resetMs }, reply, metrics)) {
-    refuse(counted, reply)
-    return
-  }
-  done()
-}
-
-/**
- * A refusals-only route's hook as its answer goes: a 4xx (not its own 429) counts against the
- * address, before the client has it, so that its next request is judged with it.
- */
-function countRefusal (counters: CounterStore, limit: ClientLimit): onSendHookHandler {
-  return function countIfRefused (request, reply, payload, done) {
+function countOnlyRefusals (counters: CounterStore): onSendHookHandler {
+  return function giveBackIfNotRefused (request, reply, payload, done) {
     const status = reply.statusCode
-    if (!peeked.has(request) || status < 400 || status >= 500 || status === 429) {
+    if (!countedInAdvance.has(request) || (status >= 400 && status < 500)) {
       done(null, payload)
       return
     }
-    const hit = counters.hit(refusalsKey(request), limit.rate)
-    if (isPromise(hit)) {
-      hit.then(() => { done(null, payload) }, done)
+    const released = counters.release(refusalsKey(request))
+    if (isPromise(released)) {
+      released.then(() => { done(null, payload) }, done)
       return
     }
     done(null, payload)
@@ -258,12 +240,13 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   const fallback = createStoreFallback({ sharedState: app.sharedState, log: app.log, now: options.now })
   const counters = createCounterStore({ fallback, now: options.now })
   const limit = clientLimit('ip', app.config.limits.ip)
-  const refusalsOnly = new Set<string>()
+  // Whether a refusals-only route exists: known once every route is added, read per request.
+  const refusalsOnly = { routes: false }
   app.decorate('limitsFallback', fallback)
   app.addHook('onRoute', function countRefusalsOnly (route: RouteOptions) {
     if (route.config?.ipLimit !== 'refusals') return
-    refusalsOnly.add(route.url as string)
-    route.onSend = appendHook(route.onSend, countRefusal(counters, limit))
+    refusalsOnly.routes = true
+    route.onSend = appendHook(route.onSend, countOnlyRefusals(counters))
   })
   app.addHook('onRequest', ipLimitHook(counters, limit, metricsOf(app), refusalsOnly))
 }

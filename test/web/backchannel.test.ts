@@ -427,6 +427,17 @@ for (const store of ['memory', 'redis'] as const) {
 
     const other = await app.inject({ method: 'POST', url: '/auth/backchannel-logout', remoteAddress: '10.0.0.9', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: form('not.a.jwt') })
     t.equal(other.statusCode, 400, 'another address is counted apart')
+
+    // Garbage arriving all at once: each is counted as it arrives, none passes on a count the
+    // others have not raised yet.
+    const together = await Promise.all(Array.from({ length: 12 }, async () => (await app.inject({ method: 'POST', url: '/auth/backchannel-logout', remoteAddress: '10.0.0.10', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: form('not.a.jwt') })).statusCode))
+    t.same(together.sort(), [400, 400, 400, ...Array(9).fill(429)], 'exactly the limit refused by verification, the rest by the limit')
+    // The route by whatever spelling reaches it; other methods on its path are any request.
+    const encoded = async () => (await app.inject({ method: 'POST', url: '/auth/backchannel%2Dlogout', remoteAddress: '10.0.0.11', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: form(await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS })) })).statusCode
+    t.same([await encoded(), await encoded(), await encoded(), await encoded()], [200, 200, 200, 200], 'valid logouts to an encoded path are the route\'s, never counted')
+    const gets = []
+    for (let i = 0; i < 4; i++) gets.push((await app.inject({ method: 'GET', url: '/auth/backchannel-logout', remoteAddress: '10.0.0.12' })).statusCode)
+    t.same(gets, [404, 404, 404, 429], 'a GET of the path is no logout: counted as any request')
   })
 }
 
