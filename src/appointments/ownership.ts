@@ -1,4 +1,4 @@
-import type { Appointment } from '../care360/client.js'
+import { hasEnded, type Appointment } from '../care360/client.js'
 
 /**
  * Which upcoming appointments belong to which patient, as the upstream's Fetch Appointments
@@ -43,12 +43,6 @@ export function listedIdOf (item: Appointment, appointmentId: string): string | 
 /** The appointment a cancel names, by its `id` or its `agentEventId`, in any case. */
 export function findAppointment (list: Appointment[], appointmentId: string): Appointment | null {
   return list.find((item) => listedIdOf(item, appointmentId) !== null) ?? null
-}
-
-/** Whether the appointment's end, when the upstream gave a readable one, has passed. */
-function hasEnded (item: Appointment, at: number): boolean {
-  const end = item.end === null ? Number.NaN : Date.parse(item.end)
-  return end <= at
 }
 
 export function createOwnershipCache (options: OwnershipCacheOptions): OwnershipCache {

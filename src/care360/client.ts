@@ -343,12 +343,25 @@ function parseEnvelope (body: Buffer): Envelope | null {
 }
 
 /**
+ * The statuses a NotFoundError may come with (404 inferred, the others seen on APIs of its kind).
+ * Never 401 or 403: a refused key is the operator's to mend, never an empty list.
+ */
+const NOT_FOUND_STATUSES: ReadonlySet<number> = new Set([400, 404, 409, 410, 422])
+
+/**
  * Whether an error envelope names the upstream's NotFoundError (the documentation names the error,
- * not the field that carries it). A name, not a message: the same on production and staging.
+ * not the field that carries it): a field that is exactly that name, not a message that mentions
+ * it (an "ApiKeyNotFoundError" or "CaseNotFoundError" is another error).
  */
 function namesNotFound (envelope: Envelope | null): envelope is Envelope {
   if (envelope === null || envelope.success !== false) return false
-  return [envelope.error, envelope.code, envelope.name, envelope.message].some((value) => typeof value === 'string' && value.includes('NotFoundError'))
+  return [envelope.error, envelope.code, envelope.name, envelope.message].includes('NotFoundError')
+}
+
+/** Whether the appointment's end, when the upstream gave a readable one, has passed. */
+export function hasEnded (item: Appointment, at: number): boolean {
+  const end = item.end === null ? Number.NaN : Date.parse(item.end)
+  return end <= at
 }
 
 /** A cancelled status, in either spelling the vendor's pages use. */
@@ -497,7 +510,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     const { status } = answer
     const envelope = parseEnvelope(answer.body)
     if (status === 200 || status === 404) return envelope
-    if (list && status >= 400 && status < 500 && namesNotFound(envelope)) return envelope
+    if (list && NOT_FOUND_STATUSES.has(status) && namesNotFound(envelope)) return envelope
     if (status === 400) {
       if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
       throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
@@ -591,9 +604,13 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         if (envelope.success !== true) throw unexpected(status, 'success is not true')
         if (!Array.isArray(envelope.data)) throw unexpected(status, 'data is not a list')
         const appointments: Appointment[] = []
+        const now = Date.now()
         for (const item of envelope.data) {
           const appointment = toAppointment(item)
-          if (appointment !== null) appointments.push(appointment)
+          // Only upcoming ones are listed, the documentation says: one that has ended (a readable
+          // end in the past) is left out if listed anyway, from the patient's list and from the
+          // ownership check, so that no cancel is sent for it.
+          if (appointment !== null && !hasEnded(appointment, now)) appointments.push(appointment)
         }
         return appointments
       })

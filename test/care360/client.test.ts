@@ -639,6 +639,13 @@ t.test('fetchAppointments', async (t) => {
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'another 400 is the upstream\'s refusal')
     sandbox.control.setFailure({ kind: 'status', status: 400, body: { success: true, error: 'NotFoundError' }, times: 1 })
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'only in an error envelope')
+    // Only that name, exactly, and never with a 401 or 403 (a refused key is no empty list).
+    sandbox.control.setFailure({ kind: 'status', status: 401, body: { success: false, error: 'NotFoundError' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_AUTH_FAILED }, 'a 401 naming it is still our key refused')
+    sandbox.control.setFailure({ kind: 'status', status: 403, body: { success: false, message: 'OrganizationNotFoundError: key revoked' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'a 403 is an error')
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: { success: false, error: 'ApiKeyNotFoundError' }, times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'another error whose name contains it')
     sandbox.control.setFailure({ kind: 'status', status: 400, body: 'NotFoundError', headers: { 'content-type': 'text/plain' }, times: 1 })
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'not without the envelope')
     sandbox.control.setFailure({ kind: 'status', status: 500, body: named[0], times: 1 })
@@ -674,7 +681,10 @@ t.test('fetchAppointments', async (t) => {
           { id: 'deleted', isDeleted: true, status: 'CONFIRMED' },
           { id: 'cancelled', status: 'CANCELLED' },
           { id: 'canceled', status: 'canceled' },
-          { id: 'c', isDeleted: false, status: 'CANCELLATION_REQUESTED' }
+          { id: 'c', isDeleted: false, status: 'CANCELLATION_REQUESTED' },
+          // Nor ended ones.
+          { id: 'ended', start: '2020-01-01T10:00:00Z', end: '2020-01-01T11:00:00Z' },
+          { id: 'ended-too', endDateTime: '2020-01-01T11:00:00Z' }
         ]
       },
       times: 1
