@@ -74,6 +74,7 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   // that sent it falls back (limits) or answers 503 (sessions, keyed idempotency). Ours rather
   // than ioredis's commandTimeout: see CommandBound.
   // On the real clock whatever `now` a test injects: the bound is about time that really passes.
+  let lastReadOnlyReconnect = Number.NEGATIVE_INFINITY
   const redis = new BoundedRedis(new CommandBound(commandTimeoutMs, () => performance.now()), options.url, {
     // A disconnected client must fail a command at once rather than queue it: requests never
     // wait on a Redis outage, the stores fall back instead.
@@ -96,13 +97,21 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     // replica, closes nothing: every write answers READONLY for as long as the connection lives.
     // Reconnecting finds the new primary (the endpoint moved on). 1: reconnect only, never resend
     // (2), which would run a script that is not idempotent twice; the store that got the error has
-    // already fallen back or answered 503.
-    reconnectOnError: (error: Error) => (error.message.startsWith('READONLY') ? 1 : false),
+    // already fallen back or answered 503. At most once per READONLY_RECONNECT_EVERY_MS: an
+    // endpoint that stays a replica (a DNS slow to move, a REDIS_URL naming a replica) must not
+    // become a reconnect for every write.
+    reconnectOnError: function reconnectIfReadOnly (error: Error) {
+      const at = performance.now()
+      if (!error.message.startsWith('READONLY') || at - lastReadOnlyReconnect < READONLY_RECONNECT_EVERY_MS) return false
+      lastReadOnlyReconnect = at
+      return 1
+    },
     lazyConnect: false
   })
   defineScripts(redis)
   let lastDegradedLog = Number.NEGATIVE_INFINITY
   let lastSelectLog = Number.NEGATIVE_INFINITY
+  let lastBackLog = Number.NEGATIVE_INFINITY
   let degraded = false
   // When the client last became ready.
   let backAt = Number.NEGATIVE_INFINITY
@@ -147,7 +156,12 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   let connections = 0
   redis.on('ready', function onRedisReady () {
     const sawBreak = degraded
-    if (sawBreak) log.info('shared state: Redis reachable again')
+    // Once per interval, as the outage's own line: a connection that keeps breaking and coming
+    // back must not write a line each time.
+    if (sawBreak && now() - lastBackLog >= logEveryMs) {
+      lastBackLog = now()
+      log.info('shared state: Redis reachable again')
+    }
     const readyAt = now()
     backAt = readyAt
     degraded = false
@@ -203,6 +217,9 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     }
   }
 }
+
+/** How often a connection answering READONLY may be replaced (ms). */
+const READONLY_RECONNECT_EVERY_MS = 5000
 
 /** The least wait of the pause-end timer (ms), whatever a test's clock says. */
 const PAUSE_END_MIN_WAIT_MS = 10

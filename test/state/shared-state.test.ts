@@ -271,3 +271,31 @@ t.test('a failover that demotes the node a connection is on: the connection is r
   t.teardown(() => fresh.disconnect())
   t.equal(await fresh.get('bff:failover'), 'after', 'on the new primary')
 })
+
+t.test('an endpoint that stays a replica: replaced once, not on every write, and one "reachable again" line a minute', async (t) => {
+  const primary = await startRedis(t)
+  const replica = await startRedis(t, { args: ['--replicaof', '127.0.0.1', String(primary.port)] })
+  const lines: Array<{ msg: string }> = []
+  const log = pino({ level: 'info' }, { write (line: string) { lines.push(JSON.parse(line) as { msg: string }) } })
+  const watched = createSharedState({ url: replica.url, log })
+  t.teardown(() => watched.close())
+  for (let i = 0; i < 250 && watched.mode() !== 'redis'; i++) await sleep(20)
+  t.equal(watched.mode(), 'redis', 'a replica answers reads and the ready check')
+  let connects = 0
+  watched.redis!.on('connect', () => { connects++ })
+  let refused = 0
+  const until = Date.now() + 1500
+  while (Date.now() < until) {
+    await watched.redis!.set('bff:replica', '1').catch((error: Error) => { if (error.message.startsWith('READONLY')) refused++ })
+    await sleep(20)
+  }
+  t.ok(refused > 10, `the replica refused the writes (${refused})`)
+  t.ok(connects <= 1, `one reconnect at most in 1.5 s, not one per write (${connects})`)
+  // Another break within the minute: back again, silently.
+  for (let i = 0; i < 250 && watched.redis!.status !== 'ready'; i++) await sleep(20)
+  watched.redis!.disconnect(true)
+  await sleep(50)
+  for (let i = 0; i < 250 && watched.redis!.status !== 'ready'; i++) await sleep(20)
+  await sleep(50)
+  t.equal(lines.filter((line) => line.msg === 'shared state: Redis reachable again').length, 1, 'one line for the two breaks of the minute')
+})
