@@ -50,7 +50,7 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   await app.register(cookie, { hook: false })
 
   app.post('/auth/session', {
-    // Real ID tokens fit in 8 KiB; the app-wide 8 KiB limit is too tight for some IdPs.
+    // Real ID tokens fit in 8 KiB: the app-wide limit of the same size leaves no room for the JSON around one.
     bodyLimit: MAX_ID_TOKEN_LENGTH + 2048,
     attachValidation: true,
     // Every answer is a finished sign-in except a 429: a limiter refused it before it was tried.
