@@ -87,5 +87,9 @@ export function ok<T> (data: T, message = 'OK', status = 200): { status: number,
 /** A 401's challenge (RFC 9110, 15.5.2: a 401 carries one), for the mobile app's bearer token (RFC 6750). */
 export const BEARER_CHALLENGE = { 'www-authenticate': 'Bearer' }
 
-export const sessionRequired = (): ApiError =>
-  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'A valid session is required', { headers: BEARER_CHALLENGE })
+/** The challenge when the request's bearer token was refused (unknown, expired, ended): RFC 6750, 3.1. */
+export const INVALID_TOKEN_CHALLENGE = { 'www-authenticate': 'Bearer error="invalid_token"' }
+
+/** No session: `tokenRefused` when the request sent a bearer token, which its challenge then says. */
+export const sessionRequired = (tokenRefused = false): ApiError =>
+  new ApiError(401, ErrorCode.SESSION_REQUIRED, 'A valid session is required', { headers: tokenRefused ? INVALID_TOKEN_CHALLENGE : BEARER_CHALLENGE })

@@ -189,7 +189,7 @@ const REDIRECT_HEADERS = {
 
 /** Every 401's challenge (errors.ts, BEARER_CHALLENGE). */
 const CHALLENGE = {
-  'www-authenticate': { description: 'The challenge of every 401 (RFC 9110, 15.5.2): `Bearer`, the session token of `POST /auth/session` (RFC 6750); web sessions sign in again through `/auth/login`', required: true, schema: { type: 'string', enum: ['Bearer'] } }
+  'www-authenticate': { description: 'The challenge of every 401 (RFC 9110, 15.5.2): `Bearer`, the session token of `POST /auth/session` (RFC 6750), with `error="invalid_token"` when the request sent one and it was refused (unknown, expired, signed out); web sessions sign in again through `/auth/login`', required: true, schema: { type: 'string', enum: ['Bearer', 'Bearer error="invalid_token"'] } }
 }
 
 type Answer = { headers?: Record<string, unknown> }

@@ -99,10 +99,12 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   }
 
   /** The request's session is the one its token names, or there is none (null). */
-  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, { session, hits }: SessionLookup, done: HookHandlerDoneFunction): void {
+  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, { session, hits }: SessionLookup, done: HookHandlerDoneFunction, presented = true): void {
     if (session === null) {
       // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
-      done(mode === 'optional' ? undefined : sessionRequired())
+      // A bearer token sent and refused is named as such in the challenge (the app then knows to
+      // sign in again rather than that it forgot the header).
+      done(mode === 'optional' ? undefined : sessionRequired(presented && transport === 'bearer'))
       return
     }
     request.session = session
@@ -122,7 +124,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     const presented = presentedToken(request)
     if (presented === null) {
-      adopt(request, mode, 'bearer', NO_SESSION, done)
+      adopt(request, mode, 'bearer', NO_SESSION, done, false)
       return
     }
     // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup

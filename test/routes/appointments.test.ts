@@ -140,8 +140,12 @@ t.test('no session, an unknown or a malformed one: 401 and no upstream call', as
   t.match(none.json(), { code: 'SESSION_REQUIRED' })
   t.equal(none.headers['www-authenticate'], 'Bearer', 'a 401 carries its challenge (RFC 9110, 15.5.2)')
   for (const token of ['x', 'A'.repeat(43)]) {
-    t.equal((await cancel(token, aliceFirst.id)).statusCode, 401)
+    const refused = await cancel(token, aliceFirst.id)
+    t.equal(refused.statusCode, 401)
+    t.equal(refused.headers['www-authenticate'], 'Bearer error="invalid_token"', 'a token sent and refused is named so (RFC 6750, 3.1)')
   }
+  const cookieOnly = await app.inject({ method: 'GET', url: '/appointments', cookies: { '__Host-bff-session': 'A'.repeat(43) } })
+  t.equal(cookieOnly.headers['www-authenticate'], 'Bearer', 'a refused cookie is no bearer token')
   t.equal((await cancel('A'.repeat(43), 'not-a-uuid')).statusCode, 401, 'auth is decided before validation')
   t.equal(sandbox.control.calls.length, 0)
 })
