@@ -97,6 +97,7 @@ async function answers (app: FastifyInstance): Promise<void> {
   const parseJsonStrict = app.getDefaultJsonParser('error', 'error')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, function parseJson (request, body, done) {
     if (!isUtf8Json(request.headers['content-type'] as string)) { done(notUtf8(), undefined); return }
+    if (isEncoded(request.headers['content-encoding'])) { done(encodedBody(), undefined); return }
     if ((body as string).trim() === '') { done(null, undefined); return }
     parseJsonStrict(request, body as string, done)
   })
@@ -141,6 +142,18 @@ function isUtf8Json (contentType: string): boolean {
 
 function notUtf8 (): ApiError {
   return new ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be JSON in UTF-8')
+}
+
+/**
+ * Whether a body arrives in a content coding (gzip, br...): none is decoded here, so it is refused
+ * as unsupported (RFC 9110, 15.5.16) rather than parsed as if it were plain JSON.
+ */
+function isEncoded (contentEncoding: string | undefined): boolean {
+  return contentEncoding !== undefined && contentEncoding.trim().toLowerCase() !== 'identity'
+}
+
+function encodedBody (): ApiError {
+  return new ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must not be content-encoded (gzip and the like are not accepted)')
 }
 
 /** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */

@@ -1,3 +1,4 @@
+import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
@@ -55,7 +56,10 @@ t.test("Fastify's own errors in the envelope", async (t) => {
     // JSON is UTF-8: a body declared in another charset would be read wrongly, so it is refused.
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json; charset=iso-8859-1' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json;Charset="UTF-16"' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
-    [{ payload: JSON.stringify({ n: 1, pad: 'x'.repeat(BODY_LIMIT_BYTES) }), headers: { 'content-type': 'application/json' } }, 413, 'PAYLOAD_TOO_LARGE']
+    [{ payload: JSON.stringify({ n: 1, pad: 'x'.repeat(BODY_LIMIT_BYTES) }), headers: { 'content-type': 'application/json' } }, 413, 'PAYLOAD_TOO_LARGE'],
+    // No content coding is decoded: a gzip body is refused as such, not read as broken JSON.
+    [{ payload: gzipSync('{"n":1}'), headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [{ payload: '{"n":1}', headers: { 'content-type': 'application/json', 'content-encoding': 'br' } }, 415, 'UNSUPPORTED_MEDIA_TYPE']
   ]
   for (const [options, status, code] of cases) {
     const res = await server.inject({ method: 'POST', url: '/echo', ...options })
@@ -68,6 +72,8 @@ t.test("Fastify's own errors in the envelope", async (t) => {
   t.equal(extra.json().message, 'body must not have the property "extra"')
   const ok = await server.inject({ method: 'POST', url: '/echo', payload: { n: 1 } })
   t.same(ok.json(), { ok: { n: 1 } })
+  const identity = await server.inject({ method: 'POST', url: '/echo', payload: '{"n":1}', headers: { 'content-type': 'application/json', 'content-encoding': 'Identity' } })
+  t.same(identity.json(), { ok: { n: 1 } }, 'the identity coding is no coding')
   const latin1 = await server.inject({ method: 'POST', url: '/echo', payload: '{"n":1}', headers: { 'content-type': 'application/json; charset=iso-8859-1' } })
   t.equal(latin1.json().message, 'Request body must be JSON in UTF-8', 'the refusal says why')
   for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF8"', 'application/json; charset=US-ASCII', 'application/json; version=1', 'application/json; charset=']) {
