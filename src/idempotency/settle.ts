@@ -14,7 +14,11 @@ export interface Answer {
  * known to have sent nothing, while a failure of the cancel itself is judged by its `outcome`.
  */
 export interface Attempt {
-  send: <T>(cancel: () => Promise<T>) => Promise<T>
+  /**
+   * `endsAt`: the end of the appointment (ms epoch) when the route knows it, kept with a key's
+   * record for whoever resolves an unknown outcome of this cancel.
+   */
+  send: <T>(cancel: () => Promise<T>, endsAt?: number | null) => Promise<T>
 }
 
 export type Run = (attempt: Attempt) => Promise<Answer>
@@ -49,7 +53,7 @@ export type Settlement =
  * (the keyed path marks its record there): if it fails, the cancel is not sent and the attempt
  * counts as not started.
  */
-export function tracked (beforeSend?: () => Promise<void>): { attempt: Attempt, sendStarted: () => boolean } {
+export function tracked (beforeSend?: (endsAt: number | null) => Promise<void>): { attempt: Attempt, sendStarted: () => boolean } {
   let started = false
   function sendNow<T> (cancel: () => Promise<T>): Promise<T> {
     started = true
@@ -57,9 +61,9 @@ export function tracked (beforeSend?: () => Promise<void>): { attempt: Attempt, 
   }
   return {
     attempt: {
-      send (cancel) {
+      send (cancel, endsAt = null) {
         if (beforeSend === undefined) return sendNow(cancel)
-        return beforeSend().then(() => sendNow(cancel))
+        return beforeSend(endsAt).then(() => sendNow(cancel))
       }
     },
     sendStarted: () => started

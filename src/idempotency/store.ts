@@ -32,7 +32,8 @@ export type BeginResult =
   | { kind: 'in-flight', retryAfterMs: number }
   | { kind: 'mismatch' }
   | { kind: 'replay', answer: StoredAnswer, completedAt: number }
-  | { kind: 'unknown-outcome', token: string }
+  /** `endsAt`: the end of the appointment the cancel was for (ms epoch), when the record knows it. */
+  | { kind: 'unknown-outcome', token: string, endsAt: number | null }
 
 export interface BeginOptions {
   /** Life of the whole record (raised to at least `inFlightTtlMs`). */
@@ -54,9 +55,11 @@ export interface IdempotencyStore {
    * Called just before the cancel is handed to the upstream: true if `token` still owns the record
    * and its in-flight marker has not expired (no retry may have taken it over); the record now
    * says the cancel may have been sent, and its marker lives at least `holdMs` more, so that no
-   * retry takes over while the send itself runs. False: the cancel must not be sent.
+   * retry takes over while the send itself runs. False: the cancel must not be sent. `endsAt`, the
+   * end of the appointment (ms epoch) when known, stays with the record for whoever later resolves
+   * an unknown outcome: an appointment that has ended is absent from the list too.
    */
-  markSending (scope: string, key: string, token: string, holdMs: number): Awaitable<boolean>
+  markSending (scope: string, key: string, token: string, holdMs: number, endsAt?: number | null): Awaitable<boolean>
   /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
   markUnknown (scope: string, key: string, token: string, ttlMs: number): Awaitable<boolean>
   /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
@@ -94,8 +97,8 @@ export interface MemoryStoreOptions {
 }
 
 type MemoryRecord =
-  | { state: 'in-flight', fingerprint: string, token: string, until: number, sending: boolean, expiresAt: number }
-  | { state: 'unknown', fingerprint: string, expiresAt: number }
+  | { state: 'in-flight', fingerprint: string, token: string, until: number, sending: boolean, endsAt: number | null, expiresAt: number }
+  | { state: 'unknown', fingerprint: string, endsAt: number | null, expiresAt: number }
   | { state: 'done', fingerprint: string, statusCode: number, body: string, completedAt: number, expiresAt: number }
 
 /** One process, no Redis: the same semantics in a Map, bounded and swept. */
@@ -143,7 +146,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         if (records.size >= maxEntries) sweep(at)
         if (records.size >= maxEntries) throw new IdempotencyStoreError('memory idempotency store is full')
         const token = randomUUID()
-        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, expiresAt })
+        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, endsAt: null, expiresAt })
         return { kind: 'started', token }
       }
       if (record.fingerprint !== fingerprint) return { kind: 'mismatch' }
@@ -156,15 +159,16 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       // loses its writes, the next one resolves the outcome again.
       const token = randomUUID()
       const sent = record.state === 'unknown' || record.sending
-      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, expiresAt })
-      return sent ? { kind: 'unknown-outcome', token } : { kind: 'started', token }
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, endsAt: record.endsAt, expiresAt })
+      return sent ? { kind: 'unknown-outcome', token, endsAt: record.endsAt } : { kind: 'started', token }
     },
 
-    markSending (scope, key, token, holdMs) {
+    markSending (scope, key, token, holdMs, endsAt = null) {
       const at = now()
       const record = live(mapKeyOf(scope, key), at)
       if (!owned(record, token) || record.until <= at) return false
       record.sending = true
+      record.endsAt = endsAt
       record.until = Math.max(record.until, at + holdMs)
       record.expiresAt = Math.max(record.expiresAt, record.until)
       return true
@@ -192,7 +196,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       const mapKey = mapKeyOf(scope, key)
       const record = live(mapKey, at)
       if (!owned(record, token)) return false
-      records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, expiresAt: at + ttlMs })
+      records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, endsAt: record.endsAt, expiresAt: at + ttlMs })
       return true
     },
 
@@ -209,11 +213,12 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
 // Redis keeps time for every replica (TIME inside the scripts), so that in-flight deadlines do not
 // depend on the clocks of the replicas that compare them. Scripts are atomic: two replicas can
 // never both own a record. Fields: fp, state (flight | unknown | done), token, until, sending (set
-// while in flight once the cancel may have been sent), status, body, at (completion time).
+// while in flight once the cancel may have been sent), ends (the appointment's end, when known, set
+// with sending and kept until the record is done), status, body, at (completion time).
 const BEGIN = `${LUA_NOW_MS}
 local inflight = tonumber(ARGV[4])
 local ttl = math.max(tonumber(ARGV[3]), inflight)
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending')
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending', 'ends')
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', int(now + inflight))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -227,7 +232,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 if rec[2] == 'flight' and not rec[7] then return {'started'} end
 -- The cancel may have been sent: so it stays until an owner records the outcome.
 redis.call('HSET', KEYS[1], 'sending', '1')
-return {'unknown-outcome'}`
+return {'unknown-outcome', rec[8] or ''}`
 
 const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')
 if rec[1] ~= ARGV[1] then return 0 end
@@ -235,13 +240,14 @@ ${LUA_NOW_MS}
 if tonumber(rec[2]) <= now then return 0 end
 local hold = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'sending', '1', 'until', int(math.max(tonumber(rec[2]), now + hold)))
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'ends') else redis.call('HSET', KEYS[1], 'ends', ARGV[3]) end
 if redis.call('PTTL', KEYS[1]) < hold then redis.call('PEXPIRE', KEYS[1], hold) end
 return 1`
 
 const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 ${LUA_NOW_MS}
 redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', int(now))
-redis.call('HDEL', KEYS[1], 'token', 'until', 'sending')
+redis.call('HDEL', KEYS[1], 'token', 'until', 'sending', 'ends')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1`
 
@@ -295,7 +301,7 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       const reply = await run(SCRIPTS.begin, redisKey(scope, key), [fingerprint, token, Math.ceil(ttlMs), Math.ceil(inFlightTtlMs)]) as [string, ...Array<string | number>]
       switch (reply[0]) {
         case 'started': return { kind: 'started', token }
-        case 'unknown-outcome': return { kind: 'unknown-outcome', token }
+        case 'unknown-outcome': return { kind: 'unknown-outcome', token, endsAt: reply[1] === '' ? null : Number(reply[1]) }
         case 'mismatch': return { kind: 'mismatch' }
         case 'in-flight': return { kind: 'in-flight', retryAfterMs: Number(reply[1]) }
         default: return { kind: 'replay', answer: { statusCode: Number(reply[1]), body: JSON.parse(String(reply[2])) }, completedAt: Number(reply[3]) }
@@ -307,8 +313,8 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       return done === 1
     },
 
-    async markSending (scope, key, token, holdMs) {
-      return await run(SCRIPTS.markSending, redisKey(scope, key), [token, Math.ceil(holdMs)]) === 1
+    async markSending (scope, key, token, holdMs, endsAt = null) {
+      return await run(SCRIPTS.markSending, redisKey(scope, key), [token, Math.ceil(holdMs), endsAt === null ? '' : String(endsAt)]) === 1
     },
 
     async markUnknown (scope, key, token, ttlMs) {

@@ -80,6 +80,12 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
    * Steps 6 to 8 for one cancel: ownership (never send a cancel for an appointment that is not
    * the patient's own), then the upstream call, whose gate draws the org budget.
    */
+  /** The appointment's end (ms epoch), when the upstream gave a readable one. */
+  function endOf (appointment: Appointment): number | null {
+    const end = appointment.end === null ? Number.NaN : Date.parse(appointment.end)
+    return Number.isNaN(end) ? null : end
+  }
+
   async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
     const { email } = request.session!
     let forwardedId = appointmentId
@@ -98,7 +104,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       answer = await attempt.send(() => care360.cancelAppointment(
         reason === undefined ? { email, appointmentId: forwardedId } : { email, appointmentId: forwardedId, reason },
         { requestId: request.id }
-      ))
+      ), owned === null ? null : endOf(owned))
     } catch (error) {
       // A refusal of the gate (budget, cooldown) never reached the upstream.
       request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
@@ -163,15 +169,18 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       reason,
       log: request.log,
       run: (attempt) => sendCancel(request, appointmentId, reason, attempt),
-      resolveUnknown: async function resolveUnknown () {
+      resolveUnknown: async function resolveUnknown (endsAt) {
         // Without the ownership check the appointment was never seen in the patient's list, so
         // its absence proves nothing (it may never have been theirs): the upstream, which
         // enforces ownership itself, answers a new send ("already cancelled" if the first went).
         if (!config.ownershipCheck) return 'send'
         // With it, the appointment was listed before the first send. A fresh list, never the
-        // ownership cache: it decides whether that cancel happened.
+        // ownership cache: it decides whether that cancel happened. Unless the appointment has
+        // ended since: then it is absent either way, and nothing shows the cancel took effect (the
+        // send that follows finds it no longer upcoming: a 404, never a confirmation).
         const listed = await ownership.findFresh(email, appointmentId, request.id)
-        return listed === null ? 'cancelled' : 'send'
+        if (listed !== null) return 'send'
+        return endsAt !== null && endsAt <= Date.now() ? 'send' : 'cancelled'
       }
     })
     // Every answer but a 200 is an error envelope (replayed ones too): its code is for the audit.

@@ -120,6 +120,34 @@ function storeSuite (name: string, make: MakeStore): void {
       t.equal(await store.markSending('scope-a', key, second.token, 10), true, 'the resolving owner may send')
     })
 
+    t.test('the appointment\'s end, given as the cancel goes, reaches whoever resolves its outcome', async (t) => {
+      const store = await make(t)
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
+      const ENDS = 1_900_000_000_123
+      // Through an unknown outcome, and through the next owner's death as well.
+      const key = fresh()
+      const token = await started(store, 'scope-a', key, short)
+      t.equal(await store.markSending('scope-a', key, token, 10, ENDS), true)
+      t.equal(await store.markUnknown('scope-a', key, token, 60_000), true)
+      const first = await store.begin('scope-a', key, FP, short)
+      t.same(first.kind === 'unknown-outcome' ? first.endsAt : 'no', ENDS)
+      await sleep(100)
+      const again = await store.begin('scope-a', key, FP, short)
+      t.same(again.kind === 'unknown-outcome' ? again.endsAt : 'no', ENDS, 'kept through a takeover')
+      // Through a dead sender's takeover; and none when none was given.
+      const other = fresh()
+      const dead = await started(store, 'scope-a', other, short)
+      t.equal(await store.markSending('scope-a', other, dead, 10), true)
+      await sleep(100)
+      const taken = await store.begin('scope-a', other, FP, short)
+      t.same(taken.kind === 'unknown-outcome' ? taken.endsAt : 'no', null, 'not known')
+      if (taken.kind !== 'unknown-outcome') return
+      t.equal(await store.markSending('scope-a', other, taken.token, 10, ENDS), true, 'the resolving owner sends, knowing it now')
+      t.equal(await store.markUnknown('scope-a', other, taken.token, 60_000), true)
+      const last = await store.begin('scope-a', other, FP, short)
+      t.same(last.kind === 'unknown-outcome' ? last.endsAt : 'no', ENDS)
+    })
+
     t.test('an unknown outcome taken over by an owner that dies: the next one resolves again', async (t) => {
       const store = await make(t)
       const key = fresh()

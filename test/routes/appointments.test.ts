@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
 import { buildTestApp, signIn } from '../helpers/app.js'
@@ -320,6 +321,22 @@ t.test('a lost answer is resolved from the upstream on retry with the same key',
   t.equal(resend.statusCode, 200)
   t.ok(sandbox.control.isCancelled(second.id), 'the cancel that never took effect is sent now, once')
   t.equal(cancelCalls().length, 3)
+})
+
+t.test('a lost answer for an appointment that has ended since is never confirmed: it is no longer upcoming', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const ending = sandbox.control.seedAppointment(alice.email, { start: new Date(Date.now() - 60_000).toISOString(), end: new Date(Date.now() + 1500).toISOString() })
+  // Sent, never applied, its answer lost: the outcome is unknown.
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(token, ending.id, {}, { 'idempotency-key': 'ended-1' })).statusCode, 502)
+  t.notOk(sandbox.control.isCancelled(ending.id))
+  await sleep(Math.max(0, Date.parse(ending.end) - Date.now()) + 100)
+  // The appointment is absent from the list now because it ended, which proves nothing.
+  const retry = await cancel(token, ending.id, {}, { 'idempotency-key': 'ended-1' })
+  t.equal(retry.statusCode, 404, 'not a 200 "confirmed" for a cancel that never happened')
+  t.match(retry.json(), { code: 'APPOINTMENT_NOT_FOUND' })
+  t.equal(cancelCalls().length, 1, 'and nothing sent for an appointment that is over')
 })
 
 t.test('an upstream 401 (our key refused) is the key\'s answer, replayed as the contract says', async (t) => {
