@@ -534,7 +534,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   async function rateLimited (headers: IncomingHttpHeaders): Promise<never> {
     // A date is read against the answer's own Date (the upstream's clock), not ours: a skew
     // between the two clocks would otherwise lengthen or cut the cooldown by as much.
-    const answeredAt = Date.parse(headers.date ?? '')
+    const answeredAt = Date.parse(String(headers.date))
     const retryAfterMs = parseRetryAfter(headers['retry-after'], Number.isNaN(answeredAt) ? Date.now() : answeredAt)
     let cooldownMs: number | null = retryAfterMs
     try {

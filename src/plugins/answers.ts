@@ -105,8 +105,9 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
     const apiError = toApiError(error)
     // No route: whatever its body (malformed, too large, of another type: Fastify parses it before
-    // the not-found handler runs), the answer is the contract's 404.
-    if (request.is404 && apiError !== null && apiError.statusCode < 500) return notFound(request, reply)
+    // the not-found handler runs), the answer is the contract's 404. Only the body's errors: a
+    // refusal decided before it (the CSRF check's 403) stands.
+    if (request.is404 && apiError !== null && BODY_ERRORS.has(apiError.statusCode)) return notFound(request, reply)
     if (apiError === null) {
       request.log.error({ err: error }, 'unhandled error')
       reply.errorCode = ErrorCode.INTERNAL_ERROR
@@ -123,6 +124,9 @@ async function answers (app: FastifyInstance): Promise<void> {
 
   app.setNotFoundHandler(notFound)
 }
+
+/** The statuses of a body's errors: malformed, too large, of a type or coding not accepted. */
+const BODY_ERRORS: ReadonlySet<number> = new Set([400, 413, 415])
 
 function notFound (request: FastifyRequest, reply: FastifyReply): FastifyReply {
   reply.errorCode = ErrorCode.NOT_FOUND

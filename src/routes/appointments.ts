@@ -82,7 +82,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
    */
   /** The appointment's end (ms epoch), when the upstream gave a readable one. */
   function endOf (appointment: Appointment): number | null {
-    const end = appointment.end === null ? Number.NaN : Date.parse(appointment.end)
+    const end = Date.parse(String(appointment.end))
     return Number.isNaN(end) ? null : end
   }
 

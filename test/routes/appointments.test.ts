@@ -339,6 +339,17 @@ t.test('a lost answer for an appointment that has ended since is never confirmed
   t.equal(cancelCalls().length, 1, 'and nothing sent for an appointment that is over')
 })
 
+t.test('an owned appointment listed without a readable end: the key\'s record knows none, and the cancel goes as usual', async (t) => {
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(alice.email)
+  const undated = '6a1e0f3c-2b4d-4e8f-9a7b-5c3d2e1f0a9b'
+  sandbox.control.setFailure({ kind: 'status', status: 200, endpoint: 'list', body: { status: 200, success: true, data: [{ id: undated, end: 'soon' }] }, times: 1 })
+  const answer = await cancel(token, undated, {}, { 'idempotency-key': 'undated-1' })
+  t.equal(answer.statusCode, 400, 'owned by the list, so sent; the sandbox does not know it')
+  t.match(answer.json(), { code: 'UPSTREAM_REJECTED' })
+  t.equal(cancelCalls().length, 1)
+})
+
 t.test('an upstream 401 (our key refused) is the key\'s answer, replayed as the contract says', async (t) => {
   const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
   const token = await tokenFor(alice.email)
