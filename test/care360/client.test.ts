@@ -1,5 +1,5 @@
 import { createServer, type AddressInfo, type Socket } from 'node:net'
-import { createServer as createHttpServer } from 'node:http'
+import { createServer as createHttpServer, type RequestListener } from 'node:http'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
@@ -37,6 +37,19 @@ function recordingGate (overrides: Partial<UpstreamGate> = {}): GateLog {
       ...overrides
     }
   }
+}
+
+/** A hand-written upstream on a loopback port, for answers the sandbox cannot give; its origin. */
+async function stubUpstream (t: Test, handler: RequestListener, onConnection?: () => void): Promise<string> {
+  const upstream = createHttpServer(handler)
+  if (onConnection !== undefined) upstream.on('connection', onConnection)
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => {
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  return `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`
 }
 
 async function setup (t: Test, options: Partial<Care360ClientOptions> = {}): Promise<{ sandbox: RunningSandbox, client: Care360Client, log: GateLog }> {
@@ -236,21 +249,15 @@ t.test('upstream 429', async (t) => {
 
   t.test('a 429 whose body is too large, streams past the cap or stalls is still a 429, with its cooldown', async (t) => {
     let mode = 'declared'
-    const upstream = createHttpServer((request, response) => {
+    const baseUrl = await stubUpstream(t, (request, response) => {
       request.resume()
       response.writeHead(429, { 'retry-after': '30', 'content-type': 'application/json', ...(mode === 'declared' ? { 'content-length': String(2 * 1024 * 1024) } : {}) })
       if (mode === 'declared') response.write('{"status":429,')
       else if (mode === 'streamed') response.end(`{"pad":"${'x'.repeat(100 * 1024)}"}`)
       else response.write('{"status":429,') // then nothing: stalled
     })
-    upstream.listen(0, '127.0.0.1')
-    await once(upstream, 'listening')
-    t.teardown(() => {
-      upstream.closeAllConnections()
-      upstream.close()
-    })
     const log = recordingGate()
-    const client = createCare360Client({ baseUrl: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`, apiKey: SANDBOX_KEY, timeoutMs: 300, gate: log.gate })
+    const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 300, gate: log.gate })
     t.teardown(() => client.close())
     for (const each of ['declared', 'streamed', 'stalled']) {
       mode = each
@@ -392,7 +399,7 @@ t.test('a streamed body without content-length is capped at exactly its cap', as
   const max = 1024
   let size = 0
   const declared: Array<string | undefined> = []
-  const upstream = createHttpServer(function answer (_request, response) {
+  const baseUrl = await stubUpstream(t, function answer (_request, response) {
     const head = '{"status":200,"success":true,"data":[],"pad":"'
     const tail = '"}'
     const body = `${head}${'x'.repeat(size - head.length - tail.length)}${tail}`
@@ -401,14 +408,7 @@ t.test('a streamed body without content-length is capped at exactly its cap', as
     declared.push(response.getHeader('content-length') as string | undefined)
     response.end()
   })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  t.teardown(() => {
-    upstream.closeAllConnections()
-    upstream.close()
-  })
-  const { port } = upstream.address() as AddressInfo
-  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxListBodyBytes: max })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxListBodyBytes: max })
   t.teardown(() => client.close())
   for (const over of [max + 1, 2 * max]) {
     size = over
@@ -524,20 +524,12 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
 t.test('requests that expire while queued leave the pool\'s socket alive for the next one', async (t) => {
   let connections = 0
   let requests = 0
-  const upstream = createHttpServer((request, response) => {
+  const baseUrl = await stubUpstream(t, (request, response) => {
     requests++
     request.resume()
     setTimeout(() => { response.setHeader('content-type', 'application/json'); response.end('{"status":200,"success":true,"message":"ok"}') }, 150)
-  })
-  upstream.on('connection', () => { connections++ })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  t.teardown(() => {
-    upstream.closeAllConnections()
-    upstream.close()
-  })
-  const { port } = upstream.address() as AddressInfo
-  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${port}`, apiKey: SANDBOX_KEY, timeoutMs: 500, connections: 1 })
+  }, () => { connections++ })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 500, connections: 1 })
   t.teardown(() => client.close())
   // One socket, 150 ms an answer, a 500 ms deadline: three answered (about), the next cut in
   // flight (its socket goes with it), the rest expire in the queue.

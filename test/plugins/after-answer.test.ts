@@ -1,34 +1,44 @@
-import t from 'tap'
-import Fastify from 'fastify'
+import t, { type Test } from 'tap'
+import Fastify, { type FastifyInstance, type onResponseHookHandler } from 'fastify'
 import { request } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { afterEveryAnswer } from '../../src/plugins/after-answer.js'
 
-t.test('a client that left: the route\'s onResponse hooks run in order from onSend, callback or async, once', async (t) => {
+/**
+ * An app whose after-answer hook notes each answer in `ran`, with a /slow route (202 after
+ * 150 ms) that has `own` as its onResponse hook, listening on loopback.
+ */
+async function appWithSlowRoute (t: Test, own: onResponseHookHandler, ran: string[]): Promise<{ app: FastifyInstance, port: number }> {
   const app = Fastify()
   t.teardown(() => app.close())
-  const ran: string[] = []
   afterEveryAnswer(app, (route) => function after (_request, reply, done) {
     ran.push(`after ${route ?? 'none'} ${reply.statusCode}`)
     done()
   })
-  app.get('/slow', {
-    onResponse: [async function own () { await sleep(5); ran.push('own async') }]
-  }, async (_request, reply) => {
+  app.get('/slow', { onResponse: [own] }, async (_request, reply) => {
     await sleep(150)
     return await reply.code(202).send({ ok: true })
   })
   app.get('/fast', async () => ({ ok: true }))
   await app.listen({ host: '127.0.0.1', port: 0 })
-  const port = (app.server.address() as AddressInfo).port
+  return { app, port: (app.server.address() as AddressInfo).port }
+}
 
+/** A client that asks for /slow and leaves before its answer; resolves once the answer is long done. */
+async function leaveMidRequest (port: number): Promise<void> {
   const left = request({ host: '127.0.0.1', port, path: '/slow' })
   left.on('error', () => {})
   left.end()
   await sleep(50)
   left.destroy()
   await sleep(300)
+}
+
+t.test('a client that left: the route\'s onResponse hooks run in order from onSend, callback or async, once', async (t) => {
+  const ran: string[] = []
+  const { port } = await appWithSlowRoute(t, async function own () { await sleep(5); ran.push('own async') }, ran)
+  await leaveMidRequest(port)
   t.same(ran, ['own async', 'after /slow 202'], 'both hooks, in order, for the client that left')
 
   ran.length = 0
@@ -36,4 +46,18 @@ t.test('a client that left: the route\'s onResponse hooks run in order from onSe
   await answered.text()
   await sleep(50)
   t.same(ran, ['after /fast 200'], 'an answered request runs them once, the usual way')
+})
+
+// A route's async onResponse hook that rejects, for a client that left, must neither stop the
+// after-answer hook (the audit record, the access line) nor leave an unhandled rejection behind.
+t.test('a client that left: an async onResponse hook that rejects does not stop the after-answer hook', async (t) => {
+  const unhandled: unknown[] = []
+  const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  const ran: string[] = []
+  const { port } = await appWithSlowRoute(t, async function own () { ran.push('own async'); throw new Error('hook failed') }, ran)
+  await leaveMidRequest(port)
+  t.same(ran, ['own async', 'after /slow 202'], 'the after-answer hook still runs')
+  t.same(unhandled, [], 'no unhandled rejection')
 })
