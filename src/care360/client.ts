@@ -503,8 +503,8 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   }
 
   /**
-   * The envelope of an answer `read` may use (200, 404, and for the list a NotFoundError whatever
-   * its status); any other status is a coded error.
+   * The envelope of an answer `read` may use (200, 404, and for the list a NotFoundError under one
+   * of NOT_FOUND_STATUSES); any other status is a coded error.
    */
   function usableEnvelope (answer: Answer, scrub: Scrub, list: boolean): Envelope | null {
     const { status } = answer
@@ -595,8 +595,9 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       }, { anywhere: [apiKey, email] }, function readList (status, envelope): Appointment[] {
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         // The upstream's "NotFoundError" for an email it does not know: no appointments. Its status
-        // is not documented (404 inferred): any 4xx naming it counts, and a 404 in the envelope. A
-        // 404 that is not its envelope (a wrong base path) stays an error rather than an empty list.
+        // is not documented (404 inferred): an error envelope naming it exactly with one of
+        // NOT_FOUND_STATUSES counts (usableEnvelope), and so does a 404 in the envelope. A 404
+        // that is not its envelope (a wrong base path) stays an error rather than an empty list.
         if (status !== 200) {
           if (status !== 404 || envelope.success === false) return []
           throw unexpected(status, 'a 404 without the upstream envelope')

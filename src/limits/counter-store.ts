@@ -38,12 +38,10 @@ export interface CounterStore {
    */
   hitInOrder: (requests: readonly CounterRequest[]) => Awaitable<CounterHit[]>
   /**
-   * Takes back one hit of the key's running window (nothing when no window runs): for a limit that
-   * counts only some requests, each is counted in advance, atomically, and given back once it
-   * turns out not to count, so that requests arriving together cannot all pass a count that none
-   * of them has raised yet.
+   * The hits of the key's running window, counting nothing; null when no window runs (none
+   * started, or it ended). For a limit that counts only some requests, decided after they ran.
    */
-  release: (key: string) => Awaitable<void>
+  peek: (key: string) => Awaitable<CounterHit | null>
 }
 
 export interface MemoryCounterOptions {
@@ -57,7 +55,7 @@ export interface MemoryCounterOptions {
 export interface MemoryCounterStore extends CounterStore {
   hit: (key: string, rate: Rate) => CounterHit
   hitInOrder: (requests: readonly CounterRequest[]) => CounterHit[]
-  release: (key: string) => void
+  peek: (key: string) => CounterHit | null
 }
 
 export function createMemoryCounterStore (options: MemoryCounterOptions = {}): MemoryCounterStore {
@@ -102,12 +100,14 @@ export function createMemoryCounterStore (options: MemoryCounterOptions = {}): M
     return hits
   }
 
-  function release (key: string): void {
+  function peek (key: string): CounterHit | null {
+    const at = now()
     const window = windows.get(key)
-    if (window !== undefined && window.endsAt > now() && window.count > 0) window.count -= 1
+    if (window === undefined || window.endsAt <= at) return null
+    return { count: window.count, resetMs: window.endsAt - at }
   }
 
-  return { hit, hitInOrder, release }
+  return { hit, hitInOrder, peek }
 }
 
 /** The prefix of every per-client counter's Redis key (also those the session lookup counts). */
@@ -148,11 +148,12 @@ const hitScript = redisScript('bffCounterHit', 'variable', `${LUA_HIT_IN_ORDER}
 return hit_in_order(KEYS, ARGV)
 `)
 
-// KEYS: the counter. One hit taken back, if a window runs (DECR keeps its expiry); never below 0.
-const releaseScript = redisScript('bffCounterRelease', 1, `
-local count = tonumber(redis.call('GET', KEYS[1]))
-if count and count > 0 then redis.call('DECR', KEYS[1]) end
-return 0
+// KEYS: the counter. Its count and time left, or 0, 0 when no window runs (a key that lost its
+// expiry, which hit_in_order mends at its next hit, reads as a window ending at once).
+const peekScript = redisScript('bffCounterPeek', 1, `
+local count = redis.call('GET', KEYS[1])
+if not count then return {0, 0} end
+return {tonumber(count), redis.call('PTTL', KEYS[1])}
 `)
 
 /** The Redis arguments of `hit_in_order`'s limits: each request's window and limit, in order. */
@@ -197,15 +198,15 @@ export function createRedisCounterStore (options: RedisCounterOptions): CounterS
       return hitsOf(await hitScript(redis, ...args), requests.length)
     }, () => memory.hitInOrder(requests))
   }
-  function release (key: string): Awaitable<void> {
-    return options.fallback.run(async function releaseInRedis (redis) {
-      await releaseScript(redis, prefix + key)
-    }, () => { memory.release(key) })
+  function peek (key: string): Awaitable<CounterHit | null> {
+    return options.fallback.run(async function peekInRedis (redis) {
+      return hitsOf(await peekScript(redis, prefix + key), 1)[0] ?? null
+    }, () => memory.peek(key))
   }
   return {
     hitInOrder,
     hit: (key, rate) => whenReady(hitInOrder([{ key, rate }]), firstHit),
-    release
+    peek
   }
 }
 

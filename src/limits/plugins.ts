@@ -107,8 +107,9 @@ export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
  * The per-IP hook: synchronous when the counters are in memory, waiting for Redis otherwise. A
  * counter store never fails (it falls back to memory), so a rejection here is a bug, answered as
  * a bare 500 rather than silently lifting the limit. A request to a refusals-only route (when the
- * app has one, `refusalsOnly`) is counted on its address's refusals counter instead, in advance,
- * and given back by the route's `countOnlyRefusals` hook unless its answer is a refusal.
+ * app has one, `refusalsOnly`) counts nothing here: it is refused if its address's refusals have
+ * reached the limit, and the route's `countRefusal` hook counts it as its answer goes if that is a
+ * refusal.
  */
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: { routes: boolean }): onRequestHookHandler {
   const limits = [limit]
@@ -119,9 +120,17 @@ function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMe
       return
     }
     // By the route the router matched, whatever spelling of its path reached it (`%2D` included).
-    const refusals = refusalsOnly.routes && request.routeOptions.config.ipLimit === 'refusals'
-    if (refusals) countedInAdvance.add(request)
-    const hit = counters.hit(refusals ? refusalsKey(request) : ipKey(request), limit.rate)
+    if (refusalsOnly.routes && request.routeOptions.config.ipLimit === 'refusals') {
+      judgedOnRefusals.add(request)
+      const refusals = counters.peek(refusalsKey(request))
+      if (isPromise(refusals)) {
+        refusals.then((counted) => { decideOnRefusals(limit, counted, reply, metrics, done) }, done)
+        return
+      }
+      decideOnRefusals(limit, refusals, reply, metrics, done)
+      return
+    }
+    const hit = counters.hit(ipKey(request), limit.rate)
     if (isPromise(hit)) {
       hit.then((counted) => { decide(limits, [counted], reply, metrics, done) }, done)
       return
@@ -139,27 +148,41 @@ function refusalsKey (request: FastifyRequest): string {
   return `refused-${ipKey(request)}`
 }
 
-/** The requests counted as refusals before their answer was known. */
-const countedInAdvance = new WeakSet<FastifyRequest>()
+/** The requests the per-IP hook judged on their address's refusals: their route counts them if refused. */
+const judgedOnRefusals = new WeakSet<FastifyRequest>()
 
 /**
- * A refusals-only route's hook as its answer goes: a request counted in advance whose answer is no
- * refusal (the route's success, our own 5xx) is given back, before the client has the answer, so
- * that its next request is judged without it. A refusal (4xx) stays counted, and so does the
- * limit's own 429, as on every route. Counting in advance keeps the limit exact for requests
- * arriving together: each takes its place atomically, none passes on a count the others have not
- * raised yet.
+ * The limit of a refusals-only route: the request goes on while the address's refusals are below
+ * the limit (what is left is published as on every route), and is refused once they reach it.
+ * Valid requests are never counted, so an identity provider's logouts arriving together all get
+ * through; the price is that refused ones arriving together are all verified before their count
+ * refuses the next (README, Known limits).
  */
-function countOnlyRefusals (counters: CounterStore): onSendHookHandler {
-  return function giveBackIfNotRefused (request, reply, payload, done) {
+function decideOnRefusals (limit: ClientLimit, refusals: CounterHit | null, reply: FastifyReply, metrics: AppMetrics | null, done: HookHandlerDoneFunction): void {
+  const counted = refusals ?? { count: 0, resetMs: limit.rate.windowMs }
+  // As if this request were one more refusal: refused when that would be over the limit.
+  if (publish(limit, { count: counted.count + 1, resetMs: counted.resetMs }, reply, metrics)) {
+    refuse(counted, reply)
+    return
+  }
+  done()
+}
+
+/**
+ * A refusals-only route's hook as its answer goes: a refusal (a 4xx, not the limit's own 429)
+ * counts against the address, before the client has it, so that its next request is judged with
+ * it.
+ */
+function countRefusal (counters: CounterStore, limit: ClientLimit): onSendHookHandler {
+  return function countIfRefused (request, reply, payload, done) {
     const status = reply.statusCode
-    if (!countedInAdvance.has(request) || (status >= 400 && status < 500)) {
+    if (!judgedOnRefusals.has(request) || status < 400 || status >= 500 || status === 429) {
       done(null, payload)
       return
     }
-    const released = counters.release(refusalsKey(request))
-    if (isPromise(released)) {
-      released.then(() => { done(null, payload) }, done)
+    const hit = counters.hit(refusalsKey(request), limit.rate)
+    if (isPromise(hit)) {
+      hit.then(() => { done(null, payload) }, done)
       return
     }
     done(null, payload)
@@ -246,7 +269,7 @@ async function ipLimit (app: FastifyInstance, options: LimitPluginOptions): Prom
   app.addHook('onRoute', function countRefusalsOnly (route: RouteOptions) {
     if (route.config?.ipLimit !== 'refusals') return
     refusalsOnly.routes = true
-    route.onSend = appendHook(route.onSend, countOnlyRefusals(counters))
+    route.onSend = appendHook(route.onSend, countRefusal(counters, limit))
   })
   app.addHook('onRequest', ipLimitHook(counters, limit, metricsOf(app), refusalsOnly))
 }

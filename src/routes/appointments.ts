@@ -76,16 +76,16 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     return ok(appointments.map(toPatientAppointment), 'Appointments fetched successfully')
   })
 
-  /**
-   * Steps 6 to 8 for one cancel: ownership (never send a cancel for an appointment that is not
-   * the patient's own), then the upstream call, whose gate draws the org budget.
-   */
   /** The appointment's end (ms epoch), when the upstream gave a readable one. */
   function endOf (appointment: Appointment): number | null {
     const end = Date.parse(String(appointment.end))
     return Number.isNaN(end) ? null : end
   }
 
+  /**
+   * Steps 6 to 8 for one cancel: ownership (never send a cancel for an appointment that is not
+   * the patient's own), then the upstream call, whose gate draws the org budget.
+   */
   async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
     const { email } = request.session!
     let forwardedId = appointmentId

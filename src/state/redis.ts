@@ -112,6 +112,8 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   let lastDegradedLog = Number.NEGATIVE_INFINITY
   let lastSelectLog = Number.NEGATIVE_INFINITY
   let lastBackLog = Number.NEGATIVE_INFINITY
+  // Whether an outage line was written since the last "reachable again".
+  let outageTold = false
   let degraded = false
   // When the client last became ready.
   let backAt = Number.NEGATIVE_INFINITY
@@ -130,6 +132,7 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
         // This line says why the service is degraded: not followed by the generic one for the
         // dropped connection's own errors (its ready check fails "Stream isn't writeable").
         lastDegradedLog = at
+        outageTold = true
         // The reply's text only ("ERR DB index is out of range"): never the URL or its database.
         log.error({ err: { message: error.message } }, 'shared state: Redis refused the database REDIS_URL names; using per-process fallback until it accepts it')
       }
@@ -137,6 +140,7 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     }
     if (at - lastDegradedLog >= logEveryMs) {
       lastDegradedLog = at
+      outageTold = true
       log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')
     }
   })
@@ -156,10 +160,12 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   let connections = 0
   redis.on('ready', function onRedisReady () {
     const sawBreak = degraded
-    // Once per interval, as the outage's own line: a connection that keeps breaking and coming
-    // back must not write a line each time.
-    if (sawBreak && now() - lastBackLog >= logEveryMs) {
+    // After every outage line, so that the log never ends on an outage that is over; otherwise
+    // once per interval: a connection that keeps breaking and coming back must not write a line
+    // each time.
+    if (sawBreak && (outageTold || now() - lastBackLog >= logEveryMs)) {
       lastBackLog = now()
+      outageTold = false
       log.info('shared state: Redis reachable again')
     }
     const readyAt = now()

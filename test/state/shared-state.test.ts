@@ -299,3 +299,32 @@ t.test('an endpoint that stays a replica: replaced once, not on every write, and
   await sleep(50)
   t.equal(lines.filter((line) => line.msg === 'shared state: Redis reachable again').length, 1, 'one line for the two breaks of the minute')
 })
+
+t.test('every outage line is followed by a "reachable again" once Redis is back, throttled or not', async (t) => {
+  const server = await startRedis(t)
+  const lines: string[] = []
+  const log = pino({ level: 'info' }, { write (line: string) { lines.push((JSON.parse(line) as { msg: string }).msg) } })
+  let clock = 0
+  const state = createSharedState({ url: server.url, log, logEveryMs: 600, now: () => clock })
+  t.teardown(() => state.close())
+  const until = async (mode: string): Promise<void> => { for (let i = 0; i < 300 && state.mode() !== mode; i++) await sleep(20) }
+  await until('redis')
+  const told = (): string[] => lines.filter((line) => /unreachable|reachable again/.test(line)).map((line) => line.includes('again') ? 'back' : 'down')
+  // The outage line comes with the first failed reconnect, after the connection closed.
+  const untilTold = async (count: number): Promise<void> => { for (let i = 0; i < 300 && told().length < count; i++) await sleep(20) }
+  await server.stop()
+  await untilTold(1)
+  t.same(told(), ['down'])
+  clock = 650
+  await server.start()
+  await until('redis')
+  t.same(told(), ['down', 'back'])
+  clock = 700 // a minute (600 ms here) after the first outage line, 50 ms after the back line
+  await server.stop()
+  await untilTold(3)
+  t.same(told(), ['down', 'back', 'down'])
+  clock = 710
+  await server.start()
+  await until('redis')
+  t.same(told(), ['down', 'back', 'down', 'back'], 'the log does not end on an outage that is over')
+})
