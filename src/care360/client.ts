@@ -358,10 +358,16 @@ function namesNotFound (envelope: Envelope | null): envelope is Envelope {
   return [envelope.error, envelope.code, envelope.name, envelope.message].includes('NotFoundError')
 }
 
+/** The appointment's end (ms epoch), when the upstream gave a readable one. */
+export function endOf (item: Appointment): number | null {
+  const end = Date.parse(String(item.end))
+  return Number.isNaN(end) ? null : end
+}
+
 /** Whether the appointment's end, when the upstream gave a readable one, has passed. */
 export function hasEnded (item: Appointment, at: number): boolean {
-  const end = item.end === null ? Number.NaN : Date.parse(item.end)
-  return end <= at
+  const end = endOf(item)
+  return end !== null && end <= at
 }
 
 /** A cancelled status, in either spelling the vendor's pages use. */

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunc
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
 import { createOwnershipCache, listedIdOf } from '../appointments/ownership.js'
-import { UpstreamError, type Appointment } from '../care360/client.js'
+import { endOf, UpstreamError, type Appointment } from '../care360/client.js'
 import {
   createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt
 } from '../idempotency/index.js'
@@ -75,12 +75,6 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     ownership.remember(email, appointments)
     return ok(appointments.map(toPatientAppointment), 'Appointments fetched successfully')
   })
-
-  /** The appointment's end (ms epoch), when the upstream gave a readable one. */
-  function endOf (appointment: Appointment): number | null {
-    const end = Date.parse(String(appointment.end))
-    return Number.isNaN(end) ? null : end
-  }
 
   /**
    * Steps 6 to 8 for one cancel: ownership (never send a cancel for an appointment that is not
