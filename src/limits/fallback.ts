@@ -2,6 +2,7 @@ import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
+import { TroubleNotice } from '../state/notice.js'
 
 /**
  * Runs a store operation on Redis when it can answer quickly, and on the store's in-memory twin
@@ -40,24 +41,19 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
   const now = options.now ?? Date.now
   const pauseMs = options.pauseMs ?? 1000
   const logEveryMs = options.logEveryMs ?? 60_000
-  let lastWarning = Number.NEGATIVE_INFINITY
-  let warned = false
-
   // At most one warning per interval for the whole process, whatever the number of requests and
-  // stores, and however often a struggling Redis flaps between answering and not.
+  // stores, and however often a struggling Redis flaps between answering and not; the matching
+  // all-clear once per warning.
+  const notice = new TroubleNotice(logEveryMs, now)
+
   function noteFallback (reason: string): void {
-    const at = now()
-    if (at - lastWarning < logEveryMs) return
-    lastWarning = at
-    warned = true
+    if (!notice.tell()) return
     // `cause`, not `reason`: the redaction paths censor every `*.reason` (cancellation reasons).
     log.warn({ limits: { cause: reason } }, 'limits: Redis unavailable, counting in per-process memory')
   }
 
-  // The matching all-clear, once per warning.
   function noteRecovered (): void {
-    if (!warned) return
-    warned = false
+    if (!notice.clear()) return
     log.info('limits: counting in Redis again')
   }
 

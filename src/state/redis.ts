@@ -2,6 +2,7 @@ import { performance } from 'node:perf_hooks'
 import { Redis, type Command, type RedisOptions } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import { defineScripts, LUA_NOW_MS } from './redis-script.js'
+import { TroubleNotice } from './notice.js'
 
 /** How shared state is held right now, as `/readyz` reports it. */
 export type SharedStateMode = 'redis' | 'degraded' | 'memory'
@@ -109,38 +110,31 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     lazyConnect: false
   })
   defineScripts(redis)
-  let lastDegradedLog = Number.NEGATIVE_INFINITY
-  let lastSelectLog = Number.NEGATIVE_INFINITY
-  let lastBackLog = Number.NEGATIVE_INFINITY
-  // Whether an outage line was written since the last "reachable again".
-  let outageTold = false
+  // Redis unreachable, and "reachable again"; a database refused has a line of its own.
+  const outage = new TroubleNotice(logEveryMs, now)
+  const refusedDatabase = new TroubleNotice(logEveryMs, now)
   let degraded = false
   // When the client last became ready.
   let backAt = Number.NEGATIVE_INFINITY
   const log = options.log
   // ioredis emits 'error' on every failed reconnect; one line per interval is enough for operators.
   redis.on('error', function onRedisError (error: NodeJS.ErrnoException & { command?: { name?: string } }) {
-    const at = now()
     if (error.command?.name === 'select') {
       // The database REDIS_URL names was refused (beyond the server's `databases`, a Cluster, an
       // ACL): ioredis goes on, ready, on database 0, where the state would mix with whatever else
       // lives there. The connection is dropped instead, before it is ready, and retried on the
       // usual backoff (the server may be reconfigured); meanwhile the service is degraded.
       redis.disconnect(true)
-      if (at - lastSelectLog >= logEveryMs) {
-        lastSelectLog = at
+      if (refusedDatabase.tell()) {
         // This line says why the service is degraded: not followed by the generic one for the
         // dropped connection's own errors (its ready check fails "Stream isn't writeable").
-        lastDegradedLog = at
-        outageTold = true
+        outage.told()
         // The reply's text only ("ERR DB index is out of range"): never the URL or its database.
         log.error({ err: { message: error.message } }, 'shared state: Redis refused the database REDIS_URL names; using per-process fallback until it accepts it')
       }
       return
     }
-    if (at - lastDegradedLog >= logEveryMs) {
-      lastDegradedLog = at
-      outageTold = true
+    if (outage.tell()) {
       log.warn({ err: { code: error.code, message: error.message } }, 'shared state: Redis unreachable, using per-process fallback')
     }
   })
@@ -163,9 +157,7 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
     // After every outage line, so that the log never ends on an outage that is over; otherwise
     // once per interval: a connection that keeps breaking and coming back must not write a line
     // each time.
-    if (sawBreak && (outageTold || now() - lastBackLog >= logEveryMs)) {
-      lastBackLog = now()
-      outageTold = false
+    if (sawBreak && outage.clear(true)) {
       log.info('shared state: Redis reachable again')
     }
     const readyAt = now()
