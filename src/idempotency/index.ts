@@ -72,10 +72,18 @@ export interface HandleInput {
   log?: WarnLog
 }
 
+export type EarlierAnswer = 'replayed' | 'confirmed' | 'shared'
+
 export interface HandleResult {
   answer: Answer
-  /** A stored answer of an earlier request with this key (carries `idempotent-replayed: true`). */
-  replayed: boolean
+  /**
+   * Whose answer this is, when not this request's own upstream call: `replayed`, the stored answer
+   * of an earlier request with this key (it carries `idempotent-replayed: true`); `confirmed`, an
+   * earlier request's cancel whose outcome was unknown, found to have taken effect; `shared`, the
+   * answer of an identical request under way (single flight). The audit record says so: a cancel
+   * is counted once, by the request that sent it.
+   */
+  earlier: EarlierAnswer | null
 }
 
 export interface IdempotencyOptions {
@@ -171,7 +179,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       throw error
     }
     await record(scope, key, token, settleAnswer(answer), log)
-    return { answer, replayed: false }
+    return { answer, earlier: null }
   }
 
   /**
@@ -189,7 +197,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     }
     if (state === 'send') return await owned(scope, key, token, input.run, log)
     await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
-    return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, replayed: false }
+    return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, earlier: 'confirmed' }
   }
 
   /** A cancel sent with an Idempotency-Key. */
@@ -199,7 +207,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     const begun = await required(() => store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs }), log)
     switch (begun.kind) {
       case 'replay':
-        return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, replayed: true }
+        return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, earlier: 'replayed' }
       case 'mismatch':
         throw new ApiError(422, ErrorCode.IDEMPOTENCY_MISMATCH, 'This Idempotency-Key was used with another appointment or reason')
       case 'in-flight':
@@ -215,12 +223,12 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     handle (input) {
       const log = input.log ?? defaultLog
       const fingerprint = requestFingerprint(input.scope, input.appointmentId, input.reason)
-      if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log).then(notReplayed)
+      if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log).then(keyless)
       return keyed(input, input.key, fingerprint, log)
     }
   }
 }
 
-function notReplayed ({ answer }: SingleFlightResult): HandleResult {
-  return { answer, replayed: false }
+function keyless ({ answer, shared }: SingleFlightResult): HandleResult {
+  return { answer, earlier: shared ? 'shared' : null }
 }

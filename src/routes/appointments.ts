@@ -4,7 +4,7 @@ import { ApiError, ErrorCode, ok } from '../errors.js'
 import { createOwnershipCache, listedIdOf } from '../appointments/ownership.js'
 import { endOf, UpstreamError, type Appointment } from '../care360/client.js'
 import {
-  createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt
+  createIdempotency, idempotencyStoreFor, inFlightTtlFor, parseIdempotencyKey, type Answer, type Attempt, type EarlierAnswer
 } from '../idempotency/index.js'
 import {
   AppointmentList, CancelAnswer, CancelBody, CancelParams, UUID_PATTERN, errorAnswers
@@ -17,6 +17,8 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** The upstream's HTTP status for this request's cancel, when one was sent (audit). */
     upstreamStatus: number | null
+    /** Whose answer this cancel got, when not its own upstream call's (audit). */
+    earlierAnswer: EarlierAnswer | null
   }
 }
 
@@ -60,6 +62,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
   })
 
   app.decorateRequest('upstreamStatus', null)
+  app.decorateRequest('earlierAnswer', null)
 
   app.get('/appointments', {
     config: { auth: 'required' },
@@ -125,7 +128,10 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
       outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode,
       status: reply.statusCode,
-      upstreamStatus: request.upstreamStatus
+      upstreamStatus: request.upstreamStatus,
+      // Set when the answer is an earlier request's (a replay, a confirmation, a shared answer):
+      // a trail that counts cancels counts the audits without it.
+      earlier: request.earlierAnswer
     }
     done()
   }
@@ -156,7 +162,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     const { email } = request.session!
     const appointmentId = request.params.id
     const reason = request.body.reason
-    const { answer } = await idempotency.handle({
+    const { answer, earlier } = await idempotency.handle({
       scope: request.patient!,
       key,
       appointmentId,
@@ -177,6 +183,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
         return endsAt !== null && endsAt <= Date.now() ? 'send' : 'cancelled'
       }
     })
+    request.earlierAnswer = earlier
     // Every answer but a 200 is an error envelope (replayed ones too): its code is for the audit.
     if (answer.statusCode !== 200) reply.errorCode = (answer.body as { code: ErrorCode }).code
     if (answer.headers !== undefined) reply.headers(answer.headers)

@@ -66,9 +66,9 @@ for (const [name, makeStore] of stores) {
     const idem = await make(t)
     const cancel = fakeCancel()
     const first = await idem.handle(input(cancel))
-    t.same(first, { answer: CANCELLED, replayed: false })
+    t.same(first, { answer: CANCELLED, earlier: null })
     const second = await idem.handle(input(cancel))
-    t.equal(second.replayed, true)
+    t.equal(second.earlier, 'replayed')
     t.equal(second.answer.statusCode, 200)
     t.same(second.answer.body, CANCELLED.body)
     t.same(second.answer.headers, { 'idempotent-replayed': 'true' })
@@ -94,9 +94,9 @@ for (const [name, makeStore] of stores) {
     // Absent and empty reasons differ from each other too.
     await idem.handle(input(cancel, { key: 'absent-reason', reason: undefined }))
     t.equal((await rejection(idem.handle(input(cancel, { key: 'absent-reason', reason: '' })))).statusCode, 422)
-    t.equal((await idem.handle(input(cancel, { key: 'absent-reason', reason: undefined }))).replayed, true)
+    t.equal((await idem.handle(input(cancel, { key: 'absent-reason', reason: undefined }))).earlier, 'replayed')
     // The appointment id compares case-insensitively, as UUIDs do.
-    t.equal((await idem.handle(input(cancel, { appointmentId: APPOINTMENT.toUpperCase() }))).replayed, true)
+    t.equal((await idem.handle(input(cancel, { appointmentId: APPOINTMENT.toUpperCase() }))).earlier, 'replayed')
     t.equal(cancel.runs(), 2)
   })
 
@@ -121,9 +121,9 @@ for (const [name, makeStore] of stores) {
     const cancel = fakeCancel()
     await idem.handle(input(cancel))
     const other = await idem.handle(input(cancel, { scope: scopeOf(OTHER_EMAIL), appointmentId: OTHER_APPOINTMENT, reason: undefined }))
-    t.equal(other.replayed, false)
+    t.equal(other.earlier, null)
     t.equal(cancel.runs(), 2)
-    t.equal((await idem.handle(input(cancel))).replayed, true)
+    t.equal((await idem.handle(input(cancel))).earlier, 'replayed')
   })
 
   t.test(`${name}: 429s and failures that sent nothing release the key`, async (t) => {
@@ -137,7 +137,7 @@ for (const [name, makeStore] of stores) {
       const key = `release-${label}`
       await idem.handle(input(cancel, { key })).catch(() => {})
       const retry = await idem.handle(input(cancel, { key, reason: 'a different reason is fine: the key is free' }))
-      t.equal(retry.replayed, false, label)
+      t.equal(retry.earlier, null, label)
       t.equal(cancel.sends(), 2, `${label}: sent again`)
     }
   })
@@ -156,7 +156,7 @@ for (const [name, makeStore] of stores) {
       const key = `before-${index}`
       await t.rejects(idem.handle(input(cancel, { key })))
       fail = false
-      t.equal((await idem.handle(input(cancel, { key }))).replayed, false)
+      t.equal((await idem.handle(input(cancel, { key }))).earlier, null)
       t.equal(cancel.sends(), 1, 'the cancel was sent once, on the retry')
     }
   })
@@ -169,7 +169,7 @@ for (const [name, makeStore] of stores) {
     const replay = await idem.handle(input(rejected, { key: 'rejected' }))
     t.same(replay.answer.body, first.toEnvelope())
     t.equal(replay.answer.statusCode, 400)
-    t.equal(replay.replayed, true)
+    t.equal(replay.earlier, 'replayed')
     t.equal(rejected.sends(), 1)
 
     const notOwned = fakeCancel({ before: async () => { throw notFound() } })
@@ -190,10 +190,10 @@ for (const [name, makeStore] of stores) {
     const retry = await idem.handle(input(cancel, { resolveUnknown }))
     t.equal(retry.answer.statusCode, 200)
     t.match(retry.answer.body, { status: 200, success: true, message: /confirmed/ })
-    t.equal(retry.replayed, false)
+    t.equal(retry.earlier, 'confirmed', 'a confirmation is not a cancel of its own')
     t.equal(resolves, 1)
     const again = await idem.handle(input(cancel, { resolveUnknown }))
-    t.equal(again.replayed, true, 'the confirmation is now the stored answer')
+    t.equal(again.earlier, 'replayed', 'the confirmation is now the stored answer')
     t.same(again.answer.body, retry.answer.body)
     t.equal(cancel.sends(), 1)
     t.equal(resolves, 1)
@@ -206,8 +206,8 @@ for (const [name, makeStore] of stores) {
     const resolveUnknown = async (): Promise<'send'> => 'send'
     await t.rejects(idem.handle(input(cancel, { resolveUnknown })))
     const retry = await idem.handle(input(cancel, { resolveUnknown }))
-    t.same(retry, { answer: CANCELLED, replayed: false })
-    t.equal((await idem.handle(input(cancel, { resolveUnknown }))).replayed, true)
+    t.same(retry, { answer: CANCELLED, earlier: null })
+    t.equal((await idem.handle(input(cancel, { resolveUnknown }))).earlier, 'replayed')
     t.equal(cancel.sends(), 2)
   })
 
@@ -259,7 +259,7 @@ for (const [name, makeStore] of stores) {
     const later = fakeCancel()
     let resolves = 0
     const answer = await idem.handle(input(later, { resolveUnknown: async () => { resolves += 1; return 'send' } }))
-    t.same(answer, { answer: CANCELLED, replayed: false })
+    t.same(answer, { answer: CANCELLED, earlier: null })
     t.equal(resolves, 1, 'the outcome was looked up first')
     t.equal(later.sends(), 1)
   })
@@ -306,7 +306,7 @@ for (const [name, makeStore] of stores) {
     t.equal(slow.sends(), 0)
     // Nothing was sent, so the retry starts afresh (resolveUnknown would throw).
     const retry = fakeCancel()
-    t.same(await idem.handle(input(retry)), { answer: CANCELLED, replayed: false })
+    t.same(await idem.handle(input(retry)), { answer: CANCELLED, earlier: null })
     t.equal(retry.sends(), 1)
   })
 
@@ -321,7 +321,7 @@ for (const [name, makeStore] of stores) {
     const takeover = idem.handle(input(fakeCancel()))
     gate.resolve()
     t.equal((await first).statusCode, 409)
-    t.same(await takeover, { answer: CANCELLED, replayed: false })
+    t.same(await takeover, { answer: CANCELLED, earlier: null })
     t.equal(slow.sends(), 0)
   })
 
@@ -329,9 +329,9 @@ for (const [name, makeStore] of stores) {
     const idem = createIdempotency({ store: await makeStore(t), inFlightTtlMs: 50, replayTtlMs: 80 })
     const cancel = fakeCancel()
     await idem.handle(input(cancel, { key: 'expiring' }))
-    t.equal((await idem.handle(input(cancel, { key: 'expiring' }))).replayed, true)
+    t.equal((await idem.handle(input(cancel, { key: 'expiring' }))).earlier, 'replayed')
     await sleep(120)
-    t.equal((await idem.handle(input(cancel, { key: 'expiring', reason: 'other' }))).replayed, false, 'the key is new again')
+    t.equal((await idem.handle(input(cancel, { key: 'expiring', reason: 'other' }))).earlier, null, 'the key is new again')
     t.equal(cancel.runs(), 2)
   })
 }
@@ -347,7 +347,7 @@ t.test('redis: concurrent same-key requests through two instances with their own
   const rejected = results.filter((result) => result.status === 'rejected')
   t.equal(fulfilled.length, 1)
   t.ok(rejected.every((result) => (result.reason as ApiError).code === ErrorCode.IDEMPOTENCY_IN_FLIGHT))
-  t.equal((await b.handle(input(cancel, { key: 'shared-key' }))).replayed, true)
+  t.equal((await b.handle(input(cancel, { key: 'shared-key' }))).earlier, 'replayed')
   t.equal(cancel.sends(), 1)
 })
 
@@ -395,7 +395,7 @@ t.test('the store fails: a keyed cancel gets 503 with Retry-After, never runs; w
   const writes = createIdempotency({ store: flaky, inFlightTtlMs: 5000 })
   const requestWarnings: string[] = []
   const log = { warn: (_object: object, message: string) => requestWarnings.push(message) }
-  t.same(await writes.handle(input(cancel, { log })), { answer: CANCELLED, replayed: false })
+  t.same(await writes.handle(input(cancel, { log })), { answer: CANCELLED, earlier: null })
   const lost = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
   await t.rejects(writes.handle(input(lost, { key: 'k2', log })), { code: ErrorCode.UPSTREAM_TIMEOUT })
   t.ok(requestWarnings.length >= 2)

@@ -406,10 +406,13 @@ t.test('the audit record and the logs carry no email, reason, key or token', asy
   const token = await tokenFor(alice.email)
   await cancel(token, aliceFirst.id, { reason: 'private reason text' }, { 'idempotency-key': 'audit-key' })
   await cancel(token, bobFirst.id, { reason: 'private reason text' })
+  // The app's retry with the same key: the first answer again, not a second cancellation.
+  await cancel(token, aliceFirst.id, { reason: 'private reason text' }, { 'idempotency-key': 'audit-key' })
   const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
-  t.equal(audits.length, 2)
-  t.match(audits[0].audit, { event: 'appointment.cancel', appointmentId: aliceFirst.id, outcome: 'cancelled', status: 200, upstreamStatus: 200, patient: /^[0-9a-f]{32}$/ })
-  t.match(audits[1].audit, { appointmentId: bobFirst.id, outcome: 'APPOINTMENT_NOT_FOUND', status: 404, upstreamStatus: null })
+  t.equal(audits.length, 3)
+  t.match(audits[0].audit, { event: 'appointment.cancel', appointmentId: aliceFirst.id, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null, patient: /^[0-9a-f]{32}$/ })
+  t.match(audits[1].audit, { appointmentId: bobFirst.id, outcome: 'APPOINTMENT_NOT_FOUND', status: 404, upstreamStatus: null, earlier: null })
+  t.match(audits[2].audit, { appointmentId: aliceFirst.id, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'replayed' })
   const all = logs.join('\n')
   for (const secret of [alice.email, 'private reason text', SANDBOX_KEY, token]) {
     t.notMatch(all, secret, 'no secret or personal value in the logs')
