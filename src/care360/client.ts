@@ -244,6 +244,57 @@ function onDeadline (exchange: Exchange, timeoutMs: number): void {
   exchange.fail(new DeadlineError(`no complete answer within ${timeoutMs} ms`), true)
 }
 
+interface SlotWaiter {
+  resolve: () => void
+  timer: NodeJS.Timeout
+  expired: boolean
+}
+
+/**
+ * The pool's connections, as slots a call holds from before the org budget admits it until its
+ * answer is in: admitted, a call leaves at once on a socket of its own. Admitted and then queued
+ * in the pool for a socket, it could leave seconds later, when the budget's window had moved on,
+ * and the upstream would receive more calls in some interval than the budget allows (20 calls held
+ * 1.5 s for a socket and 19 more admitted 10 s after them: 29 in one 10 s interval, against 20).
+ * First come, first served; a call that gets no slot by its deadline is never sent.
+ */
+class Slots {
+  #free: number
+  readonly #waiting: SlotWaiter[] = []
+
+  constructor (count: number) {
+    this.#free = count
+  }
+
+  /** Nothing when a slot is free (taken at once), else a promise of one, rejected after `timeoutMs`. */
+  take (timeoutMs: number): Promise<void> | undefined {
+    if (this.#free > 0) {
+      this.#free--
+      return undefined
+    }
+    return new Promise((resolve, reject) => {
+      const waiter: SlotWaiter = { resolve, expired: false, timer: setTimeout(expire, timeoutMs) }
+      function expire (): void {
+        waiter.expired = true
+        reject(new DeadlineError(`no free connection within ${timeoutMs} ms`))
+      }
+      this.#waiting.push(waiter)
+    })
+  }
+
+  /** A slot back: to the first call still waiting, else free. */
+  give (): void {
+    let next = this.#waiting.shift()
+    while (next?.expired === true) next = this.#waiting.shift()
+    if (next === undefined) {
+      this.#free++
+      return
+    }
+    clearTimeout(next.timer)
+    next.resolve()
+  }
+}
+
 function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: number, maxBodyBytes: number): Promise<Answer> {
   const handler = new Exchange(timeoutMs, maxBodyBytes)
   pool.dispatch(options, handler)
@@ -453,8 +504,10 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   const maxListBodyBytes = options.maxListBodyBytes ?? DEFAULT_MAX_LIST_BODY_BYTES
   const { apiKey, timeoutMs, observe } = options
   let closing: Promise<void> | null = null
+  const connections = options.connections ?? 10
+  const slots = new Slots(connections)
   const pool = new Pool(base.origin, {
-    connections: options.connections ?? 10,
+    connections,
     pipelining: 1,
     // Half the deadline for TCP + TLS: an upstream that cannot be reached answers "unavailable"
     // instead of running into the overall deadline. undici runs this timer on a tick of ~0.5 s,
@@ -466,27 +519,54 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   })
 
   /**
-   * One upstream call: the gate, then the exchange, then `read` turning the answer into a result
-   * (it throws on an answer it cannot use). The observer hears the outcome of exchange and read.
-   * A promise always, also when the gate refuses at once.
+   * One upstream call: a connection's slot, the gate, then the exchange, then `read` turning the
+   * answer into a result (it throws on an answer it cannot use). One deadline, CV_TIMEOUT_MS, from
+   * the first step to the answer. The observer hears the outcome of the wait for a slot, exchange
+   * and read. A promise always, also when the gate refuses at once.
    */
   function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+    const started = performance.now()
+    const slot = slots.take(timeoutMs)
+    if (slot === undefined) return admit(endpoint, request, scrub, read, started)
+    return slot.then(() => admit(endpoint, request, scrub, read, started), function noSlot (error: DeadlineError): never {
+      const mapped = transportError(new ExchangeError(error, false, true, null), request.method)
+      observe?.(endpoint, outcomeOf(mapped), (performance.now() - started) / 1000)
+      throw mapped
+    })
+  }
+
+  /** With a slot held: the gate, then the exchange; the slot goes back when the exchange settles, or at once when none starts. */
+  function admit<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number): Promise<T> {
     let gated: Awaitable<void>
     try {
       gated = gate.acquire(endpoint)
     } catch (error) {
+      slots.give()
       return Promise.reject(error)
     }
-    if (isPromise(gated)) return gated.then(() => send(endpoint, request, scrub, read))
-    return send(endpoint, request, scrub, read)
+    if (!isPromise(gated)) return send(endpoint, request, scrub, read, started)
+    return gated.then(() => send(endpoint, request, scrub, read, started), function refused (error: unknown): never {
+      slots.give()
+      throw error
+    })
   }
 
-  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
-    const started = performance.now()
+  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number): Promise<T> {
+    const sentAt = performance.now()
     function heard (outcome: UpstreamCallOutcome): void {
-      observe?.(endpoint, outcome, (performance.now() - started) / 1000)
+      observe?.(endpoint, outcome, (performance.now() - sentAt) / 1000)
     }
-    return exchange(pool, request, timeoutMs, endpoint === 'list' ? maxListBodyBytes : maxBodyBytes).then(function answered (answer): T | Promise<T> {
+    // What is left of the call's deadline after the waits for a slot and the gate (a Redis round
+    // trip): under a millisecond, the call is not sent.
+    const leftMs = Math.floor(timeoutMs - (sentAt - started))
+    if (leftMs < 1) {
+      slots.give()
+      const mapped = transportError(new ExchangeError(new DeadlineError(`deadline passed before sending (${timeoutMs} ms)`), false, true, null), request.method)
+      heard(outcomeOf(mapped))
+      return Promise.reject(mapped)
+    }
+    return exchange(pool, request, leftMs, endpoint === 'list' ? maxListBodyBytes : maxBodyBytes).then(function answered (answer): T | Promise<T> {
+      slots.give()
       if (answer.status === 429) {
         return rateLimited(answer.headers).catch(function heardRateLimited (error: unknown): never {
           heard('rate_limited')
@@ -502,6 +582,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         throw error
       }
     }, function failed (error: unknown): never {
+      slots.give()
       const mapped = transportError(error as ExchangeError, request.method)
       heard(outcomeOf(mapped))
       throw mapped

@@ -21,7 +21,8 @@ import { luaCooldownLeft, type CooldownCheck } from './cooldown.js'
  *
  * The guard exists because the upstream counts arrivals, not our admissions: two calls admitted
  * exactly w apart can arrive less than w apart when the first was delayed more (event loop,
- * connection pool, network). With g at least that delay difference, the upstream's own window
+ * connecting, network; never a wait for a socket of the pool: the Care360 client asks for
+ * admission only once it holds one). With g at least that delay difference, the upstream's own window
  * never sees more than `count` either. Default: 1% of the window, at most a second (600 ms of
  * the default 60 s), i.e. 1% of the throughput.
  *

@@ -521,6 +521,26 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
   t.notOk(sandbox.control.isCancelled(bob.appointments[0]!.id))
 })
 
+t.test('a request whose deadline passes while its connection is being made is never sent', async (t) => {
+  let requests = 0
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    requests++
+    request.resume()
+    response.setHeader('content-type', 'application/json')
+    response.end('{"status":200,"success":true,"message":"ok"}')
+  })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 100 })
+  t.teardown(() => client.close())
+  const failure = failureOf(cancelAlice(client))
+  // The event loop blocked past the deadline while the first connection is made: the deadline's
+  // timer runs before the connection's callback, which must then drop the request.
+  const until = Date.now() + 150
+  while (Date.now() < until) { /* busy on purpose */ }
+  t.match(await failure, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
+  await sleep(100)
+  t.equal(requests, 0, 'the upstream never received it')
+})
+
 t.test('requests that expire while queued leave the pool\'s socket alive for the next one', async (t) => {
   let connections = 0
   let requests = 0
@@ -529,13 +549,15 @@ t.test('requests that expire while queued leave the pool\'s socket alive for the
     request.resume()
     setTimeout(() => { response.setHeader('content-type', 'application/json'); response.end('{"status":200,"success":true,"message":"ok"}') }, 150)
   }, () => { connections++ })
-  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 500, connections: 1 })
+  const observed: string[] = []
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 500, connections: 1, observe: (_endpoint, outcome) => { observed.push(outcome) } })
   t.teardown(() => client.close())
   // One socket, 150 ms an answer, a 500 ms deadline: three answered (about), the next cut in
   // flight (its socket goes with it), the rest expire in the queue.
   const outcomes = await Promise.all(Array.from({ length: 8 }, async () => await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST }, CTX).then(() => 'ok', (error: { outcome: string }) => error.outcome)))
   const count = (outcome: string): number => outcomes.filter((seen) => seen === outcome).length
   t.ok(count('not-sent') >= 2, `some expired in the queue: ${outcomes.join(', ')}`)
+  t.equal(observed.filter((outcome) => outcome === 'timeout').length, count('not-sent') + count('unknown'), 'the metrics hear every call that ran out of time, queued or in flight')
   await sleep(100)
   t.equal(requests, count('ok') + count('unknown'), 'the expired ones were never written')
   // Before: each expired request destroyed the socket it was handed, so one more connection each.

@@ -1,5 +1,8 @@
 import t, { type Test } from 'tap'
 import { performance } from 'node:perf_hooks'
+import { once } from 'node:events'
+import { createServer as createHttpServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startRedis } from '../helpers/redis.js'
 import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
@@ -139,6 +142,41 @@ t.test('end to end: three replicas driven at three times the budget never get a 
   t.ok(outcomes.ok >= 10 && outcomes.ok <= 20, `admitted ${outcomes.ok} in 3 s`)
   const seen = maxInAnyWindow(sandbox.control.calls.map((call) => call.at), budget.windowMs)
   t.ok(seen <= 12, `the upstream saw at most ${seen} calls in any window`)
+})
+
+t.test('a call waiting for a connection is admitted once it has one: the upstream never sees more than the budget in any window', async (t) => {
+  // Two connections, the first two answers 600 ms slow: two calls wait for a socket meanwhile.
+  // Admitted at once and sent when a socket freed, they would reach the upstream 600 ms after
+  // their admission, and a second batch admitted a window after the first would land in the same
+  // window as them: six calls in one window of a budget of four.
+  const arrivals: number[] = []
+  let slow = 2
+  const upstream = createHttpServer((request, response) => {
+    arrivals.push(performance.now())
+    request.resume()
+    const answer = (): void => { response.setHeader('content-type', 'application/json'); response.end(JSON.stringify({ status: 200, success: true, data: [] })) }
+    if (slow-- > 0) setTimeout(answer, 600)
+    else answer()
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => { upstream.closeAllConnections(); upstream.close() })
+  // The guard takes up the lateness of a loaded test machine (calls admitted a window apart must
+  // not arrive closer than that); it is far below the 600 ms a queued call would wait.
+  const budget = { count: 4, windowMs: 1000, guardMs: 250 }
+  const gate = createUpstreamGate({ budget: createMemoryBudget(budget), cooldown: createMemoryCooldown({}) })
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, gate, connections: 2 })
+  t.teardown(() => client.close())
+  const email = (DEMO_PATIENTS[0] as { email: string }).email
+  const outcome = async (n: number): Promise<string> => await client.fetchAppointments(email, { requestId: `r${n}` }).then(() => 'ok', (error: ApiError) => error.code)
+  const first = Array.from({ length: 4 }, async (_, n) => await outcome(n))
+  // The first batch's admissions have left the budget's span (window and guard) by then.
+  await sleep(budget.windowMs + budget.guardMs + 50)
+  const second = await Promise.all(Array.from({ length: 4 }, async (_, n) => await outcome(4 + n)))
+  t.same(await Promise.all(first), ['ok', 'ok', 'ok', 'ok'])
+  t.same(second, ['ok', 'ok', 'UPSTREAM_RATE_LIMITED', 'UPSTREAM_RATE_LIMITED'], 'the two calls sent late still count in the window')
+  const seen = maxInAnyWindow(arrivals, budget.windowMs)
+  t.ok(seen <= budget.count, `the upstream saw at most ${seen} calls in any window of ${budget.windowMs} ms (budget ${budget.count})`)
 })
 
 t.test('the recorder hears each decision of the cooldown and the budget', async (t) => {
