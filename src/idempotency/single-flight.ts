@@ -21,7 +21,9 @@ export interface SingleFlightOptions {
    * How long a finished leader's answer stays for followers (ms). Short on purpose: long enough
    * for a poll (every `pollMs`) to see it, and for a double tap that comes just after the first
    * answer to share it, but a patient's deliberate retry a moment later is a new request, not a
-   * replay.
+   * replay. A request that did not overlap the leader shares its answer only when it is a 200 (the
+   * double tap gets "cancelled", not a 404 for an appointment the first tap removed); after an
+   * error it runs again, as a retry must.
    */
   shareTtlMs?: number
   /** The longest a follower on another replica waits before answering 409 (ms). */
@@ -102,19 +104,17 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const recent = recentAnswers(shareTtlMs, options.now ?? Date.now)
 
   /**
-   * The leader when this process is the only one: its answer (or the error answer a store would
-   * keep, see settle.ts) stays for `shareTtlMs` for a late double tap.
+   * The leader when this process is the only one: followers that overlap it share its promise; a
+   * 200 stays for `shareTtlMs` for a late double tap.
    */
   function leadHere (localKey: string, run: Run): Promise<SingleFlightResult> {
-    const { attempt, sendStarted } = tracked()
+    const { attempt } = tracked()
     const leader = run(attempt).then(function led (answer): SingleFlightResult {
       local.delete(localKey)
-      if (settleAnswer(answer).action === 'store') recent.set(localKey, answer)
+      if (answer.statusCode === 200) recent.set(localKey, answer)
       return { answer, shared: false }
     }, function failed (error: unknown): never {
       local.delete(localKey)
-      const settlement = settleError(error, sendStarted())
-      if (settlement.action !== 'release' && settlement.answer !== null) recent.set(localKey, settlement.answer)
       throw error
     })
     local.set(localKey, leader)
@@ -153,15 +153,23 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   function withoutStore (error: unknown, run: Run, log: WarnLog): Promise<SingleFlightResult> {
     log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
     const { attempt } = tracked()
-    return run(attempt).then((answer) => ({ answer, shared: false }))
+    return run(attempt).then(ownAnswer)
   }
 
-  /** One look at the shared record: a replay, a leader elsewhere to wait for, or the lead. */
-  function coordinate (store: IdempotencyStore, scope: string, fingerprint: string, run: Run, log: WarnLog, deadline: number): Awaitable<SingleFlightResult> {
+  /**
+   * One look at the shared record: a leader's answer, a leader elsewhere to wait for, or the
+   * lead. `waited`: this request overlapped that leader (it looked before, and waited).
+   */
+  function coordinate (store: IdempotencyStore, scope: string, fingerprint: string, run: Run, log: WarnLog, deadline: number, waited: boolean): Awaitable<SingleFlightResult> {
     // Its own namespace: a client's Idempotency-Key can never name a single-flight record.
     const key = `flight\0${fingerprint}`
     function begun (begin: BeginResult): Awaitable<SingleFlightResult> {
-      if (begin.kind === 'replay') return { answer: { ...begin.answer }, shared: true }
+      if (begin.kind === 'replay') {
+        if (waited || begin.answer.statusCode === 200) return { answer: { ...begin.answer }, shared: true }
+        // A finished leader's error, for a request that came after it: a retry, run on its own
+        // (the record stays the leader's until it expires, moments later).
+        return run(tracked().attempt).then(ownAnswer)
+      }
       if (begin.kind === 'in-flight') return follow(store, scope, fingerprint, begin.retryAfterMs, run, log, deadline)
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
       if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
@@ -184,7 +192,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
     const left = deadline - Date.now()
     if (left <= 0) throw inFlightError(retryAfterMs)
     await sleep(Math.max(1, Math.min(pollMs, left, retryAfterMs)))
-    return await coordinate(store, scope, fingerprint, run, log, deadline)
+    return await coordinate(store, scope, fingerprint, run, log, deadline, true)
   }
 
   return {
@@ -196,7 +204,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
         const answer = recent.get(localKey)
         return answer === undefined ? leadHere(localKey, run) : Promise.resolve({ answer, shared: true })
       }
-      const leader = Promise.resolve(coordinate(store, scope, fingerprint, run, log, Date.now() + waitMs))
+      const leader = Promise.resolve(coordinate(store, scope, fingerprint, run, log, Date.now() + waitMs, false))
       local.set(localKey, leader)
       function forget (): void {
         local.delete(localKey)
@@ -205,6 +213,10 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
       return leader
     }
   }
+}
+
+function ownAnswer (answer: Answer): SingleFlightResult {
+  return { answer, shared: false }
 }
 
 function sharedResult (result: SingleFlightResult): SingleFlightResult {

@@ -88,27 +88,29 @@ t.test('one process, no store: overlapping cancels share the leader, and a late 
   t.equal(cancel.sends(), 4)
 })
 
-t.test('one process, no store: what a store would keep is kept, what it would release is not', async (t) => {
+t.test('one process, no store: after the leader, only a 200 is kept for a late double tap; after an error the next request runs', async (t) => {
   const flight = createSingleFlight({ store: null, inFlightTtlMs: 5000 })
-  const outcomes: Array<[string, () => Promise<never>, boolean]> = [
-    ['an answered upstream error', async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }, true],
-    ['an unknown outcome', async () => { throw upstreamError('unknown') }, true],
-    ['nothing sent', async () => { throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE) }, false],
-    ['our own bug', async () => { throw new TypeError('bug') }, false]
+  const outcomes: Array<[string, () => Promise<never>]> = [
+    ['an answered upstream error', async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }],
+    ['an unknown outcome', async () => { throw upstreamError('unknown') }],
+    ['nothing sent', async () => { throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE) }],
+    ['our own bug', async () => { throw new TypeError('bug') }]
   ]
-  for (const [label, step, kept] of outcomes) {
+  for (const [label, step] of outcomes) {
     const fingerprint = label.replace(/\W/g, '-')
     const failing = fakeCancel({ cancel: [step] })
     await t.rejects(flight.runOnce(SCOPE, fingerprint, failing.run), Error, `${label}: the leader gets the error`)
     const again = fakeCancel()
     const next = await flight.runOnce(SCOPE, fingerprint, again.run)
-    t.equal(next.shared, kept, `${label}: ${kept ? 'its error answer is shared' : 'the next request runs'}`)
-    if (kept) t.match(next.answer, { body: { success: false } })
-    t.equal(again.sends(), kept ? 0 : 1)
+    t.same(next, { answer: CANCELLED, shared: false }, `${label}: a retry just after runs, and gets its own answer`)
+    t.equal(again.sends(), 1)
   }
-  const limited = fakeCancel({ cancel: [async () => ({ statusCode: 429, body: { status: 429, success: false, message: 'busy', code: ErrorCode.UPSTREAM_RATE_LIMITED } })] })
-  t.equal((await flight.runOnce(SCOPE, 'limited', limited.run)).answer.statusCode, 429)
-  t.equal((await flight.runOnce(SCOPE, 'limited', fakeCancel().run)).shared, false, 'a 429 is no answer to keep')
+  const missing = fakeCancel({ cancel: [async () => ({ statusCode: 404, body: { status: 404, success: false, message: 'not found', code: ErrorCode.APPOINTMENT_NOT_FOUND } })] })
+  t.equal((await flight.runOnce(SCOPE, 'missing', missing.run)).answer.statusCode, 404)
+  t.equal((await flight.runOnce(SCOPE, 'missing', fakeCancel().run)).shared, false, 'nor a 404')
+  const done = fakeCancel()
+  await flight.runOnce(SCOPE, 'done', done.run)
+  t.same(await flight.runOnce(SCOPE, 'done', fakeCancel().run), { answer: CANCELLED, shared: true }, 'a 200 is kept')
 })
 
 function twoReplicas (store1: IdempotencyStore, store2: IdempotencyStore, extra: Partial<SingleFlightOptions> = {}) {
@@ -139,6 +141,21 @@ t.test('across replicas: an upstream error answer is shared with followers', asy
   t.equal(follower.answer.statusCode, 504)
   t.match(follower.answer.body, { code: ErrorCode.UPSTREAM_TIMEOUT })
   t.equal(cancel.sends(), 1)
+})
+
+t.test('across replicas: a request that comes after a leader\'s error runs again; after its 200 it shares it', async (t) => {
+  await redisServer.flush()
+  const [a, b] = twoReplicas(await redisStore(t), await redisStore(t))
+  const failing = fakeCancel({ cancel: [async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }] })
+  await t.rejects(a.runOnce(SCOPE, FP, failing.run), { code: ErrorCode.UPSTREAM_ERROR })
+  const retry = fakeCancel()
+  t.same(await b.runOnce(SCOPE, FP, retry.run), { answer: CANCELLED, shared: false }, 'the retry on the other replica gets its own answer')
+  t.equal(retry.sends(), 1)
+  const other = 'e'.repeat(64)
+  await a.runOnce(SCOPE, other, fakeCancel().run)
+  const tap = fakeCancel()
+  t.same(await b.runOnce(SCOPE, other, tap.run), { answer: CANCELLED, shared: true }, 'a double tap just after a 200 gets it')
+  t.equal(tap.sends(), 0)
 })
 
 t.test('across replicas: a leader that sent nothing lets a waiting follower try itself', async (t) => {
