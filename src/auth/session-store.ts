@@ -2,7 +2,7 @@ import { hash, randomBytes } from 'node:crypto'
 import { monotonicNow } from '../state/clock.js'
 import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
-import { coalesceWrites, type SharedState } from '../state/redis.js'
+import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 import { redisScript, type ScriptArg } from '../state/redis-script.js'
 import type { Rate } from '../config.js'
@@ -345,13 +345,16 @@ type IndexKind = 'sub' | 'sid'
  */
 export class RedisSessionStore implements SessionStore {
   readonly #redis: Redis
+  readonly #failed: () => void
   readonly #idleTtlMs: number
   readonly #absoluteTtlMs: number
   readonly #now: () => number
   readonly #prefix: string
 
-  constructor (redis: Redis, options: SessionStoreOptions) {
+  /** `failed`: hears every command that failed or timed out (the shared state's degraded mode). */
+  constructor (redis: Redis, options: SessionStoreOptions, failed: () => void = () => {}) {
     this.#redis = redis
+    this.#failed = failed
     this.#idleTtlMs = options.idleTtlMs
     this.#absoluteTtlMs = options.absoluteTtlMs
     this.#now = options.now ?? Date.now
@@ -449,6 +452,7 @@ export class RedisSessionStore implements SessionStore {
       coalesceWrites(this.#redis)
       return await operation()
     } catch (error) {
+      this.#failed()
       throw sessionStoreUnavailable(error)
     }
   }
@@ -526,8 +530,8 @@ function decode (id: string, fields: Record<string, string>): SessionRecord | nu
  * Redis when the service has one, memory otherwise. With Redis configured but down, the Redis
  * store answers 503 (see RedisSessionStore#run) rather than switching to memory.
  */
-export function createSessionStore (sharedState: Pick<SharedState, 'redis'>, options: SessionStoreOptions): SessionStore {
+export function createSessionStore (sharedState: Pick<SharedState, 'redis' | 'degradeFor'>, options: SessionStoreOptions): SessionStore {
   return sharedState.redis === null
     ? new MemorySessionStore(options)
-    : new RedisSessionStore(sharedState.redis, options)
+    : new RedisSessionStore(sharedState.redis, options, () => { sharedState.degradeFor(FAILED_COMMAND_PAUSE_MS) })
 }

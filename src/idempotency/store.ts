@@ -1,6 +1,6 @@
 import { hash, randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
-import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
+import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 import { LUA_NOW_MS, redisScript } from '../state/redis-script.js'
 
@@ -273,6 +273,8 @@ export interface RedisStoreOptions {
   /** The shared client: its command timeout bounds every store call (state/redis.ts). */
   redis: Redis
   prefix?: string
+  /** Hears every command that failed or timed out (the shared state's degraded mode). */
+  failed?: () => void
 }
 
 export function createRedisIdempotencyStore (options: RedisStoreOptions): IdempotencyStore {
@@ -289,6 +291,7 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       coalesceWrites(redis)
       return await script(redis, key, ...args)
     } catch (error) {
+      options.failed?.()
       throw new IdempotencyStoreError(isCommandTimeout(error)
         ? 'idempotency store did not answer in time'
         : 'idempotency store failed', { cause: error })
@@ -334,5 +337,5 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
  */
 export function idempotencyStoreFor (sharedState: SharedState): IdempotencyStore {
   if (sharedState.redis === null) return createMemoryIdempotencyStore()
-  return createRedisIdempotencyStore({ redis: sharedState.redis })
+  return createRedisIdempotencyStore({ redis: sharedState.redis, failed: () => { sharedState.degradeFor(FAILED_COMMAND_PAUSE_MS) } })
 }

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import { coalesceWrites, isCommandTimeout, type SharedState } from '../state/redis.js'
+import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 import { TroubleNotice } from '../state/notice.js'
 
@@ -39,7 +39,7 @@ export interface StoreFallbackOptions {
 export function createStoreFallback (options: StoreFallbackOptions): StoreFallback {
   const { sharedState, log } = options
   const now = options.now ?? Date.now
-  const pauseMs = options.pauseMs ?? 1000
+  const pauseMs = options.pauseMs ?? FAILED_COMMAND_PAUSE_MS
   const logEveryMs = options.logEveryMs ?? 60_000
   // At most one warning per interval for the whole process, whatever the number of requests and
   // stores, and however often a struggling Redis flaps between answering and not; the matching

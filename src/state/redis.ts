@@ -216,6 +216,12 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   }
 }
 
+/**
+ * How long a failed or slow command leaves the shared state `degraded` (ms; SharedState.degradeFor):
+ * whichever store's command it was (limits, sessions, Idempotency-Key records).
+ */
+export const FAILED_COMMAND_PAUSE_MS = 1000
+
 /** How often a connection answering READONLY may be replaced (ms). */
 const READONLY_RECONNECT_EVERY_MS = 5000
 

@@ -68,7 +68,7 @@ const kinds: Array<{ name: string, make: (t: Test, lifetimes?: Lifetimes) => Pro
     name: 'memory',
     make: async (_t, lifetimes = LIFETIMES) => {
       const clock = { at: START }
-      return { store: createSessionStore({ redis: null }, { ...lifetimes, now: () => clock.at }), clock }
+      return { store: createSessionStore({ redis: null, degradeFor () {} }, { ...lifetimes, now: () => clock.at }), clock }
     }
   },
   {
@@ -465,7 +465,9 @@ t.test('redis down or slow: 503 with Retry-After, quickly, never a memory fallba
   const admin = new Redis(server.url, { maxRetriesPerRequest: 0 })
   admin.on('error', () => {})
   await admin.call('CLIENT', 'PAUSE', '1500', 'ALL')
+  t.equal(sharedState.mode(), 'redis')
   await expect503('get while paused', () => store.get(token))
+  t.equal(sharedState.mode(), 'degraded', 'a session command that timed out on a connected client: degraded, as /readyz says')
   admin.disconnect()
 
   await server.stop()

@@ -333,10 +333,18 @@ t.test('idempotencyStoreFor picks memory without Redis and Redis with it', async
   const memoryState: SharedState = { redis: null, mode: () => 'memory', degradeFor: () => {}, redisFor: () => 0, close: async () => {} }
   const memory = idempotencyStoreFor(memoryState)
   t.equal((await memory.begin('s', 'k', FP, LONG)).kind, 'started')
-  const client = await redisClient(t)
-  const redisState: SharedState = { redis: client, mode: () => 'redis', degradeFor: () => {}, redisFor: () => Infinity, close: async () => {} }
+  const client = await redisClient(t, { commandTimeout: 100 })
+  const degraded: number[] = []
+  const redisState: SharedState = { redis: client, mode: () => 'redis', degradeFor: (ms) => { degraded.push(ms) }, redisFor: () => Infinity, close: async () => {} }
   const shared = idempotencyStoreFor(redisState)
   const key = fresh()
   await shared.begin('s', key, FP, LONG)
   t.equal((await createRedisIdempotencyStore({ redis: client }).begin('s', key, FP, LONG)).kind, 'in-flight', 'it is the Redis store')
+  t.same(degraded, [])
+  // A command that times out on the connected client: the shared state says degraded for a while.
+  const admin = await redisClient(t)
+  await admin.call('CLIENT', 'PAUSE', '300', 'WRITE')
+  await t.rejects(async () => await shared.begin('s', fresh(), FP, LONG), IdempotencyStoreError)
+  t.same(degraded, [1000], 'the shared state hears of it')
+  await sleep(300)
 })
