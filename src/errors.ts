@@ -50,6 +50,13 @@ export interface ApiErrorOptions {
 }
 
 /**
+ * A cause whose message is the service's own text (never a client's, the upstream's or a store's
+ * words, nor a key, token or address): the error line of an answer logs it whole, where it logs
+ * only the name and code of any other.
+ */
+export class OwnError extends Error {}
+
+/**
  * An error whose status, code and message are safe to show to the client as they are. Anything
  * thrown that is not an ApiError is our bug and is answered as a bare 500.
  */

@@ -172,10 +172,9 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       }
       return claimsOf(payload)
     } catch (error) {
-      if (error instanceof ProviderUnavailable) {
-        log?.warn({ err: { name: error.name, message: error.message, cause: causeName(error.cause) } }, 'ID token: identity provider unavailable')
-        throw identityProviderUnavailable(error)
-      }
+      // Its error line is the 503's, with the causes (plugins/answers.ts: once a minute while the
+      // provider is down).
+      if (error instanceof ProviderUnavailable) throw identityProviderUnavailable(error)
       // The reason class only: never the token, never which claim to the client. Not under
       // `reason`, which the log's redaction paths censor (cancellation reasons).
       log?.debug({ refusal: reasonOf(error) }, 'ID token refused')
@@ -233,10 +232,4 @@ function reasonOf (error: unknown): string {
   if (error instanceof errors.JOSEError) return error.code
   /* c8 ignore next -- jose throws only JOSEErrors for a bad token; kept for the unexpected */
   return error instanceof Error ? error.name : 'unknown'
-}
-
-function causeName (cause: unknown): string | undefined {
-  if (!(cause instanceof Error)) return undefined
-  const code = (cause as NodeJS.ErrnoException).code
-  return code ?? cause.name
 }

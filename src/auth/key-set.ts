@@ -1,5 +1,5 @@
 import { createRemoteJWKSet, errors, type JWTVerifyGetKey } from 'jose'
-import { ApiError, ErrorCode } from '../errors.js'
+import { ApiError, ErrorCode, OwnError } from '../errors.js'
 import { isLoopbackHost } from '../config.js'
 
 /**
@@ -34,7 +34,7 @@ export interface IssuerKeys {
 }
 
 /** The IdP itself failed us (discovery or JWKS unreachable, slow or garbage): not the token's fault. */
-export class ProviderUnavailable extends Error {
+export class ProviderUnavailable extends OwnError {
   constructor (message: string, options?: { cause: unknown }) {
     super(message, options)
     this.name = 'ProviderUnavailable'

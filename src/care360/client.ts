@@ -1,7 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import { Pool, type Dispatcher } from 'undici'
-import { ApiError, ErrorCode, type ApiErrorOptions } from '../errors.js'
+import { ApiError, ErrorCode, OwnError, type ApiErrorOptions } from '../errors.js'
 import { isPromise, type Awaitable } from '../state/awaitable.js'
 
 /**
@@ -123,12 +123,12 @@ const CANCEL_PATH = '/api/v1/calendar/appointments/cancel'
 const LIST_PATH = '/api/v1/calendar/appointments'
 
 /** Raised (as a cause) when the upstream answers more than maxBodyBytes. */
-class BodyTooLargeError extends Error {
+class BodyTooLargeError extends OwnError {
   readonly code = 'CARE360_BODY_TOO_LARGE'
 }
 
 /** Raised (as a cause) when our own deadline passes. */
-class DeadlineError extends Error {
+class DeadlineError extends OwnError {
   readonly code = 'CARE360_DEADLINE'
 }
 
@@ -452,7 +452,7 @@ function unexpected (status: number, why: string): UpstreamError {
   return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, 'The appointment service gave an unexpected answer', {
     outcome: 'answered',
     upstreamStatus: status,
-    cause: new Error(`Care360 answered HTTP ${status}: ${why}`)
+    cause: new OwnError(`Care360 answered HTTP ${status}: ${why}`)
   })
 }
 
@@ -605,13 +605,13 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
           outcome: 'answered',
           upstreamStatus: status,
           detail: safeText(envelope.error, scrub),
-          cause: new Error('Care360 answered HTTP 400')
+          cause: new OwnError('Care360 answered HTTP 400')
         })
     }
     if (status === 401) {
       // Our organization key was refused: an operator's problem, never the patient's.
       throw new UpstreamError(502, ErrorCode.UPSTREAM_AUTH_FAILED, 'The appointment service is not available right now (service configuration problem)', {
-        outcome: 'answered', upstreamStatus: status, cause: new Error('Care360 refused the organization key (HTTP 401)')
+        outcome: 'answered', upstreamStatus: status, cause: new OwnError('Care360 refused the organization key (HTTP 401)')
       })
     }
     throw unexpected(status, status >= 500 ? 'server error' : 'status not in its documentation')
@@ -633,7 +633,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     }
     const seconds = Math.max(1, Math.ceil((cooldownMs ?? 0) / 1000))
     throw new UpstreamError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
-      outcome: 'answered', upstreamStatus: 429, headers: { 'Retry-After': String(seconds) }, cause: new Error('Care360 answered HTTP 429')
+      outcome: 'answered', upstreamStatus: 429, headers: { 'Retry-After': String(seconds) }, cause: new OwnError('Care360 answered HTTP 429')
     })
   }
 

@@ -1,7 +1,7 @@
 import { hash } from 'node:crypto'
 import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
-import { createSingleFlight, errorSummary, inFlightError, quietly, silentLog, type SingleFlightResult, type WarnLog } from './single-flight.js'
+import { createSingleFlight, inFlightError, quietly, silentLog, type SingleFlightResult, type WarnLog } from './single-flight.js'
 import type { IdempotencyStore } from './store.js'
 import type { Awaitable } from '../state/awaitable.js'
 
@@ -124,11 +124,11 @@ function storeUnavailable (cause: unknown): ApiError {
  * second cancel for a key the client meant to be sent once. A 503 with Retry-After costs the
  * patient a retry; a double cancel cannot be undone.
  */
-async function required<T> (call: () => Awaitable<T>, log: WarnLog): Promise<T> {
+async function required<T> (call: () => Awaitable<T>): Promise<T> {
   try {
     return await call()
   } catch (error) {
-    log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: keyed cancel refused')
+    // Its error line is the 503's (plugins/answers.ts: once a minute while the store is down).
     throw storeUnavailable(error)
   }
 }
@@ -163,7 +163,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    */
   async function markSending (scope: string, key: string, token: string, log: WarnLog, endsAt: number | null): Promise<void> {
     // The send gets a whole marker's life (more than the gate and one upstream deadline need).
-    const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs, endsAt), log)
+    const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs, endsAt))
     // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
     if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }
@@ -204,7 +204,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   async function keyed (input: HandleInput, clientKey: string, fingerprint: string, log: WarnLog): Promise<HandleResult> {
     const { scope } = input
     const key = `key\0${clientKey}`
-    const begun = await required(() => store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs }), log)
+    const begun = await required(() => store.begin(scope, key, fingerprint, { ttlMs: replayTtlMs, inFlightTtlMs }))
     switch (begun.kind) {
       case 'replay':
         return { answer: { ...begun.answer, headers: { [REPLAYED_HEADER]: 'true' } }, earlier: 'replayed' }

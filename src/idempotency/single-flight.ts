@@ -3,6 +3,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run } from './settle.js'
 import type { BeginResult, IdempotencyStore, StoredAnswer } from './store.js'
 import { isPromise, whenReady, type Awaitable } from '../state/awaitable.js'
+import { RepeatedWarnings } from '../state/notice.js'
 
 /** Where store failures are reported; Fastify's logger fits. */
 export interface WarnLog {
@@ -64,6 +65,9 @@ export function inFlightError (retryAfterMs: number, message = 'An identical req
 
 export const silentLog: WarnLog = { warn () {} }
 
+/** How often a cancel going on without the store says so again (ms). */
+const STORE_DOWN_WARNING_EVERY_MS = 60_000
+
 /**
  * Finished leaders' answers, each served for `ttlMs` after it was set. Two generations of maps
  * instead of an expiry per entry: entries go in the current one, which becomes the previous one
@@ -102,6 +106,8 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const defaultLog = options.log ?? silentLog
   const local = new Map<string, Promise<SingleFlightResult>>()
   const recent = recentAnswers(shareTtlMs, options.now ?? Date.now)
+  // Every key-less cancel meets the store: while it is down, once a minute is enough.
+  const storeDown = new RepeatedWarnings(STORE_DOWN_WARNING_EVERY_MS, options.now ?? Date.now)
 
   /**
    * The leader when this process is the only one: followers that overlap it share its promise; a
@@ -151,7 +157,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
    * leaves the in-process single flight alone.
    */
   function withoutStore (error: unknown, run: Run, log: WarnLog): Promise<SingleFlightResult> {
-    log.warn({ err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
+    storeDown.warn(log, { err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
     const { attempt } = tracked()
     return run(attempt).then(ownAnswer)
   }

@@ -3,6 +3,7 @@ import type { Redis } from 'ioredis'
 import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, isCommandTimeout, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
 import { LUA_NOW_MS, redisScript } from '../state/redis-script.js'
+import { OwnError } from '../errors.js'
 
 /**
  * Idempotency records, keyed by (patient scope, key). One record is in one of three states:
@@ -67,7 +68,7 @@ export interface IdempotencyStore {
 }
 
 /** The store could not answer (Redis down, slow, or the memory store full). */
-export class IdempotencyStoreError extends Error {
+export class IdempotencyStoreError extends OwnError {
   constructor (message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.name = 'IdempotencyStoreError'

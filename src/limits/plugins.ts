@@ -291,7 +291,9 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
     budget,
     cooldown,
     now: options.now,
-    record: metrics === null ? undefined : { decision: metrics.recordLimiter }
+    record: metrics === null ? undefined : { decision: metrics.recordLimiter },
+    // Once per episode, on the replica whose 429 began it: every replica holds back meanwhile.
+    cooldownStarted: (remainingMs) => { app.log.warn({ cooldownMs: remainingMs }, 'Care360 answered 429: upstream calls held back for the cooldown, and the org budget halved') }
   })
   app.decorate('upstreamGate', gate)
   // Read when scraped, through the fallback: Redis's answer when it has one, this process's

@@ -40,6 +40,8 @@ export interface UpstreamGateOptions {
   now?: () => number
   /** Hears every decision of `acquire` (metrics): the cooldown's, then the budget's when asked. */
   record?: GateRecorder
+  /** Hears the start of each cooldown episode this process saw first (its length, ms): the operator's log. */
+  cooldownStarted?: (remainingMs: number) => void
 }
 
 export interface GateRecorder {
@@ -123,7 +125,10 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
       }
       // Once per episode: the calls in flight when the first 429 arrives come back 429 too, and
       // must not halve the budget once each.
-      if (trip.fresh) await budget.decrease()
+      if (trip.fresh) {
+        options.cooldownStarted?.(trip.remainingMs)
+        await budget.decrease()
+      }
       return trip.remainingMs
     }
   }

@@ -3,7 +3,9 @@ import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
 import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
-import { ApiError, ErrorCode, errorEnvelope, type ErrorEnvelope } from '../errors.js'
+import { performance } from 'node:perf_hooks'
+import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
+import { RepeatedWarnings } from '../state/notice.js'
 
 /**
  * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:
@@ -70,10 +72,21 @@ declare module 'fastify' {
     /** The contract code of an error answer, for the audit record and metrics. */
     errorCode: ErrorCode | null
   }
+  interface FastifyInstance {
+    /**
+     * The warnings each request repeats while a dependency is down (RepeatedWarnings): once a
+     * minute per message, with the count of those left out.
+     */
+    repeatedWarnings: RepeatedWarnings
+  }
 }
+
+/** How often a warning that every request repeats is written again (ms). */
+const REPEATED_WARNING_EVERY_MS = 60_000
 
 async function answers (app: FastifyInstance): Promise<void> {
   app.decorateReply('errorCode', null)
+  app.decorate('repeatedWarnings', new RepeatedWarnings(REPEATED_WARNING_EVERY_MS, () => performance.now()))
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     reply.header('x-request-id', request.id)
     reply.header('cache-control', 'no-store')
@@ -114,10 +127,14 @@ async function answers (app: FastifyInstance): Promise<void> {
       return reply.code(500).send(INTERNAL)
     }
     if (apiError.statusCode >= 500) {
+      const fields = { err: { code: apiError.code, ...upstreamFields(apiError), cause: causeSummary(apiError.cause) } }
       // The org key refused is the operator's to mend, at once: an error, where an upstream's own
-      // failure (it comes and goes) is a warning.
-      const level = apiError.code === ErrorCode.UPSTREAM_AUTH_FAILED ? 'error' : 'warn'
-      request.log[level]({ err: { code: apiError.code, cause: causeSummary(apiError.cause) } }, apiError.message)
+      // failure (it comes and goes) is a warning, one per failed call (the org budget bounds
+      // them). A store or the identity provider unreachable would be a line per request: those
+      // are written once a minute each, with the count of the others.
+      if (apiError.code === ErrorCode.UPSTREAM_AUTH_FAILED) request.log.error(fields, apiError.message)
+      else if (apiError.code === ErrorCode.SERVICE_UNAVAILABLE) app.repeatedWarnings.warn(request.log, fields, apiError.message)
+      else request.log.warn(fields, apiError.message)
     }
     return sendError(reply, apiError)
   })
@@ -160,11 +177,28 @@ function encodedBody (): ApiError {
   return new ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must not be content-encoded (gzip and the like are not accepted)')
 }
 
-/** Only the code and name of a cause: upstream bodies and messages stay out of the logs. */
-function causeSummary (cause: unknown): { name?: string, code?: string } | undefined {
-  if (!(cause instanceof Error)) return undefined
+/** The upstream's status and what became of the call, when the error is the Care360 client's. */
+function upstreamFields (error: ApiError): { upstreamStatus?: number | null, outcome?: string } {
+  const { upstreamStatus, outcome } = error as { upstreamStatus?: number | null, outcome?: string }
+  return outcome === undefined ? {} : { upstreamStatus, outcome }
+}
+
+interface CauseSummary { name: string, code?: string, message?: string, cause?: CauseSummary }
+
+/**
+ * A cause and the causes under it (a few levels: fetch's "fetch failed" says little, the
+ * ECONNREFUSED under it says what to mend), each by name and code; the message only of our own
+ * errors (OwnError), never of others, which may carry a store's or the upstream's words.
+ */
+export function causeSummary (cause: unknown, depth = 3): CauseSummary | undefined {
+  if (!(cause instanceof Error) || depth === 0) return undefined
+  const summary: CauseSummary = { name: cause.name }
   const code = (cause as NodeJS.ErrnoException).code
-  return code === undefined ? { name: cause.name } : { name: cause.name, code }
+  if (typeof code === 'string') summary.code = code
+  if (cause instanceof OwnError) summary.message = cause.message
+  const under = causeSummary(cause.cause, depth - 1)
+  if (under !== undefined) summary.cause = under
+  return summary
 }
 
 export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })

@@ -44,3 +44,38 @@ export class TroubleNotice {
     return true
   }
 }
+
+interface WarnLog {
+  warn: (fields: object, message: string) => void
+}
+
+/**
+ * A warning that every request would repeat while what it reports lasts (the session store or the
+ * identity provider unreachable): written the first time, then at most once per interval for each
+ * message, saying how many were left out since (`repeats`). Only the service's own fixed messages
+ * go through it, so the map stays as small as that set.
+ */
+export class RepeatedWarnings {
+  readonly #everyMs: number
+  readonly #now: () => number
+  readonly #seen = new Map<string, { notice: TroubleNotice, repeats: number }>()
+
+  constructor (everyMs: number, now: () => number) {
+    this.#everyMs = everyMs
+    this.#now = now
+  }
+
+  warn (log: WarnLog, fields: object, message: string): void {
+    let seen = this.#seen.get(message)
+    if (seen === undefined) {
+      seen = { notice: new TroubleNotice(this.#everyMs, this.#now), repeats: 0 }
+      this.#seen.set(message, seen)
+    }
+    if (!seen.notice.tell()) {
+      seen.repeats++
+      return
+    }
+    log.warn(seen.repeats === 0 ? fields : { ...fields, repeats: seen.repeats }, message)
+    seen.repeats = 0
+  }
+}

@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { Type } from 'typebox'
 import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
+import { causeSummary } from '../plugins/answers.js'
 import { idTokenId } from '../auth/id-token.js'
 import { isLoginCookieName, LOGIN_COOKIE_OPTIONS, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
@@ -34,6 +35,9 @@ export type SignInError =
   | 'session_unavailable' // the session store could not answer
   | 'rate_limited' // the per-IP limit refused the callback (a shared address sending much)
   | 'server_error' // another answer before the callback could run, or a fault of ours
+
+/** The sign-in failures an operator has to act on. */
+const OPERATOR_FAILURES: ReadonlySet<SignInError> = new Set<SignInError>(['idp_unavailable', 'session_unavailable', 'server_error'])
 
 export interface WebRoutesOptions {
   oidc: WebOidc
@@ -85,7 +89,11 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
 
   /** Where a failed sign-in sends the browser, once it is logged and counted. */
   function failureLocation (request: FastifyRequest, reason: SignInError, cause?: unknown): string {
-    request.log.info({ signinError: reason, cause: cause instanceof Error ? (cause as { code?: string }).code ?? cause.name : undefined }, 'web sign-in failed')
+    const fields = { signinError: reason, cause: causeSummary(cause) }
+    // The patient's doing (refused, expired, a forged callback) is information; ours or the
+    // identity provider's a warning, once a minute per reason while it lasts.
+    if (OPERATOR_FAILURES.has(reason)) app.repeatedWarnings.warn(request.log, fields, `web sign-in failed: ${reason}`)
+    else request.log.info(fields, 'web sign-in failed')
     // Failures at the start (IdP unreachable) count too: the patient was sent back without a session.
     app.metrics.recordSignIn('web', false)
     return `${webAppUrl}/?signin_error=${reason}`

@@ -155,9 +155,7 @@ t.test('the JWKS refetch cooldown holds back a flood of unknown kids', async (t)
 
 t.test('discovery: retried after a failure, and must name the configured issuer', async (t) => {
   const issuer = await startIssuer(t)
-  const warnings: Array<Record<string, unknown>> = []
-  const log = pino({ level: 'warn' }, { write: (line: string) => { warnings.push(JSON.parse(line) as Record<string, unknown>) } })
-  const verifier = verifierFor(issuer, { log })
+  const verifier = verifierFor(issuer)
   const token = await issuer.sign()
 
   issuer.behaviour.discoveryStatus = 500
@@ -177,8 +175,6 @@ t.test('discovery: retried after a failure, and must name the configured issuer'
   t.equal(issuer.hits.discovery, 6)
   t.ok(await verifier.verify(token))
   t.equal(issuer.hits.discovery, 6, 'then cached')
-  t.ok(warnings.every((line) => line.msg === 'ID token: identity provider unavailable'))
-  t.equal(warnings.length, 5)
 })
 
 t.test('a trailing slash on the published issuer is the same issuer', async (t) => {

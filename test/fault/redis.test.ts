@@ -121,6 +121,15 @@ t.test('Redis killed and restarted under load', async (t) => {
   const ready = await call(origin, { path: '/readyz' })
   t.match(JSON.parse(ready.body), { data: { sharedState: 'redis' } })
 
+  // An outage of a few seconds under load: each warning or error said once, not once per request
+  // (the shared state's, the limits', the session store's 503...), with the count left out.
+  const byMessage = new Map<string, number>()
+  for (const line of lines.join('').split('\n').filter((text) => text !== '').map((text) => JSON.parse(text) as { level: number, msg: string })) {
+    if (line.level >= 40) byMessage.set(line.msg, (byMessage.get(line.msg) ?? 0) + 1)
+  }
+  t.ok(byMessage.size > 0, `the outage was told: ${[...byMessage.keys()].join('; ')}`)
+  t.same([...byMessage].filter(([, count]) => count > 1), [], 'no warning repeated per request')
+
   const tokens = [token, freshToken, ...answers
     .filter(({ label, answer }) => label === 'sign-in' && answer.status === 201)
     .map(({ answer }) => (JSON.parse(answer.body) as { data: { token: string } }).data.token)]

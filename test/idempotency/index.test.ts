@@ -399,7 +399,7 @@ t.test('the store fails: a keyed cancel gets 503 with Retry-After, never runs; w
   const lost = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
   await t.rejects(writes.handle(input(lost, { key: 'k2', log })), { code: ErrorCode.UPSTREAM_TIMEOUT })
   t.ok(requestWarnings.length >= 2)
-  t.ok(warnings.length >= 1)
+  t.same(warnings, [], 'a keyed cancel refused for the store: its 503 is logged where it is answered (plugins/answers.ts), once')
 })
 
 t.test('parseIdempotencyKey: 1 to 255 visible ASCII characters', async (t) => {

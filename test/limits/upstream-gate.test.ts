@@ -46,11 +46,13 @@ t.test("the upstream's 429: a cooldown without upstream calls, and one decrease 
   // A counting view of a real store (the budget checks the cooldown as it admits): shows that a
   // known cooldown is not asked for again.
   const budget: BudgetStore = { take: async (check) => { checks += 1; return memory.take(check) }, decrease: memory.decrease, remaining: memory.remaining }
-  const gate = createUpstreamGate({ budget, cooldown, now: () => now, random: () => 0.5 })
+  const started: number[] = []
+  const gate = createUpstreamGate({ budget, cooldown, now: () => now, random: () => 0.5, cooldownStarted: (ms) => { started.push(ms) } })
   await gate.acquire('list')
   t.equal(await gate.onRateLimited(null), 1000, 'no Retry-After: the first backoff')
   t.equal(await gate.onRateLimited(3000), 3000, 'an in-flight 429 with a longer Retry-After extends it')
   t.equal(await gate.onRateLimited(null), 3000, 'and a backoff never shortens it')
+  t.same(started, [1000], 'one episode begun, whatever the 429s in flight')
   const before = checks
   t.same((await refusal(t, gate)).headers, { 'retry-after': '3' })
   now = 2500

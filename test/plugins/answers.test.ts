@@ -4,7 +4,8 @@ import { connect } from 'node:net'
 import { once } from 'node:events'
 import { BODY_LIMIT_BYTES, buildApp } from '../../src/app.js'
 import { loadConfig } from '../../src/config.js'
-import { ApiError, ErrorCode } from '../../src/errors.js'
+import { ApiError, ErrorCode, OwnError } from '../../src/errors.js'
+import { UpstreamError } from '../../src/care360/client.js'
 import { toApiError } from '../../src/plugins/answers.js'
 
 const config = loadConfig({ CV_API_KEY: 'answers-test-key', OIDC_ISSUER: 'http://127.0.0.1:9', OIDC_CLIENT_ID: 'app', LOG_LEVEL: 'silent', METRICS_PORT: '0' })
@@ -152,4 +153,47 @@ t.test('our key refused upstream is an error line for the operator; an upstream 
   await instance.inject({ url: '/upstream-down' })
   t.equal(lines.find((line) => line.msg === 'The key was refused')?.level, 50, 'error')
   t.equal(lines.find((line) => line.msg === 'The upstream failed')?.level, 40, 'warn')
+})
+
+t.test('an error line names the upstream status, the outcome and the chain of causes; only our own messages', async (t) => {
+  const lines: Array<{ level: number, msg: string, err?: unknown, repeats?: number }> = []
+  const instance = await buildApp({ ...config, logLevel: 'info' }, { logStream: { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } } })
+  const refused = Object.assign(new Error('connect ECONNREFUSED 10.0.0.7:443'), { code: 'ECONNREFUSED' })
+  instance.get('/upstream', async () => {
+    throw new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, 'The appointment service gave an unexpected answer', { outcome: 'answered', upstreamStatus: 503, cause: new OwnError('Care360 answered HTTP 503: server error', { cause: new Error('upstream words: patient@example.com') }) })
+  })
+  instance.get('/idp', async () => { throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Identity provider unavailable', { cause: new OwnError('OIDC discovery failed', { cause: new TypeError('fetch failed', { cause: refused }) }) }) })
+  t.teardown(() => instance.close())
+  await instance.inject({ url: '/upstream' })
+  t.same(lines.find((line) => line.msg === 'The appointment service gave an unexpected answer')?.err, {
+    code: 'UPSTREAM_ERROR',
+    upstreamStatus: 503,
+    outcome: 'answered',
+    cause: { name: 'Error', message: 'Care360 answered HTTP 503: server error', cause: { name: 'Error' } }
+  }, "our own message, never another's (the upstream's words)")
+  await instance.inject({ url: '/idp' })
+  t.same(lines.find((line) => line.msg === 'Identity provider unavailable')?.err, {
+    code: 'SERVICE_UNAVAILABLE',
+    cause: { name: 'Error', message: 'OIDC discovery failed', cause: { name: 'TypeError', cause: { name: 'Error', code: 'ECONNREFUSED' } } }
+  }, 'what to mend, three causes down; no address')
+})
+
+t.test('a 503 every request repeats while a store or the identity provider is down: one line a minute per message', async (t) => {
+  const lines: Array<{ level: number, msg: string, repeats?: number }> = []
+  const instance = await buildApp({ ...config, logLevel: 'info' }, { logStream: { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } } })
+  instance.get('/sessions-down', async () => { throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Session store unavailable') })
+  instance.get('/idp-down', async () => { throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Identity provider unavailable') })
+  instance.get('/upstream-down', async () => { throw new ApiError(502, ErrorCode.UPSTREAM_ERROR, 'The upstream failed') })
+  t.teardown(() => instance.close())
+  for (let i = 0; i < 20; i++) {
+    t.equal((await instance.inject({ url: '/sessions-down' })).statusCode, 503)
+    await instance.inject({ url: '/idp-down' })
+  }
+  await instance.inject({ url: '/upstream-down' })
+  await instance.inject({ url: '/upstream-down' })
+  const warned = (message: string): number => lines.filter((line) => line.level === 40 && line.msg === message).length
+  t.equal(warned('Session store unavailable'), 1, 'one line for twenty')
+  t.equal(warned('Identity provider unavailable'), 1, 'each message its own')
+  t.equal(warned('The upstream failed'), 2, 'an upstream failure is one line per call (the org budget bounds them)')
+  t.equal(lines.filter((line) => line.msg === 'request completed' && (line as { res?: { statusCode?: number } }).res?.statusCode === 503).length, 40, 'every one still has its access line')
 })

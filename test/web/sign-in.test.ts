@@ -316,7 +316,8 @@ t.test('identity provider down', async (t) => {
   const browser = new Browser()
   const url = await stack.callbackUrl(browser, 'alice@example.com')
   // A second replica that never reached the IdP, sharing the store.
-  const replica = await buildTestApp(t, { env: stack.env, redis: stack.redis as NonNullable<typeof stack.redis> })
+  const lines: string[] = []
+  const replica = await buildTestApp(t, { env: stack.env, redis: stack.redis as NonNullable<typeof stack.redis>, logStream: { write: (line: string) => { lines.push(line) } } })
   const signedIn = new Browser()
   await stack.signIn(signedIn, 'bob@example.com')
   await idp.close()
@@ -329,6 +330,10 @@ t.test('identity provider down', async (t) => {
   t.equal(login.statusCode, 302)
   t.equal(login.headers.location, `${publicUrl}/?signin_error=idp_unavailable`, 'discovery unreachable')
   t.equal(login.headers['set-cookie'], undefined, 'no login state')
+  await replica.app.inject({ method: 'GET', url: '/auth/login' })
+  const warnings = lines.map((line) => JSON.parse(line) as { level: number, msg: string, signinError?: string, cause?: { name?: string } }).filter((line) => line.level === 40)
+  t.equal(warnings.length, 1, 'the operator is warned, once for the two sign-ins')
+  t.match(warnings[0], { msg: 'web sign-in failed: idp_unavailable', signinError: 'idp_unavailable', cause: { name: String } })
 
   // Sign-out still works, just without the IdP's end-session URL.
   const logout = await replica.app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: stack.sessionOf(signedIn) as string } })
