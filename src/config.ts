@@ -286,7 +286,8 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
       web
     },
     sessions: {
-      idleTtlMs: env.SESSION_IDLE_TTL ?? parseDuration('30m'),
+      // Unset, the idle lifetime is the default's 30 min, or the absolute one when that is shorter.
+      idleTtlMs: env.SESSION_IDLE_TTL ?? Math.min(parseDuration('30m'), env.SESSION_ABSOLUTE_TTL ?? Infinity),
       absoluteTtlMs: env.SESSION_ABSOLUTE_TTL ?? parseDuration('12h')
     },
     limits: {
@@ -353,7 +354,9 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
   const env = Value.Decode(EnvSchema, raw)
   const config = assemble(env, apiKey, serviceSecret)
   if (config.sessions.idleTtlMs > config.sessions.absoluteTtlMs) {
-    problems.push(['SESSION_IDLE_TTL', 'must not exceed SESSION_ABSOLUTE_TTL'])
+    problems.push(['SESSION_IDLE_TTL', raw.SESSION_ABSOLUTE_TTL === undefined
+      ? 'must not exceed SESSION_ABSOLUTE_TTL (12h when unset)'
+      : 'must not exceed SESSION_ABSOLUTE_TTL'])
   }
   // Both listeners share HOST: the same port would fail at listen, after start-up, with a stack trace.
   if (config.metricsPort !== 0 && config.metricsPort === config.port) {

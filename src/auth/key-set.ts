@@ -68,7 +68,7 @@ async function discover (issuer: string, timeoutMs: number): Promise<Discovery> 
     if (response.status !== 200) {
       // Its body is not read: given back, so that its connection does not wait for the collector.
       await response.body?.cancel()
-      throw new Error(`discovery answered ${response.status}`)
+      throw new OwnError(`discovery answered ${response.status}`)
     }
     document = await response.json() as typeof document
   } catch (error) {
