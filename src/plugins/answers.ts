@@ -108,6 +108,12 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.removeContentTypeParser('application/json')
   // Fastify's own parser keeps its prototype-poisoning protection.
   const parseJsonStrict = app.getDefaultJsonParser('error', 'error')
+  // Any other type: refused (415), unless there is no body at all (`Content-Length: 0`, which
+  // curl's `-d ''` and fetch's `body: ''` send with a form or text type): no body is fine.
+  app.addContentTypeParser('*', function emptyBodyOnly (request, _payload, done) {
+    if (hasNoBody(request)) done(null, undefined)
+    else done(notJson(), undefined)
+  })
   app.addContentTypeParser('application/json', { parseAs: 'string' }, function parseJson (request, body, done) {
     if (!isUtf8Json(request.headers['content-type'] as string)) { done(notUtf8(), undefined); return }
     if (isEncoded(request.headers['content-encoding'])) { done(encodedBody(), undefined); return }
@@ -159,6 +165,16 @@ function isUtf8Json (contentType: string): boolean {
   const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(contentType)?.[1]
   // US-ASCII is UTF-8 too.
   return charset === undefined || /^(utf-?8|us-ascii)?$/i.test(charset)
+}
+
+/** `Content-Length: 0`, or neither a length nor a chunked coding (RFC 9112, 6.3: no body). */
+function hasNoBody (request: FastifyRequest): boolean {
+  const length = request.headers['content-length']
+  return length === '0' || (length === undefined && request.headers['transfer-encoding'] === undefined)
+}
+
+function notJson (): ApiError {
+  return new ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be application/json')
 }
 
 function notUtf8 (): ApiError {

@@ -54,6 +54,7 @@ t.test("Fastify's own errors in the envelope", async (t) => {
     [{ payload: { n: 1, extra: true } }, 400, 'VALIDATION_FAILED'],
     [{ payload: 'n=1', headers: { 'content-type': 'application/x-www-form-urlencoded' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     [{ payload: 'plain', headers: { 'content-type': 'text/plain' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [{ payload: '{"n":1}' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     // JSON is UTF-8: a body declared in another charset would be read wrongly, so it is refused.
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json; charset=iso-8859-1' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     [{ payload: '{"n":1}', headers: { 'content-type': 'application/json;Charset="UTF-16"' } }, 415, 'UNSUPPORTED_MEDIA_TYPE'],

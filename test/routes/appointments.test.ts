@@ -74,6 +74,20 @@ t.test('no body, an empty JSON body and an agentEventId all cancel', async (t) =
   ])
 })
 
+t.test('no body under another type (curl -d \'\', fetch with body \'\'): no body is fine; a body under it is 415', async (t) => {
+  const { tokenFor, cancel, cancelCalls } = await stack(t)
+  const token = await tokenFor(bob.email)
+  t.equal((await cancel(token, bob.appointments[0]!.id, '', { 'content-type': 'application/x-www-form-urlencoded' })).statusCode, 200)
+  t.equal((await cancel(token, bob.appointments[1]!.id, '', { 'content-type': 'text/plain;charset=UTF-8' })).statusCode, 200)
+  const refused = await cancel(token, bob.appointments[2]!.id, 'reason=x', { 'content-type': 'application/x-www-form-urlencoded' })
+  t.equal(refused.statusCode, 415)
+  t.match(refused.json(), { code: 'UNSUPPORTED_MEDIA_TYPE' })
+  t.same(cancelCalls().map((call) => call.body), [
+    { email: bob.email, appointmentId: bob.appointments[0]!.id },
+    { email: bob.email, appointmentId: bob.appointments[1]!.id }
+  ])
+})
+
 t.test("a patient can never cancel someone else's appointment", async (t) => {
   const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
   const token = await tokenFor(alice.email)
