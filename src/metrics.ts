@@ -5,6 +5,8 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
+import { requestIdFor } from './plugins/answers.js'
+import { ErrorCode, errorEnvelope } from './errors.js'
 
 /**
  * Prometheus metrics of one app. Each app owns its registry (never prom-client's global one), so
@@ -235,10 +237,22 @@ export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })
  * nothing else, so that the registry is reachable on METRICS_PORT only (server.ts listens it).
  */
 export function buildMetricsServer (registry: Registry): FastifyInstance {
-  const server = Fastify({ logger: false, forceCloseConnections: true })
+  // The public port's request ids and envelope here too (the contract's "every answer").
+  const server = Fastify({ logger: false, forceCloseConnections: true, genReqId: requestIdFor })
+  server.addHook('onRequest', function stamp (request, reply, done) {
+    reply.header('x-request-id', request.id).header('cache-control', 'no-store')
+    done()
+  })
   server.get('/metrics', async function scrape (_request, reply) {
     const body = await registry.metrics()
-    return reply.header('content-type', registry.contentType).header('cache-control', 'no-store').send(body)
+    return reply.header('content-type', registry.contentType).send(body)
+  })
+  server.setNotFoundHandler(function notFound (request, reply) {
+    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}; metrics are at GET /metrics`))
+  })
+  // A collector that failed: no detail to the scraper.
+  server.setErrorHandler(function failed (_error, _request, reply) {
+    return reply.code(500).send(errorEnvelope(500, ErrorCode.INTERNAL_ERROR, 'Internal Server Error'))
   })
   return server
 }

@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
+import { Gauge, Registry } from 'prom-client'
 import { buildTestApp, signIn, TEST_API_KEY } from './helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../src/care360/sandbox.js'
@@ -238,4 +239,23 @@ t.test('createAppMetrics records what it is told, on its own registry', async (t
   t.equal(value(samples, 'bff_signins_total', { method: 'web', result: 'success' }), 1)
   t.equal(value(samples, 'bff_upstream_cooldown_active', {}), 1)
   t.equal(value(samples, 'bff_shared_state_mode', { mode: 'degraded' }), 1)
+})
+
+t.test('the metrics listener answers as the public port does: request ids, no-store, the envelope', async (t) => {
+  const registry = new Registry()
+  const server = buildMetricsServer(registry)
+  t.teardown(() => server.close())
+  const scraped = await server.inject({ method: 'GET', url: '/metrics', headers: { 'x-request-id': 'scrape-1' } })
+  t.equal(scraped.statusCode, 200)
+  t.equal(scraped.headers['x-request-id'], 'scrape-1')
+  t.equal(scraped.headers['cache-control'], 'no-store')
+  const missing = await server.inject({ method: 'GET', url: '/nope?x=1' })
+  t.equal(missing.statusCode, 404)
+  t.match(missing.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+  t.same(missing.json(), { status: 404, success: false, message: 'No route GET /nope; metrics are at GET /metrics', code: 'NOT_FOUND' })
+  // A collector that throws: a 500 in the envelope, its text kept from the scraper.
+  new Gauge({ name: 'broken', help: 'throws when collected', registers: [registry], collect () { throw new Error('collector detail') } })
+  const failed = await server.inject({ method: 'GET', url: '/metrics' })
+  t.equal(failed.statusCode, 500)
+  t.same(failed.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' })
 })

@@ -345,14 +345,14 @@ type IndexKind = 'sub' | 'sid'
  */
 export class RedisSessionStore implements SessionStore {
   readonly #redis: Redis
-  readonly #failed: () => void
+  readonly #failed: (() => void) | undefined
   readonly #idleTtlMs: number
   readonly #absoluteTtlMs: number
   readonly #now: () => number
   readonly #prefix: string
 
   /** `failed`: hears every command that failed or timed out (the shared state's degraded mode). */
-  constructor (redis: Redis, options: SessionStoreOptions, failed: () => void = () => {}) {
+  constructor (redis: Redis, options: SessionStoreOptions, failed?: () => void) {
     this.#redis = redis
     this.#failed = failed
     this.#idleTtlMs = options.idleTtlMs
@@ -452,7 +452,7 @@ export class RedisSessionStore implements SessionStore {
       coalesceWrites(this.#redis)
       return await operation()
     } catch (error) {
-      this.#failed()
+      this.#failed?.()
       throw sessionStoreUnavailable(error)
     }
   }
