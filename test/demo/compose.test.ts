@@ -74,6 +74,12 @@ t.test('the dev tools and the load balancer match the replicas', async (t) => {
   const nginx = await readFile('demo/compose/nginx.conf', 'utf8')
   for (const [, service] of replicas) t.match(nginx, `server 127.0.0.1:${service.environment?.PORT}`, 'balances over each replica')
   t.ok(services.redis?.healthcheck, 'Redis has a healthcheck')
+  // Its state outlives a restart (appendonly on a volume), and is never evicted.
+  const redisCommand = (services.redis as { command?: string[] }).command ?? []
+  t.match(redisCommand.join(' '), /--appendonly yes/)
+  t.match(redisCommand.join(' '), /--maxmemory-policy noeviction/)
+  t.equal((services.redis as { restart?: string }).restart, 'unless-stopped')
+  t.same((services.redis as { volumes?: string[] }).volumes, ['redis-data:/data'])
 })
 
 t.test('the Dockerfile keeps the runtime stage last, with the dev tools before it', async (t) => {
