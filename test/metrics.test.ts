@@ -254,7 +254,7 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
   t.match(missing.headers['x-request-id'], /^[0-9a-f-]{36}$/)
   t.same(missing.json(), { status: 404, success: false, message: 'No route GET /nope; metrics are at GET /metrics', code: 'NOT_FOUND' })
   // A collector that throws: a 500 in the envelope, its text kept from the scraper.
-  new Gauge({ name: 'broken', help: 'throws when collected', registers: [registry], collect () { throw new Error('collector detail') } })
+  registry.registerMetric(new Gauge({ name: 'broken', help: 'throws when collected', registers: [], collect () { throw new Error('collector detail') } }))
   const failed = await server.inject({ method: 'GET', url: '/metrics' })
   t.equal(failed.statusCode, 500)
   t.same(failed.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' })
