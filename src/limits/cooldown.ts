@@ -36,6 +36,8 @@ export interface CooldownCheck {
   key: string | null
   /** Time left in this process's own cooldown (ms): the memory store, or the Redis store's fallback. */
   memory: () => number
+  /** Time left in the shared record (ms), read from Redis; absent when there is none. */
+  shared?: (redis: Redis) => Promise<number>
 }
 
 export interface CooldownStore {
@@ -221,7 +223,7 @@ export function createRedisCooldown (options: RedisCooldownOptions): CooldownSto
   }
   return {
     remaining: () => fallback.run(remainingInRedis, memory.remaining),
-    check: { key, memory: memory.remaining },
+    check: { key, memory: memory.remaining, shared: remainingInRedis },
     trip (retryAfterMs, jitter) {
       return fallback.run(async function tripInRedis (redis): Promise<CooldownTrip> {
         const reply = await tripScript(redis, key, retryAfterMs ?? -1, jitter, backoff.baseMs, backoff.maxMs, backoff.resetAfterMs, backoff.minMs, backoff.capMs)

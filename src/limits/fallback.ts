@@ -16,8 +16,13 @@ export interface StoreFallback {
    * then use their memory twin directly (createOrgBudget, createCooldown, createCounterStore).
    */
   readonly redisConfigured: boolean
-  /** The memory twin's answer at once when Redis is not in use, else a promise of Redis's (or of the twin's, after a failure). */
-  run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T) => Awaitable<T>
+  /**
+   * The memory twin's answer at once when Redis is not in use, else a promise of Redis's (or of
+   * the twin's, after a failure). `whilePaused`: what to ask Redis, on a connected client, while
+   * the stores leave it alone after a failed command (a read the twin cannot answer; it falls back
+   * to `inMemory` itself); without it the twin answers then.
+   */
+  run: <T>(viaRedis: (redis: Redis) => Promise<T>, inMemory: () => T, whilePaused?: (redis: Redis) => Promise<T>) => Awaitable<T>
   /** How long (ms) the stores have been able to use Redis without a break (SharedState.redisFor). */
   redisFor: () => number
 }
@@ -73,16 +78,28 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
     }
   }
 
+  // Still paused: a failure extends the pause, a success ends nothing (the pause ends by itself).
+  async function paused<T> (whilePaused: (redis: Redis) => Promise<T>, inMemory: () => T, redis: Redis): Promise<T> {
+    try {
+      coalesceWrites(redis)
+      return await whilePaused(redis)
+    } catch {
+      sharedState.degradeFor(pauseMs)
+      return inMemory()
+    }
+  }
+
   return {
     redisConfigured: sharedState.redis !== null,
     redisFor: () => sharedState.redisFor(),
-    run (viaRedis, inMemory) {
+    run (viaRedis, inMemory, whilePaused) {
       const redis = sharedState.redis
       // No Redis configured: one process, memory is the store of record, nothing to log.
       if (redis === null) return inMemory()
       if (sharedState.mode() !== 'redis') {
-        noteFallback(redis.status === 'ready' ? 'paused after a failed command' : 'disconnected')
-        return inMemory()
+        const connected = redis.status === 'ready'
+        noteFallback(connected ? 'paused after a failed command' : 'disconnected')
+        return connected && whilePaused !== undefined ? paused(whilePaused, inMemory, redis) : inMemory()
       }
       return inRedis(viaRedis, inMemory, redis)
     }

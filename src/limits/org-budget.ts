@@ -519,7 +519,17 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
       // A cooldown held only in this process (no key) is checked here; a shared one in the script.
       const cooling = cooldown?.key === null ? coolingHere(cooldown) : null
       if (cooling !== null) return cooling
-      return fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown))
+      const shared = cooldown?.shared
+      return fallback.run((redis) => takeInRedis(redis, cooldown?.key ?? null), () => memory.take(cooldown), shared === undefined
+        ? undefined
+        // Paused after a failed command, on a connected client: the budget counts in memory, but
+        // the shared cooldown, which this process's twin may never have heard of (another replica
+        // got the 429), is still read. Without it a Redis blip on any replica would open a window
+        // of calls to an upstream that asked for none.
+        : async function coolingOrShare (redis): Promise<BudgetDecision> {
+          const coolingMs = await shared(redis)
+          return coolingMs > 0 ? { ok: false, coolingMs } : memory.take(cooldown)
+        })
     },
     decrease: () => fallback.run(decreaseInRedis, memory.decrease),
     remaining: () => fallback.run(remainingInRedis, memory.remaining)

@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import { createServer as createHttpServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
 import { startRedis } from '../helpers/redis.js'
 import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
 import { ApiError } from '../../src/errors.js'
@@ -12,7 +13,8 @@ import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '.
 import { createUpstreamGate, type UpstreamGate } from '../../src/limits/upstream-gate.js'
 import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { maxInAnyWindow, steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
+import { maxInAnyWindow, sharedStateOn, silentLog, steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
+import { createStoreFallback, type StoreFallback } from '../../src/limits/fallback.js'
 
 const redis = await startRedis(t)
 
@@ -102,6 +104,38 @@ t.test('redis: one replica hears the 429, the others stop at once and resume aft
   await sleep(1050)
   await b.acquire('list')
   await a.acquire('list')
+})
+
+t.test('redis: a replica whose stores are paused after a failed command still sees the cooldown another replica began', async (t) => {
+  const tag = uniqueName('paused')
+  const first = await strictFallbackOn(t, redis.url)
+  const state = await sharedStateOn(t, redis.url)
+  const paused = createStoreFallback({ sharedState: state, log: silentLog })
+  const gateOn = (fallback: StoreFallback): UpstreamGate => createUpstreamGate({ budget: createOrgBudget({ count: 100, windowMs: 60_000, replicas: 2, fallback, tag }), cooldown: createRedisCooldown({ fallback, tag }) })
+  const [a, b] = [gateOn(first), gateOn(paused)]
+  t.equal(await a.onRateLimited(5000), 5000)
+  // A command of B's failed (a timeout, an OOM): its stores leave Redis alone for a second and
+  // count in memory, where B never heard of A's 429.
+  state.degradeFor(1000)
+  t.equal(state.mode(), 'degraded')
+  t.same((await refusal(t, b)).headers, { 'retry-after': '5' }, 'no upstream call: the shared cooldown is still read')
+  t.ok(b.coolingMs() > 4000, 'and remembered here from then on')
+  // Paused and no cooldown anywhere: this replica's share of the budget, in memory.
+  const quiet = uniqueName('quiet')
+  const other = createUpstreamGate({ budget: createOrgBudget({ count: 2, windowMs: 60_000, replicas: 2, fallback: paused, tag: quiet }), cooldown: createRedisCooldown({ fallback: paused, tag: quiet }) })
+  await other.acquire('list')
+  t.equal((await refusal(t, other)).code, 'UPSTREAM_RATE_LIMITED', 'a share of 1 of 2: the second call waits')
+  // That read failing too (Redis stalled): the twin decides, and the pause goes on.
+  const stalled = await sharedStateOn(t, redis.url, 100)
+  const stalledGate = gateOn(createStoreFallback({ sharedState: stalled, log: silentLog }))
+  stalled.degradeFor(1000)
+  const admin = new Redis(redis.url)
+  t.teardown(() => { admin.disconnect() })
+  await admin.call('CLIENT', 'PAUSE', '400', 'ALL')
+  await stalledGate.acquire('list')
+  t.pass('admitted from its share while the cooldown cannot be read (this replica knows of none)')
+  t.equal(stalled.mode(), 'degraded')
+  await sleep(400)
 })
 
 t.test('end to end: three replicas driven at three times the budget never get a 429 from the upstream', async (t) => {
