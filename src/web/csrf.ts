@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
-import { presentedToken, type SessionTransport } from '../auth/presented.js'
+import type { SessionTransport } from '../auth/presented.js'
 import { ApiError, ErrorCode } from '../errors.js'
 
 /**
@@ -51,9 +51,12 @@ async function csrf (app: FastifyInstance): Promise<void> {
   const check = createCsrfCheck(app.config.corsOrigins)
   // Synchronous: it decides from the headers alone, so no promise per request.
   app.addHook('onRequest', function checkCsrf (request, _reply, done) {
-    // The session's transport; on a route that resolves no session, the session cookie without a
-    // bearer header still counts as ambient authentication.
-    const failure = check(request, request.sessionTransport ?? presentedToken(request)?.transport)
+    // The transport of the session the request acts in. A route that authenticates no one (the
+    // mobile sign-in, which answers its token in the body and sets no cookie; the IdP's
+    // back-channel logout; no route at all) uses no ambient credential a forged request could
+    // abuse: a cookie sent along there, live or long stale, is not checked (Duende BFF checks its
+    // session's API endpoints, not its sign-in).
+    const failure = check(request, request.sessionTransport ?? undefined)
     if (failure === null) {
       done()
       return
