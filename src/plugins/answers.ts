@@ -125,7 +125,7 @@ async function answers (app: FastifyInstance): Promise<void> {
     const apiError = toApiError(error)
     // No route: whatever its body (malformed, too large, of another type: Fastify parses it before
     // the not-found handler runs), the answer is the contract's 404. Only the body's errors: a
-    // refusal decided before it (the CSRF check's 403) stands.
+    // refusal decided before it (the per-IP limit's 429) stands.
     if (request.is404 && apiError !== null && BODY_ERRORS.has(apiError.statusCode)) return notFound(request, reply)
     if (apiError === null) {
       request.log.error({ err: error }, 'unhandled error')
