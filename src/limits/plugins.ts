@@ -287,6 +287,9 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
 
   const cooldown = createCooldown({ fallback, now: options.now })
   const budget = createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now })
+  if (!fallback.redisConfigured && app.config.replicas > 1) {
+    app.log.warn({ replicas: app.config.replicas }, 'REPLICAS has no effect without REDIS_URL: this process is the only one and holds the whole org budget (replicas without Redis would each hold it)')
+  }
   const gate = createUpstreamGate({
     budget,
     cooldown,

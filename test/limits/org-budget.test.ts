@@ -5,7 +5,7 @@ import { Redis } from 'ioredis'
 import { dataAgeMs, startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
-import { createStoreFallback } from '../../src/limits/fallback.js'
+import { createStoreFallback, type StoreFallback } from '../../src/limits/fallback.js'
 import { fallbackOn, maxCertainlyInOneWindow, sharedStateOn, silentLog, strictFallbackOn, uniqueName, waitFor } from './fixtures/support.js'
 
 const redis = await startRedis(t)
@@ -207,9 +207,13 @@ t.test('redis: every key carries the hash tag', async (t) => {
 })
 
 t.test('the per-process share is the count divided by the replicas, at least one', async (t) => {
+  // Redis configured but unreachable: every call falls back to this process's share.
+  const unreachable: StoreFallback = { redisConfigured: true, redisFor: () => 0, run: (_viaRedis, inMemory) => inMemory() }
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: unreachable }), 5), 3)
+  t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: unreachable }), 3), 1)
+  // No Redis configured: the one process of the in-memory mode holds the whole count, whatever REPLICAS says.
   const memoryOnly = await fallbackOn(t, null)
-  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 5), 3)
-  t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: memoryOnly }), 3), 1)
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 12), 10)
   const withRedis = await strictFallbackOn(t, redis.url)
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
 })
