@@ -24,8 +24,7 @@ export const ErrorCode = {
   // Not in the contract's table, which leaves our own failures to us: a 500 always means a bug
   // of ours; a 503 means a dependency of ours (the session store) could not answer in time.
   INTERNAL_ERROR: 'INTERNAL_ERROR',
-  SERVICE_UNAVAILABLE: 'SERVICE_UNAVAILABLE',
-  BAD_REQUEST: 'BAD_REQUEST'
+  SERVICE_UNAVAILABLE: 'SERVICE_UNAVAILABLE'
 } as const
 
 export type ErrorCode = typeof ErrorCode[keyof typeof ErrorCode]

@@ -16,7 +16,7 @@ export const OPENAPI_PATH = '/openapi.json'
 
 /** What each error status means, in the contract's codes: the descriptions clients read. */
 const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
-  400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid'], [ErrorCode.BAD_REQUEST, 'the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
+  400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid, or the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
   401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
   403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, or from an origin not in CORS_ORIGINS']],
   404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
@@ -39,8 +39,6 @@ function codesFor (status: number, url: string): Array<[ErrorCode, string]> {
   if (status === 404) return all.filter(([code]) => (url === '/appointments/:id/cancel') === (code === ErrorCode.APPOINTMENT_NOT_FOUND))
   if (status === 429 && !url.startsWith('/appointments')) return all.filter(([code]) => code === ErrorCode.RATE_LIMITED)
   if (status === 400 && !url.startsWith('/appointments')) return all.filter(([code]) => code !== ErrorCode.UPSTREAM_REJECTED)
-  // The list takes no body and no parameters: nothing of its own to validate.
-  if (status === 400 && url === '/appointments') return all.filter(([code]) => code !== ErrorCode.VALIDATION_FAILED)
   return all
 }
 

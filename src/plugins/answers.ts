@@ -25,7 +25,7 @@ export function requestIdFor (req: IncomingMessage): string {
 const FASTIFY_CODES: Record<string, [number, ErrorCode, string]> = {
   FST_ERR_CTP_BODY_TOO_LARGE: [413, ErrorCode.PAYLOAD_TOO_LARGE, 'Request body is too large'],
   FST_ERR_CTP_INVALID_MEDIA_TYPE: [415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'Request body must be application/json'],
-  FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, ErrorCode.BAD_REQUEST, 'Content-Length does not match the body'],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: [400, ErrorCode.VALIDATION_FAILED, 'Content-Length does not match the body'],
   FST_ERR_CTP_INVALID_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON'],
   FST_ERR_CTP_EMPTY_JSON_BODY: [400, ErrorCode.VALIDATION_FAILED, 'Request body is not valid JSON']
 }
@@ -40,7 +40,7 @@ export function toApiError (error: FastifyError | ApiError | Error): ApiError | 
   if (known !== undefined) return new ApiError(known[0], known[1], known[2], { cause: error })
   const status = fastifyError.statusCode
   if (status !== undefined && status >= 400 && status < 500) {
-    return new ApiError(status, status === 404 ? ErrorCode.NOT_FOUND : ErrorCode.BAD_REQUEST, 'Bad request', { cause: error })
+    return new ApiError(status, status === 404 ? ErrorCode.NOT_FOUND : ErrorCode.VALIDATION_FAILED, 'Bad request', { cause: error })
   }
   return null
 }
@@ -93,7 +93,7 @@ async function answers (app: FastifyInstance): Promise<void> {
     // HTTP/1.1 requires Host (RFC 9112, 3.2). Node's own refusal (requireHostHeader, off in
     // app.ts) is a bare 400 without the envelope or these headers.
     if (request.raw.headers.host === undefined && request.raw.httpVersion === '1.1') {
-      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.BAD_REQUEST, 'Host header required'))
+      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Host header required'))
       return
     }
     done()
@@ -226,7 +226,7 @@ export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })
  */
 export function frameworkErrorAnswer (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
   const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
-  const code = tooLong ? ErrorCode.VALIDATION_FAILED : ErrorCode.BAD_REQUEST
+  const code = ErrorCode.VALIDATION_FAILED
   reply.errorCode = code
   // Before routing: no hook runs, so the access line is written here.
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
@@ -239,7 +239,7 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
  * headers, on a connection that closes after it.
  */
 function closingAnswer (status: number, message: string, requestId: string): { body: string, headers: Record<string, string> } {
-  const body = JSON.stringify(errorEnvelope(status, ErrorCode.BAD_REQUEST, message))
+  const body = JSON.stringify(errorEnvelope(status, ErrorCode.VALIDATION_FAILED, message))
   return {
     body,
     headers: {
@@ -338,7 +338,7 @@ function answerParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
   // Its access line: Fastify never saw the request (its parser's error code only, no client text).
-  log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.BAD_REQUEST, parserError: error.code }, 'request refused by the HTTP parser')
+  log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
   const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`

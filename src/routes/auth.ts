@@ -62,9 +62,9 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       tags: ['auth'],
       summary: 'Mobile sign-in: exchanges an OIDC ID token for a session token',
       body: SessionBody,
-      // 401: the ID token fails a check; 403: a session cookie came along without X-CSRF (the
-      // CSRF hook treats it as ambient authentication); 503: the IdP's keys or the store unreachable.
-      response: { 201: SessionCreated, ...errorAnswers(401, 403, 503) }
+      // 401: the ID token fails a check; 503: the IdP's keys or the store unreachable. Never 403:
+      // it acts in no session, so a cookie sent along is not checked (web/csrf.ts).
+      response: { 201: SessionCreated, ...errorAnswers(401, 503) }
     }
   }, async function createSession (request, reply) {
     if (request.validationError !== undefined) {

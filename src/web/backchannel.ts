@@ -53,7 +53,7 @@ export class InvalidLogoutToken extends Error {
 }
 
 const invalidRequest = (): ApiError =>
-  new ApiError(400, ErrorCode.BAD_REQUEST, 'Invalid logout token', { detail: 'invalid_request' })
+  new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Invalid logout token', { detail: 'invalid_request' })
 
 function stringClaim (payload: JWTPayload, name: string): string | null {
   const value = payload[name]

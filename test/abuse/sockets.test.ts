@@ -88,7 +88,7 @@ t.test('abuse on real sockets', async (t) => {
   await t.test('oversized headers: 431 in the envelope', async (t) => {
     for (const headers of [{ 'x-big': 'a'.repeat(20 * 1024) }, Object.fromEntries(Array.from({ length: 400 }, (_, i) => [`x-h${i}`, 'b'.repeat(60)])), { cookie: `a=${'c'.repeat(17 * 1024)}`, ...auth }]) {
       const answer = await call(origin, { path: '/appointments', headers, timeoutMs: 3000 })
-      t.equal(outcome(answer), '431 BAD_REQUEST')
+      t.equal(outcome(answer), '431 VALIDATION_FAILED')
       t.equal(offContract(answer), null, 'in the envelope, with x-request-id and cache-control')
     }
   })
@@ -120,7 +120,7 @@ t.test('abuse on real sockets', async (t) => {
       const answer = parse(result.data)
       t.ok(answer !== null, `${JSON.stringify(text.slice(0, 30))} is answered`)
       if (answer !== null) {
-        t.equal(outcome(answer), '400 BAD_REQUEST', JSON.stringify(text.slice(0, 30)))
+        t.equal(outcome(answer), '400 VALIDATION_FAILED', JSON.stringify(text.slice(0, 30)))
         t.equal(offContract(answer), null)
       }
       t.ok(result.closedAfterMs !== null, 'and the connection is closed')
@@ -221,7 +221,7 @@ t.test('abuse on real sockets', async (t) => {
       // response object, which the server had not begun to write).
       t.not(answer, null, `${what}: answered`)
       if (answer !== null) {
-        t.equal(outcome(answer), '408 BAD_REQUEST', `${what}: 408`)
+        t.equal(outcome(answer), '408 VALIDATION_FAILED', `${what}: 408`)
         t.equal(offContract(answer), null, `${what}: in the envelope`)
       }
     }
@@ -235,7 +235,7 @@ t.test('abuse on real sockets', async (t) => {
     const refused = lines.filter((line) => line.includes('request refused by the HTTP parser')).map((line) => JSON.parse(line) as { level: number, reqId: string, res: { statusCode: number }, code: string, parserError: string })
     t.ok(refused.some((line) => line.reqId === 'broken-body-1' && line.res.statusCode === 400 && line.parserError === 'HPE_INVALID_CHUNK_SIZE'), 'the broken body')
     t.ok(refused.some((line) => line.res.statusCode === 431 && line.parserError === 'HPE_HEADER_OVERFLOW'), 'the oversized headers')
-    t.ok(refused.every((line) => line.level === 30 && line.code === 'BAD_REQUEST'))
+    t.ok(refused.every((line) => line.level === 30 && line.code === 'VALIDATION_FAILED'))
   })
 
   await t.test('no log line carries the key, the token, the email or the reason', async (t) => {

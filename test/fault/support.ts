@@ -63,17 +63,17 @@ export async function startSandboxedApp (t: TeardownHost, options: SandboxedAppO
 
 /** The contract's error rows (and README's 503), by status: the only codes each may carry. */
 export const ANSWER_TABLE: Readonly<Record<number, readonly string[]>> = {
-  400: ['VALIDATION_FAILED', 'UPSTREAM_REJECTED', 'BAD_REQUEST'],
+  400: ['VALIDATION_FAILED', 'UPSTREAM_REJECTED'],
   401: ['SESSION_REQUIRED'],
   403: ['CSRF_REJECTED'],
   404: ['NOT_FOUND', 'APPOINTMENT_NOT_FOUND'],
-  408: ['BAD_REQUEST'],
+  408: ['VALIDATION_FAILED'],
   409: ['IDEMPOTENCY_IN_FLIGHT'],
   413: ['PAYLOAD_TOO_LARGE'],
   415: ['UNSUPPORTED_MEDIA_TYPE'],
   422: ['IDEMPOTENCY_MISMATCH'],
   429: ['RATE_LIMITED', 'UPSTREAM_RATE_LIMITED'],
-  431: ['BAD_REQUEST'],
+  431: ['VALIDATION_FAILED'],
   502: ['UPSTREAM_AUTH_FAILED', 'UPSTREAM_ERROR', 'UPSTREAM_UNAVAILABLE'],
   503: ['SERVICE_UNAVAILABLE'],
   504: ['UPSTREAM_TIMEOUT']

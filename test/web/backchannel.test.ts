@@ -91,7 +91,7 @@ t.test('logout tokens are verified per the spec', async (t) => {
   for (const [name, make] of refusals) {
     const answer = await post(app, form(await make()))
     t.equal(answer.statusCode, 400, `${name} → 400`)
-    t.match(answer.json(), { code: 'BAD_REQUEST', error: 'invalid_request' })
+    t.match(answer.json(), { code: 'VALIDATION_FAILED', error: 'invalid_request' })
     t.equal(answer.headers['cache-control'], 'no-store')
   }
   for (const [name, body] of [['no body', ''], ['no logout_token', 'a=1'], ['two logout_tokens', 'logout_token=a&logout_token=b'], ['an oversized token', form('x'.repeat(9000))]] as const) {
