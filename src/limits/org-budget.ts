@@ -547,14 +547,14 @@ export interface OrgBudgetOptions extends BudgetOptions {
 /**
  * The org budget as the app uses it: Redis when it answers, else this process's share of the
  * count (floor(count / replicas), at least 1), so that all replicas together still stay within
- * the count while each counts alone. Without Redis configured, the whole count in memory.
+ * the count while each counts alone. Without Redis configured, the same share: REPLICAS above 1
+ * then says several processes run without one (a warning at start, limits/plugins.ts).
  */
 export function createOrgBudget (options: OrgBudgetOptions): BudgetStore {
   const share = Math.max(1, Math.floor(options.count / options.replicas))
   const memory = createMemoryBudget({
     trackAlone: options.fallback.redisConfigured,
-    // Without Redis this process is the only one (the contract's in-memory mode): the whole count.
-    count: options.fallback.redisConfigured ? share : options.count,
+    count: share,
     windowMs: options.windowMs,
     guardMs: spanOf(options) - options.windowMs,
     recoverMs: recoverMsOf(options),

@@ -288,7 +288,9 @@ async function sessionLimit (app: FastifyInstance, options: LimitPluginOptions):
   const cooldown = createCooldown({ fallback, now: options.now })
   const budget = createOrgBudget({ ...app.config.orgBudget, replicas: app.config.replicas, fallback, now: options.now })
   if (!fallback.redisConfigured && app.config.replicas > 1) {
-    app.log.warn({ replicas: app.config.replicas }, 'REPLICAS has no effect without REDIS_URL: this process is the only one and holds the whole org budget (replicas without Redis would each hold it)')
+    // The contract's in-memory mode is one process; a REPLICAS above 1 says otherwise. The budget
+    // stays split, which never lets the upstream see more than its count whichever is true.
+    app.log.warn({ replicas: app.config.replicas }, 'REPLICAS above 1 without REDIS_URL: this process holds its share of the org budget only, as if Redis were unreachable (set REPLICAS=1 for one in-memory process)')
   }
   const gate = createUpstreamGate({
     budget,

@@ -211,9 +211,11 @@ t.test('the per-process share is the count divided by the replicas, at least one
   const unreachable: StoreFallback = { redisConfigured: true, redisFor: () => 0, run: (_viaRedis, inMemory) => inMemory() }
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: unreachable }), 5), 3)
   t.equal(await takeMany(createOrgBudget({ count: 2, windowMs: 1000, replicas: 5, fallback: unreachable }), 3), 1)
-  // No Redis configured: the one process of the in-memory mode holds the whole count, whatever REPLICAS says.
+  // No Redis configured and REPLICAS above 1 (several in-memory processes, the configuration
+  // says): the same share, so that together they never exceed the count.
   const memoryOnly = await fallbackOn(t, null)
-  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 12), 10)
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: memoryOnly }), 5), 3)
+  t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 1, fallback: memoryOnly }), 12), 10, 'one process: the whole count')
   const withRedis = await strictFallbackOn(t, redis.url)
   t.equal(await takeMany(createOrgBudget({ count: 10, windowMs: 1000, replicas: 3, fallback: withRedis, tag: uniqueName('share') }), 12), 10, 'the whole count while Redis answers')
 })
