@@ -79,11 +79,13 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
   }
 
   // Still paused: a failure extends the pause, a success ends nothing (the pause ends by itself).
+  let pausedReadFailedAt = Number.NEGATIVE_INFINITY
   async function paused<T> (whilePaused: (redis: Redis) => Promise<T>, inMemory: () => T, redis: Redis): Promise<T> {
     try {
       coalesceWrites(redis)
       return await whilePaused(redis)
     } catch {
+      pausedReadFailedAt = now()
       sharedState.degradeFor(pauseMs)
       return inMemory()
     }
@@ -99,7 +101,10 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       if (sharedState.mode() !== 'redis') {
         const connected = redis.status === 'ready'
         noteFallback(connected ? 'paused after a failed command' : 'disconnected')
-        return connected && whilePaused !== undefined ? paused(whilePaused, inMemory, redis) : inMemory()
+        // Once such a read failed, none again for a pause: a stalled Redis must not cost every
+        // call a command timeout.
+        const ask = connected && whilePaused !== undefined && now() - pausedReadFailedAt >= pauseMs
+        return ask ? paused(whilePaused, inMemory, redis) : inMemory()
       }
       return inRedis(viaRedis, inMemory, redis)
     }

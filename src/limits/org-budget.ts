@@ -510,6 +510,8 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   async function decreaseInRedis (redis: Redis): Promise<void> {
     await decreaseScript(redis, keys[2], count, recoverMs)
   }
+  // The shared cooldown's read while paused, when one is under way.
+  let reading: Promise<number> | null = null
   async function remainingInRedis (redis: Redis): Promise<number> {
     const left = Number(await remainingScript(redis, keys[0], keys[2], count, windowMs, recoverMs))
     return twinToo() ? Math.min(left, memory.remaining()) : left
@@ -525,9 +527,10 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
         // Paused after a failed command, on a connected client: the budget counts in memory, but
         // the shared cooldown, which this process's twin may never have heard of (another replica
         // got the 429), is still read. Without it a Redis blip on any replica would open a window
-        // of calls to an upstream that asked for none.
+        // of calls to an upstream that asked for none. Calls at the same time share one read.
         : async function coolingOrShare (redis): Promise<BudgetDecision> {
-          const coolingMs = await shared(redis)
+          reading ??= shared(redis).finally(() => { reading = null })
+          const coolingMs = await reading
           return coolingMs > 0 ? { ok: false, coolingMs } : memory.take(cooldown)
         })
     },

@@ -125,17 +125,23 @@ t.test('redis: a replica whose stores are paused after a failed command still se
   const other = createUpstreamGate({ budget: createOrgBudget({ count: 2, windowMs: 60_000, replicas: 2, fallback: paused, tag: quiet }), cooldown: createRedisCooldown({ fallback: paused, tag: quiet }) })
   await other.acquire('list')
   t.equal((await refusal(t, other)).code, 'UPSTREAM_RATE_LIMITED', 'a share of 1 of 2: the second call waits')
-  // That read failing too (Redis stalled): the twin decides, and the pause goes on.
+  // That read failing too (Redis stalled): the twin decides, the pause goes on, and the calls of
+  // that pause are not asked to wait out a command timeout each.
   const stalled = await sharedStateOn(t, redis.url, 100)
   const stalledGate = gateOn(createStoreFallback({ sharedState: stalled, log: silentLog }))
-  stalled.degradeFor(1000)
   const admin = new Redis(redis.url)
   t.teardown(() => { admin.disconnect() })
-  await admin.call('CLIENT', 'PAUSE', '400', 'ALL')
-  await stalledGate.acquire('list')
+  await admin.call('CLIENT', 'PAUSE', '1500', 'ALL')
+  stalled.degradeFor(1000)
+  const pausedAt = performance.now()
+  await Promise.all([stalledGate.acquire('list'), stalledGate.acquire('list')])
   t.pass('admitted from its share while the cooldown cannot be read (this replica knows of none)')
-  t.equal(stalled.mode(), 'degraded')
-  await sleep(400)
+  const next = performance.now()
+  await stalledGate.acquire('list')
+  t.ok(performance.now() - next < 50, `the next call of the pause is not sent to the stalled Redis (${Math.round(performance.now() - next)} ms)`)
+  await sleep(Math.max(0, pausedAt + 1050 - performance.now()))
+  t.equal(stalled.mode(), 'degraded', 'past the first pause: the failed read extended it')
+  await sleep(500)
 })
 
 t.test('end to end: three replicas driven at three times the budget never get a 429 from the upstream', async (t) => {
