@@ -25,6 +25,11 @@ export type UpstreamCallOutcome = 'ok' | 'rejected' | 'auth_failed' | 'rate_limi
 export interface UpstreamGate {
   acquire (endpoint: UpstreamEndpoint): Awaitable<void>
   onRateLimited (retryAfterMs: number | null): Promise<number | undefined | void>
+  /**
+   * Throws the 429 at once when the gate already knows the call cannot go (a cooldown it holds),
+   * before the call waits for a connection; `acquire` still decides for the calls it lets by.
+   */
+  refuseNow? (): void
 }
 
 export const openGate: UpstreamGate = {
@@ -36,7 +41,7 @@ export interface Care360ClientOptions {
   /** Origin of the upstream, optionally with a path prefix. */
   baseUrl: string
   apiKey: string
-  /** Deadline of one upstream call, from dispatch to the last byte of the answer. */
+  /** Deadline of one upstream call, from its wait for a connection to the last byte of the answer. */
   timeoutMs: number
   gate?: UpstreamGate
   /** Answers to a cancel larger than this are refused (502); default 64 KiB. */
@@ -52,7 +57,8 @@ export interface Care360ClientOptions {
   connections?: number
   /**
    * Hears about every call that passed the gate, when it ends: its outcome and its duration from
-   * dispatch to the answer mapped (seconds). Calls the gate stopped never left, and are not heard.
+   * dispatch to the answer mapped (seconds); and every call that got no connection by its
+   * deadline (`timeout`, timed from its start). Calls the gate stopped never left, and are not heard.
    */
   observe?: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
 }
@@ -525,6 +531,11 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
    * and read. A promise always, also when the gate refuses at once.
    */
   function call<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T): Promise<T> {
+    try {
+      gate.refuseNow?.()
+    } catch (error) {
+      return Promise.reject(error)
+    }
     const started = performance.now()
     const slot = slots.take(timeoutMs)
     if (slot === undefined) return admit(endpoint, request, scrub, read, started)

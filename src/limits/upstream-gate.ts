@@ -13,6 +13,8 @@ import { monotonicNow } from '../state/clock.js'
 export interface UpstreamGate {
   /** Returns (or resolves) when the call may go; throws (or rejects) with a 429 when it may not. */
   acquire: (endpoint: 'cancel' | 'list') => Awaitable<void>
+  /** Throws the 429 of a cooldown this process holds, at once (the client asks before it waits for a connection). */
+  refuseNow: () => void
   onRateLimited: (retryAfterMs: number | null) => Promise<number>
   /**
    * How long this process still holds calls back for a cooldown it has seen (ms, 0 when none):
@@ -93,14 +95,20 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     if (!decision.ok) throw upstreamRateLimited(decision.retryAfterMs)
   }
 
+  function refuseNow (): void {
+    const cooling = coolingMs()
+    if (cooling > 0) {
+      record.decision('cooldown', true)
+      throw upstreamRateLimited(cooling)
+    }
+  }
+
   return {
+    refuseNow,
+
     // Both endpoints draw from one budget: the upstream's quota is per organization.
     acquire () {
-      const cooling = coolingMs()
-      if (cooling > 0) {
-        record.decision('cooldown', true)
-        throw upstreamRateLimited(cooling)
-      }
+      refuseNow()
       // The cooldown first, so that a stopped call does not spend budget: the budget checks it in
       // the same step as its own admission (one Redis round trip for both).
       return whenReady(budget.take(cooldown.check), decided)

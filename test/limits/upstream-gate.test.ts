@@ -221,6 +221,26 @@ t.test('a call waiting for a connection is admitted once it has one: the upstrea
   t.ok(seen <= budget.count, `the upstream saw at most ${seen} calls in any window of ${budget.windowMs} ms (budget ${budget.count})`)
 })
 
+t.test('a call a known cooldown stops is refused at once, not after waiting for a connection', async (t) => {
+  const upstream = createHttpServer((request, response) => {
+    request.resume()
+    setTimeout(() => { response.setHeader('content-type', 'application/json'); response.end(JSON.stringify({ status: 200, success: true, data: [] })) }, 600)
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => { upstream.closeAllConnections(); upstream.close() })
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 100, windowMs: 60_000 }), cooldown: createMemoryCooldown({}) })
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, gate, connections: 1 })
+  t.teardown(() => client.close())
+  const email = (DEMO_PATIENTS[0] as { email: string }).email
+  const slow = client.fetchAppointments(email, { requestId: 'slow' })
+  await gate.onRateLimited(5000)
+  const started = performance.now()
+  await t.rejects(client.fetchAppointments(email, { requestId: 'next' }), { statusCode: 429, code: 'UPSTREAM_RATE_LIMITED' })
+  t.ok(performance.now() - started < 100, `at once (${Math.round(performance.now() - started)} ms), while the only connection is busy`)
+  await slow
+})
+
 t.test('the recorder hears each decision of the cooldown and the budget', async (t) => {
   let now = 0
   const decisions: Array<[string, boolean]> = []
