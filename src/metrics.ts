@@ -247,11 +247,15 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
     const body = await registry.metrics()
     return reply.header('content-type', registry.contentType).send(body)
   })
-  server.setNotFoundHandler(function notFound (request, reply) {
+  function notFound (request: FastifyRequest, reply: FastifyReply): FastifyReply {
     return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}; metrics are at GET /metrics`))
-  })
-  // A collector that failed: no detail to the scraper.
-  server.setErrorHandler(function failed (_error, _request, reply) {
+  }
+  server.setNotFoundHandler(notFound)
+  // On no route, whatever went wrong with the request (a malformed or oversized body, parsed
+  // before the not-found handler runs), it is the 404 above; on GET /metrics, a collector that
+  // failed: no detail to the scraper.
+  server.setErrorHandler(function failed (_error, request, reply) {
+    if (request.is404) return notFound(request, reply)
     return reply.code(500).send(errorEnvelope(500, ErrorCode.INTERNAL_ERROR, 'Internal Server Error'))
   })
   return server

@@ -253,6 +253,11 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
   t.equal(missing.statusCode, 404)
   t.match(missing.headers['x-request-id'], /^[0-9a-f-]{36}$/)
   t.same(missing.json(), { status: 404, success: false, message: 'No route GET /nope; metrics are at GET /metrics', code: 'NOT_FOUND' })
+  for (const payload of ['{', JSON.stringify({ pad: 'x'.repeat(2_000_000) })]) {
+    const posted = await server.inject({ method: 'POST', url: '/x', headers: { 'content-type': 'application/json' }, payload })
+    t.equal(posted.statusCode, 404, `a body of ${payload.length} bytes to no route: 404, not 500`)
+    t.equal(posted.json().code, 'NOT_FOUND')
+  }
   // A collector that throws: a 500 in the envelope, its text kept from the scraper.
   registry.registerMetric(new Gauge({ name: 'broken', help: 'throws when collected', registers: [], collect () { throw new Error('collector detail') } }))
   const failed = await server.inject({ method: 'GET', url: '/metrics' })
