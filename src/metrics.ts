@@ -33,6 +33,13 @@ export interface AppMetrics {
   signIns: Counter<'method' | 'result'>
   sharedStateMode: Gauge<'mode'>
   redisEvictionPolicySafe: Gauge<'policy'>
+  /**
+   * A request answered before routing (a malformed URL, a path parameter too long: Fastify's own
+   * refusals, which no hook sees): its duration under the route label `unrouted`.
+   */
+  observeUnrouted: (method: string, status: number, seconds: number) => void
+  /** A request the HTTP parser refused (no request to time: counted by status). */
+  recordParserRefusal: (status: number) => void
   /** One upstream call, for the Care360 client's `observe` option. */
   observeUpstream: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
   /** One limiter decision: the request (or upstream call) was let through, or refused. */
@@ -57,6 +64,8 @@ const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
 const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
 const NOT_FOUND = 'not_found'
+/** The route label of a request Fastify refused before routing. */
+const UNROUTED = 'unrouted'
 
 /**
  * `readMode`: the shared state's mode; `readEvictionPolicy`: Redis's maxmemory-policy, null while
@@ -68,7 +77,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
 
   const httpRequestDuration = new Histogram({
     name: 'http_request_duration_seconds',
-    help: 'Time from request start to the answer sent, by route pattern (not_found when none matched) and status',
+    help: 'Time from request start to the answer sent, by route pattern (not_found when none matched, unrouted when refused before routing) and status',
     labelNames: ['method', 'route', 'status_code'] as const,
     buckets: HTTP_BUCKETS,
     registers: [registry]
@@ -122,6 +131,12 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     labelNames: ['method', 'result'] as const,
     registers: [registry]
   })
+  const parserRefusals = new Counter({
+    name: 'bff_http_parser_refusals_total',
+    help: 'Requests the HTTP parser refused before any route (malformed, headers too large, too slow to arrive), by the status answered',
+    labelNames: ['status_code'] as const,
+    registers: [registry]
+  })
   const sharedStateMode = new Gauge({
     name: 'bff_shared_state_mode',
     help: 'Where shared state lives now: 1 for the current mode (redis, degraded = Redis configured but unreachable or failing its commands, memory = no Redis)',
@@ -171,6 +186,12 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     signIns,
     sharedStateMode,
     redisEvictionPolicySafe,
+    observeUnrouted (method, status, seconds) {
+      httpRequestDuration.labels(method, UNROUTED, String(status)).observe(seconds)
+    },
+    recordParserRefusal (status) {
+      parserRefusals.labels(String(status)).inc()
+    },
     observeUpstream (endpoint, outcome, seconds) {
       const key = `${endpoint}:${outcome}`
       let child = upstreamChildren.get(key)

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import fp from 'fastify-plugin'
-import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
@@ -232,6 +232,8 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
     .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
+  // And its duration (afterEveryAnswer's hooks do not run either).
+  request.server.metrics.observeUnrouted(request.method, 400, reply.elapsedTime / 1000)
 }
 
 /**
@@ -304,10 +306,10 @@ export function clientErrorAnswer (this: FastifyInstance, error: NodeJS.ErrnoExc
   answering.add(socket)
   // The connection's latest request while its body is incomplete: the error is in that body.
   const last = lastRequest.get(socket)
-  settleParserError(this.log, error, socket, last !== undefined && !last.req.complete ? last : null, null)
+  settleParserError(this, error, socket, last !== undefined && !last.req.complete ? last : null, null)
 }
 
-function settleParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException, socket: Socket, broken: { req: IncomingMessage, id: string } | null, after: ServerResponse | null): void {
+function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, broken: { req: IncomingMessage, id: string } | null, after: ServerResponse | null): void {
   if (!socket.writable) {
     socket.destroy()
     return
@@ -316,12 +318,12 @@ function settleParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException
   if (pending == null || pending === after) {
     // No answer pending: the broken request had its answer already (a hook refused it before its
     // body arrived), and a second would answer nothing the client asked; or no request parsed.
-    if (broken === null) answerParserError(log, error, socket, randomUUID())
+    if (broken === null) answerParserError(app, error, socket, randomUUID())
     else socket.end()
     return
   }
   if (pending.req === broken?.req && !pending.headersSent) {
-    answerParserError(log, error, socket, broken.id)
+    answerParserError(app, error, socket, broken.id)
     return
   }
   // An answer goes first: one being written, the broken request's own (then the connection
@@ -329,16 +331,17 @@ function settleParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException
   // as it finishes, before this listener runs).
   pending.once('finish', () => {
     if (pending.req === broken?.req) socket.end()
-    else settleParserError(log, error, socket, broken, pending)
+    else settleParserError(app, error, socket, broken, pending)
   })
   pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
 }
 
-function answerParserError (log: FastifyBaseLogger, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
+function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
   // Its access line: Fastify never saw the request (its parser's error code only, no client text).
-  log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
+  app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
+  app.metrics.recordParserRefusal(status)
   const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`

@@ -142,6 +142,15 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(expectation, /cache-control: no-store/)
   t.match(expectation, /x-request-id: [0-9a-f-]{36}/)
   t.match(expectation, /"status":417,"success":false/)
+  // Fastify's own refusal before routing (a malformed percent-encoding in the path).
+  const malformed = await server.inject({ url: '/%zz' })
+  t.equal(malformed.statusCode, 400)
+  t.match(malformed.json(), { code: 'VALIDATION_FAILED', message: 'Malformed request URL' })
+  // None of these passed a route's hooks: they are in the metrics all the same.
+  const scraped = await server.metrics.registry.metrics()
+  t.match(scraped, /bff_http_parser_refusals_total\{status_code="400"\} 1\n/, 'the parser\'s 400')
+  t.match(scraped, /bff_http_parser_refusals_total\{status_code="431"\} 1\n/, 'the parser\'s 431')
+  t.match(scraped, /http_request_duration_seconds_count\{method="GET",route="unrouted",status_code="400"\} 1\n/, 'Fastify\'s refusal before routing')
 })
 
 t.test('our key refused upstream is an error line for the operator; an upstream failure a warning', async (t) => {
