@@ -26,11 +26,15 @@ export interface ResolvedIssuerKeys {
   issuer: string
   /** For jose's jwtVerify; rejects with ProviderUnavailable when the IdP fails us. */
   keys: JWTVerifyGetKey
+  /** The provider's end_session_endpoint (RP-initiated logout), null when it publishes none. */
+  endSessionEndpoint: string | null
 }
 
 export interface IssuerKeys {
   /** Discovery on first use, then cached; rejects with ProviderUnavailable (and is retried next time). */
   resolve: () => Promise<ResolvedIssuerKeys>
+  /** What a discovery made already found; null before one succeeded (nothing waits on the IdP). */
+  discovered: () => ResolvedIssuerKeys | null
 }
 
 /** The IdP itself failed us (discovery or JWKS unreachable, slow or garbage): not the token's fault. */
@@ -48,6 +52,7 @@ export const identityProviderUnavailable = (cause: unknown): ApiError =>
 interface Discovery {
   issuer: string
   jwksUri: URL
+  endSessionEndpoint: string | null
 }
 
 function isFetchableUrl (value: unknown): value is string {
@@ -58,7 +63,7 @@ function isFetchableUrl (value: unknown): value is string {
 }
 
 async function discover (issuer: string, timeoutMs: number): Promise<Discovery> {
-  let document: { issuer?: unknown, jwks_uri?: unknown }
+  let document: { issuer?: unknown, jwks_uri?: unknown, end_session_endpoint?: unknown }
   try {
     const response = await fetch(`${issuer}/.well-known/openid-configuration`, {
       signal: AbortSignal.timeout(timeoutMs),
@@ -79,7 +84,9 @@ async function discover (issuer: string, timeoutMs: number): Promise<Discovery> 
     throw new ProviderUnavailable('OIDC discovery names another issuer')
   }
   if (!isFetchableUrl(document.jwks_uri)) throw new ProviderUnavailable('OIDC discovery has no usable jwks_uri')
-  return { issuer: document.issuer, jwksUri: new URL(document.jwks_uri) }
+  // RP-initiated logout's endpoint, when the provider has one (https, or http on loopback).
+  const endSessionEndpoint = isFetchableUrl(document.end_session_endpoint) ? new URL(document.end_session_endpoint).href : null
+  return { issuer: document.issuer, jwksUri: new URL(document.jwks_uri), endSessionEndpoint }
 }
 
 /**
@@ -94,6 +101,7 @@ function isProviderFailure (error: unknown): boolean {
 export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
   const fetchTimeoutMs = options.fetchTimeoutMs ?? IDP_FETCH_TIMEOUT_MS
   let pending: Promise<ResolvedIssuerKeys> | null = null
+  let resolved: ResolvedIssuerKeys | null = null
 
   /** Discovery once, cached; a failure is forgotten so the next token tries again. */
   function resolve (): Promise<ResolvedIssuerKeys> {
@@ -110,12 +118,13 @@ export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
             throw isProviderFailure(error) ? new ProviderUnavailable('JWKS fetch failed', { cause: error }) : error
           }
         }
-        return { issuer: discovery.issuer, keys }
+        resolved = { issuer: discovery.issuer, keys, endSessionEndpoint: discovery.endSessionEndpoint }
+        return resolved
       })
       pending.catch(function forgetFailedDiscovery () { pending = null })
     }
     return pending
   }
 
-  return { resolve }
+  return { resolve, discovered: () => resolved }
 }

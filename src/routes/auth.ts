@@ -33,7 +33,7 @@ const Me = envelope(Type.Object({
 }, { additionalProperties: false }))
 
 const LoggedOut = envelope(Type.Object({
-  endSessionUrl: Type.Optional(Type.String({ description: 'Web sessions: where to end the identity provider session' }))
+  endSessionUrl: Type.Optional(Type.String({ description: "Where to end the identity provider's session too, when it has an end-session endpoint: for a web session the full URL (with id_token_hint and the web app as post_logout_redirect_uri); for a mobile session the provider's endpoint, to which the app adds its own client_id, id_token_hint and post_logout_redirect_uri (OIDC RP-Initiated Logout)" }))
 }, { additionalProperties: false }))
 
 /**
@@ -101,6 +101,20 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
     return ok({ authenticated: true, email: session.email, expiresAt: new Date(session.expiresAt).toISOString() })
   })
 
+  /**
+   * A mobile session's end-session URL: the provider's endpoint as its discovery (made already:
+   * a sign-out never waits on the IdP; a replica that has made none starts one for the next)
+   * names it. The app ends the IdP's session with it, adding what only it holds.
+   */
+  function providerEndSession (): string | null {
+    const discovered = app.issuerKeys.discovered()
+    if (discovered === null) {
+      app.issuerKeys.resolve().catch(() => {})
+      return null
+    }
+    return discovered.endSessionEndpoint
+  }
+
   app.post('/auth/logout', {
     config: { auth: 'required' },
     schema: {
@@ -126,7 +140,8 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
     await app.sessions.revokeById(session.id)
     request.log.info({ method: session.method }, 'session ended')
     // Web sign-in (src/web/plugin.ts): clears a session cookie, and names the IdP's end-session URL.
-    const endSessionUrl = await app.webSignIn.signOut(request, reply)
+    const webUrl = await app.webSignIn.signOut(request, reply)
+    const endSessionUrl = session.method === 'mobile' ? providerEndSession() : webUrl
     return ok(endSessionUrl === null ? {} : { endSessionUrl }, 'Signed out')
   })
 }

@@ -71,3 +71,14 @@ t.test('an IdP failure is a 503 for both verifiers, and discovery is retried for
   await t.rejects(logoutTokens(await logoutToken({ key: 'unknown' })), UNAVAILABLE, 'JWKS down: logout token')
   await t.rejects(idTokens.verify(await issuer.sign({}, { key: 'unknown' })), UNAVAILABLE, 'JWKS down: ID token')
 })
+
+t.test("the provider's end-session endpoint: known once a discovery succeeded, when usable", async (t) => {
+  for (const [published, expected] of [[undefined, 'own'], [null, null], ['http://evil.example/logout', null], ['not a url', null]] as const) {
+    const issuer = await startIssuer(t)
+    issuer.behaviour.endSessionEndpoint = published
+    const keys = createIssuerKeys({ issuer: issuer.url })
+    t.equal(keys.discovered(), null, 'nothing before a discovery')
+    await keys.resolve()
+    t.equal(keys.discovered()?.endSessionEndpoint, expected === 'own' ? `${issuer.url}/logout` : null, `published ${String(published)}`)
+  }
+})

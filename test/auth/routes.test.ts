@@ -40,7 +40,7 @@ for (const store of ['memory', 'redis'] as const) {
 
     const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: bearer(body.data.token) })
     t.equal(logout.statusCode, 200)
-    t.match(logout.json(), { status: 200, success: true, data: {} })
+    t.same(logout.json().data, { endSessionUrl: `${issuer.url}/logout` }, "the provider's end-session endpoint, for the app to end its session there too")
     expect401(t, await app.inject({ method: 'POST', url: '/auth/logout', headers: bearer(body.data.token) }), 'the token is dead after logout')
     t.same((await app.inject({ url: '/auth/me', headers: bearer(body.data.token) })).json().data, { authenticated: false })
     expect401(t, await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } }), 'signed out: the ID token it was made from cannot sign back in')
@@ -107,6 +107,21 @@ t.test('GET /auth/me without, or with a bad, session', async (t) => {
     t.equal(response.statusCode, 200)
     t.same(response.json().data, { authenticated: false })
   }
+})
+
+t.test('a mobile sign-out never waits on the identity provider for its end-session URL', async (t) => {
+  const { app, issuer, redis } = await buildTestApp(t, { redis: true })
+  const tokens = [await signIn(app, issuer, 'carol@example.com'), await signIn(app, issuer, 'carol@example.com')]
+  // Another replica, sharing the store and the provider, that has never made a discovery.
+  const { app: other } = await buildTestApp(t, { redis, env: { OIDC_ISSUER: issuer.url, OIDC_CLIENT_ID: issuer.clientId } })
+  const discoveries = issuer.hits.discovery
+  const first = await other.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[0] as string) })
+  t.equal(first.statusCode, 200)
+  t.same(first.json().data, {}, 'signed out at once, without the URL')
+  while (issuer.hits.discovery === discoveries) await new Promise((resolve) => setTimeout(resolve, 10))
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const second = await other.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[1] as string) })
+  t.same(second.json().data, { endSessionUrl: `${issuer.url}/logout` }, 'the discovery it started serves the next sign-out')
 })
 
 t.test('POST /auth/logout needs a session', async (t) => {

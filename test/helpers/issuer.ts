@@ -30,6 +30,8 @@ export interface IssuerBehaviour {
   discoveryIssuer?: string
   /** Overrides the `jwks_uri` the discovery document names (null: none). */
   jwksUri?: string | null
+  /** Overrides the `end_session_endpoint` the discovery document names (null: none). */
+  endSessionEndpoint?: string | null
   /** Status of the JWKS (200 by default). */
   jwksStatus: number
   /** Replaces the JWKS document (e.g. something that is not a key set). */
@@ -102,7 +104,7 @@ export async function startIssuer (t: TeardownHost, options: IssuerOptions = {})
         jwks_uri: behaviour.jwksUri === undefined ? `${url}/jwks` : behaviour.jwksUri,
         authorization_endpoint: `${url}/authorize`,
         token_endpoint: `${url}/token`,
-        end_session_endpoint: `${url}/logout`,
+        end_session_endpoint: behaviour.endSessionEndpoint === undefined ? `${url}/logout` : behaviour.endSessionEndpoint,
         id_token_signing_alg_values_supported: ['RS256', 'ES256']
       })
       return

@@ -13,7 +13,7 @@ t.test('a used logout token dated ahead is a replay for as long as its iat passe
   const { publicKey, privateKey } = await generateKeyPair('RS256')
   let clock = 1_700_000_000_000
   const verify = createLogoutTokenVerifier({
-    keys: { resolve: async () => ({ issuer: ISSUER, keys: async () => publicKey }) },
+    keys: { resolve: async () => ({ issuer: ISSUER, keys: async () => publicKey, endSessionEndpoint: null }), discovered: () => null },
     audiences: ['app'],
     replayGuard: createReplayGuard({ redis: null }, () => clock),
     now: () => clock

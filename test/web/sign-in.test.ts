@@ -121,11 +121,13 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(bearer.headers['set-cookie'], undefined)
     })
 
-    t.test('mobile sessions: bearer sign-out clears no cookie and has no endSessionUrl', async (t) => {
+    t.test('mobile sessions: bearer sign-out clears no cookie, and names the bare end-session endpoint (no web ID token in it)', async (t) => {
       const token = await stack.bearerFor('alice@example.com')
       const logout = await stack.app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
       t.equal(logout.statusCode, 200)
-      t.same((logout.json() as { data: unknown }).data, {})
+      const url = new URL((logout.json() as { data: { endSessionUrl: string } }).data.endSessionUrl)
+      t.equal(url.origin, stack.idp.url, "the provider's own endpoint")
+      t.equal(url.search, '', 'the app adds its client_id, id_token_hint and post_logout_redirect_uri')
       t.equal(logout.headers['set-cookie'], undefined)
     })
 
@@ -456,7 +458,7 @@ t.test('without a web client the web sign-in routes do not exist', async (t) => 
   }
   const token = await mobileSignIn(app, issuer)
   const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: { authorization: `Bearer ${token}` } })
-  t.same((logout.json() as { data: unknown }).data, {})
+  t.same((logout.json() as { data: unknown }).data, { endSessionUrl: `${issuer.url}/logout` }, 'a mobile-only service still names the provider\'s endpoint (from the discovery its ID tokens use)')
   const withCookie = await app.inject({ method: 'POST', url: '/auth/logout', headers: { 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: 'A'.repeat(43) } })
   t.equal(withCookie.statusCode, 401)
   t.equal((withCookie.json() as { data?: unknown }).data, undefined, 'no web client: no end-session URL')
