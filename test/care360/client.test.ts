@@ -521,6 +521,36 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
   t.notOk(sandbox.control.isCancelled(bob.appointments[0]!.id))
 })
 
+t.test('a call that gets no connection by its deadline is never sent, and the metrics hear it', async (t) => {
+  let requests = 0
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    requests++
+    request.resume()
+    response.setHeader('content-type', 'application/json')
+    response.end('{"status":200,"success":true,"message":"ok"}')
+  })
+  // The first call holds the only connection's slot through a slow gate (a Redis round trip
+  // that takes its time): the second waits for the slot past its deadline.
+  let first = true
+  const gate: UpstreamGate = {
+    acquire: async () => {
+      if (!first) return
+      first = false
+      await sleep(300)
+    },
+    onRateLimited: async () => {}
+  }
+  const observed: string[] = []
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 100, connections: 1, gate, observe: (_endpoint, outcome) => { observed.push(outcome) } })
+  t.teardown(() => client.close())
+  const holder = failureOf(cancelAlice(client))
+  const waiter = await failureOf(cancelAlice(client))
+  t.match(waiter, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
+  t.same(observed, ['timeout'], 'heard as a timeout')
+  t.match(await holder, { statusCode: 504, outcome: 'not-sent' }, 'the holder, past its own deadline after the gate, is not sent either')
+  t.equal(requests, 0)
+})
+
 t.test('a request whose deadline passes while its connection is being made is never sent', async (t) => {
   let requests = 0
   const baseUrl = await stubUpstream(t, (request, response) => {
