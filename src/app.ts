@@ -170,7 +170,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   }
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
   app.server.headersTimeout = 5_000
-  app.server.on('checkExpectation', expectationFailedAnswer)
+  app.server.on('checkExpectation', expectationFailedAnswer.bind(app))
 
   app.decorate('config', config)
   app.decorate('draining', false)

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type HookHandlerDoneFunction, type onResponseHookHandler } from 'fastify'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
@@ -5,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { requestIdFor } from './plugins/answers.js'
+import { endWithError, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 
 /**
@@ -34,12 +35,10 @@ export interface AppMetrics {
   sharedStateMode: Gauge<'mode'>
   redisEvictionPolicySafe: Gauge<'policy'>
   /**
-   * A request answered before routing (a malformed URL, a path parameter too long: Fastify's own
-   * refusals, which no hook sees): its duration under the route label `unrouted`.
+   * A request refused before any route, where no hook sees it (the HTTP parser's refusals,
+   * Fastify's malformed URL, an unsupported Expect): counted by status; it has no route to time.
    */
-  observeUnrouted: (method: string, status: number, seconds: number) => void
-  /** A request the HTTP parser refused (no request to time: counted by status). */
-  recordParserRefusal: (status: number) => void
+  recordRefusedBeforeRouting: (status: number) => void
   /** One upstream call, for the Care360 client's `observe` option. */
   observeUpstream: (endpoint: UpstreamEndpoint, outcome: UpstreamCallOutcome, seconds: number) => void
   /** One limiter decision: the request (or upstream call) was let through, or refused. */
@@ -64,8 +63,6 @@ const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
 const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
 const NOT_FOUND = 'not_found'
-/** The route label of a request Fastify refused before routing. */
-const UNROUTED = 'unrouted'
 
 /**
  * `readMode`: the shared state's mode; `readEvictionPolicy`: Redis's maxmemory-policy, null while
@@ -77,7 +74,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
 
   const httpRequestDuration = new Histogram({
     name: 'http_request_duration_seconds',
-    help: 'Time from request start to the answer sent, by route pattern (not_found when none matched, unrouted when refused before routing) and status',
+    help: 'Time from request start to the answer sent, by route pattern (not_found when none matched) and status',
     labelNames: ['method', 'route', 'status_code'] as const,
     buckets: HTTP_BUCKETS,
     registers: [registry]
@@ -131,9 +128,9 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     labelNames: ['method', 'result'] as const,
     registers: [registry]
   })
-  const parserRefusals = new Counter({
-    name: 'bff_http_parser_refusals_total',
-    help: 'Requests the HTTP parser refused before any route (malformed, headers too large, too slow to arrive), by the status answered',
+  const refusedBeforeRouting = new Counter({
+    name: 'bff_http_refused_before_routing_total',
+    help: 'Requests refused before any route (malformed request or URL, headers too large, too slow to arrive, an unsupported Expect), by the status answered',
     labelNames: ['status_code'] as const,
     registers: [registry]
   })
@@ -186,11 +183,8 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     signIns,
     sharedStateMode,
     redisEvictionPolicySafe,
-    observeUnrouted (method, status, seconds) {
-      httpRequestDuration.labels(method, UNROUTED, String(status)).observe(seconds)
-    },
-    recordParserRefusal (status) {
-      parserRefusals.labels(String(status)).inc()
+    recordRefusedBeforeRouting (status) {
+      refusedBeforeRouting.labels(String(status)).inc()
     },
     observeUpstream (endpoint, outcome, seconds) {
       const key = `${endpoint}:${outcome}`
@@ -259,7 +253,25 @@ export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })
  */
 export function buildMetricsServer (registry: Registry): FastifyInstance {
   // The public port's request ids and envelope here too (the contract's "every answer").
-  const server = Fastify({ logger: false, forceCloseConnections: true, genReqId: requestIdFor })
+  const server = Fastify({
+    logger: false,
+    forceCloseConnections: true,
+    genReqId: requestIdFor,
+    // Refused before routing (a malformed URL), and by the HTTP parser: the same envelope.
+    frameworkErrors (_error, request, reply) {
+      (reply as FastifyReply).code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
+        .send(errorEnvelope(400, ErrorCode.VALIDATION_FAILED, 'Malformed request URL'))
+    },
+    clientErrorHandler (error: NodeJS.ErrnoException, socket) {
+      if (!socket.writable) {
+        socket.destroy()
+        return
+      }
+      const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
+      endWithError(socket, status, 'Malformed request', randomUUID())
+    }
+  })
+  server.server.on('checkExpectation', (request, response) => { writeExpectationFailed(request, response) })
   server.addHook('onRequest', function stamp (request, reply, done) {
     reply.header('x-request-id', request.id).header('cache-control', 'no-store')
     done()

@@ -2,6 +2,8 @@ import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { Gauge, Registry } from 'prom-client'
+import { connect } from 'node:net'
+import { once } from 'node:events'
 import { buildTestApp, signIn, TEST_API_KEY } from './helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../src/care360/sandbox.js'
@@ -258,9 +260,35 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
     t.equal(posted.statusCode, 404, `a body of ${payload.length} bytes to no route: 404, not 500`)
     t.equal(posted.json().code, 'NOT_FOUND')
   }
+  // Refused before routing, or by the HTTP parser, on a real socket: the same envelope.
+  const badUrl = await server.inject({ method: 'GET', url: '/%zz' })
+  t.equal(badUrl.statusCode, 400)
+  t.equal(badUrl.headers['cache-control'], 'no-store')
+  t.match(badUrl.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+  t.match(badUrl.json(), { code: 'VALIDATION_FAILED' })
+  await server.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = server.server.address() as { port: number }
+  for (const [raw, status] of [['NOT HTTP\r\n\r\n', 400], [`GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431], ['GET /metrics HTTP/1.1\r\nHost: x\r\nExpect: other\r\n\r\n', 417]] as const) {
+    const answer = await rawAnswer(port, raw)
+    t.match(answer, new RegExp(`^HTTP/1\\.1 ${status} `), `${status} on the metrics port`)
+    t.match(answer, /cache-control: no-store/)
+    t.match(answer, /x-request-id: [0-9a-f-]{36}/)
+    t.match(answer, /"code":"VALIDATION_FAILED"/)
+  }
   // A collector that throws: a 500 in the envelope, its text kept from the scraper.
   registry.registerMetric(new Gauge({ name: 'broken', help: 'throws when collected', registers: [], collect () { throw new Error('collector detail') } }))
   const failed = await server.inject({ method: 'GET', url: '/metrics' })
   t.equal(failed.statusCode, 500)
   t.same(failed.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' })
 })
+
+/** Writes `text` on a fresh connection and reads until the server closes it. */
+async function rawAnswer (port: number, text: string): Promise<string> {
+  const socket = connect(port, '127.0.0.1')
+  let answer = ''
+  socket.on('data', (chunk: Buffer) => { answer += chunk.toString() })
+  socket.on('error', () => {})
+  socket.write(text)
+  await once(socket, 'close')
+  return answer
+}

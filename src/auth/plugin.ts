@@ -77,6 +77,13 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     logouts: createLogoutMarks(app.sharedState, options.now),
     ...(options.now === undefined ? {} : { now: options.now })
   }))
+  // The provider's discovery as the process starts, in the background: a mobile sign-out names
+  // its end-session endpoint from the first request on (routes/auth.ts), and the first sign-in
+  // does not wait for it. A failure is retried by the next token checked or sign-out.
+  app.addHook('onReady', function discoverProvider (done) {
+    app.issuerKeys.resolve().catch(() => {})
+    done()
+  })
   app.decorate('patientRef', createPatientRef(config.keyRoot.secret))
   app.decorateRequest('session', null)
   app.decorateRequest('sessionTransport', null)

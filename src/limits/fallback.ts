@@ -1,3 +1,4 @@
+import { performance } from 'node:perf_hooks'
 import type { Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, isCommandTimeout, type SharedState } from '../state/redis.js'
@@ -46,6 +47,10 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
   const now = options.now ?? Date.now
   const pauseMs = options.pauseMs ?? FAILED_COMMAND_PAUSE_MS
   const logEveryMs = options.logEveryMs ?? 60_000
+  // When a paused read of Redis (or a command timing out) last failed: a pause after it asks
+  // nothing (a monotonic clock: a wall clock stepped back must not stop those reads).
+  let pausedReadFailedAt = Number.NEGATIVE_INFINITY
+
   // At most one warning per interval for the whole process, whatever the number of requests and
   // stores, and however often a struggling Redis flaps between answering and not; the matching
   // all-clear once per warning.
@@ -73,19 +78,22 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
       // Redis is left alone for pauseMs, and /readyz and the state-store metric tell operators
       // that the limits count in memory meanwhile.
       sharedState.degradeFor(pauseMs)
-      noteFallback(isCommandTimeout(error) ? 'timeout' : 'error')
+      // A Redis that let a command time out is stalled: the pause that begins asks it nothing,
+      // not even the paused read of the shared cooldown.
+      const timedOut = isCommandTimeout(error)
+      if (timedOut) pausedReadFailedAt = performance.now()
+      noteFallback(timedOut ? 'timeout' : 'error')
       return inMemory()
     }
   }
 
   // Still paused: a failure extends the pause, a success ends nothing (the pause ends by itself).
-  let pausedReadFailedAt = Number.NEGATIVE_INFINITY
   async function paused<T> (whilePaused: (redis: Redis) => Promise<T>, inMemory: () => T, redis: Redis): Promise<T> {
     try {
       coalesceWrites(redis)
       return await whilePaused(redis)
     } catch {
-      pausedReadFailedAt = now()
+      pausedReadFailedAt = performance.now()
       sharedState.degradeFor(pauseMs)
       return inMemory()
     }
@@ -103,7 +111,7 @@ export function createStoreFallback (options: StoreFallbackOptions): StoreFallba
         noteFallback(connected ? 'paused after a failed command' : 'disconnected')
         // Once such a read failed, none again for a pause: a stalled Redis must not cost every
         // call a command timeout.
-        const ask = connected && whilePaused !== undefined && now() - pausedReadFailedAt >= pauseMs
+        const ask = connected && whilePaused !== undefined && performance.now() - pausedReadFailedAt >= pauseMs
         return ask ? paused(whilePaused, inMemory, redis) : inMemory()
       }
       return inRedis(viaRedis, inMemory, redis)

@@ -232,8 +232,8 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
     .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
-  // And its duration (afterEveryAnswer's hooks do not run either).
-  request.server.metrics.observeUnrouted(request.method, 400, reply.elapsedTime / 1000)
+  // And its count (afterEveryAnswer's hooks do not run either).
+  request.server.metrics.recordRefusedBeforeRouting(400)
 }
 
 /**
@@ -258,10 +258,30 @@ function closingAnswer (status: number, message: string, requestId: string): { b
  * An `Expect` other than `100-continue` (Node's `checkExpectation` event): 417 in the envelope,
  * with the two headers, where Node would answer a bare 417.
  */
-export function expectationFailedAnswer (request: IncomingMessage, response: ServerResponse): void {
-  const { body, headers } = closingAnswer(417, 'Unsupported Expect header', requestIdFor(request))
+export function expectationFailedAnswer (this: FastifyInstance, request: IncomingMessage, response: ServerResponse): void {
+  const id = requestIdFor(request)
+  // Its access line and its count: Fastify never sees the request.
+  this.log.info({ reqId: id, remoteAddress: request.socket.remoteAddress, res: { statusCode: 417 }, code: ErrorCode.VALIDATION_FAILED }, 'request refused: unsupported Expect')
+  this.metrics.recordRefusedBeforeRouting(417)
+  writeExpectationFailed(request, response, id)
+}
+
+/** The 417 itself, in the envelope with the two headers (the metrics listener's too). */
+export function writeExpectationFailed (request: IncomingMessage, response: ServerResponse, id = requestIdFor(request)): void {
+  const { body, headers } = closingAnswer(417, 'Unsupported Expect header', id)
   response.writeHead(417, headers)
   response.end(body)
+}
+
+/**
+ * A parser error's answer written on the socket itself, in the envelope with the two headers, on
+ * a connection that closes after it.
+ */
+export function endWithError (socket: Socket, status: number, message: string, id: string): void {
+  const { body, headers } = closingAnswer(status, message, id)
+  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
+  for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`
+  socket.end(`${head}\r\n${body}`)
 }
 
 /**
@@ -341,9 +361,6 @@ function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
   // Its access line: Fastify never saw the request (its parser's error code only, no client text).
   app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
-  app.metrics.recordParserRefusal(status)
-  const { body, headers } = closingAnswer(status, message, id)
-  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
-  for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`
-  socket.end(`${head}\r\n${body}`)
+  app.metrics.recordRefusedBeforeRouting(status)
+  endWithError(socket, status, message, id)
 }

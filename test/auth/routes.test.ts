@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { Writable } from 'node:stream'
 import type { LightMyRequestResponse } from 'fastify'
 import { buildTestApp, signIn, TEST_API_KEY } from '../helpers/app.js'
+import type { App } from '../../src/app.js'
 import { garbageToken } from '../helpers/issuer.js'
 import { createPatientRef } from '../../src/auth/plugin.js'
 import { sessionIdOf } from '../../src/auth/session-store.js'
@@ -109,19 +110,35 @@ t.test('GET /auth/me without, or with a bad, session', async (t) => {
   }
 })
 
-t.test('a mobile sign-out never waits on the identity provider for its end-session URL', async (t) => {
+t.test('a mobile sign-out names the end-session endpoint from the start, and never waits on the provider for it', async (t) => {
   const { app, issuer, redis } = await buildTestApp(t, { redis: true })
-  const tokens = [await signIn(app, issuer, 'carol@example.com'), await signIn(app, issuer, 'carol@example.com')]
-  // Another replica, sharing the store and the provider, that has never made a discovery.
-  const { app: other } = await buildTestApp(t, { redis, env: { OIDC_ISSUER: issuer.url, OIDC_CLIENT_ID: issuer.clientId } })
-  const discoveries = issuer.hits.discovery
-  const first = await other.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[0] as string) })
-  t.equal(first.statusCode, 200)
-  t.same(first.json().data, {}, 'signed out at once, without the URL')
-  while (issuer.hits.discovery === discoveries) await new Promise((resolve) => setTimeout(resolve, 10))
-  await new Promise((resolve) => setTimeout(resolve, 50))
-  const second = await other.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[1] as string) })
-  t.same(second.json().data, { endSessionUrl: `${issuer.url}/logout` }, 'the discovery it started serves the next sign-out')
+  const tokens = [await signIn(app, issuer, 'carol@example.com'), await signIn(app, issuer, 'carol@example.com'), await signIn(app, issuer, 'carol@example.com')]
+  const replica = async (): Promise<App> => (await buildTestApp(t, { redis, env: { OIDC_ISSUER: issuer.url, OIDC_CLIENT_ID: issuer.clientId } })).app
+  const discoveries = (): number => issuer.hits.discovery
+  const settled = async (from: number): Promise<void> => {
+    while (discoveries() === from) await new Promise((resolve) => setTimeout(resolve, 10))
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  // A replica that has verified no token yet: its discovery was made as it started.
+  let before = discoveries()
+  const fresh = await replica()
+  await settled(before)
+  const first = await fresh.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[0] as string) })
+  t.same(first.json().data, { endSessionUrl: `${issuer.url}/logout` }, 'the first sign-out on a fresh replica has it')
+  // One whose discovery failed as it started (the IdP down): signed out at once, without it, and
+  // a discovery begins for the next.
+  issuer.behaviour.discoveryStatus = 503
+  before = discoveries()
+  const unlucky = await replica()
+  await settled(before)
+  issuer.behaviour.discoveryStatus = 200
+  before = discoveries()
+  const second = await unlucky.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[1] as string) })
+  t.equal(second.statusCode, 200)
+  t.same(second.json().data, {}, 'no URL rather than a wait on the provider')
+  await settled(before)
+  const third = await unlucky.inject({ method: 'POST', url: '/auth/logout', headers: bearer(tokens[2] as string) })
+  t.same(third.json().data, { endSessionUrl: `${issuer.url}/logout` }, 'the discovery it began serves the next sign-out')
 })
 
 t.test('POST /auth/logout needs a session', async (t) => {

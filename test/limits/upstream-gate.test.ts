@@ -142,6 +142,16 @@ t.test('redis: a replica whose stores are paused after a failed command still se
   await sleep(Math.max(0, pausedAt + 1050 - performance.now()))
   t.equal(stalled.mode(), 'degraded', 'past the first pause: the failed read extended it')
   await sleep(500)
+  // A pause begun by a command that timed out asks the stalled Redis nothing either.
+  const timedOut = await sharedStateOn(t, redis.url, 100)
+  const timedOutGate = gateOn(createStoreFallback({ sharedState: timedOut, log: silentLog }))
+  await admin.call('CLIENT', 'PAUSE', '800', 'ALL')
+  await timedOutGate.acquire('list')
+  t.equal(timedOut.mode(), 'degraded', 'the admission timed out: paused')
+  const after = performance.now()
+  await timedOutGate.acquire('list')
+  t.ok(performance.now() - after < 50, `the next call does not wait on the stalled Redis (${Math.round(performance.now() - after)} ms)`)
+  await sleep(800)
 })
 
 t.test('end to end: three replicas driven at three times the budget never get a 429 from the upstream', async (t) => {

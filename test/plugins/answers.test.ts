@@ -148,9 +148,9 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(malformed.json(), { code: 'VALIDATION_FAILED', message: 'Malformed request URL' })
   // None of these passed a route's hooks: they are in the metrics all the same.
   const scraped = await server.metrics.registry.metrics()
-  t.match(scraped, /bff_http_parser_refusals_total\{status_code="400"\} 1\n/, 'the parser\'s 400')
-  t.match(scraped, /bff_http_parser_refusals_total\{status_code="431"\} 1\n/, 'the parser\'s 431')
-  t.match(scraped, /http_request_duration_seconds_count\{method="GET",route="unrouted",status_code="400"\} 1\n/, 'Fastify\'s refusal before routing')
+  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="400"\} 2\n/, 'the parser\'s 400 and Fastify\'s malformed URL')
+  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="431"\} 1\n/, 'the parser\'s 431')
+  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="417"\} 1\n/, 'the unsupported Expect')
 })
 
 t.test('our key refused upstream is an error line for the operator; an upstream failure a warning', async (t) => {
