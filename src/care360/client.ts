@@ -56,6 +56,11 @@ export interface Care360ClientOptions {
   /** Keep-alive sockets to the upstream; default 10. */
   connections?: number
   /**
+   * How sockets are made: undici's own connector, with half the deadline as its timeout, unless a
+   * test slows connecting down (the order of a deadline and a connection is the event loop's).
+   */
+  connect?: Pool.Options['connect']
+  /**
    * Hears about every call that passed the gate, when it ends: its outcome and its duration from
    * dispatch to the answer mapped (seconds); and every call that got no connection by its
    * deadline (`timeout`, timed from its start). Calls the gate stopped never left, and are not heard.
@@ -519,7 +524,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     // instead of running into the overall deadline. undici runs this timer on a tick of ~0.5 s,
     // so it fires up to about half a second off: with a deadline of a second or less, the
     // overall deadline can come first (504, still "never sent").
-    connect: { timeout: Math.max(1, Math.ceil(timeoutMs / 2)) },
+    connect: options.connect ?? { timeout: Math.max(1, Math.ceil(timeoutMs / 2)) },
     headersTimeout: timeoutMs,
     bodyTimeout: timeoutMs
   })

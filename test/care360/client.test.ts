@@ -3,6 +3,7 @@ import { createServer as createHttpServer, type RequestListener } from 'node:htt
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
+import { buildConnector } from 'undici'
 import { ApiError, ErrorCode } from '../../src/errors.js'
 import {
   createCare360Client,
@@ -559,15 +560,14 @@ t.test('a request whose deadline passes while its connection is being made is ne
     response.setHeader('content-type', 'application/json')
     response.end('{"status":200,"success":true,"message":"ok"}')
   })
-  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 100 })
+  // Connecting takes longer than the deadline (a slow handshake): the deadline passes first, and
+  // the connection, once made, must not carry the request.
+  const connector = buildConnector({})
+  const slowConnect: buildConnector.connector = (options, callback) => { setTimeout(() => { connector(options, callback) }, 200) }
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 100, connect: slowConnect })
   t.teardown(() => client.close())
-  const failure = failureOf(cancelAlice(client))
-  // The event loop blocked past the deadline while the first connection is made: the deadline's
-  // timer runs before the connection's callback, which must then drop the request.
-  const until = Date.now() + 150
-  while (Date.now() < until) { /* busy on purpose */ }
-  t.match(await failure, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
-  await sleep(100)
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
+  await sleep(250)
   t.equal(requests, 0, 'the upstream never received it')
 })
 
