@@ -53,6 +53,18 @@ async function stubUpstream (t: Test, handler: RequestListener, onConnection?: (
   return `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`
 }
 
+/** An upstream that answers every cancel at once, and counts the requests it received. */
+async function countingUpstream (t: Test): Promise<{ baseUrl: string, requests: () => number }> {
+  let received = 0
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    received++
+    request.resume()
+    response.setHeader('content-type', 'application/json')
+    response.end('{"status":200,"success":true,"message":"ok"}')
+  })
+  return { baseUrl, requests: () => received }
+}
+
 async function setup (t: Test, options: Partial<Care360ClientOptions> = {}): Promise<{ sandbox: RunningSandbox, client: Care360Client, log: GateLog }> {
   const sandbox = await startSandbox(t)
   const log = recordingGate()
@@ -523,13 +535,7 @@ t.test('a request still waiting for a socket at the deadline is never sent', asy
 })
 
 t.test('a call that gets no connection by its deadline is never sent, and the metrics hear it', async (t) => {
-  let requests = 0
-  const baseUrl = await stubUpstream(t, (request, response) => {
-    requests++
-    request.resume()
-    response.setHeader('content-type', 'application/json')
-    response.end('{"status":200,"success":true,"message":"ok"}')
-  })
+  const { baseUrl, requests } = await countingUpstream(t)
   // The first call holds the only connection's slot through a slow gate (a Redis round trip
   // that takes its time): the second waits for the slot past its deadline.
   let first = true
@@ -549,17 +555,11 @@ t.test('a call that gets no connection by its deadline is never sent, and the me
   t.match(waiter, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
   t.same(observed, ['timeout'], 'heard as a timeout')
   t.match(await holder, { statusCode: 504, outcome: 'not-sent' }, 'the holder, past its own deadline after the gate, is not sent either')
-  t.equal(requests, 0)
+  t.equal(requests(), 0)
 })
 
 t.test('a request whose deadline passes while its connection is being made is never sent', async (t) => {
-  let requests = 0
-  const baseUrl = await stubUpstream(t, (request, response) => {
-    requests++
-    request.resume()
-    response.setHeader('content-type', 'application/json')
-    response.end('{"status":200,"success":true,"message":"ok"}')
-  })
+  const { baseUrl, requests } = await countingUpstream(t)
   // Connecting takes longer than the deadline (a slow handshake): the deadline passes first, and
   // the connection, once made, must not carry the request.
   const connector = buildConnector({})
@@ -568,7 +568,7 @@ t.test('a request whose deadline passes while its connection is being made is ne
   t.teardown(() => client.close())
   t.match(await failureOf(cancelAlice(client)), { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' })
   await sleep(250)
-  t.equal(requests, 0, 'the upstream never received it')
+  t.equal(requests(), 0, 'the upstream never received it')
 })
 
 t.test('requests that expire while queued leave the pool\'s socket alive for the next one', async (t) => {
