@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
+import { endWithError, parserErrorStatus, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 
 /**
@@ -270,8 +270,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
         socket.destroy()
         return
       }
-      const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
-      endWithError(socket, status, 'Malformed request', randomUUID())
+      endWithError(socket, parserErrorStatus(error), 'Malformed request', randomUUID())
     }
   })
   server.server.on('checkExpectation', (request, response) => { writeExpectationFailed(request, response) })

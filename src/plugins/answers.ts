@@ -356,8 +356,13 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
   pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
 }
 
+/** The status of the HTTP parser's refusal: headers too large, too slow to arrive, or malformed. */
+export function parserErrorStatus (error: NodeJS.ErrnoException): 400 | 408 | 431 {
+  return error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
+}
+
 function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
-  const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
+  const status = parserErrorStatus(error)
   const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
   // Its access line: Fastify never saw the request (its parser's error code only, no client text).
   app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
