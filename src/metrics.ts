@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, parserErrorStatus, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
+import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 
 /**
@@ -258,10 +258,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
     forceCloseConnections: true,
     genReqId: requestIdFor,
     // Refused before routing (a malformed URL), and by the HTTP parser: the same envelope.
-    frameworkErrors (_error, request, reply) {
-      (reply as FastifyReply).code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
-        .send(errorEnvelope(400, ErrorCode.VALIDATION_FAILED, 'Malformed request URL'))
-    },
+    frameworkErrors: frameworkRefusal,
     clientErrorHandler (error: NodeJS.ErrnoException, socket) {
       // A client gone before its answer: nothing to write. Its moment cannot be timed from a test
       // (the public listener's same check is reached by test/abuse/sockets.test.ts).
@@ -283,7 +280,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
     return reply.header('content-type', registry.contentType).send(body)
   })
   function notFound (request: FastifyRequest, reply: FastifyReply): FastifyReply {
-    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}; metrics are at GET /metrics`))
+    return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `${noRouteMessage(request)}; metrics are at GET /metrics`))
   }
   server.setNotFoundHandler(notFound)
   // On no route, whatever went wrong with the request (a malformed or oversized body, parsed

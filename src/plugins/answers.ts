@@ -153,7 +153,12 @@ const BODY_ERRORS: ReadonlySet<number> = new Set([400, 413, 415])
 
 function notFound (request: FastifyRequest, reply: FastifyReply): FastifyReply {
   reply.errorCode = ErrorCode.NOT_FOUND
-  return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`))
+  return reply.code(404).send(errorEnvelope(404, ErrorCode.NOT_FOUND, noRouteMessage(request)))
+}
+
+/** The 404's message: the method and the path without its query, capped (the metrics listener's too). */
+export function noRouteMessage (request: FastifyRequest): string {
+  return `No route ${request.method} ${(request.url.split('?', 1)[0] as string).slice(0, 200)}`
 }
 
 /**
@@ -225,15 +230,20 @@ export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })
  * path is not echoed (it is the client's text).
  */
 export function frameworkErrorAnswer (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
-  const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
   const code = ErrorCode.VALIDATION_FAILED
   reply.errorCode = code
   // Before routing: no hook runs, so the access line is written here.
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
-  reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
-    .send(errorEnvelope(400, code, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
+  frameworkRefusal(error, request, reply)
   // And its count (afterEveryAnswer's hooks do not run either).
   request.server.metrics.recordRefusedBeforeRouting(400)
+}
+
+/** The answer itself, in the envelope with the two headers (the metrics listener's too). */
+export function frameworkRefusal (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+  reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
+    .send(errorEnvelope(400, ErrorCode.VALIDATION_FAILED, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
 }
 
 /**
