@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, writeExpectationFailed } from './plugins/answers.js'
+import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, stampHeaders, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 
 /**
@@ -272,7 +272,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
   })
   server.server.on('checkExpectation', (request, response) => { writeExpectationFailed(request, response) })
   server.addHook('onRequest', function stamp (request, reply, done) {
-    reply.header('x-request-id', request.id).header('cache-control', 'no-store')
+    stampHeaders(request, reply)
     done()
   })
   server.get('/metrics', async function scrape (_request, reply) {

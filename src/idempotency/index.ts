@@ -1,12 +1,13 @@
 import { hash } from 'node:crypto'
 import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
-import { createSingleFlight, inFlightError, quietly, silentLog, type SingleFlightResult, type WarnLog } from './single-flight.js'
+import { createSingleFlight, inFlightError, quietly, silentLog, type SingleFlightResult } from './single-flight.js'
 import type { IdempotencyStore } from './store.js'
 import type { Awaitable } from '../state/awaitable.js'
+import type { WarnLog } from '../state/notice.js'
 
 export type { Answer, Attempt, Run } from './settle.js'
-export type { WarnLog } from './single-flight.js'
+export type { WarnLog } from '../state/notice.js'
 export { createMemoryIdempotencyStore, createRedisIdempotencyStore, idempotencyStoreFor, IdempotencyStoreError, type IdempotencyStore } from './store.js'
 
 /**

@@ -3,12 +3,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run } from './settle.js'
 import type { BeginResult, IdempotencyStore, StoredAnswer } from './store.js'
 import { isPromise, whenReady, type Awaitable } from '../state/awaitable.js'
-import { RepeatedWarnings } from '../state/notice.js'
-
-/** Where store failures are reported; Fastify's logger fits. */
-export interface WarnLog {
-  warn: (object: object, message: string) => void
-}
+import { RepeatedWarnings, type WarnLog } from '../state/notice.js'
 
 export interface SingleFlightOptions {
   /**

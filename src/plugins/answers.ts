@@ -81,6 +81,11 @@ declare module 'fastify' {
   }
 }
 
+/** The headers every answer carries, on both listeners: the request's id, and no caching of anything. */
+export function stampHeaders (request: FastifyRequest, reply: FastifyReply): void {
+  reply.header('x-request-id', request.id).header('cache-control', 'no-store')
+}
+
 /** How often a warning that every request repeats is written again (ms). */
 const REPEATED_WARNING_EVERY_MS = 60_000
 
@@ -88,8 +93,7 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.decorateReply('errorCode', null)
   app.decorate('repeatedWarnings', new RepeatedWarnings(REPEATED_WARNING_EVERY_MS, () => performance.now()))
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
-    reply.header('x-request-id', request.id)
-    reply.header('cache-control', 'no-store')
+    stampHeaders(request, reply)
     // HTTP/1.1 requires Host (RFC 9112, 3.2). Node's own refusal (requireHostHeader, off in
     // app.ts) is a bare 400 without the envelope or these headers.
     if (request.raw.headers.host === undefined && request.raw.httpVersion === '1.1') {

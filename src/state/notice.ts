@@ -45,7 +45,8 @@ export class TroubleNotice {
   }
 }
 
-interface WarnLog {
+/** Where a warning goes; Fastify's logger fits. */
+export interface WarnLog {
   warn: (fields: object, message: string) => void
 }
 
