@@ -165,12 +165,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
     // Its own namespace: a client's Idempotency-Key can never name a single-flight record.
     const key = `flight\0${fingerprint}`
     function begun (begin: BeginResult): Awaitable<SingleFlightResult> {
-      if (begin.kind === 'replay') {
-        if (waited || begin.answer.statusCode === 200) return { answer: { ...begin.answer }, shared: true }
-        // A finished leader's error, for a request that came after it: a retry, run on its own
-        // (the record stays the leader's until it expires, moments later).
-        return run(tracked().attempt).then(ownAnswer)
-      }
+      if (begin.kind === 'replay') return { answer: { ...begin.answer }, shared: true }
       if (begin.kind === 'in-flight') return follow(store, scope, fingerprint, begin.retryAfterMs, run, log, deadline)
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
       if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
@@ -180,7 +175,10 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
     }
     let begin: Awaitable<BeginResult>
     try {
-      begin = store.begin(scope, key, fingerprint, { ttlMs: inFlightTtlMs, inFlightTtlMs })
+      // A finished leader's error is shared with the requests that overlapped it (`waited`); one
+      // that came after it is a retry, and claims the record to lead it: identical retries on
+      // other replicas then follow it instead of each sending its own cancel.
+      begin = store.begin(scope, key, fingerprint, { ttlMs: inFlightTtlMs, inFlightTtlMs, retakeFailed: !waited })
     } catch (error) {
       return withoutStore(error, run, log)
     }

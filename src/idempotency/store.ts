@@ -41,6 +41,12 @@ export interface BeginOptions {
   ttlMs: number
   /** How long an owner may hold the record before it is presumed dead. */
   inFlightTtlMs: number
+  /**
+   * A finished record whose answer is not a 200 is taken over (`started`) instead of replayed:
+   * single flight's retry after an error, claimed by one request only, so that identical retries
+   * on other replicas follow it rather than each sending its own cancel.
+   */
+  retakeFailed?: boolean
 }
 
 /**
@@ -137,7 +143,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
   return {
     size: () => records.size,
 
-    begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
+    begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs, retakeFailed = false }) {
       const at = now()
       if (at - lastSweep >= sweepEveryMs) sweep(at)
       const mapKey = mapKeyOf(scope, key)
@@ -151,7 +157,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         return { kind: 'started', token }
       }
       if (record.fingerprint !== fingerprint) return { kind: 'mismatch' }
-      if (record.state === 'done') {
+      if (record.state === 'done' && !(retakeFailed && record.statusCode !== 200)) {
         return { kind: 'replay', answer: { statusCode: record.statusCode, body: JSON.parse(record.body) }, completedAt: record.completedAt }
       }
       if (record.state === 'in-flight' && record.until > at) return { kind: 'in-flight', retryAfterMs: record.until - at }
@@ -159,8 +165,8 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       // been sent stays so until someone records what became of it: if this owner dies too, or
       // loses its writes, the next one resolves the outcome again.
       const token = randomUUID()
-      const sent = record.state === 'unknown' || record.sending
-      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, endsAt: record.endsAt, expiresAt })
+      const sent = record.state === 'unknown' || (record.state === 'in-flight' && record.sending)
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, endsAt: record.state === 'done' ? null : record.endsAt, expiresAt })
       return sent ? { kind: 'unknown-outcome', token, endsAt: record.endsAt } : { kind: 'started', token }
     },
 
@@ -226,10 +232,13 @@ if not rec[1] then
   return {'started'}
 end
 if rec[1] ~= ARGV[1] then return {'mismatch'} end
-if rec[2] == 'done' then return {'replay', rec[4], rec[5], rec[6]} end
+if rec[2] == 'done' and not (ARGV[5] == '1' and rec[4] ~= '200') then return {'replay', rec[4], rec[5], rec[6]} end
 if rec[2] == 'flight' and tonumber(rec[3]) > now then return {'in-flight', tonumber(rec[3]) - now} end
 redis.call('HSET', KEYS[1], 'state', 'flight', 'token', ARGV[2], 'until', int(now + inflight))
 redis.call('PEXPIRE', KEYS[1], ttl)
+-- A failed answer retaken (retakeFailed): nothing was sent for it yet. Its status and body stay
+-- unread while the record is in flight, until the new owner's answer replaces them.
+if rec[2] == 'done' then return {'started'} end
 if rec[2] == 'flight' and not rec[7] then return {'started'} end
 -- The cancel may have been sent: so it stays until an owner records the outcome.
 redis.call('HSET', KEYS[1], 'sending', '1')
@@ -300,9 +309,9 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
   }
 
   return {
-    async begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs }) {
+    async begin (scope, key, fingerprint, { ttlMs, inFlightTtlMs, retakeFailed = false }) {
       const token = randomUUID()
-      const reply = await run(SCRIPTS.begin, redisKey(scope, key), [fingerprint, token, Math.ceil(ttlMs), Math.ceil(inFlightTtlMs)]) as [string, ...Array<string | number>]
+      const reply = await run(SCRIPTS.begin, redisKey(scope, key), [fingerprint, token, Math.ceil(ttlMs), Math.ceil(inFlightTtlMs), retakeFailed ? '1' : '0']) as [string, ...Array<string | number>]
       switch (reply[0]) {
         case 'started': return { kind: 'started', token }
         case 'unknown-outcome': return { kind: 'unknown-outcome', token, endsAt: reply[1] === '' ? null : Number(reply[1]) }

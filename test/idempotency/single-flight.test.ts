@@ -158,6 +158,19 @@ t.test('across replicas: a request that comes after a leader\'s error runs again
   t.equal(tap.sends(), 0)
 })
 
+t.test('across replicas: identical retries after a leader\'s error, on two replicas, send one cancel', async (t) => {
+  await redisServer.flush()
+  const [a, b] = twoReplicas(await redisStore(t), await redisStore(t))
+  const [c] = twoReplicas(await redisStore(t), await redisStore(t))
+  const failing = fakeCancel({ cancel: [async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }] })
+  await t.rejects(a.runOnce(SCOPE, FP, failing.run), { code: ErrorCode.UPSTREAM_ERROR })
+  const retry = fakeCancel({ delayMs: 50 })
+  const [first, second] = await Promise.all([b.runOnce(SCOPE, FP, retry.run), c.runOnce(SCOPE, FP, retry.run)])
+  t.equal(retry.sends(), 1, 'one cancel for both retries')
+  t.same([first.answer, second.answer], [CANCELLED, CANCELLED])
+  t.same([first.shared, second.shared].sort(), [false, true], 'one led, the other followed it')
+})
+
 t.test('across replicas: a leader that sent nothing lets a waiting follower try itself', async (t) => {
   await redisServer.flush()
   const [a, b] = twoReplicas(await redisStore(t), await redisStore(t))

@@ -70,6 +70,33 @@ function storeSuite (name: string, make: MakeStore): void {
       t.equal(await store.release('scope-a', key, token), false, 'nor can it be released')
     })
 
+    t.test('retakeFailed: a finished error is claimed by one begin; a 200 is replayed; without the option both are', async (t) => {
+      const store = await make(t)
+      const FAILED = { statusCode: 502, body: { status: 502, success: false, code: 'UPSTREAM_ERROR', message: 'x' } }
+      const retake = { ...LONG, retakeFailed: true }
+      const key = fresh()
+      t.equal(await store.complete('scope-a', key, await started(store, 'scope-a', key), FAILED, 60_000), true)
+      const plain = await store.begin('scope-a', key, FP, LONG)
+      t.same(plain.kind === 'replay' ? plain.answer : plain, FAILED, 'replayed without the option')
+      const claimed = await store.begin('scope-a', key, FP, retake)
+      t.equal(claimed.kind, 'started', 'claimed by the first retry')
+      t.equal((await store.begin('scope-a', key, FP, retake)).kind, 'in-flight', 'the second retry finds it in flight')
+      t.same(await store.begin('scope-a', key, OTHER_FP, retake), { kind: 'mismatch' }, 'the fingerprint stays')
+      if (claimed.kind !== 'started') return
+      t.equal(await store.complete('scope-a', key, claimed.token, DONE, 60_000), true, 'the retry owns it')
+      const replay = await store.begin('scope-a', key, FP, retake)
+      t.same(replay.kind === 'replay' ? replay.answer : replay, DONE, 'a 200 is replayed even with the option')
+
+      // A retaken record is in flight, never sent: when its new owner dies without sending, the
+      // next begin starts afresh, with neither the old error nor an unknown outcome.
+      const short = { ttlMs: 60_000, inFlightTtlMs: 60, retakeFailed: true }
+      const other = fresh()
+      t.equal(await store.complete('scope-a', other, await started(store, 'scope-a', other), FAILED, 60_000), true)
+      t.equal((await store.begin('scope-a', other, FP, short)).kind, 'started')
+      await sleep(100)
+      t.equal((await store.begin('scope-a', other, FP, { ttlMs: 60_000, inFlightTtlMs: 60 })).kind, 'started', 'no stale replay')
+    })
+
     t.test('release frees the key; only the owner may release', async (t) => {
       const store = await make(t)
       const key = fresh()
@@ -166,7 +193,9 @@ function storeSuite (name: string, make: MakeStore): void {
       const token = await started(store, 'scope-a', key, short)
       await sleep(100)
       t.same(await store.begin('scope-a', key, OTHER_FP, short), { kind: 'mismatch' })
-      const takeover = await store.begin('scope-a', key, FP, short)
+      // The new owner's marker lives long: the next begin, however late a loaded machine runs it,
+      // finds it in flight.
+      const takeover = await store.begin('scope-a', key, FP, LONG)
       t.equal(takeover.kind, 'started')
       t.equal(await store.markSending('scope-a', key, token, 10), false, 'the presumed-dead owner lost the key')
       if (takeover.kind !== 'started') return
