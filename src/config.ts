@@ -117,6 +117,18 @@ const SecureUrl = (description: string) =>
     return value.replace(/\/+$/, '')
   })
 /**
+ * The upstream's origin (the contract: CV_BASE_URL "overrides the origin"). A path is refused: the
+ * vendor documents whole endpoint URLs, and one pasted here would put every call under a path the
+ * upstream answers with 404s.
+ */
+const UpstreamOrigin = (description: string) =>
+  Type.Decode(Type.String({ minLength: 1, description }), (value) => {
+    if (!isAllowedOrigin(value)) throw new Error('must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)')
+    const url = new URL(value)
+    if (url.pathname !== '/') throw new Error('must be an origin, without a path (the service adds the API\'s paths)')
+    return url.origin
+  })
+/**
  * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since
  * a plain-http origin can be answered by anyone on the path between the browser and its host.
  */
@@ -203,7 +215,7 @@ const SERVICE_SECRET_SYNTAX = /^[\x21-\x7e]{32,}$/
 /** The raw environment, one property per variable of the contract. */
 export const EnvSchema = Type.Object({
   CV_ENV: Type.Optional(Type.Union([Type.Literal('production'), Type.Literal('staging')], { description: 'production or staging' })),
-  CV_BASE_URL: Type.Optional(SecureUrl('overrides the origin chosen by CV_ENV')),
+  CV_BASE_URL: Type.Optional(UpstreamOrigin('overrides the origin chosen by CV_ENV')),
   CV_API_KEY: Type.Optional(Type.String({ pattern: API_KEY_SYNTAX.source, description: 'the organization key (visible ASCII)' })),
   CV_API_KEY_FILE: Type.Optional(Type.String({ minLength: 1, description: 'a file holding the organization key' })),
   // Not in the contract's table (the team's addition): the service's own secret, the root of the

@@ -109,6 +109,11 @@ t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) =>
   for (const bad of ['http://10.0.0.1:4010', 'http://example.com', 'ftp://127.0.0.1', 'not a url', 'https://user:pw@example.com', 'http://127.0.0.1.evil.com']) {
     t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
   }
+  // The origin only: the vendor's table gives whole endpoint URLs, easily pasted here.
+  t.equal(loadConfig({ ...base, CV_BASE_URL: 'https://API.example.com:443' }).care360.baseUrl, 'https://api.example.com')
+  for (const bad of ['https://api-staging.care360-next.carevalidate.com/api/v1/calendar/appointments/cancel', 'http://127.0.0.1:4010/care360', 'http://127.0.0.1:4010//']) {
+    t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
+  }
 })
 
 t.test('REDIS_URL: what ioredis would fail on stops start-up, naming the part, never quoting the URL', async (t) => {

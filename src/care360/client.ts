@@ -397,7 +397,9 @@ type Envelope = Record<string, unknown>
 
 function parseEnvelope (body: Buffer): Envelope | null {
   try {
-    const value: unknown = JSON.parse(body.toString('utf8'))
+    // RFC 8259, 8.1: a parser may ignore a byte order mark; Buffer's decoding keeps it.
+    const text = body.toString('utf8')
+    const value: unknown = JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text)
     return typeof value === 'object' && value !== null && !Array.isArray(value) ? value as Envelope : null
   } catch {
     return null
@@ -467,8 +469,17 @@ function unexpected (status: number, why: string): UpstreamError {
   })
 }
 
+function appointmentNotFound (status: number): UpstreamError {
+  return new UpstreamError(404, ErrorCode.APPOINTMENT_NOT_FOUND, 'No such upcoming appointment', {
+    outcome: 'answered',
+    upstreamStatus: status,
+    cause: new OwnError(`Care360 answered HTTP ${status}: NotFoundError`)
+  })
+}
+
 const OUTCOME_OF_CODE: Readonly<Record<string, UpstreamCallOutcome>> = {
   [ErrorCode.UPSTREAM_REJECTED]: 'rejected',
+  [ErrorCode.APPOINTMENT_NOT_FOUND]: 'rejected',
   [ErrorCode.UPSTREAM_AUTH_FAILED]: 'auth_failed',
   [ErrorCode.UPSTREAM_RATE_LIMITED]: 'rate_limited',
   [ErrorCode.UPSTREAM_ERROR]: 'error',
@@ -590,7 +601,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         })
       }
       try {
-        const result = read(answer.status, usableEnvelope(answer, scrub, endpoint === 'list'))
+        const result = read(answer.status, usableEnvelope(answer, scrub))
         heard('ok')
         return result
       } catch (error) {
@@ -606,14 +617,14 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   }
 
   /**
-   * The envelope of an answer `read` may use (200, 404, and for the list a NotFoundError under one
-   * of NOT_FOUND_STATUSES); any other status is a coded error.
+   * The envelope of an answer `read` may use (200, 404, and a NotFoundError under one of
+   * NOT_FOUND_STATUSES); any other status is a coded error.
    */
-  function usableEnvelope (answer: Answer, scrub: Scrub, list: boolean): Envelope | null {
+  function usableEnvelope (answer: Answer, scrub: Scrub): Envelope | null {
     const { status } = answer
     const envelope = parseEnvelope(answer.body)
     if (status === 200 || status === 404) return envelope
-    if (list && NOT_FOUND_STATUSES.has(status) && namesNotFound(envelope)) return envelope
+    if (NOT_FOUND_STATUSES.has(status) && namesNotFound(envelope)) return envelope
     if (status === 400) {
       if (envelope === null) throw unexpected(status, 'a 400 without a JSON envelope (an intermediary?)')
       throw new UpstreamError(400, ErrorCode.UPSTREAM_REJECTED,
@@ -673,7 +684,12 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         body: JSON.stringify(payload),
         idempotent: false
       }, scrub, function readCancel (status, envelope): CancelAnswer {
-        if (status !== 200) throw unexpected(status, 'status not in its documentation')
+        if (status !== 200) {
+          // The upstream does not know the appointment (its NotFoundError, as for an unknown
+          // email): the contract's "not found" (with OWNERSHIP_CHECK=off, the upstream's own check).
+          if (namesNotFound(envelope)) throw appointmentNotFound(status)
+          throw unexpected(status, 'status not in its documentation')
+        }
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         // Matched on status and `success` (the documentation's rule): a 200 that does not say
         // success is not taken for a cancel.

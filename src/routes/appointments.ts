@@ -85,7 +85,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
    */
   async function sendCancel (request: FastifyRequest, appointmentId: string, reason: string | undefined, attempt: Attempt): Promise<Answer> {
     const { email } = request.session!
-    let forwardedId = appointmentId
+    // Without a list to take the upstream's spelling from, the canonical one (RFC 9562, 4: lower case).
+    let forwardedId = appointmentId.toLowerCase()
     let owned: Appointment | null = null
     if (config.ownershipCheck) {
       owned = await ownership.find(email, appointmentId, request.id)

@@ -694,8 +694,26 @@ t.test('fetchAppointments', async (t) => {
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'not without the envelope')
     sandbox.control.setFailure({ kind: 'status', status: 500, body: named[0], times: 1 })
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'a 5xx is the upstream failing, whatever it names')
-    sandbox.control.setFailure({ kind: 'status', status: 400, body: named[0], endpoint: 'cancel', times: 1 })
-    t.match(await failureOf(cancelAlice(client)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'a cancel refused so is the upstream\'s 400, as before')
+  })
+
+  t.test('a cancel the upstream answers with its NotFoundError is the contract\'s 404, answered', async (t) => {
+    const { sandbox, client } = await setup(t)
+    for (const [status, body] of [[404, { success: false, error: 'NotFoundError' }], [400, { success: false, message: 'NotFoundError', error: 'Appointment not found' }], [422, { success: false, name: 'NotFoundError' }]] as const) {
+      sandbox.control.setFailure({ kind: 'status', status, body, endpoint: 'cancel', times: 1 })
+      t.match(await failureOf(cancelAlice(client)), { statusCode: 404, code: ErrorCode.APPOINTMENT_NOT_FOUND, outcome: 'answered', upstreamStatus: status, message: 'No such upcoming appointment' }, String(status))
+    }
+    sandbox.control.setFailure({ kind: 'status', status: 400, body: { success: false, message: 'Invalid request', error: 'Appointment not found' }, endpoint: 'cancel', times: 1 })
+    t.match(await failureOf(cancelAlice(client)), { statusCode: 400, code: ErrorCode.UPSTREAM_REJECTED }, 'another 400 is the upstream\'s refusal, passed through')
+    sandbox.control.setFailure({ kind: 'status', status: 404, body: { success: false, message: 'Not Found' }, endpoint: 'cancel', times: 1 })
+    t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 404 }, 'a 404 that does not name it is no answer about the appointment')
+  })
+
+  t.test('a JSON body led by a byte order mark is read (RFC 8259, 8.1)', async (t) => {
+    const { sandbox, client } = await setup(t)
+    sandbox.control.setFailure({ kind: 'status', status: 200, body: '\uFEFF{"status":200,"success":true,"message":"Meeting cancelled successfully"}', headers: { 'content-type': 'application/json' }, endpoint: 'cancel', times: 1 })
+    t.same(await cancelAlice(client), { status: 200, success: true, message: 'Meeting cancelled successfully' })
+    sandbox.control.setFailure({ kind: 'status', status: 200, body: '\uFEFF\uFEFF{"status":200,"success":true,"data":[]}', headers: { 'content-type': 'application/json' }, endpoint: 'list', times: 1 })
+    t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { code: ErrorCode.UPSTREAM_ERROR }, 'one mark only')
   })
 
   t.test('a 404 that is not the upstream\'s envelope is an error', async (t) => {

@@ -111,6 +111,22 @@ t.test('OWNERSHIP_CHECK=off forwards without the list call', async (t) => {
   t.same(sandbox.control.calls.map((call) => call.method), ['POST'])
 })
 
+t.test('OWNERSHIP_CHECK=off: the id goes in its canonical lower case; the upstream\'s NotFoundError is the contract\'s 404, replayed under its key', async (t) => {
+  const { sandbox, tokenFor, cancel } = await stack(t, { env: { OWNERSHIP_CHECK: 'off' } })
+  const token = await tokenFor(alice.email)
+  const res = await cancel(token, aliceFirst.id.toUpperCase())
+  t.equal(res.statusCode, 200, 'either case names the appointment (contract, step 4)')
+  t.equal((sandbox.control.calls.at(-1)!.body as { appointmentId: string }).appointmentId, aliceFirst.id)
+
+  sandbox.control.setFailure({ kind: 'status', status: 404, body: { status: 404, success: false, message: 'Appointment not found', error: 'NotFoundError' }, endpoint: 'cancel', times: 1 })
+  const missing = await cancel(token, alice.appointments[1]!.id, {}, { 'idempotency-key': 'nf-1' })
+  t.equal(missing.statusCode, 404)
+  t.same(missing.json(), { status: 404, success: false, message: 'No such upcoming appointment', code: 'APPOINTMENT_NOT_FOUND' })
+  const replay = await cancel(token, alice.appointments[1]!.id, {}, { 'idempotency-key': 'nf-1' })
+  t.equal(replay.statusCode, 404)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+})
+
 t.test('bad input: 4xx in the envelope, never an upstream call', async (t) => {
   const { sandbox, tokenFor, cancel } = await stack(t)
   const token = await tokenFor(alice.email)
