@@ -22,6 +22,12 @@ declare module 'fastify' {
     auth?: AuthMode
     /** Counted against `RATE_LIMIT_CANCEL` too, after the per-session limit (step 3). */
     cancelLimit?: boolean
+    /**
+     * `false`: counted against no per-session limit (sign-out). A session can end only once, so
+     * there is nothing to limit, and a patient whose session spent its quota must still be able
+     * to end it (on a shared device, that is when it matters).
+     */
+    sessionLimit?: false
     /** Every failure is a redirect (the sign-in callback): no error answer to document. */
     failsByRedirect?: boolean
   }
@@ -101,7 +107,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   const none: readonly SessionCounter[] = []
 
   function countersOf (request: FastifyRequest, transport: SessionTransport): readonly SessionCounter[] {
-    if (csrfCheck(request, transport) !== null) return none
+    if (csrfCheck(request, transport) !== null || request.routeOptions.config.sessionLimit === false) return none
     return request.routeOptions.config.cancelLimit === true ? perSessionThenCancel : perSession
   }
 

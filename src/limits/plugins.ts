@@ -28,9 +28,9 @@ declare module 'fastify' {
   interface FastifyContextConfig {
     /**
      * `refusals`: `RATE_LIMIT_IP` counts only this route's 4xx answers, on a counter of their own
-     * per address (a route of a server-to-server peer authenticated by what it sends, whose valid
-     * requests must all get through). An address whose refusals reached the limit is refused
-     * before the route runs until its window ends.
+     * per address (a route whose valid requests must all get through: a server-to-server peer's
+     * back-channel logout, a patient's sign-out). An address whose refusals reached the limit is
+     * refused before the route runs until its window ends.
      */
     ipLimit?: 'refusals'
   }

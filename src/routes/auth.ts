@@ -116,7 +116,9 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   }
 
   app.post('/auth/logout', {
-    config: { auth: 'required' },
+    // Never refused for the session's quota, nor for its address's other traffic: only its own
+    // refusals count against RATE_LIMIT_IP (invalid tokens), so a flood of those is still stopped.
+    config: { auth: 'required', sessionLimit: false, ipLimit: 'refusals' },
     schema: {
       tags: ['auth'],
       summary: 'Ends this session (cookie or bearer)',

@@ -149,6 +149,29 @@ t.test('the app: every route and the not-found handler are limited per IP, sessi
   t.notMatch(JSON.stringify(refused.headers), token.slice(0, 16), 'no session token in any field')
 })
 
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store}: sign-out is never refused for a spent quota, the session's or its address's; only its own refusals count`, async (t) => {
+    if (store === 'redis') await redis.flush()
+    const { app, issuer } = await buildTestApp(t, { ...(store === 'redis' ? { redisUrl: redis.url } : {}), env: { RATE_LIMIT_IP: '4/1m', RATE_LIMIT_SESSION: '2/1m' } })
+    const token = await signIn(app, issuer, 'signout@example.com')
+    const bearer = { authorization: `Bearer ${token}` }
+    const me = { url: '/auth/me', headers: bearer }
+    t.equal((await app.inject(me)).statusCode, 200)
+    t.equal((await app.inject(me)).statusCode, 200)
+    t.equal((await app.inject(me)).statusCode, 429, 'the session spent its quota')
+    t.equal((await app.inject({ url: '/auth/me' })).statusCode, 429, 'and its address spent its own')
+    const logout = await app.inject({ method: 'POST', url: '/auth/logout', headers: bearer })
+    t.equal(logout.statusCode, 200, 'the patient can still sign out')
+    t.same(fields(logout.headers).policy, { ip: { q: 4, w: 60 } }, 'no session policy: it counts against none')
+    t.same((await app.inject({ ...me, remoteAddress: '192.0.2.99' })).json().data, { authenticated: false }, 'and the session is over (asked from another address)')
+    // Invalid tokens are refusals: an address sending them is stopped at the limit.
+    const bogus = { method: 'POST' as const, url: '/auth/logout', headers: { authorization: 'Bearer not-a-session-token-at-all-xxxxxxxxxxxxx' } }
+    const answers = []
+    for (let i = 0; i < 5; i++) answers.push((await app.inject(bogus)).statusCode)
+    t.same(answers, [401, 401, 401, 401, 429])
+  })
+}
+
 t.test('the probes are neither counted nor refused: a liveness probe answered 429 would restart a healthy replica', async (t) => {
   const { app } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '2/1m' } })
   for (let i = 0; i < 5; i++) {
