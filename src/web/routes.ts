@@ -118,7 +118,11 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     done(null, '')
   }
 
+  // Neither sign-in route answers HEAD (Fastify adds one to every GET): both change state (a login
+  // cookie; a code redeemed, a session made), and a HEAD from a link scanner or prefetcher would
+  // spend the one-time code before the browser's GET (RFC 9110, 9.2.1: HEAD is a safe method).
   app.get('/auth/login', {
+    exposeHeadRoute: false,
     attachValidation: true,
     schema: {
       tags: ['auth'],
@@ -163,6 +167,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
   })
 
   app.get('/auth/callback', {
+    exposeHeadRoute: false,
     schema: {
       tags: ['auth'],
       summary: 'Finishes web sign-in: sets the session cookie and redirects to `returnTo`, or to the web app with `signin_error`',

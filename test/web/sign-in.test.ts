@@ -100,6 +100,20 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal(idp.backchannel.delivered, 1, 'the IdP told us over the back channel too (no session left to end)')
     })
 
+    t.test('HEAD changes nothing: the sign-in routes do not answer it, and the code stays the browser\'s', async (t) => {
+      const browser = new Browser()
+      const login = await browser.fetch(`${publicUrl}/auth/login?returnTo=%2F`, { method: 'HEAD' })
+      t.equal(login.status, 404)
+      t.same(login.headers.getSetCookie(), [], 'no login state minted')
+      const callback = await stack.callbackUrl(browser, 'alice@example.com')
+      const scanned = await browser.fetch(callback, { method: 'HEAD' })
+      t.equal(scanned.status, 404, 'a link scanner\'s HEAD')
+      t.same(scanned.headers.getSetCookie(), [], 'no session, no cookie cleared')
+      const page = await browser.navigate(callback)
+      t.equal(page.url, `${publicUrl}/`, 'the browser\'s GET still signs in')
+      t.match(await me(stack, stack.sessionOf(browser)), { authenticated: true, email: 'alice@example.com' })
+    })
+
     t.test('signing out after the session has ended: 401, the cookie cleared, and the IdP\'s end-session URL all the same', async (t) => {
       const browser = new Browser()
       await stack.signIn(browser, 'alice@example.com')
