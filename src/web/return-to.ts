@@ -28,14 +28,18 @@ export function safeReturnTo (value: unknown): string {
   return result.length > MAX_LENGTH ? '/' : result
 }
 
-/** A dot, a slash or a backslash, percent-encoded: what a router that decodes would resolve anew. */
-const ENCODED_SEPARATOR = /%(2e|2f|5c)/i
+/**
+ * A dot, a slash or a backslash, percent-encoded: what a router that decodes would resolve anew;
+ * and the percent sign itself, so that no second decoding (`%252F` → `%2F` → `/`) makes one.
+ */
+const ENCODED_SEPARATOR = /%(25|2e|2f|5c)/i
 
 /**
- * What leaves is checked, not only what came: no empty segment, no encoded dot or separator, and
- * a local path once decoded, so that none of `/%2F%2Fevil.com`, `/%2e/%2fevil.com` (which the
- * parser resolves to `/%2fevil.com`) or `/%2e%2e%2f%2fevil.com` (one segment, `/..//evil.com`
- * decoded) turns into `//evil.com` in an app's router. A patient app's paths need none of them.
+ * What leaves is checked, not only what came: no empty segment, no encoded dot, separator or
+ * percent sign, and a local path once decoded, so that none of `/%2F%2Fevil.com`,
+ * `/%2e/%2fevil.com` (which the parser resolves to `/%2fevil.com`), `/%2e%2e%2f%2fevil.com` (one
+ * segment, `/..//evil.com` decoded) or `/%252F%252Fevil.com` (decoded twice) turns into
+ * `//evil.com` in an app's router. A patient app's paths need none of them.
  */
 function isSafeResult (path: string): boolean {
   if (path.includes('//') || ENCODED_SEPARATOR.test(path)) return false

@@ -23,6 +23,8 @@ t.test('returnTo: a path on this service, else /', async (t) => {
     '/%2e/%2fevil.com', '/a/%2e%2e/%2fevil.com', '/%2e%2e/%2Fevil.com', '/./%2f%2fevil.com', '/a/%2E%2E/%5cevil.com',
     // Or within one segment, which the parser keeps and a decoding router resolves to //evil.com.
     '/%2e%2e%2f%2fevil.com', '/a/..%2f%2fevil.com', '/a/%2E%2E%2F%2Fevil.com', '/a%2fb',
+    // Or by a router that decodes twice: an encoded percent sign is refused whatever follows it.
+    '/%252F%252Fevil.example', '/%255Cevil.com', '/a/%252e%252e/%252f%252fevil.com', '/100%25',
     `/${'a'.repeat(1100)}`
   ]
   for (const value of refused) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)?.slice(0, 40)}`)
