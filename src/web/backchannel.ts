@@ -74,6 +74,10 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
         algorithms: ID_TOKEN_ALGORITHMS,
         clockTolerance: CLOCK_TOLERANCE_SEC,
         currentDate: new Date(now()),
+        // Not `exp`: errata set 1 (2023) made it required, but the final text of 2022 did not,
+        // and a provider conforming to that omits it; a refused logout would leave sessions
+        // alive. jose checks `exp` when present, and `iat` within MAX_AGE_SEC plus the `jti`
+        // replay guard bound such a token's life here anyway.
         requiredClaims: ['iat', 'jti', 'events']
       })
       payload = verified.payload

@@ -117,6 +117,12 @@ t.test('logout tokens are verified per the spec', async (t) => {
 
   const unknownSid = await post(app, form(await stack.signAsIdp({ sid: 'no-such-sid', events: EVENTS })))
   t.equal(unknownSid.statusCode, 200, 'naming no session is still a valid logout')
+
+  // A provider following the final text of 2022 sends no `exp` (errata set 1 added it): its
+  // logouts still end sessions, bounded by `iat` and the jti guard.
+  const withoutExp = await post(app, form(await stack.signAsIdp({ sub: 'patient-alice', events: EVENTS, exp: undefined })))
+  t.equal(withoutExp.statusCode, 200, 'a logout token without exp is a valid logout')
+  t.notOk(await authenticated(app, aliceCookie), "alice's web session ended")
 })
 
 t.test('an IdP that sends no sid: its logout tokens end the sessions by subject', async (t) => {
