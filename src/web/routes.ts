@@ -181,11 +181,13 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     // another tab's sign-in goes on.
     const name = typeof query.state === 'string' ? loginCookieName(query.state) : null
     if (name !== null && request.cookies[name] !== undefined) reply.clearCookie(name, LOGIN_COOKIE_OPTIONS)
-    if (query.error !== undefined) return failSignIn(request, reply, query.error === 'access_denied' ? 'access_denied' : 'idp_error')
     const login = await seal.open(name === null ? undefined : request.cookies[name])
     if (login === null) return failSignIn(request, reply, loginCookiesOf(request).some((other) => other !== name) ? 'state_mismatch' : 'login_expired')
     // A sealed state under another sign-in's name.
     if (query.state !== login.state) return failSignIn(request, reply, 'state_mismatch')
+    // The IdP's error answer, once its state is this browser's sign-in (RFC 6749, 4.1.2.1, returns
+    // it): a link to the callback with an error of anyone's choosing is no IdP's answer.
+    if (query.error !== undefined) return failSignIn(request, reply, query.error === 'access_denied' ? 'access_denied' : 'idp_error')
 
     let configuration: client.Configuration
     try {

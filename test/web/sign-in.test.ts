@@ -247,8 +247,8 @@ for (const store of ['memory', 'redis'] as const) {
       const mine = await stack.callbackUrl(browser, 'alice@example.com')
       const foreign = await stack.callbackUrl(new Browser(), 'alice@example.com')
       t.equal(signinError((await browser.navigate(foreign)).url), 'state_mismatch')
-      // Nor does an IdP error for another sign-in (a forged link) end this one.
-      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=access_denied&state=forged`)).url), 'access_denied')
+      // Nor does an IdP error for another sign-in (a forged link) end this one, nor pass for the IdP's.
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=access_denied&state=forged`)).url), 'state_mismatch')
       t.equal((await browser.navigate(mine)).url, `${publicUrl}/`, 'the sign-in under way still finishes')
       t.ok(stack.sessionOf(browser))
       // A sealed login state under another sign-in's name.
@@ -301,7 +301,13 @@ for (const store of ['memory', 'redis'] as const) {
 
     t.test('other IdP errors and a forged login state', async (t) => {
       const browser = new Browser()
-      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E`)).url), 'idp_error')
+      // An error of anyone's choosing, with no sign-in of this browser's: no IdP's answer.
+      t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=access_denied`)).url), 'login_expired')
+      const state = new URL(await stack.callbackUrl(browser, 'alice@example.com')).searchParams.get('state') as string
+      const failed = await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E&state=${state}`)
+      t.equal(signinError(failed.url), 'idp_error', 'the IdP\'s own error, for this browser\'s sign-in')
+      t.equal(stack.sessionOf(browser), undefined)
+      t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [], 'its login state cleared')
       browser.setCookie(publicUrl, loginCookieName('y'), 'eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIn0..forged.forged.forged')
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?code=x&state=y`)).url), 'login_expired')
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback`)).url), 'login_expired')
