@@ -23,7 +23,9 @@ interface Harness {
 const redisServer = await startRedis(t)
 
 async function connectedRedis (t: Test): Promise<Redis> {
-  const sharedState = createSharedState({ url: redisServer.url, log: silent })
+  // A generous command bound: these tests are about marks, not timeouts, and a loaded machine
+  // can hold a command past the default 250 ms.
+  const sharedState = createSharedState({ url: redisServer.url, log: silent, commandTimeoutMs: 2000 })
   t.teardown(() => sharedState.close())
   while (sharedState.mode() !== 'redis') await sleep(5)
   return sharedState.redis as Redis
