@@ -1,7 +1,7 @@
 import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance } from 'fastify'
+import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
@@ -21,6 +21,7 @@ import { csrfPlugin } from './web/csrf.js'
 import { webSignInPlugin } from './web/plugin.js'
 import { ipLimitPlugin, sessionLimitPlugin } from './limits/plugins.js'
 import { metricsPlugin } from './metrics.js'
+import { afterEveryAnswer } from './plugins/after-answer.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -86,6 +87,49 @@ function drainOnClose (app: FastifyInstance): void {
     if (app.draining) reply.header('connection', 'close')
     done(null, payload)
   })
+}
+
+/**
+ * `close()` waits for connections, not for handlers: a request whose client left (its own timeout,
+ * a load balancer's) has no connection to wait for, while its handler may still be writing what a
+ * cancel that went through leaves behind (its Idempotency-Key record, then its access line with
+ * the audit record, its duration). So the requests whose handler began are counted until their
+ * after-answer work has run, and `close()` waits for them, right after the listener closes and
+ * before the upstream pool and Redis (onClose hooks run last-registered first: `settleOnClose` is
+ * registered after every plugin), up to `boundMs`, longer than any request can take.
+ *
+ * Counted from the first preHandler, not from onRequest: a request refused before its handler,
+ * or whose body never arrived, has nothing left to do when its client goes, and no answer to
+ * uncount it.
+ */
+export function trackRunningRequests (app: FastifyInstance): { settleOnClose: (boundMs: number) => void } {
+  const running = new Set<FastifyRequest>()
+  let emptied: (() => void) | null = null
+  app.addHook('preHandler', function countRunning (request, _reply, done) {
+    if (!request.is404) running.add(request)
+    done()
+  })
+  // After the access line and the metrics (their plugins are registered before this).
+  afterEveryAnswer(app, () => function uncountRunning (request, _reply, done) {
+    if (running.delete(request) && running.size === 0) emptied?.()
+    done()
+  })
+  return {
+    settleOnClose (boundMs) {
+      app.addHook('onClose', async function settleRunningRequests () {
+        if (running.size === 0) return
+        const left = running.size
+        let timer: NodeJS.Timeout | undefined
+        const settled = new Promise<boolean>((resolve) => {
+          emptied = () => { resolve(true) }
+          timer = setTimeout(resolve, boundMs, false)
+        })
+        const inTime = await settled
+        clearTimeout(timer)
+        if (!inTime) app.log.warn({ requests: running.size, of: left }, 'shutdown: requests still running at the deadline')
+      })
+    }
+  }
 }
 
 /**
@@ -190,6 +234,8 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   await app.register(openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null })
   await app.register(webSecurityPlugin)
   await app.register(ipLimitPlugin, { now: overrides.now })
+  // After the access log and metrics plugins, whose after-answer hooks come first.
+  const runningRequests = trackRunningRequests(app)
 
   // Tier 2: the application's own services.
   await app.register(authPlugin, { now: overrides.now, jwksCooldownMs: overrides.jwksCooldownMs })
@@ -205,6 +251,8 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   await app.register(healthRoutes)
   await app.register(authRoutes)
   await app.register(appointmentRoutes)
+  // Last: the first onClose hook to run once the listener has closed.
+  runningRequests.settleOnClose(shutdownDeadlineFor(config.care360.timeoutMs))
 
   return app
 }

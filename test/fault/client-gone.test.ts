@@ -3,6 +3,7 @@ import { request } from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { captureLogs, listen, scanLogs, startSandboxedApp } from './support.js'
+import { startRedis } from '../helpers/redis.js'
 
 /**
  * A client that leaves before its answer: the request runs to its end (a cancel may go), and its
@@ -40,4 +41,31 @@ t.test('a cancel whose client left before the answer is still audited, logged an
   const metrics = await app.metrics.registry.getSingleMetricAsString('http_request_duration_seconds')
   t.match(metrics, /http_request_duration_seconds_count\{[^}]*route="\/appointments\/:id\/cancel"[^}]*status_code="200"[^}]*\} 1$/m, 'and one duration sample')
   scanLogs(t, lines, { reason: 'left-early reason', email: alice.email })
+})
+
+t.test('a shutdown waits for a request whose client left: its cancel\'s record and audit line are written before close() ends', async (t) => {
+  const { lines, stream } = captureLogs()
+  // Redis: after the upstream's answer the handler still has round trips to make (the key's
+  // record), then the access line; a shutdown that ended with the connection lost them.
+  const { app, sandbox, auth } = await startSandboxedApp(t, { upstreamTimeoutMs: 3000, email: alice.email, logStream: stream, redis: await startRedis(t) })
+  const target = alice.appointments[1]!
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 800, endpoint: 'cancel', times: 1 })
+  const origin = await listen(app)
+  const body = JSON.stringify({ reason: 'drain reason' })
+  const sent = request(`${origin}/appointments/${target.id}/cancel`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), 'x-request-id': 'left-then-drain', 'idempotency-key': 'drain-key-1' }
+  })
+  sent.on('error', () => {})
+  sent.end(body)
+  await sleep(300)
+  sent.destroy()
+  await sleep(50)
+  await app.close()
+  t.ok(sandbox.control.isCancelled(target.id), 'the cancel went through')
+  const audited = lines.map((line) => JSON.parse(line) as { reqId?: string, audit?: { outcome?: string } })
+    .filter((line) => line.reqId === 'left-then-drain' && line.audit !== undefined)
+  t.equal(audited.length, 1, 'its audit line was written before close() ended (server.ts exits then)')
+  t.equal(audited[0]?.audit?.outcome, 'cancelled')
+  t.notOk(lines.some((line) => line.includes('requests still running at the deadline')), 'well within the deadline')
 })

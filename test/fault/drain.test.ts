@@ -3,7 +3,8 @@ import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { buildTestApp } from '../helpers/app.js'
-import { shutdownDeadlineFor } from '../../src/app.js'
+import Fastify from 'fastify'
+import { shutdownDeadlineFor, trackRunningRequests } from '../../src/app.js'
 import { call, listen } from './support.js'
 
 /**
@@ -77,4 +78,26 @@ t.test('the shutdown deadline outlasts the last request it may take: its arrival
   t.equal(shutdownDeadlineFor(1000), 27_000, 'a short upstream deadline: a web sign-in\'s three calls to the IdP still fit')
   const { app } = await buildTestApp(t)
   t.equal(app.server.requestTimeout, 10_000, 'the arrival time it counts is the server\'s own')
+})
+
+t.test('the wait for running requests is bounded: one that never settles is reported, and close() goes on', async (t) => {
+  const lines: Array<{ msg: string, requests?: number, of?: number }> = []
+  const app = Fastify({ logger: { level: 'warn', stream: { write (line: string) { lines.push(JSON.parse(line)) } } } })
+  const tracking = trackRunningRequests(app)
+  let release: () => void = () => {}
+  app.get('/stuck', async () => { await new Promise<void>((resolve) => { release = resolve }); return {} })
+  app.get('/quick', async () => ({}))
+  tracking.settleOnClose(150)
+  await app.ready()
+  t.equal((await app.inject({ url: '/quick' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/nowhere' })).statusCode, 404, 'a 404 is never counted (its handler has nothing to leave behind)')
+  const stuck = app.inject({ url: '/stuck' })
+  await sleep(20)
+  const started = Date.now()
+  await app.close()
+  const waited = Date.now() - started
+  t.ok(waited >= 140 && waited < 2000, `close() waited for the bound, then went on (${waited} ms)`)
+  t.same(lines.map(({ msg, requests, of }) => ({ msg, requests, of })), [{ msg: 'shutdown: requests still running at the deadline', requests: 1, of: 1 }])
+  release()
+  await stuck
 })
