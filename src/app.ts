@@ -1,7 +1,7 @@
 import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest } from 'fastify'
+import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest, type preHandlerHookHandler } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
@@ -21,7 +21,10 @@ import { csrfPlugin } from './web/csrf.js'
 import { webSignInPlugin } from './web/plugin.js'
 import { ipLimitPlugin, sessionLimitPlugin } from './limits/plugins.js'
 import { metricsPlugin } from './metrics.js'
-import { afterEveryAnswer } from './plugins/after-answer.js'
+import { afterEveryAnswer, appendHook } from './plugins/after-answer.js'
+import { listenerOptions, REQUEST_TIMEOUT_MS, setHeadersTimeout } from './listener.js'
+
+export { REQUEST_TIMEOUT_MS } from './listener.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -98,22 +101,29 @@ function drainOnClose (app: FastifyInstance): void {
  * before the upstream pool and Redis (onClose hooks run last-registered first: `settleOnClose` is
  * registered after every plugin), up to `boundMs`, longer than any request can take.
  *
- * Counted from the first preHandler, not from onRequest: a request refused before its handler,
+ * Counted from the route's preHandler, not from onRequest: a request refused before its handler,
  * or whose body never arrived, has nothing left to do when its client goes, and no answer to
  * uncount it.
  */
 export function trackRunningRequests (app: FastifyInstance): { settleOnClose: (boundMs: number) => void } {
   const running = new Set<FastifyRequest>()
   let emptied: (() => void) | null = null
-  app.addHook('preHandler', function countRunning (request, _reply, done) {
-    if (!request.is404) running.add(request)
+  // Both on each route as it is added, so that a route has both or neither (the not-found
+  // handler has neither: it leaves nothing behind).
+  const countRunning: preHandlerHookHandler = function countRunning (request, _reply, done) {
+    running.add(request)
     done()
+  }
+  app.addHook('onRoute', function countRunningOf (route) {
+    route.preHandler = appendHook(route.preHandler, countRunning)
   })
   // After the access line and the metrics (their plugins are registered before this).
-  afterEveryAnswer(app, () => function uncountRunning (request, _reply, done) {
-    if (running.delete(request) && running.size === 0) emptied?.()
-    done()
-  })
+  afterEveryAnswer(app, (route) => route === null
+    ? function nothingToUncount (_request, _reply, done) { done() }
+    : function uncountRunning (request, _reply, done) {
+      if (running.delete(request) && running.size === 0) emptied?.()
+      done()
+    })
   return {
     settleOnClose (boundMs) {
       app.addHook('onClose', async function settleRunningRequests () {
@@ -149,9 +159,6 @@ export async function shutDown (app: App, delayMs: number): Promise<void> {
   }
   await app.close()
 }
-
-/** How long a request has to arrive whole, headers and body (Node's requestTimeout). */
-export const REQUEST_TIMEOUT_MS = 10_000
 
 /**
  * The JSON body limit of every route but the mobile sign-in (its ID token has its own): small, as
@@ -191,10 +198,9 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     // addresses/CIDRs here; a hop count would trust whatever the client put first).
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
     bodyLimit: BODY_LIMIT_BYTES,
-    // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s.
-    requestTimeout: REQUEST_TIMEOUT_MS,
-    // Above the 60 s idle timeout of common load balancers, so that they close first.
-    keepAliveTimeout: 65_000,
+    // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s; a connection
+    // stays silent at most as long as the longest request runs (a client that stops reading).
+    ...listenerOptions(shutdownDeadlineFor(config.care360.timeoutMs)),
     return503OnClosing: false,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 256 },
@@ -203,17 +209,12 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
       customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false }
     },
     clientErrorHandler: clientErrorAnswer,
-    frameworkErrors: frameworkErrorAnswer,
-    // Node enforces headersTimeout and requestTimeout only when it checks its connections, every
-    // 30 s by default: a slow client would keep its socket for up to 35 s instead of 5.
-    http: {
-      connectionsCheckingInterval: 1_000,
-      // A request without Host is refused by the answers plugin, in the envelope.
-      requireHostHeader: false
-    }
+    frameworkErrors: frameworkErrorAnswer
   }
+  // A request without Host is refused by the answers plugin, in the envelope.
+  options.http = { ...options.http, requireHostHeader: false }
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
-  app.server.headersTimeout = 5_000
+  setHeadersTimeout(app.server)
   app.server.on('checkExpectation', expectationFailedAnswer.bind(app))
 
   app.decorate('config', config)
@@ -230,12 +231,12 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   await app.register(accessLogPlugin)
   // Before any route: each route gets its duration hook as it is added.
   await app.register(metricsPlugin)
+  // Before any route, after the access log and metrics plugins, whose after-answer hooks come first.
+  const runningRequests = trackRunningRequests(app)
   // Before any route, so that the document sees them all.
   await app.register(openApiPlugin, { publicUrl: config.oidc.web?.publicUrl ?? null })
   await app.register(webSecurityPlugin)
   await app.register(ipLimitPlugin, { now: overrides.now })
-  // After the access log and metrics plugins, whose after-answer hooks come first.
-  const runningRequests = trackRunningRequests(app)
 
   // Tier 2: the application's own services.
   await app.register(authPlugin, { now: overrides.now, jwksCooldownMs: overrides.jwksCooldownMs })

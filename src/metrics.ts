@@ -8,6 +8,7 @@ import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
 import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, stampHeaders, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
+import { listenerOptions, setHeadersTimeout } from './listener.js'
 
 /**
  * Prometheus metrics of one app. Each app owns its registry (never prom-client's global one), so
@@ -247,6 +248,9 @@ async function metrics (app: FastifyInstance): Promise<void> {
 
 export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })
 
+/** How long a metrics connection may stay silent with a request in it. */
+const METRICS_IDLE_MS = 30_000
+
 /**
  * The Prometheus listener: a separate, un-listened Fastify instance with `GET /metrics` and
  * nothing else, so that the registry is reachable on METRICS_PORT only (server.ts listens it).
@@ -256,6 +260,10 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
   const server = Fastify({
     logger: false,
     forceCloseConnections: true,
+    // The public listener's cut-offs for slow clients (a scrape is answered in milliseconds), and
+    // no body worth reading: nothing here takes one.
+    ...listenerOptions(METRICS_IDLE_MS),
+    bodyLimit: 1024,
     genReqId: requestIdFor,
     // Refused before routing (a malformed URL), and by the HTTP parser: the same envelope.
     frameworkErrors: frameworkRefusal,
@@ -270,6 +278,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
       endWithError(socket, parserErrorStatus(error), 'Malformed request', randomUUID())
     }
   })
+  setHeadersTimeout(server.server)
   server.server.on('checkExpectation', (request, response) => { writeExpectationFailed(request, response) })
   server.addHook('onRequest', function stamp (request, reply, done) {
     stampHeaders(request, reply)

@@ -1,3 +1,4 @@
+import type { Socket } from 'node:net'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onResponseHookHandler, onSendHookHandler, RouteOptions } from 'fastify'
 
 /**
@@ -38,14 +39,52 @@ export function appendHook<T> (hooks: T | T[] | undefined, hook: T): T[] {
  * record, while the cancel may well have gone; its access line; its duration). Fastify still runs
  * onSend: there, such a request runs its route's onResponse hooks itself, read when it ends (so
  * with every hook the route was given, these included).
+ *
+ * The same when the connection ends after onSend, before the answer finished: one cut off while
+ * it was being written (a client that stopped reading, cut off by the server's timeout), and the
+ * answers queued behind it (pipelined requests), which Node drops without a `close` of their own.
+ * Fastify waits for `finish` or `error` and runs nothing; the connection's `close` runs the hooks
+ * of each answer it leaves unfinished, unless they ran already (`ran`, marked by the first).
  */
 function answerEvenWhenClientLeft (route: RouteOptions): void {
-  const ifClientLeft: onSendHookHandler = function runAfterAnswerIfClientLeft (this: FastifyInstance, request, reply, payload, done) {
+  const ran = new WeakSet<FastifyRequest>()
+  route.onResponse = appendHook(route.onResponse, function markRan (request, _reply, done) {
+    ran.add(request)
+    unfinishedOf(request.raw.socket)?.delete(request)
+    done()
+  })
+  function runHooks (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
+    if (ran.has(request)) return
     // Never undefined by then: appendAfterAnswer gave every route its hooks.
-    if (reply.raw.destroyed) runInOrder(this, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
+    runInOrder(app, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
+  }
+  const ifClientLeft: onSendHookHandler = function runAfterAnswerIfClientLeft (this: FastifyInstance, request, reply, payload, done) {
+    if (reply.raw.destroyed) runHooks(this, request, reply)
+    else watchConnection(request.raw.socket).set(request, () => { runHooks(this, request, reply) })
     done(null, payload)
   }
   route.onSend = appendHook(route.onSend, ifClientLeft)
+}
+
+/** Per connection, its answers past onSend that have not finished, with what runs their hooks. */
+const unfinished = new WeakMap<Socket, Map<FastifyRequest, () => void>>()
+
+function unfinishedOf (socket: Socket | null): Map<FastifyRequest, () => void> | undefined {
+  return socket === null ? undefined : unfinished.get(socket)
+}
+
+function watchConnection (socket: Socket): Map<FastifyRequest, () => void> {
+  let answers = unfinished.get(socket)
+  if (answers === undefined) {
+    const watched = new Map<FastifyRequest, () => void>()
+    answers = watched
+    unfinished.set(socket, watched)
+    socket.once('close', function runUnfinished () {
+      for (const run of watched.values()) run()
+      watched.clear()
+    })
+  }
+  return answers
 }
 
 /** The hooks one after the other, as Fastify runs them (each calls `done`, or its promise settles). */

@@ -3,7 +3,7 @@ import { connect } from 'node:net'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { call, captureLogs, offContract, outcome, scanLogs, type Answer } from '../fault/support.js'
+import { call, captureLogs, offContract, outcome, parseRawAnswer as parse, scanLogs } from '../fault/support.js'
 
 /**
  * Abuse on real sockets, against the app listening on loopback with its production timeouts
@@ -47,18 +47,6 @@ function raw (port: number, chunks: readonly string[], everyMs: number, giveUpMs
 }
 
 /** The answer in a raw exchange, parsed enough for the contract's checks. */
-function parse (text: string): Answer | null {
-  const head = text.indexOf('\r\n\r\n')
-  if (head === -1) return null
-  const [statusLine, ...fields] = text.slice(0, head).split('\r\n')
-  const headers: Record<string, string> = {}
-  for (const field of fields) {
-    const at = field.indexOf(':')
-    headers[field.slice(0, at).trim().toLowerCase()] = field.slice(at + 1).trim()
-  }
-  return { status: Number(statusLine?.split(' ')[1]), headers, body: text.slice(head + 4), ms: 0 }
-}
-
 t.test('abuse on real sockets', async (t) => {
   const { lines, stream } = captureLogs()
   const sandbox = await startSandbox(t)

@@ -89,6 +89,19 @@ export interface Answer {
   ms: number
 }
 
+/** The first answer in what a raw connection received, or null before its head is whole. */
+export function parseRawAnswer (text: string): Answer | null {
+  const head = text.indexOf('\r\n\r\n')
+  if (head === -1) return null
+  const [statusLine, ...fields] = text.slice(0, head).split('\r\n')
+  const headers: Record<string, string> = {}
+  for (const field of fields) {
+    const at = field.indexOf(':')
+    headers[field.slice(0, at).trim().toLowerCase()] = field.slice(at + 1).trim()
+  }
+  return { status: Number(statusLine?.split(' ')[1]), headers, body: text.slice(head + 4), ms: 0 }
+}
+
 /**
  * Why an answer is not a row of the contract's table, or null when it is: an error is the
  * envelope `{ status, success: false, message, code }` with a code of its status's row, carrying
