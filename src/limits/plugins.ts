@@ -114,8 +114,8 @@ export const PROBES: ReadonlySet<string> = new Set(['/healthz', '/readyz'])
 function ipLimitHook (counters: CounterStore, limit: ClientLimit, metrics: AppMetrics | null, refusalsOnly: { routes: boolean }): onRequestHookHandler {
   const limits = [limit]
   return function limitRequest (request, reply, done) {
-    const path = pathOf(request.url)
-    if (PROBES.has(path)) {
+    // The probe routes only (GET, HEAD): a POST to their path is any other unknown route's 404.
+    if (PROBES.has(pathOf(request.url)) && !request.is404) {
       done()
       return
     }

@@ -184,6 +184,8 @@ t.test('the probes are neither counted nor refused: a liveness probe answered 42
   t.equal((await app.inject({ url: '/healthzz' })).statusCode, 404, 'only the probes themselves')
   t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200, 'and they spent none of the address\'s requests')
   t.equal((await app.inject({ url: '/auth/me' })).statusCode, 429)
+  t.equal((await app.inject({ method: 'HEAD', url: '/readyz' })).statusCode, 200, 'HEAD is a probe too, answered whatever the address spent')
+  t.equal((await app.inject({ method: 'POST', url: '/healthz', payload: {} })).statusCode, 429, 'another method on their path is no probe: limited as any unknown route')
 })
 
 t.test('X-Forwarded-For counts only from a trusted proxy', async (t) => {
