@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, stampHeaders, writeExpectationFailed } from './plugins/answers.js'
+import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, stampHeaders, writeConnectRefused, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 import { listenerOptions, setHeadersTimeout } from './listener.js'
 
@@ -280,6 +280,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
   })
   setHeadersTimeout(server.server)
   server.server.on('checkExpectation', (request, response) => { writeExpectationFailed(request, response) })
+  server.server.on('connect', (request, socket) => { writeConnectRefused(request, socket) })
   server.addHook('onRequest', function stamp (request, reply, done) {
     stampHeaders(request, reply)
     done()

@@ -268,7 +268,7 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
   t.match(badUrl.json(), { code: 'VALIDATION_FAILED' })
   await server.listen({ host: '127.0.0.1', port: 0 })
   const { port } = server.server.address() as { port: number }
-  for (const [raw, status] of [['NOT HTTP\r\n\r\n', 400], [`GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431], ['GET /metrics HTTP/1.1\r\nHost: x\r\nExpect: other\r\n\r\n', 417]] as const) {
+  for (const [raw, status] of [['NOT HTTP\r\n\r\n', 400], [`GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431], ['GET /metrics HTTP/1.1\r\nHost: x\r\nExpect: other\r\n\r\n', 417], ['CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n', 400]] as const) {
     const answer = await rawAnswer(port, raw)
     t.match(answer, new RegExp(`^HTTP/1\\.1 ${status} `), `${status} on the metrics port`)
     t.match(answer, /cache-control: no-store/)

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
+import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { performance } from 'node:perf_hooks'
@@ -288,10 +289,26 @@ export function writeExpectationFailed (request: IncomingMessage, response: Serv
 }
 
 /**
+ * A CONNECT request (a proxy's method, RFC 9110, 9.3.6): Node would end its connection without a
+ * word when no listener takes it. 400 in the envelope, with its access line and its count.
+ */
+export function connectRefusedAnswer (this: FastifyInstance, request: IncomingMessage, socket: Duplex): void {
+  const id = requestIdFor(request)
+  this.log.info({ reqId: id, remoteAddress: request.socket.remoteAddress, res: { statusCode: 400 }, code: ErrorCode.VALIDATION_FAILED }, 'request refused: CONNECT')
+  this.metrics.recordRefusedBeforeRouting(400)
+  writeConnectRefused(request, socket, id)
+}
+
+/** The CONNECT's 400 itself (the metrics listener's too). */
+export function writeConnectRefused (request: IncomingMessage, socket: Duplex, id = requestIdFor(request)): void {
+  endWithError(socket, 400, 'CONNECT is not served: this is no proxy', id)
+}
+
+/**
  * A parser error's answer written on the socket itself, in the envelope with the two headers, on
  * a connection that closes after it.
  */
-export function endWithError (socket: Socket, status: number, message: string, id: string): void {
+export function endWithError (socket: Duplex, status: number, message: string, id: string): void {
   const { body, headers } = closingAnswer(status, message, id)
   let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\n`
   for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`

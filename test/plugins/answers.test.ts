@@ -142,13 +142,19 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(expectation, /cache-control: no-store/)
   t.match(expectation, /x-request-id: [0-9a-f-]{36}/)
   t.match(expectation, /"status":417,"success":false/)
+  // CONNECT, which Node ends without a word when nothing listens for it.
+  const tunnel = await rawRequest(port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nx-request-id: connect-1\r\n\r\n')
+  t.match(tunnel, /^HTTP\/1\.1 400 /)
+  t.match(tunnel, /x-request-id: connect-1/)
+  t.match(tunnel, /cache-control: no-store/)
+  t.match(tunnel, /"status":400,"success":false,"message":"CONNECT is not served: this is no proxy","code":"VALIDATION_FAILED"/)
   // Fastify's own refusal before routing (a malformed percent-encoding in the path).
   const malformed = await server.inject({ url: '/%zz' })
   t.equal(malformed.statusCode, 400)
   t.match(malformed.json(), { code: 'VALIDATION_FAILED', message: 'Malformed request URL' })
   // None of these passed a route's hooks: they are in the metrics all the same.
   const scraped = await server.metrics.registry.metrics()
-  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="400"\} 2\n/, 'the parser\'s 400 and Fastify\'s malformed URL')
+  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="400"\} 3\n/, 'the parser\'s 400, the CONNECT and Fastify\'s malformed URL')
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="431"\} 1\n/, 'the parser\'s 431')
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="417"\} 1\n/, 'the unsupported Expect')
 })
