@@ -1,6 +1,7 @@
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { createServer as createHttpServer, type RequestListener } from 'node:http'
 import { once } from 'node:events'
+import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { buildConnector } from 'undici'
@@ -99,6 +100,20 @@ async function waitFor (condition: () => boolean, ms = 2000): Promise<void> {
   while (!condition() && Date.now() < end) await sleep(5)
 }
 
+/** What a call settled with, its answer or its error: for assertions that name what they check. */
+async function settled (promise: Promise<unknown>): Promise<unknown> {
+  return await promise.then((value) => value, (error: unknown) => error)
+}
+
+/**
+ * Waits until at least `ms` have passed on the clock the client measures its deadline with. A
+ * timer alone may fire a little early on that clock (the loop's time is cached, in whole ms).
+ */
+async function sleepAtLeast (ms: number): Promise<void> {
+  const until = performance.now() + ms
+  while (performance.now() < until) await sleep(Math.max(1, Math.ceil(until - performance.now())))
+}
+
 t.test('cancel 200: exactly the documented request reaches the upstream', async (t) => {
   const { sandbox, client, log } = await setup(t)
   const answer = await cancelAlice(client)
@@ -121,6 +136,14 @@ t.test('cancel without a reason sends no reason field', async (t) => {
   const { sandbox, client } = await setup(t)
   await cancelAlice(client, false)
   t.strictSame(sandbox.control.calls[0]!.body, { email: ALICE.email, appointmentId: ALICE_FIRST })
+})
+
+t.test('a reason is sent exactly as given, its blanks and line break included', async (t) => {
+  // The contract's reason is the patient's text: trimming it is the upstream's business, not ours.
+  const { sandbox, client } = await setup(t)
+  const reason = '  Running late\n'
+  await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason }, CTX)
+  t.equal((sandbox.control.calls[0]!.body as { reason?: unknown }).reason, reason, 'the reason reached the upstream untouched')
 })
 
 t.test('cancel 200 envelope is coerced safely', async (t) => {
@@ -234,6 +257,13 @@ t.test('upstream 400 that is not the JSON envelope is an upstream error', async 
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'status', status: 400, body: '<html>Bad Request</html>', headers: { 'content-type': 'text/html' }, times: 1 })
   t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 400 })
+})
+
+t.test('upstream 400 whose JSON body is an array, not the envelope, is an upstream error', async (t) => {
+  // An array is JSON but no envelope: no message or error to pass through as the upstream's refusal.
+  const { sandbox, client } = await setup(t)
+  sandbox.control.setFailure({ kind: 'status', status: 400, body: [], times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 400 }, 'a 400 of [] is a 502, not UPSTREAM_REJECTED')
 })
 
 t.test('upstream 401 is our key, answered 502 without blaming the patient', async (t) => {
@@ -361,6 +391,19 @@ t.test('parseRetryAfter', async (t) => {
   t.type(parseRetryAfter('0'), 'number')
 })
 
+t.test('parseRetryAfter reads asctime as GMT in a process that is not on UTC', async (t) => {
+  // The suite runs on UTC, where reading asctime as local time goes unnoticed.
+  const zone = process.env.TZ
+  t.teardown(() => {
+    if (zone === undefined) delete process.env.TZ
+    else process.env.TZ = zone
+  })
+  process.env.TZ = 'America/New_York'
+  const now = Date.parse('2030-01-01T00:00:00Z')
+  t.equal(new Date(now).getTimezoneOffset(), 300, 'the process is on New York time')
+  t.equal(parseRetryAfter('Tue Jan  1 00:01:00 2030', now), 60_000, 'asctime one minute after now, read as GMT')
+})
+
 t.test('upstream 5xx and unexpected statuses are upstream errors', async (t) => {
   const { sandbox, client } = await setup(t)
   for (const status of [500, 503, 418, 302, 201]) {
@@ -389,6 +432,21 @@ t.test('a body over the cap is refused, and the pool keeps working', async (t) =
   t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 400 })
   // Small enough to answer within the cap.
   t.same((await client.fetchAppointments(DEMO_PATIENTS[2]!.email, CTX)), [])
+})
+
+t.test('a declared content-length of exactly the cap is read, one byte more is refused', async (t) => {
+  const max = 256
+  const { sandbox, client } = await setup(t, { maxBodyBytes: max })
+  /** A cancel's 200 envelope serialized to exactly `size` bytes (the sandbox declares its length). */
+  function bodyOf (size: number): { status: number, success: boolean, message: string } {
+    const empty = { status: 200, success: true, message: '' }
+    return { ...empty, message: 'x'.repeat(size - JSON.stringify(empty).length) }
+  }
+  t.equal(JSON.stringify(bodyOf(max)).length, max)
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: bodyOf(max), endpoint: 'cancel', times: 1 })
+  t.match(await settled(cancelAlice(client)), { status: 200, success: true, message: /^x+$/ }, 'exactly the cap, declared, is read')
+  sandbox.control.setFailure({ kind: 'status', status: 200, body: bodyOf(max + 1), endpoint: 'cancel', times: 1 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 }, 'one byte over the cap is refused')
 })
 
 t.test('the default caps: 64 KiB for a cancel\'s answer, 1 MiB for a list (not paginated: a patient\'s whole list)', async (t) => {
@@ -558,6 +616,99 @@ t.test('a call that gets no connection by its deadline is never sent, and the me
   t.equal(requests(), 0)
 })
 
+/**
+ * A gate that refuses the first `refusals` calls (the org budget spent), then lets calls by: by
+ * throwing, as the memory gate does, or by rejecting, as the Redis one does.
+ */
+function refusingGate (refusals: number, how: 'throws' | 'rejects'): UpstreamGate {
+  let left = refusals
+  function refuse (): void {
+    if (left === 0) return
+    left--
+    throw new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'budget spent')
+  }
+  return {
+    acquire: how === 'throws' ? refuse : async () => { refuse() },
+    onRateLimited: async () => {}
+  }
+}
+
+t.test('a gate\'s refusal gives the connection back: more refusals than connections, and the next call still goes at once', async (t) => {
+  for (const how of ['throws', 'rejects'] as const) {
+    t.test(`a gate that ${how}`, async (t) => {
+      const timeoutMs = 1000
+      const { sandbox, client } = await setup(t, { timeoutMs, connections: 1, gate: refusingGate(3, how) })
+      for (let i = 1; i <= 3; i++) {
+        t.match(await settled(cancelAlice(client)), { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED }, `refusal ${i} is the gate's 429, not a wait for a connection`)
+      }
+      const started = performance.now()
+      t.same(await settled(cancelAlice(client)), { status: 200, success: true, message: 'Meeting cancelled successfully' }, 'the call after the refusals is answered')
+      const elapsed = performance.now() - started
+      t.ok(elapsed < timeoutMs / 2, `answered in ${Math.round(elapsed)} ms, without waiting for a connection`)
+      t.equal(sandbox.control.calls.length, 1, 'only the call the gate let by reached the upstream')
+    })
+  }
+})
+
+t.test('a gate admission that uses up the deadline gives the connection back', async (t) => {
+  // The org budget's Redis round trip takes the whole deadline: that call is never sent, and its
+  // connection's slot must come back for the next one.
+  const timeoutMs = 300
+  let slow = true
+  const gate: UpstreamGate = {
+    async acquire () {
+      if (!slow) return
+      slow = false
+      await sleepAtLeast(timeoutMs)
+    },
+    onRateLimited: async () => {}
+  }
+  const { sandbox, client } = await setup(t, { timeoutMs, connections: 1, gate })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' }, 'admitted after its deadline: not sent')
+  t.equal(sandbox.control.calls.length, 0)
+  // Had the slot been lost, this call would wait for it to its deadline, and be a 504.
+  t.same(await settled(cancelAlice(client)), { status: 200, success: true, message: 'Meeting cancelled successfully' }, 'the next call gets the connection')
+})
+
+t.test('a connection given back passes over every queued call that expired, not just the first', async (t) => {
+  // One connection, held by a call whose admission by the gate we keep open; two calls queue for
+  // it and expire. Handed to the second dead waiter, the connection would be lost for good.
+  const timeoutMs = 300
+  let admitHolder = (): void => {}
+  const holding = new Promise<void>((resolve) => { admitHolder = resolve })
+  let first = true
+  const gate: UpstreamGate = {
+    async acquire () {
+      if (!first) return
+      first = false
+      await holding
+    },
+    onRateLimited: async () => {}
+  }
+  const { sandbox, client } = await setup(t, { timeoutMs, connections: 1, gate })
+  // Sent or not once admitted (its deadline is about spent), the holder gives its connection back.
+  const holder = settled(client.fetchAppointments(ALICE.email, CTX))
+  const queued = await Promise.all([failureOf(cancelAlice(client)), failureOf(cancelAlice(client))])
+  for (const error of queued) t.match(error, { statusCode: 504, code: ErrorCode.UPSTREAM_TIMEOUT, outcome: 'not-sent' }, 'expired while queued')
+  admitHolder()
+  await holder
+  const sent = sandbox.control.calls.length
+  // Had the slot been lost, this call would wait for it to its deadline, and be a 504.
+  const list = await settled(client.fetchAppointments(ALICE.email, CTX))
+  t.ok(Array.isArray(list) && list.length === 3, 'the call after them gets the connection')
+  t.equal(sandbox.control.calls.length, sent + 1, 'and it reached the upstream')
+})
+
+t.test('ten connections by default: the eleventh concurrent call waits for one', async (t) => {
+  const { client, log } = await setup(t)
+  // A call is asked through the gate once it holds a connection's slot: at once when one is free.
+  const calls = Array.from({ length: 11 }, async () => await client.fetchAppointments(ALICE.email, CTX))
+  t.equal(log.acquired.length, 10, 'ten calls hold a connection, the eleventh waits')
+  const lists = await Promise.all(calls)
+  t.equal(log.acquired.length, 11, 'the eleventh went once a connection came back')
+  t.ok(lists.every((list) => list.length === 3))
+})
+
 t.test('a request whose deadline passes while its connection is being made is never sent', async (t) => {
   const { baseUrl, requests } = await countingUpstream(t)
   // Connecting takes longer than the deadline (a slow handshake): the deadline passes first, and
@@ -694,6 +845,18 @@ t.test('fetchAppointments', async (t) => {
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'not without the envelope')
     sandbox.control.setFailure({ kind: 'status', status: 500, body: named[0], times: 1 })
     t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR }, 'a 5xx is the upstream failing, whatever it names')
+  })
+
+  t.test('a 404 in the upstream\'s error envelope is an empty list, even when it does not name NotFoundError', async (t) => {
+    const { sandbox, client } = await setup(t)
+    sandbox.control.setFailure({ kind: 'status', status: 404, body: { status: 404, success: false, message: 'User not found' }, endpoint: 'list', times: 1 })
+    t.same(await settled(client.fetchAppointments(ALICE.email, CTX)), [], 'a 404 with success false is no appointments')
+  })
+
+  t.test('a NotFoundError under 410 (Gone) is an empty list', async (t) => {
+    const { sandbox, client } = await setup(t)
+    sandbox.control.setFailure({ kind: 'status', status: 410, body: { success: false, error: 'NotFoundError' }, endpoint: 'list', times: 1 })
+    t.same(await settled(client.fetchAppointments(ALICE.email, CTX)), [], 'a 410 naming NotFoundError is no appointments')
   })
 
   t.test('a cancel the upstream answers with its NotFoundError is the contract\'s 404, answered', async (t) => {

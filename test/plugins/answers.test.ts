@@ -15,6 +15,8 @@ async function app (t: Test) {
   instance.post('/echo', { schema: { body: { type: 'object', properties: { n: { type: 'integer' } }, required: ['n'], additionalProperties: false } } }, async (request) => ({ ok: request.body }))
   instance.get('/boom', async () => { throw new Error('secret internal detail') })
   instance.get('/teapot', async () => { throw Object.assign(new Error('odd'), { statusCode: 418 }) })
+  // A library's error that carries a 500 is our failure, not a bad request.
+  instance.get('/failed-500', async () => { throw Object.assign(new Error('pool exhausted'), { statusCode: 500 }) })
   instance.get('/gone', async () => { throw Object.assign(new Error('odd'), { statusCode: 404 }) })
   instance.get('/coded', async () => { throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Try later', { headers: { 'retry-after': '1' } }) })
   t.teardown(() => instance.close())
@@ -90,6 +92,9 @@ t.test('our bugs are a bare 500; coded errors keep status, code and headers', as
   t.equal(boom.statusCode, 500)
   t.same(boom.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' })
   t.notMatch(boom.body, 'secret internal detail')
+  const failed = await server.inject({ url: '/failed-500' })
+  t.equal(failed.statusCode, 500, 'an error carrying statusCode 500 is a 500')
+  t.same(failed.json(), { status: 500, success: false, message: 'Internal Server Error', code: 'INTERNAL_ERROR' }, 'an error carrying statusCode 500 is the bare INTERNAL_ERROR, not a client error')
   const teapot = await server.inject({ url: '/teapot' })
   t.match(teapot.json(), { status: 418, code: 'VALIDATION_FAILED' })
   const gone = await server.inject({ url: '/gone' })
@@ -102,6 +107,8 @@ t.test('our bugs are a bare 500; coded errors keep status, code and headers', as
 
 t.test('toApiError leaves unknown errors to the 500 path', async (t) => {
   t.equal(toApiError(new Error('x')), null)
+  t.equal(toApiError(Object.assign(new Error('x'), { statusCode: 500 })), null, 'statusCode 500: the 500 path, not a client error')
+  t.match(toApiError(Object.assign(new Error('x'), { statusCode: 499 })), { statusCode: 499, code: ErrorCode.VALIDATION_FAILED }, 'the last client status is still one')
   t.equal(toApiError(Object.assign(new Error('x'), { statusCode: 502 })), null)
   t.match(toApiError(Object.assign(new Error('x'), { validation: [] })), { statusCode: 400, message: 'Request is invalid' })
   t.match(toApiError(Object.assign(new Error('x'), { validation: [{ keyword: 'pattern', instancePath: '/id', params: {} }], validationContext: 'params' })), { message: 'params.id is not in the expected format' })
