@@ -44,23 +44,27 @@ export function appendHook<T> (hooks: T | T[] | undefined, hook: T): T[] {
  * it was being written (a client that stopped reading, cut off by the server's timeout), and the
  * answers queued behind it (pipelined requests), which Node drops without a `close` of their own.
  * Fastify waits for `finish` or `error` and runs nothing; the connection's `close` runs the hooks
- * of each answer it leaves unfinished, unless they ran already (`ran`, marked by the first).
+ * of each answer it leaves unfinished. One whose hooks began (the first of them takes it off the
+ * connection's list) or that finished (Fastify runs them) is left alone.
  */
 function answerEvenWhenClientLeft (route: RouteOptions): void {
-  const ran = new WeakSet<FastifyRequest>()
-  route.onResponse = appendHook(route.onResponse, function markRan (request, _reply, done) {
-    ran.add(request)
-    unfinishedOf(request.raw.socket)?.delete(request)
+  route.onResponse = appendHook(route.onResponse, function offTheConnection (request, _reply, done) {
+    unfinished.get(request.raw.socket)?.delete(request)
     done()
   })
   function runHooks (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
-    if (ran.has(request)) return
     // Never undefined by then: appendAfterAnswer gave every route its hooks.
     runInOrder(app, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
   }
   const ifClientLeft: onSendHookHandler = function runAfterAnswerIfClientLeft (this: FastifyInstance, request, reply, payload, done) {
-    if (reply.raw.destroyed) runHooks(this, request, reply)
-    else watchConnection(request.raw.socket).set(request, () => { runHooks(this, request, reply) })
+    if (reply.raw.destroyed) {
+      runHooks(this, request, reply)
+    } else {
+      watchConnection(request.raw.socket).set(request, () => {
+        // Finished: Fastify runs its hooks, perhaps still on their way here (an async hook first).
+        if (!reply.raw.writableFinished) runHooks(this, request, reply)
+      })
+    }
     done(null, payload)
   }
   route.onSend = appendHook(route.onSend, ifClientLeft)
@@ -68,10 +72,6 @@ function answerEvenWhenClientLeft (route: RouteOptions): void {
 
 /** Per connection, its answers past onSend that have not finished, with what runs their hooks. */
 const unfinished = new WeakMap<Socket, Map<FastifyRequest, () => void>>()
-
-function unfinishedOf (socket: Socket | null): Map<FastifyRequest, () => void> | undefined {
-  return socket === null ? undefined : unfinished.get(socket)
-}
 
 function watchConnection (socket: Socket): Map<FastifyRequest, () => void> {
   let answers = unfinished.get(socket)
