@@ -46,9 +46,9 @@ t.test('public listener: a connection with a request in it stays silent at most 
   const started = Date.now()
   await sleep(100)
   t.equal(await connections(), 1, 'its connection is open while answers go out')
-  while (await connections() > 0 && Date.now() - started < 5000) await sleep(50)
+  while (await connections() > 0 && Date.now() - started < 8000) await sleep(50)
   const cutAfter = Date.now() - started
-  t.ok(cutAfter >= 500 && cutAfter < 3000, `a client that stopped reading is cut off (${cutAfter} ms)`)
+  t.ok(cutAfter >= 500 && cutAfter < 7000, `a client that stopped reading is cut off (${cutAfter} ms)`)
   reader.socket.destroy()
   // Every request it sent was handled, and each has its access line: the one cut off mid-write
   // and those queued behind it too (Node drops them with the connection; Fastify, waiting for
