@@ -199,8 +199,10 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
     bodyLimit: BODY_LIMIT_BYTES,
     // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s; a connection
-    // stays silent at most as long as the longest request runs (a client that stops reading).
-    ...listenerOptions(shutdownDeadlineFor(config.care360.timeoutMs)),
+    // stays silent at most twice as long as the shutdown's deadline (a client that stops
+    // reading): a key-less cancel that waited for a leader on another replica, then found it
+    // dead and led itself, may run for two in-flight lifetimes.
+    ...listenerOptions(2 * shutdownDeadlineFor(config.care360.timeoutMs)),
     return503OnClosing: false,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 256 },

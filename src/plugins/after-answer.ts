@@ -57,7 +57,9 @@ function answerEvenWhenClientLeft (route: RouteOptions): void {
     runInOrder(app, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
   }
   const ifClientLeft: onSendHookHandler = function runAfterAnswerIfClientLeft (this: FastifyInstance, request, reply, payload, done) {
-    if (reply.raw.destroyed) {
+    // Its connection may be gone before Node gave this answer its socket (one queued behind
+    // another, pipelined): the answer itself then looks alive.
+    if (reply.raw.destroyed || request.raw.socket.destroyed) {
       runHooks(this, request, reply)
     } else {
       watchConnection(request.raw.socket).set(request, () => {

@@ -301,6 +301,11 @@ export function connectRefusedAnswer (this: FastifyInstance, request: IncomingMe
 
 /** The CONNECT's 400 itself (the metrics listener's too). */
 export function writeConnectRefused (request: IncomingMessage, socket: Duplex, id = requestIdFor(request)): void {
+  // Node took its own listeners (error, timeouts) off the socket it handed over: an error with
+  // none would be uncaught (a client's reset), and a client that never ends its side would hold
+  // it past every timeout. So errors are ours, and the connection ends once the answer is out.
+  socket.on('error', () => {})
+  socket.once('finish', () => { socket.destroy() })
   endWithError(socket, 400, 'CONNECT is not served: this is no proxy', id)
 }
 

@@ -1,5 +1,7 @@
 import t from 'tap'
 import { request } from 'node:http'
+import { connect } from 'node:net'
+import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { captureLogs, listen, scanLogs, startSandboxedApp } from './support.js'
@@ -68,4 +70,36 @@ t.test('a shutdown waits for a request whose client left: its cancel\'s record a
   t.equal(audited.length, 1, 'its audit line was written before close() ended (server.ts exits then)')
   t.equal(audited[0]?.audit?.outcome, 'cancelled')
   t.notOk(lines.some((line) => line.includes('requests still running at the deadline')), 'well within the deadline')
+})
+
+t.test('pipelined requests whose connection closed while their handlers ran: each has its line, and a shutdown waits for none', async (t) => {
+  const { lines, stream } = captureLogs()
+  const { app, sandbox, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 3000, email: alice.email, logStream: stream })
+  const target = alice.appointments[2]!
+  // Each call slow: the connection is gone before any handler ends. Node had given no socket
+  // yet to the answers queued behind the first.
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 400, endpoint: 'any', times: 5 })
+  const port = Number(new URL(await listen(app)).port)
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  await once(socket, 'connect')
+  const body = JSON.stringify({ reason: 'pipelined reason' })
+  const list = (id: string): string => `GET /appointments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\nX-Request-Id: ${id}\r\n\r\n`
+  socket.write(list('pipe-1') + list('pipe-2') +
+    `POST /appointments/${target.id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\nX-Request-Id: pipe-cancel\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`)
+  await sleep(150)
+  socket.destroy()
+  const by = Date.now() + 5000
+  while (!sandbox.control.isCancelled(target.id) && Date.now() < by) await sleep(20)
+  t.ok(sandbox.control.isCancelled(target.id), 'the pipelined cancel went through')
+  await sleep(300)
+  const completed = lines.map((line) => JSON.parse(line) as { msg?: string, reqId?: string, audit?: { outcome?: string } })
+    .filter((line) => line.msg === 'request completed' && line.reqId?.startsWith('pipe-') === true)
+  t.same(completed.map((line) => line.reqId).sort(), ['pipe-1', 'pipe-2', 'pipe-cancel'], 'one access line each')
+  t.equal(completed.find((line) => line.reqId === 'pipe-cancel')?.audit?.outcome, 'cancelled', 'the cancel\'s carrying its audit record')
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 2000, `close() waits for none of them (${Date.now() - started} ms)`)
+  t.notOk(lines.some((line) => line.includes('requests still running at the deadline')))
+  scanLogs(t, lines, { reason: 'pipelined reason', email: alice.email })
 })

@@ -166,6 +166,42 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="417"\} 1\n/, 'the unsupported Expect')
 })
 
+t.test('a CONNECT\'s connection is ours to end: a reset raises nothing, a client that never ends it is let go', async (t) => {
+  const server = await app(t)
+  await server.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = server.server.address() as { port: number }
+  // Node takes its own listeners off a socket it hands to `connect`: an error there with none
+  // would be uncaught, and close-with-grace would end the process.
+  const uncaught: string[] = []
+  const listeners = process.listeners('uncaughtException')
+  process.removeAllListeners('uncaughtException')
+  process.on('uncaughtException', (error: NodeJS.ErrnoException) => { uncaught.push(String(error.code)) })
+  t.teardown(() => {
+    process.removeAllListeners('uncaughtException')
+    for (const listener of listeners) process.on('uncaughtException', listener)
+  })
+  const reset = connect(port, '127.0.0.1')
+  reset.on('error', () => {})
+  await once(reset, 'connect')
+  reset.write('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  reset.resetAndDestroy()
+  // A client that reads its answer and never closes its side: the server closes the connection.
+  const halfOpen = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+  halfOpen.on('error', () => {})
+  let answer = ''
+  halfOpen.on('data', (chunk: Buffer) => { answer += chunk.toString() })
+  await once(halfOpen, 'connect')
+  halfOpen.write('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+  await once(halfOpen, 'end')
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  const open = await new Promise<number>((resolve) => { server.server.getConnections((_error, count) => { resolve(count) }) })
+  t.equal(open, 0, 'no connection left on the server')
+  halfOpen.destroy()
+  t.same(uncaught, [], 'no uncaught exception')
+})
+
 t.test('our key refused upstream is an error line for the operator; an upstream failure a warning', async (t) => {
   const lines: Array<{ level: number, msg: string }> = []
   const instance = await buildApp({ ...config, logLevel: 'info' }, { logStream: { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } } })
