@@ -101,3 +101,25 @@ t.test('the wait for running requests is bounded: one that never settles is repo
   release()
   await stuck
 })
+
+t.test('requests of every kind leave nothing counted as running: a shutdown after them is immediate', async (t) => {
+  const { app } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '12/1m' } })
+  const answers: number[] = []
+  for (const request of [
+    { method: 'GET' as const, url: '/healthz' },
+    { method: 'HEAD' as const, url: '/readyz' },
+    { method: 'HEAD' as const, url: '/openapi.json' },
+    { method: 'GET' as const, url: '/auth/me' },
+    { method: 'GET' as const, url: '/appointments' },
+    { method: 'POST' as const, url: '/appointments/not-a-uuid/cancel', headers: { authorization: 'Bearer x' } },
+    { method: 'POST' as const, url: '/auth/session', payload: { idToken: 'not.a.token' } },
+    { method: 'POST' as const, url: '/auth/session', payload: '{', headers: { 'content-type': 'application/json' } },
+    { method: 'POST' as const, url: '/auth/logout' },
+    { method: 'DELETE' as const, url: '/nowhere' },
+    ...Array.from({ length: 6 }, () => ({ method: 'GET' as const, url: '/auth/me' }))
+  ]) answers.push((await app.inject(request)).statusCode)
+  t.same([...new Set(answers)].sort(), [200, 400, 401, 404, 429], 'answered, refused, invalid, unknown and limited alike')
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 1000, `close() waited for nothing (${Date.now() - started} ms)`)
+})
