@@ -12,6 +12,12 @@ import { startRedis } from '../helpers/redis.js'
  * audit record, access line and duration are written all the same, once.
  */
 
+/** Waits (up to 5 s) for the sandbox to have cancelled `id`: the request's client is gone, so no answer says when. */
+async function untilCancelled (sandbox: { control: { isCancelled: (id: string) => boolean } }, id: string): Promise<void> {
+  const by = Date.now() + 5000
+  while (!sandbox.control.isCancelled(id) && Date.now() < by) await sleep(20)
+}
+
 const alice = DEMO_PATIENTS[0]!
 const appointment = alice.appointments[0]!
 
@@ -30,8 +36,7 @@ t.test('a cancel whose client left before the answer is still audited, logged an
   // The client gives up while the upstream is still working on the cancel.
   await sleep(150)
   sent.destroy()
-  const by = Date.now() + 5000
-  while (!sandbox.control.isCancelled(appointment.id) && Date.now() < by) await sleep(20)
+  await untilCancelled(sandbox, appointment.id)
   t.ok(sandbox.control.isCancelled(appointment.id), 'the cancel went ahead')
   await sleep(300)
 
@@ -89,8 +94,7 @@ t.test('pipelined requests whose connection closed while their handlers ran: eac
     `POST /appointments/${target.id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\nX-Request-Id: pipe-cancel\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`)
   await sleep(150)
   socket.destroy()
-  const by = Date.now() + 5000
-  while (!sandbox.control.isCancelled(target.id) && Date.now() < by) await sleep(20)
+  await untilCancelled(sandbox, target.id)
   t.ok(sandbox.control.isCancelled(target.id), 'the pipelined cancel went through')
   await sleep(300)
   const completed = lines.map((line) => JSON.parse(line) as { msg?: string, reqId?: string, audit?: { outcome?: string } })
