@@ -1,7 +1,7 @@
 import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest, type preHandlerHookHandler } from 'fastify'
+import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest, type onResponseHookHandler, type preHandlerHookHandler } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
@@ -117,13 +117,13 @@ export function trackRunningRequests (app: FastifyInstance): { settleOnClose: (b
   app.addHook('onRoute', function countRunningOf (route) {
     route.preHandler = appendHook(route.preHandler, countRunning)
   })
-  // After the access line and the metrics (their plugins are registered before this).
-  afterEveryAnswer(app, (route) => route === null
-    ? function nothingToUncount (_request, _reply, done) { done() }
-    : function uncountRunning (request, _reply, done) {
-      if (running.delete(request) && running.size === 0) emptied?.()
-      done()
-    })
+  // After the access line and the metrics (their plugins are registered before this). Nothing
+  // after the requests no route matched: none was counted.
+  const uncountRunning: onResponseHookHandler = function uncountRunning (request, _reply, done) {
+    if (running.delete(request) && running.size === 0) emptied?.()
+    done()
+  }
+  afterEveryAnswer(app, () => uncountRunning, null)
   return {
     settleOnClose (boundMs) {
       app.addHook('onClose', async function settleRunningRequests () {

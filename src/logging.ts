@@ -155,7 +155,7 @@ async function accessLog (app: FastifyInstance): Promise<void> {
     }, 'request completed')
     done()
   }
-  afterEveryAnswer(app, () => logAnswer)
+  afterEveryAnswer(app, () => logAnswer, logAnswer)
 }
 
 export const accessLogPlugin = fp(accessLog, { name: 'access-log', fastify: '5.x', dependencies: ['answers'] })

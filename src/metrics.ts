@@ -243,7 +243,7 @@ async function metrics (app: FastifyInstance): Promise<void> {
   app.decorate('metrics', appMetrics)
 
   // Labelled with the route's pattern, or one label for whatever path no route matched.
-  afterEveryAnswer(app, (route) => durationRecorder(appMetrics.httpRequestDuration, route ?? NOT_FOUND))
+  afterEveryAnswer(app, (route) => durationRecorder(appMetrics.httpRequestDuration, route), durationRecorder(appMetrics.httpRequestDuration, NOT_FOUND))
 }
 
 export const metricsPlugin = fp(metrics, { name: 'metrics', fastify: '5.x' })

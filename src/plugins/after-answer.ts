@@ -2,20 +2,20 @@ import type { Socket } from 'node:net'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onResponseHookHandler, onSendHookHandler, RouteOptions } from 'fastify'
 
 /**
- * Runs a hook after every answer: appended to each route's own onResponse hooks when the route
- * is added (so it runs after them, and knows the route's pattern without reading
- * `request.routeOptions`, a fresh object on every access), and from one global hook for the
- * requests no route matched, with `hookFor(null)`. Register it before any route.
+ * Runs a hook after every answer: `forRoute(pattern)`, appended to each route's own onResponse
+ * hooks when the route is added (so it runs after them, and knows the route's pattern without
+ * reading `request.routeOptions`, a fresh object on every access), and `notFound` from one global
+ * hook for the requests no route matched (no hook when null). Register it before any route.
  */
-export function afterEveryAnswer (app: FastifyInstance, hookFor: (route: string | null) => onResponseHookHandler): void {
+export function afterEveryAnswer (app: FastifyInstance, forRoute: (route: string) => onResponseHookHandler, notFound: onResponseHookHandler | null): void {
   if (!watched.has(app)) {
     watched.add(app)
     app.addHook('onRoute', answerEvenWhenClientLeft)
   }
   app.addHook('onRoute', function appendAfterAnswer (route) {
-    route.onResponse = appendHook(route.onResponse, hookFor(route.url))
+    route.onResponse = appendHook(route.onResponse, forRoute(route.url))
   })
-  const notFound = hookFor(null)
+  if (notFound === null) return
   app.addHook('onResponse', function afterNotFound (request, reply, done) {
     if (request.is404) {
       notFound.call(this, request, reply, done)

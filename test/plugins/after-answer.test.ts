@@ -12,10 +12,11 @@ import { afterEveryAnswer } from '../../src/plugins/after-answer.js'
 async function appWithSlowRoute (t: Test, own: onResponseHookHandler, ran: string[]): Promise<{ app: FastifyInstance, port: number }> {
   const app = Fastify()
   t.teardown(() => app.close())
-  afterEveryAnswer(app, (route) => function after (_request, reply, done) {
-    ran.push(`after ${route ?? 'none'} ${reply.statusCode}`)
+  const after = (route: string): onResponseHookHandler => function after (_request, reply, done) {
+    ran.push(`after ${route} ${reply.statusCode}`)
     done()
-  })
+  }
+  afterEveryAnswer(app, after, after('none'))
   app.get('/slow', { onResponse: [own] }, async (_request, reply) => {
     await sleep(150)
     return await reply.code(202).send({ ok: true })
@@ -60,4 +61,21 @@ t.test('a client that left: an async onResponse hook that rejects does not stop 
   await leaveMidRequest(port)
   t.same(ran, ['own async', 'after /slow 202'], 'the after-answer hook still runs')
   t.same(unhandled, [], 'no unhandled rejection')
+})
+
+t.test('the hook for requests no route matched runs only for them, and none is added when it is null', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  const ran: string[] = []
+  const after = (route: string): onResponseHookHandler => function after (_request, reply, done) {
+    ran.push(`${route} ${reply.statusCode}`)
+    done()
+  }
+  afterEveryAnswer(app, after, after('none'))
+  afterEveryAnswer(app, (route) => after(`second ${route}`), null)
+  app.get('/here', async () => ({ ok: true }))
+
+  await app.inject({ url: '/here' })
+  await app.inject({ url: '/nowhere' })
+  t.same(ran, ['/here 200', 'second /here 200', 'none 404'], 'the routed request ran both route hooks; the unrouted one only the first not-found hook')
 })
