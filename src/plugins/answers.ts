@@ -87,6 +87,19 @@ export function stampHeaders (request: FastifyRequest, reply: FastifyReply): voi
   reply.header('x-request-id', request.id).header('cache-control', 'no-store')
 }
 
+/** Whether the request's header lines (name, value, name, value...) name Host more than once. */
+function hasTwoHosts (raw: string[]): boolean {
+  let seen = false
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as string
+    if (name.length === 4 && name.toLowerCase() === 'host') {
+      if (seen) return true
+      seen = true
+    }
+  }
+  return false
+}
+
 /** How often a warning that every request repeats is written again (ms). */
 const REPEATED_WARNING_EVERY_MS = 60_000
 
@@ -95,10 +108,16 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.decorate('repeatedWarnings', new RepeatedWarnings(REPEATED_WARNING_EVERY_MS, () => performance.now()))
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     stampHeaders(request, reply)
-    // HTTP/1.1 requires Host (RFC 9112, 3.2). Node's own refusal (requireHostHeader, off in
-    // app.ts) is a bare 400 without the envelope or these headers.
-    if (request.raw.headers.host === undefined && request.raw.httpVersion === '1.1') {
-      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Host header required'))
+    // HTTP/1.1 requires Host, and no request may carry two (RFC 9112, 3.2: both a 400). Node's own
+    // refusal of the first (requireHostHeader, off in app.ts) is a bare 400 without the envelope or
+    // these headers; Node keeps the first of two and says nothing. The service never reads Host
+    // (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
+    // another request than this one.
+    const refusal = request.raw.headers.host === undefined
+      ? (request.raw.httpVersion === '1.1' ? 'Host header required' : null)
+      : (hasTwoHosts(request.raw.rawHeaders) ? 'Only one Host header is allowed' : null)
+    if (refusal !== null) {
+      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.VALIDATION_FAILED, refusal))
       return
     }
     done()

@@ -144,6 +144,15 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   t.match(hostless, /x-request-id: [0-9a-f-]{36}/)
   t.match(hostless, /"code":"VALIDATION_FAILED"/)
   t.match(await rawRequest(port, 'GET /healthz HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 /, 'HTTP/1.0 needs no Host')
+  // Two Host lines, whatever their case or values, in either version (RFC 9112, 3.2).
+  for (const text of ['GET /healthz HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\nConnection: close\r\n\r\n', 'GET /healthz HTTP/1.0\r\nHOST: x\r\nAccept: */*\r\nHost: x\r\n\r\n']) {
+    const twoHosts = await rawRequest(port, text)
+    t.match(twoHosts, /^HTTP\/1\.1 400 /, 'two Host headers')
+    t.match(twoHosts, /x-request-id: [0-9a-f-]{36}/)
+    t.match(twoHosts, /connection: close/)
+    t.match(twoHosts, /"message":"Only one Host header is allowed","code":"VALIDATION_FAILED"/)
+  }
+  t.match(await rawRequest(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nX-Host: y\r\nhosts: z\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 200 /, 'one Host among names like it')
   const expectation = await rawRequest(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n\r\n')
   t.match(expectation, /^HTTP\/1\.1 417 /)
   t.match(expectation, /cache-control: no-store/)
