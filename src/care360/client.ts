@@ -371,20 +371,50 @@ function redact (text: string, secret: string, asWords: boolean): string {
 }
 
 /**
+ * The spellings, other than the value itself, in which an upstream that quotes what it received
+ * would quote a value we sent: percent-encoded (a query, as the list's `user_email` goes; with `+`
+ * for blanks, as a form), and JSON-escaped (the request's body quoted as text: a quote, a line
+ * break, a backslash escaped). Each has a `%`, a `+` or a backslash where the value has none.
+ */
+const ECHO_MARK = /[%+\\]/
+
+function echoedSpellings (value: string): string[] {
+  const percent = encodeURIComponent(value)
+  const spellings = new Set([percent, percent.replace(/%20/g, '+'), new URLSearchParams([['', value]]).toString().slice(1), JSON.stringify(value).slice(1, -1)])
+  spellings.delete(value)
+  return [...spellings]
+}
+
+/** `text` with `secret`'s echoed spellings redacted, when it has the marks of any (`echoes`). */
+function redactEchoes (text: string, secret: string, asWords: boolean, echoes: boolean): string {
+  if (!echoes) return text
+  for (const spelling of echoedSpellings(secret)) text = redact(text, spelling, asWords)
+  return text
+}
+
+/**
  * Upstream text made safe to pass to a client and into logs: known secrets and personal data
- * (see `Scrub`) removed, controls stripped, length capped.
+ * (see `Scrub`) removed, as sent and in the spellings an echo gives them (`echoedSpellings`),
+ * controls stripped, length capped.
  */
 function safeText (value: unknown, scrub: Scrub): string | undefined {
   if (typeof value !== 'string') return undefined
   let text = value.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '')
+  // The common case (a message that quotes nothing encoded) spells nothing out.
+  const echoes = ECHO_MARK.test(text)
   for (const secret of scrub.anywhere) {
-    if (secret !== undefined && secret !== '') text = redact(text, secret, false)
+    if (secret !== undefined && secret !== '') text = redactEchoes(redact(text, secret, false), secret, false, echoes)
   }
-  // Matched as the text now reads, its controls turned into blanks or stripped like the text's
-  // (a reason with a line break, echoed, would otherwise never match). Blanks around it are not
-  // part of what could identify it (and a reason of spaces alone would redact every space).
-  const words = scrub.words?.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '').trim()
-  if (words !== undefined && words !== '') text = redact(text, words, true)
+  if (scrub.words !== undefined) {
+    // Encoded as it was sent: none of its characters is a control any more.
+    text = redactEchoes(text, scrub.words, true, echoes)
+    // As sent, matched as the text now reads, its controls turned into blanks or stripped like
+    // the text's (a reason with a line break, echoed, would otherwise never match). Blanks around
+    // it are not part of what could identify it (and a reason of spaces alone would redact every
+    // space).
+    const words = scrub.words.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '').trim()
+    if (words !== '') text = redact(text, words, true)
+  }
   text = text.trim()
   if (text === '') return undefined
   // Counted in code points; no more code points than UTF-16 units, so a short text is whole.

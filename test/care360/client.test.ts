@@ -253,6 +253,40 @@ t.test('the key and the email are redacted even inside longer tokens', async (t)
   })
 })
 
+t.test('the email, the reason and the key are redacted in the spellings an upstream echoes them in', async (t) => {
+  // An upstream that quotes what it received quotes it as it received it: the list's query
+  // percent-encoded (user_email=alice%40example.com), a form-style reason (+ for blanks), and a JSON
+  // body echoed as text (a quote, a line feed or a backslash of the reason escaped). Each of these
+  // reached the client's 400 (and 200) envelope, and a keyed cancel's Redis record, whole.
+  const { sandbox, client } = await setup(t)
+  const reason = 'Running "late"\nsorry'
+  const sent = JSON.stringify({ email: ALICE.email, appointmentId: ALICE_FIRST, reason })
+  const spellings = (value: string): string[] => [...new Set([value, encodeURIComponent(value), encodeURIComponent(value).replace(/%20/g, '+'), JSON.stringify(value).slice(1, -1)])]
+  function assertNoSpelling (visible: string, why: string): void {
+    const text = visible.toLowerCase()
+    for (const [what, value] of [['email', ALICE.email], ['reason', reason], ['key', SANDBOX_KEY]] as const) {
+      const found = spellings(value).filter((spelling) => text.includes(spelling.toLowerCase()))
+      t.same(found, [], `${why}: no ${what} in any spelling`)
+    }
+  }
+  const cancel = (): Promise<unknown> => client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason }, CTX)
+  const echoes: Array<[string, Record<string, unknown>]> = [
+    ['the request body echoed as JSON text', { message: 'Invalid request', error: `invalid body: ${sent}` }],
+    ['percent-encoded', { message: `reason=${encodeURIComponent(reason)}`, error: `user_email=${encodeURIComponent(ALICE.email)}` }],
+    ['form-encoded', { message: `reason=${encodeURIComponent(reason).replace(/%20/g, '+')}`, error: 'Invalid request' }]
+  ]
+  for (const [why, body] of echoes) {
+    sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'cancel', body: { status: 400, success: false, ...body }, times: 1 })
+    const error = await failureOf(cancel())
+    assertNoSpelling(`${error.message}\n${error.detail ?? ''}`, `a cancel's 400, ${why}`)
+  }
+  sandbox.control.setFailure({ kind: 'status', status: 200, endpoint: 'cancel', body: { status: 200, success: true, message: `Cancelled: ${sent}` }, times: 1 })
+  assertNoSpelling((await cancel() as { message: string }).message, 'a cancel\'s 200 message echoing the body')
+  // The list's query carries the email percent-encoded: an upstream that quotes its request line.
+  sandbox.control.setFailure({ kind: 'status', status: 400, endpoint: 'list', body: { status: 400, success: false, message: `Invalid query user_email=${encodeURIComponent(ALICE.email)}` }, times: 1 })
+  assertNoSpelling((await failureOf(client.fetchAppointments(ALICE.email, CTX))).message, 'the list\'s 400 quoting its query')
+})
+
 t.test('upstream 400 that is not the JSON envelope is an upstream error', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'status', status: 400, body: '<html>Bad Request</html>', headers: { 'content-type': 'text/html' }, times: 1 })

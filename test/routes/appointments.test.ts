@@ -331,6 +331,40 @@ t.test('Idempotency-Key replays the first answer without a second upstream call'
   t.equal(bobs.headers['idempotent-replayed'], undefined)
 })
 
+t.test('an Idempotency-Key record holds neither the reason nor the email, whatever spelling the upstream quoted them in', async (t) => {
+  // README: a record keeps "only what a replay needs ... never the reason, the email or the raw
+  // key". The stored envelope is the upstream's 400 as passed through (client.ts safeText), which
+  // redacts the reason and the email as written only: echoed percent-encoded or inside a JSON body
+  // quoted as text, they reach the patient's answer, are kept in Redis for 24 h and replayed.
+  const { app, sandbox, tokenFor, cancel } = await stack(t, { redis: true })
+  const token = await tokenFor(alice.email)
+  const reason = 'Chemo "round 3" moved\nsorry'
+  const sent = JSON.stringify({ email: alice.email, appointmentId: aliceFirst.id, reason })
+  sandbox.control.setFailure({
+    kind: 'status',
+    status: 400,
+    endpoint: 'cancel',
+    body: { status: 400, success: false, message: `Invalid request: ${sent}`, error: `reason=${encodeURIComponent(reason)}&email=${encodeURIComponent(alice.email)}` },
+    times: 1
+  })
+  const first = await cancel(token, aliceFirst.id, { reason }, { 'idempotency-key': 'echoed-1' })
+  const replay = await cancel(token, aliceFirst.id, { reason }, { 'idempotency-key': 'echoed-1' })
+  t.equal(first.statusCode, 400)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  const redis = app.sharedState.redis!
+  const stored: string[] = []
+  for (const key of await redis.keys('idem:*')) stored.push(JSON.stringify(await redis.hgetall(key)))
+  t.ok(stored.length > 0, 'the record is there')
+  const spellings = (value: string): string[] => [...new Set([value, encodeURIComponent(value), JSON.stringify(value).slice(1, -1)])]
+  for (const [where, text] of [['the answer', `${first.json().message as string} ${first.json().error as string}`], ['the Redis record', stored.map((record) => JSON.parse(record) as Record<string, string>).map((record) => Object.values(record).join(' ')).join(' ')]] as const) {
+    for (const [what, value] of [['reason', reason], ['email', alice.email]] as const) {
+      // The record's body is JSON text itself: the spellings as they read inside it too.
+      const found = [...new Set(spellings(value).flatMap((spelling) => [spelling, JSON.stringify(spelling).slice(1, -1)]))].filter((spelling) => text.toLowerCase().includes(spelling.toLowerCase()))
+      t.same(found, [], `no ${what} in ${where}`)
+    }
+  }
+})
+
 t.test('a lost answer is resolved from the upstream on retry with the same key', async (t) => {
   const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t)
   const token = await tokenFor(alice.email)
