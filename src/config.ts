@@ -132,12 +132,16 @@ const UpstreamOrigin = (description: string) =>
  * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since
  * a plain-http origin can be answered by anyone on the path between the browser and its host.
  */
+/** An entry as a refusal quotes it: any user information (a password, which no origin has) left out. */
+function quoted (entry: string): string {
+  return entry.replace(/\/\/[^/]*@/, '//[user information]@')
+}
 const OriginList = (description: string) =>
   Type.Decode(Type.String({ description }), (value) => {
     const origins = list(value)
     for (const origin of origins) {
-      if (!isAllowedOrigin(origin)) throw new Error(`not an https origin (http only for localhost, 127.0.0.0/8 or ::1): ${origin}`)
-      if (new URL(origin).origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${origin}`)
+      if (!isAllowedOrigin(origin)) throw new Error(`not an https origin (http only for localhost, 127.0.0.0/8 or ::1): ${quoted(origin)}`)
+      if (new URL(origin).origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${quoted(origin)}`)
     }
     return origins.map((origin) => new URL(origin).origin)
   })
@@ -255,7 +259,7 @@ export const EnvSchema = Type.Object({
 
 export type Env = StaticDecode<typeof EnvSchema>
 
-/** Thrown by loadConfig; its message names every bad variable and never contains a value. */
+/** Thrown by loadConfig; its message names every bad variable and never contains a secret (a key, a password). */
 export class ConfigError extends Error {
   readonly variables: string[]
   constructor (problems: Array<[string, string]>) {
