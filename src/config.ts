@@ -291,8 +291,7 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
     keyRoot: { secret: serviceSecret ?? apiKey, fromApiKey: serviceSecret === null },
     orgBudget: env.CV_RATE_LIMIT ?? parseRate('450/60s'),
     host: env.HOST ?? '0.0.0.0',
-    port: env.PORT ?? 3000,
-    metricsPort: env.METRICS_PORT ?? 9464,
+    ...listenPorts(env.PORT, env.METRICS_PORT),
     redisUrl: env.REDIS_URL ?? null,
     oidc: {
       issuer: env.OIDC_ISSUER,
@@ -301,11 +300,7 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
       /** Web sign-in (confidential client); null when not configured. */
       web
     },
-    sessions: {
-      // Unset, the idle lifetime is the default's 30 min, or the absolute one when that is shorter.
-      idleTtlMs: env.SESSION_IDLE_TTL ?? Math.min(parseDuration('30m'), env.SESSION_ABSOLUTE_TTL ?? Infinity),
-      absoluteTtlMs: env.SESSION_ABSOLUTE_TTL ?? parseDuration('12h')
-    },
+    sessions: sessionLifetimes(env.SESSION_IDLE_TTL, env.SESSION_ABSOLUTE_TTL),
     limits: {
       ip: env.RATE_LIMIT_IP ?? parseRate('300/1m'),
       session: env.RATE_LIMIT_SESSION ?? parseRate('60/1m'),
@@ -322,6 +317,40 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
 
 export type Config = ReturnType<typeof assemble>
 
+function listenPorts (port: number | undefined, metricsPort: number | undefined): { port: number, metricsPort: number } {
+  return { port: port ?? 3000, metricsPort: metricsPort ?? 9464 }
+}
+
+function sessionLifetimes (idleMs: number | undefined, absoluteMs: number | undefined): { idleTtlMs: number, absoluteTtlMs: number } {
+  // Unset, the idle lifetime is the default's 30 min, or the absolute one when that is shorter.
+  return { idleTtlMs: idleMs ?? Math.min(parseDuration('30m'), absoluteMs ?? Infinity), absoluteTtlMs: absoluteMs ?? parseDuration('12h') }
+}
+
+/**
+ * The rules between variables, each checked once its variables are good on their own (a default
+ * standing in for one unset), so that one message names them beside every other bad variable.
+ */
+function checkTogether (raw: Record<string, string>, decoded: Record<string, unknown>, problems: Array<[string, string]>): void {
+  const bad = new Set(problems.map(([name]) => name))
+  if (!bad.has('SESSION_IDLE_TTL') && !bad.has('SESSION_ABSOLUTE_TTL')) {
+    const sessions = sessionLifetimes(decoded.SESSION_IDLE_TTL as number | undefined, decoded.SESSION_ABSOLUTE_TTL as number | undefined)
+    if (sessions.idleTtlMs > sessions.absoluteTtlMs) {
+      problems.push(['SESSION_IDLE_TTL', raw.SESSION_ABSOLUTE_TTL === undefined
+        ? 'must not exceed SESSION_ABSOLUTE_TTL (12h when unset)'
+        : 'must not exceed SESSION_ABSOLUTE_TTL'])
+    }
+  }
+  // Both listeners share HOST: the same port would fail at listen, after start-up, with a stack trace.
+  if (!bad.has('PORT') && !bad.has('METRICS_PORT')) {
+    const { port, metricsPort } = listenPorts(decoded.PORT as number | undefined, decoded.METRICS_PORT as number | undefined)
+    if (metricsPort !== 0 && metricsPort === port) {
+      problems.push(['METRICS_PORT', raw.METRICS_PORT === undefined
+        ? `must differ from PORT (METRICS_PORT defaults to ${metricsPort}; set another port, or 0 to disable metrics)`
+        : 'must differ from PORT (or 0 to disable metrics)'])
+    }
+  }
+}
+
 const KNOWN = new Set(Object.keys(EnvSchema.properties))
 
 /**
@@ -335,6 +364,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
     if (KNOWN.has(name) && value !== undefined && value !== '') raw[name] = value
   }
   const problems: Array<[string, string]> = []
+  const decoded: Record<string, unknown> = {}
   for (const name of Object.keys(EnvSchema.properties) as Array<keyof typeof EnvSchema.properties>) {
     const schema: TSchema = EnvSchema.properties[name]
     const value = raw[name]
@@ -348,7 +378,7 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
       continue
     }
     try {
-      Value.Decode(schema, value)
+      decoded[name] = Value.Decode(schema, value)
     } catch (error) {
       // Only our own decoders throw here (the key has none), and their messages never quote the value.
       problems.push([name, `is invalid (${(error as Error).message})`])
@@ -366,22 +396,9 @@ export function loadConfig (source: Record<string, string | undefined>): Config 
   if (raw.OIDC_AUDIENCES === undefined && raw.OIDC_CLIENT_ID === undefined) {
     problems.push(['OIDC_AUDIENCES', 'is required when OIDC_CLIENT_ID is not set'])
   }
+  checkTogether(raw, decoded, problems)
   if (problems.length > 0) throw new ConfigError(problems)
-  const env = Value.Decode(EnvSchema, raw)
-  const config = assemble(env, apiKey, serviceSecret)
-  if (config.sessions.idleTtlMs > config.sessions.absoluteTtlMs) {
-    problems.push(['SESSION_IDLE_TTL', raw.SESSION_ABSOLUTE_TTL === undefined
-      ? 'must not exceed SESSION_ABSOLUTE_TTL (12h when unset)'
-      : 'must not exceed SESSION_ABSOLUTE_TTL'])
-  }
-  // Both listeners share HOST: the same port would fail at listen, after start-up, with a stack trace.
-  if (config.metricsPort !== 0 && config.metricsPort === config.port) {
-    problems.push(['METRICS_PORT', raw.METRICS_PORT === undefined
-      ? `must differ from PORT (METRICS_PORT defaults to ${config.metricsPort}; set another port, or 0 to disable metrics)`
-      : 'must differ from PORT (or 0 to disable metrics)'])
-  }
-  if (problems.length > 0) throw new ConfigError(problems)
-  return config
+  return assemble(Value.Decode(EnvSchema, raw), apiKey, serviceSecret)
 }
 
 /**

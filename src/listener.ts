@@ -34,3 +34,29 @@ export function listenerOptions (idleMs: number): Pick<FastifyHttpOptions<Server
 export function setHeadersTimeout (server: Server): void {
   server.headersTimeout = HEADERS_TIMEOUT_MS
 }
+
+/** The system's reasons a listener cannot start that the operator mends in HOST or the port's variable. */
+const LISTEN_ERRORS: Record<string, { variable: 'HOST' | 'port', why: string }> = {
+  EADDRINUSE: { variable: 'port', why: 'is in use' },
+  EACCES: { variable: 'port', why: 'is not open to this process (a port under 1024 needs the privilege)' },
+  EADDRNOTAVAIL: { variable: 'HOST', why: 'is not an address of this machine' },
+  EAFNOSUPPORT: { variable: 'HOST', why: 'is of an address family this machine does not have' },
+  ENOTFOUND: { variable: 'HOST', why: 'does not resolve' },
+  EAI_AGAIN: { variable: 'HOST', why: 'could not be resolved (DNS did not answer)' }
+}
+
+/**
+ * What start-up says when a listener cannot listen, as a configuration refusal does (config.ts,
+ * ConfigError): one line naming the variable to mend (HOST, or the listener's port variable) with
+ * the system's reason, where a stack trace said it only in the system's words. Null for any other
+ * error (thrown on as it is).
+ */
+export function listenRefusal (error: unknown, portVariable: 'PORT' | 'METRICS_PORT', host: string, port: number): string | null {
+  const code = (error as NodeJS.ErrnoException | null)?.code
+  const known = code === undefined ? undefined : LISTEN_ERRORS[code]
+  if (known === undefined) return null
+  const line = known.variable === 'HOST'
+    ? `HOST: ${host} ${known.why}`
+    : `${portVariable}: ${port} on ${host} ${known.why}`
+  return `Cannot listen:\n  ${line} (${code})`
+}

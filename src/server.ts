@@ -2,6 +2,7 @@ import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
 import { buildApp, shutDown, shutdownDeadlineFor } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
+import { listenRefusal } from './listener.js'
 import { buildMetricsServer } from './metrics.js'
 
 /**
@@ -67,8 +68,27 @@ async function main (): Promise<void> {
     await metricsServer?.close()
   })
 
-  await app.listen({ host: config.host, port: config.port })
-  await metricsServer?.listen({ host: config.host, port: config.metricsPort })
+  await listenOrRefuse(() => app.listen({ host: config.host, port: config.port }), 'PORT', config.host, config.port)
+  if (metricsServer !== null) {
+    await listenOrRefuse(() => metricsServer.listen({ host: config.host, port: config.metricsPort }), 'METRICS_PORT', config.host, config.metricsPort)
+  }
+}
+
+/**
+ * A listener that cannot listen for a reason the operator mends in the configuration (a port in
+ * use, an address this machine does not have) stops start-up as a bad value does: one message on
+ * stderr naming the variable, exit 1 (the metrics listener's failure ends a public listener that
+ * has listened for an instant).
+ */
+async function listenOrRefuse (listen: () => Promise<unknown>, portVariable: 'PORT' | 'METRICS_PORT', host: string, port: number): Promise<void> {
+  try {
+    await listen()
+  } catch (error) {
+    const refusal = listenRefusal(error, portVariable, host, port)
+    if (refusal === null) throw error
+    process.stderr.write(`${refusal}\n`)
+    process.exit(1)
+  }
 }
 
 await main()

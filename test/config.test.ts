@@ -328,6 +328,15 @@ t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
   t.equal(loadConfig({ ...base, PORT: '9464', METRICS_PORT: '9465' }).port, 9464)
   const both = refusal({ ...base, PORT: '8080', METRICS_PORT: '8080', SESSION_IDLE_TTL: '13h' })
   t.same(both.variables, ['SESSION_IDLE_TTL', 'METRICS_PORT'], 'cross-variable problems are reported together')
+  // ... and beside the variables bad on their own, in one message (the operator mends them at once).
+  const all = refusal({ ...base, CV_ENV: 'prod', PORT: '3000', METRICS_PORT: '3000', SESSION_IDLE_TTL: '13h' })
+  t.same(all.variables, ['CV_ENV', 'SESSION_IDLE_TTL', 'METRICS_PORT'], 'a bad value and both cross-variable conflicts')
+  // A rule between variables is not judged on a bad one (its default would stand in wrongly).
+  t.same(refusal({ ...base, PORT: 'x', METRICS_PORT: '9464' }).variables, ['PORT'])
+  t.same(refusal({ ...base, PORT: '9464', METRICS_PORT: '0x' }).variables, ['METRICS_PORT'])
+  t.same(refusal({ ...base, SESSION_IDLE_TTL: '13h', SESSION_ABSOLUTE_TTL: 'soon' }).variables, ['SESSION_ABSOLUTE_TTL'])
+  t.same(refusal({ ...base, SESSION_IDLE_TTL: 'forever', SESSION_ABSOLUTE_TTL: '1m' }).variables, ['SESSION_IDLE_TTL'])
+  t.notMatch(refusal({ ...base, SESSION_IDLE_TTL: 'forever', SESSION_ABSOLUTE_TTL: '1m' }).message, 'must not exceed')
 })
 
 t.test('HOST: an IP address or a hostname', async (t) => {

@@ -1,0 +1,63 @@
+import t from 'tap'
+import { spawnSync } from 'node:child_process'
+import { once } from 'node:events'
+import { createServer } from 'node:net'
+import type { AddressInfo } from 'node:net'
+import { listenRefusal } from '../src/listener.js'
+import { freePort } from './helpers/ports.js'
+
+t.test('a listen error the configuration mends names its variable; any other is not ours to word', async (t) => {
+  const error = (code: string): Error => Object.assign(new Error(`listen ${code}`), { code })
+  t.equal(listenRefusal(error('EADDRINUSE'), 'PORT', '0.0.0.0', 3000), 'Cannot listen:\n  PORT: 3000 on 0.0.0.0 is in use (EADDRINUSE)')
+  t.equal(listenRefusal(error('EADDRINUSE'), 'METRICS_PORT', '::', 9464), 'Cannot listen:\n  METRICS_PORT: 9464 on :: is in use (EADDRINUSE)')
+  t.match(listenRefusal(error('EACCES'), 'PORT', '0.0.0.0', 80), /^Cannot listen:\n {2}PORT: 80 on 0\.0\.0\.0 is not open to this process .*\(EACCES\)$/)
+  t.equal(listenRefusal(error('EADDRNOTAVAIL'), 'PORT', '192.0.2.1', 3000), 'Cannot listen:\n  HOST: 192.0.2.1 is not an address of this machine (EADDRNOTAVAIL)')
+  t.equal(listenRefusal(error('EAFNOSUPPORT'), 'PORT', '::1', 3000), 'Cannot listen:\n  HOST: ::1 is of an address family this machine does not have (EAFNOSUPPORT)')
+  t.equal(listenRefusal(error('ENOTFOUND'), 'METRICS_PORT', 'bff.invalid', 9464), 'Cannot listen:\n  HOST: bff.invalid does not resolve (ENOTFOUND)')
+  t.match(listenRefusal(error('EAI_AGAIN'), 'PORT', 'bff.internal', 3000), /^Cannot listen:\n {2}HOST: bff\.internal could not be resolved .*\(EAI_AGAIN\)$/)
+  t.equal(listenRefusal(error('ECONNRESET'), 'PORT', '0.0.0.0', 3000), null)
+  t.equal(listenRefusal(new Error('no code'), 'PORT', '0.0.0.0', 3000), null)
+  t.equal(listenRefusal(null, 'PORT', '0.0.0.0', 3000), null)
+  t.equal(listenRefusal('a string', 'PORT', '0.0.0.0', 3000), null)
+})
+
+/** src/server.ts as production starts it, with `env` over a valid configuration; its exit status and output. */
+function start (env: Record<string, string>): { status: number | null, stdout: string, stderr: string } {
+  const run = spawnSync(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    env: {
+      PATH: process.env.PATH ?? '',
+      // tap follows spawned processes; a tsx-compiled child's coverage of src/ maps onto other
+      // lines than the suite's own (as in test/config.test.ts).
+      _TAPJS_PROCESSINFO_COVERAGE_: '0',
+      CV_API_KEY: 'org-secret-key-123',
+      OIDC_ISSUER: 'https://idp.example.com',
+      OIDC_CLIENT_ID: 'patient-web',
+      HOST: '127.0.0.1',
+      ...env
+    },
+    encoding: 'utf8',
+    timeout: 30_000
+  })
+  return { status: run.status, stdout: run.stdout, stderr: run.stderr }
+}
+
+t.test('the server stops start-up with one message naming the variable when it cannot listen', async (t) => {
+  const taken = createServer()
+  taken.listen(0, '127.0.0.1')
+  await once(taken, 'listening')
+  t.teardown(() => { taken.close() })
+  const port = String((taken.address() as AddressInfo).port)
+
+  const cases: Array<[string, Record<string, string>, string]> = [
+    ['PORT in use', { PORT: port, METRICS_PORT: '0' }, `PORT: ${port} on 127.0.0.1 is in use (EADDRINUSE)`],
+    ['METRICS_PORT in use', { PORT: String(await freePort()), METRICS_PORT: port }, `METRICS_PORT: ${port} on 127.0.0.1 is in use (EADDRINUSE)`],
+    // TEST-NET-1 (RFC 5737): an address no machine of ours has; binding it fails locally.
+    ['HOST not an address here', { HOST: '192.0.2.1', PORT: port, METRICS_PORT: '0' }, 'HOST: 192.0.2.1 is not an address of this machine (EADDRNOTAVAIL)']
+  ]
+  for (const [what, env, line] of cases) {
+    const run = start(env)
+    t.equal(run.status, 1, what)
+    t.equal(run.stderr, `Cannot listen:\n  ${line}\n`, `${what}: one message on stderr`)
+    t.notMatch(run.stdout, /(\n|\\n)\s+at /, `${what}: no stack trace in the log`)
+  }
+})
