@@ -18,16 +18,16 @@ export const OPENAPI_PATH = '/openapi.json'
 const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
   400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid, or the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
   401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
-  403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, or from an origin not in CORS_ORIGINS']],
+  403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, from an origin not in CORS_ORIGINS, or sent cross-site (`Sec-Fetch-Site: cross-site`)']],
   404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
   409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running (or this one held the key too long to send its cancel: nothing was sent)']],
   413: [[ErrorCode.PAYLOAD_TOO_LARGE, 'body too large']],
-  415: [[ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'body is not JSON']],
+  415: [[ErrorCode.UNSUPPORTED_MEDIA_TYPE, 'body is not JSON (on the back-channel logout: neither a form nor JSON)']],
   422: [[ErrorCode.IDEMPOTENCY_MISMATCH, 'Idempotency-Key reused with another appointment or reason']],
   429: [[ErrorCode.RATE_LIMITED, 'per-IP, per-session or per-session cancel limit'], [ErrorCode.UPSTREAM_RATE_LIMITED, 'org-wide Care360 budget spent, or Care360 cooling down after its own 429']],
   500: [[ErrorCode.INTERNAL_ERROR, 'a bug of ours; the body carries no details']],
   502: [[ErrorCode.UPSTREAM_AUTH_FAILED, 'Care360 refused the organization key (an operator problem)'], [ErrorCode.UPSTREAM_ERROR, 'Care360 5xx, unexpected status or body, or connection lost after sending'], [ErrorCode.UPSTREAM_UNAVAILABLE, 'Care360 unreachable: the request was never sent']],
-  503: [[ErrorCode.SERVICE_UNAVAILABLE, 'session store or identity provider unreachable (with `Retry-After`)']],
+  503: [[ErrorCode.SERVICE_UNAVAILABLE, 'session store or identity provider unreachable; on the cancel, the Idempotency-Key store unreachable or full (with `Retry-After`)']],
   504: [[ErrorCode.UPSTREAM_TIMEOUT, 'Care360 slower than CV_TIMEOUT_MS']]
 }
 
@@ -258,8 +258,8 @@ async function openApi (app: FastifyInstance, options: OpenApiOptions): Promise<
         title: 'Care360 patient BFF',
         version: '0.1.0',
         description: 'Backend-for-frontend for patient web and mobile apps on the Care360 Next API. ' +
-          'Every answer is JSON in the envelope `{ status, success, message, code?, data? }`; clients switch on `code`. ' +
-          'Every answer carries `x-request-id`; every answer but those of `/healthz` and `/readyz` carries `RateLimit-Policy` and `RateLimit`; API answers carry `cache-control: no-store`.'
+          'Every answer is JSON in the envelope `{ status, success, message, code?, error?, data? }` (a CORS preflight, `OPTIONS`, is a 204 without a body); clients switch on `code`. ' +
+          'Every answer carries `x-request-id`; every answer but those of `/healthz` and `/readyz`, CORS preflights and requests refused before routing carries `RateLimit-Policy` and `RateLimit`; API answers carry `cache-control: no-store`.'
       },
       ...(options.publicUrl === null ? {} : { servers: [{ url: options.publicUrl }] }),
       tags: [

@@ -4,14 +4,18 @@ import { ErrorCode, errorEnvelope, ok } from '../errors.js'
 
 const SharedStateMode = Type.Union([Type.Literal('redis'), Type.Literal('degraded'), Type.Literal('memory')])
 
-const Health = Type.Object({
+const Alive = Type.Object({
   status: Type.Integer(),
   success: Type.Boolean(),
   message: Type.String(),
-  data: Type.Object({
-    ready: Type.Optional(Type.Boolean()),
-    sharedState: Type.Optional(SharedStateMode)
-  })
+  data: Type.Object({})
+})
+
+const Ready = Type.Object({
+  status: Type.Integer(),
+  success: Type.Boolean(),
+  message: Type.String(),
+  data: Type.Object({ ready: Type.Literal(true), sharedState: SharedStateMode })
 })
 
 /** An error envelope like any other, with the shared state an operator also reads. */
@@ -26,7 +30,7 @@ const Draining = Type.Object({
 /** Liveness and readiness for the orchestrator and the load balancer. */
 export async function healthRoutes (app: FastifyInstance): Promise<void> {
   app.get('/healthz', {
-    schema: { tags: ['operations'], summary: 'Liveness: 200 while the process can serve', response: { 200: Health } }
+    schema: { tags: ['operations'], summary: 'Liveness: 200 while the process can serve', response: { 200: Alive } }
   }, async function liveness () {
     return ok({})
   })
@@ -35,7 +39,7 @@ export async function healthRoutes (app: FastifyInstance): Promise<void> {
     schema: {
       tags: ['operations'],
       summary: 'Readiness: 503 while draining; reports how shared state is held',
-      response: { 200: Health, 503: Draining }
+      response: { 200: Ready, 503: Draining }
     }
   }, async function readiness (_request, reply) {
     const sharedState = app.sharedState.mode()

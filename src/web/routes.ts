@@ -128,7 +128,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       tags: ['auth'],
       summary: 'Web sign-in: redirects to the identity provider (authorization code flow with PKCE)',
       querystring: LoginQuery,
-      response: redirectAnswer('To the identity provider, or to the web app with `signin_error` when it is unreachable')
+      response: redirectAnswer('To the identity provider, or to the web app with `signin_error` when it is unreachable (`idp_unavailable`) or the per-IP limit refused the sign-in (`rate_limited`)')
     },
     config: { failsByRedirect: true },
     onSend: failToTheApp
