@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, pendingResponse } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -218,6 +218,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
   setHeadersTimeout(app.server)
   app.server.on('checkExpectation', expectationFailedAnswer.bind(app))
+  inviteBodiesWithinLimit(app)
   app.server.on('connect', connectRefusedAnswer.bind(app))
 
   app.decorate('config', config)

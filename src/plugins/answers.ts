@@ -3,10 +3,11 @@ import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, preParsingHookHandler } from 'fastify'
 import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
+import { appendHook } from './after-answer.js'
 
 /**
  * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:
@@ -305,6 +306,40 @@ export function writeExpectationFailed (request: IncomingMessage, response: Serv
   const { body, headers } = closingAnswer(417, 'Unsupported Expect header', id)
   response.writeHead(417, headers)
   response.end(body)
+}
+
+/** Node's own test of an expectation of 100 Continue (lib/_http_server.js). */
+const CONTINUE = /(?:^|\W)100-continue(?:$|\W)/i
+
+/** The methods whose requests carry a body here. */
+const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
+
+/**
+ * `Expect: 100-continue` (RFC 9110, 10.1.1). Node invites the body with `100 Continue` as the
+ * request arrives, before any hook or route: a body over its route's limit, or a request the per-IP
+ * limit or the session check refused, was invited, sent, and then refused. Here the invitation
+ * waits until the request has passed its onRequest hooks, and goes only to a body its route takes
+ * (by its Content-Length; a chunked body is invited and held to the limit as it arrives). Any
+ * other answer is given without it, and Node then closes the connection, the body unread. Register
+ * it before any route.
+ */
+export function inviteBodiesWithinLimit (app: FastifyInstance): void {
+  app.server.on('checkContinue', function holdContinue (request: IncomingMessage, response: ServerResponse) {
+    app.server.emit('request', request, response)
+  })
+  app.addHook('onRoute', function inviteBodyOf (route) {
+    const methods = [route.method].flat()
+    if (methods.some((method) => BODY_METHODS.has(method))) route.preParsing = appendHook(route.preParsing, inviteBody)
+  })
+}
+
+const inviteBody: preParsingHookHandler = function inviteBody (request, reply, payload, done) {
+  const expect = request.headers.expect
+  if (expect !== undefined && request.raw.httpVersion === '1.1' && CONTINUE.test(expect) &&
+    !(Number(request.headers['content-length']) > request.routeOptions.bodyLimit)) {
+    reply.raw.writeContinue()
+  }
+  done(null, payload)
 }
 
 /**

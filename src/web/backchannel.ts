@@ -124,7 +124,7 @@ export interface BackchannelRouteOptions {
  * (the rest of the API is JSON only, which keeps "simple" cross-site requests out).
  */
 export async function backchannelLogoutRoute (app: FastifyInstance, options: BackchannelRouteOptions): Promise<void> {
-  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string', bodyLimit: MAX_TOKEN_LENGTH + 1024 }, function parseForm (_request, body, done) {
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, function parseForm (_request, body, done) {
     const tokens = new URLSearchParams(body as string).getAll('logout_token')
     // A repeated parameter is ambiguous: refused rather than picking one.
     done(null, { logout_token: tokens.length === 1 ? tokens[0] : undefined })
@@ -147,7 +147,8 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
   // from its own few addresses, and a valid one dropped by the limit would leave sessions alive
   // after the patient signed out (the provider does not retry). Garbage still uses up the address's
   // quota, after which everything from it is refused before verification.
-  app.post('/auth/backchannel-logout', { schema, attachValidation: true, config: { ipLimit: 'refusals' } }, async function backchannelLogout (request) {
+  // The form's limit is the route's, so that a client expecting 100 Continue is invited by it (answers.ts).
+  app.post('/auth/backchannel-logout', { schema, attachValidation: true, bodyLimit: MAX_TOKEN_LENGTH + 1024, config: { ipLimit: 'refusals' } }, async function backchannelLogout (request) {
     const token = (request.body as { logout_token?: unknown } | undefined)?.logout_token
     if (typeof token !== 'string' || token.length === 0 || token.length > MAX_TOKEN_LENGTH) throw invalidRequest()
     let claims: LogoutClaims

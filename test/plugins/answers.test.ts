@@ -265,3 +265,63 @@ t.test('a 503 every request repeats while a store or the identity provider is do
   t.equal(warned('The upstream failed'), 2, 'an upstream failure is one line per call (the org budget bounds them)')
   t.equal(lines.filter((line) => line.msg === 'request completed' && (line as { res?: { statusCode?: number } }).res?.statusCode === 503).length, 40, 'every one still has its access line')
 })
+
+/**
+ * Sends a request's head with `Expect: 100-continue` and waits up to `waitMs` for what comes back
+ * before any body; then sends `body` (if the connection is still open) and reads to the close.
+ */
+async function expectingContinue (port: number, head: string, body: string, waitMs = 300): Promise<{ beforeBody: string, all: string }> {
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  await once(socket, 'connect')
+  let data = ''
+  socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+  const closed = once(socket, 'close')
+  socket.write(head)
+  await Promise.race([new Promise((resolve) => setTimeout(resolve, waitMs)), closed])
+  const beforeBody = data
+  if (!socket.destroyed && socket.writable) socket.end(body)
+  await closed
+  return { beforeBody, all: data }
+}
+
+t.test('Expect: 100-continue invites only a body the route takes, after its hooks passed', async (t) => {
+  const server = await app(t)
+  await server.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = server.server.address() as { port: number }
+  const post = (path: string, length: number, extra = ''): string =>
+    `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n${extra}Connection: close\r\n\r\n`
+
+  const body = '{"n":1}'
+  const taken = await expectingContinue(port, post('/echo', body.length), body)
+  t.equal(taken.beforeBody, 'HTTP/1.1 100 Continue\r\n\r\n', 'within the limit: invited')
+  t.match(taken.all, /HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 /)
+  t.match(taken.all, /"ok":\{"n":1\}/)
+
+  const tooLarge = await expectingContinue(port, post('/echo', BODY_LIMIT_BYTES + 1), 'x'.repeat(BODY_LIMIT_BYTES + 1))
+  t.match(tooLarge.beforeBody, /^HTTP\/1\.1 413 /, 'over the limit: the 413 without an invitation')
+  t.notMatch(tooLarge.all, /100 Continue/)
+  t.match(tooLarge.all, /"code":"PAYLOAD_TOO_LARGE"/)
+
+  // Refused by a hook before the body would be read: no session on the cancel.
+  const cancel = await expectingContinue(port, post('/appointments/3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01/cancel', body.length), body)
+  t.match(cancel.beforeBody, /^HTTP\/1\.1 401 /, 'no session: the 401 without an invitation')
+  t.notMatch(cancel.all, /100 Continue/)
+
+  // No route takes a body: none is invited (Fastify reads it before its 404, once the client
+  // sends it without waiting any longer, as RFC 9110 lets it).
+  const nowhere = await expectingContinue(port, post('/nowhere', body.length), body)
+  t.equal(nowhere.beforeBody, '')
+  t.match(nowhere.all, /^HTTP\/1\.1 404 /)
+
+  // A chunked body is invited, and held to the limit as it arrives.
+  const chunked = await expectingContinue(port, 'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n', `${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`)
+  t.equal(chunked.beforeBody, 'HTTP/1.1 100 Continue\r\n\r\n')
+  t.match(chunked.all, /HTTP\/1\.1 200 /)
+
+  // The mobile sign-in takes an ID token longer than the JSON limit: invited by its own limit.
+  const idToken = JSON.stringify({ idToken: 'a'.repeat(BODY_LIMIT_BYTES + 100) })
+  const signIn = await expectingContinue(port, post('/auth/session', idToken.length), idToken)
+  t.equal(signIn.beforeBody, 'HTTP/1.1 100 Continue\r\n\r\n', 'a body within its route\'s own limit')
+  t.match(signIn.all, /HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 401 /)
+})
