@@ -204,10 +204,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (this.#settled) return
     this.#settled = true
     clearTimeout(this.#timer)
-    // A 429 is decided by its status and Retry-After, both in hand: its body too large, too slow
-    // or cut off must not turn it into a 502 or a 504, which would set no cooldown.
-    if (this.#status === 429) this.#resolve({ status: 429, headers: this.#headers, body: NO_BODY })
-    else this.#reject(new ExchangeError(error, this.#controller !== null, timedOut, this.#status === 0 ? null : this.#status))
+    this.#reject(new ExchangeError(error, this.#controller !== null, timedOut, this.#status === 0 ? null : this.#status))
     this.#controller?.abort(error)
   }
 
@@ -221,8 +218,22 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   onResponseStart (_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    // An informational answer (a 102, a 103 with its hints) is not the answer: undici hands it
+    // here too, and the final one follows.
+    if (statusCode < 200) return
     this.#status = statusCode
     this.#headers = headers
+    // A 429 is decided by its status and Retry-After, both in hand now: settled at once, its body
+    // not read. One too large, too slow or cut off would otherwise be a 502 or a 504, which set no
+    // cooldown, and one that stalled held the patient, and the shared cooldown's start, until the
+    // deadline. Its connection goes (a 429 is rare behind the org budget).
+    if (statusCode === 429) {
+      this.#settled = true
+      clearTimeout(this.#timer)
+      this.#resolve({ status: 429, headers, body: NO_BODY })
+      this.#controller?.abort(new OwnError('a 429 is read from its headers'))
+      return
+    }
     const declared = Number(headers['content-length'])
     if (declared > this.#maxBodyBytes) this.fail(new BodyTooLargeError(`declared body of ${declared} bytes`))
   }
@@ -522,6 +533,15 @@ function outcomeOf (error: unknown): UpstreamCallOutcome {
   return OUTCOME_OF_CODE[(error as UpstreamError).code] as UpstreamCallOutcome
 }
 
+/** The socket's own failures: the connection closed or reset under a request. */
+const CONNECTION_LOST_CODES = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
+
+/** Whether the request was written and its connection then lost before any answer began. */
+function lostBeforeAnswer (error: ExchangeError): boolean {
+  return error.sent && !error.timedOut && error.status === null &&
+    CONNECTION_LOST_CODES.has(String((error.cause as NodeJS.ErrnoException).code))
+}
+
 function transportError (error: ExchangeError, method: string): UpstreamError {
   const cause = error.cause
   if (!error.sent) {
@@ -542,8 +562,10 @@ function transportError (error: ExchangeError, method: string): UpstreamError {
       outcome: 'unknown', upstreamStatus: null, cause
     })
   }
+  // Lost while the answer's body arrived: its status stays on the record (the audit's), though
+  // the answer is not known whole.
   return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, `The connection to the appointment service was lost${unknown}`, {
-    outcome: 'unknown', upstreamStatus: null, cause
+    outcome: 'unknown', upstreamStatus: error.status, cause
   })
 }
 
@@ -584,16 +606,19 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
     }
     const started = performance.now()
     const slot = slots.take(timeoutMs)
-    if (slot === undefined) return admit(endpoint, request, scrub, read, started)
-    return slot.then(() => admit(endpoint, request, scrub, read, started), function noSlot (error: DeadlineError): never {
+    if (slot === undefined) return admit(endpoint, request, scrub, read, started, false)
+    return slot.then(() => admit(endpoint, request, scrub, read, started, false), function noSlot (error: DeadlineError): never {
       const mapped = transportError(new ExchangeError(error, false, true, null), request.method)
       observe?.(endpoint, outcomeOf(mapped), (performance.now() - started) / 1000)
       throw mapped
     })
   }
 
-  /** With a slot held: the gate, then the exchange; the slot goes back when the exchange settles, or at once when none starts. */
-  function admit<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number): Promise<T> {
+  /**
+   * With a slot held: the gate, then the exchange; the slot goes back when the exchange settles, or
+   * at once when none starts. `resent`: this is a GET's second sending (send).
+   */
+  function admit<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number, resent: boolean): Promise<T> {
     let gated: Awaitable<void>
     try {
       gated = gate.acquire(endpoint)
@@ -601,14 +626,14 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       slots.give()
       return Promise.reject(error)
     }
-    if (!isPromise(gated)) return send(endpoint, request, scrub, read, started)
-    return gated.then(() => send(endpoint, request, scrub, read, started), function refused (error: unknown): never {
+    if (!isPromise(gated)) return send(endpoint, request, scrub, read, started, resent)
+    return gated.then(() => send(endpoint, request, scrub, read, started, resent), function refused (error: unknown): never {
       slots.give()
       throw error
     })
   }
 
-  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number): Promise<T> {
+  function send<T> (endpoint: UpstreamEndpoint, request: Dispatcher.DispatchOptions, scrub: Scrub, read: (status: number, envelope: Envelope | null) => T, started: number, resent: boolean): Promise<T> {
     const sentAt = performance.now()
     function heard (outcome: UpstreamCallOutcome): void {
       observe?.(endpoint, outcome, (performance.now() - sentAt) / 1000)
@@ -638,10 +663,18 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         heard(outcomeOf(error))
         throw error
       }
-    }, function failed (error: unknown): never {
-      slots.give()
+    }, function failed (error: unknown): Promise<T> {
       const mapped = transportError(error as ExchangeError, request.method)
       heard(outcomeOf(mapped))
+      // A GET whose connection was lost before any answer is sent once more, on the slot it holds,
+      // through the gate (another upstream call) and within what is left of its deadline: the
+      // kept-alive connection the upstream closes just as a request is written on it (its idle
+      // timer, a restart) is a race undici's check of an idle socket cannot see, and its core
+      // never sends anything again. A cancel never is: it may have been read.
+      if (!resent && request.method === 'GET' && lostBeforeAnswer(error as ExchangeError)) {
+        return admit(endpoint, request, scrub, read, started, true)
+      }
+      slots.give()
       throw mapped
     })
   }
@@ -732,9 +765,8 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       })
     },
 
-    // Not retried either: undici already validates an idle keep-alive socket before reusing it,
-    // so a stale-socket failure is rare, and a retry would draw from the org budget twice and
-    // double the worst-case latency of a patient's screen. A failed list is a 502 the app retries.
+    // Sent once more, once, when its connection is lost before any answer (send): the kept-alive
+    // race. Any other failure is a 502 or 504 the app retries.
     fetchAppointments (email, context) {
       const query = new URLSearchParams({ user_email: email })
       return call('list', {

@@ -17,6 +17,7 @@ import {
   type UpstreamGate
 } from '../../src/care360/client.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { upstreamRateLimited } from '../../src/limits/upstream-gate.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { freePort } from '../helpers/ports.js'
 
@@ -334,13 +335,16 @@ t.test('upstream 429', async (t) => {
       else response.write('{"status":429,') // then nothing: stalled
     })
     const log = recordingGate()
-    const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 300, gate: log.gate })
+    const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 5000, gate: log.gate })
     t.teardown(() => client.close())
     for (const each of ['declared', 'streamed', 'stalled']) {
       mode = each
+      const started = performance.now()
       const error = await failureOf(cancelAlice(client))
       t.match(error, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED, upstreamStatus: 429 }, each)
       t.same(error.headers, { 'Retry-After': '30' }, each)
+      // Decided by its headers: never held to the deadline by its body.
+      t.ok(performance.now() - started < 2500, `${each}: answered from its headers`)
     }
     t.same(log.rateLimited, [30_000, 30_000, 30_000], 'the gate heard each, with its Retry-After')
   })
@@ -483,6 +487,33 @@ t.test('a declared content-length of exactly the cap is read, one byte more is r
   t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 200 }, 'one byte over the cap is refused')
 })
 
+t.test('an informational answer (1xx) is not the answer: its headers are never read as the final one\'s', async (t) => {
+  // A 103 Early Hints (or a 102) may come before the final answer; a Content-Length on it (which
+  // RFC 9110 8.6 forbids; a misbehaving server may send it) is no body of the answer to come. undici hands
+  // the 1xx to the handler as a response start of its own.
+  let requests = 0
+  const sockets = new Set<Socket>()
+  const upstream = createServer(function onConnection (socket) {
+    sockets.add(socket)
+    socket.on('data', () => {
+      requests++
+      const body = '{"status":200,"success":true,"message":"Meeting cancelled successfully"}'
+      socket.write('HTTP/1.1 103 Early Hints\r\nlink: </x>; rel=preload\r\ncontent-length: 1000000\r\n\r\n')
+      socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`)
+    })
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy()
+    upstream.close()
+  })
+  const client = createCare360Client({ baseUrl: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`, apiKey: SANDBOX_KEY, timeoutMs: 3000, maxBodyBytes: 1000 })
+  t.teardown(() => client.close())
+  t.same(await settled(cancelAlice(client)), { status: 200, success: true, message: 'Meeting cancelled successfully' }, 'the final answer is read')
+  t.equal(requests, 1)
+})
+
 t.test('the default caps: 64 KiB for a cancel\'s answer, 1 MiB for a list (not paginated: a patient\'s whole list)', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'huge', times: 1 })
@@ -565,13 +596,107 @@ t.test('socket reset after the cancel is applied: outcome unknown, and it did ha
   t.ok(sandbox.control.isCancelled(ALICE_FIRST))
 })
 
-t.test('a GET that loses its connection is not retried either', async (t) => {
-  const { sandbox, client } = await setup(t)
+t.test('a GET that loses its connection is sent once more, and only once', async (t) => {
+  const { sandbox, client, log } = await setup(t)
   sandbox.control.setFailure({ kind: 'reset', endpoint: 'list', times: 1 })
+  const listed = await client.fetchAppointments(ALICE.email, CTX)
+  t.ok(listed.length > 0, 'the second sending is answered')
+  t.equal(sandbox.control.calls.length, 2)
+  t.same(log.acquired, ['list', 'list'], 'each sending passed the gate')
+
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'list', times: 2 })
   const error = await failureOf(client.fetchAppointments(ALICE.email, CTX))
-  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown' })
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown', upstreamStatus: null })
   t.notMatch(error.message, /unknown/, 'a read changes nothing')
-  t.equal(sandbox.control.calls.length, 1)
+  t.equal(sandbox.control.calls.length, 4, 'lost twice: sent twice, then the 502')
+
+  // A gate that refuses the second sending: its refusal is the answer, and the slot comes back.
+  let admitted = 0
+  let refuseSecond = true
+  const gated = createCare360Client({
+    baseUrl: sandbox.url,
+    apiKey: SANDBOX_KEY,
+    timeoutMs: 3000,
+    connections: 1,
+    gate: {
+      acquire () {
+        admitted++
+        if (refuseSecond && admitted === 2) throw upstreamRateLimited(1000)
+      },
+      async onRateLimited () { return 1000 }
+    }
+  })
+  t.teardown(() => gated.close())
+  sandbox.control.setFailure({ kind: 'reset', endpoint: 'list', times: 1 })
+  const refusal = await gated.fetchAppointments(ALICE.email, CTX).catch((error: unknown) => error)
+  t.match(refusal, { statusCode: 429, code: ErrorCode.UPSTREAM_RATE_LIMITED }, 'the gate\'s refusal of the second sending')
+  refuseSecond = false
+  t.same(await gated.fetchAppointments(ALICE.email, CTX), listed, 'the one connection\'s slot was given back')
+})
+
+t.test('a GET whose connection is lost after its answer began, or past its deadline, is not sent again', async (t) => {
+  // The status came, then the connection went mid-body: the upstream answered; its status stays on the record.
+  let calls = 0
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    calls++
+    request.resume()
+    response.writeHead(200, { 'content-type': 'application/json', 'content-length': '100' })
+    response.write('{"status":200,')
+    setTimeout(() => { response.socket?.destroy() }, 20)
+  })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000 })
+  t.teardown(() => client.close())
+  t.match(await failureOf(client.fetchAppointments(ALICE.email, CTX)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown', upstreamStatus: 200 })
+  t.equal(calls, 1)
+})
+
+/**
+ * An upstream that answers the first request on each connection and closes the connection,
+ * unanswered, when the next one arrives on it: the classic keep-alive race, its idle timer (or its
+ * restart) closing a connection just as our request on it is in transit. What it received, in order.
+ */
+async function closingKeptAliveUpstream (t: Test): Promise<{ baseUrl: string, received: string[], connections: () => number }> {
+  let connections = 0
+  const served = new WeakSet<Socket>()
+  const received: string[] = []
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    received.push(request.method as string)
+    request.resume()
+    if (served.has(request.socket)) {
+      request.socket.destroy()
+      return
+    }
+    served.add(request.socket)
+    response.setHeader('content-type', 'application/json')
+    response.end(request.method === 'GET' ? '{"status":200,"success":true,"message":"ok","data":[]}' : '{"status":200,"success":true,"message":"ok"}')
+  }, () => { connections++ })
+  return { baseUrl, received, connections: () => connections }
+}
+
+t.test('a list sent on a kept-alive connection the upstream closes as it arrives is sent again, once, on a new one', async (t) => {
+  // undici checks an idle socket before reusing it, but a FIN still on the wire is not seen, and
+  // its core never retries. Nothing came back: a GET is safe to send again on a fresh connection,
+  // and the patient should not get a 502 (nor a cancel fail its ownership check) for the age of a
+  // connection.
+  const { baseUrl, received, connections } = await closingKeptAliveUpstream(t)
+  const log = recordingGate()
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000, connections: 1, gate: log.gate })
+  t.teardown(() => client.close())
+  t.same(await client.fetchAppointments(ALICE.email, CTX), [], 'the first list opens the connection')
+  t.same(await settled(client.fetchAppointments(ALICE.email, CTX)), [], 'the list that met the close is answered, not a 502')
+  t.same(received, ['GET', 'GET', 'GET'], 'sent again once')
+  t.equal(connections(), 2, 'on a new connection')
+  t.same(log.acquired, ['list', 'list', 'list'], 'the second sending is an upstream call: it draws from the org budget')
+})
+
+t.test('a cancel sent on a kept-alive connection the upstream closes as it arrives is never sent again', async (t) => {
+  const { baseUrl, received } = await closingKeptAliveUpstream(t)
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000, connections: 1 })
+  t.teardown(() => client.close())
+  t.same(await client.fetchAppointments(ALICE.email, CTX), [], 'a list opens the connection')
+  const error = await failureOf(cancelAlice(client))
+  t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown' }, 'the upstream may have read it: an unknown outcome')
+  t.same(received, ['GET', 'POST'], 'sent once')
 })
 
 t.test('slower than the deadline: 504', async (t) => {
