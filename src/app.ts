@@ -19,7 +19,7 @@ import { webSecurityPlugin } from './web/security.js'
 import { openApiPlugin } from './openapi.js'
 import { csrfPlugin } from './web/csrf.js'
 import { webSignInPlugin } from './web/plugin.js'
-import { ipLimitPlugin, sessionLimitPlugin } from './limits/plugins.js'
+import { ipLimitPlugin, proxyTrust, sessionLimitPlugin } from './limits/plugins.js'
 import { metricsPlugin } from './metrics.js'
 import { afterEveryAnswer, appendHook } from './plugins/after-answer.js'
 import { listenerOptions, REQUEST_TIMEOUT_MS, setHeadersTimeout } from './listener.js'
@@ -196,7 +196,7 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     childLoggerFactory: deferredChildLogger,
     // X-Forwarded-* is believed only from the configured load balancers (Fastify 5.12.1+ takes
     // addresses/CIDRs here; a hop count would trust whatever the client put first).
-    trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
+    trustProxy: proxyTrust(config.trustProxy),
     bodyLimit: BODY_LIMIT_BYTES,
     // Slow clients are cut off: a request has 10 s to arrive whole, headers 5 s; a connection
     // stays silent at most twice as long as the shutdown's deadline (a client that stops

@@ -154,6 +154,8 @@ const AddressList = (description: string) =>
       const maxBits = family === 6 ? 128 : 32
       const okBits = bits === undefined || (/^[0-9]{1,3}$/.test(bits) && Number(bits) <= maxBits)
       if (family === 0 || !okBits || extra !== undefined) throw new Error(`not an address or CIDR: ${entry}`)
+      // Also refused by Fastify's proxy-addr, later, with a stack trace naming no variable.
+      if (Number(bits) === 0) throw new Error(`${entry} trusts every address: any client could write its own X-Forwarded-For`)
     }
     return entries
   })

@@ -313,6 +313,17 @@ t.test('CORS_ORIGINS: https origins, plain http only on loopback (as PUBLIC_URL)
   t.same(refusal({ ...base, TRUST_PROXY: '10.0.0.1/8/1' }).variables, ['TRUST_PROXY'])
 })
 
+t.test('TRUST_PROXY: a /0 prefix stops start-up with the message naming the variable, not a stack trace from Fastify', async (t) => {
+  // Accepted here, then refused by @fastify/proxy-addr inside Fastify(): the server exited with
+  // "TypeError: invalid range on address: 0.0.0.0/0" and its stack, naming no variable. Trusting
+  // every address would also believe any client's X-Forwarded-For.
+  for (const value of ['0.0.0.0/0', '::/0', '10.0.0.0/8, 0.0.0.0/0']) {
+    const error = refusal({ ...base, TRUST_PROXY: value })
+    t.same(error.variables, ['TRUST_PROXY'], value)
+    t.match(error.message, 'trusts every address', value)
+  }
+})
+
 t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
   t.equal(loadConfig({ ...base, PORT: '1' }).port, 1)
   t.equal(loadConfig({ ...base, PORT: '65535' }).port, 65535)

@@ -1,5 +1,6 @@
 import { isIPv4 } from 'node:net'
 import { Address6 } from 'ip-address'
+import { compile as compileTrust } from '@fastify/proxy-addr'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, onRequestHookHandler, onSendHookHandler, RouteOptions } from 'fastify'
 import type { Rate } from '../config.js'
@@ -226,8 +227,13 @@ export function clientAddress (ip: string): string {
   const v4 = IPV4_WITH_PORT.exec(ip)?.[1]
   if (v4 !== undefined) return v4
   const address = BRACKETED_IPV6.exec(ip)?.[1] ?? ip
+  // Node's own spelling of an IPv4 client on a dual-stack socket, at once.
   if (address.startsWith('::ffff:') && isIPv4(address.slice(7))) return address.slice(7)
   try {
+    const parsed = new Address6(address)
+    // Any other spelling of an IPv4-mapped address (a proxy's: upper case, expanded, the IPv4
+    // part in hex) is that IPv4 client too, not the ::/64 all of them would share.
+    if (parsed.isMapped4()) return parsed.to4().correctForm()
     return new Address6(`${address}/64`).startAddress().correctForm()
   } catch {
     // Not an address: X-Forwarded-For text from a TRUST_PROXY peer, which nobody parsed. It is
@@ -238,6 +244,21 @@ export function clientAddress (ip: string): string {
 
 const IPV4_WITH_PORT = /^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$/
 const BRACKETED_IPV6 = /^\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?$/
+
+/**
+ * Fastify's `trustProxy` for TRUST_PROXY (false when it lists nothing): an X-Forwarded-For hop is
+ * trusted when its address is in the list, written with a port or not. Azure Application Gateway
+ * appends `ip:port`; behind another proxy, the entry it appends is that proxy's own, and read
+ * whole (proxy-addr takes no port) it was no address in the list: the proxy was taken for the
+ * client, and every client behind it shared one per-IP counter.
+ */
+export function proxyTrust (list: string[]): ((address: string, hop: number) => boolean) | false {
+  if (list.length === 0) return false
+  const trusted = compileTrust(list)
+  return function trustedHop (address, hop) {
+    return trusted(IPV4_WITH_PORT.exec(address)?.[1] ?? BRACKETED_IPV6.exec(address)?.[1] ?? address, hop)
+  }
+}
 
 function ipKey (request: FastifyRequest): string {
   const ip = request.ip as string | undefined

@@ -215,3 +215,28 @@ t.test('REPLICAS above 1 without REDIS_URL: a warning at start', async (t) => {
   await buildTestApp(t, { env: { REPLICAS: '3' }, redis: await startRedis(t), logStream: { write: (line: string) => { quiet.push(line) } } })
   t.notOk(quiet.some((line) => line.includes('REPLICAS above 1')), 'with Redis: its meaning, no warning')
 })
+
+t.test('X-Forwarded-For: a trusted hop written with its port is still a trusted hop (Azure Application Gateway behind Front Door or another proxy)', async (t) => {
+  // Application Gateway writes every entry it appends as IP:port. Behind another trusted proxy, the
+  // entry it appends is that proxy's own address with a port: `client, proxy:port`. The README says
+  // a port in X-Forwarded-For is ignored; here it makes the trusted hop the client, and every
+  // patient behind that hop shares its one counter.
+  const app = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m', TRUST_PROXY: '10.0.0.0/8' } })
+  const via = async (client: string, port: number) =>
+    await app.inject({ url: '/a', remoteAddress: '10.1.2.3', headers: { 'x-forwarded-for': `${client}:${port}, 10.9.9.9:${40000 + port}` } })
+  t.equal((await via('203.0.113.7', 1)).statusCode, 200)
+  t.equal((await via('198.51.100.8', 2)).statusCode, 200)
+  const third = await via('192.0.2.44', 3)
+  t.equal(third.statusCode, 200, 'a third client is not refused for the first two\'s requests')
+  t.match(String(third.headers.ratelimit), /"ip";r=1;/, 'its own counter: one request of two spent')
+})
+
+t.test('client addresses: an IPv4-mapped address in any IPv6 spelling is its IPv4 address, not the ::/64 every such client shares', async (t) => {
+  // A proxy may write the mapped form otherwise than Node's socket does (upper case, fully
+  // expanded, the IPv4 part in hex). Each spelling is one IPv4 client; the /64 fallback makes them
+  // all `::`, one counter with every other client so written (and with ::1).
+  t.equal(clientAddress('::FFFF:203.0.113.7'), '203.0.113.7')
+  t.equal(clientAddress('0:0:0:0:0:ffff:203.0.113.7'), '203.0.113.7')
+  t.equal(clientAddress('::ffff:cb00:7107'), '203.0.113.7')
+  t.not(clientAddress('::ffff:cb00:7107'), clientAddress('::ffff:c633:6408'), 'two IPv4 clients, two keys')
+})
