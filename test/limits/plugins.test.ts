@@ -229,6 +229,16 @@ t.test('X-Forwarded-For: a trusted hop written with its port is still a trusted 
   const third = await via('192.0.2.44', 3)
   t.equal(third.statusCode, 200, 'a third client is not refused for the first two\'s requests')
   t.match(String(third.headers.ratelimit), /"ip";r=1;/, 'its own counter: one request of two spent')
+
+  // An IPv6 hop with its port, bracketed.
+  const v6 = await limitedApp(t, { env: { RATE_LIMIT_IP: '2/1m', TRUST_PROXY: 'fd00::/8' } })
+  const viaV6 = async (client: string, port: number) =>
+    await v6.inject({ url: '/a', remoteAddress: 'fd00::1', headers: { 'x-forwarded-for': `${client}, [fd00::9]:${40000 + port}` } })
+  t.equal((await viaV6('203.0.113.7', 1)).statusCode, 200)
+  t.equal((await viaV6('198.51.100.8', 2)).statusCode, 200)
+  const thirdV6 = await viaV6('192.0.2.44', 3)
+  t.equal(thirdV6.statusCode, 200, 'behind an IPv6 hop with its port too')
+  t.match(String(thirdV6.headers.ratelimit), /"ip";r=1;/)
 })
 
 t.test('client addresses: an IPv4-mapped address in any IPv6 spelling is its IPv4 address, not the ::/64 every such client shares', async (t) => {
