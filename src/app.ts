@@ -24,15 +24,14 @@ import { metricsPlugin } from './metrics.js'
 import { afterEveryAnswer, appendHook } from './plugins/after-answer.js'
 import { listenerOptions, REQUEST_TIMEOUT_MS, setHeadersTimeout } from './listener.js'
 
-export { REQUEST_TIMEOUT_MS } from './listener.js'
-
 declare module 'fastify' {
   interface FastifyInstance {
     config: Config
     sharedState: SharedState
     /**
-     * True once `close()` has begun: the listener is closed (new connections are refused), every
-     * answer closes its connection, and `/readyz` answers 503 on the connections still open.
+     * True from the start of a shutdown (SHUTDOWN_DELAY's wait, then `close()`): every answer
+     * closes its connection and `/readyz` answers 503. New connections are refused only once
+     * `close()` has closed the listener.
      */
     draining: boolean
   }
@@ -56,8 +55,8 @@ export type App = FastifyInstance
  * `Connection: close`, and Node closes the socket after it.
  *
  * And a client still sending its request's headers when shutdown begins: Node stops enforcing
- * `headersTimeout` once the server closes, so it held the shutdown until its deadline (10 s, then
- * exit 1). It gets what a running server gives it, counted from the start of the shutdown: after
+ * `headersTimeout` once the server closes, so it held the shutdown until its deadline
+ * (shutdownDeadlineFor, then exit 1). It gets what a running server gives it, counted from the start of the shutdown: after
  * `headersTimeout`, a 408 and the end of its connection. A request whose headers arrived is in
  * flight, and is answered whatever its pace (up to the shutdown deadline).
  */

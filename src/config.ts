@@ -128,14 +128,14 @@ const UpstreamOrigin = (description: string) =>
     if (url.pathname !== '/') throw new Error('must be an origin, without a path (the service adds the API\'s paths)')
     return url.origin
   })
-/**
- * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since
- * a plain-http origin can be answered by anyone on the path between the browser and its host.
- */
 /** An entry as a refusal quotes it: any user information (a password, which no origin has) left out. */
 function quoted (entry: string): string {
   return entry.replace(/\/\/[^/]*@/, '//[user information]@')
 }
+/**
+ * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since
+ * a plain-http origin can be answered by anyone on the path between the browser and its host.
+ */
 const OriginList = (description: string) =>
   Type.Decode(Type.String({ description }), (value) => {
     const origins = list(value)
@@ -163,7 +163,7 @@ const AddressList = (description: string) =>
 /**
  * The highest database number accepted in REDIS_URL's path. Redis has 16 (0 to 15) unless its
  * `databases` setting says more; a number past the server's is only seen at connection (an error
- * line, the SELECT fails and the connection stays on database 0).
+ * line; the connection is dropped and retried, the shared state degraded meanwhile).
  */
 const MAX_REDIS_DB = 1_000_000
 /** The one query parameter accepted (ioredis takes every parameter as a client option: see RedisUrl). */

@@ -22,7 +22,8 @@ export const ErrorCode = {
   UPSTREAM_UNAVAILABLE: 'UPSTREAM_UNAVAILABLE',
   UPSTREAM_TIMEOUT: 'UPSTREAM_TIMEOUT',
   // Not in the contract's table, which leaves our own failures to us: a 500 always means a bug
-  // of ours; a 503 means a dependency of ours (the session store) could not answer in time.
+  // of ours; a 503 means a dependency of ours (a store, the identity provider) could not answer
+  // in time, or the replica is draining.
   INTERNAL_ERROR: 'INTERNAL_ERROR',
   SERVICE_UNAVAILABLE: 'SERVICE_UNAVAILABLE'
 } as const

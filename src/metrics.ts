@@ -37,7 +37,8 @@ export interface AppMetrics {
   redisEvictionPolicySafe: Gauge<'policy'>
   /**
    * A request refused before any route, where no hook sees it (the HTTP parser's refusals,
-   * Fastify's malformed URL, an unsupported Expect): counted by status; it has no route to time.
+   * Fastify's malformed URL, an unsupported Expect, a CONNECT): counted by status; it has no route
+   * to time.
    */
   recordRefusedBeforeRouting: (status: number) => void
   /** One upstream call, for the Care360 client's `observe` option. */
@@ -82,12 +83,13 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
   })
   const upstreamDuration = new Histogram({
     name: 'care360_upstream_duration_seconds',
-    help: 'Care360 calls that left this process (after the org budget and cooldown), by endpoint and outcome',
+    help: 'Care360 calls past the org budget and cooldown, by endpoint and outcome (timeout includes calls that got no connection in time and were never sent)',
     labelNames: ['endpoint', 'outcome'] as const,
     buckets: UPSTREAM_BUCKETS,
     registers: [registry]
   })
-  // Every request passes three to five limiter decisions: they are counted in plain numbers and
+  // A request passes up to seven limiter decisions (a cancel whose ownership list is looked up:
+  // ip, session, cancel, then cooldown and budget for each upstream call): they are counted in plain numbers and
   // handed to the counter when scraped, instead of a prom-client call (a label hash) each.
   const decisions = new Map(SCOPES.map((scope) => [scope, { allowed: 0, limited: 0, published: { allowed: 0, limited: 0 } }]))
   const limiterDecisions = new Counter({
@@ -131,7 +133,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
   })
   const refusedBeforeRouting = new Counter({
     name: 'bff_http_refused_before_routing_total',
-    help: 'Requests refused before any route (malformed request or URL, headers too large, too slow to arrive, an unsupported Expect), by the status answered',
+    help: 'Requests refused before any route (malformed request or URL, headers too large, too slow to arrive, an unsupported Expect, a CONNECT), by the status answered',
     labelNames: ['status_code'] as const,
     registers: [registry]
   })
@@ -147,7 +149,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
   })
   const redisEvictionPolicySafe = new Gauge({
     name: 'bff_redis_eviction_policy_safe',
-    help: 'Redis\'s maxmemory-policy as read at its last connection: 1 for noeviction, 0 for a policy that may evict the service\'s state (sessions, Idempotency-Key records, limits); no sample while unknown (no Redis, or INFO refused)',
+    help: 'Redis\'s maxmemory-policy as last read (at each connection and every 5 minutes): 1 for noeviction, 0 for a policy that may evict the service\'s state (sessions, Idempotency-Key records, limits); no sample while unknown (no Redis, or INFO refused)',
     labelNames: ['policy'] as const,
     registers: [registry],
     collect () {

@@ -94,7 +94,8 @@ function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   if (auth !== undefined) statuses.push(503)
   // CSRF applies to every state-changing request that a session cookie authenticates.
   if (changesState && auth !== undefined) statuses.push(403)
-  // A body is parsed (JSON only, 8 KiB) on every state-changing route, whether it declares one or not.
+  // A body is parsed on every state-changing route, whether it declares one or not (JSON, 8 KiB
+  // unless the route sets its own limit; a form on the back-channel logout).
   if (changesState) statuses.push(400, 413, 415)
   return statuses
 }

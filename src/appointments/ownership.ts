@@ -4,8 +4,8 @@ import { hasEnded, type Appointment } from '../care360/client.js'
  * Which upcoming appointments belong to which patient, as the upstream's Fetch Appointments
  * says, cached briefly per process. The cache only saves list calls (and org budget): an
  * appointment missing from a cached list is looked up again fresh before we say "not yours",
- * a cancel that took effect drops that appointment from the patient's entry, and any other
- * outcome evicts the entry, so staleness can delay a 404 but never turn one into a cancel of
+ * a cancel that took effect drops that appointment from the patient's entry, and an outcome that
+ * may have cancelled evicts the entry (one known not to have been sent leaves it), so staleness can delay a 404 but never turn one into a cancel of
  * someone else's appointment (the list is always the patient's own).
  */
 export interface OwnershipCacheOptions {

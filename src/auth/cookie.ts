@@ -8,8 +8,8 @@ import { fastifyCookie } from '@fastify/cookie'
 export const SESSION_COOKIE = '__Host-bff-session'
 
 /**
- * The session cookie of a request, read from its Cookie header when asked: the session and CSRF
- * hooks ask only when no bearer came, and most requests (the mobile app's) carry no cookies at
+ * The session cookie of a request, read from its Cookie header when asked: the session hook (and
+ * sign-out's 401) ask only when no bearer came, and most requests (the mobile app's) carry no cookies at
  * all, so nothing is parsed for them. The routes that set or read other cookies (web sign-in,
  * sign-out) register @fastify/cookie in their own scope.
  */

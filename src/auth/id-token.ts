@@ -64,9 +64,6 @@ export interface IdTokenVerifierOptions {
   /** The IdP's key set, shared with the back-channel logout verifier. */
   keys: IssuerKeys
   audiences: string[]
-  clockToleranceSec?: number
-  /** Oldest accepted `auth_time` (or `iat` without it), in seconds. */
-  maxAgeSec?: number
   now?: () => number
   log?: FastifyBaseLogger
   /** Where retired tokens are remembered (shared by the replicas when Redis is configured). */
@@ -111,8 +108,9 @@ export function idTokenId (idToken: string): string {
 }
 
 export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdTokenVerifier {
-  const clockToleranceSec = options.clockToleranceSec ?? 30
-  const maxAgeSec = options.maxAgeSec ?? 600
+  // The clocks' tolerance, and the oldest accepted `auth_time` (or `iat` without it), in seconds.
+  const clockToleranceSec = 30
+  const maxAgeSec = 600
   const now = options.now ?? Date.now
   const log = options.log
   // The longest any token stays acceptable from the moment it is seen: its auth_time (or iat) may

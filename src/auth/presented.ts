@@ -9,7 +9,8 @@ const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i
  * The session token of a request: the Authorization header when it carries a bearer, else the
  * cookie. A bearer header that is present wins even when it is bad, so a request never silently
  * falls back to the ambient cookie (and to the cookie's weaker, CSRF-exposed transport). The
- * session hook and the CSRF check both ask it, so they cannot disagree on the transport.
+ * session hook asks it and records the transport (`request.sessionTransport`), which the CSRF
+ * check reads, so the two cannot disagree.
  */
 export function presentedToken (request: FastifyRequest): { token: string, transport: SessionTransport } | null {
   const authorization = request.headers.authorization

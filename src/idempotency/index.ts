@@ -97,9 +97,7 @@ export interface IdempotencyOptions {
   /** See `inFlightTtlFor`. */
   inFlightTtlMs: number
   replayTtlMs?: number
-  /** Single flight of key-less cancels (see single-flight.ts). */
-  shareTtlMs?: number
-  followerWaitMs?: number
+  /** How often a follower of a key-less cancel on another replica polls (see single-flight.ts). */
   pollMs?: number
   log?: WarnLog
 }
@@ -141,8 +139,6 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   const singleFlight = createSingleFlight({
     store: options.replicated === false ? null : store,
     inFlightTtlMs,
-    shareTtlMs: options.shareTtlMs,
-    waitMs: options.followerWaitMs,
     pollMs: options.pollMs,
     log: defaultLog
   })
@@ -162,7 +158,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * over later resolves the outcome instead of sending blind. Until then a takeover starts afresh
    * (nothing was sent). If we no longer hold the key, or cannot say so, the cancel is not sent.
    */
-  async function markSending (scope: string, key: string, token: string, log: WarnLog, endsAt: number | null): Promise<void> {
+  async function markSending (scope: string, key: string, token: string, endsAt: number | null): Promise<void> {
     // The send gets a whole marker's life (more than the gate and one upstream deadline need).
     const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs, endsAt))
     // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
@@ -171,7 +167,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
 
   /** Runs the cancel under our token and records what became of it. */
   async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<HandleResult> {
-    const { attempt, sendStarted } = tracked(async (endsAt) => { await markSending(scope, key, token, log, endsAt) })
+    const { attempt, sendStarted } = tracked(async (endsAt) => { await markSending(scope, key, token, endsAt) })
     let answer: Answer
     try {
       answer = await run(attempt)

@@ -50,8 +50,8 @@ export interface BeginOptions {
 }
 
 /**
- * The memory store answers at once (every cancel passes it twice, for single flight); the Redis
- * store answers with a promise. Either may fail: by throwing, or by rejecting.
+ * The memory store answers at once (a keyed cancel passes it on every request: begin, then
+ * complete, release or an unknown outcome); the Redis store answers with a promise. Either may fail: by throwing, or by rejecting.
  */
 export interface IdempotencyStore {
   /** Atomically claims the record, or says why not. */
@@ -112,8 +112,8 @@ type MemoryRecord =
 export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}): IdempotencyStore & { size: () => number } {
   const now = options.now ?? Date.now
   const maxEntries = options.maxEntries ?? 100_000
-  // Every second: single-flight records live only half a second, and under load thousands of
-  // them a second would otherwise pile up between sweeps (a sweep is one pass over the map).
+  // Every second: a pass over the map is cheap, and a record past its time (an in-flight marker
+  // left by a failed write, a replay past its 24 hours) is gone soon after.
   const sweepEveryMs = options.sweepEveryMs ?? 1_000
   const records = new Map<string, MemoryRecord>()
   let lastSweep = now()

@@ -65,9 +65,8 @@ export interface BackoffOptions {
   maxMs?: number
   /** Quiet time after a cooldown ends that resets the doubling (ms). */
   resetAfterMs?: number
-  /** Bounds of a backoff (ms); COOLDOWN_MIN_MS and COOLDOWN_MAX_MS unless a test shortens them. */
+  /** Shortest backoff (ms); COOLDOWN_MIN_MS unless a test shortens it (the longest is COOLDOWN_MAX_MS). */
   minMs?: number
-  capMs?: number
 }
 
 /** Bounds on any cooldown, including one from the upstream's Retry-After. */
@@ -80,7 +79,7 @@ export function clampRetryAfter (retryAfterMs: number | null): number | null {
   return Math.min(COOLDOWN_MAX_MS, Math.max(COOLDOWN_MIN_MS, Math.ceil(retryAfterMs)))
 }
 
-type Backoff = Required<BackoffOptions>
+type Backoff = Required<BackoffOptions> & { capMs: number }
 
 function backoffOf (options: BackoffOptions): Backoff {
   return {
@@ -88,7 +87,7 @@ function backoffOf (options: BackoffOptions): Backoff {
     maxMs: options.maxMs ?? 60_000,
     resetAfterMs: options.resetAfterMs ?? 60_000,
     minMs: options.minMs ?? COOLDOWN_MIN_MS,
-    capMs: options.capMs ?? COOLDOWN_MAX_MS
+    capMs: COOLDOWN_MAX_MS
   }
 }
 

@@ -433,7 +433,7 @@ export interface RedisBudgetOptions extends BudgetOptions {
  * none meanwhile). No scheme without a channel between the replicas avoids these. The price of
  * (3): a replica with more than its share of the traffic gets 429s for one span after a break,
  * while Redis itself would still admit; and a 429 from the upstream during an outage halves only
- * the twins, whose limit then recovers over the usual ten windows.
+ * the twins, whose limit then recovers over the usual five windows (from half the count).
  */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options

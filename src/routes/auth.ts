@@ -7,7 +7,7 @@ import { errorAnswers } from '../schemas/appointments.js'
 import { idTokenId, invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
 import { presentedToken } from '../auth/presented.js'
 
-/** Sign-in, session introspection and sign-out. Web sign-in (login, callback) joins this file. */
+/** Mobile sign-in, session introspection and sign-out. Web sign-in is in web/routes.ts. */
 
 const envelope = <T extends ReturnType<typeof Type.Object>>(data: T) => Type.Object({
   status: Type.Integer(),

@@ -25,7 +25,8 @@ export interface SharedState {
   degradeFor: (ms: number) => void
   /**
    * How long (ms) `mode()` has said `redis` without a break: 0 while it does not, else since the
-   * client last came back (for its first connection: since Redis itself started) or a failed
+   * client last came back (for its first connection: since Redis's data began, the age of
+   * DATA_SINCE_KEY; 0 until that is known) or a failed
    * command's pause ended. The org budget is careful for a while after a break.
    */
   redisFor: () => number
@@ -389,7 +390,7 @@ class BoundedRedis extends Redis {
 
 const COMMAND_TIMED_OUT = 'Command timed out'
 
-/** A command that got no answer within the shared client's command timeout (ioredis's error). */
+/** A command that got no answer within the shared client's command bound (CommandBound's error, worded as ioredis's). */
 export function isCommandTimeout (error: unknown): boolean {
   return error instanceof Error && error.message === COMMAND_TIMED_OUT
 }

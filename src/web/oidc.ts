@@ -4,7 +4,7 @@ import { IDP_FETCH_TIMEOUT_MS } from '../auth/key-set.js'
 
 /**
  * The service as the web app's confidential OIDC client (openid-client). Discovery runs once, on
- * the first sign-in, and is cached; a failure is forgotten so the next sign-in tries again.
+ * the first sign-in or web sign-out, and is cached; a failure is forgotten so the next one tries again.
  */
 
 export interface WebClientSettings {
@@ -14,8 +14,6 @@ export interface WebClientSettings {
   publicUrl: string
   /** The patient web app, where the IdP returns the browser after sign-out. */
   webAppUrl: string
-  /** Deadline of one request to the IdP, in seconds. */
-  timeoutSec?: number
 }
 
 export interface WebOidc {
@@ -46,7 +44,7 @@ export function createWebOidc (settings: WebClientSettings): WebOidc {
     if (pending === null) {
       pending = client.discovery(issuer, settings.clientId, settings.clientSecret, client.ClientSecretPost(settings.clientSecret), {
         execute,
-        timeout: settings.timeoutSec ?? IDP_FETCH_TIMEOUT_MS / 1000
+        timeout: IDP_FETCH_TIMEOUT_MS / 1000
       })
       pending.then(function keepDiscovery (found) { discovered = found }, function forgetFailedDiscovery () { pending = null })
     }

@@ -1,5 +1,6 @@
 /**
- * Where a sign-in may send the browser afterwards: a path on this service and nothing else, so that
+ * Where a sign-in may send the browser afterwards: a path on the web app (WEB_APP_URL, default
+ * PUBLIC_URL) and nothing else, so that
  * `/auth/login?returnTo=` can never be turned into an open redirect (RFC 9700 section 4.11).
  */
 

@@ -48,7 +48,7 @@ export interface WebRoutesOptions {
 }
 
 const LoginQuery = Type.Object({
-  returnTo: Type.Optional(Type.String({ description: 'A path on this service to return to after sign-in; anything else means `/`' }))
+  returnTo: Type.Optional(Type.String({ description: 'A path on the web app (WEB_APP_URL, default PUBLIC_URL) to return to after sign-in; anything else means `/`' }))
 })
 
 const redirectAnswer = (description: string) => ({ 302: { description, type: 'null' } })

@@ -66,7 +66,7 @@ export function answerHeaders (): Readonly<Record<string, string>> {
 /**
  * CORS with credentials, for the exact origins configured (never a reflection of whatever Origin
  * came in). A request from an allowed origin gets the grant; any other gets none, which is how a
- * browser is told no. Every OPTIONS request is answered here, before the limits and the router:
+ * browser is told no. Every OPTIONS request is answered here, before the limits and any handler:
  * a preflight from an allowed origin with the methods and headers it may use, anything else with
  * a bare 204 (an OPTIONS request that is no preflight asks for nothing).
  *
