@@ -335,8 +335,9 @@ type IndexKind = 'sub' | 'sid'
  * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with indexes by subject and
  * by IdP session (`<prefix>idx:sub:<hash>`, `<prefix>idx:sid:<hash>`) for back-channel logout:
  * sorted sets of session ids scored by each session's absolute expiry. Every key carries a
- * PEXPIRE so that Redis cleans up after us. An index lives as long as its newest member can, and
- * each sign-in prunes the members whose sessions can no longer exist, so an index holds at most
+ * PEXPIRE so that Redis cleans up after us. An index lives as long as its newest member can, a
+ * sign-out takes its session out, and each sign-in prunes the members whose sessions can no longer
+ * exist by their absolute expiry, so an index holds at most
  * the sessions of one absolute lifetime, even for a patient who signs in every day. (Until
  * 2026-12, plain sets under `sub:`/`sid:` that nothing pruned: a patient signing in again within
  * each absolute lifetime kept every id ever created. They are no longer written, still read by a
@@ -399,7 +400,16 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async revokeById (id: string): Promise<void> {
-    await this.#run(() => this.#redis.del(this.#sessionKey(id)))
+    const key = this.#sessionKey(id)
+    // Out of its indexes too, as the memory store does (a patient signing in and out all day
+    // would otherwise leave every ended id there until its absolute expiry, for a back-channel
+    // logout to read): they are named by its fields, read first. One that is gone already (past
+    // its idle lifetime) leaves its entries to the next sign-in's pruning.
+    const [issuer, subject, sid] = await this.#run(() => this.#redis.hmget(key, 'issuer', 'subject', 'idpSessionId')) as [string | null, string | null, string | null]
+    const multi = this.#redis.multi().del(key)
+    if (issuer !== null && subject !== null) multi.zrem(this.#index('sub', indexKey(issuer, subject)), id)
+    if (issuer !== null && sid !== null) multi.zrem(this.#index('sid', indexKey(issuer, sid)), id)
+    await this.#run(async () => checkMulti(await multi.exec()))
   }
 
   async revokeBySubject (issuer: string, subject: string): Promise<number> {
