@@ -87,6 +87,12 @@ t.test('refuses every kind of bad token with the same 401 (an unverified email t
     ['missing email', issuer.sign({ email: undefined })],
     ['email not a string', issuer.sign({ email: ['a@example.com'] })],
     ['email without @', issuer.sign({ email: 'patient' })],
+    // Kills dropping `email.length > 254` (id-token.ts): 255 characters, with an @.
+    ['email over 254 characters', issuer.sign({ email: `${'a'.repeat(243)}@example.com` })],
+    // Kills dropping the auth_time type check (id-token.ts): a string that is no number makes the
+    // age NaN, which no comparison refuses; null would read as absent (iat).
+    ['auth_time a word', issuer.sign({ auth_time: 'recently' })],
+    ['auth_time null', issuer.sign({ auth_time: null })],
     ['alg none', issuer.sign({}, { alg: 'none' })],
     ['HS256', issuer.sign({}, { alg: 'HS256' })],
     ['unknown kid', issuer.sign({}, { key: 'unknown' })],
@@ -100,6 +106,12 @@ t.test('refuses every kind of bad token with the same 401 (an unverified email t
   cases.push(['bad signature', `${head}.${body}.${Buffer.from('x'.repeat(256)).toString('base64url')}`])
   const other = (await issuer.sign({ email: 'attacker@example.com' })).split('.')
   cases.push(['payload swapped under a valid signature', `${head}.${other[1]}.${good.split('.')[2]}`])
+  // Kills MAX_ID_TOKEN_LENGTH raised (id-token.ts): a token over 8192 characters is refused however
+  // well signed, not only garbage of that length (which jose refuses anyway).
+  let padded = ''
+  for (let pad = 5500; padded.length <= MAX_ID_TOKEN_LENGTH; pad += 30) padded = await issuer.sign({ pad: 'x'.repeat(pad) })
+  t.ok(padded.length < MAX_ID_TOKEN_LENGTH + 200, `a signed token of ${padded.length} characters`)
+  cases.push(['signed, and too long', padded])
   for (const [name, tokenOrPromise] of cases) {
     const error = await refusal(verifier.verify(await tokenOrPromise))
     t.ok(error instanceof ApiError, name)

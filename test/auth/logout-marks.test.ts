@@ -108,6 +108,27 @@ t.test('memory stays bounded', async (t) => {
   t.equal(await marks.markedAt('overflow'), 1)
 })
 
+t.test('memory, full: a live mark is never dropped while expired ones are kept, nor by moving a mark on', async (t) => {
+  let now = 0
+  const marks = createLogoutMarks({ redis: null }, () => now)
+  // Kills dropping the sweep of expired marks (logout-marks.ts): without it the oldest mark goes,
+  // here the one live logout among 9 999 expired ones.
+  await marks.mark('live', 7, 1_000_000)
+  for (let i = 0; i < 9_999; i++) await marks.mark(`short-${i}`, 1, 10)
+  now = 100
+  await marks.mark('new', 1, 1000)
+  t.equal(await marks.markedAt('live'), 7, 'the live mark kept: the expired ones went')
+  t.equal(await marks.markedAt('new'), 1)
+
+  // Kills dropping `marks.delete(id)` before the set: moving on a mark already held, when the
+  // memory is full, must not push out another logout's mark.
+  const full = createLogoutMarks({ redis: null }, () => now)
+  for (let i = 0; i < 10_000; i++) await full.mark(`m-${i}`, 1, 1_000_000)
+  await full.mark('m-5', 2, 1_000_000)
+  t.equal(await full.markedAt('m-5'), 2, 'moved on')
+  t.equal(await full.markedAt('m-0'), 1, 'and the oldest mark is still there')
+})
+
 t.test('the default clock', async (t) => {
   const marks = createLogoutMarks({ redis: null })
   await marks.mark('a', 1000, 60_000)

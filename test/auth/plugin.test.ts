@@ -41,6 +41,15 @@ t.test('the cookie carries a session when there is no bearer', async (t) => {
   t.equal(badBearer.statusCode, 401, 'a bad bearer never falls back to the cookie')
   const otherScheme = await app.inject({ url: '/required', cookies: { [SESSION_COOKIE]: token }, headers: { authorization: 'Basic eDp5' } })
   t.same(otherScheme.json().transport, 'cookie', 'another scheme is not a bearer')
+  // A bare `Bearer` (no token at all) is a bad bearer, not an absent one: no fallback to the cookie
+  // (kills `/^bearer[ \t]/i` for `/^bearer(?:[ \t]|$)/i`, presented.ts); a scheme that merely
+  // begins with "bearer" is another scheme (kills `/^bearer/i`).
+  for (const authorization of ['Bearer', 'bearer']) {
+    const empty = await app.inject({ url: '/required', cookies: { [SESSION_COOKIE]: token }, headers: { authorization } })
+    t.equal(empty.statusCode, 401, `${authorization} alone never falls back to the cookie`)
+  }
+  const longer = await app.inject({ url: '/required', cookies: { [SESSION_COOKIE]: token }, headers: { authorization: `Bearerish ${mobile}` } })
+  t.same(longer.json(), { transport: 'cookie', email: 'web@example.com' }, 'a scheme named Bearerish is not a bearer')
   const wrongName = await app.inject({ url: '/required', cookies: { 'bff-session': token } })
   t.equal(wrongName.statusCode, 401, 'only the __Host- cookie')
   t.equal((await app.inject({ url: '/required', cookies: { [SESSION_COOKIE]: 'junk' } })).statusCode, 401)

@@ -191,6 +191,25 @@ t.test('replay guard in memory stays bounded', async (t) => {
   t.equal(await guard.claim('after-sweep', 1000), true, 'expired ids swept when full')
   for (let i = 0; i < 10_000; i++) await guard.claim(`fresh-${i}`, 100_000)
   t.equal(await guard.claim('overflow', 1000), true, 'the oldest dropped when full of live ids')
+
+  // Full of expired ids and one used live one: the sweep takes the expired, and the used id stays a
+  // replay (kills dropping the sweep, which would drop the oldest: the used id).
+  now = 0
+  const swept = createReplayGuard({ redis: null }, () => now)
+  t.equal(await swept.claim('used-early', 1_000_000), true)
+  await swept.markUsed('used-early')
+  for (let i = 0; i < 9_999; i++) await swept.claim(`short-${i}`, 10)
+  now = 100
+  t.equal(await swept.claim('new', 1000), true)
+  t.equal(await swept.claim('used-early', 1_000_000), false, 'still a replay')
+
+  // Full of live ids: the oldest goes (bounded memory), so its replay would pass (kills dropping
+  // the eviction, which lets the memory grow without bound).
+  const flooded = createReplayGuard({ redis: null }, () => now)
+  await flooded.claim('first', 1_000_000)
+  await flooded.markUsed('first')
+  for (let i = 0; i < 10_000; i++) await flooded.claim(`live-${i}`, 1_000_000)
+  t.equal(await flooded.used('first'), false, 'the oldest forgotten once 10 000 newer ids came')
 })
 
 for (const store of ['memory', 'redis'] as const) {
@@ -213,6 +232,17 @@ for (const store of ['memory', 'redis'] as const) {
     if (redis !== null) await sleep(400)
     await guard.markUsed('a')
     t.equal(await guard.claim('a', 300), true, 'marking an expired claim used does not bring it back')
+
+    // `used` is a look: true only for a use that completed and has not expired (kills `used`
+    // reading any claim as used, for Redis, and ignoring the expiry, for memory: replay-guard.ts).
+    t.equal(await guard.used('c'), false, 'never claimed')
+    t.equal(await guard.claim('c', 300), true)
+    t.equal(await guard.used('c'), false, 'claimed, not used')
+    await guard.markUsed('c')
+    t.equal(await guard.used('c'), true, 'used')
+    now += 400
+    if (redis !== null) await sleep(400)
+    t.equal(await guard.used('c'), false, 'forgotten once expired')
   })
 }
 

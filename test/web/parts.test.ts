@@ -31,6 +31,14 @@ t.test('returnTo: a path on this service, else /', async (t) => {
 
   // What leaves is bounded, not only what came: percent-encoding makes a path up to nine times
   // longer, and the result is sealed into the login cookie, which browsers drop beyond 4096 bytes.
+  // What came is bounded too, before it is parsed: dot segments that resolve to a short path do
+  // not let a longer value through (kills dropping `value.length > MAX_LENGTH`, return-to.ts).
+  t.equal(safeReturnTo(`/${'a/../'.repeat(300)}b`), '/', 'a value of 1502 characters that resolves to /b')
+  t.equal(safeReturnTo(`/${'./'.repeat(511)}b`), '/b', 'one of 1024 that resolves to /b is kept')
+  // No backslash anywhere, not only where a browser would read it as `//` (the URL parser turns
+  // `/a\b` into `/a/b`: what left would not be what came).
+  for (const value of ['/a\\b', '/a?x=\\', '/a#\\']) t.equal(safeReturnTo(value), '/', `refused: ${JSON.stringify(value)}`)
+
   const longest = `/${'a'.repeat(1023)}`
   t.equal(safeReturnTo(longest), longest, 'a path of 1024 characters is kept')
   t.equal(safeReturnTo(`/${'é'.repeat(600)}`), '/', 'one that encodes to 3601 is not')
@@ -65,6 +73,10 @@ t.test('the redirect URI comes from PUBLIC_URL, sign-out returns to the web app;
   t.equal(oidc.redirectUri, 'https://bff.example/base/auth/callback')
   t.equal(oidc.postLogoutRedirectUri, 'https://app.example')
   t.equal(oidc.clientId, 'c')
+  // Plain http is allowed for a loopback issuer only: elsewhere openid-client refuses it before
+  // any request (kills dropping `isLoopbackHost` from the allowInsecureRequests condition, oidc.ts).
+  const plain = createWebOidc({ issuer: 'http://idp.example', clientId: 'c', clientSecret: 's', publicUrl: 'https://bff.example', webAppUrl: 'https://app.example' })
+  await t.rejects(plain.configuration(), { code: 'OAUTH_HTTP_REQUEST_FORBIDDEN' }, 'no discovery over plain http off loopback')
 })
 
 t.test('login state: sealed, bound to the key, short-lived', async (t) => {
@@ -73,7 +85,11 @@ t.test('login state: sealed, bound to the key, short-lived', async (t) => {
   const state = { state: 's', nonce: 'n', codeVerifier: 'v', returnTo: '/r' }
   const sealed = await seal.seal(state)
   t.notMatch(sealed, /"v"|codeVerifier/, 'the verifier is not readable')
+  // Opened later, it still says when it was sealed, not when it was opened (the callback dates a
+  // sign-in without auth_time by it: kills startedAt taken from the clock at open, login-state.ts).
+  now += 5_000
   t.same(await seal.open(sealed), { ...state, startedAt: 1_700_000_000 }, 'with when /auth/login sealed it')
+  now -= 5_000
   const withPrevious = { ...state, previousSession: 'session-id-hash' }
   t.same(await seal.open(await seal.seal(withPrevious)), { ...withPrevious, startedAt: 1_700_000_000 })
   t.equal(await createLoginStateSeal('org-key-2', () => now).open(sealed), null, 'another deployment cannot open it')
