@@ -345,6 +345,28 @@ t.test('memory: expired records are swept and the store is bounded', async (t) =
   t.equal(store.size(), 2, 'periodic sweep dropped the expired record')
 })
 
+t.test('memory: the in-flight marker and the record end exactly at their times to live', async (t) => {
+  // As Redis does (its script: `until > now`; PEXPIRE): kills `record.until > at` -> `>=` in begin
+  // and `record.expiresAt > at` -> `>=` in live (store.ts).
+  let now = 1000
+  const store = createMemoryIdempotencyStore({ now: () => now })
+  const key = fresh()
+  const token = await started(store, 'scope-a', key, { ttlMs: 500, inFlightTtlMs: 100 })
+  now = 1099
+  t.same(await store.begin('scope-a', key, FP, { ttlMs: 500, inFlightTtlMs: 100 }), { kind: 'in-flight', retryAfterMs: 1 }, 'in flight to its last millisecond')
+  now = 1100
+  t.equal(await store.markSending('scope-a', key, token, 100), false, 'the owner\'s marker has ended')
+  t.equal((await store.begin('scope-a', key, FP, { ttlMs: 500, inFlightTtlMs: 100 })).kind, 'started', 'so another begin takes over at that very millisecond')
+
+  const done = fresh()
+  const owner = await started(store, 'scope-a', done)
+  t.equal(await store.complete('scope-a', done, owner, DONE, 200), true)
+  now = 1299
+  t.equal((await store.begin('scope-a', done, FP, LONG)).kind, 'replay', 'replayed to the last millisecond')
+  now = 1300
+  t.equal((await store.begin('scope-a', done, FP, LONG)).kind, 'started', 'gone at its time to live')
+})
+
 t.test('memory: short-lived single-flight records do not pile up between sweeps (default interval)', async (t) => {
   let clock = 1_000
   const store = createMemoryIdempotencyStore({ now: () => clock })

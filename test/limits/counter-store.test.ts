@@ -109,6 +109,32 @@ t.test('memory: a flood of keys is bounded (expired windows go first, then the o
   t.equal(store.hit('e', rate).count, 2)
 })
 
+t.test('memory: full, expired windows go before a live one, however old the live one is', async (t) => {
+  // Kills dropping the sweep of expired windows from makeRoom (counter-store.ts): the oldest key,
+  // a live window, would be dropped (its count started over) while expired ones stay.
+  let now = 0
+  const store = createMemoryCounterStore({ now: () => now, maxKeys: 3 })
+  store.hit('live', { count: 5, windowMs: 1000 })
+  store.hit('x', { count: 5, windowMs: 10 })
+  store.hit('y', { count: 5, windowMs: 10 })
+  now = 50
+  store.hit('new', { count: 5, windowMs: 1000 })
+  t.equal(store.hit('live', { count: 5, windowMs: 1000 }).count, 2, 'the live window kept its count')
+})
+
+t.test('memory: a window ends exactly at its length, as a Redis key with that PX does', async (t) => {
+  // Kills `window.endsAt <= at` -> `<` in hit (counter-store.ts).
+  let now = 0
+  const store = createMemoryCounterStore({ now: () => now })
+  const rate = { count: 5, windowMs: 100 }
+  store.hit('a', rate)
+  now = 99
+  t.same(store.hit('a', rate), { count: 2, resetMs: 1 }, 'the last millisecond of the window')
+  now = 100
+  t.equal(store.peek('a'), null, 'ended')
+  t.same(store.hit('a', rate), { count: 1, resetMs: 100 }, 'a new window')
+})
+
 t.test('memory: when full of live windows, the oldest tenth goes at once, not one key per request', async (t) => {
   const store = createMemoryCounterStore({ now: () => 0, maxKeys: 1000 })
   const rate = { count: 5, windowMs: 60_000 }

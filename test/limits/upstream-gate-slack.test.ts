@@ -25,3 +25,22 @@ t.test('a store answer within the slack of the remembered cooldown is not a lost
   t.equal(await gate.onRateLimited(null), 28_000, '8 s less: lost by the store, the remembered cooldown is written back')
   t.same(extended, [28_000])
 })
+
+// Kills LOST_COOLDOWN_SLACK_MS 250 -> 2500 (src/limits/upstream-gate.ts): one second less than
+// remembered is no round trip, it is a store that lost part of the cooldown: written back.
+t.test('a store answer a second short of the remembered cooldown is written back', async (t) => {
+  let now = 0
+  const trips = [{ remainingMs: 30_000, fresh: true }, { remainingMs: 28_000, fresh: false }]
+  const extended: number[] = []
+  const cooldown: CooldownStore = {
+    remaining: () => 0,
+    check: { key: null, memory: () => 0 },
+    trip: () => trips.shift() as { remainingMs: number, fresh: boolean },
+    extend: (remainingMs) => { extended.push(remainingMs); return remainingMs }
+  }
+  const gate = createUpstreamGate({ budget: createMemoryBudget({ count: 100, windowMs: 60_000, now: () => now }), cooldown, now: () => now })
+  t.equal(await gate.onRateLimited(30_000), 30_000)
+  now = 1000
+  t.equal(await gate.onRateLimited(null), 29_000, '1 s less than remembered: the remembered cooldown')
+  t.same(extended, [29_000], 'written back')
+})
