@@ -5,6 +5,7 @@ import { Browser } from './browser.js'
 import { LOGIN_COOKIE_PREFIX, loginCookieFor, loginCookieName, SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
 import { buildTestApp, signIn as mobileSignIn } from '../helpers/app.js'
 import { createLoginStateSeal } from '../../src/web/login-state.js'
+import { decodeJwt, decodeProtectedHeader, generateKeyPair, SignJWT } from 'jose'
 
 /**
  * Web sign-in end to end: a browser-style client (cookie jar, redirects followed by hand) against
@@ -191,6 +192,22 @@ for (const store of ['memory', 'redis'] as const) {
       t.equal((await me(stack, stack.sessionOf(junk))).email, 'alice@example.com')
     })
 
+    t.test('session fixation: a cookie that comes to the callback only is ended too', async (t) => {
+      // Kills dropping the revoke of the callback's own session cookie (routes.ts): the test above
+      // has the planted cookie at /auth/login too, where the sealed previousSession ends it.
+      const attacker = new Browser()
+      await stack.signIn(attacker, 'bob@example.com')
+      const planted = stack.sessionOf(attacker) as string
+      const victim = new Browser()
+      const callback = await stack.callbackUrl(victim, 'alice@example.com')
+      victim.setCookie(publicUrl, SESSION_COOKIE, planted)
+      const page = await victim.navigate(callback)
+      t.equal(signinError(page.url), null)
+      t.not(stack.sessionOf(victim), planted, 'a new id')
+      t.equal((await me(stack, stack.sessionOf(victim))).email, 'alice@example.com')
+      t.same(await me(stack, planted), { authenticated: false }, 'the session the callback brought is ended')
+    })
+
     t.test('open redirects: returnTo never leaves this service', async (t) => {
       const attacks = ['//evil.com', '/\\evil.com', 'https://evil.com', '/%2F%2Fevil.com', '\t//evil', '/\t/evil.com', 'javascript:alert(1)']
       for (const returnTo of attacks) {
@@ -331,6 +348,75 @@ for (const store of ['memory', 'redis'] as const) {
     })
   })
 }
+
+t.test('an email the service cannot act for gets no session, verified or not', async (t) => {
+  // Kills dropping `!email.includes('@') || email.length > 254` from the callback (routes.ts).
+  const accounts = [
+    { subject: 'patient-no-at', email: 'no-at-sign.example.com', name: 'No At', emailVerified: true },
+    { subject: 'patient-long', email: `${'a'.repeat(243)}@example.com`, name: 'Long', emailVerified: true }
+  ]
+  const stack = await startWebStack(t, { accounts })
+  for (const { email } of accounts) {
+    const browser = new Browser()
+    const page = await stack.signIn(browser, email)
+    t.equal(signinError(page.url), 'email_unverified', `${email.slice(0, 24)}… (${email.length} characters)`)
+    t.equal(stack.sessionOf(browser), undefined)
+  }
+})
+
+t.test('the token endpoint: the client authenticates with client_secret_post, and its ID token must bear the IdP\'s signature', async (t) => {
+  const stack = await startWebStack(t)
+  const tokenEndpoint = `${stack.idp.url}/token`
+  const original = globalThis.fetch
+  const requests: Array<{ authorization: string | null, body: URLSearchParams }> = []
+  let forge = false
+  let discoveryDown = false
+  const { privateKey: foreignKey } = await generateKeyPair('RS256')
+  // The service's own requests to the IdP (openid-client calls the global fetch); the browser's
+  // go through untouched.
+  globalThis.fetch = async function watched (input: string | URL | Request, init?: RequestInit): Promise<Response> {
+    const url = String(input instanceof Request ? input.url : input)
+    if (discoveryDown && url.endsWith('/.well-known/openid-configuration')) throw new TypeError('fetch failed')
+    if (url !== tokenEndpoint) return await original(input, init)
+    requests.push({ authorization: new Headers(init?.headers).get('authorization'), body: new URLSearchParams(String(init?.body)) })
+    const response = await original(input, init)
+    if (!forge) return response
+    // The IdP's answer, its ID token re-signed with a key the IdP never published, under its kid:
+    // the TLS channel alone would vouch for it.
+    const tokens = await response.json() as Record<string, unknown>
+    const idToken = tokens.id_token as string
+    tokens.id_token = await new SignJWT(decodeJwt(idToken)).setProtectedHeader(decodeProtectedHeader(idToken) as { alg: string }).sign(foreignKey)
+    return new Response(JSON.stringify(tokens), { status: response.status, headers: { 'content-type': 'application/json' } })
+  }
+  t.teardown(() => { globalThis.fetch = original })
+
+  // Kills ClientSecretPost -> ClientSecretBasic (oidc.ts): the registration says client_secret_post,
+  // which an IdP may enforce (the development one does not).
+  const browser = new Browser()
+  t.equal(signinError((await stack.signIn(browser, 'alice@example.com')).url), null, 'signed in')
+  t.equal(requests.length, 1, 'one token request')
+  t.equal(requests[0]?.authorization, null, 'no Authorization header (client_secret_basic)')
+  t.equal(requests[0]?.body.get('client_id'), stack.idp.clientId, 'the client id in the body')
+  t.ok(requests[0]?.body.get('client_secret') === stack.idp.clientSecret, 'the secret in the body')
+
+  // Kills dropping enableNonRepudiationChecks (oidc.ts): openid-client would take the token
+  // endpoint's word for the ID token, signature unchecked.
+  forge = true
+  const forged = new Browser()
+  const page = await forged.navigate(await stack.callbackUrl(forged, 'alice@example.com'))
+  const forgedReason = signinError(page.url)
+  t.not(forgedReason, null, `an ID token with a signature not the IdP's is refused (${String(forgedReason)})`)
+  t.equal(stack.sessionOf(forged), undefined, 'no session')
+  forge = false
+
+  // Kills keeping a failed discovery (oidc.ts forgetFailedDiscovery): a replica whose first
+  // discovery failed must try again on the next sign-in.
+  const replica = await buildTestApp(t, { env: stack.env })
+  discoveryDown = true
+  t.equal((await replica.app.inject({ method: 'GET', url: '/auth/login' })).headers.location, `${stack.publicUrl}/?signin_error=idp_unavailable`, 'discovery failed')
+  discoveryDown = false
+  t.ok(String((await replica.app.inject({ method: 'GET', url: '/auth/login' })).headers.location).startsWith(`${stack.idp.url}/`), 'tried again, and on to the IdP')
+})
 
 t.test('identity provider down', async (t) => {
   const stack = await startWebStack(t, { redis: true })

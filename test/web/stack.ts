@@ -3,6 +3,7 @@ import { LOGIN_COOKIE_PREFIX, loginCookieName } from '../../src/web/cookies.js'
 import { SignJWT, importJWK, type JWK } from 'jose'
 import { buildTestApp, type TestApp } from '../helpers/app.js'
 import { startTestIdp, type DevIdp } from '../helpers/idp.js'
+import type { DevAccount } from '../../src/web/dev-idp.js'
 import { rememberSecret } from '../helpers/secrets.js'
 import type { RedisServer } from '../helpers/redis.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
@@ -25,6 +26,8 @@ export interface WebStackOptions {
   noEndSession?: boolean
   /** The IdP sends no `sid`. */
   noSid?: boolean
+  /** The IdP's accounts, instead of the demo's. */
+  accounts?: readonly DevAccount[]
 }
 
 export interface WebStack extends TestApp {
@@ -58,7 +61,8 @@ export async function startWebStack (t: TeardownHost, options: WebStackOptions =
   const idp = await startTestIdp(t, {
     publicUrl,
     ...(options.noEndSession === true ? { endSession: false } : {}),
-    ...(options.noSid === true ? { sid: false } : {})
+    ...(options.noSid === true ? { sid: false } : {}),
+    ...(options.accounts === undefined ? {} : { accounts: options.accounts })
   })
   const sandbox = options.sandbox === true ? await startSandbox(t) : undefined
   const env: Record<string, string> = {
