@@ -69,9 +69,23 @@ export function exchangeFailure (error: unknown): SignInError {
   if (error instanceof client.ResponseBodyError) return 'exchange_failed'
   if (isUnreachable(error)) return 'idp_unavailable'
   const code = (error as { code?: unknown }).code
-  // JWT and JWS checks of the ID token (claims, nonce, signature); the rest is a bad token answer.
-  if (typeof code === 'string' && (code.startsWith('OAUTH_JWT') || code.includes('SIGNATURE') || code.startsWith('ERR_J'))) return 'invalid_token'
+  // JWT and JWS checks of the ID token (claims, nonce; jose's own); the rest is a bad token answer.
+  if (typeof code === 'string' && (code.startsWith('OAUTH_JWT') || code.startsWith('ERR_J'))) return 'invalid_token'
+  if (code === 'OAUTH_INVALID_RESPONSE' && signatureFailed(error)) return 'invalid_token'
   return 'exchange_failed'
+}
+
+/**
+ * Whether an invalid response was the ID token's signature: openid-client wraps oauth4webapi's
+ * "JWT signature verification failed", whose own cause carries the signature it refused.
+ */
+function signatureFailed (error: unknown): boolean {
+  let cause = (error as { cause?: unknown }).cause
+  for (let depth = 0; depth < 3 && typeof cause === 'object' && cause !== null; depth++) {
+    if ('signature' in cause) return true
+    cause = (cause as { cause?: unknown }).cause
+  }
+  return false
 }
 
 /**

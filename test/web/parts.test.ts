@@ -61,7 +61,15 @@ t.test('exchange failures map to fixed reasons', async (t) => {
   t.equal(exchangeFailure(clientError('OAUTH_ABORT')), 'idp_unavailable')
   t.equal(exchangeFailure(clientError('OAUTH_RESPONSE_IS_NOT_CONFORM')), 'exchange_failed')
   t.equal(exchangeFailure(coded('OAUTH_JWT_CLAIM_COMPARISON_FAILED')), 'invalid_token')
-  t.equal(exchangeFailure(coded('OAUTH_JWS_SIGNATURE_VERIFICATION_FAILED')), 'invalid_token')
+  // A failed signature, as oauth4webapi reports it: an invalid response with the signature in its cause.
+  const invalidResponse = (cause: unknown) => Object.assign(new Error('invalid response encountered', { cause }), { code: 'OAUTH_INVALID_RESPONSE' })
+  const signature = { signature: new Uint8Array(1), algorithm: 'RSASSA-PKCS1-v1_5' }
+  t.equal(exchangeFailure(invalidResponse(signature)), 'invalid_token')
+  t.equal(exchangeFailure(invalidResponse(new Error('JWT signature verification failed', { cause: signature }))), 'invalid_token', 'wrapped, as openid-client passes it on')
+  t.equal(exchangeFailure(invalidResponse(new Error('a', { cause: new Error('b', { cause: new Error('c', { cause: signature }) }) }))), 'exchange_failed', 'not searched deeper than three causes')
+  t.equal(exchangeFailure(invalidResponse(undefined)), 'exchange_failed', 'another invalid response')
+  t.equal(exchangeFailure(invalidResponse(null)), 'exchange_failed')
+  t.equal(exchangeFailure(invalidResponse('text')), 'exchange_failed')
   t.equal(exchangeFailure(coded('ERR_JWKS_NO_MATCHING_KEY')), 'invalid_token')
   t.equal(exchangeFailure(coded('OAUTH_RESPONSE_IS_NOT_JSON')), 'exchange_failed')
   t.equal(exchangeFailure(new Error('no code')), 'exchange_failed')

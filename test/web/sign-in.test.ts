@@ -416,6 +416,10 @@ t.test('the token endpoint: the client authenticates with client_secret_post, an
   t.equal((await replica.app.inject({ method: 'GET', url: '/auth/login' })).headers.location, `${stack.publicUrl}/?signin_error=idp_unavailable`, 'discovery failed')
   discoveryDown = false
   t.ok(String((await replica.app.inject({ method: 'GET', url: '/auth/login' })).headers.location).startsWith(`${stack.idp.url}/`), 'tried again, and on to the IdP')
+
+  // openid-client 6 reports a bad ID token signature as OAUTH_INVALID_RESPONSE, the signature in
+  // its cause; it was reported as exchange_failed (mutation review).
+  t.equal(forgedReason, 'invalid_token', 'a forged ID token signature is reported as invalid_token')
 })
 
 t.test('identity provider down', async (t) => {
