@@ -49,6 +49,19 @@ t.test('a client that left: the route\'s onResponse hooks run in order from onSe
   t.same(ran, ['after /fast 200'], 'an answered request runs them once, the usual way')
 })
 
+// Kills dropping `if (!reply.raw.writableFinished)` (after-answer.ts): an answer that was sent in
+// full, on a connection that then closed (Connection: close) while a route's own async onResponse
+// hook still ran, was answered, not left: its hooks run once, the usual way, not again on close.
+t.test('an answer sent in full before its connection closed runs its hooks once, however slow they are', async (t) => {
+  const ran: string[] = []
+  const { port } = await appWithSlowRoute(t, async function own () { await sleep(100); ran.push('own async') }, ran)
+  const answered = await fetch(`http://127.0.0.1:${port}/slow`, { headers: { connection: 'close' } })
+  t.equal(answered.status, 202)
+  await answered.text()
+  await sleep(300)
+  t.same(ran, ['own async', 'after /slow 202'], 'once each')
+})
+
 // A route's async onResponse hook that rejects, for a client that left, must neither stop the
 // after-answer hook (the audit record, the access line) nor leave an unhandled rejection behind.
 t.test('a client that left: an async onResponse hook that rejects does not stop the after-answer hook', async (t) => {
