@@ -56,6 +56,14 @@ export interface Care360ClientOptions {
   /** Keep-alive sockets to the upstream; default 10. */
   connections?: number
   /**
+   * Requests a connection carries before it is closed (the last one says `Connection: close`) and
+   * a new one made; default 1000, at least 2. A busy service never lets its connections go idle, so without a
+   * bound it would never look up the upstream's address again: a move of the upstream's endpoint
+   * (a blue/green switch, a load balancer's new addresses) would reach it only when the old
+   * address stopped answering.
+   */
+  requestsPerConnection?: number
+  /**
    * How sockets are made: undici's own connector, with half the deadline as its timeout, unless a
    * test slows connecting down (the order of a deadline and a connection is the event loop's).
    */
@@ -583,6 +591,8 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   const pool = new Pool(base.origin, {
     connections,
     pipelining: 1,
+    // undici closes a connection on the request after its count: one fewer carries exactly ours.
+    maxRequestsPerClient: Math.max(1, (options.requestsPerConnection ?? 1000) - 1),
     // Half the deadline for TCP + TLS: an upstream that cannot be reached answers "unavailable"
     // instead of running into the overall deadline. undici runs this timer on a tick of ~0.5 s,
     // so it fires up to about half a second off: with a deadline of a second or less, the

@@ -689,6 +689,22 @@ t.test('a list sent on a kept-alive connection the upstream closes as it arrives
   t.same(log.acquired, ['list', 'list', 'list'], 'the second sending is an upstream call: it draws from the org budget')
 })
 
+t.test('a connection carries requestsPerConnection requests, the last saying Connection: close, then a new one is made', async (t) => {
+  let connections = 0
+  const closing: Array<string | undefined> = []
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    closing.push(request.headers.connection)
+    request.resume()
+    response.setHeader('content-type', 'application/json')
+    response.end('{"status":200,"success":true,"message":"ok","data":[]}')
+  }, () => { connections++ })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000, connections: 1, requestsPerConnection: 3 })
+  t.teardown(() => client.close())
+  for (let i = 0; i < 7; i++) t.same(await client.fetchAppointments(ALICE.email, CTX), [])
+  t.equal(connections, 3, 'seven calls, three connections')
+  t.same(closing.map((header) => header === 'close'), [false, false, true, false, false, true, false], 'the third on each says so')
+})
+
 t.test('a cancel sent on a kept-alive connection the upstream closes as it arrives is never sent again', async (t) => {
   const { baseUrl, received } = await closingKeptAliveUpstream(t)
   const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 3000, connections: 1 })
