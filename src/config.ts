@@ -130,7 +130,7 @@ const UpstreamOrigin = (description: string) =>
   })
 /** An entry as a refusal quotes it: any user information (a password, which no origin has) left out. */
 function quoted (entry: string): string {
-  return entry.replace(/\/\/[^/]*@/, '//[user information]@')
+  return entry.replace(/^((?:[a-z][a-z0-9+.-]*:)?\/\/)?.*@/i, '$1[user information]@')
 }
 /**
  * Origins that get credentialed CORS and pass the CSRF Origin check: the rule of SecureUrl, since

@@ -424,14 +424,17 @@ function safeText (value: unknown, scrub: Scrub): string | undefined {
   for (const secret of scrub.anywhere) {
     if (secret !== undefined && secret !== '') text = redactEchoes(redact(text, secret, false), secret, false, echoes)
   }
-  if (scrub.words !== undefined) {
-    // Encoded as it was sent: none of its characters is a control any more.
-    text = redactEchoes(text, scrub.words, true, echoes)
+  // A reason of blanks alone identifies nothing (and would redact every space, or every `+` of its
+  // encoded spelling).
+  const sent = scrub.words
+  if (sent !== undefined && sent.trim() !== '') {
+    // Encoded as it was sent, blanks and all (an echo spells them `%20` or `+`, which no word
+    // boundary would find): none of its characters is a control any more.
+    text = redactEchoes(text, sent, true, echoes)
     // As sent, matched as the text now reads, its controls turned into blanks or stripped like
-    // the text's (a reason with a line break, echoed, would otherwise never match). Blanks around
-    // it are not part of what could identify it (and a reason of spaces alone would redact every
-    // space).
-    const words = scrub.words.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '').trim()
+    // the text's (a reason with a line break, echoed, would otherwise never match); blanks around
+    // it are not part of it.
+    const words = sent.replace(BLANK_CONTROLS, ' ').replace(UNSAFE, '').trim()
     if (words !== '') text = redact(text, words, true)
   }
   text = text.trim()

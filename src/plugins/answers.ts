@@ -3,7 +3,7 @@ import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, preParsingHookHandler } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, HTTPMethods, preParsingHookHandler } from 'fastify'
 import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
@@ -320,11 +320,13 @@ const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
  * limit or the session check refused, was invited, sent, and then refused. Here the invitation
  * waits until the request has passed its onRequest hooks, and goes only to a body its route takes
  * (by its Content-Length; a chunked body is invited and held to the limit as it arrives). Any
- * other answer is given without it, and Node then closes the connection, the body unread. Register
- * it before any route.
+ * other answer is given without it, and Node then closes the connection, the body unread. A
+ * request no route takes is invited at once, as Node would: Fastify reads its body before its 404.
+ * Register it before any route.
  */
 export function inviteBodiesWithinLimit (app: FastifyInstance): void {
   app.server.on('checkContinue', function holdContinue (request: IncomingMessage, response: ServerResponse) {
+    if (app.findRoute({ method: request.method as HTTPMethods, url: request.url as string }) === null) response.writeContinue()
     app.server.emit('request', request, response)
   })
   app.addHook('onRoute', function inviteBodyOf (route) {

@@ -254,6 +254,21 @@ t.test('the key and the email are redacted even inside longer tokens', async (t)
   })
 })
 
+t.test('a reason of blanks redacts nothing of the upstream\'s message; one with blanks around it is redacted as echoed', async (t) => {
+  let message = 'Cancelled: C++ course, see a%20b'
+  const baseUrl = await stubUpstream(t, (request, response) => {
+    request.resume()
+    response.setHeader('content-type', 'application/json')
+    response.end(JSON.stringify({ status: 200, success: true, message }))
+  })
+  const client = createCare360Client({ baseUrl, apiKey: SANDBOX_KEY, timeoutMs: 2000 })
+  t.teardown(() => client.close())
+  const cancel = async (reason: string): Promise<string> => (await client.cancelAppointment({ email: ALICE.email, appointmentId: ALICE_FIRST, reason }, CTX)).message
+  for (const reason of [' ', '  ', '\t', 'flu ']) t.equal(await cancel(reason), message, `reason ${JSON.stringify(reason)}: nothing of it is in the message`)
+  message = `reason=${encodeURIComponent('  knee hurts ')}`
+  t.equal(await cancel('  knee hurts '), 'reason=[redacted]', 'blanks around it, percent-encoded with it')
+})
+
 t.test('the email, the reason and the key are redacted in the spellings an upstream echoes them in', async (t) => {
   // An upstream that quotes what it received quotes it as it received it: the list's query
   // percent-encoded (user_email=alice%40example.com), a form-style reason (+ for blanks), and a JSON
