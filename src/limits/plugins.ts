@@ -224,17 +224,16 @@ export function clientAddress (ip: string): string {
   if (!ip.includes(':')) return ip
   // An X-Forwarded-For entry with the client's port (Azure Application Gateway writes
   // `203.0.113.7:51234` and `[2001:db8::1]:51234`): one client, whatever connection it used.
-  const v4 = IPV4_WITH_PORT.exec(ip)?.[1]
-  if (v4 !== undefined) return v4
-  const address = BRACKETED_IPV6.exec(ip)?.[1] ?? ip
+  const address = withoutPort(ip)
+  if (!address.includes(':')) return address
   // Node's own spelling of an IPv4 client on a dual-stack socket, at once.
   if (address.startsWith('::ffff:') && isIPv4(address.slice(7))) return address.slice(7)
   try {
-    const parsed = new Address6(address)
+    const parsed = new Address6(`${address}/64`)
     // Any other spelling of an IPv4-mapped address (a proxy's: upper case, expanded, the IPv4
     // part in hex) is that IPv4 client too, not the ::/64 all of them would share.
     if (parsed.isMapped4()) return parsed.to4().correctForm()
-    return new Address6(`${address}/64`).startAddress().correctForm()
+    return parsed.startAddress().correctForm()
   } catch {
     // Not an address: X-Forwarded-For text from a TRUST_PROXY peer, which nobody parsed. It is
     // still one client's key.
@@ -244,6 +243,11 @@ export function clientAddress (ip: string): string {
 
 const IPV4_WITH_PORT = /^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$/
 const BRACKETED_IPV6 = /^\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?$/
+
+/** An X-Forwarded-For entry's address without the port it may be written with. */
+function withoutPort (entry: string): string {
+  return IPV4_WITH_PORT.exec(entry)?.[1] ?? BRACKETED_IPV6.exec(entry)?.[1] ?? entry
+}
 
 /**
  * Fastify's `trustProxy` for TRUST_PROXY (false when it lists nothing): an X-Forwarded-For hop is
@@ -256,7 +260,7 @@ export function proxyTrust (list: string[]): ((address: string, hop: number) => 
   if (list.length === 0) return false
   const trusted = compileTrust(list)
   return function trustedHop (address, hop) {
-    return trusted(IPV4_WITH_PORT.exec(address)?.[1] ?? BRACKETED_IPV6.exec(address)?.[1] ?? address, hop)
+    return trusted(withoutPort(address), hop)
   }
 }
 
