@@ -308,9 +308,6 @@ export function writeExpectationFailed (request: IncomingMessage, response: Serv
   response.end(body)
 }
 
-/** Node's own test of an expectation of 100 Continue (lib/_http_server.js). */
-const CONTINUE = /(?:^|\W)100-continue(?:$|\W)/i
-
 /** The methods whose requests carry a body here. */
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
 
@@ -327,6 +324,7 @@ const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
 export function inviteBodiesWithinLimit (app: FastifyInstance): void {
   app.server.on('checkContinue', function holdContinue (request: IncomingMessage, response: ServerResponse) {
     if (app.findRoute({ method: request.method as HTTPMethods, url: request.url as string }) === null) response.writeContinue()
+    else awaitingContinue.add(response)
     app.server.emit('request', request, response)
   })
   app.addHook('onRoute', function inviteBodyOf (route) {
@@ -335,10 +333,11 @@ export function inviteBodiesWithinLimit (app: FastifyInstance): void {
   })
 }
 
+/** The answers whose request expects 100 Continue, held back by holdContinue (Node's own decision). */
+const awaitingContinue = new WeakSet<ServerResponse>()
+
 const inviteBody: preParsingHookHandler = function inviteBody (request, reply, payload, done) {
-  const expect = request.headers.expect
-  if (expect !== undefined && request.raw.httpVersion === '1.1' && CONTINUE.test(expect) &&
-    !(Number(request.headers['content-length']) > request.routeOptions.bodyLimit)) {
+  if (awaitingContinue.delete(reply.raw) && !(Number(request.headers['content-length']) > request.routeOptions.bodyLimit)) {
     reply.raw.writeContinue()
   }
   done(null, payload)
