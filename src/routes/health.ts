@@ -4,19 +4,17 @@ import { ErrorCode, errorEnvelope, ok } from '../errors.js'
 
 const SharedStateMode = Type.Union([Type.Literal('redis'), Type.Literal('degraded'), Type.Literal('memory')])
 
-const Alive = Type.Object({
+/** A probe's 200 in the envelope, with `data`. */
+const probeAnswer = <T extends ReturnType<typeof Type.Object>>(data: T) => Type.Object({
   status: Type.Integer(),
   success: Type.Boolean(),
   message: Type.String(),
-  data: Type.Object({})
+  data
 })
 
-const Ready = Type.Object({
-  status: Type.Integer(),
-  success: Type.Boolean(),
-  message: Type.String(),
-  data: Type.Object({ ready: Type.Literal(true), sharedState: SharedStateMode })
-})
+const Alive = probeAnswer(Type.Object({}))
+
+const Ready = probeAnswer(Type.Object({ ready: Type.Literal(true), sharedState: SharedStateMode }))
 
 /** An error envelope like any other, with the shared state an operator also reads. */
 const Draining = Type.Object({
