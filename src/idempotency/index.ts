@@ -1,10 +1,10 @@
 import { hash } from 'node:crypto'
 import { ApiError, ErrorCode } from '../errors.js'
 import { settleAnswer, settleError, tracked, type Answer, type Run, type Settlement } from './settle.js'
-import { createSingleFlight, inFlightError, quietly, silentLog, type SingleFlightResult } from './single-flight.js'
+import { createSingleFlight, inFlightError, quietly, silentLog, storeWarnings, type SingleFlightResult } from './single-flight.js'
 import type { IdempotencyStore } from './store.js'
 import type { Awaitable } from '../state/awaitable.js'
-import type { WarnLog } from '../state/notice.js'
+import type { RepeatedWarnings, WarnLog } from '../state/notice.js'
 
 export type { Answer, Attempt, Run } from './settle.js'
 export type { WarnLog } from '../state/notice.js'
@@ -100,6 +100,8 @@ export interface IdempotencyOptions {
   /** How often a follower of a key-less cancel on another replica polls (see single-flight.ts). */
   pollMs?: number
   log?: WarnLog
+  /** Where the store's failures are told (see single-flight.ts); the app's `repeatedWarnings`. */
+  warnings?: RepeatedWarnings
 }
 
 export interface Idempotency {
@@ -136,17 +138,19 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
   const { store, inFlightTtlMs } = options
   const replayTtlMs = options.replayTtlMs ?? REPLAY_TTL_MS
   const defaultLog = options.log ?? silentLog
+  const warnings = options.warnings ?? storeWarnings()
   const singleFlight = createSingleFlight({
     store: options.replicated === false ? null : store,
     inFlightTtlMs,
     pollMs: options.pollMs,
-    log: defaultLog
+    log: defaultLog,
+    warnings
   })
 
   async function record (scope: string, key: string, token: string, settlement: Settlement, log: WarnLog): Promise<void> {
-    if (settlement.action === 'store') await quietly(() => store.complete(scope, key, token, settlement.answer, replayTtlMs), log)
-    else if (settlement.action === 'release') await quietly(() => store.release(scope, key, token), log)
-    else await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
+    if (settlement.action === 'store') await quietly(() => store.complete(scope, key, token, settlement.answer, replayTtlMs), log, warnings)
+    else if (settlement.action === 'release') await quietly(() => store.release(scope, key, token), log, warnings)
+    else await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log, warnings)
     // A failed write leaves the record in flight with our token. Once that marker expires, the next
     // retry resolves the outcome from the upstream if the record says the cancel may have gone
     // (markSending, or an earlier unknown outcome), and starts afresh only if nothing was sent:
@@ -189,11 +193,11 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       state = await input.resolveUnknown(endsAt)
     } catch (error) {
       // Still unknown: keep it so, for the next retry.
-      await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log)
+      await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log, warnings)
       throw error
     }
     if (state === 'send') return await owned(scope, key, token, input.run, log)
-    await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log)
+    await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log, warnings)
     return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, earlier: 'confirmed' }
   }
 

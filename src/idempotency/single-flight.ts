@@ -27,6 +27,11 @@ export interface SingleFlightOptions {
   /** How often such a follower looks again (ms). */
   pollMs?: number
   log?: WarnLog
+  /**
+   * Where the store's failures are told, once a minute however many cancels meet them (the app's,
+   * shared with the keyed cancels'); its own when not given.
+   */
+  warnings?: RepeatedWarnings
   now?: () => number
 }
 
@@ -60,7 +65,7 @@ export function inFlightError (retryAfterMs: number, message = 'An identical req
 
 export const silentLog: WarnLog = { warn () {} }
 
-/** How often a cancel going on without the store says so again (ms). */
+/** How often a store failure (a cancel going on without it, a write lost) is told again (ms). */
 const STORE_DOWN_WARNING_EVERY_MS = 60_000
 
 /**
@@ -102,7 +107,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const local = new Map<string, Promise<SingleFlightResult>>()
   const recent = recentAnswers(shareTtlMs, options.now ?? Date.now)
   // Every key-less cancel meets the store: while it is down, once a minute is enough.
-  const storeDown = new RepeatedWarnings(STORE_DOWN_WARNING_EVERY_MS, options.now ?? Date.now)
+  const warnings = options.warnings ?? storeWarnings(options.now)
 
   /**
    * The leader when this process is the only one: followers that overlap it share its promise; a
@@ -131,16 +136,16 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
     return run(attempt).then(function led (answer): Awaitable<SingleFlightResult> {
       const settlement = settleAnswer(answer)
       const written = settlement.action === 'store'
-        ? quietly(() => store.complete(scope, key, token, settlement.answer, shareTtlMs), log)
-        : quietly(() => store.release(scope, key, token), log)
+        ? quietly(() => store.complete(scope, key, token, settlement.answer, shareTtlMs), log, warnings)
+        : quietly(() => store.release(scope, key, token), log, warnings)
       const result = { answer, shared: false }
       return whenReady(written, () => result)
     }, function failed (error: unknown): Promise<never> {
       // Followers on other replicas get the same answer this request gets.
       const settlement = settleError(error, sendStarted())
       const written = settlement.action === 'release' || settlement.answer === null
-        ? quietly(() => store.release(scope, key, token), log)
-        : quietly(() => store.complete(scope, key, token, settlement.answer as StoredAnswer, shareTtlMs), log)
+        ? quietly(() => store.release(scope, key, token), log, warnings)
+        : quietly(() => store.complete(scope, key, token, settlement.answer as StoredAnswer, shareTtlMs), log, warnings)
       return Promise.resolve(written).then(() => { throw error })
     })
   }
@@ -152,7 +157,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
    * leaves the in-process single flight alone.
    */
   function withoutStore (error: unknown, run: Run, log: WarnLog): Promise<SingleFlightResult> {
-    storeDown.warn(log, { err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
+    warnings.warn(log, { err: errorSummary(error) }, 'idempotency store unavailable: single flight is per process')
     const { attempt } = tracked()
     return run(attempt).then(ownAnswer)
   }
@@ -222,10 +227,19 @@ function sharedResult (result: SingleFlightResult): SingleFlightResult {
   return { answer: result.answer, shared: true }
 }
 
-/** Store writes after the upstream answered never fail the request: the answer is what matters. */
-export function quietly (write: () => Awaitable<boolean>, log: WarnLog): Awaitable<void> {
+/** The store's failure warnings when the caller gives none: each message once a minute. */
+export function storeWarnings (now: () => number = Date.now): RepeatedWarnings {
+  return new RepeatedWarnings(STORE_DOWN_WARNING_EVERY_MS, now)
+}
+
+/**
+ * Store writes after the upstream answered never fail the request: the answer is what matters.
+ * A failure is told through `warnings`: during an outage every cancel's write fails, and one line
+ * a minute says so (with the count of those left out).
+ */
+export function quietly (write: () => Awaitable<boolean>, log: WarnLog, warnings: RepeatedWarnings): Awaitable<void> {
   function warn (error: unknown): void {
-    log.warn({ err: errorSummary(error) }, 'idempotency store write failed')
+    warnings.warn(log, { err: errorSummary(error) }, 'idempotency store write failed')
   }
   try {
     const written = write()

@@ -58,7 +58,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
   const idempotency = createIdempotency({
     store: idempotencyStoreFor(app.sharedState),
     replicated: app.sharedState.redis !== null,
-    inFlightTtlMs: inFlightTtlFor(config.care360.timeoutMs)
+    inFlightTtlMs: inFlightTtlFor(config.care360.timeoutMs),
+    warnings: app.repeatedWarnings
   })
 
   app.decorateRequest('upstreamStatus', null)

@@ -6,6 +6,7 @@ import { ErrorCode } from '../../src/errors.js'
 import { createIdempotency, createMemoryIdempotencyStore, createRedisIdempotencyStore, type HandleInput } from '../../src/idempotency/index.js'
 import { createSingleFlight, errorSummary, type SingleFlightOptions } from '../../src/idempotency/single-flight.js'
 import type { IdempotencyStore } from '../../src/idempotency/store.js'
+import { RepeatedWarnings } from '../../src/state/notice.js'
 import { APPOINTMENT, CANCELLED, EMAIL, OTHER_EMAIL, REASON, deferred, fakeCancel, scopeOf, upstreamError, type FakeCancel } from './fakes.js'
 
 const SCOPE = scopeOf(EMAIL)
@@ -259,6 +260,37 @@ t.test('a store failing at once (a full memory store, a synchronous bug) is trea
   const writes = createSingleFlight({ store: throwing, inFlightTtlMs: 1000, log: { warn: (_object, message) => warnings.push(message) } })
   t.same(await writes.runOnce(SCOPE, FP, fakeCancel().run), { answer: CANCELLED, shared: false }, 'a failed write never fails the answer')
   t.same(warnings, ['idempotency store write failed'])
+})
+
+t.test('writes failing during an outage are told once a minute, keyed and key-less cancels together, not once per cancel', async (t) => {
+  const warnings: Array<{ fields: object, message: string }> = []
+  const log = { warn: (fields: object, message: string) => { warnings.push({ fields, message }) } }
+  const memory = createMemoryIdempotencyStore()
+  const failingWrites: IdempotencyStore = {
+    begin: memory.begin,
+    complete: async () => { throw new Error('complete broke') },
+    markSending: memory.markSending,
+    markUnknown: memory.markUnknown,
+    release: async () => { throw new Error('release broke') }
+  }
+  let now = 0
+  const idem = createIdempotency({ store: failingWrites, inFlightTtlMs: 1000, log, warnings: new RepeatedWarnings(60_000, () => now) })
+  const cancel = fakeCancel()
+  for (let i = 0; i < 3; i++) {
+    t.same(await idem.handle(keyless(cancel, { appointmentId: `appointment-${i}` })), { answer: CANCELLED, earlier: null }, 'a key-less cancel')
+    t.same(await idem.handle(keyless(cancel, { appointmentId: `keyed-${i}`, key: `key-${i}` })), { answer: CANCELLED, earlier: null }, 'a keyed cancel')
+  }
+  t.equal(cancel.sends(), 6, 'every cancel was sent')
+  t.same(warnings.map(({ message }) => message), ['idempotency store write failed'], 'six failed writes, one line')
+  now = 60_000
+  await idem.handle(keyless(cancel, { appointmentId: 'a-minute-later' }))
+  t.same(warnings.map(({ message }) => message), ['idempotency store write failed', 'idempotency store write failed'], 'a minute later, the next')
+  t.match(warnings[1]!.fields, { err: { message: 'complete broke' }, repeats: 5 }, 'counting the five left out')
+  const alone = createIdempotency({ store: failingWrites, inFlightTtlMs: 1000, log })
+  warnings.length = 0
+  await alone.handle(keyless(cancel, { appointmentId: 'b' }))
+  await alone.handle(keyless(cancel, { appointmentId: 'c', key: 'key-c' }))
+  t.same(warnings.map(({ message }) => message), ['idempotency store write failed'], 'without the app\'s warnings, its own: once too')
 })
 
 t.test('errorSummary never carries more than the error\'s name and message', async (t) => {
