@@ -4,7 +4,7 @@ import type { Redis } from 'ioredis'
 import { ApiError, ErrorCode } from '../errors.js'
 import { coalesceWrites, FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
 import type { Awaitable } from '../state/awaitable.js'
-import { redisScript, type ScriptArg } from '../state/redis-script.js'
+import { LUA_CLOCK_MS, redisScript, type ScriptArg } from '../state/redis-script.js'
 import type { Rate } from '../config.js'
 import {
   COUNTER_PREFIX,
@@ -94,6 +94,11 @@ export interface SessionStore {
 export interface SessionStoreOptions {
   idleTtlMs: number
   absoluteTtlMs: number
+  /**
+   * The clock sessions are judged on (ms epoch). Memory: this process's wall clock by default.
+   * Redis: Redis's own clock (TIME) by default, read inside the store's scripts, so that every
+   * replica judges a session alike whatever its own clock says; a test's clock replaces it.
+   */
   now?: () => number
   /** Redis key prefix. */
   prefix?: string
@@ -299,18 +304,40 @@ function removeFromIndex (index: Map<string, Set<string>>, key: string, id: stri
   if (ids.size === 0) index.delete(key)
 }
 
+// The creation of a session in RedisSessionStore, on the store's clock (LUA_CLOCK_MS). KEYS[1]:
+// the session's hash; KEYS[2..]: its indexes. ARGV[1]: the clock ('' for Redis's); ARGV[2]: the
+// idle lifetime (ms); ARGV[3]: the absolute lifetime (ms); ARGV[4]: the session's id; ARGV[5..]:
+// its other fields, name and value. Each index gets the id scored by its absolute expiry, loses
+// the ids whose sessions can no longer exist, and lives as long as the newest can. Answers the
+// creation's time.
+const createScript = redisScript('bffSessionCreate', 'variable', `${LUA_CLOCK_MS}
+local at = clock_ms(ARGV[1])
+local idle, absolute = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ends = int(at + absolute)
+local fields = {'createdAt', int(at), 'lastSeenAt', int(at), 'absoluteExpiresAt', ends}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('PEXPIRE', KEYS[1], int(math.min(idle, absolute)))
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], ends, ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', int(at))
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+end
+return int(at)
+`)
+
 // The lookup of RedisSessionStore, atomic so that no touch can race a revoke on another replica
 // (a plain HSET after a DEL would recreate a half session). KEYS[1]: the session's hash; KEYS[2..]:
-// its counters. ARGV[1]: now (ms, the store's clock); ARGV[2]: the idle lifetime (ms); ARGV[3]:
-// how long ago it must have been seen to slide its expiry (ms); ARGV[4..]: each counter's window
-// and limit. Answers {} when there is no live session, else its fields (as HGETALL) and the
-// counters' hits, counted only then.
-const lookupScript = redisScript('bffSessionLookup', 'variable', `${LUA_HIT_IN_ORDER}
+// its counters. ARGV[1]: the clock ('' for Redis's, see LUA_CLOCK_MS); ARGV[2]: the idle lifetime
+// (ms); ARGV[3]: how long ago it must have been seen to slide its expiry (ms); ARGV[4..]: each
+// counter's window and limit. Answers {} when there is no live session, else its fields (as
+// HGETALL) and the counters' hits, counted only then.
+const lookupScript = redisScript('bffSessionLookup', 'variable', `${LUA_CLOCK_MS}${LUA_HIT_IN_ORDER}
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return {} end
 local record = {}
 for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
-local at, idle = tonumber(ARGV[1]), tonumber(ARGV[2])
+local at, idle = clock_ms(ARGV[1]), tonumber(ARGV[2])
 local seen, ends = tonumber(record.lastSeenAt), tonumber(record.absoluteExpiresAt)
 -- A damaged hash is no session (the caller's decode refuses other damage).
 if seen == nil or ends == nil then return {} end
@@ -320,10 +347,10 @@ if at >= ends or at >= seen + idle then
   return {}
 end
 if at - seen >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.min(idle, ends - at)))
+  redis.call('HSET', KEYS[1], 'lastSeenAt', int(at))
+  redis.call('PEXPIRE', KEYS[1], int(math.min(idle, ends - at)))
   for i = 1, #fields, 2 do
-    if fields[i] == 'lastSeenAt' then fields[i + 1] = ARGV[1] end
+    if fields[i] == 'lastSeenAt' then fields[i + 1] = int(at) end
   end
 end
 return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
@@ -332,7 +359,9 @@ return {fields, hit_in_order({unpack(KEYS, 2)}, {unpack(ARGV, 4)})}
 type IndexKind = 'sub' | 'sid'
 
 /**
- * Shared by every replica. A hash per session (`<prefix>s:{<id>}`), with indexes by subject and
+ * Shared by every replica, and judged on Redis's clock (TIME, read by the create and lookup
+ * scripts): a replica whose own clock is off neither ends sessions early for every replica nor
+ * stretches them. A hash per session (`<prefix>s:{<id>}`), with indexes by subject and
  * by IdP session (`<prefix>idx:sub:<hash>`, `<prefix>idx:sid:<hash>`) for back-channel logout:
  * sorted sets of session ids scored by each session's absolute expiry. Every key carries a
  * PEXPIRE so that Redis cleans up after us. An index lives as long as its newest member can, a
@@ -349,7 +378,8 @@ export class RedisSessionStore implements SessionStore {
   readonly #failed: (() => void) | undefined
   readonly #idleTtlMs: number
   readonly #absoluteTtlMs: number
-  readonly #now: () => number
+  /** The test's clock, or '' for Redis's own (the scripts read TIME). */
+  readonly #clock: () => number | ''
   readonly #prefix: string
 
   /** `failed`: hears every command that failed or timed out (the shared state's degraded mode). */
@@ -358,27 +388,19 @@ export class RedisSessionStore implements SessionStore {
     this.#failed = failed
     this.#idleTtlMs = options.idleTtlMs
     this.#absoluteTtlMs = options.absoluteTtlMs
-    this.#now = options.now ?? Date.now
+    this.#clock = options.now ?? redisClock
     this.#prefix = options.prefix ?? 'bff:session:'
   }
 
   async create (input: NewSession): Promise<{ token: string, session: Session }> {
-    const at = this.#now()
     const token = newToken()
-    const record = newRecord(sessionIdOf(token), input, at, this.#absoluteTtlMs)
-    const key = this.#sessionKey(record.id)
-    const multi = this.#redis.multi()
-      .hset(key, encode(record))
-      .pexpire(key, Math.min(this.#idleTtlMs, this.#absoluteTtlMs))
-    const indexes = [this.#index('sub', indexKey(record.issuer, record.subject))]
-    if (record.idpSessionId !== null) indexes.push(this.#index('sid', indexKey(record.issuer, record.idpSessionId)))
-    for (const index of indexes) {
-      multi.zadd(index, record.absoluteExpiresAt, record.id)
-        .zremrangebyscore(index, '-inf', at)
-        .pexpire(index, this.#absoluteTtlMs)
-    }
-    await this.#run(async () => checkMulti(await multi.exec()))
-    return { token, session: withExpiry(record, this.#idleTtlMs) }
+    const id = sessionIdOf(token)
+    const keys = [this.#sessionKey(id), this.#index('sub', indexKey(input.issuer, input.subject))]
+    if (input.idpSessionId !== null) keys.push(this.#index('sid', indexKey(input.issuer, input.idpSessionId)))
+    const args: ScriptArg[] = [keys.length, ...keys, this.#clock(), this.#idleTtlMs, this.#absoluteTtlMs, id]
+    for (const [name, value] of Object.entries(identityFields(input))) args.push(name, value)
+    const at = await this.#run(async () => Number(await createScript(this.#redis, ...args)))
+    return { token, session: withExpiry(newRecord(id, input, at, this.#absoluteTtlMs), this.#idleTtlMs) }
   }
 
   async get (token: string): Promise<Session | null> {
@@ -390,7 +412,7 @@ export class RedisSessionStore implements SessionStore {
     const id = sessionIdOf(token)
     const args: ScriptArg[] = [1 + counters.length, this.#sessionKey(id)]
     for (const { scope } of counters) args.push(COUNTER_PREFIX + sessionCounterKey(scope, id))
-    args.push(this.#now(), this.#idleTtlMs, touchEveryMs(this.#idleTtlMs))
+    args.push(this.#clock(), this.#idleTtlMs, touchEveryMs(this.#idleTtlMs))
     limitArgs(counters, args)
     return this.#run(async () => lookedUp(id, await lookupScript(this.#redis, ...args), counters.length, this.#idleTtlMs))
   }
@@ -425,9 +447,10 @@ export class RedisSessionStore implements SessionStore {
     // The set the same index was before sorted sets (no longer written): its sessions may live
     // for one more absolute lifetime after an upgrade, and must still end.
     const legacy = `${this.#prefix}${kind}:${hashed}`
-    // The sessions that may still exist (absolute expiry ahead), and the legacy set's.
+    // Every indexed session (those that can no longer exist are gone already, their DEL a no-op
+    // and their entries leaving with the rest: no replica's clock decides), and the legacy set's.
     const [current, old] = await this.#run(async () => checkMulti(await this.#redis.multi()
-      .zrangebyscore(index, `(${this.#now()}`, '+inf')
+      .zrange(index, 0, -1)
       .smembers(legacy)
       .exec())) as [string[], string[]]
     const ids = [...new Set([...current, ...old])]
@@ -495,21 +518,24 @@ function checkMulti (results: MultiResult): unknown[] {
   })
 }
 
-function encode (record: SessionRecord): Record<string, string> {
+/** A session's hash fields but its times (the create script writes those on its clock). */
+function identityFields (input: NewSession): Record<string, string> {
   const fields: Record<string, string> = {
-    email: record.email,
-    subject: record.subject,
-    issuer: record.issuer,
-    method: record.method,
-    createdAt: String(record.createdAt),
-    lastSeenAt: String(record.lastSeenAt),
-    absoluteExpiresAt: String(record.absoluteExpiresAt)
+    email: input.email,
+    subject: input.subject,
+    issuer: input.issuer,
+    method: input.method
   }
-  // Absent fields are null: an empty string could be a real value.
-  if (record.idpSessionId !== null) fields.idpSessionId = record.idpSessionId
-  if (record.idToken !== null) fields.idToken = record.idToken
-  if (record.idTokenId !== null) fields.idTokenId = record.idTokenId
+  // Absent fields are left out: an empty string could be a real value.
+  if (input.idpSessionId !== null) fields.idpSessionId = input.idpSessionId
+  if (input.idToken != null) fields.idToken = input.idToken
+  if (input.idTokenId != null) fields.idTokenId = input.idTokenId
   return fields
+}
+
+/** The clock argument that makes a script read Redis's own (LUA_CLOCK_MS). */
+function redisClock (): '' {
+  return ''
 }
 
 /** Null unless every required field is there and well-typed (a partial hash is no session). */

@@ -43,6 +43,19 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function int (n) return string.format('%.0f', n) end
 `
 
+/**
+ * `clock_ms(given)`: the milliseconds a test passes as a script's argument, or, when it passes ''
+ * (the service always does), Redis's own clock as LUA_NOW_MS reads it. With `int` as there.
+ */
+export const LUA_CLOCK_MS = `
+local function int (n) return string.format('%.0f', n) end
+local function clock_ms (given)
+  if given ~= '' then return tonumber(given) end
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
+`
+
 /** A script's integer array answer. */
 export function integers (reply: unknown, length: number): number[] {
   if (!Array.isArray(reply) || reply.length !== length) throw new TypeError('unexpected script reply')

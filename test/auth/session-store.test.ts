@@ -394,9 +394,6 @@ t.test('redis store', async (t) => {
     t.same(await indexes(), [1, 1], 'each sign-in pruned the sessions past their absolute expiry (before: 6 ids each)')
     const again = await store.create(patient(subject))
     t.same(await indexes(), [2, 2], 'live sessions are kept')
-    clock.at += ABSOLUTE
-    t.equal(await store.revokeBySubject('https://idp.example', 'daily-patient'), 0, 'sessions past their absolute expiry are not looked for')
-    clock.at -= ABSOLUTE
     t.equal(await store.revokeBySubject('https://idp.example', 'daily-patient'), 2, 'both live ones revoked')
     t.equal(await store.get(latest.token), null)
     t.equal(await store.get(again.token), null)
@@ -460,6 +457,37 @@ t.test('redis store', async (t) => {
     t.ok(Math.abs(session.createdAt - Date.now()) < 5000)
     t.equal(await redis.exists(`bff:session:s:{${session.id}}`), 1)
     t.ok(await real.get(token))
+  })
+
+  t.test('sessions are judged on Redis\'s clock: replicas whose clocks are far apart see the same sessions', async (t) => {
+    // The wall clock, replaced before the stores take it as their default: each step below runs
+    // with this process's clock moved by `offset`, as on another machine.
+    const wallNow = Date.now
+    let offset = 0
+    Date.now = () => wallNow() + offset
+    t.teardown(() => { Date.now = wallNow })
+    const [seconds, micros] = await redis.time()
+    const redisAt = Number(seconds) * 1000 + Math.floor(Number(micros) / 1000)
+    // Two replicas (on the default clock), one ahead and one behind by twice the idle lifetime.
+    const ahead = new RedisSessionStore(redis, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
+    const behind = new RedisSessionStore(redis, { idleTtlMs: IDLE, absoluteTtlMs: ABSOLUTE })
+    const onClock = async <T> (by: number, step: () => Promise<T>): Promise<T> => {
+      offset = by
+      try {
+        return await step()
+      } finally {
+        offset = 0
+      }
+    }
+    const { token, session } = await onClock(-2 * IDLE, async () => await behind.create(patient({ subject: 'far-apart', idpSessionId: 'sid-far-apart' })))
+    t.ok(Math.abs(session.createdAt - redisAt) < 5000, 'created at Redis\'s time, not the replica\'s')
+    t.equal(session.absoluteExpiresAt, session.createdAt + ABSOLUTE, 'its absolute lifetime counted from there')
+    const seen = await onClock(2 * IDLE, async () => await ahead.get(token))
+    t.equal(seen?.id, session.id, 'a replica ahead by more than the idle lifetime still finds it alive')
+    t.equal(await redis.exists(`bff:session:s:{${session.id}}`), 1, 'and leaves it in place')
+    t.equal(await onClock(-2 * IDLE, async () => (await behind.get(token))?.id), session.id, 'as does the one behind')
+    t.equal(await onClock(ABSOLUTE, async () => await ahead.revokeByIdpSession('https://idp.example', 'sid-far-apart')), 1, 'a back-channel logout on a replica ahead by more than the absolute lifetime ends it')
+    t.equal(await behind.get(token), null)
   })
 })
 
