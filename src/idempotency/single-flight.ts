@@ -239,7 +239,9 @@ export function storeWarnings (now: () => number = Date.now): RepeatedWarnings {
  */
 export function quietly (write: () => Awaitable<boolean>, log: WarnLog, warnings: RepeatedWarnings): Awaitable<void> {
   function warn (error: unknown): void {
-    warnings.warn(log, { err: errorSummary(error) }, 'idempotency store write failed')
+    const err = errorSummary(error)
+    // Told apart by the error's type: a bug (a TypeError) is not hidden behind an outage's line.
+    warnings.warn(log, { err }, 'idempotency store write failed', err.type)
   }
   try {
     const written = write()

@@ -50,33 +50,84 @@ export interface WarnLog {
   warn: (fields: object, message: string) => void
 }
 
+/** Schedules `fire` in `ms`; must not keep the process alive. */
+export type Schedule = (fire: () => void, ms: number) => void
+
+function unrefTimeout (fire: () => void, ms: number): void {
+  setTimeout(fire, ms).unref()
+}
+
+/** The most kinds told apart under one message; beyond, they share the message's line. */
+const KINDS_PER_MESSAGE = 8
+
+interface Seen { notice: TroubleNotice, repeats: number, last: { log: WarnLog, fields: object } | null, pending: boolean }
+
 /**
  * A warning that every request would repeat while what it reports lasts (the session store or the
  * identity provider unreachable): written the first time, then at most once per interval for each
- * message, saying how many were left out since (`repeats`). Only the service's own fixed messages
- * go through it, so the map stays as small as that set.
+ * message (and `kind`, e.g. the error's type, so that another failure under the same message is
+ * told as itself), saying how many were left out since (`repeats`). The ones left out are told when
+ * their interval ends even if none follows (never charged to a line days later). Only the
+ * service's own fixed messages go through it, and at most KINDS_PER_MESSAGE kinds each, so the map
+ * stays as small as that set.
  */
 export class RepeatedWarnings {
   readonly #everyMs: number
   readonly #now: () => number
-  readonly #seen = new Map<string, { notice: TroubleNotice, repeats: number }>()
+  readonly #schedule: Schedule
+  readonly #seen = new Map<string, Seen>()
+  readonly #kinds = new Map<string, number>()
 
-  constructor (everyMs: number, now: () => number) {
+  constructor (everyMs: number, now: () => number, schedule: Schedule = unrefTimeout) {
     this.#everyMs = everyMs
     this.#now = now
+    this.#schedule = schedule
   }
 
-  warn (log: WarnLog, fields: object, message: string): void {
-    let seen = this.#seen.get(message)
-    if (seen === undefined) {
-      seen = { notice: new TroubleNotice(this.#everyMs, this.#now), repeats: 0 }
-      this.#seen.set(message, seen)
-    }
+  warn (log: WarnLog, fields: object, message: string, kind = ''): void {
+    const seen = this.#entry(message, kind)
     if (!seen.notice.tell()) {
       seen.repeats++
+      seen.last = { log, fields }
+      if (!seen.pending) {
+        seen.pending = true
+        this.#schedule(() => { this.#flush(seen, message) }, this.#everyMs)
+      }
       return
     }
+    this.#write(seen, log, fields, message)
+  }
+
+  #entry (message: string, kind: string): Seen {
+    let key = `${message}\0${kind}`
+    if (kind !== '' && !this.#seen.has(key)) {
+      const kinds = this.#kinds.get(message) ?? 0
+      if (kinds >= KINDS_PER_MESSAGE) key = `${message}\0`
+      else this.#kinds.set(message, kinds + 1)
+    }
+    let seen = this.#seen.get(key)
+    if (seen === undefined) {
+      seen = { notice: new TroubleNotice(this.#everyMs, this.#now), repeats: 0, last: null, pending: false }
+      this.#seen.set(key, seen)
+    }
+    return seen
+  }
+
+  /** The interval of a left-out warning ended: its count is told, unless a line told it meanwhile. */
+  #flush (seen: Seen, message: string): void {
+    seen.pending = false
+    if (seen.last === null) return
+    if (!seen.notice.tell()) {
+      seen.pending = true
+      this.#schedule(() => { this.#flush(seen, message) }, this.#everyMs)
+      return
+    }
+    this.#write(seen, seen.last.log, seen.last.fields, message)
+  }
+
+  #write (seen: Seen, log: WarnLog, fields: object, message: string): void {
     log.warn(seen.repeats === 0 ? fields : { ...fields, repeats: seen.repeats }, message)
     seen.repeats = 0
+    seen.last = null
   }
 }

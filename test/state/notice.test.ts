@@ -35,3 +35,45 @@ t.test('TroubleNotice: an all-clear after every line told, and once per interval
   t.equal(notice.tell(), false, 'a line told otherwise counts')
   t.equal(notice.clear(true), true)
 })
+
+t.test('RepeatedWarnings: kinds told apart under one message (at most 8), and the count left out told as its interval ends', async (t) => {
+  let clock = 0
+  const timers: Array<() => void> = []
+  const warnings = new RepeatedWarnings(1000, () => clock, (fire) => { timers.push(fire) })
+  const lines: Array<[object, string]> = []
+  const log = { warn: (fields: object, message: string) => { lines.push([fields, message]) } }
+  for (let i = 0; i < 12; i++) warnings.warn(log, { kind: i }, 'write failed', `Kind${i}`)
+  t.same(lines.map(([fields]) => fields), [0, 1, 2, 3, 4, 5, 6, 7, 8].map((kind) => ({ kind })), 'eight kinds apart, the rest under the message alone (its first told)')
+  lines.length = 0
+  warnings.warn(log, { n: 1 }, 'store down')
+  warnings.warn(log, { n: 2 }, 'store down')
+  warnings.warn(log, { n: 3 }, 'store down')
+  t.equal(timers.length, 2, 'one timer per message with some left out (the capped kinds, store down)')
+  clock = 999
+  timers.splice(1, 1)[0]?.()
+  t.equal(lines.length, 1, 'not before the interval: waits again')
+  clock = 1000
+  for (const fire of timers.splice(0)) fire()
+  t.same(lines.slice(1), [[{ kind: 11, repeats: 3 }, 'write failed'], [{ n: 3, repeats: 2 }, 'store down']], 'the counts, with the last fields')
+  clock = 5000
+  warnings.warn(log, { n: 4 }, 'store down')
+  t.same(lines.at(-1), [{ n: 4 }, 'store down'], 'nothing charged to a later line')
+})
+
+t.test('RepeatedWarnings: a count told by the next line before its interval ends is not told again', async (t) => {
+  let clock = 0
+  const timers: Array<() => void> = []
+  const warnings = new RepeatedWarnings(1000, () => clock, (fire) => { timers.push(fire) })
+  const lines: object[] = []
+  const log = { warn: (fields: object) => { lines.push(fields) } }
+  warnings.warn(log, { n: 1 }, 'store down')
+  clock = 100
+  warnings.warn(log, { n: 2 }, 'store down')
+  t.equal(timers.length, 1, 'left out: its interval ends at 1100')
+  clock = 1000
+  warnings.warn(log, { n: 3 }, 'store down')
+  t.same(lines, [{ n: 1 }, { n: 3, repeats: 1 }], 'the line due at 1000 carries it')
+  clock = 1100
+  timers.splice(0)[0]?.()
+  t.same(lines, [{ n: 1 }, { n: 3, repeats: 1 }], 'the timer finds nothing left to tell')
+})
