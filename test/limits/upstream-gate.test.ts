@@ -127,7 +127,10 @@ t.test('redis: a replica whose stores are paused after a failed command still se
   t.equal((await refusal(t, other)).code, 'UPSTREAM_RATE_LIMITED', 'a share of 1 of 2: the second call waits')
   // That read failing too (Redis stalled): the twin decides, the pause goes on, and the calls of
   // that pause are not asked to wait out a command timeout each.
-  const stalled = await sharedStateOn(t, redis.url, 100)
+  // Its pause is read on a clock the test can hold at one instant (the real one otherwise): a
+  // timer waking late on a loaded machine must not carry the check past the extended pause too.
+  let heldAt: number | null = null
+  const stalled = await sharedStateOn(t, redis.url, 100, () => heldAt ?? performance.now())
   const stalledGate = gateOn(createStoreFallback({ sharedState: stalled, log: silentLog }))
   const admin = new Redis(redis.url)
   t.teardown(() => { admin.disconnect() })
@@ -139,9 +142,12 @@ t.test('redis: a replica whose stores are paused after a failed command still se
   const next = performance.now()
   await stalledGate.acquire('list')
   t.ok(performance.now() - next < 50, `the next call of the pause is not sent to the stalled Redis (${Math.round(performance.now() - next)} ms)`)
-  await sleep(Math.max(0, pausedAt + 1050 - performance.now()))
+  // The read failed no sooner than its 100 ms bound after pausedAt: it moved the pause's end from
+  // pausedAt + 1000 to at least pausedAt + 1100. Checked 50 ms past the first end, on the held clock.
+  heldAt = pausedAt + 1050
   t.equal(stalled.mode(), 'degraded', 'past the first pause: the failed read extended it')
-  await sleep(500)
+  heldAt = null
+  await sleep(Math.max(0, pausedAt + 1550 - performance.now()))
   // A pause begun by a command that timed out asks the stalled Redis nothing either.
   const timedOut = await sharedStateOn(t, redis.url, 100)
   const timedOutGate = gateOn(createStoreFallback({ sharedState: timedOut, log: silentLog }))
