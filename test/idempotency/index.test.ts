@@ -295,9 +295,12 @@ for (const [name, makeStore] of stores) {
     t.equal(stuck.sends() + later.sends(), 0)
   })
 
+  // The in-flight markers below live 300 ms, not 50: a request that must finish within its
+  // marker's life (the retry, the takeover, the first cancel) must not lose it to a loaded
+  // machine's event-loop stall of a few tens of milliseconds.
   t.test(`${name}: an owner whose marker expired before the cancel does not send it`, async (t) => {
-    const idem = await make(t, 50)
-    const slow = fakeCancel({ before: async () => { await sleep(100) } })
+    const idem = await make(t, 300)
+    const slow = fakeCancel({ before: async () => { await sleep(400) } })
     const error = await rejection(idem.handle(input(slow)))
     t.equal(error.statusCode, 409)
     t.equal(error.code, ErrorCode.IDEMPOTENCY_IN_FLIGHT)
@@ -311,13 +314,13 @@ for (const [name, makeStore] of stores) {
   })
 
   t.test(`${name}: a retry that took over from an owner whose marker expired: the owner does not send`, async (t) => {
-    const idem = await make(t, 50)
+    const idem = await make(t, 300)
     const gate = deferred<void>()
     const reached = deferred<void>()
     const slow = fakeCancel({ before: async () => { reached.resolve(); await gate.promise } })
     const first = rejection(idem.handle(input(slow)))
     await reached.promise
-    await sleep(80)
+    await sleep(350)
     const takeover = idem.handle(input(fakeCancel()))
     gate.resolve()
     t.equal((await first).statusCode, 409)
@@ -326,11 +329,11 @@ for (const [name, makeStore] of stores) {
   })
 
   t.test(`${name}: completed records expire after the replay TTL`, async (t) => {
-    const idem = createIdempotency({ store: await makeStore(t), inFlightTtlMs: 50, replayTtlMs: 80 })
+    const idem = createIdempotency({ store: await makeStore(t), inFlightTtlMs: 300, replayTtlMs: 400 })
     const cancel = fakeCancel()
     await idem.handle(input(cancel, { key: 'expiring' }))
     t.equal((await idem.handle(input(cancel, { key: 'expiring' }))).earlier, 'replayed')
-    await sleep(120)
+    await sleep(450)
     t.equal((await idem.handle(input(cancel, { key: 'expiring', reason: 'other' }))).earlier, null, 'the key is new again')
     t.equal(cancel.runs(), 2)
   })
