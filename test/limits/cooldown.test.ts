@@ -28,13 +28,15 @@ for (const [kind, make] of kinds) {
     const first = await cooldown.trip(300, 0.5)
     t.equal(first.fresh, true)
     t.ok(first.remainingMs > 280 && first.remainingMs <= 300)
+    // The bounds below leave room for the time between the calls (a loaded machine's stalls):
+    // shortened, the cooldown would have at most 100 ms left; not extended, at most 300.
     const shorter = await cooldown.trip(100, 0.5)
     t.equal(shorter.fresh, false, 'still the same episode')
-    t.ok(shorter.remainingMs > 250, `not shortened (${shorter.remainingMs})`)
+    t.ok(shorter.remainingMs > 100 && shorter.remainingMs <= 300, `not shortened (${shorter.remainingMs})`)
     const longer = await cooldown.trip(600, 0.5)
     t.ok(longer.remainingMs > 580 && longer.remainingMs <= 600, 'extended')
     const left = await cooldown.remaining()
-    t.ok(left > 500 && left <= 600)
+    t.ok(left > 300 && left <= 600, `still extended (${left})`)
   })
 
   t.test(`${kind}: it ends`, async (t) => {
@@ -63,11 +65,12 @@ for (const [kind, make] of kinds) {
   t.test(`${kind}: extend writes back a cooldown: a later end is kept, never shortened, and it is not a new episode`, async (t) => {
     const cooldown = await make(t)
     t.equal(await cooldown.extend(300), 300, 'none ran: it ends in 300 ms')
+    // As above: shortened to 100 ms, or written back as 0, it would have at most 100 ms left.
     const left = await cooldown.remaining()
-    t.ok(left > 250 && left <= 300, `running (${left})`)
+    t.ok(left > 100 && left <= 300, `running (${left})`)
     const shorter = await cooldown.extend(100)
-    t.ok(shorter > 250 && shorter <= 300, `not shortened (${shorter})`)
-    t.ok(await cooldown.extend(0) > 250, 'nothing to write back: unchanged')
+    t.ok(shorter > 100 && shorter <= 300, `not shortened (${shorter})`)
+    t.ok(await cooldown.extend(0) > 100, 'nothing to write back: unchanged')
     const longer = await cooldown.extend(500)
     t.ok(longer === 500, `extended (${longer})`)
     const during = await cooldown.trip(null, 0.5)
