@@ -4,7 +4,8 @@ import { startRedis } from '../helpers/redis.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { limitedApp, sessionHeaders } from './fixtures/app.js'
 import { steppedWallClock } from './fixtures/support.js'
-import { clientAddress } from '../../src/limits/plugins.js'
+import { clientAddress, proxyTrust } from '../../src/limits/plugins.js'
+import { retryAfterSeconds } from '../../src/limits/headers.js'
 
 const redis = await startRedis(t)
 
@@ -249,4 +250,45 @@ t.test('client addresses: an IPv4-mapped address in any IPv6 spelling is its IPv
   t.equal(clientAddress('0:0:0:0:0:ffff:203.0.113.7'), '203.0.113.7')
   t.equal(clientAddress('::ffff:cb00:7107'), '203.0.113.7')
   t.not(clientAddress('::ffff:cb00:7107'), clientAddress('::ffff:c633:6408'), 'two IPv4 clients, two keys')
+})
+
+t.test('a refusals-only route counts its 4xx answers only: its 5xx (a store down) are not the address\'s refusals', async (t) => {
+  const app = await limitedApp(t, {
+    env: { RATE_LIMIT_IP: '2/1m' },
+    routes: (app) => {
+      app.post('/refusals-only', { config: { ipLimit: 'refusals' } }, async function answerAsAsked (request, reply) {
+        return await reply.code(Number((request.query as { status: string }).status)).send({ asked: true })
+      })
+    }
+  })
+  const post = async (status: number) => (await app.inject({ method: 'POST', url: `/refusals-only?status=${status}` })).statusCode
+  const serverErrors = []
+  for (const status of [503, 500, 503, 200]) serverErrors.push(await post(status))
+  t.same(serverErrors, [503, 500, 503, 200], 'server errors count as no refusal')
+  const refusals = []
+  for (const status of [400, 401, 200]) refusals.push(await post(status))
+  t.same(refusals, [400, 401, 429], 'two 4xx reach the limit of two')
+})
+
+t.test('an address with a port is only that: anything after the port is no address to strip it from', async (t) => {
+  t.equal(clientAddress('203.0.113.7:80:81'), '203.0.113.7:80:81', 'text after the port: the whole entry is the key')
+  t.equal(clientAddress('203.0.113.7:51234x'), '203.0.113.7:51234x')
+  const trusted = proxyTrust(['10.0.0.0/8'])
+  t.not(trusted, false)
+  if (trusted === false) return
+  t.equal(trusted('10.1.2.3:443', 0), true, 'a trusted hop with its port')
+  t.equal(trusted('10.1.2.3:443x', 0), false, 'a hop with junk after its port is not that proxy')
+})
+
+t.test('one replica without Redis is the in-memory mode itself: no REPLICAS warning', async (t) => {
+  const lines: string[] = []
+  await buildTestApp(t, { env: { REPLICAS: '1' }, logStream: { write: (line: string) => { lines.push(line) } } })
+  t.notOk(lines.some((line) => line.includes('REPLICAS above 1')))
+})
+
+t.test('Retry-After: whole seconds rounded up, never 0 (a client told 0 would retry at once)', async (t) => {
+  t.equal(retryAfterSeconds(0), '1')
+  t.equal(retryAfterSeconds(1), '1')
+  t.equal(retryAfterSeconds(1000), '1')
+  t.equal(retryAfterSeconds(1001), '2')
 })
