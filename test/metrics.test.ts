@@ -110,6 +110,15 @@ t.test('after a sign-in, a list, a cancel and a limited request, every instrumen
   }
 })
 
+t.test('a sign-in a limiter refused (429) was never tried: no sign-in counted', async (t) => {
+  const { app, issuer } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '1/1m' } })
+  t.equal((await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign() } })).statusCode, 201)
+  t.equal((await app.inject({ method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign() } })).statusCode, 429)
+  const { samples } = await scrape(t, app)
+  t.equal(value(samples, 'bff_signins_total', { method: 'mobile', result: 'success' }), 1)
+  t.equal(value(samples, 'bff_signins_total', { method: 'mobile', result: 'failure' }), 0)
+})
+
 t.test('the public app has no /metrics; the metrics listener has nothing else', async (t) => {
   const { app } = await buildTestApp(t)
   t.equal((await app.inject({ method: 'GET', url: '/metrics' })).statusCode, 404)
@@ -241,6 +250,23 @@ t.test('createAppMetrics records what it is told, on its own registry', async (t
   t.equal(value(samples, 'bff_signins_total', { method: 'web', result: 'success' }), 1)
   t.equal(value(samples, 'bff_upstream_cooldown_active', {}), 1)
   t.equal(value(samples, 'bff_shared_state_mode', { mode: 'degraded' }), 1)
+})
+
+t.test('createAppMetrics: each outcome of an endpoint has its own series, and a count is never added twice across scrapes', async (t) => {
+  const metrics = createAppMetrics(null)
+  metrics.observeUpstream('list', 'ok', 1)
+  metrics.observeUpstream('list', 'timeout', 2)
+  metrics.recordLimiter('session', false)
+  metrics.recordLimiter('session', false)
+  const first = parse(await metrics.registry.metrics())
+  t.equal(value(first, 'care360_upstream_duration_seconds_count', { endpoint: 'list', outcome: 'ok' }), 1)
+  t.equal(value(first, 'care360_upstream_duration_seconds_count', { endpoint: 'list', outcome: 'timeout' }), 1)
+  t.equal(value(first, 'bff_limiter_decisions_total', { scope: 'session', decision: 'allowed' }), 2)
+  const second = parse(await metrics.registry.metrics())
+  t.equal(value(second, 'bff_limiter_decisions_total', { scope: 'session', decision: 'allowed' }), 2, 'a second scrape adds nothing')
+  metrics.recordLimiter('session', false)
+  const third = parse(await metrics.registry.metrics())
+  t.equal(value(third, 'bff_limiter_decisions_total', { scope: 'session', decision: 'allowed' }), 3, 'only what came since')
 })
 
 t.test('the metrics listener answers as the public port does: request ids, no-store, the envelope', async (t) => {

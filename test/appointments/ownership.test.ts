@@ -1,5 +1,5 @@
 import t from 'tap'
-import { createOwnershipCache } from '../../src/appointments/ownership.js'
+import { createOwnershipCache, listedIdOf } from '../../src/appointments/ownership.js'
 import type { Appointment } from '../../src/care360/client.js'
 
 const item = (id: string): Appointment => ({ id, agentEventId: null, title: null, topic: null, start: null, end: null, status: null, agentName: null })
@@ -86,4 +86,13 @@ t.test('an appointment that ended since its list was cached is looked up fresh, 
   t.same(fetched, ['a@example.com'])
   t.same(await cache.find('a@example.com', 'a-3', 'r'), undated, 'an end that cannot be read is not taken for ended')
   t.same(fetched, ['a@example.com'])
+})
+
+t.test('an appointment is named by its id or its agentEventId, in any case, and forwarded as the upstream spells it', async (t) => {
+  const listed: Appointment = { ...item('5A9E0C1B-0000-4000-8000-000000000001'), agentEventId: 'EVT-Abc-1' }
+  t.equal(listedIdOf(listed, '5a9e0c1b-0000-4000-8000-000000000001'), '5A9E0C1B-0000-4000-8000-000000000001')
+  t.equal(listedIdOf(listed, 'evt-abc-1'), 'EVT-Abc-1', 'by its agentEventId')
+  t.equal(listedIdOf(listed, 'evt-abc-2'), null)
+  const cache = createOwnershipCache({ fetch: async () => [listed] })
+  t.same(await cache.find('a@example.com', 'EVT-ABC-1', 'r'), listed, 'found by its agentEventId')
 })

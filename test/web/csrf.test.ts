@@ -182,6 +182,11 @@ t.test('CORS with credentials for CORS_ORIGINS only', async (t) => {
   t.match(simple.headers.vary, /Origin/i)
   const foreign = await stack.app.inject({ method: 'GET', url: '/auth/me', headers: { origin: 'https://evil.example' } })
   t.equal(foreign.headers['access-control-allow-origin'], undefined)
+  // An OPTIONS request without Origin is no preflight: answered here all the same, a bare 204.
+  const noOrigin = await stack.app.inject({ method: 'OPTIONS', url: '/auth/me' })
+  t.equal(noOrigin.statusCode, 204, 'an OPTIONS without Origin: 204, not the route\'s or the not-found answer')
+  t.equal(noOrigin.body, '')
+  t.equal(noOrigin.headers['access-control-allow-origin'], undefined)
 })
 
 t.test('security headers on every answer, errors and redirects included', async (t) => {
