@@ -494,6 +494,51 @@ t.test("a cancel the upstream refused has the upstream's status in its audit rec
   t.match(audits[0].audit, { appointmentId: aliceFirst.id, outcome: 'UPSTREAM_REJECTED', status: 400, upstreamStatus: 400 })
 })
 
+t.test('a cancel a per-client limit refused has RATE_LIMITED as its audit outcome', async (t) => {
+  const logs: string[] = []
+  const { tokenFor, cancel } = await stack(t, { env: { RATE_LIMIT_CANCEL: '1/1m' }, logs })
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, aliceFirst.id)).statusCode, 200)
+  t.equal((await cancel(token, alice.appointments[1]!.id)).statusCode, 429)
+  const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+  t.equal(audits.length, 2)
+  t.match(audits[1].audit, { appointmentId: alice.appointments[1]!.id, outcome: 'RATE_LIMITED', status: 429, upstreamStatus: null })
+})
+
+t.test('the audit record names an appointment only by a well-formed id, in lower case: never the client\'s other text', async (t) => {
+  const logs: string[] = []
+  const { tokenFor, cancel } = await stack(t, { logs })
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, 'not-a-uuid')).statusCode, 400)
+  t.equal((await cancel(token, aliceFirst.id.toUpperCase())).statusCode, 200)
+  const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+  t.equal(audits.length, 2)
+  t.match(audits[0].audit, { appointmentId: null, outcome: 'VALIDATION_FAILED', status: 400 })
+  t.match(audits[1].audit, { appointmentId: aliceFirst.id.toLowerCase(), outcome: 'cancelled', status: 200 })
+})
+
+t.test('a keyed cancel answered with an error, and its replay, have the error\'s code as their audit outcome', async (t) => {
+  const logs: string[] = []
+  const { tokenFor, cancel } = await stack(t, { logs })
+  const token = await tokenFor(alice.email)
+  const keyed = { 'idempotency-key': 'not-yours-key' }
+  t.equal((await cancel(token, bobFirst.id, undefined, keyed)).statusCode, 404)
+  t.equal((await cancel(token, bobFirst.id, undefined, keyed)).statusCode, 404)
+  const audits = logs.map((line) => JSON.parse(line)).filter((entry) => entry.audit !== undefined)
+  t.equal(audits.length, 2)
+  t.match(audits[0].audit, { appointmentId: bobFirst.id, outcome: 'APPOINTMENT_NOT_FOUND', status: 404 })
+  t.match(audits[1].audit, { appointmentId: bobFirst.id, outcome: 'APPOINTMENT_NOT_FOUND', status: 404, earlier: 'replayed' })
+})
+
+t.test('with the ownership check, a cancel goes upstream with the id as the upstream lists it, whatever case it was asked in', async (t) => {
+  const carol = { email: 'carol@example.com', name: 'Carol Patient', appointments: [{ ...aliceFirst, id: aliceFirst.id.toUpperCase(), agentEventId: 'EVT-Carol-1' }] }
+  const { sandbox, tokenFor, cancel, cancelCalls } = await stack(t, { sandbox: { seed: [carol] } })
+  const token = await tokenFor(carol.email)
+  t.equal((await cancel(token, aliceFirst.id.toLowerCase())).statusCode, 200)
+  t.same(cancelCalls().map((call) => (call.body as { appointmentId: string }).appointmentId), [aliceFirst.id.toUpperCase()])
+  t.ok(sandbox.control.isCancelled(aliceFirst.id.toUpperCase()))
+})
+
 t.test('limits on the cancel path: per-session cancels, the org budget and the upstream cooldown', async (t) => {
   t.test('RATE_LIMIT_CANCEL counts cancels per session, before validation', async (t) => {
     const { tokenFor, cancel } = await stack(t, { env: { RATE_LIMIT_CANCEL: '2/1m' } })
