@@ -8,6 +8,10 @@ import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
 import { appendHook } from './after-answer.js'
+import { answerHeaders } from '../web/security.js'
+
+/** The security headers of every answer (web/security.ts), for the answers no hook reaches. */
+const SECURITY_HEADERS = answerHeaders()
 
 /**
  * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:
@@ -101,6 +105,28 @@ function hasTwoHosts (raw: string[]): boolean {
   return false
 }
 
+/** Connections whose framing is faulty: nothing after the refused request is served. */
+const faultyFraming = new WeakSet<Socket>()
+
+/**
+ * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
+ * HTTP/1.0 request the field does not exist, and a hop in front frames the body otherwise (faulty
+ * framing: 400, and the connection closes, so that no request read behind the body is served); a
+ * coding other than chunked is not decoded here (501), rather than its bytes read as the JSON.
+ */
+function framingRefusal (request: FastifyRequest): ApiError | null {
+  const socket = request.raw.socket
+  const te = request.headers['transfer-encoding']
+  if (faultyFraming.has(socket) || (te !== undefined && request.raw.httpVersion === '1.0')) {
+    faultyFraming.add(socket)
+    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Transfer-Encoding is not HTTP/1.0')
+  }
+  if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
+    return new ApiError(501, ErrorCode.VALIDATION_FAILED, 'Only the chunked transfer coding is supported')
+  }
+  return null
+}
+
 /** How often a warning that every request repeats is written again (ms). */
 const REPEATED_WARNING_EVERY_MS = 60_000
 
@@ -114,11 +140,11 @@ async function answers (app: FastifyInstance): Promise<void> {
     // these headers; Node keeps the first of two and says nothing. The service never reads Host
     // (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
     // another request than this one.
-    const refusal = request.raw.headers.host === undefined
-      ? (request.raw.httpVersion === '1.1' ? 'Host header required' : null)
-      : (hasTwoHosts(request.raw.rawHeaders) ? 'Only one Host header is allowed' : null)
+    const refusal = framingRefusal(request) ?? (request.raw.headers.host === undefined
+      ? (request.raw.httpVersion === '1.1' ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Host header required') : null)
+      : (hasTwoHosts(request.raw.rawHeaders) ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Only one Host header is allowed') : null))
     if (refusal !== null) {
-      sendError(reply.header('connection', 'close'), new ApiError(400, ErrorCode.VALIDATION_FAILED, refusal))
+      sendError(reply.headers(SECURITY_HEADERS).header('connection', 'close'), refusal)
       return
     }
     done()
@@ -139,11 +165,20 @@ async function answers (app: FastifyInstance): Promise<void> {
     if (hasNoBody(request)) done(null, undefined)
     else done(notJson(), undefined)
   })
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, function parseJson (request, body, done) {
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, function parseJson (request, bytes, done) {
     if (!isUtf8Json(request.headers['content-type'] as string)) { done(notUtf8(), undefined); return }
     if (isEncoded(request.headers['content-encoding'])) { done(encodedBody(), undefined); return }
-    if ((body as string).trim() === '') { done(null, undefined); return }
-    parseJsonStrict(request, body as string, done)
+    // Bytes that are not UTF-8 (a Latin-1 client sending no charset) are refused, never read with
+    // U+FFFD in their place. A BOM is dropped, as before.
+    let body: string
+    try {
+      body = UTF8.decode(bytes as Buffer)
+    } catch {
+      done(notUtf8(), undefined)
+      return
+    }
+    if (body.trim() === '') { done(null, undefined); return }
+    parseJsonStrict(request, body, done)
   })
 
   app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
@@ -172,6 +207,8 @@ async function answers (app: FastifyInstance): Promise<void> {
 
   app.setNotFoundHandler(notFound)
 }
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true })
 
 /** The statuses of a body's errors: malformed, too large, of a type or coding not accepted. */
 const BODY_ERRORS: ReadonlySet<number> = new Set([400, 413, 415])
@@ -267,7 +304,7 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
 /** The answer itself, in the envelope with the two headers (the metrics listener's too). */
 export function frameworkRefusal (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
   const tooLong = error.code === 'FST_ERR_MAX_PARAM_LENGTH'
-  reply.code(400).header('x-request-id', request.id).header('cache-control', 'no-store')
+  reply.code(400).headers(SECURITY_HEADERS).header('x-request-id', request.id).header('cache-control', 'no-store')
     .send(errorEnvelope(400, ErrorCode.VALIDATION_FAILED, tooLong ? 'A path parameter is too long' : 'Malformed request URL'))
 }
 
@@ -280,6 +317,9 @@ function closingAnswer (status: number, message: string, requestId: string): { b
   return {
     body,
     headers: {
+      ...SECURITY_HEADERS,
+      // Node adds it to the answers it writes (417), not to those written on the socket.
+      date: new Date().toUTCString(),
       'content-type': 'application/json; charset=utf-8',
       'content-length': String(Buffer.byteLength(body)),
       'cache-control': 'no-store',
