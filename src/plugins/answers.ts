@@ -105,8 +105,11 @@ function hasTwoHosts (raw: string[]): boolean {
   return false
 }
 
-/** Connections whose framing is faulty: nothing after the refused request is served. */
-const faultyFraming = new WeakSet<Socket>()
+/**
+ * Connections closing after a refusal (faulty framing, a 501, a Host check): Node writes no answer
+ * behind the one that closes them, so no request read behind it may be acted on either.
+ */
+const closingConnections = new WeakSet<Socket>()
 
 /**
  * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
@@ -117,8 +120,10 @@ const faultyFraming = new WeakSet<Socket>()
 function framingRefusal (request: FastifyRequest): ApiError | null {
   const socket = request.raw.socket
   const te = request.headers['transfer-encoding']
-  if (faultyFraming.has(socket) || (te !== undefined && request.raw.httpVersion === '1.0')) {
-    faultyFraming.add(socket)
+  if (closingConnections.has(socket)) {
+    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'The connection is closing after a refused request')
+  }
+  if (te !== undefined && request.raw.httpVersion === '1.0') {
     return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Transfer-Encoding is not HTTP/1.0')
   }
   if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
@@ -144,6 +149,7 @@ async function answers (app: FastifyInstance): Promise<void> {
       ? (request.raw.httpVersion === '1.1' ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Host header required') : null)
       : (hasTwoHosts(request.raw.rawHeaders) ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Only one Host header is allowed') : null))
     if (refusal !== null) {
+      closingConnections.add(request.raw.socket)
       sendError(reply.headers(SECURITY_HEADERS).header('connection', 'close'), refusal)
       return
     }
@@ -208,7 +214,9 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.setNotFoundHandler(notFound)
 }
 
-const UTF8 = new TextDecoder('utf-8', { fatal: true })
+// The BOM is kept: secure-json-parse drops one, as it did when the body was read as a string (a
+// second is not JSON).
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /** The statuses of a body's errors: malformed, too large, of a type or coding not accepted. */
 const BODY_ERRORS: ReadonlySet<number> = new Set([400, 413, 415])
