@@ -60,6 +60,9 @@ const silent: GateRecorder = { decision () {} }
  */
 const LOST_COOLDOWN_SLACK_MS = 250
 
+/** How often a replica refusing calls for a cooldown writes it back to the shared store (ms). */
+const COOLDOWN_REASSERT_EVERY_MS = 1000
+
 export function upstreamRateLimited (waitMs: number): ApiError {
   return new ApiError(429, ErrorCode.UPSTREAM_RATE_LIMITED, 'The appointment service is busy; try again later', {
     headers: { 'retry-after': retryAfterSeconds(waitMs) }
@@ -75,6 +78,8 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
   // again, and even if Redis goes away meanwhile. It can only have been extended elsewhere, which
   // the next check after its end finds out.
   let knownUntil = 0
+  // When this process last wrote back the cooldown it refuses calls for (see refuseNow).
+  let reassertedAt = Number.NEGATIVE_INFINITY
 
   function remember (remainingMs: number): void {
     knownUntil = Math.max(knownUntil, now() + remainingMs)
@@ -99,6 +104,17 @@ export function createUpstreamGate (options: UpstreamGateOptions): UpstreamGate 
     const cooling = coolingMs()
     if (cooling > 0) {
       record.decision('cooldown', true)
+      // Redis may have lost the cooldown without a break of the connection (FLUSHALL, eviction),
+      // which restoreCooldown never hears of: the replicas that did not see the 429 would call the
+      // upstream until it answers them 429 too. So a replica refusing calls for a cooldown writes
+      // it back (only ever extending: CooldownStore.extend), at most once per
+      // COOLDOWN_REASSERT_EVERY_MS; not awaited (it never rejects: a failure is the fallback's to
+      // tell, and its memory twin's to hold).
+      const at = now()
+      if (at - reassertedAt >= COOLDOWN_REASSERT_EVERY_MS) {
+        reassertedAt = at
+        cooldown.extend(Math.ceil(cooling))
+      }
       throw upstreamRateLimited(cooling)
     }
   }
