@@ -1,9 +1,5 @@
 import t from 'tap'
-import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
-import { listen, startSandboxedApp } from '../fault/support.js'
-import { exchange, statuses } from './support.js'
-
-const alice = DEMO_PATIENTS[0]!
+import { cancelOnSocket, exchange, statuses } from './support.js'
 
 /**
  * The 501 closes the connection, so no answer is written for a request pipelined behind it; its
@@ -11,10 +7,7 @@ const alice = DEMO_PATIENTS[0]!
  * upstream and the client, never told, retries it elsewhere.
  */
 t.test('a request pipelined behind a 501 is not acted on', async (t) => {
-  const { app, sandbox, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 2000, email: alice.email })
-  const port = Number(new URL(await listen(app)).port)
-  const id = alice.appointments[0]!.id
-  const body = '{"reason":"Feeling better"}'
+  const { port, sandbox, token, id, body } = await cancelOnSocket(t)
   const { received } = await exchange(port,
     `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
     `Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n` +
@@ -28,10 +21,7 @@ t.test('a request pipelined behind a 501 is not acted on', async (t) => {
 
 /** The same behind the Host refusals (two Hosts), which close the connection too. */
 t.test('a request pipelined behind a two-Host refusal is not acted on', async (t) => {
-  const { app, sandbox, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 2000, email: alice.email })
-  const port = Number(new URL(await listen(app)).port)
-  const id = alice.appointments[0]!.id
-  const body = '{"reason":"Feeling better"}'
+  const { port, sandbox, token, id, body } = await cancelOnSocket(t)
   const { received } = await exchange(port,
     'GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n' +
     `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +

@@ -1,4 +1,19 @@
 import { connect } from 'node:net'
+import type { Test } from 'tap'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
+import { listen, startSandboxedApp } from '../fault/support.js'
+
+const alice = DEMO_PATIENTS[0]!
+
+/**
+ * The app on a real port, over the sandbox, with alice signed in: the port, the sandbox (its
+ * calls), her bearer token, one of her appointments and a cancel body, for raw requests.
+ */
+export async function cancelOnSocket (t: Test): Promise<{ port: number, sandbox: Awaited<ReturnType<typeof startSandboxedApp>>['sandbox'], token: string, id: string, body: string }> {
+  const { app, sandbox, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 2000, email: alice.email })
+  const port = Number(new URL(await listen(app)).port)
+  return { port, sandbox, token, id: alice.appointments[0]!.id, body: '{"reason":"Feeling better"}' }
+}
 
 /**
  * Sends `text` on a fresh loopback connection and gives back everything the server wrote, once it
