@@ -34,18 +34,9 @@ export function defineScripts (redis: Redis): void {
 }
 
 /**
- * Milliseconds on Redis's own clock, so that every replica measures windows against one clock.
- * Scores stay below 2^53 and print exactly with %.0f (Lua's tostring would use %.14g).
- */
-export const LUA_NOW_MS = `
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local function int (n) return string.format('%.0f', n) end
-`
-
-/**
  * `clock_ms(given)`: the milliseconds a test passes as a script's argument, or, when it passes ''
- * (the service always does), Redis's own clock as LUA_NOW_MS reads it. With `int` as there.
+ * (the service always does), Redis's own clock, so that every replica measures against one clock.
+ * Scores stay below 2^53 and print exactly with `int` (%.0f; Lua's tostring would use %.14g).
  */
 export const LUA_CLOCK_MS = `
 local function int (n) return string.format('%.0f', n) end
@@ -54,6 +45,10 @@ local function clock_ms (given)
   local clock = redis.call('TIME')
   return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
+`
+
+/** `now`: milliseconds on Redis's own clock (LUA_CLOCK_MS), with `int`. */
+export const LUA_NOW_MS = `${LUA_CLOCK_MS}local now = clock_ms('')
 `
 
 /** A script's integer array answer. */
