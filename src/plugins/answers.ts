@@ -112,24 +112,31 @@ function hasTwoHosts (raw: string[]): boolean {
 const closingConnections = new WeakSet<Socket>()
 
 /**
+ * Why a request is refused before anything else runs, on a connection that then closes; null when
+ * it is not. A connection already closing after such a refusal serves nothing behind it.
  * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
  * HTTP/1.0 request the field does not exist, and a hop in front frames the body otherwise (faulty
- * framing: 400, and the connection closes, so that no request read behind the body is served); a
- * coding other than chunked is not decoded here (501), rather than its bytes read as the JSON.
+ * framing: 400); a coding other than chunked is not decoded here (501), rather than its bytes read
+ * as the JSON. HTTP/1.1 requires Host, and no request may carry two (RFC 9112, 3.2: both a 400).
+ * Node's own refusal of the first (requireHostHeader, off in app.ts) is a bare 400 without the
+ * envelope or these headers; Node keeps the first of two and says nothing. The service never reads
+ * Host (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
+ * another request than this one.
  */
-function framingRefusal (request: FastifyRequest): ApiError | null {
-  const socket = request.raw.socket
+function earlyRefusal (request: FastifyRequest): ApiError | null {
+  const { raw } = request
   const te = request.headers['transfer-encoding']
-  if (closingConnections.has(socket)) {
-    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'The connection is closing after a refused request')
-  }
-  if (te !== undefined && request.raw.httpVersion === '1.0') {
-    return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Transfer-Encoding is not HTTP/1.0')
-  }
+  if (closingConnections.has(raw.socket)) return validationFailed('The connection is closing after a refused request')
+  if (te !== undefined && raw.httpVersion === '1.0') return validationFailed('Transfer-Encoding is not HTTP/1.0')
   if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
     return new ApiError(501, ErrorCode.VALIDATION_FAILED, 'Only the chunked transfer coding is supported')
   }
-  return null
+  if (raw.headers.host === undefined) return raw.httpVersion === '1.1' ? validationFailed('Host header required') : null
+  return hasTwoHosts(raw.rawHeaders) ? validationFailed('Only one Host header is allowed') : null
+}
+
+function validationFailed (message: string): ApiError {
+  return new ApiError(400, ErrorCode.VALIDATION_FAILED, message)
 }
 
 /** How often a warning that every request repeats is written again (ms). */
@@ -140,14 +147,7 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.decorate('repeatedWarnings', new RepeatedWarnings(REPEATED_WARNING_EVERY_MS, () => performance.now()))
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     stampHeaders(request, reply)
-    // HTTP/1.1 requires Host, and no request may carry two (RFC 9112, 3.2: both a 400). Node's own
-    // refusal of the first (requireHostHeader, off in app.ts) is a bare 400 without the envelope or
-    // these headers; Node keeps the first of two and says nothing. The service never reads Host
-    // (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
-    // another request than this one.
-    const refusal = framingRefusal(request) ?? (request.raw.headers.host === undefined
-      ? (request.raw.httpVersion === '1.1' ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Host header required') : null)
-      : (hasTwoHosts(request.raw.rawHeaders) ? new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Only one Host header is allowed') : null))
+    const refusal = earlyRefusal(request)
     if (refusal !== null) {
       closingConnections.add(request.raw.socket)
       sendError(reply.headers(SECURITY_HEADERS).header('connection', 'close'), refusal)
