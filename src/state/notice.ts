@@ -89,10 +89,7 @@ export class RepeatedWarnings {
     if (!seen.notice.tell()) {
       seen.repeats++
       seen.last = { log, fields }
-      if (!seen.pending) {
-        seen.pending = true
-        this.#schedule(() => { this.#flush(seen, message) }, this.#everyMs)
-      }
+      if (!seen.pending) this.#flushLater(seen, message)
       return
     }
     this.#write(seen, log, fields, message)
@@ -118,11 +115,16 @@ export class RepeatedWarnings {
     seen.pending = false
     if (seen.last === null) return
     if (!seen.notice.tell()) {
-      seen.pending = true
-      this.#schedule(() => { this.#flush(seen, message) }, this.#everyMs)
+      this.#flushLater(seen, message)
       return
     }
     this.#write(seen, seen.last.log, seen.last.fields, message)
+  }
+
+  /** The count left out is told when the interval ends (#flush), by one timer at a time. */
+  #flushLater (seen: Seen, message: string): void {
+    seen.pending = true
+    this.#schedule(() => { this.#flush(seen, message) }, this.#everyMs)
   }
 
   #write (seen: Seen, log: WarnLog, fields: object, message: string): void {
