@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -51,8 +51,8 @@ export type App = FastifyInstance
  * arrive after `close()` began with `Connection: close`, but not those already in flight then:
  * their keep-alive connections (a load balancer's) stayed open after the answer, and
  * `server.close()` waited for them until their idle timeout (65 s), past the shutdown deadline
- * (fastify/fastify#7044). So from the first step of `close()` every answer says
- * `Connection: close`, and Node closes the socket after it.
+ * (fastify/fastify#7044). So from the first step of `close()` every answer to the last request read
+ * on its connection says `Connection: close`, and Node closes the socket after it.
  *
  * And a client still sending its request's headers when shutdown begins: Node stops enforcing
  * `headersTimeout` once the server closes, so it held the shutdown until its deadline
@@ -85,8 +85,21 @@ function drainOnClose (app: FastifyInstance): void {
     clearTimeout(cutOff)
     done()
   })
-  app.addHook('onSend', function closeConnectionWhenDraining (_request, reply, payload, done) {
-    if (app.draining) reply.header('connection', 'close')
+  // Only the answer to the last request read on a connection closes it: Node writes nothing behind
+  // an answer that closes its connection, so a request a client pipelined behind another would
+  // run (a cancel reaching Care360) and never be answered. Registered before every other
+  // onRequest hook, so that a request refused by one of them counts too.
+  const lastRead = new WeakMap<Socket, FastifyRequest>()
+  app.addHook('onRequest', function noteLastRead (request, _reply, done) {
+    lastRead.set(request.raw.socket, request)
+    done()
+  })
+  app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
+    if (app.draining && lastRead.get(request.raw.socket) === request) {
+      reply.header('connection', 'close')
+      // Node still hands a request read after this answer to its route until the socket is gone.
+      closesAfterThisAnswer(request.raw.socket)
+    }
     done(null, payload)
   })
 }

@@ -106,10 +106,16 @@ function hasTwoHosts (raw: string[]): boolean {
 }
 
 /**
- * Connections closing after a refusal (faulty framing, a 501, a Host check): Node writes no answer
- * behind the one that closes them, so no request read behind it may be acted on either.
+ * Connections closing after an answer (a refusal: faulty framing, a 501, a Host check; or any
+ * answer while draining, app.ts): Node writes no answer behind the one that closes them, but still
+ * hands a request read behind it to its route; none may be acted on.
  */
 const closingConnections = new WeakSet<Socket>()
+
+/** The answer being sent on `socket` closes it: a request read behind it is refused unanswered. */
+export function closesAfterThisAnswer (socket: Socket): void {
+  closingConnections.add(socket)
+}
 
 /**
  * Why a request is refused before anything else runs, on a connection that then closes; null when
@@ -126,7 +132,7 @@ const closingConnections = new WeakSet<Socket>()
 function earlyRefusal (request: FastifyRequest): ApiError | null {
   const { raw } = request
   const te = request.headers['transfer-encoding']
-  if (closingConnections.has(raw.socket)) return validationFailed('The connection is closing after a refused request')
+  if (closingConnections.has(raw.socket)) return validationFailed('The connection is closing after the answer before')
   if (te !== undefined && raw.httpVersion === '1.0') return validationFailed('Transfer-Encoding is not HTTP/1.0')
   if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
     return new ApiError(501, ErrorCode.VALIDATION_FAILED, 'Only the chunked transfer coding is supported')
@@ -149,7 +155,7 @@ async function answers (app: FastifyInstance): Promise<void> {
     stampHeaders(request, reply)
     const refusal = earlyRefusal(request)
     if (refusal !== null) {
-      closingConnections.add(request.raw.socket)
+      closesAfterThisAnswer(request.raw.socket)
       sendError(reply.headers(SECURITY_HEADERS).header('connection', 'close'), refusal)
       return
     }

@@ -9,10 +9,10 @@ const alice = DEMO_PATIENTS[0]!
  * The app on a real port, over the sandbox, with alice signed in: the port, the sandbox (its
  * calls), her bearer token, one of her appointments and a cancel body, for raw requests.
  */
-export async function cancelOnSocket (t: Test): Promise<{ port: number, sandbox: Awaited<ReturnType<typeof startSandboxedApp>>['sandbox'], token: string, id: string, body: string }> {
+export async function cancelOnSocket (t: Test): Promise<{ app: Awaited<ReturnType<typeof startSandboxedApp>>['app'], port: number, sandbox: Awaited<ReturnType<typeof startSandboxedApp>>['sandbox'], token: string, id: string, body: string }> {
   const { app, sandbox, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 2000, email: alice.email })
   const port = Number(new URL(await listen(app)).port)
-  return { port, sandbox, token, id: alice.appointments[0]!.id, body: '{"reason":"Feeling better"}' }
+  return { app, port, sandbox, token, id: alice.appointments[0]!.id, body: '{"reason":"Feeling better"}' }
 }
 
 /**

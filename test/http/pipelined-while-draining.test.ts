@@ -1,0 +1,61 @@
+import t from 'tap'
+import { once } from 'node:events'
+import { connect, type Socket } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { cancelOnSocket, exchange, statuses } from './support.js'
+
+/**
+ * While draining (SHUTDOWN_DELAY, then close()), every answer closes its connection. A client that
+ * pipelined a second request behind the first must not have it run with no answer written (Node
+ * writes nothing behind an answer that closes the connection): the cancel would reach the upstream
+ * and the client, told nothing, retries it elsewhere. Requests already read are answered, and the
+ * last of them closes the connection.
+ */
+function pipelined (token: string, id: string, body: string): string {
+  return 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' +
+    `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
+}
+
+t.test('requests pipelined on a connection while draining are each answered, the last closing it', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  app.draining = true
+  const { received, closed } = await exchange(port, pipelined(token, id, body))
+  t.same(statuses(received), [200, 200], 'both answered')
+  t.ok(closed, 'the connection is closed after the last')
+  const heads = received.split(/(?=HTTP\/1\.1 )/)
+  t.notMatch(heads[0], /\r\nconnection: close\r\n/i, 'the first answer leaves the connection open for the one behind it')
+  t.match(heads[1], /\r\nconnection: close\r\n/i, 'the last answer closes it')
+  t.ok(sandbox.control.isCancelled(id), 'the cancel went through and its answer was written')
+})
+
+t.test('a request read behind an answer that closes its connection while draining is not acted on', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  // Node closes the socket once the closing answer is flushed; until then it still reads and hands
+  // a request to its route. Here the close waits 300 ms (a slow flush), so that the second request
+  // is surely read in that window.
+  app.server.prependListener('connection', (socket: Socket) => {
+    const destroySoon = socket.destroySoon.bind(socket)
+    socket.destroySoon = () => { setTimeout(destroySoon, 300) }
+  })
+  app.draining = true
+  const socket = connect(port, '127.0.0.1')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close')
+  await once(socket, 'connect')
+  socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  for (let i = 0; i < 200 && !received.includes('\r\n\r\n{'); i++) await sleep(5)
+  t.match(received, /\r\nconnection: close\r\n/i, 'the first answer closes the connection')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await Promise.race([closed, sleep(3000)])
+  socket.destroy()
+  await sleep(300)
+  // Behind the answer that closes the connection, nothing but the refusal (written here only
+  // because the close was held back).
+  t.same(statuses(received).slice(0, 1), [200], 'the first answer')
+  t.ok(statuses(received).slice(1).every((status) => status === 400), 'the one behind it, if written at all, refused')
+  t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
+  t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
+})
