@@ -8,10 +8,7 @@ import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
 import { appendHook } from './after-answer.js'
-import { answerHeaders } from '../web/security.js'
-
-/** The security headers of every answer (web/security.ts), for the answers no hook reaches. */
-const SECURITY_HEADERS = answerHeaders()
+import { SECURITY_HEADERS } from '../web/security.js'
 
 /**
  * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:

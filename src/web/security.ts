@@ -49,10 +49,13 @@ const HELMET: Readonly<HelmetOptions> = {
 /**
  * The headers every answer carries, computed once: helmet's for these options (none of them
  * varies per request: no CSP nonces). They are recorded from one run of helmet's middleware on a
- * stand-in response, then copied onto each reply. @fastify/helmet would call `helmet(options)`
- * again on every request, in two hooks.
+ * stand-in response, then copied onto each reply (here, and on the answers refused before any
+ * route, answers.ts). @fastify/helmet would call `helmet(options)` again on every request, in two
+ * hooks.
  */
-export function answerHeaders (): Readonly<Record<string, string>> {
+export const SECURITY_HEADERS = answerHeaders()
+
+function answerHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
   const recorder = {
     setHeader (name: string, value: string) { headers[name.toLowerCase()] = value },
@@ -108,10 +111,9 @@ function corsHook (allowedOrigins: ReadonlySet<string>): onRequestHookHandler {
 }
 
 async function webSecurity (app: FastifyInstance): Promise<void> {
-  const headers = answerHeaders()
   // Synchronous: no promise per request for a copy of constant headers.
   app.addHook('onRequest', function applySecurityHeaders (_request, reply, done) {
-    reply.headers(headers)
+    reply.headers(SECURITY_HEADERS)
     done()
   })
   app.addHook('onRequest', corsHook(new Set(app.config.corsOrigins)))
