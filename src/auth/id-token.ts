@@ -17,6 +17,8 @@ export interface VerifiedIdToken {
   issuer: string
   /** The IdP session (`sid`), for back-channel logout; null when the IdP does not send one. */
   sid: string | null
+  /** `auth_time`, else `iat` (seconds): what a back-channel logout by subject is compared with. */
+  authTime: number
 }
 
 /** A back-channel logout that took effect, as its verified logout token names it. */
@@ -130,12 +132,12 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   }
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
-    const { identity, authTime } = await verifySignedToken(idToken)
+    const identity = await verifySignedToken(idToken)
     // Looks only, after every other check: neither garbage nor ordinary sign-ins write to the
     // store (so none can push a retired token or a logout out of a bounded memory).
     const [retired, ended] = await Promise.all([
       options.retired.used(idTokenId(idToken)),
-      loggedOut({ issuer: identity.issuer, subject: identity.subject, sid: identity.sid, authTime })
+      loggedOut(identity)
     ])
     if (retired || ended) {
       log?.debug({ refusal: retired ? 'retired' : 'logged_out' }, 'ID token refused')
@@ -144,7 +146,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     return identity
   }
 
-  async function verifySignedToken (idToken: string): Promise<{ identity: VerifiedIdToken, authTime: number }> {
+  async function verifySignedToken (idToken: string): Promise<VerifiedIdToken> {
     if (typeof idToken !== 'string' || idToken.length === 0 || idToken.length > MAX_ID_TOKEN_LENGTH) {
       throw invalidIdToken()
     }
@@ -180,7 +182,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     }
   }
 
-  function claimsOf (payload: JWTPayload): { identity: VerifiedIdToken, authTime: number } {
+  function claimsOf (payload: JWTPayload): VerifiedIdToken {
     const nowSec = Math.floor(now() / 1000)
     // auth_time when present: the sign-in itself must be recent, not only the token's minting. One
     // that is no number (a provider's bug, a rewrite) is refused, not read as absent: iat alone
@@ -195,7 +197,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     if (typeof email !== 'string' || email.length > 254 || !email.includes('@')) throw new Rejected('email')
     if (emailVerified !== true) throw new Rejected('email_verified')
     if (typeof sub !== 'string' || sub === '') throw new Rejected('sub')
-    return { identity: { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null }, authTime }
+    return { email, subject: sub, issuer: payload.iss as string, sid: typeof sid === 'string' && sid !== '' ? sid : null, authTime }
   }
 
   return {

@@ -6,6 +6,7 @@ import { ok } from '../errors.js'
 import { errorAnswers } from '../schemas/appointments.js'
 import { idTokenId, invalidIdToken, MAX_ID_TOKEN_LENGTH } from '../auth/id-token.js'
 import { presentedToken } from '../auth/presented.js'
+import { createUnlessLoggedOut } from '../auth/sign-in.js'
 
 /** Mobile sign-in, session introspection and sign-out. Web sign-in is in web/routes.ts. */
 
@@ -72,7 +73,8 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       throw request.validationError
     }
     const identity = await app.idTokenVerifier.verify(request.body.idToken)
-    const { token, session } = await app.sessions.create({
+    // Null: a back-channel logout of this sign-in landed while its session was being made.
+    const created = await createUnlessLoggedOut(app.sessions, app.idTokenVerifier, identity, {
       email: identity.email,
       subject: identity.subject,
       issuer: identity.issuer,
@@ -80,6 +82,8 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       idpSessionId: identity.sid,
       idTokenId: idTokenId(request.body.idToken)
     })
+    if (created === null) throw invalidIdToken()
+    const { token, session } = created
     request.log.info({ patient: app.patientRef(session.email), method: 'mobile' }, 'session created')
     return reply.code(201).send(ok({
       token,

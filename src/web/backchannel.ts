@@ -163,8 +163,9 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
     // The ID tokens from before the logout can no longer be exchanged for a new session (mobile
     // re-sign-in with a cached token, a stolen copy, a web sign-in still in flight). Recorded
     // before the sessions end: a sign-in checked after this is refused, one created before the
-    // revoke below is ended by it; only one checked before this and created after the revoke
-    // slips through (a window of a store round trip).
+    // revoke below is ended by it, and one checked before this and created after the revoke read
+    // its index sees this mark when it looks again after creating its session, and ends it
+    // (auth/sign-in.ts).
     // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.
     // A store failure here answers 503 and leaves the token's id claimed but not used, so that the
     // IdP's retry of the same token is carried out, not refused as a replay.

@@ -7,6 +7,7 @@ import { isWellFormedToken, sessionIdOf } from '../auth/session-store.js'
 import { ApiError } from '../errors.js'
 import { causeSummary } from '../plugins/answers.js'
 import { idTokenId } from '../auth/id-token.js'
+import { createUnlessLoggedOut } from '../auth/sign-in.js'
 import { isLoginCookieName, LOGIN_COOKIE_OPTIONS, loginCookieName, MAX_SIGN_INS_UNDER_WAY, SESSION_COOKIE, SESSION_COOKIE_OPTIONS } from './cookies.js'
 import type { LoginStateSeal } from './login-state.js'
 import { WEB_SCOPES, type WebOidc } from './oidc.js'
@@ -248,11 +249,12 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       // catch below's session_unavailable). Without auth_time, the sign-in at the IdP is known to
       // have come after /auth/login only (the token's iat is the code exchange, after any logout
       // during the sign-in): a logout by subject since then refuses it.
-      const authTime = claims.auth_time ?? Math.min(claims.iat, login.startedAt)
-      if (await app.idTokenVerifier.loggedOut({ issuer: claims.iss, subject: claims.sub, sid: idpSessionId, authTime })) {
+      const signIn = { issuer: claims.iss, subject: claims.sub, sid: idpSessionId, authTime: claims.auth_time ?? Math.min(claims.iat, login.startedAt) }
+      if (await app.idTokenVerifier.loggedOut(signIn)) {
         return failSignIn(request, reply, 'login_expired')
       }
-      const { token, session } = await app.sessions.create({
+      // And once more after the session is made: a logout that landed meanwhile ends it too.
+      const created = await createUnlessLoggedOut(app.sessions, app.idTokenVerifier, signIn, {
         email,
         subject: claims.sub,
         issuer: claims.iss,
@@ -260,6 +262,8 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
         idpSessionId,
         idToken
       })
+      if (created === null) return failSignIn(request, reply, 'login_expired')
+      const { token, session } = created
       reply.setCookie(SESSION_COOKIE, token, SESSION_COOKIE_OPTIONS)
       request.log.info({ patient: app.patientRef(session.email), method: 'web' }, 'session created')
     } catch (error) {

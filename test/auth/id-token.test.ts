@@ -34,11 +34,13 @@ async function refusal (promise: Promise<unknown>): Promise<unknown> {
 t.test('accepts a valid token signed with RS256 or ES256', async (t) => {
   const issuer = await startIssuer(t)
   const verifier = verifierFor(issuer)
-  t.same(await verifier.verify(await issuer.sign({ sid: 'idp-session-1' })), {
+  const iat = Math.floor(Date.now() / 1000)
+  t.same(await verifier.verify(await issuer.sign({ sid: 'idp-session-1', iat })), {
     email: 'patient@example.com',
     subject: 'patient-subject-1',
     issuer: issuer.url,
-    sid: 'idp-session-1'
+    sid: 'idp-session-1',
+    authTime: iat
   })
   t.equal((await verifier.verify(await issuer.sign({}, { key: 'es256' }))).sid, null)
   t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId] })), 'one of our audiences among several')
