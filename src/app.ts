@@ -225,8 +225,6 @@ export async function buildApp (config: Config, overrides: AppOverrides = {}): P
     clientErrorHandler: clientErrorAnswer,
     frameworkErrors: frameworkErrorAnswer
   }
-  // A request without Host is refused by the answers plugin, in the envelope.
-  options.http = { ...options.http, requireHostHeader: false }
   const app = Fastify(options).withTypeProvider<TypeBoxTypeProvider>()
   setHeadersTimeout(app.server)
   app.server.on('checkExpectation', expectationFailedAnswer.bind(app))

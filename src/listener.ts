@@ -26,7 +26,12 @@ export function listenerOptions (idleMs: number): Pick<FastifyHttpOptions<Server
     connectionTimeout: idleMs,
     // Node enforces headersTimeout and requestTimeout only when it checks its connections, every
     // 30 s by default: a slow client would keep its socket for up to 35 s instead of 5.
-    http: { connectionsCheckingInterval: 1_000 }
+    http: {
+      connectionsCheckingInterval: 1_000,
+      // A request without Host is refused in the envelope (answers.ts, refusalBeforeRouting),
+      // rather than with Node's bare 400.
+      requireHostHeader: false
+    }
   }
 }
 

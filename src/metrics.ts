@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, requestIdFor, stampHeaders, writeConnectRefused, writeExpectationFailed } from './plugins/answers.js'
+import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, refusalBeforeRouting, requestIdFor, stampHeaders, writeConnectRefused, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 import { listenerOptions, setHeadersTimeout } from './listener.js'
 
@@ -285,6 +285,13 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
   server.server.on('connect', (request, socket) => { writeConnectRefused(request, socket) })
   server.addHook('onRequest', function stamp (request, reply, done) {
     stampHeaders(request, reply)
+    // The public listener's refusals of faulty framing and Host (answers.ts), here too: a proxy in
+    // front of this port must not read another request than this one.
+    const refusal = refusalBeforeRouting(request)
+    if (refusal !== null) {
+      reply.headers(refusal.headers).code(refusal.statusCode).send(refusal.toEnvelope())
+      return
+    }
     done()
   })
   server.get('/metrics', async function scrape (_request, reply) {

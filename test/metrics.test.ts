@@ -301,6 +301,21 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
     t.match(answer, /x-request-id: [0-9a-f-]{36}/)
     t.match(answer, /"code":"VALIDATION_FAILED"/)
   }
+  // The public listener's refusals of faulty framing and Host (answers.ts), each closing its
+  // connection with nothing pipelined behind it answered.
+  const behind = 'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n'
+  for (const [raw, status, why] of [
+    ['GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400, 'two Hosts'],
+    ['GET /metrics HTTP/1.1\r\n\r\n', 400, 'no Host'],
+    ['POST /metrics HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 400, 'Transfer-Encoding in HTTP/1.0'],
+    ['POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n', 501, 'a transfer coding not understood']
+  ] as const) {
+    const answer = await rawAnswer(port, raw + behind)
+    t.match(answer, new RegExp(`^HTTP/1\\.1 ${status} `), `${why}: ${status} on the metrics port`)
+    t.match(answer, /\r\nconnection: close\r\n/i, `${why}: the connection closes`)
+    t.match(answer, /"code":"VALIDATION_FAILED"/)
+    t.equal(answer.match(/HTTP\/1\.1 /g)?.length, 1, `${why}: nothing behind it answered`)
+  }
   // A collector that throws: a 500 in the envelope, its text kept from the scraper.
   registry.registerMetric(new Gauge({ name: 'broken', help: 'throws when collected', registers: [], collect () { throw new Error('collector detail') } }))
   const failed = await server.inject({ method: 'GET', url: '/metrics' })

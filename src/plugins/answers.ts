@@ -115,31 +115,36 @@ export function closesAfterThisAnswer (socket: Socket): void {
 }
 
 /**
- * Why a request is refused before anything else runs, on a connection that then closes; null when
- * it is not. A connection already closing after such a refusal serves nothing behind it.
+ * Why a request is refused before anything else runs, on either listener; null when it is not.
+ * The refusal says `Connection: close` and marks its connection closing: a connection already
+ * closing serves nothing behind it.
  * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
  * HTTP/1.0 request the field does not exist, and a hop in front frames the body otherwise (faulty
  * framing: 400); a coding other than chunked is not decoded here (501), rather than its bytes read
  * as the JSON. HTTP/1.1 requires Host, and no request may carry two (RFC 9112, 3.2: both a 400).
- * Node's own refusal of the first (requireHostHeader, off in app.ts) is a bare 400 without the
+ * Node's own refusal of the first (requireHostHeader, off in listener.ts) is a bare 400 without the
  * envelope or these headers; Node keeps the first of two and says nothing. The service never reads
  * Host (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
  * another request than this one.
  */
+export function refusalBeforeRouting (request: FastifyRequest): ApiError | null {
+  const refusal = earlyRefusal(request)
+  if (refusal !== null) closesAfterThisAnswer(request.raw.socket)
+  return refusal
+}
+
 function earlyRefusal (request: FastifyRequest): ApiError | null {
   const { raw } = request
   const te = request.headers['transfer-encoding']
-  if (closingConnections.has(raw.socket)) return validationFailed('The connection is closing after the answer before')
-  if (te !== undefined && raw.httpVersion === '1.0') return validationFailed('Transfer-Encoding is not HTTP/1.0')
-  if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
-    return new ApiError(501, ErrorCode.VALIDATION_FAILED, 'Only the chunked transfer coding is supported')
-  }
-  if (raw.headers.host === undefined) return raw.httpVersion === '1.1' ? validationFailed('Host header required') : null
-  return hasTwoHosts(raw.rawHeaders) ? validationFailed('Only one Host header is allowed') : null
+  if (closingConnections.has(raw.socket)) return closing(400, 'The connection is closing after the answer before')
+  if (te !== undefined && raw.httpVersion === '1.0') return closing(400, 'Transfer-Encoding is not HTTP/1.0')
+  if (te !== undefined && te.trim().toLowerCase() !== 'chunked') return closing(501, 'Only the chunked transfer coding is supported')
+  if (raw.headers.host === undefined) return raw.httpVersion === '1.1' ? closing(400, 'Host header required') : null
+  return hasTwoHosts(raw.rawHeaders) ? closing(400, 'Only one Host header is allowed') : null
 }
 
-function validationFailed (message: string): ApiError {
-  return new ApiError(400, ErrorCode.VALIDATION_FAILED, message)
+function closing (status: 400 | 501, message: string): ApiError {
+  return new ApiError(status, ErrorCode.VALIDATION_FAILED, message, { headers: { connection: 'close' } })
 }
 
 /** How often a warning that every request repeats is written again (ms). */
@@ -150,10 +155,9 @@ async function answers (app: FastifyInstance): Promise<void> {
   app.decorate('repeatedWarnings', new RepeatedWarnings(REPEATED_WARNING_EVERY_MS, () => performance.now()))
   app.addHook('onRequest', function stampAnswer (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) {
     stampHeaders(request, reply)
-    const refusal = earlyRefusal(request)
+    const refusal = refusalBeforeRouting(request)
     if (refusal !== null) {
-      closesAfterThisAnswer(request.raw.socket)
-      sendError(reply.headers(SECURITY_HEADERS).header('connection', 'close'), refusal)
+      sendError(reply.headers(SECURITY_HEADERS), refusal)
       return
     }
     done()
