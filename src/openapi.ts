@@ -27,7 +27,7 @@ const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
   429: [[ErrorCode.RATE_LIMITED, 'per-IP, per-session or per-session cancel limit'], [ErrorCode.UPSTREAM_RATE_LIMITED, 'org-wide Care360 budget spent, or Care360 cooling down after its own 429']],
   500: [[ErrorCode.INTERNAL_ERROR, 'a bug of ours; the body carries no details']],
   502: [[ErrorCode.UPSTREAM_AUTH_FAILED, 'Care360 refused the organization key (an operator problem)'], [ErrorCode.UPSTREAM_ERROR, 'Care360 5xx, unexpected status or body, or connection lost after sending'], [ErrorCode.UPSTREAM_UNAVAILABLE, 'Care360 unreachable: the request was never sent']],
-  503: [[ErrorCode.SERVICE_UNAVAILABLE, 'session store or identity provider unreachable; on the cancel, the Idempotency-Key store unreachable or full (with `Retry-After`)']],
+  503: [[ErrorCode.SERVICE_UNAVAILABLE, 'session store or identity provider unreachable; on the cancel, the Idempotency-Key store unreachable or full, or, without a key, a replica shutting down that hands the cancel back (with `Retry-After`)']],
   504: [[ErrorCode.UPSTREAM_TIMEOUT, 'Care360 slower than CV_TIMEOUT_MS']]
 }
 

@@ -102,6 +102,8 @@ export interface IdempotencyOptions {
   log?: WarnLog
   /** Where the store's failures are told (see single-flight.ts); the app's `repeatedWarnings`. */
   warnings?: RepeatedWarnings
+  /** True once this process is shutting down (see single-flight.ts). */
+  stopping?: () => boolean
 }
 
 export interface Idempotency {
@@ -144,7 +146,8 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     inFlightTtlMs,
     pollMs: options.pollMs,
     log: defaultLog,
-    warnings
+    warnings,
+    stopping: options.stopping
   })
 
   async function record (scope: string, key: string, token: string, settlement: Settlement, log: WarnLog): Promise<void> {

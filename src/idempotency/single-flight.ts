@@ -33,6 +33,8 @@ export interface SingleFlightOptions {
    */
   warnings?: RepeatedWarnings
   now?: () => number
+  /** True once this process is shutting down (the app's `draining`); never by default. */
+  stopping?: () => boolean
 }
 
 export interface SingleFlightResult {
@@ -104,6 +106,7 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   const waitMs = options.waitMs ?? inFlightTtlMs
   const pollMs = options.pollMs ?? 50
   const defaultLog = options.log ?? silentLog
+  const stopping = options.stopping ?? never
   const local = new Map<string, Promise<SingleFlightResult>>()
   const recent = recentAnswers(shareTtlMs, options.now ?? Date.now)
   // Every key-less cancel meets the store: while it is down, once a minute is enough.
@@ -151,6 +154,19 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   }
 
   /**
+   * The lead fell to a follower (its leader on another replica died, or sent nothing) in a process
+   * shutting down. Having waited up to a leader's whole lifetime, leading now could outlast the
+   * shutdown's deadline, which leaves a request that was running at SIGTERM one lifetime, and cut
+   * the cancel off mid-way. Nothing was sent by this request: the record goes back at once and the
+   * client is told to retry, which it does on a replica that stays (and leads there).
+   */
+  function handOver (store: IdempotencyStore, scope: string, key: string, token: string, log: WarnLog): Promise<never> {
+    return Promise.resolve(quietly(() => store.release(scope, key, token), log, warnings)).then(() => {
+      throw new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'This server is shutting down; retry', { headers: { 'Retry-After': '1' } })
+    })
+  }
+
+  /**
    * Without a key the client asked for no retry safety; the shared store only spares the upstream
    * a duplicate from another replica (which the ownership check and the upstream's own state make
    * harmless). Refusing every cancel during a Redis outage would be worse, so a store failure
@@ -175,7 +191,9 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
       /* c8 ignore next 2 -- the key is derived from the fingerprint, so it cannot mismatch */
       if (begin.kind === 'mismatch') throw new Error('single-flight record with another fingerprint')
       // 'started', a dead leader's record included (key-less records are never marked as sending,
-      // see store.ts): this request now leads.
+      // see store.ts): this request now leads, unless it waited for that leader in a process
+      // shutting down.
+      if (waited && stopping()) return handOver(store, scope, key, begin.token, log)
       return lead(store, scope, key, begin.token, run, log)
     }
     let begin: Awaitable<BeginResult>
@@ -217,6 +235,10 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
       return leader
     }
   }
+}
+
+function never (): boolean {
+  return false
 }
 
 function ownAnswer (answer: Answer): SingleFlightResult {

@@ -59,7 +59,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     store: idempotencyStoreFor(app.sharedState),
     replicated: app.sharedState.redis !== null,
     inFlightTtlMs: inFlightTtlFor(config.care360.timeoutMs),
-    warnings: app.repeatedWarnings
+    warnings: app.repeatedWarnings,
+    stopping: () => app.draining
   })
 
   app.decorateRequest('upstreamStatus', null)

@@ -220,6 +220,31 @@ t.test('across replicas: a dead leader\'s marker expires and a follower takes ov
   t.same(await b.runOnce(SCOPE, FP, ok.run), { answer: CANCELLED, shared: false })
 })
 
+t.test('across replicas, shutting down: a follower whose leader died hands the lead back (503, nothing sent), and a replica that stays leads at once', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  const [dying] = twoReplicas(store, store, { inFlightTtlMs: 50 })
+  const [stopping] = twoReplicas(store, store, { inFlightTtlMs: 50, stopping: () => true })
+  const [staying] = twoReplicas(store, store, { inFlightTtlMs: 5000 })
+  dying.runOnce(SCOPE, FP, fakeCancel({ cancel: [async () => await new Promise(() => {})] }).run).catch(() => {})
+  await sleep(5)
+  const handed = fakeCancel()
+  await t.rejects(stopping.runOnce(SCOPE, FP, handed.run), { statusCode: 503, code: ErrorCode.SERVICE_UNAVAILABLE, headers: { 'Retry-After': '1' } })
+  t.equal(handed.sends(), 0, 'the stopping replica sends nothing')
+  const retried = fakeCancel()
+  const began = Date.now()
+  t.same(await staying.runOnce(SCOPE, FP, retried.run), { answer: CANCELLED, shared: false }, 'the retry leads on a replica that stays')
+  t.ok(Date.now() - began < 1000, 'at once: the record was given back, not left in flight for its lifetime')
+  t.equal(retried.sends(), 1)
+})
+
+t.test('shutting down: a request that finds no leader leads as usual', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  const [stopping] = twoReplicas(store, store, { stopping: () => true })
+  const cancel = fakeCancel()
+  t.same(await stopping.runOnce(SCOPE, FP, cancel.run), { answer: CANCELLED, shared: false })
+  t.equal(cancel.sends(), 1)
+})
+
 t.test('store unavailable: a key-less cancel proceeds with the in-process single flight', async (t) => {
   const broken: IdempotencyStore = {
     begin: async () => { throw new Error('redis down') },
