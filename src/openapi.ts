@@ -156,7 +156,7 @@ const ANSWER_HEADERS: Record<SharedHeader, { description: string, required?: boo
     schema: { type: 'string', pattern: '^[A-Za-z0-9._:-]{1,128}$' }
   },
   RateLimitPolicy: {
-    description: 'The per-client limits that applied to this request (draft-ietf-httpapi-ratelimit-headers-10), one item each, in order: `"ip"` (RATE_LIMIT_IP, every request but `/healthz` and `/readyz`; on the sign-out and back-channel logout routes it counts their refusals only), `"session"` (RATE_LIMIT_SESSION) when it came with a valid session, except on sign-out, `"cancel"` (RATE_LIMIT_CANCEL) on the cancel route; an item per limit up to the one that refused it, if one did. `q` is the quota, `w` the window in seconds, e.g. `"ip";q=300;w=60, "session";q=60;w=60`. On every answer except a request refused before routing (a malformed URL, a path parameter over 256 characters, HTTP/1.1 without Host)',
+    description: 'The per-client limits that applied to this request (draft-ietf-httpapi-ratelimit-headers-10), one item each, in order: `"ip"` (RATE_LIMIT_IP, every request but `/healthz` and `/readyz`; on the sign-out and back-channel logout routes it counts their refusals only), `"session"` (RATE_LIMIT_SESSION) when it came with a valid session, except on sign-out, `"cancel"` (RATE_LIMIT_CANCEL) on the cancel route; an item per limit up to the one that refused it, if one did. `q` is the quota, `w` the window in seconds, e.g. `"ip";q=300;w=60, "session";q=60;w=60`. On every answer except a request refused before routing (a malformed URL, a path parameter over 256 characters, HTTP/1.1 without Host, two Host fields, Transfer-Encoding in HTTP/1.0 or a coding other than chunked)',
     schema: { type: 'string' }
   },
   RateLimit: {

@@ -103,9 +103,10 @@ function hasTwoHosts (raw: string[]): boolean {
 }
 
 /**
- * Connections closing after an answer (a refusal: faulty framing, a 501, a Host check; or any
- * answer while draining, app.ts): Node writes no answer behind the one that closes them, but still
- * hands a request read behind it to its route; none may be acted on.
+ * Connections closing after an answer (a refusal: faulty framing, a 501, a Host check; or, while
+ * draining, the answer to the last request read on the connection, app.ts): Node writes no answer
+ * behind the one that closes them, but still hands a request read behind it to its route; none may
+ * be acted on.
  */
 const closingConnections = new WeakSet<Socket>()
 

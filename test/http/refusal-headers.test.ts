@@ -6,13 +6,13 @@ import { exchange } from './support.js'
 /**
  * The answers given before routing (the HTTP parser's 400/408/431, a CONNECT's 400, an Expect's
  * 417, Fastify's malformed URL or over-long parameter, the Host checks) are in the envelope with
- * x-request-id and no-store, but:
- * - those written on the socket itself (parser errors, CONNECT) carry no `Date`: RFC 9110 6.6.1,
+ * x-request-id and no-store, and also carry what they once lacked:
+ * - a `Date`, also those written on the socket itself (parser errors, CONNECT): RFC 9110 6.6.1,
  *   "An origin server with a clock MUST generate a Date header field in all 2xx, 3xx, and 4xx
  *   responses";
- * - none carries the security headers the README puts "on every answer" (CSP, nosniff, HSTS,
- *   X-Frame-Options, Referrer-Policy, CORP): they are added by an onRequest hook these answers
- *   never reach.
+ * - the security headers the README puts "on every answer" (CSP, nosniff, HSTS, X-Frame-Options,
+ *   Referrer-Policy, CORP), which the onRequest hook that adds them never reaches for these
+ *   answers: each writes them itself (SECURITY_HEADERS).
  */
 t.test('answers refused before routing carry Date and the security headers of every answer', async (t) => {
   const { app } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '100000/1m' } })
