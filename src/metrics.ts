@@ -88,8 +88,9 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
     buckets: UPSTREAM_BUCKETS,
     registers: [registry]
   })
-  // A request passes up to seven limiter decisions (a cancel whose ownership list is looked up:
-  // ip, session, cancel, then cooldown and budget for each upstream call): they are counted in plain numbers and
+  // A request passes seven limiter decisions or more (a cancel whose ownership list is looked up:
+  // ip, session, cancel, then cooldown and budget for each upstream call, a list call sent again
+  // after a lost connection included): they are counted in plain numbers and
   // handed to the counter when scraped, instead of a prom-client call (a label hash) each.
   const decisions = new Map(SCOPES.map((scope) => [scope, { allowed: 0, limited: 0, published: { allowed: 0, limited: 0 } }]))
   const limiterDecisions = new Counter({

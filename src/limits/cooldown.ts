@@ -14,11 +14,12 @@ import { monotonicNow } from '../state/clock.js'
  * more, but does not count as a new episode: only a 429 after a cooldown ended doubles the
  * backoff, and a quiet period of `resetAfterMs` after the end starts the doubling over.
  *
- * Redis may lose the record (restarted empty, a failover to a replica it had not reached) or never
- * get it (the 429 came while Redis could not answer, and the trip went to this process's memory):
- * the other replicas would then call the upstream again while it still limits us. So each replica
- * that still honours a cooldown writes it back (`extend`, only ever extending) when its shared
- * state is back after a break, and when a trip answers less than it knows (upstream-gate.ts).
+ * Redis may lose the record (restarted empty, a failover to a replica it had not reached, a
+ * FLUSHALL) or never get it (the 429 came while Redis could not answer, and the trip went to this
+ * process's memory): the other replicas would then call the upstream again while it still limits
+ * us. So each replica that still honours a cooldown writes it back (`extend`, only ever extending)
+ * when its shared state is back after a break, when a trip answers less than it knows, and at most
+ * once a second while it refuses calls for it (upstream-gate.ts).
  */
 export interface CooldownTrip {
   /** How long calls stay stopped from now (ms). */

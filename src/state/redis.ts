@@ -31,8 +31,9 @@ export interface SharedState {
    */
   redisFor: () => number
   /**
-   * Redis's `maxmemory-policy`, as `INFO memory` told it when the client last became ready; null
-   * without Redis, before it is known, or when INFO is refused (an ACL) or does not name it. Any
+   * Redis's `maxmemory-policy`, as `INFO memory` last told it (read each time the client becomes
+   * ready, and every `policyCheckEveryMs`); null without Redis, before it is known, or when INFO is
+   * refused (an ACL) or does not name it. Any
    * policy but `noeviction` may evict the service's state: every key of ours has a TTL, so the
    * volatile-* policies evict them too. (Optional for stand-ins; createSharedState's has it.)
    */
