@@ -3,7 +3,7 @@ import { createMemoryIdempotencyStore } from '../../src/idempotency/index.js'
 import { createSingleFlight } from '../../src/idempotency/single-flight.js'
 import { CANCELLED, EMAIL, fakeCancel, scopeOf } from './fakes.js'
 
-// Kills the mutant that drops `|| settlement.answer === null` (src/idempotency/single-flight.ts:140):
+// Kills the mutant that drops `|| settlement.answer === null` (src/idempotency/single-flight.ts, lead):
 // a leader whose own bug came after the cancel was handed over has no answer to leave, so its
 // marker must be released at once (not completed with a null answer, which throws, is swallowed by
 // `quietly`, and leaves the marker in flight until inFlightTtlMs: followers get 409 meanwhile).

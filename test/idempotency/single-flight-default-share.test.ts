@@ -2,9 +2,10 @@ import t from 'tap'
 import { createSingleFlight } from '../../src/idempotency/single-flight.js'
 import { CANCELLED, EMAIL, fakeCancel, scopeOf } from './fakes.js'
 
-// Kills the mutant `shareTtlMs ?? 500` -> `?? 5000` (src/idempotency/single-flight.ts:97): the app
-// builds its single flight without shareTtlMs, so the default is what patients get. A double tap
-// just after the answer shares it; a deliberate retry half a second later is a new request.
+// Kills the mutant `shareTtlMs ?? 500` -> `?? 5000` (src/idempotency/single-flight.ts,
+// createSingleFlight): the app builds its single flight without shareTtlMs, so the default is what
+// patients get. A double tap just after the answer shares it; a deliberate retry half a second
+// later is a new request.
 const SCOPE = scopeOf(EMAIL)
 const FP = 'f'.repeat(64)
 

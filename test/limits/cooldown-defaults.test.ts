@@ -1,8 +1,8 @@
 import t from 'tap'
 import { createMemoryCooldown } from '../../src/limits/cooldown.js'
 
-// Kills the mutant maxMs default 60_000 -> 120_000 (src/limits/cooldown.ts:86): README fixes the
-// backoff without Retry-After at 1 s x 2^n, up to 60 s (jitter 0.5 is the factor 1.0).
+// Kills the mutant maxMs default 60_000 -> 120_000 (src/limits/cooldown.ts, backoffOf): README
+// fixes the backoff without Retry-After at 1 s x 2^n, up to 60 s (jitter 0.5 is the factor 1.0).
 t.test('the default backoff doubles from a second and stops at 60 s', async (t) => {
   let now = 0
   const cooldown = createMemoryCooldown({ now: () => now })
@@ -16,8 +16,9 @@ t.test('the default backoff doubles from a second and stops at 60 s', async (t) 
   t.same(seen, [1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000])
 })
 
-// Kills the mutant that drops `remainingMs > 0 &&` (src/limits/cooldown.ts:135): writing back
-// nothing (no cooldown runs here) changes nothing, not even the streak of the next backoff.
+// Kills the mutant that drops `remainingMs > 0 &&` (src/limits/cooldown.ts, the memory cooldown's
+// extend): writing back nothing (no cooldown runs here) changes nothing, not even the streak of the
+// next backoff.
 t.test('extend(0) after a quiet period is not an episode: the next backoff starts over', async (t) => {
   let now = 0
   const cooldown = createMemoryCooldown({ now: () => now, minMs: 10, baseMs: 40, maxMs: 200, resetAfterMs: 400 })

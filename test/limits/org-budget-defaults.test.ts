@@ -3,7 +3,7 @@ import { startRedis } from '../helpers/redis.js'
 import { createMemoryBudget, createRedisBudget } from '../../src/limits/org-budget.js'
 import { strictFallbackOn, uniqueName } from './fixtures/support.js'
 
-// Kills RECOVER_WINDOWS 10 -> 5 (src/limits/org-budget.ts:67): README says a 429 halves the budget,
+// Kills RECOVER_WINDOWS 10 -> 5 (src/limits/org-budget.ts): README says a 429 halves the budget,
 // which then recovers linearly over about five windows (from half; from nothing in ten).
 t.test('the default recovery: from half to full in five windows', async (t) => {
   let now = 0
@@ -16,8 +16,8 @@ t.test('the default recovery: from half to full in five windows', async (t) => {
   t.equal(budget.remaining(), 10, 'five windows on: all of it')
 })
 
-// Kills the guard's cap 1000 -> 2000 (src/limits/org-budget.ts:75): the guard is 1% of the window,
-// at most 1 s; with a 5 min window that is 1 s, seen in the wait until the next admission.
+// Kills the guard's cap 1000 -> 2000 (src/limits/org-budget.ts, spanOf): the guard is 1% of the
+// window, at most 1 s; with a 5 min window that is 1 s, seen in the wait until the next admission.
 t.test('the default guard: 1% of the window, at most a second', async (t) => {
   const now = 0
   const short = createMemoryBudget({ count: 1, windowMs: 60_000, now: () => now })
@@ -28,7 +28,7 @@ t.test('the default guard: 1% of the window, at most a second', async (t) => {
   t.same(long.take(), { ok: false, retryAfterMs: 300_000 + 1000 + 1 }, '5 min: capped at 1 s, not 3 s')
 })
 
-// Kills `'(' .. int(now - window)` -> `int(now - window)` in takeScript (src/limits/org-budget.ts:358):
+// Kills `'(' .. int(now - window)` -> `int(now - window)` in takeScript (src/limits/org-budget.ts):
 // the log counts the closed interval [now - span, now]. A call this replica made alone, entered
 // into Redis's log aged exactly one span, still counts.
 t.test('redis: a call exactly one span old still counts (closed interval)', async (t) => {
@@ -45,7 +45,7 @@ t.test('redis: a call exactly one span old still counts (closed interval)', asyn
   t.match(await budget.take(), { ok: false }, 'entered at exactly one span old: the count is reached')
 })
 
-// Kills `if floor and used < count` -> `if floor` in takeScript (src/limits/org-budget.ts:369): a
+// Kills `if floor and used < count` -> `if floor` in takeScript (src/limits/org-budget.ts): a
 // log already at the full count (calls admitted before a decrease) waits for its oldest entry to
 // leave; the limit's recovery cannot admit more than the count, so it is no earlier admission.
 t.test('after a decrease, a log at the full count waits for its oldest entry, not the recovery', async (t) => {

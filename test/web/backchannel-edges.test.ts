@@ -28,14 +28,15 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   t.equal((await post(stack.app, form(stale))).statusCode, 400, 'issued 400 s ago → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
 
-  // Kills `tokens.length === 1` -> `>= 1` (src/web/backchannel.ts:125): a valid token repeated
-  // (or followed by another) is ambiguous and refused, not the first one taken.
+  // Kills `tokens.length === 1` -> `>= 1` (src/web/backchannel.ts, parseForm): a valid token
+  // repeated (or followed by another) is ambiguous and refused, not the first one taken.
   const valid = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS })
   t.equal((await post(stack.app, `${form(valid)}&logout_token=x`)).statusCode, 400, 'a valid token and another → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
 
-  // Kills dropping `|| token.length > MAX_TOKEN_LENGTH` (src/web/backchannel.ts:143): a token over
-  // 8192 characters is refused before any verification, however well signed.
+  // Kills dropping `|| token.length > MAX_TOKEN_LENGTH` (src/web/backchannel.ts,
+  // backchannelLogout): a token over 8192 characters is refused before any verification, however
+  // well signed.
   let pad = 6000
   let long = ''
   while (long.length <= 8192) {

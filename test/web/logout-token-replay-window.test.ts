@@ -4,9 +4,9 @@ import { BACKCHANNEL_LOGOUT_EVENT, createLogoutTokenVerifier } from '../../src/w
 import { createReplayGuard } from '../../src/web/replay-guard.js'
 
 // Kills the replay guard's TTL (MAX_AGE_SEC + 2 * CLOCK_TOLERANCE_SEC) -> MAX_AGE_SEC
-// (src/web/backchannel.ts:106): a token dated at the edge of the tolerance ahead (a fast IdP clock)
-// passes the iat check for 300 + 2 x 30 s; its jti must be remembered that long, or a replay late
-// in that span is carried out again (ending the subject's newer sessions).
+// (src/web/backchannel.ts, verifyLogoutToken): a token dated at the edge of the tolerance ahead (a
+// fast IdP clock) passes the iat check for 300 + 2 x 30 s; its jti must be remembered that long, or
+// a replay late in that span is carried out again (ending the subject's newer sessions).
 const ISSUER = 'https://idp.example'
 
 t.test('a used logout token dated ahead is a replay for as long as its iat passes the check', async (t) => {
