@@ -47,7 +47,8 @@ function isOnlyTooLongToken (errors: FastifySchemaValidationError[]): boolean {
 
 export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
-  // Sign-out clears a web session's cookie (src/web/plugin.ts); nothing here reads cookies.
+  // Sign-out clears a web session's cookie (src/web/plugin.ts); nothing here reads cookies through
+  // the plugin (sign-out's 401 reads the session cookie from the header itself: auth/presented.ts).
   await app.register(cookie, { hook: false })
 
   app.post('/auth/session', {
