@@ -259,7 +259,7 @@ async function openApi (app: FastifyInstance, options: OpenApiOptions): Promise<
         title: 'Care360 patient BFF',
         version: '0.1.0',
         description: 'Backend-for-frontend for patient web and mobile apps on the Care360 Next API. ' +
-          'Every answer is JSON in the envelope `{ status, success, message, code?, error?, data? }` (a CORS preflight, `OPTIONS`, is a 204 without a body); clients switch on `code`. ' +
+          'Every answer is JSON in the envelope `{ status, success, message, code?, error?, data? }` (a CORS preflight, `OPTIONS`, is a 204 without a body; the web sign-in answers redirects, and this document is no envelope either); clients switch on `code`. ' +
           'Every answer carries `x-request-id`; every answer but those of `/healthz` and `/readyz`, CORS preflights and requests refused before routing carries `RateLimit-Policy` and `RateLimit`; API answers carry `cache-control: no-store`.'
       },
       ...(options.publicUrl === null ? {} : { servers: [{ url: options.publicUrl }] }),
