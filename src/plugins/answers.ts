@@ -312,6 +312,11 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   reply.errorCode = code
   // Before routing: no hook runs, so the access line is written here.
   request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
+  // Nor the draining one (app.ts, drainOnClose): the last request read on its connection.
+  if (request.server.draining) {
+    reply.header('connection', 'close')
+    closesAfterThisAnswer(request.raw.socket)
+  }
   frameworkRefusal(error, request, reply)
   // And its count (afterEveryAnswer's hooks do not run either).
   request.server.metrics.recordRefusedBeforeRouting(400)

@@ -59,3 +59,13 @@ t.test('a request read behind an answer that closes its connection while drainin
   t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
   t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
 })
+
+/** An answer refused before routing (no hook runs for it) closes its connection while draining too. */
+t.test('while draining, a request refused before routing (a malformed URL) has its connection closed', async (t) => {
+  const { app, port } = await cancelOnSocket(t)
+  app.draining = true
+  const { received, closed } = await exchange(port, 'GET /%zz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  t.same(statuses(received), [400], 'one answer, the refusal')
+  t.match(received, /\r\nconnection: close\r\n/i, 'saying the connection closes')
+  t.ok(closed, 'and it does')
+})
