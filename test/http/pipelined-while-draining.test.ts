@@ -69,3 +69,26 @@ t.test('while draining, a request refused before routing (a malformed URL) has i
   t.match(received, /\r\nconnection: close\r\n/i, 'saying the connection closes')
   t.ok(closed, 'and it does')
 })
+
+t.test('a shutdown does not wait for a connection whose request, arriving during it, was refused before routing', async (t) => {
+  const { app, port } = await cancelOnSocket(t)
+  const socket = connect(port, '127.0.0.1')
+  await once(socket, 'connect')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const ended = once(socket, 'close')
+  // Its headers are not finished when the shutdown begins: the connection is not idle.
+  socket.write('GET /%zz HTTP/1.1\r\nHost: x\r\n')
+  await sleep(50)
+  const began = Date.now()
+  const closing = app.close()
+  await sleep(50)
+  socket.write('\r\n')
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(4000).then(() => 'still open')])
+  const took = Date.now() - began
+  await Promise.race([ended, sleep(2000)])
+  socket.destroy()
+  await closing
+  t.equal(outcome, 'closed', `the shutdown ends once the refusal is written (${took} ms), not at the headers timeout's sweep`)
+  t.match(received, /^HTTP\/1\.1 400 /, 'the request was answered')
+})
