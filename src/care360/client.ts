@@ -38,7 +38,7 @@ export const openGate: UpstreamGate = {
 }
 
 export interface Care360ClientOptions {
-  /** Origin of the upstream, optionally with a path prefix. */
+  /** Origin of the upstream (config.ts refuses a path: the API's paths are added here). */
   baseUrl: string
   apiKey: string
   /** Deadline of one upstream call, from its wait for a connection to the last byte of the answer. */
@@ -582,8 +582,6 @@ function transportError (error: ExchangeError, method: string): UpstreamError {
 
 export function createCare360Client (options: Care360ClientOptions): Care360Client {
   const base = new URL(options.baseUrl)
-  const prefix = base.pathname.replace(/\/+$/, '')
-  const cancelPath = `${prefix}${CANCEL_PATH}`
   const gate = options.gate ?? openGate
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES
   const maxListBodyBytes = options.maxListBodyBytes ?? DEFAULT_MAX_LIST_BODY_BYTES
@@ -755,7 +753,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       // Never retried: a cancel whose answer was lost may have happened.
       return call('cancel', {
         method: 'POST',
-        path: cancelPath,
+        path: CANCEL_PATH,
         headers: upstreamHeaders(context, true),
         body: JSON.stringify(payload),
         idempotent: false
@@ -784,14 +782,14 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
       const query = new URLSearchParams({ user_email: email })
       return call('list', {
         method: 'GET',
-        path: `${prefix}${LIST_PATH}?${query.toString()}`,
+        path: `${LIST_PATH}?${query.toString()}`,
         headers: upstreamHeaders(context, false)
       }, { anywhere: [apiKey, email] }, function readList (status, envelope): Appointment[] {
         if (envelope === null) throw unexpected(status, 'body is not a JSON object')
         // The upstream's "NotFoundError" for an email it does not know: no appointments. Its status
         // is not documented (404 inferred): an error envelope naming it exactly with one of
         // NOT_FOUND_STATUSES counts (usableEnvelope), and so does a 404 in the envelope. A 404
-        // that is not its envelope (a wrong base path) stays an error rather than an empty list.
+        // that is not its envelope (another server at CV_BASE_URL) stays an error rather than an empty list.
         if (status !== 200) {
           if (status !== 404 || envelope.success === false) return []
           throw unexpected(status, 'a 404 without the upstream envelope')
