@@ -245,6 +245,57 @@ t.test('shutting down: a request that finds no leader leads as usual', async (t)
   t.equal(cancel.sends(), 1)
 })
 
+t.test('across replicas: a finished leader\'s answer stays for shareTtlMs, a 200 and an error alike', async (t) => {
+  let clock = 1_000
+  const store = createMemoryIdempotencyStore({ now: () => clock })
+  const [a, b] = twoReplicas(store, store, { shareTtlMs: 500, pollMs: 50 })
+  await a.runOnce(SCOPE, FP, fakeCancel().run)
+  clock += 499
+  const tap = fakeCancel()
+  t.same(await b.runOnce(SCOPE, FP, tap.run), { answer: CANCELLED, shared: true }, 'a double tap just after the 200 gets it')
+  clock += 1
+  t.same(await b.runOnce(SCOPE, FP, tap.run), { answer: CANCELLED, shared: false }, 'shareTtlMs after it: a new request')
+  t.equal(tap.sends(), 1)
+
+  // A follower waiting for a leader that fails: the error is there for it for shareTtlMs only.
+  const other = 'e'.repeat(64)
+  const gate = deferred<void>()
+  const failing = fakeCancel({ before: async () => { await gate.promise }, cancel: [async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }] })
+  const leader = a.runOnce(SCOPE, other, failing.run)
+  leader.catch(() => {})
+  const retry = fakeCancel()
+  const follower = b.runOnce(SCOPE, other, retry.run)
+  await sleep(10)
+  gate.resolve()
+  await t.rejects(leader, { code: ErrorCode.UPSTREAM_ERROR })
+  // Before the follower looks again (every 50 ms), the error's time is up.
+  clock += 500
+  t.same(await follower, { answer: CANCELLED, shared: false }, 'looking after shareTtlMs, the follower runs itself')
+  t.equal(retry.sends(), 1)
+})
+
+t.test('across replicas: a follower never sleeps past its wait, nor past the leader\'s marker', async (t) => {
+  const store = createMemoryIdempotencyStore()
+  // Polls far apart: the follower still answers when its wait ends...
+  const [a, b] = twoReplicas(store, store, { inFlightTtlMs: 10_000, waitMs: 60, pollMs: 2000 })
+  const gate = deferred<void>()
+  const slow = fakeCancel({ before: async () => { await gate.promise } })
+  const leader = a.runOnce(SCOPE, FP, slow.run)
+  let began = Date.now()
+  await t.rejects(b.runOnce(SCOPE, FP, slow.run), { statusCode: 409, code: ErrorCode.IDEMPOTENCY_IN_FLIGHT })
+  t.ok(Date.now() - began < 1000, `409 once the wait is over (${Date.now() - began} ms), not after a poll interval`)
+  gate.resolve()
+  await leader
+  // ...and takes over once a dead leader's marker expires.
+  const [c, d] = twoReplicas(store, store, { inFlightTtlMs: 60, waitMs: 1000, pollMs: 2000 })
+  const other = 'e'.repeat(64)
+  c.runOnce(SCOPE, other, fakeCancel({ cancel: [async () => await new Promise(() => {})] }).run).catch(() => {})
+  await sleep(5)
+  began = Date.now()
+  t.same(await d.runOnce(SCOPE, other, fakeCancel().run), { answer: CANCELLED, shared: false })
+  t.ok(Date.now() - began < 1000, `led once the marker expired (${Date.now() - began} ms), not after a poll interval`)
+})
+
 t.test('store unavailable: a key-less cancel proceeds with the in-process single flight', async (t) => {
   const broken: IdempotencyStore = {
     begin: async () => { throw new Error('redis down') },
