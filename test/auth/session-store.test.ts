@@ -183,6 +183,10 @@ for (const kind of kinds) {
       const touched = await store.get(token)
       t.equal(touched?.lastSeenAt, START + 20_000)
       t.equal(touched?.expiresAt, START + 20_000 + idle, 'two minutes from this lookup')
+      clock.at = START + 31_999
+      t.equal((await store.get(token))?.lastSeenAt, START + 20_000, 'not a millisecond before a tenth has passed again')
+      clock.at = START + 32_000
+      t.equal((await store.get(token))?.lastSeenAt, START + 32_000, 'exactly a tenth after the last touch: touched')
     })
 
     t.test('absolute expiry despite activity', async (t) => {
@@ -339,6 +343,19 @@ t.test('redis store', async (t) => {
     for (const key of await redis.keys('bff:session:*')) {
       const ttl = await redis.pttl(key)
       t.ok(ttl > 0 && ttl <= ABSOLUTE, `${key.split(':')[2] ?? ''} key has a TTL`)
+    }
+  })
+
+  t.test('an index lives as long as its sessions can (the absolute lifetime), not the idle one', async (t) => {
+    // A session in use outlives its first idle lifetime; a back-channel logout then must still
+    // find it through its indexes.
+    await redisServer.flush()
+    await store.create(patient({ idpSessionId: 'sid-in-use' }))
+    const indexes = await redis.keys('bff:session:idx:*')
+    t.equal(indexes.length, 2)
+    for (const key of indexes) {
+      const ttl = await redis.pttl(key)
+      t.ok(ttl > ABSOLUTE - 5000 && ttl <= ABSOLUTE, `${key.split(':')[3] ?? ''} index expires with the absolute lifetime (${ttl})`)
     }
   })
 
