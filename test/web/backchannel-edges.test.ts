@@ -21,6 +21,8 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   const browser = new Browser()
   await stack.signIn(browser, 'bob@example.com')
   const cookie = stack.sessionOf(browser)
+  const alice = new Browser()
+  await stack.signIn(alice, 'alice@example.com')
   const now = Math.floor(Date.now() / 1000)
 
   // Kills MAX_AGE_SEC 300 -> 600 (src/web/backchannel.ts:20): 400 s old is past 300 s + 30 s tolerance.
@@ -46,6 +48,22 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   t.ok(long.length < 9100, `a signed token of ${long.length} characters, within the form's body limit`)
   t.equal((await post(stack.app, form(long))).statusCode, 400, 'over 8192 characters → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
+
+  // Kills dropping 'iat' from the required claims (src/web/backchannel.ts:81): without it the
+  // age check compares undefined and passes, and a token the replay guard has forgotten would do.
+  const undated = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: undefined })
+  t.equal((await post(stack.app, form(undated))).statusCode, 400, 'no iat → 400')
+  // Kills `value !== ''` dropped from stringClaim (src/web/backchannel.ts:60): an empty jti is none.
+  const emptyJti = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, jti: '' })
+  t.equal((await post(stack.app, form(emptyJti))).statusCode, 400, 'an empty jti → 400')
+  t.ok(await authenticated(stack.app, cookie), 'and no session ended')
+
+  // ...and an empty sid names no IdP session: the token ends the subject's sessions, as one
+  // without a sid does (not those of an IdP session '', which are none).
+  const emptySid = await stack.signAsIdp({ sub: 'patient-alice', sid: '', events: EVENTS })
+  t.equal((await post(stack.app, form(emptySid))).statusCode, 200, 'an empty sid with a sub → 200')
+  t.notOk(await authenticated(stack.app, stack.sessionOf(alice)), "alice's session ended by subject")
+  t.ok(await authenticated(stack.app, cookie), "bob's did not")
 
   t.equal((await post(stack.app, form(valid))).statusCode, 200, 'the same token alone is carried out')
   t.notOk(await authenticated(stack.app, cookie))
