@@ -66,6 +66,20 @@ t.test('in process: a shared answer says so', async (t) => {
   t.equal(follower.shared, true)
 })
 
+t.test('one process (replicated: false): key-less cancels meet in memory, without a store call; keyed ones use the store', async (t) => {
+  const memory = createMemoryIdempotencyStore()
+  const begun: string[] = []
+  const counting: IdempotencyStore = { ...memory, begin: (scope, key, fingerprint, options) => { begun.push(key.split('\0')[0] as string); return memory.begin(scope, key, fingerprint, options) } }
+  const idem = createIdempotency({ store: counting, replicated: false, inFlightTtlMs: 5000 })
+  const cancel = fakeCancel({ delayMs: 20 })
+  const results = await Promise.all([idem.handle(keyless(cancel)), idem.handle(keyless(cancel))])
+  t.same(results.map((result) => result.earlier), [null, 'shared'])
+  t.equal(cancel.sends(), 1)
+  t.same(begun, [], 'no store call for a key-less cancel')
+  await idem.handle(keyless(cancel, { key: 'k1' }))
+  t.same(begun, ['key'], 'a keyed cancel still asks the store')
+})
+
 t.test('one process, no store: overlapping cancels share the leader, and a late double tap its answer for shareTtlMs', async (t) => {
   let clock = 1_000
   const flight = createSingleFlight({ store: null, inFlightTtlMs: 5000, shareTtlMs: 500, now: () => clock })
