@@ -206,6 +206,51 @@ t.test('redis: every key carries the hash tag', async (t) => {
   t.same(keys.sort(), [`{${tag}}:aimd`, `{${tag}}:log`, `{${tag}}:seq`])
 })
 
+t.test('redis: every key expires by itself: the log and its sequence after a span, the decrease once recovered', async (t) => {
+  const tag = uniqueName('expiring')
+  const budget = createRedisBudget({ count: 2, windowMs: 1000, guardMs: 10, recoverMs: 4000, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
+  await budget.take()
+  await budget.decrease()
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  for (const [name, most] of [['log', 1011], ['seq', 1011], ['aimd', 4000]] as const) {
+    const ttl = await client.pttl(`{${tag}}:${name}`)
+    t.ok(ttl > most - 500 && ttl <= most, `${name} expires within ${most} ms (${ttl})`)
+  }
+})
+
+t.test('redis: a decrease dated ahead of Redis\'s clock (a failover to a replica whose clock is behind) holds its floor, no less', async (t) => {
+  const tag = uniqueName('ahead')
+  const options = { count: 10, windowMs: 60_000, recoverMs: 60_000 }
+  const budget = createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  const [seconds] = await client.time()
+  await client.hset(`{${tag}}:aimd`, 'floor', '2', 'at', String((Number(seconds) + 60) * 1000))
+  t.same(await budget.take(), { ok: true, remaining: 1 }, 'the floor of 2, not less')
+  t.same(await budget.take(), { ok: true, remaining: 0 })
+  t.match(await budget.take(), { ok: false, retryAfterMs: Number })
+})
+
+t.test('outage: calls made alone at the same time on the twin\'s clock are each entered into Redis\'s log', async (t) => {
+  const tag = uniqueName('same-time')
+  const sharedState = await sharedStateOn(t, redis.url)
+  const client = sharedState.redis as Redis
+  let down = true
+  const fallback: StoreFallback = {
+    redisConfigured: true,
+    redisFor: () => 0,
+    run: async (viaRedis, inMemory) => down ? inMemory() : await viaRedis(client)
+  }
+  // A clock that does not move (a coarse one does the same between calls close together).
+  const memory = createMemoryBudget({ count: 10, windowMs: 60_000, trackAlone: true, now: () => 5_000 })
+  const budget = createRedisBudget({ count: 10, windowMs: 60_000, fallback, tag, memory })
+  t.equal(await takeMany(budget, 3), 3, 'alone, all at 5 000')
+  down = false
+  t.same(await budget.take(), { ok: true, remaining: 6 }, 'Redis: the three and this one')
+  t.equal(await logSizeOf(t, tag)(), 4, 'three members for the three calls, not one')
+})
+
 t.test('the per-process share is the count divided by the replicas, at least one', async (t) => {
   // Redis configured but unreachable: every call falls back to this process's share.
   const unreachable: StoreFallback = { redisConfigured: true, redisFor: () => 0, run: (_viaRedis, inMemory) => inMemory() }
