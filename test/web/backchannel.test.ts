@@ -350,6 +350,16 @@ t.test('a back-channel logout by subject: a token signed in before it mints no s
   t.equal((await exchange(app, await issuer.sign({ sub: 'another-patient', auth_time: nowSec - 60 }))).statusCode, 201, 'another patient')
 })
 
+t.test('a back-channel logout delivered late is dated by its iat: a sign-in between the IdP\'s logout and the delivery mints a session', async (t) => {
+  const { app, issuer } = await buildTestApp(t, { env: WEB_CLIENT })
+  const nowSec = Math.floor(Date.now() / 1000)
+  // The IdP ended the session two minutes ago; its logout token arrives only now (retried).
+  const logout = await issuer.sign({ events: EVENTS, jti: randomUUID(), iat: nowSec - 120, email: undefined, email_verified: undefined })
+  t.equal((await post(app, form(logout))).statusCode, 200)
+  t.equal((await exchange(app, await issuer.sign({ auth_time: nowSec - 180 }))).statusCode, 401, 'signed in before the logout')
+  t.equal((await exchange(app, await issuer.sign({ auth_time: nowSec - 60 }))).statusCode, 201, 'signed in again at the IdP after it, before its token came')
+})
+
 t.test('the logouts\' marks unreachable: sign-in and back-channel logout answer 503; the IdP\'s retry is carried out', async (t) => {
   const { app, issuer, redis } = await buildTestApp(t, { redis: true, env: WEB_CLIENT })
   const admin = await storeAdmin(t, (redis as NonNullable<typeof redis>).url)
