@@ -13,7 +13,8 @@ import {
   REPLAY_TTL_MS,
   type HandleInput,
   type IdempotencyStore,
-  type Idempotency
+  type Idempotency,
+  type Run
 } from '../../src/idempotency/index.js'
 import {
   APPOINTMENT, CANCELLED, EMAIL, OTHER_APPOINTMENT, OTHER_EMAIL, REASON,
@@ -198,6 +199,20 @@ for (const [name, makeStore] of stores) {
     t.equal(cancel.sends(), 1)
     t.equal(resolves, 1)
     t.equal((await rejection(idem.handle(input(cancel, { reason: undefined })))).statusCode, 422, 'the fingerprint was kept')
+  })
+
+  t.test(`${name}: an unknown outcome is resolved knowing the appointment's end, as its attempt named it (null when none)`, async (t) => {
+    const idem = await make(t)
+    const ENDS = 1_900_000_000_000
+    const seen: Array<number | null> = []
+    const resolveUnknown = async (endsAt: number | null): Promise<'cancelled'> => { seen.push(endsAt); return 'cancelled' }
+    const lost: Run = async (attempt) => await attempt.send(async () => { throw upstreamError('unknown') }, ENDS)
+    await t.rejects(idem.handle(input(fakeCancel(), { key: 'with-end', run: lost, resolveUnknown })))
+    t.equal((await idem.handle(input(fakeCancel(), { key: 'with-end', resolveUnknown }))).earlier, 'confirmed')
+    const unnamed = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
+    await t.rejects(idem.handle(input(unnamed, { key: 'without-end', resolveUnknown })))
+    t.equal((await idem.handle(input(unnamed, { key: 'without-end', resolveUnknown }))).earlier, 'confirmed')
+    t.same(seen, [ENDS, null], 'the end the first attempt named; then none (an ended appointment is never presumed)')
   })
 
   t.test(`${name}: lost answer, retry, upstream still lists it: sent exactly once more`, async (t) => {
