@@ -105,6 +105,21 @@ for (const [kind, make] of kinds) {
     t.ok(low.remainingMs > 15 && low.remainingMs <= 30, `low ${low.remainingMs}`)
     t.ok(high.remainingMs > 35 && high.remainingMs <= 50, `high ${high.remainingMs}`)
   })
+
+  t.test(`${kind}: a backoff is rounded to the nearest millisecond and never below the shortest`, async (t) => {
+    // 40 * (0.75 + 0.5 * 0.335) = 36.7: a fresh trip answers its own delay, to the millisecond.
+    t.equal((await (await make(t)).trip(null, 0.335)).remainingMs, 37, 'rounded, not cut')
+    // 40 * 0.75 = 30, below a shortest backoff of 50.
+    t.equal((await (await make(t, { ...fast, minMs: 50 })).trip(null, 0)).remainingMs, 50, 'the shortest')
+  })
+
+  t.test(`${kind}: extend(0) after a quiet period writes nothing back: the next backoff starts over`, async (t) => {
+    const cooldown = await make(t)
+    await sleep((await cooldown.trip(null, 0.5)).remainingMs + 420)
+    t.equal(await cooldown.extend(0), 0, 'nothing to write back')
+    const next = await cooldown.trip(null, 0.5)
+    t.ok(next.remainingMs > 25 && next.remainingMs <= 40, `the first of a new streak, not the second (${next.remainingMs})`)
+  })
 }
 
 t.test('the default bounds: at least a second, at most ten minutes', async (t) => {
