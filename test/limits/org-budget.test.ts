@@ -232,6 +232,20 @@ t.test('redis: a decrease dated ahead of Redis\'s clock (a failover to a replica
   t.match(await budget.take(), { ok: false, retryAfterMs: Number })
 })
 
+t.test('redis: a decrease recovered past the count, its state not yet expired, never raises the limit above the count', async (t) => {
+  const tag = uniqueName('recovered')
+  const options = { count: 4, windowMs: 60_000, recoverMs: 60_000 }
+  // Long back on Redis: no twin check, so Redis's script alone decides.
+  const fallback = { ...await strictFallbackOn(t, redis.url), redisFor: () => Number.POSITIVE_INFINITY }
+  const budget = createRedisBudget({ ...options, fallback, tag, memory: createMemoryBudget(options) })
+  const client = new Redis(redis.url)
+  t.teardown(() => client.disconnect())
+  const [seconds] = await client.time()
+  // Halved to 2 fifty seconds ago: 2 + floor(50 000 * 4 / 60 000) = 5 by the recovery alone.
+  await client.hset(`{${tag}}:aimd`, 'floor', '2', 'at', String((Number(seconds) - 50) * 1000))
+  t.equal(await takeMany(budget, 6), 4, 'the count, no more')
+})
+
 t.test('outage: calls made alone at the same time on the twin\'s clock are each entered into Redis\'s log', async (t) => {
   const tag = uniqueName('same-time')
   const sharedState = await sharedStateOn(t, redis.url)
