@@ -28,3 +28,16 @@ t.test('extend(0) after a quiet period is not an episode: the next backoff start
   now = 1001
   t.equal(cooldown.trip(null, 0.5).remainingMs, 40, 'the first of a new streak, not the second')
 })
+
+// Kills `at - until >= backoff.resetAfterMs` -> `>` in the memory trip (src/limits/cooldown.ts:126):
+// a quiet period of exactly resetAfterMs after the end starts the doubling over.
+t.test('a quiet period of exactly resetAfterMs after a cooldown starts the doubling over; a millisecond less does not', async (t) => {
+  const options = { minMs: 10, baseMs: 40, maxMs: 200, resetAfterMs: 400 }
+  for (const [quiet, expected] of [[399, 80], [400, 40]] as const) {
+    let now = 0
+    const cooldown = createMemoryCooldown({ now: () => now, ...options })
+    t.equal(cooldown.trip(null, 0.5).remainingMs, 40)
+    now = 40 + quiet
+    t.equal(cooldown.trip(null, 0.5).remainingMs, expected, `quiet for ${quiet} ms after the end`)
+  }
+})
