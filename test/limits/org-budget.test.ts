@@ -126,6 +126,23 @@ t.test('redis: a cooldown held only in this process is checked too', async (t) =
   t.same(await budget.take(), { ok: true, remaining: 1 }, 'nothing drawn')
 })
 
+t.test('paused after a failed command: calls at the same time share one read of the shared cooldown', async (t) => {
+  const options = { count: 10, windowMs: 60_000 }
+  const paused: StoreFallback = {
+    redisConfigured: true,
+    redisFor: () => 0,
+    run: async (_viaRedis, inMemory, whilePaused) => whilePaused === undefined ? inMemory() : await whilePaused({} as Redis)
+  }
+  const budget = createRedisBudget({ ...options, fallback: paused, tag: uniqueName('paused'), memory: createMemoryBudget(options) })
+  let reads = 0
+  const check = { key: 'shared-cooldown', memory: () => 0, shared: async () => { reads += 1; await sleep(20); return 0 } }
+  const decisions = await Promise.all(Array.from({ length: 5 }, async () => await budget.take(check)))
+  t.ok(decisions.every((decision) => decision.ok), 'no cooldown: admitted by the twin')
+  t.equal(reads, 1, 'one read for the five')
+  await budget.take(check)
+  t.equal(reads, 2, 'a later call reads again')
+})
+
 t.test('memory: the wait is exactly until the oldest entry leaves the closed span', async (t) => {
   let now = 1000
   const budget = createMemoryBudget({ count: 2, windowMs: 500, guardMs: 20, now: () => now })
@@ -138,6 +155,19 @@ t.test('memory: the wait is exactly until the oldest entry leaves the closed spa
   t.equal(budget.take().ok, false)
   now = 1521
   t.equal(budget.take().ok, true)
+})
+
+t.test('memory: after a decrease, the wait is the sooner of the oldest entry leaving and the limit growing', async (t) => {
+  for (const [recoverMs, expected, which] of [[100_000, 401, 'the oldest entry leaves first'], [1000, 150, 'the limit grows first']] as const) {
+    let now = 0
+    const budget = createMemoryBudget({ count: 4, windowMs: 1000, guardMs: 0, recoverMs, now: () => now })
+    budget.take()
+    now = 500
+    budget.decrease()
+    t.match(budget.take(), { ok: true }, 'halved to 2: the second call')
+    now = 600
+    t.same(budget.take(), { ok: false, retryAfterMs: expected }, which)
+  }
 })
 
 t.test('memory: the log keeps its order when it grows while entries have left its front', async (t) => {
