@@ -383,6 +383,20 @@ t.test('writes failing during an outage are told once a minute, keyed and key-le
   t.same(warnings.map(({ message }) => message), ['idempotency store write failed'], 'without the app\'s warnings, its own: once too')
 })
 
+t.test('without the app\'s warnings, a single flight\'s own tell a store failure once a minute', async (t) => {
+  const broken: IdempotencyStore = { ...createMemoryIdempotencyStore(), begin: async () => { throw new Error('redis down') } }
+  const warnings: string[] = []
+  let now = 0
+  const flight = createSingleFlight({ store: broken, inFlightTtlMs: 1000, log: { warn: (_object, message) => warnings.push(message) }, now: () => now })
+  await flight.runOnce(SCOPE, 'a'.repeat(64), fakeCancel().run)
+  now = 59_999
+  await flight.runOnce(SCOPE, 'b'.repeat(64), fakeCancel().run)
+  t.equal(warnings.length, 1, 'within the minute: told once')
+  now = 60_000
+  await flight.runOnce(SCOPE, 'c'.repeat(64), fakeCancel().run)
+  t.equal(warnings.length, 2, 'a minute on: told again')
+})
+
 t.test('errorSummary never carries more than the error\'s name and message', async (t) => {
   t.same(errorSummary(new RangeError('x')), { type: 'RangeError', message: 'x' })
   t.same(errorSummary('text'), { type: 'string', message: 'text' })
