@@ -29,7 +29,7 @@ t.test('extend(0) after a quiet period is not an episode: the next backoff start
   t.equal(cooldown.trip(null, 0.5).remainingMs, 40, 'the first of a new streak, not the second')
 })
 
-// Kills `at - until >= backoff.resetAfterMs` -> `>` in the memory trip (src/limits/cooldown.ts:126):
+// Kills `at - until >= backoff.resetAfterMs` -> `>` in the memory trip (src/limits/cooldown.ts, the memory store's trip):
 // a quiet period of exactly resetAfterMs after the end starts the doubling over.
 t.test('a quiet period of exactly resetAfterMs after a cooldown starts the doubling over; a millisecond less does not', async (t) => {
   const options = { minMs: 10, baseMs: 40, maxMs: 200, resetAfterMs: 400 }

@@ -26,7 +26,7 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   await stack.signIn(alice, 'alice@example.com')
   const now = Math.floor(Date.now() / 1000)
 
-  // Kills MAX_AGE_SEC 300 -> 600 (src/web/backchannel.ts:20): 400 s old is past 300 s + 30 s tolerance.
+  // Kills MAX_AGE_SEC 300 -> 600 (src/web/backchannel.ts): 400 s old is past 300 s + 30 s tolerance.
   const stale = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: now - 400, exp: now + 60 })
   t.equal((await post(stack.app, form(stale))).statusCode, 400, 'issued 400 s ago → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
@@ -50,11 +50,11 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   t.equal((await post(stack.app, form(long))).statusCode, 400, 'over 8192 characters → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
 
-  // Kills dropping 'iat' from the required claims (src/web/backchannel.ts:81): without it the
+  // Kills dropping 'iat' from the required claims (src/web/backchannel.ts, the verification's requiredClaims): without it the
   // age check compares undefined and passes, and a token the replay guard has forgotten would do.
   const undated = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, iat: undefined })
   t.equal((await post(stack.app, form(undated))).statusCode, 400, 'no iat → 400')
-  // Kills `value !== ''` dropped from stringClaim (src/web/backchannel.ts:60): an empty jti is none.
+  // Kills `value !== ''` dropped from stringClaim (src/web/backchannel.ts, stringClaim): an empty jti is none.
   const emptyJti = await stack.signAsIdp({ sub: 'patient-bob', events: EVENTS, jti: '' })
   t.equal((await post(stack.app, form(emptyJti))).statusCode, 400, 'an empty jti → 400')
   t.ok(await authenticated(stack.app, cookie), 'and no session ended')
@@ -69,7 +69,7 @@ t.test('logout tokens: the edges the spec test does not reach', async (t) => {
   t.equal((await post(stack.app, form(valid))).statusCode, 200, 'the same token alone is carried out')
   t.notOk(await authenticated(stack.app, cookie))
 
-  // Kills `token.length > MAX_TOKEN_LENGTH` -> `>=` (src/web/backchannel.ts:153): a token of
+  // Kills `token.length > MAX_TOKEN_LENGTH` -> `>=` (src/web/backchannel.ts, the route's length check): a token of
   // exactly 8192 characters is within the limit. (Base64url never makes a segment of 4k + 1
   // characters: the header's typ varies the other segment's length.)
   const sign = async (length: number, header: Record<string, unknown>): Promise<string> =>
