@@ -106,13 +106,25 @@ t.test('CV_BASE_URL overrides CV_ENV; plain http only on loopback', async (t) =>
   t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://localhost:4010' }).care360.baseUrl, 'http://localhost:4010')
   t.equal(loadConfig({ ...base, CV_BASE_URL: 'http://[::1]:4010' }).care360.baseUrl, 'http://[::1]:4010')
   t.equal(loadConfig({ ...base, CV_ENV: 'production', CV_BASE_URL: 'https://care360.internal' }).care360.baseUrl, 'https://care360.internal')
-  for (const bad of ['http://10.0.0.1:4010', 'http://example.com', 'ftp://127.0.0.1', 'not a url', 'https://user:pw@example.com', 'http://127.0.0.1.evil.com']) {
+  for (const bad of ['http://10.0.0.1:4010', 'http://example.com', 'ftp://127.0.0.1', 'not a url', 'https://user:pw@example.com', 'https://user@example.com', 'http://127.0.0.1.evil.com']) {
     t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
   }
   // The origin only: the vendor's table gives whole endpoint URLs, easily pasted here.
   t.equal(loadConfig({ ...base, CV_BASE_URL: 'https://API.example.com:443' }).care360.baseUrl, 'https://api.example.com')
   for (const bad of ['https://api-staging.care360-next.carevalidate.com/api/v1/calendar/appointments/cancel', 'http://127.0.0.1:4010/care360', 'http://127.0.0.1:4010//']) {
     t.same(refusal({ ...base, CV_BASE_URL: bad }).variables, ['CV_BASE_URL'], bad)
+  }
+})
+
+t.test('OIDC_ISSUER, PUBLIC_URL, WEB_APP_URL: no user information, query or fragment', async (t) => {
+  // Kept as written (less a trailing /): a query or a fragment would be carried into the issuer
+  // that ID tokens are checked against, and into every address built on the public URL.
+  const web = { OIDC_CLIENT_SECRET: 'client-secret', PUBLIC_URL: 'https://patients.example.com' }
+  for (const name of ['OIDC_ISSUER', 'PUBLIC_URL', 'WEB_APP_URL']) {
+    t.doesNotThrow(() => loadConfig({ ...base, ...web, [name]: 'https://host.example.com/' }), name)
+    for (const bad of ['https://host.example.com/?x=1', 'https://host.example.com/#top', 'https://user@host.example.com']) {
+      t.same(refusal({ ...base, ...web, [name]: bad }).variables, [name], `${name}=${bad}`)
+    }
   }
 })
 
@@ -245,6 +257,8 @@ t.test('SERVICE_SECRET: optional, or from a file, at least 32 characters, never 
   t.same(short.variables, ['SERVICE_SECRET'])
   t.notMatch(short.message, 'short-service-secret')
   t.match(short.message, 'at least 32')
+  t.same(loadConfig({ ...base, SERVICE_SECRET: 'x'.repeat(32) }).keyRoot, { secret: 'x'.repeat(32), fromApiKey: false }, '32 characters')
+  t.same(refusal({ ...base, SERVICE_SECRET: 'x'.repeat(31) }).variables, ['SERVICE_SECRET'], '31 characters')
   writeFileSync(file, 'short-file-secret\n')
   const shortFile = refusal({ ...base, SERVICE_SECRET_FILE: file })
   t.same(shortFile.variables, ['SERVICE_SECRET_FILE'])
@@ -292,6 +306,10 @@ t.test('required variables and cross-variable rules', async (t) => {
   t.same(loadConfig({ ...base, SESSION_ABSOLUTE_TTL: '10m' }).sessions, { idleTtlMs: 10 * 60_000, absoluteTtlMs: 10 * 60_000 }, 'an absolute lifetime under 30 min alone: the idle one follows it')
   t.same(refusal({ ...base, SESSION_IDLE_TTL: '20m', SESSION_ABSOLUTE_TTL: '10m' }).variables, ['SESSION_IDLE_TTL'], 'both set, the idle one longer: refused')
   t.same(refusal({ ...base, CV_TIMEOUT_MS: '600001' }).variables, ['CV_TIMEOUT_MS'])
+  t.equal(loadConfig({ ...base, CV_TIMEOUT_MS: '600000' }).care360.timeoutMs, 600_000, 'the bound itself')
+  t.equal(loadConfig({ ...base, REPLICAS: '10000' }).replicas, 10_000, 'the bound itself')
+  t.same(refusal({ ...base, REPLICAS: '10001' }).variables, ['REPLICAS'])
+  t.match(refusal({ ...base, REPLICAS: '10001' }).message, 'at most 10000')
   t.same(refusal({ ...base, CORS_ORIGINS: 'not-an-origin' }).variables, ['CORS_ORIGINS'])
 })
 
@@ -310,6 +328,10 @@ t.test('CORS_ORIGINS: https origins, plain http only on loopback (as PUBLIC_URL)
     t.match(error.message, '[user information]@', bad)
   }
   t.same(refusal({ ...base, TRUST_PROXY: 'proxy.local' }).variables, ['TRUST_PROXY'])
+  t.same(loadConfig({ ...base, TRUST_PROXY: '192.168.1.10/32, ::1/128, 2001:db8::/48' }).trustProxy, ['192.168.1.10/32', '::1/128', '2001:db8::/48'], 'a prefix up to the family\'s bits')
+  for (const bad of ['10.0.0.0/33', '::1/129', '10.0.0.0/-1', '10.0.0.0/']) {
+    t.same(refusal({ ...base, TRUST_PROXY: bad }).variables, ['TRUST_PROXY'], bad)
+  }
   t.same(refusal({ ...base, TRUST_PROXY: '10.0.0.1/8/1' }).variables, ['TRUST_PROXY'])
 })
 
@@ -327,6 +349,11 @@ t.test('TRUST_PROXY: a /0 prefix stops start-up with the message naming the vari
 t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
   t.equal(loadConfig({ ...base, PORT: '1' }).port, 1)
   t.equal(loadConfig({ ...base, PORT: '65535' }).port, 65535)
+  for (const name of ['PORT', 'METRICS_PORT']) {
+    const above = refusal({ ...base, [name]: '65536' })
+    t.same(above.variables, [name], `${name}=65536: past the last port (Node's listen would throw)`)
+    t.match(above.message, 'port out of range')
+  }
   const zero = refusal({ ...base, PORT: '0' })
   t.same(zero.variables, ['PORT'], 'PORT=0 would listen on a random port')
   t.match(zero.message, 'random')
@@ -335,6 +362,8 @@ t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
   t.same(same.variables, ['METRICS_PORT'])
   t.match(same.message, /METRICS_PORT: must differ from PORT/)
   t.same(refusal({ ...base, PORT: '9464' }).variables, ['METRICS_PORT'], 'PORT on the default metrics port')
+  t.match(refusal({ ...base, PORT: '9464' }).message, 'METRICS_PORT defaults to 9464', 'unset: the message says the default is what clashes')
+  t.notMatch(same.message, 'defaults to', 'set: no default to speak of')
   t.equal(loadConfig({ ...base, PORT: '9464', METRICS_PORT: '0' }).port, 9464, 'fine with metrics off')
   t.equal(loadConfig({ ...base, PORT: '9464', METRICS_PORT: '9465' }).port, 9464)
   const both = refusal({ ...base, PORT: '8080', METRICS_PORT: '8080', SESSION_IDLE_TTL: '13h' })
@@ -351,6 +380,12 @@ t.test('PORT: 1 to 65535, never METRICS_PORT', async (t) => {
 })
 
 t.test('HOST: an IP address or a hostname', async (t) => {
+  // 253 characters is the longest name (RFC 1035's 255 octets on the wire), a root dot aside.
+  const longest = `${'a'.repeat(63)}.${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(61)}`
+  t.equal(longest.length, 253)
+  t.equal(loadConfig({ ...base, HOST: longest }).host, longest, 'the longest name')
+  t.equal(loadConfig({ ...base, HOST: `${longest}.` }).host, `${longest}.`, 'and its root dot')
+  t.same(refusal({ ...base, HOST: `${longest}d` }).variables, ['HOST'], '254 characters')
   for (const good of ['0.0.0.0', '127.0.0.1', '::', '::1', 'fe80::1%eth0', 'localhost', 'bff-1.internal.example.com', 'bff.example.com.', 'a']) {
     t.equal(loadConfig({ ...base, HOST: good }).host, good, good)
   }
