@@ -36,6 +36,7 @@ export const REDACT_PATHS = [
   'keyRoot',
   'token',
   'idToken',
+  'id_token',
   'email',
   'reason'
 ]

@@ -1,7 +1,8 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
 import pino from 'pino'
-import { deferredChildLogger, pathOf, REDACT_PATHS } from '../src/logging.js'
+import { deferredChildLogger, loggerOptions, pathOf, REDACT_PATHS } from '../src/logging.js'
+import { loadConfig } from '../src/config.js'
 
 function capture (): { lines: Array<Record<string, unknown>>, stream: Writable } {
   const lines: Array<Record<string, unknown>> = []
@@ -62,4 +63,23 @@ t.test('the redaction paths censor reasons wherever they are, so operator fields
   t.same([lines[0]?.reason, (lines[0]?.nested as { reason?: string }).reason], ['[redacted]', '[redacted]'])
   t.same(lines[1]?.limits, { cause: 'timeout' }, 'the fallback says why')
   t.equal(lines[2]?.refusal, 'expired', 'a refused logout token says why')
+})
+
+t.test('the service\'s logger: secrets censored at the top of a line and one level below; a request is its method, path and address', async (t) => {
+  const { lines, stream } = capture()
+  const config = loadConfig({ CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' })
+  const log = pino(loggerOptions(config, stream) as pino.LoggerOptions, stream)
+  const secrets = { apiKey: 'SECRET-1', keyRoot: 'SECRET-2', token: 'SECRET-3', idToken: 'SECRET-4', id_token: 'SECRET-5', email: 'SECRET-6', reason: 'SECRET-7' }
+  const headers = { authorization: 'SECRET-8', cookie: 'SECRET-9', 'cv-api-key': 'SECRET-10', 'set-cookie': 'SECRET-11' }
+  log.warn({ ...secrets, headers, nested: { ...secrets } }, 'an object logged by mistake')
+  const line = lines[0] as Record<string, Record<string, unknown>>
+  t.notMatch(JSON.stringify(line), 'SECRET', 'no secret in the line')
+  for (const name of Object.keys(secrets)) {
+    t.equal(line[name], '[redacted]', name)
+    t.equal(line.nested?.[name], '[redacted]', `nested.${name}`)
+  }
+  t.same(line.headers, { authorization: '[redacted]', cookie: '[redacted]', 'cv-api-key': '[redacted]', 'set-cookie': '[redacted]' })
+  log.info({ req: { method: 'GET', url: '/auth/callback?code=SECRET-12', ip: '192.0.2.7', headers }, res: { statusCode: 302, headers } }, 'request completed')
+  t.same(lines[1]?.req, { method: 'GET', url: '/auth/callback', remoteAddress: '192.0.2.7' }, 'the path without its query, and the client\'s address')
+  t.same(lines[1]?.res, { statusCode: 302 })
 })
