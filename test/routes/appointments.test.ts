@@ -464,6 +464,34 @@ t.test('LOG_LEVEL above info drops access lines but keeps the audit records', as
   t.ok(lines.every((line) => line.level === 30), 'at info, as at any level')
 })
 
+t.test('LOG_LEVEL silent drops every line, the audit records too', async (t) => {
+  const logs: string[] = []
+  const { tokenFor, cancel } = await stack(t, { logs, env: { LOG_LEVEL: 'silent' } })
+  const token = await tokenFor(alice.email)
+  t.equal((await cancel(token, aliceFirst.id, { reason: 'r' })).statusCode, 200)
+  t.same(logs, [])
+})
+
+t.test('an access line: the request, its status, an error answer\'s code, the time taken and the patient\'s hash', async (t) => {
+  const logs: string[] = []
+  const { app, tokenFor, cancel } = await stack(t, { logs })
+  const token = await tokenFor(alice.email)
+  logs.length = 0
+  t.equal((await cancel(token, bobFirst.id)).statusCode, 404)
+  t.equal((await app.inject({ url: '/healthz' })).statusCode, 200)
+  const [refused, health] = logs.map((line) => JSON.parse(line) as Record<string, unknown>).filter((line) => line.msg === 'request completed')
+  t.match(refused, {
+    req: { method: 'POST', url: `/appointments/${bobFirst.id}/cancel`, remoteAddress: '127.0.0.1' },
+    res: { statusCode: 404 },
+    code: 'APPOINTMENT_NOT_FOUND',
+    responseTime: Number,
+    patient: /^[0-9a-f]{32}$/
+  })
+  t.match(health, { req: { url: '/healthz' }, res: { statusCode: 200 }, responseTime: Number })
+  t.equal(health?.code, undefined, 'no code for a success')
+  t.equal(health?.patient, undefined, 'no patient without a session')
+})
+
 t.test('the audit record and the logs carry no email, reason, key or token', async (t) => {
   const logs: string[] = []
   const { tokenFor, cancel } = await stack(t, { logs })
