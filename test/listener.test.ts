@@ -61,3 +61,15 @@ t.test('the server stops start-up with one message naming the variable when it c
     t.notMatch(run.stdout, /(\n|\\n)\s+at /, `${what}: no stack trace in the log`)
   }
 })
+
+t.test('start-up warns that patient hashes derive from the organization key when SERVICE_SECRET is not set, and only then', async (t) => {
+  const taken = createServer()
+  taken.listen(0, '127.0.0.1')
+  await once(taken, 'listening')
+  t.teardown(() => { taken.close() })
+  // The warning is logged before listening: a port in use ends the run right after it.
+  const port = String((taken.address() as AddressInfo).port)
+  const warned = (stdout: string): boolean => stdout.split('\n').some((line) => line.includes('SERVICE_SECRET is not set'))
+  t.ok(warned(start({ PORT: port, METRICS_PORT: '0' }).stdout), 'without it')
+  t.notOk(warned(start({ PORT: port, METRICS_PORT: '0', SERVICE_SECRET: 'service-secret-0123456789abcdef-xyz' }).stdout), 'with it')
+})
