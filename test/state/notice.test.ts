@@ -76,4 +76,35 @@ t.test('RepeatedWarnings: a count told by the next line before its interval ends
   clock = 1100
   timers.splice(0)[0]?.()
   t.same(lines, [{ n: 1 }, { n: 3, repeats: 1 }], 'the timer finds nothing left to tell')
+  t.equal(timers.length, 0, 'and schedules nothing more (a later timer would have nothing to write)')
+})
+
+t.test('TroubleNotice: after an untold break, the next all-clear is due a whole interval later, and then at once', async (t) => {
+  let clock = 0
+  const notice = new TroubleNotice(1000, () => clock)
+  t.equal(notice.clear(true), true)
+  clock = 999
+  t.equal(notice.clear(true), false, 'not within the interval')
+  clock = 1000
+  t.equal(notice.clear(true), true, 'at its end')
+})
+
+t.test('RepeatedWarnings: every interval\'s count left out is told as it ends, by a timer of one interval', async (t) => {
+  let clock = 0
+  const timers: Array<{ fire: () => void, ms: number }> = []
+  const warnings = new RepeatedWarnings(1000, () => clock, (fire, ms) => { timers.push({ fire, ms }) })
+  const lines: object[] = []
+  const log = { warn: (fields: object) => { lines.push(fields) } }
+  warnings.warn(log, { n: 1 }, 'store down')
+  clock = 10
+  warnings.warn(log, { n: 2 }, 'store down')
+  t.same(timers.map(({ ms }) => ms), [1000], 'one timer, of the interval')
+  clock = 1010
+  timers.shift()?.fire()
+  clock = 1020
+  warnings.warn(log, { n: 3 }, 'store down')
+  t.same(timers.map(({ ms }) => ms), [1000], 'left out again: another timer')
+  clock = 2020
+  timers.shift()?.fire()
+  t.same(lines, [{ n: 1 }, { n: 2, repeats: 1 }, { n: 3, repeats: 1 }])
 })
