@@ -287,3 +287,28 @@ t.test('SHUTDOWN_DELAY: after SIGTERM the process stays unready but serving for 
   const took = Date.now() - signalledAt
   t.ok(took >= 1400 && took < 10_000, `exited ${took} ms after SIGTERM, once the delay had passed`)
 })
+
+t.test('the metrics listener answers through the drain: it closes last', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const metricsPort = await freePort()
+  const server = await startServer(t, issuer, sandbox, { METRICS_PORT: String(metricsPort) })
+  if (server === null) return
+  const metrics = `http://127.0.0.1:${metricsPort}`
+  t.equal((await call(metrics, { path: '/metrics' })).status, 200)
+  const idToken = await issuer.sign({ email: alice.email, sub: 'sub-alice' })
+  const session = await call(server.origin, { method: 'POST', path: '/auth/session', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken }) })
+  const token = (JSON.parse(session.body) as { data: { token: string } }).data.token
+  // A request in flight keeps the drain going for a while after the signal.
+  sandbox.control.setFailure({ kind: 'slow', delayMs: UPSTREAM_DELAY_MS })
+  const inFlight = call(server.origin, { path: '/appointments', headers: { authorization: `Bearer ${token}` }, timeoutMs: 8000 })
+  const reachedBy = Date.now() + 3000
+  while (sandbox.control.calls.length < 1 && Date.now() < reachedBy) await sleep(10)
+  server.child.kill('SIGTERM')
+  await sleep(300)
+  const scrape = await call(metrics, { path: '/metrics', timeoutMs: 1000 }).then((answer) => answer.status, (error: NodeJS.ErrnoException) => error.code)
+  t.equal(scrape, 200, 'scraped during the drain')
+  t.equal((await inFlight).status, 200)
+  const [code] = await Promise.race([server.exited, sleep(10_000).then(() => [null] as const)])
+  t.equal(code, 0)
+})
