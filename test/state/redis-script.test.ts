@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
-import { defineScripts, integers, redisScript } from '../../src/state/redis-script.js'
+import { redisNowMs, startRedis } from '../helpers/redis.js'
+import { defineScripts, integers, LUA_CLOCK_MS, redisScript } from '../../src/state/redis-script.js'
 
 const redis = await startRedis(t)
 
@@ -31,4 +31,25 @@ t.test('a script with a variable number of keys takes the count first, defined o
   defineScripts(defined)
   t.same(integers(await keysEcho(defined, 2, 'bff:test:a', 'bff:test:b', 5), 2), [2, 5])
   t.same(integers(await keysEcho(bare, 3, 'bff:test:a', 'bff:test:b', 'bff:test:c', 6), 2), [3, 6], 'sent whole')
+})
+
+const clock = redisScript('bffTestClock', 0, `${LUA_CLOCK_MS}return { tostring(clock_ms('')), int(clock_ms('1700000000123')), int(2^53 - 1) }`)
+
+t.test('clock_ms: Redis\'s TIME in whole milliseconds, or the time a test gives; int prints a score exactly', async (t) => {
+  const client = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  t.teardown(() => { client.disconnect() })
+  const before = await redisNowMs(client)
+  const [now, given, largest] = await clock(client) as [string, string, string]
+  const after = await redisNowMs(client)
+  t.match(now, /^[0-9]+$/, `whole milliseconds: ${now}`)
+  t.ok(Number(now) >= before && Number(now) <= after, 'on Redis\'s clock')
+  t.equal(given, '1700000000123')
+  t.equal(largest, '9007199254740991', 'not in exponent notation')
+})
+
+t.test('integers: an array of the length asked, else a TypeError', async (t) => {
+  t.same(integers(['1', 2], 2), [1, 2])
+  t.throws(() => integers([1, 2, 3], 2), TypeError)
+  t.throws(() => integers([1], 2), TypeError)
+  t.throws(() => integers('1,2', 2), TypeError)
 })
