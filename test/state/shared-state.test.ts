@@ -330,3 +330,60 @@ t.test('every outage line is followed by a "reachable again" once Redis is back,
   await until('redis')
   t.same(told(), ['down', 'back', 'down', 'back'], 'the log does not end on an outage that is over')
 })
+
+t.test('a failed command\'s pause: a shorter one asked meanwhile does not end it early, and Redis is back only when it ends', async (t) => {
+  let clock = 0
+  const state = createSharedState({ url: redis.url, log: pino({ level: 'silent' }), now: () => clock })
+  t.teardown(() => state.close())
+  for (let i = 0; i < 250 && state.mode() !== 'redis'; i++) await sleep(20)
+  t.equal(state.mode(), 'redis')
+  await sleep(50) // the first connection's own back() has run
+  let backs = 0
+  state.onBack(() => { backs++ })
+  const told = (): number => backs
+  state.degradeFor(1000)
+  state.degradeFor(10)
+  clock = 500
+  t.equal(state.mode(), 'degraded', 'the longer pause holds')
+  clock = 1000
+  t.equal(state.mode(), 'redis', 'and ends when it said')
+  for (let i = 0; i < 100 && told() < 1; i++) await sleep(20)
+  t.equal(backs, 1, 'its end is told to the listeners')
+  // The pause-end timer, armed for 50 ms, finds the pause extended meanwhile: it waits again.
+  clock = 2000
+  state.degradeFor(50)
+  clock = 2020
+  state.degradeFor(100)
+  await sleep(120)
+  t.equal(backs, 1, 'not back while the pause goes on')
+  t.equal(state.mode(), 'degraded')
+  clock = 2120
+  for (let i = 0; i < 50 && told() < 2; i++) await sleep(20)
+  t.equal(backs, 2, 'back once the extended pause ended')
+})
+
+t.test('a pause that ends while the connection is down is not told as Redis back: the reconnection is', async (t) => {
+  const server = await startRedis(t)
+  let clock = 0
+  const state = createSharedState({ url: server.url, log: pino({ level: 'silent' }), now: () => clock })
+  t.teardown(() => state.close())
+  for (let i = 0; i < 250 && state.mode() !== 'redis'; i++) await sleep(20)
+  await sleep(50) // the first connection's own back() has run
+  let backs = 0
+  state.onBack(() => { backs++ })
+  const told = (): number => backs
+  state.degradeFor(300)
+  await server.stop()
+  for (let i = 0; i < 100 && state.redis!.status === 'ready'; i++) await sleep(10)
+  t.not(state.redis!.status, 'ready')
+  const began = performance.now()
+  // Refused by the client itself (enableOfflineQueue: false), not queued for a reconnection.
+  await t.rejects(state.redis!.ping(), /enableOfflineQueue/, 'a command without a connection fails at once')
+  t.ok(performance.now() - began < 100, `not held (${Math.round(performance.now() - began)} ms)`)
+  clock = 300
+  await sleep(500)
+  t.equal(backs, 0, 'the pause ended without a connection: nothing to run yet')
+  await server.start()
+  for (let i = 0; i < 250 && told() < 1; i++) await sleep(20)
+  t.equal(backs, 1, 'run once the client is ready again')
+})
