@@ -30,6 +30,9 @@ export const REDACT_PATHS = [
   '*.token',
   '*.idToken',
   '*.id_token',
+  '*.access_token',
+  '*.refresh_token',
+  '*.logout_token',
   '*.email',
   '*.reason',
   'apiKey',
@@ -37,6 +40,9 @@ export const REDACT_PATHS = [
   'token',
   'idToken',
   'id_token',
+  'access_token',
+  'refresh_token',
+  'logout_token',
   'email',
   'reason'
 ]

@@ -69,7 +69,7 @@ t.test('the service\'s logger: secrets censored at the top of a line and one lev
   const { lines, stream } = capture()
   const config = loadConfig({ CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' })
   const log = pino(loggerOptions(config, stream) as pino.LoggerOptions, stream)
-  const secrets = { apiKey: 'SECRET-1', keyRoot: 'SECRET-2', token: 'SECRET-3', idToken: 'SECRET-4', id_token: 'SECRET-5', email: 'SECRET-6', reason: 'SECRET-7' }
+  const secrets = { apiKey: 'SECRET-1', keyRoot: 'SECRET-2', token: 'SECRET-3', idToken: 'SECRET-4', id_token: 'SECRET-5', email: 'SECRET-6', reason: 'SECRET-7', access_token: 'SECRET-13', refresh_token: 'SECRET-14', logout_token: 'SECRET-15' }
   const headers = { authorization: 'SECRET-8', cookie: 'SECRET-9', 'cv-api-key': 'SECRET-10', 'set-cookie': 'SECRET-11' }
   log.warn({ ...secrets, headers, nested: { ...secrets } }, 'an object logged by mistake')
   const line = lines[0] as Record<string, Record<string, unknown>>

@@ -376,10 +376,9 @@ t.test('a pause that ends while the connection is down is not told as Redis back
   await server.stop()
   for (let i = 0; i < 100 && state.redis!.status === 'ready'; i++) await sleep(10)
   t.not(state.redis!.status, 'ready')
-  const began = performance.now()
-  // Refused by the client itself (enableOfflineQueue: false), not queued for a reconnection.
+  // Refused by the client itself (enableOfflineQueue: false), not queued for a reconnection (its
+  // message says which; no time bound, which a stalled machine would break).
   await t.rejects(state.redis!.ping(), /enableOfflineQueue/, 'a command without a connection fails at once')
-  t.ok(performance.now() - began < 100, `not held (${Math.round(performance.now() - began)} ms)`)
   clock = 300
   await sleep(500)
   t.equal(backs, 0, 'the pause ended without a connection: nothing to run yet')
