@@ -1,4 +1,4 @@
-import type { Server } from 'node:http'
+import type { Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest, type onResponseHookHandler, type preHandlerHookHandler } from 'fastify'
@@ -89,16 +89,31 @@ function drainOnClose (app: FastifyInstance): void {
   // an answer that closes its connection, so a request a client pipelined behind another would
   // run (a cancel reaching Care360) and never be answered. Registered before every other
   // onRequest hook, so that a request refused by one of them counts too.
-  const lastRead = new WeakMap<Socket, FastifyRequest>()
+  // With it, the last request's answer when it was sent before the drain began (kept alive then).
+  const lastRead = new WeakMap<Socket, { request: FastifyRequest, answer: ServerResponse | null }>()
   app.addHook('onRequest', function noteLastRead (request, _reply, done) {
-    lastRead.set(request.raw.socket, request)
+    lastRead.set(request.raw.socket, { request, answer: null })
     done()
   })
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
-    if (app.draining && lastRead.get(request.raw.socket) === request) {
-      reply.header('connection', 'close')
-      // Node still hands a request read after this answer to its route until the socket is gone.
-      closesAfterThisAnswer(request.raw.socket)
+    const socket = request.raw.socket
+    const last = lastRead.get(socket)
+    if (last?.request === request) {
+      if (app.draining) {
+        reply.header('connection', 'close')
+        // Node still hands a request read after this answer to its route until the socket is gone.
+        closesAfterThisAnswer(socket)
+      } else {
+        last.answer = reply.raw
+      }
+    } else if (app.draining && last !== undefined && last.answer !== null) {
+      // The last request was answered before the drain, keep-alive, and its answer waits behind
+      // this one: nothing else would close the connection (close() ended only the idle ones), so
+      // it closes once that answer is written, and nothing read behind it is run.
+      const queued = last.answer
+      last.answer = null
+      closesAfterThisAnswer(socket)
+      queued.once('finish', () => { socket.destroySoon() })
     }
     done(null, payload)
   })

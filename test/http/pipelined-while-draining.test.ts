@@ -92,3 +92,35 @@ t.test('a shutdown does not wait for a connection whose request, arriving during
   t.equal(outcome, 'closed', `the shutdown ends once the refusal is written (${took} ms), not at the headers timeout's sweep`)
   t.match(received, /^HTTP\/1\.1 400 /, 'the request was answered')
 })
+
+/**
+ * The last request read on a connection was answered before the drain began, its answer queued
+ * behind a slower request's: that answer went out keep-alive, and the slower one's, no longer the
+ * last read, did not close the connection either. Nothing closed it: close() found it busy (no
+ * idle connection to end) and then waited for it until the keep-alive timeout (65 s).
+ */
+t.test('a connection whose last answer was queued before the drain, behind a slower one, still closes', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, endpoint: 'cancel', times: 1 })
+  const socket = connect(port, '127.0.0.1')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  await once(socket, 'connect')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  // /healthz is answered (queued behind the cancel) before the shutdown begins.
+  await sleep(250)
+  const began = Date.now()
+  const closing = app.close()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(3000).then(() => 'still open')])
+  const took = Date.now() - began
+  const socketClosed = await Promise.race([closed, sleep(100).then(() => false)])
+  socket.destroy()
+  await closing
+  t.same(statuses(received), [200, 200], 'both answered')
+  t.ok(sandbox.control.isCancelled(id), 'the cancel went through')
+  t.ok(socketClosed, 'the connection is closed after the last answer')
+  t.equal(outcome, 'closed', `the shutdown ends once both answers are written (${took} ms)`)
+})
