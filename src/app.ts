@@ -106,14 +106,19 @@ function drainOnClose (app: FastifyInstance): void {
       } else {
         last.answer = reply.raw
       }
-    } else if (app.draining && last !== undefined && last.answer !== null) {
-      // The last request was answered before the drain, keep-alive, and its answer waits behind
-      // this one: nothing else would close the connection (close() ended only the idle ones), so
-      // it closes once that answer is written, and nothing read behind it is run.
-      const queued = last.answer
-      last.answer = null
-      closesAfterThisAnswer(socket)
-      queued.once('finish', () => { socket.destroySoon() })
+    } else if (app.draining) {
+      // Fastify itself says `Connection: close` (on the raw response) to every request routed once
+      // close() began: not to one with a request read behind it, which would run unanswered.
+      reply.raw.removeHeader('connection')
+      if (last !== undefined && last.answer !== null) {
+        // The last request was answered before the drain, keep-alive, and its answer waits behind
+        // this one: nothing else would close the connection (close() ended only the idle ones), so
+        // it closes once that answer is written, and nothing read behind it is run.
+        const queued = last.answer
+        last.answer = null
+        closesAfterThisAnswer(socket)
+        queued.once('finish', () => { socket.destroySoon() })
+      }
     }
     done(null, payload)
   })

@@ -2,6 +2,7 @@ import t from 'tap'
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { cancelOnSocket, exchange, statuses } from './support.js'
 
 /**
@@ -123,4 +124,35 @@ t.test('a connection whose last answer was queued before the drain, behind a slo
   t.ok(sandbox.control.isCancelled(id), 'the cancel went through')
   t.ok(socketClosed, 'the connection is closed after the last answer')
   t.equal(outcome, 'closed', `the shutdown ends once both answers are written (${took} ms)`)
+})
+
+/**
+ * Once close() began, Fastify itself says `Connection: close` to every request it routes (on the
+ * raw response): the first of two pipelined then, /healthz, closed the connection, and the cancel
+ * behind it reached Care360 and was never answered.
+ */
+t.test('requests pipelined after close() began are each answered, the last closing the connection', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  const second = DEMO_PATIENTS[0]!.appointments[1]!.id
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 400, endpoint: 'cancel', times: 1 })
+  const socket = connect(port, '127.0.0.1')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  await once(socket, 'connect')
+  const cancel = (appointment: string): string => `POST /appointments/${appointment}/cancel HTTP/1.1\r\nHost: x\r\n` +
+    `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
+  // In flight when the shutdown begins: the connection is not idle, close() leaves it open.
+  socket.write(cancel(id))
+  await sleep(100)
+  const closing = app.close()
+  await sleep(20)
+  socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + cancel(second))
+  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
+  socket.destroy()
+  await closing
+  t.same(statuses(received), [200, 200, 200], 'all three answered')
+  t.ok(sandbox.control.isCancelled(second), 'the last cancel went through, its answer written')
+  t.match(received.split(/(?=HTTP\/1\.1 )/)[2], /\r\nconnection: close\r\n/i, 'the last answer closes the connection')
+  t.ok(socketClosed, 'and it is closed')
 })
