@@ -1,4 +1,4 @@
-import type { Server, ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, type FastifyRequest, type onResponseHookHandler, type preHandlerHookHandler } from 'fastify'
@@ -87,18 +87,18 @@ function drainOnClose (app: FastifyInstance): void {
   })
   // Only the answer to the last request read on a connection closes it: Node writes nothing behind
   // an answer that closes its connection, so a request a client pipelined behind another would
-  // run (a cancel reaching Care360) and never be answered. Registered before every other
-  // onRequest hook, so that a request refused by one of them counts too.
+  // run (a cancel reaching Care360) and never be answered. Noted as Node hands it over, before
+  // Fastify routes it: a request refused before routing (frameworkErrorAnswer, no hook) or by an
+  // onRequest hook counts too.
   // With it, the last request's answer when it was sent before the drain began (kept alive then).
-  const lastRead = new WeakMap<Socket, { request: FastifyRequest, answer: ServerResponse | null }>()
-  app.addHook('onRequest', function noteLastRead (request, _reply, done) {
-    lastRead.set(request.raw.socket, { request, answer: null })
-    done()
+  const lastRead = new WeakMap<Socket, { request: IncomingMessage, answer: ServerResponse | null }>()
+  app.server.prependListener('request', function noteLastRead (request: IncomingMessage) {
+    lastRead.set(request.socket, { request, answer: null })
   })
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
     const socket = request.raw.socket
     const last = lastRead.get(socket)
-    if (last?.request === request) {
+    if (last?.request === request.raw) {
       if (app.draining) {
         reply.header('connection', 'close')
         // Node still hands a request read after this answer to its route until the socket is gone.

@@ -156,3 +156,22 @@ t.test('requests pipelined after close() began are each answered, the last closi
   t.match(received.split(/(?=HTTP\/1\.1 )/)[2], /\r\nconnection: close\r\n/i, 'the last answer closes the connection')
   t.ok(socketClosed, 'and it is closed')
 })
+
+/**
+ * A request refused before routing (no hook runs for it) behind one still running: its refusal
+ * closes the connection while draining, and the request before it, still noted as the last read
+ * (an onRequest hook noted it), closed it too: the refusal, logged and counted, was never written.
+ */
+t.test('while draining, a malformed URL pipelined behind a running request is answered after it', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
+  app.draining = true
+  const { received, closed } = await exchange(port, `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\n` +
+    `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
+  t.same(statuses(received), [200, 400], 'the cancel answered, then the refusal')
+  const heads = received.split(/(?=HTTP\/1\.1 )/)
+  t.notMatch(heads[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
+  t.match(heads[1], /\r\nconnection: close\r\n/i, 'the refusal closes it')
+  t.ok(closed, 'and it is closed')
+})
