@@ -92,9 +92,13 @@ function drainOnClose (app: FastifyInstance): void {
   // onRequest hook counts too.
   // With it, the last request's answer when it was sent before the drain began (kept alive then).
   const lastRead = new WeakMap<Socket, { request: IncomingMessage, answer: ServerResponse | null }>()
-  app.server.prependListener('request', function noteLastRead (request: IncomingMessage) {
+  function noteLastRead (request: IncomingMessage): void {
     lastRead.set(request.socket, { request, answer: null })
-  })
+  }
+  app.server.prependListener('request', noteLastRead)
+  // A request with an unsupported Expect too, which Fastify never sees: its 417 closes the
+  // connection (expectationFailedAnswer), so the answer before it must not.
+  app.server.prependListener('checkExpectation', noteLastRead)
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
     const socket = request.raw.socket
     const last = lastRead.get(socket)

@@ -175,3 +175,16 @@ t.test('while draining, a malformed URL pipelined behind a running request is an
   t.match(heads[1], /\r\nconnection: close\r\n/i, 'the refusal closes it')
   t.ok(closed, 'and it is closed')
 })
+
+/** The same for an unsupported Expect, which Fastify never sees: its 417 closes the connection. */
+t.test('while draining, an unsupported Expect pipelined behind a running request is answered after it', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
+  app.draining = true
+  const { received, closed } = await exchange(port, `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\n` +
+    `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: bogus\r\n\r\n')
+  t.same(statuses(received), [200, 417], 'the cancel answered, then the refusal')
+  t.notMatch(received.split(/(?=HTTP\/1\.1 )/)[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
+  t.ok(closed, 'the refusal closes it')
+})
