@@ -90,10 +90,13 @@ function drainOnClose (app: FastifyInstance): void {
   // run (a cancel reaching Care360) and never be answered. Noted as Node hands it over, before
   // Fastify routes it: a request refused before routing (frameworkErrorAnswer, no hook) or by an
   // onRequest hook counts too.
-  // With it, the last request's answer when it was sent before the drain began (kept alive then).
-  const lastRead = new WeakMap<Socket, { request: IncomingMessage, answer: ServerResponse | null }>()
+  const lastRead = new WeakMap<Socket, IncomingMessage>()
+  // The last request's answer when it was sent before the drain began but waits behind an earlier
+  // answer still being made (pipelining: Node gives a queued answer its socket when its turn
+  // comes). Only then: an answer written at once is not kept.
+  const queuedLast = new WeakMap<Socket, { request: IncomingMessage, answer: ServerResponse }>()
   function noteLastRead (request: IncomingMessage): void {
-    lastRead.set(request.socket, { request, answer: null })
+    lastRead.set(request.socket, request)
   }
   app.server.prependListener('request', noteLastRead)
   // A request with an unsupported Expect too, which Fastify never sees: its 417 closes the
@@ -102,26 +105,26 @@ function drainOnClose (app: FastifyInstance): void {
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
     const socket = request.raw.socket
     const last = lastRead.get(socket)
-    if (last?.request === request.raw) {
+    if (last === request.raw) {
       if (app.draining) {
         reply.header('connection', 'close')
         // Node still hands a request read after this answer to its route until the socket is gone.
         closesAfterThisAnswer(socket)
-      } else {
-        last.answer = reply.raw
+      } else if (reply.raw.socket === null) {
+        queuedLast.set(socket, { request: request.raw, answer: reply.raw })
       }
     } else if (app.draining) {
       // Fastify itself says `Connection: close` (on the raw response) to every request routed once
       // close() began: not to one with a request read behind it, which would run unanswered.
       reply.raw.removeHeader('connection')
-      if (last !== undefined && last.answer !== null) {
+      const queued = queuedLast.get(socket)
+      if (queued !== undefined && queued.request === last) {
         // The last request was answered before the drain, keep-alive, and its answer waits behind
         // this one: nothing else would close the connection (close() ended only the idle ones), so
         // it closes once that answer is written, and nothing read behind it is run.
-        const queued = last.answer
-        last.answer = null
+        queuedLast.delete(socket)
         closesAfterThisAnswer(socket)
-        queued.once('finish', () => { socket.destroySoon() })
+        queued.answer.once('finish', () => { socket.destroySoon() })
       }
     }
     done(null, payload)
