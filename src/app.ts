@@ -105,7 +105,8 @@ function drainOnClose (app: FastifyInstance): void {
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
     const socket = request.raw.socket
     const last = lastRead.get(socket)
-    if (last === request.raw) {
+    // None noted: a request no socket carried (light-my-request's inject) is its own last.
+    if (last === request.raw || last === undefined) {
       if (app.draining) {
         reply.header('connection', 'close')
         // Node still hands a request read after this answer to its route until the socket is gone.
