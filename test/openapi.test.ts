@@ -121,6 +121,7 @@ for (const [name, env] of [['web sign-in configured', WEB_ENV], ['mobile only', 
     t.same(document.components.securitySchemes.bearer, { type: 'http', scheme: 'bearer', description: document.components.securitySchemes.bearer?.description })
     t.match(document.components.securitySchemes.cookie, { type: 'apiKey', in: 'cookie', name: '__Host-bff-session' })
     t.match(document.components.schemas.ErrorEnvelope, { type: 'object', required: ['status', 'success', 'message', 'code'] })
+    t.equal(document.components.headers?.RequestId?.required, true, 'x-request-id is declared on every answer, so always sent')
     if (name === 'mobile only') t.notOk(document.servers, 'no server without PUBLIC_URL')
     else t.same(document.servers, [{ url: 'https://patients.example.com' }])
   })
@@ -195,6 +196,33 @@ t.test('sign-in and the list document the errors they really answer, and only th
   const list = document.paths['/appointments']?.get as Operation
   t.same(codesOf(list, '400'), [ErrorCode.VALIDATION_FAILED, ErrorCode.UPSTREAM_REJECTED], 'a request that could not be parsed; Care360\'s 400 passed on')
   t.equal(list.responses['403'], undefined, 'a GET is never refused by the CSRF check')
+  // Care360's codes only where Care360 is called.
+  t.equal(signIn.requestBody?.required, true, 'its body, with a required idToken, is required (only an all-optional body may be left out)')
+  t.same(codesOf(signIn, '400'), [ErrorCode.VALIDATION_FAILED], 'sign-in never passes on a Care360 400')
+  t.same(codesOf(signIn, '429'), [ErrorCode.RATE_LIMITED], 'nor spends the org budget')
+})
+
+t.test('the errors a route can answer follow its auth mode; the probes are never limited', async (t) => {
+  const { app } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const me = document.paths['/auth/me']?.get as Operation
+  t.equal(me.responses['401'], undefined, 'an optional session: a missing or unknown one is no 401')
+  t.ok(me.responses['503'], 'but the session store unreachable is a 503')
+  t.ok(me.responses['429'], 'limited per IP')
+  for (const probe of ['/healthz', '/readyz']) t.equal(document.paths[probe]?.get?.responses['429'], undefined, `${probe} documents no 429`)
+})
+
+t.test('the documented Idempotency-Key is the one the cancel takes: 1 to 255 visible ASCII characters', async (t) => {
+  const { app, issuer } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const parameters = (document.paths['/appointments/{id}/cancel']?.post?.parameters ?? []) as Array<{ name: string, schema?: { pattern?: string } }>
+  const pattern = new RegExp(parameters.find((parameter) => parameter.name === 'idempotency-key')?.schema?.pattern ?? '')
+  const token = await signIn(app, issuer)
+  for (const key of ['k'.repeat(255), 'k'.repeat(256), 'with space']) {
+    const response = await app.inject({ method: 'POST', url: '/appointments/3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01/cancel', headers: { authorization: `Bearer ${token}`, 'idempotency-key': key } })
+    const refusedForKey = response.statusCode === 400 && /Idempotency-Key/i.test(response.json().message as string)
+    t.equal(pattern.test(key), !refusedForKey, `a key of ${key.length} characters: documented ${pattern.test(key) ? 'valid' : 'invalid'}, and so taken`)
+  }
 })
 
 t.test('every state-changing route documents the answers to a body it cannot take', async (t) => {

@@ -123,3 +123,22 @@ t.test('requests of every kind leave nothing counted as running: a shutdown afte
   await app.close()
   t.ok(Date.now() - started < 1000, `close() waited for nothing (${Date.now() - started} ms)`)
 })
+
+t.test('the report at the deadline counts the requests still running, of those running when the wait began', async (t) => {
+  const lines: Array<{ msg: string, requests?: number, of?: number }> = []
+  const app = Fastify({ logger: { level: 'warn', stream: { write (line: string) { lines.push(JSON.parse(line)) } } } })
+  const tracking = trackRunningRequests(app)
+  const releases: Array<() => void> = []
+  app.get('/stuck', async () => { await new Promise<void>((resolve) => { releases.push(resolve) }); return {} })
+  tracking.settleOnClose(300)
+  await app.ready()
+  const stuck = [app.inject({ url: '/stuck' }), app.inject({ url: '/stuck' })]
+  await sleep(20)
+  const closing = app.close()
+  await sleep(50)
+  releases[0]?.()
+  await closing
+  t.same(lines.map(({ msg, requests, of }) => ({ msg, requests, of })), [{ msg: 'shutdown: requests still running at the deadline', requests: 1, of: 2 }])
+  releases[1]?.()
+  await Promise.all(stuck)
+})

@@ -26,3 +26,12 @@ t.test('an HTTP/1.0 request with Transfer-Encoding is refused and its connection
   t.ok(closed, 'the connection is closed')
   t.notMatch(received, /smuggled-1/, 'the request behind the chunked body is never served')
 })
+
+t.test('an HTTP/1.0 request with Transfer-Encoding is faulty framing (400) whatever the coding, not an unsupported coding (501)', async (t) => {
+  const { app } = await buildTestApp(t, { env: { RATE_LIMIT_IP: '100000/1m' } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const port = (app.server.address() as { port: number }).port
+  const { received } = await exchange(port,
+    'POST /auth/session HTTP/1.0\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n')
+  t.same(statuses(received), [400], 'the framing is faulty before the coding is unknown')
+})

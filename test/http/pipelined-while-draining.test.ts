@@ -188,3 +188,29 @@ t.test('while draining, an unsupported Expect pipelined behind a running request
   t.notMatch(received.split(/(?=HTTP\/1\.1 )/)[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
   t.ok(closed, 'the refusal closes it')
 })
+
+t.test('while draining, a request read behind a refusal before routing is not acted on either', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  // As above: the close held back 300 ms, so that the second request is surely read meanwhile.
+  app.server.prependListener('connection', (socket: Socket) => {
+    const destroySoon = socket.destroySoon.bind(socket)
+    socket.destroySoon = () => { setTimeout(destroySoon, 300) }
+  })
+  app.draining = true
+  const socket = connect(port, '127.0.0.1')
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close')
+  await once(socket, 'connect')
+  socket.write('GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
+  for (let i = 0; i < 200 && !received.includes('\r\n\r\n{'); i++) await sleep(5)
+  t.match(received, /^HTTP\/1\.1 400 [^]*\r\nconnection: close\r\n/i, 'the refusal closes the connection')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await Promise.race([closed, sleep(3000)])
+  socket.destroy()
+  await sleep(300)
+  t.ok(statuses(received).slice(1).every((status) => status === 400), 'the one behind it, if written at all, refused')
+  t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
+  t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
+})

@@ -19,3 +19,12 @@ t.test('a body in a transfer coding other than chunked is refused, never read as
   t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
   t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
 })
+
+t.test('chunked is taken in any case (RFC 9112 7: coding names are case-insensitive), as Node\'s parser decodes it', async (t) => {
+  const { port, sandbox, token, id, body } = await cancelOnSocket(t)
+  const { received } = await exchange(port,
+    `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nTransfer-Encoding: Chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`)
+  t.same(statuses(received), [200], 'the cancel is served')
+  t.ok(sandbox.control.isCancelled(id), 'the appointment is cancelled')
+})

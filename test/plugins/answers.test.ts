@@ -331,3 +331,19 @@ t.test('Expect: 100-continue invites only a body the route takes, after its hook
   t.equal(signIn.beforeBody, 'HTTP/1.1 100 Continue\r\n\r\n', 'a body within its route\'s own limit')
   t.match(signIn.all, /HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 401 /)
 })
+
+t.test('Fastify\'s refusals before routing: a path parameter up to 256 characters reaches its route, and each refusal has its access line with the code', async (t) => {
+  const lines: Array<{ msg?: string, code?: string, res?: { statusCode?: number } }> = []
+  const server = await buildApp(loadConfig({ CV_API_KEY: 'answers-test-key', OIDC_ISSUER: 'http://127.0.0.1:9', OIDC_CLIENT_ID: 'app', LOG_LEVEL: 'info', METRICS_PORT: '0' }), {
+    logStream: { write (line: string) { lines.push(JSON.parse(line)) } }
+  })
+  t.teardown(() => server.close())
+  await server.ready()
+  const at256 = await server.inject({ method: 'POST', url: `/appointments/${'a'.repeat(256)}/cancel` })
+  t.not(at256.json().message, 'A path parameter is too long', '256 characters: the route\'s own checks answer')
+  const at257 = await server.inject({ method: 'POST', url: `/appointments/${'a'.repeat(257)}/cancel` })
+  t.match(at257.json(), { code: 'VALIDATION_FAILED', message: 'A path parameter is too long' }, '257: refused before routing')
+  await server.inject({ url: '/%zz' })
+  const refused = lines.filter((line) => line.msg === 'request refused before routing')
+  t.same(refused.map((line) => [line.code, line.res?.statusCode]), [['VALIDATION_FAILED', 400], ['VALIDATION_FAILED', 400]], 'one access line each, with its code')
+})

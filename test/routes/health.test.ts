@@ -42,11 +42,13 @@ async function fresh (port: number, path: string): Promise<{ status: number, con
 }
 
 t.test('a shutdown with a delay is first only unready: new connections are still served, /readyz says 503', async (t) => {
-  const { app } = await buildTestApp(t)
+  const lines: string[] = []
+  const { app } = await buildTestApp(t, { logStream: { write (line: string) { lines.push(line) } } })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
   const started = Date.now()
   const stopped = shutDown(app, 400)
+  t.ok(lines.some((line) => line.includes('unready; the listener closes after SHUTDOWN_DELAY')), 'said at once')
   t.same(await fresh(port, '/readyz'), { status: 503, connection: 'close' }, 'unready, on a new connection')
   t.same(await fresh(port, '/healthz'), { status: 200, connection: 'close' }, 'and still serving')
   await stopped
@@ -55,9 +57,11 @@ t.test('a shutdown with a delay is first only unready: new connections are still
 })
 
 t.test('a shutdown without a delay closes the listener at once', async (t) => {
-  const { app } = await buildTestApp(t)
+  const lines: string[] = []
+  const { app } = await buildTestApp(t, { logStream: { write (line: string) { lines.push(line) } } })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
   await shutDown(app, 0)
   t.equal(await fresh(port, '/readyz'), 'ECONNREFUSED')
+  t.notOk(lines.some((line) => line.includes('unready')), 'and says nothing of a delay')
 })

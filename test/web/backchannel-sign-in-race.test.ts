@@ -16,19 +16,25 @@ import { SESSION_COOKIE, startWebStack } from './stack.js'
 
 const EVENTS = { [BACKCHANNEL_LOGOUT_EVENT]: {} }
 
-/** Holds every `sessions.create` of `app` until `release()`; `held` resolves when one is waiting. */
-function holdCreates (app: TestApp['app']): { held: Promise<void>, release: () => void } {
+/**
+ * Holds every `sessions.create` of `app` until `release()`; `held` resolves when one is waiting;
+ * `made` gets the token of each session created.
+ */
+function holdCreates (app: TestApp['app']): { held: Promise<void>, release: () => void, made: string[] } {
   const create = app.sessions.create.bind(app.sessions)
   let reached!: () => void
   const held = new Promise<void>((resolve) => { reached = resolve })
   let release!: () => void
   const gate = new Promise<void>((resolve) => { release = resolve })
+  const made: string[] = []
   app.sessions.create = async function heldCreate (input) {
     reached()
     await gate
-    return await create(input)
+    const created = await create(input)
+    made.push(created.token)
+    return created
   }
-  return { held, release }
+  return { held, release, made }
 }
 
 function withTimeout<T> (promise: Promise<T>, what: string): Promise<T> {
@@ -74,7 +80,7 @@ t.test('one process without Redis: the same interleaving, the same outcome', asy
   const { app, issuer } = await buildTestApp(t, { env })
   const sub = `subject-${randomUUID()}`
   const idToken = await issuer.sign({ sub, email: 'race@example.com', jti: randomUUID() })
-  const { held, release } = holdCreates(app)
+  const { held, release, made } = holdCreates(app)
   const signingIn = app.inject({ method: 'POST', url: '/auth/session', payload: { idToken } })
   await withTimeout(held, 'the sign-in reaching its session creation')
   const logoutToken = await issuer.sign({ sub, events: EVENTS, jti: randomUUID(), email: undefined, email_verified: undefined })
@@ -83,6 +89,12 @@ t.test('one process without Redis: the same interleaving, the same outcome', asy
   release()
   const answer = await withTimeout(signingIn, 'the sign-in')
   t.equal(answer.statusCode, 401, 'the sign-in is refused')
+  // The session it had made before its second look is ended, not left in the store.
+  t.equal(made.length, 1, 'one session was made')
+  for (const token of made) {
+    const me = await app.inject({ method: 'GET', url: '/auth/me', headers: { authorization: `Bearer ${token}` } })
+    t.equal(me.json().data.authenticated, false, 'the session made during the logout is ended')
+  }
 })
 
 t.test('web sign-in callback on one replica, back-channel logout on another meanwhile: no session outlives the logout', async (t) => {
