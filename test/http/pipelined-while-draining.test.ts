@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -30,11 +30,15 @@ t.test('requests pipelined on a connection while draining are each answered, the
   t.ok(sandbox.control.isCancelled(id), 'the cancel went through and its answer was written')
 })
 
-t.test('a request read behind an answer that closes its connection while draining is not acted on', async (t) => {
+/**
+ * While draining, sends `first` on a fresh connection and, once its answer (which closes the
+ * connection) is in, a cancel on the same connection; what the connection received, and whether
+ * the cancel was acted on. Node closes the socket once the closing answer is flushed; until then
+ * it still reads and hands a request to its route. Here the close waits 300 ms (a slow flush), so
+ * that the cancel is surely read in that window.
+ */
+async function cancelBehindClosingAnswer (t: Test, first: string): Promise<{ received: string, cancelsSent: number, cancelled: boolean }> {
   const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  // Node closes the socket once the closing answer is flushed; until then it still reads and hands
-  // a request to its route. Here the close waits 300 ms (a slow flush), so that the second request
-  // is surely read in that window.
   app.server.prependListener('connection', (socket: Socket) => {
     const destroySoon = socket.destroySoon.bind(socket)
     socket.destroySoon = () => { setTimeout(destroySoon, 300) }
@@ -45,20 +49,26 @@ t.test('a request read behind an answer that closes its connection while drainin
   socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
   const closed = once(socket, 'close')
   await once(socket, 'connect')
-  socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  socket.write(first)
   for (let i = 0; i < 200 && !received.includes('\r\n\r\n{'); i++) await sleep(5)
-  t.match(received, /\r\nconnection: close\r\n/i, 'the first answer closes the connection')
+  const firstAnswer = received
   socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
     `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
   await Promise.race([closed, sleep(3000)])
   socket.destroy()
   await sleep(300)
+  t.match(firstAnswer, /\r\nconnection: close\r\n/i, 'the first answer closes the connection')
+  return { received, cancelsSent: sandbox.control.calls.filter((call) => call.method === 'POST').length, cancelled: sandbox.control.isCancelled(id) }
+}
+
+t.test('a request read behind an answer that closes its connection while draining is not acted on', async (t) => {
+  const { received, cancelsSent, cancelled } = await cancelBehindClosingAnswer(t, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
   // Behind the answer that closes the connection, nothing but the refusal (written here only
   // because the close was held back).
   t.same(statuses(received).slice(0, 1), [200], 'the first answer')
   t.ok(statuses(received).slice(1).every((status) => status === 400), 'the one behind it, if written at all, refused')
-  t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
-  t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
+  t.equal(cancelsSent, 0, 'no cancel reaches the upstream')
+  t.notOk(cancelled, 'the appointment is not cancelled')
 })
 
 /** An answer refused before routing (no hook runs for it) closes its connection while draining too. */
@@ -190,27 +200,9 @@ t.test('while draining, an unsupported Expect pipelined behind a running request
 })
 
 t.test('while draining, a request read behind a refusal before routing is not acted on either', async (t) => {
-  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  // As above: the close held back 300 ms, so that the second request is surely read meanwhile.
-  app.server.prependListener('connection', (socket: Socket) => {
-    const destroySoon = socket.destroySoon.bind(socket)
-    socket.destroySoon = () => { setTimeout(destroySoon, 300) }
-  })
-  app.draining = true
-  const socket = connect(port, '127.0.0.1')
-  let received = ''
-  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
-  const closed = once(socket, 'close')
-  await once(socket, 'connect')
-  socket.write('GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
-  for (let i = 0; i < 200 && !received.includes('\r\n\r\n{'); i++) await sleep(5)
-  t.match(received, /^HTTP\/1\.1 400 [^]*\r\nconnection: close\r\n/i, 'the refusal closes the connection')
-  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
-    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
-  await Promise.race([closed, sleep(3000)])
-  socket.destroy()
-  await sleep(300)
+  const { received, cancelsSent, cancelled } = await cancelBehindClosingAnswer(t, 'GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
+  t.same(statuses(received).slice(0, 1), [400], 'the refusal')
   t.ok(statuses(received).slice(1).every((status) => status === 400), 'the one behind it, if written at all, refused')
-  t.equal(sandbox.control.calls.filter((call) => call.method === 'POST').length, 0, 'no cancel reaches the upstream')
-  t.notOk(sandbox.control.isCancelled(id), 'the appointment is not cancelled')
+  t.equal(cancelsSent, 0, 'no cancel reaches the upstream')
+  t.notOk(cancelled, 'the appointment is not cancelled')
 })
