@@ -168,36 +168,28 @@ t.test('requests pipelined after close() began are each answered, the last closi
 })
 
 /**
- * A request refused before routing (no hook runs for it) behind one still running: its refusal
- * closes the connection while draining, and the request before it, still noted as the last read
- * (an onRequest hook noted it), closed it too: the refusal, logged and counted, was never written.
+ * A request refused before routing behind one still running: a malformed URL (no hook runs for
+ * it), or an unsupported Expect (which Fastify never sees). Its refusal closes the connection
+ * while draining; the request before it, were it still noted as the last read (by an onRequest
+ * hook), would close it too, and the refusal, logged and counted, would never be written.
  */
-t.test('while draining, a malformed URL pipelined behind a running request is answered after it', async (t) => {
-  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
-  app.draining = true
-  const { received, closed } = await exchange(port, `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\n` +
-    `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-    'GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
-  t.same(statuses(received), [200, 400], 'the cancel answered, then the refusal')
-  const heads = received.split(/(?=HTTP\/1\.1 )/)
-  t.notMatch(heads[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
-  t.match(heads[1], /\r\nconnection: close\r\n/i, 'the refusal closes it')
-  t.ok(closed, 'and it is closed')
-})
-
-/** The same for an unsupported Expect, which Fastify never sees: its 417 closes the connection. */
-t.test('while draining, an unsupported Expect pipelined behind a running request is answered after it', async (t) => {
-  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
-  app.draining = true
-  const { received, closed } = await exchange(port, `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\n` +
-    `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-    'GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: bogus\r\n\r\n')
-  t.same(statuses(received), [200, 417], 'the cancel answered, then the refusal')
-  t.notMatch(received.split(/(?=HTTP\/1\.1 )/)[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
-  t.ok(closed, 'the refusal closes it')
-})
+for (const [refused, status, why] of [
+  ['GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'a malformed URL'],
+  ['GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: bogus\r\n\r\n', 417, 'an unsupported Expect']
+] as const) {
+  t.test(`while draining, ${why} pipelined behind a running request is answered after it`, async (t) => {
+    const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
+    app.draining = true
+    const { received, closed } = await exchange(port, `POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\n` +
+      `Authorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` + refused)
+    t.same(statuses(received), [200, status], 'the cancel answered, then the refusal')
+    const heads = received.split(/(?=HTTP\/1\.1 )/)
+    t.notMatch(heads[0], /\r\nconnection: close\r\n/i, 'the cancel leaves the connection open for the refusal')
+    t.match(heads[1], /\r\nconnection: close\r\n/i, 'the refusal closes it')
+    t.ok(closed, 'and it is closed')
+  })
+}
 
 t.test('while draining, a request read behind a refusal before routing is not acted on either', async (t) => {
   const { received, cancelsSent, cancelled } = await cancelBehindClosingAnswer(t, 'GET /%zz HTTP/1.1\r\nHost: x\r\n\r\n')
