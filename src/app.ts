@@ -66,9 +66,22 @@ function drainOnClose (app: FastifyInstance): void {
     sockets.add(socket)
     socket.once('close', () => sockets.delete(socket))
   })
+  // Only the answer to the last request read on a connection closes it: Node writes nothing behind
+  // an answer that closes its connection, so a request a client pipelined behind another would
+  // run (a cancel reaching Care360) and never be answered. Noted as Node hands it over, before
+  // Fastify routes it: a request refused before routing (frameworkErrorAnswer, no hook) or by an
+  // onRequest hook counts too. A request with an unsupported Expect too, which Fastify never sees:
+  // its 417 closes the connection (expectationFailedAnswer), so the answer before it must not.
+  const lastAnswer = new WeakMap<Socket, ServerResponse>()
+  function noteLastRead (request: IncomingMessage, answer: ServerResponse): void {
+    lastAnswer.set(request.socket, answer)
+  }
+  app.server.prependListener('request', noteLastRead)
+  app.server.prependListener('checkExpectation', noteLastRead)
   let cutOff: NodeJS.Timeout | undefined
   app.addHook('preClose', function startDraining (done) {
     app.draining = true
+    for (const socket of sockets) closeAfterLastAnswer(socket)
     cutOff = setTimeout(function cutOffUnfinishedHeaders () {
       for (const socket of sockets) {
         // No response object: no request of this connection got past its headers (one idle
@@ -85,47 +98,55 @@ function drainOnClose (app: FastifyInstance): void {
     clearTimeout(cutOff)
     done()
   })
-  // Only the answer to the last request read on a connection closes it: Node writes nothing behind
-  // an answer that closes its connection, so a request a client pipelined behind another would
-  // run (a cancel reaching Care360) and never be answered. Noted as Node hands it over, before
-  // Fastify routes it: a request refused before routing (frameworkErrorAnswer, no hook) or by an
-  // onRequest hook counts too.
-  const lastRead = new WeakMap<Socket, IncomingMessage>()
-  // The last request's answer when it was sent before the drain began but waits behind an earlier
-  // answer still being made (pipelining: Node gives a queued answer its socket when its turn
-  // comes). Only then: an answer written at once is not kept.
-  const queuedLast = new WeakMap<Socket, { request: IncomingMessage, answer: ServerResponse }>()
-  function noteLastRead (request: IncomingMessage): void {
-    lastRead.set(request.socket, request)
+  /**
+   * A connection whose last answer is still unwritten when the drain begins (going out to a slow
+   * reader, or queued behind an earlier answer) was answered keep-alive, and close()'s sweep of
+   * idle connections is past by the time it is written (closeIdleButUnwritten spares it): so once
+   * that answer is written, the connection closes, unless a request read since (pipelined) took its
+   * place: that one's own answer closes it (closeConnectionWhenDraining), and nothing read behind
+   * it runs.
+   */
+  function closeAfterLastAnswer (socket: Socket): void {
+    const answer = lastAnswer.get(socket)
+    if (answer === undefined || answer.writableFinished) return
+    answer.once('finish', function closeAfterIt () {
+      if (lastAnswer.get(socket) !== answer) return
+      closesAfterThisAnswer(socket)
+      socket.destroySoon()
+    })
   }
-  app.server.prependListener('request', noteLastRead)
-  // A request with an unsupported Expect too, which Fastify never sees: its 417 closes the
-  // connection (expectationFailedAnswer), so the answer before it must not.
-  app.server.prependListener('checkExpectation', noteLastRead)
+  /**
+   * `server.close()` first destroys the connections Node deems idle: every request read in full
+   * and the answer on the socket ended (`finished`), not written. So an answer still going out to
+   * a slow reader was cut off, and the answers queued behind it (pipelining) dropped: requests run,
+   * a cancel gone through, and its answer never delivered. Such a connection is left to close once
+   * its last answer is written (closeAfterLastAnswer, from preClose, which runs first); the others
+   * go as Node decides.
+   */
+  const closeIdleConnections = app.server.closeIdleConnections
+  app.server.closeIdleConnections = function closeIdleButUnwritten (this: Server): void {
+    const writing = [...sockets].filter((socket) => lastAnswer.get(socket)?.writableFinished === false)
+    const spared = function spared (this: Socket): Socket { return this }
+    for (const socket of writing) socket.destroy = spared
+    try {
+      closeIdleConnections.call(this)
+    } finally {
+      for (const socket of writing) Reflect.deleteProperty(socket, 'destroy')
+    }
+  }
   app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
-    const socket = request.raw.socket
-    const last = lastRead.get(socket)
-    // None noted: a request no socket carried (light-my-request's inject) is its own last.
-    if (last === request.raw || last === undefined) {
-      if (app.draining) {
+    if (app.draining) {
+      const socket = request.raw.socket
+      const last = lastAnswer.get(socket)
+      // None noted: a request no socket carried (light-my-request's inject) is its own last.
+      if (last === reply.raw || last === undefined) {
         reply.header('connection', 'close')
         // Node still hands a request read after this answer to its route until the socket is gone.
         closesAfterThisAnswer(socket)
-      } else if (reply.raw.socket === null) {
-        queuedLast.set(socket, { request: request.raw, answer: reply.raw })
-      }
-    } else if (app.draining) {
-      // Fastify itself says `Connection: close` (on the raw response) to every request routed once
-      // close() began: not to one with a request read behind it, which would run unanswered.
-      reply.raw.removeHeader('connection')
-      const queued = queuedLast.get(socket)
-      if (queued !== undefined && queued.request === last) {
-        // The last request was answered before the drain, keep-alive, and its answer waits behind
-        // this one: nothing else would close the connection (close() ended only the idle ones), so
-        // it closes once that answer is written, and nothing read behind it is run.
-        queuedLast.delete(socket)
-        closesAfterThisAnswer(socket)
-        queued.answer.once('finish', () => { socket.destroySoon() })
+      } else {
+        // Fastify itself says `Connection: close` (on the raw response) to every request routed
+        // once close() began: not to one with a request read behind it, which would run unanswered.
+        reply.raw.removeHeader('connection')
       }
     }
     done(null, payload)

@@ -4,6 +4,8 @@ import { connect, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { cancelOnSocket, exchange, statuses } from './support.js'
+import { buildTestApp } from '../helpers/app.js'
+import { captureLogs } from '../fault/support.js'
 
 /**
  * While draining (SHUTDOWN_DELAY, then close()), every answer closes its connection. A client that
@@ -197,4 +199,43 @@ t.test('while draining, a request read behind a refusal before routing is not ac
   t.ok(statuses(received).slice(1).every((status) => status === 400), 'the one behind it, if written at all, refused')
   t.equal(cancelsSent, 0, 'no cancel reaches the upstream')
   t.notOk(cancelled, 'the appointment is not cancelled')
+})
+
+/**
+ * A client that reads slowly: the answers to its requests, all read and answered keep-alive before
+ * the drain began, are still going out to it. close() destroyed the connection as idle (Node's
+ * sweep looks at whether the answer on the socket has ended, not whether it was written): what
+ * the socket's buffers held was delivered (about 100 answers here) and the rest lost. Spared, it
+ * must still close after the last answer, which said nothing of closing.
+ */
+t.test('a connection whose answers are still going out to a slow reader when the drain begins closes after the last', async (t) => {
+  const { lines, stream } = captureLogs()
+  const { app } = await buildTestApp(t, { logStream: stream, env: { RATE_LIMIT_IP: '100000/1m' } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  await once(socket, 'connect')
+  socket.pause()
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  // More than the socket buffers hold: the answers are still being written when the drain begins.
+  const count = 400
+  socket.write('GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(count))
+  // Node read them all at once (one chunk); their answers, made at once, wait in its queue.
+  let read = 0
+  const allRead = new Promise<void>((resolve) => { app.server.on('request', () => { if (++read === count) resolve() }) })
+  await Promise.race([allRead, sleep(4000)])
+  await sleep(200)
+  t.equal(read, count, 'every request was read before the drain')
+  const closing = app.close()
+  socket.resume()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(10_000).then(() => 'still open')])
+  const socketClosed = await Promise.race([closed, sleep(100).then(() => false)])
+  socket.destroy()
+  t.equal(outcome, 'closed', 'the shutdown ends once the answers are written')
+  t.ok(socketClosed, 'the connection is closed after the last answer')
+  t.equal(statuses(received).length, count, 'every answer was written')
+  t.equal(lines.filter((line) => line.includes('"request completed"')).length, count, 'and logged')
 })
