@@ -83,7 +83,11 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
       idpSessionId: identity.sid,
       idTokenId: idTokenId(request.body.idToken)
     })
-    if (created === null) throw invalidIdToken()
+    if (created === null) {
+      // The line the verifier writes for a token refused at its own look (auth/id-token.ts).
+      request.log.debug({ refusal: 'logged_out' }, 'ID token refused')
+      throw invalidIdToken()
+    }
     const { token, session } = created
     request.log.info({ patient: app.patientRef(session.email), method: 'mobile' }, 'session created')
     return reply.code(201).send(ok({

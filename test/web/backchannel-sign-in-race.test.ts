@@ -76,8 +76,9 @@ t.test('mobile sign-in on one replica, back-channel logout on another meanwhile:
 })
 
 t.test('one process without Redis: the same interleaving, the same outcome', async (t) => {
-  const env = { OIDC_CLIENT_SECRET: 'web-client-secret-for-the-race-test', PUBLIC_URL: `http://127.0.0.1:${await freePort()}` }
-  const { app, issuer } = await buildTestApp(t, { env })
+  const env = { OIDC_CLIENT_SECRET: 'web-client-secret-for-the-race-test', PUBLIC_URL: `http://127.0.0.1:${await freePort()}`, LOG_LEVEL: 'debug' }
+  const lines: string[] = []
+  const { app, issuer } = await buildTestApp(t, { env, logStream: { write (line: string) { lines.push(line) } } })
   const sub = `subject-${randomUUID()}`
   const idToken = await issuer.sign({ sub, email: 'race@example.com', jti: randomUUID() })
   const { held, release, made } = holdCreates(app)
@@ -89,6 +90,8 @@ t.test('one process without Redis: the same interleaving, the same outcome', asy
   release()
   const answer = await withTimeout(signingIn, 'the sign-in')
   t.equal(answer.statusCode, 401, 'the sign-in is refused')
+  t.equal(lines.filter((line) => line.includes('"msg":"ID token refused"') && line.includes('"refusal":"logged_out"')).length, 1,
+    'its refusal logged as one at the verifier\'s own look is')
   // The session it had made before its second look is ended, not left in the store.
   t.equal(made.length, 1, 'one session was made')
   for (const token of made) {
