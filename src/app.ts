@@ -104,15 +104,16 @@ function drainOnClose (app: FastifyInstance): void {
    * idle connections is past by the time it is written (closeIdleButUnwritten spares it): so once
    * that answer is written, the connection closes, unless a request read since (pipelined) took its
    * place: that one's own answer closes it (closeConnectionWhenDraining), and nothing read behind
-   * it runs.
+   * it runs. Closed by the same sweep, now that its answer is written: a connection whose next
+   * request is arriving (its headers begun) is not idle, and that request is in flight as on any
+   * other connection (answered, closing it, or a 408 at the headers timeout, cutOffUnfinishedHeaders);
+   * closing the connection regardless cut it off halfway.
    */
   function closeAfterLastAnswer (socket: Socket): void {
     const answer = lastAnswer.get(socket)
     if (answer === undefined || answer.writableFinished) return
     answer.once('finish', function closeAfterIt () {
-      if (lastAnswer.get(socket) !== answer) return
-      closesAfterThisAnswer(socket)
-      socket.destroySoon()
+      if (lastAnswer.get(socket) === answer) app.server.closeIdleConnections()
     })
   }
   /**

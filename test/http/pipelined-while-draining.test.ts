@@ -239,3 +239,38 @@ t.test('a connection whose answers are still going out to a slow reader when the
   t.equal(statuses(received).length, count, 'every answer was written')
   t.equal(lines.filter((line) => line.includes('"request completed"')).length, count, 'and logged')
 })
+
+/**
+ * A client already sending its next request when the shutdown begins, on a connection whose last
+ * answer (queued behind a slower one) went out keep-alive before it: its request is in flight, as
+ * one whose headers arrive on an idle connection is (answered, or a 408 after the headers
+ * timeout). The connection was closed as soon as that answer was written, the request cut off
+ * halfway through its headers.
+ */
+t.test('a request whose headers are arriving when the last answer before the drain is written is still answered', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, endpoint: 'cancel', times: 1 })
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  await once(socket, 'connect')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
+  // /healthz is answered (queued behind the cancel) before the shutdown begins; /readyz's headers
+  // are not finished.
+  await sleep(250)
+  const closing = app.close()
+  for (let i = 0; i < 300 && statuses(received).length < 2; i++) await sleep(10)
+  await sleep(100)
+  socket.write('\r\n')
+  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
+  socket.destroy()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(3000).then(() => 'still open')])
+  t.same(statuses(received), [200, 200, 503], 'the cancel and /healthz answered, then /readyz (unready)')
+  t.match(received.split(/(?=HTTP\/1\.1 )/)[2], /\r\nconnection: close\r\n/i, 'its answer closes the connection')
+  t.ok(socketClosed, 'and it is closed')
+  t.equal(outcome, 'closed', 'the shutdown ends')
+})
