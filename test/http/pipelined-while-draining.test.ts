@@ -274,3 +274,34 @@ t.test('a request whose headers are arriving when the last answer before the dra
   t.ok(socketClosed, 'and it is closed')
   t.equal(outcome, 'closed', 'the shutdown ends')
 })
+
+/**
+ * The same connection, its client sending a malformed request during the drain: the parser's
+ * refusal waits for the answers before it (clientErrorAnswer), the last of them answered
+ * keep-alive before the drain. The connection was closed as soon as that answer was written,
+ * before the refusal, logged and counted, could be.
+ */
+t.test('a malformed request sent during the drain behind the last answer from before it is refused in writing', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, endpoint: 'cancel', times: 1 })
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  await once(socket, 'connect')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  // /healthz is answered (queued behind the cancel) before the shutdown begins.
+  await sleep(250)
+  const closing = app.close()
+  await sleep(50)
+  socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\nNo colon\r\n\r\n')
+  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
+  socket.destroy()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(3000).then(() => 'still open')])
+  t.same(statuses(received), [200, 200, 400], 'the cancel and /healthz answered, then the refusal')
+  t.ok(socketClosed, 'the connection is closed after it')
+  t.equal(outcome, 'closed', 'the shutdown ends')
+})
