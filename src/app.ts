@@ -81,12 +81,14 @@ function drainOnClose (app: FastifyInstance): void {
   let cutOff: NodeJS.Timeout | undefined
   app.addHook('preClose', function startDraining (done) {
     app.draining = true
-    for (const socket of sockets) closeAfterLastAnswer(socket)
+    for (const socket of sockets) closeOnceIdle(socket)
     cutOff = setTimeout(function cutOffUnfinishedHeaders () {
       for (const socket of sockets) {
         // No response object: no request of this connection got past its headers (one idle
         // after an answer was closed when the shutdown began; one that never sent a byte is
-        // still here). The same answer as Node's own headersTimeout gives both.
+        // still here). The same answer as Node's own headersTimeout gives both. Or one was
+        // answered before its body, still arriving: clientErrorAnswer ends that connection
+        // without a second answer.
         if (pendingResponse(socket) == null) {
           clientErrorAnswer.call(app, Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
         }
@@ -108,20 +110,25 @@ function drainOnClose (app: FastifyInstance): void {
    * request is arriving (its headers begun) is not idle, and that request is in flight as on any
    * other connection (answered, closing it, or a 408 at the headers timeout, cutOffUnfinishedHeaders);
    * closing the connection regardless cut it off halfway.
+   * So too a connection whose last request was answered, keep-alive, before its body had arrived (a
+   * refusal by a hook): close()'s sweep found it busy reading that body, and once the body was in,
+   * nothing closed it but the 408 at the headers timeout, a second answer to a request answered.
    */
-  function closeAfterLastAnswer (socket: Socket): void {
+  function closeOnceIdle (socket: Socket): void {
     const answer = lastAnswer.get(socket)
-    if (answer === undefined || answer.writableFinished) return
-    answer.once('finish', function closeAfterIt () {
+    if (answer === undefined) return
+    function closeIfIdle (): void {
       if (lastAnswer.get(socket) === answer) app.server.closeIdleConnections()
-    })
+    }
+    if (!answer.writableFinished) answer.once('finish', closeIfIdle)
+    if (!answer.req.complete) answer.req.once('end', closeIfIdle)
   }
   /**
    * `server.close()` first destroys the connections Node deems idle: every request read in full
    * and the answer on the socket ended (`finished`), not written. So an answer still going out to
    * a slow reader was cut off, and the answers queued behind it (pipelining) dropped: requests run,
    * a cancel gone through, and its answer never delivered. Such a connection is left to close once
-   * its last answer is written (closeAfterLastAnswer, from preClose, which runs first); the others
+   * its last answer is written (closeOnceIdle, from preClose, which runs first); the others
    * go as Node decides.
    */
   const closeIdleConnections = app.server.closeIdleConnections

@@ -142,3 +142,32 @@ t.test('the report at the deadline counts the requests still running, of those r
   releases[1]?.()
   await Promise.all(stuck)
 })
+
+/**
+ * A request answered, keep-alive, before its body arrived (here a 401: no token), the body still
+ * arriving when the shutdown begins: close() finds the connection busy and leaves it. Once the
+ * body is in, the connection is idle, and nothing closed it until the headers timeout's cut-off,
+ * which wrote a 408 the client never asked for (its request was answered) and held the shutdown
+ * that long.
+ */
+t.test('at shutdown, a connection whose request was answered before its body arrived closes once the body is in', async (t) => {
+  const { app } = await buildTestApp(t)
+  const port = Number(new URL(await listen(app)).port)
+  const client = await rawConnection(port, 'POST /appointments/a1/cancel HTTP/1.1\r\nhost: x\r\n' +
+    'content-type: application/json\r\ncontent-length: 30\r\n\r\n{"reason":')
+  client.socket.on('error', () => {})
+  for (let i = 0; i < 100 && !client.received().includes('\r\n\r\n{'); i++) await sleep(10)
+  t.match(client.received(), /^HTTP\/1\.1 401 [^]*\r\nconnection: keep-alive\r\n/i, 'refused keep-alive before its body')
+  const started = Date.now()
+  const closing = app.close()
+  await sleep(100)
+  client.socket.write('"feeling better"}'.padEnd(20, ' '))
+  const closed = await Promise.race([client.closed.then(() => true), sleep(3000).then(() => false)])
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(1000).then(() => 'still open')])
+  const took = Date.now() - started
+  client.socket.destroy()
+  await closing
+  t.ok(closed, `the connection is closed once the body is in (${took} ms)`)
+  t.equal(outcome, 'closed', 'and the shutdown ends')
+  t.equal(client.received().match(/HTTP\/1\.1 /g)?.length, 1, 'with no second answer')
+})
