@@ -1,3 +1,4 @@
+import { lookup } from 'node:dns/promises'
 import type { Server } from 'node:http'
 import type { FastifyHttpOptions } from 'fastify'
 
@@ -38,6 +39,17 @@ export function listenerOptions (idleMs: number): Pick<FastifyHttpOptions<Server
 /** What Fastify's options cannot set. */
 export function setHeadersTimeout (server: Server): void {
   server.headersTimeout = HEADERS_TIMEOUT_MS
+}
+
+/**
+ * The address a listener binds for HOST. Given `localhost`, Fastify binds each address it resolves
+ * to (127.0.0.1 and ::1), all but the first on servers of its own: what this service sets on
+ * `app.server` (the drain, the headers timeout, the refusals before routing; app.ts) would not
+ * reach them, and `close()` would not wait for their connections. So `localhost` binds its first
+ * address, as Node does for any other name.
+ */
+export async function listenAddress (host: string): Promise<string> {
+  return host === 'localhost' ? (await lookup(host)).address : host
 }
 
 /** The system's reasons a listener cannot start that the operator mends in HOST or the port's variable. */

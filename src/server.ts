@@ -2,7 +2,7 @@ import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
 import { buildApp, shutDown, shutdownDeadlineFor } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
-import { listenRefusal } from './listener.js'
+import { listenAddress, listenRefusal } from './listener.js'
 import { buildMetricsServer } from './metrics.js'
 
 /**
@@ -68,9 +68,9 @@ async function main (): Promise<void> {
     await metricsServer?.close()
   })
 
-  await listenOrRefuse(() => app.listen({ host: config.host, port: config.port }), 'PORT', config.host, config.port)
+  await listenOrRefuse(async () => await app.listen({ host: await listenAddress(config.host), port: config.port }), 'PORT', config.host, config.port)
   if (metricsServer !== null) {
-    await listenOrRefuse(() => metricsServer.listen({ host: config.host, port: config.metricsPort }), 'METRICS_PORT', config.host, config.metricsPort)
+    await listenOrRefuse(async () => await metricsServer.listen({ host: await listenAddress(config.host), port: config.metricsPort }), 'METRICS_PORT', config.host, config.metricsPort)
   }
 }
 

@@ -3,7 +3,10 @@ import { spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
-import { listenRefusal } from '../src/listener.js'
+import { lookup } from 'node:dns/promises'
+import { isIP } from 'node:net'
+import Fastify from 'fastify'
+import { listenAddress, listenRefusal } from '../src/listener.js'
 import { freePort } from './helpers/ports.js'
 
 t.test('a listen error the configuration mends names its variable; any other is not ours to word', async (t) => {
@@ -72,4 +75,17 @@ t.test('start-up warns that patient hashes derive from the organization key when
   const warned = (stdout: string): boolean => stdout.split('\n').some((line) => line.includes('SERVICE_SECRET is not set'))
   t.ok(warned(start({ PORT: port, METRICS_PORT: '0' }).stdout), 'without it')
   t.notOk(warned(start({ PORT: port, METRICS_PORT: '0', SERVICE_SECRET: 'service-secret-0123456789abcdef-xyz' }).stdout), 'with it')
+})
+
+t.test('HOST=localhost binds one address, the first it resolves to; any other HOST is bound as given', async (t) => {
+  const first = (await lookup('localhost')).address
+  t.equal(await listenAddress('localhost'), first, 'an address, not the name Fastify would bind each address of')
+  t.not(isIP(first), 0)
+  t.equal(await listenAddress('0.0.0.0'), '0.0.0.0')
+  t.equal(await listenAddress('::'), '::')
+  t.equal(await listenAddress('replica.internal'), 'replica.internal', 'another name: Node binds its first address itself')
+  const app = Fastify()
+  t.teardown(async () => { await app.close() })
+  await app.listen({ host: await listenAddress('localhost'), port: 0 })
+  t.equal(app.addresses().length, 1, 'one server, the one the service sets up')
 })
