@@ -101,18 +101,15 @@ function drainOnClose (app: FastifyInstance): void {
     done()
   })
   /**
-   * A connection whose last answer is still unwritten when the drain begins (going out to a slow
-   * reader, or queued behind an earlier answer) was answered keep-alive, and close()'s sweep of
-   * idle connections is past by the time it is written (closeIdleButUnwritten spares it): so once
-   * that answer is written, the connection closes, unless a request read since (pipelined) took its
-   * place: that one's own answer closes it (closeConnectionWhenDraining), and nothing read behind
-   * it runs. Closed by the same sweep, now that its answer is written: a connection whose next
-   * request is arriving (its headers begun) is not idle, and that request is in flight as on any
-   * other connection (answered, closing it, or a 408 at the headers timeout, cutOffUnfinishedHeaders);
-   * closing the connection regardless cut it off halfway.
-   * So too a connection whose last request was answered, keep-alive, before its body had arrived (a
-   * refusal by a hook): close()'s sweep found it busy reading that body, and once the body was in,
-   * nothing closed it but the 408 at the headers timeout, a second answer to a request answered.
+   * A connection that close()'s sweep of idle connections could not end yet, because its last
+   * request was answered keep-alive before the drain but is not done: its answer is still being
+   * written (to a slow reader, or queued behind an earlier answer; closeIdleButUnwritten spares
+   * it), or its body is still arriving (an answer made before the body, such as a hook's refusal).
+   * Nothing else would close it (the 408 at the headers timeout would be a second answer to a
+   * request answered). So once that request is done, the same sweep runs again: idle, the
+   * connection ends, and nothing read behind the answer runs; a request read since (pipelined)
+   * took its place, and its own answer closes the connection (closeConnectionWhenDraining); one
+   * whose headers are arriving is not idle, and is in flight as on any other connection.
    */
   function closeOnceIdle (socket: Socket): void {
     const answer = lastAnswer.get(socket)
