@@ -79,20 +79,24 @@ function drainOnClose (app: FastifyInstance): void {
   app.server.prependListener('request', noteLastRead)
   app.server.prependListener('checkExpectation', noteLastRead)
   let cutOff: NodeJS.Timeout | undefined
+  let cutOffPast = false
+  /**
+   * No response object: no request of this connection got past its headers (one idle after an
+   * answer was closed when the shutdown began; one that never sent a byte is still here). The same
+   * answer as Node's own headersTimeout gives both. Or one was answered before its body, still
+   * arriving: clientErrorAnswer ends that connection without a second answer.
+   */
+  function cutOffUnfinishedHeaders (socket: Socket): void {
+    if (!socket.destroyed && pendingResponse(socket) == null) {
+      clientErrorAnswer.call(app, Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
+    }
+  }
   app.addHook('preClose', function startDraining (done) {
     app.draining = true
     for (const socket of sockets) closeOnceIdle(socket)
-    cutOff = setTimeout(function cutOffUnfinishedHeaders () {
-      for (const socket of sockets) {
-        // No response object: no request of this connection got past its headers (one idle
-        // after an answer was closed when the shutdown began; one that never sent a byte is
-        // still here). The same answer as Node's own headersTimeout gives both. Or one was
-        // answered before its body, still arriving: clientErrorAnswer ends that connection
-        // without a second answer.
-        if (pendingResponse(socket) == null) {
-          clientErrorAnswer.call(app, Object.assign(new Error('headers not received before the shutdown'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
-        }
-      }
+    cutOff = setTimeout(function cutOffEveryUnfinishedHeaders () {
+      cutOffPast = true
+      for (const socket of sockets) cutOffUnfinishedHeaders(socket)
     }, app.server.headersTimeout).unref()
     done()
   })
@@ -109,13 +113,21 @@ function drainOnClose (app: FastifyInstance): void {
    * request answered). So once that request is done, the same sweep runs again: idle, the
    * connection ends, and nothing read behind the answer runs; a request read since (pipelined)
    * took its place, and its own answer closes the connection (closeConnectionWhenDraining); one
-   * whose headers are arriving is not idle, and is in flight as on any other connection.
+   * whose headers are arriving is not idle, and is in flight as on any other connection (its
+   * headers bounded by the drain's cut-off, or, once that has passed, by the same bound again).
    */
   function closeOnceIdle (socket: Socket): void {
     const answer = lastAnswer.get(socket)
     if (answer === undefined) return
     function closeIfIdle (): void {
-      if (lastAnswer.get(socket) === answer) app.server.closeIdleConnections()
+      if (lastAnswer.get(socket) !== answer) return
+      app.server.closeIdleConnections()
+      // Still open with no answer under way: a next request's headers are arriving. Past the
+      // cut-off above, they get its bound counted from now (else nothing would end them before
+      // the shutdown's deadline).
+      if (cutOffPast && !socket.destroyed && pendingResponse(socket) == null) {
+        setTimeout(cutOffUnfinishedHeaders, app.server.headersTimeout, socket).unref()
+      }
     }
     if (!answer.writableFinished) answer.once('finish', closeIfIdle)
     if (!answer.req.complete) answer.req.once('end', closeIfIdle)

@@ -305,3 +305,35 @@ t.test('a malformed request sent during the drain behind the last answer from be
   t.ok(socketClosed, 'the connection is closed after it')
   t.equal(outcome, 'closed', 'the shutdown ends')
 })
+
+/**
+ * The same connection, its last answer from before the drain written only after the drain's
+ * cut-off of unfinished headers had passed (it skipped the connection: an answer was under way),
+ * and the next request's headers never finished: nothing ended them, and the shutdown waited
+ * for them until its deadline. They get the cut-off's bound, counted from that answer.
+ */
+t.test('headers still arriving behind an answer written after the drain\'s cut-off get a 408 too', async (t) => {
+  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 700, endpoint: 'cancel', times: 1 })
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  const closed = once(socket, 'close').then(() => true)
+  await once(socket, 'connect')
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
+  await sleep(200)
+  // The cut-off (the headers timeout, on a scale a test can wait for) passes while the cancel runs.
+  app.server.headersTimeout = 200
+  const began = Date.now()
+  const closing = app.close()
+  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
+  const took = Date.now() - began
+  socket.destroy()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(2000).then(() => 'still open')])
+  t.same(statuses(received), [200, 200, 408], 'the cancel and /healthz answered, then the unfinished request refused')
+  t.ok(socketClosed, `the connection is closed (${took} ms after the shutdown began)`)
+  t.equal(outcome, 'closed', 'the shutdown ends')
+})
