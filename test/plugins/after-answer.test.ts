@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance, type onResponseHookHandler } from 'fastify'
+import { once } from 'node:events'
 import { request } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -26,20 +27,29 @@ async function appWithSlowRoute (t: Test, own: onResponseHookHandler, ran: strin
   return { app, port: (app.server.address() as AddressInfo).port }
 }
 
-/** A client that asks for /slow and leaves before its answer; resolves once the answer is long done. */
-async function leaveMidRequest (port: number): Promise<void> {
+/**
+ * A client that asks for /slow and leaves once the server has its request, before the answer;
+ * resolves once two hooks have run (bounded) and a little longer, so that a hook run twice would
+ * show. Waiting for the request, not a fixed time: on a busy machine the client could leave before
+ * its request arrived, and then no hook runs at all.
+ */
+async function leaveMidRequest (app: FastifyInstance, ran: string[]): Promise<void> {
+  const { port } = app.server.address() as AddressInfo
+  const arrived = once(app.server, 'request')
   const left = request({ host: '127.0.0.1', port, path: '/slow' })
   left.on('error', () => {})
   left.end()
-  await sleep(50)
+  await Promise.race([arrived, sleep(3000)])
   left.destroy()
-  await sleep(300)
+  const bothRan = (): boolean => ran.length >= 2
+  for (let i = 0; i < 300 && !bothRan(); i++) await sleep(10)
+  await sleep(100)
 }
 
 t.test('a client that left: the route\'s onResponse hooks run in order from onSend, callback or async, once', async (t) => {
   const ran: string[] = []
-  const { port } = await appWithSlowRoute(t, async function own () { await sleep(5); ran.push('own async') }, ran)
-  await leaveMidRequest(port)
+  const { app, port } = await appWithSlowRoute(t, async function own () { await sleep(5); ran.push('own async') }, ran)
+  await leaveMidRequest(app, ran)
   t.same(ran, ['own async', 'after /slow 202'], 'both hooks, in order, for the client that left')
 
   ran.length = 0
@@ -70,8 +80,8 @@ t.test('a client that left: an async onResponse hook that rejects does not stop 
   process.on('unhandledRejection', onUnhandled)
   t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
   const ran: string[] = []
-  const { port } = await appWithSlowRoute(t, async function own () { ran.push('own async'); throw new Error('hook failed') }, ran)
-  await leaveMidRequest(port)
+  const { app } = await appWithSlowRoute(t, async function own () { ran.push('own async'); throw new Error('hook failed') }, ran)
+  await leaveMidRequest(app, ran)
   t.same(ran, ['own async', 'after /slow 202'], 'the after-answer hook still runs')
   t.same(unhandled, [], 'no unhandled rejection')
 })
