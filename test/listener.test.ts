@@ -1,13 +1,18 @@
 import t from 'tap'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { createServer } from 'node:net'
+import { connect, createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
 import { lookup } from 'node:dns/promises'
 import { isIP } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { listenAddress, listenRefusal } from '../src/listener.js'
 import { freePort } from './helpers/ports.js'
+
+// The tests below start src/server.ts, compiled on the fly by tsx, several times over: past the
+// suite's 60 s per file on a loaded 2-core machine.
+t.setTimeout(120_000)
 
 t.test('a listen error the configuration mends names its variable; any other is not ours to word', async (t) => {
   const error = (code: string): Error => Object.assign(new Error(`listen ${code}`), { code })
@@ -88,4 +93,58 @@ t.test('HOST=localhost binds one address, the first it resolves to; any other HO
   t.teardown(async () => { await app.close() })
   await app.listen({ host: await listenAddress('localhost'), port: 0 })
   t.equal(app.addresses().length, 1, 'one server, the one the service sets up')
+})
+
+/** Whether a TCP connection to `host`:`port` is accepted (false once refused or after 2 s). */
+async function accepts (host: string, port: number): Promise<boolean> {
+  const socket = connect(port, host)
+  const outcome = await Promise.race([
+    once(socket, 'connect').then(() => true, () => false),
+    sleep(2000).then(() => false)
+  ])
+  socket.destroy()
+  return outcome
+}
+
+/**
+ * The server itself binds what listenAddress gives, on both of its listeners: with `localhost`
+ * resolving to two addresses (test/helpers/localhost-two-addresses.ts, since localhost has one
+ * here), each listener is on the first only. Given the name, Fastify bound the second address too,
+ * on a server of its own that the drain, the headers timeout and the refusals before routing never
+ * reach, and that close() does not wait for.
+ */
+t.test('the server with HOST=localhost listens on the first address only, on the public and the metrics port', async (t) => {
+  const port = await freePort()
+  const metricsPort = await freePort()
+  const child = spawn(process.execPath, ['--import', 'tsx', '--import', './test/helpers/localhost-two-addresses.ts', 'src/server.ts'], {
+    env: {
+      PATH: process.env.PATH ?? '',
+      // As in start(): a tsx-compiled child's coverage would not map onto the suite's.
+      _TAPJS_PROCESSINFO_COVERAGE_: '0',
+      CV_API_KEY: 'org-secret-key-123',
+      OIDC_ISSUER: 'https://idp.example.com',
+      OIDC_CLIENT_ID: 'patient-web',
+      HOST: 'localhost',
+      PORT: String(port),
+      METRICS_PORT: String(metricsPort)
+    },
+    stdio: ['ignore', 'ignore', 'pipe']
+  })
+  let stderr = ''
+  child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString() })
+  const exited = once(child, 'exit')
+  t.teardown(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') })
+  // Both listeners up within a generous bound (tsx compiles on the fly on a loaded machine). The
+  // metrics listener starts after the public one; each on 127.0.0.1 too had it been given the name.
+  const readyBy = Date.now() + 30_000
+  const up = async (): Promise<boolean> => await accepts('127.0.0.2', metricsPort) || await accepts('127.0.0.1', metricsPort)
+  while (!(await up()) && child.exitCode === null && Date.now() < readyBy) await sleep(100)
+  // Time for Fastify's binding of the other address, had it been given the name.
+  await sleep(300)
+  t.ok(await accepts('127.0.0.2', port), `the public listener is on the first address ${stderr.slice(0, 300)}`)
+  t.ok(await accepts('127.0.0.2', metricsPort), 'and the metrics listener')
+  t.notOk(await accepts('127.0.0.1', port), 'the public port is not bound on the second address')
+  t.notOk(await accepts('127.0.0.1', metricsPort), 'nor the metrics port')
+  child.kill('SIGTERM')
+  await Promise.race([exited, sleep(10_000)])
 })
