@@ -29,20 +29,25 @@ t.test('a listen error the configuration mends names its variable; any other is 
   t.equal(listenRefusal('a string', 'PORT', '0.0.0.0', 3000), null)
 })
 
+/** A valid configuration for src/server.ts started as production starts it, with `env` over it. */
+function serverEnv (env: Record<string, string>): Record<string, string> {
+  return {
+    PATH: process.env.PATH ?? '',
+    // tap follows spawned processes; a tsx-compiled child's coverage of src/ maps onto other
+    // lines than the suite's own (as in test/config.test.ts).
+    _TAPJS_PROCESSINFO_COVERAGE_: '0',
+    CV_API_KEY: 'org-secret-key-123',
+    OIDC_ISSUER: 'https://idp.example.com',
+    OIDC_CLIENT_ID: 'patient-web',
+    HOST: '127.0.0.1',
+    ...env
+  }
+}
+
 /** src/server.ts as production starts it, with `env` over a valid configuration; its exit status and output. */
 function start (env: Record<string, string>): { status: number | null, stdout: string, stderr: string } {
   const run = spawnSync(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
-    env: {
-      PATH: process.env.PATH ?? '',
-      // tap follows spawned processes; a tsx-compiled child's coverage of src/ maps onto other
-      // lines than the suite's own (as in test/config.test.ts).
-      _TAPJS_PROCESSINFO_COVERAGE_: '0',
-      CV_API_KEY: 'org-secret-key-123',
-      OIDC_ISSUER: 'https://idp.example.com',
-      OIDC_CLIENT_ID: 'patient-web',
-      HOST: '127.0.0.1',
-      ...env
-    },
+    env: serverEnv(env),
     encoding: 'utf8',
     timeout: 30_000
   })
@@ -117,17 +122,7 @@ t.test('the server with HOST=localhost listens on the first address only, on the
   const port = await freePort()
   const metricsPort = await freePort()
   const child = spawn(process.execPath, ['--import', 'tsx', '--import', './test/helpers/localhost-two-addresses.ts', 'src/server.ts'], {
-    env: {
-      PATH: process.env.PATH ?? '',
-      // As in start(): a tsx-compiled child's coverage would not map onto the suite's.
-      _TAPJS_PROCESSINFO_COVERAGE_: '0',
-      CV_API_KEY: 'org-secret-key-123',
-      OIDC_ISSUER: 'https://idp.example.com',
-      OIDC_CLIENT_ID: 'patient-web',
-      HOST: 'localhost',
-      PORT: String(port),
-      METRICS_PORT: String(metricsPort)
-    },
+    env: serverEnv({ HOST: 'localhost', PORT: String(port), METRICS_PORT: String(metricsPort) }),
     stdio: ['ignore', 'ignore', 'pipe']
   })
   let stderr = ''

@@ -242,15 +242,17 @@ t.test('a connection whose answers are still going out to a slow reader when the
 })
 
 /**
- * A client already sending its next request when the shutdown begins, on a connection whose last
- * answer (queued behind a slower one) went out keep-alive before it: its request is in flight, as
- * one whose headers arrive on an idle connection is (answered, or a 408 after the headers
- * timeout). The connection was closed as soon as that answer was written, the request cut off
- * halfway through its headers.
+ * A slow cancel, then /healthz pipelined behind it (its answer queued, made keep-alive before any
+ * drain) and `then`, on one connection: the app, what the connection received, and its close.
  */
-t.test('a request whose headers are arriving when the last answer before the drain is written is still answered', async (t) => {
+async function slowCancelThenHealthz (t: Test, delayMs: number, then: string): Promise<{
+  app: Awaited<ReturnType<typeof cancelOnSocket>>['app']
+  socket: Socket
+  received: () => string
+  closed: Promise<boolean>
+}> {
   const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, endpoint: 'cancel', times: 1 })
+  sandbox.control.setFailure({ kind: 'slow', delayMs, endpoint: 'cancel', times: 1 })
   const socket = connect(port, '127.0.0.1')
   socket.on('error', () => {})
   let received = ''
@@ -259,19 +261,37 @@ t.test('a request whose headers are arriving when the last answer before the dra
   await once(socket, 'connect')
   socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
     `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
+    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + then)
+  return { app, socket, received: () => received, closed }
+}
+
+/** Once the connection closed (or 3 s), whether it did, and whether `closing` then ends. */
+async function closedAndShutDown (socket: Socket, closed: Promise<boolean>, closing: Promise<unknown>): Promise<{ socketClosed: boolean, outcome: string }> {
+  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
+  socket.destroy()
+  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(2000).then(() => 'still open')])
+  return { socketClosed, outcome }
+}
+
+/**
+ * A client already sending its next request when the shutdown begins, on a connection whose last
+ * answer (queued behind a slower one) went out keep-alive before it: its request is in flight, as
+ * one whose headers arrive on an idle connection is (answered, or a 408 after the headers
+ * timeout). The connection was closed as soon as that answer was written, the request cut off
+ * halfway through its headers.
+ */
+t.test('a request whose headers are arriving when the last answer before the drain is written is still answered', async (t) => {
+  const { app, socket, received, closed } = await slowCancelThenHealthz(t, 600, 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
   // /healthz is answered (queued behind the cancel) before the shutdown begins; /readyz's headers
   // are not finished.
   await sleep(250)
   const closing = app.close()
-  for (let i = 0; i < 300 && statuses(received).length < 2; i++) await sleep(10)
+  for (let i = 0; i < 300 && statuses(received()).length < 2; i++) await sleep(10)
   await sleep(100)
   socket.write('\r\n')
-  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
-  socket.destroy()
-  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(3000).then(() => 'still open')])
-  t.same(statuses(received), [200, 200, 503], 'the cancel and /healthz answered, then /readyz (unready)')
-  t.match(received.split(/(?=HTTP\/1\.1 )/)[2], /\r\nconnection: close\r\n/i, 'its answer closes the connection')
+  const { socketClosed, outcome } = await closedAndShutDown(socket, closed, closing)
+  t.same(statuses(received()), [200, 200, 503], 'the cancel and /healthz answered, then /readyz (unready)')
+  t.match(received().split(/(?=HTTP\/1\.1 )/)[2], /\r\nconnection: close\r\n/i, 'its answer closes the connection')
   t.ok(socketClosed, 'and it is closed')
   t.equal(outcome, 'closed', 'the shutdown ends')
 })
@@ -283,26 +303,14 @@ t.test('a request whose headers are arriving when the last answer before the dra
  * before the refusal, logged and counted, could be.
  */
 t.test('a malformed request sent during the drain behind the last answer from before it is refused in writing', async (t) => {
-  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  sandbox.control.setFailure({ kind: 'slow', delayMs: 600, endpoint: 'cancel', times: 1 })
-  const socket = connect(port, '127.0.0.1')
-  socket.on('error', () => {})
-  let received = ''
-  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
-  const closed = once(socket, 'close').then(() => true)
-  await once(socket, 'connect')
-  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
-    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  const { app, socket, received, closed } = await slowCancelThenHealthz(t, 600, '')
   // /healthz is answered (queued behind the cancel) before the shutdown begins.
   await sleep(250)
   const closing = app.close()
   await sleep(50)
   socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\nNo colon\r\n\r\n')
-  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
-  socket.destroy()
-  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(3000).then(() => 'still open')])
-  t.same(statuses(received), [200, 200, 400], 'the cancel and /healthz answered, then the refusal')
+  const { socketClosed, outcome } = await closedAndShutDown(socket, closed, closing)
+  t.same(statuses(received()), [200, 200, 400], 'the cancel and /healthz answered, then the refusal')
   t.ok(socketClosed, 'the connection is closed after it')
   t.equal(outcome, 'closed', 'the shutdown ends')
 })
@@ -314,27 +322,13 @@ t.test('a malformed request sent during the drain behind the last answer from be
  * for them until its deadline. They get the cut-off's bound, counted from that answer.
  */
 t.test('headers still arriving behind an answer written after the drain\'s cut-off get a 408 too', async (t) => {
-  const { app, port, sandbox, token, id, body } = await cancelOnSocket(t)
-  sandbox.control.setFailure({ kind: 'slow', delayMs: 700, endpoint: 'cancel', times: 1 })
-  const socket = connect(port, '127.0.0.1')
-  socket.on('error', () => {})
-  let received = ''
-  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
-  const closed = once(socket, 'close').then(() => true)
-  await once(socket, 'connect')
-  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
-    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-    'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n' + 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
+  const { app, socket, received, closed } = await slowCancelThenHealthz(t, 700, 'GET /readyz HTTP/1.1\r\nHost: x\r\n')
   await sleep(200)
   // The cut-off (the headers timeout, on a scale a test can wait for) passes while the cancel runs.
   app.server.headersTimeout = 200
-  const began = Date.now()
   const closing = app.close()
-  const socketClosed = await Promise.race([closed, sleep(3000).then(() => false)])
-  const took = Date.now() - began
-  socket.destroy()
-  const outcome = await Promise.race([closing.then(() => 'closed'), sleep(2000).then(() => 'still open')])
-  t.same(statuses(received), [200, 200, 408], 'the cancel and /healthz answered, then the unfinished request refused')
-  t.ok(socketClosed, `the connection is closed (${took} ms after the shutdown began)`)
+  const { socketClosed, outcome } = await closedAndShutDown(socket, closed, closing)
+  t.same(statuses(received()), [200, 200, 408], 'the cancel and /healthz answered, then the unfinished request refused')
+  t.ok(socketClosed, 'the connection is closed')
   t.equal(outcome, 'closed', 'the shutdown ends')
 })
