@@ -171,7 +171,7 @@ const REDIS_FAMILIES = new Set(['0', '4', '6'])
 
 /**
  * The problem with a Redis URL, or null: said without quoting any part of it, since the URL may
- * carry a password. ioredis 5.11 parses it as here (WHATWG `new URL`, then `decodeURIComponent` of
+ * carry a password. ioredis 6.1 parses it as here (WHATWG `new URL`, then `decodeURIComponent` of
  * the user name and password), so a URL accepted here is the one it connects with; one it cannot
  * parse would instead throw at start-up with the URL, password and all, in the stack trace. It
  * takes the path as the database number (SELECT NaN on `/abc` crashed the process once listening),

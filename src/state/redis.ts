@@ -109,7 +109,12 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
       lastReadOnlyReconnect = at
       return 1
     },
-    lazyConnect: false
+    lazyConnect: false,
+    // RESP2, as every Redis and Redis-compatible server or proxy speaks it, rather than ioredis 6's
+    // RESP3 (HELLO 3 at each connection): nothing here uses RESP3's push messages or types, and
+    // the Smart Client Handoff notifications it brings (Redis Cloud and Enterprise) would stretch
+    // the socket timeout above to 10 s during a maintenance. The replies' shapes are the same.
+    protocol: 2
   })
   defineScripts(redis)
   // Redis unreachable, and "reachable again"; a database refused has a line of its own.
@@ -181,7 +186,6 @@ export function createSharedState (options: SharedStateOptions): Required<Shared
   })
   redis.on('close', function onRedisClose () {
     degraded = true
-    forgetSocketTimeout(redis)
   })
   let failingUntil = Number.NEGATIVE_INFINITY
   const mode = (): SharedStateMode => (redis.status === 'ready' && now() >= failingUntil ? 'redis' : 'degraded')
@@ -278,19 +282,6 @@ function watchEvictionPolicy (redis: Redis, log: FastifyBaseLogger): { read: () 
 }
 
 /**
- * ioredis 5.11 arms one socket timer per client, cleared only by data on the socket that armed
- * it: after that socket closes with a command outstanding, the timer survives the reconnect,
- * destroys the new healthy connection at the old deadline, and until then keeps the new one from
- * arming its own (redis/ioredis#2147, fixed by #2148 in ioredis 6 only). So the timer goes with
- * its connection: called on 'close', before the client reconnects.
- */
-function forgetSocketTimeout (redis: Redis): void {
-  const client = redis as unknown as { socketTimeoutTimer?: NodeJS.Timeout }
-  clearTimeout(client.socketTimeoutTimer)
-  client.socketTimeoutTimer = undefined
-}
-
-/**
  * How long (ms) the data of this Redis has existed: the age of a marker set on first use, with no
  * expiry. It goes where the data goes (persistence, a replica promoted) and is gone with it (a
  * restart without persistence, FLUSHALL), which Redis's uptime does not tell. Redis must not
@@ -377,7 +368,7 @@ class BoundedRedis extends Redis {
   // asynchronously, even without lazyConnect).
   private readonly bound: CommandBound
 
-  constructor (bound: CommandBound, url: string, options: RedisOptions) {
+  constructor (bound: CommandBound, url: string, options: RedisOptions & { replyMapping?: 'legacy' }) {
     super(url, options)
     this.bound = bound
   }

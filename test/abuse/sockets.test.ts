@@ -187,6 +187,22 @@ t.test('abuse on real sockets', async (t) => {
     }
   })
 
+  await t.test('a request target that is not a path (`*appointments`) reaches no route, with a session or not', async (t) => {
+    // Node's parser lets `*` start a request target (asterisk-form is `OPTIONS *`); find-my-way
+    // before 9.10.2 then dropped that first character and routed `*appointments` as
+    // `/appointments`, past any rule of a proxy or WAF in front that matches paths by prefix.
+    const before = sandbox.control.calls.length
+    const targets: Array<[string, string]> = [['GET', '*appointments'], ['POST', `*appointments/${owned.id}/cancel`], ['GET', '*auth/me'], ['GET', '*healthz'], ['GET', '*readyz']]
+    for (const [method, target] of targets) {
+      const result = await raw(port, [`${method} ${target} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\nx-request-id: star-1\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`], 10, 3000)
+      const answer = parse(result.data)
+      t.equal(answer === null ? null : outcome(answer), '400 VALIDATION_FAILED', `${method} ${target}`)
+      if (answer !== null) t.equal(offContract(answer), null, 'in the envelope')
+      t.equal(answer?.headers['x-request-id'], 'star-1', 'with the caller\'s request id')
+    }
+    t.equal(sandbox.control.calls.length, before, 'nothing reached the upstream')
+  })
+
   await t.test('slow clients are cut off by the server\'s timeouts', async (t) => {
     // Meanwhile the server serves everyone else.
     const health = await call(origin, { path: '/healthz', timeoutMs: 2000 })

@@ -90,7 +90,7 @@ t.test('after a connection is lost with a command outstanding, the new connectio
   while (state.mode() !== 'redis' && Date.now() < backBy) await sleep(10)
   t.equal(state.mode(), 'redis', 'reconnected')
   // Past the old connection's deadline, the new one serves on (ioredis 5.11 let the old timer
-  // destroy it: redis/ioredis#2147).
+  // destroy it: redis/ioredis#2147, fixed in ioredis 6 by #2148).
   const end = Date.now() + 1500
   let failed = 0
   while (Date.now() < end) {
@@ -99,6 +99,45 @@ t.test('after a connection is lost with a command outstanding, the new connectio
   }
   t.equal(closes, 1, 'one close: the lost connection only')
   t.equal(failed, 0, 'every command answered on the new connection')
+})
+
+t.test('a reply nested deeper than the stack (a compromised Redis, or one on the path): that connection is dropped, the process goes on', async (t) => {
+  // ioredis 5 parsed replies with redis-parser 3, which recurses once per level of nesting: the
+  // RangeError escaped from the socket's data handler, an uncaught exception that ended the
+  // process (redis/ioredis#2108). ioredis 6 treats it as a fatal error of that connection.
+  let poisonNext = false
+  const sockets: Socket[] = []
+  const relay = createServer((client) => {
+    const server = connect(redis.port, '127.0.0.1')
+    sockets.push(client, server)
+    client.on('data', (chunk) => server.write(chunk))
+    server.on('data', (chunk) => {
+      if (!poisonNext) {
+        client.write(chunk)
+        return
+      }
+      poisonNext = false
+      client.write(`${'*1\r\n'.repeat(200_000)}:1\r\n`)
+    })
+    for (const socket of [client, server]) socket.on('error', () => {})
+    client.on('close', () => server.destroy())
+    server.on('close', () => client.destroy())
+  })
+  relay.listen(0, '127.0.0.1')
+  await once(relay, 'listening')
+  t.teardown(() => { for (const socket of sockets) socket.destroy(); relay.close() })
+  const state = await connected(t, `redis://127.0.0.1:${(relay.address() as { port: number }).port}`, { commandTimeoutMs: 1000 })
+  const client = state.redis!
+  t.equal(state.mode(), 'redis')
+  poisonNext = true
+  const poisoned = await client.ping().then(() => 'answered', (error: Error) => error.message)
+  t.not(poisoned, 'answered', `the command that got the poisoned reply fails: ${poisoned}`)
+  const by = Date.now() + 5000
+  while (state.mode() === 'redis' && Date.now() < by) await sleep(5)
+  t.equal(state.mode(), 'degraded', 'that connection is dropped')
+  while (state.mode() !== 'redis' && Date.now() < by) await sleep(10)
+  t.equal(state.mode(), 'redis', 'a new connection is made')
+  t.equal(await client.ping(), 'PONG', 'and serves')
 })
 
 /** Blocks this process's event loop, as a CPU-throttled container or a long synchronous task does. */
