@@ -31,5 +31,9 @@ await build({
   // CommonJS dependencies (fastify, pino, ioredis, ...) call require() for Node's built-ins,
   // which an ES module does not have.
   banner: { js: "import { createRequire as bffCreateRequire } from 'node:module'; const require = bffCreateRequire(import.meta.url);" },
+  // `debug` (ioredis's) loads supports-color if it can, in a try: no dependency of ours, it is
+  // here only through the dev tree (tap, autocannon), so the bundle would change with whether dev
+  // dependencies were installed. Left out, the require fails in its try and debug goes colourless.
+  external: ['supports-color'],
   logLevel: 'warning'
 })
