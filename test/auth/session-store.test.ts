@@ -13,6 +13,7 @@ import {
   type NewSession,
   type SessionStore
 } from '../../src/auth/session-store.js'
+import { createUnlessLoggedOut } from '../../src/auth/sign-in.js'
 import { startRedis } from '../helpers/redis.js'
 
 const MIN = 60_000
@@ -113,6 +114,25 @@ for (const kind of kinds) {
       const other = await store.create(patient())
       t.not(other.token, token, 'every token is new')
       t.equal((await store.get(other.token))?.idpSessionId, null)
+    })
+
+    t.test('a sign-in\'s session outlives its second look at the logout marks only when that look finds none', async (t) => {
+      const { store } = await kind.make(t)
+      const signIn = { issuer: 'https://idp.example', subject: 'subject-1', sid: null, authTime: START / 1000 }
+      const looks = (answer: () => Promise<boolean>) => ({ loggedOut: answer })
+      const kept = await createUnlessLoggedOut(store, looks(async () => false), signIn, patient())
+      t.ok(kept !== null && await store.get(kept.token) !== null, 'no logout: the session is live')
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 1)
+      t.equal(await createUnlessLoggedOut(store, looks(async () => true), signIn, patient()), null, 'logged out meanwhile: refused')
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 0, 'and its session ended')
+      // The look itself fails (the logout marks on a Redis that stopped answering): the sign-in
+      // fails with that error, its token never sent, and the session it made is not left stored.
+      const unreachable = new ApiError(503, 'SERVICE_UNAVAILABLE', 'Session store unavailable')
+      await t.rejects(createUnlessLoggedOut(store, looks(async () => { throw unreachable }), signIn, patient()), unreachable)
+      t.equal(await store.revokeBySubject('https://idp.example', 'subject-1'), 0, 'no session left behind by the failed look')
+      // The store fails to end it too: the look's error is the sign-in's, not the store's.
+      const failing = { create: async (input: NewSession) => await store.create(input), revokeById: async () => { throw new Error('store unreachable too') } }
+      await t.rejects(createUnlessLoggedOut(failing, looks(async () => { throw unreachable }), signIn, patient()), unreachable)
     })
 
     t.test('keeps the id of a mobile session\'s ID token, to retire it at sign-out', async (t) => {
