@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, isClosing, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -112,7 +112,7 @@ function drainOnClose (app: FastifyInstance): void {
    * Nothing else would close it (the 408 at the headers timeout would be a second answer to a
    * request answered). So once that request is done, the same sweep runs again: idle, the
    * connection ends, and nothing read behind the answer runs; a request read since (pipelined)
-   * took its place, and its own answer closes the connection (closeConnectionWhenDraining); one
+   * took its place, and its own answer closes the connection (markClosingAnswer); one
    * whose headers are arriving is not idle, and is in flight as on any other connection (its
    * headers bounded by the drain's cut-off, or, once that has passed, by the same bound again).
    */
@@ -151,7 +151,18 @@ function drainOnClose (app: FastifyInstance): void {
       for (const socket of writing) Reflect.deleteProperty(socket, 'destroy')
     }
   }
-  app.addHook('onSend', function closeConnectionWhenDraining (request, reply, payload, done) {
+  app.addHook('onSend', function markClosingAnswer (request, reply, payload, done) {
+    // Fastify says `Connection: close` to a body it refused (not JSON, another media type, too
+    // large: 400, 415, 413), in case more of it comes. Node hands a request pipelined behind
+    // another to its route as soon as it is read, while the first one's body is still being
+    // parsed: closing after the first answer would leave that request run and unanswered. So a
+    // request that has arrived whole keeps its connection (its framing held; what was pipelined
+    // behind it is answered in turn), and one whose body is still arriving closes it, with nothing
+    // read behind it yet. This service's own refusals have marked their connection already.
+    if (reply.getHeader('connection') === 'close' && !isClosing(request.raw.socket)) {
+      if (request.raw.complete) reply.removeHeader('connection')
+      else closesAfterThisAnswer(request.raw.socket)
+    }
     if (app.draining) {
       const socket = request.raw.socket
       const last = lastAnswer.get(socket)

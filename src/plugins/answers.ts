@@ -115,6 +115,11 @@ export function closesAfterThisAnswer (socket: Socket): void {
   closingConnections.add(socket)
 }
 
+/** Whether an answer already sent or being sent on `socket` closes it. */
+export function isClosing (socket: Socket): boolean {
+  return closingConnections.has(socket)
+}
+
 /**
  * Why a request is refused before anything else runs, on either listener; null when it is not.
  * The refusal says `Connection: close` and marks its connection closing: a connection already
@@ -365,6 +370,7 @@ export function expectationFailedAnswer (this: FastifyInstance, request: Incomin
 /** The 417 itself, in the envelope with the two headers (the metrics listener's too). */
 export function writeExpectationFailed (request: IncomingMessage, response: ServerResponse, id = requestIdFor(request)): void {
   const { body, headers } = closingAnswer(417, 'Unsupported Expect header', id)
+  closesAfterThisAnswer(request.socket)
   response.writeHead(417, headers)
   response.end(body)
 }
