@@ -49,10 +49,28 @@ export const REDACT_PATHS = [
 
 type SerializedRequest = { method: string, url: string, remoteAddress?: string }
 
-/** A request's path without its query, which may carry an authorization code (the sign-in callback). */
+/**
+ * A request's path as the router takes it, for the access line and the probes' exemption: without
+ * its query, which may carry an authorization code (the sign-in callback), or a fragment (refused,
+ * answers.ts, but logged); of an absolute-form target (`http://host/path`, which the router routes
+ * by its path), the path alone, never the userinfo a client may have put before the host.
+ */
 export function pathOf (url: string): string {
-  const query = url.indexOf('?')
-  return query === -1 ? url : url.slice(0, query)
+  const path = url.charCodeAt(0) === 47 ? url : pathOfAbsoluteForm(url)
+  const query = path.indexOf('?')
+  const head = query === -1 ? path : path.slice(0, query)
+  const fragment = head.indexOf('#')
+  return fragment === -1 ? head : head.slice(0, fragment)
+}
+
+/** Scheme and authority, as find-my-way reads them (the authority ends at the first `/`, `?` or `#`). */
+const SCHEME_AND_AUTHORITY = /^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]*/
+
+function pathOfAbsoluteForm (url: string): string {
+  const rest = url.replace(SCHEME_AND_AUTHORITY, '')
+  // Not absolute-form (`*`, or what the router refused as a bad URL): logged as it came.
+  if (rest === url) return url
+  return rest.charCodeAt(0) === 47 ? rest : `/${rest}`
 }
 
 export function loggerOptions (config: Config, stream?: DestinationStream): NonNullable<FastifyServerOptions['logger']> {

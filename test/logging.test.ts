@@ -54,6 +54,18 @@ t.test('pathOf drops the query, whatever it holds', async (t) => {
   t.equal(pathOf('/?'), '/')
 })
 
+t.test('pathOf gives the path the router takes: no fragment, and of an absolute-form target its path alone', async (t) => {
+  t.equal(pathOf('/appointments#secret'), '/appointments')
+  t.equal(pathOf('/auth/callback?code=secret#x'), '/auth/callback')
+  t.equal(pathOf('http://alice:s3cretpw@x/appointments?y=1'), '/appointments', 'never the userinfo')
+  t.equal(pathOf('HTTPS://x:443/healthz'), '/healthz')
+  t.equal(pathOf('http://x'), '/')
+  t.equal(pathOf('http://x?code=secret'), '/')
+  t.equal(pathOf('http://a/b@x/healthz'), '/b@x/healthz', 'the authority ends at the first slash, as for the router')
+  t.equal(pathOf('*'), '*')
+  t.equal(pathOf('x:80'), 'x:80', 'no absolute-form: as it came (the router refused it)')
+})
+
 t.test('the redaction paths censor reasons wherever they are, so operator fields are named otherwise', async (t) => {
   const { lines, stream } = capture()
   const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, stream)

@@ -122,8 +122,8 @@ export function isClosing (socket: Socket): boolean {
 
 /**
  * Why a request is refused before anything else runs, on either listener; null when it is not.
- * The refusal says `Connection: close` and marks its connection closing: a connection already
- * closing serves nothing behind it.
+ * The refusal of faulty framing says `Connection: close` and marks its connection closing: a
+ * connection already closing serves nothing behind it.
  * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
  * HTTP/1.0 request the field does not exist, and a hop in front frames the body otherwise (faulty
  * framing: 400); a coding other than chunked is not decoded here (501), rather than its bytes read
@@ -135,8 +135,19 @@ export function isClosing (socket: Socket): boolean {
  */
 export function refusalBeforeRouting (request: FastifyRequest): ApiError | null {
   const refusal = earlyRefusal(request)
-  if (refusal !== null) closesAfterThisAnswer(request.raw.socket)
-  return refusal
+  if (refusal !== null) {
+    closesAfterThisAnswer(request.raw.socket)
+    return refusal
+  }
+  // A fragment is no part of a request target (RFC 9112, 3.2), and Node's parser lets one through:
+  // the router would drop it and route `/appointments#x` as `/appointments`, which a rule in front
+  // matching the whole path would not see as that path (Envoy refuses these too). Its framing
+  // held: the connection stays.
+  return (request.raw.url as string).includes('#') ? fragmentRefused() : null
+}
+
+function fragmentRefused (): ApiError {
+  return new ApiError(400, ErrorCode.VALIDATION_FAILED, 'Malformed request URL')
 }
 
 function earlyRefusal (request: FastifyRequest): ApiError | null {

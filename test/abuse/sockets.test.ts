@@ -203,6 +203,27 @@ t.test('abuse on real sockets', async (t) => {
     t.equal(sandbox.control.calls.length, before, 'nothing reached the upstream')
   })
 
+  await t.test('a fragment in the request target (`/appointments#x`) is refused, the connection kept', async (t) => {
+    const before = sandbox.control.calls.length
+    for (const [method, target] of [['GET', '/appointments#x'], ['POST', `/appointments/${owned.id}/cancel#x`], ['GET', '/healthz#x'], ['GET', 'http://x/appointments#x']]) {
+      const result = await raw(port, [`${method} ${target} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\nx-request-id: fragment-1\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n`], 10, 3000)
+      t.same([...result.data.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => match[1]), ['400', '200'], `${method} ${target}: refused, and the request behind it answered`)
+      const answer = parse(result.data.slice(0, result.data.indexOf('HTTP/1.1 ', 1)))
+      t.equal(answer === null ? null : outcome(answer), '400 VALIDATION_FAILED')
+      if (answer !== null) t.equal(offContract(answer), null, 'in the envelope')
+      t.equal(answer?.headers['x-request-id'], 'fragment-1')
+    }
+    t.equal(sandbox.control.calls.length, before, 'nothing reached the upstream')
+  })
+
+  await t.test('an absolute-form target runs its path\'s route, and is logged by that path, never with its userinfo', async (t) => {
+    const answer = await raw(port, [`GET http://patient:userinfo-secret@x/appointments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\nx-request-id: absolute-1\r\nconnection: close\r\n\r\n`], 10, 3000)
+    t.equal(parse(answer.data)?.status, 200, 'RFC 9112, 3.2.2: a server accepts the absolute-form')
+    const line = lines.find((text) => text.includes('"reqId":"absolute-1"') && text.includes('"statusCode"'))
+    t.match(line, /"url":"\/appointments"/)
+    t.notMatch(lines.join('\n'), /userinfo-secret/, 'the userinfo is in no log line')
+  })
+
   await t.test('slow clients are cut off by the server\'s timeouts', async (t) => {
     // Meanwhile the server serves everyone else.
     const health = await call(origin, { path: '/healthz', timeoutMs: 2000 })
