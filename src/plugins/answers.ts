@@ -127,7 +127,8 @@ export function isClosing (socket: Socket): boolean {
  * Transfer-Encoding that Node's parser takes but that this service must not (RFC 9112, 6.1): in an
  * HTTP/1.0 request the field does not exist, and a hop in front frames the body otherwise (faulty
  * framing: 400); a coding other than chunked is not decoded here (501), rather than its bytes read
- * as the JSON. HTTP/1.1 requires Host, and no request may carry two (RFC 9112, 3.2: both a 400).
+ * as the JSON. HTTP/1.1 requires Host, and no request may carry two, or one whose value is no
+ * host (RFC 9112, 3.2: each a 400).
  * Node's own refusal of the first (requireHostHeader, off in listener.ts) is a bare 400 without the
  * envelope or these headers; Node keeps the first of two and says nothing. The service never reads
  * Host (its URLs come from PUBLIC_URL), but a proxy in front that read the other one would see
@@ -156,9 +157,18 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
   if (closingConnections.has(raw.socket)) return closing(400, 'The connection is closing after the answer before')
   if (te !== undefined && raw.httpVersion === '1.0') return closing(400, 'Transfer-Encoding is not HTTP/1.0')
   if (te !== undefined && te.trim().toLowerCase() !== 'chunked') return closing(501, 'Only the chunked transfer coding is supported')
-  if (raw.headers.host === undefined) return raw.httpVersion === '1.1' ? closing(400, 'Host header required') : null
-  return hasTwoHosts(raw.rawHeaders) ? closing(400, 'Only one Host header is allowed') : null
+  const host = raw.headers.host
+  if (host === undefined) return raw.httpVersion === '1.1' ? closing(400, 'Host header required') : null
+  if (hasTwoHosts(raw.rawHeaders)) return closing(400, 'Only one Host header is allowed')
+  return HOST_VALUE.test(host) ? null : closing(400, 'Invalid Host header')
 }
+
+/**
+ * A Host field's value: `uri-host [ ":" port ]` (RFC 9112, 3.2; RFC 3986, 3.2.2), an IP literal in
+ * brackets or a reg-name (empty for a target without authority). Node's parser has refused control
+ * characters already; this refuses a space, `@` (userinfo), `/` and other text no host has.
+ */
+const HOST_VALUE = /^(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?$/
 
 function closing (status: 400 | 501, message: string): ApiError {
   return new ApiError(status, ErrorCode.VALIDATION_FAILED, message, { headers: { connection: 'close' } })

@@ -153,6 +153,17 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
     t.match(twoHosts, /"message":"Only one Host header is allowed","code":"VALIDATION_FAILED"/)
   }
   t.match(await rawRequest(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nX-Host: y\r\nhosts: z\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 200 /, 'one Host among names like it')
+  // A Host whose value is no host (RFC 9112, 3.2: a 400), in either version.
+  for (const value of ['a b', 'user@a.example', 'a.example/x', 'a, b', '[::1', 'a:80:80', 'a.example:8o']) {
+    const invalid = await rawRequest(port, `GET /healthz HTTP/1.1\r\nHost: ${value}\r\nConnection: close\r\n\r\n`)
+    t.match(invalid, /^HTTP\/1\.1 400 /, `Host: ${value}`)
+    t.match(invalid, /connection: close/)
+    t.match(invalid, /"message":"Invalid Host header","code":"VALIDATION_FAILED"/)
+  }
+  t.match(await rawRequest(port, 'GET /healthz HTTP/1.0\r\nHost: a b\r\n\r\n'), /^HTTP\/1\.1 400 /, 'HTTP/1.0 with an invalid Host')
+  for (const value of ['', 'a.example', 'a.example:8080', 'A-b_c~1.example:', '127.0.0.1:3000', '[::1]:3000', '[v1.x]', 'xn--bcher-kva.example', 'a%2Eb']) {
+    t.match(await rawRequest(port, `GET /healthz HTTP/1.1\r\nHost: ${value}\r\nConnection: close\r\n\r\n`), /^HTTP\/1\.1 200 /, `Host: ${value} is a host`)
+  }
   const expectation = await rawRequest(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n\r\n')
   t.match(expectation, /^HTTP\/1\.1 417 /)
   t.match(expectation, /cache-control: no-store/)
