@@ -307,6 +307,7 @@ t.test('the metrics listener answers as the public port does: request ids, no-st
   for (const [raw, status, why] of [
     ['GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400, 'two Hosts'],
     ['GET /metrics HTTP/1.1\r\n\r\n', 400, 'no Host'],
+    ['GET /metrics HTTP/1.1\r\nHost: user@a\r\n\r\n', 400, 'a Host that is no host'],
     ['POST /metrics HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 400, 'Transfer-Encoding in HTTP/1.0'],
     ['POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n', 501, 'a transfer coding not understood']
   ] as const) {
