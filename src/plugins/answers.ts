@@ -155,6 +155,11 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
   const { raw } = request
   const te = request.headers['transfer-encoding']
   if (closingConnections.has(raw.socket)) return closing(400, 'The connection is closing after the answer before')
+  // Node before 22.23.2 and 24.18.1 (CVE-2026-58044; 20, which this service still runs on, has no
+  // fix) drops the fields past maxHeadersCount (1000 by default) from the request, while its parser
+  // still frames the body by them: a Transfer-Encoding among those would escape every check below.
+  // A patched Node answers such a request 431 itself; this is the same answer on the others.
+  if (raw.rawHeaders.length >= MAX_RAW_HEADER_ENTRIES) return closing(431, 'Request headers are too large')
   if (te !== undefined && raw.httpVersion === '1.0') return closing(400, 'Transfer-Encoding is not HTTP/1.0')
   if (te !== undefined && te.trim().toLowerCase() !== 'chunked') return closing(501, 'Only the chunked transfer coding is supported')
   const host = raw.headers.host
@@ -170,7 +175,10 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
  */
 const HOST_VALUE = /^(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?$/
 
-function closing (status: 400 | 501, message: string): ApiError {
+/** rawHeaders' length at Node's default maxHeadersCount: 1000 fields, a name and a value each. */
+const MAX_RAW_HEADER_ENTRIES = 2000
+
+function closing (status: 400 | 431 | 501, message: string): ApiError {
   return new ApiError(status, ErrorCode.VALIDATION_FAILED, message, { headers: { connection: 'close' } })
 }
 
