@@ -170,6 +170,9 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       if (payload.azp !== undefined && (typeof payload.azp !== 'string' || !options.audiences.includes(payload.azp))) {
         throw new Rejected('azp')
       }
+      // Every audience trusted, unless the token was issued to one of ours (azp, checked above):
+      // "MUST be rejected if [...] it contains additional audiences not trusted by the Client".
+      if (!audiencesTrusted(payload, options.audiences)) throw new Rejected('aud')
       return claimsOf(payload)
     } catch (error) {
       // Its error line is the 503's, with the causes (plugins/answers.ts: once a minute while the
@@ -216,6 +219,16 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       else await options.logouts.mark(markOf('sub', issuer, subject as string), at, acceptableForMs)
     }
   }
+}
+
+/**
+ * OIDC Core 3.1.3.7 (3), for ID tokens and (Back-Channel Logout 2.6, 4) logout tokens: every
+ * `aud` is one of ours, or the token names its authorized party (`azp`), which the caller has
+ * checked is one of ours (oauth4webapi's rule for the web flow's ID tokens too).
+ */
+export function audiencesTrusted (payload: JWTPayload, trusted: readonly string[]): boolean {
+  if (!Array.isArray(payload.aud) || payload.azp !== undefined) return true
+  return payload.aud.every((audience) => trusted.includes(audience))
 }
 
 class Rejected extends Error {

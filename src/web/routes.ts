@@ -200,9 +200,9 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
     if (login === null) return failSignIn(request, reply, loginCookiesOf(request).some((other) => other !== name) ? 'state_mismatch' : 'login_expired')
     // A sealed state under another sign-in's name.
     if (query.state !== login.state) return failSignIn(request, reply, 'state_mismatch')
-    // The IdP's error answer, once its state is this browser's sign-in (RFC 6749, 4.1.2.1, returns
-    // it): a link to the callback with an error of anyone's choosing is no IdP's answer.
-    if (query.error !== undefined) return failSignIn(request, reply, query.error === 'access_denied' ? 'access_denied' : 'idp_error')
+    // The IdP's error answer is read by openid-client below, after its `iss` (RFC 9207, 2.4: error
+    // responses too) and `state` checks: a link to the callback with an error of anyone's
+    // choosing, or another issuer's, is no IdP's answer.
 
     let configuration: client.Configuration
     try {
@@ -226,6 +226,7 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
       claims = tokens.claims() as client.IDToken
       idToken = tokens.id_token as string
     } catch (error) {
+      if (error instanceof client.AuthorizationResponseError) return failSignIn(request, reply, error.error === 'access_denied' ? 'access_denied' : 'idp_error', error)
       return failSignIn(request, reply, exchangeFailure(error), error)
     }
     const email = claims.email

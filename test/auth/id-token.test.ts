@@ -43,7 +43,8 @@ t.test('accepts a valid token signed with RS256 or ES256', async (t) => {
     authTime: iat
   })
   t.equal((await verifier.verify(await issuer.sign({}, { key: 'es256' }))).sid, null)
-  t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId] })), 'one of our audiences among several')
+  await t.rejects(verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId] })), INVALID, 'one of ours among untrusted audiences, no azp (OIDC Core 3.1.3.7, 3)')
+  t.ok(await verifier.verify(await issuer.sign({ aud: ['other-app', issuer.clientId] })), 'several audiences, all ours')
   t.ok(await verifier.verify(await issuer.sign({ aud: 'other-app' })), 'any configured audience')
   t.ok(await verifier.verify(await issuer.sign({ aud: ['someone-else', issuer.clientId], azp: issuer.clientId })), 'issued to us (azp), with other audiences')
   t.ok(await verifier.verify(await issuer.sign({ azp: 'other-app' })), 'issued to any configured audience')

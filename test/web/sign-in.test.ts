@@ -325,7 +325,7 @@ for (const store of ['memory', 'redis'] as const) {
       // An error of anyone's choosing, with no sign-in of this browser's: no IdP's answer.
       t.equal(signinError((await browser.navigate(`${publicUrl}/auth/callback?error=access_denied`)).url), 'login_expired')
       const state = new URL(await stack.callbackUrl(browser, 'alice@example.com')).searchParams.get('state') as string
-      const failed = await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E&state=${state}`)
+      const failed = await browser.navigate(`${publicUrl}/auth/callback?error=server_error&error_description=%3Cscript%3E&state=${state}&iss=${encodeURIComponent(idp.url)}`)
       t.equal(signinError(failed.url), 'idp_error', 'the IdP\'s own error, for this browser\'s sign-in')
       t.equal(stack.sessionOf(browser), undefined)
       t.same(browser.cookieNames(publicUrl, LOGIN_COOKIE_PREFIX), [], 'its login state cleared')
