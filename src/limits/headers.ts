@@ -1,7 +1,9 @@
+import type { FastifyReply } from 'fastify'
 import type { Rate } from '../config.js'
 
 /**
- * `RateLimit-Policy` and `RateLimit` fields, draft-ietf-httpapi-ratelimit-headers-10 syntax:
+ * `RateLimit-Policy` and `RateLimit` fields, draft-ietf-httpapi-ratelimit-headers-10 syntax (the
+ * same in -11):
  * Structured Field Lists with one Item per policy that applied to the request, the Item a String
  * naming the policy, e.g.
  *
@@ -28,4 +30,28 @@ export function rateLimitItem (policy: PolicyName, remaining: number, resetMs: n
 /** Retry-After (delay-seconds) for a wait in ms: whole seconds, rounded up, at least 1. */
 export function retryAfterSeconds (ms: number): string {
   return String(seconds(ms))
+}
+
+/**
+ * The latest end (ms from now) of a window an answer's `RateLimit` reports spent (`r=0`): a
+ * Retry-After on that answer must not be earlier (draft-ietf-httpapi-ratelimit-headers-11,
+ * section 6), or a client that obeys it comes back into that policy's 429. Noted only when a
+ * policy is spent, read only by answers that carry a Retry-After.
+ */
+const spentUntil = new WeakMap<FastifyReply, number>()
+
+/** This answer reports a policy spent until `resetMs` from now. */
+export function noteSpentWindow (reply: FastifyReply, resetMs: number): void {
+  spentUntil.set(reply, Math.max(spentUntil.get(reply) ?? 0, resetMs))
+}
+
+/**
+ * A 429 or 503 (a per-client limit's, the org budget's, the upstream's cooldown, a store down):
+ * its Retry-After raised to the end of any window the answer reports spent.
+ */
+export function holdRetryAfterPastSpentWindows (reply: FastifyReply): void {
+  const spent = spentUntil.get(reply)
+  if (spent === undefined) return
+  const wait = retryAfterSeconds(spent)
+  if (!(Number(reply.getHeader('retry-after')) >= Number(wait))) reply.header('retry-after', wait)
 }

@@ -14,7 +14,7 @@ import { createUpstreamGate, type UpstreamGate } from './upstream-gate.js'
 import type { AppMetrics } from '../metrics.js'
 import { pathOf } from '../logging.js'
 import { appendHook } from '../plugins/after-answer.js'
-import { policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
+import { holdRetryAfterPastSpentWindows, noteSpentWindow, policyItem, rateLimitItem, retryAfterSeconds, type PolicyName } from './headers.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -64,6 +64,7 @@ function clientLimit (policy: PolicyName, rate: Rate): ClientLimit {
 function publish (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metrics: AppMetrics | null): boolean {
   const exceeded = hit.count > limit.rate.count
   metrics?.recordLimiter(limit.policy, exceeded)
+  if (hit.count >= limit.rate.count) noteSpentWindow(reply, hit.resetMs)
   const item = rateLimitItem(limit.policy, limit.rate.count - hit.count, hit.resetMs)
   const policies = reply.getHeader('ratelimit-policy')
   if (policies === undefined) {
@@ -82,7 +83,10 @@ function publish (limit: ClientLimit, hit: CounterHit, reply: FastifyReply, metr
  */
 function refuse (hit: CounterHit, reply: FastifyReply): void {
   reply.errorCode = ErrorCode.RATE_LIMITED
-  reply.code(429).header('retry-after', retryAfterSeconds(hit.resetMs)).send(RATE_LIMITED)
+  reply.code(429).header('retry-after', retryAfterSeconds(hit.resetMs))
+  // Another policy this answer reports spent may end later than the one refusing.
+  holdRetryAfterPastSpentWindows(reply)
+  reply.send(RATE_LIMITED)
 }
 
 /** The limits' verdicts in order: the request goes on, or the first limit it is over refuses it. */

@@ -9,6 +9,7 @@ import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from
 import { RepeatedWarnings } from '../state/notice.js'
 import { appendHook } from './after-answer.js'
 import { SECURITY_HEADERS } from '../web/security.js'
+import { holdRetryAfterPastSpentWindows } from '../limits/headers.js'
 
 /**
  * Every answer in the contract's envelope, with `x-request-id` and `cache-control: no-store`:
@@ -65,6 +66,7 @@ function validationMessage (error: FastifyError): string {
 export function sendError (reply: FastifyReply, error: ApiError): FastifyReply {
   reply.errorCode = error.code
   for (const [name, value] of Object.entries(error.headers)) reply.header(name, value)
+  if (error.statusCode === 429 || error.statusCode === 503) holdRetryAfterPastSpentWindows(reply)
   return reply.code(error.statusCode).send(error.toEnvelope())
 }
 

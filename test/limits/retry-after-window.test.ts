@@ -46,3 +46,18 @@ t.test('an upstream 429 (UPSTREAM_RATE_LIMITED) whose answer reports the per-IP 
   t.equal(spentUntil(list.headers), 60)
   t.ok(parseItem(String(list.headers['retry-after']))[0] as number >= 60, `Retry-After ${String(list.headers['retry-after'])} is not earlier than the per-IP window's end`)
 })
+
+t.test('an upstream 429 asking for longer than the spent window keeps its own Retry-After', async (t) => {
+  const upstream = createServer((_req, res) => {
+    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '120' })
+    res.end('{"success":false}')
+  })
+  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => upstream.close())
+  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(upstream.address() as { port: number }).port}`, env: { RATE_LIMIT_IP: '2/1m' } })
+  const token = await signIn(app, issuer, 'long-cooldown@example.com')
+  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
+  t.equal(spentUntil(list.headers), 60)
+  t.equal(list.headers['retry-after'], '120', 'the longer wait stands')
+})
