@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, isClosing, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, isRefusedForFraming, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'
@@ -158,8 +158,10 @@ function drainOnClose (app: FastifyInstance): void {
     // parsed: closing after the first answer would leave that request run and unanswered. So a
     // request that has arrived whole keeps its connection (its framing held; what was pipelined
     // behind it is answered in turn), and one whose body is still arriving closes it, with nothing
-    // read behind it yet. This service's own refusals have marked their connection already.
-    if (reply.getHeader('connection') === 'close' && !isClosing(request.raw.socket)) {
+    // read behind it yet. This service's own refusals before routing (framing, Host) close always.
+    // A request refused here whose connection a later answer marked closing (a 417 read behind it
+    // in the same packet) is still the one answered first: it keeps the connection for that one.
+    if (reply.getHeader('connection') === 'close' && !isRefusedForFraming(request.raw)) {
       if (request.raw.complete) reply.removeHeader('connection')
       else closesAfterThisAnswer(request.raw.socket)
     }

@@ -117,9 +117,12 @@ export function closesAfterThisAnswer (socket: Socket): void {
   closingConnections.add(socket)
 }
 
-/** Whether an answer already sent or being sent on `socket` closes it. */
-export function isClosing (socket: Socket): boolean {
-  return closingConnections.has(socket)
+/** The requests refused by refusalBeforeRouting for their framing or Host: their answers close. */
+const refusedForFraming = new WeakSet<IncomingMessage>()
+
+/** Whether this request was refused before routing in a way that closes its connection. */
+export function isRefusedForFraming (request: IncomingMessage): boolean {
+  return refusedForFraming.has(request)
 }
 
 /**
@@ -140,6 +143,7 @@ export function refusalBeforeRouting (request: FastifyRequest): ApiError | null 
   const refusal = earlyRefusal(request)
   if (refusal !== null) {
     closesAfterThisAnswer(request.raw.socket)
+    refusedForFraming.add(request.raw)
     return refusal
   }
   // A fragment is no part of a request target (RFC 9112, 3.2), and Node's parser lets one through:
@@ -172,10 +176,11 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
 
 /**
  * A Host field's value: `uri-host [ ":" port ]` (RFC 9112, 3.2; RFC 3986, 3.2.2), an IP literal in
- * brackets or a reg-name (empty for a target without authority). Node's parser has refused control
+ * brackets (with a zone, `[fe80::1%25eth0]`, RFC 6874, as Node's own client writes it) or a
+ * reg-name (empty for a target without authority). Node's parser has refused control
  * characters already; this refuses a space, `@` (userinfo), `/` and other text no host has.
  */
-const HOST_VALUE = /^(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?$/
+const HOST_VALUE = /^(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?$/
 
 /** rawHeaders' length at Node's default maxHeadersCount: 1000 fields, a name and a value each. */
 const MAX_RAW_HEADER_ENTRIES = 2000

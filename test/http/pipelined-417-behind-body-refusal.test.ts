@@ -2,7 +2,7 @@ import t from 'tap'
 import { cancelOnSocket, exchange, statuses } from './support.js'
 
 /**
- * Review: a body refused after it arrived whole (400) keeps its connection (markClosingAnswer),
+ * A body refused after it arrived whole (400) keeps its connection (markClosingAnswer),
  * so what was pipelined behind it is answered in turn. But an unsupported Expect pipelined in the
  * same packet is read (checkExpectation) before the 400 is sent, and its 417 now marks the
  * connection closing: markClosingAnswer then skips the 400 (isClosing), which keeps Fastify's
