@@ -1,4 +1,5 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
+import type { LightMyRequestResponse } from 'fastify'
 import { createServer } from 'node:http'
 import { parseItem, parseList, type Item } from 'structured-headers'
 import { buildTestApp, signIn } from '../helpers/app.js'
@@ -31,9 +32,14 @@ t.test('a per-session 429 whose answer reports the per-IP policy spent: Retry-Af
   t.ok(parseItem(String(refused.headers['retry-after']))[0] as number >= 60, `Retry-After ${String(refused.headers['retry-after'])} is not earlier than the per-IP window's end`)
 })
 
-t.test('an upstream 429 (UPSTREAM_RATE_LIMITED) whose answer reports the per-IP policy spent: Retry-After reaches the end of that window', async (t) => {
+/**
+ * An upstream answering every call 429 with `Retry-After: retryAfter`, behind the app with a
+ * per-IP limit of 2 a minute: the sign-in and the list call spend it, so the list's 429 reports
+ * the per-IP policy spent for 60 s.
+ */
+async function listBehindUpstream429 (t: Test, retryAfter: string): Promise<LightMyRequestResponse> {
   const upstream = createServer((_req, res) => {
-    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '7' })
+    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': retryAfter })
     res.end('{"success":false}')
   })
   await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve))
@@ -44,20 +50,15 @@ t.test('an upstream 429 (UPSTREAM_RATE_LIMITED) whose answer reports the per-IP 
   t.equal(list.statusCode, 429)
   t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
   t.equal(spentUntil(list.headers), 60)
+  return list
+}
+
+t.test('an upstream 429 (UPSTREAM_RATE_LIMITED) whose answer reports the per-IP policy spent: Retry-After reaches the end of that window', async (t) => {
+  const list = await listBehindUpstream429(t, '7')
   t.ok(parseItem(String(list.headers['retry-after']))[0] as number >= 60, `Retry-After ${String(list.headers['retry-after'])} is not earlier than the per-IP window's end`)
 })
 
 t.test('an upstream 429 asking for longer than the spent window keeps its own Retry-After', async (t) => {
-  const upstream = createServer((_req, res) => {
-    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '120' })
-    res.end('{"success":false}')
-  })
-  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => upstream.close())
-  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(upstream.address() as { port: number }).port}`, env: { RATE_LIMIT_IP: '2/1m' } })
-  const token = await signIn(app, issuer, 'long-cooldown@example.com')
-  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
-  t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
-  t.equal(spentUntil(list.headers), 60)
+  const list = await listBehindUpstream429(t, '120')
   t.equal(list.headers['retry-after'], '120', 'the longer wait stands')
 })
