@@ -5,7 +5,7 @@ import Fastify, { LogController, type FastifyHttpOptions, type FastifyInstance, 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config.js'
-import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, isRefusedForFraming, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, pendingResponse } from './plugins/answers.js'
+import { answersPlugin, clientErrorAnswer, closesAfterThisAnswer, connectRefusedAnswer, expectationFailedAnswer, frameworkErrorAnswer, identifyRequest, inviteBodiesWithinLimit, isRefusedForFraming, pendingResponse } from './plugins/answers.js'
 import { accessLogPlugin, deferredChildLogger, loggerOptions } from './logging.js'
 import { createSharedState, type SharedState } from './state/redis.js'
 import { inFlightTtlFor } from './idempotency/index.js'

@@ -164,15 +164,8 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       if (typeof protectedHeader.typ === 'string' && FOREIGN_TYPES.has(protectedHeader.typ.toLowerCase())) {
         throw new Rejected('typ')
       }
-      // The party the token was issued to, when named, must be one of ours too (OIDC Core
-      // 3.1.3.7): a provider that adds our client id to the audiences of tokens it mints for
-      // other clients would otherwise let any of them sign a patient in here.
-      if (payload.azp !== undefined && (typeof payload.azp !== 'string' || !options.audiences.includes(payload.azp))) {
-        throw new Rejected('azp')
-      }
-      // Every audience trusted, unless the token was issued to one of ours (azp, checked above):
-      // "MUST be rejected if [...] it contains additional audiences not trusted by the Client".
-      if (!audiencesTrusted(payload, options.audiences)) throw new Rejected('aud')
+      const untrusted = untrustedAudience(payload, options.audiences)
+      if (untrusted !== null) throw new Rejected(untrusted)
       return claimsOf(payload)
     } catch (error) {
       // Its error line is the 503's, with the causes (plugins/answers.ts: once a minute while the
@@ -222,13 +215,18 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
 }
 
 /**
- * OIDC Core 3.1.3.7 (3), for ID tokens and (Back-Channel Logout 2.6, 4) logout tokens: every
- * `aud` is one of ours, or the token names its authorized party (`azp`), which the caller has
- * checked is one of ours (oauth4webapi's rule for the web flow's ID tokens too).
+ * OIDC Core 3.1.3.7, for ID tokens and (Back-Channel Logout 2.6, 4: "in the same way") logout
+ * tokens, once jose has found one of ours among the token's audiences: the claim that fails, or
+ * null. The party the token was issued to (`azp`), when named, must be one of ours: a provider
+ * that adds our client id to the audiences of tokens it mints for other clients would otherwise
+ * let any of them sign a patient in here. Without `azp`, every audience must be one of ours
+ * ("MUST be rejected if [...] it contains additional audiences not trusted by the Client";
+ * oauth4webapi's rule for the web flow's ID tokens too).
  */
-export function audiencesTrusted (payload: JWTPayload, trusted: readonly string[]): boolean {
-  if (!Array.isArray(payload.aud) || payload.azp !== undefined) return true
-  return payload.aud.every((audience) => trusted.includes(audience))
+export function untrustedAudience (payload: JWTPayload, trusted: readonly string[]): 'azp' | 'aud' | null {
+  if (payload.azp !== undefined) return typeof payload.azp === 'string' && trusted.includes(payload.azp) ? null : 'azp'
+  if (!Array.isArray(payload.aud)) return null
+  return payload.aud.every((audience) => trusted.includes(audience)) ? null : 'aud'
 }
 
 class Rejected extends Error {

@@ -4,7 +4,7 @@ import type { FastifyInstance, FastifySchema } from 'fastify'
 import { Type } from 'typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
 import { errorAnswers } from '../schemas/appointments.js'
-import { audiencesTrusted, ID_TOKEN_ALGORITHMS } from '../auth/id-token.js'
+import { ID_TOKEN_ALGORITHMS, untrustedAudience } from '../auth/id-token.js'
 import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from '../auth/key-set.js'
 import type { ReplayGuard } from './replay-guard.js'
 
@@ -90,9 +90,9 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
     }
     // A header the IdP signed may still hold anything: a typ that is not a string is refused, not a crash.
     if (type !== undefined && (typeof type !== 'string' || !ACCEPTED_TYPES.has(type.toLowerCase()))) throw new InvalidLogoutToken('typ')
-    // aud as for ID tokens (section 2.6, step 4): no untrusted audience beside ours, unless issued to one of ours.
-    if (payload.azp !== undefined && (typeof payload.azp !== 'string' || !options.audiences.includes(payload.azp))) throw new InvalidLogoutToken('azp')
-    if (!audiencesTrusted(payload, options.audiences)) throw new InvalidLogoutToken('aud')
+    // aud as for ID tokens (section 2.6, step 4).
+    const untrusted = untrustedAudience(payload, options.audiences)
+    if (untrusted !== null) throw new InvalidLogoutToken(untrusted)
     const nowSec = Math.floor(now() / 1000)
     // Recent, and not from the future either: a token dated ahead would stay acceptable after the
     // replay guard below has forgotten its jti (which it keeps for the window counted from now).
