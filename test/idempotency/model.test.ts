@@ -1,0 +1,366 @@
+import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import fc from 'fast-check'
+import t, { type Test } from 'tap'
+import { buildTestApp, signIn } from '../helpers/app.js'
+import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
+import { startRedis } from '../helpers/redis.js'
+import type { Failure } from '../../src/care360/sandbox.js'
+import type { App } from '../../src/app.js'
+
+/**
+ * A model of the contract's Idempotency-Key rules (cancel route, step 5), checked against real
+ * apps (one on memory state; two sharing one throwaway Redis) in front of the real sandbox, over
+ * random command sequences: the same key from the same patient (either of their sessions, either
+ * replica) replays the first answer, status and body, with `idempotent-replayed: true` and no
+ * upstream cancel; another appointment or reason is 422; a key in flight is 409; refusals before
+ * the cancel leave the key free; an unknown outcome is resolved from the upstream's list.
+ */
+
+type Mode = 'ok' | 's400' | 's404' | 's500' | 's429' | 'reset' | 'resetApplied'
+type Refusal = 'none' | 'noSession' | 'badId' | 'badBody' | 'badKey'
+
+interface CancelCmd {
+  kind: 'cancel'
+  app: number
+  session: number
+  key: number | null
+  appt: number
+  reason: number
+  mode: Mode
+  refusal: Refusal
+}
+
+interface FlightCmd {
+  kind: 'flight'
+  app: number
+  otherApp: number
+  session: number
+  appt: number
+  reason: number
+}
+
+/** A retry of an earlier cancel of this run (the way apps retry): from either session of its patient, on either replica. */
+interface RetryCmd {
+  kind: 'retry'
+  pick: number
+  otherSession: boolean
+  app: number
+  mode: Mode
+}
+
+type Cmd = CancelCmd | FlightCmd | RetryCmd
+
+const modeArb = fc.constantFrom<Mode>('ok', 'ok', 'ok', 's400', 's404', 's500', 's429', 'reset', 'resetApplied')
+
+const PATIENTS = ['alice@example.com', 'bob@example.com']
+// Two sessions each: sessions 0, 1 are alice's, 2, 3 bob's.
+const SESSION_PATIENT = [0, 0, 1, 1]
+const REASONS: Array<string | undefined> = [undefined, 'Feeling better', 'Travelling']
+
+const FAILURES: Record<Exclude<Mode, 'ok'>, Failure> = {
+  s400: { kind: 'status', status: 400, body: { status: 400, success: false, message: 'Invalid request', error: 'appointment already started' } },
+  s404: { kind: 'status', status: 404, body: { status: 404, success: false, message: 'Appointment not found', error: 'NotFoundError' } },
+  s500: { kind: 'status', status: 500, body: { status: 500, success: false, message: 'boom' } },
+  s429: { kind: 'rate-limited', retryAfter: '1' },
+  reset: { kind: 'reset' },
+  resetApplied: { kind: 'reset-after-apply' }
+}
+
+const cmdArb = (apps: number): fc.Arbitrary<Cmd> => fc.oneof(
+  {
+    weight: 12,
+    arbitrary: fc.record<CancelCmd>({
+      kind: fc.constant('cancel' as const),
+      app: fc.nat({ max: apps - 1 }),
+      session: fc.nat({ max: 3 }),
+      key: fc.option(fc.nat({ max: 2 }), { freq: 5 }),
+      // 0, 1: alice's; 2, 3: bob's; 4: nobody's.
+      appt: fc.nat({ max: 4 }),
+      reason: fc.nat({ max: 2 }),
+      mode: modeArb,
+      refusal: fc.constantFrom<Refusal>('none', 'none', 'none', 'none', 'none', 'noSession', 'badId', 'badBody', 'badKey')
+    })
+  },
+  {
+    weight: 8,
+    arbitrary: fc.record<RetryCmd>({
+      kind: fc.constant('retry' as const),
+      pick: fc.nat({ max: 30 }),
+      otherSession: fc.boolean(),
+      app: fc.nat({ max: apps - 1 }),
+      mode: modeArb
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record<FlightCmd>({
+      kind: fc.constant('flight' as const),
+      app: fc.nat({ max: apps - 1 }),
+      otherApp: fc.nat({ max: apps - 1 }),
+      session: fc.nat({ max: 3 }),
+      appt: fc.nat({ max: 3 }),
+      reason: fc.nat({ max: 2 })
+    })
+  }
+)
+
+type Rec =
+  | { state: 'done', appt: string, reason: string | undefined, status: number, body: unknown }
+  | { state: 'unknown', appt: string, reason: string | undefined }
+
+interface Answer { status: number, body: Record<string, unknown>, headers: Record<string, unknown> }
+
+interface Stack {
+  apps: App[]
+  sandbox: RunningSandbox
+  tokens: string[]
+  logs: string[]
+  keysUsed: Set<string>
+  /** What the runs met, by kind of answer: shown at the end, so that a weak generator shows. */
+  seen: Map<string, number>
+}
+
+async function buildStack (t: Test, replicas: 1 | 2): Promise<Stack> {
+  const sandbox = await startSandbox(t)
+  const redis = replicas === 2 ? await startRedis(t) : undefined
+  const logs: string[] = []
+  const logStream = { write (line: string) { logs.push(line) } }
+  const apps: App[] = []
+  let issuerOfFirst: Parameters<typeof signIn>[1] | undefined
+  for (let i = 0; i < replicas; i++) {
+    const { app, issuer } = await buildTestApp(t, {
+      upstreamUrl: sandbox.url,
+      ...(redis === undefined ? {} : { redis }),
+      logStream,
+      env: {
+        CV_API_KEY: SANDBOX_KEY,
+        CV_TIMEOUT_MS: '2000',
+        RATE_LIMIT_CANCEL: '10000/1m',
+        RATE_LIMIT_SESSION: '10000/1m',
+        RATE_LIMIT_IP: '10000/1m',
+        SERVICE_SECRET: 'model-test-service-secret-0123456789abcdef'
+      }
+    })
+    apps.push(app)
+    issuerOfFirst ??= issuer
+  }
+  const tokens: string[] = []
+  for (const patient of SESSION_PATIENT) tokens.push(await signIn(apps[0]!, issuerOfFirst!, PATIENTS[patient]))
+  return { apps, sandbox, tokens, logs, keysUsed: new Set(), seen: new Map() }
+}
+
+async function send (app: App, token: string | null, id: string, reason: string | undefined, headers: Record<string, string>, extra: Record<string, unknown> = {}): Promise<Answer> {
+  const payload = reason === undefined && Object.keys(extra).length === 0 ? undefined : { ...(reason === undefined ? {} : { reason }), ...extra }
+  const res = await app.inject({
+    method: 'POST',
+    url: `/appointments/${id}/cancel`,
+    headers: { ...(token === null ? {} : { authorization: `Bearer ${token}` }), ...headers },
+    ...(payload === undefined ? {} : { payload })
+  })
+  return { status: res.statusCode, body: res.json(), headers: res.headers }
+}
+
+const cancelCalls = (sandbox: RunningSandbox): number => sandbox.control.calls.filter((call) => call.method === 'POST').length
+
+/** One run of the model: fresh appointments and fresh keys, so runs never meet. */
+async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): Promise<void> {
+  const { apps, sandbox, tokens } = stack
+  const run = randomUUID().slice(0, 8)
+  sandbox.control.clearFailure()
+  const appts = [
+    sandbox.control.seedAppointment(PATIENTS[0]!).id,
+    sandbox.control.seedAppointment(PATIENTS[0]!).id,
+    sandbox.control.seedAppointment(PATIENTS[1]!).id,
+    sandbox.control.seedAppointment(PATIENTS[1]!).id,
+    randomUUID()
+  ]
+  const owner = (appt: number): number | null => appt < 2 ? 0 : appt < 4 ? 1 : null
+  const keyText = (key: number): string => `MODELKEY-${run}-${key}`
+  const cancelled = new Set<string>()
+  const records = new Map<string, Rec>()
+  const recordId = (patient: number, key: string): string => `${patient}\0${key}`
+  let flights = 0
+
+  const saw = (kind: string): void => { stack.seen.set(kind, (stack.seen.get(kind) ?? 0) + 1) }
+  const fail = (message: string, detail: unknown): never => {
+    throw new Error(`${message}: ${JSON.stringify(detail)}`)
+  }
+
+  /** Checks a fresh run (no record, or a record whose cancel must be sent now) and returns what the key keeps. */
+  function checkFresh (cmd: CancelCmd, appt: string, answer: Answer, delta: number, keyed: boolean): Rec | 'release' | 'none' {
+    const patient = SESSION_PATIENT[cmd.session]!
+    const reason = REASONS[cmd.reason]
+    const what = { cmd, answer: { status: answer.status, body: answer.body }, delta }
+    saw(`fresh ${answer.status} ${String(answer.body.code ?? '')}`)
+    if (answer.headers['idempotent-replayed'] !== undefined) fail('a fresh run carries idempotent-replayed', what)
+    const done = (): Rec => ({ state: 'done', appt, reason, status: answer.status, body: answer.body })
+    if (owner(cmd.appt) !== patient) {
+      if (answer.status !== 404 || answer.body.code !== 'APPOINTMENT_NOT_FOUND' || delta !== 0) fail('not the patient\'s: 404 without a cancel', what)
+      return done()
+    }
+    if (cancelled.has(appt)) {
+      // Already cancelled: the ownership check says 404; another replica's cached list may still
+      // hold it, and then the upstream refuses it (400). Without a key, an identical cancel within
+      // 0.5 s of a 200 shares that 200.
+      const ok404 = answer.status === 404 && answer.body.code === 'APPOINTMENT_NOT_FOUND' && delta === 0
+      const ok400 = replicas === 2 && answer.status === 400 && answer.body.code === 'UPSTREAM_REJECTED' && delta === 1
+      const shared = !keyed && answer.status === 200 && delta === 0
+      if (!ok404 && !ok400 && !shared) fail('already cancelled: 404 (or the upstream\'s 400)', what)
+      return done()
+    }
+    const expect = (status: number, code: string | undefined): void => {
+      if (answer.status !== status || answer.body.code !== code || delta !== 1) fail(`mode ${cmd.mode}: ${status} ${code ?? ''} after one cancel call`, what)
+    }
+    switch (cmd.mode) {
+      case 'ok': expect(200, undefined); cancelled.add(appt); return done()
+      case 's400': expect(400, 'UPSTREAM_REJECTED'); return done()
+      case 's404': expect(404, 'APPOINTMENT_NOT_FOUND'); return done()
+      case 's500': expect(502, 'UPSTREAM_ERROR'); return done()
+      case 's429': expect(429, 'UPSTREAM_RATE_LIMITED'); return 'release'
+      case 'reset': expect(502, 'UPSTREAM_ERROR'); return { state: 'unknown', appt, reason }
+      case 'resetApplied': expect(502, 'UPSTREAM_ERROR'); cancelled.add(appt); return { state: 'unknown', appt, reason }
+    }
+  }
+
+  async function doCancel (cmd: CancelCmd): Promise<void> {
+    const app = apps[cmd.app]!
+    const patient = SESSION_PATIENT[cmd.session]!
+    const appt = appts[cmd.appt]!
+    const reason = REASONS[cmd.reason]
+    const key = cmd.key === null ? undefined : keyText(cmd.key)
+    if (key !== undefined) stack.keysUsed.add(key)
+    const headers: Record<string, string> = key === undefined ? {} : { 'idempotency-key': key }
+    const before = cancelCalls(sandbox)
+    const what = (answer: Answer) => ({ cmd, status: answer.status, body: answer.body })
+
+    if (cmd.refusal !== 'none') {
+      const answer = cmd.refusal === 'noSession'
+        ? await send(app, cmd.key === 0 ? null : 'not-a-session-token', appt, reason, headers)
+        : cmd.refusal === 'badId'
+          ? await send(app, tokens[cmd.session]!, `${appt}x`, reason, headers)
+          : cmd.refusal === 'badBody'
+            ? await send(app, tokens[cmd.session]!, appt, reason, headers, { email: 'bob@example.com' })
+            : await send(app, tokens[cmd.session]!, appt, reason, { 'idempotency-key': `${key ?? 'k'} with spaces` })
+      const [status, code] = cmd.refusal === 'noSession' ? [401, 'SESSION_REQUIRED'] : [400, 'VALIDATION_FAILED']
+      saw(`refusal ${cmd.refusal}`)
+      if (answer.status !== status || answer.body.code !== code) fail(`refusal ${cmd.refusal}: ${status}`, what(answer))
+      if (cancelCalls(sandbox) !== before) fail('a refusal reached the upstream', what(answer))
+      return
+    }
+
+    const existing = key === undefined ? undefined : records.get(recordId(patient, key))
+    const sameBody = existing !== undefined && existing.appt === appt && existing.reason === reason
+    // Arm the upstream only when the cancel would go: an armed failure outlives a request that
+    // never sent its cancel, and an already-cancelled appointment is answered as it is.
+    const mayGo = owner(cmd.appt) === patient && !cancelled.has(appt) && (existing === undefined || (existing.state === 'unknown' && sameBody))
+    if (mayGo && cmd.mode !== 'ok') sandbox.control.setFailure({ ...FAILURES[cmd.mode], endpoint: 'cancel', times: 1 })
+    const answer = await send(app, tokens[cmd.session]!, appt, reason, headers)
+    sandbox.control.clearFailure()
+    const delta = cancelCalls(sandbox) - before
+
+    if (key === undefined) {
+      checkFresh(cmd, appt, answer, delta, false)
+    } else if (existing !== undefined && !sameBody) {
+      saw('mismatch')
+      if (answer.status !== 422 || answer.body.code !== 'IDEMPOTENCY_MISMATCH' || delta !== 0) fail('another body under a used key: 422 without a cancel', what(answer))
+      if (answer.headers['idempotent-replayed'] !== undefined) fail('a 422 is no replay', what(answer))
+    } else if (existing?.state === 'done') {
+      saw(`replay ${existing.status}`)
+      if (answer.status !== existing.status || delta !== 0) fail('a replay: the first status, without a cancel', { ...what(answer), first: existing })
+      if (JSON.stringify(answer.body) !== JSON.stringify(existing.body)) fail('a replay: the first body', { ...what(answer), first: existing })
+      if (answer.headers['idempotent-replayed'] !== 'true') fail('a replay carries idempotent-replayed: true', what(answer))
+    } else if (existing?.state === 'unknown' && cancelled.has(appt)) {
+      // The earlier cancel (or another) took effect: confirmed from the list, no cancel sent.
+      saw('confirmed')
+      if (answer.status !== 200 || delta !== 0 || !/confirmed/.test(String(answer.body.message))) fail('an unknown outcome that took effect is confirmed', what(answer))
+      if (answer.headers['idempotent-replayed'] !== undefined) fail('a confirmation is no replay', what(answer))
+      records.set(recordId(patient, key), { state: 'done', appt, reason, status: 200, body: answer.body })
+    } else {
+      const kept = checkFresh(cmd, appt, answer, delta, true)
+      if (kept === 'release') records.delete(recordId(patient, key))
+      else if (kept !== 'none') records.set(recordId(patient, key), kept)
+    }
+    // The upstream's 429 starts a shared cooldown (at least 1 s): let it end, so that the next
+    // command meets the upstream again.
+    if (answer.status === 429) await sleep(1100)
+  }
+
+  async function doFlight (cmd: FlightCmd): Promise<void> {
+    const patient = SESSION_PATIENT[cmd.session]!
+    const own = [0, 1].map((i) => i + patient * 2).filter((i) => !cancelled.has(appts[i]!))
+    if (own.length === 0) return
+    const appt = appts[own[cmd.appt % own.length]!]!
+    const reason = REASONS[cmd.reason]
+    const key = `MODELKEY-${run}-flight-${flights++}`
+    stack.keysUsed.add(key)
+    const other = patient * 2 + (1 - (cmd.session % 2))
+    const before = cancelCalls(sandbox)
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 300, endpoint: 'cancel', times: 1 })
+    const first = send(apps[cmd.app]!, tokens[cmd.session]!, appt, reason, { 'idempotency-key': key })
+    const end = Date.now() + 3000
+    while (cancelCalls(sandbox) === before && Date.now() < end) await sleep(5)
+    if (cancelCalls(sandbox) === before) fail('the held cancel never reached the upstream', cmd)
+    // The patient's other session, on either replica: the same key is still in flight.
+    const again = await send(apps[cmd.otherApp]!, tokens[other]!, appt, reason, { 'idempotency-key': key })
+    saw('in flight')
+    if (again.status !== 409 || again.body.code !== 'IDEMPOTENCY_IN_FLIGHT' || !/^[12]$/.test(String(again.headers['retry-after']))) {
+      fail('a key in flight: 409 with Retry-After', { cmd, status: again.status, body: again.body, headers: again.headers })
+    }
+    const otherReason = await send(apps[cmd.otherApp]!, tokens[other]!, appt, reason === undefined ? 'x' : undefined, { 'idempotency-key': key })
+    if (otherReason.status !== 422 || otherReason.body.code !== 'IDEMPOTENCY_MISMATCH') fail('another reason under a key in flight: 422', { cmd, status: otherReason.status })
+    const answer = await first
+    sandbox.control.clearFailure()
+    if (answer.status !== 200 || cancelCalls(sandbox) - before !== 1) fail('the held cancel: 200 after one call', { cmd, status: answer.status, body: answer.body })
+    cancelled.add(appt)
+    records.set(recordId(patient, key), { state: 'done', appt, reason, status: 200, body: answer.body })
+  }
+
+  const history: CancelCmd[] = []
+  for (const cmd of cmds) {
+    if (cmd.kind === 'cancel') {
+      await doCancel(cmd)
+      if (cmd.refusal === 'none') history.push(cmd)
+    } else if (cmd.kind === 'retry') {
+      const earlier = history[cmd.pick % Math.max(1, history.length)]
+      if (earlier === undefined) continue
+      const session = cmd.otherSession ? earlier.session ^ 1 : earlier.session
+      await doCancel({ ...earlier, session, app: cmd.app, mode: cmd.mode })
+    } else {
+      await doFlight(cmd)
+    }
+  }
+  // Every stored answer replays once more, from the patient's other session and every replica.
+  for (const [id, rec] of records) {
+    if (rec.state !== 'done') continue
+    const [patient, key] = id.split('\0') as [string, string]
+    for (const app of apps) {
+      const before = cancelCalls(sandbox)
+      const answer = await send(app, tokens[Number(patient) * 2 + 1]!, rec.appt, rec.reason, { 'idempotency-key': key })
+      if (answer.status !== rec.status || JSON.stringify(answer.body) !== JSON.stringify(rec.body) || answer.headers['idempotent-replayed'] !== 'true' || cancelCalls(sandbox) !== before) {
+        fail('a final replay differs from the first answer', { key, first: rec, status: answer.status, body: answer.body })
+      }
+    }
+  }
+  t.pass(`run ${run}: ${cmds.length} commands, ${records.size} keys held`)
+}
+
+async function property (t: Test, replicas: 1 | 2, numRuns: number): Promise<void> {
+  const stack = await buildStack(t, replicas)
+  await fc.assert(fc.asyncProperty(fc.array(cmdArb(replicas), { minLength: 4, maxLength: 16, size: 'max' }), async (cmds) => {
+    await runModel(t, stack, cmds, replicas)
+  }), { numRuns, endOnFailure: true })
+  // The key is never logged, in any form the client sent it.
+  const leaked = [...stack.keysUsed].filter((key) => stack.logs.some((line) => line.includes(key)))
+  t.same(leaked, [], 'no Idempotency-Key in any log line')
+  t.ok(stack.logs.length > 0, 'the log lines were captured')
+  t.comment([...stack.seen].sort().map(([kind, count]) => `${kind}: ${count}`).join('; '))
+}
+
+t.test('model: one app on memory state', async (t) => {
+  await property(t, 1, 10)
+})
+
+t.test('model: two replicas sharing one Redis', async (t) => {
+  await property(t, 2, 10)
+})
