@@ -1,6 +1,9 @@
 import { randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import { connect, type AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import fc from 'fast-check'
+import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
@@ -121,7 +124,7 @@ interface Stack {
   seen: Map<string, number>
 }
 
-async function buildStack (t: Test, replicas: 1 | 2): Promise<Stack> {
+async function buildStack (t: Test, replicas: 1 | 2, env: Record<string, string> = {}, now?: () => number): Promise<Stack> {
   const sandbox = await startSandbox(t)
   const redis = replicas === 2 ? await startRedis(t) : undefined
   const logs: string[] = []
@@ -133,13 +136,15 @@ async function buildStack (t: Test, replicas: 1 | 2): Promise<Stack> {
       upstreamUrl: sandbox.url,
       ...(redis === undefined ? {} : { redis }),
       logStream,
+      ...(now === undefined ? {} : { now }),
       env: {
         CV_API_KEY: SANDBOX_KEY,
         CV_TIMEOUT_MS: '2000',
         RATE_LIMIT_CANCEL: '10000/1m',
         RATE_LIMIT_SESSION: '10000/1m',
         RATE_LIMIT_IP: '10000/1m',
-        SERVICE_SECRET: 'model-test-service-secret-0123456789abcdef'
+        SERVICE_SECRET: 'model-test-service-secret-0123456789abcdef',
+        ...env
       }
     })
     apps.push(app)
@@ -363,4 +368,143 @@ t.test('model: one app on memory state', async (t) => {
 
 t.test('model: two replicas sharing one Redis', async (t) => {
   await property(t, 2, 10)
+})
+
+/** One request over a real socket, its header block written byte for byte (`Connection: close`). */
+async function raw (port: number, head: Buffer): Promise<{ status: number, headers: string, body: string }> {
+  const socket = connect({ host: '127.0.0.1', port })
+  const chunks: Buffer[] = []
+  socket.on('data', (chunk: Buffer) => { chunks.push(chunk) })
+  socket.setTimeout(5000, () => { socket.destroy() })
+  socket.write(head)
+  await once(socket, 'close')
+  const text = Buffer.concat(chunks).toString('latin1')
+  const [headers = '', body = ''] = text.split('\r\n\r\n')
+  return { status: Number(/^HTTP\/1\.1 (\d{3})/.exec(headers)?.[1] ?? 0), headers, body }
+}
+
+t.test('key spellings at the boundary, over a real socket: 1 and 255 visible ASCII characters are keys; 0, 256, a space, a control character and non-ASCII are 400 and send nothing', async (t) => {
+  const stack = await buildStack(t, 1)
+  const app = stack.apps[0]!
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const port = (app.server.address() as AddressInfo).port
+  const token = stack.tokens[0]!
+  const request = (id: string, keyLines: Buffer[]): Buffer => Buffer.concat([
+    Buffer.from(`POST /appointments/${id}/cancel HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nConnection: close\r\n`, 'latin1'),
+    ...keyLines.flatMap((line) => [Buffer.from('Idempotency-Key:', 'latin1'), line, Buffer.from('\r\n', 'latin1')]),
+    Buffer.from('\r\n', 'latin1')
+  ])
+  const seed = (): string => stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  const calls = (): number => cancelCalls(stack.sandbox)
+
+  const accepted: Array<[string, string]> = [
+    ['1 character', '!'],
+    ['1 character, the last visible one', '~'],
+    ['255 characters', `K${'x'.repeat(253)}~`],
+    ['every visible ASCII character', Array.from({ length: 94 }, (_, i) => String.fromCharCode(0x21 + i)).join('')]
+  ]
+  for (const [label, key] of accepted) {
+    const id = seed()
+    const before = calls()
+    const first = await raw(port, request(id, [Buffer.from(` ${key}`, 'latin1')]))
+    t.equal(first.status, 200, `${label}: runs`)
+    const again = await raw(port, request(id, [Buffer.from(` ${key}`, 'latin1')]))
+    t.equal(again.status, 200, `${label}: replayed`)
+    t.match(again.headers, /\r\nidempotent-replayed: true\r\n/i)
+    t.equal(calls() - before, 1, `${label}: one cancel`)
+    stack.keysUsed.add(key)
+  }
+
+  // Optional whitespace around a field value is not part of it (RFC 9110, 5.5): the same key.
+  const padded = seed()
+  t.equal((await raw(port, request(padded, [Buffer.from('   spaced-key-1\t ', 'latin1')]))).status, 200)
+  const unpadded = await raw(port, request(padded, [Buffer.from('spaced-key-1', 'latin1')]))
+  t.match(unpadded.headers, /\r\nidempotent-replayed: true\r\n/i, 'surrounding whitespace is not part of the key')
+  // Keys compare exactly: another case is another key (a new action), never a mismatch.
+  const cased = seed()
+  const upper = await raw(port, request(cased, [Buffer.from('SPACED-KEY-1', 'latin1')]))
+  t.equal(upper.status, 200, 'another case of a key is another key')
+  t.notMatch(upper.headers, /idempotent-replayed/i)
+
+  const refused: Array<[string, Buffer[]]> = [
+    ['0 characters', [Buffer.from('', 'latin1')]],
+    ['only whitespace', [Buffer.from('   ', 'latin1')]],
+    ['256 characters', [Buffer.from(`K${'x'.repeat(254)}~`, 'latin1')]],
+    ['an inner space', [Buffer.from('has space', 'latin1')]],
+    ['an inner tab', [Buffer.from('has\ttab', 'latin1')]],
+    ['DEL', [Buffer.from('del\x7fkey', 'latin1')]],
+    ['a control character', [Buffer.from('bell\x07key', 'latin1')]],
+    ['UTF-8 non-ASCII', [Buffer.from('clé-1', 'utf8')]],
+    ['Latin-1 non-ASCII', [Buffer.from('cl\xe9-1', 'latin1')]],
+    ['two fields', [Buffer.from('twice-1', 'latin1'), Buffer.from('twice-2', 'latin1')]],
+    ['two fields, the same key', [Buffer.from('twice-3', 'latin1'), Buffer.from('twice-3', 'latin1')]]
+  ]
+  const id = seed()
+  for (const [label, lines] of refused) {
+    const before = stack.sandbox.control.calls.length
+    const answer = await raw(port, request(id, lines))
+    t.equal(answer.status, 400, `${label}: 400`)
+    t.match(answer.body, /"code":"VALIDATION_FAILED"/, `${label}: VALIDATION_FAILED`)
+    t.equal(stack.sandbox.control.calls.length, before, `${label}: no upstream call at all`)
+    for (const line of lines) if (line.length > 3) stack.keysUsed.add(line.toString('latin1'))
+  }
+  t.notOk(stack.sandbox.control.isCancelled(id))
+  const leaked = [...stack.keysUsed].filter((key) => stack.logs.some((line) => line.includes(key)))
+  t.same(leaked, [], 'no key, valid or not, in any log line')
+})
+
+t.test('24 hours: memory state replays a key until then and forgets it after (the wall clock moved for the store only)', async (t) => {
+  // The memory store reads Date.now when it is built, so the clock is moved before the app is
+  // built; the sessions, ID tokens and limits keep the real one (buildTestApp's `now`).
+  const realNow = Date.now
+  let skew = 0
+  Date.now = () => realNow() + skew
+  t.teardown(() => { Date.now = realNow })
+  const stack = await buildStack(t, 1, {}, () => realNow())
+  const app = stack.apps[0]!
+  const token = stack.tokens[0]!
+  const first = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  const second = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  const key = { 'idempotency-key': 'day-key-1' }
+  const answer = await send(app, token, first, 'r', key)
+  t.equal(answer.status, 200)
+  skew = 24 * 60 * 60 * 1000 - 60_000
+  const replay = await send(app, token, first, 'r', key)
+  t.equal(replay.status, 200, 'a minute before 24 h: replayed')
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal((await send(app, token, second, 'r', key)).status, 422, 'and still bound to its appointment')
+  skew = 24 * 60 * 60 * 1000 + 2_000
+  const later = await send(app, token, second, 'r', key)
+  t.equal(later.status, 200, 'after 24 h the key is free: another appointment under it runs')
+  t.equal(later.headers['idempotent-replayed'], undefined)
+  t.equal(cancelCalls(stack.sandbox), 2)
+})
+
+t.test('24 hours: a Redis record lives 24 h from its answer, on Redis\'s clock', async (t) => {
+  const stack = await buildStack(t, 2)
+  const app = stack.apps[0]!
+  const id = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  t.equal((await send(app, stack.tokens[0]!, id, undefined, { 'idempotency-key': 'day-key-2' })).status, 200)
+  const client = new Redis(app.sharedState.redis!.options.port!, '127.0.0.1')
+  t.teardown(() => { client.disconnect() })
+  const keys = await client.keys('idem:*')
+  t.equal(keys.length, 1, 'one record')
+  const ttl = await client.pttl(keys[0]!)
+  t.ok(ttl > 24 * 60 * 60 * 1000 - 10_000 && ttl <= 24 * 60 * 60 * 1000, `its TTL is 24 h (${ttl} ms)`)
+  t.notOk((await client.hvals(keys[0]!)).some((value) => value.includes('day-key-2')), 'the raw key is not stored')
+})
+
+t.test('a per-session 429 before the cancel releases the key: the patient\'s other session then runs it', async (t) => {
+  const stack = await buildStack(t, 1, { RATE_LIMIT_CANCEL: '1/1m' })
+  const app = stack.apps[0]!
+  const id = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  const other = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
+  t.equal((await send(app, stack.tokens[0]!, other, undefined, {})).status, 200, 'session 0 spends its one cancel')
+  const limited = await send(app, stack.tokens[0]!, id, 'r', { 'idempotency-key': 'limited-1' })
+  t.equal(limited.status, 429)
+  t.equal(limited.body.code, 'RATE_LIMITED')
+  const elsewhere = await send(app, stack.tokens[1]!, id, 'r', { 'idempotency-key': 'limited-1' })
+  t.equal(elsewhere.status, 200, 'the key was released: it runs')
+  t.equal(elsewhere.headers['idempotent-replayed'], undefined)
+  t.equal(cancelCalls(stack.sandbox), 2)
 })
