@@ -52,7 +52,18 @@ interface RetryCmd {
   mode: Mode
 }
 
-type Cmd = CancelCmd | FlightCmd | RetryCmd
+/** The same cancel sent at once from several places (a double tap, a retry racing its first). */
+interface BurstCmd {
+  kind: 'burst'
+  keyed: boolean
+  patient: number
+  appt: number
+  reason: number
+  /** Per copy: which replica and which of the patient's sessions. */
+  copies: Array<{ app: number, session: number }>
+}
+
+type Cmd = CancelCmd | FlightCmd | RetryCmd | BurstCmd
 
 const modeArb = fc.constantFrom<Mode>('ok', 'ok', 'ok', 's400', 's404', 's500', 's429', 'reset', 'resetApplied')
 
@@ -93,6 +104,17 @@ const cmdArb = (apps: number): fc.Arbitrary<Cmd> => fc.oneof(
       otherSession: fc.boolean(),
       app: fc.nat({ max: apps - 1 }),
       mode: modeArb
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record<BurstCmd>({
+      kind: fc.constant('burst' as const),
+      keyed: fc.boolean(),
+      patient: fc.nat({ max: 1 }),
+      appt: fc.nat({ max: 1 }),
+      reason: fc.nat({ max: 2 }),
+      copies: fc.array(fc.record({ app: fc.nat({ max: apps - 1 }), session: fc.nat({ max: 1 }) }), { minLength: 2, maxLength: 4 })
     })
   },
   {
@@ -321,6 +343,33 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     records.set(recordId(patient, key), { state: 'done', appt, reason, status: 200, body: answer.body })
   }
 
+  async function doBurst (cmd: BurstCmd): Promise<void> {
+    const appt = appts[cmd.patient * 2 + cmd.appt]!
+    if (cancelled.has(appt)) return
+    const reason = REASONS[cmd.reason]
+    const key = `MODELKEY-${run}-burst-${flights++}`
+    stack.keysUsed.add(key)
+    const before = cancelCalls(sandbox)
+    // Held a little, so that the copies overlap the first.
+    sandbox.control.setFailure({ kind: 'slow', delayMs: 150, endpoint: 'cancel', times: 1 })
+    const answers = await Promise.all(cmd.copies.map(({ app, session }) =>
+      send(apps[app]!, tokens[cmd.patient * 2 + session]!, appt, reason, cmd.keyed ? { 'idempotency-key': key } : {})))
+    sandbox.control.clearFailure()
+    const delta = cancelCalls(sandbox) - before
+    const what = { cmd, delta, answers: answers.map((answer) => ({ status: answer.status, body: answer.body, replayed: answer.headers['idempotent-replayed'] })) }
+    saw(`burst ${cmd.keyed ? 'keyed' : 'keyless'}`)
+    if (delta !== 1) fail('identical cancels at once: one upstream cancel', what)
+    const fresh = answers.filter((answer) => answer.status === 200 && answer.headers['idempotent-replayed'] === undefined)
+    const ok = cmd.keyed
+      ? fresh.length === 1 && answers.every((answer) => answer === fresh[0] ||
+        (answer.status === 409 && answer.body.code === 'IDEMPOTENCY_IN_FLIGHT') ||
+        (answer.status === 200 && answer.headers['idempotent-replayed'] === 'true' && JSON.stringify(answer.body) === JSON.stringify(fresh[0]!.body)))
+      : answers.every((answer) => answer.status === 200)
+    if (!ok) fail(cmd.keyed ? 'one keyed copy runs; the others are 409 or its replay' : 'identical key-less copies share the one 200', what)
+    cancelled.add(appt)
+    if (cmd.keyed) records.set(recordId(cmd.patient, key), { state: 'done', appt, reason, status: 200, body: fresh[0]!.body })
+  }
+
   const history: CancelCmd[] = []
   for (const cmd of cmds) {
     if (cmd.kind === 'cancel') {
@@ -331,6 +380,8 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       if (earlier === undefined) continue
       const session = cmd.otherSession ? earlier.session ^ 1 : earlier.session
       await doCancel({ ...earlier, session, app: cmd.app, mode: cmd.mode })
+    } else if (cmd.kind === 'burst') {
+      await doBurst(cmd)
     } else {
       await doFlight(cmd)
     }
@@ -363,11 +414,11 @@ async function property (t: Test, replicas: 1 | 2, numRuns: number): Promise<voi
 }
 
 t.test('model: one app on memory state', async (t) => {
-  await property(t, 1, 10)
+  await property(t, 1, 8)
 })
 
 t.test('model: two replicas sharing one Redis', async (t) => {
-  await property(t, 2, 10)
+  await property(t, 2, 8)
 })
 
 /** One request over a real socket, its header block written byte for byte (`Connection: close`). */
