@@ -264,6 +264,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     if (key !== undefined) stack.keysUsed.add(key)
     const headers: Record<string, string> = key === undefined ? {} : { 'idempotency-key': key }
     const before = cancelCalls(sandbox)
+    const beforeAny = sandbox.control.calls.length
     const what = (answer: Answer) => ({ cmd, status: answer.status, body: answer.body })
 
     if (cmd.refusal !== 'none') {
@@ -290,6 +291,10 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     const answer = await send(app, tokens[cmd.session]!, appt, reason, headers)
     sandbox.control.clearFailure()
     const delta = cancelCalls(sandbox) - before
+    // A replay, a mismatch: no upstream call of any kind (not even the ownership list).
+    const quiet = (answer: Answer): void => {
+      if (sandbox.control.calls.length !== beforeAny) fail('a replay or a refusal of the key called the upstream', what(answer))
+    }
 
     if (key === undefined) {
       checkFresh(cmd, appt, answer, delta, false)
@@ -297,11 +302,13 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       saw('mismatch')
       if (answer.status !== 422 || answer.body.code !== 'IDEMPOTENCY_MISMATCH' || delta !== 0) fail('another body under a used key: 422 without a cancel', what(answer))
       if (answer.headers['idempotent-replayed'] !== undefined) fail('a 422 is no replay', what(answer))
+      quiet(answer)
     } else if (existing?.state === 'done') {
       saw(`replay ${existing.status}`)
       if (answer.status !== existing.status || delta !== 0) fail('a replay: the first status, without a cancel', { ...what(answer), first: existing })
       if (JSON.stringify(answer.body) !== JSON.stringify(existing.body)) fail('a replay: the first body', { ...what(answer), first: existing })
       if (answer.headers['idempotent-replayed'] !== 'true') fail('a replay carries idempotent-replayed: true', what(answer))
+      quiet(answer)
     } else if (existing?.state === 'unknown' && cancelled.has(appt)) {
       // The earlier cancel (or another) took effect: confirmed from the list, no cancel sent.
       saw('confirmed')
