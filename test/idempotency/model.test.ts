@@ -147,6 +147,8 @@ interface Stack {
   keysUsed: Set<string>
   /** What the runs met, by kind of answer: shown at the end, so that a weak generator shows. */
   seen: Map<string, number>
+  /** Appointments some request was answered 200 for, by its own cancel or a confirmation. */
+  cancelledWith200: Set<string>
 }
 
 async function buildStack (t: Test, replicas: 1 | 2, env: Record<string, string> = {}, now?: () => number): Promise<Stack> {
@@ -177,7 +179,7 @@ async function buildStack (t: Test, replicas: 1 | 2, env: Record<string, string>
   }
   const tokens: string[] = []
   for (const patient of SESSION_PATIENT) tokens.push(await signIn(apps[0]!, issuerOfFirst!, PATIENTS[patient]))
-  return { apps, sandbox, tokens, logs, keysUsed: new Set(), seen: new Map() }
+  return { apps, sandbox, tokens, logs, keysUsed: new Set(), seen: new Map(), cancelledWith200: new Set() }
 }
 
 async function send (app: App, token: string | null, id: string, reason: string | undefined, headers: Record<string, string>, extra: Record<string, unknown> = {}): Promise<Answer> {
@@ -243,7 +245,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       if (answer.status !== status || answer.body.code !== code || delta !== 1) fail(`mode ${cmd.mode}: ${status} ${code ?? ''} after one cancel call`, what)
     }
     switch (cmd.mode) {
-      case 'ok': expect(200, undefined); cancelled.add(appt); return done()
+      case 'ok': expect(200, undefined); cancelled.add(appt); stack.cancelledWith200.add(appt); return done()
       case 's400': expect(400, 'UPSTREAM_REJECTED'); return done()
       case 's404': expect(404, 'APPOINTMENT_NOT_FOUND'); return done()
       case 's500': expect(502, 'UPSTREAM_ERROR'); return done()
@@ -315,6 +317,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       if (answer.status !== 200 || delta !== 0 || !/confirmed/.test(String(answer.body.message))) fail('an unknown outcome that took effect is confirmed', what(answer))
       if (answer.headers['idempotent-replayed'] !== undefined) fail('a confirmation is no replay', what(answer))
       records.set(recordId(patient, key), { state: 'done', appt, reason, status: 200, body: answer.body })
+      stack.cancelledWith200.add(appt)
     } else {
       const kept = checkFresh(cmd, appt, answer, delta, true)
       if (kept === 'release') records.delete(recordId(patient, key))
@@ -352,6 +355,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     sandbox.control.clearFailure()
     if (answer.status !== 200 || cancelCalls(sandbox) - before !== 1) fail('the held cancel: 200 after one call', { cmd, status: answer.status, body: answer.body })
     cancelled.add(appt)
+    stack.cancelledWith200.add(appt)
     records.set(recordId(patient, key), { state: 'done', appt, reason, status: 200, body: answer.body })
   }
 
@@ -379,6 +383,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       : answers.every((answer) => answer.status === 200)
     if (!ok) fail(cmd.keyed ? 'one keyed copy runs; the others are 409 or its replay' : 'identical key-less copies share the one 200', what)
     cancelled.add(appt)
+    stack.cancelledWith200.add(appt)
     if (cmd.keyed) records.set(recordId(cmd.patient, key), { state: 'done', appt, reason, status: 200, body: fresh[0]!.body })
   }
 
@@ -418,6 +423,17 @@ async function property (t: Test, replicas: 1 | 2, numRuns: number): Promise<voi
   await fc.assert(fc.asyncProperty(fc.array(cmdArb(replicas), { minLength: 4, maxLength: 16, size: 'max' }), async (cmds) => {
     await runModel(t, stack, cmds, replicas)
   }), { numRuns, endOnFailure: true })
+  // The audit trail counts each cancel once: records whose outcome is `cancelled` and whose answer
+  // was their own (earlier null) or a confirmation, one per appointment a request was answered 200 for.
+  await sleep(100)
+  const counted = new Map<string, number>()
+  for (const line of stack.logs) {
+    const audit = (JSON.parse(line) as { audit?: { outcome: string, earlier: string | null, appointmentId: string } }).audit
+    if (audit?.outcome !== 'cancelled' || (audit.earlier !== null && audit.earlier !== 'confirmed')) continue
+    counted.set(audit.appointmentId, (counted.get(audit.appointmentId) ?? 0) + 1)
+  }
+  t.same([...counted].filter(([, count]) => count > 1), [], 'no cancel counted twice in the audit trail')
+  t.same([...stack.cancelledWith200].filter((id) => !counted.has(id)), [], 'every cancel answered 200 is counted')
   // The key is never logged, in any form the client sent it.
   const leaked = [...stack.keysUsed].filter((key) => stack.logs.some((line) => line.includes(key)))
   t.same(leaked, [], 'no Idempotency-Key in any log line')
