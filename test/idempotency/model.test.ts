@@ -349,6 +349,11 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     if (again.status !== 409 || again.body.code !== 'IDEMPOTENCY_IN_FLIGHT' || !/^[12]$/.test(String(again.headers['retry-after']))) {
       fail('a key in flight: 409 with Retry-After', { cmd, status: again.status, body: again.body, headers: again.headers })
     }
+    // Another patient's request under the same key text is theirs alone: never 409, never 422.
+    const stranger = (1 - patient) * 2
+    const theirs = await send(apps[cmd.otherApp]!, tokens[stranger]!, appts[4]!, reason, { 'idempotency-key': key })
+    if (theirs.status !== 404 || theirs.body.code !== 'APPOINTMENT_NOT_FOUND') fail('another patient\'s key is not this one', { cmd, status: theirs.status, body: theirs.body })
+    records.set(recordId(1 - patient, key), { state: 'done', appt: appts[4]!, reason, status: 404, body: theirs.body })
     const otherReason = await send(apps[cmd.otherApp]!, tokens[other]!, appt, reason === undefined ? 'x' : undefined, { 'idempotency-key': key })
     if (otherReason.status !== 422 || otherReason.body.code !== 'IDEMPOTENCY_MISMATCH') fail('another reason under a key in flight: 422', { cmd, status: otherReason.status })
     const answer = await first
