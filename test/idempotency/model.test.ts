@@ -8,6 +8,8 @@ import t, { type Test } from 'tap'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { startRedis } from '../helpers/redis.js'
+import { Browser } from '../web/browser.js'
+import { SESSION_COOKIE, startWebStack } from '../web/stack.js'
 import type { Failure } from '../../src/care360/sandbox.js'
 import type { App } from '../../src/app.js'
 
@@ -591,4 +593,32 @@ t.test('a per-session 429 before the cancel releases the key: the patient\'s oth
   t.equal(elsewhere.status, 200, 'the key was released: it runs')
   t.equal(elsewhere.headers['idempotent-replayed'], undefined)
   t.equal(cancelCalls(stack.sandbox), 2)
+})
+
+t.test('a CSRF refusal (403) leaves the key free: the same request with X-CSRF then runs, and replays', async (t) => {
+  const stack = await startWebStack(t, { sandbox: true, env: { CORS_ORIGINS: 'https://app.example.com' } })
+  const browser = new Browser()
+  await stack.signIn(browser, PATIENTS[0]!)
+  const cookie = stack.sessionOf(browser) as string
+  const id = stack.sandbox!.control.seedAppointment(PATIENTS[0]!).id
+  const cancel = async (headers: Record<string, string>) => await stack.app.inject({
+    method: 'POST',
+    url: `/appointments/${id}/cancel`,
+    cookies: { [SESSION_COOKIE]: cookie },
+    payload: { reason: 'r' },
+    headers: { 'idempotency-key': 'csrf-key-1', ...headers }
+  })
+  const refusals: Array<Record<string, string>> = [{}, { 'x-csrf': '1', origin: 'https://evil.example' }]
+  for (const headers of refusals) {
+    const refused = await cancel(headers)
+    t.equal(refused.statusCode, 403)
+    t.equal(refused.json().code, 'CSRF_REJECTED')
+  }
+  const first = await cancel({ 'x-csrf': '1', origin: 'https://app.example.com' })
+  t.equal(first.statusCode, 200, 'the key was never taken')
+  t.equal(first.headers['idempotent-replayed'], undefined)
+  const again = await cancel({ 'x-csrf': '1' })
+  t.equal(again.statusCode, 200)
+  t.equal(again.headers['idempotent-replayed'], 'true')
+  t.equal(cancelCalls(stack.sandbox!), 1)
 })
