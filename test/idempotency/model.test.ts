@@ -34,6 +34,8 @@ interface CancelCmd {
   reason: number
   mode: Mode
   refusal: Refusal
+  /** The id in upper case: the same appointment (UUIDs compare case-insensitively). */
+  upper: boolean
 }
 
 interface FlightCmd {
@@ -52,6 +54,7 @@ interface RetryCmd {
   otherSession: boolean
   app: number
   mode: Mode
+  upper: boolean
 }
 
 /** The same cancel sent at once from several places (a double tap, a retry racing its first). */
@@ -98,7 +101,8 @@ const cmdArb = (apps: number): fc.Arbitrary<Cmd> => fc.oneof(
       appt: fc.nat({ max: 4 }),
       reason: fc.nat({ max: 2 }),
       mode: modeArb,
-      refusal: fc.constantFrom<Refusal>('none', 'none', 'none', 'none', 'none', 'noSession', 'badId', 'badBody', 'badKey')
+      refusal: fc.constantFrom<Refusal>('none', 'none', 'none', 'none', 'none', 'noSession', 'badId', 'badBody', 'badKey'),
+      upper: fc.boolean()
     })
   },
   {
@@ -108,7 +112,8 @@ const cmdArb = (apps: number): fc.Arbitrary<Cmd> => fc.oneof(
       pick: fc.nat({ max: 30 }),
       otherSession: fc.boolean(),
       app: fc.nat({ max: apps - 1 }),
-      mode: modeArb
+      mode: modeArb,
+      upper: fc.boolean()
     })
   },
   {
@@ -293,7 +298,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
     // never sent its cancel, and an already-cancelled appointment is answered as it is.
     const mayGo = owner(cmd.appt) === patient && !cancelled.has(appt) && (existing === undefined || (existing.state === 'unknown' && sameBody))
     if (mayGo && cmd.mode !== 'ok') sandbox.control.setFailure({ ...FAILURES[cmd.mode], endpoint: 'cancel', times: 1 })
-    const answer = await send(app, tokens[cmd.session]!, appt, reason, headers)
+    const answer = await send(app, tokens[cmd.session]!, cmd.upper ? appt.toUpperCase() : appt, reason, headers)
     sandbox.control.clearFailure()
     const delta = cancelCalls(sandbox) - before
     // A replay, a mismatch: no upstream call of any kind (not even the ownership list).
@@ -404,7 +409,7 @@ async function runModel (t: Test, stack: Stack, cmds: Cmd[], replicas: 1 | 2): P
       const earlier = history[cmd.pick % Math.max(1, history.length)]
       if (earlier === undefined) continue
       const session = cmd.otherSession ? earlier.session ^ 1 : earlier.session
-      await doCancel({ ...earlier, session, app: cmd.app, mode: cmd.mode })
+      await doCancel({ ...earlier, session, app: cmd.app, mode: cmd.mode, upper: cmd.upper })
     } else if (cmd.kind === 'burst') {
       await doBurst(cmd)
     } else {
