@@ -440,7 +440,7 @@ async function property (t: Test, replicas: 1 | 2, numRuns: number): Promise<voi
     endOnFailure: true,
     // Bounded in time as well as in runs (the upstream's 429 and timeouts each cost about a second):
     // on a busy machine fewer runs are made, never a slower file.
-    interruptAfterTimeLimit: 3000,
+    interruptAfterTimeLimit: 2500,
     markInterruptAsFailure: false
   })
   // The audit trail counts each cancel once: records whose outcome is `cancelled` and whose answer
