@@ -8,7 +8,7 @@ import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
 import { appendHook } from './after-answer.js'
-import { SECURITY_HEADERS } from '../web/security.js'
+import { answerOptions, applyCors, SECURITY_HEADERS } from '../web/security.js'
 import { holdRetryAfterPastSpentWindows } from '../limits/headers.js'
 
 /**
@@ -349,15 +349,23 @@ export const answersPlugin = fp(answers, { name: 'answers', fastify: '5.x' })
  * path is not echoed (it is the client's text).
  */
 export function frameworkErrorAnswer (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
-  const code = ErrorCode.VALIDATION_FAILED
-  reply.errorCode = code
-  // Before routing: no hook runs, so the access line is written here.
-  request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   // Nor the draining one (app.ts, drainOnClose): the last request read on its connection.
   if (request.server.draining) {
     reply.header('connection', 'close')
     closesAfterThisAnswer(request.raw.socket)
   }
+  // A web app's script reads this 400 as any other answer, and its browser's preflight for such a
+  // path (an OPTIONS request asks nothing of the path) is answered as any other: a bare 204 with
+  // the grant of an allowed origin (web/security.ts).
+  if (applyCors(request, reply, new Set(request.server.config.corsOrigins))) {
+    // Before routing: no hook runs, so the access line is written here.
+    request.log.info({ req: request, res: { statusCode: 204 } }, 'request refused before routing')
+    answerOptions(reply.headers(SECURITY_HEADERS).header('x-request-id', request.id).header('cache-control', 'no-store'))
+    return
+  }
+  const code = ErrorCode.VALIDATION_FAILED
+  reply.errorCode = code
+  request.log.info({ req: request, res: { statusCode: 400 }, code }, 'request refused before routing')
   frameworkRefusal(error, request, reply)
   // And its count (afterEveryAnswer's hooks do not run either).
   request.server.metrics.recordRefusedBeforeRouting(400)

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import helmet, { type HelmetOptions } from 'helmet'
-import type { FastifyInstance, onRequestHookHandler } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 
 /**
  * Browser-facing protections of a JSON API: security headers on every answer, and CORS with
@@ -66,47 +66,60 @@ function answerHeaders (): Readonly<Record<string, string>> {
   return Object.freeze(headers)
 }
 
+const CORS_METHODS_FIELD = CORS_METHODS.join(', ')
+const CORS_ALLOWED_HEADERS_FIELD = CORS_ALLOWED_HEADERS.join(', ')
+const CORS_EXPOSED_HEADERS_FIELD = CORS_EXPOSED_HEADERS.join(', ')
+
+/**
+ * Writes the CORS fields of the answer to `request` on `reply`; true when the request is an
+ * OPTIONS request, which the caller answers with a bare 204. Shared by the hook below and by
+ * Fastify's refusals before routing (answers.ts), which no hook sees: a web app must be able to
+ * read those 400s too, and its preflight for such a path is answered like any other.
+ */
+export function applyCors (request: FastifyRequest, reply: FastifyReply, allowedOrigins: ReadonlySet<string>): boolean {
+  const origin = request.headers.origin
+  if (origin === undefined && request.method !== 'OPTIONS') return false
+  // Whether an answer carries a grant depends on the Origin (Fetch, CORS protocol and HTTP
+  // caches). Answers to requests without one (the mobile app's) are the same for everyone.
+  if (origin !== undefined) reply.header('vary', 'Origin')
+  const granted = origin !== undefined && allowedOrigins.has(origin)
+  if (granted) {
+    reply.header('access-control-allow-origin', origin)
+    reply.header('access-control-allow-credentials', 'true')
+  }
+  if (request.method !== 'OPTIONS') {
+    if (granted) reply.header('access-control-expose-headers', CORS_EXPOSED_HEADERS_FIELD)
+    return false
+  }
+  if (granted && request.headers['access-control-request-method'] !== undefined) {
+    reply.header('access-control-allow-methods', CORS_METHODS_FIELD)
+    reply.header('access-control-allow-headers', CORS_ALLOWED_HEADERS_FIELD)
+    reply.header('access-control-max-age', String(CORS_MAX_AGE))
+  }
+  return true
+}
+
+/** The bare 204 of an OPTIONS request; Safari waits for a body without an explicit length. */
+export function answerOptions (reply: FastifyReply): void {
+  reply.code(204).header('content-length', '0').send()
+}
+
 /**
  * CORS with credentials, for the exact origins configured (never a reflection of whatever Origin
  * came in). A request from an allowed origin gets the grant; any other gets none, which is how a
  * browser is told no. Every OPTIONS request is answered here, before the limits and any handler:
  * a preflight from an allowed origin with the methods and headers it may use, anything else with
- * a bare 204 (an OPTIONS request that is no preflight asks for nothing).
+ * a bare 204 (an OPTIONS request that is no preflight asks for nothing). Fastify's refusals
+ * before routing, which no hook sees, get the same fields (answers.ts, frameworkErrorAnswer).
  *
  * Written here rather than with @fastify/cors: the policy is a set lookup, and the plugin's hook
  * copied its options, built closures and wrote three fields on every answer, also to the mobile
  * app's requests, which carry no Origin.
  */
 function corsHook (allowedOrigins: ReadonlySet<string>): onRequestHookHandler {
-  const methods = CORS_METHODS.join(', ')
-  const allowedHeaders = CORS_ALLOWED_HEADERS.join(', ')
-  const exposedHeaders = CORS_EXPOSED_HEADERS.join(', ')
   return function cors (request, reply, done) {
-    const origin = request.headers.origin
-    if (origin === undefined && request.method !== 'OPTIONS') {
-      done()
-      return
-    }
-    // Whether an answer carries a grant depends on the Origin (Fetch, CORS protocol and HTTP
-    // caches). Answers to requests without one (the mobile app's) are the same for everyone.
-    if (origin !== undefined) reply.header('vary', 'Origin')
-    const granted = origin !== undefined && allowedOrigins.has(origin)
-    if (granted) {
-      reply.header('access-control-allow-origin', origin)
-      reply.header('access-control-allow-credentials', 'true')
-    }
-    if (request.method !== 'OPTIONS') {
-      if (granted) reply.header('access-control-expose-headers', exposedHeaders)
-      done()
-      return
-    }
-    if (granted && request.headers['access-control-request-method'] !== undefined) {
-      reply.header('access-control-allow-methods', methods)
-      reply.header('access-control-allow-headers', allowedHeaders)
-      reply.header('access-control-max-age', String(CORS_MAX_AGE))
-    }
-    // Safari waits for a body without an explicit length.
-    reply.code(204).header('content-length', '0').send()
+    if (applyCors(request, reply, allowedOrigins)) answerOptions(reply)
+    else done()
   }
 }
 
