@@ -361,6 +361,7 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
     // Before routing: no hook runs, so the access line is written here.
     request.log.info({ req: request, res: { statusCode: 204 } }, 'request refused before routing')
     answerOptions(reply.headers(SECURITY_HEADERS).header('x-request-id', request.id).header('cache-control', 'no-store'))
+    request.server.metrics.recordRefusedBeforeRouting(204)
     return
   }
   const code = ErrorCode.VALIDATION_FAILED
