@@ -16,7 +16,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
 
-export type CsrfFailure = 'cross-site' | 'header' | 'origin'
+export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded'
 
 /** Why a request fails the check, given how its session token came (if one did); null when it passes. */
 export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport | undefined) => CsrfFailure | null
@@ -35,14 +35,32 @@ export function csrfFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
 }
 
 /**
- * The check for CORS_ORIGINS. Only state-changing requests that the browser's ambient cookie
- * authenticates are checked: a bearer header cannot be added by a cross-site form, and is never
- * sent ambiently by a browser.
+ * Whether another origin's page embedded the request, by the browser's Fetch Metadata: an image,
+ * a script or a style (`no-cors`), or a frame (a navigation other than a top-level one). The
+ * SameSite=Strict cookie rides along when that page is on our site (a sibling subdomain), and
+ * although such a GET reads nothing (no CORS grant, CORP same-origin, frames denied), it would
+ * spend the patient's per-session quota: a page left open could lock its visitor out of the app.
+ * A cookie-session API serves none of them. Browsers without Fetch Metadata send none of these
+ * headers, and same-origin requests and top-level navigations pass.
+ */
+function isEmbeddedElsewhere (request: FastifyRequest): boolean {
+  const site = request.headers['sec-fetch-site']
+  if (site !== 'same-site' && site !== 'cross-site') return false
+  const mode = request.headers['sec-fetch-mode']
+  return mode === 'no-cors' || (mode === 'navigate' && request.headers['sec-fetch-dest'] !== 'document')
+}
+
+/**
+ * The check for CORS_ORIGINS. Only requests that the browser's ambient cookie authenticates are
+ * checked (a bearer header cannot be added by a cross-site form, and is never sent ambiently by a
+ * browser): state-changing ones fully, safe ones for being embedded by another origin's page.
  */
 export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
   const allowedOrigins = new Set(corsOrigins)
   return function csrfCheck (request, transport) {
-    if (transport !== 'cookie' || SAFE_METHODS.has(request.method)) return null
+    if (transport !== 'cookie') return null
+    // A safe method changes nothing, but an embedded one is refused before it counts (above).
+    if (SAFE_METHODS.has(request.method)) return isEmbeddedElsewhere(request) ? 'embedded' : null
     return csrfFailure(request, allowedOrigins)
   }
 }
