@@ -10,8 +10,11 @@ import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandle
 
 /** Request headers a web app may send cross-origin; anything else fails the preflight. */
 export const CORS_ALLOWED_HEADERS = ['content-type', 'x-csrf', 'idempotency-key', 'authorization', 'x-request-id']
-/** Answer headers a web app's script may read. */
-export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'ratelimit', 'ratelimit-policy', 'idempotent-replayed']
+/**
+ * Answer headers a web app's script may read; WWW-Authenticate too: an app on another site calls
+ * with a bearer, and its 401's challenge says whether the token was refused (sign in again).
+ */
+export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'ratelimit', 'ratelimit-policy', 'idempotent-replayed', 'www-authenticate']
 const CORS_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE']
 /** How long a browser may cache a preflight's grant (seconds). */
 const CORS_MAX_AGE = 600
