@@ -333,6 +333,8 @@ function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: n
 
 /** asctime()'s date, the third HTTP-date form: `Sun Nov  6 08:49:37 1994`. */
 const ASCTIME = /^[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/
+/** The other two HTTP-date forms (RFC 9110 5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT`. */
+const GMT_DATE = /^[A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -](\d{2}|\d{4}) \d{2}:\d{2}:\d{2} GMT$/
 
 /** Retry-After as seconds or HTTP-date (RFC 9110 §10.2.3), in ms, clamped; null when unusable. */
 export function parseRetryAfter (value: string | string[] | undefined, now = Date.now()): number | null {
@@ -341,10 +343,11 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
   let ms: number
   if (/^[0-9]+$/.test(text)) {
     ms = Number(text) * 1000
-  } else if (/[a-z]/i.test(text)) {
-    // Date.parse also reads bare numbers as years; only text that looks like a date gets here.
-    // asctime's form carries no zone, and Date.parse would read it in local time: HTTP dates are
-    // all GMT (RFC 9110 5.6.7).
+  } else if (GMT_DATE.test(text) || ASCTIME.test(text)) {
+    // Only an HTTP-date's forms: Date.parse reads nearly any text with a number in it as a date
+    // ("x 3000" is the year 3000, "Retry 2" February 2001), and a garbled header would stop every
+    // call for the clamp's 10 minutes instead of backing off. asctime's form carries no zone, and
+    // Date.parse would read it in local time: HTTP dates are all GMT (RFC 9110 5.6.7).
     const at = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text)
     if (Number.isNaN(at)) return null
     ms = at - now

@@ -1,0 +1,47 @@
+import t from 'tap'
+import { createServer, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { parseRetryAfter } from '../../src/care360/client.js'
+import { buildTestApp, signIn } from '../helpers/app.js'
+
+/**
+ * Retry-After is delay-seconds or an HTTP-date (RFC 9110 10.2.3), and an HTTP-date is one of three
+ * fixed forms (5.6.7). Any other text is no Retry-After: the cooldown backs off (1 s first), as when
+ * the header is missing. Date.parse reads almost anything with a letter and a number in it as a
+ * date ("x 3000" is the year 3000, "later, 2099" the year 2099, "Retry 2" February 2001), so a
+ * garbled header stopped every replica's upstream calls for the clamp's whole 10 minutes.
+ * (Found by test/care360/answer-fuzz.test.ts.)
+ */
+
+const NOW = Date.parse('2030-01-01T00:00:00Z')
+
+t.test('text that is not an HTTP-date is no Retry-After', async (t) => {
+  for (const garbage of ['x 3000', 'later, 2099', 'Retry 2', 'in 2099 maybe', 'Jan 2099', '2099 Jan 01']) {
+    t.equal(parseRetryAfter(garbage, NOW), null, JSON.stringify(garbage))
+  }
+})
+
+t.test('the three forms of an HTTP-date are still read', async (t) => {
+  t.equal(parseRetryAfter('Tue, 01 Jan 2030 00:00:42 GMT', NOW), 42_000, 'IMF-fixdate')
+  t.equal(parseRetryAfter('Tuesday, 01-Jan-30 00:00:42 GMT', NOW), 42_000, 'RFC 850')
+  t.equal(parseRetryAfter('Tue Jan  1 00:00:42 2030', NOW), 42_000, 'asctime')
+  t.equal(parseRetryAfter(new Date(NOW + 5000).toUTCString(), NOW), 5000, 'as Date#toUTCString writes it')
+  t.equal(parseRetryAfter('Tue, 01 Foo 2030 00:00:42 GMT', NOW), null, 'in the form of a date, but no date')
+})
+
+t.test('an upstream 429 with a garbled Retry-After: the first backoff, not a 10-minute stop', async (t) => {
+  // A raw upstream: Retry-After exactly as written.
+  const server = createServer((socket) => {
+    socket.on('error', () => {})
+    socket.once('data', () => socket.end('HTTP/1.1 429 Too Many Requests\r\nretry-after: x 3000\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}'))
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(() => server.close())
+  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
+  const token = await signIn(app, issuer, 'garbled-retry@example.com')
+  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(list.statusCode, 429)
+  t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
+  t.ok(Number(list.headers['retry-after']) <= 2, `Retry-After ${String(list.headers['retry-after'])}: the first backoff (1 to 1.25 s)`)
+})
