@@ -7,7 +7,7 @@ import fc from 'fast-check'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { InjectOptions, LightMyRequestResponse } from 'fastify'
 import { buildTestApp, signIn, TEST_API_KEY } from '../helpers/app.js'
-import { offContract, UNLIMITED } from '../fault/support.js'
+import { captureLogs, offContract, UNLIMITED } from '../fault/support.js'
 
 /**
  * Property-based fuzz of the upstream's answers. A raw TCP upstream (so that framing itself can be
@@ -38,6 +38,8 @@ const LIST_CAP = 1024 * 1024
 const CANCEL_CAP = 64 * 1024
 const MAX_TEXT = 300
 const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/u // eslint-disable-line no-control-regex
+/** Words only the upstream says: never in a log line (error lines carry our own messages only). */
+const UPSTREAM_WORDS = 'upstream-words-7f3a9c'
 const FUTURE = '2099-01-20T15:00:00Z'
 const PAST = '2001-01-20T15:00:00Z'
 
@@ -69,7 +71,7 @@ const status = fc.oneof({ weight: 5, arbitrary: fc.constantFrom(...STATUSES) }, 
 
 /** Texts the upstream may send back as `message` or `error`. */
 const text = fc.oneof(
-  fc.constantFrom('Invalid request', 'Appointment not found', 'NotFoundError', 'Meeting cancelled successfully', '', '   '),
+  fc.constantFrom('Invalid request', 'Appointment not found', 'NotFoundError', 'Meeting cancelled successfully', '', '   ', UPSTREAM_WORDS, `Error: ${UPSTREAM_WORDS}`),
   fc.string({ maxLength: 40 }),
   fc.string({ unit: 'binary', maxLength: 40 }),
   fc.string({ minLength: 290, maxLength: 2000 }),
@@ -551,9 +553,11 @@ t.test('generated upstream answers map to the contract\'s rows', async (t) => {
   // The stores' clock: moved past a cooldown after each 429 case, so the next case calls again.
   let offset = 0
   const now = (): number => Date.now() + offset
+  const { lines, stream } = captureLogs()
   const { app, issuer } = await buildTestApp(t, {
     upstreamUrl: upstream.url,
     now,
+    logStream: stream,
     env: { CV_TIMEOUT_MS: String(TIMEOUT_MS), ...UNLIMITED, SESSION_IDLE_TTL: '365d', SESSION_ABSOLUTE_TTL: '365d' }
   })
   const token = await signIn(app, issuer, EMAIL)
@@ -685,5 +689,10 @@ t.test('generated upstream answers map to the contract\'s rows', async (t) => {
       if (!once) t.fail(`cancel sent ${sent.length} times`)
       return await settle(t, 'cancel', answer, expected, from) && ok && once
     }), params)
+  })
+
+  await t.test('no log line carries the upstream\'s words (error lines name our own messages only)', async (t) => {
+    t.ok(lines.length > 0, 'log lines were written')
+    t.equal(lines.filter((line) => line.includes(UPSTREAM_WORDS)).length, 0, `none of ${lines.length} lines`)
   })
 })
