@@ -31,7 +31,7 @@ const TIMEOUT_MS = 300
 /** No answer may take longer than the upstream deadline plus this much. */
 const BOUND_MS = TIMEOUT_MS + 1500
 /** Time each property may spend (ms), whatever RUNS says: the whole file stays well under 20 s. */
-const BUDGET_MS = 3000
+const BUDGET_MS = 2500
 const EMAIL = 'fuzz.patient+care@example.com'
 const REASON = 'private fuzz reason about my knee'
 const LIST_CAP = 1024 * 1024
@@ -577,7 +577,12 @@ t.test('generated upstream answers map to the contract\'s rows', async (t) => {
   }
 
   const list = () => timed({ method: 'GET', url: '/appointments', headers: auth })
-  const cancel = (id: string) => timed({ method: 'POST', url: `/appointments/${id}/cancel`, headers: { ...auth, 'content-type': 'application/json' }, payload: { reason: REASON } })
+  const cancel = (id: string, key?: string) => timed({
+    method: 'POST',
+    url: `/appointments/${id}/cancel`,
+    headers: { ...auth, 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
+    payload: { reason: REASON }
+  })
 
   /** After a 429: the cooldown refuses without an upstream call, then the clock moves past it. */
   async function afterRateLimited (t: Test, label: string, first: LightMyRequestResponse): Promise<boolean> {
@@ -688,6 +693,41 @@ t.test('generated upstream answers map to the contract\'s rows', async (t) => {
       const once = sent.length === 1
       if (!once) t.fail(`cancel sent ${sent.length} times`)
       return await settle(t, 'cancel', answer, expected, from) && ok && once
+    }), params)
+  })
+
+  await t.test('Cancel with an Idempotency-Key: the upstream\'s answer is replayed, an unknown outcome asked again, a 429 released', async (t) => {
+    const spent = budget(t)
+    await fc.assert(fc.asyncProperty(fc.uuid(), replyArbitrary(cancelBody), async (target, reply) => {
+      if (spent()) return true
+      const body = JSON.stringify({ status: 200, success: true, message: 'ok', data: [{ id: target, end: FUTURE }] })
+      upstream.handlers.list = (_request, socket) => {
+        socket.end(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
+      }
+      upstream.handlers.cancel = (_request, socket) => writeReply(socket, reply)
+      const key = `fuzz-${target}`
+      const { answer: first } = await cancel(target, key)
+      // The retry meets a well-behaved upstream: whatever it sends is a new call.
+      upstream.handlers.cancel = NORMAL_CANCEL
+      const from = upstream.received.length
+      const { answer: again } = await cancel(target, key)
+      const calls = upstream.received.slice(from).map((request) => request.method)
+      const code = first.statusCode === 200 ? null : (first.json() as { code: string }).code
+      const message = first.statusCode === 200 ? '' : (first.json() as { message: string }).message
+      const unknown = code === 'UPSTREAM_TIMEOUT' || (code === 'UPSTREAM_ERROR' && /lost/.test(message))
+      let ok: boolean
+      if (first.statusCode === 429) {
+        // Released: the retry runs, and meets the cooldown without an upstream call.
+        ok = again.statusCode === 429 && calls.length === 0
+      } else if (unknown) {
+        // Sent, its answer lost: a fresh list finds it still there, and the cancel is sent now.
+        ok = again.statusCode === 200 && calls.filter((method) => method === 'POST').length === 1
+      } else {
+        ok = again.statusCode === first.statusCode && again.body === first.body && calls.length === 0
+      }
+      if (!ok) t.fail(`${describe(reply)}: first ${first.statusCode} ${first.body.slice(0, 100)}, then ${again.statusCode} ${again.body.slice(0, 100)} after ${calls.join(',') || 'no'} calls`)
+      if (first.statusCode === 429 || again.statusCode === 429) offset += 11 * 60_000
+      return await stillServes(t, 'idempotent cancel') && ok
     }), params)
   })
 
