@@ -336,6 +336,17 @@ const ASCTIME = /^[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/
 /** The other two HTTP-date forms (RFC 9110 5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT`. */
 const GMT_DATE = /^[A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -](\d{2}|\d{4}) \d{2}:\d{2}:\d{2} GMT$/
 
+/**
+ * An HTTP-date (RFC 9110 5.6.7) in ms, or null. Only its three forms: Date.parse reads nearly any
+ * text with a number in it as a date ("x 3000" is the year 3000, "Retry 2" February 2001).
+ * asctime's form carries no zone, and Date.parse would read it in local time: HTTP dates are all GMT.
+ */
+export function parseHttpDate (text: string): number | null {
+  if (!GMT_DATE.test(text) && !ASCTIME.test(text)) return null
+  const at = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text)
+  return Number.isNaN(at) ? null : at
+}
+
 /** Retry-After as seconds or HTTP-date (RFC 9110 §10.2.3), in ms, clamped; null when unusable. */
 export function parseRetryAfter (value: string | string[] | undefined, now = Date.now()): number | null {
   const text = (Array.isArray(value) ? value[0] : value)?.trim()
@@ -343,16 +354,12 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
   let ms: number
   if (/^[0-9]+$/.test(text)) {
     ms = Number(text) * 1000
-  } else if (GMT_DATE.test(text) || ASCTIME.test(text)) {
-    // Only an HTTP-date's forms: Date.parse reads nearly any text with a number in it as a date
-    // ("x 3000" is the year 3000, "Retry 2" February 2001), and a garbled header would stop every
-    // call for the clamp's 10 minutes instead of backing off. asctime's form carries no zone, and
-    // Date.parse would read it in local time: HTTP dates are all GMT (RFC 9110 5.6.7).
-    const at = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text)
-    if (Number.isNaN(at)) return null
-    ms = at - now
   } else {
-    return null
+    // Any other text is no Retry-After (the cooldown backs off): a garbled header read as a far
+    // date would stop every call for the clamp's 10 minutes.
+    const at = parseHttpDate(text)
+    if (at === null) return null
+    ms = at - now
   }
   return Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms))
 }
@@ -725,8 +732,8 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
   async function rateLimited (headers: IncomingHttpHeaders): Promise<never> {
     // A date is read against the answer's own Date (the upstream's clock), not ours: a skew
     // between the two clocks would otherwise lengthen or cut the cooldown by as much.
-    const answeredAt = Date.parse(String(headers.date))
-    const retryAfterMs = parseRetryAfter(headers['retry-after'], Number.isNaN(answeredAt) ? Date.now() : answeredAt)
+    const answeredAt = typeof headers.date === 'string' ? parseHttpDate(headers.date.trim()) : null
+    const retryAfterMs = parseRetryAfter(headers['retry-after'], answeredAt ?? Date.now())
     let cooldownMs: number | null = retryAfterMs
     try {
       const decided = await gate.onRateLimited(retryAfterMs)

@@ -45,3 +45,21 @@ t.test('an upstream 429 with a garbled Retry-After: the first backoff, not a 10-
   t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
   t.ok(Number(list.headers['retry-after']) <= 2, `Retry-After ${String(list.headers['retry-after'])}: the first backoff (1 to 1.25 s)`)
 })
+
+t.test('a Date that is not an HTTP-date is no clock of the upstream\'s: a Retry-After date is read against ours', async (t) => {
+  // "x 3000" read as the year 3000 made a Retry-After 30 s ahead lie in the past: a 1 s cooldown.
+  const retryAt = new Date(Date.now() + 30_000).toUTCString()
+  const server = createServer((socket) => {
+    socket.on('error', () => {})
+    socket.once('data', () => socket.end(`HTTP/1.1 429 Too Many Requests\r\ndate: x 3000\r\nretry-after: ${retryAt}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`))
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(() => server.close())
+  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
+  const token = await signIn(app, issuer, 'garbled-date@example.com')
+  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(list.statusCode, 429)
+  const seconds = Number(list.headers['retry-after'])
+  t.ok(seconds >= 28 && seconds <= 31, `Retry-After ${String(list.headers['retry-after'])}: the upstream's 30 s`)
+})
