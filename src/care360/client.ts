@@ -342,8 +342,9 @@ const GMT_DATE = /^[A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -](\d{2}|\d{4}) \d{2}:\d
  * asctime's form carries no zone, and Date.parse would read it in local time: HTTP dates are all GMT.
  */
 export function parseHttpDate (text: string): number | null {
-  if (!GMT_DATE.test(text) && !ASCTIME.test(text)) return null
-  const at = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text)
+  const asctime = ASCTIME.test(text)
+  if (!asctime && !GMT_DATE.test(text)) return null
+  const at = Date.parse(asctime ? `${text} GMT` : text)
   return Number.isNaN(at) ? null : at
 }
 
