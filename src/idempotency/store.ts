@@ -19,8 +19,9 @@ import { OwnError } from '../errors.js'
  * - unknown: the cancel may have reached the upstream but no answer came back.
  * - done: the answer (status and envelope) to replay.
  *
- * Only the fingerprint (a hash), the state, the answer and timestamps are kept: never the reason,
- * the email or the raw key.
+ * Only the fingerprint (a hash), the state, the answer and timestamps are kept: never the reason
+ * or the email. Redis names a record by a hash of scope and key; the memory store files it under
+ * the key itself (mapKeyOf).
  */
 
 export interface StoredAnswer {
