@@ -114,7 +114,11 @@ export interface RecordedCall {
 }
 
 export interface SandboxControl {
-  /** Every request that reached the calendar endpoints, in order. */
+  /**
+   * The requests that reached the calendar endpoints, in order: the latest ones, at least
+   * `maxRecordedCalls` and fewer than twice as many (a long-running demo would otherwise keep
+   * every call it was ever sent).
+   */
   readonly calls: RecordedCall[]
   /** Back to the seed: calls, failures, quota and cancellations forgotten. */
   reset (): void
@@ -132,6 +136,8 @@ export interface SandboxOptions {
   /** Exposes POST /__sandbox/failure and POST /__sandbox/reset (for the demo); off by default. */
   controlRoutes?: boolean
   logger?: FastifyServerOptions['logger']
+  /** How many recorded calls are kept at least (SandboxControl.calls); 10 000 by default. */
+  maxRecordedCalls?: number
 }
 
 /**
@@ -219,6 +225,7 @@ export async function buildSandbox (options: SandboxOptions): Promise<Sandbox> {
   const app = Fastify({ logger: options.logger ?? false, forceCloseConnections: true })
 
   const calls: RecordedCall[] = []
+  const maxRecordedCalls = options.maxRecordedCalls ?? 10_000
   const patients = new Map<string, string>()
   const appointments = new Map<string, Stored>()
   // Sliding log of accepted calls per organization (one organization: one key).
@@ -382,6 +389,8 @@ export async function buildSandbox (options: SandboxOptions): Promise<Sandbox> {
       try { body = JSON.parse(raw) } catch { body = raw }
     }
     calls.push({ method: request.method, path: url.pathname, query: request.query as Record<string, string | string[]>, headers, body, at: Date.now() })
+    // The oldest half goes at once, not one call per request (each removal moves the array).
+    if (calls.length >= 2 * maxRecordedCalls) calls.splice(0, maxRecordedCalls)
 
     const kind: Kind = url.pathname === CANCEL_PATH ? 'cancel' : 'list'
     // Infrastructure faults happen in front of the application: before auth and quota.

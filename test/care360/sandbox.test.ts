@@ -197,6 +197,17 @@ t.test('recorded calls', async (t) => {
   t.equal(sandbox.control.calls.length, 1, 'only the calendar endpoints are recorded')
 })
 
+t.test('recorded calls are bounded: the latest ones are kept', async (t) => {
+  const sandbox = await startSandbox(t, { maxRecordedCalls: 3 })
+  const lengths: number[] = []
+  for (let n = 1; n <= 8; n++) {
+    await list(sandbox, `email=n${n}@example.com`)
+    lengths.push(sandbox.control.calls.length)
+  }
+  t.same(lengths, [1, 2, 3, 4, 5, 3, 4, 5], 'at least 3 and fewer than 6, the oldest half dropped at once')
+  t.same(sandbox.control.calls.map((call) => call.query.email), ['n4@example.com', 'n5@example.com', 'n6@example.com', 'n7@example.com', 'n8@example.com'], 'in order, the latest last')
+})
+
 t.test('failure modes', async (t) => {
   t.test('status, one-shot, scoped to an endpoint', async (t) => {
     const sandbox = await startSandbox(t)
