@@ -18,7 +18,7 @@ export const OPENAPI_PATH = '/openapi.json'
 const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
   400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid, or the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
   401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
-  403: [[ErrorCode.CSRF_REJECTED, 'cookie session without `X-CSRF: 1`, from an origin not in CORS_ORIGINS, or sent cross-site (`Sec-Fetch-Site: cross-site`)']],
+  403: [[ErrorCode.CSRF_REJECTED, 'cookie session: a state-changing request without `X-CSRF: 1`, from an origin not in CORS_ORIGINS, or sent cross-site (`Sec-Fetch-Site: cross-site`); a GET or HEAD another origin\'s page embedded (`Sec-Fetch-Site` same-site or cross-site with `Sec-Fetch-Mode: no-cors`, or a navigation to other than a document)']],
   404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
   409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running (or this one held the key too long to send its cancel: nothing was sent)']],
   413: [[ErrorCode.PAYLOAD_TOO_LARGE, 'body too large']],
@@ -92,8 +92,9 @@ function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   const statuses = PROBES.has(route.url) ? [] : [429]
   if (auth === 'required') statuses.push(401)
   if (auth !== undefined) statuses.push(503)
-  // CSRF applies to every state-changing request that a session cookie authenticates.
-  if (changesState && auth !== undefined) statuses.push(403)
+  // CSRF applies to every request a session cookie authenticates: state-changing ones fully, safe
+  // ones when another origin's page embedded them (web/csrf.ts).
+  if (auth !== undefined) statuses.push(403)
   // A body is parsed on every state-changing route, whether it declares one or not (JSON, 8 KiB
   // unless the route sets its own limit; a form on the back-channel logout).
   if (changesState) statuses.push(400, 413, 415)

@@ -195,7 +195,7 @@ t.test('sign-in and the list document the errors they really answer, and only th
   t.ok(signIn.responses['503']?.headers?.['retry-after'], 'with Retry-After')
   const list = document.paths['/appointments']?.get as Operation
   t.same(codesOf(list, '400'), [ErrorCode.VALIDATION_FAILED, ErrorCode.UPSTREAM_REJECTED], 'a request that could not be parsed; Care360\'s 400 passed on')
-  t.equal(list.responses['403'], undefined, 'a GET is never refused by the CSRF check')
+  t.same(codesOf(list, '403'), [ErrorCode.CSRF_REJECTED], 'a GET another origin\'s page embedded is refused by the CSRF check')
   // Care360's codes only where Care360 is called.
   t.equal(signIn.requestBody?.required, true, 'its body, with a required idToken, is required (only an all-optional body may be left out)')
   t.same(codesOf(signIn, '400'), [ErrorCode.VALIDATION_FAILED], 'sign-in never passes on a Care360 400')
