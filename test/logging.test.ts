@@ -66,6 +66,16 @@ t.test('pathOf gives the path the router takes: no fragment, and of an absolute-
   t.equal(pathOf('x:80'), 'x:80', 'no absolute-form: as it came (the router refused it)')
 })
 
+t.test('pathOf ends the authority where the router does, strips userinfo of any scheme, and reads absolute-form only at the start', async (t) => {
+  // find-my-way (getPathFromAbsoluteUrl): the authority ends at the first `/` or `?`; `http://x?a/b` is routed as `/`.
+  t.equal(pathOf('http://x?a/b'), '/', 'the query begins at the first `?`, slashes after it included')
+  t.equal(pathOf('http://x#a/b'), '/', 'nor does a slash after a fragment begin the path')
+  // Any scheme: the userinfo never reaches the line, whatever the router makes of the target.
+  t.equal(pathOf('web+x.1-a://alice:s3cretpw@x/a'), '/a')
+  // Not absolute-form unless it starts so: logged as it came.
+  t.equal(pathOf('*http://x/a'), '*http://x/a')
+})
+
 t.test('the redaction paths censor reasons wherever they are, so operator fields are named otherwise', async (t) => {
   const { lines, stream } = capture()
   const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, stream)
