@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
+import { isIPv6, type Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, HTTPMethods, preParsingHookHandler } from 'fastify'
@@ -171,16 +171,31 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
   const host = raw.headers.host
   if (host === undefined) return raw.httpVersion === '1.1' ? closing(400, 'Host header required') : null
   if (hasTwoHosts(raw.rawHeaders)) return closing(400, 'Only one Host header is allowed')
-  return HOST_VALUE.test(host) ? null : closing(400, 'Invalid Host header')
+  return isHost(host) ? null : closing(400, 'Invalid Host header')
 }
 
 /**
  * A Host field's value: `uri-host [ ":" port ]` (RFC 9112, 3.2; RFC 3986, 3.2.2), an IP literal in
- * brackets (with a zone, `[fe80::1%25eth0]`, RFC 6874, as Node's own client writes it) or a
- * reg-name (empty for a target without authority). Node's parser has refused control
- * characters already; this refuses a space, `@` (userinfo), `/` and other text no host has.
+ * brackets (IP_LITERAL) or a reg-name (empty for a target without authority), whose `%` begins a
+ * pct-encoded octet. Node's parser has refused control characters already; this refuses a space,
+ * `@` (userinfo), `/` and other text no host has. The brackets' content is group 1.
  */
-const HOST_VALUE = /^(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?$/
+const HOST_VALUE = /^(?:\[([^\]]*)\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?$/
+
+/**
+ * An IP literal's content: IPvFuture, or an IPv6 address (group 1, checked by isIPv6) with a zone
+ * (RFC 6874, `[fe80::1%25eth0]`, or with the bare `%` Node's own client writes, `[fe80::1%eth0]`).
+ */
+const IP_LITERAL = /^(?:v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+|([0-9A-Fa-f:.]+)(?:%(?:25)?(?:[0-9A-Za-z._~-]|%[0-9A-Fa-f]{2})+)?)$/
+
+function isHost (value: string): boolean {
+  const host = HOST_VALUE.exec(value)
+  if (host === null) return false
+  if (host[1] === undefined) return true
+  const literal = IP_LITERAL.exec(host[1])
+  if (literal === null) return false
+  return literal[1] === undefined || isIPv6(literal[1])
+}
 
 /** rawHeaders' length at Node's default maxHeadersCount: 1000 fields, a name and a value each. */
 const MAX_RAW_HEADER_ENTRIES = 2000
