@@ -39,7 +39,7 @@ t.test('the ID token and logout token verifiers report aud or azp as the reason'
   const log = pino({ level: 'debug', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, { write: (line: string) => { debug.push(JSON.parse(line) as Record<string, unknown>) } })
   const idTokens = createIdTokenVerifier({ keys, audiences: [OURS], retired: createReplayGuard({ redis: null }), logouts: createLogoutMarks({ redis: null }), log })
   for (const [claims, reason] of [[extraAudience, 'aud'], [issuedToOther, 'azp']] as const) {
-    await t.rejects(idTokens.verify(await sign({ email: 'p@example.com', email_verified: true, ...claims }, 'JWT')), { statusCode: 401 })
+    await t.rejects(idTokens.verify(await sign({ email: 'p@example.com', email_verified: true, ...claims }, 'JWT')), { statusCode: 401, code: 'SESSION_REQUIRED', message: 'Invalid ID token' })
     t.equal(debug.pop()?.refusal, reason, `ID token: ${reason}`)
   }
 
