@@ -326,6 +326,8 @@ async function rawUpstream (t: Test): Promise<{ url: string, received: Received[
 // The oracle: the contract's Answers table (and the README's reading of a NotFoundError)
 
 type Envelope = Record<string, unknown>
+// Written out, not imported from the client: the oracle says which fields a patient app may get,
+// so a field the client starts passing on fails here instead of widening the expectation with it.
 interface PatientAppointment {
   id: string
   agentEventId: string | null
