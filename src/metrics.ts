@@ -64,6 +64,12 @@ const HTTP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 const SCOPES: readonly LimiterScope[] = ['ip', 'session', 'cancel', 'org_budget', 'cooldown']
 const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
+const ENDPOINTS: readonly UpstreamEndpoint[] = ['cancel', 'list']
+// Every outcome the client reports (a Record, so that a new one must be added here).
+const OUTCOMES = Object.keys({ ok: 0, rejected: 0, auth_failed: 0, rate_limited: 0, error: 0, unavailable: 0, timeout: 0 } satisfies Record<UpstreamCallOutcome, 0>) as UpstreamCallOutcome[]
+// The statuses of the refusals before routing: the HTTP parser's (parserErrorStatus), a malformed
+// URL or a CONNECT, an unsupported Expect.
+const REFUSED_STATUSES = [400, 408, 417, 431] as const
 const NOT_FOUND = 'not_found'
 
 /**
@@ -162,12 +168,20 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
   })
 
   // Children made once: the hot path increments without building or hashing label sets. Each
-  // starts at 0 in the scrape, so that rate() and alerts see a series before its first event.
+  // starts at 0 in the scrape, so that rate() and alerts see a series before its first event (the
+  // upstream outcomes and the refusals before routing too: closed vocabularies).
   const counterChild = <T extends string>(counter: Counter<T>, labels: Partial<Record<T, string>>): Incrementer => {
     counter.inc(labels, 0)
     return counter.labels(labels)
   }
   const upstreamChildren = new Map<string, Observer>()
+  for (const endpoint of ENDPOINTS) {
+    for (const outcome of OUTCOMES) {
+      upstreamDuration.zero({ endpoint, outcome })
+      upstreamChildren.set(`${endpoint}:${outcome}`, upstreamDuration.labels(endpoint, outcome))
+    }
+  }
+  for (const status of REFUSED_STATUSES) refusedBeforeRouting.inc({ status_code: String(status) }, 0)
   for (const scope of SCOPES) {
     limiterDecisions.inc({ scope, decision: 'allowed' }, 0)
     limiterDecisions.inc({ scope, decision: 'limited' }, 0)
@@ -191,13 +205,8 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
       refusedBeforeRouting.labels(String(status)).inc()
     },
     observeUpstream (endpoint, outcome, seconds) {
-      const key = `${endpoint}:${outcome}`
-      let child = upstreamChildren.get(key)
-      if (child === undefined) {
-        child = upstreamDuration.labels(endpoint, outcome)
-        upstreamChildren.set(key, child)
-      }
-      child.observe(seconds)
+      // Every endpoint and outcome has its child from the start (above).
+      ;(upstreamChildren.get(`${endpoint}:${outcome}`) as Observer).observe(seconds)
     },
     recordLimiter (scope, limited) {
       const count = decisions.get(scope) as { allowed: number, limited: number }

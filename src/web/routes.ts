@@ -104,13 +104,15 @@ export async function webRoutes (app: FastifyInstance, options: WebRoutesOptions
 
   /** Where a failed sign-in sends the browser, once it is logged and counted. */
   function failureLocation (request: FastifyRequest, reason: SignInError, cause?: unknown): string {
+    // A sign-in the per-IP limit refused was never tried: a limiter decision (counted by the
+    // limit), not a failed sign-in, as on POST /auth/session.
+    // Failures at the start (IdP unreachable) count too: the patient was sent back without a session.
+    if (reason !== 'rate_limited') app.metrics.recordSignIn('web', false)
     const fields = { signinError: reason, cause: causeSummary(cause) }
     // The patient's doing (refused, expired, a forged callback) is information; ours or the
     // identity provider's a warning, once a minute per reason while it lasts.
     if (OPERATOR_FAILURES.has(reason)) app.repeatedWarnings.warn(request.log, fields, `web sign-in failed: ${reason}`)
     else request.log.info(fields, 'web sign-in failed')
-    // Failures at the start (IdP unreachable) count too: the patient was sent back without a session.
-    app.metrics.recordSignIn('web', false)
     return `${webAppUrl}/?signin_error=${reason}`
   }
 
