@@ -51,16 +51,30 @@ function isEmbeddedElsewhere (request: FastifyRequest): boolean {
 }
 
 /**
+ * Why a safe request with the cookie is refused: another origin's page embedded it, or a page of
+ * an origin outside CORS_ORIGINS fetched it. A credentialed GET is a simple CORS request (no
+ * preflight): the browser sends it with the same-site cookie and only hides the answer from the
+ * script, so it would spend the session's quota as an image does. Its `Origin` says who asked
+ * (browsers send one with every CORS request; none with a navigation or a same-origin GET).
+ */
+function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySet<string>): CsrfFailure | null {
+  if (isEmbeddedElsewhere(request)) return 'embedded'
+  const origin = request.headers.origin
+  return origin !== undefined && !allowedOrigins.has(origin) ? 'origin' : null
+}
+
+/**
  * The check for CORS_ORIGINS. Only requests that the browser's ambient cookie authenticates are
  * checked (a bearer header cannot be added by a cross-site form, and is never sent ambiently by a
- * browser): state-changing ones fully, safe ones for being embedded by another origin's page.
+ * browser): state-changing ones fully, safe ones for being embedded by another origin's page or
+ * fetched by one outside CORS_ORIGINS.
  */
 export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
   const allowedOrigins = new Set(corsOrigins)
   return function csrfCheck (request, transport) {
     if (transport !== 'cookie') return null
-    // A safe method changes nothing, but an embedded one is refused before it counts (above).
-    if (SAFE_METHODS.has(request.method)) return isEmbeddedElsewhere(request) ? 'embedded' : null
+    // A safe method changes nothing, but an embedded or foreign one is refused before it counts (above).
+    if (SAFE_METHODS.has(request.method)) return safeRequestFailure(request, allowedOrigins)
     return csrfFailure(request, allowedOrigins)
   }
 }
