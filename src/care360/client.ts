@@ -333,18 +333,38 @@ function exchange (pool: Pool, options: Dispatcher.DispatchOptions, timeoutMs: n
 
 /** asctime()'s date, the third HTTP-date form: `Sun Nov  6 08:49:37 1994`. */
 const ASCTIME = /^[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/
-/** The other two HTTP-date forms (RFC 9110 5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT`. */
-const GMT_DATE = /^[A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -](\d{2}|\d{4}) \d{2}:\d{2}:\d{2} GMT$/
+/**
+ * The other two HTTP-date forms (RFC 9110 5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT`.
+ * The year is group 2, what comes before and after it groups 1 and 3.
+ */
+const GMT_DATE = /^([A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -])(\d{2}|\d{4})( \d{2}:\d{2}:\d{2} GMT)$/
+
+/**
+ * The year of RFC 850's two digits (RFC 9110 5.6.7): the latest year ending in them that is not
+ * more than 50 years after `now`'s. Date.parse reads 50-99 as 19xx whatever the date.
+ */
+function rfc850Year (twoDigits: number, now: number): number {
+  const limit = new Date(now).getUTCFullYear() + 50
+  return limit - (limit - twoDigits) % 100
+}
 
 /**
  * An HTTP-date (RFC 9110 5.6.7) in ms, or null. Only its three forms: Date.parse reads nearly any
  * text with a number in it as a date ("x 3000" is the year 3000, "Retry 2" February 2001).
  * asctime's form carries no zone, and Date.parse would read it in local time: HTTP dates are all GMT.
+ * `now` places a two-digit year.
  */
-export function parseHttpDate (text: string): number | null {
-  const asctime = ASCTIME.test(text)
-  if (!asctime && !GMT_DATE.test(text)) return null
-  const at = Date.parse(asctime ? `${text} GMT` : text)
+export function parseHttpDate (text: string, now = Date.now()): number | null {
+  let date = text
+  if (ASCTIME.test(text)) {
+    date = `${text} GMT`
+  } else {
+    const parts = GMT_DATE.exec(text)
+    if (parts === null) return null
+    const [, head, year, tail] = parts as unknown as [string, string, string, string]
+    if (year.length === 2) date = `${head}${rfc850Year(Number(year), now)}${tail}`
+  }
+  const at = Date.parse(date)
   return Number.isNaN(at) ? null : at
 }
 
@@ -358,7 +378,7 @@ export function parseRetryAfter (value: string | string[] | undefined, now = Dat
   } else {
     // Any other text is no Retry-After (the cooldown backs off): a garbled header read as a far
     // date would stop every call for the clamp's 10 minutes.
-    const at = parseHttpDate(text)
+    const at = parseHttpDate(text, now)
     if (at === null) return null
     ms = at - now
   }
