@@ -183,10 +183,10 @@ function earlyRefusal (request: FastifyRequest): ApiError | null {
 const HOST_VALUE = /^(?:\[([^\]]*)\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?$/
 
 /**
- * An IP literal's content: IPvFuture, or an IPv6 address (group 1, checked by isIPv6) with a zone
+ * An IP literal's content: IPvFuture (its `v` either case, as ABNF strings are), or an IPv6 address (group 1, checked by isIPv6) with a zone
  * (RFC 6874, `[fe80::1%25eth0]`, or with the bare `%` Node's own client writes, `[fe80::1%eth0]`).
  */
-const IP_LITERAL = /^(?:v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+|([0-9A-Fa-f:.]+)(?:%(?:25)?(?:[0-9A-Za-z._~-]|%[0-9A-Fa-f]{2})+)?)$/
+const IP_LITERAL = /^(?:[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+|([0-9A-Fa-f:.]+)(?:%(?:25)?(?:[0-9A-Za-z._~-]|%[0-9A-Fa-f]{2})+)?)$/
 
 function isHost (value: string): boolean {
   const host = HOST_VALUE.exec(value)
