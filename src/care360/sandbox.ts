@@ -136,7 +136,7 @@ export interface SandboxOptions {
   /** Exposes POST /__sandbox/failure and POST /__sandbox/reset (for the demo); off by default. */
   controlRoutes?: boolean
   logger?: FastifyServerOptions['logger']
-  /** How many recorded calls are kept at least (SandboxControl.calls); 10 000 by default. */
+  /** How many recorded calls are kept at least (SandboxControl.calls); 10 000 by default, 0 keeps none. */
   maxRecordedCalls?: number
 }
 
@@ -389,8 +389,8 @@ export async function buildSandbox (options: SandboxOptions): Promise<Sandbox> {
       try { body = JSON.parse(raw) } catch { body = raw }
     }
     calls.push({ method: request.method, path: url.pathname, query: request.query as Record<string, string | string[]>, headers, body, at: Date.now() })
-    // The oldest half goes at once, not one call per request (each removal moves the array).
-    if (calls.length >= 2 * maxRecordedCalls) calls.splice(0, maxRecordedCalls)
+    // The oldest half goes at once, not one call per request (each removal moves the array); at 0, each.
+    if (calls.length >= 2 * maxRecordedCalls) calls.splice(0, calls.length - maxRecordedCalls)
 
     const kind: Kind = url.pathname === CANCEL_PATH ? 'cancel' : 'list'
     // Infrastructure faults happen in front of the application: before auth and quota.
