@@ -97,8 +97,8 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
 
   // The per-client limits of a session, counted as it is looked up: one Redis round trip for the
   // session and its limits. The limits hook (limits/plugins.ts) publishes and enforces them, after
-  // the CSRF check. A request that check will refuse counts nothing, so a forged cross-site
-  // request spends none of its victim's quota: its verdict needs the headers alone, so it is
+  // the CSRF check. A request that check will refuse counts nothing (nor slides the idle expiry),
+  // so a forged cross-site request spends none of its victim's quota: its verdict needs the headers alone, so it is
   // known before the lookup, and it is still answered after the 401 of a request without a
   // session (the contract's order).
   const csrfCheck = createCsrfCheck(config.corsOrigins)
@@ -106,8 +106,8 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   const perSessionThenCancel: readonly SessionCounter[] = [...perSession, { scope: 'cancel', rate: config.limits.cancel }]
   const none: readonly SessionCounter[] = []
 
-  function countersOf (request: FastifyRequest, transport: SessionTransport): readonly SessionCounter[] {
-    if (csrfCheck(request, transport) !== null || request.routeOptions.config.sessionLimit === false) return none
+  function countersOf (request: FastifyRequest): readonly SessionCounter[] {
+    if (request.routeOptions.config.sessionLimit === false) return none
     return request.routeOptions.config.cancelLimit === true ? perSessionThenCancel : perSession
   }
 
@@ -143,7 +143,11 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
     // an attacker can drive with junk.
     const { token, transport } = presented
-    const lookup = sessions.lookup(token, countersOf(request, transport))
+    // A request the CSRF check will refuse counts nothing, nor slides the idle expiry: it is no
+    // use of the session by its patient (a sibling page's images would keep it alive).
+    const lookup = csrfCheck(request, transport) === null
+      ? sessions.lookup(token, countersOf(request))
+      : sessions.lookup(token, none, false)
     if (isPromise(lookup)) {
       lookup.then((found) => { adopt(request, mode, transport, found, done) }, done)
       return

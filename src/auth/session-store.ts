@@ -80,9 +80,10 @@ export interface SessionStore {
   /**
    * `get`, and when the session is live, its `counters` counted: one atomic step, on Redis one
    * round trip for the session and its limits (every authenticated request asks). The memory
-   * store answers at once.
+   * store answers at once. `touch: false` leaves the idle expiry where it is: a request that will
+   * be refused (the CSRF check) is no use of the session by its patient.
    */
-  lookup: (token: string, counters: readonly SessionCounter[]) => Awaitable<SessionLookup>
+  lookup: (token: string, counters: readonly SessionCounter[], touch?: boolean) => Awaitable<SessionLookup>
   revoke: (token: string) => Promise<void>
   /** Ends the session whose id (never its token) the caller holds, e.g. `request.session.id`. */
   revokeById: (id: string) => Promise<void>
@@ -221,7 +222,7 @@ export class MemorySessionStore implements SessionStore {
     return { token, session }
   }
 
-  get (token: string): Session | null {
+  get (token: string, touch = true): Session | null {
     if (!isWellFormedToken(token)) return null
     const session = this.#sessions.get(sessionIdOf(token))
     if (session === undefined) return null
@@ -230,14 +231,14 @@ export class MemorySessionStore implements SessionStore {
       this.#delete(session.id)
       return null
     }
-    if (at - session.lastSeenAt < touchEveryMs(this.#idleTtlMs)) return session
+    if (!touch || at - session.lastSeenAt < touchEveryMs(this.#idleTtlMs)) return session
     const touched = withExpiry({ ...session, lastSeenAt: at }, this.#idleTtlMs)
     this.#sessions.set(session.id, touched)
     return touched
   }
 
-  lookup (token: string, counters: readonly SessionCounter[]): SessionLookup {
-    const session = this.get(token)
+  lookup (token: string, counters: readonly SessionCounter[], touch = true): SessionLookup {
+    const session = this.get(token, touch)
     if (session === null) return NO_SESSION
     if (counters.length === 0) return { session, hits: NO_HITS }
     const requests = counters.map(({ scope, rate }) => ({ key: sessionCounterKey(scope, session.id), rate }))
@@ -407,12 +408,13 @@ export class RedisSessionStore implements SessionStore {
     return (await this.lookup(token, NO_COUNTERS)).session
   }
 
-  lookup (token: string, counters: readonly SessionCounter[]): Awaitable<SessionLookup> {
+  lookup (token: string, counters: readonly SessionCounter[], touch = true): Awaitable<SessionLookup> {
     if (!isWellFormedToken(token)) return NO_SESSION
     const id = sessionIdOf(token)
     const args: ScriptArg[] = [1 + counters.length, this.#sessionKey(id)]
     for (const { scope } of counters) args.push(COUNTER_PREFIX + sessionCounterKey(scope, id))
-    args.push(this.#clock(), this.#idleTtlMs, touchEveryMs(this.#idleTtlMs))
+    // Untouched: a live session was seen less than its idle lifetime ago, never that long.
+    args.push(this.#clock(), this.#idleTtlMs, touch ? touchEveryMs(this.#idleTtlMs) : this.#idleTtlMs)
     limitArgs(counters, args)
     return this.#run(async () => lookedUp(id, await lookupScript(this.#redis, ...args), counters.length, this.#idleTtlMs))
   }
