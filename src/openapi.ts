@@ -18,7 +18,7 @@ export const OPENAPI_PATH = '/openapi.json'
 const CODES_BY_STATUS: Record<number, Array<[ErrorCode, string]>> = {
   400: [[ErrorCode.VALIDATION_FAILED, 'body, params or headers invalid, or the request could not be parsed'], [ErrorCode.UPSTREAM_REJECTED, 'Care360 refused the request (its 400; its `message`/`error` passed through, capped)']],
   401: [[ErrorCode.SESSION_REQUIRED, 'no valid session (missing, unknown or expired; or an ID token that fails the checks)']],
-  403: [[ErrorCode.CSRF_REJECTED, 'cookie session: a state-changing request without `X-CSRF: 1`, from an origin not in CORS_ORIGINS, or sent cross-site (`Sec-Fetch-Site: cross-site`); a GET or HEAD another origin\'s page embedded (`Sec-Fetch-Site` same-site or cross-site with `Sec-Fetch-Mode: no-cors`, or a navigation to other than a document), or sent from an origin not in CORS_ORIGINS']],
+  403: [[ErrorCode.CSRF_REJECTED, 'cookie session: a state-changing request without `X-CSRF: 1`, from an origin not in CORS_ORIGINS, or sent cross-site (`Sec-Fetch-Site: cross-site`); a GET or HEAD another origin\'s page embedded (`Sec-Fetch-Site` same-site or cross-site with `Sec-Fetch-Mode: no-cors`, or a navigation to other than a document), or sent from an origin not in CORS_ORIGINS, or a prefetch (`Sec-Purpose: prefetch`)']],
   404: [[ErrorCode.APPOINTMENT_NOT_FOUND, "not one of the patient's own upcoming appointments, or unknown"], [ErrorCode.NOT_FOUND, 'no such route']],
   409: [[ErrorCode.IDEMPOTENCY_IN_FLIGHT, 'the first request with this Idempotency-Key is still running (or this one held the key too long to send its cancel: nothing was sent)']],
   413: [[ErrorCode.PAYLOAD_TOO_LARGE, 'body too large']],

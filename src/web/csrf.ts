@@ -16,7 +16,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
 
-export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded'
+export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded' | 'prefetch'
 
 /** Why a request fails the check, given how its session token came (if one did); null when it passes. */
 export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport | undefined) => CsrfFailure | null
@@ -51,13 +51,25 @@ function isEmbeddedElsewhere (request: FastifyRequest): boolean {
 }
 
 /**
- * Why a safe request with the cookie is refused: another origin's page embedded it, or a page of
- * an origin outside CORS_ORIGINS fetched it. A credentialed GET is a simple CORS request (no
+ * `Sec-Purpose` (a structured-field list, e.g. `prefetch`, `prefetch;prerender`) with a prefetch
+ * item: the browser asked ahead of any navigation, on a page's speculation rules or its own guess.
+ * Chromium sends a page's prefetches of another origin as navigations it began itself
+ * (`Sec-Fetch-Site: none`), with the same-site cookie, dozens a load: a sibling page's list would
+ * spend the session's quota. A JSON API serves no prefetch (a refused one is dropped, and the
+ * navigation, if it comes, asks again).
+ */
+const PREFETCH = /(?:^|,)[ \t]*prefetch[ \t]*(?:[;,]|$)/
+
+/**
+ * Why a safe request with the cookie is refused: a prefetch, another origin's page embedded it, or
+ * a page of an origin outside CORS_ORIGINS fetched it. A credentialed GET is a simple CORS request (no
  * preflight): the browser sends it with the same-site cookie and only hides the answer from the
  * script, so it would spend the session's quota as an image does. Its `Origin` says who asked
  * (browsers send one with every CORS request; none with a navigation or a same-origin GET).
  */
 function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySet<string>): CsrfFailure | null {
+  const purpose = request.headers['sec-purpose']
+  if (typeof purpose === 'string' && PREFETCH.test(purpose)) return 'prefetch'
   if (isEmbeddedElsewhere(request)) return 'embedded'
   const origin = request.headers.origin
   return origin !== undefined && !allowedOrigins.has(origin) ? 'origin' : null
@@ -66,8 +78,8 @@ function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
 /**
  * The check for CORS_ORIGINS. Only requests that the browser's ambient cookie authenticates are
  * checked (a bearer header cannot be added by a cross-site form, and is never sent ambiently by a
- * browser): state-changing ones fully, safe ones for being embedded by another origin's page or
- * fetched by one outside CORS_ORIGINS.
+ * browser): state-changing ones fully, safe ones for being prefetched, embedded by another origin's
+ * page or fetched by one outside CORS_ORIGINS.
  */
 export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
   const allowedOrigins = new Set(corsOrigins)
