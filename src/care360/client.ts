@@ -340,12 +340,21 @@ const ASCTIME = /^[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/
 const GMT_DATE = /^([A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -])(\d{2}|\d{4})( \d{2}:\d{2}:\d{2} GMT)$/
 
 /**
- * The year of RFC 850's two digits (RFC 9110 5.6.7): the latest year ending in them that is not
- * more than 50 years after `now`'s. Date.parse reads 50-99 as 19xx whatever the date.
+ * An RFC 850 date's time, its two-digit year read by RFC 9110 5.6.7: a timestamp that appears to be
+ * more than 50 years after `now` is the most recent year in the past with those digits. The rule
+ * judges the timestamp, not its year alone: on 2026-12-07, 31 Dec '76 is 1976. Date.parse reads
+ * 50-99 as 19xx whatever the date.
  */
-function rfc850Year (twoDigits: number, now: number): number {
-  const limit = new Date(now).getUTCFullYear() + 50
-  return limit - (limit - twoDigits) % 100
+function rfc850Time (head: string, twoDigits: number, tail: string, now: number): number {
+  const today = new Date(now)
+  const limit = Date.UTC(today.getUTCFullYear() + 50, today.getUTCMonth(), today.getUTCDate(),
+    today.getUTCHours(), today.getUTCMinutes(), today.getUTCSeconds(), today.getUTCMilliseconds())
+  // The latest year ending in them not after the year 50 years ahead: a later one is always more
+  // than 50 years ahead, and within that year the date decides.
+  const last = today.getUTCFullYear() + 50
+  const year = last - (last - twoDigits) % 100
+  const ahead = Date.parse(`${head}${year}${tail}`)
+  return ahead > limit ? Date.parse(`${head}${year - 100}${tail}`) : ahead
 }
 
 /**
@@ -355,16 +364,15 @@ function rfc850Year (twoDigits: number, now: number): number {
  * `now` places a two-digit year.
  */
 export function parseHttpDate (text: string, now = Date.now()): number | null {
-  let date = text
+  let at: number
   if (ASCTIME.test(text)) {
-    date = `${text} GMT`
+    at = Date.parse(`${text} GMT`)
   } else {
     const parts = GMT_DATE.exec(text)
     if (parts === null) return null
     const [, head, year, tail] = parts as unknown as [string, string, string, string]
-    if (year.length === 2) date = `${head}${rfc850Year(Number(year), now)}${tail}`
+    at = year.length === 2 ? rfc850Time(head, Number(year), tail, now) : Date.parse(text)
   }
-  const at = Date.parse(date)
   return Number.isNaN(at) ? null : at
 }
 
