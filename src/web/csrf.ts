@@ -16,7 +16,7 @@ import { ApiError, ErrorCode } from '../errors.js'
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
 
-export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded' | 'prefetch'
+export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded' | 'prefetch' | 'navigation'
 
 /** Why a request fails the check, given how its session token came (if one did); null when it passes. */
 export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport | undefined) => CsrfFailure | null
@@ -51,6 +51,18 @@ function isEmbeddedElsewhere (request: FastifyRequest): boolean {
 }
 
 /**
+ * Whether the request is a same-site page's navigation that its user did not make: no
+ * `Sec-Fetch-User: ?1`, which a browser sends only with a navigation a user activated. A sibling
+ * page that has opened a window once (on any click) can navigate it from script again and again,
+ * each a top-level document with the same-site cookie and no `Origin`. The patient's own
+ * navigations pass: a link clicked (`?1`), an address typed or a reload (`Sec-Fetch-Site: none`).
+ */
+function isScriptedNavigation (request: FastifyRequest): boolean {
+  return request.headers['sec-fetch-site'] === 'same-site' && request.headers['sec-fetch-mode'] === 'navigate' &&
+    request.headers['sec-fetch-user'] !== '?1'
+}
+
+/**
  * `Sec-Purpose` (a structured-field list, e.g. `prefetch`, `prefetch;prerender`) with a prefetch
  * item: the browser asked ahead of any navigation, on a page's speculation rules or its own guess.
  * Chromium sends a page's prefetches of another origin as navigations it began itself
@@ -61,8 +73,9 @@ function isEmbeddedElsewhere (request: FastifyRequest): boolean {
 const PREFETCH = /(?:^|,)[ \t]*prefetch[ \t]*(?:[;,]|$)/
 
 /**
- * Why a safe request with the cookie is refused: a prefetch, another origin's page embedded it, or
- * a page of an origin outside CORS_ORIGINS fetched it. A credentialed GET is a simple CORS request (no
+ * Why a safe request with the cookie is refused: a prefetch, another origin's page embedded it, a
+ * same-site page navigated to it without its user, or a page of an origin outside CORS_ORIGINS
+ * fetched it. A credentialed GET is a simple CORS request (no
  * preflight): the browser sends it with the same-site cookie and only hides the answer from the
  * script, so it would spend the session's quota as an image does. Its `Origin` says who asked
  * (browsers send one with every CORS request; none with a navigation or a same-origin GET).
@@ -71,6 +84,7 @@ function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
   const purpose = request.headers['sec-purpose']
   if (typeof purpose === 'string' && PREFETCH.test(purpose)) return 'prefetch'
   if (isEmbeddedElsewhere(request)) return 'embedded'
+  if (isScriptedNavigation(request)) return 'navigation'
   const origin = request.headers.origin
   return origin !== undefined && !allowedOrigins.has(origin) ? 'origin' : null
 }

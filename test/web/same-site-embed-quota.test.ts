@@ -47,11 +47,11 @@ t.test('a same-site page\'s images and frames spend none of its visitor\'s sessi
   const cancel = await stack.app.inject({ method: 'POST', url: `/appointments/${ALICE_APPOINTMENT}/cancel`, headers: { ...app, 'x-csrf': '1' }, cookies: { [SESSION_COOKIE]: cookie } })
   t.not(cancel.statusCode, 429, `the patient's own cancel is not refused for a quota others spent: ${cancel.statusCode}`)
 
-  // Same-origin requests, top-level navigations and requests from browsers without Fetch Metadata
-  // are served as before.
+  // Same-origin requests, top-level navigations the patient made (a link clicked: Sec-Fetch-User)
+  // and requests from browsers without Fetch Metadata are served as before.
   const served = [
     { 'sec-fetch-site': 'same-origin', 'sec-fetch-mode': 'no-cors', 'sec-fetch-dest': 'image' },
-    { 'sec-fetch-site': 'same-site', 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' },
+    { 'sec-fetch-site': 'same-site', 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document', 'sec-fetch-user': '?1' },
     { 'sec-fetch-site': 'none', 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' },
     {}
   ]
