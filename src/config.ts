@@ -355,6 +355,36 @@ function checkTogether (raw: Record<string, string>, decoded: Record<string, unk
 
 const KNOWN = new Set(Object.keys(EnvSchema.properties))
 
+/** Levenshtein distance, for the near misses below (names are short: at most a few dozen characters). */
+function distance (a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j)
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i]
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min((previous[j] as number) + 1, (current[j - 1] as number) + 1, (previous[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1))
+    }
+    previous = current
+  }
+  return previous[b.length] as number
+}
+
+/**
+ * Variables this service does not read whose names are a near miss of one it does (`CV_APIKEY`,
+ * `RATE_LIMIT_SESION`, `REDIS_URI`, `log_level`): set, they change nothing, and the default stands
+ * in silently. Each as [its name, the name it nearly spells]: one edit away, or two for names of 8
+ * characters or more (so that `HOME` or `TERM` are not taken for `HOST` or `PORT`), or the same
+ * name in another case. Never a value. The entry point writes a warning for each.
+ */
+export function unknownVariables (source: Record<string, string | undefined>): Array<[string, string]> {
+  const found: Array<[string, string]> = []
+  for (const name of Object.keys(source)) {
+    if (KNOWN.has(name) || source[name] === undefined) continue
+    const meant = [...KNOWN].find((known) => known === name.toUpperCase() || distance(name, known) <= (known.length >= 8 ? 2 : 1))
+    if (meant !== undefined) found.push([name, meant])
+  }
+  return found
+}
+
 /**
  * Reads the configuration from an environment map (process.env at the entry point, a plain object
  * in tests). Throws a ConfigError naming every bad variable.
@@ -419,17 +449,33 @@ function secretOf (raw: Record<string, string>, name: 'CV_API_KEY' | 'SERVICE_SE
   }
   if (file === undefined) {
     if (value === undefined && name === 'CV_API_KEY') problems.push([name, `is required (or ${fileName})`])
+    if (value !== undefined && name === 'CV_API_KEY' && isQuoted(value)) {
+      problems.push([name, QUOTED])
+      return null
+    }
     return value ?? null
   }
   try {
     const held = readFileSync(file, 'utf8').trim()
-    if (syntax.test(held)) return held
-    problems.push([fileName, `the file must hold ${what}`])
+    if (syntax.test(held)) {
+      if (name === 'CV_API_KEY' && isQuoted(held)) problems.push([fileName, QUOTED])
+      else return held
+    } else {
+      problems.push([fileName, `the file must hold ${what}`])
+    }
   } catch (error) {
     problems.push([fileName, `cannot be read (${String((error as NodeJS.ErrnoException).code)})`])
   }
   return null
 }
+
+/**
+ * A key wrapped in a pair of quotes: `docker run --env-file` and compose's `environment:` list
+ * keep them (CV_API_KEY="..."), and the upstream would refuse every call with it (502
+ * UPSTREAM_AUTH_FAILED). No organization key is written that way.
+ */
+const isQuoted = (key: string): boolean => /^(["'`]).*\1$/.test(key)
+const QUOTED = 'the key is wrapped in quotes, which would be sent as part of it (docker env files and compose keep quotes): remove them'
 
 function describe (schema: TSchema): string {
   const s = schema as { description?: string, anyOf?: Array<{ const?: unknown }> }

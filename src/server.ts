@@ -1,7 +1,8 @@
+import type { Server } from 'node:net'
 import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
 import { buildApp, shutDown, shutdownDeadlineFor } from './app.js'
-import { ConfigError, loadConfig, type Config } from './config.js'
+import { ConfigError, loadConfig, unknownVariables, type Config } from './config.js'
 import { listenAddress, listenRefusal } from './listener.js'
 import { buildMetricsServer } from './metrics.js'
 
@@ -46,6 +47,10 @@ async function main (): Promise<void> {
   }
 
   const app = await buildApp(config, { logStream: logDestination() })
+  // A near miss of a variable's name changes nothing (the default stands in): said, never its value.
+  for (const [variable, meant] of unknownVariables(process.env)) {
+    app.log.warn({ variable, meant }, `${variable} is not a variable this service reads (${meant}?): ignored`)
+  }
   if (config.keyRoot.fromApiKey) {
     app.log.warn('SERVICE_SECRET is not set: patient hashes (log lines, Idempotency-Key records) derive from the organization key, and rotating that key re-keys them')
   }
@@ -72,6 +77,21 @@ async function main (): Promise<void> {
   if (metricsServer !== null) {
     await listenOrRefuse(async () => await metricsServer.listen({ host: await listenAddress(config.host), port: config.metricsPort }), 'METRICS_PORT', config.host, config.metricsPort)
   }
+  // One line an operator can read the start from: where it listens, and on which state (the
+  // configured mode: a Redis unreachable at start has its own warning). No URL of Redis (it may
+  // hold a password), no key.
+  const sharedState = config.redisUrl === null ? 'memory' : 'redis'
+  app.log.info({
+    address: urlOf(app.server.address()),
+    metrics: metricsServer === null ? null : urlOf(metricsServer.server.address()),
+    sharedState,
+    replicas: config.replicas
+  }, `started: ${sharedState === 'memory' ? 'in-memory state (one process)' : 'shared state in Redis'}`)
+}
+
+function urlOf (address: ReturnType<Server['address']>): string | null {
+  if (address === null || typeof address === 'string') return address
+  return `http://${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${address.port}`
 }
 
 /**

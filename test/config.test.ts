@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { CARE360_ORIGINS, ConfigError, EnvSchema, isLoopbackHost, loadConfig, parseDuration, parseRate, redisUrlProblem } from '../src/config.js'
+import { CARE360_ORIGINS, ConfigError, EnvSchema, isLoopbackHost, loadConfig, parseDuration, parseRate, redisUrlProblem, unknownVariables } from '../src/config.js'
 
 const base = { CV_API_KEY: 'org-secret-key-123', OIDC_ISSUER: 'https://idp.example.com', OIDC_CLIENT_ID: 'patient-web' }
 
@@ -240,6 +240,34 @@ t.test('the key: exactly one of CV_API_KEY and CV_API_KEY_FILE, never echoed', a
   const badKey = refusal({ ...base, CV_API_KEY: 'has a space-secret' })
   t.same(badKey.variables, ['CV_API_KEY'])
   t.notMatch(badKey.message, 'space-secret')
+})
+
+t.test('the key in quotes (docker env files and compose keep them) is refused, never echoed', async (t) => {
+  const { CV_API_KEY: _key, ...noKey } = base
+  for (const quoted of ['"org-secret-key-123"', "'org-secret-key-123'", '`org-secret-key-123`']) {
+    const error = refusal({ ...base, CV_API_KEY: quoted })
+    t.same(error.variables, ['CV_API_KEY'])
+    t.match(error.message, 'quotes')
+    t.notMatch(error.message, 'org-secret-key-123')
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'bff-config-'))
+  const file = join(dir, 'key')
+  writeFileSync(file, '"file-held-key-456"\n')
+  const inFile = refusal({ ...noKey, CV_API_KEY_FILE: file })
+  t.same(inFile.variables, ['CV_API_KEY_FILE'])
+  t.notMatch(inFile.message, 'file-held-key-456')
+  // A quote inside the key, or on one side only, is the key's own.
+  t.equal(loadConfig({ ...base, CV_API_KEY: 'a"b' }).care360.apiKey, 'a"b')
+  t.equal(loadConfig({ ...base, CV_API_KEY: '"ab' }).care360.apiKey, '"ab')
+  t.equal(loadConfig({ ...base, CV_API_KEY: '"ab\'' }).care360.apiKey, '"ab\'')
+  // A quoted service secret is left alone: sent nowhere, the same on every replica.
+  t.equal(loadConfig({ ...base, SERVICE_SECRET: `"${'x'.repeat(32)}"` }).keyRoot.fromApiKey, false)
+})
+
+t.test('unknownVariables: near misses of the names read, for the start-up warning', async (t) => {
+  t.same(unknownVariables({ RATE_LIMIT_SESION: '10/1m', CV_APIKEY: 'x', REDIS_URI: 'redis://r', cv_env: 'production', HOME: '/root', TERM: 'xterm', REDIS_PORT: 'tcp://10.0.0.1:6379', PORT: '3000', HOSTNAME: 'pod-1', NODE_ENV: 'production' }),
+    [['RATE_LIMIT_SESION', 'RATE_LIMIT_SESSION'], ['CV_APIKEY', 'CV_API_KEY'], ['REDIS_URI', 'REDIS_URL'], ['cv_env', 'CV_ENV']], 'near misses only, not the environment\'s usual names')
+  t.same(unknownVariables({ CV_API_KEY: 'x', LOG_LEVEL: 'info', CV_APIKEY: undefined }), [], 'known names, and an unset one')
 })
 
 t.test('SERVICE_SECRET: optional, or from a file, at least 32 characters, never echoed', async (t) => {

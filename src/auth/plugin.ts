@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { sessionRequired } from '../errors.js'
+import { causeSummary } from '../plugins/answers.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
 import { createIssuerKeys, type IssuerKeys } from './key-set.js'
 import { createLogoutMarks } from './logout-marks.js'
@@ -86,8 +87,13 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   // The provider's discovery as the process starts, in the background: a mobile sign-out names
   // its end-session endpoint from the first request on (routes/auth.ts), and the first sign-in
   // does not wait for it. A failure is retried by the next token checked or sign-out.
+  // A failure at start is said at start (once; later ones are the sign-ins' lines): an OIDC_ISSUER
+  // mistyped, or whose discovery names another issuer, would otherwise go unnoticed until the
+  // first patient's sign-in failed.
   app.addHook('onReady', function discoverProvider (done) {
-    app.issuerKeys.resolve().catch(() => {})
+    app.issuerKeys.resolve().catch(function saidAtStart (error: unknown) {
+      app.log.warn({ err: { cause: causeSummary(error) } }, 'OIDC_ISSUER: the identity provider could not be discovered at start; sign-ins answer 503 until it can (each retries it)')
+    })
     done()
   })
   app.decorate('patientRef', createPatientRef(config.keyRoot.secret))

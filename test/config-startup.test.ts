@@ -1,0 +1,233 @@
+import t from 'tap'
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { createServer, type AddressInfo } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { buildApp } from '../src/app.js'
+import { loadConfig } from '../src/config.js'
+import { freePort } from './helpers/ports.js'
+import { startRedis } from './helpers/redis.js'
+
+/**
+ * Start-up as an operator sees it: the real entry point in a child process, with environments an
+ * operator could write. The entry point is the production bundle, built from the checked-in
+ * source into a directory of this suite's own (scripts/build.mjs, BUILD_OUTDIR), so that it never
+ * lags behind src/ and each start costs a fraction of what tsx's compile on the fly does.
+ */
+t.setTimeout(60_000)
+
+const KEY = 'org-secret-key-123'
+const CLIENT_SECRET = 'web-client-secret-456'
+const REDIS_PASSWORD = 'redis-pw-secret-789'
+const SECRETS = [KEY, CLIENT_SECRET, REDIS_PASSWORD]
+
+const outdir = mkdtempSync(join(tmpdir(), 'bff-startup-'))
+const built = spawnSync(process.execPath, ['scripts/build.mjs'], { env: { ...process.env, BUILD_OUTDIR: outdir }, encoding: 'utf8', timeout: 30_000 })
+if (built.status !== 0) throw new Error(`build failed: ${built.stderr}`)
+const bundle = join(outdir, 'server.js')
+
+/** A valid configuration (in-memory, no metrics), with `env` over it; null deletes a variable. */
+function serverEnv (env: Record<string, string | null>): Record<string, string> {
+  const all: Record<string, string | null> = {
+    PATH: process.env.PATH ?? '',
+    // tap follows spawned processes; the bundle's coverage is not the suite's (test/config.test.ts).
+    _TAPJS_PROCESSINFO_COVERAGE_: '0',
+    CV_API_KEY: KEY,
+    OIDC_ISSUER: 'https://idp.example.com',
+    OIDC_CLIENT_ID: 'patient-web',
+    HOST: '127.0.0.1',
+    PORT: '1',
+    METRICS_PORT: '0',
+    ...env
+  }
+  return Object.fromEntries(Object.entries(all).filter((entry): entry is [string, string] => entry[1] !== null))
+}
+
+/** A start that must be refused: its exit status, output and time taken (bounded: a start that is not refused is killed). */
+async function refused (env: Record<string, string | null>): Promise<{ status: number | null, stdout: string, stderr: string, ms: number }> {
+  const began = Date.now()
+  const child = spawn(process.execPath, [bundle], { env: serverEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
+  const killer = setTimeout(() => { child.kill('SIGKILL') }, 6_000)
+  const [status] = await once(child, 'close') as [number | null]
+  clearTimeout(killer)
+  return { status, stdout, stderr, ms: Date.now() - began }
+}
+
+interface Running { stdout: () => string, stderr: () => string, stop: () => Promise<number | string | null> }
+
+/** A start that must succeed: the child, its output so far, and a bounded stop (SIGTERM, then SIGKILL). */
+function started (t: { teardown: (fn: () => unknown) => void }, env: Record<string, string | null>, preload: string[] = []): Running {
+  const child = spawn(process.execPath, [...preload.flatMap((file) => ['--import', file]), bundle], { env: serverEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  let err = ''
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => { out += chunk })
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => { err += chunk })
+  const exited = once(child, 'exit')
+  const stop = async (): Promise<number | string | null> => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
+    const killer = setTimeout(() => { child.kill('SIGKILL') }, 8_000)
+    await exited
+    clearTimeout(killer)
+    return child.exitCode ?? child.signalCode
+  }
+  t.teardown(stop)
+  return { stdout: () => out, stderr: () => err, stop }
+}
+
+/** Waits (bounded) until `test` holds for the output so far. */
+async function until (test: () => boolean, ms = 8_000): Promise<boolean> {
+  const end = Date.now() + ms
+  while (Date.now() < end) {
+    if (test()) return true
+    await sleep(25)
+  }
+  return test()
+}
+
+function lines (text: string): Array<Record<string, unknown>> {
+  return text.split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as Record<string, unknown>)
+}
+
+t.test('a refused start exits 1 at once with one message naming the variable, and never a secret', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'bff-startup-key-'))
+  const empty = join(dir, 'empty')
+  writeFileSync(empty, '')
+  // More refusals are checked on loadConfig itself (test/config.test.ts); these, from the process.
+  const cases: Array<[string, Record<string, string | null>, string]> = [
+    ['no key', { CV_API_KEY: null }, 'CV_API_KEY'],
+    ['key and key file', { CV_API_KEY_FILE: empty }, 'CV_API_KEY'],
+    ['key file a directory', { CV_API_KEY: null, CV_API_KEY_FILE: dir }, 'CV_API_KEY_FILE'],
+    ['quoted rate, as docker env files leave it', { CV_RATE_LIMIT: '"450/60s"' }, 'CV_RATE_LIMIT'],
+    ['REDIS_URL with a password, malformed', { OIDC_CLIENT_SECRET: CLIENT_SECRET, PUBLIC_URL: 'https://patients.example.com', REDIS_URL: `redis://:${REDIS_PASSWORD}@127.0.0.1:99999` }, 'REDIS_URL'],
+    ['METRICS_PORT equal to PORT', { PORT: '3000', METRICS_PORT: '3000' }, 'METRICS_PORT']
+  ]
+  // Two at a time: two cores.
+  const runs: Array<Awaited<ReturnType<typeof refused>>> = []
+  for (let i = 0; i < cases.length; i += 2) runs.push(...await Promise.all(cases.slice(i, i + 2).map(async ([, env]) => await refused(env))))
+  for (const [i, [what, , variable]] of cases.entries()) {
+    const run = runs[i] as Awaited<ReturnType<typeof refused>>
+    t.equal(run.status, 1, `${what}: exit 1`)
+    t.ok(run.ms < 4_500, `${what}: promptly`)
+    t.equal(run.stdout, '', `${what}: nothing on stdout`)
+    const said = run.stderr.trimEnd().split('\n')
+    t.same(said, ['Invalid configuration:', said[1]], `${what}: one message, no stack trace`)
+    t.match(said[1], new RegExp(`^ {2}${variable}: `), `${what}: names ${variable}`)
+    for (const secret of SECRETS) t.notMatch(run.stderr, secret, `${what}: no secret`)
+  }
+})
+
+t.test('a key in quotes, as a docker env file leaves them, stops start-up without quoting it', async (t) => {
+  // `docker run --env-file` and compose's `environment:` list keep quotes: CV_API_KEY="..." is
+  // the key with its quotes, which the upstream refuses on every call (502 UPSTREAM_AUTH_FAILED).
+  for (const quoted of [`"${KEY}"`, `'${KEY}'`]) {
+    const run = await refused({ CV_API_KEY: quoted })
+    t.equal(run.status, 1, `${quoted[0]}: refused`)
+    t.match(run.stderr, /^ {2}CV_API_KEY: .*quote/m, 'names the variable and says why')
+    t.notMatch(run.stderr, KEY)
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'bff-startup-key-'))
+  const file = join(dir, 'key')
+  writeFileSync(file, `"${KEY}"\n`)
+  const run = await refused({ CV_API_KEY: null, CV_API_KEY_FILE: file })
+  t.equal(run.status, 1, 'a quoted key in the file: refused')
+  t.match(run.stderr, /^ {2}CV_API_KEY_FILE: .*quote/m)
+  t.notMatch(run.stderr, KEY)
+})
+
+t.test('a start says where it listens and in which state mode, without secrets', async (t) => {
+  const port = await freePort()
+  const metricsPort = await freePort()
+  const memory = started(t, { PORT: String(port), METRICS_PORT: String(metricsPort), OIDC_CLIENT_SECRET: CLIENT_SECRET, PUBLIC_URL: 'https://patients.example.com' })
+  t.ok(await until(() => memory.stdout().includes('"sharedState"')), 'a start-up line with the state mode')
+  const line = lines(memory.stdout()).find((entry) => entry.sharedState !== undefined)
+  t.match(line, { level: 30, sharedState: 'memory', address: `http://127.0.0.1:${port}`, metrics: `http://127.0.0.1:${metricsPort}` })
+  t.equal(await memory.stop(), 0)
+
+  const redis = await startRedis(t)
+  const shared = started(t, { PORT: String(port), REDIS_URL: `${redis.url}/0` })
+  t.ok(await until(() => shared.stdout().includes('"sharedState"')), 'a start-up line with the state mode')
+  t.match(lines(shared.stdout()).find((entry) => entry.sharedState !== undefined), { sharedState: 'redis', address: `http://127.0.0.1:${port}`, metrics: null })
+  t.equal(await shared.stop(), 0)
+  for (const secret of SECRETS) t.notMatch(memory.stdout() + shared.stdout(), secret, 'no secret in the start-up lines')
+})
+
+t.test('an identity provider that cannot be discovered at start is said at start', async (t) => {
+  // A loopback port nothing listens on: what a mistyped OIDC_ISSUER host or port gives.
+  const closed = createServer()
+  closed.listen(0, '127.0.0.1')
+  await once(closed, 'listening')
+  const issuerPort = (closed.address() as AddressInfo).port
+  closed.close()
+  const server = started(t, { PORT: String(await freePort()), OIDC_ISSUER: `http://127.0.0.1:${issuerPort}` })
+  t.ok(await until(() => server.stdout().includes('Server listening')), 'it starts (the provider is retried by the next sign-in)')
+  t.ok(await until(() => /OIDC discovery/.test(server.stdout()), 5_000), 'a warning names the discovery failure')
+  const warning = lines(server.stdout()).find((entry) => typeof entry.msg === 'string' && entry.msg.includes('OIDC_ISSUER'))
+  t.match(warning, { level: 40, err: { cause: { message: 'OIDC discovery failed' } } })
+  t.match(JSON.stringify(warning), '"code":"ECONNREFUSED"', 'with the cause a network error has')
+  t.equal(await server.stop(), 0)
+})
+
+t.test('the discovery warning at start, in process: once, with the cause, not the sign-ins\' 503 line', async (t) => {
+  const closed = createServer()
+  closed.listen(0, '127.0.0.1')
+  await once(closed, 'listening')
+  const issuerPort = (closed.address() as AddressInfo).port
+  closed.close()
+  const written: string[] = []
+  const app = await buildApp(loadConfig({ CV_API_KEY: KEY, OIDC_ISSUER: `http://127.0.0.1:${issuerPort}`, OIDC_CLIENT_ID: 'patient-web' }), { logStream: { write: (line: string) => { written.push(line) } } })
+  t.teardown(async () => { await app.close() })
+  await app.ready()
+  t.ok(await until(() => written.some((line) => line.includes('OIDC_ISSUER'))), 'the warning')
+  const warnings = written.filter((line) => line.includes('OIDC_ISSUER')).map((line) => JSON.parse(line) as Record<string, unknown>)
+  t.match(warnings, [{ level: 40, err: { cause: { name: 'ProviderUnavailable', message: 'OIDC discovery failed' } } }])
+})
+
+t.test('a variable the service does not read but nearly spells is a warning at start', async (t) => {
+  const server = started(t, { PORT: String(await freePort()), RATE_LIMIT_SESION: '10/1m', LOG_LEVL: 'debug' })
+  t.ok(await until(() => server.stdout().includes('RATE_LIMIT_SESION') && server.stdout().includes('LOG_LEVL')), 'a warning per near miss')
+  const warnings = lines(server.stdout()).filter((entry) => entry.variable !== undefined)
+  t.match(warnings, [{ level: 40, variable: 'RATE_LIMIT_SESION', meant: 'RATE_LIMIT_SESSION' }, { level: 40, variable: 'LOG_LEVL', meant: 'LOG_LEVEL' }])
+  t.notMatch(server.stdout(), '10/1m', 'never the value')
+  t.equal(await server.stop(), 0)
+})
+
+t.test('SIGTERM right after start, before it listens, ends it promptly and leaves no listener', async (t) => {
+  const port = await freePort()
+  // While the bundle still loads: Node's own disposition ends it (nothing to drain yet).
+  const loading = started(t, { PORT: String(port) })
+  await sleep(50)
+  let began = Date.now()
+  t.ok([0, 'SIGTERM'].includes(await loading.stop() as number | string), 'ended by the signal')
+  t.ok(Date.now() - began < 5_000, 'promptly')
+  t.equal(loading.stderr(), '', 'nothing on stderr')
+
+  // Once the shutdown handler is in place but before the listener is up: HOST's lookup held back.
+  const dir = mkdtempSync(join(tmpdir(), 'bff-startup-preload-'))
+  const preload = join(dir, 'slow-localhost.mjs')
+  writeFileSync(preload, [
+    "import dns from 'node:dns'",
+    'const lookup = dns.promises.lookup',
+    "Object.assign(dns.promises, { lookup: async (host, options) => { if (host === 'localhost') { process.stderr.write('lookup\\n'); await new Promise((resolve) => setTimeout(resolve, 3000)) } return await lookup.call(dns.promises, host, options) } })",
+    ''
+  ].join('\n'))
+  const listening = started(t, { HOST: 'localhost', PORT: String(port), METRICS_PORT: String(await freePort()) }, [preload])
+  t.ok(await until(() => listening.stderr().includes('lookup')), 'start-up reached the listener')
+  began = Date.now()
+  t.equal(await listening.stop(), 0, 'exit 0')
+  t.ok(Date.now() - began < 2_500, 'without waiting for the listener')
+  t.equal(listening.stderr(), 'lookup\n', 'nothing else on stderr')
+  t.match(listening.stdout(), '"shutting down"')
+
+  const probe = createServer()
+  probe.listen(port, '127.0.0.1')
+  await once(probe, 'listening')
+  probe.close()
+  t.pass('the port is free again')
+})
