@@ -38,11 +38,21 @@ export function isLoopbackHost (hostname: string): boolean {
   return isIP(host) === 4 && host.startsWith('127.')
 }
 
-function isAllowedOrigin (value: string): boolean {
+const NOT_HTTPS = 'must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)'
+
+/**
+ * Why a URL cannot be an origin-style URL (https anywhere, plain http only on loopback, nothing
+ * but scheme, host and port, and a path where the variable takes one), or null: said for what is
+ * wrong with it, since "must be an https URL" for an https URL with a query sends the operator
+ * looking at the wrong part.
+ */
+function originProblem (value: string): string | null {
   let url: URL
-  try { url = new URL(value) } catch { return false }
-  if (url.username !== '' || url.password !== '' || url.search !== '' || url.hash !== '') return false
-  return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
+  try { url = new URL(value) } catch { return 'not a URL (scheme://host[:port], with a port from 1 to 65535)' }
+  if (!(url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname)))) return NOT_HTTPS
+  if (url.username !== '' || url.password !== '') return 'must not hold user information (user:password@)'
+  if (url.search !== '' || url.hash !== '') return 'must not hold a query (?) or a fragment (#)'
+  return null
 }
 
 const list = (text: string): string[] => text.split(',').map((item) => item.trim()).filter((item) => item !== '')
@@ -113,7 +123,8 @@ const PositiveInt = (description: string, max: number) =>
 /** An origin-style URL: https anywhere, plain http only on loopback. */
 const SecureUrl = (description: string) =>
   Type.Decode(Type.String({ minLength: 1, description }), (value) => {
-    if (!isAllowedOrigin(value)) throw new Error('must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)')
+    const problem = originProblem(value)
+    if (problem !== null) throw new Error(problem)
     return value.replace(/\/+$/, '')
   })
 /**
@@ -123,7 +134,8 @@ const SecureUrl = (description: string) =>
  */
 const UpstreamOrigin = (description: string) =>
   Type.Decode(Type.String({ minLength: 1, description }), (value) => {
-    if (!isAllowedOrigin(value)) throw new Error('must be an https URL (http only for localhost, 127.0.0.0/8 or ::1)')
+    const problem = originProblem(value)
+    if (problem !== null) throw new Error(problem)
     const url = new URL(value)
     if (url.pathname !== '/') throw new Error('must be an origin, without a path (the service adds the API\'s paths)')
     return url.origin
@@ -140,7 +152,8 @@ const OriginList = (description: string) =>
   Type.Decode(Type.String({ description }), (value) => {
     const origins = list(value)
     for (const origin of origins) {
-      if (!isAllowedOrigin(origin)) throw new Error(`not an https origin (http only for localhost, 127.0.0.0/8 or ::1): ${quoted(origin)}`)
+      const problem = originProblem(origin)
+      if (problem !== null) throw new Error(`${problem === NOT_HTTPS ? 'not an https origin (http only for localhost, 127.0.0.0/8 or ::1)' : `not an origin: ${problem}`}: ${quoted(origin)}`)
       if (new URL(origin).origin !== origin.replace(/\/$/, '')) throw new Error(`not an origin: ${quoted(origin)}`)
     }
     return origins.map((origin) => new URL(origin).origin)

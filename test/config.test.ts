@@ -128,6 +128,25 @@ t.test('OIDC_ISSUER, PUBLIC_URL, WEB_APP_URL: no user information, query or frag
   }
 })
 
+t.test('an https URL refused for its user information, query, fragment or port says that, not "must be an https URL"', async (t) => {
+  const web = { OIDC_CLIENT_SECRET: 'client-secret', PUBLIC_URL: 'https://patients.example.com' }
+  const cases: Array<[string, string, RegExp]> = [
+    ['CV_BASE_URL', 'https://user:pw-secret@api.example.com', /user information/],
+    ['CV_BASE_URL', 'https://api.example.com?x=1', /query/],
+    ['OIDC_ISSUER', 'https://idp.example.com/#top', /fragment/],
+    ['PUBLIC_URL', 'https://user@patients.example.com', /user information/],
+    ['CV_BASE_URL', 'http://[::1]:x', /not a URL/],
+    ['CV_BASE_URL', 'http://10.0.0.5:4010', /must be an https URL/],
+    ['CORS_ORIGINS', 'https://app.example.com?x=1', /query/]
+  ]
+  for (const [name, value, why] of cases) {
+    const error = refusal({ ...base, ...web, [name]: value })
+    t.same(error.variables, [name], `${name}=${value}`)
+    t.match(error.message, why, `${name}=${value}: ${String(why)}`)
+    t.notMatch(error.message, 'pw-secret', 'never a password')
+  }
+})
+
 t.test('REDIS_URL: what ioredis would fail on stops start-up, naming the part, never quoting the URL', async (t) => {
   // Each of these passed the old `^rediss?://` check: ioredis then threw at start-up with the URL
   // (password and all) in the stack trace, or, for a path that is not a number, sent SELECT NaN
