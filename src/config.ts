@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs'
+import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs'
 import { isIP } from 'node:net'
 import { Type, type StaticDecode, type TSchema } from 'typebox'
 import { Value } from 'typebox/value'
@@ -469,7 +469,11 @@ function secretOf (raw: Record<string, string>, name: 'CV_API_KEY' | 'SERVICE_SE
     return value ?? null
   }
   try {
-    const held = readFileSync(file, 'utf8').trim()
+    const held = readSecretFile(file)
+    if (held === null) {
+      problems.push([fileName, `must be a regular file of at most ${MAX_SECRET_FILE_BYTES} bytes`])
+      return null
+    }
     if (syntax.test(held)) {
       if (name === 'CV_API_KEY' && isQuoted(held)) problems.push([fileName, QUOTED])
       else return held
@@ -480,6 +484,30 @@ function secretOf (raw: Record<string, string>, name: 'CV_API_KEY' | 'SERVICE_SE
     problems.push([fileName, `cannot be read (${String((error as NodeJS.ErrnoException).code)})`])
   }
   return null
+}
+
+/** Far more than any key or secret: a file larger than this is the wrong file. */
+const MAX_SECRET_FILE_BYTES = 4096
+
+/**
+ * The trimmed text of a secret's file, or null when it is no regular file (a FIFO nobody writes
+ * would block start-up for ever, `/dev/zero` fill memory) or larger than MAX_SECRET_FILE_BYTES.
+ * Opened without blocking, so that a FIFO is refused rather than waited on.
+ */
+function readSecretFile (file: string): string | null {
+  const fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK)
+  try {
+    if (!fstatSync(fd).isFile()) return null
+    const buffer = Buffer.alloc(MAX_SECRET_FILE_BYTES + 1)
+    let length = 0
+    for (let read = -1; read !== 0 && length < buffer.length;) {
+      read = readSync(fd, buffer, length, buffer.length - length, null)
+      length += read
+    }
+    return length > MAX_SECRET_FILE_BYTES ? null : buffer.toString('utf8', 0, length).trim()
+  } finally {
+    closeSync(fd)
+  }
 }
 
 /**

@@ -55,8 +55,11 @@ async function refused (env: Record<string, string | null>): Promise<{ status: n
   child.stdout.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
   child.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
   const killer = setTimeout(() => { child.kill('SIGKILL') }, 6_000)
+  const orphan = (): void => { child.kill('SIGKILL') }
+  process.once('exit', orphan)
   const [status] = await once(child, 'close') as [number | null]
   clearTimeout(killer)
+  process.removeListener('exit', orphan)
   return { status, stdout, stderr, ms: Date.now() - began }
 }
 
@@ -70,6 +73,10 @@ function started (t: { teardown: (fn: () => unknown) => void }, env: Record<stri
   child.stdout.setEncoding('utf8').on('data', (chunk: string) => { out += chunk })
   child.stderr.setEncoding('utf8').on('data', (chunk: string) => { err += chunk })
   const exited = once(child, 'exit')
+  // Should tap end this file at its timeout, no server outlives it.
+  const orphan = (): void => { child.kill('SIGKILL') }
+  process.once('exit', orphan)
+  exited.then(() => { process.removeListener('exit', orphan) }, () => {})
   const stop = async (): Promise<number | string | null> => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
     const killer = setTimeout(() => { child.kill('SIGKILL') }, 8_000)
@@ -120,6 +127,21 @@ t.test('a refused start exits 1 at once with one message naming the variable, an
     t.same(said, ['Invalid configuration:', said[1]], `${what}: one message, no stack trace`)
     t.match(said[1], new RegExp(`^ {2}${variable}: `), `${what}: names ${variable}`)
     for (const secret of SECRETS) t.notMatch(run.stderr, secret, `${what}: no secret`)
+  }
+})
+
+t.test('a key file that is no file (a FIFO, a device) or far too large stops start-up at once, naming it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'bff-startup-key-'))
+  const fifo = join(dir, 'fifo')
+  t.equal(spawnSync('mkfifo', [fifo]).status, 0, 'a FIFO')
+  const huge = join(dir, 'huge')
+  writeFileSync(huge, 'k'.repeat(1024 * 1024))
+  const cases: Array<[string, string]> = [['a FIFO nobody writes', fifo], ['a device that never ends', '/dev/zero'], ['1 MiB', huge]]
+  const runs = await Promise.all(cases.map(async ([, file]) => await refused({ CV_API_KEY: null, CV_API_KEY_FILE: file })))
+  for (const [i, [what]] of cases.entries()) {
+    const run = runs[i] as Awaited<ReturnType<typeof refused>>
+    t.equal(run.status, 1, `${what}: exit 1 (not a hang, not a start)`)
+    t.match(run.stderr, /^ {2}CV_API_KEY_FILE: /m, `${what}: names the variable`)
   }
 })
 

@@ -283,6 +283,23 @@ t.test('the key in quotes (docker env files and compose keep them) is refused, n
   t.equal(loadConfig({ ...base, SERVICE_SECRET: `"${'x'.repeat(32)}"` }).keyRoot.fromApiKey, false)
 })
 
+t.test('a key or secret file must be a regular file of at most 4096 bytes (never blocking on a FIFO)', async (t) => {
+  const { CV_API_KEY: _key, ...noKey } = base
+  const dir = mkdtempSync(join(tmpdir(), 'bff-config-'))
+  const file = join(dir, 'key')
+  writeFileSync(file, `${'k'.repeat(4095)}\n`)
+  t.equal(loadConfig({ ...noKey, CV_API_KEY_FILE: file }).care360.apiKey, 'k'.repeat(4095), '4096 bytes with the newline: read whole')
+  writeFileSync(file, 'k'.repeat(4097))
+  t.match(refusal({ ...noKey, CV_API_KEY_FILE: file }).message, 'CV_API_KEY_FILE: must be a regular file of at most 4096 bytes', '4097 bytes')
+  for (const notAFile of [dir, '/dev/zero']) {
+    t.match(refusal({ ...noKey, CV_API_KEY_FILE: notAFile }).message, 'CV_API_KEY_FILE: must be a regular file', notAFile)
+    t.match(refusal({ ...base, SERVICE_SECRET_FILE: notAFile }).message, 'SERVICE_SECRET_FILE: must be a regular file', notAFile)
+  }
+  const fifo = join(dir, 'fifo')
+  t.equal(spawnSync('mkfifo', [fifo]).status, 0)
+  t.match(refusal({ ...noKey, CV_API_KEY_FILE: fifo }).message, 'CV_API_KEY_FILE: must be a regular file', 'a FIFO nobody writes: refused, not waited on')
+})
+
 t.test('unknownVariables: near misses of the names read, for the start-up warning', async (t) => {
   t.same(unknownVariables({ RATE_LIMIT_SESION: '10/1m', CV_APIKEY: 'x', REDIS_URI: 'redis://r', cv_env: 'production', HOME: '/root', TERM: 'xterm', REDIS_PORT: 'tcp://10.0.0.1:6379', PORT: '3000', HOSTNAME: 'pod-1', NODE_ENV: 'production' }),
     [['RATE_LIMIT_SESION', 'RATE_LIMIT_SESSION'], ['CV_APIKEY', 'CV_API_KEY'], ['REDIS_URI', 'REDIS_URL'], ['cv_env', 'CV_ENV']], 'near misses only, not the environment\'s usual names')
