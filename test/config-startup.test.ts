@@ -1,7 +1,7 @@
 import t from 'tap'
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer, type AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -28,6 +28,7 @@ const outdir = mkdtempSync(join(tmpdir(), 'bff-startup-'))
 const built = spawnSync(process.execPath, ['scripts/build.mjs'], { env: { ...process.env, BUILD_OUTDIR: outdir }, encoding: 'utf8', timeout: 30_000 })
 if (built.status !== 0) throw new Error(`build failed: ${built.stderr}`)
 const bundle = join(outdir, 'server.js')
+t.teardown(() => { rmSync(outdir, { recursive: true, force: true }) })
 
 /** A valid configuration (in-memory, no metrics), with `env` over it; null deletes a variable. */
 function serverEnv (env: Record<string, string | null>): Record<string, string> {
