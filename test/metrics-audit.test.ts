@@ -12,6 +12,7 @@ import { DEMO_PATIENTS } from '../src/care360/sandbox.js'
 import { buildMetricsServer, createAppMetrics } from '../src/metrics.js'
 import { startWebStack } from './web/stack.js'
 import type { App } from '../src/app.js'
+import { parseExposition as parse, type Sample } from './helpers/metrics.js'
 
 /**
  * The metrics from an on-call operator's view (issue #7): scraped from the metrics listener on a
@@ -20,21 +21,6 @@ import type { App } from '../src/app.js'
  */
 
 const alice = DEMO_PATIENTS[0]!
-
-interface Sample { name: string, labels: Record<string, string>, value: number }
-
-function parse (text: string): Sample[] {
-  const samples: Sample[] = []
-  for (const line of text.split('\n')) {
-    if (line === '' || line.startsWith('#')) continue
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line)
-    if (match === null) throw new Error(`unparsable line: ${line}`)
-    const labels: Record<string, string> = {}
-    for (const pair of (match[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"/g)) labels[pair[1]!] = pair[2]!
-    samples.push({ name: match[1]!, labels, value: Number(match[3]) })
-  }
-  return samples
-}
 
 /** GET /metrics on a listening metrics server, over a real loopback socket. */
 async function scrape (t: Test, app: App): Promise<{ text: string, samples: Sample[] }> {

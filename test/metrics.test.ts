@@ -11,6 +11,7 @@ import { buildMetricsServer, createAppMetrics, metricsPlugin } from '../src/metr
 import type { App } from '../src/app.js'
 import { Browser } from './web/browser.js'
 import { startWebStack } from './web/stack.js'
+import { parseExposition as parse, type Sample } from './helpers/metrics.js'
 
 /**
  * The metrics of a whole app, as Prometheus scrapes them from the separate listener: every
@@ -19,22 +20,6 @@ import { startWebStack } from './web/stack.js'
 
 const alice = DEMO_PATIENTS[0]!
 const aliceFirst = alice.appointments[0]!
-
-interface Sample { name: string, labels: Record<string, string>, value: number }
-
-/** The text exposition format, one sample a line (no escaped quotes occur in our labels). */
-function parse (text: string): Sample[] {
-  const samples: Sample[] = []
-  for (const line of text.split('\n')) {
-    if (line === '' || line.startsWith('#')) continue
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line)
-    if (match === null) throw new Error(`unparsable line: ${line}`)
-    const labels: Record<string, string> = {}
-    for (const pair of (match[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"/g)) labels[pair[1]!] = pair[2]!
-    samples.push({ name: match[1]!, labels, value: Number(match[3]) })
-  }
-  return samples
-}
 
 async function scrape (t: Test, app: App): Promise<{ text: string, samples: Sample[] }> {
   const server = buildMetricsServer(app.metrics.registry)
