@@ -93,7 +93,7 @@ function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
  * The check for CORS_ORIGINS. Only requests that the browser's ambient cookie authenticates are
  * checked (a bearer header cannot be added by a cross-site form, and is never sent ambiently by a
  * browser): state-changing ones fully, safe ones for being prefetched, embedded by another origin's
- * page or fetched by one outside CORS_ORIGINS.
+ * page, navigated to by a same-site page without its user, or fetched by one outside CORS_ORIGINS.
  */
 export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
   const allowedOrigins = new Set(corsOrigins)
