@@ -347,11 +347,11 @@ const GMT_DATE = /^([A-Za-z]{3,9}, \d{2}[ -][A-Za-z]{3}[ -])(\d{2}|\d{4})( \d{2}
  */
 function rfc850Time (head: string, twoDigits: number, tail: string, now: number): number {
   const today = new Date(now)
-  const limit = Date.UTC(today.getUTCFullYear() + 50, today.getUTCMonth(), today.getUTCDate(),
-    today.getUTCHours(), today.getUTCMinutes(), today.getUTCSeconds(), today.getUTCMilliseconds())
   // The latest year ending in them not after the year 50 years ahead: a later one is always more
   // than 50 years ahead, and within that year the date decides.
   const last = today.getUTCFullYear() + 50
+  const limit = Date.UTC(last, today.getUTCMonth(), today.getUTCDate(),
+    today.getUTCHours(), today.getUTCMinutes(), today.getUTCSeconds(), today.getUTCMilliseconds())
   const year = last - (last - twoDigits) % 100
   const ahead = Date.parse(`${head}${year}${tail}`)
   return ahead > limit ? Date.parse(`${head}${year - 100}${tail}`) : ahead
