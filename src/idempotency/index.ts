@@ -64,8 +64,8 @@ export interface HandleInput {
   /** Everything from the ownership check on; the upstream cancel goes through `attempt.send`. */
   run: Run
   /**
-   * After an attempt whose outcome is unknown: `cancelled` when it shows that the earlier cancel
-   * took effect (answered as confirmed), `send` when nothing shows it did (the cancel is sent, and
+   * After an attempt whose outcome is unknown: `cancelled` when the appointment shows as cancelled
+   * (answered as confirmed), `send` when nothing shows it is (the cancel is sent, and
    * the upstream's answer is the key's). `endsAt`: the appointment's end as that attempt knew it.
    */
   resolveUnknown: (endsAt: number | null) => Promise<'cancelled' | 'send'>
@@ -79,10 +79,11 @@ export interface HandleResult {
   answer: Answer
   /**
    * Whose answer this is, when not this request's own upstream call: `replayed`, the stored answer
-   * of an earlier request with this key (it carries `idempotent-replayed: true`); `confirmed`, an
-   * earlier request's cancel whose outcome was unknown, found to have taken effect; `shared`, the
-   * answer of an identical request under way (single flight). The audit record says so: a cancel
-   * is counted once, by the request that sent it.
+   * of an earlier request with this key (it carries `idempotent-replayed: true`); `confirmed`, the
+   * appointment found cancelled after an earlier request with this key whose outcome was unknown
+   * (by that request's cancel, or by another's: the upstream's list cannot tell); `shared`, the
+   * answer of an identical request under way (single flight). The audit record says so, and a
+   * trail counts each cancelled appointment once (README, Operations).
    */
   earlier: EarlierAnswer | null
 }
@@ -112,7 +113,7 @@ export interface Idempotency {
 
 const CONFIRMED: Answer = {
   statusCode: 200,
-  body: { status: 200, success: true, message: 'Appointment cancelled (confirmed: an earlier request with this Idempotency-Key took effect)' }
+  body: { status: 200, success: true, message: 'Appointment cancelled (confirmed: after an earlier request with this Idempotency-Key, Care360 no longer lists it)' }
 }
 
 function storeUnavailable (cause: unknown): ApiError {
