@@ -321,7 +321,7 @@ function assemble (env: Env, apiKey: string, serviceSecret: string | null) {
       session: env.RATE_LIMIT_SESSION ?? parseRate('60/1m'),
       cancel: env.RATE_LIMIT_CANCEL ?? parseRate('5/1m')
     },
-    corsOrigins: [...corsOrigins],
+    corsOrigins: corsOrigins as ReadonlySet<string>,
     trustProxy: env.TRUST_PROXY ?? [],
     ownershipCheck: (env.OWNERSHIP_CHECK ?? 'on') === 'on',
     replicas: env.REPLICAS ?? 1,

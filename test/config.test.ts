@@ -31,7 +31,7 @@ t.test('defaults of the contract', async (t) => {
   t.equal(config.oidc.web, null)
   t.same(config.sessions, { idleTtlMs: 30 * 60_000, absoluteTtlMs: 12 * 3_600_000 })
   t.same(config.limits, { ip: { count: 300, windowMs: 60_000 }, session: { count: 60, windowMs: 60_000 }, cancel: { count: 5, windowMs: 60_000 } })
-  t.same(config.corsOrigins, [])
+  t.same([...config.corsOrigins], [])
   t.same(config.trustProxy, [])
   t.equal(config.ownershipCheck, true)
   t.equal(config.replicas, 1)
@@ -75,10 +75,10 @@ t.test('every variable read and decoded', async (t) => {
   t.same(config.oidc.web, { clientId: 'patient-web', clientSecret: 'client-secret', publicUrl: 'https://patients.example.com', webAppUrl: 'https://patients.example.com' })
   const split = loadConfig({ ...base, OIDC_CLIENT_SECRET: 's', PUBLIC_URL: 'https://api.example.com', WEB_APP_URL: 'https://app.example.com/' })
   t.equal(split.oidc.web?.webAppUrl, 'https://app.example.com')
-  t.same(split.corsOrigins, ['https://api.example.com', 'https://app.example.com'])
+  t.same([...split.corsOrigins], ['https://api.example.com', 'https://app.example.com'])
   t.same(config.sessions, { idleTtlMs: 15 * 60_000, absoluteTtlMs: 8 * 3_600_000 })
   t.same(config.limits.cancel, { count: 2, windowMs: 3_600_000 })
-  t.same(config.corsOrigins, ['https://app.example.com', 'https://beta.example.com', 'https://patients.example.com'])
+  t.same([...config.corsOrigins], ['https://app.example.com', 'https://beta.example.com', 'https://patients.example.com'])
   t.same(config.trustProxy, ['10.0.0.0/8', '192.168.1.10', '::1'])
   t.equal(config.ownershipCheck, false)
   t.equal(config.replicas, 3)
@@ -378,7 +378,7 @@ t.test('required variables and cross-variable rules', async (t) => {
 })
 
 t.test('CORS_ORIGINS: https origins, plain http only on loopback (as PUBLIC_URL)', async (t) => {
-  t.same(loadConfig({ ...base, CORS_ORIGINS: 'http://localhost:5173, http://127.0.0.1:8080, http://[::1]:3000, https://app.example.com' }).corsOrigins,
+  t.same([...loadConfig({ ...base, CORS_ORIGINS: 'http://localhost:5173, http://127.0.0.1:8080, http://[::1]:3000, https://app.example.com' }).corsOrigins],
     ['http://localhost:5173', 'http://127.0.0.1:8080', 'http://[::1]:3000', 'https://app.example.com'])
   for (const bad of ['http://app.example.com', 'https://app.example.com,http://10.0.0.1:8080', 'http://127.0.0.1.evil.com', 'ftp://127.0.0.1', 'https://user:pw@app.example.com']) {
     const error = refusal({ ...base, CORS_ORIGINS: bad })

@@ -9,7 +9,7 @@ import { createPatientRef } from './patient-ref.js'
 import { presentedToken, type SessionTransport } from './presented.js'
 import { NO_SESSION, createSessionStore, type Session, type SessionCounter, type SessionLookup, type SessionStore } from './session-store.js'
 import type { CounterHit } from '../limits/counter-store.js'
-import { createCsrfCheck } from '../web/csrf.js'
+import { createCsrfCheck, type CsrfFailure } from '../web/csrf.js'
 import { createReplayGuard } from '../web/replay-guard.js'
 import { isPromise } from '../state/awaitable.js'
 
@@ -44,6 +44,11 @@ declare module 'fastify' {
     session: Session | null
     /** How the session arrived: cookie sessions need the CSRF check, bearer ones cannot be forged cross-site. */
     sessionTransport: SessionTransport | null
+    /**
+     * Why the CSRF check refuses the request's session, decided once, before the lookup (a refused
+     * request counts nothing); the CSRF hook answers it. Null without a session, or when it passes.
+     */
+    csrfFailure: CsrfFailure | null
     /**
      * The session's per-client limits as its lookup counted them, in order (per session, then per
      * cancel), for the limits hook to publish and enforce; null without a session.
@@ -99,6 +104,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   app.decorate('patientRef', createPatientRef(config.keyRoot.secret))
   app.decorateRequest('session', null)
   app.decorateRequest('sessionTransport', null)
+  app.decorateRequest('csrfFailure', null)
   app.decorateRequest('sessionHits', null)
 
   // The per-client limits of a session, counted as it is looked up: one Redis round trip for the
@@ -118,7 +124,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   }
 
   /** The request's session is the one its token names, or there is none (null). */
-  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, { session, hits }: SessionLookup, done: HookHandlerDoneFunction, presented = true): void {
+  function adopt (request: FastifyRequest, mode: AuthMode, transport: SessionTransport, { session, hits }: SessionLookup, done: HookHandlerDoneFunction, csrf: CsrfFailure | null, presented = true): void {
     if (session === null) {
       // Anything but an explicit 'optional' fails closed, so a mistyped mode never opens a route.
       // A bearer token sent and refused is named as such in the challenge (the app then knows to
@@ -128,6 +134,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     request.session = session
     request.sessionTransport = transport
+    request.csrfFailure = csrf
     request.sessionHits = hits
     // Once per request: the access line, the audit record and the idempotency scope all use it.
     request.patient = app.patientRef(session.email)
@@ -143,7 +150,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     }
     const presented = presentedToken(request)
     if (presented === null) {
-      adopt(request, mode, 'bearer', NO_SESSION, done, false)
+      adopt(request, mode, 'bearer', NO_SESSION, done, null, false)
       return
     }
     // A malformed token is refused by the store before any lookup (isWellFormedToken): no lookup
@@ -151,14 +158,15 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     const { token, transport } = presented
     // A request the CSRF check will refuse counts nothing, nor slides the idle expiry: it is no
     // use of the session by its patient (a sibling page's images would keep it alive).
-    const lookup = csrfCheck(request, transport) === null
+    const csrf = csrfCheck(request, transport)
+    const lookup = csrf === null
       ? sessions.lookup(token, countersOf(request))
       : sessions.lookup(token, none, false)
     if (isPromise(lookup)) {
-      lookup.then((found) => { adopt(request, mode, transport, found, done) }, done)
+      lookup.then((found) => { adopt(request, mode, transport, found, done, csrf) }, done)
       return
     }
-    adopt(request, mode, transport, lookup, done)
+    adopt(request, mode, transport, lookup, done, csrf)
   })
 }
 

@@ -372,7 +372,7 @@ export function frameworkErrorAnswer (error: FastifyError, request: FastifyReque
   // A web app's script reads this 400 as any other answer, and its browser's preflight for such a
   // path (an OPTIONS request asks nothing of the path) is answered as any other: a bare 204 with
   // the grant of an allowed origin (web/security.ts).
-  if (applyCors(request, reply, new Set(request.server.config.corsOrigins))) {
+  if (applyCors(request, reply, request.server.config.corsOrigins)) {
     // Before routing: no hook runs, so the access line is written here.
     request.log.info({ req: request, res: { statusCode: 204 } }, 'request refused before routing')
     answerOptions(reply.headers(SECURITY_HEADERS).header('x-request-id', request.id).header('cache-control', 'no-store'))

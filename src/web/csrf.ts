@@ -9,8 +9,8 @@ import { ApiError, ErrorCode } from '../errors.js'
  * cannot carry, and which a cross-origin script can only send after a CORS preflight that only
  * CORS_ORIGINS pass). Registered after the session hook, so that a request without a valid
  * session is answered 401 first (contract step 1, then step 2). The verdict needs the headers
- * alone, so the session hook asks it too, before its lookup: a request this check will refuse
- * counts nothing against the session's limits (auth/plugin.ts).
+ * alone, so the session hook decides it once, before its lookup: a request this check refuses
+ * counts nothing against the session's limits (auth/plugin.ts). This hook answers it.
  */
 
 /** Methods that change nothing (RFC 9110 section 9.2.1); every other method is checked. */
@@ -95,8 +95,7 @@ function safeRequestFailure (request: FastifyRequest, allowedOrigins: ReadonlySe
  * browser): state-changing ones fully, safe ones for being prefetched, embedded by another origin's
  * page, navigated to by a same-site page without its user, or fetched by one outside CORS_ORIGINS.
  */
-export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
-  const allowedOrigins = new Set(corsOrigins)
+export function createCsrfCheck (allowedOrigins: ReadonlySet<string>): CsrfCheck {
   return function csrfCheck (request, transport) {
     if (transport !== 'cookie') return null
     // A safe method changes nothing, but an embedded or foreign one is refused before it counts (above).
@@ -106,15 +105,13 @@ export function createCsrfCheck (corsOrigins: readonly string[]): CsrfCheck {
 }
 
 async function csrf (app: FastifyInstance): Promise<void> {
-  const check = createCsrfCheck(app.config.corsOrigins)
-  // Synchronous: it decides from the headers alone, so no promise per request.
   app.addHook('onRequest', function checkCsrf (request, _reply, done) {
-    // The transport of the session the request acts in. A route that authenticates no one (the
-    // mobile sign-in, which answers its token in the body and sets no cookie; the IdP's
-    // back-channel logout; no route at all) uses no ambient credential a forged request could
-    // abuse: a cookie sent along there, live or long stale, is not checked (Duende BFF checks its
-    // session's API endpoints, not its sign-in).
-    const failure = check(request, request.sessionTransport ?? undefined)
+    // The session hook decided it (createCsrfCheck), for the session the request acts in. A route
+    // that authenticates no one (the mobile sign-in, which answers its token in the body and sets
+    // no cookie; the IdP's back-channel logout; no route at all) uses no ambient credential a
+    // forged request could abuse: a cookie sent along there, live or long stale, is not checked
+    // (Duende BFF checks its session's API endpoints, not its sign-in).
+    const failure = request.csrfFailure
     if (failure === null) {
       done()
       return

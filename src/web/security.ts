@@ -132,7 +132,7 @@ async function webSecurity (app: FastifyInstance): Promise<void> {
     reply.headers(SECURITY_HEADERS)
     done()
   })
-  app.addHook('onRequest', corsHook(new Set(app.config.corsOrigins)))
+  app.addHook('onRequest', corsHook(app.config.corsOrigins))
 }
 
 export const webSecurityPlugin = fp(webSecurity, { name: 'web-security', fastify: '5.x', dependencies: ['answers'] })

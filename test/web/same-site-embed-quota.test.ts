@@ -65,7 +65,7 @@ t.test('a same-site page\'s images and frames spend none of its visitor\'s sessi
 })
 
 t.test('createCsrfCheck: a safe request with the cookie is refused only when another origin\'s page embedded it', async (t) => {
-  const check = createCsrfCheck([APP_ORIGIN])
+  const check = createCsrfCheck(new Set([APP_ORIGIN]))
   const request = (method: string, headers: Record<string, string>) => ({ method, headers }) as unknown as Parameters<typeof check>[0]
   const embedded = { 'sec-fetch-site': 'cross-site', 'sec-fetch-mode': 'no-cors', 'sec-fetch-dest': 'image' }
   t.equal(check(request('GET', embedded), 'cookie'), 'embedded', 'cross-site no-cors')

@@ -41,7 +41,7 @@ t.test('a speculative prefetch spends none of the session\'s quota', async (t) =
 })
 
 t.test('createCsrfCheck: Sec-Purpose names a prefetch by its first item\'s token', async (t) => {
-  const check = createCsrfCheck([APP_ORIGIN])
+  const check = createCsrfCheck(new Set([APP_ORIGIN]))
   const request = (headers: Record<string, string>) => ({ method: 'GET', headers }) as unknown as Parameters<typeof check>[0]
   t.equal(check(request(PREFETCH), 'cookie'), 'prefetch')
   t.equal(check(request({ ...PREFETCH, 'sec-purpose': 'prefetch;prerender' }), 'cookie'), 'prefetch')

@@ -45,7 +45,7 @@ t.test('a same-site page\'s scripted navigations spend none of its visitor\'s qu
 })
 
 t.test('createCsrfCheck: a same-site navigation the user did not make is refused', async (t) => {
-  const check = createCsrfCheck([APP_ORIGIN])
+  const check = createCsrfCheck(new Set([APP_ORIGIN]))
   const request = (method: string, headers: Record<string, string>) => ({ method, headers }) as unknown as Parameters<typeof check>[0]
   t.equal(check(request('GET', SCRIPTED), 'cookie'), 'navigation')
   t.equal(check(request('HEAD', SCRIPTED), 'cookie'), 'navigation', 'HEAD too')
