@@ -433,7 +433,9 @@ export interface RedisBudgetOptions extends BudgetOptions {
  * none meanwhile). No scheme without a channel between the replicas avoids these. The price of
  * (3): a replica with more than its share of the traffic gets 429s for one span after a break,
  * while Redis itself would still admit; and a 429 from the upstream during an outage halves only
- * the twins, whose limit then recovers over the usual five windows (from half the count).
+ * the twins, whose limit then recovers over the usual five windows (from half the count). A 429
+ * while Redis answers halves Redis's limit and the twin of the replica that got it (the others'
+ * twins learn of it only from a 429 of their own).
  */
 export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
   const { count, memory, fallback } = options
@@ -534,7 +536,13 @@ export function createRedisBudget (options: RedisBudgetOptions): BudgetStore {
           return coolingMs > 0 ? { ok: false, coolingMs } : memory.take(cooldown)
         })
     },
-    decrease: () => fallback.run(decreaseInRedis, memory.decrease),
+    async decrease () {
+      // The twin too, whatever Redis says: the 429 shows the upstream's room is smaller now, and
+      // a Redis outage right after it would otherwise send at the full share (its limit recovers
+      // over the same span as Redis's).
+      memory.decrease()
+      await fallback.run(decreaseInRedis, () => {})
+    },
     remaining: () => fallback.run(remainingInRedis, memory.remaining)
   }
 }

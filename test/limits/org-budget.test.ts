@@ -587,3 +587,23 @@ t.test('a replica that starts just after Redis restarted empty keeps to its shar
   await sleep(200)
   t.equal(await takeMany(d, 5), 4, 'the whole count, not its share of one')
 })
+
+t.test('redis: an upstream 429 halves this replica\'s twin too, so that a Redis outage right after it does not send at the full share', async (t) => {
+  const options = { count: 10, windowMs: 60_000 }
+  const real = await strictFallbackOn(t, redis.url)
+  let down = false
+  const fallback: StoreFallback = {
+    redisConfigured: true,
+    redisFor: () => down ? 0 : real.redisFor(),
+    run: async (viaRedis, inMemory, whilePaused) => down ? inMemory() : await real.run(viaRedis, inMemory, whilePaused)
+  }
+  const budget = createRedisBudget({ ...options, fallback, tag: uniqueName('halved'), memory: createMemoryBudget(options) })
+  await budget.decrease()
+  t.equal(await takeMany(budget, 10), 5, 'Redis: halved to 5')
+  down = true
+  t.equal(await takeMany(budget, 10), 0, 'then Redis fails: the twin, halved as well and counting those 5, admits nothing more')
+  // A 429 during the outage halves the twin once, not once for the call and once as its fallback.
+  const alone = createRedisBudget({ ...options, count: 16, fallback, tag: uniqueName('halved-alone'), memory: createMemoryBudget({ ...options, count: 16 }) })
+  await alone.decrease()
+  t.equal(await takeMany(alone, 16), 8, 'Redis down throughout: halved once, to 8')
+})
