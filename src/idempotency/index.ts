@@ -71,6 +71,12 @@ export interface HandleInput {
   resolveUnknown: (endsAt: number | null) => Promise<'cancelled' | 'send'>
   /** The request's logger, for store failures. */
   log?: WarnLog
+  /**
+   * Called before `handle` rejects with an error that is not this request's own: a key-less
+   * cancel that followed an identical one in this process, whose failure it shares (its audit
+   * record says `shared`, as a follower's on another replica does, which gets the same answer).
+   */
+  sharedFailure?: () => void
 }
 
 export type EarlierAnswer = 'replayed' | 'confirmed' | 'shared'
@@ -228,7 +234,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     handle (input) {
       const log = input.log ?? defaultLog
       const fingerprint = requestFingerprint(input.scope, input.appointmentId, input.reason)
-      if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log).then(keyless)
+      if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log, input.sharedFailure).then(keyless)
       return keyed(input, input.key, fingerprint, log)
     }
   }

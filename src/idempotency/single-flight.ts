@@ -47,9 +47,11 @@ export interface SingleFlight {
   /**
    * Runs `run` once for every identical request (same scope, same fingerprint) that overlaps it:
    * in this process the followers share the leader's promise (its answer or its error); on other
-   * replicas they poll the store for the leader's answer, up to `waitMs`.
+   * replicas they poll the store for the leader's answer, up to `waitMs`. `sharedFailure` is called
+   * when a follower in this process gets its leader's error (the rejection carries the leader's
+   * error itself, so it cannot say whose it is).
    */
-  runOnce: (scope: string, fingerprint: string, run: Run, log?: WarnLog) => Promise<SingleFlightResult>
+  runOnce: (scope: string, fingerprint: string, run: Run, log?: WarnLog, sharedFailure?: () => void) => Promise<SingleFlightResult>
 }
 
 /**
@@ -218,10 +220,15 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
   }
 
   return {
-    runOnce (scope, fingerprint, run, log = defaultLog) {
+    runOnce (scope, fingerprint, run, log = defaultLog, sharedFailure = nothing) {
       const localKey = `${scope}\0${fingerprint}`
       const pending = local.get(localKey)
-      if (pending !== undefined) return pending.then(sharedResult)
+      if (pending !== undefined) {
+        return pending.then(sharedResult, function leaderFailed (error: unknown): never {
+          sharedFailure()
+          throw error
+        })
+      }
       if (store === null) {
         const answer = recent.get(localKey)
         return answer === undefined ? leadHere(localKey, run) : Promise.resolve({ answer, shared: true })
@@ -240,6 +247,8 @@ export function createSingleFlight (options: SingleFlightOptions): SingleFlight 
 function never (): boolean {
   return false
 }
+
+function nothing (): void {}
 
 function ownAnswer (answer: Answer): SingleFlightResult {
   return { answer, shared: false }

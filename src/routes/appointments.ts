@@ -172,6 +172,8 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       reason,
       log: request.log,
       run: (attempt) => sendCancel(request, appointmentId, reason, attempt),
+      // An identical cancel's failure, answered to this one too: its audit record says whose.
+      sharedFailure: () => { request.earlierAnswer = 'shared' },
       resolveUnknown: async function resolveUnknown (endsAt) {
         // Without the ownership check the appointment was never seen in the patient's list, so
         // its absence proves nothing (it may never have been theirs): the upstream, which

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
-import type { RedisServer } from '../helpers/redis.js'
+import { startRedis, type RedisServer } from '../helpers/redis.js'
 import { scanLogs, UNLIMITED } from '../fault/support.js'
 import type { App } from '../../src/app.js'
 
@@ -199,5 +199,58 @@ t.test('refusals before the cancel: per-session limit, org budget, validation, n
     'r-session': { appointmentId: ids[2]!, outcome: 'RATE_LIMITED', status: 429, upstreamStatus: null, earlier: null },
     'r-no-session': { patient: null, appointmentId: ids[2]!, outcome: 'SESSION_REQUIRED', status: 401, upstreamStatus: null, earlier: null },
     'r-bad-key': { appointmentId: ids[2]!, outcome: 'RATE_LIMITED', status: 429, upstreamStatus: null, earlier: null }
+  })
+})
+function lists (sandbox: RunningSandbox): number {
+  return sandbox.control.calls.filter((call) => call.method === 'GET').length
+}
+
+/** The leader's ownership list call is held upstream for `ms`; then `failure` awaits its cancel. */
+async function holdLeaderThen<T> (stack: Stack, start: () => Promise<T>, failure: Parameters<RunningSandbox['control']['setFailure']>[0] | null, ms = 300): Promise<{ leader: Promise<T> }> {
+  const before = lists(stack.sandbox)
+  stack.sandbox.control.setFailure({ kind: 'slow', delayMs: ms, endpoint: 'list', times: 1 })
+  const leader = start()
+  await until(() => lists(stack.sandbox) > before)
+  if (failure === null) stack.sandbox.control.clearFailure()
+  else stack.sandbox.control.setFailure(failure)
+  // Wrapped: an async function returning the promise itself would wait for it.
+  return { leader }
+}
+
+t.test('key-less single flight in one process: followers of a leader\'s 200 and of its failure are each "shared"', async (t) => {
+  const stack = await buildStack(t, 1)
+  const ok = stack.sandbox.control.seedAppointment(ALICE).id
+  const { leader } = await holdLeaderThen(stack, async () => await cancel(stack, 'sf-leader', ok), null)
+  const followers = await Promise.all([cancel(stack, 'sf-follower-1', ok), cancel(stack, 'sf-follower-2', ok)])
+  t.same([(await leader).status, ...followers.map((answer) => answer.status)], [200, 200, 200])
+  t.equal((await cancel(stack, 'sf-late-tap', ok)).status, 200, 'a double tap just after the answer gets it')
+  // Not in the cached list: its leader looks the list up afresh, and is held there.
+  const failing = stack.sandbox.control.seedAppointment(ALICE).id
+  const failed = await holdLeaderThen(stack, async () => await cancel(stack, 'sf-failed-leader', failing), { kind: 'status', status: 503, endpoint: 'cancel', times: 1 })
+  const failedFollower = await cancel(stack, 'sf-failed-follower', failing)
+  t.same([(await failed.leader).status, failedFollower.status], [502, 502])
+  t.equal(posts(stack.sandbox), 2, 'one upstream cancel per leader')
+  await trailIs(t, stack, {
+    'sf-leader': { appointmentId: ok, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'sf-follower-1': { appointmentId: ok, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' },
+    'sf-follower-2': { appointmentId: ok, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' },
+    'sf-late-tap': { appointmentId: ok, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' },
+    'sf-failed-leader': { appointmentId: failing, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: 503, earlier: null },
+    'sf-failed-follower': { appointmentId: failing, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: 'shared' }
+  })
+  t.same(counted(stack.lines), [ok])
+})
+
+t.test('key-less single flight across two replicas: the leader\'s failure is "shared" by its followers on both', async (t) => {
+  const stack = await buildStack(t, 2, {}, await startRedis(t))
+  const id = stack.sandbox.control.seedAppointment(ALICE).id
+  const { leader } = await holdLeaderThen(stack, async () => await cancel(stack, 'x-leader', id), { kind: 'reset', endpoint: 'cancel', times: 1 })
+  const followers = await Promise.all([cancel(stack, 'x-follower-here', id), cancel(stack, 'x-follower-there', id, { app: 1 })])
+  t.same([(await leader).status, ...followers.map((answer) => answer.status)], [502, 502, 502])
+  t.equal(posts(stack.sandbox), 1, 'one upstream cancel')
+  await trailIs(t, stack, {
+    'x-leader': { appointmentId: id, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: null },
+    'x-follower-here': { appointmentId: id, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: 'shared' },
+    'x-follower-there': { appointmentId: id, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: 'shared' }
   })
 })
