@@ -66,9 +66,10 @@ export interface HandleInput {
   /**
    * After an attempt whose outcome is unknown: `cancelled` when the appointment shows as cancelled
    * (answered as confirmed), `send` when nothing shows it is (the cancel is sent, and
-   * the upstream's answer is the key's). `endsAt`: the appointment's end as that attempt knew it.
+   * the upstream's answer is the key's). `endsAt`: the appointment's end as that attempt knew it;
+   * `appointment`: its `id` as the upstream listed it to that attempt (null when not known).
    */
-  resolveUnknown: (endsAt: number | null) => Promise<'cancelled' | 'send'>
+  resolveUnknown: (endsAt: number | null, appointment: string | null) => Promise<'cancelled' | 'send'>
   /** The request's logger, for store failures. */
   log?: WarnLog
   /**
@@ -172,16 +173,16 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * over later resolves the outcome instead of sending blind. Until then a takeover starts afresh
    * (nothing was sent). If we no longer hold the key, or cannot say so, the cancel is not sent.
    */
-  async function markSending (scope: string, key: string, token: string, endsAt: number | null): Promise<void> {
+  async function markSending (scope: string, key: string, token: string, endsAt: number | null, appointment: string | null): Promise<void> {
     // The send gets a whole marker's life (more than the gate and one upstream deadline need).
-    const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs, endsAt))
+    const marked = await required(() => store.markSending(scope, key, token, inFlightTtlMs, endsAt, appointment))
     // Our in-flight marker expired (a stalled ownership check): a retry may own the key now.
     if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }
 
   /** Runs the cancel under our token and records what became of it. */
   async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<HandleResult> {
-    const { attempt, sendStarted } = tracked(async (endsAt) => { await markSending(scope, key, token, endsAt) })
+    const { attempt, sendStarted } = tracked(async (endsAt, appointment) => { await markSending(scope, key, token, endsAt, appointment) })
     let answer: Answer
     try {
       answer = await run(attempt)
@@ -197,10 +198,10 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
    * An earlier attempt may have cancelled: ask the upstream rather than guess. We hold the token,
    * so a concurrent retry gets 409 and cannot send a second cancel meanwhile.
    */
-  async function resolve (scope: string, key: string, token: string, endsAt: number | null, input: HandleInput, log: WarnLog): Promise<HandleResult> {
+  async function resolve (scope: string, key: string, token: string, endsAt: number | null, appointment: string | null, input: HandleInput, log: WarnLog): Promise<HandleResult> {
     let state: 'cancelled' | 'send'
     try {
-      state = await input.resolveUnknown(endsAt)
+      state = await input.resolveUnknown(endsAt, appointment)
     } catch (error) {
       // Still unknown: keep it so, for the next retry.
       await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log, warnings)
@@ -226,7 +227,7 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       case 'started':
         return await owned(scope, key, begun.token, input.run, log)
       default:
-        return await resolve(scope, key, begun.token, begun.endsAt, input, log)
+        return await resolve(scope, key, begun.token, begun.endsAt, begun.appointment, input, log)
     }
   }
 

@@ -15,10 +15,11 @@ export interface Answer {
  */
 export interface Attempt {
   /**
-   * `endsAt`: the end of the appointment (ms epoch) when the route knows it, kept with a key's
-   * record for whoever resolves an unknown outcome of this cancel.
+   * `endsAt`: the end of the appointment (ms epoch) and `appointment`, its `id` as the upstream
+   * lists it, when the route knows them, kept with a key's record for whoever resolves an unknown
+   * outcome of this cancel.
    */
-  send: <T>(cancel: () => Promise<T>, endsAt?: number | null) => Promise<T>
+  send: <T>(cancel: () => Promise<T>, endsAt?: number | null, appointment?: string | null) => Promise<T>
 }
 
 export type Run = (attempt: Attempt) => Promise<Answer>
@@ -53,7 +54,7 @@ export type Settlement =
  * (the keyed path marks its record there): if it fails, the cancel is not sent and the attempt
  * counts as not started.
  */
-export function tracked (beforeSend?: (endsAt: number | null) => Promise<void>): { attempt: Attempt, sendStarted: () => boolean } {
+export function tracked (beforeSend?: (endsAt: number | null, appointment: string | null) => Promise<void>): { attempt: Attempt, sendStarted: () => boolean } {
   let started = false
   function sendNow<T> (cancel: () => Promise<T>): Promise<T> {
     started = true
@@ -61,9 +62,9 @@ export function tracked (beforeSend?: (endsAt: number | null) => Promise<void>):
   }
   return {
     attempt: {
-      send (cancel, endsAt = null) {
+      send (cancel, endsAt = null, appointment = null) {
         if (beforeSend === undefined) return sendNow(cancel)
-        return beforeSend(endsAt).then(() => sendNow(cancel))
+        return beforeSend(endsAt, appointment).then(() => sendNow(cancel))
       }
     },
     sendStarted: () => started

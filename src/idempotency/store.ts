@@ -34,8 +34,11 @@ export type BeginResult =
   | { kind: 'in-flight', retryAfterMs: number }
   | { kind: 'mismatch' }
   | { kind: 'replay', answer: StoredAnswer, completedAt: number }
-  /** `endsAt`: the end of the appointment the cancel was for (ms epoch), when the record knows it. */
-  | { kind: 'unknown-outcome', token: string, endsAt: number | null }
+  /**
+   * `endsAt`: the end of the appointment the cancel was for (ms epoch), and `appointment`: its `id`
+   * as the upstream lists it, each when the record knows it.
+   */
+  | { kind: 'unknown-outcome', token: string, endsAt: number | null, appointment: string | null }
 
 export interface BeginOptions {
   /** Life of the whole record (raised to at least `inFlightTtlMs`). */
@@ -65,9 +68,11 @@ export interface IdempotencyStore {
    * says the cancel may have been sent, and its marker lives at least `holdMs` more, so that no
    * retry takes over while the send itself runs. False: the cancel must not be sent. `endsAt`, the
    * end of the appointment (ms epoch) when known, stays with the record for whoever later resolves
-   * an unknown outcome: an appointment that has ended is absent from the list too.
+   * an unknown outcome: an appointment that has ended is absent from the list too. So does
+   * `appointment`, its `id` as the upstream lists it when known (the cancel may name it by its
+   * `agentEventId`): a confirmation is audited under it, as the cancels that found it are.
    */
-  markSending (scope: string, key: string, token: string, holdMs: number, endsAt?: number | null): Awaitable<boolean>
+  markSending (scope: string, key: string, token: string, holdMs: number, endsAt?: number | null, appointment?: string | null): Awaitable<boolean>
   /** Keeps the fingerprint, drops ownership: the next `begin` must resolve the outcome. */
   markUnknown (scope: string, key: string, token: string, ttlMs: number): Awaitable<boolean>
   /** Deletes the record (nothing reached the upstream), if `token` still owns it. */
@@ -105,8 +110,8 @@ export interface MemoryStoreOptions {
 }
 
 type MemoryRecord =
-  | { state: 'in-flight', fingerprint: string, token: string, until: number, sending: boolean, endsAt: number | null, expiresAt: number }
-  | { state: 'unknown', fingerprint: string, endsAt: number | null, expiresAt: number }
+  | { state: 'in-flight', fingerprint: string, token: string, until: number, sending: boolean, endsAt: number | null, appointment: string | null, expiresAt: number }
+  | { state: 'unknown', fingerprint: string, endsAt: number | null, appointment: string | null, expiresAt: number }
   | { state: 'done', fingerprint: string, statusCode: number, body: string, completedAt: number, expiresAt: number }
 
 /** One process, no Redis: the same semantics in a Map, bounded and swept. */
@@ -154,7 +159,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
         if (records.size >= maxEntries) sweep(at)
         if (records.size >= maxEntries) throw new IdempotencyStoreError('memory idempotency store is full')
         const token = randomUUID()
-        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, endsAt: null, expiresAt })
+        records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: false, endsAt: null, appointment: null, expiresAt })
         return { kind: 'started', token }
       }
       if (record.fingerprint !== fingerprint) return { kind: 'mismatch' }
@@ -167,16 +172,18 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       // loses its writes, the next one resolves the outcome again.
       const token = randomUUID()
       const sent = record.state === 'unknown' || (record.state === 'in-flight' && record.sending)
-      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, endsAt: record.state === 'done' ? null : record.endsAt, expiresAt })
-      return sent ? { kind: 'unknown-outcome', token, endsAt: record.endsAt } : { kind: 'started', token }
+      const known = record.state === 'done' ? { endsAt: null, appointment: null } : { endsAt: record.endsAt, appointment: record.appointment }
+      records.set(mapKey, { state: 'in-flight', fingerprint, token, until: at + inFlightTtlMs, sending: sent, ...known, expiresAt })
+      return sent ? { kind: 'unknown-outcome', token, ...known } : { kind: 'started', token }
     },
 
-    markSending (scope, key, token, holdMs, endsAt = null) {
+    markSending (scope, key, token, holdMs, endsAt = null, appointment = null) {
       const at = now()
       const record = live(mapKeyOf(scope, key), at)
       if (!owned(record, token) || record.until <= at) return false
       record.sending = true
       record.endsAt = endsAt
+      record.appointment = appointment
       record.until = Math.max(record.until, at + holdMs)
       record.expiresAt = Math.max(record.expiresAt, record.until)
       return true
@@ -204,7 +211,7 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
       const mapKey = mapKeyOf(scope, key)
       const record = live(mapKey, at)
       if (!owned(record, token)) return false
-      records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, endsAt: record.endsAt, expiresAt: at + ttlMs })
+      records.set(mapKey, { state: 'unknown', fingerprint: record.fingerprint, endsAt: record.endsAt, appointment: record.appointment, expiresAt: at + ttlMs })
       return true
     },
 
@@ -221,12 +228,13 @@ export function createMemoryIdempotencyStore (options: MemoryStoreOptions = {}):
 // Redis keeps time for every replica (TIME inside the scripts), so that in-flight deadlines do not
 // depend on the clocks of the replicas that compare them. Scripts are atomic: two replicas can
 // never both own a record. Fields: fp, state (flight | unknown | done), token, until, sending (set
-// while in flight once the cancel may have been sent), ends (the appointment's end, when known, set
-// with sending and kept until the record is done), status, body, at (completion time).
+// while in flight once the cancel may have been sent), ends and appt (the appointment's end and its
+// listed id, when known, set with sending and kept until the record is done), status, body, at
+// (completion time).
 const BEGIN = `${LUA_NOW_MS}
 local inflight = tonumber(ARGV[4])
 local ttl = math.max(tonumber(ARGV[3]), inflight)
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending', 'ends')
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'until', 'status', 'body', 'at', 'sending', 'ends', 'appt')
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'flight', 'token', ARGV[2], 'until', int(now + inflight))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -243,7 +251,7 @@ if rec[2] == 'done' then return {'started'} end
 if rec[2] == 'flight' and not rec[7] then return {'started'} end
 -- The cancel may have been sent: so it stays until an owner records the outcome.
 redis.call('HSET', KEYS[1], 'sending', '1')
-return {'unknown-outcome', rec[8] or ''}`
+return {'unknown-outcome', rec[8] or '', rec[9] or ''}`
 
 const MARK_SENDING = `local rec = redis.call('HMGET', KEYS[1], 'token', 'until')
 if rec[1] ~= ARGV[1] then return 0 end
@@ -252,13 +260,14 @@ if tonumber(rec[2]) <= now then return 0 end
 local hold = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'sending', '1', 'until', int(math.max(tonumber(rec[2]), now + hold)))
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'ends') else redis.call('HSET', KEYS[1], 'ends', ARGV[3]) end
+if ARGV[4] == '' then redis.call('HDEL', KEYS[1], 'appt') else redis.call('HSET', KEYS[1], 'appt', ARGV[4]) end
 if redis.call('PTTL', KEYS[1]) < hold then redis.call('PEXPIRE', KEYS[1], hold) end
 return 1`
 
 const COMPLETE = `if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 ${LUA_NOW_MS}
 redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3], 'at', int(now))
-redis.call('HDEL', KEYS[1], 'token', 'until', 'sending', 'ends')
+redis.call('HDEL', KEYS[1], 'token', 'until', 'sending', 'ends', 'appt')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1`
 
@@ -315,7 +324,7 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       const reply = await run(SCRIPTS.begin, redisKey(scope, key), [fingerprint, token, Math.ceil(ttlMs), Math.ceil(inFlightTtlMs), retakeFailed ? '1' : '0']) as [string, ...Array<string | number>]
       switch (reply[0]) {
         case 'started': return { kind: 'started', token }
-        case 'unknown-outcome': return { kind: 'unknown-outcome', token, endsAt: reply[1] === '' ? null : Number(reply[1]) }
+        case 'unknown-outcome': return { kind: 'unknown-outcome', token, endsAt: reply[1] === '' ? null : Number(reply[1]), appointment: reply[2] === '' ? null : String(reply[2]) }
         case 'mismatch': return { kind: 'mismatch' }
         case 'in-flight': return { kind: 'in-flight', retryAfterMs: Number(reply[1]) }
         default: return { kind: 'replay', answer: { statusCode: Number(reply[1]), body: JSON.parse(String(reply[2])) }, completedAt: Number(reply[3]) }
@@ -327,8 +336,8 @@ export function createRedisIdempotencyStore (options: RedisStoreOptions): Idempo
       return done === 1
     },
 
-    async markSending (scope, key, token, holdMs, endsAt = null) {
-      return await run(SCRIPTS.markSending, redisKey(scope, key), [token, Math.ceil(holdMs), endsAt === null ? '' : String(endsAt)]) === 1
+    async markSending (scope, key, token, holdMs, endsAt = null, appointment = null) {
+      return await run(SCRIPTS.markSending, redisKey(scope, key), [token, Math.ceil(holdMs), endsAt === null ? '' : String(endsAt), appointment ?? '']) === 1
     },
 
     async markUnknown (scope, key, token, ttlMs) {

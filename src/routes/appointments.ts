@@ -19,6 +19,11 @@ declare module 'fastify' {
     upstreamStatus: number | null
     /** Whose answer this cancel got, when not its own upstream call's (audit). */
     earlierAnswer: EarlierAnswer | null
+    /**
+     * The appointment's `id` as the upstream lists it, once this request (or the earlier attempt a
+     * confirmation stands for) found it in the patient's list (audit).
+     */
+    listedAppointment: string | null
   }
 }
 
@@ -65,6 +70,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
 
   app.decorateRequest('upstreamStatus', null)
   app.decorateRequest('earlierAnswer', null)
+  app.decorateRequest('listedAppointment', null)
 
   app.get('/appointments', {
     config: { auth: 'required' },
@@ -98,13 +104,14 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       // The same UUID, spelled as the upstream lists it: `:id` is accepted in either case, and a
       // case-sensitive upstream would refuse another spelling of its own id.
       forwardedId = listedIdOf(owned, appointmentId) as string
+      request.listedAppointment = owned.id
     }
     let answer
     try {
       answer = await attempt.send(() => care360.cancelAppointment(
         reason === undefined ? { email, appointmentId: forwardedId } : { email, appointmentId: forwardedId, reason },
         { requestId: request.id }
-      ), owned === null ? null : endOf(owned))
+      ), owned === null ? null : endOf(owned), owned?.id ?? null)
     } catch (error) {
       // A refusal of the gate (budget, cooldown) never reached the upstream.
       request.upstreamStatus = error instanceof UpstreamError ? error.upstreamStatus : null
@@ -121,14 +128,16 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
 
   // One audit record per cancel attempt, whatever stopped it: who (a keyed hash, never the email),
   // which appointment, the outcome and the upstream's status. Never the reason. It is written in
-  // the request's access line (logging.ts), which runs after this hook.
+  // the request's access line (logging.ts), which runs after this hook. The appointment is named
+  // by its listed `id` once the patient's list showed it: the path may name it by its
+  // `agentEventId`, and a trail counts cancelled appointments by one name each.
   function auditCancel (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
     const id = (request.params as { id?: string }).id
     request.audit = {
       event: 'appointment.cancel',
       requestId: request.id,
       patient: request.patient,
-      appointmentId: id !== undefined && UUID.test(id) ? id.toLowerCase() : null,
+      appointmentId: request.listedAppointment?.toLowerCase() ?? (id !== undefined && UUID.test(id) ? id.toLowerCase() : null),
       outcome: reply.statusCode === 200 ? 'cancelled' : reply.errorCode,
       status: reply.statusCode,
       upstreamStatus: request.upstreamStatus,
@@ -174,7 +183,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
       run: (attempt) => sendCancel(request, appointmentId, reason, attempt),
       // An identical cancel's failure, answered to this one too: its audit record says whose.
       sharedFailure: () => { request.earlierAnswer = 'shared' },
-      resolveUnknown: async function resolveUnknown (endsAt) {
+      resolveUnknown: async function resolveUnknown (endsAt, listed) {
         // Without the ownership check the appointment was never seen in the patient's list, so
         // its absence proves nothing (it may never have been theirs): the upstream, which
         // enforces ownership itself, answers a new send ("already cancelled" if the first went).
@@ -183,9 +192,11 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
         // ownership cache: it decides whether that cancel happened. Unless the appointment has
         // ended since: then it is absent either way, and nothing shows the cancel took effect (the
         // send that follows finds it no longer upcoming: a 404, never a confirmation).
-        const listed = await ownership.findFresh(email, appointmentId, request.id)
-        if (listed !== null) return 'send'
-        return endsAt !== null && endsAt <= Date.now() ? 'send' : 'cancelled'
+        if (await ownership.findFresh(email, appointmentId, request.id) !== null) return 'send'
+        if (endsAt !== null && endsAt <= Date.now()) return 'send'
+        // Confirmed: audited under the id the first attempt found it by.
+        request.listedAppointment = listed
+        return 'cancelled'
       }
     })
     request.earlierAnswer = earlier

@@ -201,18 +201,19 @@ for (const [name, makeStore] of stores) {
     t.equal((await rejection(idem.handle(input(cancel, { reason: undefined })))).statusCode, 422, 'the fingerprint was kept')
   })
 
-  t.test(`${name}: an unknown outcome is resolved knowing the appointment's end, as its attempt named it (null when none)`, async (t) => {
+  t.test(`${name}: an unknown outcome is resolved knowing the appointment's end and listed id, as its attempt named them (null when none)`, async (t) => {
     const idem = await make(t)
     const ENDS = 1_900_000_000_000
-    const seen: Array<number | null> = []
-    const resolveUnknown = async (endsAt: number | null): Promise<'cancelled'> => { seen.push(endsAt); return 'cancelled' }
-    const lost: Run = async (attempt) => await attempt.send(async () => { throw upstreamError('unknown') }, ENDS)
+    const LISTED = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
+    const seen: Array<[number | null, string | null]> = []
+    const resolveUnknown = async (endsAt: number | null, listed: string | null): Promise<'cancelled'> => { seen.push([endsAt, listed]); return 'cancelled' }
+    const lost: Run = async (attempt) => await attempt.send(async () => { throw upstreamError('unknown') }, ENDS, LISTED)
     await t.rejects(idem.handle(input(fakeCancel(), { key: 'with-end', run: lost, resolveUnknown })))
     t.equal((await idem.handle(input(fakeCancel(), { key: 'with-end', resolveUnknown }))).earlier, 'confirmed')
     const unnamed = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
     await t.rejects(idem.handle(input(unnamed, { key: 'without-end', resolveUnknown })))
     t.equal((await idem.handle(input(unnamed, { key: 'without-end', resolveUnknown }))).earlier, 'confirmed')
-    t.same(seen, [ENDS, null], 'the end the first attempt named; then none (an ended appointment is never presumed)')
+    t.same(seen, [[ENDS, LISTED], [null, null]], 'what the first attempt named; then none (an ended appointment is never presumed)')
   })
 
   t.test(`${name}: lost answer, retry, upstream still lists it: sent exactly once more`, async (t) => {

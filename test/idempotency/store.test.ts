@@ -147,32 +147,48 @@ function storeSuite (name: string, make: MakeStore): void {
       t.equal(await store.markSending('scope-a', key, second.token, 10), true, 'the resolving owner may send')
     })
 
-    t.test('the appointment\'s end, given as the cancel goes, reaches whoever resolves its outcome', async (t) => {
+    t.test('the appointment\'s end and listed id, given as the cancel goes, reach whoever resolves its outcome', async (t) => {
       const store = await make(t)
       const short = { ttlMs: 60_000, inFlightTtlMs: 60 }
       const ENDS = 1_900_000_000_123
+      const LISTED = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
       // Through an unknown outcome, and through the next owner's death as well.
       const key = fresh()
       const token = await started(store, 'scope-a', key, short)
-      t.equal(await store.markSending('scope-a', key, token, 10, ENDS), true)
+      t.equal(await store.markSending('scope-a', key, token, 10, ENDS, LISTED), true)
       t.equal(await store.markUnknown('scope-a', key, token, 60_000), true)
       const first = await store.begin('scope-a', key, FP, short)
-      t.same(first.kind === 'unknown-outcome' ? first.endsAt : 'no', ENDS)
+      t.same(first.kind === 'unknown-outcome' ? [first.endsAt, first.appointment] : 'no', [ENDS, LISTED])
       await sleep(100)
       const again = await store.begin('scope-a', key, FP, short)
-      t.same(again.kind === 'unknown-outcome' ? again.endsAt : 'no', ENDS, 'kept through a takeover')
+      t.same(again.kind === 'unknown-outcome' ? [again.endsAt, again.appointment] : 'no', [ENDS, LISTED], 'kept through a takeover')
+      if (again.kind !== 'unknown-outcome') return
+      t.equal(await store.markSending('scope-a', key, again.token, 10), true, 'the resolving owner sends, knowing neither this time')
+      t.equal(await store.markUnknown('scope-a', key, again.token, 60_000), true)
+      const unnamed = await store.begin('scope-a', key, FP, short)
+      t.same(unnamed.kind === 'unknown-outcome' ? [unnamed.endsAt, unnamed.appointment] : 'no', [null, null], 'each as the latest send named it')
       // Through a dead sender's takeover; and none when none was given.
       const other = fresh()
       const dead = await started(store, 'scope-a', other, short)
       t.equal(await store.markSending('scope-a', other, dead, 10), true)
       await sleep(100)
       const taken = await store.begin('scope-a', other, FP, short)
-      t.same(taken.kind === 'unknown-outcome' ? taken.endsAt : 'no', null, 'not known')
+      t.same(taken.kind === 'unknown-outcome' ? [taken.endsAt, taken.appointment] : 'no', [null, null], 'not known')
       if (taken.kind !== 'unknown-outcome') return
-      t.equal(await store.markSending('scope-a', other, taken.token, 10, ENDS), true, 'the resolving owner sends, knowing it now')
+      t.equal(await store.markSending('scope-a', other, taken.token, 10, ENDS, LISTED), true, 'the resolving owner sends, knowing them now')
       t.equal(await store.markUnknown('scope-a', other, taken.token, 60_000), true)
       const last = await store.begin('scope-a', other, FP, short)
-      t.same(last.kind === 'unknown-outcome' ? last.endsAt : 'no', ENDS)
+      t.same(last.kind === 'unknown-outcome' ? [last.endsAt, last.appointment] : 'no', [ENDS, LISTED])
+      if (last.kind !== 'unknown-outcome') return
+      // Done: a retaken record (single flight's retry after an error) starts with neither.
+      t.equal(await store.complete('scope-a', other, last.token, { statusCode: 502, body: {} }, 60_000), true)
+      const retaken = await store.begin('scope-a', other, FP, { ...short, retakeFailed: true })
+      t.equal(retaken.kind, 'started')
+      if (retaken.kind !== 'started') return
+      t.equal(await store.markSending('scope-a', other, retaken.token, 10), true)
+      t.equal(await store.markUnknown('scope-a', other, retaken.token, 60_000), true)
+      const after = await store.begin('scope-a', other, FP, short)
+      t.same(after.kind === 'unknown-outcome' ? [after.endsAt, after.appointment] : 'no', [null, null], 'nothing of the done record\'s sender')
     })
 
     t.test('an unknown outcome taken over by an owner that dies: the next one resolves again', async (t) => {

@@ -254,3 +254,17 @@ t.test('key-less single flight across two replicas: the leader\'s failure is "sh
     'x-follower-there': { appointmentId: id, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: 'shared' }
   })
 })
+t.test('an appointment cancelled by its agentEventId and by its id is one appointment in the trail', async (t) => {
+  const stack = await buildStack(t, 1)
+  const appointment = stack.sandbox.control.seedAppointment(ALICE)
+  // The keyed cancel names the appointment by its agentEventId; its answer is lost, the cancel not applied.
+  stack.sandbox.control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(stack, 'ae-unknown', appointment.agentEventId, { key: 'ae-key' })).status, 502)
+  // Another cancel names it by its id, and cancels it.
+  t.equal((await cancel(stack, 'ae-by-id', appointment.id, { reason: null })).status, 200)
+  // The keyed retry finds it no longer listed: confirmed.
+  t.equal((await cancel(stack, 'ae-confirmed', appointment.agentEventId, { key: 'ae-key' })).status, 200)
+  t.equal(posts(stack.sandbox), 2)
+  await until(() => auditsOf(stack.lines).size === 3)
+  t.same(counted(stack.lines), [appointment.id], 'counted once, under the appointment\'s id')
+})
