@@ -1,9 +1,11 @@
 import t, { type Test } from 'tap'
+import { request } from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
 import { startRedis, type RedisServer } from '../helpers/redis.js'
-import { scanLogs, UNLIMITED } from '../fault/support.js'
+import { listen, scanLogs, UNLIMITED } from '../fault/support.js'
 import type { App } from '../../src/app.js'
 
 /**
@@ -184,7 +186,7 @@ t.test('keyed: replay, 409 in flight, 422 mismatch, an unknown outcome confirmed
   t.same(counted(stack.lines), [first, second].sort())
 })
 
-t.test('refusals before the cancel: per-session limit, org budget, validation, no session', async (t) => {
+t.test('refusals before the cancel: org budget, per-session limit, no session', async (t) => {
   const stack = await buildStack(t, 1, { RATE_LIMIT_CANCEL: '2/1m', CV_RATE_LIMIT: '2/60s' })
   const ids = Array.from({ length: 3 }, () => stack.sandbox.control.seedAppointment(ALICE).id)
   t.equal((await cancel(stack, 'r-200', ids[0]!, { key: 'r-key' })).status, 200)
@@ -267,4 +269,175 @@ t.test('an appointment cancelled by its agentEventId and by its id is one appoin
   t.equal(posts(stack.sandbox), 2)
   await until(() => auditsOf(stack.lines).size === 3)
   t.same(counted(stack.lines), [appointment.id], 'counted once, under the appointment\'s id')
+})
+
+/** The pid of a throwaway redis-server (its own INFO), to pause it as a stalled server would be. */
+async function redisPid (server: RedisServer): Promise<number> {
+  const client = new Redis({ port: server.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+  try {
+    return Number(/process_id:(\d+)/.exec(await client.info('server'))?.[1])
+  } finally {
+    client.disconnect()
+  }
+}
+
+t.test('Redis down (killed, then stalled by SIGSTOP): keyed and key-less cancels are refused 503 at the session, audited without a patient', async (t) => {
+  const redis = await startRedis(t)
+  const stack = await buildStack(t, 1, {}, redis)
+  const ids = Array.from({ length: 4 }, () => stack.sandbox.control.seedAppointment(ALICE).id)
+  await redis.stop()
+  const killed = [await cancel(stack, 'down-keyed', ids[0]!, { key: 'down-key' }), await cancel(stack, 'down-keyless', ids[1]!)]
+  t.same(killed.map((answer) => answer.status), [503, 503], 'killed')
+  await redis.start()
+  await until(() => stack.apps[0]!.sharedState.mode() === 'redis', 5000)
+  const pid = await redisPid(redis)
+  process.kill(pid, 'SIGSTOP')
+  let stalled
+  try {
+    stalled = [await cancel(stack, 'stalled-keyed', ids[2]!, { key: 'stalled-key' }), await cancel(stack, 'stalled-keyless', ids[3]!)]
+  } finally {
+    process.kill(pid, 'SIGCONT')
+  }
+  t.same(stalled.map((answer) => [answer.status, answer.body.code]), [[503, 'SERVICE_UNAVAILABLE'], [503, 'SERVICE_UNAVAILABLE']], 'stalled')
+  t.equal(posts(stack.sandbox), 0)
+  await trailIs(t, stack, {
+    'down-keyed': { patient: null, appointmentId: ids[0]!, outcome: 'SERVICE_UNAVAILABLE', status: 503, upstreamStatus: null, earlier: null },
+    'down-keyless': { patient: null, appointmentId: ids[1]!, outcome: 'SERVICE_UNAVAILABLE', status: 503, upstreamStatus: null, earlier: null },
+    'stalled-keyed': { patient: null, appointmentId: ids[2]!, outcome: 'SERVICE_UNAVAILABLE', status: 503, upstreamStatus: null, earlier: null },
+    'stalled-keyless': { patient: null, appointmentId: ids[3]!, outcome: 'SERVICE_UNAVAILABLE', status: 503, upstreamStatus: null, earlier: null }
+  })
+})
+
+t.test('the idempotency store failing its commands while sessions still answer: keyed 503, key-less runs on without it', async (t) => {
+  const redis = await startRedis(t)
+  const stack = await buildStack(t, 1, {}, redis)
+  const ids = Array.from({ length: 2 }, () => stack.sandbox.control.seedAppointment(ALICE).id)
+  const admin = new Redis({ port: redis.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+  t.teardown(() => { admin.disconnect() })
+  // Every key but the idempotency records' (`idem:`) stays allowed: their scripts are refused (NOPERM).
+  await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', '~[^i]*', '~i[^d]*')
+  const answers = [await cancel(stack, 'noperm-keyed', ids[0]!, { key: 'noperm-key' }), await cancel(stack, 'noperm-keyless', ids[1]!)]
+  await admin.call('ACL', 'SETUSER', 'default', 'allkeys')
+  t.same(answers.map((answer) => [answer.status, answer.body.code]), [[503, 'SERVICE_UNAVAILABLE'], [200, undefined]])
+  await trailIs(t, stack, {
+    'noperm-keyed': { appointmentId: ids[0]!, outcome: 'SERVICE_UNAVAILABLE', status: 503, upstreamStatus: null, earlier: null },
+    'noperm-keyless': { appointmentId: ids[1]!, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null }
+  })
+  t.same(counted(stack.lines), [ids[1]!])
+})
+
+t.test('two replicas: a follower whose leader\'s replica died leads itself; a leader\'s 429 is shared by its follower', async (t) => {
+  const stack = await buildStack(t, 2, {}, await startRedis(t))
+  const control = stack.sandbox.control
+  const orphan = control.seedAppointment(ALICE).id
+  // Replica A leads, its cancel held upstream past the deadline, and loses Redis (it dies, as far
+  // as the other replica can tell): its record is never completed.
+  control.setFailure({ kind: 'slow', delayMs: 1000, endpoint: 'cancel', times: 1 })
+  const dying = cancel(stack, 'dead-leader', orphan)
+  await until(() => posts(stack.sandbox) === 1)
+  stack.apps[0]!.sharedState.redis!.disconnect()
+  const waiting = cancel(stack, 'orphan-follower', orphan, { app: 1 })
+  t.equal((await dying).status, 504)
+  const began = Date.now()
+  t.equal((await waiting).status, 200, 'the follower waited out the marker, then led')
+  t.ok(Date.now() - began < 3 * 400 + 2000, 'within one in-flight lifetime')
+  t.equal(posts(stack.sandbox), 2)
+
+  // Replica B leads now (A has no Redis); the upstream answers its cancel 429.
+  const limited = control.seedAppointment(ALICE).id
+  const { leader } = await holdLeaderThen(stack, async () => await cancel(stack, 'limited-leader', limited, { app: 1 }), { kind: 'rate-limited', endpoint: 'cancel', times: 1 })
+  const followers = await Promise.all([cancel(stack, 'limited-here', limited, { app: 1 })])
+  t.same([(await leader).status, ...followers.map((answer) => answer.status)], [429, 429])
+  t.equal(posts(stack.sandbox), 3)
+  await trailIs(t, stack, {
+    'dead-leader': { appointmentId: orphan, outcome: 'UPSTREAM_TIMEOUT', status: 504, upstreamStatus: null, earlier: null },
+    'orphan-follower': { appointmentId: orphan, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'limited-leader': { appointmentId: limited, outcome: 'UPSTREAM_RATE_LIMITED', status: 429, upstreamStatus: 429, earlier: null },
+    'limited-here': { appointmentId: limited, outcome: 'UPSTREAM_RATE_LIMITED', status: 429, upstreamStatus: null, earlier: 'shared' }
+  })
+  t.same(counted(stack.lines), [orphan])
+})
+
+t.test('clients that leave mid-cancel (real sockets): each request still has its one record', async (t) => {
+  const stack = await buildStack(t, 1)
+  const origin = await listen(stack.apps[0]!)
+  const keyed = stack.sandbox.control.seedAppointment(ALICE).id
+  const keyless = stack.sandbox.control.seedAppointment(ALICE).id
+  /** Sends a cancel and leaves once `leaveWhen` holds: before its answer. */
+  async function leaving (requestId: string, id: string, key: string | null): Promise<void> {
+    const body = JSON.stringify({ reason: REASON })
+    const sent = request(`${origin}/appointments/${id}/cancel`, {
+      method: 'POST',
+      agent: false,
+      headers: {
+        authorization: `Bearer ${stack.tokens[0]!}`,
+        'content-type': 'application/json',
+        'content-length': String(Buffer.byteLength(body)),
+        'x-request-id': requestId,
+        ...(key === null ? {} : { 'idempotency-key': key })
+      }
+    })
+    sent.on('error', () => {})
+    sent.end(body)
+    const before = posts(stack.sandbox)
+    await until(() => posts(stack.sandbox) > before)
+    sent.destroy()
+  }
+  // A keyed cancel whose client leaves while it is upstream; the app's retry is replayed its 200.
+  stack.sandbox.control.setFailure({ kind: 'slow-after-apply', delayMs: 200, endpoint: 'cancel', times: 1 })
+  await leaving('left-keyed', keyed, 'left-key')
+  await until(() => auditsOf(stack.lines).has('left-keyed'))
+  t.equal((await cancel(stack, 'left-keyed-retry', keyed, { key: 'left-key' })).status, 200)
+  // A key-less leader whose client leaves, and its double tap, which stays.
+  stack.sandbox.control.setFailure({ kind: 'slow-after-apply', delayMs: 200, endpoint: 'cancel', times: 1 })
+  const tap = leaving('left-leader', keyless, null).then(async () => await cancel(stack, 'stayed-follower', keyless))
+  t.equal((await tap).status, 200)
+  t.equal(posts(stack.sandbox), 2)
+  await trailIs(t, stack, {
+    'left-keyed': { appointmentId: keyed, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'left-keyed-retry': { appointmentId: keyed, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'replayed' },
+    'left-leader': { appointmentId: keyless, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'stayed-follower': { appointmentId: keyless, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' }
+  })
+  t.same(counted(stack.lines), [keyed, keyless].sort())
+})
+
+t.test('LOG_LEVEL=error keeps every audit record (own, shared, replayed, confirmed) and drops the other access lines', async (t) => {
+  const stack = await buildStack(t, 1, { LOG_LEVEL: 'error' })
+  const control = stack.sandbox.control
+  const shared = control.seedAppointment(ALICE).id
+  const keyed = control.seedAppointment(ALICE).id
+  const { leader } = await holdLeaderThen(stack, async () => await cancel(stack, 'quiet-leader', shared), null)
+  t.equal((await cancel(stack, 'quiet-follower', shared)).status, 200)
+  t.equal((await leader).status, 200)
+  control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(stack, 'quiet-unknown', keyed, { key: 'quiet-key' })).status, 502)
+  t.equal((await cancel(stack, 'quiet-confirmed', keyed, { key: 'quiet-key' })).status, 200)
+  t.equal((await cancel(stack, 'quiet-replayed', keyed, { key: 'quiet-key' })).status, 200)
+  await stack.apps[0]!.inject({ method: 'GET', url: '/appointments', headers: { authorization: `Bearer ${stack.tokens[0]!}` } })
+  await trailIs(t, stack, {
+    'quiet-leader': { appointmentId: shared, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'quiet-follower': { appointmentId: shared, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' },
+    'quiet-unknown': { appointmentId: keyed, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: null },
+    'quiet-confirmed': { appointmentId: keyed, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'confirmed' },
+    'quiet-replayed': { appointmentId: keyed, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'replayed' }
+  })
+  const completed = stack.lines.map((line) => JSON.parse(line) as { msg?: string, audit?: unknown }).filter((line) => line.msg === 'request completed')
+  t.equal(completed.length, 5, 'no access line without an audit record (the sign-in, the list)')
+  t.same(counted(stack.lines), [keyed, shared].sort())
+})
+
+t.test('a shutdown (close) while a leader and its follower wait upstream: both records are written before close ends', async (t) => {
+  const stack = await buildStack(t, 1)
+  const id = stack.sandbox.control.seedAppointment(ALICE).id
+  const { leader } = await holdLeaderThen(stack, async () => await cancel(stack, 'closing-leader', id), null)
+  const follower = cancel(stack, 'closing-follower', id)
+  await sleep(20)
+  await stack.apps[0]!.close()
+  t.same([(await leader).status, (await follower).status], [200, 200])
+  t.same([...auditsOf(stack.lines).keys()].sort(), ['closing-follower', 'closing-leader'], 'written before close() returned')
+  await trailIs(t, stack, {
+    'closing-leader': { appointmentId: id, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'closing-follower': { appointmentId: id, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' }
+  })
 })
