@@ -252,6 +252,10 @@ async function answers (app: FastifyInstance): Promise<void> {
   })
 
   app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
+    // Its body broken or too slow, the request was answered on its socket already (answerParserError)
+    // and its route then fails to read the body: its access line and audit record say that answer.
+    const refused = answeredByParser.get(request.raw)
+    if (refused !== undefined) return sendError(reply, new ApiError(refused, ErrorCode.VALIDATION_FAILED, parserRefusalMessage(refused)))
     const apiError = toApiError(error)
     // No route: whatever its body (malformed, too large, of another type: Fastify parses it before
     // the not-found handler runs), the answer is the contract's 404. Only the body's errors: a
@@ -561,6 +565,7 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
     return
   }
   if (pending.req === broken?.req && !pending.headersSent) {
+    answeredByParser.set(broken.req, parserErrorStatus(error))
     answerParserError(app, error, socket, broken.id)
     return
   }
@@ -574,6 +579,16 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
   pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
 }
 
+/**
+ * The requests a route was serving whose body the HTTP parser refused (broken, or too slow to
+ * arrive), with the status of the answer written for them on their socket.
+ */
+const answeredByParser = new WeakMap<IncomingMessage, 400 | 408 | 431>()
+
+function parserRefusalMessage (status: 400 | 408 | 431): string {
+  return status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
+}
+
 /** The status of the HTTP parser's refusal: headers too large, too slow to arrive, or malformed. */
 export function parserErrorStatus (error: NodeJS.ErrnoException): 400 | 408 | 431 {
   return error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
@@ -581,7 +596,7 @@ export function parserErrorStatus (error: NodeJS.ErrnoException): 400 | 408 | 43
 
 function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
   const status = parserErrorStatus(error)
-  const message = status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
+  const message = parserRefusalMessage(status)
   // Its access line: Fastify never saw the request (its parser's error code only, no client text).
   app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
   app.metrics.recordRefusedBeforeRouting(status)

@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap'
 import { request } from 'node:http'
+import { connect } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { buildTestApp, signIn } from '../helpers/app.js'
@@ -440,4 +441,25 @@ t.test('a shutdown (close) while a leader and its follower wait upstream: both r
     'closing-leader': { appointmentId: id, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
     'closing-follower': { appointmentId: id, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'shared' }
   })
+})
+
+t.test('a cancel whose body is too slow to arrive: its record has the 408 its client was answered', async (t) => {
+  const stack = await buildStack(t, 1)
+  const app = stack.apps[0]!
+  const id = stack.sandbox.control.seedAppointment(ALICE).id
+  const port = Number(new URL(await listen(app)).port)
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  let received = ''
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  socket.write(`POST /appointments/${id}/cancel HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${stack.tokens[0]!}\r\ncontent-type: application/json\r\ncontent-length: 40\r\nx-request-id: slow-body\r\n\r\n{"reason":`)
+  // Node's deadline for a whole request: 10 s (REQUEST_TIMEOUT_MS, fixed when the server listens).
+  await until(() => received.includes('\r\n\r\n'), 12_000)
+  t.match(received, /^HTTP\/1\.1 408 /, 'answered 408')
+  t.match(received, /x-request-id: slow-body/)
+  socket.destroy()
+  await trailIs(t, stack, {
+    'slow-body': { appointmentId: id, outcome: 'VALIDATION_FAILED', status: 408, upstreamStatus: null, earlier: null }
+  })
+  t.equal(posts(stack.sandbox), 0)
 })
