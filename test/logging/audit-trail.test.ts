@@ -141,6 +141,7 @@ t.test('own answers: 200, the upstream\'s 400, 401, 404, 5xx, 429, timeout and r
   t.equal((await cancel(stack, 'own-reset', ids[5]!)).status, 502)
   control.setFailure({ kind: 'reset-after-apply', endpoint: 'cancel', times: 1 })
   t.equal((await cancel(stack, 'own-reset-applied', ids[6]!)).status, 502)
+  t.equal((await cancel(stack, 'own-reset-applied-retry', ids[6]!)).status, 404, 'its key-less retry finds the appointment gone')
   control.setFailure({ kind: 'rate-limited', endpoint: 'cancel', times: 1 })
   t.equal((await cancel(stack, 'own-429', ids[7]!)).status, 429)
   t.equal((await cancel(stack, 'cooldown-429', ids[8]!)).status, 429, 'the cooldown refuses the next one')
@@ -153,6 +154,7 @@ t.test('own answers: 200, the upstream\'s 400, 401, 404, 5xx, 429, timeout and r
     'own-timeout': { appointmentId: ids[4]!, outcome: 'UPSTREAM_TIMEOUT', status: 504, upstreamStatus: null, earlier: null },
     'own-reset': { appointmentId: ids[5]!, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: null },
     'own-reset-applied': { appointmentId: ids[6]!, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: null },
+    'own-reset-applied-retry': { appointmentId: ids[6]!, outcome: 'APPOINTMENT_NOT_FOUND', status: 404, upstreamStatus: null, earlier: null },
     'own-429': { appointmentId: ids[7]!, outcome: 'UPSTREAM_RATE_LIMITED', status: 429, upstreamStatus: 429, earlier: null },
     'cooldown-429': { appointmentId: ids[8]!, outcome: 'UPSTREAM_RATE_LIMITED', status: 429, upstreamStatus: null, earlier: null }
   })
