@@ -465,3 +465,18 @@ t.test('a cancel whose body is too slow to arrive: its record has the 408 its cl
   })
   t.equal(posts(stack.sandbox), 0)
 })
+
+t.test('two replicas: a keyed cancel by agentEventId lost on one, the appointment cancelled by its id, confirmed on the other: one appointment', async (t) => {
+  const stack = await buildStack(t, 2, {}, await startRedis(t))
+  const appointment = stack.sandbox.control.seedAppointment(ALICE)
+  stack.sandbox.control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
+  t.equal((await cancel(stack, 'r-ae-unknown', appointment.agentEventId.toUpperCase(), { key: 'r-ae-key' })).status, 502)
+  t.equal((await cancel(stack, 'r-ae-by-id', appointment.id, { reason: null, app: 1 })).status, 200)
+  t.equal((await cancel(stack, 'r-ae-confirmed', appointment.agentEventId, { key: 'r-ae-key', app: 1 })).status, 200)
+  await trailIs(t, stack, {
+    'r-ae-unknown': { appointmentId: appointment.id, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: null },
+    'r-ae-by-id': { appointmentId: appointment.id, outcome: 'cancelled', status: 200, upstreamStatus: 200, earlier: null },
+    'r-ae-confirmed': { appointmentId: appointment.id, outcome: 'cancelled', status: 200, upstreamStatus: null, earlier: 'confirmed' }
+  })
+  t.same(counted(stack.lines), [appointment.id])
+})
