@@ -22,7 +22,18 @@ import { UNLIMITED, listen } from './support.js'
  * handle that would keep the process from exiting.
  */
 
-const TIMEOUT_MS = 300
+/**
+ * The upstream deadline. A reset comes 5 ms after the answer's head, a slow answer SLOW_BY_MS after
+ * the deadline: the deadline must outlast a reset's whole call by far, queueing for the pool's
+ * connections included, on a loaded machine (at 300 ms, a reset was once a 504 there).
+ */
+const TIMEOUT_MS = 1000
+/** How long after the deadline a `slow` answer comes. */
+const SLOW_BY_MS = 300
+
+// Six rounds of a few seconds each, and Redis killed and started twice: about 45 s on a busy
+// 2-core machine, more than the suite's 60 s per file when it is busier still. Still bounded.
+t.setTimeout(120_000)
 const CONNECTIONS = 10 // the upstream pool's size (src/care360/client.ts)
 const ROUNDS = 3
 const APPOINTMENT = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
@@ -40,7 +51,7 @@ process.on('warning', (warning) => { warnings.push(warning.name) })
 
 /**
  * The upstream, told what to do by the cancel's reason (forwarded as it is): `reset` (a head and
- * half a body, then the socket destroyed), `slow` (after the deadline), `boom` (500), `busy` (429
+ * half a body, then the socket destroyed), `slow` (SLOW_BY_MS after the deadline), `boom` (500), `busy` (429
  * with Retry-After: 1), `long` (200 after 200 ms), `hold` (answered once CONNECTIONS of them have arrived), else 200 after
  * 40 ms.
  */
@@ -61,7 +72,7 @@ async function startUpstream (t: Test): Promise<string> {
         response.write('{"status":200,')
         setTimeout(() => request.socket.destroy(), 5)
       } else if (reason.startsWith('slow')) {
-        setTimeout(answer, 2 * TIMEOUT_MS, 200)
+        setTimeout(answer, TIMEOUT_MS + SLOW_BY_MS, 200)
       } else if (reason.startsWith('boom')) {
         answer(500)
       } else if (reason.startsWith('busy')) {
@@ -182,8 +193,9 @@ for (const state of ['memory', 'redis'] as const) {
       t.same([...new Set(seen.conflicts)], [409, 422], `round ${r}: a key in flight is a 409, reused for another reason a 422`)
       t.same([...new Set(seen.signIn)], [401], `round ${r}: bad ID tokens are refused`)
       t.same([...new Set(seen.busy)], [429], `round ${r}: the upstream's 429 and its cooldown`)
-      // The cooldown (Retry-After: 1) ends, the slow answers and the handlers of the clients that
-      // left finish, and the sockets the service closed are gone.
+      // The cooldown (Retry-After: 1) ends, the slow answers (SLOW_BY_MS after their 504s, less
+      // than this sleep) and the handlers of the clients that left finish, and the sockets the
+      // service closed are gone.
       await sleep(1100)
       const now: Record<string, number> = { timers: timers.size, warnings: warnings.length }
       countListeners(app.server, now, 'server.')
