@@ -52,11 +52,21 @@ process.on('warning', (warning) => { warnings.push(warning.name) })
 /**
  * The upstream, told what to do by the cancel's reason (forwarded as it is): `reset` (a head and
  * half a body, then the socket destroyed), `slow` (SLOW_BY_MS after the deadline), `boom` (500), `busy` (429
- * with Retry-After: 1), `long` (200 after 200 ms), `hold` (answered once CONNECTIONS of them have arrived), else 200 after
+ * with Retry-After: 1), `long` (200 once the test releases it, see Upstream), `hold` (answered once CONNECTIONS of them have arrived), else 200 after
  * 40 ms.
  */
-async function startUpstream (t: Test): Promise<string> {
+interface Upstream {
+  url: string
+  /** Resolves once the `long` call with this reason has reached the upstream (or after 5 s, for the assertions to say so). */
+  arrived: (reason: string) => Promise<void>
+  /** Answers the `long` call with this reason. */
+  release: (reason: string) => void
+}
+
+async function startUpstream (t: Test): Promise<Upstream> {
   const held: Array<() => void> = []
+  const longs = new Map<string, () => void>()
+  const waiting = new Map<string, () => void>()
   const server = createServer(function serve (request: IncomingMessage, response: ServerResponse) {
     const chunks: Buffer[] = []
     request.on('data', (chunk: Buffer) => chunks.push(chunk))
@@ -78,7 +88,8 @@ async function startUpstream (t: Test): Promise<string> {
       } else if (reason.startsWith('busy')) {
         answer(429, { 'retry-after': '1' })
       } else if (reason.startsWith('long')) {
-        setTimeout(answer, 200, 200)
+        longs.set(reason, () => { answer(200) })
+        waiting.get(reason)?.()
       } else if (reason.startsWith('hold')) {
         held.push(() => { answer(200) })
         if (held.length === CONNECTIONS) for (const release of held.splice(0)) release()
@@ -94,7 +105,21 @@ async function startUpstream (t: Test): Promise<string> {
     server.close()
     await once(server, 'close')
   })
-  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    arrived: async (reason) => {
+      if (longs.has(reason)) return
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 5000)
+        waiting.set(reason, () => { clearTimeout(timer); resolve() })
+      })
+      waiting.delete(reason)
+    },
+    release: (reason) => {
+      longs.get(reason)?.()
+      longs.delete(reason)
+    }
+  }
 }
 
 interface Sent { status: number }
@@ -132,10 +157,10 @@ function countListeners (emitter: NodeJS.EventEmitter | null | undefined, into: 
 
 for (const state of ['memory', 'redis'] as const) {
   t.test(`the failure paths leave nothing behind, round after round (${state})`, async (t) => {
-    const upstreamUrl = await startUpstream(t)
+    const upstream = await startUpstream(t)
     const redis: RedisServer | undefined = state === 'redis' ? await startRedis(t) : undefined
     const { app, issuer } = await buildTestApp(t, {
-      upstreamUrl,
+      upstreamUrl: upstream.url,
       ...(redis === undefined ? {} : { redis }),
       env: { ...UNLIMITED, CV_TIMEOUT_MS: String(TIMEOUT_MS), OWNERSHIP_CHECK: 'off' }
     })
@@ -166,10 +191,15 @@ for (const state of ['memory', 'redis'] as const) {
       seen.left = await many(12, async (i) => await cancel('work', keyed(i), 15))
       seen.conflicts = (await Promise.all(Array.from({ length: 4 }, async () => {
         const key = { 'idempotency-key': randomUUID() }
-        const body = JSON.stringify({ reason: `long ${randomUUID()}` })
+        const reason = `long ${randomUUID()}`
+        const body = JSON.stringify({ reason })
         const first = send(origin, false, 'POST', PATH, { ...auth, ...key }, body)
-        await sleep(50)
+        // In flight for sure: its call reached the upstream (the key is taken before the call),
+        // which holds it until the second has its answer. A 50 ms sleep here, with the first
+        // answered 200 ms after its call, raced the two on a loaded machine: once the second got a 200.
+        await upstream.arrived(reason)
         const inFlight = await send(origin, false, 'POST', PATH, { ...auth, ...key }, body)
+        upstream.release(reason)
         await first
         const other = await cancel('work', key)
         return [inFlight.status, other.status]
