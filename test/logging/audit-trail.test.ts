@@ -8,6 +8,7 @@ import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandb
 import { startRedis, type RedisServer } from '../helpers/redis.js'
 import { listen, scanLogs, UNLIMITED } from '../fault/support.js'
 import type { App } from '../../src/app.js'
+import { inFlightTtlFor } from '../../src/idempotency/index.js'
 
 /**
  * The audit trail as an auditor reads it (README, Operations, "Logs:"): every cancel request has
@@ -53,7 +54,9 @@ async function buildStack (t: Test, replicas: number, env: Record<string, string
       upstreamUrl: sandbox.url,
       logStream,
       ...(redis === undefined ? {} : { redis }),
-      env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '400', ...UNLIMITED, ...env }
+      // The upstream's deadline: 1 s, well past the 300 ms holds of holdLeaderThen on a loaded machine;
+      // the timeouts below hold their call 2 s.
+      env: { CV_API_KEY: SANDBOX_KEY, CV_TIMEOUT_MS: '1000', ...UNLIMITED, ...env }
     })
     apps.push(app)
     tokens.push(await signIn(app, issuer, ALICE))
@@ -135,7 +138,7 @@ t.test('own answers: 200, the upstream\'s 400, 401, 404, 5xx, 429, timeout and r
   t.equal((await cancel(stack, 'own-404', '00000000-0000-4000-8000-000000000000')).status, 404)
   control.setFailure({ kind: 'status', status: 503, endpoint: 'cancel', times: 1 })
   t.equal((await cancel(stack, 'own-503', ids[3]!)).status, 502)
-  control.setFailure({ kind: 'slow', delayMs: 1000, endpoint: 'cancel', times: 1 })
+  control.setFailure({ kind: 'slow', delayMs: 2000, endpoint: 'cancel', times: 1 })
   t.equal((await cancel(stack, 'own-timeout', ids[4]!)).status, 504)
   control.setFailure({ kind: 'reset', endpoint: 'cancel', times: 1 })
   t.equal((await cancel(stack, 'own-reset', ids[5]!)).status, 502)
@@ -169,7 +172,7 @@ t.test('keyed: replay, 409 in flight, 422 mismatch, an unknown outcome confirmed
   t.equal((await cancel(stack, 'k-first', first, { key: 'audit-key-1' })).status, 200)
   t.equal((await cancel(stack, 'k-replay', first, { key: 'audit-key-1' })).status, 200)
   t.equal((await cancel(stack, 'k-mismatch', second, { key: 'audit-key-1' })).status, 422)
-  control.setFailure({ kind: 'slow-after-apply', delayMs: 1000, endpoint: 'cancel', times: 1 })
+  control.setFailure({ kind: 'slow-after-apply', delayMs: 2000, endpoint: 'cancel', times: 1 })
   const leading = cancel(stack, 'k-timeout', second, { key: 'audit-key-2' })
   await until(() => posts(stack.sandbox) === 2)
   t.equal((await cancel(stack, 'k-in-flight', second, { key: 'audit-key-2' })).status, 409)
@@ -335,7 +338,7 @@ t.test('two replicas: a follower whose leader\'s replica died leads itself; a le
   const orphan = control.seedAppointment(ALICE).id
   // Replica A leads, its cancel held upstream past the deadline, and loses Redis (it dies, as far
   // as the other replica can tell): its record is never completed.
-  control.setFailure({ kind: 'slow', delayMs: 1000, endpoint: 'cancel', times: 1 })
+  control.setFailure({ kind: 'slow', delayMs: 2000, endpoint: 'cancel', times: 1 })
   const dying = cancel(stack, 'dead-leader', orphan)
   await until(() => posts(stack.sandbox) === 1)
   stack.apps[0]!.sharedState.redis!.disconnect()
@@ -343,7 +346,7 @@ t.test('two replicas: a follower whose leader\'s replica died leads itself; a le
   t.equal((await dying).status, 504)
   const began = Date.now()
   t.equal((await waiting).status, 200, 'the follower waited out the marker, then led')
-  t.ok(Date.now() - began < 3 * 400 + 2000, 'within one in-flight lifetime')
+  t.ok(Date.now() - began < inFlightTtlFor(1000), 'within one in-flight lifetime')
   t.equal(posts(stack.sandbox), 2)
 
   // Replica B leads now (A has no Redis); the upstream answers its cancel 429.
