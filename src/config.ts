@@ -51,7 +51,9 @@ function originProblem (value: string): string | null {
   try { url = new URL(value) } catch { return 'not a URL (scheme://host[:port], with a port from 1 to 65535)' }
   if (!(url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname)))) return NOT_HTTPS
   if (url.username !== '' || url.password !== '') return 'must not hold user information (user:password@)'
-  if (url.search !== '' || url.hash !== '') return 'must not hold a query (?) or a fragment (#)'
+  // The href, not search and hash: an empty query or fragment (a bare ? or #) is '' there as when
+  // absent, yet the text is kept as written (PUBLIC_URL "https://host/#" made ".../#/auth/callback").
+  if (/[?#]/.test(url.href)) return 'must not hold a query (?) or a fragment (#)'
   return null
 }
 

@@ -128,6 +128,19 @@ t.test('OIDC_ISSUER, PUBLIC_URL, WEB_APP_URL: no user information, query or frag
   }
 })
 
+t.test('OIDC_ISSUER, PUBLIC_URL, WEB_APP_URL: an empty query or fragment (a bare ? or #) is refused too', async (t) => {
+  // The URL parser reports both as '' (as when absent), yet the text is kept as written: PUBLIC_URL
+  // "https://patients.example.com/#" made the redirect URI ".../#/auth/callback".
+  const web = { OIDC_CLIENT_SECRET: 'client-secret', PUBLIC_URL: 'https://patients.example.com' }
+  for (const name of ['OIDC_ISSUER', 'PUBLIC_URL', 'WEB_APP_URL']) {
+    for (const bad of ['https://host.example.com/#', 'https://host.example.com?', 'https://host.example.com/?#']) {
+      const error = refusal({ ...base, ...web, [name]: bad })
+      t.same(error.variables, [name], `${name}=${bad}`)
+      t.match(error.message, /query \(\?\) or a fragment \(#\)/, `${name}=${bad}: says why`)
+    }
+  }
+})
+
 t.test('an https URL refused for its user information, query, fragment or port says that, not "must be an https URL"', async (t) => {
   const web = { OIDC_CLIENT_SECRET: 'client-secret', PUBLIC_URL: 'https://patients.example.com' }
   const cases: Array<[string, string, RegExp]> = [
