@@ -1,7 +1,7 @@
 import t from 'tap'
 import { createServer, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
-import { parseRetryAfter } from '../../src/care360/client.js'
+import { parseHttpDate, parseRetryAfter } from '../../src/care360/client.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 
 /**
@@ -27,6 +27,25 @@ t.test('the three forms of an HTTP-date are still read', async (t) => {
   t.equal(parseRetryAfter('Tue Jan  1 00:00:42 2030', NOW), 42_000, 'asctime')
   t.equal(parseRetryAfter(new Date(NOW + 5000).toUTCString(), NOW), 5000, 'as Date#toUTCString writes it')
   t.equal(parseRetryAfter('Tue, 01 Foo 2030 00:00:42 GMT', NOW), null, 'in the form of a date, but no date')
+})
+
+t.test('an HTTP-date is the whole text, its year two or four digits', async (t) => {
+  // Text around a date is no date: an RFC 850 date is rebuilt from its parts (rfc850Time), which
+  // would drop it. A 3-digit year is no form of HTTP-date (Date.parse reads the year 994).
+  for (const garbage of ['x 3000 Tuesday, 01-Jan-30 00:00:42 GMT', 'Tuesday, 01-Jan-30 00:00:42 GMT x 3000', 'Tue, 01 Jan 030 00:00:42 GMT', 'Sun, 06 Nov 994 08:49:37 GMT']) {
+    t.equal(parseHttpDate(garbage, NOW), null, JSON.stringify(garbage))
+  }
+})
+
+t.test('an asctime date carries no zone and is read as GMT, whatever the process\'s time zone', async (t) => {
+  const zone = process.env.TZ
+  process.env.TZ = 'America/New_York'
+  t.teardown(() => {
+    if (zone === undefined) delete process.env.TZ
+    else process.env.TZ = zone
+  })
+  t.equal(new Date(NOW).getHours(), 19, 'the zone is in effect (19:00 on New Year\'s Eve)')
+  t.equal(parseRetryAfter('Tue Jan  1 00:00:42 2030', NOW), 42_000)
 })
 
 t.test('an upstream 429 with a garbled Retry-After: the first backoff, not a 10-minute stop', async (t) => {

@@ -32,3 +32,11 @@ t.test('an RFC 850 date more than 50 years ahead, within the year 50 years ahead
   t.equal(parseHttpDate('Saturday, 28-Feb-78 12:00:00 GMT', leap), Date.parse('2078-02-28T12:00:00Z'), 'before 50 years from a 29 February')
   t.equal(parseHttpDate('Wednesday, 02-Mar-78 12:00:00 GMT', leap), Date.parse('1978-03-02T12:00:00Z'), 'after 50 years from a 29 February')
 })
+
+t.test('the 50 years end at now\'s minute and second, not at its hour', async (t) => {
+  // Half past nine and 30.5 s: a timestamp at most 50 years later, to the second, is ahead.
+  const now = Date.parse('2026-12-07T09:30:30.500Z')
+  t.equal(parseHttpDate('Monday, 07-Dec-76 09:30:30 GMT', now), Date.parse('2076-12-07T09:30:30Z'), 'within the second 50 years on: ahead')
+  t.equal(parseHttpDate('Monday, 07-Dec-76 09:30:31 GMT', now), Date.parse('1976-12-07T09:30:31Z'), 'the next second: a century back')
+  t.equal(parseHttpDate('Monday, 07-Dec-76 09:15:00 GMT', now), Date.parse('2076-12-07T09:15:00Z'), 'a quarter hour short: ahead')
+})
