@@ -1,6 +1,6 @@
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
@@ -145,6 +145,7 @@ t.test('an https URL refused for its user information, query, fragment or port s
   const web = { OIDC_CLIENT_SECRET: 'client-secret', PUBLIC_URL: 'https://patients.example.com' }
   const cases: Array<[string, string, RegExp]> = [
     ['CV_BASE_URL', 'https://user:pw-secret@api.example.com', /user information/],
+    ['CV_BASE_URL', 'https://:pw-secret@api.example.com', /user information/],
     ['CV_BASE_URL', 'https://api.example.com?x=1', /query/],
     ['OIDC_ISSUER', 'https://idp.example.com/#top', /fragment/],
     ['PUBLIC_URL', 'https://user@patients.example.com', /user information/],
@@ -292,8 +293,14 @@ t.test('the key in quotes (docker env files and compose keep them) is refused, n
   t.equal(loadConfig({ ...base, CV_API_KEY: 'a"b' }).care360.apiKey, 'a"b')
   t.equal(loadConfig({ ...base, CV_API_KEY: '"ab' }).care360.apiKey, '"ab')
   t.equal(loadConfig({ ...base, CV_API_KEY: '"ab\'' }).care360.apiKey, '"ab\'')
+  t.equal(loadConfig({ ...base, CV_API_KEY: 'k"ab"' }).care360.apiKey, 'k"ab"', 'quotes that do not begin the key')
+  t.equal(loadConfig({ ...base, CV_API_KEY: '"' }).care360.apiKey, '"', 'one quote is no pair')
+  // An empty pair (CV_API_KEY="" in an env file) is quotes too, not a key of two characters.
+  t.match(refusal({ ...base, CV_API_KEY: '""' }).message, 'quotes')
   // A quoted service secret is left alone: sent nowhere, the same on every replica.
   t.equal(loadConfig({ ...base, SERVICE_SECRET: `"${'x'.repeat(32)}"` }).keyRoot.fromApiKey, false)
+  writeFileSync(file, `"${'x'.repeat(32)}"\n`)
+  t.equal(loadConfig({ ...base, SERVICE_SECRET_FILE: file }).keyRoot.secret, `"${'x'.repeat(32)}"`, 'in its file too')
 })
 
 t.test('a key or secret file must be a regular file of at most 4096 bytes (never blocking on a FIFO)', async (t) => {
@@ -313,10 +320,27 @@ t.test('a key or secret file must be a regular file of at most 4096 bytes (never
   t.match(refusal({ ...noKey, CV_API_KEY_FILE: fifo }).message, 'CV_API_KEY_FILE: must be a regular file', 'a FIFO nobody writes: refused, not waited on')
 })
 
+t.test('a key or secret file is closed once read, whether it is taken or refused', { skip: !existsSync('/proc/self/fd') && 'no /proc/self/fd' }, async (t) => {
+  const { CV_API_KEY: _key, ...noKey } = base
+  const dir = mkdtempSync(join(tmpdir(), 'bff-config-'))
+  const file = join(dir, 'key')
+  writeFileSync(file, 'org-secret-key-123\n')
+  const open = (): number => readdirSync('/proc/self/fd').length
+  const before = open()
+  for (let i = 0; i < 20; i++) {
+    loadConfig({ ...noKey, CV_API_KEY_FILE: file })
+    refusal({ ...noKey, CV_API_KEY_FILE: dir })
+  }
+  t.equal(open(), before, 'no descriptor left open')
+})
+
 t.test('unknownVariables: near misses of the names read, for the start-up warning', async (t) => {
   t.same(unknownVariables({ RATE_LIMIT_SESION: '10/1m', CV_APIKEY: 'x', REDIS_URI: 'redis://r', cv_env: 'production', HOME: '/root', TERM: 'xterm', REDIS_PORT: 'tcp://10.0.0.1:6379', PORT: '3000', HOSTNAME: 'pod-1', NODE_ENV: 'production' }),
     [['RATE_LIMIT_SESION', 'RATE_LIMIT_SESSION'], ['CV_APIKEY', 'CV_API_KEY'], ['REDIS_URI', 'REDIS_URL'], ['cv_env', 'CV_ENV']], 'near misses only, not the environment\'s usual names')
   t.same(unknownVariables({ CV_API_KEY: 'x', LOG_LEVEL: 'info', CV_APIKEY: undefined }), [], 'known names, and an unset one')
+  // Each kind of edit counts one; two are a near miss from 8 characters on (REPLICAS), one below.
+  t.same(unknownVariables({ CV_ENB: 'x', CV_EN: 'x', CV_ENVV: 'x', REPLICSA: '2', RATE_LIMT_SESION: '10/1m', CV_EMB: 'x' }),
+    [['CV_ENB', 'CV_ENV'], ['CV_EN', 'CV_ENV'], ['CV_ENVV', 'CV_ENV'], ['REPLICSA', 'REPLICAS'], ['RATE_LIMT_SESION', 'RATE_LIMIT_SESSION']], 'a substitution, a deletion, an insertion; two edits of a long name, not of a short one')
 })
 
 t.test('SERVICE_SECRET: optional, or from a file, at least 32 characters, never echoed', async (t) => {
