@@ -193,6 +193,16 @@ for (const kind of kinds) {
       t.ok(await store.get(token), 'alive well past the first idle limit')
     })
 
+    t.test('a lookup that must not touch (a request the CSRF check refuses) never slides the idle expiry', async (t) => {
+      const { store, clock } = await kind.make(t)
+      const { token } = await store.create(patient())
+      clock.at = START + IDLE - 1
+      const found = await store.lookup(token, [], false)
+      t.equal(found.session?.lastSeenAt, START, 'seen a millisecond before its idle limit: not touched')
+      clock.at = START + IDLE
+      t.equal(await store.get(token), null, 'dead at the idle limit, as if never looked up')
+    })
+
     t.test('the idle expiry slides once a tenth of the idle lifetime has passed', async (t) => {
       const idle = 2 * MIN
       const { store, clock } = await kind.make(t, { idleTtlMs: idle, absoluteTtlMs: ABSOLUTE })
