@@ -82,3 +82,22 @@ t.test('a Date that is not an HTTP-date is no clock of the upstream\'s: a Retry-
   const seconds = Number(list.headers['retry-after'])
   t.ok(seconds >= 28 && seconds <= 31, `Retry-After ${String(list.headers['retry-after'])}: the upstream's 30 s`)
 })
+
+t.test('a Date with whitespace after it is still the upstream\'s clock', async (t) => {
+  // undici keeps what follows a field's value; a Date with trailing spaces is still the date. The
+  // upstream's clock an hour behind ours: its Retry-After, 30 s after its Date, is 30 s, not the past.
+  const upstreamNow = Date.now() - 3_600_000
+  const server = createServer((socket) => {
+    socket.on('error', () => {})
+    socket.once('data', () => socket.end(`HTTP/1.1 429 Too Many Requests\r\ndate: ${new Date(upstreamNow).toUTCString()} \t \r\nretry-after: ${new Date(upstreamNow + 30_000).toUTCString()}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`))
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(() => server.close())
+  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
+  const token = await signIn(app, issuer, 'spaced-date@example.com')
+  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  t.equal(list.statusCode, 429)
+  const seconds = Number(list.headers['retry-after'])
+  t.ok(seconds >= 28 && seconds <= 31, `Retry-After ${String(list.headers['retry-after'])}: the upstream's 30 s`)
+})
