@@ -1,6 +1,7 @@
 import t from 'tap'
 import { request } from 'undici'
 import { startWebStack } from './stack.js'
+import { SECURITY_HEADERS } from '../../src/web/security.js'
 
 /**
  * Fastify's own refusals before routing (a path parameter over 256 characters, a malformed
@@ -29,6 +30,8 @@ t.test('refusals before routing carry the CORS grant of the origin that asked', 
       t.equal(preflight.headers['access-control-allow-credentials'], 'true')
       t.match(preflight.headers['access-control-allow-headers'], /x-csrf/)
       t.match(preflight.headers.vary, /Origin/)
+      t.match(preflight.headers, SECURITY_HEADERS, 'the security headers of every answer')
+      t.equal(preflight.headers['content-length'], '0')
 
       const cancel = await send('POST', path, { origin: APP_ORIGIN, 'x-csrf': '1' })
       t.equal(cancel.status, 400)

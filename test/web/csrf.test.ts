@@ -172,6 +172,8 @@ t.test('CORS with credentials for CORS_ORIGINS only', async (t) => {
   const evil = await preflight('https://evil.example')
   // Without Access-Control-Allow-Origin the browser grants nothing, whatever else is sent.
   t.equal(evil.headers['access-control-allow-origin'], undefined, 'a foreign origin gets no CORS grant')
+  t.equal(evil.headers['access-control-allow-methods'], undefined, 'nor the methods and headers it may use')
+  t.equal(evil.headers['access-control-allow-headers'], undefined)
 
   const simple = await stack.app.inject({ method: 'GET', url: '/auth/me', headers: { origin: APP_ORIGIN } })
   t.equal(simple.headers['access-control-allow-origin'], APP_ORIGIN)
@@ -182,6 +184,7 @@ t.test('CORS with credentials for CORS_ORIGINS only', async (t) => {
   t.match(simple.headers.vary, /Origin/i)
   const foreign = await stack.app.inject({ method: 'GET', url: '/auth/me', headers: { origin: 'https://evil.example' } })
   t.equal(foreign.headers['access-control-allow-origin'], undefined)
+  t.equal(foreign.headers['access-control-expose-headers'], undefined, 'nor the headers it may read')
   // An OPTIONS request without Origin is no preflight: answered here all the same, a bare 204.
   const noOrigin = await stack.app.inject({ method: 'OPTIONS', url: '/auth/me' })
   t.equal(noOrigin.statusCode, 204, 'an OPTIONS without Origin: 204, not the route\'s or the not-found answer')
