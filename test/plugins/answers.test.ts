@@ -179,8 +179,15 @@ t.test("the HTTP parser's errors are answered in the envelope", async (t) => {
   const malformed = await server.inject({ url: '/%zz' })
   t.equal(malformed.statusCode, 400)
   t.match(malformed.json(), { code: 'VALIDATION_FAILED', message: 'Malformed request URL' })
+  // An OPTIONS request for such a path (a preflight asks nothing of the path): the bare 204 of
+  // any OPTIONS request, with an answer's own fields, and counted as what it was answered.
+  const preflight = await server.inject({ method: 'OPTIONS', url: '/%zz' })
+  t.equal(preflight.statusCode, 204)
+  t.equal(preflight.headers['cache-control'], 'no-store')
+  t.match(preflight.headers['x-request-id'], /^[0-9a-f-]{36}$/)
   // None of these passed a route's hooks: they are in the metrics all the same.
   const scraped = await server.metrics.registry.metrics()
+  t.match(scraped, /bff_http_refused_before_routing_total\{status_code="204"\} 1\n/, 'the OPTIONS request')
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="400"\} 3\n/, 'the parser\'s 400, the CONNECT and Fastify\'s malformed URL')
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="431"\} 1\n/, 'the parser\'s 431')
   t.match(scraped, /bff_http_refused_before_routing_total\{status_code="417"\} 1\n/, 'the unsupported Expect')
