@@ -203,6 +203,15 @@ for (const kind of kinds) {
       t.equal(await store.get(token), null, 'dead at the idle limit, as if never looked up')
     })
 
+    t.test('a lookup touches by default (every authenticated request does)', async (t) => {
+      const { store, clock } = await kind.make(t)
+      const { token } = await store.create(patient())
+      clock.at = START + IDLE - 1
+      t.equal((await store.lookup(token, [])).session?.lastSeenAt, START + IDLE - 1, 'touched')
+      clock.at = START + IDLE
+      t.ok(await store.get(token), 'alive at the first idle limit')
+    })
+
     t.test('the idle expiry slides once a tenth of the idle lifetime has passed', async (t) => {
       const idle = 2 * MIN
       const { store, clock } = await kind.make(t, { idleTtlMs: idle, absoluteTtlMs: ABSOLUTE })
