@@ -16,3 +16,12 @@ t.test('maxRecordedCalls 0 keeps no call', async (t) => {
   }
   t.equal(sandbox.control.calls.length, 0, 'none recorded')
 })
+
+t.test('by default, far more calls than a test makes are kept (10 000)', async (t) => {
+  const sandbox = await startSandbox(t)
+  for (let n = 1; n <= 25; n++) {
+    const answer = await request(`${sandbox.url}/api/v1/calendar/appointments?email=n${n}@example.com`, { headers: { 'cv-api-key': SANDBOX_KEY } })
+    await answer.body.dump()
+  }
+  t.equal(sandbox.control.calls.length, 25, 'every one recorded')
+})
