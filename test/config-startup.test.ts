@@ -223,6 +223,20 @@ t.test('a start says where it listens and in which state mode, without secrets',
   for (const secret of SECRETS) t.notMatch(memory.stdout() + shared.stdout(), secret, 'no secret in the start-up lines')
 })
 
+const hasIPv6Loopback = await new Promise<boolean>((resolve) => {
+  const probe = createServer()
+  probe.once('error', () => { resolve(false) })
+  probe.listen(0, '::1', () => { probe.close(); resolve(true) })
+})
+
+t.test('the start-up line writes an IPv6 address in brackets', { skip: !hasIPv6Loopback && 'no IPv6 loopback here' }, async (t) => {
+  const port = await freePort()
+  const server = started(t, { HOST: '::1', PORT: String(port), METRICS_PORT: '0' })
+  t.ok(await until(() => server.stdout().includes('"sharedState"')), 'a start-up line')
+  t.match(lines(server.stdout()).find((entry) => entry.sharedState !== undefined), { address: `http://[::1]:${port}` })
+  t.equal(await server.stop(), 0)
+})
+
 t.test('an identity provider that cannot be discovered at start is said at start', async (t) => {
   // A loopback port nothing listens on: what a mistyped OIDC_ISSUER host or port gives.
   const closed = createServer()
