@@ -52,7 +52,7 @@ t.test('createCsrfCheck: Sec-Purpose names a prefetch by its first item\'s token
 
 t.test('createCsrfCheck: a prefetch item anywhere in the Sec-Purpose list, as a whole token', async (t) => {
   // A structured-field list (RFC 9651): items split by commas with optional spaces or tabs around them.
-  const check = createCsrfCheck([APP_ORIGIN])
+  const check = createCsrfCheck(new Set([APP_ORIGIN]))
   const request = (headers: Record<string, string>) => ({ method: 'GET', headers }) as unknown as Parameters<typeof check>[0]
   for (const purpose of ['prerender, prefetch', 'x,prefetch;anonymous-client-ip', 'x, \tprefetch', 'prefetch, x', 'prefetch,x', 'prefetch \t, x']) {
     t.equal(check(request({ ...PREFETCH, 'sec-purpose': purpose }), 'cookie'), 'prefetch', JSON.stringify(purpose))
