@@ -2,7 +2,7 @@ import t from 'tap'
 import { spawn, spawnSync, type ChildProcess, type SpawnOptions } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { createServer, type AddressInfo } from 'node:net'
+import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Readable } from 'node:stream'
@@ -239,11 +239,7 @@ t.test('the start-up line writes an IPv6 address in brackets', { skip: !hasIPv6L
 
 t.test('an identity provider that cannot be discovered at start is said at start', async (t) => {
   // A loopback port nothing listens on: what a mistyped OIDC_ISSUER host or port gives.
-  const closed = createServer()
-  closed.listen(0, '127.0.0.1')
-  await once(closed, 'listening')
-  const issuerPort = (closed.address() as AddressInfo).port
-  closed.close()
+  const issuerPort = await freePort()
   const server = started(t, { PORT: String(await freePort()), OIDC_ISSUER: `http://127.0.0.1:${issuerPort}` })
   t.ok(await until(() => server.stdout().includes('Server listening')), 'it starts (the provider is retried by the next sign-in)')
   t.ok(await until(() => /OIDC discovery/.test(server.stdout())), 'a warning names the discovery failure')
@@ -254,11 +250,7 @@ t.test('an identity provider that cannot be discovered at start is said at start
 })
 
 t.test('the discovery warning at start, in process: once, with the cause, not the sign-ins\' 503 line', async (t) => {
-  const closed = createServer()
-  closed.listen(0, '127.0.0.1')
-  await once(closed, 'listening')
-  const issuerPort = (closed.address() as AddressInfo).port
-  closed.close()
+  const issuerPort = await freePort()
   const written: string[] = []
   const app = await buildApp(loadConfig({ CV_API_KEY: KEY, OIDC_ISSUER: `http://127.0.0.1:${issuerPort}`, OIDC_CLIENT_ID: 'patient-web' }), { logStream: { write: (line: string) => { written.push(line) } } })
   t.teardown(async () => { await app.close() })
