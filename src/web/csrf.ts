@@ -18,8 +18,8 @@ const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
 
 export type CsrfFailure = 'cross-site' | 'header' | 'origin' | 'embedded' | 'prefetch' | 'navigation'
 
-/** Why a request fails the check, given how its session token came (if one did); null when it passes. */
-export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport | undefined) => CsrfFailure | null
+/** Why a request fails the check, given how its session token came; null when it passes. */
+export type CsrfCheck = (request: FastifyRequest, transport: SessionTransport) => CsrfFailure | null
 
 export const csrfRejected = (): ApiError =>
   new ApiError(403, ErrorCode.CSRF_REJECTED, 'Cross-site request refused: send X-CSRF: 1 from an allowed origin')
