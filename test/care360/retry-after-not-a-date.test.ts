@@ -1,4 +1,5 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
+import type { LightMyRequestResponse } from 'fastify'
 import { createServer, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
 import { parseHttpDate, parseRetryAfter } from '../../src/care360/client.js'
@@ -14,6 +15,20 @@ import { buildTestApp, signIn } from '../helpers/app.js'
  */
 
 const NOW = Date.parse('2030-01-01T00:00:00Z')
+
+/** A patient's list through an app whose upstream is a raw server answering `answer`, exactly as written. */
+async function listFrom (t: Test, answer: string, email: string): Promise<LightMyRequestResponse> {
+  const server = createServer((socket) => {
+    socket.on('error', () => {})
+    socket.once('data', () => socket.end(answer))
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(() => server.close())
+  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
+  const token = await signIn(app, issuer, email)
+  return await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+}
 
 t.test('text that is not an HTTP-date is no Retry-After', async (t) => {
   for (const garbage of ['x 3000', 'later, 2099', 'Retry 2', 'in 2099 maybe', 'Jan 2099', '2099 Jan 01']) {
@@ -50,16 +65,7 @@ t.test('an asctime date carries no zone and is read as GMT, whatever the process
 
 t.test('an upstream 429 with a garbled Retry-After: the first backoff, not a 10-minute stop', async (t) => {
   // A raw upstream: Retry-After exactly as written.
-  const server = createServer((socket) => {
-    socket.on('error', () => {})
-    socket.once('data', () => socket.end('HTTP/1.1 429 Too Many Requests\r\nretry-after: x 3000\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}'))
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(() => server.close())
-  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
-  const token = await signIn(app, issuer, 'garbled-retry@example.com')
-  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  const list = await listFrom(t, 'HTTP/1.1 429 Too Many Requests\r\nretry-after: x 3000\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}', 'garbled-retry@example.com')
   t.equal(list.statusCode, 429)
   t.equal(list.json().code, 'UPSTREAM_RATE_LIMITED')
   t.ok(Number(list.headers['retry-after']) <= 2, `Retry-After ${String(list.headers['retry-after'])}: the first backoff (1 to 1.25 s)`)
@@ -68,16 +74,7 @@ t.test('an upstream 429 with a garbled Retry-After: the first backoff, not a 10-
 t.test('a Date that is not an HTTP-date is no clock of the upstream\'s: a Retry-After date is read against ours', async (t) => {
   // "x 3000" read as the year 3000 made a Retry-After 30 s ahead lie in the past: a 1 s cooldown.
   const retryAt = new Date(Date.now() + 30_000).toUTCString()
-  const server = createServer((socket) => {
-    socket.on('error', () => {})
-    socket.once('data', () => socket.end(`HTTP/1.1 429 Too Many Requests\r\ndate: x 3000\r\nretry-after: ${retryAt}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`))
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(() => server.close())
-  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
-  const token = await signIn(app, issuer, 'garbled-date@example.com')
-  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  const list = await listFrom(t, `HTTP/1.1 429 Too Many Requests\r\ndate: x 3000\r\nretry-after: ${retryAt}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`, 'garbled-date@example.com')
   t.equal(list.statusCode, 429)
   const seconds = Number(list.headers['retry-after'])
   t.ok(seconds >= 28 && seconds <= 31, `Retry-After ${String(list.headers['retry-after'])}: the upstream's 30 s`)
@@ -87,16 +84,7 @@ t.test('a Date with whitespace after it is still the upstream\'s clock', async (
   // undici keeps what follows a field's value; a Date with trailing spaces is still the date. The
   // upstream's clock an hour behind ours: its Retry-After, 30 s after its Date, is 30 s, not the past.
   const upstreamNow = Date.now() - 3_600_000
-  const server = createServer((socket) => {
-    socket.on('error', () => {})
-    socket.once('data', () => socket.end(`HTTP/1.1 429 Too Many Requests\r\ndate: ${new Date(upstreamNow).toUTCString()} \t \r\nretry-after: ${new Date(upstreamNow + 30_000).toUTCString()}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`))
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(() => server.close())
-  const { app, issuer } = await buildTestApp(t, { upstreamUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}` })
-  const token = await signIn(app, issuer, 'spaced-date@example.com')
-  const list = await app.inject({ url: '/appointments', headers: { authorization: `Bearer ${token}` } })
+  const list = await listFrom(t, `HTTP/1.1 429 Too Many Requests\r\ndate: ${new Date(upstreamNow).toUTCString()} \t \r\nretry-after: ${new Date(upstreamNow + 30_000).toUTCString()}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}`, 'spaced-date@example.com')
   t.equal(list.statusCode, 429)
   const seconds = Number(list.headers['retry-after'])
   t.ok(seconds >= 28 && seconds <= 31, `Retry-After ${String(list.headers['retry-after'])}: the upstream's 30 s`)
