@@ -31,6 +31,12 @@ declare module 'fastify' {
     sessionLimit?: false
     /** Every failure is a redirect (the sign-in callback): no error answer to document. */
     failsByRedirect?: boolean
+    /**
+     * The query's `slide=false` leaves the session's idle expiry where it is (`GET /auth/me`: a
+     * session monitor's poll is no use of the session by its patient, and would otherwise keep an
+     * unattended one alive up to its absolute lifetime).
+     */
+    slideOptional?: boolean
   }
   interface FastifyInstance {
     sessions: SessionStore
@@ -160,7 +166,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     // use of the session by its patient (a sibling page's images would keep it alive).
     const csrf = csrfCheck(request, transport)
     const lookup = csrf === null
-      ? sessions.lookup(token, countersOf(request))
+      ? sessions.lookup(token, countersOf(request), !(request.routeOptions.config.slideOptional === true && (request.query as { slide?: unknown }).slide === 'false'))
       : sessions.lookup(token, none, false)
     if (isPromise(lookup)) {
       lookup.then((found) => { adopt(request, mode, transport, found, done, csrf) }, done)

@@ -33,6 +33,13 @@ const Me = envelope(Type.Object({
   expiresAt: Type.Optional(Type.String({ format: 'date-time' }))
 }, { additionalProperties: false }))
 
+/** Other parameters (a cache-buster) are left alone, as on every route. */
+const MeQuery = Type.Object({
+  slide: Type.Optional(Type.Union([Type.Literal('true'), Type.Literal('false')], {
+    description: '`false`: answer without sliding the session\'s idle expiry (a session monitor\'s poll, which must not keep an unattended session alive); default `true`'
+  }))
+})
+
 const LoggedOut = envelope(Type.Object({
   endSessionUrl: Type.Optional(Type.String({ description: "Where to end the identity provider's session too, when it has an end-session endpoint: for a web session the full URL (with id_token_hint and the web app as post_logout_redirect_uri); for a mobile session the provider's endpoint, to which the app adds its own client_id, id_token_hint and post_logout_redirect_uri (OIDC RP-Initiated Logout)" }))
 }, { additionalProperties: false }))
@@ -98,10 +105,11 @@ export async function authRoutes (fastify: FastifyInstance): Promise<void> {
   })
 
   app.get('/auth/me', {
-    config: { auth: 'optional' },
+    config: { auth: 'optional', slideOptional: true },
     schema: {
       tags: ['auth'],
       summary: 'Whether the caller has a session, and until when',
+      querystring: MeQuery,
       response: { 200: Me }
     }
   }, async function whoAmI (request) {

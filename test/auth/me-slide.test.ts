@@ -1,0 +1,60 @@
+import { setTimeout as sleep } from 'node:timers/promises'
+import t from 'tap'
+import { buildTestApp, signIn } from '../helpers/app.js'
+
+/**
+ * `GET /auth/me?slide=false` answers as `/auth/me` does but leaves the session's idle expiry where
+ * it is: a web app's session monitor polls it to show when the patient will be signed out, and a
+ * poll that slid the expiry would keep an unattended session alive up to its absolute lifetime.
+ * Duende BFF's `/bff/user?slide=false` is the model.
+ */
+
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
+interface Me { authenticated: boolean, expiresAt?: string }
+
+for (const redis of [false, true]) {
+  const store = redis ? 'Redis' : 'memory'
+
+  t.test(`a poll with slide=false lets the session idle out; a poll without it keeps it alive (${store})`, async (t) => {
+    // 2 s idle: a lookup slides the expiry once the session was last seen 200 ms ago or more.
+    const { app, issuer } = await buildTestApp(t, { redis, env: { SESSION_IDLE_TTL: '2s', SESSION_ABSOLUTE_TTL: '1h' } })
+    const watched = await signIn(app, issuer, 'watched@example.com')
+    const used = await signIn(app, issuer, 'used@example.com')
+    const signedInAt = Date.now()
+    const me = async (token: string, query: string): Promise<Me> => {
+      const response = await app.inject({ url: `/auth/me${query}`, headers: bearer(token) })
+      t.equal(response.statusCode, 200)
+      return (response.json() as { data: Me }).data
+    }
+    const expiresAt = (await me(watched, '?slide=false')).expiresAt
+    t.ok(expiresAt !== undefined && Math.abs(Date.parse(expiresAt) - (signedInAt + 2000)) < 1000, 'the expiry the sign-in set')
+
+    for (const at of [700, 1400]) {
+      await sleep(Math.max(0, signedInAt + at - Date.now()))
+      t.same(await me(watched, '?slide=false'), { authenticated: true, email: 'watched@example.com', expiresAt }, `at +${at} ms: the same expiry, unmoved`)
+      const slid = await me(used, '')
+      t.ok(slid.expiresAt !== undefined && Date.parse(slid.expiresAt) > Date.parse(expiresAt as string), `at +${at} ms: a poll without slide=false moves the expiry`)
+    }
+    // Past the idle lifetime after the sign-in, the watched session's last use.
+    await sleep(Math.max(0, signedInAt + 2500 - Date.now()))
+    t.same(await me(watched, '?slide=false'), { authenticated: false }, 'the watched session idled out')
+    t.equal((await me(used, '?slide=true')).authenticated, true, 'the other one, polled without slide=false, is alive')
+  })
+}
+
+t.test('slide takes true or false; anything else is a 400 in the envelope, other query parameters are left alone', async (t) => {
+  const { app, issuer } = await buildTestApp(t)
+  const token = await signIn(app, issuer)
+  for (const query of ['?slide=no', '?slide=', '?slide=FALSE', '?slide=false&slide=false']) {
+    const response = await app.inject({ url: `/auth/me${query}`, headers: bearer(token) })
+    t.equal(response.statusCode, 400, query)
+    t.match(response.json(), { status: 400, success: false, code: 'VALIDATION_FAILED' }, query)
+  }
+  for (const query of ['?slide=true', '?slide=false', '?_=1733580000000', '?']) {
+    const response = await app.inject({ url: `/auth/me${query}`, headers: bearer(token) })
+    t.equal(response.statusCode, 200, query)
+    t.equal(response.json().data.authenticated, true, query)
+  }
+  const anonymous = await app.inject({ url: '/auth/me?slide=false' })
+  t.same(anonymous.json().data, { authenticated: false }, 'without a session, as without the parameter')
+})
