@@ -272,9 +272,15 @@ async function answers (app: FastifyInstance): Promise<void> {
       // failure (it comes and goes) is a warning, one per failed call (the org budget bounds
       // them). A store or the identity provider unreachable would be a line per request: those
       // are written once a minute each, with the count of the others.
-      if (apiError.code === ErrorCode.UPSTREAM_AUTH_FAILED) request.log.error(fields, apiError.message)
-      else if (apiError.code === ErrorCode.SERVICE_UNAVAILABLE) app.repeatedWarnings.warn(request.log, fields, apiError.message)
-      else request.log.warn(fields, apiError.message)
+      if (apiError.code === ErrorCode.SERVICE_UNAVAILABLE) app.repeatedWarnings.warn(request.log, fields, apiError.message)
+      // One per call, not per request: the followers of a key-less single flight are thrown the
+      // error of the call they waited on, the same object, and their access lines and audit
+      // records say they shared it.
+      else if (!loggedCallFailures.has(apiError)) {
+        loggedCallFailures.add(apiError)
+        if (apiError.code === ErrorCode.UPSTREAM_AUTH_FAILED) request.log.error(fields, apiError.message)
+        else request.log.warn(fields, apiError.message)
+      }
     }
     return sendError(reply, apiError)
   })
@@ -578,6 +584,9 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
   })
   pending.once('close', () => { if (!pending.writableFinished) socket.destroy() })
 }
+
+/** The failed calls' errors already written to the log (handleError). */
+const loggedCallFailures = new WeakSet<ApiError>()
 
 /**
  * The requests a route was serving whose body the HTTP parser refused (broken, or too slow to

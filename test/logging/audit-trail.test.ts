@@ -247,6 +247,9 @@ t.test('key-less single flight in one process: followers of a leader\'s 200 and 
     'sf-failed-follower': { appointmentId: failing, outcome: 'UPSTREAM_ERROR', status: 502, upstreamStatus: null, earlier: 'shared' }
   })
   t.same(counted(stack.lines), [ok])
+  // One upstream failure, one warning: the leader's. Its followers' access lines say they shared it.
+  const warnings = stack.lines.map((line) => JSON.parse(line) as { level: number, reqId?: string }).filter((line) => line.level === 40)
+  t.same(warnings.map((line) => line.reqId), ['sf-failed-leader'], 'the shared failure is warned of once')
 })
 
 t.test('key-less single flight across two replicas: the leader\'s failure is "shared" by its followers on both', async (t) => {
