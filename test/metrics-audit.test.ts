@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
+import { redisClient } from './helpers/redis.js'
 import { buildTestApp, signIn } from './helpers/app.js'
 import { freePort } from './helpers/ports.js'
 import { SANDBOX_KEY, startSandbox } from './helpers/sandbox.js'
@@ -96,8 +96,7 @@ t.test('a scrape answers within a second while Redis is paused (SIGSTOP), report
   })
   const until = Date.now() + 5000
   for (;;) {
-    const probe = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
-    probe.on('error', () => {})
+    const probe = redisClient({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
     try {
       await probe.connect()
       probe.disconnect()

@@ -14,7 +14,7 @@ import {
   type SessionStore
 } from '../../src/auth/session-store.js'
 import { createUnlessLoggedOut } from '../../src/auth/sign-in.js'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 
 const MIN = 60_000
 const IDLE = 30 * MIN
@@ -565,8 +565,7 @@ t.test('redis down or slow: 503 with Retry-After, quickly, never a memory fallba
   }
 
   // Slow: the server holds every command; the client's command timeout answers for it.
-  const admin = new Redis(server.url, { maxRetriesPerRequest: 0 })
-  admin.on('error', () => {})
+  const admin = redisClient(server.url, { maxRetriesPerRequest: 0 })
   await admin.call('CLIENT', 'PAUSE', '1500', 'ALL')
   t.equal(sharedState.mode(), 'redis')
   await expect503('get while paused', () => store.get(token))

@@ -1,7 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
+import { Redis, type RedisOptions } from 'ioredis'
 import { DATA_SINCE_KEY } from '../../src/state/redis.js'
 import { freePort } from './ports.js'
 
@@ -58,13 +58,24 @@ export async function startRedis (t: TeardownHost, options: StartRedisOptions = 
     await exited
   }
   const flush = async (): Promise<void> => {
-    const client = new Redis({ port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+    const client = redisClient({ port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
     await client.flushall()
     client.disconnect()
   }
   await start()
   t.teardown(stop)
   return { url: `redis://127.0.0.1:${port}`, port, stop, start, flush }
+}
+
+/**
+ * A test's own client of a throwaway Redis. Its connection's errors (the server killed before the
+ * client is closed, a restart under test) reach the test through its commands' rejections; with
+ * no listener, ioredis would also print each one to stderr as an "Unhandled error event".
+ */
+export function redisClient (target: string | RedisOptions, options: RedisOptions = {}): Redis {
+  const client = typeof target === 'string' ? new Redis(target, options) : new Redis({ ...target, ...options })
+  client.on('error', () => {})
+  return client
 }
 
 /** Now on Redis's own clock (`TIME`), in milliseconds. */

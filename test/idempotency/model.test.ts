@@ -3,11 +3,10 @@ import { once } from 'node:events'
 import { connect, type AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import fc from 'fast-check'
-import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { Browser } from '../web/browser.js'
 import { SESSION_COOKIE, startWebStack } from '../web/stack.js'
 import type { Failure } from '../../src/care360/sandbox.js'
@@ -590,7 +589,7 @@ t.test('24 hours: a Redis record lives 24 h from its answer, on Redis\'s clock',
   const app = stack.apps[0]!
   const id = stack.sandbox.control.seedAppointment(PATIENTS[0]!).id
   t.equal((await send(app, stack.tokens[0]!, id, undefined, { 'idempotency-key': 'day-key-2' })).status, 200)
-  const client = new Redis(app.sharedState.redis!.options.port!, '127.0.0.1')
+  const client = redisClient({ port: app.sharedState.redis!.options.port!, host: '127.0.0.1' })
   t.teardown(() => { client.disconnect() })
   const keys = await client.keys('idem:*')
   t.equal(keys.length, 1, 'one record')

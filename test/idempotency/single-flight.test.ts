@@ -1,7 +1,6 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { ErrorCode } from '../../src/errors.js'
 import { createIdempotency, createMemoryIdempotencyStore, createRedisIdempotencyStore, type HandleInput } from '../../src/idempotency/index.js'
 import { createSingleFlight, errorSummary, type SingleFlightOptions } from '../../src/idempotency/single-flight.js'
@@ -15,8 +14,7 @@ const FP = 'f'.repeat(64)
 const redisServer = await startRedis(t)
 
 async function redisStore (t: Test): Promise<IdempotencyStore> {
-  const client = new Redis(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
-  client.on('error', () => {})
+  const client = redisClient(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
   t.teardown(() => { client.disconnect() })
   await new Promise((resolve) => client.once('ready', resolve))
   return createRedisIdempotencyStore({ redis: client })

@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { buildTestApp } from '../helpers/app.js'
 import { ApiError } from '../../src/errors.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
@@ -60,8 +60,7 @@ async function appears (client: Redis, key: string, ms = 3000): Promise<boolean>
 }
 
 function inspector (t: Test): Redis {
-  const client = new Redis(redis.url, { maxRetriesPerRequest: 1 })
-  client.on('error', () => {})
+  const client = redisClient(redis.url, { maxRetriesPerRequest: 1 })
   t.teardown(() => client.disconnect())
   return client
 }

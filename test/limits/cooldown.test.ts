@@ -1,7 +1,6 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { clampRetryAfter, createMemoryCooldown, createRedisCooldown, type BackoffOptions, type CooldownStore } from '../../src/limits/cooldown.js'
 import { steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
@@ -156,7 +155,7 @@ t.test('redis: one replica trips, the other sees it at once; the key only grows'
   await a.trip(2000, 0.5)
   const seen = await b.remaining()
   t.ok(seen > 1500 && seen <= 2000, `b sees ${seen}`)
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   const key = `{${tag}}:cooldown`
   const ttl = await client.pttl(key)
@@ -169,7 +168,7 @@ t.test('redis: one replica trips, the other sees it at once; the key only grows'
 t.test('redis: a cooldown written back to an empty Redis is one episode, with the expiry of a trip', async (t) => {
   const tag = uniqueName('extend')
   const cooldown = createRedisCooldown({ ...fast, fallback: await strictFallbackOn(t, redis.url), tag })
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   const key = `{${tag}}:cooldown`
   t.equal(await cooldown.extend(2000), 2000)

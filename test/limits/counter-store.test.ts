@@ -1,7 +1,6 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { createMemoryCounterStore, createRedisCounterStore, type CounterStore } from '../../src/limits/counter-store.js'
 import { steppedWallClock, strictFallbackOn, uniqueName } from './fixtures/support.js'
 
@@ -175,7 +174,7 @@ t.test('redis: exact admission from three clients hitting at once', async (t) =>
 })
 
 t.test('the Redis variants\' fallback is strict: a script Redis refuses fails the call, no memory twin answers', async (t) => {
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   const user = uniqueName('no-scripts')
   await admin.call('ACL', 'SETUSER', user, 'on', '>pw', '~*', '&*', '+@all', '-eval', '-evalsha')

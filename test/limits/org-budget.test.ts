@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { dataAgeMs, startRedis } from '../helpers/redis.js'
+import { dataAgeMs, startRedis, redisClient } from '../helpers/redis.js'
 import { createMemoryBudget, createOrgBudget, createRedisBudget, REPLAY_BATCH, type BudgetOptions, type BudgetStore } from '../../src/limits/org-budget.js'
 import { createMemoryCooldown, createRedisCooldown, type CooldownStore } from '../../src/limits/cooldown.js'
 import { createStoreFallback, type StoreFallback } from '../../src/limits/fallback.js'
@@ -230,7 +230,7 @@ t.test('redis: every key carries the hash tag', async (t) => {
   const budget = createRedisBudget({ count: 2, windowMs: 1000, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
   await budget.take()
   await budget.decrease()
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   const keys = await client.keys(`*${tag}*`)
   t.same(keys.sort(), [`{${tag}}:aimd`, `{${tag}}:log`, `{${tag}}:seq`])
@@ -241,7 +241,7 @@ t.test('redis: every key expires by itself: the log and its sequence after a spa
   const budget = createRedisBudget({ count: 2, windowMs: 1000, guardMs: 10, recoverMs: 4000, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget({ count: 2, windowMs: 1000 }) })
   await budget.take()
   await budget.decrease()
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   for (const [name, most] of [['log', 1011], ['seq', 1011], ['aimd', 4000]] as const) {
     const ttl = await client.pttl(`{${tag}}:${name}`)
@@ -253,7 +253,7 @@ t.test('redis: a decrease dated ahead of Redis\'s clock (a failover to a replica
   const tag = uniqueName('ahead')
   const options = { count: 10, windowMs: 60_000, recoverMs: 60_000 }
   const budget = createRedisBudget({ ...options, fallback: await strictFallbackOn(t, redis.url), tag, memory: createMemoryBudget(options) })
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   const [seconds] = await client.time()
   await client.hset(`{${tag}}:aimd`, 'floor', '2', 'at', String((Number(seconds) + 60) * 1000))
@@ -268,7 +268,7 @@ t.test('redis: a decrease recovered past the count, its state not yet expired, n
   // Long back on Redis: no twin check, so Redis's script alone decides.
   const fallback = { ...await strictFallbackOn(t, redis.url), redisFor: () => Number.POSITIVE_INFINITY }
   const budget = createRedisBudget({ ...options, fallback, tag, memory: createMemoryBudget(options) })
-  const client = new Redis(redis.url)
+  const client = redisClient(redis.url)
   t.teardown(() => client.disconnect())
   const [seconds] = await client.time()
   // Halved to 2 fifty seconds ago: 2 + floor(50 000 * 4 / 60 000) = 5 by the recovery alone.
@@ -316,7 +316,7 @@ t.test('one replica: its twin holds every call, so the count holds even when Red
   const tag = uniqueName('single')
   const budget = createOrgBudget({ count: 2, windowMs: 60_000, replicas: 1, fallback, tag })
   t.equal(await takeMany(budget, 2), 2, 'through Redis')
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   // Redis forgets the budget (a flush, a failover to an empty replica).
   t.ok(await admin.del(`{${tag}}:log`, `{${tag}}:seq`, `{${tag}}:aimd`) > 0)
@@ -334,7 +334,7 @@ interface Replica { budget: BudgetStore, deny: () => Promise<void>, allow: () =>
  * refused script does on a live connection), its own client, fallback and org budget.
  */
 async function replicaOf (t: Test, name: string, options: { count: number, windowMs: number, replicas: number, tag: string }, commandTimeoutMs?: number): Promise<Replica> {
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   const user = `${options.tag}-${name}`
   await admin.call('ACL', 'SETUSER', user, 'on', '>pw', '~*', '&*', '+@all')
@@ -350,7 +350,7 @@ async function replicaOf (t: Test, name: string, options: { count: number, windo
 
 /** The number of entries in a budget's Redis log. */
 function logSizeOf (t: Test, tag: string): () => Promise<number> {
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   return async () => await admin.zcard(`{${tag}}:log`)
 }
@@ -430,7 +430,7 @@ t.test('outage: calls made alone are entered once, even when a script ran but it
   const tag = uniqueName('late')
   const a = await replicaOf(t, 'a', { count: 10, windowMs: 5000, replicas: 2, tag }, 100)
   const logSize = logSizeOf(t, tag)
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   await a.deny()
   t.equal(await takeMany(a.budget, 5), 5, 'alone: the share')
@@ -445,7 +445,7 @@ t.test('outage: calls made alone are entered once, even when a script ran but it
 })
 
 t.test('outage: calls made alone whose script failed go again with a later call', async (t) => {
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   // [what, count, entries after the late script, entries after the next call]: with an admission,
   // the late script held 3 replayed and 1 admitted; the next call carries those 3 and the call the
@@ -580,7 +580,7 @@ t.test('a replica that starts just after Redis restarted empty keeps to its shar
 
   // A Redis whose data is older than a span: its log is whole, and a new replica may use all of it.
   const short = { count: 4, windowMs: 1000, replicas: 4, tag: uniqueName('young') }
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   while (await dataAgeMs(admin) < 2000) await sleep(100)
   const d = createOrgBudget({ ...short, fallback: createStoreFallback({ sharedState: await sharedStateOn(t, redis.url), log: silentLog, pauseMs: 100 }) })

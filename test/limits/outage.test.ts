@@ -2,8 +2,7 @@ import t from 'tap'
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
-import { Redis } from 'ioredis'
-import { dataAgeMs, startRedis } from '../helpers/redis.js'
+import { dataAgeMs, startRedis, redisClient } from '../helpers/redis.js'
 import { buildTestApp } from '../helpers/app.js'
 import { createStoreFallback } from '../../src/limits/fallback.js'
 import { REDACT_PATHS } from '../../src/logging.js'
@@ -77,7 +76,7 @@ t.test('fallback: memory without Redis, after a failed command, and logged once 
 t.test('a connected Redis that answers errors: /readyz and the state metric say degraded, then redis again', async (t) => {
   await redis.flush()
   const { app } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '50/1m' } })
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(async () => {
     await admin.call('ACL', 'SETUSER', 'default', '+evalsha', '+eval').catch(() => {})
     admin.disconnect()
@@ -104,7 +103,7 @@ t.test('a connected Redis that answers errors: /readyz and the state metric say 
 t.test('a slow Redis: no request waits past the command bound, then Redis is left alone', async (t) => {
   await redis.flush()
   const { app } = await buildTestApp(t, { redis, env: { RATE_LIMIT_IP: '50/1m' } })
-  const pauser = new Redis(redis.url)
+  const pauser = redisClient(redis.url)
   t.teardown(() => pauser.disconnect())
   t.equal((await app.inject({ url: '/auth/me' })).statusCode, 200, 'warm')
   await pauser.call('CLIENT', 'PAUSE', '800', 'ALL')
@@ -175,7 +174,7 @@ t.test('Redis killed mid-traffic and restarted: no hang, no 5xx, limits from mem
   const admittedDown = down.filter((answer) => answer.status === 200).length
   t.ok(down.length >= 10, `traffic went on while Redis was down (${down.length})`)
   t.ok(admittedDown <= 5 && down.some((answer) => answer.status === 429), `limits kept working from memory (${admittedDown} admitted)`)
-  const inspector = new Redis(redis.url)
+  const inspector = redisClient(redis.url)
   t.teardown(() => inspector.disconnect())
   t.ok(Number(await inspector.get('bff:limit:ip:127.0.0.1')) > 0, 'counted in Redis again after the restart')
   t.equal(capture.lines.filter((line) => line.msg === 'limits: Redis unavailable, counting in per-process memory').length, 1, 'the fallback logged once')

@@ -4,8 +4,7 @@ import { once } from 'node:events'
 import { createServer as createHttpServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 import { startSandbox, SANDBOX_KEY } from '../helpers/sandbox.js'
 import { ApiError } from '../../src/errors.js'
 import { createMemoryBudget, createOrgBudget, type BudgetStore } from '../../src/limits/org-budget.js'
@@ -132,7 +131,7 @@ t.test('redis: a replica whose stores are paused after a failed command still se
   let heldAt: number | null = null
   const stalled = await sharedStateOn(t, redis.url, 100, () => heldAt ?? performance.now())
   const stalledGate = gateOn(createStoreFallback({ sharedState: stalled, log: silentLog }))
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => { admin.disconnect() })
   await admin.call('CLIENT', 'PAUSE', '1500', 'ALL')
   stalled.degradeFor(1000)

@@ -2,10 +2,9 @@ import t, { type Test } from 'tap'
 import { request } from 'node:http'
 import { connect } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
-import { startRedis, type RedisServer } from '../helpers/redis.js'
+import { startRedis, type RedisServer, redisClient } from '../helpers/redis.js'
 import { listen, scanLogs, UNLIMITED } from '../fault/support.js'
 import type { App } from '../../src/app.js'
 import { inFlightTtlFor } from '../../src/idempotency/index.js'
@@ -282,7 +281,7 @@ t.test('an appointment cancelled by its agentEventId and by its id is one appoin
 
 /** The pid of a throwaway redis-server (its own INFO), to pause it as a stalled server would be. */
 async function redisPid (server: RedisServer): Promise<number> {
-  const client = new Redis({ port: server.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+  const client = redisClient({ port: server.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
   try {
     return Number(/process_id:(\d+)/.exec(await client.info('server'))?.[1])
   } finally {
@@ -321,7 +320,7 @@ t.test('the idempotency store failing its commands while sessions still answer: 
   const redis = await startRedis(t)
   const stack = await buildStack(t, 1, {}, redis)
   const ids = Array.from({ length: 2 }, () => stack.sandbox.control.seedAppointment(ALICE).id)
-  const admin = new Redis({ port: redis.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
+  const admin = redisClient({ port: redis.port, host: '127.0.0.1', maxRetriesPerRequest: 0 })
   t.teardown(() => { admin.disconnect() })
   // Every key but the idempotency records' (`idem:`) stays allowed: their scripts are refused (NOPERM).
   await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', '~[^i]*', '~i[^d]*')

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
 import { Redis } from 'ioredis'
-import { startRedis, type RedisServer } from '../helpers/redis.js'
+import { startRedis, type RedisServer, redisClient } from '../helpers/redis.js'
 import { buildTestApp, TEST_API_KEY } from '../helpers/app.js'
 import { createSharedState, type SharedState } from '../../src/state/redis.js'
 import { createAppMetrics } from '../../src/metrics.js'
@@ -30,7 +30,7 @@ function gaugeSamples (text: string): string[] {
 
 /** An admin client on `server`, closed when the test ends. */
 function adminOn (t: Test, server: RedisServer): Redis {
-  const admin = new Redis(server.url)
+  const admin = redisClient(server.url)
   t.teardown(() => admin.disconnect())
   return admin
 }

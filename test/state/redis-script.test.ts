@@ -1,6 +1,5 @@
 import t from 'tap'
-import { Redis } from 'ioredis'
-import { redisNowMs, startRedis } from '../helpers/redis.js'
+import { redisNowMs, startRedis, redisClient } from '../helpers/redis.js'
 import { defineScripts, integers, LUA_CLOCK_MS, redisScript } from '../../src/state/redis-script.js'
 
 const redis = await startRedis(t)
@@ -12,8 +11,8 @@ t.test('a script is one name: defining it twice is a mistake caught at once', as
 })
 
 t.test('a script runs as a command where it is defined, as EVAL where it is not', async (t) => {
-  const defined = new Redis(redis.url, { maxRetriesPerRequest: 0 })
-  const bare = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  const defined = redisClient(redis.url, { maxRetriesPerRequest: 0 })
+  const bare = redisClient(redis.url, { maxRetriesPerRequest: 0 })
   t.teardown(() => { defined.disconnect(); bare.disconnect() })
   defineScripts(defined)
   t.equal(typeof (defined as unknown as Record<string, unknown>).bffTestEcho, 'function')
@@ -25,8 +24,8 @@ t.test('a script runs as a command where it is defined, as EVAL where it is not'
 const keysEcho = redisScript('bffTestKeysEcho', 'variable', 'return { #KEYS, tonumber(ARGV[1]) }')
 
 t.test('a script with a variable number of keys takes the count first, defined or not', async (t) => {
-  const defined = new Redis(redis.url, { maxRetriesPerRequest: 0 })
-  const bare = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  const defined = redisClient(redis.url, { maxRetriesPerRequest: 0 })
+  const bare = redisClient(redis.url, { maxRetriesPerRequest: 0 })
   t.teardown(() => { defined.disconnect(); bare.disconnect() })
   defineScripts(defined)
   t.same(integers(await keysEcho(defined, 2, 'bff:test:a', 'bff:test:b', 5), 2), [2, 5])
@@ -36,7 +35,7 @@ t.test('a script with a variable number of keys takes the count first, defined o
 const clock = redisScript('bffTestClock', 0, `${LUA_CLOCK_MS}return { tostring(clock_ms('')), int(clock_ms('1700000000123')), int(2^53 - 1) }`)
 
 t.test('clock_ms: Redis\'s TIME in whole milliseconds, or the time a test gives; int prints a score exactly', async (t) => {
-  const client = new Redis(redis.url, { maxRetriesPerRequest: 0 })
+  const client = redisClient(redis.url, { maxRetriesPerRequest: 0 })
   t.teardown(() => { client.disconnect() })
   const before = await redisNowMs(client)
   const [now, given, largest] = await clock(client) as [string, string, string]

@@ -5,8 +5,7 @@ import { stat } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pino } from 'pino'
-import { Redis } from 'ioredis'
-import { redisNowMs, startRedis } from '../helpers/redis.js'
+import { redisNowMs, startRedis, redisClient } from '../helpers/redis.js'
 import { coalesceWrites, createSharedState, DATA_SINCE_KEY, type SharedState } from '../../src/state/redis.js'
 import { freePort } from '../helpers/ports.js'
 
@@ -184,7 +183,7 @@ t.test('a command that gets no answer still fails within the bound', async (t) =
 })
 
 t.test('a replica\'s first connection: careful unless Redis\'s data is older than its span, and after any break it saw', async (t) => {
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   // Data that has existed for ten seconds, on Redis's clock.
   await admin.set(DATA_SINCE_KEY, await redisNowMs(admin) - 10_000)
@@ -256,7 +255,7 @@ t.test('a task run when Redis is back that fails is logged, and the others still
 t.test('a database REDIS_URL names that Redis refuses: degraded, never its state in database 0', async (t) => {
   const lines: Array<{ level: number, msg: string, err?: { message?: string } }> = []
   const log = pino({ level: 'info' }, { write (line: string) { lines.push(JSON.parse(line) as { level: number, msg: string }) } })
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => admin.disconnect())
   await admin.flushdb()
   // A default Redis has databases 0 to 15: ioredis's SELECT 99 fails, and without a check it
@@ -290,7 +289,7 @@ t.test('a failover that demotes the node a connection is on: the connection is r
   relay.listen(0, '127.0.0.1')
   await once(relay, 'listening')
   t.teardown(() => { for (const socket of sockets) socket.destroy(); relay.close() })
-  const demoted = new Redis(redis.url)
+  const demoted = redisClient(redis.url)
   t.teardown(async () => { await demoted.replicaof('NO', 'ONE'); demoted.disconnect() })
 
   const state = await connected(t, `redis://127.0.0.1:${(relay.address() as { port: number }).port}`, { commandTimeoutMs: 250 })
@@ -306,7 +305,7 @@ t.test('a failover that demotes the node a connection is on: the connection is r
     written = await client.set('bff:failover', 'after').then(() => true, () => false)
   }
   t.ok(written, 'a write succeeds again, within 2 s')
-  const fresh = new Redis(promoted.url)
+  const fresh = redisClient(promoted.url)
   t.teardown(() => fresh.disconnect())
   t.equal(await fresh.get('bff:failover'), 'after', 'on the new primary')
 })

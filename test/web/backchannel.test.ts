@@ -1,14 +1,13 @@
 import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
 import { generateKeyPair, SignJWT } from 'jose'
 import { Browser } from './browser.js'
 import { SESSION_COOKIE, startWebStack, type WebStack } from './stack.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { BACKCHANNEL_LOGOUT_EVENT } from '../../src/web/backchannel.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
-import { startRedis } from '../helpers/redis.js'
+import { startRedis, redisClient } from '../helpers/redis.js'
 
 /** OIDC Back-Channel Logout 1.0: the IdP ends sessions here, on every replica at once. */
 
@@ -216,7 +215,7 @@ for (const store of ['memory', 'redis'] as const) {
   t.test(`${store} replay guard: a claim that was never used is claimed again; a used one is a replay until it expires`, async (t) => {
     let now = 0
     const redisServer = store === 'redis' ? await startRedis(t) : null
-    const redis = redisServer === null ? null : new Redis(redisServer.url)
+    const redis = redisServer === null ? null : redisClient(redisServer.url)
     t.teardown(() => redis?.disconnect())
     const guard = createReplayGuard({ redis }, () => now)
     t.equal(await guard.claim('a', 300), true, 'first use')
@@ -251,7 +250,7 @@ t.test('Redis fails while the sessions are ended: 503, and the IdP\'s retry of t
   const browser = new Browser()
   await stack.signIn(browser, 'alice@example.com')
   const cookie = stack.sessionOf(browser)
-  const admin = new Redis((stack.redis as NonNullable<typeof stack.redis>).url)
+  const admin = redisClient((stack.redis as NonNullable<typeof stack.redis>).url)
   t.teardown(async () => {
     await admin.call('ACL', 'SETUSER', 'default', '+zrange', '+set').catch(() => {})
     admin.disconnect()
@@ -293,7 +292,7 @@ async function bearerAuthenticated (app: WebStack['app'], token: string): Promis
 const ALL_BUT_LOGOUT_MARKS = ['~[^b]*', '~b[^f]*', '~bf[^f]*', '~bff[^:]*', '~bff:[^l]*', '~bff:l[^o]*']
 
 async function storeAdmin (t: Test, url: string) {
-  const admin = new Redis(url)
+  const admin = redisClient(url)
   t.teardown(async () => {
     await admin.call('ACL', 'SETUSER', 'default', 'resetkeys', '~*').catch(() => {})
     admin.disconnect()
@@ -327,7 +326,7 @@ for (const store of ['memory', 'redis'] as const) {
       const replica = await buildTestApp(t, { redis, env: { ...WEB_CLIENT, OIDC_ISSUER: issuer.url } })
       t.equal((await exchange(replica.app, idToken)).statusCode, 401, 'on every replica')
       t.same(await (async () => {
-        const admin = new Redis(redis.url)
+        const admin = redisClient(redis.url)
         t.teardown(() => admin.disconnect())
         return (await admin.keys('bff:logout:*')).filter((key) => key.includes('idp-sid-1'))
       })(), [], 'the mark is named by a hash, never the sid')
