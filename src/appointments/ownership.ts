@@ -18,7 +18,9 @@ export interface OwnershipCacheOptions {
 interface Entry { at: number, appointments: Appointment[] }
 
 export interface OwnershipCache {
-  /** Records a list fetched elsewhere (GET /appointments) so a following cancel can use it. */
+  /** The patient's list, fetched now (GET /appointments), and kept so a following cancel can use it. */
+  list: (email: string, requestId: string) => Promise<Appointment[]>
+  /** Records a list known to be current now. */
   remember: (email: string, appointments: Appointment[]) => void
   /** The appointment among the patient's own, matching `id` or `agentEventId` (any case). */
   find: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
@@ -26,6 +28,7 @@ export interface OwnershipCache {
   findFresh: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
   /** After a cancel that took effect: the patient's list stays cached, without that appointment. */
   cancelled: (email: string, appointment: Appointment) => void
+  /** After an outcome that may have cancelled: the patient's next cancel fetches a list afresh. */
   forget: (email: string) => void
 }
 
@@ -56,6 +59,15 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   // /appointments, or another cancel's lookup, running meanwhile) must not bring one back. A set:
   // the same appointment cancelled again and again (keys, retries) is one entry.
   const gone = new Map<string, { at: number, ids: Set<string> }>()
+  // An outcome that may have cancelled some appointment of the patient's (which one the list would
+  // have to say) forgets their list; one fetched before it and stored after would then serve the
+  // next cancel for up to ttlMs. So each fetch notes how many forgets had been made when it began,
+  // and its list is not kept when the patient's last forget came after that (their number here).
+  // Bounded as the entries are; a patient whose forget was evicted is taken to have the latest
+  // evicted one (evicted in the order they were made, so none was later): on the safe side.
+  let forgets = 0
+  let evictedUpTo = 0
+  const forgottenAt = new Map<string, number>()
 
   /** Sets `key`'s entry in `map`, the least recently stored first to go (a Map iterates in insertion order). */
   function store<T> (map: Map<string, T>, key: string, entry: T): void {
@@ -68,15 +80,18 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
     return entry !== undefined && now() - entry.at < ttlMs ? entry : null
   }
 
-  function remember (email: string, appointments: Appointment[]): void {
+  /** Keeps a list fetched after `forgetsBefore` forgets had been made. */
+  function remember (email: string, appointments: Appointment[], forgetsBefore = forgets): void {
     const key = email.toLowerCase()
+    if ((forgottenAt.get(key) ?? evictedUpTo) > forgetsBefore) return
     const cancelled = live(gone.get(key))
     store(entries, key, { at: now(), appointments: cancelled === null ? appointments : appointments.filter((item) => !cancelled.ids.has(item.id)) })
   }
 
   async function fresh (email: string, requestId: string): Promise<Appointment[]> {
+    const forgetsBefore = forgets
     const appointments = await options.fetch(email, requestId)
-    remember(email, appointments)
+    remember(email, appointments, forgetsBefore)
     return appointments
   }
 
@@ -85,7 +100,8 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   }
 
   return {
-    remember,
+    list: fresh,
+    remember: (email, appointments) => { remember(email, appointments) },
     async find (email, appointmentId, requestId) {
       const fromCache = cached(email)
       const hit = fromCache === null ? null : findAppointment(fromCache, appointmentId)
@@ -106,7 +122,16 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
       store(gone, key, { at: now(), ids: ids.add(appointment.id) })
     },
     forget (email) {
-      entries.delete(email.toLowerCase())
+      const key = email.toLowerCase()
+      entries.delete(key)
+      forgets += 1
+      forgottenAt.delete(key)
+      if (forgottenAt.size >= maxEntries) {
+        const [oldest, made] = forgottenAt.entries().next().value as [string, number]
+        forgottenAt.delete(oldest)
+        evictedUpTo = made
+      }
+      forgottenAt.set(key, forgets)
     }
   }
 }

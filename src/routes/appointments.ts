@@ -82,8 +82,7 @@ export async function appointmentRoutes (fastify: FastifyInstance): Promise<void
     }
   }, async function listAppointments (request) {
     const { email } = request.session!
-    const appointments = await care360.fetchAppointments(email, { requestId: request.id })
-    ownership.remember(email, appointments)
+    const appointments = await ownership.list(email, request.id)
     return ok(appointments.map(toPatientAppointment), 'Appointments fetched successfully')
   })
 

@@ -96,3 +96,60 @@ t.test('an appointment is named by its id or its agentEventId, in any case, and 
   const cache = createOwnershipCache({ fetch: async () => [listed] })
   t.same(await cache.find('a@example.com', 'EVT-ABC-1', 'r'), listed, 'found by its agentEventId')
 })
+
+t.test('a list fetched before an outcome that may have cancelled is not kept after it: the next cancel looks afresh', async (t) => {
+  const fetched: string[] = []
+  let release: (list: Appointment[]) => void = () => {}
+  const cache = createOwnershipCache({
+    fetch: async (email) => {
+      fetched.push(email)
+      return await new Promise<Appointment[]>((resolve) => { release = resolve })
+    }
+  })
+  // A GET /appointments is under way when a cancel of a-1 times out (it may have taken effect).
+  const listing = cache.list('a@example.com', 'r-list')
+  cache.forget('A@example.com')
+  release([item('a-1'), item('a-2')])
+  t.same(await listing, [item('a-1'), item('a-2')], 'its request gets the list it fetched')
+  const lookup = cache.find('a@example.com', 'a-1', 'r-cancel')
+  t.same(fetched, ['a@example.com', 'a@example.com'], 'the next cancel fetched afresh: the list was not kept')
+  release([item('a-2')])
+  t.same(await lookup, null, 'and the upstream no longer lists a-1')
+  // A list fetched after the forget is kept as usual, as is one of another patient begun before it.
+  t.same(await cache.find('a@example.com', 'a-2', 'r-next'), item('a-2'), 'from the cache')
+  t.same(fetched.length, 2)
+  const other = cache.list('b@example.com', 'r-b')
+  cache.forget('a@example.com')
+  release([item('b-1')])
+  await other
+  t.same(await cache.find('b@example.com', 'b-1', 'r-b2'), item('b-1'), "another patient's list is kept")
+  t.same(fetched.length, 3)
+})
+
+t.test('the forgets are bounded too; a patient whose forget was evicted is taken to have the latest evicted one', async (t) => {
+  const fetched: string[] = []
+  const releases: Array<(list: Appointment[]) => void> = []
+  let hold = true
+  const cache = createOwnershipCache({
+    maxEntries: 2,
+    fetch: async (email) => {
+      fetched.push(email)
+      return hold ? await new Promise<Appointment[]>((resolve) => { releases.push(resolve) }) : [item('x-1')]
+    }
+  })
+  const before = cache.list('a@example.com', 'r-a')
+  const unrelated = cache.list('d@example.com', 'r-d')
+  cache.forget('a@example.com')
+  // Two more forgets evict a's.
+  cache.forget('b@example.com')
+  cache.forget('c@example.com')
+  const after = cache.list('a@example.com', 'r-a2')
+  hold = false
+  for (const release of releases) release([item('x-1')])
+  await Promise.all([before, unrelated, after])
+  const lookups = fetched.length
+  await cache.find('d@example.com', 'x-1', 'r')
+  t.equal(fetched.length, lookups + 1, "d's list, begun before an evicted forget, was not kept (it might have been d's)")
+  await cache.find('a@example.com', 'x-1', 'r')
+  t.equal(fetched.length, lookups + 1, "a's list begun after every forget was kept")
+})
