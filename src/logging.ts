@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest, FastifyServerOptions, HookHandlerDoneFunction } from 'fastify'
 import type { Bindings, ChildLoggerOptions } from 'pino'
 import type { DestinationStream } from 'pino'
-import { afterEveryAnswer } from './plugins/after-answer.js'
+import { afterEveryAnswer, socketAnswerOf } from './plugins/after-answer.js'
 import type { Config } from './config.js'
 
 /**
@@ -149,7 +149,10 @@ declare module 'fastify' {
  * One access line per answered request, instead of Fastify's two (`incoming request` and
  * `request completed`, turned off in app.ts): the request, the status, the contract code of an
  * error answer, the time taken, the patient's keyed hash and, on an audited route, the audit
- * record. A third of the CPU a cancel cost went into its three log lines.
+ * record. A third of the CPU a cancel cost went into its three log lines. A request whose body
+ * Node's HTTP parser refused while its route served it has this line too, its only one, with the
+ * answer written on its socket and the parser's error code (`parserError`, as the parser's own line
+ * for a request no route took: answers.ts).
  *
  * The line is built field by field from values that cannot carry a secret: the method, the path
  * without its query, the client address, the status, a contract code, a duration, a keyed hash
@@ -174,6 +177,8 @@ async function accessLog (app: FastifyInstance): Promise<void> {
       req: request,
       res: reply,
       code: reply.errorCode ?? undefined,
+      // Looked up for error answers only: a request answered as usual pays a null check.
+      parserError: reply.errorCode === null ? undefined : socketAnswerOf(request.raw)?.parserError,
       responseTime: reply.elapsedTime,
       patient: request.patient ?? undefined,
       audit: request.audit ?? undefined

@@ -38,7 +38,8 @@ export interface AppMetrics {
   /**
    * A request refused before any route, where no hook sees it (the HTTP parser's refusals,
    * Fastify's malformed URL, an unsupported Expect, a CONNECT): counted by status; it has no route
-   * to time.
+   * to time. Not one whose body the parser refused once a route was serving it: that one is timed
+   * under its route, with the status it was answered.
    */
   recordRefusedBeforeRouting: (status: number) => void
   /** One upstream call, for the Care360 client's `observe` option. */
@@ -67,8 +68,9 @@ const MODES: readonly SharedStateMode[] = ['redis', 'degraded', 'memory']
 const ENDPOINTS: readonly UpstreamEndpoint[] = ['cancel', 'list']
 // Every outcome the client reports (a Record, so that a new one must be added here).
 const OUTCOMES = Object.keys({ ok: 0, rejected: 0, auth_failed: 0, rate_limited: 0, error: 0, unavailable: 0, timeout: 0 } satisfies Record<UpstreamCallOutcome, 0>) as UpstreamCallOutcome[]
-// The statuses of the refusals before routing: the HTTP parser's (parserErrorStatus), a malformed
-// URL or a CONNECT, an unsupported Expect.
+// The statuses of the refusals before routing: the HTTP parser's (parserErrorStatus: a request
+// whose headers never parsed, or one no route takes), a malformed URL or a CONNECT, an unsupported
+// Expect.
 const REFUSED_STATUSES = [400, 408, 417, 431] as const
 const NOT_FOUND = 'not_found'
 
@@ -140,7 +142,7 @@ export function createAppMetrics (readMode: (() => SharedStateMode) | null, read
   })
   const refusedBeforeRouting = new Counter({
     name: 'bff_http_refused_before_routing_total',
-    help: 'Requests refused before any route (malformed request or URL, headers too large, too slow to arrive, an unsupported Expect, a CONNECT), by the status answered',
+    help: 'Requests refused before any route (malformed request or URL, headers too large or too slow to arrive, an unsupported Expect, a CONNECT, a body the HTTP parser refused in a request no route takes), by the status answered; a routed request whose body the parser refused is in http_request_duration_seconds under its route instead',
     labelNames: ['status_code'] as const,
     registers: [registry]
   })

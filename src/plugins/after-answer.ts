@@ -1,5 +1,7 @@
+import type { IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onResponseHookHandler, onSendHookHandler, RouteOptions } from 'fastify'
+import type { ErrorCode } from '../errors.js'
 
 /**
  * Runs a hook after every answer: `forRoute(pattern)`, appended to each route's own onResponse
@@ -53,6 +55,13 @@ function answerEvenWhenClientLeft (route: RouteOptions): void {
     done()
   })
   function runHooks (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
+    // Answered on its socket outside Fastify, the request never had its route's answer sent (the
+    // connection closed behind the first): its hooks report the answer its client got.
+    const written = answeredOnSocket.get(request.raw)
+    if (written !== undefined) {
+      reply.code(written.statusCode)
+      reply.errorCode = written.errorCode
+    }
     // Never undefined by then: appendAfterAnswer gave every route its hooks.
     runInOrder(app, [route.onResponse as onResponseHookHandler | onResponseHookHandler[]].flat(), request, reply, 0)
   }
@@ -70,6 +79,34 @@ function answerEvenWhenClientLeft (route: RouteOptions): void {
     done(null, payload)
   }
   route.onSend = appendHook(route.onSend, ifClientLeft)
+}
+
+/** An error answer written for a request on its socket, outside Fastify, and why. */
+export interface SocketAnswer {
+  statusCode: number
+  errorCode: ErrorCode
+  /** The HTTP parser's error code (`HPE_INVALID_CHUNK_SIZE`, `ERR_HTTP_REQUEST_TIMEOUT`...). */
+  parserError: string | undefined
+}
+
+/**
+ * The requests a route was serving when Node's HTTP parser refused their body (broken, cut off,
+ * too slow to arrive), answered on their socket (answers.ts, clientErrorAnswer). Their route then
+ * fails to read the body and answers too, an answer that never goes out, since the first closed
+ * the connection: it never finishes, and its hooks run here (runHooks), reporting this one. Looked
+ * up only for an answer that did not go out, and in the access line of an error answer: never for
+ * a request answered as usual.
+ */
+const answeredOnSocket = new WeakMap<IncomingMessage, SocketAnswer>()
+
+/** `request` was answered `answer` on its socket: its route's after-answer hooks report that answer. */
+export function answeredOutsideFastify (request: IncomingMessage, answer: SocketAnswer): void {
+  answeredOnSocket.set(request, answer)
+}
+
+/** The answer written for `request` on its socket outside Fastify, if one was. */
+export function socketAnswerOf (request: IncomingMessage): SocketAnswer | undefined {
+  return answeredOnSocket.get(request)
 }
 
 /** Per connection, its answers past onSend that have not finished, with what runs their hooks. */

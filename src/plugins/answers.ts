@@ -7,7 +7,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookH
 import { performance } from 'node:perf_hooks'
 import { ApiError, ErrorCode, errorEnvelope, OwnError, type ErrorEnvelope } from '../errors.js'
 import { RepeatedWarnings } from '../state/notice.js'
-import { appendHook } from './after-answer.js'
+import { answeredOutsideFastify, appendHook } from './after-answer.js'
 import { answerOptions, applyCors, SECURITY_HEADERS } from '../web/security.js'
 import { holdRetryAfterPastSpentWindows } from '../limits/headers.js'
 
@@ -252,10 +252,9 @@ async function answers (app: FastifyInstance): Promise<void> {
   })
 
   app.setErrorHandler(function handleError (error: FastifyError, request, reply) {
-    // Its body broken or too slow, the request was answered on its socket already (answerParserError)
-    // and its route then fails to read the body: its access line and audit record say that answer.
-    const refused = answeredByParser.get(request.raw)
-    if (refused !== undefined) return sendError(reply, new ApiError(refused, ErrorCode.VALIDATION_FAILED, parserRefusalMessage(refused)))
+    // A body broken or too slow to arrive was answered on its socket already (answerParserError):
+    // its route then fails to read it, here as any body cut off (a 400 that never goes out, whose
+    // hooks report the answer written; after-answer.ts).
     const apiError = toApiError(error)
     // No route: whatever its body (malformed, too large, of another type: Fastify parses it before
     // the not-found handler runs), the answer is the contract's 404. Only the body's errors: a
@@ -456,6 +455,7 @@ const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
  * (by its Content-Length; a chunked body is invited and held to the limit as it arrives). Any
  * other answer is given without it, and Node then closes the connection, the body unread. A
  * request no route takes is invited at once, as Node would: Fastify reads its body before its 404.
+ * The same hook fails a request whose connection closed before its body was read (inviteBody).
  * Register it before any route.
  */
 export function inviteBodiesWithinLimit (app: FastifyInstance): void {
@@ -474,10 +474,23 @@ export function inviteBodiesWithinLimit (app: FastifyInstance): void {
 const awaitingContinue = new WeakSet<ServerResponse>()
 
 const inviteBody: preParsingHookHandler = function inviteBody (request, reply, payload, done) {
+  // Its connection closed while the hooks before this one ran (its client left, perhaps after the
+  // HTTP parser refused its body): Node destroyed the request, and a stream destroyed tells a
+  // reader that comes later nothing, so its body would be awaited for ever, the request left
+  // without an answer, hooks, access line or audit record. It fails as a body cut off does.
+  if (request.raw.destroyed) {
+    done(bodyCutOff())
+    return
+  }
   if (awaitingContinue.delete(reply.raw) && !(Number(request.headers['content-length']) > request.routeOptions.bodyLimit)) {
     reply.raw.writeContinue()
   }
   done(null, payload)
+}
+
+/** A body cut off with its connection, as Node and Fastify report it to a route reading it (a 400). */
+function bodyCutOff (): Error {
+  return Object.assign(new Error('aborted'), { code: 'ECONNRESET', statusCode: 400 })
 }
 
 /**
@@ -547,6 +560,7 @@ const answering = new WeakSet<Socket>()
  *   their answers (HTTP/1.1 answers in order: written now, it would be read as an earlier
  *   request's), with the pipelined request's id when its headers parsed;
  * - otherwise (a request whose headers never parsed), a new id.
+ * Each has one access line: its route's when a route was serving it (answerParserError).
  */
 export function clientErrorAnswer (this: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket): void {
   // llhttp stays in its error state: Node reports every later chunk of the connection again.
@@ -571,8 +585,7 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
     return
   }
   if (pending.req === broken?.req && !pending.headersSent) {
-    answeredByParser.set(broken.req, parserErrorStatus(error))
-    answerParserError(app, error, socket, broken.id)
+    answerParserError(app, error, socket, broken.id, broken.req)
     return
   }
   // An answer goes first: one being written, the broken request's own (then the connection
@@ -588,12 +601,6 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
 /** The failed calls' errors already written to the log (handleError). */
 const loggedCallFailures = new WeakSet<ApiError>()
 
-/**
- * The requests a route was serving whose body the HTTP parser refused (broken, or too slow to
- * arrive), with the status of the answer written for them on their socket.
- */
-const answeredByParser = new WeakMap<IncomingMessage, 400 | 408 | 431>()
-
 function parserRefusalMessage (status: 400 | 408 | 431): string {
   return status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
 }
@@ -603,11 +610,20 @@ export function parserErrorStatus (error: NodeJS.ErrnoException): 400 | 408 | 43
   return error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
 }
 
-function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, id: string): void {
+/**
+ * The parser's refusal, answered on the socket. `served`: the request whose body it refused, which
+ * Fastify is serving. One request has one access line and one count: when a route took it, the
+ * route's (it fails to read the body, then its hooks report this answer: after-answer.ts), with
+ * the parser's error code; else (no request parsed, or one no route takes) the one written here.
+ */
+function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, socket: Socket, id: string, served: IncomingMessage | null = null): void {
   const status = parserErrorStatus(error)
-  const message = parserRefusalMessage(status)
-  // Its access line: Fastify never saw the request (its parser's error code only, no client text).
-  app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
-  app.metrics.recordRefusedBeforeRouting(status)
-  endWithError(socket, status, message, id)
+  if (served !== null && app.findRoute({ method: served.method as HTTPMethods, url: served.url as string }) !== null) {
+    answeredOutsideFastify(served, { statusCode: status, errorCode: ErrorCode.VALIDATION_FAILED, parserError: error.code })
+  } else {
+    // Its access line: no route saw the request (its parser's error code only, no client text).
+    app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
+    app.metrics.recordRefusedBeforeRouting(status)
+  }
+  endWithError(socket, status, parserRefusalMessage(status), id)
 }

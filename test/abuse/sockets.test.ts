@@ -1,5 +1,6 @@
 import t from 'tap'
 import { connect } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { SANDBOX_KEY, startSandbox } from '../helpers/sandbox.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
@@ -256,11 +257,20 @@ t.test('abuse on real sockets', async (t) => {
     t.ok(Date.now() - startedAt < 15_000, 'within the suite\'s bound')
   })
 
-  await t.test('a request the HTTP parser refused has its access line, with its id and the parser\'s code', async (t) => {
-    const refused = lines.filter((line) => line.includes('request refused by the HTTP parser')).map((line) => JSON.parse(line) as { level: number, reqId: string, res: { statusCode: number }, code: string, parserError: string })
-    t.ok(refused.some((line) => line.reqId === 'broken-body-1' && line.res.statusCode === 400 && line.parserError === 'HPE_INVALID_CHUNK_SIZE'), 'the broken body')
+  await t.test('a request the HTTP parser refused has one access line, with its id and the parser\'s code: the parser\'s before any route, else its route\'s', async (t) => {
+    type Line = { level: number, msg: string, reqId: string, res: { statusCode: number }, code: string, parserError: string }
+    const parsed = (): Line[] => lines.map((line) => JSON.parse(line) as Line)
+    const refused = parsed().filter((line) => line.msg === 'request refused by the HTTP parser')
     t.ok(refused.some((line) => line.res.statusCode === 431 && line.parserError === 'HPE_HEADER_OVERFLOW'), 'the oversized headers')
     t.ok(refused.every((line) => line.level === 30 && line.code === 'VALIDATION_FAILED'))
+    // Routed, then refused in its body: the route's line, written once its connection closed.
+    const routed: Array<[string, number, string]> = [['broken-body-1', 400, 'HPE_INVALID_CHUNK_SIZE'], ['slow-body-1', 408, 'ERR_HTTP_REQUEST_TIMEOUT']]
+    for (let i = 0; i < 100 && !routed.every(([id]) => parsed().some((line) => line.reqId === id && line.msg === 'request completed')); i++) await sleep(20)
+    for (const [id, status, parserError] of routed) {
+      const access = parsed().filter((line) => line.reqId === id && (line.msg === 'request completed' || line.msg.startsWith('request refused')))
+      t.equal(access.length, 1, `${id}: one access line`)
+      t.match(access[0], { level: 30, msg: 'request completed', res: { statusCode: status }, code: 'VALIDATION_FAILED', parserError }, `${id}: its route's`)
+    }
   })
 
   await t.test('no log line carries the key, the token, the email or the reason', async (t) => {

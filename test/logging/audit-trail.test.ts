@@ -450,7 +450,7 @@ t.test('a shutdown (close) while a leader and its follower wait upstream: both r
   })
 })
 
-t.test('a cancel whose body is too slow to arrive: its record has the 408 its client was answered', async (t) => {
+t.test('a cancel whose body is too slow to arrive: its one access line and its record have the 408 its client was answered', async (t) => {
   const stack = await buildStack(t, 1)
   const app = stack.apps[0]!
   const id = stack.sandbox.control.seedAppointment(ALICE).id
@@ -469,6 +469,15 @@ t.test('a cancel whose body is too slow to arrive: its record has the 408 its cl
     'slow-body': { appointmentId: id, outcome: 'VALIDATION_FAILED', status: 408, upstreamStatus: null, earlier: null }
   })
   t.equal(posts(stack.sandbox), 0)
+  // One request, one line: its route's, with the parser's reason; it was routed, so it is counted
+  // under its route, not among the refusals before routing.
+  const access = stack.lines.map((line) => JSON.parse(line) as { msg: string, reqId?: string })
+    .filter((line) => line.reqId === 'slow-body' && (line.msg === 'request completed' || line.msg.startsWith('request refused')))
+  t.equal(access.length, 1, 'one access line')
+  t.match(access[0], { msg: 'request completed', res: { statusCode: 408 }, code: 'VALIDATION_FAILED', parserError: 'ERR_HTTP_REQUEST_TIMEOUT' })
+  const metrics = await app.metrics.registry.metrics()
+  t.match(metrics, /\nhttp_request_duration_seconds_count\{method="POST",route="\/appointments\/:id\/cancel",status_code="408"\} 1\n/, 'counted under its route')
+  t.match(metrics, /\nbff_http_refused_before_routing_total\{status_code="408"\} 0\n/, 'not as refused before routing')
 })
 
 t.test('two replicas: a keyed cancel by agentEventId lost on one, the appointment cancelled by its id, confirmed on the other: one appointment', async (t) => {
