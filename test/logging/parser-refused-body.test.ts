@@ -1,9 +1,8 @@
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Redis } from 'ioredis'
 import { captureLogs, listen, startSandboxedApp } from '../fault/support.js'
-import { startRedis } from '../helpers/redis.js'
+import { redisClient, startRedis } from '../helpers/redis.js'
 import { parseExposition } from '../helpers/metrics.js'
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import type { App } from '../../src/app.js'
@@ -259,7 +258,7 @@ t.test('a body refused while its route\'s hooks still wait (for Redis), its clie
   const redis = await startRedis(t)
   const { app, token } = await startSandboxedApp(t, { upstreamTimeoutMs: 2000, email: alice.email, logStream: stream, redis })
   const port = Number(new URL(await listen(app)).port)
-  const admin = new Redis(redis.url)
+  const admin = redisClient(redis.url)
   t.teardown(() => { admin.disconnect() })
   const cancel = `/appointments/${id}/cancel`
   const cases: Array<[string, string, string, Ending, Partial<AccessLine>]> = [
@@ -278,4 +277,13 @@ t.test('a body refused while its route\'s hooks still wait (for Redis), its clie
     t.match(found[0], { msg: 'request completed', code: 'VALIDATION_FAILED', audit: { outcome: 'VALIDATION_FAILED' }, ...expected }, `${what}: its route's, with its audit record`)
     t.same(moved(before, await counts(app)), { 'POST /appointments/:id/cancel 400': 1 }, `${what}: counted once`)
   }
+  // The whole body arrived, then the client left while the hooks waited: its body can no longer be
+  // read (Node destroyed the request), so it ends as a body cut off, with its line; no cancel sent.
+  const before = await counts(app)
+  const body = JSON.stringify({ reason: 'whole body, then gone' })
+  await admin.call('CLIENT', 'PAUSE', '150', 'ALL')
+  await exchange(port, [`POST ${cancel} HTTP/1.1\r\nhost: x\r\nx-request-id: hooks-wait-whole\r\nauthorization: Bearer ${token}\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`], 30, 'fin')
+  const found = await settled(lines, 'hooks-wait-whole')
+  checkOne(t, found, { msg: 'request completed', res: { statusCode: 400 }, code: 'VALIDATION_FAILED', audit: { outcome: 'VALIDATION_FAILED' } }, 'a whole body, then the client ends its side')
+  t.same(moved(before, await counts(app)), { 'POST /appointments/:id/cancel 400': 1 }, 'a whole body: counted once')
 })
