@@ -20,7 +20,7 @@ interface Entry { at: number, appointments: Appointment[] }
 export interface OwnershipCache {
   /** The patient's list, fetched now (GET /appointments), and kept so a following cancel can use it. */
   list: (email: string, requestId: string) => Promise<Appointment[]>
-  /** Records a list known to be current now. */
+  /** Records a list known to be current now (the tests seed the cache with it). */
   remember: (email: string, appointments: Appointment[]) => void
   /** The appointment among the patient's own, matching `id` or `agentEventId` (any case). */
   find: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
