@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyContextConfig, FastifyInstance, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { sessionRequired } from '../errors.js'
 import { causeSummary } from '../plugins/answers.js'
 import { createIdTokenVerifier, type IdTokenVerifier } from './id-token.js'
@@ -124,9 +124,14 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
   const perSessionThenCancel: readonly SessionCounter[] = [...perSession, { scope: 'cancel', rate: config.limits.cancel }]
   const none: readonly SessionCounter[] = []
 
-  function countersOf (request: FastifyRequest): readonly SessionCounter[] {
-    if (request.routeOptions.config.sessionLimit === false) return none
-    return request.routeOptions.config.cancelLimit === true ? perSessionThenCancel : perSession
+  function countersOf (route: FastifyContextConfig): readonly SessionCounter[] {
+    if (route.sessionLimit === false) return none
+    return route.cancelLimit === true ? perSessionThenCancel : perSession
+  }
+
+  /** False when the route lets the query ask the lookup not to slide the idle expiry, and it does. */
+  function slides (route: FastifyContextConfig, request: FastifyRequest): boolean {
+    return !(route.slideOptional === true && (request.query as { slide?: unknown }).slide === 'false')
   }
 
   /** The request's session is the one its token names, or there is none (null). */
@@ -149,7 +154,9 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
 
   // Synchronous on the memory store: every authenticated request passes here.
   app.addHook('onRequest', function resolveSession (request, _reply, done) {
-    const mode = request.routeOptions.config.auth
+    // Read once: Fastify builds `routeOptions` afresh on every access.
+    const route = request.routeOptions.config
+    const mode = route.auth
     if (mode === undefined) {
       done()
       return
@@ -166,7 +173,7 @@ async function auth (app: FastifyInstance, options: AuthPluginOptions): Promise<
     // use of the session by its patient (a sibling page's images would keep it alive).
     const csrf = csrfCheck(request, transport)
     const lookup = csrf === null
-      ? sessions.lookup(token, countersOf(request), !(request.routeOptions.config.slideOptional === true && (request.query as { slide?: unknown }).slide === 'false'))
+      ? sessions.lookup(token, countersOf(route), slides(route, request))
       : sessions.lookup(token, none, false)
     if (isPromise(lookup)) {
       lookup.then((found) => { adopt(request, mode, transport, found, done, csrf) }, done)
