@@ -1,6 +1,5 @@
 import t, { type Test } from 'tap'
-import { Redis } from 'ioredis'
-import { startRedis } from '../helpers/redis.js'
+import { redisClient, startRedis } from '../helpers/redis.js'
 import { createMemoryIdempotencyStore, createRedisIdempotencyStore, type IdempotencyStore } from '../../src/idempotency/store.js'
 import { requestFingerprint } from '../../src/idempotency/index.js'
 
@@ -18,8 +17,7 @@ const LISTED = '3f0b5d2e-8a41-4c1e-9f27-1a6d3c8e5b01'
 const redisServer = await startRedis(t)
 
 async function redisStore (t: Test): Promise<IdempotencyStore> {
-  const client = new Redis(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
-  client.on('error', () => {})
+  const client = redisClient(redisServer.url, { enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 1000 })
   t.teardown(() => { client.disconnect() })
   await client.ping().catch(async () => { await new Promise((resolve) => client.once('ready', resolve)) })
   return createRedisIdempotencyStore({ redis: client })
