@@ -1,6 +1,9 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
+import type { LightMyRequestResponse } from 'fastify'
 import { buildTestApp, signIn } from '../helpers/app.js'
+import { Browser } from '../web/browser.js'
+import { SESSION_COOKIE, startWebStack } from '../web/stack.js'
 
 /**
  * `GET /auth/me?slide=false` answers as `/auth/me` does but leaves the session's idle expiry where
@@ -11,6 +14,8 @@ import { buildTestApp, signIn } from '../helpers/app.js'
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
 interface Me { authenticated: boolean, expiresAt?: string }
+const APP_ORIGIN = 'https://app.example.com'
+const FROM_APP = { origin: APP_ORIGIN, 'sec-fetch-site': 'same-site', 'sec-fetch-mode': 'cors', 'sec-fetch-dest': 'empty' }
 
 for (const redis of [false, true]) {
   const store = redis ? 'Redis' : 'memory'
@@ -57,4 +62,24 @@ t.test('slide takes true or false; anything else is a 400 in the envelope, other
   }
   const anonymous = await app.inject({ url: '/auth/me?slide=false' })
   t.same(anonymous.json().data, { authenticated: false }, 'without a session, as without the parameter')
+})
+
+t.test('the web app\'s own poll, with its session cookie, slides nothing with slide=false', async (t) => {
+  const stack = await startWebStack(t, { env: { CORS_ORIGINS: APP_ORIGIN, SESSION_IDLE_TTL: '2s', SESSION_ABSOLUTE_TTL: '1h' } })
+  const browser = new Browser()
+  await stack.signIn(browser, 'alice@example.com')
+  const cookie = stack.sessionOf(browser) as string
+  const signedInAt = Date.now()
+  // What a browser sends for `fetch('https://api.example.com/auth/me?slide=false', { credentials: 'include' })` on the app's page.
+  const poll = async (): Promise<LightMyRequestResponse> => await stack.app.inject({ url: '/auth/me?slide=false', headers: FROM_APP, cookies: { [SESSION_COOKIE]: cookie } })
+  const first = await poll()
+  t.equal(first.statusCode, 200)
+  t.equal(first.headers['access-control-allow-origin'], APP_ORIGIN, 'the app may read it')
+  const expiresAt = (first.json() as { data: Me }).data.expiresAt
+  for (const at of [700, 1400]) {
+    await sleep(Math.max(0, signedInAt + at - Date.now()))
+    t.same((await poll()).json().data, { authenticated: true, email: 'alice@example.com', expiresAt }, `at +${at} ms: the same expiry`)
+  }
+  await sleep(Math.max(0, signedInAt + 2500 - Date.now()))
+  t.same((await poll()).json().data, { authenticated: false }, 'the session idled out under the poll')
 })
