@@ -21,8 +21,9 @@ for (const redis of [false, true]) {
   const store = redis ? 'Redis' : 'memory'
 
   t.test(`a poll with slide=false lets the session idle out; a poll without it keeps it alive (${store})`, async (t) => {
-    // 2 s idle: a lookup slides the expiry once the session was last seen 200 ms ago or more.
-    const { app, issuer } = await buildTestApp(t, { redis, env: { SESSION_IDLE_TTL: '2s', SESSION_ABSOLUTE_TTL: '1h' } })
+    // 3 s idle: a lookup slides the expiry once the session was last seen 300 ms ago or more. The
+    // polls come 1 s apart, with 1 s to spare before the expiry on a loaded machine.
+    const { app, issuer } = await buildTestApp(t, { redis, env: { SESSION_IDLE_TTL: '3s', SESSION_ABSOLUTE_TTL: '1h' } })
     const watched = await signIn(app, issuer, 'watched@example.com')
     const used = await signIn(app, issuer, 'used@example.com')
     const signedInAt = Date.now()
@@ -32,16 +33,16 @@ for (const redis of [false, true]) {
       return (response.json() as { data: Me }).data
     }
     const expiresAt = (await me(watched, '?slide=false')).expiresAt
-    t.ok(expiresAt !== undefined && Math.abs(Date.parse(expiresAt) - (signedInAt + 2000)) < 1000, 'the expiry the sign-in set')
+    t.ok(expiresAt !== undefined && Math.abs(Date.parse(expiresAt) - (signedInAt + 3000)) < 1000, 'the expiry the sign-in set')
 
-    for (const at of [700, 1400]) {
+    for (const at of [1000, 2000]) {
       await sleep(Math.max(0, signedInAt + at - Date.now()))
       t.same(await me(watched, '?slide=false'), { authenticated: true, email: 'watched@example.com', expiresAt }, `at +${at} ms: the same expiry, unmoved`)
       const slid = await me(used, '')
       t.ok(slid.expiresAt !== undefined && Date.parse(slid.expiresAt) > Date.parse(expiresAt as string), `at +${at} ms: a poll without slide=false moves the expiry`)
     }
     // Past the idle lifetime after the sign-in, the watched session's last use.
-    await sleep(Math.max(0, signedInAt + 2500 - Date.now()))
+    await sleep(Math.max(0, signedInAt + 3600 - Date.now()))
     t.same(await me(watched, '?slide=false'), { authenticated: false }, 'the watched session idled out')
     t.equal((await me(used, '?slide=true')).authenticated, true, 'the other one, polled without slide=false, is alive')
   })
@@ -65,7 +66,7 @@ t.test('slide takes true or false; anything else is a 400 in the envelope, other
 })
 
 t.test('the web app\'s own poll, with its session cookie, slides nothing with slide=false', async (t) => {
-  const stack = await startWebStack(t, { env: { CORS_ORIGINS: APP_ORIGIN, SESSION_IDLE_TTL: '2s', SESSION_ABSOLUTE_TTL: '1h' } })
+  const stack = await startWebStack(t, { env: { CORS_ORIGINS: APP_ORIGIN, SESSION_IDLE_TTL: '3s', SESSION_ABSOLUTE_TTL: '1h' } })
   const browser = new Browser()
   await stack.signIn(browser, 'alice@example.com')
   const cookie = stack.sessionOf(browser) as string
@@ -76,10 +77,10 @@ t.test('the web app\'s own poll, with its session cookie, slides nothing with sl
   t.equal(first.statusCode, 200)
   t.equal(first.headers['access-control-allow-origin'], APP_ORIGIN, 'the app may read it')
   const expiresAt = (first.json() as { data: Me }).data.expiresAt
-  for (const at of [700, 1400]) {
+  for (const at of [1000, 2000]) {
     await sleep(Math.max(0, signedInAt + at - Date.now()))
     t.same((await poll()).json().data, { authenticated: true, email: 'alice@example.com', expiresAt }, `at +${at} ms: the same expiry`)
   }
-  await sleep(Math.max(0, signedInAt + 2500 - Date.now()))
+  await sleep(Math.max(0, signedInAt + 3600 - Date.now()))
   t.same((await poll()).json().data, { authenticated: false }, 'the session idled out under the poll')
 })
