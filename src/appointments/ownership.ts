@@ -20,8 +20,6 @@ interface Entry { at: number, appointments: Appointment[] }
 export interface OwnershipCache {
   /** The patient's list, fetched now (GET /appointments), and kept so a following cancel can use it. */
   list: (email: string, requestId: string) => Promise<Appointment[]>
-  /** Records a list known to be current now (the tests seed the cache with it). */
-  remember: (email: string, appointments: Appointment[]) => void
   /** The appointment among the patient's own, matching `id` or `agentEventId` (any case). */
   find: (email: string, appointmentId: string, requestId: string) => Promise<Appointment | null>
   /** Like `find`, but always from a fresh list: for deciding whether a cancel took effect. */
@@ -81,7 +79,7 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   }
 
   /** Keeps a list fetched after `forgetsBefore` forgets had been made. */
-  function remember (email: string, appointments: Appointment[], forgetsBefore = forgets): void {
+  function remember (email: string, appointments: Appointment[], forgetsBefore: number): void {
     const key = email.toLowerCase()
     if ((forgottenAt.get(key) ?? evictedUpTo) > forgetsBefore) return
     const cancelled = live(gone.get(key))
@@ -101,7 +99,6 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
 
   return {
     list: fresh,
-    remember: (email, appointments) => { remember(email, appointments) },
     async find (email, appointmentId, requestId) {
       const fromCache = cached(email)
       const hit = fromCache === null ? null : findAppointment(fromCache, appointmentId)
