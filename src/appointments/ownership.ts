@@ -68,9 +68,13 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
   const forgottenAt = new Map<string, number>()
 
   /** Sets `key`'s entry in `map`, the least recently stored first to go (a Map iterates in insertion order). */
-  function store<T> (map: Map<string, T>, key: string, entry: T): void {
+  function store<T> (map: Map<string, T>, key: string, entry: T, evicted?: (entry: T) => void): void {
     map.delete(key)
-    if (map.size >= maxEntries) map.delete(map.keys().next().value as string)
+    if (map.size >= maxEntries) {
+      const [oldest, value] = map.entries().next().value as [string, T]
+      map.delete(oldest)
+      evicted?.(value)
+    }
     map.set(key, entry)
   }
 
@@ -122,13 +126,7 @@ export function createOwnershipCache (options: OwnershipCacheOptions): Ownership
       const key = email.toLowerCase()
       entries.delete(key)
       forgets += 1
-      forgottenAt.delete(key)
-      if (forgottenAt.size >= maxEntries) {
-        const [oldest, made] = forgottenAt.entries().next().value as [string, number]
-        forgottenAt.delete(oldest)
-        evictedUpTo = made
-      }
-      forgottenAt.set(key, forgets)
+      store(forgottenAt, key, forgets, (made) => { evictedUpTo = made })
     }
   }
 }
