@@ -6,7 +6,7 @@ import type { UpstreamCallOutcome, UpstreamEndpoint } from './care360/client.js'
 import { SAFE_EVICTION_POLICY, type SharedStateMode } from './state/redis.js'
 import type { Awaitable } from './state/awaitable.js'
 import { afterEveryAnswer } from './plugins/after-answer.js'
-import { endWithError, frameworkRefusal, noRouteMessage, parserErrorStatus, refusalBeforeRouting, requestIdFor, stampHeaders, writeConnectRefused, writeExpectationFailed } from './plugins/answers.js'
+import { endWithParserRefusal, frameworkRefusal, noRouteMessage, parserErrorStatus, refusalBeforeRouting, requestIdFor, stampHeaders, writeConnectRefused, writeExpectationFailed } from './plugins/answers.js'
 import { ErrorCode, errorEnvelope } from './errors.js'
 import { listenerOptions, setHeadersTimeout } from './listener.js'
 
@@ -289,7 +289,7 @@ export function buildMetricsServer (registry: Registry): FastifyInstance {
         socket.destroy()
         return
       }
-      endWithError(socket, parserErrorStatus(error), 'Malformed request', randomUUID())
+      endWithParserRefusal(socket, parserErrorStatus(error), randomUUID())
     }
   })
   setHeadersTimeout(server.server)

@@ -601,8 +601,9 @@ function settleParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
 /** The failed calls' errors already written to the log (handleError). */
 const loggedCallFailures = new WeakSet<ApiError>()
 
-function parserRefusalMessage (status: 400 | 408 | 431): string {
-  return status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request'
+/** The HTTP parser's refusal of status `status`, in the envelope with that status's own message. */
+export function endWithParserRefusal (socket: Socket, status: 400 | 408 | 431, id: string): void {
+  endWithError(socket, status, status === 431 ? 'Request headers are too large' : status === 408 ? 'Request timed out' : 'Malformed request', id)
 }
 
 /** The status of the HTTP parser's refusal: headers too large, too slow to arrive, or malformed. */
@@ -625,5 +626,5 @@ function answerParserError (app: FastifyInstance, error: NodeJS.ErrnoException, 
     app.log.info({ reqId: id, remoteAddress: socket.remoteAddress, res: { statusCode: status }, code: ErrorCode.VALIDATION_FAILED, parserError: error.code }, 'request refused by the HTTP parser')
     app.metrics.recordRefusedBeforeRouting(status)
   }
-  endWithError(socket, status, parserRefusalMessage(status), id)
+  endWithParserRefusal(socket, status, id)
 }
