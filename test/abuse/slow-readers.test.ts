@@ -87,5 +87,5 @@ t.test('metrics listener: the public listener\'s cut-offs, and no body worth rea
   t.ok(after >= 4800 && after < 8000, `headers trickled: cut off after the headers timeout (${after} ms)`)
   const answer = parse(trickle.received())
   t.equal(answer?.status, 408)
-  t.match(JSON.parse(answer?.body ?? '{}'), { status: 408, code: 'VALIDATION_FAILED', message: 'Request timed out' })
+  t.has(JSON.parse(answer?.body ?? '{}'), { status: 408, code: 'VALIDATION_FAILED', message: 'Request timed out' })
 })

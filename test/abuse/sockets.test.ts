@@ -248,6 +248,7 @@ t.test('abuse on real sockets', async (t) => {
       t.not(answer, null, `${what}: answered`)
       if (answer !== null) {
         t.equal(outcome(answer), '408 VALIDATION_FAILED', `${what}: 408`)
+        t.equal((JSON.parse(answer.body) as { message?: unknown }).message, 'Request timed out', `${what}: its message`)
         t.equal(offContract(answer), null, `${what}: in the envelope`)
       }
     }
