@@ -15,6 +15,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { readFileSync, existsSync, mkdtempSync, readdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { once } from 'node:events'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { cpus, loadavg, totalmem } from 'node:os'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
@@ -31,6 +32,9 @@ const SHED_PROFILE = process.env.BENCH_PROFILE_SHED === '1'
 const COMPARE = process.argv.includes('--compare')
 const INSTRUCTIONS = process.argv.includes('--instructions')
 const SOAK_ONLY = process.argv.includes('--soak')
+const SHED_ONLY = process.argv.includes('--shed')
+/** Where the full run's shedding scenario generates its flood (see `shedding`). */
+const SHED_FLOOD: 'driver' | 'process' = process.env.BENCH_SHED_FLOOD === 'process' ? 'process' : 'driver'
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..')
 const SERVICE_CORE = '0'
 /** The Node that runs every measured process (service, proxies, upstream): BENCH_NODE, else this one. */
@@ -386,6 +390,7 @@ async function main (): Promise<void> {
   if (COMPARE) { await compare(); return }
   if (INSTRUCTIONS) { await instructions(); return }
   if (SOAK_ONLY) { await soakOnly(); return }
+  if (SHED_ONLY) { await shedOnly(); return }
   const issuer = await startIssuer({ teardown: () => {} })
   const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
   const redisPort = await freePort()
@@ -459,56 +464,9 @@ async function main (): Promise<void> {
   await Promise.all([stop(memory), stop(owned), stop(shared)])
 
   // 2. Shedding: a flood from one client IP far above RATE_LIMIT_IP, a legitimate client (another
-  //    IP, its own session) at a fixed rate below it. The client IP comes from X-Forwarded-For,
-  //    believed from loopback (TRUST_PROXY), as behind a load balancer.
-  const shedder = await startService('service (shedding)', {
-    ...baseEnv, RATE_LIMIT_IP: `${SHED.ipLimit}/1s`, TRUST_PROXY: '127.0.0.1'
-  })
-  const legitToken = await signIn(shedder, issuer, EMAIL)
-  // Each run of the legitimate client comes from a fresh address: per-IP windows are fixed (they
-  // start at a client's first hit), and a run must not inherit the previous run's count.
-  const legit = (round: number, phase: number): Target => cancelTarget('legit', shedder.url, legitToken, null, `10.1.${round}.${phase}`)
-  const flood = cancelTarget('flood', shedder.url, await signIn(shedder, issuer, 'flood@example.com'), shedder.pid, '10.2.0.1')
-  const shedRounds: Array<{ unloadedP99: number, loadedP99: number, admittedP99: number, shedPerSec: number, admittedPerSec: number, shedP99: number, legitRefused: number, proxyRps: number }> = []
-  // The proxy forwarding over as many connections as the flood, in each round just before it: the
-  // shed rate is compared side by side, not with a figure from minutes earlier.
-  const proxyAsFlood = cancelTarget('proxy', proxy.url, 'unused-by-the-proxy', proxy.pid)
-  for (let round = 0; round < MODE.rounds; round++) {
-    const proxyRun = await measure(proxyAsFlood, { seconds: MODE.shedSec, connections: SHED.floodConnections })
-    expectOnly('proxy (as the flood)', proxyRun, ['200'])
-    await run(legit(round, 0), { seconds: MODE.warmSec, connections: 5, rate: SHED.legitRate })
-    const unloaded = await run(legit(round, 1), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate })
-    expectOnly('legit (unloaded)', unloaded, ['200', '429'])
-    await run(flood, { seconds: MODE.warmSec, connections: SHED.floodConnections })
-    const [loaded, flooded] = await Promise.all([
-      run(legit(round, 2), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate }),
-      run(flood, { seconds: MODE.shedSec, connections: SHED.floodConnections })
-    ])
-    expectOnly('legit (under flood)', loaded, ['200', '429'])
-    expectOnly('flood', flooded, ['200', '429'])
-    shedRounds.push({
-      unloadedP99: quantile(unloaded.ok, 0.99),
-      loadedP99: quantile(loaded.ok, 0.99),
-      admittedP99: quantile(flooded.ok, 0.99),
-      shedPerSec: (flooded.codes['429'] ?? 0) / flooded.seconds,
-      admittedPerSec: (flooded.codes['200'] ?? 0) / flooded.seconds,
-      shedP99: quantile(flooded.shed, 0.99),
-      legitRefused: (unloaded.codes['429'] ?? 0) + (loaded.codes['429'] ?? 0),
-      proxyRps: proxyRun.rps
-    })
-  }
-  const shedMed = (pick: (r: typeof shedRounds[number]) => number): number => median(shedRounds.map(pick))
-  console.log(`\n## Shedding (RATE_LIMIT_IP=${SHED.ipLimit}/1s; flood: ${SHED.floodConnections} connections closed loop from one IP; legitimate client: ${SHED.legitRate} req/s from another IP)\n`)
-  console.log('| 429/s | 429 p99 ms | flood admitted/s | flood admitted p99 ms | legit p99 unloaded ms | legit p99 under flood ms | legit under flood ÷ unloaded | 429/s ÷ proxy req/s (same round) |')
-  console.log('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
-  const legitFactor = median(shedRounds.map((r) => r.loadedP99 / r.unloadedP99))
-  const shedVsProxy = shedMed((r) => r.shedPerSec / r.proxyRps)
-  console.log(`| ${fmt(shedMed((r) => r.shedPerSec), 0)} | ${fmt(shedMed((r) => r.shedP99), 3)} | ${fmt(shedMed((r) => r.admittedPerSec), 0)} | ${fmt(shedMed((r) => r.admittedP99), 3)} | ` +
-    `${fmt(shedMed((r) => r.unloadedP99), 3)} | ${fmt(shedMed((r) => r.loadedP99), 3)} | ${fmt(legitFactor)} | ${fmt(shedVsProxy)} |`)
-  const legitRefused = shedRounds.reduce((sum, r) => sum + r.legitRefused, 0)
-  const legitAlwaysOk = legitRefused === 0
-  if (!legitAlwaysOk) console.log(`\nWARNING: the legitimate client (below its limit) got ${legitRefused} 429s in all (a fixed window counts a late burst of the load generator).`)
-  await stop(shedder)
+  //    IP, its own session) at a fixed rate below it.
+  //    The quick mode runs the flood in both places, so that CI proves both run.
+  const { legitFactor, legitAlwaysOk, shedVsProxy } = await shedding(baseEnv, issuer, proxy, QUICK ? [SHED_FLOOD, SHED_FLOOD === 'driver' ? 'process' : 'driver'] : [SHED_FLOOD])
 
   // 3. Soak: a fresh service (memory store, ownership on: the most state per request) at a
   //    steady rate. A warm-up at the same rate first, unsampled: V8 grows its heap to its working
@@ -577,6 +535,137 @@ async function main (): Promise<void> {
   console.log('\n## Targets (issue 7)\n')
   for (const [what, pass, value] of checks) console.log(`${pass ? 'PASS' : 'FAIL'}  ${what}: ${value}`)
   if (checks.some(([, pass]) => !pass)) process.exitCode = 1
+}
+
+type FloodPlace = 'driver' | 'process'
+interface ShedRound { unloadedP99: number, loadedP99: number, admittedP99: number, shedPerSec: number, admittedPerSec: number, shedP99: number, legitRefused: number, proxyRps: number, driverDelayP99: number }
+
+/**
+ * The shedding scenario: a flood from one client IP far above RATE_LIMIT_IP, and a legitimate
+ * client (another IP, its own session) at a fixed rate below it, whose p99 is compared with and
+ * without the flood. The client IP comes from X-Forwarded-For, believed from loopback
+ * (TRUST_PROXY), as behind a load balancer. `places`: where the flood's load generator runs, in
+ * this driver (beside the legitimate client's timing) or in a process of its own on the same core
+ * (bench/flood.mjs); with both, each round measures both, in an order alternated per round.
+ */
+async function shedding (baseEnv: Record<string, string>, issuer: TestIssuer, proxy: Proc & { url: string }, places: FloodPlace[]): Promise<{ legitFactor: number, legitAlwaysOk: boolean, shedVsProxy: number }> {
+  const shedder = await startService('service (shedding)', {
+    ...baseEnv, RATE_LIMIT_IP: `${SHED.ipLimit}/1s`, TRUST_PROXY: '127.0.0.1'
+  })
+  const legitToken = await signIn(shedder, issuer, EMAIL)
+  // Each run of the legitimate client comes from a fresh address: per-IP windows are fixed (they
+  // start at a client's first hit), and a run must not inherit the previous run's count.
+  const legit = (round: number, phase: number): Target => cancelTarget('legit', shedder.url, legitToken, null, `10.1.${round}.${phase}`)
+  const flood = cancelTarget('flood', shedder.url, await signIn(shedder, issuer, 'flood@example.com'), shedder.pid, '10.2.0.1')
+  const rounds = new Map<FloodPlace, ShedRound[]>(places.map((place) => [place, []]))
+  // The proxy forwarding over as many connections as the flood, in each round just before it: the
+  // shed rate is compared side by side, not with a figure from minutes earlier.
+  const proxyAsFlood = cancelTarget('proxy', proxy.url, 'unused-by-the-proxy', proxy.pid)
+  let phase = 0
+  for (let round = 0; round < MODE.rounds; round++) {
+    const proxyRun = await measure(proxyAsFlood, { seconds: MODE.shedSec, connections: SHED.floodConnections })
+    expectOnly('proxy (as the flood)', proxyRun, ['200'])
+    await run(legit(round, phase++), { seconds: MODE.warmSec, connections: 5, rate: SHED.legitRate })
+    const unloaded = await run(legit(round, phase++), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate })
+    expectOnly('legit (unloaded)', unloaded, ['200', '429'])
+    const order = round % 2 === 0 ? places : [...places].reverse()
+    for (const place of order) {
+      await run(flood, { seconds: MODE.warmSec, connections: SHED.floodConnections })
+      const delay = monitorEventLoopDelay({ resolution: 1 })
+      const legitRun = (): Promise<LoadResult> => {
+        delay.enable()
+        return run(legit(round, phase++), { seconds: MODE.shedSec, connections: 5, rate: SHED.legitRate }).finally(() => { delay.disable() })
+      }
+      const [loaded, flooded] = place === 'driver'
+        ? await Promise.all([legitRun(), run(flood, { seconds: MODE.shedSec, connections: SHED.floodConnections })])
+        : await floodElsewhere(flood, MODE.shedSec, legitRun)
+      expectOnly('legit (under flood)', loaded, ['200', '429'])
+      expectOnly('flood', flooded, ['200', '429'])
+      rounds.get(place)?.push({
+        unloadedP99: quantile(unloaded.ok, 0.99),
+        loadedP99: quantile(loaded.ok, 0.99),
+        admittedP99: quantile(flooded.ok, 0.99),
+        shedPerSec: (flooded.codes['429'] ?? 0) / flooded.seconds,
+        admittedPerSec: (flooded.codes['200'] ?? 0) / flooded.seconds,
+        shedP99: quantile(flooded.shed, 0.99),
+        legitRefused: (unloaded.codes['429'] ?? 0) + (loaded.codes['429'] ?? 0),
+        proxyRps: proxyRun.rps,
+        driverDelayP99: delay.percentile(99) / 1e6
+      })
+    }
+  }
+  await stop(shedder)
+  console.log(`\n## Shedding (RATE_LIMIT_IP=${SHED.ipLimit}/1s; flood: ${SHED.floodConnections} connections closed loop from one IP; legitimate client: ${SHED.legitRate} req/s from another IP)\n`)
+  console.log('| flood generated in | 429/s | 429 p99 ms | flood admitted/s | flood admitted p99 ms | legit p99 unloaded ms | legit p99 under flood ms | legit under flood ÷ unloaded | 429/s ÷ proxy req/s (same round) | driver\'s event-loop delay p99 ms (under flood) |')
+  console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  const verdicts = places.map((place) => {
+    const all = rounds.get(place) ?? []
+    const shedMed = (pick: (r: ShedRound) => number): number => median(all.map(pick))
+    const legitFactor = shedMed((r) => r.loadedP99 / r.unloadedP99)
+    const shedVsProxy = shedMed((r) => r.shedPerSec / r.proxyRps)
+    console.log(`| ${place === 'driver' ? 'the driver' : 'its own process'} | ${fmt(shedMed((r) => r.shedPerSec), 0)} | ${fmt(shedMed((r) => r.shedP99), 3)} | ${fmt(shedMed((r) => r.admittedPerSec), 0)} | ${fmt(shedMed((r) => r.admittedP99), 3)} | ` +
+      `${fmt(shedMed((r) => r.unloadedP99), 3)} | ${fmt(shedMed((r) => r.loadedP99), 3)} | ${fmt(legitFactor)} | ${fmt(shedVsProxy)} | ${fmt(shedMed((r) => r.driverDelayP99), 3)} |`)
+    const legitRefused = all.reduce((sum, r) => sum + r.legitRefused, 0)
+    if (legitRefused > 0) console.log(`\nWARNING: the legitimate client (below its limit) got ${legitRefused} 429s in all (a fixed window counts a late burst of the load generator).`)
+    return { legitFactor, legitAlwaysOk: legitRefused === 0, shedVsProxy }
+  })
+  return verdicts[0] as { legitFactor: number, legitAlwaysOk: boolean, shedVsProxy: number }
+}
+
+/**
+ * The flood from a process of its own on the load core (bench/flood.mjs), for `seconds` plus the
+ * time `during` takes beyond them; `during` (the legitimate client's run) starts once it has.
+ */
+async function floodElsewhere (target: Target, seconds: number, during: () => Promise<LoadResult>): Promise<[LoadResult, LoadResult]> {
+  const proc = launch('flood', LOAD_CORE, process.execPath, ['bench/flood.mjs'], {
+    FLOOD: JSON.stringify({ url: target.url, path: target.path, headers: target.headers, seconds: seconds + 1, connections: SHED.floodConnections })
+  }, 'pipe')
+  const lines: string[] = []
+  let text = ''
+  let started: () => void = () => {}
+  const startedOnce = new Promise<void>((resolve) => { started = resolve })
+  proc.child.stdout?.on('data', (chunk: Buffer) => {
+    text += chunk.toString()
+    for (let end = text.indexOf('\n'); end >= 0; end = text.indexOf('\n')) {
+      lines.push(text.slice(0, end))
+      text = text.slice(end + 1)
+      if (lines.length === 1) started()
+    }
+  })
+  // 'close', not 'exit': the result's line may still be in the pipe when the process exits.
+  const exited = once(proc.child, 'close')
+  await Promise.race([startedOnce, exited])
+  if (lines.length === 0) throw new Error(`flood exited: ${proc.stderr()}`)
+  const loaded = await during()
+  await exited
+  const last = lines[1]
+  if (last === undefined) throw new Error(`flood ended without a result: ${proc.stderr()}`)
+  const result = JSON.parse(last) as { seconds: number, codes: Record<string, number>, errors: number, ok: number[], shed: number[] }
+  const responses = Object.values(result.codes).reduce((a, b) => a + b, 0)
+  return [loaded, {
+    seconds: result.seconds,
+    responses,
+    rps: responses / result.seconds,
+    codes: result.codes,
+    errors: result.errors,
+    ok: Float64Array.from(result.ok).sort(),
+    shed: Float64Array.from(result.shed).sort(),
+    cpuUsPerRequest: null,
+    cpuShare: null
+  }]
+}
+
+/**
+ * `--shed`: the shedding scenario alone (section 2 of the full run), with the flood generated in
+ * this driver and in a process of its own, side by side in each round.
+ */
+async function shedOnly (): Promise<void> {
+  const issuer = await startIssuer({ teardown: () => {} })
+  const upstream = await launchListening('upstream', LOAD_CORE, 'bench/upstream.mjs', { CV_API_KEY: API_KEY, APPOINTMENT_ID })
+  const proxy = await launchListening('proxy', SERVICE_CORE, 'bench/proxy.mjs', { CV_API_KEY: API_KEY, UPSTREAM_URL: upstream.url, PATIENT_EMAIL: EMAIL })
+  await shedding(serviceEnv(upstream, issuer), issuer, proxy, ['driver', 'process'])
+  await Promise.all([stop(proxy), stop(upstream)])
+  await issuer.close()
 }
 
 /**
