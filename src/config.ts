@@ -122,13 +122,23 @@ const PositiveInt = (description: string, max: number) =>
     if (n > max) throw new Error(`at most ${max}`)
     return n
   })
-/** An origin-style URL: https anywhere, plain http only on loopback. */
-const SecureUrl = (description: string) =>
-  Type.Decode(Type.String({ minLength: 1, description }), (value) => {
-    const problem = originProblem(value)
-    if (problem !== null) throw new Error(problem)
-    return value.replace(/\/+$/, '')
-  })
+/** An origin-style URL: https anywhere, plain http only on loopback; without a trailing slash. */
+function secureUrl (value: string): string {
+  const problem = originProblem(value)
+  if (problem !== null) throw new Error(problem)
+  return value.replace(/\/+$/, '')
+}
+/** The identity provider's issuer, kept as typed: OpenID Connect compares it as a string. */
+const IssuerUrl = (description: string) => Type.Decode(Type.String({ minLength: 1, description }), secureUrl)
+/**
+ * A URL a browser is sent to (PUBLIC_URL, WEB_APP_URL), kept as a URL writes it (WHATWG
+ * serialization: an internationalized host as its A-label, `xn--...`, in lower case; no default
+ * port; the path percent-encoded): the sign-in puts it into Location headers, which carry ASCII
+ * only, and into OAuth parameters that the identity provider compares with the URIs registered
+ * there, as a browser reaches them.
+ */
+const BrowserUrl = (description: string) =>
+  Type.Decode(Type.String({ minLength: 1, description }), (value) => secureUrl(new URL(secureUrl(value)).href))
 /**
  * The upstream's origin (the contract: CV_BASE_URL "overrides the origin"). A path is refused: the
  * vendor documents whole endpoint URLs, and one pasted here would put every call under a path the
@@ -251,14 +261,14 @@ export const EnvSchema = Type.Object({
   PORT: Type.Optional(Port('listen port', false)),
   METRICS_PORT: Type.Optional(Port('Prometheus port, 0 disables', true)),
   REDIS_URL: Type.Optional(RedisUrl('redis:// or rediss:// URL')),
-  OIDC_ISSUER: SecureUrl('the patient identity provider'),
+  OIDC_ISSUER: IssuerUrl('the patient identity provider'),
   OIDC_CLIENT_ID: Type.Optional(Type.String({ minLength: 1 })),
   OIDC_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 1 })),
   OIDC_AUDIENCES: Type.Optional(Type.Decode(Type.String({ minLength: 1 }), nonEmptyList)),
-  PUBLIC_URL: Type.Optional(SecureUrl('the public origin of this service')),
+  PUBLIC_URL: Type.Optional(BrowserUrl('the public origin of this service')),
   // Not in the contract's table (the team's addition): where the patient web app lives when it
   // is not served from PUBLIC_URL's origin. Sign-in ends there (returnTo, signin_error).
-  WEB_APP_URL: Type.Optional(SecureUrl('the patient web app origin')),
+  WEB_APP_URL: Type.Optional(BrowserUrl('the patient web app origin')),
   SESSION_IDLE_TTL: Type.Optional(Duration('session idle lifetime, e.g. 30m', MAX_SESSION_TTL)),
   SESSION_ABSOLUTE_TTL: Type.Optional(Duration('session absolute lifetime, e.g. 12h', MAX_SESSION_TTL)),
   RATE_LIMIT_IP: Type.Optional(RateSpec('per client IP, <count>/<window>')),

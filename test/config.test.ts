@@ -76,6 +76,12 @@ t.test('every variable read and decoded', async (t) => {
   const split = loadConfig({ ...base, OIDC_CLIENT_SECRET: 's', PUBLIC_URL: 'https://api.example.com', WEB_APP_URL: 'https://app.example.com/' })
   t.equal(split.oidc.web?.webAppUrl, 'https://app.example.com')
   t.same([...split.corsOrigins], ['https://api.example.com', 'https://app.example.com'])
+  // The URLs a browser is sent to are kept as a URL writes them; the issuer, compared as a string
+  // with the tokens' iss, as typed.
+  const typed = loadConfig({ ...base, OIDC_ISSUER: 'https://IdP.example.com:443/Realm/', OIDC_CLIENT_SECRET: 's', PUBLIC_URL: 'https://API.example.com:443/b f/', WEB_APP_URL: 'https://bücher.example/app' })
+  t.equal(typed.oidc.web?.publicUrl, 'https://api.example.com/b%20f')
+  t.equal(typed.oidc.web?.webAppUrl, 'https://xn--bcher-kva.example/app')
+  t.equal(typed.oidc.issuer, 'https://IdP.example.com:443/Realm')
   t.same(config.sessions, { idleTtlMs: 15 * 60_000, absoluteTtlMs: 8 * 3_600_000 })
   t.same(config.limits.cancel, { count: 2, windowMs: 3_600_000 })
   t.same([...config.corsOrigins], ['https://app.example.com', 'https://beta.example.com', 'https://patients.example.com'])
