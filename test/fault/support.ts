@@ -129,6 +129,8 @@ export function offContract (answer: { status: number, headers: IncomingHttpHead
   if (codes === undefined) return `status ${status} is not in the answer table: ${answer.body.slice(0, 120)}`
   if (body.status !== status || body.success !== false || typeof body.message !== 'string') return `${status} not in the error envelope: ${answer.body.slice(0, 120)}`
   if (typeof body.code !== 'string' || !codes.includes(body.code)) return `${status} with code ${String(body.code)}, not one of ${codes.join(', ')}`
+  // "Every 429 carries Retry-After (seconds)": delay-seconds, never 0 (a client told 0 retries at once).
+  if (status === 429 && !/^[1-9][0-9]*$/.test(String(headers['retry-after']))) return `429 ${body.code} without Retry-After in seconds (${String(headers['retry-after'])})`
   // The one error with data: a sign-out whose session had ended still names the IdP's end-session URL.
   const endSession = status === 401 && typeof (body.data as { endSessionUrl?: unknown } | undefined)?.endSessionUrl === 'string' && Object.keys(body.data as object).length === 1
   const extra = Object.keys(body).filter((key) => !['status', 'success', 'message', 'code', 'error'].includes(key) && !(key === 'data' && endSession))
