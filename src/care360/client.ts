@@ -552,9 +552,19 @@ function toAppointment (item: unknown): Appointment | null {
   }
 }
 
-function unexpected (status: number, why: string): UpstreamError {
-  return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, 'The appointment service gave an unexpected answer', {
-    outcome: 'answered',
+/**
+ * An answer that is no row of the documentation's. A 2xx to a cancel (`method` POST) whose body is
+ * not the documented success (not JSON, over the cap, `success` not true, a 202 or a 204) says the
+ * upstream took the request: the cancel may well have happened, as when such an answer is cut off
+ * mid-body, so its outcome is unknown, never an answer to replay (a retry with its Idempotency-Key
+ * asks the upstream's list, and confirms a cancel it finds done).
+ */
+function unexpected (status: number, why: string, method = 'GET'): UpstreamError {
+  const taken = method === 'POST' && status >= 200 && status < 300
+  return new UpstreamError(502, ErrorCode.UPSTREAM_ERROR, taken
+    ? 'The appointment service gave an unexpected answer; whether the change was applied is unknown'
+    : 'The appointment service gave an unexpected answer', {
+    outcome: taken ? 'unknown' : 'answered',
     upstreamStatus: status,
     cause: new OwnError(`Care360 answered HTTP ${status}: ${why}`)
   })
@@ -604,7 +614,7 @@ function transportError (error: ExchangeError, method: string): UpstreamError {
       outcome: 'not-sent', upstreamStatus: null, cause
     })
   }
-  if (cause instanceof BodyTooLargeError) return unexpected(error.status as number, cause.message)
+  if (cause instanceof BodyTooLargeError) return unexpected(error.status as number, cause.message, method)
   // A cancel that was sent may have happened; say so rather than guess.
   const unknown = method === 'POST' ? '; whether the change was applied is unknown' : ''
   if (error.timedOut) {
@@ -706,7 +716,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         })
       }
       try {
-        const result = read(answer.status, usableEnvelope(answer, scrub))
+        const result = read(answer.status, usableEnvelope(answer, scrub, request.method))
         heard('ok')
         return result
       } catch (error) {
@@ -733,7 +743,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
    * The envelope of an answer `read` may use (200, 404, and a NotFoundError under one of
    * NOT_FOUND_STATUSES); any other status is a coded error.
    */
-  function usableEnvelope (answer: Answer, scrub: Scrub): Envelope | null {
+  function usableEnvelope (answer: Answer, scrub: Scrub, method: string): Envelope | null {
     const { status } = answer
     const envelope = parseEnvelope(answer.body)
     if (status === 200 || status === 404) return envelope
@@ -754,7 +764,7 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
         outcome: 'answered', upstreamStatus: status, cause: new OwnError('Care360 refused the organization key (HTTP 401)')
       })
     }
-    throw unexpected(status, status >= 500 ? 'server error' : 'status not in its documentation')
+    throw unexpected(status, status >= 500 ? 'server error' : 'status not in its documentation', method)
   }
 
   /** An upstream 429: the gate hears of it (cooldown), and the client gets a 429 with Retry-After. */
@@ -803,10 +813,10 @@ export function createCare360Client (options: Care360ClientOptions): Care360Clie
           if (namesNotFound(envelope)) throw appointmentNotFound(status)
           throw unexpected(status, 'status not in its documentation')
         }
-        if (envelope === null) throw unexpected(status, 'body is not a JSON object')
+        if (envelope === null) throw unexpected(status, 'body is not a JSON object', 'POST')
         // Matched on status and `success` (the documentation's rule): a 200 that does not say
-        // success is not taken for a cancel.
-        if (envelope.success !== true) throw unexpected(status, 'success is not true')
+        // success is not taken for a cancel, nor for a refusal of it either (unexpected).
+        if (envelope.success !== true) throw unexpected(status, 'success is not true', 'POST')
         return {
           status: 200,
           success: true,
