@@ -180,18 +180,32 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
     if (!marked) throw inFlightError(1000, 'The cancel was not sent: this request held its Idempotency-Key too long; retry')
   }
 
-  /** Runs the cancel under our token and records what became of it. */
-  async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog): Promise<HandleResult> {
+  /**
+   * Runs the cancel under our token and records what became of it. `recheck`, when this run
+   * resolves an earlier unknown outcome: asked again after the upstream refuses the cancel.
+   */
+  async function owned (scope: string, key: string, token: string, run: Run, log: WarnLog, recheck?: () => Promise<'cancelled' | 'send'>): Promise<HandleResult> {
     const { attempt, sendStarted } = tracked(async (endsAt, appointment) => { await markSending(scope, key, token, endsAt, appointment) })
     let answer: Answer
     try {
       answer = await run(attempt)
     } catch (error) {
+      // The earlier cancel may still have been under way at the upstream when the fresh list
+      // showed the appointment: this one, sent after it, is then refused (already cancelled, not
+      // found). Gone from the list now, it is that earlier cancel confirmed, not a refusal kept
+      // for the key's 24 h.
+      if (recheck !== undefined && sendStarted() && isRefusal(error) && await cancelledBy(recheck)) return await confirmed(scope, key, token, log)
       await record(scope, key, token, settleError(error, sendStarted()), log)
       throw error
     }
     await record(scope, key, token, settleAnswer(answer), log)
     return { answer, earlier: null }
+  }
+
+  /** The appointment found cancelled after an unknown outcome: recorded, and answered so. */
+  async function confirmed (scope: string, key: string, token: string, log: WarnLog): Promise<HandleResult> {
+    await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log, warnings)
+    return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, earlier: 'confirmed' }
   }
 
   /**
@@ -207,9 +221,8 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       await quietly(() => store.markUnknown(scope, key, token, replayTtlMs), log, warnings)
       throw error
     }
-    if (state === 'send') return await owned(scope, key, token, input.run, log)
-    await quietly(() => store.complete(scope, key, token, CONFIRMED, replayTtlMs), log, warnings)
-    return { answer: { statusCode: CONFIRMED.statusCode, body: { ...CONFIRMED.body } }, earlier: 'confirmed' }
+    if (state === 'send') return await owned(scope, key, token, input.run, log, async () => await input.resolveUnknown(endsAt, appointment))
+    return await confirmed(scope, key, token, log)
   }
 
   /** A cancel sent with an Idempotency-Key. */
@@ -238,6 +251,24 @@ export function createIdempotency (options: IdempotencyOptions): Idempotency {
       if (input.key === undefined) return singleFlight.runOnce(input.scope, fingerprint, input.run, log, input.sharedFailure).then(keyless)
       return keyed(input, input.key, fingerprint, log)
     }
+  }
+}
+
+/**
+ * The upstream's refusal of a cancel it answered: its 400, or its NotFoundError (the contract's
+ * 404). What the upstream would answer a cancel of an appointment cancelled meanwhile.
+ */
+function isRefusal (error: unknown): boolean {
+  const { outcome, code } = error as { outcome?: unknown, code?: unknown }
+  return outcome === 'answered' && (code === ErrorCode.UPSTREAM_REJECTED || code === ErrorCode.APPOINTMENT_NOT_FOUND)
+}
+
+/** Whether a fresh look finds the appointment cancelled; a failure of that look says nothing. */
+async function cancelledBy (recheck: () => Promise<'cancelled' | 'send'>): Promise<boolean> {
+  try {
+    return await recheck() === 'cancelled'
+  } catch {
+    return false
   }
 }
 
