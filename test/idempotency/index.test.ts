@@ -21,6 +21,8 @@ import {
   deferred, fakeCancel, notFound, scopeOf, upstreamError, type FakeCancel
 } from './fakes.js'
 
+type UpstreamErrorLike = ReturnType<typeof upstreamError>
+
 const SCOPE = scopeOf(EMAIL)
 
 function input (cancel: FakeCancel, overrides: Partial<HandleInput> = {}): HandleInput {
@@ -225,6 +227,52 @@ for (const [name, makeStore] of stores) {
     t.same(retry, { answer: CANCELLED, earlier: null })
     t.equal((await idem.handle(input(cancel, { resolveUnknown }))).earlier, 'replayed')
     t.equal(cancel.sends(), 2)
+  })
+
+  t.test(`${name}: a cancel resent for an unknown outcome and refused: confirmed when a fresh look finds it cancelled, else the refusal stands`, async (t) => {
+    const idem = await make(t)
+    const rejected = (): UpstreamErrorLike => upstreamError('answered', 400, ErrorCode.UPSTREAM_REJECTED)
+    // The earlier cancel was still being applied when the first look listed it: the resend is
+    // refused, and the next look finds it gone.
+    const raced = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw rejected() }] })
+    const looks: Array<'send' | 'cancelled'> = ['send', 'cancelled']
+    await t.rejects(idem.handle(input(raced, { key: 'raced' })))
+    const confirmed = await idem.handle(input(raced, { key: 'raced', resolveUnknown: async () => looks.shift() as 'send' | 'cancelled' }))
+    t.match(confirmed, { answer: { statusCode: 200, body: { message: /confirmed/ } }, earlier: 'confirmed' })
+    t.equal((await idem.handle(input(raced, { key: 'raced' }))).earlier, 'replayed')
+    t.equal(raced.sends(), 2)
+    // Also for the upstream's NotFoundError (the contract's 404).
+    const gone = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw upstreamError('answered', 404, ErrorCode.APPOINTMENT_NOT_FOUND) }] })
+    const goneLooks: Array<'send' | 'cancelled'> = ['send', 'cancelled']
+    await t.rejects(idem.handle(input(gone, { key: 'gone' })))
+    t.equal((await idem.handle(input(gone, { key: 'gone', resolveUnknown: async () => goneLooks.shift() as 'send' | 'cancelled' }))).earlier, 'confirmed')
+
+    // Still listed after the refusal: a refusal of its own, stored and replayed.
+    const refused = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw rejected() }] })
+    let listedLooks = 0
+    await t.rejects(idem.handle(input(refused, { key: 'refused' })))
+    t.equal((await rejection(idem.handle(input(refused, { key: 'refused', resolveUnknown: async () => { listedLooks += 1; return 'send' } })))).code, ErrorCode.UPSTREAM_REJECTED)
+    t.equal(listedLooks, 2, 'looked once more after the refusal')
+    t.match(await idem.handle(input(refused, { key: 'refused' })), { answer: { statusCode: 400, body: { code: ErrorCode.UPSTREAM_REJECTED } }, earlier: 'replayed' })
+    t.equal(refused.sends(), 2)
+
+    // The second look fails: nothing shows it cancelled, the refusal stands.
+    const unseen = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw rejected() }] })
+    let unseenLooks = 0
+    await t.rejects(idem.handle(input(unseen, { key: 'unseen' })))
+    const lookFails = async (): Promise<'send'> => { if (++unseenLooks > 1) throw upstreamError('not-sent', 502, ErrorCode.UPSTREAM_UNAVAILABLE); return 'send' }
+    t.equal((await rejection(idem.handle(input(unseen, { key: 'unseen', resolveUnknown: lookFails })))).code, ErrorCode.UPSTREAM_REJECTED)
+
+    // Any other failure of the resend (a 502, another unknown outcome) is not looked at again.
+    const failing = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw upstreamError('answered', 502, ErrorCode.UPSTREAM_ERROR) }] })
+    let failingLooks = 0
+    await t.rejects(idem.handle(input(failing, { key: 'failing' })))
+    t.equal((await rejection(idem.handle(input(failing, { key: 'failing', resolveUnknown: async () => { failingLooks += 1; return 'send' } })))).code, ErrorCode.UPSTREAM_ERROR)
+    t.equal(failingLooks, 1)
+
+    // A refusal on a first attempt (no unknown outcome before it) is the answer, looked at by nobody.
+    const plain = fakeCancel({ cancel: [async () => { throw rejected() }] })
+    t.equal((await rejection(idem.handle(input(plain, { key: 'plain' })))).code, ErrorCode.UPSTREAM_REJECTED)
   })
 
   t.test(`${name}: concurrent retries of an unknown outcome: one resolves, the other gets 409`, async (t) => {
