@@ -146,6 +146,22 @@ t.test('access and logout token types are refused in any letter case', async (t)
   t.ok(await verifier.verify(await issuer.sign({}, { header: { typ: 'JWT' } })), 'an ID token typed JWT is fine')
 })
 
+t.test('a logout token without its typ is no sign-in, even with the claims of an ID token', async (t) => {
+  // Back-Channel Logout 1.0 §2.4: explicit typing is only recommended, and the events claim is
+  // what makes a logout token one (a Security Event Token, RFC 8417, as any token with events
+  // is). An identity provider that types none and puts email and email_verified in it must not
+  // have its logout tokens taken for sign-ins.
+  const issuer = await startIssuer(t)
+  const refusals: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'debug' }, { write: (line: string) => { refusals.push(JSON.parse(line) as Record<string, unknown>) } })
+  const verifier = verifierFor(issuer, { log })
+  const events = { 'http://schemas.openid.net/event/backchannel-logout': {} }
+  t.match(await refusal(verifier.verify(await issuer.sign({ events, jti: 'logout-1', sid: 'sid-1' }))), INVALID, 'events: refused')
+  t.match(await refusal(verifier.verify(await issuer.sign({ events: { 'https://example.com/event/other': {} } }))), INVALID, 'another event: refused')
+  t.same(refusals.map((line) => line.refusal), ['events', 'events'])
+  t.ok(await verifier.verify(await issuer.sign({ jti: 'id-1', sid: 'sid-1' })), 'an ID token with jti and sid is fine')
+})
+
 t.test('unknown kid: one JWKS refresh, then refused; a rotated key is accepted after it', async (t) => {
   const issuer = await startIssuer(t)
   const verifier = verifierFor(issuer)
