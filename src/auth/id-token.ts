@@ -164,6 +164,9 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
       if (typeof protectedHeader.typ === 'string' && FOREIGN_TYPES.has(protectedHeader.typ.toLowerCase())) {
         throw new Rejected('typ')
       }
+      // A token with events is a Security Event Token (RFC 8417), a logout token among them, whose
+      // typ is only recommended (Back-Channel Logout 1.0 §2.4): never a sign-in.
+      if (payload.events !== undefined) throw new Rejected('events')
       const untrusted = untrustedAudience(payload, options.audiences)
       if (untrusted !== null) throw new Rejected(untrusted)
       return claimsOf(payload)
