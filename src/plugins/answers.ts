@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { isIPv6, type Socket } from 'node:net'
-import type { Duplex } from 'node:stream'
+import { Readable, type Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, HTTPMethods, preParsingHookHandler } from 'fastify'
 import { performance } from 'node:perf_hooks'
@@ -455,7 +455,8 @@ const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH'])
  * (by its Content-Length; a chunked body is invited and held to the limit as it arrives). Any
  * other answer is given without it, and Node then closes the connection, the body unread. A
  * request no route takes is invited at once, as Node would: Fastify reads its body before its 404.
- * The same hook fails a request whose connection closed before its body was read (inviteBody).
+ * The same hook fails a request whose connection closed before its body was read (inviteBody);
+ * one without a body is served as usual.
  * Register it before any route.
  */
 export function inviteBodiesWithinLimit (app: FastifyInstance): void {
@@ -477,9 +478,12 @@ const inviteBody: preParsingHookHandler = function inviteBody (request, reply, p
   // Its connection closed while the hooks before this one ran (its client left, perhaps after the
   // HTTP parser refused its body): Node destroyed the request, and a stream destroyed tells a
   // reader that comes later nothing, so its body would be awaited for ever, the request left
-  // without an answer, hooks, access line or audit record. It fails as a body cut off does.
+  // without an answer, hooks, access line or audit record. It fails as a body cut off does. One
+  // without a body (a logout; a cancel, whose body is optional) has none to lose: it runs to its
+  // end, as any request whose client left does (after-answer.ts), from an empty body.
   if (request.raw.destroyed) {
-    done(bodyCutOff())
+    if (hasNoBody(request)) done(null, Readable.from([]))
+    else done(bodyCutOff())
     return
   }
   if (awaitingContinue.delete(reply.raw) && !(Number(request.headers['content-length']) > request.routeOptions.bodyLimit)) {
