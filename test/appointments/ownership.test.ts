@@ -169,3 +169,26 @@ t.test('the forgets are bounded too; a patient whose forget was evicted is taken
   await cache.find('a@example.com', 'x-1', 'r')
   t.equal(fetched.length, lookups + 1, "a's list begun after every forget was kept")
 })
+
+t.test('a forget evicted leaves behind only itself: a list begun after it (and before a later forget of another patient) is kept', async (t) => {
+  const fetched: string[] = []
+  let release: ((list: Appointment[]) => void) | null = null
+  const cache = createOwnershipCache({
+    maxEntries: 2,
+    // The first fetch is held until released; any later one answers at once.
+    fetch: async (email) => {
+      fetched.push(email)
+      if (release !== null) return [item('d-1')]
+      return await new Promise<Appointment[]>((resolve) => { release = resolve })
+    }
+  })
+  cache.forget('a@example.com')
+  cache.forget('b@example.com')
+  // d's list begins after the second forget; the third evicts the first, the latest evicted.
+  const listing = cache.list('d@example.com', 'r-d')
+  cache.forget('c@example.com')
+  release!([item('d-1')])
+  await listing
+  t.same(await cache.find('d@example.com', 'd-1', 'r'), item('d-1'))
+  t.same(fetched, ['d@example.com'], "from the cache: d's list began after every evicted forget")
+})
