@@ -84,3 +84,19 @@ t.test('the web app\'s own poll, with its session cookie, slides nothing with sl
   await sleep(Math.max(0, signedInAt + 3600 - Date.now()))
   t.same((await poll()).json().data, { authenticated: false }, 'the session idled out under the poll')
 })
+
+t.test('slide=false is /auth/me\'s alone: on another route the session\'s use slides its idle expiry all the same', async (t) => {
+  // 3 s idle, as above: a lookup 1 s after the sign-in slides the expiry by about 1 s.
+  const { app, issuer } = await buildTestApp(t, { env: { SESSION_IDLE_TTL: '3s', SESSION_ABSOLUTE_TTL: '1h' } })
+  const token = await signIn(app, issuer, 'used@example.com')
+  const signedInAt = Date.now()
+  const expiresAt = async (): Promise<number> => {
+    const response = await app.inject({ url: '/auth/me?slide=false', headers: bearer(token) })
+    return Date.parse((response.json() as { data: Me }).data.expiresAt as string)
+  }
+  const before = await expiresAt()
+  await sleep(Math.max(0, signedInAt + 1000 - Date.now()))
+  // The upstream is unreachable here (any answer will do): the session was looked up, and used.
+  await app.inject({ url: '/appointments?slide=false', headers: bearer(token) })
+  t.ok(await expiresAt() > before + 500, 'GET /appointments?slide=false moved the expiry')
+})
