@@ -192,3 +192,30 @@ t.test('a forget evicted leaves behind only itself: a list begun after it (and b
   t.same(await cache.find('d@example.com', 'd-1', 'r'), item('d-1'))
   t.same(fetched, ['d@example.com'], "from the cache: d's list began after every evicted forget")
 })
+
+t.test('a patient forgotten again goes to the back of the forgets: evicted in the order they were last made, none later than one kept', async (t) => {
+  const fetched: string[] = []
+  let release: ((list: Appointment[]) => void) | null = null
+  const cache = createOwnershipCache({
+    maxEntries: 3,
+    // The first fetch is held until released; any later one answers at once.
+    fetch: async (email) => {
+      fetched.push(email)
+      if (release !== null) return [item('a-2')]
+      return await new Promise<Appointment[]>((resolve) => { release = resolve })
+    }
+  })
+  cache.forget('a@example.com')
+  cache.forget('b@example.com')
+  // a's list begins after the first two forgets, before a is forgotten again (the third).
+  const listing = cache.list('a@example.com', 'r-a')
+  cache.forget('a@example.com')
+  // Three more forgets evict b's (the second), then a's (the third), in that order.
+  cache.forget('c@example.com')
+  cache.forget('d@example.com')
+  cache.forget('e@example.com')
+  release!([item('a-1'), item('a-2')])
+  await listing
+  t.same(await cache.find('a@example.com', 'a-1', 'r'), null, 'a-1 is looked up afresh: the upstream no longer lists it')
+  t.same(fetched, ['a@example.com', 'a@example.com'], "a's list, begun before a's last forget, was not kept")
+})
