@@ -55,7 +55,8 @@ interface Discovery {
   endSessionEndpoint: string | null
 }
 
-function isFetchableUrl (value: unknown): value is string {
+/** An https URL, or plain http on loopback (a development IdP's). */
+export function isFetchableUrl (value: unknown): value is string {
   if (typeof value !== 'string') return false
   let url: URL
   try { url = new URL(value) } catch { return false }

@@ -8,6 +8,7 @@ import { createWebOidc, type WebOidc } from './oidc.js'
 import { createReplayGuard } from './replay-guard.js'
 import { createLogoutTokenVerifier } from './backchannel.js'
 import { webRoutes } from './routes.js'
+import { isFetchableUrl } from '../auth/key-set.js'
 
 /**
  * Web sign-in (issue 4): `/auth/login`, `/auth/callback`, `/auth/backchannel-logout` when the web
@@ -47,13 +48,23 @@ async function endSessionUrl (oidc: WebOidc, idToken: string | null): Promise<st
   }
 }
 
-function endSessionUrlOf (configuration: client.Configuration, oidc: WebOidc, idToken: string | null): string | null {
-  if (configuration.serverMetadata().end_session_endpoint === undefined) return null
-  return client.buildEndSessionUrl(configuration, {
-    client_id: oidc.clientId,
-    post_logout_redirect_uri: oidc.postLogoutRedirectUri,
-    ...(idToken === null ? {} : { id_token_hint: idToken })
-  }).href
+/**
+ * The IdP's end-session URL for a web sign-out, or null: none published, or one the browser must
+ * not be sent to with the ID token. As the mobile sign-out (key-set.ts), only an https endpoint or
+ * plain http on loopback; anything openid-client will not build gives none too, rather than an
+ * error out of a sign-out.
+ */
+export function endSessionUrlOf (configuration: client.Configuration, oidc: Pick<WebOidc, 'clientId' | 'postLogoutRedirectUri'>, idToken: string | null): string | null {
+  if (!isFetchableUrl(configuration.serverMetadata().end_session_endpoint)) return null
+  try {
+    return client.buildEndSessionUrl(configuration, {
+      client_id: oidc.clientId,
+      post_logout_redirect_uri: oidc.postLogoutRedirectUri,
+      ...(idToken === null ? {} : { id_token_hint: idToken })
+    }).href
+  } catch {
+    return null
+  }
 }
 
 async function webSignIn (app: FastifyInstance, options: WebSignInOptions): Promise<void> {

@@ -25,5 +25,7 @@ t.test('an end-session endpoint openid-client will not build gives no URL, and n
     t.equal(endSessionUrlOf(configuration(endpoint), oidc, 'an-id-token'), null, endpoint)
     t.equal(endSessionUrlOf(configuration(endpoint, true), oidc, null), null, `${endpoint}, plain http allowed`)
   }
+  // Loopback http from an https issuer: passed by the policy, refused by openid-client.
+  t.equal(endSessionUrlOf(configuration('http://127.0.0.1:4000/session/end'), oidc, null), null, 'http where not allowed')
   t.equal(endSessionUrlOf(configuration(), oidc, null), null, 'none published')
 })
