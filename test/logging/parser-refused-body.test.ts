@@ -201,6 +201,19 @@ t.test('each routed request whose body the HTTP parser refused has one access li
       }
     },
     {
+      what: 'an OPTIONS (no preflight) to a routed path, its chunk broken',
+      requestId: 'options-broken',
+      chunks: [chunked('OPTIONS', cancel, 'options-broken', token), BROKEN_CHUNK],
+      ending: 'read',
+      // Answered (204) by the OPTIONS handling before its body was read; the parser's refusal
+      // after that answer writes nothing, and its one line is that answer's.
+      statuses: ['204'],
+      expected: {
+        line: { msg: 'request completed', res: { statusCode: 204 } },
+        counted: { 'OPTIONS not_found 204': 1 }
+      }
+    },
+    {
       what: 'a request whose header lines are broken, before any route',
       requestId: 'never-routed',
       chunks: ['GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: never-routed\r\nbad header\r\n\r\n'],
