@@ -1,9 +1,9 @@
 import t from 'tap'
-import { createIdTokenVerifier } from '../../src/auth/id-token.js'
+import { createIdTokenVerifier, type IdTokenVerifier } from '../../src/auth/id-token.js'
 import { createIssuerKeys } from '../../src/auth/key-set.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
 import { createLogoutMarks } from '../../src/auth/logout-marks.js'
-import { startIssuer } from '../helpers/issuer.js'
+import { startIssuer, type TestIssuer } from '../helpers/issuer.js'
 
 /**
  * The contract's time checks of an ID token (POST /auth/session), at their bounds: `iat` (or
@@ -14,14 +14,18 @@ import { startIssuer } from '../helpers/issuer.js'
 
 const INVALID = { statusCode: 401, code: 'SESSION_REQUIRED' }
 
-t.test('iat or auth_time older than 10 minutes (and the tolerance) is refused; within them, accepted', async (t) => {
-  const issuer = await startIssuer(t)
-  const verifier = createIdTokenVerifier({
+function verifierOf (issuer: TestIssuer): IdTokenVerifier {
+  return createIdTokenVerifier({
     keys: createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0 }),
     audiences: [issuer.clientId],
     retired: createReplayGuard({ redis: null }),
     logouts: createLogoutMarks({ redis: null })
   })
+}
+
+t.test('iat or auth_time older than 10 minutes (and the tolerance) is refused; within them, accepted', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierOf(issuer)
   const nowSec = Math.floor(Date.now() / 1000)
   // Signed with exp ahead of now: only the age is at stake.
   const exp = nowSec + 300
@@ -34,12 +38,7 @@ t.test('iat or auth_time older than 10 minutes (and the tolerance) is refused; w
 
 t.test('nbf in the past is accepted; nbf and exp within a small clock tolerance are accepted, beyond it refused', async (t) => {
   const issuer = await startIssuer(t)
-  const verifier = createIdTokenVerifier({
-    keys: createIssuerKeys({ issuer: issuer.url, jwksCooldownMs: 0 }),
-    audiences: [issuer.clientId],
-    retired: createReplayGuard({ redis: null }),
-    logouts: createLogoutMarks({ redis: null })
-  })
+  const verifier = verifierOf(issuer)
   const nowSec = Math.floor(Date.now() / 1000)
   t.ok(await verifier.verify(await issuer.sign({ nbf: nowSec - 60 })), 'nbf a minute ago')
   t.ok(await verifier.verify(await issuer.sign({ nbf: nowSec })), 'nbf now')

@@ -19,7 +19,8 @@ import {
 import { DEMO_PATIENTS } from '../../src/care360/sandbox.js'
 import { upstreamRateLimited } from '../../src/limits/upstream-gate.js'
 import { SANDBOX_KEY, startSandbox, type RunningSandbox } from '../helpers/sandbox.js'
-import { freePort } from '../helpers/ports.js'
+import { freePort, listenOnLoopback } from '../helpers/ports.js'
+import { failureOf } from './support.js'
 
 const ALICE = DEMO_PATIENTS[0]!
 const ALICE_FIRST = ALICE.appointments[0]!.id
@@ -46,13 +47,7 @@ function recordingGate (overrides: Partial<UpstreamGate> = {}): GateLog {
 async function stubUpstream (t: Test, handler: RequestListener, onConnection?: () => void): Promise<string> {
   const upstream = createHttpServer(handler)
   if (onConnection !== undefined) upstream.on('connection', onConnection)
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  t.teardown(() => {
-    upstream.closeAllConnections()
-    upstream.close()
-  })
-  return `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`
+  return `http://127.0.0.1:${await listenOnLoopback(t, upstream)}`
 }
 
 /** An upstream that answers every cancel at once, and counts the requests it received. */
@@ -73,16 +68,6 @@ async function setup (t: Test, options: Partial<Care360ClientOptions> = {}): Pro
   const client = createCare360Client({ baseUrl: sandbox.url, apiKey: SANDBOX_KEY, timeoutMs: 3000, gate: log.gate, ...options })
   t.teardown(() => client.close())
   return { sandbox, client, log }
-}
-
-async function failureOf (promise: Promise<unknown>): Promise<UpstreamError> {
-  try {
-    await promise
-  } catch (error) {
-    if (error instanceof UpstreamError) return error
-    throw error
-  }
-  throw new Error('expected the call to fail')
 }
 
 function cancelAlice (client: Care360Client, withReason = true): Promise<unknown> {

@@ -2,14 +2,14 @@ import { spawnSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { createServer as createHttpsServer } from 'node:https'
 import { createServer as createHttpServer } from 'node:http'
-import { once } from 'node:events'
-import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { ErrorCode } from '../../src/errors.js'
-import { createCare360Client, UpstreamError } from '../../src/care360/client.js'
+import { createCare360Client } from '../../src/care360/client.js'
 import { buildTestApp, signIn } from '../helpers/app.js'
+import { listenOnLoopback } from '../helpers/ports.js'
+import { failureOf } from './support.js'
 
 /**
  * The contract's row "upstream unreachable (refused, DNS, TLS: the request was never sent) → 502
@@ -39,20 +39,7 @@ async function upstream (t: Test, tls: { key: Buffer, cert: Buffer } | null): Pr
   let requests = 0
   const count = (_request: unknown, response: { end: (body: string) => void }): void => { requests++; response.end('{}') }
   const server = tls === null ? createHttpServer(count) : createHttpsServer(tls, count)
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(() => { server.closeAllConnections(); server.close() })
-  return { port: (server.address() as AddressInfo).port, requests: () => requests }
-}
-
-async function failureOf (promise: Promise<unknown>): Promise<UpstreamError> {
-  try {
-    await promise
-  } catch (error) {
-    if (error instanceof UpstreamError) return error
-    throw error
-  }
-  throw new Error('the call succeeded')
+  return { port: await listenOnLoopback(t, server), requests: () => requests }
 }
 
 const UNAVAILABLE = { statusCode: 502, code: ErrorCode.UPSTREAM_UNAVAILABLE, outcome: 'not-sent', upstreamStatus: null }

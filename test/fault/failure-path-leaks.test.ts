@@ -1,13 +1,13 @@
 import { createHook } from 'node:async_hooks'
-import { once } from 'node:events'
 import { createServer, request as httpRequest, Agent, type IncomingMessage, type ServerResponse } from 'node:http'
-import { connect, type AddressInfo, type Socket } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn } from '../helpers/app.js'
 import { garbageToken } from '../helpers/issuer.js'
 import { startRedis, type RedisServer } from '../helpers/redis.js'
+import { listenOnLoopback } from '../helpers/ports.js'
 import { UNLIMITED, listen } from './support.js'
 
 /**
@@ -98,15 +98,9 @@ async function startUpstream (t: Test): Promise<Upstream> {
       }
     })
   })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(async () => {
-    server.closeAllConnections()
-    server.close()
-    await once(server, 'close')
-  })
+  const port = await listenOnLoopback(t, server)
   return {
-    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    url: `http://127.0.0.1:${port}`,
     arrived: async (reason) => {
       if (longs.has(reason)) return
       await new Promise<void>((resolve) => {

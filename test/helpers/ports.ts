@@ -1,4 +1,4 @@
-import { createServer } from 'node:net'
+import { createServer, type AddressInfo, type Server } from 'node:net'
 import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { randomInt } from 'node:crypto'
@@ -52,4 +52,21 @@ export async function freePort (): Promise<number> {
   }
   /* c8 ignore next: a hundred ports in use in a row */
   throw new Error('no free port below the ephemeral range')
+}
+
+/**
+ * Listens `server` (a stub upstream: node:net, node:http or node:https) on a port of loopback the
+ * system picks, for the length of the test: at its end the server closes with its connections.
+ * Gives the port.
+ */
+export async function listenOnLoopback (t: { teardown: (fn: () => unknown) => void }, server: Server & { closeAllConnections?: () => void }): Promise<number> {
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(async () => {
+    if (!server.listening) return
+    server.closeAllConnections?.()
+    server.close()
+    await once(server, 'close')
+  })
+  return (server.address() as AddressInfo).port
 }

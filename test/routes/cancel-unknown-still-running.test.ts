@@ -1,8 +1,7 @@
-import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn, TEST_API_KEY } from '../helpers/app.js'
+import { listenOnLoopback } from '../helpers/ports.js'
 
 /**
  * A keyed cancel whose upstream call outlives the deadline (504, outcome unknown) while the
@@ -51,14 +50,8 @@ async function startUpstream (t: Test): Promise<Upstream> {
       }, () => {})
     })
   })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(async () => {
-    server.closeAllConnections()
-    server.close()
-    await once(server, 'close')
-  })
-  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, cancels: () => cancels }
+  const port = await listenOnLoopback(t, server)
+  return { url: `http://127.0.0.1:${port}`, cancels: () => cancels }
 }
 
 t.test('a keyed retry that resends a cancel the upstream was still applying confirms it, not "already cancelled"', async (t) => {

@@ -1,8 +1,7 @@
-import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn, TEST_API_KEY } from '../helpers/app.js'
+import { listenOnLoopback } from '../helpers/ports.js'
 
 /**
  * An upstream that applies a cancel and answers it 200, but with a body that is not the documented
@@ -45,14 +44,8 @@ async function startUpstream (t: Test, ids: readonly string[]): Promise<Upstream
       response.end(JSON.stringify({ status: 200, success: true, message: 'Appointments fetched successfully', data }))
     })
   })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.teardown(async () => {
-    server.closeAllConnections()
-    server.close()
-    await once(server, 'close')
-  })
-  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, cancels: () => cancels, use: (next) => { body = next } }
+  const port = await listenOnLoopback(t, server)
+  return { url: `http://127.0.0.1:${port}`, cancels: () => cancels, use: (next) => { body = next } }
 }
 
 for (const [name, body] of Object.entries(UNREADABLE)) {
