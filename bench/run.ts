@@ -84,7 +84,8 @@ interface Proc { name: string, child: ChildProcess, pid: number, stderr: () => s
 let measuredWrapper: ((name: string) => string[]) | null = null
 
 function launch (name: string, core: string, command: string, args: string[], env: Record<string, string>, stdout: 'ignore' | 'pipe'): Proc {
-  const wrapper = command === NODE && core === SERVICE_CORE && measuredWrapper !== null ? measuredWrapper(name) : []
+  // Every process on the service's core is a measured Node (a proxy, the service on its Node).
+  const wrapper = core === SERVICE_CORE && measuredWrapper !== null ? measuredWrapper(name) : []
   const [cmd, argv] = wrapper.length === 0 ? pinned(core, command, args) : pinned(core, wrapper[0] as string, [...wrapper.slice(1), command, ...args])
   const child = spawn(cmd, argv, { cwd: ROOT, env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', stdout, 'pipe'] })
   children.add(child)
@@ -141,23 +142,23 @@ async function waitReady (url: string, since: number, proc: Proc, mode?: string)
 
 interface Service extends Proc { url: string, metricsUrl: string, startupMs: number, startupCpuMs: number }
 
-async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = [], entry = 'dist/server.js'): Promise<Service> {
+async function startService (name: string, env: Record<string, string>, mode?: string, nodeArgs: string[] = [], entry = 'dist/server.js', node = NODE): Promise<Service> {
   try {
-    return await startServiceOnce(name, env, mode, nodeArgs, entry)
+    return await startServiceOnce(name, env, mode, nodeArgs, entry, node)
   } catch (error) {
     // freePort's port was free a moment ago; any process's outgoing socket may have taken it
     // since (the service then exits at once on EADDRINUSE). One more try, on fresh ports.
     process.stderr.write(`${name}: start failed (${(error as Error).message.slice(0, 120)}); trying once more on fresh ports\n`)
-    return await startServiceOnce(name, env, mode, nodeArgs, entry)
+    return await startServiceOnce(name, env, mode, nodeArgs, entry, node)
   }
 }
 
-async function startServiceOnce (name: string, env: Record<string, string>, mode: string | undefined, nodeArgs: string[], entry: string): Promise<Service> {
+async function startServiceOnce (name: string, env: Record<string, string>, mode: string | undefined, nodeArgs: string[], entry: string, node: string): Promise<Service> {
   const port = await freePort()
   const metricsPort = await freePort()
   const t0 = performance.now()
   // Production logging: pino JSON at info to stdout; stdout is /dev/null (a log shipper's pipe).
-  const proc = launch(name, SERVICE_CORE, NODE, [...SERVICE_NODE_OPTIONS, ...nodeArgs, entry], {
+  const proc = launch(name, SERVICE_CORE, node, [...SERVICE_NODE_OPTIONS, ...nodeArgs, entry], {
     NODE_ENV: 'production',
     HOST: '127.0.0.1',
     PORT: String(port),
@@ -200,8 +201,10 @@ function serviceEnv (upstream: { url: string }, issuer: TestIssuer): Record<stri
 
 /**
  * BENCH_VARIANTS=a/server.js,b/server.js: other builds of the service for --compare (in the same
- * rounds, A/B) and --instructions. An entry may start with environment variables and then Node
- * options, which come after production's: 'MALLOC_ARENA_MAX=2 --max-semi-space-size=16 dist/server.js'.
+ * rounds, A/B), --soak and --instructions. An entry may start with environment variables and then
+ * Node options, which come after production's: 'MALLOC_ARENA_MAX=2 --max-semi-space-size=16 dist/server.js'.
+ * BENCH_NODE=<path> among its variables runs that entry on another Node (the proxies and the
+ * upstream stay on the run's): 'BENCH_NODE=/path/to/node22 dist/server.js'.
  */
 function benchVariants (): string[] {
   return (process.env.BENCH_VARIANTS ?? '').split(',').filter((entry) => entry.trim() !== '')
@@ -216,7 +219,8 @@ async function startVariant (name: string, variant: string, upstream: { url: str
     const at = assignment.indexOf('=')
     env[assignment.slice(0, at)] = assignment.slice(at + 1)
   }
-  return await startService(name, { ...serviceEnv(upstream, issuer), ...extraServiceEnv(), ...env }, undefined, words.slice(0, -1), words.at(-1))
+  const { BENCH_NODE: node = NODE, ...own } = env
+  return await startService(name, { ...serviceEnv(upstream, issuer), ...extraServiceEnv(), ...own }, undefined, words.slice(0, -1), words.at(-1), node)
 }
 
 /** BENCH_SERVICE_ENV (JSON): extra environment for the service of --compare and --profile. */
