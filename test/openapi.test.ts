@@ -374,3 +374,22 @@ t.test('every header the service lets browser scripts read is documented', async
     .flatMap((operation) => Object.values(operation.responses)).flatMap((answer) => Object.keys(answer.headers ?? {})))
   t.same(CORS_EXPOSED_HEADERS.filter((name) => !declared.has(name)), [], 'Access-Control-Expose-Headers names only documented headers')
 })
+
+t.test('every route with documented query parameters documents the answer to a value it refuses', async (t) => {
+  const { app, issuer } = await buildRecorded(WEB_ENV)
+  const document = await documentOf(app)
+  const token = await signIn(app, issuer)
+  let tried = 0
+  for (const [path, operations] of Object.entries(document.paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      const query = (operation.parameters ?? []).filter((parameter) => parameter.in === 'query')
+      if (query.length === 0) continue
+      for (const parameter of query) {
+        const response = await app.inject({ method: method.toUpperCase() as 'GET', url: `${path}?${parameter.name}=not-a-value-it-takes`, headers: { authorization: `Bearer ${token}` } })
+        tried += 1
+        t.ok(operation.responses[String(response.statusCode)], `${method.toUpperCase()} ${path}?${parameter.name}=(refused value): its ${response.statusCode} is documented`)
+      }
+    }
+  }
+  t.ok(tried >= 2, 'the document has query parameters to try (returnTo, slide)')
+})
