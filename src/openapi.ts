@@ -98,6 +98,9 @@ function implicitErrors (route: RouteOptions, auth: AuthMode): number[] {
   // A body is parsed on every state-changing route, whether it declares one or not (JSON, 8 KiB
   // unless the route sets its own limit; a form on the back-channel logout).
   if (changesState) statuses.push(400, 413, 415)
+  // Query parameters or path parameters with a schema are validated too (GET /auth/me's `slide`).
+  const schema = route.schema as { querystring?: unknown, params?: unknown } | undefined
+  if (schema?.querystring !== undefined || schema?.params !== undefined) statuses.push(400)
   return statuses
 }
 
