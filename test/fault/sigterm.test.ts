@@ -312,3 +312,34 @@ t.test('the metrics listener answers through the drain: it closes last', async (
   const [code] = await Promise.race([server.exited, sleep(10_000).then(() => [null] as const)])
   t.equal(code, 0)
 })
+
+t.test('a second SIGTERM during the drain exits 1 at once, cutting off the request still running; the lines already batched are flushed', async (t) => {
+  const issuer = await startIssuer(t)
+  const sandbox = await startSandbox(t)
+  const server = await startServer(t, issuer, sandbox)
+  if (server === null) return
+  const { child, origin, out, exited } = server
+  const idToken = await issuer.sign({ email: alice.email, sub: 'sub-alice' })
+  const session = await call(origin, { method: 'POST', path: '/auth/session', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ idToken }) })
+  t.equal(session.status, 201)
+  const token = (JSON.parse(session.body) as { data: { token: string } }).data.token
+  // A list the upstream holds for 6 s: still running when the second signal comes.
+  sandbox.control.setFailure({ kind: 'slow', delayMs: 6000 })
+  const running = call(origin, { path: '/appointments', headers: { authorization: `Bearer ${token}` }, timeoutMs: 8000 }).then((answer) => answer.status, () => 'cut off')
+  const reachedBy = Date.now() + 3000
+  while (sandbox.control.calls.length < 1 && Date.now() < reachedBy) await sleep(10)
+  t.equal(sandbox.control.calls.length, 1, 'the list reached the upstream')
+  child.kill('SIGTERM')
+  await sleep(300)
+  t.equal(child.exitCode, null, 'the first SIGTERM drains: still running')
+  const secondAt = Date.now()
+  child.kill('SIGTERM')
+  const [code, signal] = await Promise.race([exited, sleep(5000).then(() => [null, 'timeout'] as const)])
+  t.equal(code, 1, 'the second SIGTERM exits 1')
+  t.equal(signal, null)
+  t.ok(Date.now() - secondAt < 3000, `at once (${Date.now() - secondAt} ms), not after the request`)
+  t.equal(await running, 'cut off', 'the running request got no answer')
+  const lines = out.join('').split('\n').filter((line) => line.trim() !== '').map((line) => JSON.parse(line) as { msg?: string, req?: { url?: string } })
+  t.ok(lines.some((line) => line.msg === 'request completed' && line.req?.url === '/auth/session'), 'the sign-in\'s access line, batched before the signals, is written at the exit')
+  t.notOk(lines.some((line) => line.msg === 'request completed' && line.req?.url === '/appointments'), 'the list cut off has none')
+})
