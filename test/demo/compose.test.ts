@@ -2,7 +2,8 @@ import { readFile } from 'node:fs/promises'
 import t from 'tap'
 // yaml: a dependency of @fastify/swagger (a production dependency), so always installed.
 import { parse } from 'yaml'
-import { loadConfig } from '../../src/config.js'
+import { loadConfig, parseDuration } from '../../src/config.js'
+import { shutdownDeadlineFor } from '../../src/app.js'
 
 /**
  * docker-compose.yml cannot run here (no Docker engine), so its wiring is checked as data: every
@@ -18,6 +19,7 @@ interface Service {
   environment?: Record<string, string>
   depends_on?: Record<string, { condition: string }>
   healthcheck?: { test: string[] }
+  stop_grace_period?: string
 }
 
 const compose = parse(await readFile('docker-compose.yml', 'utf8'), { merge: true }) as { services: Record<string, Service> }
@@ -90,4 +92,14 @@ t.test('the Dockerfile keeps the runtime stage last, with the dev tools before i
   const start = JSON.parse(await readFile('package.json', 'utf8')).scripts.start as string
   t.match(start, /^node (--\S+ )*dist\/server\.js$/, 'npm start runs the bundle with node')
   t.ok(dockerfile.trimEnd().endsWith(`CMD ${JSON.stringify(start.split(' ')).replaceAll(',', ', ')}`), 'the image runs npm start\'s command, last')
+})
+
+t.test("each replica's grace period outlasts its shutdown deadline (SHUTDOWN_DELAY and the drain), as the README's Operations require", async (t) => {
+  for (const [name, service] of replicas) {
+    const config = loadConfig(service.environment ?? {})
+    const deadline = config.shutdownDelayMs + shutdownDeadlineFor(config.care360.timeoutMs)
+    t.type(service.stop_grace_period, 'string', `${name} sets stop_grace_period`)
+    const grace = parseDuration(service.stop_grace_period ?? '0s')
+    t.ok(grace > deadline, `${name}: ${grace} ms of grace > ${deadline} ms of deadline`)
+  }
 })
