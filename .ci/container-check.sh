@@ -43,12 +43,13 @@ cp dist/server.js "$work/dist/server.js"
 [ ! -e "$work/node_modules" ] || fail "node_modules in the runtime folder"
 
 port="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")"
+metrics_port="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")"
 closed="$("$node_bin" -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")"
 
 # A minimal production environment: no Redis (in-memory state); the upstream and the IdP are
-# closed loopback ports, which readiness must not depend on.
+# closed loopback ports, which readiness must not depend on; metrics on a port of their own.
 (cd "$work" && exec env -i PATH="$PATH" HOME="$work" NODE_ENV=production \
-  HOST=127.0.0.1 PORT="$port" METRICS_PORT=0 LOG_LEVEL=info \
+  HOST=127.0.0.1 PORT="$port" METRICS_PORT="$metrics_port" LOG_LEVEL=info \
   CV_API_KEY=ci-container-check-key CV_BASE_URL="http://127.0.0.1:$closed" \
   OIDC_ISSUER="http://127.0.0.1:$closed" OIDC_CLIENT_ID=patient-web \
   "$node_bin" $node_options dist/server.js) > "$work/server.log" 2>&1 &
@@ -68,6 +69,17 @@ done
 echo "/readyz: $ready"
 case "$ready" in *'"sharedState":"memory"'*) ;; *) fail "/readyz does not report in-memory state" ;; esac
 probe /openapi.json 200 >/dev/null || fail "/openapi.json did not answer 200"
+
+# Prometheus on METRICS_PORT (on by default in the image, EXPOSE 9464), never on the public port:
+# the bundle's metrics, prom-client's default process metrics included, answer there.
+probe /metrics 404 >/dev/null || fail "the public port does not answer /metrics with 404"
+scrape="$("$node_bin" -e "fetch('http://127.0.0.1:$metrics_port/metrics').then(async (r) => { process.stdout.write(await r.text()); process.exit(r.status === 200 ? 0 : 1) }, () => process.exit(2))")" \
+  || fail "METRICS_PORT did not answer GET /metrics with 200"
+for metric in process_cpu_seconds_total nodejs_gc_duration_seconds_count http_request_duration_seconds_count bff_shared_state_mode care360_upstream_duration_seconds_count bff_limiter_decisions_total; do
+  grep -q "^$metric" <<<"$scrape" || fail "no $metric in the scrape of METRICS_PORT"
+done
+grep -q '^bff_shared_state_mode{mode="memory"} 1$' <<<"$scrape" || fail "the scrape does not report in-memory state"
+echo "/metrics: on METRICS_PORT only ($(grep -c '^[a-z]' <<<"$scrape") samples)"
 
 # The image's HEALTHCHECK command, as written in the Dockerfile, with the image's node.
 healthcheck="$(node -e "
