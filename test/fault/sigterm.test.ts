@@ -19,6 +19,10 @@ import { freePort } from '../helpers/ports.js'
  * process exits 0 as soon as the last answer is out, well within its 10 s deadline.
  */
 
+// Six real server processes, each compiled on the fly by tsx: past tap's 60 s per file on a loaded
+// 2-core machine. Still bounded.
+t.setTimeout(150_000)
+
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const alice = DEMO_PATIENTS[0]!
 const UPSTREAM_DELAY_MS = 1200
