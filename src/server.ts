@@ -1,3 +1,5 @@
+// First: SIGTERM and SIGINT are handled from the start (the image runs this as PID 1).
+import { startingDone } from './early-signals.js'
 import type { Server } from 'node:net'
 import closeWithGrace from 'close-with-grace'
 import pino from 'pino'
@@ -65,6 +67,7 @@ async function main (): Promise<void> {
   // still unanswered, or one whose body is still arriving (Node stops enforcing requestTimeout
   // once the server closes; the deadline is that bound). After an uncaught error: no delay.
   const deadline = config.shutdownDelayMs + shutdownDeadlineFor(config.care360.timeoutMs)
+  startingDone()
   closeWithGrace({ delay: deadline, logger: app.log }, async function shutdown ({ signal, err }) {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     else app.log.info({ signal }, 'shutting down')

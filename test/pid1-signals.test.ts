@@ -21,7 +21,7 @@ t.setTimeout(120_000)
 const unshare = spawnSync('unshare', ['--pid', '--fork', '--kill-child', 'true'], { timeout: 10_000 })
 const canUnshare = unshare.status === 0
 
-t.test('as PID 1, a SIGTERM while the service starts ends it promptly, and it never listens', { skip: !canUnshare && 'unshare --pid is not allowed here' }, async (t) => {
+t.test('as PID 1, a SIGTERM while the service starts ends it promptly (exit 0) instead of being dropped', { skip: !canUnshare && 'unshare --pid is not allowed here' }, async (t) => {
   const outdir = mkdtempSync(join(tmpdir(), 'bff-pid1-'))
   t.teardown(() => { rmSync(outdir, { recursive: true, force: true }) })
   const built = spawnSync(process.execPath, ['scripts/build.mjs'], { env: { ...process.env, BUILD_OUTDIR: outdir }, encoding: 'utf8', timeout: 120_000 })
@@ -74,7 +74,9 @@ t.test('as PID 1, a SIGTERM while the service starts ends it promptly, and it ne
   const ended = await Promise.race([exited.then(() => true), sleep(8000).then(() => false)])
   t.ok(ended, `the process ended after the signal (${Date.now() - began} ms), rather than starting and serving`)
   t.ok(Date.now() - began < 5000, 'promptly')
-  t.notMatch(out, '"started:', 'it never reported a start')
+  // Ended by the start-up's handler, or, when start-up ran on without a turn of the event loop, by
+  // the shutdown's once it is in place (at worst as the listener comes up): exit 0 either way.
+  t.equal(child.exitCode, 0, `exit 0 ${out.includes('"shutting down"') ? '(the shutdown handler\'s)' : '(at once)'}`)
   const probe = createServer()
   const listened = await new Promise<boolean>((resolve) => {
     probe.once('error', () => { resolve(false) })
