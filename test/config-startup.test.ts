@@ -271,7 +271,8 @@ t.test('a variable the service does not read but nearly spells is a warning at s
 
 t.test('SIGTERM right after start, before it listens, ends it promptly and leaves no listener', async (t) => {
   const port = await freePort()
-  // While the bundle still loads: Node's own disposition ends it (nothing to drain yet).
+  // While the bundle still loads: Node's own disposition, or the entry's first module's handler
+  // (src/early-signals.ts; as PID 1, test/pid1-signals.test.ts), ends it (nothing to drain yet).
   const loading = started(t, { PORT: String(port) })
   await sleep(50)
   const began = Date.now()
