@@ -1,0 +1,109 @@
+import t from 'tap'
+import { startRedis, redisClient } from '../helpers/redis.js'
+import { strictFallbackOn, uniqueName } from '../limits/fixtures/support.js'
+import { createRedisCounterStore } from '../../src/limits/counter-store.js'
+import { createRedisCooldown } from '../../src/limits/cooldown.js'
+import { createMemoryBudget, createRedisBudget } from '../../src/limits/org-budget.js'
+import { RedisSessionStore } from '../../src/auth/session-store.js'
+import { createRedisIdempotencyStore } from '../../src/idempotency/store.js'
+import { createLogoutMarks } from '../../src/auth/logout-marks.js'
+import { createReplayGuard } from '../../src/web/replay-guard.js'
+import { DATA_SINCE_KEY } from '../../src/state/redis.js'
+import type { Redis } from 'ioredis'
+
+/**
+ * Every script of the service on the shared client (EVALSHA once a connection has run it), after
+ * Redis forgot its scripts on a live connection (SCRIPT FLUSH; a restart or a failover to a node
+ * that never ran them is the same for the next connection): each still runs (NOSCRIPT is answered
+ * by sending the script itself), on Redis, not on a memory twin. And every key the stores wrote
+ * has an expiry, but the data's age marker (README: set once, no expiry).
+ */
+
+const server = await startRedis(t)
+
+const rate = { count: 5, windowMs: 60_000 }
+
+/** One pass over every store operation that runs a script (or a plain command), on Redis only. */
+async function everyOperation (redis: Redis, fallback: Fallback, round: number): Promise<void> {
+  const tag = uniqueName('budget')
+  const counters = createRedisCounterStore({ fallback })
+  const hits = await counters.hitInOrder([{ key: `ip-${round}`, rate }, { key: `other-${round}`, rate }])
+  if (hits.length !== 2 || hits[0]!.count !== 1) throw new Error('counter')
+  if ((await counters.peek(`ip-${round}`))?.count !== 1) throw new Error('peek')
+
+  const cooldown = createRedisCooldown({ fallback, tag })
+  const budget = createRedisBudget({ ...rate, fallback, tag, memory: createMemoryBudget(rate) })
+  const taken = await budget.take(cooldown.check)
+  if (!taken.ok) throw new Error('budget take')
+  await budget.decrease()
+  await budget.remaining()
+  const tripped = await cooldown.trip(1500, 0.5)
+  if (tripped.remainingMs < 1000) throw new Error('trip')
+  await cooldown.extend(2000)
+  if (await cooldown.remaining() <= 0) throw new Error('cooldown remaining')
+
+  const sessions = new RedisSessionStore(redis, { idleTtlMs: 60_000, absoluteTtlMs: 600_000 })
+  const { token } = await sessions.create({ email: 'a@example.com', subject: `sub-${round}`, issuer: 'https://idp.example', method: 'mobile', idpSessionId: `sid-${round}` })
+  const found = await sessions.lookup(token, [{ scope: 'session', rate }])
+  if (found.session === null || found.hits.length !== 1) throw new Error('lookup')
+  const second = await sessions.create({ email: 'a@example.com', subject: `sub-${round}`, issuer: 'https://idp.example', method: 'mobile', idpSessionId: null })
+  await sessions.revoke(second.token)
+
+  const idem = createRedisIdempotencyStore({ redis })
+  const begun = await idem.begin('scope', `key-${round}`, 'fp', { ttlMs: 86_400_000, inFlightTtlMs: 17_000 })
+  if (begun.kind !== 'started') throw new Error('begin')
+  if (!await idem.markSending('scope', `key-${round}`, begun.token, 5000, 1_900_000_000_000, 'appt')) throw new Error('markSending')
+  if (!await idem.markUnknown('scope', `key-${round}`, begun.token, 86_400_000)) throw new Error('markUnknown')
+  const again = await idem.begin('scope', `key-${round}`, 'fp', { ttlMs: 86_400_000, inFlightTtlMs: 17_000 })
+  if (again.kind !== 'unknown-outcome') throw new Error('begin again')
+  if (!await idem.complete('scope', `key-${round}`, again.token, { statusCode: 200, body: { success: true } }, 86_400_000)) throw new Error('complete')
+  const other = await idem.begin('scope', `free-${round}`, 'fp', { ttlMs: 86_400_000, inFlightTtlMs: 17_000 })
+  if (other.kind !== 'started' || !await idem.release('scope', `free-${round}`, other.token)) throw new Error('release')
+
+  const marks = createLogoutMarks({ redis })
+  await marks.mark(`mark-${round}`, 1_700_000_000, 660_000)
+  if (await marks.markedAt(`mark-${round}`) !== 1_700_000_000) throw new Error('mark')
+
+  const guard = createReplayGuard({ redis })
+  if (!await guard.claim(`jti-${round}`, 660_000)) throw new Error('claim')
+  await guard.markUsed(`jti-${round}`)
+  if (!await guard.used(`jti-${round}`)) throw new Error('used')
+
+  // The session last: it is revoked by its subject, which reads the index the create wrote.
+  if (await sessions.revokeBySubject('https://idp.example', `sub-${round}`) !== 1) throw new Error('revokeBySubject')
+}
+
+type Fallback = Awaited<ReturnType<typeof strictFallbackOn>>
+
+async function noscriptErrors (admin: Redis): Promise<number> {
+  const info = await admin.info('errorstats')
+  return Number(/^errorstat_NOSCRIPT:count=(\d+)/m.exec(info)?.[1] ?? 0)
+}
+
+t.test('every script runs again after Redis forgot its scripts on a live connection, and every key has an expiry', async (t) => {
+  const fallback = await strictFallbackOn(t, server.url)
+  const admin = redisClient(server.url)
+  t.teardown(() => admin.disconnect())
+  // The shared client (strictFallbackOn's) runs each script as its ioredis command: a first run
+  // on a connection sends the script, the next ones its SHA.
+  let redis: Redis | null = null
+  await fallback.run(async (client) => { redis = client }, () => {})
+  const client = redis as unknown as Redis
+  await everyOperation(client, fallback, 1)
+  await everyOperation(client, fallback, 2)
+  t.equal(await noscriptErrors(admin), 0, 'no NOSCRIPT while Redis holds the scripts')
+
+  await admin.script('FLUSH')
+  await t.resolves(everyOperation(client, fallback, 3), 'every operation still runs on Redis')
+  t.ok(await noscriptErrors(admin) > 0, 'Redis did answer NOSCRIPT (the scripts were sent again)')
+  await t.resolves(everyOperation(client, fallback, 4), 'and keeps running')
+
+  const keys = await admin.keys('*')
+  t.ok(keys.length > 20, `the stores wrote their keys (${keys.length})`)
+  const withoutExpiry: string[] = []
+  for (const key of keys) {
+    if (key === DATA_SINCE_KEY) continue
+    if (await admin.pttl(key) < 0) withoutExpiry.push(key)
+  }
+  t.same(withoutExpiry, [], 'every key but the data\'s age marker expires by itself')
+})
