@@ -107,3 +107,42 @@ t.test('every script runs again after Redis forgot its scripts on a live connect
   }
   t.same(withoutExpiry, [], 'every key but the data\'s age marker expires by itself')
 })
+
+/**
+ * README: "the scripts need Redis 5 or later". So every command the stores send, from the client
+ * or from a script, must exist in Redis 5.0 as sent: no option added since (6.0's KEEPTTL on SET,
+ * 6.2's GET/EXAT/PXAT on SET and GT/LT on ZADD, 7.0's NX/XX/GT/LT on an expiry) and no command
+ * added since. Read from MONITOR, which shows a script's commands too.
+ */
+const SINCE_REDIS_6: Record<string, (args: string[]) => boolean> = {
+  set: (args) => args.slice(3).some((arg) => ['keepttl', 'get', 'exat', 'pxat'].includes(arg.toLowerCase())),
+  zadd: (args) => args.slice(2).some((arg) => ['gt', 'lt'].includes(arg.toLowerCase())),
+  pexpire: (args) => args.length > 3,
+  expire: (args) => args.length > 3,
+  zrange: (args) => args.length > 4 && args.slice(4).some((arg) => ['byscore', 'bylex', 'rev', 'limit'].includes(arg.toLowerCase()))
+}
+const COMMANDS_SINCE_REDIS_6 = new Set(['getex', 'getdel', 'lpos', 'zrangestore', 'zmscore', 'smismember', 'copy', 'expiretime', 'pexpiretime', 'hello', 'lmpop', 'zmpop', 'hexpire', 'hpexpire'])
+
+t.test('every command the stores send exists in Redis 5, as the README says they need no more', async (t) => {
+  await server.flush()
+  const fallback = await strictFallbackOn(t, server.url)
+  const admin = redisClient(server.url)
+  t.teardown(() => admin.disconnect())
+  let redis: Redis | null = null
+  await fallback.run(async (client) => { redis = client }, () => {})
+  const monitor = await admin.monitor()
+  t.teardown(() => monitor.disconnect())
+  const seen: string[][] = []
+  monitor.on('monitor', (_time: string, args: string[]) => { seen.push(args) })
+  await everyOperation(redis as unknown as Redis, fallback, 5)
+  // MONITOR's lines arrive after the replies: one more round trip on the monitored server flushes them.
+  await admin.ping()
+  const end = Date.now() + 2000
+  while (!seen.some((args) => args[0]?.toLowerCase() === 'ping') && Date.now() < end) await new Promise((resolve) => setTimeout(resolve, 10))
+  t.ok(seen.length > 50, `commands seen (${seen.length})`)
+  const newer = seen.filter((args) => {
+    const name = args[0]?.toLowerCase() ?? ''
+    return COMMANDS_SINCE_REDIS_6.has(name) || (SINCE_REDIS_6[name]?.(args) ?? false)
+  }).map((args) => args.filter((_arg, i) => i !== 1).join(' '))
+  t.same([...new Set(newer)], [], 'nothing Redis 5 would refuse')
+})
