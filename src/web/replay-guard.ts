@@ -34,6 +34,18 @@ if not state then redis.call('SET', KEYS[1], 'claimed', 'PX', ARGV[1]) end
 return 1
 `)
 
+/**
+ * KEYS[1] the id's key. An expired claim stays expired; a live one is used for as long as it was
+ * claimed. (Not `SET ... KEEPTTL XX`: KEEPTTL is Redis 6.0, and the README asks for Redis 5.)
+ */
+const markUsedScript = redisScript('bffReplayMarkUsed', 1, `
+local ttl = redis.call('PTTL', KEYS[1])
+-- -2: no claim; 0: one ending now. (-1, a key without expiry, is none of ours: claims expire.)
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[1], 'used', 'PX', ttl)
+return 1
+`)
+
 export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now: () => number = Date.now, prefix = 'bff:jti:'): ReplayGuard {
   const redis = sharedState.redis
   if (redis !== null) {
@@ -49,8 +61,7 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
       },
       async markUsed (id) {
         try {
-          // XX: an expired claim stays expired; KEEPTTL: used for as long as it was claimed.
-          await redis.set(keyOf(id), 'used', 'KEEPTTL', 'XX')
+          await markUsedScript(redis, keyOf(id))
         } catch (error) {
           throw sessionStoreUnavailable(error)
         }

@@ -146,3 +146,23 @@ t.test('every command the stores send exists in Redis 5, as the README says they
   }).map((args) => args.filter((_arg, i) => i !== 1).join(' '))
   t.same([...new Set(newer)], [], 'nothing Redis 5 would refuse')
 })
+
+t.test('a claim marked used keeps its expiry; an expired or absent claim stays absent', async (t) => {
+  await server.flush()
+  const fallback = await strictFallbackOn(t, server.url)
+  const admin = redisClient(server.url)
+  t.teardown(() => admin.disconnect())
+  let redis: Redis | null = null
+  await fallback.run(async (client) => { redis = client }, () => {})
+  const guard = createReplayGuard({ redis: redis as unknown as Redis }, Date.now, 'test:jti:')
+  t.ok(await guard.claim('a', 60_000))
+  await guard.markUsed('a')
+  t.ok(await guard.used('a'), 'used')
+  t.notOk(await guard.claim('a', 60_000), 'a replay')
+  const [key] = await admin.keys('test:jti:*')
+  const left = await admin.pttl(key!)
+  t.ok(left > 55_000 && left <= 60_000, `used for as long as it was claimed (${left} ms left)`)
+  await guard.markUsed('never-claimed')
+  t.same(await admin.keys('test:jti:*'), [key], 'an id never claimed is not written')
+  t.notOk(await guard.used('never-claimed'))
+})
