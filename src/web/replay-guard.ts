@@ -81,7 +81,9 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
       const at = now()
       const entry = seen.get(id)
       if (entry !== undefined && entry.until > at) return !entry.used
-      // Bounded memory: expired ids go first; a flood of fresh ones drops the oldest.
+      // Bounded memory: expired ids go first; a flood of fresh ones drops the oldest. Set anew,
+      // not updated in place: the map's order stays the order of the claims (as logout-marks.ts).
+      seen.delete(id)
       if (seen.size >= MAX_REMEMBERED) {
         for (const [key, { until }] of seen) if (until <= at) seen.delete(key)
         if (seen.size >= MAX_REMEMBERED) seen.delete(seen.keys().next().value as string)
