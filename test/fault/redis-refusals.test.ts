@@ -105,3 +105,22 @@ t.test('the password changed under the service (WRONGPASS at reconnection): 503 
   t.notOk(text.includes(password) || text.includes('second-password'), 'no password in a log line')
   t.ok(/Redis unreachable/.test(text), 'the outage is told')
 })
+
+t.test('a failed command of the sign-in\'s own stores (retired ID tokens, logout marks) makes the state degraded for its pause, as a session command does', async (t) => {
+  const { app, issuer, redis } = await buildTestApp(t, { redis: true, logStream: { write () {} } })
+  const admin = redisClient(redis!.url)
+  t.teardown(async () => {
+    await admin.call('ACL', 'SETUSER', 'default', '+get').catch(() => {})
+    admin.disconnect()
+  })
+  t.equal(await sharedState(app), 'redis')
+  // The plain reads of those two stores (GET) now fail on a connection that stays ready; every
+  // script still runs.
+  await admin.call('ACL', 'SETUSER', 'default', '-get')
+  const signin = await timed(app, { method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign({ email: 'p@example.com', sub: 'sub-p' }) } })
+  t.same([signin.status, signin.code, signin.retryAfter], [503, 'SERVICE_UNAVAILABLE', '1'], 'the sign-in: 503 with Retry-After')
+  t.equal(await sharedState(app), 'degraded', '/readyz says degraded, as after a failed session command')
+  await admin.call('ACL', 'SETUSER', 'default', '+get')
+  await until(t, '/readyz says redis again', async () => await sharedState(app) === 'redis')
+  t.equal((await timed(app, { method: 'POST', url: '/auth/session', payload: { idToken: await issuer.sign({ email: 'p@example.com', sub: 'sub-p', jti: 'another' }) } })).status, 201, 'and sign-ins work')
+})
