@@ -1,4 +1,4 @@
-import type { SharedState } from '../state/redis.js'
+import { FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
 import { redisScript } from '../state/redis-script.js'
 import { sessionStoreUnavailable } from './session-store.js'
 
@@ -32,7 +32,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 `)
 
-export function createLogoutMarks (sharedState: Pick<SharedState, 'redis'>, now: () => number = Date.now): LogoutMarks {
+export function createLogoutMarks (sharedState: Pick<SharedState, 'redis'> & Partial<Pick<SharedState, 'degradeFor'>>, now: () => number = Date.now): LogoutMarks {
   const redis = sharedState.redis
   if (redis !== null) {
     return {
@@ -41,6 +41,7 @@ export function createLogoutMarks (sharedState: Pick<SharedState, 'redis'>, now:
           await markScript(redis, `${LOGOUT_MARK_PREFIX}${id}`, at, ttlMs)
         } catch (error) {
           // Like the replay guard: an honest 503, never a per-process mark other replicas lack.
+          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
           throw sessionStoreUnavailable(error)
         }
       },
@@ -49,6 +50,7 @@ export function createLogoutMarks (sharedState: Pick<SharedState, 'redis'>, now:
         try {
           value = await redis.get(`${LOGOUT_MARK_PREFIX}${id}`)
         } catch (error) {
+          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
           throw sessionStoreUnavailable(error)
         }
         return value === null ? null : Number(value)

@@ -1,5 +1,5 @@
 import { hash } from 'node:crypto'
-import type { SharedState } from '../state/redis.js'
+import { FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
 import { redisScript } from '../state/redis-script.js'
 import { sessionStoreUnavailable } from '../auth/session-store.js'
 
@@ -46,7 +46,7 @@ redis.call('SET', KEYS[1], 'used', 'PX', ttl)
 return 1
 `)
 
-export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now: () => number = Date.now, prefix = 'bff:jti:'): ReplayGuard {
+export function createReplayGuard (sharedState: Pick<SharedState, 'redis'> & Partial<Pick<SharedState, 'degradeFor'>>, now: () => number = Date.now, prefix = 'bff:jti:'): ReplayGuard {
   const redis = sharedState.redis
   if (redis !== null) {
     const keyOf = (id: string): string => `${prefix}${hash('sha256', id, 'base64url')}`
@@ -56,6 +56,7 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
           return Number(await claimScript(redis, keyOf(id), ttlMs)) === 1
         } catch (error) {
           // Like the session store: an honest 503, never a per-process answer other replicas lack.
+          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
           throw sessionStoreUnavailable(error)
         }
       },
@@ -63,6 +64,7 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
         try {
           await markUsedScript(redis, keyOf(id))
         } catch (error) {
+          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
           throw sessionStoreUnavailable(error)
         }
       },
@@ -70,6 +72,7 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'>, now:
         try {
           return await redis.get(keyOf(id)) === 'used'
         } catch (error) {
+          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
           throw sessionStoreUnavailable(error)
         }
       }
