@@ -309,7 +309,7 @@ function removeFromIndex (index: Map<string, Set<string>>, key: string, id: stri
 // the session's hash; KEYS[2..]: its indexes. ARGV[1]: the clock ('' for Redis's); ARGV[2]: the
 // idle lifetime (ms); ARGV[3]: the absolute lifetime (ms); ARGV[4]: the session's id; ARGV[5..]:
 // its other fields, name and value. Each index gets the id scored by its absolute expiry, loses
-// the ids whose sessions can no longer exist, and lives as long as the newest can. Answers the
+// the ids whose sessions can no longer exist, and lives as long as the longest-lived can. Answers the
 // creation's time.
 const createScript = redisScript('bffSessionCreate', 'variable', `${LUA_CLOCK_MS}
 local at = clock_ms(ARGV[1])
@@ -322,7 +322,9 @@ redis.call('PEXPIRE', KEYS[1], int(math.min(idle, absolute)))
 for i = 2, #KEYS do
   redis.call('ZADD', KEYS[i], ends, ARGV[4])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', int(at))
-  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  -- Only ever longer: a session made under a longer absolute lifetime (before a deploy lowered
+  -- it, or on a replica not yet on the new value) stays findable for as long as it can live.
+  if redis.call('PTTL', KEYS[i]) < absolute then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 end
 return int(at)
 `)
