@@ -53,9 +53,10 @@ export interface IdTokenVerifier {
   /**
    * A back-channel logout ended sessions here: from now on, for as long as a token from before it
    * could be accepted, `verify` and `loggedOut` refuse the ID tokens it ended. A logout by IdP
-   * session (`sid`) ends that session's tokens; one by subject alone, every token of the subject
-   * signed in at or before it. The same scope as the sessions the logout ends: another IdP
-   * session of the same patient (another device) is not this one's.
+   * session (`sid`) ends that session's tokens (of its subject only, when it names one too); one
+   * by subject alone, every token of the subject signed in at or before it. The same scope as the
+   * sessions the logout ends: another IdP session of the same patient (another device) is not
+   * this one's.
    */
   recordLogout: (logout: IdpLogout) => Promise<void>
   /** Whether a recorded logout ended this sign-in: a look, which writes nothing (503 when the store is unreachable). */
@@ -120,15 +121,18 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
   const acceptableForMs = (maxAgeSec + 2 * clockToleranceSec) * 1000
   // A logout's marks are named by hash, like the session store's indexes: no sid or subject in a
   // key or in memory.
-  const markOf = (kind: 'sid' | 'sub', issuer: string, value: string): string => hash('sha256', `${kind}\0${issuer}\0${value}`, 'base64url')
+  // `sid+sub`: a logout naming both, which ends that subject's tokens of that IdP session only.
+  const markOf = (kind: 'sid' | 'sid+sub' | 'sub', issuer: string, value: string): string => hash('sha256', `${kind}\0${issuer}\0${value}`, 'base64url')
+  const sidOfSubject = (sid: string, subject: string): string => `${sid}\0${subject}`
 
   async function loggedOut (signIn: SignInClaims): Promise<boolean> {
-    const [sidMarked, subjectLoggedOutAt] = await Promise.all([
+    const [sidMarked, sidOfSubjectMarked, subjectLoggedOutAt] = await Promise.all([
       signIn.sid === null ? null : options.logouts.markedAt(markOf('sid', signIn.issuer, signIn.sid)),
+      signIn.sid === null ? null : options.logouts.markedAt(markOf('sid+sub', signIn.issuer, sidOfSubject(signIn.sid, signIn.subject))),
       options.logouts.markedAt(markOf('sub', signIn.issuer, signIn.subject))
     ])
     // At or after: a sign-in in the very second of the logout may have been the one it ended.
-    return sidMarked !== null || (subjectLoggedOutAt !== null && subjectLoggedOutAt >= signIn.authTime)
+    return sidMarked !== null || sidOfSubjectMarked !== null || (subjectLoggedOutAt !== null && subjectLoggedOutAt >= signIn.authTime)
   }
 
   async function verify (idToken: string): Promise<VerifiedIdToken> {
@@ -207,11 +211,13 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     },
     loggedOut,
     async recordLogout ({ issuer, sid, subject, at }) {
-      // By IdP session when named, by subject otherwise (a logout token names one or both): what
-      // the logout ends here too (src/web/backchannel.ts). Kept as long as a token from before it
-      // could pass the age check: its auth_time is at most the logout's iat, which the logout
-      // verifier keeps within the tolerance of now.
-      if (sid !== null) await options.logouts.mark(markOf('sid', issuer, sid), at, acceptableForMs)
+      // By IdP session when named (that subject's, when the token names one too: Back-Channel
+      // Logout 1.0, 2.7, the session identified by iss and sub and the sid), by subject otherwise
+      // (a logout token names one or both): what the logout ends here too (src/web/backchannel.ts).
+      // Kept as long as a token from before it could pass the age check: its auth_time is at most
+      // the logout's iat, which the logout verifier keeps within the tolerance of now.
+      if (sid !== null && subject !== null) await options.logouts.mark(markOf('sid+sub', issuer, sidOfSubject(sid, subject)), at, acceptableForMs)
+      else if (sid !== null) await options.logouts.mark(markOf('sid', issuer, sid), at, acceptableForMs)
       else await options.logouts.mark(markOf('sub', issuer, subject as string), at, acceptableForMs)
     }
   }

@@ -89,7 +89,11 @@ export interface SessionStore {
   revokeById: (id: string) => Promise<void>
   /** For OIDC back-channel logout: every session of that subject at that issuer. */
   revokeBySubject: (issuer: string, subject: string) => Promise<number>
-  revokeByIdpSession: (issuer: string, sid: string) => Promise<number>
+  /**
+   * Every session of that IdP session at that issuer; with `subject`, only those of that subject
+   * (a logout token naming both identifies that subject's session: Back-Channel Logout 1.0, 2.7).
+   */
+  revokeByIdpSession: (issuer: string, sid: string, subject?: string | null) => Promise<number>
 }
 
 export interface SessionStoreOptions {
@@ -257,8 +261,8 @@ export class MemorySessionStore implements SessionStore {
     return this.#revokeIndexed(this.#bySubject, indexKey(issuer, subject))
   }
 
-  async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
-    return this.#revokeIndexed(this.#byIdpSession, indexKey(issuer, sid))
+  async revokeByIdpSession (issuer: string, sid: string, subject: string | null = null): Promise<number> {
+    return this.#revokeIndexed(this.#byIdpSession, indexKey(issuer, sid), subject)
   }
 
   /** Drops every expired session. */
@@ -270,13 +274,15 @@ export class MemorySessionStore implements SessionStore {
     }
   }
 
-  #revokeIndexed (index: Map<string, Set<string>>, key: string): number {
+  #revokeIndexed (index: Map<string, Set<string>>, key: string, subject: string | null = null): number {
     const ids = index.get(key)
     if (ids === undefined) return 0
     const at = this.#now()
     let count = 0
     for (const id of [...ids]) {
       const record = this.#sessions.get(id)
+      // Only that subject's, when named: the others keep their sessions and their index entries.
+      if (subject !== null && record?.subject !== subject) continue
       if (record !== undefined && isLive(record, this.#idleTtlMs, at)) count++
       this.#delete(id)
     }
@@ -442,22 +448,31 @@ export class RedisSessionStore implements SessionStore {
     return this.#revokeIndexed('sub', indexKey(issuer, subject))
   }
 
-  async revokeByIdpSession (issuer: string, sid: string): Promise<number> {
-    return this.#revokeIndexed('sid', indexKey(issuer, sid))
+  async revokeByIdpSession (issuer: string, sid: string, subject: string | null = null): Promise<number> {
+    return this.#revokeIndexed('sid', indexKey(issuer, sid), subject)
   }
 
-  async #revokeIndexed (kind: IndexKind, hashed: string): Promise<number> {
+  async #revokeIndexed (kind: IndexKind, hashed: string, subject: string | null = null): Promise<number> {
     const index = this.#index(kind, hashed)
     // The set the same index was before sorted sets (no longer written): its sessions may live
     // for one more absolute lifetime after an upgrade, and must still end.
     const legacy = `${this.#prefix}${kind}:${hashed}`
     // Every indexed session (those that can no longer exist are gone already, their DEL a no-op
     // and their entries leaving with the rest: no replica's clock decides), and the legacy set's.
-    const [current, old] = await this.#run(async () => checkMulti(await this.#redis.multi()
+    let [current, old] = await this.#run(async () => checkMulti(await this.#redis.multi()
       .zrange(index, 0, -1)
       .smembers(legacy)
       .exec())) as [string[], string[]]
-    const ids = [...new Set([...current, ...old])]
+    let ids = [...new Set([...current, ...old])]
+    if (subject !== null && ids.length > 0) {
+      // Only that subject's: the others keep their sessions and their index entries. A session
+      // already gone (no subject to read) leaves its entries with the rest.
+      const subjects = await this.#run(async () => checkMulti(await ids.reduce((multi, id) => multi.hget(this.#sessionKey(id), 'subject'), this.#redis.multi()).exec())) as Array<string | null>
+      const named = new Set(ids.filter((_id, i) => subjects[i] === null || subjects[i] === subject))
+      ids = [...named]
+      current = current.filter((id) => named.has(id))
+      old = old.filter((id) => named.has(id))
+    }
     if (ids.length === 0) return 0
     // ZREM of exactly the members read, not DEL of the index: a session created meanwhile keeps
     // its index entry and stays revocable.

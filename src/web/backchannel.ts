@@ -169,12 +169,13 @@ export async function backchannelLogoutRoute (app: FastifyInstance, options: Bac
     // revoke below is ended by it, and one checked before this and created after the revoke read
     // its index sees this mark when it looks again after creating its session, and ends it
     // (auth/sign-in.ts).
-    // By IdP session when named (the precise one); by subject otherwise: all of that user's sessions.
+    // By IdP session when named (the precise one: that subject's only, when it names one too,
+    // Back-Channel Logout 1.0, 2.7); by subject otherwise: all of that user's sessions.
     // A store failure here answers 503 and leaves the token's id claimed but not used, so that the
     // IdP's retry of the same token is carried out, not refused as a replay.
     await app.idTokenVerifier.recordLogout({ issuer: claims.issuer, sid: claims.sid, subject: claims.subject, at: claims.issuedAt })
     const ended = claims.sid !== null
-      ? await app.sessions.revokeByIdpSession(claims.issuer, claims.sid)
+      ? await app.sessions.revokeByIdpSession(claims.issuer, claims.sid, claims.subject)
       : await app.sessions.revokeBySubject(claims.issuer, claims.subject as string)
     request.log.info({ ended, by: claims.sid !== null ? 'sid' : 'sub' }, 'back-channel logout')
     try {

@@ -288,6 +288,22 @@ for (const kind of kinds) {
       t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 0)
     })
 
+    t.test('revokeByIdpSession with a subject: that subject\'s sessions of the sid only', async (t) => {
+      const { store, clock } = await kind.make(t)
+      const gone = await store.create(patient({ idpSessionId: 'sid-1' }))
+      clock.at += IDLE
+      t.equal(await store.get(gone.token), null, 'one past its idle lifetime, still in the index')
+      const mine = await store.create(patient({ idpSessionId: 'sid-1' }))
+      const other = await store.create(patient({ idpSessionId: 'sid-1', subject: 'subject-2' }))
+      t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1', 'subject-2'), 1)
+      t.equal(await store.get(other.token), null)
+      t.ok(await store.get(mine.token), 'another subject under the same sid is not named')
+      t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1', 'subject-3'), 0, 'nobody of that subject')
+      t.ok(await store.get(mine.token))
+      t.equal(await store.revokeByIdpSession('https://idp.example', 'sid-1'), 1, 'still indexed: the sid alone ends it')
+      t.equal(await store.get(mine.token), null)
+    })
+
     t.test('lookup counts the session\'s limits in order, stopping at the first over its rate', async (t) => {
       const { store, redis } = await kind.make(t)
       const { token, session } = await store.create(patient())
