@@ -1,8 +1,8 @@
 import { hash } from 'node:crypto'
-import { errors, jwtVerify, type JWTPayload } from 'jose'
+import { errors, type JWTPayload } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
 import { ApiError, BEARER_CHALLENGE, ErrorCode } from '../errors.js'
-import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from './key-set.js'
+import { identityProviderUnavailable, ProviderUnavailable, verifyWithKeySet, type IssuerKeys } from './key-set.js'
 import type { ReplayGuard } from '../web/replay-guard.js'
 import type { LogoutMarks } from './logout-marks.js'
 
@@ -156,7 +156,7 @@ export function createIdTokenVerifier (options: IdTokenVerifierOptions): IdToken
     }
     try {
       const { issuer, keys } = await options.keys.resolve()
-      const { payload, protectedHeader } = await jwtVerify(idToken, keys, {
+      const { payload, protectedHeader } = await verifyWithKeySet(idToken, keys, {
         issuer,
         // Any one of ours among the token's audiences.
         audience: options.audiences,

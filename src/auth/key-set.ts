@@ -1,4 +1,4 @@
-import { createRemoteJWKSet, errors, type JWTVerifyGetKey } from 'jose'
+import { createRemoteJWKSet, errors, jwtVerify, type JWTVerifyGetKey, type JWTVerifyOptions, type JWTVerifyResult } from 'jose'
 import { ApiError, ErrorCode, OwnError } from '../errors.js'
 import { isLoopbackHost } from '../config.js'
 
@@ -128,4 +128,29 @@ export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
   }
 
   return { resolve, discovered: () => resolved }
+}
+
+/**
+ * jose's jwtVerify against the IdP's key set, trying each key when the token's header names more
+ * than one (no `kid`, which RFC 7515 leaves optional, while the IdP publishes two keys of its type,
+ * as during a rotation): jose then reports them all (JWKSMultipleMatchingKeys) and leaves the
+ * trying to its caller. The first key whose signature verifies decides (its claims checked as
+ * usual); none verifying is the last key's signature failure.
+ */
+export async function verifyWithKeySet (token: string, keys: JWTVerifyGetKey, options: JWTVerifyOptions): Promise<JWTVerifyResult> {
+  try {
+    return await jwtVerify(token, keys, options)
+  } catch (error) {
+    if (!(error instanceof errors.JWKSMultipleMatchingKeys)) throw error
+    let failure: unknown = error
+    for await (const key of error) {
+      try {
+        return await jwtVerify(token, key, options)
+      } catch (keyFailure) {
+        if (!(keyFailure instanceof errors.JWSSignatureVerificationFailed)) throw keyFailure
+        failure = keyFailure
+      }
+    }
+    throw failure
+  }
 }

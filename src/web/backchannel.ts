@@ -1,11 +1,11 @@
-import { jwtVerify, type JWTPayload } from 'jose'
+import type { JWTPayload } from 'jose'
 import type {} from '../auth/plugin.js'
 import type { FastifyInstance, FastifySchema } from 'fastify'
 import { Type } from 'typebox'
 import { ApiError, ErrorCode, ok } from '../errors.js'
 import { errorAnswers } from '../schemas/appointments.js'
 import { ID_TOKEN_ALGORITHMS, untrustedAudience } from '../auth/id-token.js'
-import { identityProviderUnavailable, ProviderUnavailable, type IssuerKeys } from '../auth/key-set.js'
+import { identityProviderUnavailable, ProviderUnavailable, verifyWithKeySet, type IssuerKeys } from '../auth/key-set.js'
 import type { ReplayGuard } from './replay-guard.js'
 
 /**
@@ -68,7 +68,7 @@ export function createLogoutTokenVerifier (options: LogoutTokenVerifierOptions):
     let type: string | undefined
     try {
       const { issuer, keys } = await options.keys.resolve()
-      const verified = await jwtVerify(token, keys, {
+      const verified = await verifyWithKeySet(token, keys, {
         issuer,
         audience: options.audiences,
         algorithms: ID_TOKEN_ALGORITHMS,
