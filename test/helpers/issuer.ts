@@ -36,6 +36,8 @@ export interface IssuerBehaviour {
   jwksStatus: number
   /** Replaces the JWKS document (e.g. something that is not a key set). */
   jwksBody?: unknown
+  /** Extra members of the discovery document (e.g. a huge one). */
+  discoveryExtra?: Record<string, unknown>
 }
 
 export interface TestIssuer {
@@ -105,7 +107,8 @@ export async function startIssuer (t: TeardownHost, options: IssuerOptions = {})
         authorization_endpoint: `${url}/authorize`,
         token_endpoint: `${url}/token`,
         end_session_endpoint: behaviour.endSessionEndpoint === undefined ? `${url}/logout` : behaviour.endSessionEndpoint,
-        id_token_signing_alg_values_supported: ['RS256', 'ES256']
+        id_token_signing_alg_values_supported: ['RS256', 'ES256'],
+        ...behaviour.discoveryExtra
       })
       return
     }
