@@ -1,4 +1,4 @@
-import { createRemoteJWKSet, errors, jwtVerify, type JWTVerifyGetKey, type JWTVerifyOptions, type JWTVerifyResult } from 'jose'
+import { createRemoteJWKSet, customFetch, errors, jwtVerify, type JWTVerifyGetKey, type JWTVerifyOptions, type JWTVerifyResult } from 'jose'
 import { ApiError, ErrorCode, OwnError } from '../errors.js'
 import { isLoopbackHost } from '../config.js'
 
@@ -12,6 +12,12 @@ import { isLoopbackHost } from '../config.js'
 
 /** The bound on one call to the identity provider (discovery, JWKS, the token endpoint). */
 export const IDP_FETCH_TIMEOUT_MS = 5000
+
+/**
+ * The largest discovery document or key set read (real ones are a few KiB): a larger answer is
+ * the IdP failing us (503), and is not read whole into memory.
+ */
+export const MAX_IDP_DOCUMENT_BYTES = 512 * 1024
 
 export interface IssuerKeysOptions {
   issuer: string
@@ -63,10 +69,29 @@ export function isFetchableUrl (value: unknown): value is string {
   return url.protocol === 'https:' || (url.protocol === 'http:' && isLoopbackHost(url.hostname))
 }
 
+/**
+ * fetch, with the answer's body read here up to MAX_IDP_DOCUMENT_BYTES (within the caller's
+ * deadline, its signal): one over it rejects, its stream cancelled. Given to jose for the key set.
+ */
+async function boundedFetch (url: string | URL, init?: RequestInit): Promise<Response> {
+  const response = await fetch(url, init)
+  // No body (a 204, say): nothing to bound, and no body may be given back either.
+  if (response.body === null) return response
+  const chunks: Uint8Array[] = []
+  let size = 0
+  for await (const chunk of response.body) {
+    size += chunk.byteLength
+    // Leaving the loop cancels the stream: the rest is never read.
+    if (size > MAX_IDP_DOCUMENT_BYTES) throw new OwnError(`identity provider answer over ${MAX_IDP_DOCUMENT_BYTES} bytes`)
+    chunks.push(chunk)
+  }
+  return new Response(Buffer.concat(chunks), { status: response.status, statusText: response.statusText, headers: response.headers })
+}
+
 async function discover (issuer: string, timeoutMs: number): Promise<Discovery> {
   let document: { issuer?: unknown, jwks_uri?: unknown, end_session_endpoint?: unknown }
   try {
-    const response = await fetch(`${issuer}/.well-known/openid-configuration`, {
+    const response = await boundedFetch(`${issuer}/.well-known/openid-configuration`, {
       signal: AbortSignal.timeout(timeoutMs),
       redirect: 'error',
       headers: { accept: 'application/json' }
@@ -110,6 +135,7 @@ export function createIssuerKeys (options: IssuerKeysOptions): IssuerKeys {
       pending = discover(options.issuer, fetchTimeoutMs).then(function keySet (discovery) {
         const remote = createRemoteJWKSet(discovery.jwksUri, {
           timeoutDuration: fetchTimeoutMs,
+          [customFetch]: boundedFetch,
           ...(options.jwksCooldownMs === undefined ? {} : { cooldownDuration: options.jwksCooldownMs })
         })
         const keys: JWTVerifyGetKey = async function resolveKey (header, token) {

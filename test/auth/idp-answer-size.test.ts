@@ -40,3 +40,15 @@ t.test('a discovery document of megabytes is the IdP failing: 503; discovery is 
   issuer.behaviour.discoveryExtra = { padding: 'x'.repeat(64 * 1024) }
   t.ok(await verifier.verify(await issuer.sign()), 'a document with some room to spare is read')
 })
+
+t.test('an answer without a body is the IdP failing too', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  issuer.behaviour.discoveryStatus = 204
+  await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'discovery')
+  issuer.behaviour.discoveryStatus = 200
+  issuer.behaviour.jwksStatus = 204
+  await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'key set')
+  issuer.behaviour.jwksStatus = 200
+  t.ok(await verifier.verify(await issuer.sign()))
+})
