@@ -54,3 +54,30 @@ for (const store of ['memory', 'redis'] as const) {
     t.equal(await signIn(built, { sid: 'idp-sid-1', sub: 'patient-alice' }), 401, 'and refuses the tokens of that sid')
   })
 }
+
+// A `sid` or `sub` that is there but is not a non-empty string names nothing, and the token is
+// read without it: the logout widens (by subject instead of by IdP session, or to every session
+// of the sid instead of one subject's), never narrows to none. The token is the IdP's, signed: a
+// malformed claim is its bug, and ending more sessions is the safe side of it, where refusing the
+// token would leave alive the sessions it meant to end.
+for (const [claim, value] of [['sid', 42], ['sid', ''], ['sid', ['idp-sid-1']], ['sid', null], ['sub', 7], ['sub', ''], ['sub', { id: 'patient-bob' }]] as const) {
+  t.test(`a logout token whose ${claim} is ${JSON.stringify(value)} is read without it: the logout widens`, async (t) => {
+    const built = await buildTestApp(t, { env: WEB_CLIENT })
+    const first = await signIn(built, { sid: 'idp-sid-1', sub: 'patient-alice' })
+    const second = await signIn(built, { sid: 'idp-sid-2', sub: 'patient-alice' })
+    const bob = await signIn(built, { sid: 'idp-sid-1', sub: 'patient-bob' })
+    const carol = await signIn(built, { sid: 'idp-sid-3', sub: 'patient-carol' })
+    if (claim === 'sid') {
+      t.equal(await logout(built, { sid: value, sub: 'patient-alice' }), 200)
+      t.notOk(await live(built, first), "alice's session of idp-sid-1 ended")
+      t.notOk(await live(built, second), 'and of idp-sid-2: by subject')
+      t.ok(await live(built, bob), "bob's lives on")
+    } else {
+      t.equal(await logout(built, { sid: 'idp-sid-1', sub: value }), 200)
+      t.notOk(await live(built, first), "alice's session of idp-sid-1 ended")
+      t.notOk(await live(built, bob), "and bob's: every session of the sid")
+      t.ok(await live(built, second), "alice's session of another sid lives on")
+    }
+    t.ok(await live(built, carol), "carol's lives on")
+  })
+}
