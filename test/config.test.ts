@@ -156,6 +156,8 @@ t.test('an https URL refused for its user information, query, fragment or port s
     ['OIDC_ISSUER', 'https://idp.example.com/#top', /fragment/],
     ['PUBLIC_URL', 'https://user@patients.example.com', /user information/],
     ['CV_BASE_URL', 'http://[::1]:x', /not a URL/],
+    ['PUBLIC_URL', 'https://patients.example.com:99999', /not a URL/],
+    ['WEB_APP_URL', 'https://[::1', /not a URL/],
     ['CV_BASE_URL', 'http://10.0.0.5:4010', /must be an https URL/],
     ['CORS_ORIGINS', 'https://app.example.com?x=1', /query/]
   ]

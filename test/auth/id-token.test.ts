@@ -158,7 +158,10 @@ t.test('a logout token without its typ is no sign-in, even with the claims of an
   const events = { 'http://schemas.openid.net/event/backchannel-logout': {} }
   t.match(await refusal(verifier.verify(await issuer.sign({ events, jti: 'logout-1', sid: 'sid-1' }))), INVALID, 'events: refused')
   t.match(await refusal(verifier.verify(await issuer.sign({ events: { 'https://example.com/event/other': {} } }))), INVALID, 'another event: refused')
-  t.same(refusals.map((line) => line.refusal), ['events', 'events'])
+  // Any events claim at all: a malformed one (null, empty) does not make the token a sign-in.
+  t.match(await refusal(verifier.verify(await issuer.sign({ events: null }))), INVALID, 'events null: refused')
+  t.match(await refusal(verifier.verify(await issuer.sign({ events: {} }))), INVALID, 'events empty: refused')
+  t.same(refusals.map((line) => line.refusal), ['events', 'events', 'events', 'events'])
   t.ok(await verifier.verify(await issuer.sign({ jti: 'id-1', sid: 'sid-1' })), 'an ID token with jti and sid is fine')
 })
 

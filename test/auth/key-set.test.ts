@@ -73,7 +73,7 @@ t.test('an IdP failure is a 503 for both verifiers, and discovery is retried for
 })
 
 t.test("the provider's end-session endpoint: known once a discovery succeeded, when usable", async (t) => {
-  for (const [published, expected] of [[undefined, 'own'], [null, null], ['http://evil.example/logout', null], ['not a url', null]] as const) {
+  for (const [published, expected] of [[undefined, 'own'], [null, null], ['http://evil.example/logout', null], ['not a url', null], ['ftp://127.0.0.1/logout', null], ['javascript://localhost/%0Aalert(document.cookie)', null]] as const) {
     const issuer = await startIssuer(t)
     issuer.behaviour.endSessionEndpoint = published
     const keys = createIssuerKeys({ issuer: issuer.url })

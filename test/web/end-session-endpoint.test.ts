@@ -21,7 +21,7 @@ t.test('an end-session endpoint openid-client will not build gives no URL, and n
   t.equal(new URL(passed ?? 'about:blank').searchParams.get('id_token_hint'), 'an-id-token')
   t.equal(new URL(passed ?? 'about:blank').searchParams.get('post_logout_redirect_uri'), 'https://app.example.com')
   t.ok(endSessionUrlOf(configuration('http://127.0.0.1:4000/session/end', true), oidc, null)?.startsWith('http://127.0.0.1:4000/session/end?'), 'http where allowed')
-  for (const endpoint of ['javascript:alert(document.cookie)', 'data:text/html,<script>alert(1)</script>', 'http://idp.example.com/logout', 'ftp://idp.example.com/logout']) {
+  for (const endpoint of ['javascript:alert(document.cookie)', 'data:text/html,<script>alert(1)</script>', 'http://idp.example.com/logout', 'ftp://idp.example.com/logout', 'ftp://127.0.0.1/logout', 'javascript://localhost/%0Aalert(document.cookie)']) {
     t.equal(endSessionUrlOf(configuration(endpoint), oidc, 'an-id-token'), null, endpoint)
     t.equal(endSessionUrlOf(configuration(endpoint, true), oidc, null), null, `${endpoint}, plain http allowed`)
   }
