@@ -152,9 +152,16 @@ t.test('cancel 200 envelope is coerced safely', async (t) => {
 t.test('cancel answered 404 or 204 is unexpected', async (t) => {
   const { sandbox, client } = await setup(t)
   sandbox.control.setFailure({ kind: 'status', status: 404, endpoint: 'cancel', times: 1 })
-  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 404 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: 404 })
+  // A 2xx says the upstream took the cancel (it may have happened); a 3xx does not: it is an answer.
   sandbox.control.setFailure({ kind: 'status', status: 204, body: '', times: 1 })
-  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, upstreamStatus: 204 })
+  t.match(await failureOf(cancelAlice(client)), { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'unknown', upstreamStatus: 204 })
+  for (const status of [300, 303]) {
+    sandbox.control.setFailure({ kind: 'status', status, endpoint: 'cancel', times: 1 })
+    const error = await failureOf(cancelAlice(client))
+    t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: status }, `${status}: not taken`)
+    t.notMatch(error.message, /unknown/, `${status}: says nothing is unknown`)
+  }
 })
 
 t.test('upstream 400 passes message and error through', async (t) => {
