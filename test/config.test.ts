@@ -82,6 +82,8 @@ t.test('every variable read and decoded', async (t) => {
   t.equal(typed.oidc.web?.publicUrl, 'https://api.example.com/b%20f')
   t.equal(typed.oidc.web?.webAppUrl, 'https://xn--bcher-kva.example/app')
   t.equal(typed.oidc.issuer, 'https://IdP.example.com:443/Realm')
+  // Every trailing slash goes: the discovery document is fetched at `${issuer}/.well-known/...`.
+  t.equal(loadConfig({ ...base, OIDC_ISSUER: 'https://idp.example.com/realm//' }).oidc.issuer, 'https://idp.example.com/realm')
   t.same(config.sessions, { idleTtlMs: 15 * 60_000, absoluteTtlMs: 8 * 3_600_000 })
   t.same(config.limits.cancel, { count: 2, windowMs: 3_600_000 })
   t.same([...config.corsOrigins], ['https://app.example.com', 'https://beta.example.com', 'https://patients.example.com'])
