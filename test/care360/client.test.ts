@@ -164,6 +164,17 @@ t.test('cancel answered 404 or 204 is unexpected', async (t) => {
   }
 })
 
+t.test('a list answered 202 or 204 is unexpected, and changed nothing', async (t) => {
+  // Only a cancel's 2xx may have changed something; a list's says nothing of the kind.
+  const { sandbox, client } = await setup(t)
+  for (const status of [202, 204]) {
+    sandbox.control.setFailure({ kind: 'status', status, endpoint: 'list', body: '', times: 1 })
+    const error = await failureOf(client.fetchAppointments(ALICE.email, CTX))
+    t.match(error, { statusCode: 502, code: ErrorCode.UPSTREAM_ERROR, outcome: 'answered', upstreamStatus: status }, `${status}`)
+    t.notMatch(error.message, /unknown/, `${status}: says nothing is unknown`)
+  }
+})
+
 t.test('upstream 400 passes message and error through', async (t) => {
   const { sandbox, client } = await setup(t)
   const error = await failureOf(client.cancelAppointment({ email: ALICE.email, appointmentId: DEMO_PATIENTS[1]!.appointments[0]!.id }, CTX))

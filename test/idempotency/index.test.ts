@@ -401,6 +401,26 @@ for (const [name, makeStore] of stores) {
     t.equal((await idem.handle(input(cancel, { key: 'expiring', reason: 'other' }))).earlier, null, 'the key is new again')
     t.equal(cancel.runs(), 2)
   })
+
+  t.test(`${name}: a confirmation is kept for the replay TTL, past the in-flight marker's`, async (t) => {
+    const idem = createIdempotency({ store: await makeStore(t), inFlightTtlMs: 300, replayTtlMs: 5000 })
+    // Confirmed at once (the look finds it cancelled), and after a refused resend (the second look does).
+    const lost = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }] })
+    const raced = fakeCancel({ cancel: [async () => { throw upstreamError('unknown') }, async () => { throw upstreamError('answered', 400, ErrorCode.UPSTREAM_REJECTED) }] })
+    const looks: Array<'send' | 'cancelled'> = ['send', 'cancelled']
+    await t.rejects(idem.handle(input(lost, { key: 'confirmed-at-once' })))
+    await t.rejects(idem.handle(input(raced, { key: 'confirmed-after-resend' })))
+    t.equal((await idem.handle(input(lost, { key: 'confirmed-at-once', resolveUnknown: async () => 'cancelled' }))).earlier, 'confirmed')
+    t.equal((await idem.handle(input(raced, { key: 'confirmed-after-resend', resolveUnknown: async () => looks.shift() as 'send' | 'cancelled' }))).earlier, 'confirmed')
+    await sleep(450)
+    for (const [key, cancel] of [['confirmed-at-once', lost], ['confirmed-after-resend', raced]] as const) {
+      const later = await idem.handle(input(cancel, { key }))
+      t.equal(later.earlier, 'replayed', `${key}: still the stored answer`)
+      t.equal(later.answer.statusCode, 200, key)
+    }
+    t.equal(lost.sends(), 1)
+    t.equal(raced.sends(), 2)
+  })
 }
 
 t.test('redis: concurrent same-key requests through two instances with their own clients: one upstream cancel', async (t) => {
