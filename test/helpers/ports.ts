@@ -1,4 +1,5 @@
 import { createServer, type AddressInfo, type Server } from 'node:net'
+import type { ServerResponse } from 'node:http'
 import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { randomInt } from 'node:crypto'
@@ -69,4 +70,14 @@ export async function listenOnLoopback (t: { teardown: (fn: () => unknown) => vo
     await once(server, 'close')
   })
   return (server.address() as AddressInfo).port
+}
+
+/**
+ * A stub upstream's JSON answer, unless its client has gone (the service gave up on the call):
+ * then there is nobody to answer.
+ */
+export function answerJson (response: ServerResponse, status: number, body: object): void {
+  if (response.destroyed) return
+  response.writeHead(status, { 'content-type': 'application/json' })
+  response.end(JSON.stringify(body))
 }

@@ -1,7 +1,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import t, { type Test } from 'tap'
 import { buildTestApp, signIn, TEST_API_KEY } from '../helpers/app.js'
-import { listenOnLoopback } from '../helpers/ports.js'
+import { answerJson, listenOnLoopback } from '../helpers/ports.js'
 
 /**
  * A keyed cancel whose upstream call outlives the deadline (504, outcome unknown) while the
@@ -30,11 +30,7 @@ async function startUpstream (t: Test): Promise<Upstream> {
   const server = createServer(function serve (request: IncomingMessage, response: ServerResponse) {
     request.resume()
     request.on('end', () => {
-      const json = (status: number, body: object): void => {
-        if (response.destroyed) return
-        response.writeHead(status, { 'content-type': 'application/json' })
-        response.end(JSON.stringify(body))
-      }
+      const json = (status: number, body: object): void => { answerJson(response, status, body) }
       if (request.method === 'GET') {
         json(200, { status: 200, success: true, message: 'Appointments fetched successfully', data: cancelled ? [] : [{ id: ID, end: FUTURE }] })
         return

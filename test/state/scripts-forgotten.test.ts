@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { startRedis, redisClient } from '../helpers/redis.js'
 import { strictFallbackOn, uniqueName } from '../limits/fixtures/support.js'
 import { createRedisCounterStore } from '../../src/limits/counter-store.js'
@@ -75,20 +75,27 @@ async function everyOperation (redis: Redis, fallback: Fallback, round: number):
 
 type Fallback = Awaited<ReturnType<typeof strictFallbackOn>>
 
+/**
+ * The stores' shared client (strictFallbackOn's, which runs each script as its ioredis command: a
+ * first run on a connection sends the script, the next ones its SHA) and a client of our own to
+ * look at the server with.
+ */
+async function clients (t: Test): Promise<{ fallback: Awaited<ReturnType<typeof strictFallbackOn>>, redis: Redis, admin: Redis }> {
+  const fallback = await strictFallbackOn(t, server.url)
+  const admin = redisClient(server.url)
+  t.teardown(() => admin.disconnect())
+  let redis: Redis | null = null
+  await fallback.run(async (client) => { redis = client }, () => {})
+  return { fallback, redis: redis as unknown as Redis, admin }
+}
+
 async function noscriptErrors (admin: Redis): Promise<number> {
   const info = await admin.info('errorstats')
   return Number(/^errorstat_NOSCRIPT:count=(\d+)/m.exec(info)?.[1] ?? 0)
 }
 
 t.test('every script runs again after Redis forgot its scripts on a live connection, and every key has an expiry', async (t) => {
-  const fallback = await strictFallbackOn(t, server.url)
-  const admin = redisClient(server.url)
-  t.teardown(() => admin.disconnect())
-  // The shared client (strictFallbackOn's) runs each script as its ioredis command: a first run
-  // on a connection sends the script, the next ones its SHA.
-  let redis: Redis | null = null
-  await fallback.run(async (client) => { redis = client }, () => {})
-  const client = redis as unknown as Redis
+  const { fallback, redis: client, admin } = await clients(t)
   await everyOperation(client, fallback, 1)
   await everyOperation(client, fallback, 2)
   t.equal(await noscriptErrors(admin), 0, 'no NOSCRIPT while Redis holds the scripts')
@@ -125,16 +132,12 @@ const COMMANDS_SINCE_REDIS_6 = new Set(['getex', 'getdel', 'lpos', 'zrangestore'
 
 t.test('every command the stores send exists in Redis 5, as the README says they need no more', async (t) => {
   await server.flush()
-  const fallback = await strictFallbackOn(t, server.url)
-  const admin = redisClient(server.url)
-  t.teardown(() => admin.disconnect())
-  let redis: Redis | null = null
-  await fallback.run(async (client) => { redis = client }, () => {})
+  const { fallback, redis, admin } = await clients(t)
   const monitor = await admin.monitor()
   t.teardown(() => monitor.disconnect())
   const seen: string[][] = []
   monitor.on('monitor', (_time: string, args: string[]) => { seen.push(args) })
-  await everyOperation(redis as unknown as Redis, fallback, 5)
+  await everyOperation(redis, fallback, 5)
   // MONITOR's lines arrive after the replies: one more round trip on the monitored server flushes them.
   await admin.ping()
   const end = Date.now() + 2000
@@ -149,12 +152,8 @@ t.test('every command the stores send exists in Redis 5, as the README says they
 
 t.test('a claim marked used keeps its expiry; an expired or absent claim stays absent', async (t) => {
   await server.flush()
-  const fallback = await strictFallbackOn(t, server.url)
-  const admin = redisClient(server.url)
-  t.teardown(() => admin.disconnect())
-  let redis: Redis | null = null
-  await fallback.run(async (client) => { redis = client }, () => {})
-  const guard = createReplayGuard({ redis: redis as unknown as Redis }, Date.now, 'test:jti:')
+  const { redis, admin } = await clients(t)
+  const guard = createReplayGuard({ redis }, Date.now, 'test:jti:')
   t.ok(await guard.claim('a', 60_000))
   await guard.markUsed('a')
   t.ok(await guard.used('a'), 'used')
