@@ -28,3 +28,21 @@ t.test('a sign-in with a shorter absolute lifetime keeps the index as long as th
   t.equal(await before.revokeBySubject(patient.issuer, patient.subject), 1, 'a back-channel logout by subject finds it')
   t.equal((await before.lookup(token, [])).session, null, 'and ends it')
 })
+
+t.test('a later sign-in lengthens the index to its own absolute lifetime', async (t) => {
+  await server.flush()
+  const state = await sharedStateOn(t, server.url)
+  const redis = state.redis!
+  const store = new RedisSessionStore(redis, { idleTtlMs: 60 * 60_000, absoluteTtlMs: 12 * 60 * 60_000 })
+  const patient = { email: 'p@example.com', subject: 'sub-later', issuer: 'https://idp.example', method: 'mobile' as const, idpSessionId: 'sid-later' }
+  await store.create(patient)
+  const indexes = await redis.keys('bff:session:idx:*')
+  t.equal(indexes.length, 2)
+  // As if the first sign-in were almost 12 h old: its index a second from its end.
+  for (const index of indexes) await redis.pexpire(index, 1000)
+  await store.create(patient)
+  for (const index of indexes) {
+    const left = await redis.pttl(index)
+    t.ok(left > 11 * 60 * 60_000, `${index.split(':')[3]} index: as long as the new session can live (${left} ms)`)
+  }
+})
