@@ -1,9 +1,11 @@
 import t from 'tap'
+import { createServer } from 'node:http'
 import { createIdTokenVerifier } from '../../src/auth/id-token.js'
-import { createIssuerKeys } from '../../src/auth/key-set.js'
+import { createIssuerKeys, MAX_IDP_DOCUMENT_BYTES } from '../../src/auth/key-set.js'
 import { createReplayGuard } from '../../src/web/replay-guard.js'
 import { createLogoutMarks } from '../../src/auth/logout-marks.js'
 import { startIssuer, type TestIssuer } from '../helpers/issuer.js'
+import { listenOnLoopback } from '../helpers/ports.js'
 
 /**
  * The identity provider's discovery document and key set are a few kilobytes. One of megabytes (a
@@ -48,6 +50,48 @@ t.test('an answer without a body is the IdP failing too', async (t) => {
   await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'discovery')
   issuer.behaviour.discoveryStatus = 200
   issuer.behaviour.jwksStatus = 204
+  await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'key set')
+  issuer.behaviour.jwksStatus = 200
+  t.ok(await verifier.verify(await issuer.sign()))
+})
+
+t.test('the bound is inclusive: a key set of exactly MAX_IDP_DOCUMENT_BYTES is read, one byte more is not', async (t) => {
+  const keys = async (issuer: TestIssuer) => (await (await fetch(`${issuer.url}/jwks`)).json() as { keys: unknown[] }).keys
+  // The issuer sends JSON.stringify of the body (ASCII here: one byte a character).
+  const padded = (published: unknown[], bytes: number) => {
+    const bare = JSON.stringify({ keys: published, padding: '' }).length
+    const body = { keys: published, padding: 'x'.repeat(bytes - bare) }
+    t.equal(Buffer.byteLength(JSON.stringify(body)), bytes)
+    return body
+  }
+  const atBound = await startIssuer(t)
+  atBound.behaviour.jwksBody = padded(await keys(atBound), MAX_IDP_DOCUMENT_BYTES)
+  t.ok(await verifierFor(atBound).verify(await atBound.sign()), 'exactly at the bound: read')
+  const over = await startIssuer(t)
+  over.behaviour.jwksBody = padded(await keys(over), MAX_IDP_DOCUMENT_BYTES + 1)
+  await t.rejects(verifierFor(over).verify(await over.sign()), UNAVAILABLE, 'one byte over: 503')
+})
+
+t.test('an answer over the bound is refused whole, not read up to the bound: a valid key set followed by padding is still a 503', async (t) => {
+  const issuer = await startIssuer(t)
+  const keys = await (await fetch(`${issuer.url}/jwks`)).text()
+  // The key set, then whitespace past the bound (JSON allows it): its first 512 KiB alone parse.
+  const padded = createServer((_request, response) => {
+    response.writeHead(200, { 'content-type': 'application/json' })
+    response.end(keys + ' '.repeat(MAX_IDP_DOCUMENT_BYTES))
+  })
+  issuer.behaviour.jwksUri = `http://127.0.0.1:${await listenOnLoopback(t, padded)}/jwks`
+  await t.rejects(verifierFor(issuer).verify(await issuer.sign()), UNAVAILABLE)
+})
+
+t.test('an answer read here keeps its status: an error status with a usable body is still the IdP failing', async (t) => {
+  const issuer = await startIssuer(t)
+  const verifier = verifierFor(issuer)
+  // The helper sends its ordinary document or key set under whatever status it is given.
+  issuer.behaviour.discoveryStatus = 500
+  await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'discovery')
+  issuer.behaviour.discoveryStatus = 200
+  issuer.behaviour.jwksStatus = 500
   await t.rejects(verifier.verify(await issuer.sign()), UNAVAILABLE, 'key set')
   issuer.behaviour.jwksStatus = 200
   t.ok(await verifier.verify(await issuer.sign()))
