@@ -33,3 +33,25 @@ t.test('an ID token without kid is checked against every published key of its ty
   })
   t.equal(answer.statusCode, 200, 'a logout token without kid too')
 })
+
+t.test('a logout token without kid refused for its signature or its claims is logged with its own reason, not the key set\'s', async (t) => {
+  const lines: string[] = []
+  const { app, issuer } = await buildTestApp(t, { env: WEB_CLIENT, logStream: { write: (line: string) => { lines.push(line) } } })
+  issuer.rotate()
+  const refusal = async (claims: Record<string, unknown>, key: 'rs256' | 'unknown'): Promise<unknown> => {
+    const token = await issuer.sign({ events: { [BACKCHANNEL_LOGOUT_EVENT]: {} }, jti: randomUUID(), email: undefined, email_verified: undefined, ...claims }, { key, header: { kid: undefined } })
+    lines.length = 0
+    const answer = await app.inject({
+      method: 'POST',
+      url: '/auth/backchannel-logout',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      payload: new URLSearchParams({ logout_token: token }).toString()
+    })
+    t.equal(answer.statusCode, 400)
+    return lines.map((line) => JSON.parse(line) as { refusal?: unknown }).find((entry) => entry.refusal !== undefined)?.refusal
+  }
+  // Two RSA keys published: jose leaves both to try (JWKSMultipleMatchingKeys).
+  t.equal(await refusal({}, 'unknown'), 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED', 'signed by neither key: a signature failure')
+  // Signed by the first key jose offers, and expired: its claims decide, the other key is not tried.
+  t.equal(await refusal({ exp: Math.floor(Date.now() / 1000) - 120 }, 'rs256'), 'ERR_JWT_EXPIRED', 'signed by one key, expired')
+})
