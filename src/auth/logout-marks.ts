@@ -1,6 +1,6 @@
-import { FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
+import type { SharedState } from '../state/redis.js'
 import { redisScript } from '../state/redis-script.js'
-import { sessionStoreUnavailable } from './session-store.js'
+import { sessionCommand } from './session-store.js'
 
 /**
  * Remembers the IdP's back-channel logouts (by IdP session or by subject) for as long as an ID
@@ -36,23 +36,10 @@ export function createLogoutMarks (sharedState: Pick<SharedState, 'redis'> & Par
   const redis = sharedState.redis
   if (redis !== null) {
     return {
-      async mark (id, at, ttlMs) {
-        try {
-          await markScript(redis, `${LOGOUT_MARK_PREFIX}${id}`, at, ttlMs)
-        } catch (error) {
-          // Like the replay guard: an honest 503, never a per-process mark other replicas lack.
-          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
-          throw sessionStoreUnavailable(error)
-        }
-      },
+      // Like the replay guard: an honest 503, never a per-process mark other replicas lack.
+      mark: async (id, at, ttlMs) => { await sessionCommand(sharedState, async () => await markScript(redis, `${LOGOUT_MARK_PREFIX}${id}`, at, ttlMs)) },
       async markedAt (id) {
-        let value: string | null
-        try {
-          value = await redis.get(`${LOGOUT_MARK_PREFIX}${id}`)
-        } catch (error) {
-          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
-          throw sessionStoreUnavailable(error)
-        }
+        const value = await sessionCommand(sharedState, async () => await redis.get(`${LOGOUT_MARK_PREFIX}${id}`))
         return value === null ? null : Number(value)
       }
     }

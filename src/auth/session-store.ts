@@ -525,6 +525,20 @@ export function sessionStoreUnavailable (cause: unknown): ApiError {
   return new ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, 'Session store unavailable', { cause, headers: { 'retry-after': '1' } })
 }
 
+/**
+ * One Redis command of the stores beside the sessions (the replay guard, the logout marks): as a
+ * session command's (RedisSessionStore's #run), a failure makes the shared state degraded for its
+ * pause and is an honest 503, never a per-process answer other replicas lack.
+ */
+export async function sessionCommand<T> (sharedState: Partial<Pick<SharedState, 'degradeFor'>>, command: () => Promise<T>): Promise<T> {
+  try {
+    return await command()
+  } catch (error) {
+    sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
+    throw sessionStoreUnavailable(error)
+  }
+}
+
 type MultiResult = Array<[Error | null, unknown]> | null
 
 function checkMulti (results: MultiResult): unknown[] {

@@ -1,7 +1,7 @@
 import { hash } from 'node:crypto'
-import { FAILED_COMMAND_PAUSE_MS, type SharedState } from '../state/redis.js'
+import type { SharedState } from '../state/redis.js'
 import { redisScript } from '../state/redis-script.js'
-import { sessionStoreUnavailable } from '../auth/session-store.js'
+import { sessionCommand } from '../auth/session-store.js'
 
 /**
  * Remembers token ids (`jti`) for as long as their tokens could be accepted, so that a captured
@@ -51,31 +51,10 @@ export function createReplayGuard (sharedState: Pick<SharedState, 'redis'> & Par
   if (redis !== null) {
     const keyOf = (id: string): string => `${prefix}${hash('sha256', id, 'base64url')}`
     return {
-      async claim (id, ttlMs) {
-        try {
-          return Number(await claimScript(redis, keyOf(id), ttlMs)) === 1
-        } catch (error) {
-          // Like the session store: an honest 503, never a per-process answer other replicas lack.
-          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
-          throw sessionStoreUnavailable(error)
-        }
-      },
-      async markUsed (id) {
-        try {
-          await markUsedScript(redis, keyOf(id))
-        } catch (error) {
-          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
-          throw sessionStoreUnavailable(error)
-        }
-      },
-      async used (id) {
-        try {
-          return await redis.get(keyOf(id)) === 'used'
-        } catch (error) {
-          sharedState.degradeFor?.(FAILED_COMMAND_PAUSE_MS)
-          throw sessionStoreUnavailable(error)
-        }
-      }
+      // Like the session store: an honest 503, never a per-process answer other replicas lack.
+      claim: async (id, ttlMs) => await sessionCommand(sharedState, async () => Number(await claimScript(redis, keyOf(id), ttlMs)) === 1),
+      markUsed: async (id) => { await sessionCommand(sharedState, async () => await markUsedScript(redis, keyOf(id))) },
+      used: async (id) => await sessionCommand(sharedState, async () => await redis.get(keyOf(id)) === 'used')
     }
   }
   const seen = new Map<string, { until: number, used: boolean }>()
